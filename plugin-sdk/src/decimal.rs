@@ -1,0 +1,230 @@
+//! Exact decimal strings to fixed-point integers, never through floating point.
+
+use core::fmt;
+
+/// Why a decimal string could not be read as a fixed-point number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecimalError {
+    /// The string is empty (or only a sign).
+    Empty,
+    /// A character that is not part of a decimal number, at this byte offset.
+    InvalidChar(usize),
+    /// More significant decimal places than the scale keeps; the value would be rounded.
+    TooPrecise {
+        /// How many decimal places the scale keeps.
+        scale: u32,
+    },
+    /// The value does not fit in an `i64` at this scale.
+    Overflow,
+}
+
+impl fmt::Display for DecimalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecimalError::Empty => f.write_str("empty decimal"),
+            DecimalError::InvalidChar(at) => write!(f, "invalid character at byte {at} of decimal"),
+            DecimalError::TooPrecise { scale } => {
+                write!(f, "decimal has more than {scale} significant decimal places")
+            }
+            DecimalError::Overflow => f.write_str("decimal overflows a 64-bit fixed-point value"),
+        }
+    }
+}
+
+impl std::error::Error for DecimalError {}
+
+/// Parses a decimal string into an integer with eight implied decimals: `"0.35280000"` is `35_280_000`.
+///
+/// Accepts an optional sign, digits with an optional `.` and an optional exponent (`1.5e-3`).
+/// Trailing zeros past the eighth decimal are fine (the value stays exact); a non-zero digit there is
+/// an error rather than silent rounding.
+///
+/// # Errors
+/// [`DecimalError`] for empty input, stray characters, too many significant decimals or overflow.
+///
+/// ```
+/// use plugin_sdk::{parse_e8, DecimalError};
+/// assert_eq!(parse_e8("13.80480000"), Ok(1_380_480_000));
+/// assert_eq!(parse_e8("0.00000638"), Ok(638));
+/// assert_eq!(parse_e8("-2.5e-3"), Ok(-250_000));
+/// assert_eq!(parse_e8("0.123456789"), Err(DecimalError::TooPrecise { scale: 8 }));
+/// assert_eq!(parse_e8("92233720368.54775808"), Err(DecimalError::Overflow));
+/// ```
+pub fn parse_e8(s: &str) -> Result<i64, DecimalError> {
+    parse_fixed(s.as_bytes(), 8)
+}
+
+/// Parses a decimal string into an integer with `scale` implied decimals (`scale` at most 18).
+///
+/// # Errors
+/// As [`parse_e8`].
+///
+/// ```
+/// assert_eq!(plugin_sdk::decimal::parse_fixed(b"1618678142.557535", 3), Err(plugin_sdk::DecimalError::TooPrecise { scale: 3 }));
+/// assert_eq!(plugin_sdk::decimal::parse_fixed(b"1618678142.557", 3), Ok(1_618_678_142_557));
+/// ```
+pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
+    let scale = scale.min(18);
+    let (negative, digits_start) = match s.first() {
+        Some(b'-') => (true, 1),
+        Some(b'+') => (false, 1),
+        _ => (false, 0),
+    };
+    // Mantissa digits accumulated as an unsigned magnitude, with the position of the point.
+    let mut magnitude: u128 = 0;
+    let mut frac_digits: i64 = 0;
+    let mut seen_digit = false;
+    let mut seen_point = false;
+    let mut i = digits_start;
+    let mut exponent: i64 = 0;
+    while i < s.len() {
+        let c = s[i];
+        match c {
+            b'0'..=b'9' => {
+                seen_digit = true;
+                if magnitude < (1u128 << 100) {
+                    magnitude = magnitude * 10 + u128::from(c - b'0');
+                    if seen_point {
+                        frac_digits += 1;
+                    }
+                } else if seen_point {
+                    // Too many digits to hold: only zeros may follow without loss.
+                    if c != b'0' {
+                        return Err(DecimalError::TooPrecise { scale });
+                    }
+                } else {
+                    return Err(DecimalError::Overflow);
+                }
+            }
+            b'.' if !seen_point => seen_point = true,
+            b'e' | b'E' if seen_digit => {
+                exponent = parse_exponent(&s[i + 1..]).map_err(|at| DecimalError::InvalidChar(i + 1 + at))?;
+                break;
+            }
+            _ => return Err(DecimalError::InvalidChar(i)),
+        }
+        i += 1;
+    }
+    if !seen_digit {
+        return Err(if s.len() <= digits_start { DecimalError::Empty } else { DecimalError::InvalidChar(digits_start) });
+    }
+    // value = magnitude * 10^(scale - frac_digits + exponent)
+    let shift = i64::from(scale) - frac_digits + exponent;
+    let scaled = if shift >= 0 {
+        if magnitude == 0 {
+            0
+        } else {
+            let factor = u32::try_from(shift).ok().and_then(|s| 10u128.checked_pow(s)).ok_or(DecimalError::Overflow)?;
+            magnitude.checked_mul(factor).ok_or(DecimalError::Overflow)?
+        }
+    } else {
+        let divisor = u32::try_from(-shift).ok().and_then(|s| 10u128.checked_pow(s));
+        match divisor {
+            Some(d) if magnitude % d == 0 => magnitude / d,
+            None if magnitude == 0 => 0,
+            _ => return Err(DecimalError::TooPrecise { scale }),
+        }
+    };
+    if negative {
+        if scaled > i64::MAX as u128 + 1 {
+            return Err(DecimalError::Overflow);
+        }
+        Ok((scaled as i128).wrapping_neg() as i64)
+    } else {
+        i64::try_from(scaled).map_err(|_| DecimalError::Overflow)
+    }
+}
+
+/// Parses the digits after an `e`: an optional sign and at most four digits. Errors give the offset.
+fn parse_exponent(s: &[u8]) -> Result<i64, usize> {
+    let (negative, start) = match s.first() {
+        Some(b'-') => (true, 1),
+        Some(b'+') => (false, 1),
+        _ => (false, 0),
+    };
+    let digits = &s[start.min(s.len())..];
+    if digits.is_empty() || digits.len() > 4 {
+        return Err(start);
+    }
+    let mut e: i64 = 0;
+    for (k, &c) in digits.iter().enumerate() {
+        if !c.is_ascii_digit() {
+            return Err(start + k);
+        }
+        e = e * 10 + i64::from(c - b'0');
+    }
+    Ok(if negative { -e } else { e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_values() {
+        let cases: &[(&str, i64)] = &[
+            ("0", 0),
+            ("1", 100_000_000),
+            ("0.35280000", 35_280_000),
+            ("58.00000000", 5_800_000_000),
+            ("15979.71727919", 1_597_971_727_919),
+            ("0.000007", 700),
+            ("1008.2", 100_820_000_000),
+            (".5", 50_000_000),
+            ("5.", 500_000_000),
+            ("+7", 700_000_000),
+            ("-0.00000001", -1),
+            ("0.042990000000", 4_299_000),
+            ("1e2", 10_000_000_000),
+            ("92233720368.54775807", i64::MAX),
+            ("-92233720368.54775808", i64::MIN),
+            ("0.000000000000000000000000000000000000000000", 0),
+            ("000000000000000000000000000000000000000001", 100_000_000),
+        ];
+        for &(s, want) in cases {
+            assert_eq!(parse_e8(s), Ok(want), "{s}");
+        }
+    }
+
+    #[test]
+    fn clear_errors() {
+        assert_eq!(parse_e8(""), Err(DecimalError::Empty));
+        assert_eq!(parse_e8("-"), Err(DecimalError::Empty));
+        assert_eq!(parse_e8("."), Err(DecimalError::InvalidChar(0)));
+        assert_eq!(parse_e8("1.2.3"), Err(DecimalError::InvalidChar(3)));
+        assert_eq!(parse_e8("12a"), Err(DecimalError::InvalidChar(2)));
+        assert_eq!(parse_e8(" 1"), Err(DecimalError::InvalidChar(0)));
+        assert_eq!(parse_e8("1e"), Err(DecimalError::InvalidChar(2)));
+        assert_eq!(parse_e8("e5"), Err(DecimalError::InvalidChar(0)));
+        assert_eq!(parse_e8("0.123456789"), Err(DecimalError::TooPrecise { scale: 8 }));
+        assert_eq!(parse_e8("92233720368.54775808"), Err(DecimalError::Overflow));
+        assert_eq!(parse_e8("1e9999"), Err(DecimalError::Overflow));
+        assert_eq!(parse_e8("99999999999999999999999999999999999999999999"), Err(DecimalError::Overflow));
+        assert_eq!(parse_e8("1.5E-8"), Err(DecimalError::TooPrecise { scale: 8 }));
+        assert_eq!(parse_e8("NaN"), Err(DecimalError::InvalidChar(0)));
+    }
+
+    #[test]
+    fn other_scales() {
+        assert_eq!(parse_fixed(b"1618678142.557535", 6), Ok(1_618_678_142_557_535));
+        assert_eq!(parse_fixed(b"2", 0), Ok(2));
+        assert_eq!(parse_fixed(b"2.5", 0), Err(DecimalError::TooPrecise { scale: 0 }));
+    }
+
+    #[test]
+    fn never_panics() {
+        let alphabet = b"0123456789.-+eE x";
+        let mut s = Vec::new();
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    for d in alphabet {
+                        s.clear();
+                        s.extend_from_slice(&[*a, *b, *c, *d]);
+                        let _ = parse_fixed(&s, 8);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The protobuf wire format of `sluice.v1.StreamData`, read in place and written without allocation.
+//!
+//! Batches are length-delimited: every record is preceded by its byte length as a varint. The readers
+//! here never panic, whatever the bytes: a malformed record is a [`WireError`].
+
+use core::fmt;
+
+/// A `sluice.v1.StreamData` record as plain values.
+///
+/// Prices and volumes are fixed-point with eight decimals: `1.5` is `150_000_000`. Use
+/// [`parse_e8`](crate::parse_e8) to get them from a venue's decimal strings.
+///
+/// ```
+/// use plugin_sdk::Record;
+/// let trade = Record { symbol_id: 7, price_e8: 150_000_000, is_buy: true, ..Record::default() };
+/// assert_eq!(trade.volume_e8, 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Record {
+    /// The source the trade came from; the host sets it after `decode`.
+    pub source_id: u32,
+    /// The symbol's id from [`symbol_id`](crate::symbol_id).
+    pub symbol_id: u32,
+    /// Trade price times 10^8.
+    pub price_e8: i64,
+    /// Traded quantity times 10^8.
+    pub volume_e8: i64,
+    /// The venue's trade time in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// True when the taker (aggressor) bought.
+    pub is_buy: bool,
+    /// The venue's trade id, 0 when it sends none.
+    pub trade_id: u64,
+    /// When the host read the frame, microseconds since the Unix epoch; the host sets it.
+    pub received_at_us: i64,
+}
+
+/// Why bytes are not a valid record or batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireError {
+    /// The bytes end inside a varint, a field or a record.
+    Truncated,
+    /// A varint is longer than ten bytes or overflows 64 bits.
+    VarintOverflow,
+    /// A field uses a wire type protobuf does not define (or the deprecated groups).
+    BadWireType(u8),
+    /// A field number of 0, which protobuf forbids.
+    ZeroFieldNumber,
+    /// A known field arrives with the wrong wire type, e.g. `price_e8` as bytes.
+    WrongWireType {
+        /// The field number.
+        field: u32,
+    },
+    /// A `uint32` field holds a value above `u32::MAX`.
+    OutOfRange {
+        /// The field number.
+        field: u32,
+    },
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Truncated => f.write_str("record is truncated"),
+            WireError::VarintOverflow => f.write_str("varint is longer than 10 bytes"),
+            WireError::BadWireType(t) => write!(f, "unsupported wire type {t}"),
+            WireError::ZeroFieldNumber => f.write_str("field number 0"),
+            WireError::WrongWireType { field } => write!(f, "field {field} has the wrong wire type"),
+            WireError::OutOfRange { field } => write!(f, "field {field} is out of range for uint32"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Reads a varint at `*pos`, advancing it.
+///
+/// # Errors
+/// [`WireError::Truncated`] or [`WireError::VarintOverflow`].
+#[inline(always)]
+pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    // The fast path: a one-byte varint (small ids, booleans, record lengths under 128).
+    if let Some(&b) = buf.get(*pos) {
+        if b < 0x80 {
+            *pos += 1;
+            return Ok(u64::from(b));
+        }
+    } else {
+        return Err(WireError::Truncated);
+    }
+    read_varint_slow(buf, pos)
+}
+
+#[inline]
+fn read_varint_slow(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    let mut value: u64 = 0;
+    let mut i = *pos;
+    for shift in (0..70).step_by(7) {
+        let Some(&byte) = buf.get(i) else {
+            return Err(WireError::Truncated);
+        };
+        i += 1;
+        if shift == 63 && byte > 1 {
+            return Err(WireError::VarintOverflow);
+        }
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            *pos = i;
+            return Ok(value);
+        }
+    }
+    Err(WireError::VarintOverflow)
+}
+
+/// The number of bytes `value` takes as a varint.
+#[inline(always)]
+pub fn varint_len(value: u64) -> usize {
+    // 1 + floor(bits / 7), with 0 taking one byte.
+    let bits = 64 - (value | 1).leading_zeros() as usize;
+    (bits + 6) / 7
+}
+
+/// Appends `value` as a varint.
+#[inline(always)]
+pub fn write_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Skips the payload of a field of `wire_type` at `*pos`.
+fn skip_field(buf: &[u8], pos: &mut usize, wire_type: u8) -> Result<(), WireError> {
+    let len = match wire_type {
+        0 => {
+            read_varint(buf, pos)?;
+            return Ok(());
+        }
+        1 => 8,
+        2 => usize::try_from(read_varint(buf, pos)?).map_err(|_| WireError::Truncated)?,
+        5 => 4,
+        other => return Err(WireError::BadWireType(other)),
+    };
+    let end = pos.checked_add(len).ok_or(WireError::Truncated)?;
+    if end > buf.len() {
+        return Err(WireError::Truncated);
+    }
+    *pos = end;
+    Ok(())
+}
+
+/// A `StreamData` record read in place from its bytes.
+///
+/// Reading decodes the scalar fields once; the original bytes stay available through
+/// [`as_bytes`](Self::as_bytes), so a plugin that passes a record through copies it unchanged.
+/// Unknown fields are skipped, so records from a newer schema still read.
+///
+/// ```
+/// use plugin_sdk::{Record, Records, StreamDataView};
+/// let mut out = Records::new();
+/// out.push(&Record { symbol_id: 3, price_e8: 42, ..Record::default() });
+/// let view = out.iter().next().unwrap().unwrap();
+/// assert_eq!(view.price_e8, 42);
+/// assert_eq!(StreamDataView::parse(view.as_bytes()).unwrap().symbol_id, 3);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamDataView<'a> {
+    bytes: &'a [u8],
+    record: Record,
+}
+
+impl<'a> StreamDataView<'a> {
+    /// Reads one record (without its length prefix).
+    ///
+    /// # Errors
+    /// A [`WireError`] when the bytes are not a valid `StreamData`.
+    #[inline]
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Record::default();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let key = read_varint(bytes, &mut pos)?;
+            let field = key >> 3;
+            let wire_type = (key & 7) as u8;
+            if field == 0 {
+                return Err(WireError::ZeroFieldNumber);
+            }
+            if (1..=8).contains(&field) {
+                if wire_type != 0 {
+                    return Err(WireError::WrongWireType { field: field as u32 });
+                }
+                let v = read_varint(bytes, &mut pos)?;
+                match field {
+                    1 => r.source_id = u32_field(v, 1)?,
+                    2 => r.symbol_id = u32_field(v, 2)?,
+                    3 => r.price_e8 = v as i64,
+                    4 => r.volume_e8 = v as i64,
+                    5 => r.timestamp_ms = v as i64,
+                    6 => r.is_buy = v != 0,
+                    7 => r.trade_id = v,
+                    _ => r.received_at_us = v as i64,
+                }
+            } else {
+                skip_field(bytes, &mut pos, wire_type)?;
+            }
+        }
+        Ok(StreamDataView { bytes, record: r })
+    }
+
+    /// The record's encoded bytes, exactly as read.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The record's values.
+    pub fn record(&self) -> Record {
+        self.record
+    }
+}
+
+impl core::ops::Deref for StreamDataView<'_> {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        &self.record
+    }
+}
+
+#[inline(always)]
+fn u32_field(v: u64, field: u32) -> Result<u32, WireError> {
+    u32::try_from(v).map_err(|_| WireError::OutOfRange { field })
+}
+
+/// Iterates over the length-delimited items of a buffer: frames for `decode`, records for
+/// `transform`. Stops after the first framing error.
+///
+/// ```
+/// use plugin_sdk::wire::Delimited;
+/// let items: Vec<_> = Delimited::new(&[2, b'h', b'i', 0]).collect();
+/// assert_eq!(items, vec![Ok(&b"hi"[..]), Ok(&b""[..])]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Delimited<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Delimited<'a> {
+    /// Iterates over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Delimited { buf, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for Delimited<'a> {
+    type Item = Result<&'a [u8], WireError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.buf.len() {
+            return None;
+        }
+        let item = read_varint(self.buf, &mut self.pos).and_then(|len| {
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|len| self.pos.checked_add(len))
+                .filter(|&end| end <= self.buf.len())
+                .ok_or(WireError::Truncated)?;
+            let item = &self.buf[self.pos..end];
+            self.pos = end;
+            Ok(item)
+        });
+        if item.is_err() {
+            self.pos = self.buf.len();
+        }
+        Some(item)
+    }
+}
+
+/// Appends `item` to `out` with its length prefix.
+///
+/// ```
+/// let mut buf = Vec::new();
+/// plugin_sdk::wire::push_delimited(&mut buf, b"hi");
+/// assert_eq!(buf, [2, b'h', b'i']);
+/// ```
+pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
+    write_varint(out, item.len() as u64);
+    out.extend_from_slice(item);
+}
+
+/// Checks that `batch` is a valid sequence of length-delimited `StreamData` records and counts them.
+///
+/// # Errors
+/// The index of the first invalid record and why.
+pub fn validate_batch(batch: &[u8]) -> Result<usize, (usize, WireError)> {
+    let mut n = 0;
+    for item in Delimited::new(batch) {
+        item.and_then(StreamDataView::parse).map_err(|e| (n, e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Length-delimited `StreamData` records being written: a plugin's output.
+///
+/// Encoding matches protobuf's (fields in number order, zero values left out), so the bytes equal
+/// what `prost` writes for the same record.
+///
+/// ```
+/// use plugin_sdk::{Record, Records};
+/// let mut out = Records::new();
+/// out.push(&Record { trade_id: 9, ..Record::default() });
+/// assert_eq!(out.len(), 1);
+/// assert_eq!(out.iter().next().unwrap().unwrap().trade_id, 9);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Records {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Records {
+    /// An empty output.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a record.
+    #[inline]
+    pub fn push(&mut self, r: &Record) {
+        let body = encoded_len(r);
+        self.buf.reserve(body + 1);
+        write_varint(&mut self.buf, body as u64);
+        let out = &mut self.buf;
+        put(out, 1, u64::from(r.source_id));
+        put(out, 2, u64::from(r.symbol_id));
+        put(out, 3, r.price_e8 as u64);
+        put(out, 4, r.volume_e8 as u64);
+        put(out, 5, r.timestamp_ms as u64);
+        put(out, 6, u64::from(r.is_buy));
+        put(out, 7, r.trade_id);
+        put(out, 8, r.received_at_us as u64);
+        self.len += 1;
+    }
+
+    /// Appends a record read from the input unchanged, copying its bytes.
+    #[inline]
+    pub fn push_view(&mut self, view: &StreamDataView<'_>) {
+        push_delimited(&mut self.buf, view.as_bytes());
+        self.len += 1;
+    }
+
+    /// How many records were written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The encoded, length-delimited records.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads the records back.
+    pub fn iter(&self) -> impl Iterator<Item = Result<StreamDataView<'_>, WireError>> {
+        Delimited::new(&self.buf).map(|item| item.and_then(StreamDataView::parse))
+    }
+
+    /// Takes the encoded bytes, leaving the writer empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        self.len = 0;
+        core::mem::take(&mut self.buf)
+    }
+
+    /// Reserves room for `additional` more bytes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
+    /// Where the output stands now, to [`rollback`](Self::rollback) to.
+    pub(crate) fn mark(&self) -> (usize, usize) {
+        (self.buf.len(), self.len)
+    }
+
+    /// Drops everything written since `mark`.
+    pub(crate) fn rollback(&mut self, mark: (usize, usize)) {
+        self.buf.truncate(mark.0);
+        self.len = mark.1;
+    }
+
+    /// Empties the writer, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.buf.clear();
+    }
+}
+
+/// The encoded length of a record's fields (without the length prefix).
+#[inline(always)]
+pub fn encoded_len(r: &Record) -> usize {
+    #[inline(always)]
+    fn f(v: u64) -> usize {
+        if v == 0 { 0 } else { 1 + varint_len(v) }
+    }
+    f(u64::from(r.source_id))
+        + f(u64::from(r.symbol_id))
+        + f(r.price_e8 as u64)
+        + f(r.volume_e8 as u64)
+        + f(r.timestamp_ms as u64)
+        + f(u64::from(r.is_buy))
+        + f(r.trade_id)
+        + f(r.received_at_us as u64)
+}
+
+#[inline(always)]
+fn put(out: &mut Vec<u8>, field: u8, v: u64) {
+    if v != 0 {
+        out.push(field << 3);
+        write_varint(out, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// The same schema as `proto/sluice.proto`, declared by hand so this crate builds without protoc.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct StreamData {
+        #[prost(uint32, tag = "1")]
+        source_id: u32,
+        #[prost(uint32, tag = "2")]
+        symbol_id: u32,
+        #[prost(int64, tag = "3")]
+        price_e8: i64,
+        #[prost(int64, tag = "4")]
+        volume_e8: i64,
+        #[prost(int64, tag = "5")]
+        timestamp_ms: i64,
+        #[prost(bool, tag = "6")]
+        is_buy: bool,
+        #[prost(uint64, tag = "7")]
+        trade_id: u64,
+        #[prost(int64, tag = "8")]
+        received_at_us: i64,
+    }
+
+    fn sample() -> Record {
+        Record {
+            source_id: 3,
+            symbol_id: 70_000,
+            price_e8: 6_543_210_000_000,
+            volume_e8: -5,
+            timestamp_ms: 1_633_998_523_963,
+            is_buy: true,
+            trade_id: u64::MAX,
+            received_at_us: 1_633_998_523_963_123,
+        }
+    }
+
+    #[test]
+    fn writer_matches_prost_byte_for_byte() {
+        for r in [sample(), Record::default(), Record { is_buy: true, ..Record::default() }] {
+            let mut ours = Records::new();
+            ours.push(&r);
+            let theirs = StreamData {
+                source_id: r.source_id,
+                symbol_id: r.symbol_id,
+                price_e8: r.price_e8,
+                volume_e8: r.volume_e8,
+                timestamp_ms: r.timestamp_ms,
+                is_buy: r.is_buy,
+                trade_id: r.trade_id,
+                received_at_us: r.received_at_us,
+            }
+            .encode_length_delimited_to_vec();
+            assert_eq!(ours.as_bytes(), &theirs[..]);
+            assert_eq!(ours.iter().next().unwrap().unwrap().record(), r);
+        }
+    }
+
+    #[test]
+    fn view_skips_unknown_fields_and_last_value_wins() {
+        let mut bytes = Vec::new();
+        // field 9 (varint), field 10 (bytes), field 11 (fixed32), field 12 (fixed64)
+        bytes.extend_from_slice(&[9 << 3, 1, (10 << 3) | 2, 2, 0xff, 0xff, (11 << 3) | 5, 1, 2, 3, 4]);
+        bytes.extend_from_slice(&[(12 << 3) | 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&[3 << 3, 5, 3 << 3, 6]);
+        let v = StreamDataView::parse(&bytes).unwrap();
+        assert_eq!(v.price_e8, 6);
+    }
+
+    #[test]
+    fn view_rejects_malformed_records() {
+        assert_eq!(StreamDataView::parse(&[3 << 3]), Err(WireError::Truncated));
+        assert_eq!(StreamDataView::parse(&[0]), Err(WireError::ZeroFieldNumber));
+        assert_eq!(StreamDataView::parse(&[(3 << 3) | 2, 0]), Err(WireError::WrongWireType { field: 3 }));
+        assert_eq!(StreamDataView::parse(&[(9 << 3) | 3]), Err(WireError::BadWireType(3)));
+        assert_eq!(StreamDataView::parse(&[(9 << 3) | 2, 5, 1]), Err(WireError::Truncated));
+        let mut too_long = vec![3 << 3];
+        too_long.extend_from_slice(&[0xff; 11]);
+        assert_eq!(StreamDataView::parse(&too_long), Err(WireError::VarintOverflow));
+        let big_symbol = [2 << 3, 0x80, 0x80, 0x80, 0x80, 0x10];
+        assert_eq!(StreamDataView::parse(&big_symbol), Err(WireError::OutOfRange { field: 2 }));
+    }
+
+    #[test]
+    fn varint_edges() {
+        for v in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+            let mut buf = Vec::new();
+            write_varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v), "{v}");
+            let mut pos = 0;
+            assert_eq!(read_varint(&buf, &mut pos), Ok(v));
+            assert_eq!(pos, buf.len());
+        }
+        // The tenth byte may only carry the top bit.
+        let mut pos = 0;
+        let over = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert_eq!(read_varint(&over, &mut pos), Err(WireError::VarintOverflow));
+    }
+
+    #[test]
+    fn delimited_stops_at_a_bad_length() {
+        let items: Vec<_> = Delimited::new(&[1, 7, 5, 1]).collect();
+        assert_eq!(items, vec![Ok(&[7u8][..]), Err(WireError::Truncated)]);
+        assert_eq!(validate_batch(&[5, 1]), Err((0, WireError::Truncated)));
+        assert_eq!(validate_batch(&[1, 7]), Err((0, WireError::ZeroFieldNumber)));
+        assert_eq!(validate_batch(&[2, 3 << 3, 1, 0]), Ok(2));
+    }
+
+    /// Every byte string up to three bytes long, and a pseudo-random sample of longer ones, reads
+    /// without a panic.
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        let mut buf = Vec::new();
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                buf.clear();
+                buf.extend_from_slice(&[a, b, a ^ b]);
+                let _ = StreamDataView::parse(&buf);
+                let _ = validate_batch(&buf);
+            }
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2000 {
+            buf.clear();
+            for _ in 0..len % 40 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                buf.push(x as u8);
+            }
+            let _ = StreamDataView::parse(&buf);
+            let _ = validate_batch(&buf);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Drops trades below a minimum volume and multiplies the remaining prices by an exact decimal factor
+//! (say, a currency conversion or a contract multiplier).
+//!
+//! Config:
+//! - `min_volume`: decimal, trades with a smaller volume are dropped (default `0`, keep all).
+//! - `scale`: decimal factor applied to prices (default `1`). A price that would overflow is rejected.
+
+use plugin_sdk::{Config, Plugin, Reason, Record, Records, StreamDataView};
+
+const ONE_E8: i128 = 100_000_000;
+
+/// The plugin's state: its two settings.
+pub struct Rescale {
+    min_volume_e8: i64,
+    scale_e8: i128,
+}
+
+impl Plugin for Rescale {
+    fn init(config: &Config) -> Result<Self, Reason> {
+        config.expect_only(&["min_volume", "scale"])?;
+        let scale_e8 = config.decimal_e8("scale")?.unwrap_or(ONE_E8 as i64);
+        if scale_e8 <= 0 {
+            return Err("config scale must be positive".into());
+        }
+        Ok(Rescale { min_volume_e8: config.decimal_e8("min_volume")?.unwrap_or(0), scale_e8: i128::from(scale_e8) })
+    }
+
+    #[inline]
+    fn transform(&mut self, trade: StreamDataView<'_>, out: &mut Records) -> Result<(), Reason> {
+        if trade.volume_e8 < self.min_volume_e8 {
+            return Ok(());
+        }
+        let price = i128::from(trade.price_e8) * self.scale_e8 / ONE_E8;
+        let price_e8 = i64::try_from(price).map_err(|_| "rescaled price overflows")?;
+        out.push(&Record { price_e8, ..trade.record() });
+        Ok(())
+    }
+}
+
+plugin_sdk::export!(Rescale);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_sdk::testing::Harness;
+
+    fn trade(price_e8: i64, volume_e8: i64) -> Record {
+        Record { symbol_id: 1, price_e8, volume_e8, trade_id: 7, ..Record::default() }
+    }
+
+    #[test]
+    fn filters_and_rescales_exactly() {
+        let mut h = Harness::<Rescale>::new(&[("min_volume", "0.5"), ("scale", "0.25")]).unwrap();
+        let out = h.transform(&[trade(400_000_000, 50_000_000), trade(400_000_000, 49_999_999), trade(3, 60_000_000)]);
+        assert_eq!(out.records, vec![trade(100_000_000, 50_000_000), trade(0, 60_000_000)]);
+        assert!(out.rejects.is_empty());
+    }
+
+    #[test]
+    fn overflow_is_rejected() {
+        let mut h = Harness::<Rescale>::new(&[("scale", "1000")]).unwrap();
+        let out = h.transform(&[trade(i64::MAX / 10, 1)]);
+        assert!(out.records.is_empty());
+        assert_eq!(out.rejects[0].reason, "rescaled price overflows");
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        assert!(Harness::<Rescale>::new(&[("scale", "-1")]).is_err());
+        assert!(Harness::<Rescale>::new(&[("scale", "abc")]).is_err());
+        assert!(Harness::<Rescale>::new(&[("scael", "1")]).is_err());
+    }
+}
