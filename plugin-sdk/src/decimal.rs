@@ -106,7 +106,11 @@ pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
         i += 1;
     }
     if !seen_digit {
-        return Err(if s.len() <= digits_start { DecimalError::Empty } else { DecimalError::InvalidChar(digits_start) });
+        return Err(if s.len() <= digits_start {
+            DecimalError::Empty
+        } else {
+            DecimalError::InvalidChar(digits_start)
+        });
     }
     // value = magnitude * 10^(scale - frac_digits + exponent)
     let shift = i64::from(scale) - frac_digits + exponent;
@@ -120,7 +124,7 @@ pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
     } else {
         let divisor = u32::try_from(-shift).ok().and_then(|s| 10u128.checked_pow(s));
         match divisor {
-            Some(d) if magnitude % d == 0 => magnitude / d,
+            Some(d) if magnitude.is_multiple_of(d) => magnitude / d,
             None if magnitude == 0 => 0,
             _ => return Err(DecimalError::TooPrecise { scale }),
         }

@@ -304,7 +304,11 @@ fn value_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
 }
 
 fn literal(buf: &[u8], pos: usize, word: &'static [u8]) -> Result<usize, JsonError> {
-    if buf.get(pos..pos + word.len()) == Some(word) { Ok(pos + word.len()) } else { Err(err(pos, "true, false or null")) }
+    if buf.get(pos..pos + word.len()) == Some(word) {
+        Ok(pos + word.len())
+    } else {
+        Err(err(pos, "true, false or null"))
+    }
 }
 
 fn number_end(buf: &[u8], mut pos: usize) -> Result<usize, JsonError> {
@@ -502,7 +506,7 @@ mod tests {
             if let Ok(v) = Json::parse(&doc) {
                 let _ = v.get("u");
                 let _ = v.at(1).map(|e| e.as_str());
-                let _ = v.members().map(|(k, v)| (k.as_str(), v.as_str())).count();
+                v.members().for_each(|(k, v)| drop((k.as_str(), v.as_str())));
             }
         }
     }

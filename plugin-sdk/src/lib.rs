@@ -196,9 +196,7 @@ impl Config {
     where
         T::Err: fmt::Display,
     {
-        self.get(key)
-            .map(|v| v.parse::<T>().map_err(|e| Reason::new(format!("config {key}={v:?}: {e}"))))
-            .transpose()
+        self.get(key).map(|v| v.parse::<T>().map_err(|e| Reason::new(format!("config {key}={v:?}: {e}")))).transpose()
     }
 
     /// The value of `key` read exactly as a decimal with eight implied places, if set.
@@ -206,9 +204,7 @@ impl Config {
     /// # Errors
     /// A [`Reason`] naming the key when the value is not a decimal.
     pub fn decimal_e8(&self, key: &str) -> Result<Option<i64>, Reason> {
-        self.get(key)
-            .map(|v| parse_e8(v).map_err(|e| Reason::new(format!("config {key}={v:?}: {e}"))))
-            .transpose()
+        self.get(key).map(|v| parse_e8(v).map_err(|e| Reason::new(format!("config {key}={v:?}: {e}")))).transpose()
     }
 
     /// Fails when a key outside `known` is set, so a typo is caught at load time.
@@ -283,6 +279,12 @@ pub mod bindings {
 pub mod __private {
     #[cfg(target_arch = "wasm32")]
     pub use crate::bindings::exports::sluice::plugin::guest::{Decoded, Guest, Reject, Transformed};
+
+    /// Sends panic messages to the host's log at error level, where the host attaches the last one
+    /// to the trap it reports (stderr goes nowhere inside the sandbox).
+    pub fn install_panic_hook() {
+        std::panic::set_hook(Box::new(|info| crate::log(crate::Level::Error, &format!("panic: {info}"))));
+    }
 }
 
 /// Makes a [`Plugin`] type the plugin this crate exports. Use it once, at the crate root.
@@ -312,7 +314,10 @@ macro_rules! export {
                 list.iter().map(|(index, reason)| Reject { index: *index, reason: reason.to_string() }).collect()
             }
             impl Guest for SluiceGuest {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>) -> Result<(), ::std::string::String> {
+                fn init(
+                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> Result<(), ::std::string::String> {
+                    $crate::__private::install_panic_hook();
                     RUNNER.with(|r| r.borrow_mut().init(config).map_err(|e| e.to_string()))
                 }
                 fn decode(frames: ::std::vec::Vec<u8>) -> Decoded {
@@ -332,7 +337,7 @@ macro_rules! export {
                     })
                 }
             }
-            $crate::bindings::__export_sluice_plugin!(SluiceGuest with_types_in $crate::bindings);
+    $crate::bindings::__export_sluice_plugin!(SluiceGuest with_types_in $crate::bindings);
         };
     };
 }

@@ -56,7 +56,8 @@ impl<P: Plugin> Runner<P> {
                 continue;
             };
             let mark = self.out.mark();
-            let result = frame.map_err(|e| Reason::field("frame framing", e)).and_then(|f| plugin.decode(f, &mut self.out));
+            let result =
+                frame.map_err(|e| Reason::field("frame framing", e)).and_then(|f| plugin.decode(f, &mut self.out));
             match result {
                 Ok(()) => self.counts.push((self.out.len() - mark.1) as u32),
                 Err(reason) => {

@@ -191,7 +191,8 @@ mod tests {
     fn decode_batches_keep_frame_boundaries_and_drop_partial_output() {
         let mut h = Harness::<Toy>::new(&[]).unwrap();
         let out = h.decode_batch(&[b"A:1,B:2", b"", b"A:3,!", b"C:x"]);
-        let syms: Vec<Vec<_>> = out.per_frame.iter().map(|f| f.iter().map(|r| h.symbol(r.symbol_id).unwrap()).collect()).collect();
+        let syms: Vec<Vec<_>> =
+            out.per_frame.iter().map(|f| f.iter().map(|r| h.symbol(r.symbol_id).unwrap()).collect()).collect();
         assert_eq!(syms, vec![vec!["A", "B"], vec![], vec![], vec![]]);
         assert_eq!(out.per_frame[0][1].price_e8, 200_000_000);
         assert_eq!(
@@ -206,7 +207,11 @@ mod tests {
     #[test]
     fn transform_rejects_by_index_and_rolls_back() {
         let mut h = Harness::<Toy>::new(&[]).unwrap();
-        let input = [Record { price_e8: 5, ..Record::default() }, Record { price_e8: -1, ..Record::default() }, Record { price_e8: 7, trade_id: 3, ..Record::default() }];
+        let input = [
+            Record { price_e8: 5, ..Record::default() },
+            Record { price_e8: -1, ..Record::default() },
+            Record { price_e8: 7, trade_id: 3, ..Record::default() },
+        ];
         let out = h.transform(&input);
         assert_eq!(out.records.iter().map(|r| r.price_e8).collect::<Vec<_>>(), vec![10, 14]);
         assert_eq!(out.records[1].trade_id, 3);

@@ -59,7 +59,13 @@ pub fn rfc3339_to_ms(s: &str) -> Result<i64, TimeError> {
     sep(16, b":")?;
     let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
     let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return Err(TimeError::OutOfRange);
     }
     let mut i = 19;
@@ -108,7 +114,11 @@ pub fn rfc3339_to_ms(s: &str) -> Result<i64, TimeError> {
 /// ```
 pub fn decimal_seconds_to_ms(s: &str) -> Result<i64, TimeError> {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || int.len() > 12 || !int.bytes().all(|c| c.is_ascii_digit()) || !frac.bytes().all(|c| c.is_ascii_digit()) {
+    if int.is_empty()
+        || int.len() > 12
+        || !int.bytes().all(|c| c.is_ascii_digit())
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+    {
         return Err(TimeError::BadSeconds);
     }
     let secs = int.bytes().fold(0i64, |v, c| v * 10 + i64::from(c - b'0'));

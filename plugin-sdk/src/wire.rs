@@ -117,7 +117,7 @@ fn read_varint_slow(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
 pub fn varint_len(value: u64) -> usize {
     // 1 + floor(bits / 7), with 0 taking one byte.
     let bits = 64 - (value | 1).leading_zeros() as usize;
-    (bits + 6) / 7
+    bits.div_ceil(7)
 }
 
 /// Appends `value` as a varint.

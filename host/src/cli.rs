@@ -1,0 +1,278 @@
+//! The command line: `sluice plugin test` and `sluice demo`.
+
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
+use serde::Serialize;
+
+use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
+use crate::symbols::Symbols;
+
+/// sluice: WebSocket market data to Kafka, through sandboxed wasm plugins, to Druid.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Run the bundled plugins over the bundled recorded frames and print what they produce.
+    Demo,
+}
+
+/// `sluice plugin ...`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin on recorded frames: records as JSON lines on stdout, rejects on stderr.
+    Test(PluginTestArgs),
+}
+
+/// Arguments of `sluice plugin test`.
+#[derive(Debug, Args)]
+pub struct PluginTestArgs {
+    /// The plugin component (`.wasm`, built for wasm32-wasip2).
+    pub plugin: PathBuf,
+    /// A file with one raw WebSocket frame per line.
+    #[arg(long)]
+    pub frames: PathBuf,
+    /// A config entry for the plugin's `init`, as key=value; repeat for several.
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub config: Vec<(String, String)>,
+    /// Decode the frames with this plugin instead (for plugins that only transform).
+    #[arg(long, value_name = "DECODER.wasm")]
+    pub decode_with: Option<PathBuf>,
+    /// Config entries for the decoder given with --decode-with.
+    #[arg(long = "decoder-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub decoder_config: Vec<(String, String)>,
+    /// The source id to stamp on decoded records, as the host does for a configured source.
+    #[arg(long, default_value_t = 0)]
+    pub source_id: u32,
+    /// Per-call deadline in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub deadline_ms: u64,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Runs the command line.
+///
+/// # Errors
+/// Anything that keeps the command from running, with a message for the user.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plugin(PluginCommand::Test(args)) => {
+            let stdout = io::stdout();
+            let stderr = io::stderr();
+            plugin_test(&args, &mut io::BufWriter::new(stdout.lock()), &mut stderr.lock())?;
+            Ok(())
+        }
+        Command::Demo => demo(&mut io::stdout().lock()),
+    }
+}
+
+/// One output record as `sluice plugin test` prints it.
+#[derive(Debug, Serialize)]
+struct RecordLine<'a> {
+    source_id: u32,
+    symbol: Option<&'a str>,
+    symbol_id: u32,
+    price_e8: i64,
+    volume_e8: i64,
+    timestamp_ms: i64,
+    is_buy: bool,
+    trade_id: u64,
+}
+
+/// One reject as `sluice plugin test` prints it: a frame (1-based line) or a record (0-based index).
+#[derive(Debug, Serialize)]
+struct RejectLine<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frame: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    reason: &'a str,
+}
+
+/// Counts from a `plugin test` run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestSummary {
+    /// Frames read from the file.
+    pub frames: usize,
+    /// Records printed.
+    pub records: usize,
+    /// Rejects printed (frames and records).
+    pub rejects: usize,
+}
+
+/// Frames per `decode` call and records per `transform` call.
+const FRAMES_PER_CALL: usize = 256;
+const RECORDS_PER_CALL: usize = 1024;
+
+/// `sluice plugin test`: decode every line of the frames file, transform all records, print them.
+///
+/// # Errors
+/// When the plugin or the frames file cannot be read, the plugin cannot be loaded or is not a sluice
+/// plugin, or a call traps or hits a limit.
+pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<TestSummary> {
+    let runtime =
+        Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))?;
+    let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
+    let load = |path: &Path, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
+        let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let code: Arc<PluginCode> =
+            runtime.compile(&name, &wasm, limits).with_context(|| format!("cannot load plugin {}", path.display()))?;
+        code.instantiate(config).with_context(|| format!("cannot start plugin {}", path.display()))
+    };
+    let mut plugin = load(&args.plugin, &args.config)?;
+    let mut decoder = match &args.decode_with {
+        Some(path) => Some(load(path, &args.decoder_config)?),
+        None => None,
+    };
+    let file =
+        std::fs::File::open(&args.frames).with_context(|| format!("cannot read frames {}", args.frames.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in io::BufReader::new(file).split(b'\n').enumerate() {
+        let mut line = line.with_context(|| format!("cannot read frames {}", args.frames.display()))?;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if !line.is_empty() {
+            lines.push((i + 1, line));
+        }
+    }
+    let symbols = runtime.symbols().clone();
+    let mut summary = TestSummary { frames: lines.len(), ..TestSummary::default() };
+    let decoding = decoder.as_mut().unwrap_or(&mut plugin);
+
+    // Decode: frames in batches; stamp the source id as the host does.
+    let mut records = plugin_sdk::Records::new();
+    let mut frames = Vec::new();
+    for chunk in lines.chunks(FRAMES_PER_CALL) {
+        frames.clear();
+        for (_, line) in chunk {
+            push_delimited(&mut frames, line);
+        }
+        let first = chunk.first().map_or(0, |(n, _)| *n);
+        let last = chunk.last().map_or(0, |(n, _)| *n);
+        let decoded = decoding.decode(&frames).with_context(|| format!("decoding frames on lines {first}..={last}"))?;
+        for reject in &decoded.rejects {
+            let line = chunk.get(reject.index as usize).map(|(n, _)| *n);
+            write_json(err, &RejectLine { frame: line, index: None, reason: &reject.reason })?;
+            summary.rejects += 1;
+        }
+        for item in Delimited::new(&decoded.records) {
+            // The runtime validated every record before returning them.
+            let view = item.and_then(StreamDataView::parse).context("decoded record")?;
+            let mut record = view.record();
+            record.source_id = args.source_id;
+            records.push(&record);
+        }
+    }
+
+    // Transform: all decoded records, in batches.
+    let mut batch = Vec::new();
+    let mut index = 0usize;
+    let mut items = Delimited::new(records.as_bytes()).peekable();
+    while items.peek().is_some() {
+        batch.clear();
+        let mut n = 0;
+        for item in items.by_ref().take(RECORDS_PER_CALL) {
+            push_delimited(&mut batch, item.context("record")?);
+            n += 1;
+        }
+        let done =
+            plugin.transform(&batch).with_context(|| format!("transforming records {index}..{}", index + n - 1))?;
+        for reject in &done.rejects {
+            write_json(
+                err,
+                &RejectLine { frame: None, index: Some(index + reject.index as usize), reason: &reject.reason },
+            )?;
+            summary.rejects += 1;
+        }
+        for item in Delimited::new(&done.records) {
+            let r = item.and_then(StreamDataView::parse).context("output record")?;
+            let name = symbols.name(r.symbol_id);
+            write_json(
+                out,
+                &RecordLine {
+                    source_id: r.source_id,
+                    symbol: name.as_deref(),
+                    symbol_id: r.symbol_id,
+                    price_e8: r.price_e8,
+                    volume_e8: r.volume_e8,
+                    timestamp_ms: r.timestamp_ms,
+                    is_buy: r.is_buy,
+                    trade_id: r.trade_id,
+                },
+            )?;
+            summary.records += 1;
+        }
+        index += n;
+    }
+    out.flush()?;
+    err.flush()?;
+    Ok(summary)
+}
+
+fn write_json(w: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *w, value)?;
+    w.write_all(b"\n")?;
+    Ok(())
+}
+
+/// `sluice demo`: the bundled venue plugins on the bundled recorded frames, with counts.
+fn demo(out: &mut impl Write) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = (|| {
+        for (plugin, wasm, frames_name, frames) in bundled::DEMO_FEEDS {
+            let plugin_path = dir.join(format!("{plugin}.wasm"));
+            let frames_path = dir.join(frames_name);
+            std::fs::write(&plugin_path, wasm)?;
+            std::fs::write(&frames_path, frames)?;
+            let args = PluginTestArgs {
+                plugin: plugin_path,
+                frames: frames_path,
+                config: vec![],
+                decode_with: None,
+                decoder_config: vec![],
+                source_id: 1,
+                deadline_ms: 1000,
+            };
+            let mut records = Vec::new();
+            let mut rejects = Vec::new();
+            let summary = plugin_test(&args, &mut records, &mut rejects)?;
+            writeln!(
+                out,
+                "== {plugin} on {frames_name}: {} frames -> {} records, {} rejects",
+                summary.frames, summary.records, summary.rejects
+            )?;
+            for line in records.split(|&b| b == b'\n').filter(|l| !l.is_empty()).take(3) {
+                writeln!(out, "   {}", String::from_utf8_lossy(line))?;
+            }
+            if summary.rejects > 0 {
+                bail!("{plugin} rejected frames: {}", String::from_utf8_lossy(&rejects));
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

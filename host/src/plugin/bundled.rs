@@ -1,0 +1,42 @@
+//! The example plugins from `plugins/`, built to wasm at compile time and bundled into the binary, so
+//! `sluice demo` runs anywhere with nothing else installed.
+
+macro_rules! plugin {
+    ($file:literal) => {
+        include_bytes!(concat!(env!("SLUICE_PLUGIN_DIR"), "/", $file))
+    };
+}
+
+/// The Binance decoder (aggTrade and trade, raw and combined streams).
+pub const BINANCE: &[u8] = plugin!("binance.wasm");
+/// The Coinbase Exchange decoder (match and last_match).
+pub const COINBASE: &[u8] = plugin!("coinbase.wasm");
+/// The Kraken v1 trade decoder.
+pub const KRAKEN: &[u8] = plugin!("kraken.wasm");
+/// Rejects trades too far from the last accepted price of their symbol.
+pub const OUTLIER_FILTER: &[u8] = plugin!("outlier_filter.wasm");
+/// Drops small trades and rescales prices.
+pub const RESCALE: &[u8] = plugin!("rescale.wasm");
+
+/// Each venue plugin with a recorded feed of that venue: (plugin, wasm, file name, frames).
+pub const DEMO_FEEDS: &[(&str, &[u8], &str, &str)] = &[
+    (
+        "binance",
+        BINANCE,
+        "binance_combined_aggtrade.jsonl",
+        include_str!("../../fixtures/feeds/binance_combined_aggtrade.jsonl"),
+    ),
+    (
+        "binance",
+        BINANCE,
+        "binance_us_combined_aggtrade.jsonl",
+        include_str!("../../fixtures/feeds/binance_us_combined_aggtrade.jsonl"),
+    ),
+    (
+        "coinbase",
+        COINBASE,
+        "coinbase_exchange_match.jsonl",
+        include_str!("../../fixtures/feeds/coinbase_exchange_match.jsonl"),
+    ),
+    ("kraken", KRAKEN, "kraken_v1_trade.jsonl", include_str!("../../fixtures/feeds/kraken_v1_trade.jsonl")),
+];

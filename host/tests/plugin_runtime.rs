@@ -1,0 +1,224 @@
+//! The plugin runtime against real components built from `plugins/`: the venue decoders, and the
+//! `chaos` plugin that loops, hoards memory, traps and returns bad output on request. Every failure
+//! must come back as its typed error within the deadline, and the host must carry on.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
+use plugin_sdk::{Record, Records};
+use sluice::plugin::{Limits, PluginCode, PluginError, Runtime, RuntimeSettings};
+use sluice::symbols::Symbols;
+
+fn plugin_wasm(name: &str) -> Vec<u8> {
+    let path = format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn runtime() -> Runtime {
+    let settings = RuntimeSettings { max_instances: 16, max_memory_bytes: 256 << 20, ..RuntimeSettings::default() };
+    Runtime::new(settings, Arc::new(Symbols::new())).expect("engine starts")
+}
+
+fn limits() -> Limits {
+    Limits { memory_bytes: 32 << 20, deadline: Duration::from_millis(100), output_bytes: 1 << 20 }
+}
+
+fn chaos(rt: &Runtime, limits: Limits) -> Arc<PluginCode> {
+    rt.compile("chaos", &plugin_wasm("chaos"), limits).expect("chaos compiles")
+}
+
+fn config(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn batch(records: &[Record]) -> Vec<u8> {
+    let mut out = Records::new();
+    for r in records {
+        out.push(r);
+    }
+    out.take()
+}
+
+fn trades(n: u64) -> Vec<Record> {
+    (1..=n)
+        .map(|i| Record { symbol_id: 1, price_e8: 100 + i as i64, volume_e8: 5, trade_id: i, ..Record::default() })
+        .collect()
+}
+
+fn read(records: &[u8]) -> Vec<Record> {
+    Delimited::new(records).map(|r| StreamDataView::parse(r.unwrap()).unwrap().record()).collect()
+}
+
+#[test]
+fn decodes_binance_frames_with_the_host_dictionary() {
+    let rt = runtime();
+    let code = rt.compile("binance", &plugin_wasm("binance"), limits()).unwrap();
+    let mut instance = code.instantiate(&[]).unwrap();
+    let mut frames = Vec::new();
+    for line in include_str!("../fixtures/feeds/binance_combined_aggtrade.jsonl").lines() {
+        push_delimited(&mut frames, line.as_bytes());
+    }
+    push_delimited(&mut frames, br#"{"result":null,"id":1}"#);
+    push_delimited(&mut frames, b"not json");
+    let out = instance.decode(&frames).unwrap();
+    assert_eq!(out.counts, vec![1, 1, 0, 0]);
+    assert_eq!(out.rejects.len(), 1);
+    assert_eq!(out.rejects[0].index, 3);
+    let records = read(&out.records);
+    assert_eq!(rt.symbols().name(records[0].symbol_id).as_deref(), Some("NKNUSDT"));
+    assert_eq!(rt.symbols().name(records[1].symbol_id).as_deref(), Some("LRCBTC"));
+    assert_eq!((records[1].price_e8, records[1].volume_e8, records[1].trade_id), (638, 17_700_000_000, 9_213_679));
+}
+
+#[test]
+fn transform_runs_on_batches_and_keeps_state_between_calls() {
+    let rt = runtime();
+    let code = rt.compile("outlier-filter", &plugin_wasm("outlier_filter"), limits()).unwrap();
+    let mut instance = code.instantiate(&config(&[("threshold_pct", "5")])).unwrap();
+    let first = instance.transform(&batch(&[Record { symbol_id: 1, price_e8: 100_000, ..Record::default() }])).unwrap();
+    assert_eq!(first.count, 1);
+    // The reference price from the first call must still be there in the second.
+    let second = instance
+        .transform(&batch(&[
+            Record { symbol_id: 1, price_e8: 120_000, trade_id: 1, ..Record::default() },
+            Record { symbol_id: 1, price_e8: 104_000, trade_id: 2, ..Record::default() },
+        ]))
+        .unwrap();
+    assert_eq!(second.count, 1);
+    assert_eq!(read(&second.records)[0].trade_id, 2);
+    assert_eq!(second.rejects.len(), 1);
+    assert_eq!(second.rejects[0].index, 0);
+}
+
+#[test]
+fn an_infinite_loop_times_out_within_the_deadline_and_the_host_carries_on() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let mut looping = code.instantiate(&config(&[("mode", "loop")])).unwrap();
+    for _ in 0..2 {
+        let start = Instant::now();
+        let err = looping.transform(&batch(&trades(3))).unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, PluginError::Timeout { deadline } if deadline == Duration::from_millis(100)), "{err}");
+        assert!(took < Duration::from_millis(600), "took {took:?}");
+    }
+    // Another instance of the same engine is unaffected.
+    let mut fine = code.instantiate(&[]).unwrap();
+    assert_eq!(fine.transform(&batch(&trades(4))).unwrap().count, 4);
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_cap() {
+    let rt = runtime();
+    let mut bomb = chaos(&rt, limits()).instantiate(&config(&[("mode", "memory")])).unwrap();
+    let start = Instant::now();
+    let err = bomb.transform(&batch(&trades(1))).unwrap_err();
+    assert!(matches!(err, PluginError::MemoryLimit { limit } if limit == 32 << 20), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_trap_is_typed_and_carries_the_panic_message() {
+    let rt = runtime();
+    let mut trap = chaos(&rt, limits()).instantiate(&config(&[("mode", "trap")])).unwrap();
+    let err = trap.decode(&[3, b'a', b'b', b'c']).unwrap_err();
+    match err {
+        PluginError::Trap(msg) => assert!(msg.contains("chaos plugin asked to trap"), "{msg}"),
+        other => panic!("expected a trap, got {other}"),
+    }
+}
+
+#[test]
+fn a_poison_record_traps_and_the_replacement_instance_serves_the_next_batch() {
+    let rt = runtime();
+    let mut plugin = chaos(&rt, limits()).instantiate(&config(&[("trap_on_trade_id", "2")])).unwrap();
+    let err = plugin.transform(&batch(&trades(3))).unwrap_err();
+    assert!(matches!(&err, PluginError::Trap(m) if m.contains("poison record: trade id 2")), "{err}");
+    let clean = [trades(3)[0], trades(3)[2]];
+    let out = plugin.transform(&batch(&clean)).unwrap();
+    assert_eq!(read(&out.records), clean);
+}
+
+#[test]
+fn oversized_output_is_refused() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let mut big = code.instantiate(&config(&[("mode", "oversize"), ("oversize_bytes", "2000000")])).unwrap();
+    let err = big.transform(&batch(&trades(1))).unwrap_err();
+    assert!(matches!(err, PluginError::OutputTooLarge { len: 2_000_000, limit } if limit == 1 << 20), "{err}");
+}
+
+#[test]
+fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    for (mode, call_decode, expect) in [
+        ("garbage", false, "output record 0: record is truncated"),
+        ("garbage", true, "output record 0: record is truncated"),
+        ("bad-counts", true, "counts add up to 2, but 0 records were returned"),
+        ("bad-reject", true, "reject index 2 out of 2 inputs"),
+        ("bad-reject", false, "reject index 2 out of 2 inputs"),
+    ] {
+        let mut p = code.instantiate(&config(&[("mode", mode)])).unwrap();
+        let err = if call_decode {
+            p.decode(&[1, b'a', 1, b'b']).unwrap_err()
+        } else {
+            p.transform(&batch(&trades(2))).unwrap_err()
+        };
+        match err {
+            PluginError::InvalidOutput(msg) => assert_eq!(msg, expect, "{mode}"),
+            other => panic!("{mode}: expected invalid output, got {other}"),
+        }
+    }
+}
+
+#[test]
+fn init_errors_are_reported_with_the_plugin_reason() {
+    let rt = runtime();
+    let err = chaos(&rt, limits()).instantiate(&config(&[("init_error", "no such market")])).unwrap_err();
+    assert!(matches!(&err, PluginError::Init(m) if m == "no such market"), "{err}");
+    let code = rt.compile("outlier-filter", &plugin_wasm("outlier_filter"), limits()).unwrap();
+    let err = code.instantiate(&config(&[("threshold", "5")])).unwrap_err();
+    assert!(matches!(&err, PluginError::Init(m) if m.contains("threshold")), "{err}");
+}
+
+#[test]
+fn what_is_not_a_sluice_plugin_is_refused_with_the_reason() {
+    let rt = runtime();
+    let check = |bytes: &[u8]| rt.compile("x", bytes, limits()).expect_err("refused");
+    assert!(matches!(check(b"hello world, not wasm"), PluginError::NotWasm));
+    assert!(matches!(check(b"\0asm\x01\0\0\0"), PluginError::CoreModule));
+    // The empty component is valid wasm but exports nothing.
+    let err = check(b"\0asm\x0d\0\x01\0");
+    assert!(matches!(&err, PluginError::WrongWorld(m) if m.contains("sluice:plugin/guest@0.1.0")), "{err}");
+    // A truncated component does not compile.
+    let mut cut = plugin_wasm("rescale");
+    cut.truncate(cut.len() / 2);
+    assert!(matches!(check(&cut), PluginError::Compile(_)));
+}
+
+#[test]
+fn limits_beyond_the_runtime_are_refused() {
+    let rt = runtime();
+    let too_big = Limits { memory_bytes: 1 << 40, ..limits() };
+    let err = rt.compile("rescale", &plugin_wasm("rescale"), too_big).unwrap_err();
+    assert!(matches!(err, PluginError::Limits(_)), "{err}");
+}
+
+#[test]
+fn wasm_and_native_runs_agree_and_repeat_exactly() {
+    // Same input, same output, whatever the time: the transform is a pure function of its input,
+    // and rescale's output matches a native run of the same plugin exactly.
+    let rt = runtime();
+    let code = rt.compile("rescale", &plugin_wasm("rescale"), limits()).unwrap();
+    let cfg = [("scale", "2"), ("min_volume", "0.00000005")];
+    let mut wasm = code.instantiate(&config(&cfg)).unwrap();
+    let input = trades(50);
+    let a = wasm.transform(&batch(&input)).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let b = wasm.transform(&batch(&input)).unwrap();
+    assert_eq!(a, b);
+    let mut native = plugin_sdk::testing::Harness::<rescale::Rescale>::new(&cfg).unwrap();
+    assert_eq!(read(&a.records), native.transform(&input).records);
+}

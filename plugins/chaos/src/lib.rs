@@ -1,0 +1,119 @@
+//! A plugin that misbehaves on purpose, so the host's limits can be tested against a real component.
+//!
+//! It implements the WIT exports directly (not through `plugin_sdk::Plugin`), because some of its
+//! failures, such as returning bytes that are not records, are ones the SDK makes impossible.
+//!
+//! Config:
+//! - `mode`: what `decode` and `transform` do:
+//!   `pass` (default: transform passes records through, decode yields nothing), `loop` (never return),
+//!   `memory` (allocate until memory runs out), `trap` (panic), `oversize` (return `oversize_bytes`
+//!   of empty records, default 32 MiB), `garbage` (return bytes that are not records),
+//!   `bad-counts` (decode claims more records than it returns), `bad-reject` (reject an index past the
+//!   end of the batch).
+//! - `trap_on_trade_id`: transform panics when a batch holds a record with this trade id (a poison
+//!   record), and otherwise passes records through.
+//! - `init_error`: init fails with this text.
+
+#[cfg(target_arch = "wasm32")]
+mod guest {
+    use std::cell::RefCell;
+
+    use plugin_sdk::__private::{Decoded, Guest, Reject, Transformed};
+    use plugin_sdk::wire::{Delimited, StreamDataView};
+
+    #[derive(Default)]
+    struct Settings {
+        mode: String,
+        trap_on_trade_id: Option<u64>,
+        oversize_bytes: usize,
+    }
+
+    thread_local! {
+        static SETTINGS: RefCell<Settings> = RefCell::new(Settings::default());
+    }
+
+    struct Chaos;
+
+    fn misbehave(mode: &str, input_len: usize) -> Option<Vec<u8>> {
+        match mode {
+            "loop" => {
+                let mut x: u64 = 1;
+                loop {
+                    x = std::hint::black_box(x.wrapping_mul(3));
+                }
+            }
+            "memory" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "trap" => panic!("chaos plugin asked to trap"),
+            "oversize" => SETTINGS.with(|s| Some(vec![0u8; s.borrow().oversize_bytes])),
+            // A length prefix that promises more bytes than follow.
+            "garbage" => Some(vec![0x05, 0xff, 0xff]),
+            _ => {
+                let _ = input_len;
+                None
+            }
+        }
+    }
+
+    impl Guest for Chaos {
+        fn init(config: Vec<(String, String)>) -> Result<(), String> {
+            plugin_sdk::__private::install_panic_hook();
+            let mut s = Settings { mode: "pass".into(), oversize_bytes: 32 << 20, ..Settings::default() };
+            for (k, v) in config {
+                match k.as_str() {
+                    "mode" => s.mode = v,
+                    "trap_on_trade_id" => {
+                        s.trap_on_trade_id = Some(v.parse().map_err(|e| format!("trap_on_trade_id: {e}"))?)
+                    }
+                    "oversize_bytes" => s.oversize_bytes = v.parse().map_err(|e| format!("oversize_bytes: {e}"))?,
+                    "init_error" => return Err(v),
+                    other => return Err(format!("unknown config key {other:?}")),
+                }
+            }
+            SETTINGS.with(|cell| *cell.borrow_mut() = s);
+            Ok(())
+        }
+
+        fn decode(frames: Vec<u8>) -> Decoded {
+            let mode = SETTINGS.with(|s| s.borrow().mode.clone());
+            let n = Delimited::new(&frames).count() as u32;
+            if let Some(records) = misbehave(&mode, frames.len()) {
+                return Decoded { records, counts: vec![0; n as usize], rejects: vec![] };
+            }
+            match mode.as_str() {
+                "bad-counts" => Decoded { records: vec![], counts: vec![1; n as usize], rejects: vec![] },
+                "bad-reject" => Decoded {
+                    records: vec![],
+                    counts: vec![0; n as usize],
+                    rejects: vec![Reject { index: n, reason: "past the end".into() }],
+                },
+                _ => Decoded { records: vec![], counts: vec![0; n as usize], rejects: vec![] },
+            }
+        }
+
+        fn transform(batch: Vec<u8>) -> Transformed {
+            let (mode, poison) = SETTINGS.with(|s| (s.borrow().mode.clone(), s.borrow().trap_on_trade_id));
+            if let Some(records) = misbehave(&mode, batch.len()) {
+                return Transformed { records, rejects: vec![] };
+            }
+            if let Some(poison) = poison {
+                for item in Delimited::new(&batch) {
+                    if item.and_then(StreamDataView::parse).is_ok_and(|v| v.trade_id == poison) {
+                        panic!("poison record: trade id {poison}");
+                    }
+                }
+            }
+            let n = Delimited::new(&batch).count() as u32;
+            let rejects =
+                if mode == "bad-reject" { vec![Reject { index: n, reason: "past the end".into() }] } else { vec![] };
+            Transformed { records: batch, rejects }
+        }
+    }
+
+    plugin_sdk::bindings::__export_sluice_plugin!(Chaos with_types_in plugin_sdk::bindings);
+}
