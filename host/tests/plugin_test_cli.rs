@@ -1,0 +1,520 @@
+//! `sluice plugin test`, run as the real binary on the real plugin components.
+//!
+//! - Each recorded venue fixture in `fixtures/feeds/` goes through its decoder, and the printed records
+//!   must equal the records this file derives on its own from the venue's documented semantics (with
+//!   its own decimal and timestamp conversions, not the SDK's): every field, in order, with exactly
+//!   the eight documented keys in their documented order, the requested source id, and one symbol id
+//!   per symbol.
+//! - Frames the decoder refuses are reported on stderr as JSON with their 1-based line, while the
+//!   good frames still produce records and the run succeeds; blank lines and frames that carry no
+//!   trade produce nothing.
+//! - A transform-only plugin (`outlier_filter`) runs on records decoded by `--decode-with`, and its
+//!   rejects are reported with their 0-based record index.
+//! - A plugin or frames file that cannot be read, bytes that are not a plugin component, a failing
+//!   `init` and a malformed `--config` make the command fail with a message naming the problem.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
+
+/// The keys of a printed record, in the order they are printed.
+const RECORD_KEYS: [&str; 8] =
+    ["source_id", "symbol", "symbol_id", "price_e8", "volume_e8", "timestamp_ms", "is_buy", "trade_id"];
+
+// ---------------------------------------------------------------------------------------------------
+// Running the binary
+
+fn plugin(name: &str) -> PathBuf {
+    let path = Path::new(env!("SLUICE_PLUGIN_DIR")).join(format!("{name}.wasm"));
+    assert!(path.is_file(), "plugin {} was not built", path.display());
+    path
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("feeds").join(name)
+}
+
+/// Runs `sluice plugin test <args>`.
+fn plugin_test<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "test"])
+        .args(args)
+        // Keep log lines out of stderr, which the tests read.
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the sluice binary")
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).expect("output is UTF-8")
+}
+
+/// Asserts the run succeeded and returns its stdout and stderr lines.
+fn succeeded(out: &Output) -> (Vec<&str>, Vec<&str>) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    (stdout.lines().collect(), stderr.lines().collect())
+}
+
+/// A file under the temp folder, unique to this process and test, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(test: &str, name: &str, contents: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("sluice-plugin-test-cli-{}-{test}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        TempFile(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reading the output
+
+/// A record as printed, without `source_id` and `symbol_id` (checked separately), or as expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Trade {
+    symbol: String,
+    price_e8: i64,
+    volume_e8: i64,
+    timestamp_ms: i64,
+    is_buy: bool,
+    trade_id: u64,
+}
+
+/// The keys of a JSON object in the order they appear in the text (`serde_json::Value` sorts them).
+struct KeyOrder(Vec<String>);
+
+impl<'de> Deserialize<'de> for KeyOrder {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = KeyOrder;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyOrder, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(KeyOrder(keys))
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
+}
+
+fn key_order(line: &str) -> Vec<String> {
+    serde_json::from_str::<KeyOrder>(line).unwrap_or_else(|e| panic!("not a JSON object: {e}: {line}")).0
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {e}: {line}"))
+}
+
+/// One printed record line: checks its keys, their order and their types; returns
+/// `(source_id, symbol_id, trade)`.
+fn record_line(line: &str) -> (u64, u64, Trade) {
+    assert_eq!(key_order(line), RECORD_KEYS, "keys of {line}");
+    let v = parse(line);
+    let int = |key: &str| v[key].as_i64().unwrap_or_else(|| panic!("{key} is not an integer in {line}"));
+    let uint = |key: &str| v[key].as_u64().unwrap_or_else(|| panic!("{key} is not an unsigned integer in {line}"));
+    let trade = Trade {
+        symbol: v["symbol"].as_str().unwrap_or_else(|| panic!("symbol is not a string in {line}")).to_owned(),
+        price_e8: int("price_e8"),
+        volume_e8: int("volume_e8"),
+        timestamp_ms: int("timestamp_ms"),
+        is_buy: v["is_buy"].as_bool().unwrap_or_else(|| panic!("is_buy is not a boolean in {line}")),
+        trade_id: uint("trade_id"),
+    };
+    (uint("source_id"), uint("symbol_id"), trade)
+}
+
+/// Reads all printed records; checks every one carries `source_id` and that symbol ids map one to one
+/// onto symbol names.
+fn records(lines: &[&str], source_id: u64) -> Vec<Trade> {
+    let mut ids: BTreeMap<String, u64> = BTreeMap::new();
+    let mut trades = Vec::new();
+    for line in lines {
+        let (source, symbol_id, trade) = record_line(line);
+        assert_eq!(source, source_id, "source_id of {line}");
+        let id = *ids.entry(trade.symbol.clone()).or_insert(symbol_id);
+        assert_eq!(symbol_id, id, "{} printed with two symbol ids: {line}", trade.symbol);
+        trades.push(trade);
+    }
+    let mut distinct: Vec<u64> = ids.values().copied().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ids.len(), "different symbols share a symbol id: {ids:?}");
+    trades
+}
+
+/// One printed reject line: `(key, number, reason)` where key is `frame` or `index`.
+fn reject_line(line: &str) -> (String, u64, String) {
+    let keys = key_order(line);
+    assert_eq!(keys.len(), 2, "a reject has one position and a reason: {line}");
+    assert!(keys[0] == "frame" || keys[0] == "index", "reject position key in {line}");
+    assert_eq!(keys[1], "reason", "{line}");
+    let v = parse(line);
+    let at = v[&keys[0]].as_u64().unwrap_or_else(|| panic!("{} is not a number in {line}", keys[0]));
+    let reason = v["reason"].as_str().unwrap_or_else(|| panic!("reason is not a string in {line}")).to_owned();
+    assert!(!reason.trim().is_empty(), "empty reason in {line}");
+    (keys[0].clone(), at, reason)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Independent conversions, from the venue documentation
+
+/// A non-negative decimal string (`"0.35280000"`, `"70"`) as an integer with eight implied decimals.
+/// The fixtures never carry more than eight significant decimals; that is asserted.
+fn e8(s: &str) -> i64 {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    assert!(!int.is_empty() && int.bytes().all(|b| b.is_ascii_digit()), "integer part of {s:?}");
+    assert!(frac.bytes().all(|b| b.is_ascii_digit()), "fraction of {s:?}");
+    let significant = frac.trim_end_matches('0');
+    assert!(significant.len() <= 8, "{s:?} has more than 8 significant decimals");
+    let frac = format!("{significant:0<8}");
+    let int: i64 = int.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    let frac: i64 = frac.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    int * 100_000_000 + frac
+}
+
+/// The first three digits of a fraction of a second, zero-padded: milliseconds, truncated.
+fn frac_ms(frac: &str) -> i64 {
+    assert!(frac.bytes().all(|b| b.is_ascii_digit()), "fraction {frac:?}");
+    let ms: String = frac.chars().chain("000".chars()).take(3).collect();
+    ms.parse().expect("three digits")
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` as milliseconds since the epoch, truncated. The fixtures are all
+/// in UTC (`Z`); that is asserted.
+fn rfc3339_utc_ms(s: &str) -> i64 {
+    let body = s.strip_suffix('Z').unwrap_or_else(|| panic!("{s:?} is not UTC"));
+    let (date, time) = body.split_once('T').unwrap_or_else(|| panic!("{s:?} has no T"));
+    let num = |part: &str| -> i64 { part.parse().unwrap_or_else(|e| panic!("{s:?}: {part:?}: {e}")) };
+    let date: Vec<i64> = date.split('-').map(num).collect();
+    let (time, frac) = time.split_once('.').unwrap_or((time, ""));
+    let time: Vec<i64> = time.split(':').map(num).collect();
+    assert_eq!((date.len(), time.len()), (3, 3), "{s:?}");
+    let days = days_from_civil(date[0], date[1], date[2]);
+    ((days * 24 + time[0]) * 60 + time[1]) * 60_000 + time[2] * 1000 + frac_ms(frac)
+}
+
+/// Seconds since the epoch as a decimal string (`"1618678142.557535"`) as milliseconds, floored.
+fn decimal_seconds_ms(s: &str) -> i64 {
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    assert!(secs >= 0, "{s:?}");
+    secs * 1000 + frac_ms(frac)
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key} is not a string in {v}"))
+}
+
+/// Binance combined stream, `{"stream":"<symbol>@aggTrade","data":{aggTrade event}}`.
+fn binance_expected(line: &str) -> Vec<Trade> {
+    let frame = parse(line);
+    let data = &frame["data"];
+    assert_eq!(data["e"], "aggTrade", "{line}");
+    let symbol = str_of(data, "s");
+    assert_eq!(str_of(&frame, "stream"), format!("{}@aggTrade", symbol.to_lowercase()), "{line}");
+    vec![Trade {
+        symbol: symbol.to_owned(),
+        price_e8: e8(str_of(data, "p")),
+        volume_e8: e8(str_of(data, "q")),
+        // T, the trade time, not E, the event time.
+        timestamp_ms: data["T"].as_i64().expect("T"),
+        // m: the buyer was the maker, so the taker sold.
+        is_buy: !data["m"].as_bool().expect("m"),
+        trade_id: data["a"].as_u64().expect("a"),
+    }]
+}
+
+/// Coinbase Exchange `match` / `last_match`.
+fn coinbase_expected(line: &str) -> Vec<Trade> {
+    let m = parse(line);
+    let kind = str_of(&m, "type");
+    assert!(kind == "match" || kind == "last_match", "{line}");
+    // `side` is the maker's side: a resting sell was lifted by a buying taker.
+    let is_buy = match str_of(&m, "side") {
+        "sell" => true,
+        "buy" => false,
+        other => panic!("side {other:?} in {line}"),
+    };
+    vec![Trade {
+        symbol: str_of(&m, "product_id").to_owned(),
+        price_e8: e8(str_of(&m, "price")),
+        volume_e8: e8(str_of(&m, "size")),
+        timestamp_ms: rfc3339_utc_ms(str_of(&m, "time")),
+        is_buy,
+        trade_id: m["trade_id"].as_u64().expect("trade_id"),
+    }]
+}
+
+/// Kraken v1 `[channelID, [[price, volume, time, side, orderType, misc], ...], "trade", pair]`.
+fn kraken_expected(line: &str) -> Vec<Trade> {
+    let frame = parse(line);
+    let parts = frame.as_array().unwrap_or_else(|| panic!("not an array: {line}"));
+    assert_eq!(parts.len(), 4, "{line}");
+    assert_eq!(parts[2], "trade", "{line}");
+    let pair = parts[3].as_str().expect("pair");
+    let trades = parts[1].as_array().expect("trades");
+    assert!(!trades.is_empty(), "{line}");
+    trades
+        .iter()
+        .map(|t| {
+            let field = |i: usize| t[i].as_str().unwrap_or_else(|| panic!("element {i} of {t}"));
+            let is_buy = match field(3) {
+                "b" => true,
+                "s" => false,
+                other => panic!("side {other:?} in {line}"),
+            };
+            Trade {
+                symbol: pair.to_owned(),
+                price_e8: e8(field(0)),
+                volume_e8: e8(field(1)),
+                timestamp_ms: decimal_seconds_ms(field(2)),
+                is_buy,
+                // Kraken v1 sends no trade id.
+                trade_id: 0,
+            }
+        })
+        .collect()
+}
+
+/// Runs `plugin` on a fixture with source id 7 and compares every record with `expected`.
+fn check_fixture(plugin_name: &str, fixture_name: &str, expected: fn(&str) -> Vec<Trade>) {
+    let path = fixture(fixture_name);
+    let frames = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let want: Vec<Trade> = frames.lines().filter(|l| !l.trim().is_empty()).flat_map(expected).collect();
+    assert!(!want.is_empty(), "{fixture_name} has no trades");
+
+    let plugin_path = plugin(plugin_name);
+    let out = plugin_test([
+        plugin_path.as_os_str(),
+        "--frames".as_ref(),
+        path.as_os_str(),
+        "--source-id".as_ref(),
+        "7".as_ref(),
+    ]);
+    let (stdout, stderr) = succeeded(&out);
+    assert!(stderr.is_empty(), "{fixture_name}: unexpected stderr:\n{}", stderr.join("\n"));
+    let got = records(&stdout, 7);
+    assert_eq!(got.len(), want.len(), "{fixture_name}: number of records");
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(got, want, "{fixture_name}: record {i}, printed as {}", stdout[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 1. Venue fixtures
+
+#[test]
+fn binance_combined_fixture_matches_the_venue_semantics() {
+    check_fixture("binance", "binance_combined_aggtrade.jsonl", binance_expected);
+}
+
+#[test]
+fn binance_us_combined_fixture_matches_the_venue_semantics() {
+    check_fixture("binance", "binance_us_combined_aggtrade.jsonl", binance_expected);
+}
+
+#[test]
+fn coinbase_match_fixture_matches_the_venue_semantics() {
+    check_fixture("coinbase", "coinbase_exchange_match.jsonl", coinbase_expected);
+}
+
+#[test]
+fn kraken_trade_fixture_matches_the_venue_semantics() {
+    check_fixture("kraken", "kraken_v1_trade.jsonl", kraken_expected);
+}
+
+#[test]
+fn independent_conversions_agree_with_hand_computed_values() {
+    assert_eq!(e8("0.35280000"), 35_280_000);
+    assert_eq!(e8("0.00000638"), 638);
+    assert_eq!(e8("70"), 7_000_000_000);
+    assert_eq!(e8("14.7775"), 1_477_750_000);
+    assert_eq!(days_from_civil(1970, 1, 1), 0);
+    assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    // 2021-04-17T16:43:30Z is 1618677810 seconds after the epoch.
+    assert_eq!(rfc3339_utc_ms("2021-04-17T16:43:30.244075Z"), 1_618_677_810_244);
+    assert_eq!(rfc3339_utc_ms("2021-04-17T16:43:30Z"), 1_618_677_810_000);
+    assert_eq!(decimal_seconds_ms("1618678142.557535"), 1_618_678_142_557);
+    assert_eq!(decimal_seconds_ms("1618678142.5"), 1_618_678_142_500);
+    assert_eq!(decimal_seconds_ms("1618678142"), 1_618_678_142_000);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 2. Rejected frames
+
+#[test]
+fn rejected_frames_are_reported_with_their_line_and_the_rest_still_decodes() {
+    let good = r#"{"stream":"nknusdt@aggTrade","data":{"e":"aggTrade","E":1633998523963,"s":"NKNUSDT","a":15683430,"p":"0.35280000","q":"58.00000000","f":19862790,"l":19862790,"T":1633998523963,"m":false,"M":true}}"#;
+    let bad_price = good.replace(r#""p":"0.35280000""#, r#""p":"1.2.3""#);
+    assert_ne!(bad_price, good);
+    let lines = [good, "", "not json", r#"{"result":null,"id":1}"#, &bad_price];
+    let frames = TempFile::new("rejects", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+
+    let out = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    let (stdout, stderr) = succeeded(&out);
+    assert_eq!(records(&stdout, 0), binance_expected(good), "stdout:\n{}", stdout.join("\n"));
+
+    // The blank line is no frame and the subscription ack carries no trade: neither is a reject.
+    let rejects: Vec<(String, u64, String)> = stderr.iter().map(|l| reject_line(l)).collect();
+    assert_eq!(rejects.len(), 2, "stderr:\n{}", stderr.join("\n"));
+    assert_eq!((rejects[0].0.as_str(), rejects[0].1), ("frame", 3), "{}", stderr[0]);
+    assert_eq!((rejects[1].0.as_str(), rejects[1].1), ("frame", 5), "{}", stderr[1]);
+    assert!(rejects[1].2.starts_with("p:"), "the bad price reason names p: {}", stderr[1]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 3. Transform-only plugin
+
+#[test]
+fn transform_only_plugin_runs_on_frames_decoded_by_another() {
+    let frame = |trade_id: u64, price: &str| {
+        format!(
+            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+        )
+    };
+    let lines = [frame(101, "100.00000000"), frame(102, "150.00000000"), frame(103, "100.50000000")];
+    let frames = TempFile::new("transform", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+
+    let out = plugin_test([
+        plugin("outlier_filter").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--config".as_ref(),
+        "threshold_pct=1".as_ref(),
+    ]);
+    let (stdout, stderr) = succeeded(&out);
+    let want: Vec<Trade> = [&lines[0], &lines[2]].into_iter().flat_map(|l| binance_expected(l)).collect();
+    let got = records(&stdout, 0);
+    assert_eq!(got, want, "stdout:\n{}", stdout.join("\n"));
+    assert_eq!(got.iter().map(|t| t.trade_id).collect::<Vec<_>>(), [101, 103]);
+
+    assert_eq!(stderr.len(), 1, "stderr:\n{}", stderr.join("\n"));
+    let (key, at, _) = reject_line(stderr[0]);
+    assert_eq!((key.as_str(), at), ("index", 1), "{}", stderr[0]);
+    assert!(stderr[0].contains(r#""index":1"#), "{}", stderr[0]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 4. Failures
+
+/// Asserts the run failed, printed no records, and said every one of `needles` on stderr.
+fn failed_saying(out: &Output, needles: &[&str]) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "expected failure\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.is_empty(), "no records on failure, got:\n{stdout}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr does not mention {needle:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn missing_plugin_file_fails() {
+    let frames = TempFile::new("missing_plugin", "frames.jsonl", b"{}\n");
+    let missing =
+        std::env::temp_dir().join(format!("sluice-plugin-test-cli-{}-no-such-plugin.wasm", std::process::id()));
+    let out = plugin_test([missing.as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    failed_saying(&out, &["cannot read plugin", &missing.display().to_string()]);
+}
+
+#[test]
+fn missing_frames_file_fails() {
+    let missing =
+        std::env::temp_dir().join(format!("sluice-plugin-test-cli-{}-no-such-frames.jsonl", std::process::id()));
+    let out = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), missing.as_os_str()]);
+    failed_saying(&out, &["cannot read frames", &missing.display().to_string()]);
+}
+
+#[test]
+fn text_file_as_plugin_fails() {
+    let frames = TempFile::new("text_plugin", "frames.jsonl", b"{}\n");
+    let not_wasm = TempFile::new("text_plugin", "plugin.wasm", b"this is not a wasm file, just some text\n");
+    let out = plugin_test([not_wasm.path().as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    failed_saying(&out, &["cannot load plugin", &not_wasm.path().display().to_string(), "not a WebAssembly binary"]);
+}
+
+#[test]
+fn core_module_as_plugin_fails() {
+    let frames = TempFile::new("core_module", "frames.jsonl", b"{}\n");
+    let core = TempFile::new("core_module", "plugin.wasm", b"\0asm\x01\0\0\0");
+    let out = plugin_test([core.path().as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    failed_saying(&out, &["cannot load plugin", "core wasm module, not a component"]);
+}
+
+#[test]
+fn failing_init_fails_with_the_plugins_message() {
+    let frames = TempFile::new("init_error", "frames.jsonl", b"{}\n");
+    let out = plugin_test([
+        plugin("chaos").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--config".as_ref(),
+        "init_error=boom".as_ref(),
+    ]);
+    failed_saying(&out, &["init failed", "boom"]);
+}
+
+#[test]
+fn unknown_config_key_fails() {
+    let frames = TempFile::new("unknown_key", "frames.jsonl", b"{}\n");
+    let out = plugin_test([
+        plugin("binance").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--config".as_ref(),
+        "nope=1".as_ref(),
+    ]);
+    failed_saying(&out, &["init failed", "nope"]);
+}
+
+#[test]
+fn config_argument_without_equals_fails() {
+    let frames = TempFile::new("bad_config_arg", "frames.jsonl", b"{}\n");
+    let out = plugin_test([
+        plugin("binance").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--config".as_ref(),
+        "nope".as_ref(),
+    ]);
+    failed_saying(&out, &["--config", "KEY=VALUE", "nope"]);
+}
