@@ -75,20 +75,44 @@ impl std::error::Error for WireError {}
 
 /// Reads a varint at `*pos`, advancing it.
 ///
+/// One-byte varints take a single compare; longer ones are read eight bytes at a time when the buffer
+/// has them, finding the last byte from the continuation bits instead of looping byte by byte.
+///
 /// # Errors
 /// [`WireError::Truncated`] or [`WireError::VarintOverflow`].
 #[inline(always)]
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
-    // The fast path: a one-byte varint (small ids, booleans, record lengths under 128).
-    if let Some(&b) = buf.get(*pos) {
-        if b < 0x80 {
-            *pos += 1;
-            return Ok(u64::from(b));
-        }
-    } else {
+    let Some(rest) = buf.get(*pos..) else {
         return Err(WireError::Truncated);
+    };
+    match rest {
+        [] => Err(WireError::Truncated),
+        [b, ..] if *b < 0x80 => {
+            *pos += 1;
+            Ok(u64::from(*b))
+        }
+        [b0, b1, b2, b3, b4, b5, b6, b7, ..] => {
+            let word = u64::from_le_bytes([*b0, *b1, *b2, *b3, *b4, *b5, *b6, *b7]);
+            let stops = !word & 0x8080_8080_8080_8080;
+            if stops == 0 {
+                return read_varint_slow(buf, pos);
+            }
+            let len = (stops.trailing_zeros() / 8 + 1) as usize;
+            let word = if len == 8 { word } else { word & ((1u64 << (len * 8)) - 1) };
+            // Drop each byte's continuation bit and close the gaps: byte k's 7 bits move to 7k.
+            let value = (word & 0x7f)
+                | ((word >> 1) & (0x7f << 7))
+                | ((word >> 2) & (0x7f << 14))
+                | ((word >> 3) & (0x7f << 21))
+                | ((word >> 4) & (0x7f << 28))
+                | ((word >> 5) & (0x7f << 35))
+                | ((word >> 6) & (0x7f << 42))
+                | ((word >> 7) & (0x7f << 49));
+            *pos += len;
+            Ok(value)
+        }
+        _ => read_varint_slow(buf, pos),
     }
-    read_varint_slow(buf, pos)
 }
 
 #[inline]
@@ -179,6 +203,26 @@ impl<'a> StreamDataView<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
         let mut r = Record::default();
         let mut pos = 0;
+        // Writers (ours and protobuf's) emit fields in number order, so try that first: a straight
+        // run of predictable branches. Whatever remains (unknown fields, other orders) goes through
+        // the general loop below, which gives the same result for any order.
+        macro_rules! in_order {
+            ($key:literal, $field:ident, $conv:expr) => {
+                if bytes.get(pos) == Some(&$key) {
+                    pos += 1;
+                    let v = read_varint(bytes, &mut pos)?;
+                    r.$field = $conv(v)?;
+                }
+            };
+        }
+        in_order!(0x08, source_id, |v| u32_field(v, 1));
+        in_order!(0x10, symbol_id, |v| u32_field(v, 2));
+        in_order!(0x18, price_e8, |v| Ok::<_, WireError>(v as i64));
+        in_order!(0x20, volume_e8, |v| Ok::<_, WireError>(v as i64));
+        in_order!(0x28, timestamp_ms, |v| Ok::<_, WireError>(v as i64));
+        in_order!(0x30, is_buy, |v| Ok::<_, WireError>(v != 0));
+        in_order!(0x38, trade_id, Ok::<_, WireError>);
+        in_order!(0x40, received_at_us, |v| Ok::<_, WireError>(v as i64));
         while pos < bytes.len() {
             let key = read_varint(bytes, &mut pos)?;
             let field = key >> 3;
@@ -291,15 +335,51 @@ pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
 
 /// Checks that `batch` is a valid sequence of length-delimited `StreamData` records and counts them.
 ///
+/// Accepts exactly what [`StreamDataView::parse`] accepts, but skips over values instead of
+/// decoding them where it can: the host runs this on every plugin output.
+///
 /// # Errors
 /// The index of the first invalid record and why.
 pub fn validate_batch(batch: &[u8]) -> Result<usize, (usize, WireError)> {
     let mut n = 0;
     for item in Delimited::new(batch) {
-        item.and_then(StreamDataView::parse).map_err(|e| (n, e))?;
+        item.and_then(validate_record).map_err(|e| (n, e))?;
         n += 1;
     }
     Ok(n)
+}
+
+#[inline]
+fn validate_record(bytes: &[u8]) -> Result<&[u8], WireError> {
+    let mut pos = 0;
+    // The fields in number order, as writers emit them, checked in a straight line; anything else
+    // (unknown fields, other orders, errors) goes to the full reader, which decides.
+    for key in [0x08u8, 0x10] {
+        if bytes.get(pos) == Some(&key) {
+            pos += 1;
+            u32_field(read_varint(bytes, &mut pos)?, u32::from(key >> 3))?;
+        }
+    }
+    for key in [0x18u8, 0x20, 0x28, 0x30, 0x38, 0x40] {
+        if bytes.get(pos) == Some(&key) {
+            pos += 1;
+            skip_varint(bytes, &mut pos)?;
+        }
+    }
+    if pos == bytes.len() { Ok(bytes) } else { StreamDataView::parse(bytes).map(|_| bytes) }
+}
+
+/// Skips a varint, finding its end eight bytes at a time when the buffer allows.
+#[inline(always)]
+fn skip_varint(buf: &[u8], pos: &mut usize) -> Result<(), WireError> {
+    if let Some([b0, b1, b2, b3, b4, b5, b6, b7, ..]) = buf.get(*pos..) {
+        let stops = !u64::from_le_bytes([*b0, *b1, *b2, *b3, *b4, *b5, *b6, *b7]) & 0x8080_8080_8080_8080;
+        if stops != 0 {
+            *pos += (stops.trailing_zeros() / 8 + 1) as usize;
+            return Ok(());
+        }
+    }
+    read_varint(buf, pos).map(|_| ())
 }
 
 /// Length-delimited `StreamData` records being written: a plugin's output.
@@ -329,18 +409,23 @@ impl Records {
     /// Appends a record.
     #[inline]
     pub fn push(&mut self, r: &Record) {
-        let body = encoded_len(r);
-        self.buf.reserve(body + 1);
-        write_varint(&mut self.buf, body as u64);
-        let out = &mut self.buf;
-        put(out, 1, u64::from(r.source_id));
-        put(out, 2, u64::from(r.symbol_id));
-        put(out, 3, r.price_e8 as u64);
-        put(out, 4, r.volume_e8 as u64);
-        put(out, 5, r.timestamp_ms as u64);
-        put(out, 6, u64::from(r.is_buy));
-        put(out, 7, r.trade_id);
-        put(out, 8, r.received_at_us as u64);
+        // Encoded into a fixed scratch buffer, then copied whole and cut back: a fixed-size copy
+        // compiles to straight stores, where a variable-length one would be a `memory.copy` call per
+        // record inside wasm. A body is at most 88 bytes, so its length prefix is one byte.
+        let mut tmp = [0u8; 96];
+        let mut n = 1;
+        put(&mut tmp, &mut n, 1, u64::from(r.source_id));
+        put(&mut tmp, &mut n, 2, u64::from(r.symbol_id));
+        put(&mut tmp, &mut n, 3, r.price_e8 as u64);
+        put(&mut tmp, &mut n, 4, r.volume_e8 as u64);
+        put(&mut tmp, &mut n, 5, r.timestamp_ms as u64);
+        put(&mut tmp, &mut n, 6, u64::from(r.is_buy));
+        put(&mut tmp, &mut n, 7, r.trade_id);
+        put(&mut tmp, &mut n, 8, r.received_at_us as u64);
+        tmp[0] = (n - 1) as u8;
+        let end = self.buf.len() + n;
+        self.buf.extend_from_slice(&tmp);
+        self.buf.truncate(end);
         self.len += 1;
     }
 
@@ -418,11 +503,20 @@ pub fn encoded_len(r: &Record) -> usize {
 }
 
 #[inline(always)]
-fn put(out: &mut Vec<u8>, field: u8, v: u64) {
-    if v != 0 {
-        out.push(field << 3);
-        write_varint(out, v);
+fn put(out: &mut [u8; 96], n: &mut usize, field: u8, mut v: u64) {
+    if v == 0 {
+        return;
     }
+    let mut i = *n;
+    out[i] = field << 3;
+    i += 1;
+    while v >= 0x80 {
+        out[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    out[i] = v as u8;
+    *n = i + 1;
 }
 
 #[cfg(test)]
@@ -481,6 +575,7 @@ mod tests {
             }
             .encode_length_delimited_to_vec();
             assert_eq!(ours.as_bytes(), &theirs[..]);
+            assert_eq!(encoded_len(&r) + 1, theirs.len());
             assert_eq!(ours.iter().next().unwrap().unwrap().record(), r);
         }
     }
@@ -512,13 +607,22 @@ mod tests {
 
     #[test]
     fn varint_edges() {
-        for v in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+        let mut values = vec![0, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, (1 << 56) - 1, 1 << 56, u64::MAX];
+        values.extend((0..64).map(|bit| 1u64 << bit));
+        values.extend((0..64).map(|bit| (1u64 << bit) - 1));
+        for v in values {
             let mut buf = Vec::new();
             write_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "{v}");
-            let mut pos = 0;
-            assert_eq!(read_varint(&buf, &mut pos), Ok(v));
-            assert_eq!(pos, buf.len());
+            let len = buf.len();
+            // Exactly sized (byte-by-byte path) and followed by more bytes (word-at-a-time path).
+            for padding in [0, 3, 9] {
+                buf.truncate(len);
+                buf.extend(std::iter::repeat_n(0xff, padding));
+                let mut pos = 0;
+                assert_eq!(read_varint(&buf, &mut pos), Ok(v), "{v} padded {padding}");
+                assert_eq!(pos, len);
+            }
         }
         // The tenth byte may only carry the top bit.
         let mut pos = 0;

@@ -7,22 +7,35 @@
 
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, StreamDataView};
 
-const ONE_E8: i128 = 100_000_000;
+const ONE_E8: i64 = 100_000_000;
 
-/// The plugin's state: its two settings.
+fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The plugin's state: its two settings, the scale as a reduced fraction.
 pub struct Rescale {
     min_volume_e8: i64,
-    scale_e8: i128,
+    numerator: i64,
+    denominator: i64,
 }
 
 impl Plugin for Rescale {
     fn init(config: &Config) -> Result<Self, Reason> {
         config.expect_only(&["min_volume", "scale"])?;
-        let scale_e8 = config.decimal_e8("scale")?.unwrap_or(ONE_E8 as i64);
+        let scale_e8 = config.decimal_e8("scale")?.unwrap_or(ONE_E8);
         if scale_e8 <= 0 {
             return Err("config scale must be positive".into());
         }
-        Ok(Rescale { min_volume_e8: config.decimal_e8("min_volume")?.unwrap_or(0), scale_e8: i128::from(scale_e8) })
+        let divisor = gcd(scale_e8, ONE_E8);
+        Ok(Rescale {
+            min_volume_e8: config.decimal_e8("min_volume")?.unwrap_or(0),
+            numerator: scale_e8 / divisor,
+            denominator: ONE_E8 / divisor,
+        })
     }
 
     #[inline]
@@ -30,8 +43,14 @@ impl Plugin for Rescale {
         if trade.volume_e8 < self.min_volume_e8 {
             return Ok(());
         }
-        let price = i128::from(trade.price_e8) * self.scale_e8 / ONE_E8;
-        let price_e8 = i64::try_from(price).map_err(|_| "rescaled price overflows")?;
+        // i64 arithmetic when the product fits (almost always); i128 division is a slow library call.
+        let price_e8 = match trade.price_e8.checked_mul(self.numerator) {
+            Some(p) => p / self.denominator,
+            None => {
+                let p = i128::from(trade.price_e8) * i128::from(self.numerator) / i128::from(self.denominator);
+                i64::try_from(p).map_err(|_| "rescaled price overflows")?
+            }
+        };
         out.push(&Record { price_e8, ..trade.record() });
         Ok(())
     }
@@ -54,6 +73,14 @@ mod tests {
         let out = h.transform(&[trade(400_000_000, 50_000_000), trade(400_000_000, 49_999_999), trade(3, 60_000_000)]);
         assert_eq!(out.records, vec![trade(100_000_000, 50_000_000), trade(0, 60_000_000)]);
         assert!(out.rejects.is_empty());
+    }
+
+    #[test]
+    fn large_products_are_exact_through_the_wide_path() {
+        // 9e17 * 3 overflows i64 before the division by 2.
+        let mut h = Harness::<Rescale>::new(&[("scale", "1.5")]).unwrap();
+        let out = h.transform(&[trade(900_000_000_000_000_000, 1)]);
+        assert_eq!(out.records[0].price_e8, 1_350_000_000_000_000_000);
     }
 
     #[test]
