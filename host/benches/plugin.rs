@@ -5,14 +5,11 @@
 //! Run: `cargo bench -p sluice --bench plugin`. Numbers and the machine are in BENCHMARKS.md.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use plugin_sdk::wire::push_delimited;
-use plugin_sdk::{Record, Records, Runner};
-use sluice::plugin::{Limits, Runtime, RuntimeSettings};
-use sluice::symbols::Symbols;
+use plugin_sdk::Runner;
+use sluice::plugin::Limits;
 
 mod common;
 use common::*;
