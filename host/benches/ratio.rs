@@ -73,6 +73,22 @@ fn main() {
     );
     report("transform rescale, 1024-record batches", "records", r);
 
+    // The fixed cost of a transform call (copies, output validation; the guest only counts records),
+    // against the same native run: how much of the gap is the boundary rather than the guest's code.
+    let chaos = rt.compile("chaos", &wasm("chaos"), Limits::default()).expect("chaos compiles");
+    let mut pass = chaos.instantiate(&[]).expect("chaos starts");
+    let r = interleave(
+        BATCH,
+        || {
+            black_box(pass.transform(black_box(&batch)).expect("transform").count);
+        },
+        || {
+            native.transform(black_box(&batch));
+            black_box(native.output().len());
+        },
+    );
+    report("  boundary only (a guest that returns its input), 1024-record batches", "records", r);
+
     let frames = aggtrade_frames();
     let code = rt.compile("binance", &wasm("binance"), Limits::default()).expect("binance compiles");
     let mut instance = code.instantiate(&[]).expect("binance starts");

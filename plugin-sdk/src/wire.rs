@@ -412,7 +412,7 @@ impl Records {
         // Encoded into a fixed scratch buffer, then copied whole and cut back: a fixed-size copy
         // compiles to straight stores, where a variable-length one would be a `memory.copy` call per
         // record inside wasm. A body is at most 88 bytes, so its length prefix is one byte.
-        let mut tmp = [0u8; 96];
+        let mut tmp = [0u8; SCRATCH];
         let mut n = 1;
         put(&mut tmp, &mut n, 1, u64::from(r.source_id));
         put(&mut tmp, &mut n, 2, u64::from(r.symbol_id));
@@ -424,7 +424,7 @@ impl Records {
         put(&mut tmp, &mut n, 8, r.received_at_us as u64);
         tmp[0] = (n - 1) as u8;
         let end = self.buf.len() + n;
-        self.buf.extend_from_slice(&tmp);
+        self.buf.extend_from_slice(&tmp[..96]);
         self.buf.truncate(end);
         self.len += 1;
     }
@@ -502,21 +502,47 @@ pub fn encoded_len(r: &Record) -> usize {
         + f(r.received_at_us as u64)
 }
 
+/// Scratch for one record: a length byte, eight keys and eight ten-byte varints, plus slack so an
+/// eight-byte store at the last position stays in bounds.
+const SCRATCH: usize = 1 + 8 * 11 + 8;
+
+/// Writes one field. Values below 2^56 (all but negative numbers) are encoded without a loop: the
+/// 7-bit groups are spread into a word and stored at once. Loops matter inside wasm, where the
+/// runtime checks its deadline on every loop iteration.
 #[inline(always)]
-fn put(out: &mut [u8; 96], n: &mut usize, field: u8, mut v: u64) {
+fn put(out: &mut [u8; SCRATCH], n: &mut usize, field: u8, v: u64) {
     if v == 0 {
         return;
     }
-    let mut i = *n;
+    let i = *n;
     out[i] = field << 3;
-    i += 1;
-    while v >= 0x80 {
-        out[i] = (v as u8) | 0x80;
-        v >>= 7;
-        i += 1;
+    if v < 1 << 56 {
+        let len = varint_len(v);
+        let spread = (v & 0x7f)
+            | ((v << 1) & (0x7f << 8))
+            | ((v << 2) & (0x7f << 16))
+            | ((v << 3) & (0x7f << 24))
+            | ((v << 4) & (0x7f << 32))
+            | ((v << 5) & (0x7f << 40))
+            | ((v << 6) & (0x7f << 48))
+            | ((v << 7) & (0x7f << 56));
+        // Continuation bits on every byte but the last.
+        let more = 0x8080_8080_8080_8080u64 & ((1u64 << (8 * (len - 1))) - 1);
+        if let Some(dst) = out.get_mut(i + 1..i + 9) {
+            dst.copy_from_slice(&(spread | more).to_le_bytes());
+        }
+        *n = i + 1 + len;
+    } else {
+        let mut v = v;
+        let mut j = i + 1;
+        while v >= 0x80 {
+            out[j] = (v as u8) | 0x80;
+            v >>= 7;
+            j += 1;
+        }
+        out[j] = v as u8;
+        *n = j + 1;
     }
-    out[i] = v as u8;
-    *n = i + 1;
 }
 
 #[cfg(test)]
@@ -560,7 +586,13 @@ mod tests {
 
     #[test]
     fn writer_matches_prost_byte_for_byte() {
-        for r in [sample(), Record::default(), Record { is_buy: true, ..Record::default() }] {
+        let mut records = vec![sample(), Record::default(), Record { is_buy: true, ..Record::default() }];
+        for bit in 0..64 {
+            for v in [1u64 << bit, (1u64 << bit) - 1, (1u64 << bit) + 1] {
+                records.push(Record { price_e8: v as i64, trade_id: v, symbol_id: v as u32, ..sample() });
+            }
+        }
+        for r in records {
             let mut ours = Records::new();
             ours.push(&r);
             let theirs = StreamData {
