@@ -2,12 +2,18 @@
 //!
 //! # Layout
 //! The modules follow the data flow:
+//! - [`source`]: WebSocket feeds, one task each: keep-alive, reconnects, rotation.
+//! - [`decode`]: frames through the source's plugin; duplicates dropped and gaps counted by trade id.
 //! - [`proto`]: the `StreamData` record, generated from `proto/` by prost.
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
+//! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
 pub mod cli;
+pub mod config;
+pub mod decode;
 pub mod plugin;
 pub mod proto;
+pub mod source;
 pub mod symbols;

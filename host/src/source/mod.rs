@@ -1,0 +1,491 @@
+//! WebSocket sources: one task per feed that keeps a connection alive through what venues do to
+//! clients, and hands every frame, stamped with its receive time, to the decode stage.
+//!
+//! A source connects (at most so often per host), sends its subscribe messages, and then reads. It
+//! answers pings, sends its own and treats a missing pong as a dead connection, reconnects when
+//! nothing arrives for too long, reconnects at once on a venue's shutdown notice, and otherwise backs
+//! off exponentially with full jitter, never giving up. Before a connection gets too old it opens the
+//! next one first and closes the old one only when the new one delivers, so rotation loses nothing;
+//! the overlap's duplicates are dropped downstream by trade id.
+//!
+//! The read loop never waits for the rest of the pipeline: frames go into a bounded queue with
+//! `try_send`, and what a full queue refuses is counted per source.
+
+pub mod backoff;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::config::SourceConfig;
+use backoff::Backoff;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One frame as read from a venue.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    /// The source's id.
+    pub source: u32,
+    /// When it was read, microseconds since the Unix epoch.
+    pub received_at_us: i64,
+    /// The frame's payload (text frames as their UTF-8 bytes).
+    pub bytes: Bytes,
+}
+
+/// Connection state of a source, as a gauge value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Connecting (or waiting for the per-host connect limit).
+    Connecting = 0,
+    /// Subscribed and reading.
+    Up = 1,
+    /// Waiting before the next attempt.
+    Backoff = 2,
+    /// Stopped for good (shutdown).
+    Stopped = 3,
+}
+
+/// Live counters of one source, updated by its task and read by metrics and the API.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    state: AtomicU8,
+    /// Connections lost and re-established (rotations not included).
+    pub reconnects: AtomicU64,
+    /// Rotations to a fresh connection.
+    pub rotations: AtomicU64,
+    /// Frames read.
+    pub frames: AtomicU64,
+    /// Payload bytes read.
+    pub bytes: AtomicU64,
+    /// Frames the full queue refused.
+    pub dropped: AtomicU64,
+    /// Connections closed because a frame exceeded `max_frame_bytes`.
+    pub oversized: AtomicU64,
+    /// Connections declared dead for a missing pong.
+    pub pong_timeouts: AtomicU64,
+    /// Connections dropped for being idle.
+    pub idle_timeouts: AtomicU64,
+    /// Shutdown notices from the venue.
+    pub shutdown_notices: AtomicU64,
+    /// When the last message arrived, microseconds since the Unix epoch (0: never).
+    pub last_message_us: AtomicI64,
+}
+
+impl SourceStats {
+    /// The current connection state.
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            0 => State::Connecting,
+            1 => State::Up,
+            2 => State::Backoff,
+            _ => State::Stopped,
+        }
+    }
+
+    fn set_state(&self, s: State) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+}
+
+/// Spaces out connection attempts to the same host, so thousands of sources reconnecting at once do
+/// not hammer a venue (which would ban us).
+#[derive(Debug)]
+pub struct ConnectLimiter {
+    interval: Duration,
+    next: Mutex<HashMap<String, Instant>>,
+}
+
+impl ConnectLimiter {
+    /// At most one attempt per host every `interval`.
+    pub fn new(interval: Duration) -> Self {
+        ConnectLimiter { interval, next: Mutex::new(HashMap::new()) }
+    }
+
+    /// Waits until an attempt to `host` is allowed, and books it.
+    pub async fn acquire(&self, host: &str) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let slot = next.entry(host.to_owned()).or_insert(now);
+            let at = (*slot).max(now);
+            *slot = at + self.interval;
+            at
+        };
+        sleep_until(at).await;
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The venue closed it or the stream failed.
+    Lost(String),
+    /// The venue announced a shutdown: reconnect at once.
+    ShutdownNotice,
+    /// It is old enough to rotate.
+    Rotate,
+    /// The pipeline is stopping, or the frame queue is gone.
+    Stop,
+}
+
+/// Runs one source until `shutdown` turns true. Never returns early on network trouble.
+pub async fn run(
+    config: Arc<SourceConfig>,
+    id: u32,
+    out: mpsc::Sender<Frame>,
+    stats: Arc<SourceStats>,
+    limiter: Arc<ConnectLimiter>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let host = host_of(&config.url);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(config.reconnect_min_ms),
+        Duration::from_millis(config.reconnect_max_ms),
+        u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d,
+    );
+    let mut current: Option<Ws> = None;
+    let mut first = true;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let mut ws = match current.take() {
+            Some(ws) => ws,
+            None => {
+                stats.set_state(State::Connecting);
+                if !first {
+                    stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                first = false;
+                match connect(&config, &host, &limiter, &mut shutdown).await {
+                    Ok(Some(ws)) => ws,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(source = %config.name, error = %e, "connect failed");
+                        if !wait_backoff(&stats, &mut backoff, &mut shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        stats.set_state(State::Up);
+        let up_since = Instant::now();
+        let end = read_loop(&config, id, &mut ws, &out, &stats, &mut shutdown, up_since).await;
+        if up_since.elapsed() >= Duration::from_millis(config.healthy_after_ms) {
+            backoff.reset();
+        }
+        match end {
+            End::Stop => {
+                let _ = ws.close(None).await;
+                break;
+            }
+            End::ShutdownNotice => {
+                stats.shutdown_notices.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(source = %config.name, "venue shutdown notice; reconnecting now");
+                let _ = ws.close(None).await;
+            }
+            End::Rotate => match rotate(&config, id, &host, ws, &out, &stats, &limiter, &mut shutdown).await {
+                Some(next) => {
+                    stats.rotations.fetch_add(1, Ordering::Relaxed);
+                    current = Some(next);
+                }
+                None if *shutdown.borrow() => break,
+                // The new connection failed; the old one is gone too: reconnect normally.
+                None => {}
+            },
+            End::Lost(why) => {
+                tracing::warn!(source = %config.name, reason = %why, "connection lost");
+                if !wait_backoff(&stats, &mut backoff, &mut shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    stats.set_state(State::Stopped);
+}
+
+/// Sleeps for the next backoff delay; false when shutdown came first.
+async fn wait_backoff(stats: &SourceStats, backoff: &mut Backoff, shutdown: &mut watch::Receiver<bool>) -> bool {
+    stats.set_state(State::Backoff);
+    let delay = backoff.next_delay();
+    tokio::select! {
+        _ = sleep(delay) => true,
+        _ = shutdown.wait_for(|stop| *stop) => false,
+    }
+}
+
+/// Connects (within the per-host limit and the connect timeout) and subscribes. `Ok(None)`: shutdown.
+async fn connect(
+    config: &SourceConfig,
+    host: &str,
+    limiter: &ConnectLimiter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Ws>, String> {
+    let attempt = async {
+        limiter.acquire(host).await;
+        let ws_config = WebSocketConfig::default()
+            .max_frame_size(Some(config.max_frame_bytes))
+            .max_message_size(Some(config.max_frame_bytes));
+        let connect = tokio_tungstenite::connect_async_with_config(config.url.as_str(), Some(ws_config), true);
+        let (mut ws, _) = timeout(Duration::from_millis(config.connect_timeout_ms), connect)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        for message in &config.subscribe {
+            ws.send(Message::text(message.as_str())).await.map_err(|e| format!("subscribe: {e}"))?;
+        }
+        Ok::<_, String>(ws)
+    };
+    tokio::select! {
+        ws = attempt => ws.map(Some),
+        _ = shutdown.wait_for(|stop| *stop) => Ok(None),
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// What one message meant for the read loop.
+enum Read {
+    Continue,
+    /// A data frame was forwarded.
+    Data,
+    End(End),
+}
+
+/// Handles one message from the venue: forwards data, answers pings, notes pongs.
+async fn on_message(
+    config: &SourceConfig,
+    id: u32,
+    ws: &mut Ws,
+    msg: Option<Result<Message, tungstenite::Error>>,
+    out: &mpsc::Sender<Frame>,
+    stats: &SourceStats,
+    awaiting_pong: &mut Option<Instant>,
+) -> Read {
+    let msg = match msg {
+        None => return Read::End(End::Lost("stream ended".into())),
+        Some(Err(tungstenite::Error::Capacity(e))) => {
+            stats.oversized.fetch_add(1, Ordering::Relaxed);
+            return Read::End(End::Lost(format!("frame too large: {e}")));
+        }
+        Some(Err(e)) => return Read::End(End::Lost(e.to_string())),
+        Some(Ok(msg)) => msg,
+    };
+    let received_at_us = now_us();
+    stats.last_message_us.store(received_at_us, Ordering::Relaxed);
+    if config.keepalive_text.is_some() {
+        // With a text keep-alive, any message shows the venue is there.
+        *awaiting_pong = None;
+    }
+    let bytes = match msg {
+        Message::Text(text) => Bytes::from(text),
+        Message::Binary(bytes) => bytes,
+        Message::Ping(payload) => {
+            // Answered right away: a queued automatic pong would wait for our next write.
+            if ws.send(Message::Pong(payload)).await.is_err() {
+                return Read::End(End::Lost("could not answer a ping".into()));
+            }
+            return Read::Continue;
+        }
+        Message::Pong(_) => {
+            *awaiting_pong = None;
+            return Read::Continue;
+        }
+        Message::Close(frame) => {
+            return Read::End(End::Lost(format!("closed by the venue: {frame:?}")));
+        }
+        Message::Frame(_) => return Read::Continue,
+    };
+    stats.frames.fetch_add(1, Ordering::Relaxed);
+    stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    let notice = config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
+    match out.try_send(Frame { source: id, received_at_us, bytes }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return Read::End(End::Stop),
+    }
+    if notice { Read::End(End::ShutdownNotice) } else { Read::Data }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Reads one connection until it ends.
+async fn read_loop(
+    config: &SourceConfig,
+    id: u32,
+    ws: &mut Ws,
+    out: &mpsc::Sender<Frame>,
+    stats: &SourceStats,
+    shutdown: &mut watch::Receiver<bool>,
+    up_since: Instant,
+) -> End {
+    let rotate_at = up_since + Duration::from_millis(config.max_connection_age_ms);
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let pong_timeout = Duration::from_millis(config.pong_timeout_ms);
+    let mut pings = config.ping_interval().map(|p| tokio::time::interval_at(Instant::now() + p, p));
+    let mut awaiting_pong: Option<Instant> = None;
+    let mut last_message = Instant::now();
+    loop {
+        let pong_deadline = awaiting_pong.map(|sent| sent + pong_timeout);
+        tokio::select! {
+            msg = ws.next() => {
+                last_message = Instant::now();
+                match on_message(config, id, ws, msg, out, stats, &mut awaiting_pong).await {
+                    Read::Continue | Read::Data => {}
+                    Read::End(end) => return end,
+                }
+            }
+            _ = async { pings.as_mut().expect("guarded by the condition").tick().await }, if pings.is_some() => {
+                if awaiting_pong.is_none() {
+                    awaiting_pong = Some(Instant::now());
+                }
+                let ping = match &config.keepalive_text {
+                    Some(text) => Message::text(text.as_str()),
+                    None => Message::Ping(Bytes::from_static(b"sluice")),
+                };
+                if ws.send(ping).await.is_err() {
+                    return End::Lost("could not send a ping".into());
+                }
+            }
+            _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
+                stats.pong_timeouts.fetch_add(1, Ordering::Relaxed);
+                return End::Lost(format!("no pong within {pong_timeout:?}"));
+            }
+            _ = sleep_until(last_message + idle) => {
+                stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                return End::Lost(format!("no message for {idle:?}"));
+            }
+            _ = sleep_until(rotate_at) => return End::Rotate,
+            _ = shutdown.wait_for(|stop| *stop) => return End::Stop,
+        }
+    }
+}
+
+/// Opens the next connection while the old one keeps delivering, and closes the old one once the
+/// new one has delivered a data frame (or after a grace period). `None` when the new one failed.
+#[allow(clippy::too_many_arguments)]
+async fn rotate(
+    config: &SourceConfig,
+    id: u32,
+    host: &str,
+    mut old: Ws,
+    out: &mpsc::Sender<Frame>,
+    stats: &SourceStats,
+    limiter: &ConnectLimiter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Ws> {
+    // Keep reading the old connection while the new one connects and subscribes.
+    let mut no_pong = None;
+    let mut new = {
+        let mut stop = shutdown.clone();
+        let connecting = connect(config, host, limiter, &mut stop);
+        tokio::pin!(connecting);
+        loop {
+            tokio::select! {
+                result = &mut connecting => match result {
+                    Ok(Some(ws)) => break ws,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::warn!(source = %config.name, error = %e, "rotation: new connection failed");
+                        let _ = old.close(None).await;
+                        return None;
+                    }
+                },
+                msg = old.next() => {
+                    if let Read::End(_) = on_message(config, id, &mut old, msg, out, stats, &mut no_pong).await {
+                        // The old one ended first; wait for the new one alone.
+                        match connecting.await {
+                            Ok(Some(ws)) => break ws,
+                            _ => return None,
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // Overlap: both deliver until the new one has produced data (duplicates are dropped downstream).
+    let grace = sleep(Duration::from_secs(5));
+    tokio::pin!(grace);
+    let mut old_open = true;
+    loop {
+        tokio::select! {
+            msg = new.next() => match on_message(config, id, &mut new, msg, out, stats, &mut no_pong).await {
+                Read::Data => break,
+                Read::Continue => {}
+                Read::End(_) => {
+                    let _ = old.close(None).await;
+                    return None;
+                }
+            },
+            msg = old.next(), if old_open => {
+                if let Read::End(_) = on_message(config, id, &mut old, msg, out, stats, &mut no_pong).await {
+                    old_open = false;
+                }
+            }
+            _ = &mut grace => break,
+        }
+    }
+    if old_open {
+        let _ = old.close(None).await;
+    }
+    tracing::info!(source = %config.name, "rotated to a fresh connection");
+    Some(new)
+}
+
+/// The `host:port` part of a URL, for the per-host connect limit.
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_urls() {
+        assert_eq!(host_of("wss://stream.binance.com:9443/stream?streams=a"), "stream.binance.com:9443");
+        assert_eq!(host_of("ws://127.0.0.1:80"), "127.0.0.1:80");
+    }
+
+    #[test]
+    fn contains_finds_notices() {
+        assert!(contains(br#"{"e":"serverShutdown"}"#, b"serverShutdown"));
+        assert!(!contains(b"abc", b""));
+        assert!(!contains(b"ab", b"abc"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connect_limiter_spaces_attempts_per_host() {
+        let limiter = ConnectLimiter::new(Duration::from_millis(100));
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.acquire("a:1").await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        // Another host is not held back.
+        let before = Instant::now();
+        limiter.acquire("b:1").await;
+        assert_eq!(before.elapsed(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,61 @@
+//! The decode stage with the real Binance plugin: records are stamped with the source and receive
+//! time, a rotation's overlapping frames are dropped as duplicates, skipped trade ids are counted as
+//! gaps, and refused frames are kept whole with the plugin's reason.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use plugin_sdk::wire::{Delimited, StreamDataView};
+use sluice::decode::Decoder;
+use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::source::Frame;
+use sluice::symbols::Symbols;
+
+fn aggtrade(symbol: &str, id: u64) -> String {
+    format!(
+        r#"{{"stream":"{}@aggTrade","data":{{"e":"aggTrade","E":1,"s":"{symbol}","a":{id},"p":"1.5","q":"2","f":1,"l":1,"T":1700000000000,"m":false,"M":true}}}}"#,
+        symbol.to_lowercase()
+    )
+}
+
+fn frame(source: u32, at: i64, text: &str) -> Frame {
+    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()) }
+}
+
+#[test]
+fn stamps_dedupes_counts_gaps_and_keeps_rejects() {
+    let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))
+        .unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits::default()).unwrap();
+    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+
+    let first = [frame(7, 100, &aggtrade("BTCUSDT", 1)), frame(7, 101, &aggtrade("BTCUSDT", 2))];
+    let out = decoder.decode(&first).unwrap();
+    let records: Vec<_> =
+        Delimited::new(out.records.as_bytes()).map(|r| StreamDataView::parse(r.unwrap()).unwrap().record()).collect();
+    assert_eq!(
+        records.iter().map(|r| (r.source_id, r.received_at_us, r.trade_id)).collect::<Vec<_>>(),
+        vec![(7, 100, 1), (7, 101, 2)]
+    );
+
+    // A rotation overlap repeats id 2; id 3 and 4 never arrive; a bad frame is refused.
+    let second = [
+        frame(7, 102, &aggtrade("BTCUSDT", 2)),
+        frame(7, 103, &aggtrade("BTCUSDT", 5)),
+        frame(7, 104, r#"{"stream":"x","data":{"e":"aggTrade","s":"BTCUSDT","p":"bad"}}"#),
+        frame(7, 105, &aggtrade("ETHUSDT", 2)),
+    ];
+    let out = decoder.decode(&second).unwrap();
+    let ids: Vec<_> =
+        Delimited::new(out.records.as_bytes()).map(|r| StreamDataView::parse(r.unwrap()).unwrap().trade_id).collect();
+    assert_eq!(ids, vec![5, 2]);
+    assert_eq!(out.duplicates, 1);
+    assert_eq!(out.gaps, 2);
+    assert_eq!(out.rejects.len(), 1);
+    assert_eq!(out.rejects[0].source, 7);
+    assert!(out.rejects[0].bytes.starts_with(br#"{"stream":"x""#));
+    assert!(out.rejects[0].reason.starts_with("p:"), "{}", out.rejects[0].reason);
+    let btc = rt.symbols().intern("BTCUSDT");
+    assert_eq!(decoder.trade_ids().gaps(7, btc), 2);
+}
