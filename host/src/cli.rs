@@ -1,14 +1,23 @@
-//! The command line: `sluice plugin test` and `sluice demo`.
+//! The command line: `sluice plugin test`, `sluice demo` and `sluice feedsim`.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use serde::Serialize;
 
+use crate::config::SourceConfig;
+use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+use crate::kafka::broker::EmbeddedBroker;
+use crate::kafka::producer::EventProducer;
+use crate::kafka::{KafkaConfig, ensure_topics};
+use crate::pipeline::{Ingest, IngestSettings};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::symbols::Symbols;
 
@@ -27,8 +36,36 @@ pub enum Command {
     /// Work with plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Run the bundled plugins over the bundled recorded frames and print what they produce.
-    Demo,
+    /// The whole ingest path on embedded defaults: the feed simulator, the bundled plugins and an
+    /// embedded Kafka-protocol broker, with counts printed every second.
+    Demo(DemoArgs),
+    /// Serve simulated venue feeds on loopback until Ctrl-C.
+    Feedsim(FeedsimArgs),
+}
+
+/// Arguments of `sluice demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long to run; Ctrl-C stops earlier.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Simulated trades per second per symbol.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Where the embedded broker keeps its snapshot.
+    #[arg(long, default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+}
+
+/// Arguments of `sluice feedsim`.
+#[derive(Debug, Args)]
+pub struct FeedsimArgs {
+    /// Address to serve on (`/binance`, `/coinbase`, `/kraken`).
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub bind: std::net::SocketAddr,
+    /// Trades per second per subscribed symbol.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
 }
 
 /// `sluice plugin ...`
@@ -82,7 +119,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             plugin_test(&args, &mut io::BufWriter::new(stdout.lock()), &mut stderr.lock())?;
             Ok(())
         }
-        Command::Demo => demo(&mut io::stdout().lock()),
+        Command::Demo(args) => runtime()?.block_on(demo(args)),
+        Command::Feedsim(args) => runtime()?.block_on(async {
+            let config = FeedSimConfig { bind: args.bind, trades_per_second: args.rate, ..FeedSimConfig::default() };
+            let sim = FeedSim::start(config).await?;
+            for venue in Venue::ALL {
+                println!("{venue}: {}", sim.url(venue));
+            }
+            tokio::signal::ctrl_c().await?;
+            let stats = sim.shutdown().await;
+            println!("served {} connections, {} frames", stats.connections_accepted, stats.frames_sent);
+            Ok(())
+        }),
     }
 }
 
@@ -237,42 +285,90 @@ fn write_json(w: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `sluice demo`: the bundled venue plugins on the bundled recorded frames, with counts.
-fn demo(out: &mut impl Write) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = (|| {
-        for (plugin, wasm, frames_name, frames) in bundled::DEMO_FEEDS {
-            let plugin_path = dir.join(format!("{plugin}.wasm"));
-            let frames_path = dir.join(frames_name);
-            std::fs::write(&plugin_path, wasm)?;
-            std::fs::write(&frames_path, frames)?;
-            let args = PluginTestArgs {
-                plugin: plugin_path,
-                frames: frames_path,
-                config: vec![],
-                decode_with: None,
-                decoder_config: vec![],
-                source_id: 1,
-                deadline_ms: 1000,
-            };
-            let mut records = Vec::new();
-            let mut rejects = Vec::new();
-            let summary = plugin_test(&args, &mut records, &mut rejects)?;
-            writeln!(
-                out,
-                "== {plugin} on {frames_name}: {} frames -> {} records, {} rejects",
-                summary.frames, summary.records, summary.rejects
-            )?;
-            for line in records.split(|&b| b == b'\n').filter(|l| !l.is_empty()).take(3) {
-                writeln!(out, "   {}", String::from_utf8_lossy(line))?;
-            }
-            if summary.rejects > 0 {
-                bail!("{plugin} rejected frames: {}", String::from_utf8_lossy(&rejects));
-            }
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+/// `sluice demo`: simulator → sources → wasm decode → embedded broker, with counts as it runs.
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let broker = EmbeddedBroker::start("127.0.0.1:0", &args.data_dir.join("broker"), Duration::from_secs(5))?;
+    let kafka = KafkaConfig::default();
+    let brokers = broker.bootstrap();
+    ensure_topics(&kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
+    let producer = Arc::new(EventProducer::new(&kafka, &brokers)?);
+
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
+    let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new()))?;
+    let mut plugins = HashMap::new();
+    for (name, wasm) in [("binance", bundled::BINANCE), ("coinbase", bundled::COINBASE), ("kraken", bundled::KRAKEN)] {
+        plugins.insert(name.to_owned(), runtime.compile(name, wasm, Limits::default())?);
+    }
+    let source = |name: &str, venue: Venue, plugin: &str, subscribe: &str| {
+        let mut s = SourceConfig::new(name, &sim.url(venue), plugin);
+        s.subscribe = vec![subscribe.to_owned()];
+        s
+    };
+    let sources = vec![
+        source(
+            "binance",
+            Venue::Binance,
+            "binance",
+            r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade","solusdt@aggTrade"],"id":1}"#,
+        ),
+        source(
+            "coinbase",
+            Venue::Coinbase,
+            "coinbase",
+            r#"{"type":"subscribe","product_ids":["BTC-USD","ETH-USD"],"channels":["matches"]}"#,
+        ),
+        source(
+            "kraken",
+            Venue::Kraken,
+            "kraken",
+            r#"{"event":"subscribe","pair":["XBT/USD","ETH/USD"],"subscription":{"name":"trade"}}"#,
+        ),
+    ];
+    let ingest = Ingest::start(sources, &plugins, producer.clone(), IngestSettings::default())?;
+    println!(
+        "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {brokers}",
+        kafka.events_topic
+    );
+    println!(
+        "{:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>6}",
+        "s", "frames", "records", "delivered", "rejects", "gaps", "up"
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    for second in 1..=args.seconds {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => break,
         }
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| ingest.sources().iter().map(f).sum::<u64>();
+        println!(
+            "{second:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>4}/{}",
+            sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.records.load(Ordering::Relaxed)),
+            producer.stats().delivered.load(Ordering::Relaxed),
+            sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.gaps.load(Ordering::Relaxed)),
+            ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count(),
+            ingest.sources().len(),
+        );
+    }
+    ingest.stop().await;
+    producer.flush(Duration::from_secs(10))?;
+    sim.shutdown().await;
+    let delivered = producer.stats().delivered.load(Ordering::Relaxed);
+    println!(
+        "stopped: {delivered} records delivered to {} (snapshot in {})",
+        kafka.events_topic,
+        broker.data_dir().display()
+    );
+    if delivered == 0 {
+        bail!("no records were delivered");
+    }
+    Ok(())
 }

@@ -17,43 +17,98 @@ pub enum Seen {
         /// How many consecutive ids are missing before this one.
         gap: u64,
     },
-    /// Not newer than the last id seen for its symbol: a duplicate.
+    /// Older than the newest id but not seen before: it arrived late (say, on the other
+    /// connection during a rotation) and fills a hole counted earlier.
+    Late,
+    /// Seen before: a duplicate.
     Duplicate,
     /// The venue sends no trade ids (0), so nothing can be said.
     Untracked,
 }
 
-/// The last trade id per (source, symbol).
+/// How far back (in ids) late arrivals are recognised; older ones count as duplicates.
+const WINDOW: u64 = 4096;
+
+/// The ids seen recently for one symbol.
+#[derive(Clone, Debug)]
+struct Recent {
+    /// The newest id seen.
+    last: u64,
+    /// Bit `id % WINDOW` is set when `id` (within `WINDOW` of `last`) was seen.
+    seen: Box<[u64; (WINDOW / 64) as usize]>,
+}
+
+impl Recent {
+    fn bit(id: u64) -> (usize, u64) {
+        let i = id % WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn mark(&mut self, id: u64) {
+        let (w, b) = Self::bit(id);
+        self.seen[w] |= b;
+    }
+
+    fn was_seen(&self, id: u64) -> bool {
+        let (w, b) = Self::bit(id);
+        self.seen[w] & b != 0
+    }
+
+    /// Moves `last` to `id`, forgetting the slots the window slides over.
+    fn advance(&mut self, id: u64) {
+        if id - self.last >= WINDOW {
+            self.seen.fill(0);
+        } else {
+            for skipped in self.last + 1..=id {
+                let (w, b) = Self::bit(skipped);
+                self.seen[w] &= !b;
+            }
+        }
+        self.last = id;
+        self.mark(id);
+    }
+}
+
+/// Recent trade ids per (source, symbol): drops duplicates and counts gaps, tolerating the
+/// reordering two overlapping connections cause.
 #[derive(Debug, Default)]
 pub struct TradeIds {
-    last: HashMap<(u32, u32), u64>,
-    /// Missing ids per (source, symbol), for the API (symbols never become metric labels).
+    recent: HashMap<(u32, u32), Recent>,
+    /// Ids currently missing per (source, symbol), for the API (symbols never become metric labels).
     gaps: HashMap<(u32, u32), u64>,
 }
 
 impl TradeIds {
-    /// Records `trade_id` for the symbol and says whether it is new, a duplicate or untracked.
+    /// Records `trade_id` for the symbol and says whether it is new, late, a duplicate or untracked.
     pub fn observe(&mut self, source: u32, symbol: u32, trade_id: u64) -> Seen {
         if trade_id == 0 {
             return Seen::Untracked;
         }
-        let last = self.last.entry((source, symbol)).or_insert(0);
-        if *last == 0 {
-            *last = trade_id;
+        let Some(r) = self.recent.get_mut(&(source, symbol)) else {
+            let mut r = Recent { last: trade_id, seen: Box::new([0; (WINDOW / 64) as usize]) };
+            r.mark(trade_id);
+            self.recent.insert((source, symbol), r);
             return Seen::New { gap: 0 };
+        };
+        if trade_id > r.last {
+            let gap = trade_id - r.last - 1;
+            r.advance(trade_id);
+            if gap > 0 {
+                *self.gaps.entry((source, symbol)).or_insert(0) += gap;
+            }
+            return Seen::New { gap };
         }
-        if trade_id <= *last {
+        if r.last - trade_id >= WINDOW || r.was_seen(trade_id) {
             return Seen::Duplicate;
         }
-        let gap = trade_id - *last - 1;
-        *last = trade_id;
-        if gap > 0 {
-            *self.gaps.entry((source, symbol)).or_insert(0) += gap;
+        r.mark(trade_id);
+        if let Some(g) = self.gaps.get_mut(&(source, symbol)) {
+            *g = g.saturating_sub(1);
         }
-        Seen::New { gap }
+        Seen::Late
     }
 
-    /// Missing trade ids seen so far for a source's symbol.
+    /// Trade ids currently missing for a source's symbol.
     pub fn gaps(&self, source: u32, symbol: u32) -> u64 {
         self.gaps.get(&(source, symbol)).copied().unwrap_or(0)
     }
@@ -70,6 +125,21 @@ pub struct RejectedFrame {
     pub reason: String,
 }
 
+/// Counts of one source within a decoded batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceCounts {
+    /// Records kept.
+    pub records: u64,
+    /// Frames refused.
+    pub rejects: u64,
+    /// Records dropped as duplicates of ones already seen.
+    pub duplicates: u64,
+    /// Trade ids found missing.
+    pub gaps: u64,
+    /// Late records that filled a hole counted before (take them off the gaps).
+    pub late: u64,
+}
+
 /// The result of decoding a batch of frames.
 #[derive(Debug, Default)]
 pub struct DecodedBatch {
@@ -77,10 +147,33 @@ pub struct DecodedBatch {
     pub records: Records,
     /// Frames the plugin refused.
     pub rejects: Vec<RejectedFrame>,
-    /// Records dropped as duplicates of ones already seen.
-    pub duplicates: u64,
-    /// Trade ids found missing in this batch.
-    pub gaps: u64,
+    /// Counts per source id present in the batch (a batch holds few sources: a list, not a map).
+    pub per_source: Vec<(u32, SourceCounts)>,
+}
+
+impl DecodedBatch {
+    /// The counts of `source`, created on first use.
+    fn counts(&mut self, source: u32) -> &mut SourceCounts {
+        let i = match self.per_source.iter().position(|(s, _)| *s == source) {
+            Some(i) => i,
+            None => {
+                self.per_source.push((source, SourceCounts::default()));
+                self.per_source.len() - 1
+            }
+        };
+        &mut self.per_source[i].1
+    }
+
+    /// The counts of all sources added up.
+    pub fn total(&self) -> SourceCounts {
+        self.per_source.iter().fold(SourceCounts::default(), |a, (_, c)| SourceCounts {
+            records: a.records + c.records,
+            rejects: a.rejects + c.rejects,
+            duplicates: a.duplicates + c.duplicates,
+            gaps: a.gaps + c.gaps,
+            late: a.late + c.late,
+        })
+    }
 }
 
 /// Decodes frames of the sources bound to one plugin instance.
@@ -119,18 +212,23 @@ impl Decoder {
                 // The runtime validated the plugin's output before returning it.
                 let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
                 let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..view.record() };
-                match self.ids.observe(record.source_id, record.symbol_id, record.trade_id) {
-                    Seen::Duplicate => out.duplicates += 1,
-                    Seen::New { gap } => {
-                        out.gaps += gap;
-                        out.records.push(&record);
-                    }
-                    Seen::Untracked => out.records.push(&record),
+                let seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
+                let counts = out.counts(frame.source);
+                match seen {
+                    Seen::Duplicate => counts.duplicates += 1,
+                    Seen::New { gap } => counts.gaps += gap,
+                    Seen::Late => counts.late += 1,
+                    Seen::Untracked => {}
+                }
+                if seen != Seen::Duplicate {
+                    counts.records += 1;
+                    out.records.push(&record);
                 }
             }
         }
         for reject in decoded.rejects {
             if let Some(frame) = frames.get(reject.index as usize) {
+                out.counts(frame.source).rejects += 1;
                 out.rejects.push(RejectedFrame {
                     source: frame.source,
                     bytes: frame.bytes.clone(),
@@ -152,7 +250,7 @@ mod tests {
         assert_eq!(ids.observe(1, 1, 10), Seen::New { gap: 0 });
         assert_eq!(ids.observe(1, 1, 11), Seen::New { gap: 0 });
         assert_eq!(ids.observe(1, 1, 11), Seen::Duplicate);
-        assert_eq!(ids.observe(1, 1, 9), Seen::Duplicate);
+        assert_eq!(ids.observe(1, 1, 10), Seen::Duplicate);
         assert_eq!(ids.observe(1, 1, 15), Seen::New { gap: 3 });
         // Another symbol, and the same symbol on another source, are separate sequences.
         assert_eq!(ids.observe(1, 2, 100), Seen::New { gap: 0 });
@@ -160,5 +258,29 @@ mod tests {
         assert_eq!(ids.observe(1, 1, 0), Seen::Untracked);
         assert_eq!(ids.gaps(1, 1), 3);
         assert_eq!(ids.gaps(1, 2), 0);
+    }
+
+    #[test]
+    fn late_arrivals_fill_holes_once() {
+        let mut ids = TradeIds::default();
+        ids.observe(1, 1, 100);
+        // The new connection delivers 103 before the old one's 101 and 102 are read.
+        assert_eq!(ids.observe(1, 1, 103), Seen::New { gap: 2 });
+        assert_eq!(ids.observe(1, 1, 101), Seen::Late);
+        assert_eq!(ids.observe(1, 1, 102), Seen::Late);
+        assert_eq!(ids.observe(1, 1, 102), Seen::Duplicate);
+        assert_eq!(ids.observe(1, 1, 103), Seen::Duplicate);
+        assert_eq!(ids.gaps(1, 1), 0);
+        // Far beyond the window: what falls out of it counts as seen.
+        assert_eq!(ids.observe(1, 1, 103 + 2 * WINDOW), Seen::New { gap: 2 * WINDOW - 1 });
+        assert_eq!(ids.observe(1, 1, 104), Seen::Duplicate);
+        assert_eq!(ids.observe(1, 1, 103 + 2 * WINDOW - 5), Seen::Late);
+        // Slots reused after the window slides are cleared, not stale.
+        let mut ids = TradeIds::default();
+        for id in 1..=10 * WINDOW {
+            assert_eq!(ids.observe(2, 2, id), Seen::New { gap: 0 });
+        }
+        assert_eq!(ids.observe(2, 2, 10 * WINDOW + 2), Seen::New { gap: 1 });
+        assert_eq!(ids.observe(2, 2, 10 * WINDOW + 1), Seen::Late);
     }
 }

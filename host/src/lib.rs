@@ -4,15 +4,20 @@
 //! The modules follow the data flow:
 //! - [`source`]: WebSocket feeds, one task each: keep-alive, reconnects, rotation.
 //! - [`decode`]: frames through the source's plugin; duplicates dropped and gaps counted by trade id.
+//! - [`kafka`]: the producer, topics and the embedded broker.
 //! - [`proto`]: the `StreamData` record, generated from `proto/` by prost.
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
+//! - [`pipeline`]: the only place that wires the stages together.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod feedsim;
+pub mod kafka;
+pub mod pipeline;
 pub mod plugin;
 pub mod proto;
 pub mod source;

@@ -19,7 +19,7 @@ fn aggtrade(symbol: &str, id: u64) -> String {
 }
 
 fn frame(source: u32, at: i64, text: &str) -> Frame {
-    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()) }
+    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()), oversized: None }
 }
 
 #[test]
@@ -50,8 +50,9 @@ fn stamps_dedupes_counts_gaps_and_keeps_rejects() {
     let ids: Vec<_> =
         Delimited::new(out.records.as_bytes()).map(|r| StreamDataView::parse(r.unwrap()).unwrap().trade_id).collect();
     assert_eq!(ids, vec![5, 2]);
-    assert_eq!(out.duplicates, 1);
-    assert_eq!(out.gaps, 2);
+    let c = out.total();
+    assert_eq!((c.records, c.rejects, c.duplicates, c.gaps), (2, 1, 1, 2));
+    assert_eq!(out.per_source.len(), 1);
     assert_eq!(out.rejects.len(), 1);
     assert_eq!(out.rejects[0].source, 7);
     assert!(out.rejects[0].bytes.starts_with(br#"{"stream":"x""#));

@@ -17,26 +17,3 @@ pub const KRAKEN: &[u8] = plugin!("kraken.wasm");
 pub const OUTLIER_FILTER: &[u8] = plugin!("outlier_filter.wasm");
 /// Drops small trades and rescales prices.
 pub const RESCALE: &[u8] = plugin!("rescale.wasm");
-
-/// Each venue plugin with a recorded feed of that venue: (plugin, wasm, file name, frames).
-pub const DEMO_FEEDS: &[(&str, &[u8], &str, &str)] = &[
-    (
-        "binance",
-        BINANCE,
-        "binance_combined_aggtrade.jsonl",
-        include_str!("../../fixtures/feeds/binance_combined_aggtrade.jsonl"),
-    ),
-    (
-        "binance",
-        BINANCE,
-        "binance_us_combined_aggtrade.jsonl",
-        include_str!("../../fixtures/feeds/binance_us_combined_aggtrade.jsonl"),
-    ),
-    (
-        "coinbase",
-        COINBASE,
-        "coinbase_exchange_match.jsonl",
-        include_str!("../../fixtures/feeds/coinbase_exchange_match.jsonl"),
-    ),
-    ("kraken", KRAKEN, "kraken_v1_trade.jsonl", include_str!("../../fixtures/feeds/kraken_v1_trade.jsonl")),
-];

@@ -39,8 +39,11 @@ pub struct Frame {
     pub source: u32,
     /// When it was read, microseconds since the Unix epoch.
     pub received_at_us: i64,
-    /// The frame's payload (text frames as their UTF-8 bytes).
+    /// The frame's payload (text frames as their UTF-8 bytes), cut to `max_frame_bytes`.
     pub bytes: Bytes,
+    /// The original length when the frame was larger than `max_frame_bytes` and was cut; such a
+    /// frame is dead-lettered, not decoded.
+    pub oversized: Option<usize>,
 }
 
 /// Connection state of a source, as a gauge value.
@@ -71,7 +74,8 @@ pub struct SourceStats {
     pub bytes: AtomicU64,
     /// Frames the full queue refused.
     pub dropped: AtomicU64,
-    /// Connections closed because a frame exceeded `max_frame_bytes`.
+    /// Frames larger than `max_frame_bytes` (dead-lettered, cut to that size), and connections closed
+    /// for a frame beyond the hard limit.
     pub oversized: AtomicU64,
     /// Connections declared dead for a missing pong.
     pub pong_timeouts: AtomicU64,
@@ -130,14 +134,26 @@ impl ConnectLimiter {
 /// Why a connection ended.
 #[derive(Debug, PartialEq, Eq)]
 enum End {
-    /// The venue closed it or the stream failed.
+    /// The venue closed it or the stream failed: back off, then reconnect.
     Lost(String),
-    /// The venue announced a shutdown: reconnect at once.
-    ShutdownNotice,
-    /// It is old enough to rotate.
-    Rotate,
+    /// We give up on it while it may still deliver (shutdown notice, missing pong, idle, age):
+    /// open the next connection first and keep reading this one until the next one delivers.
+    Replace(Replace),
     /// The pipeline is stopping, or the frame queue is gone.
     Stop,
+}
+
+/// Why a connection is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Replace {
+    /// The venue announced a shutdown.
+    ShutdownNotice,
+    /// Our ping went unanswered.
+    PongTimeout,
+    /// Nothing arrived for too long.
+    Idle,
+    /// It reached its maximum age.
+    Age,
 }
 
 /// Runs one source until `shutdown` turns true. Never returns early on network trouble.
@@ -190,23 +206,33 @@ pub async fn run(
         }
         match end {
             End::Stop => {
-                let _ = ws.close(None).await;
+                close(&mut ws).await;
                 break;
             }
-            End::ShutdownNotice => {
-                stats.shutdown_notices.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(source = %config.name, "venue shutdown notice; reconnecting now");
-                let _ = ws.close(None).await;
-            }
-            End::Rotate => match rotate(&config, id, &host, ws, &out, &stats, &limiter, &mut shutdown).await {
-                Some(next) => {
-                    stats.rotations.fetch_add(1, Ordering::Relaxed);
-                    current = Some(next);
+            End::Replace(why) => {
+                let counter = match why {
+                    Replace::Age => &stats.rotations,
+                    Replace::ShutdownNotice => {
+                        stats.shutdown_notices.fetch_add(1, Ordering::Relaxed);
+                        &stats.reconnects
+                    }
+                    Replace::PongTimeout | Replace::Idle => &stats.reconnects,
+                };
+                tracing::info!(source = %config.name, reason = ?why, "replacing the connection");
+                match replace(&config, id, &host, ws, &out, &stats, &limiter, &mut shutdown).await {
+                    Some(next) => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        current = Some(next);
+                    }
+                    None if *shutdown.borrow() => break,
+                    // The next connection failed and the old one is closed: back off, reconnect.
+                    None => {
+                        if !wait_backoff(&stats, &mut backoff, &mut shutdown).await {
+                            break;
+                        }
+                    }
                 }
-                None if *shutdown.borrow() => break,
-                // The new connection failed; the old one is gone too: reconnect normally.
-                None => {}
-            },
+            }
             End::Lost(why) => {
                 tracing::warn!(source = %config.name, reason = %why, "connection lost");
                 if !wait_backoff(&stats, &mut backoff, &mut shutdown).await {
@@ -218,13 +244,24 @@ pub async fn run(
     stats.set_state(State::Stopped);
 }
 
+/// Starts a closing handshake, waiting at most a second: a venue that never answers it (or a dead
+/// connection) must not hold the source up. Dropping the stream then closes the socket.
+async fn close(ws: &mut Ws) {
+    let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+}
+
+/// Resolves once shutdown is requested (or the sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Sleeps for the next backoff delay; false when shutdown came first.
 async fn wait_backoff(stats: &SourceStats, backoff: &mut Backoff, shutdown: &mut watch::Receiver<bool>) -> bool {
     stats.set_state(State::Backoff);
     let delay = backoff.next_delay();
     tokio::select! {
         _ = sleep(delay) => true,
-        _ = shutdown.wait_for(|stop| *stop) => false,
+        _ = stopped(shutdown) => false,
     }
 }
 
@@ -237,9 +274,10 @@ async fn connect(
 ) -> Result<Option<Ws>, String> {
     let attempt = async {
         limiter.acquire(host).await;
-        let ws_config = WebSocketConfig::default()
-            .max_frame_size(Some(config.max_frame_bytes))
-            .max_message_size(Some(config.max_frame_bytes));
+        // The hard limit protects memory; frames between `max_frame_bytes` and it are read, counted
+        // and dead-lettered without losing the connection (and the frames behind them).
+        let hard = hard_frame_limit(config.max_frame_bytes);
+        let ws_config = WebSocketConfig::default().max_frame_size(Some(hard)).max_message_size(Some(hard));
         let connect = tokio_tungstenite::connect_async_with_config(config.url.as_str(), Some(ws_config), true);
         let (mut ws, _) = timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
@@ -248,11 +286,12 @@ async fn connect(
         for message in &config.subscribe {
             ws.send(Message::text(message.as_str())).await.map_err(|e| format!("subscribe: {e}"))?;
         }
+        tracing::debug!(source = %config.name, "connected and subscribed");
         Ok::<_, String>(ws)
     };
     tokio::select! {
         ws = attempt => ws.map(Some),
-        _ = shutdown.wait_for(|stop| *stop) => Ok(None),
+        _ = stopped(shutdown) => Ok(None),
     }
 }
 
@@ -262,9 +301,13 @@ fn now_us() -> i64 {
 
 /// What one message meant for the read loop.
 enum Read {
+    /// A control message (ping, pong): nothing forwarded.
     Continue,
     /// A data frame was forwarded.
     Data,
+    /// A venue shutdown notice was forwarded: this connection will be closed soon.
+    Notice,
+    /// The connection is over.
     End(End),
 }
 
@@ -314,15 +357,21 @@ async fn on_message(
     };
     stats.frames.fetch_add(1, Ordering::Relaxed);
     stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    let notice = config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
-    match out.try_send(Frame { source: id, received_at_us, bytes }) {
+    let (bytes, oversized) = if bytes.len() > config.max_frame_bytes {
+        stats.oversized.fetch_add(1, Ordering::Relaxed);
+        (bytes.slice(..config.max_frame_bytes), Some(bytes.len()))
+    } else {
+        (bytes, None)
+    };
+    let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
+    match out.try_send(Frame { source: id, received_at_us, bytes, oversized }) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
         Err(mpsc::error::TrySendError::Closed(_)) => return Read::End(End::Stop),
     }
-    if notice { Read::End(End::ShutdownNotice) } else { Read::Data }
+    if notice { Read::Notice } else { Read::Data }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -352,6 +401,7 @@ async fn read_loop(
                 last_message = Instant::now();
                 match on_message(config, id, ws, msg, out, stats, &mut awaiting_pong).await {
                     Read::Continue | Read::Data => {}
+                    Read::Notice => return End::Replace(Replace::ShutdownNotice),
                     Read::End(end) => return end,
                 }
             }
@@ -369,22 +419,26 @@ async fn read_loop(
             }
             _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
                 stats.pong_timeouts.fetch_add(1, Ordering::Relaxed);
-                return End::Lost(format!("no pong within {pong_timeout:?}"));
+                return End::Replace(Replace::PongTimeout);
             }
             _ = sleep_until(last_message + idle) => {
                 stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                return End::Lost(format!("no message for {idle:?}"));
+                return End::Replace(Replace::Idle);
             }
-            _ = sleep_until(rotate_at) => return End::Rotate,
-            _ = shutdown.wait_for(|stop| *stop) => return End::Stop,
+            _ = sleep_until(rotate_at) => return End::Replace(Replace::Age),
+            _ = stopped(shutdown) => return End::Stop,
         }
     }
 }
 
+/// How long both connections are read after the replacement has delivered its first frame.
+const OVERLAP: Duration = Duration::from_secs(1);
+
 /// Opens the next connection while the old one keeps delivering, and closes the old one once the
-/// new one has delivered a data frame (or after a grace period). `None` when the new one failed.
+/// new one has delivered a data frame (or after a grace period), so frames the old one still
+/// carries are not thrown away. `None` when the new one failed.
 #[allow(clippy::too_many_arguments)]
-async fn rotate(
+async fn replace(
     config: &SourceConfig,
     id: u32,
     host: &str,
@@ -396,6 +450,7 @@ async fn rotate(
 ) -> Option<Ws> {
     // Keep reading the old connection while the new one connects and subscribes.
     let mut no_pong = None;
+    let mut old_open = true;
     let mut new = {
         let mut stop = shutdown.clone();
         let connecting = connect(config, host, limiter, &mut stop);
@@ -406,35 +461,37 @@ async fn rotate(
                     Ok(Some(ws)) => break ws,
                     Ok(None) => return None,
                     Err(e) => {
-                        tracing::warn!(source = %config.name, error = %e, "rotation: new connection failed");
-                        let _ = old.close(None).await;
+                        tracing::warn!(source = %config.name, error = %e, "the replacement connection failed");
+                        close(&mut old).await;
                         return None;
                     }
                 },
-                msg = old.next() => {
+                msg = old.next(), if old_open => {
                     if let Read::End(_) = on_message(config, id, &mut old, msg, out, stats, &mut no_pong).await {
-                        // The old one ended first; wait for the new one alone.
-                        match connecting.await {
-                            Ok(Some(ws)) => break ws,
-                            _ => return None,
-                        }
+                        old_open = false;
                     }
                 }
             }
         }
     };
-    // Overlap: both deliver until the new one has produced data (duplicates are dropped downstream).
+    // Overlap: read both until the new one has delivered and then for `OVERLAP` more, so whatever
+    // the old one still carries (trades from before the new subscription, in flight on its socket)
+    // is read; the duplicates this causes are dropped downstream by trade id. A shutdown notice on
+    // either one changes nothing here: each is read until it closes or the overlap ends.
     let grace = sleep(Duration::from_secs(5));
     tokio::pin!(grace);
-    let mut old_open = true;
-    loop {
+    let mut switch_at: Option<Instant> = None;
+    let mut new_open = true;
+    while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
             msg = new.next() => match on_message(config, id, &mut new, msg, out, stats, &mut no_pong).await {
-                Read::Data => break,
+                Read::Data | Read::Notice => {
+                    switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
+                }
                 Read::Continue => {}
-                Read::End(_) => {
-                    let _ = old.close(None).await;
-                    return None;
+                Read::End(end) => {
+                    tracing::debug!(source = %config.name, ?end, "the replacement ended during the overlap");
+                    new_open = false;
                 }
             },
             msg = old.next(), if old_open => {
@@ -442,14 +499,25 @@ async fn rotate(
                     old_open = false;
                 }
             }
+            _ = async { sleep_until(switch_at.expect("guarded by the condition")).await }, if switch_at.is_some() => break,
             _ = &mut grace => break,
         }
     }
-    if old_open {
-        let _ = old.close(None).await;
+    match (new_open, old_open) {
+        (true, true) => {
+            close(&mut old).await;
+            Some(new)
+        }
+        (true, false) => Some(new),
+        // The replacement died first: carry on with the old one while it lasts.
+        (false, true) => Some(old),
+        (false, false) => None,
     }
-    tracing::info!(source = %config.name, "rotated to a fresh connection");
-    Some(new)
+}
+
+/// The largest frame read at all: 16 MiB, or four times `max_frame_bytes` if that is more.
+fn hard_frame_limit(max_frame_bytes: usize) -> usize {
+    (16 << 20).max(max_frame_bytes.saturating_mul(4))
 }
 
 /// The `host:port` part of a URL, for the per-host connect limit.

@@ -1,0 +1,141 @@
+//! Kafka: the producer ingest writes with, the consumer process reads with, the topics they share,
+//! and the embedded broker used when no brokers are configured.
+
+pub mod broker;
+pub mod producer;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::Deserialize;
+
+/// Why talking to Kafka failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// The client could not be created from the configuration.
+    #[error("kafka client configuration: {0}")]
+    Config(String),
+    /// Creating a topic failed.
+    #[error("creating topic {topic}: {reason}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// What the broker said.
+        reason: String,
+    },
+    /// The embedded broker could not start.
+    #[error("embedded broker: {0}")]
+    Embedded(String),
+    /// A flush did not complete in time; the count of messages still in flight.
+    #[error("{0} messages were still unacknowledged at the flush deadline")]
+    FlushTimeout(i32),
+}
+
+/// `[kafka]`: where the broker is and how topics are written.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers (`host:port,...`); empty starts the embedded broker.
+    #[serde(default)]
+    pub brokers: String,
+    /// The topic decoded records go to.
+    #[serde(default = "defaults::events_topic")]
+    pub events_topic: String,
+    /// The dead-letter topic: refused frames and records, with the reason.
+    #[serde(default = "defaults::dlq_topic")]
+    pub dlq_topic: String,
+    /// Partitions for topics sluice creates.
+    #[serde(default = "defaults::partitions")]
+    pub partitions: i32,
+    /// `lz4`, `zstd`, `snappy`, `gzip` or `none`.
+    #[serde(default = "defaults::compression")]
+    pub compression: String,
+    /// How long the producer waits to fill a batch.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+    /// Largest producer batch in bytes.
+    #[serde(default = "defaults::batch_bytes")]
+    pub batch_bytes: u64,
+    /// Any other librdkafka property, passed through as is (e.g. `security.protocol`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            events_topic: defaults::events_topic(),
+            dlq_topic: defaults::dlq_topic(),
+            partitions: defaults::partitions(),
+            compression: defaults::compression(),
+            linger_ms: defaults::linger_ms(),
+            batch_bytes: defaults::batch_bytes(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// A librdkafka client config with the brokers and the pass-through options.
+    pub fn client_config(&self, brokers: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+mod defaults {
+    pub fn events_topic() -> String {
+        "sluice.events".into()
+    }
+    pub fn dlq_topic() -> String {
+        "sluice.dlq".into()
+    }
+    pub fn partitions() -> i32 {
+        6
+    }
+    pub fn compression() -> String {
+        "lz4".into()
+    }
+    pub fn linger_ms() -> u64 {
+        5
+    }
+    pub fn batch_bytes() -> u64 {
+        1 << 20
+    }
+}
+
+/// Creates `topics` with `partitions` each; topics that already exist are fine.
+///
+/// # Errors
+/// [`KafkaError`] when the admin client cannot be created or the broker refuses.
+pub async fn ensure_topics(
+    config: &KafkaConfig,
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
+    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| KafkaError::CreateTopic { topic: topics.join(","), reason: e.to_string() })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
+        }
+    }
+    Ok(())
+}

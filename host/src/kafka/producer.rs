@@ -1,0 +1,160 @@
+//! The ingest producer: decoded records to `sluice.events`, refused frames to the dead-letter topic.
+//!
+//! Idempotent with `acks=all`; each record's key is its source and symbol ids, so one symbol's
+//! records land in one partition in order. librdkafka retries failed deliveries itself; what finally
+//! fails is counted and logged, never dropped silently.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use plugin_sdk::wire::{Delimited, StreamDataView};
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use super::{KafkaConfig, KafkaError};
+use crate::decode::RejectedFrame;
+
+/// Delivery counters, updated from librdkafka's delivery reports.
+#[derive(Debug, Default)]
+pub struct ProducerStats {
+    /// Records handed to librdkafka.
+    pub sent: AtomicU64,
+    /// Records the broker acknowledged.
+    pub delivered: AtomicU64,
+    /// Records that finally failed after librdkafka's retries.
+    pub failed: AtomicU64,
+    /// Dead-lettered frames handed to librdkafka.
+    pub dead_lettered: AtomicU64,
+    /// Times a send waited because librdkafka's queue was full.
+    pub queue_full_waits: AtomicU64,
+}
+
+/// Routes delivery reports to [`ProducerStats`].
+pub struct DeliveryCounter {
+    stats: Arc<ProducerStats>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, _)) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "a record could not be delivered to Kafka");
+            }
+        }
+    }
+}
+
+/// Writes records and dead letters.
+pub struct EventProducer {
+    inner: ThreadedProducer<DeliveryCounter>,
+    events_topic: String,
+    dlq_topic: String,
+    stats: Arc<ProducerStats>,
+}
+
+/// The message key of a record: source id and symbol id, big-endian.
+pub fn record_key(source_id: u32, symbol_id: u32) -> [u8; 8] {
+    let mut key = [0u8; 8];
+    key[..4].copy_from_slice(&source_id.to_be_bytes());
+    key[4..].copy_from_slice(&symbol_id.to_be_bytes());
+    key
+}
+
+impl EventProducer {
+    /// A producer for `brokers` with the delivery settings of `config` (idempotent, `acks=all`).
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] when librdkafka rejects a setting (the message names it).
+    pub fn new(config: &KafkaConfig, brokers: &str) -> Result<Self, KafkaError> {
+        let stats = Arc::new(ProducerStats::default());
+        let mut c = config.client_config(brokers);
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("compression.type", &config.compression)
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("batch.size", config.batch_bytes.to_string());
+        // Pass-through options win over our defaults.
+        for (k, v) in &config.options {
+            c.set(k, v);
+        }
+        let inner = c
+            .create_with_context(DeliveryCounter { stats: stats.clone() })
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(EventProducer {
+            inner,
+            events_topic: config.events_topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            stats,
+        })
+    }
+
+    /// The delivery counters.
+    pub fn stats(&self) -> &Arc<ProducerStats> {
+        &self.stats
+    }
+
+    /// Sends length-delimited records, each keyed by source and symbol. Waits (briefly, repeatedly)
+    /// while librdkafka's queue is full rather than dropping. Returns how many were sent.
+    pub fn send_records(&self, records: &[u8]) -> usize {
+        let mut n = 0;
+        for item in Delimited::new(records) {
+            // Records come from the decode stage, which wrote them.
+            let Ok(bytes) = item else { break };
+            let Ok(view) = StreamDataView::parse(bytes) else { continue };
+            let key = record_key(view.source_id, view.symbol_id);
+            self.send(BaseRecord::to(&self.events_topic).key(&key[..]).payload(bytes));
+            n += 1;
+        }
+        self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Dead-letters a refused frame with its source, plugin and reason as headers.
+    pub fn send_reject(&self, reject: &RejectedFrame, source_name: &str, plugin: &str) {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "sluice.source", value: Some(source_name) })
+            .insert(Header { key: "sluice.plugin", value: Some(plugin) })
+            .insert(Header { key: "sluice.stage", value: Some("decode") })
+            .insert(Header { key: "sluice.reason", value: Some(reject.reason.as_str()) });
+        let key = reject.source.to_be_bytes();
+        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(&reject.bytes[..]).headers(headers));
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) {
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return,
+                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "a record could not be queued for Kafka");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until everything sent so far is acknowledged or failed.
+    ///
+    /// # Errors
+    /// [`KafkaError::FlushTimeout`] with the count still in flight.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout).map_err(|_| KafkaError::FlushTimeout(self.inner.in_flight_count()))
+    }
+}

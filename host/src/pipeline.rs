@@ -1,0 +1,327 @@
+//! The one place that wires the stages together.
+//!
+//! Ingest: each source task reads its feed and `try_send`s frames into the bounded queue of the decode
+//! worker that owns the source (`source id % workers`, so one worker sees all of a source's frames
+//! and its trade-id state). A worker drains what is queued (up to `max_frames_per_call`), decodes it
+//! with one plugin call per plugin binding, and hands the records to the Kafka producer; refused frames
+//! go to the dead-letter topic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::SourceConfig;
+use crate::decode::{Decoder, RejectedFrame};
+use crate::kafka::producer::EventProducer;
+use crate::plugin::{PluginCode, PluginError};
+use crate::source::{self, ConnectLimiter, Frame, SourceStats};
+
+/// Tuning of the ingest role.
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    /// Decode worker threads.
+    pub workers: usize,
+    /// Frames each worker's queue holds before sources start dropping (and counting) them.
+    pub queue_frames: usize,
+    /// Most frames decoded in one plugin call.
+    pub max_frames_per_call: usize,
+    /// Minimum spacing of connection attempts to one host.
+    pub connect_interval: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            workers: 2,
+            queue_frames: 8192,
+            max_frames_per_call: 256,
+            connect_interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What the decode stage counts per source.
+#[derive(Debug, Default)]
+pub struct DecodeStats {
+    /// Records decoded and sent on.
+    pub records: AtomicU64,
+    /// Frames the plugin refused (dead-lettered).
+    pub rejects: AtomicU64,
+    /// Records dropped as duplicates by trade id.
+    pub duplicates: AtomicU64,
+    /// Trade ids missing so far (a late arrival that fills a hole takes it back off).
+    pub gaps: AtomicU64,
+}
+
+/// A running source, as the API and metrics see it.
+pub struct SourceHandle {
+    /// Its configuration.
+    pub config: Arc<SourceConfig>,
+    /// Its id (records carry it as `source_id`).
+    pub id: u32,
+    /// Connection counters.
+    pub stats: Arc<SourceStats>,
+    /// Decode counters.
+    pub decode: Arc<DecodeStats>,
+}
+
+/// Why ingest could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// A source names a plugin that is not loaded.
+    #[error("source {source_name:?} uses plugin {plugin:?}, which is not loaded")]
+    UnknownPlugin {
+        /// The source.
+        source_name: String,
+        /// The plugin it names.
+        plugin: String,
+    },
+    /// A source's configuration is invalid.
+    #[error("{0}")]
+    Source(String),
+    /// A plugin could not start with a source's configuration.
+    #[error("plugin {plugin:?} for source {source_name:?}: {error}")]
+    Plugin {
+        /// The source.
+        source_name: String,
+        /// The plugin.
+        plugin: String,
+        /// What failed.
+        error: PluginError,
+    },
+}
+
+/// The running ingest role.
+pub struct Ingest {
+    sources: Vec<SourceHandle>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// One (plugin, plugin config) pair: sources sharing it share a plugin instance per worker.
+#[derive(Clone)]
+struct Binding {
+    plugin: Arc<PluginCode>,
+    config: Vec<(String, String)>,
+}
+
+impl Ingest {
+    /// Starts every source and the decode workers. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`IngestError`] for an invalid source, an unknown plugin or a plugin whose `init` refuses a
+    /// source's configuration; nothing is left running then.
+    pub fn start(
+        sources: Vec<SourceConfig>,
+        plugins: &HashMap<String, Arc<PluginCode>>,
+        producer: Arc<EventProducer>,
+        settings: IngestSettings,
+    ) -> Result<Self, IngestError> {
+        let workers = settings.workers.max(1);
+        // Bindings, and which binding each source uses.
+        let mut bindings: Vec<Binding> = Vec::new();
+        let mut binding_of: Vec<usize> = Vec::new();
+        let mut index: BTreeMap<(String, Vec<(String, String)>), usize> = BTreeMap::new();
+        for s in &sources {
+            s.validate().map_err(IngestError::Source)?;
+            let plugin = plugins
+                .get(&s.plugin)
+                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.plugin.clone() })?;
+            let config: Vec<(String, String)> = s.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let next = bindings.len();
+            let b = *index.entry((s.plugin.clone(), config.clone())).or_insert(next);
+            if b == next {
+                bindings.push(Binding { plugin: plugin.clone(), config });
+            }
+            binding_of.push(b);
+        }
+        // Every worker gets its own instance of each binding; check each starts before anything runs.
+        let mut decoders: Vec<HashMap<usize, Decoder>> = Vec::new();
+        for _ in 0..workers {
+            let mut mine = HashMap::new();
+            for (b, binding) in bindings.iter().enumerate() {
+                let instance = binding.plugin.instantiate(&binding.config).map_err(|error| {
+                    let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
+                    IngestError::Plugin {
+                        source_name: source.unwrap_or_default(),
+                        plugin: binding.plugin.name().to_owned(),
+                        error,
+                    }
+                })?;
+                mine.insert(b, Decoder::new(instance));
+            }
+            decoders.push(mine);
+        }
+
+        let (stop, stop_rx) = watch::channel(false);
+        let handles: Vec<SourceHandle> = sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, config)| SourceHandle {
+                config: Arc::new(config),
+                id: i as u32 + 1,
+                stats: Arc::new(SourceStats::default()),
+                decode: Arc::new(DecodeStats::default()),
+            })
+            .collect();
+        let limiter = Arc::new(ConnectLimiter::new(settings.connect_interval));
+        let mut senders = Vec::new();
+        let mut worker_threads = Vec::new();
+        for (w, decoders) in decoders.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel::<Frame>(settings.queue_frames);
+            senders.push(tx);
+            let ctx = WorkerContext {
+                binding_of: binding_of.clone(),
+                names: handles.iter().map(|h| (h.config.name.clone(), h.config.plugin.clone())).collect(),
+                decode_stats: handles.iter().map(|h| h.decode.clone()).collect(),
+                producer: producer.clone(),
+                max_frames: settings.max_frames_per_call.max(1),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-decode-{w}"))
+                .spawn(move || decode_worker(rx, decoders, ctx))
+                .map_err(|e| IngestError::Source(format!("cannot start a decode thread: {e}")))?;
+            worker_threads.push(thread);
+        }
+        let tasks = handles
+            .iter()
+            .map(|h| {
+                let out = senders[h.id as usize % workers].clone();
+                tokio::spawn(source::run(
+                    h.config.clone(),
+                    h.id,
+                    out,
+                    h.stats.clone(),
+                    limiter.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        Ok(Ingest { sources: handles, stop, tasks, workers: worker_threads })
+    }
+
+    /// The running sources.
+    pub fn sources(&self) -> &[SourceHandle] {
+        &self.sources
+    }
+
+    /// Stops the sources, lets the workers decode what is queued, and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // The sources' senders are gone now, so each worker drains its queue and ends.
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+    }
+}
+
+struct WorkerContext {
+    /// Binding index of source `id - 1`.
+    binding_of: Vec<usize>,
+    /// (source name, plugin name) of source `id - 1`.
+    names: Vec<(String, String)>,
+    decode_stats: Vec<Arc<DecodeStats>>,
+    producer: Arc<EventProducer>,
+    max_frames: usize,
+}
+
+fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Decoder>, ctx: WorkerContext) {
+    let mut queued: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    let mut group: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    while let Some(first) = rx.blocking_recv() {
+        queued.clear();
+        queued.push(first);
+        while queued.len() < ctx.max_frames {
+            match rx.try_recv() {
+                Ok(f) => queued.push(f),
+                Err(_) => break,
+            }
+        }
+        // Frames over the size limit are dead-lettered as they are, never decoded.
+        queued.retain(|f| match f.oversized {
+            None => true,
+            Some(len) => {
+                let reason =
+                    format!("frame of {len} bytes exceeds max_frame_bytes (kept: the first {} bytes)", f.bytes.len());
+                dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
+                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                    s.rejects.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+        });
+        // One call per binding, frames in arrival order within it.
+        let mut bindings: Vec<usize> =
+            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied()).collect();
+        bindings.sort_unstable();
+        bindings.dedup();
+        for b in bindings {
+            group.clear();
+            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&b)).cloned());
+            if let Some(decoder) = decoders.get_mut(&b) {
+                decode_group(decoder, &group, &ctx);
+            }
+        }
+    }
+}
+
+/// Decodes one group; if the call fails (trap, timeout, limit), decodes frame by frame so only the
+/// frames that fail are dead-lettered, with the error as the reason.
+fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
+    match decoder.decode(frames) {
+        Ok(out) => {
+            ctx.producer.send_records(out.records.as_bytes());
+            for r in &out.rejects {
+                dead_letter(r, ctx);
+            }
+            // One update per source present in the batch, not per record.
+            for (source, c) in &out.per_source {
+                if let Some(s) = ctx.decode_stats.get(slot(*source)) {
+                    s.records.fetch_add(c.records, Ordering::Relaxed);
+                    s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
+                    s.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
+                    s.gaps.fetch_add(c.gaps, Ordering::Relaxed);
+                    s.gaps.fetch_sub(c.late.min(s.gaps.load(Ordering::Relaxed)), Ordering::Relaxed);
+                }
+            }
+        }
+        Err(e) if frames.len() > 1 => {
+            tracing::warn!(error = %e, frames = frames.len(), "decode call failed; retrying frame by frame");
+            for f in frames {
+                decode_group(decoder, std::slice::from_ref(f), ctx);
+            }
+        }
+        Err(e) => {
+            if let Some(f) = frames.first() {
+                let reject = RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason: e.to_string() };
+                dead_letter(&reject, ctx);
+                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                    s.rejects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
+    let (source, plugin) =
+        ctx.names.get(slot(reject.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
+    ctx.producer.send_reject(reject, source, plugin);
+}
+
+/// Index of source `id` in the per-source tables (ids start at 1; 0 maps past the end).
+fn slot(id: u32) -> usize {
+    (id as usize).wrapping_sub(1)
+}

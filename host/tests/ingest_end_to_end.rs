@@ -1,0 +1,212 @@
+//! Ingest end to end: the feed simulator serves Binance, Coinbase and Kraken on loopback; sluice's
+//! sources connect, get cut off, stop getting pongs, get a venue shutdown notice, rotate, and receive
+//! malformed and oversized frames; the decoded records go through the real wasm plugins to a real
+//! Kafka-protocol broker. Reading the topic back, every trade id the simulator sent is there exactly
+//! once, and the ids it skipped (and those sent while a source was away) are counted as gaps.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{TestBroker, read_topic, unique_topic};
+use plugin_sdk::StreamDataView;
+use sluice::config::SourceConfig;
+use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use sluice::kafka::producer::EventProducer;
+use sluice::kafka::{KafkaConfig, ensure_topics};
+use sluice::pipeline::{Ingest, IngestSettings};
+use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::symbols::Symbols;
+
+/// The symbols whose trade ids are checked, with the source each is served to.
+fn tracked() -> [(&'static str, Venue, &'static str); 4] {
+    [
+        ("binance", Venue::Binance, "BTCUSDT"),
+        ("binance", Venue::Binance, "ETHUSDT"),
+        ("coinbase", Venue::Coinbase, "BTC-USD"),
+        ("binance-rotating", Venue::Binance, "SOLUSDT"),
+    ]
+}
+
+fn dead_lettered(
+    handles: &[(String, u32, Arc<sluice::source::SourceStats>, Arc<sluice::pipeline::DecodeStats>)],
+) -> u64 {
+    handles.iter().map(|h| h.3.rejects.load(Ordering::Relaxed)).sum()
+}
+
+fn source(name: &str, url: String, plugin: &str, subscribe: &str) -> SourceConfig {
+    let mut s = SourceConfig::new(name, &url, plugin);
+    s.subscribe = vec![subscribe.to_owned()];
+    s.ping_interval_ms = 200;
+    s.pong_timeout_ms = 400;
+    s.idle_timeout_ms = 5_000;
+    s.reconnect_min_ms = 20;
+    s.reconnect_max_ms = 200;
+    s.max_frame_bytes = 64 * 1024;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sent_trade_arrives_once_through_faults() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "sluice=info".into()))
+        .try_init();
+    let broker = TestBroker::start("ingest");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3).await.unwrap();
+    let producer = Arc::new(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
+
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..FeedSimConfig::default() }).await.unwrap();
+    let control = sim.handle();
+
+    let symbols = Arc::new(Symbols::new());
+    let rt =
+        Runtime::new(RuntimeSettings { max_instances: 32, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let mut plugins = HashMap::new();
+    for name in ["binance", "coinbase", "kraken"] {
+        let wasm = std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+        plugins.insert(name.to_owned(), rt.compile(name, &wasm, Limits::default()).unwrap());
+    }
+    // Each symbol is served to exactly one source, so "sent" means sent to that source.
+    let mut rotating = source(
+        "binance-rotating",
+        sim.url(Venue::Binance),
+        "binance",
+        r#"{"method":"SUBSCRIBE","params":["solusdt@aggTrade"],"id":2}"#,
+    );
+    rotating.max_connection_age_ms = 1_000;
+    let sources = vec![
+        source(
+            "binance",
+            sim.url(Venue::Binance),
+            "binance",
+            r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}"#,
+        ),
+        source(
+            "coinbase",
+            sim.url(Venue::Coinbase),
+            "coinbase",
+            r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}"#,
+        ),
+        source(
+            "kraken",
+            sim.url(Venue::Kraken),
+            "kraken",
+            r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}"#,
+        ),
+        rotating,
+    ];
+    let ingest = Ingest::start(sources, &plugins, producer.clone(), IngestSettings::default()).unwrap();
+
+    let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    pause(700).await;
+    control.skip_trades(Venue::Binance, "BTCUSDT", 5);
+    control.skip_trades(Venue::Coinbase, "BTC-USD", 3);
+    pause(300).await;
+    assert!(control.drop_connections() >= 4);
+    pause(700).await;
+    control.set_ignore_pings(true);
+    pause(900).await;
+    control.set_ignore_pings(false);
+    pause(500).await;
+    assert!(control.send_shutdown_notice() >= 1);
+    pause(600).await;
+    assert!(control.send_malformed_frame() >= 1);
+    pause(300).await;
+    assert!(control.send_oversized_frame() >= 1);
+    pause(1_000).await;
+
+    // What was sent up to now must all arrive; a frame written in the instant the simulator shuts
+    // down may be cut off with its connection, so later ids are only checked for duplicates.
+    let sent_before: HashMap<&str, BTreeSet<u64>> =
+        tracked().iter().map(|(_, v, s)| (*s, control.sent_ids(*v, s).ranges().flatten().collect())).collect();
+    // The simulator stops first, so everything it wrote is read before the sources stop reading.
+    sim.shutdown().await;
+    pause(500).await;
+    let handles: Vec<_> =
+        ingest.sources().iter().map(|h| (h.config.name.clone(), h.id, h.stats.clone(), h.decode.clone())).collect();
+    ingest.stop().await;
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let stats_of = |name: &str| handles.iter().find(|h| h.0 == name).unwrap();
+    for (name, _, s, d) in &handles {
+        eprintln!(
+            "{name}: frames {} dropped {} reconnects {} rotations {} records {} rejects {} duplicates {} gaps {}",
+            s.frames.load(Ordering::Relaxed),
+            s.dropped.load(Ordering::Relaxed),
+            s.reconnects.load(Ordering::Relaxed),
+            s.rotations.load(Ordering::Relaxed),
+            d.records.load(Ordering::Relaxed),
+            d.rejects.load(Ordering::Relaxed),
+            d.duplicates.load(Ordering::Relaxed),
+            d.gaps.load(Ordering::Relaxed),
+        );
+    }
+
+    // What the simulator sent, per (source name, venue symbol, symbol as decoded).
+    // Everything the decode stage passed on must be in the topic, no more and no less.
+    let decoded: u64 = handles.iter().map(|h| h.3.records.load(Ordering::Relaxed)).sum();
+    let read = read_topic(&broker.bootstrap, &kafka.events_topic, 3, decoded as usize, Duration::from_secs(30));
+    assert_eq!(read.len() as u64, decoded);
+    assert_eq!(producer.stats().delivered.load(Ordering::Relaxed), decoded + dead_lettered(&handles));
+
+    let mut received: BTreeMap<(u32, u32), Vec<u64>> = BTreeMap::new();
+    for m in &read {
+        let r = StreamDataView::parse(&m.payload).unwrap();
+        received.entry((r.source_id, r.symbol_id)).or_default().push(r.trade_id);
+    }
+    for (name, venue, symbol) in tracked() {
+        let (_, id, _, _) = stats_of(name);
+        let symbol_id = symbols.intern(symbol);
+        let got = received.get(&(*id, symbol_id)).cloned().unwrap_or_default();
+        let unique: BTreeSet<u64> = got.iter().copied().collect();
+        assert_eq!(unique.len(), got.len(), "{name} {symbol}: duplicates in the topic");
+        let sent = control.sent_ids(venue, symbol);
+        assert!(sent.len() > 50, "{name} {symbol}: only {} trades sent", sent.len());
+        let sent_set: BTreeSet<u64> = sent.ranges().flatten().collect();
+        assert!(unique.is_subset(&sent_set), "{name} {symbol}: ids in the topic that were never sent");
+        let missing: Vec<_> = sent_before[symbol].difference(&unique).collect();
+        assert!(missing.is_empty(), "{name} {symbol}: sent but not in the topic: {missing:?}");
+        // Every hole between the first and last id received is a counted gap.
+        let holes = unique.last().unwrap() - unique.first().unwrap() + 1 - unique.len() as u64;
+        let skipped = control.skipped_ids(venue, symbol);
+        assert!(skipped.ranges().flatten().all(|id| !unique.contains(&id)));
+        if symbol == "BTCUSDT" || symbol == "BTC-USD" {
+            assert!(holes >= skipped.len() && skipped.len() >= 3, "{symbol}: {holes} holes, {} skipped", skipped.len());
+        }
+    }
+    // Gaps are counted per source: the binance source's holes across both of its symbols.
+    let holes_of = |name: &str, syms: &[&str]| -> u64 {
+        let (_, id, _, _) = stats_of(name);
+        syms.iter()
+            .map(|s| {
+                let ids: BTreeSet<u64> =
+                    received.get(&(*id, symbols.intern(s))).map(|v| v.iter().copied().collect()).unwrap_or_default();
+                ids.last().unwrap() - ids.first().unwrap() + 1 - ids.len() as u64
+            })
+            .sum()
+    };
+    for (name, syms) in [("binance", &["BTCUSDT", "ETHUSDT"][..]), ("coinbase", &["BTC-USD"][..])] {
+        let (_, _, _, decode) = stats_of(name);
+        assert_eq!(decode.gaps.load(Ordering::Relaxed), holes_of(name, syms), "{name}: gap count");
+    }
+
+    // The faults happened and were counted.
+    let (_, kraken_id, kraken_stats, _) = stats_of("kraken");
+    assert!(received.keys().any(|(s, _)| s == kraken_id), "no kraken records");
+    assert!(kraken_stats.reconnects.load(Ordering::Relaxed) >= 2);
+    let total = |f: fn(&sluice::source::SourceStats) -> u64| handles.iter().map(|h| f(&h.2)).sum::<u64>();
+    assert!(total(|s| s.pong_timeouts.load(Ordering::Relaxed)) >= 1, "no pong timeout");
+    assert!(total(|s| s.shutdown_notices.load(Ordering::Relaxed)) >= 1, "no shutdown notice");
+    assert!(total(|s| s.oversized.load(Ordering::Relaxed)) >= 1, "no oversized frame");
+    assert!(stats_of("binance-rotating").2.rotations.load(Ordering::Relaxed) >= 2, "no rotation");
+    let rejects: u64 = handles.iter().map(|h| h.3.rejects.load(Ordering::Relaxed)).sum();
+    assert!(rejects >= 3, "malformed frames were not refused: {rejects}");
+    let dlq = read_topic(&broker.bootstrap, &kafka.dlq_topic, 3, rejects as usize, Duration::from_secs(10));
+    assert_eq!(dlq.len() as u64, rejects);
+    assert_eq!(producer.stats().failed.load(Ordering::Relaxed), 0);
+}
