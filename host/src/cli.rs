@@ -12,11 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use serde::Serialize;
 
-use crate::config::SourceConfig;
+use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
 use crate::kafka::broker::EmbeddedBroker;
+use crate::kafka::ensure_topics;
 use crate::kafka::producer::EventProducer;
-use crate::kafka::{KafkaConfig, ensure_topics};
 use crate::pipeline::{Ingest, IngestSettings};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::symbols::Symbols;
@@ -41,6 +41,25 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve simulated venue feeds on loopback until Ctrl-C.
     Feedsim(FeedsimArgs),
+    /// Run the ingest role from a configuration file until Ctrl-C.
+    Run(RunArgs),
+    /// Check a configuration file and print the effective configuration, defaults filled in.
+    CheckConfig(CheckConfigArgs),
+}
+
+/// Arguments of `sluice run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// Arguments of `sluice check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file.
+    pub config: PathBuf,
 }
 
 /// Arguments of `sluice demo`.
@@ -120,6 +139,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => runtime()?.block_on(demo(args)),
+        Command::Run(args) => {
+            let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
+            runtime()?.block_on(serve(config))
+        }
+        Command::CheckConfig(args) => {
+            let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
         Command::Feedsim(args) => runtime()?.block_on(async {
             let config = FeedSimConfig { bind: args.bind, trades_per_second: args.rate, ..FeedSimConfig::default() };
             let sim = FeedSim::start(config).await?;
@@ -289,49 +317,143 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
+/// The ingest role, running.
+struct Running {
+    ingest: Ingest,
+    producer: Arc<EventProducer>,
+    /// The embedded broker when no brokers are configured (kept alive, snapshotted on drop).
+    broker: Option<EmbeddedBroker>,
+    topic: String,
+    brokers: String,
+}
+
+/// Starts the ingest role: the broker (embedded unless configured), the topics, the plugins (compiled
+/// off the async runtime) and the sources.
+async fn start(config: &Config) -> anyhow::Result<Running> {
+    let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
+        let broker = EmbeddedBroker::start("127.0.0.1:0", &config.data_dir.join("broker"), Duration::from_secs(5))?;
+        (broker.bootstrap(), Some(broker))
+    } else {
+        (config.kafka.brokers.clone(), None)
+    };
+    let kafka = &config.kafka;
+    ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
+    let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
+    let mut wanted: Vec<String> = config.sources.iter().map(|s| s.plugin.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let plugin_configs = config.plugins.clone();
+    let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new()))?;
+        let mut plugins = HashMap::new();
+        for name in wanted {
+            let pc = plugin_configs.get(&name);
+            let wasm = match pc.and_then(|p| p.path.as_ref()) {
+                Some(path) => {
+                    std::fs::read(path).with_context(|| format!("plugin {name}: cannot read {}", path.display()))?
+                }
+                None => bundled::by_name(&name)
+                    .with_context(|| format!("plugin {name} is not bundled and has no path"))?
+                    .to_vec(),
+            };
+            let limits = pc.map_or_else(Limits::default, |p| Limits {
+                memory_bytes: p.memory_bytes,
+                deadline: Duration::from_millis(p.deadline_ms),
+                output_bytes: p.output_bytes,
+            });
+            plugins
+                .insert(name.clone(), runtime.compile(&name, &wasm, limits).with_context(|| format!("plugin {name}"))?);
+        }
+        Ok(plugins)
+    })
+    .await??;
+    let settings = IngestSettings {
+        workers: config.ingest.workers,
+        queue_frames: config.ingest.queue_frames,
+        max_frames_per_call: config.ingest.max_frames_per_call,
+        connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
+    };
+    let ingest = Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?;
+    Ok(Running { ingest, producer, broker, topic: kafka.events_topic.clone(), brokers })
+}
+
+impl Running {
+    /// Frames read, records decoded, records delivered, frames refused, ids missing, sources up.
+    fn counts(&self) -> [u64; 6] {
+        let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| self.ingest.sources().iter().map(f).sum::<u64>();
+        [
+            sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.records.load(Ordering::Relaxed)),
+            self.producer.stats().delivered.load(Ordering::Relaxed),
+            sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.gaps.load(Ordering::Relaxed)),
+            self.ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count() as u64,
+        ]
+    }
+
+    async fn stop(self) -> anyhow::Result<u64> {
+        self.ingest.stop().await;
+        self.producer.flush(Duration::from_secs(30))?;
+        drop(self.broker);
+        Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
+    }
+}
+
+/// `sluice run`: the ingest role until Ctrl-C, logging counts every ten seconds.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = start(&config).await?;
+    tracing::info!(sources = config.sources.len(), brokers = %running.brokers, topic = %running.topic, "ingest running");
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let [frames, records, delivered, rejects, gaps, up] = running.counts();
+                tracing::info!(frames, records, delivered, rejects, gaps, sources_up = up, "ingest counts");
+            }
+            _ = &mut ctrl_c => break,
+        }
+    }
+    let delivered = running.stop().await?;
+    tracing::info!(delivered, "ingest stopped");
+    Ok(())
+}
+
 /// `sluice demo`: simulator → sources → wasm decode → embedded broker, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let broker = EmbeddedBroker::start("127.0.0.1:0", &args.data_dir.join("broker"), Duration::from_secs(5))?;
-    let kafka = KafkaConfig::default();
-    let brokers = broker.bootstrap();
-    ensure_topics(&kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
-    let producer = Arc::new(EventProducer::new(&kafka, &brokers)?);
-
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
-    let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new()))?;
-    let mut plugins = HashMap::new();
-    for (name, wasm) in [("binance", bundled::BINANCE), ("coinbase", bundled::COINBASE), ("kraken", bundled::KRAKEN)] {
-        plugins.insert(name.to_owned(), runtime.compile(name, wasm, Limits::default())?);
-    }
-    let source = |name: &str, venue: Venue, plugin: &str, subscribe: &str| {
-        let mut s = SourceConfig::new(name, &sim.url(venue), plugin);
+    let source = |name: &str, venue: Venue, subscribe: &str| {
+        let mut s = SourceConfig::new(name, &sim.url(venue), name);
         s.subscribe = vec![subscribe.to_owned()];
         s
     };
-    let sources = vec![
-        source(
-            "binance",
-            Venue::Binance,
-            "binance",
-            r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade","solusdt@aggTrade"],"id":1}"#,
-        ),
-        source(
-            "coinbase",
-            Venue::Coinbase,
-            "coinbase",
-            r#"{"type":"subscribe","product_ids":["BTC-USD","ETH-USD"],"channels":["matches"]}"#,
-        ),
-        source(
-            "kraken",
-            Venue::Kraken,
-            "kraken",
-            r#"{"event":"subscribe","pair":["XBT/USD","ETH/USD"],"subscription":{"name":"trade"}}"#,
-        ),
-    ];
-    let ingest = Ingest::start(sources, &plugins, producer.clone(), IngestSettings::default())?;
+    let config = Config {
+        data_dir: args.data_dir,
+        sources: vec![
+            source(
+                "binance",
+                Venue::Binance,
+                r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade","solusdt@aggTrade"],"id":1}"#,
+            ),
+            source(
+                "coinbase",
+                Venue::Coinbase,
+                r#"{"type":"subscribe","product_ids":["BTC-USD","ETH-USD"],"channels":["matches"]}"#,
+            ),
+            source(
+                "kraken",
+                Venue::Kraken,
+                r#"{"event":"subscribe","pair":["XBT/USD","ETH/USD"],"subscription":{"name":"trade"}}"#,
+            ),
+        ],
+        ..Config::default()
+    };
+    let running = start(&config).await?;
     println!(
-        "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {brokers}",
-        kafka.events_topic
+        "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {}",
+        running.topic, running.brokers
     );
     println!(
         "{:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>6}",
@@ -346,26 +468,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {}
             _ = &mut ctrl_c => break,
         }
-        let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| ingest.sources().iter().map(f).sum::<u64>();
-        println!(
-            "{second:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>4}/{}",
-            sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
-            sum(&|h| h.decode.records.load(Ordering::Relaxed)),
-            producer.stats().delivered.load(Ordering::Relaxed),
-            sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
-            sum(&|h| h.decode.gaps.load(Ordering::Relaxed)),
-            ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count(),
-            ingest.sources().len(),
-        );
+        let [frames, records, delivered, rejects, gaps, up] = running.counts();
+        println!("{second:>4}  {frames:>8} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>4}/3");
     }
-    ingest.stop().await;
-    producer.flush(Duration::from_secs(10))?;
+    let topic = running.topic.clone();
+    let delivered = running.stop().await?;
     sim.shutdown().await;
-    let delivered = producer.stats().delivered.load(Ordering::Relaxed);
     println!(
-        "stopped: {delivered} records delivered to {} (snapshot in {})",
-        kafka.events_topic,
-        broker.data_dir().display()
+        "stopped: {delivered} records delivered to {topic} (the broker's snapshot is in {})",
+        config.data_dir.join("broker").display()
     );
     if delivered == 0 {
         bail!("no records were delivered");

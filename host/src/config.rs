@@ -3,10 +3,132 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::kafka::KafkaConfig;
+
+/// The whole configuration file (`sluice run --config sluice.toml`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where sluice keeps its state (the embedded broker's snapshot, stored plugins).
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: std::path::PathBuf,
+    /// The Kafka cluster and topics.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// The ingest role's tuning.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Plugins by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// The feeds.
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: defaults::data_dir(),
+            kafka: KafkaConfig::default(),
+            ingest: IngestConfig::default(),
+            plugins: BTreeMap::new(),
+            sources: Vec::new(),
+        }
+    }
+}
+
+/// `[ingest]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Decode worker threads.
+    #[serde(default = "defaults::workers")]
+    pub workers: usize,
+    /// Frames each worker's queue holds before sources drop (and count) them.
+    #[serde(default = "defaults::queue_frames")]
+    pub queue_frames: usize,
+    /// Most frames decoded in one plugin call.
+    #[serde(default = "defaults::max_frames_per_call")]
+    pub max_frames_per_call: usize,
+    /// Minimum spacing of connection attempts to one host.
+    #[serde(default = "defaults::connect_interval_ms")]
+    pub connect_interval_ms: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            workers: defaults::workers(),
+            queue_frames: defaults::queue_frames(),
+            max_frames_per_call: defaults::max_frames_per_call(),
+            connect_interval_ms: defaults::connect_interval_ms(),
+        }
+    }
+}
+
+/// `[plugins.<name>]`: where a plugin's `.wasm` is and the limits its calls run under.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Path to the component; omit to use the bundled plugin of the same name.
+    #[serde(default)]
+    pub path: Option<std::path::PathBuf>,
+    /// Linear-memory cap per instance.
+    #[serde(default = "defaults::plugin_memory_bytes")]
+    pub memory_bytes: usize,
+    /// Deadline per call.
+    #[serde(default = "defaults::plugin_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Largest output per call.
+    #[serde(default = "defaults::plugin_output_bytes")]
+    pub output_bytes: usize,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    ///
+    /// # Errors
+    /// A message naming the file and the field (TOML errors carry the line and column).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: unique source names, known plugins, sane values.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for s in &self.sources {
+            s.validate()?;
+            if !names.insert(&s.name) {
+                return Err(format!("source name {:?} is used twice", s.name));
+            }
+            if !self.plugins.contains_key(&s.plugin) && !crate::plugin::bundled::names().contains(&s.plugin.as_str()) {
+                return Err(format!(
+                    "source {:?}: plugin {:?} is neither configured under [plugins] nor bundled",
+                    s.name, s.plugin
+                ));
+            }
+        }
+        if self.ingest.workers == 0 || self.ingest.queue_frames == 0 || self.ingest.max_frames_per_call == 0 {
+            return Err("ingest: workers, queue_frames and max_frames_per_call must be positive".into());
+        }
+        if self.kafka.partitions <= 0 {
+            return Err("kafka.partitions must be positive".into());
+        }
+        Ok(())
+    }
+}
 
 /// One WebSocket feed: where it is, what to send on connect, and how to keep it alive.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// A unique name, used in logs, metrics and the API.
@@ -115,6 +237,30 @@ impl SourceConfig {
 }
 
 mod defaults {
+    pub fn data_dir() -> std::path::PathBuf {
+        "./sluice-data".into()
+    }
+    pub fn workers() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+    pub fn queue_frames() -> usize {
+        8192
+    }
+    pub fn max_frames_per_call() -> usize {
+        256
+    }
+    pub fn connect_interval_ms() -> u64 {
+        20
+    }
+    pub fn plugin_memory_bytes() -> usize {
+        64 << 20
+    }
+    pub fn plugin_deadline_ms() -> u64 {
+        200
+    }
+    pub fn plugin_output_bytes() -> usize {
+        16 << 20
+    }
     pub fn ping_interval_ms() -> u64 {
         15_000
     }
@@ -173,6 +319,43 @@ mod tests {
         assert_eq!(s.ping_interval(), Some(Duration::from_secs(15)));
         assert_eq!(s.max_connection_age_ms, 23 * 3600 * 1000);
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn a_whole_file_with_defaults_and_its_errors() {
+        let config: Config = toml::from_str(
+            r#"
+            [kafka]
+            brokers = "127.0.0.1:9092"
+            options = { "security.protocol" = "plaintext" }
+
+            [plugins.mine]
+            path = "my.wasm"
+            deadline_ms = 50
+
+            [[source]]
+            name = "a"
+            url = "wss://x"
+            plugin = "binance"
+
+            [[source]]
+            name = "b"
+            url = "ws://y"
+            plugin = "mine"
+            "#,
+        )
+        .unwrap();
+        assert!(config.validate().is_ok());
+        assert_eq!(config.kafka.events_topic, "sluice.events");
+        assert_eq!(config.plugins["mine"].memory_bytes, 64 << 20);
+        let mut dup = config.clone();
+        dup.sources[1].name = "a".into();
+        assert_eq!(dup.validate().unwrap_err(), "source name \"a\" is used twice");
+        let mut unknown = config.clone();
+        unknown.sources[1].plugin = "nope".into();
+        assert!(unknown.validate().unwrap_err().contains("plugin \"nope\""));
+        let err = toml::from_str::<Config>("[kafka]\nbroker = 'x'\n").unwrap_err();
+        assert!(err.to_string().contains("broker"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why talking to Kafka failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum KafkaError {
 }
 
 /// `[kafka]`: where the broker is and how topics are written.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers (`host:port,...`); empty starts the embedded broker.

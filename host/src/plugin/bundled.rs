@@ -17,3 +17,20 @@ pub const KRAKEN: &[u8] = plugin!("kraken.wasm");
 pub const OUTLIER_FILTER: &[u8] = plugin!("outlier_filter.wasm");
 /// Drops small trades and rescales prices.
 pub const RESCALE: &[u8] = plugin!("rescale.wasm");
+
+/// The bundled plugins by name.
+pub fn by_name(name: &str) -> Option<&'static [u8]> {
+    match name {
+        "binance" => Some(BINANCE),
+        "coinbase" => Some(COINBASE),
+        "kraken" => Some(KRAKEN),
+        "outlier-filter" => Some(OUTLIER_FILTER),
+        "rescale" => Some(RESCALE),
+        _ => None,
+    }
+}
+
+/// The names [`by_name`] knows.
+pub fn names() -> &'static [&'static str] {
+    &["binance", "coinbase", "kraken", "outlier-filter", "rescale"]
+}

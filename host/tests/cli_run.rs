@@ -1,0 +1,91 @@
+//! `sluice check-config` and `sluice run --config` as an operator uses them: the real binary, a TOML
+//! file, the feed simulator on loopback, and the embedded broker (no brokers configured).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+
+fn temp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sluice-cli-run-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn check_config_prints_the_effective_config_and_names_bad_fields() {
+    let path = temp("check.toml");
+    std::fs::write(&path, "[[source]]\nname = \"b\"\nurl = \"wss://x\"\nplugin = \"binance\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for default in ["events_topic = \"sluice.events\"", "ping_interval_ms = 15000", "compression = \"lz4\""] {
+        assert!(text.contains(default), "missing {default} in:\n{text}");
+    }
+
+    std::fs::write(&path, "[[source]]\nname = \"b\"\nurl = \"wss://x\"\nplugin = \"binance\"\npong_ms = 3\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pong_ms"));
+
+    std::fs::write(&path, "[[source]]\nname = \"b\"\nurl = \"wss://x\"\nplugin = \"nope\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plugin \"nope\""));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_ingests_from_a_config_file_until_interrupted() {
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
+    let dir = temp("data");
+    let path = temp("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+data_dir = "{}"
+
+[[source]]
+name = "binance"
+url = "{}"
+plugin = "binance"
+subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
+"#,
+            dir.display(),
+            sim.url(Venue::Binance)
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "sluice=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    // Wait until the simulator has sent it a good number of trades, then interrupt it.
+    let start = Instant::now();
+    while sim.handle().sent_ids(Venue::Binance, "BTCUSDT").len() < 60 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("ingest running"), "{log}");
+    let delivered: u64 = log
+        .lines()
+        .find(|l| l.contains("ingest stopped"))
+        .and_then(|l| l.split("delivered=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no delivered count in:\n{log}"));
+    assert!(delivered >= 50, "{delivered} delivered\n{log}");
+    // The embedded broker left its snapshot in the data directory on the clean stop.
+    assert!(dir.join("broker").join("kafka.json").exists());
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&path);
+}
