@@ -149,6 +149,8 @@ pub struct DecodedBatch {
     pub rejects: Vec<RejectedFrame>,
     /// Counts per source id present in the batch (a batch holds few sources: a list, not a map).
     pub per_source: Vec<(u32, SourceCounts)>,
+    /// (source, symbol) pairs whose gap count changed in this batch.
+    pub gap_changes: Vec<(u32, u32)>,
 }
 
 impl DecodedBatch {
@@ -213,6 +215,12 @@ impl Decoder {
                 let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
                 let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..view.record() };
                 let seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
+                if matches!(seen, Seen::New { gap: 1.. } | Seen::Late) {
+                    let key = (record.source_id, record.symbol_id);
+                    if !out.gap_changes.contains(&key) {
+                        out.gap_changes.push(key);
+                    }
+                }
                 let counts = out.counts(frame.source);
                 match seen {
                     Seen::Duplicate => counts.duplicates += 1,

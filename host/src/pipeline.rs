@@ -55,6 +55,9 @@ pub struct DecodeStats {
     pub duplicates: AtomicU64,
     /// Trade ids missing so far (a late arrival that fills a hole takes it back off).
     pub gaps: AtomicU64,
+    /// The same, per symbol id: symbols never become metric labels, so the API reads them here.
+    /// Locked once per batch that changes a gap, never per record.
+    pub gaps_by_symbol: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
 /// A running source, as the API and metrics see it.
@@ -285,6 +288,13 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
             ctx.producer.send_records(out.records.as_bytes());
             for r in &out.rejects {
                 dead_letter(r, ctx);
+            }
+            for &(source, symbol) in &out.gap_changes {
+                if let Some(s) = ctx.decode_stats.get(slot(source))
+                    && let Ok(mut by_symbol) = s.gaps_by_symbol.lock()
+                {
+                    by_symbol.insert(symbol, decoder.trade_ids().gaps(source, symbol));
+                }
             }
             // One update per source present in the batch, not per record.
             for (source, c) in &out.per_source {

@@ -193,6 +193,12 @@ async fn every_sent_trade_arrives_once_through_faults() {
     for (name, syms) in [("binance", &["BTCUSDT", "ETHUSDT"][..]), ("coinbase", &["BTC-USD"][..])] {
         let (_, _, _, decode) = stats_of(name);
         assert_eq!(decode.gaps.load(Ordering::Relaxed), holes_of(name, syms), "{name}: gap count");
+        // And per symbol.
+        let by_symbol = decode.gaps_by_symbol.lock().unwrap().clone();
+        for sym in syms {
+            let counted = by_symbol.get(&symbols.intern(sym)).copied().unwrap_or(0);
+            assert_eq!(counted, holes_of(name, &[sym]), "{name} {sym}: gap count");
+        }
     }
 
     // The faults happened and were counted.
