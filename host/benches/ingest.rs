@@ -117,6 +117,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
     rt.block_on(async {
         throughput(2_000.0, 4, 8, 10).await;
+        throughput(10_000.0, 8, 8, 10).await;
         idle_memory(1_000).await;
     });
 }

@@ -163,6 +163,10 @@ pub struct SourceConfig {
     /// Largest frame accepted; larger ones close the connection and are counted.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
+    /// Socket read buffer per connection: larger reads fewer times under load, smaller keeps
+    /// thousands of quiet connections cheap.
+    #[serde(default = "defaults::read_buffer_bytes")]
+    pub read_buffer_bytes: usize,
     /// First reconnect delay ceiling; it doubles per failure up to `reconnect_max_ms`.
     #[serde(default = "defaults::reconnect_min_ms")]
     pub reconnect_min_ms: u64,
@@ -195,6 +199,7 @@ impl SourceConfig {
             idle_timeout_ms: defaults::idle_timeout_ms(),
             max_connection_age_ms: defaults::max_connection_age_ms(),
             max_frame_bytes: defaults::max_frame_bytes(),
+            read_buffer_bytes: defaults::read_buffer_bytes(),
             reconnect_min_ms: defaults::reconnect_min_ms(),
             reconnect_max_ms: defaults::reconnect_max_ms(),
             healthy_after_ms: defaults::healthy_after_ms(),
@@ -223,6 +228,9 @@ impl SourceConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return field("reconnect_min_ms", "must be positive and at most reconnect_max_ms");
+        }
+        if self.read_buffer_bytes < 1024 {
+            return field("read_buffer_bytes", "must be at least 1024");
         }
         if self.max_frame_bytes < 1024 {
             return field("max_frame_bytes", "must be at least 1024");
@@ -275,6 +283,9 @@ mod defaults {
     }
     pub fn max_frame_bytes() -> usize {
         1 << 20
+    }
+    pub fn read_buffer_bytes() -> usize {
+        16 * 1024
     }
     pub fn reconnect_min_ms() -> u64 {
         250

@@ -67,3 +67,24 @@ async fn records_and_dead_letters_reach_the_broker() {
     assert_eq!(header("sluice.plugin").as_deref(), Some("binance"));
     assert_eq!(header("sluice.reason").as_deref(), Some("frame: invalid JSON"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_codecs_work_and_bad_options_are_refused_by_name() {
+    let broker = TestBroker::start("producer-options");
+    for codec in ["zstd", "lz4", "gzip", "snappy", "none"] {
+        let config =
+            KafkaConfig { events_topic: unique_topic(codec), compression: codec.into(), ..KafkaConfig::default() };
+        ensure_topics(&config, &broker.bootstrap, &[&config.events_topic], 1).await.unwrap();
+        let producer = EventProducer::new(&config, &broker.bootstrap).unwrap_or_else(|e| panic!("{codec}: {e}"));
+        let mut records = Records::new();
+        records.push(&Record { source_id: 1, symbol_id: 1, trade_id: 7, ..Record::default() });
+        producer.send_records(records.as_bytes());
+        producer.flush(Duration::from_secs(20)).unwrap();
+        let read = read_topic(&broker.bootstrap, &config.events_topic, 1, 1, Duration::from_secs(20));
+        assert_eq!(StreamDataView::parse(&read[0].payload).unwrap().trade_id, 7, "{codec}");
+    }
+    let mut config = KafkaConfig::default();
+    config.options.insert("no.such.property".into(), "1".into());
+    let err = EventProducer::new(&config, &broker.bootstrap).err().expect("refused");
+    assert!(err.to_string().contains("no.such.property"), "{err}");
+}

@@ -64,7 +64,11 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, running: mpsc::Se
             Err(refusal)
         }
     };
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_CLIENT_MESSAGE_BYTES));
+    // Clients send little (subscriptions, pings): small buffers keep thousands of connections cheap.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_CLIENT_MESSAGE_BYTES))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
     // A client that connects and says nothing must not hold up shutdown.
     let mut shutdown = shared.shutdown.clone();

@@ -277,7 +277,12 @@ async fn connect(
         // The hard limit protects memory; frames between `max_frame_bytes` and it are read, counted
         // and dead-lettered without losing the connection (and the frames behind them).
         let hard = hard_frame_limit(config.max_frame_bytes);
-        let ws_config = WebSocketConfig::default().max_frame_size(Some(hard)).max_message_size(Some(hard));
+        let ws_config = WebSocketConfig::default()
+            .max_frame_size(Some(hard))
+            .max_message_size(Some(hard))
+            .read_buffer_size(config.read_buffer_bytes)
+            // We write little (subscriptions, pings): straight to the socket, no buffer to keep.
+            .write_buffer_size(0);
         let connect = tokio_tungstenite::connect_async_with_config(config.url.as_str(), Some(ws_config), true);
         let (mut ws, _) = timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
