@@ -39,12 +39,13 @@
 //! # Layout
 //! - [`wire`]: the `StreamData` wire format: [`StreamDataView`] reads in place, [`Records`] writes.
 //! - [`decimal`]: exact decimal strings to fixed point ([`parse_e8`]).
-//! - [`json`]: allocation-free JSON access for frames.
+//! - [`json`]: allocation-free JSON access for frames; [`field`] reads a decoder's fields from it.
 //! - [`time`]: venue timestamps to Unix milliseconds.
 //! - [`testing`]: run a plugin natively in `cargo test`.
 #![deny(missing_docs)]
 
 pub mod decimal;
+pub mod field;
 pub mod json;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;

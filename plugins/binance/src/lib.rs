@@ -40,8 +40,9 @@
 
 use std::borrow::Cow;
 
+use plugin_sdk::field::{non_negative_e8, required, text};
 use plugin_sdk::json::{Json, Kind};
-use plugin_sdk::{Config, Plugin, Reason, Record, Records, parse_e8, symbol_id};
+use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
 /// The Binance decoder. It keeps no state.
 pub struct Binance;
@@ -130,8 +131,8 @@ impl Plugin for Binance {
         if symbol.is_empty() {
             return Err("s: empty symbol".into());
         }
-        let price_e8 = decimal("p", event.price)?;
-        let volume_e8 = decimal("q", event.quantity)?;
+        let price_e8 = non_negative_e8("p", event.price)?;
+        let volume_e8 = non_negative_e8("q", event.quantity)?;
         let timestamp_ms = required("T", event.trade_time)?.as_i64().ok_or("T: expected an integer")?;
         let buyer_is_maker = required("m", event.buyer_is_maker)?.as_bool().ok_or("m: expected true or false")?;
         let trade_id = required(id_field.0, id_field.1)?
@@ -161,28 +162,6 @@ fn venue_error(fields: &Fields<'_>) -> Result<(), Reason> {
     let code = code.and_then(|c| c.as_number_text()).unwrap_or("?");
     let msg = msg.and_then(|m| m.as_str()).unwrap_or(Cow::Borrowed("no message"));
     Err(Reason::new(format!("venue error {code}: {msg}")))
-}
-
-fn required<'a>(field: &str, value: Option<Json<'a>>) -> Result<Json<'a>, Reason> {
-    value.ok_or_else(|| Reason::field(field, "missing"))
-}
-
-/// A string member, borrowed unless it contains escapes.
-fn text<'a>(field: &str, value: Option<Json<'a>>) -> Result<Cow<'a, str>, Reason> {
-    let value = required(field, value)?;
-    match value.as_raw_str() {
-        Some(s) => Ok(Cow::Borrowed(s)),
-        None => value.as_str().ok_or_else(|| Reason::field(field, "expected a string")),
-    }
-}
-
-/// A non-negative decimal string, exactly, with eight implied decimals.
-fn decimal(field: &str, value: Option<Json<'_>>) -> Result<i64, Reason> {
-    let v = parse_e8(&text(field, value)?).map_err(|e| Reason::field(field, e))?;
-    if v < 0 {
-        return Err(Reason::field(field, "negative decimal"));
-    }
-    Ok(v)
 }
 
 plugin_sdk::export!(Binance);

@@ -40,9 +40,10 @@
 
 use std::borrow::Cow;
 
+use plugin_sdk::field::{non_negative_e8, required, text};
 use plugin_sdk::json::{Json, Kind};
 use plugin_sdk::time::rfc3339_to_ms;
-use plugin_sdk::{Config, Plugin, Reason, Record, Records, parse_e8, symbol_id};
+use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
 /// The Coinbase decoder. It keeps no state.
 pub struct Coinbase;
@@ -105,8 +106,8 @@ impl Plugin for Coinbase {
         if product.is_empty() {
             return Err("product_id: empty symbol".into());
         }
-        let price_e8 = decimal("price", f.price)?;
-        let volume_e8 = decimal("size", f.size)?;
+        let price_e8 = non_negative_e8("price", f.price)?;
+        let volume_e8 = non_negative_e8("size", f.size)?;
         let timestamp_ms = rfc3339_to_ms(&text("time", f.time)?).map_err(|e| Reason::field("time", e))?;
         // The maker's side: a resting sell was hit by a buying taker.
         let is_buy = match text("side", f.side)?.as_ref() {
@@ -142,28 +143,6 @@ fn trade_id(value: Json<'_>) -> Result<u64, Reason> {
         .as_u64()
         .or_else(|| value.as_raw_str().filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse().ok()))
         .ok_or_else(|| "trade_id: expected an unsigned integer".into())
-}
-
-fn required<'a>(field: &str, value: Option<Json<'a>>) -> Result<Json<'a>, Reason> {
-    value.ok_or_else(|| Reason::field(field, "missing"))
-}
-
-/// A string member, borrowed unless it contains escapes.
-fn text<'a>(field: &str, value: Option<Json<'a>>) -> Result<Cow<'a, str>, Reason> {
-    let value = required(field, value)?;
-    match value.as_raw_str() {
-        Some(s) => Ok(Cow::Borrowed(s)),
-        None => value.as_str().ok_or_else(|| Reason::field(field, "expected a string")),
-    }
-}
-
-/// A non-negative decimal string, exactly, with eight implied decimals.
-fn decimal(field: &str, value: Option<Json<'_>>) -> Result<i64, Reason> {
-    let v = parse_e8(&text(field, value)?).map_err(|e| Reason::field(field, e))?;
-    if v < 0 {
-        return Err(Reason::field(field, "negative decimal"));
-    }
-    Ok(v)
 }
 
 plugin_sdk::export!(Coinbase);

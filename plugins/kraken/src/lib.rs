@@ -71,7 +71,7 @@ fn decode_channel(frame: Json<'_>, out: &mut Records) -> Result<(), Reason> {
     if !name.is_some_and(|n| is_str(n, "trade")) {
         return Ok(());
     }
-    let pair = text("pair", items.next())?;
+    let pair = plugin_sdk::field::text("pair", items.next())?;
     if pair.is_empty() {
         return Err("pair: empty symbol".into());
     }
@@ -95,7 +95,7 @@ fn decode_trade(trade: Json<'_>, i: usize, symbol_id: u32) -> Result<Record, Rea
     let mut elements = trade.elements();
     let mut next = |field: &str| {
         let value = elements.next().ok_or_else(|| error(field, &"missing"))?;
-        string(value).ok_or_else(|| error(field, &"expected a string"))
+        value.as_str().ok_or_else(|| error(field, &"expected a string"))
     };
     let decimal = |field: &str, text: &str| match parse_e8(text) {
         Ok(v) if v >= 0 => Ok(v),
@@ -135,21 +135,7 @@ fn event(frame: Json<'_>) -> Result<(), Reason> {
 
 /// True when `value` is the string `expected` (escapes resolved).
 fn is_str(value: Json<'_>, expected: &str) -> bool {
-    string(value).is_some_and(|s| s == expected)
-}
-
-/// A string's contents, borrowed unless it contains escapes.
-fn string(value: Json<'_>) -> Option<Cow<'_, str>> {
-    match value.as_raw_str() {
-        Some(s) => Some(Cow::Borrowed(s)),
-        None => value.as_str(),
-    }
-}
-
-/// A required string element.
-fn text<'a>(field: &str, value: Option<Json<'a>>) -> Result<Cow<'a, str>, Reason> {
-    let value = value.ok_or_else(|| Reason::field(field, "missing"))?;
-    string(value).ok_or_else(|| Reason::field(field, "expected a string"))
+    value.as_str().is_some_and(|s| s == expected)
 }
 
 plugin_sdk::export!(Kraken);
