@@ -548,6 +548,26 @@ mod tests {
         assert!(!contains(b"ab", b"abc"));
     }
 
+    /// A `wss://` feed goes through TLS: against a server that is not one, the attempt fails with an
+    /// error (it would panic if no TLS provider were compiled in).
+    #[tokio::test]
+    async fn wss_connect_attempts_fail_cleanly_against_a_non_tls_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let mut config = SourceConfig::new("tls", &format!("wss://{addr}/ws"), "binance");
+        config.connect_timeout_ms = 2_000;
+        let limiter = ConnectLimiter::new(Duration::ZERO);
+        let (_tx, mut rx) = watch::channel(false);
+        let err = connect(&config, &addr.to_string(), &limiter, &mut rx).await.err().expect("no TLS server there");
+        assert!(!err.is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_connect_limiter_spaces_attempts_per_host() {
         let limiter = ConnectLimiter::new(Duration::from_millis(100));
