@@ -343,8 +343,13 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     wanted.sort();
     wanted.dedup();
     let plugin_configs = config.plugins.clone();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let symbols_path = config.data_dir.join("symbols.jsonl");
+    let symbols =
+        Symbols::open(&symbols_path).with_context(|| format!("symbol dictionary {}", symbols_path.display()))?;
     let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new()))?;
+        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(symbols))?;
         let mut plugins = HashMap::new();
         for name in wanted {
             let pc = plugin_configs.get(&name);

@@ -85,6 +85,9 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert!(delivered >= 50, "{delivered} delivered\n{log}");
     // The embedded broker left its snapshot in the data directory on the clean stop.
     assert!(dir.join("broker").join("kafka.json").exists());
+    // And the symbol dictionary, so ids survive a restart.
+    let symbols = std::fs::read_to_string(dir.join("symbols.jsonl")).unwrap();
+    assert_eq!(symbols.lines().collect::<Vec<_>>(), vec!["\"BTCUSDT\""]);
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
