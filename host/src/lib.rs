@@ -9,9 +9,11 @@
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
 //! - [`pipeline`]: the only place that wires the stages together.
+//! - [`batch`]: the adaptive batcher in front of the sinks.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod decode;
