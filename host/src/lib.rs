@@ -10,6 +10,7 @@
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
 //! - [`pipeline`]: the only place that wires the stages together.
 //! - [`batch`]: the adaptive batcher in front of the sinks.
+//! - [`sink`]: where rolled-up output lands (the embedded SQLite store).
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
@@ -22,5 +23,6 @@ pub mod kafka;
 pub mod pipeline;
 pub mod plugin;
 pub mod proto;
+pub mod sink;
 pub mod source;
 pub mod symbols;

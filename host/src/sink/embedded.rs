@@ -1,0 +1,358 @@
+//! The embedded store: rollups in SQLite (WAL mode) in the data directory, with the consumer offsets
+//! written in the same transaction as the rows they produced, so a restart resumes exactly where the
+//! store stands: nothing lost, nothing counted twice.
+//!
+//! Rollup semantics follow the Druid spec sluice generates: rows are grouped per query-granularity
+//! bucket and dimensions (source, symbol, side), with `events` (count), `qty_sum` and `notional_sum`
+//! (double sums), `price_min`/`price_max`, and `price_first`/`price_last` by trade time. `qty_sum_e8`
+//! repeats the quantity sum exactly, in fixed point.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, params};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("embedded store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A query that would change the store.
+    #[error("only read-only queries are allowed")]
+    NotReadOnly,
+}
+
+/// One trade as the sink sees it: names resolved, values in fixed point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row<'a> {
+    /// Trade time, ms since the epoch.
+    pub timestamp_ms: i64,
+    /// The source's name.
+    pub source: &'a str,
+    /// The symbol as the venue writes it.
+    pub symbol: &'a str,
+    /// True when the taker bought.
+    pub is_buy: bool,
+    /// Price, e8.
+    pub price_e8: i64,
+    /// Quantity, e8.
+    pub volume_e8: i64,
+}
+
+/// The next offset to read, per topic partition.
+pub type Offsets = Vec<(String, i32, i64)>;
+
+/// The store.
+pub struct EmbeddedStore {
+    conn: Connection,
+    granularity_ms: i64,
+}
+
+/// An aggregate of rows sharing a bucket and dimensions, before it is merged into the table.
+#[derive(Clone, Debug)]
+struct Agg {
+    events: i64,
+    qty_sum: f64,
+    qty_sum_e8: i64,
+    notional_sum: f64,
+    price_min: f64,
+    price_max: f64,
+    price_first: f64,
+    first_ms: i64,
+    price_last: f64,
+    last_ms: i64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rollup (
+    bucket_ms    INTEGER NOT NULL,
+    source       TEXT    NOT NULL,
+    symbol       TEXT    NOT NULL,
+    side         TEXT    NOT NULL,
+    events       INTEGER NOT NULL,
+    qty_sum      REAL    NOT NULL,
+    qty_sum_e8   INTEGER NOT NULL,
+    notional_sum REAL    NOT NULL,
+    price_min    REAL    NOT NULL,
+    price_max    REAL    NOT NULL,
+    price_first  REAL    NOT NULL,
+    first_ms     INTEGER NOT NULL,
+    price_last   REAL    NOT NULL,
+    last_ms      INTEGER NOT NULL,
+    PRIMARY KEY (bucket_ms, source, symbol, side)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    topic       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+";
+
+const UPSERT: &str = "
+INSERT INTO rollup (bucket_ms, source, symbol, side, events, qty_sum, qty_sum_e8, notional_sum,
+                    price_min, price_max, price_first, first_ms, price_last, last_ms)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+ON CONFLICT (bucket_ms, source, symbol, side) DO UPDATE SET
+    events       = events + excluded.events,
+    qty_sum      = qty_sum + excluded.qty_sum,
+    qty_sum_e8   = qty_sum_e8 + excluded.qty_sum_e8,
+    notional_sum = notional_sum + excluded.notional_sum,
+    price_min    = min(price_min, excluded.price_min),
+    price_max    = max(price_max, excluded.price_max),
+    price_first  = CASE WHEN excluded.first_ms < first_ms THEN excluded.price_first ELSE price_first END,
+    first_ms     = min(first_ms, excluded.first_ms),
+    price_last   = CASE WHEN excluded.last_ms >= last_ms THEN excluded.price_last ELSE price_last END,
+    last_ms      = max(last_ms, excluded.last_ms)
+";
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store at `path` with rollup buckets of `granularity`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] when the file cannot be opened or the schema created.
+    pub fn open(path: &Path, granularity: Duration) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
+        Ok(EmbeddedStore { conn, granularity_ms })
+    }
+
+    /// Rolls `rows` up into the store and records `offsets` as consumed, in one transaction: either
+    /// both land or neither does.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; the transaction is rolled back.
+    pub fn apply(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)]) -> Result<(), StoreError> {
+        let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
+        for r in rows {
+            let bucket = r.timestamp_ms.div_euclid(self.granularity_ms) * self.granularity_ms;
+            let price = r.price_e8 as f64 / 1e8;
+            let qty = r.volume_e8 as f64 / 1e8;
+            let agg = groups.entry((bucket, r.source, r.symbol, r.is_buy)).or_insert(Agg {
+                events: 0,
+                qty_sum: 0.0,
+                qty_sum_e8: 0,
+                notional_sum: 0.0,
+                price_min: price,
+                price_max: price,
+                price_first: price,
+                first_ms: r.timestamp_ms,
+                price_last: price,
+                last_ms: r.timestamp_ms,
+            });
+            agg.events += 1;
+            agg.qty_sum += qty;
+            agg.qty_sum_e8 = agg.qty_sum_e8.saturating_add(r.volume_e8);
+            agg.notional_sum += price * qty;
+            agg.price_min = agg.price_min.min(price);
+            agg.price_max = agg.price_max.max(price);
+            if r.timestamp_ms < agg.first_ms {
+                (agg.first_ms, agg.price_first) = (r.timestamp_ms, price);
+            }
+            if r.timestamp_ms >= agg.last_ms {
+                (agg.last_ms, agg.price_last) = (r.timestamp_ms, price);
+            }
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(UPSERT)?;
+            for ((bucket, source, symbol, is_buy), a) in &groups {
+                upsert.execute(params![
+                    bucket,
+                    source,
+                    symbol,
+                    if *is_buy { "buy" } else { "sell" },
+                    a.events,
+                    a.qty_sum,
+                    a.qty_sum_e8,
+                    a.notional_sum,
+                    a.price_min,
+                    a.price_max,
+                    a.price_first,
+                    a.first_ms,
+                    a.price_last,
+                    a.last_ms
+                ])?;
+            }
+            let mut offset = tx.prepare_cached(
+                "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            )?;
+            for (topic, partition, next) in offsets {
+                offset.execute(params![topic, partition, next])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The next offset to read per partition of `topic`, as last committed with the rows.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn offsets(&self, topic: &str) -> Result<Offsets, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT topic, partition, next_offset FROM consumer_offsets WHERE topic = ?1 ORDER BY partition",
+        )?;
+        let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Answers read-only SQL over the store as JSON rows, through its own read-only connection.
+pub struct QueryConnection {
+    conn: Connection,
+}
+
+impl QueryConnection {
+    /// Opens the store at `path` read-only.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] when it does not exist or cannot be opened.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        Ok(QueryConnection { conn })
+    }
+
+    /// Runs one read-only statement and returns at most `limit` rows, each a JSON object by column.
+    ///
+    /// # Errors
+    /// [`StoreError::NotReadOnly`] for anything that would write (checked by SQLite on the prepared
+    /// statement, and refused by the read-only connection anyway), or the SQL error.
+    pub fn query(
+        &self,
+        sql: &str,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, StoreError> {
+        let mut stmt = self.conn.prepare(sql)?;
+        if !stmt.readonly() {
+            return Err(StoreError::NotReadOnly);
+        }
+        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            if out.len() >= limit {
+                break;
+            }
+            let mut obj = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                use rusqlite::types::ValueRef;
+                let v = match row.get_ref(i)? {
+                    ValueRef::Null => serde_json::Value::Null,
+                    ValueRef::Integer(n) => n.into(),
+                    ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
+                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                    ValueRef::Blob(b) => b.len().into(),
+                };
+                obj.insert(name.clone(), v);
+            }
+            out.push(obj);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("sluice-store-{}-{name}.db", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn trade(ts: i64, symbol: &str, is_buy: bool, price: i64, qty: i64) -> Row<'_> {
+        Row { timestamp_ms: ts, source: "binance", symbol, is_buy, price_e8: price, volume_e8: qty }
+    }
+
+    #[test]
+    fn rollups_match_druid_semantics_across_batches() {
+        let path = temp("rollup");
+        let mut store = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        // Minute 0: three buys over two batches, out of time order; one sell. Minute 1: one buy.
+        store
+            .apply(
+                &[
+                    trade(30_000, "BTCUSDT", true, 100_00000000, 1_00000000),
+                    trade(59_999, "BTCUSDT", false, 90_00000000, 2_00000000),
+                ],
+                &[("t", 0, 2)],
+            )
+            .unwrap();
+        store
+            .apply(
+                &[
+                    trade(10_000, "BTCUSDT", true, 110_00000000, 50000000),
+                    trade(40_000, "BTCUSDT", true, 105_00000000, 25000000),
+                    trade(60_000, "BTCUSDT", true, 120_00000000, 1),
+                ],
+                &[("t", 0, 5)],
+            )
+            .unwrap();
+        let q = QueryConnection::open(&path).unwrap();
+        let rows = q
+            .query(
+                "SELECT bucket_ms, side, events, qty_sum, qty_sum_e8, notional_sum, price_min, price_max, price_first, price_last
+                 FROM rollup ORDER BY bucket_ms, side",
+                100,
+            )
+            .unwrap();
+        assert_eq!(rows.len(), 3);
+        let buy0 = &rows[0];
+        assert_eq!(buy0["bucket_ms"], 0);
+        assert_eq!(buy0["side"], "buy");
+        assert_eq!(buy0["events"], 3);
+        assert_eq!(buy0["qty_sum_e8"], 1_75000000i64);
+        assert_eq!(buy0["qty_sum"], 1.75);
+        assert_eq!(buy0["notional_sum"], 100.0 + 55.0 + 26.25);
+        assert_eq!((buy0["price_min"].clone(), buy0["price_max"].clone()), (100.0.into(), 110.0.into()));
+        // First and last by trade time, not by arrival.
+        assert_eq!((buy0["price_first"].clone(), buy0["price_last"].clone()), (110.0.into(), 105.0.into()));
+        assert_eq!(rows[1]["side"], "sell");
+        assert_eq!(rows[2]["bucket_ms"], 60_000);
+        assert_eq!(store.offsets("t").unwrap(), vec![("t".to_string(), 0, 5)]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn offsets_commit_with_the_rows_or_not_at_all() {
+        let path = temp("atomic");
+        let mut store = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        store.apply(&[trade(1, "A", true, 1, 1)], &[("t", 0, 1)]).unwrap();
+        // Make the next transaction fail after the upserts: an offsets row that violates a constraint.
+        store.conn.execute_batch("CREATE TRIGGER no_big BEFORE UPDATE ON consumer_offsets WHEN NEW.next_offset > 100 BEGIN SELECT RAISE(ABORT, 'boom'); END;").unwrap();
+        assert!(store.apply(&[trade(2, "A", true, 1, 1)], &[("t", 0, 101)]).is_err());
+        let q = QueryConnection::open(&path).unwrap();
+        assert_eq!(q.query("SELECT events FROM rollup", 10).unwrap()[0]["events"], 1);
+        assert_eq!(store.offsets("t").unwrap(), vec![("t".to_string(), 0, 1)]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn queries_are_read_only() {
+        let path = temp("readonly");
+        let mut store = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        store.apply(&[trade(1, "A", true, 1, 1)], &[]).unwrap();
+        let q = QueryConnection::open(&path).unwrap();
+        for sql in [
+            "DELETE FROM rollup",
+            "UPDATE rollup SET events = 0",
+            "DROP TABLE rollup",
+            "INSERT INTO consumer_offsets VALUES ('x', 0, 0)",
+        ] {
+            assert!(matches!(q.query(sql, 10), Err(StoreError::NotReadOnly)), "{sql}");
+        }
+        assert!(matches!(q.query("SELEC nonsense", 10), Err(StoreError::Sqlite(_))));
+        assert_eq!(q.query("SELECT count(*) AS n FROM rollup", 10).unwrap()[0]["n"], 1);
+        assert_eq!(q.query("SELECT * FROM rollup", 0).unwrap().len(), 0);
+        let _ = std::fs::remove_file(&path);
+    }
+}
