@@ -9,6 +9,7 @@
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
 //! - [`pipeline`]: the only place that wires the stages together.
+//! - [`transform`]: batches through a plugin's `transform`, with retry and bisection.
 //! - [`batch`]: the adaptive batcher in front of the sinks.
 //! - [`sink`]: where rolled-up output lands (the embedded SQLite store).
 //! - [`config`]: the TOML configuration.
@@ -26,3 +27,4 @@ pub mod proto;
 pub mod sink;
 pub mod source;
 pub mod symbols;
+pub mod transform;

@@ -5,6 +5,10 @@
 //! and its trade-id state). A worker drains what is queued (up to `max_frames_per_call`), decodes it
 //! with one plugin call per plugin binding, and hands the records to the Kafka producer; refused frames
 //! go to the dead-letter topic.
+//!
+//! Process: [`run_process`] reads the events topic from the offsets the store holds, transforms each
+//! source's records with its plugin, batches the rows adaptively and writes them to the embedded store
+//! together with the offsets they came from.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,11 +18,15 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::batch::{BatchConfig, Batcher};
 use crate::config::SourceConfig;
 use crate::decode::{Decoder, RejectedFrame};
+use crate::kafka::consumer::{EventConsumer, Polled};
 use crate::kafka::producer::EventProducer;
 use crate::plugin::{PluginCode, PluginError};
+use crate::sink::embedded::{EmbeddedStore, Row};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats};
+use crate::transform::Transformer;
 
 /// Tuning of the ingest role.
 #[derive(Clone, Debug)]
@@ -334,4 +342,166 @@ fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
 /// Index of source `id` in the per-source tables (ids start at 1; 0 maps past the end).
 fn slot(id: u32) -> usize {
     (id as usize).wrapping_sub(1)
+}
+
+/// Settings of the process role.
+#[derive(Clone, Debug)]
+pub struct ProcessSettings {
+    /// Partitions of the events topic (all are assigned to this instance).
+    pub partitions: i32,
+    /// Most records read per poll.
+    pub max_poll_records: usize,
+    /// The batcher in front of the store.
+    pub batch: BatchConfig,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        ProcessSettings { partitions: 6, max_poll_records: 4096, batch: BatchConfig::default() }
+    }
+}
+
+/// Counters of the process role.
+#[derive(Debug, Default)]
+pub struct ProcessStats {
+    /// Records read from Kafka.
+    pub consumed: AtomicU64,
+    /// Rows written to the store.
+    pub stored: AtomicU64,
+    /// Records the transform refused (dead-lettered).
+    pub rejected: AtomicU64,
+    /// Failed plugin calls (each retried or bisected).
+    pub failed_calls: AtomicU64,
+    /// Batches flushed to the store.
+    pub flushes: AtomicU64,
+}
+
+/// What the process role needs to name things: source names by id and the symbol dictionary.
+pub struct Names {
+    /// `sources[id - 1]` is the name of source `id`.
+    pub sources: Vec<Arc<str>>,
+    /// The dictionary the ingest role interned into.
+    pub symbols: Arc<crate::symbols::Symbols>,
+}
+
+/// The process role, run on the calling thread until `stop` is set: consume, transform per source's
+/// plugin, batch, and write rows and offsets to the embedded store in one transaction. Refused
+/// records go to the dead-letter topic through `dlq`.
+///
+/// # Errors
+/// A store or plugin failure that stops the role; nothing past the last committed batch is lost,
+/// since offsets are only stored with the rows.
+#[allow(clippy::too_many_arguments)]
+pub fn run_process(
+    consumer: &EventConsumer,
+    transformers: &mut HashMap<u32, Transformer>,
+    store: &mut EmbeddedStore,
+    names: &Names,
+    dlq: &EventProducer,
+    settings: &ProcessSettings,
+    stats: &ProcessStats,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), anyhow::Error> {
+    let topic = consumer.topic().to_owned();
+    consumer.assign(settings.partitions, &store.offsets(&topic)?)?;
+    let mut batcher = Batcher::new(settings.batch);
+    let mut polled = Polled::default();
+    // Rows waiting for the store, and the next offset per partition they cover.
+    let mut pending: Vec<PendingRow> = Vec::new();
+    let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    // Per-source input buffers, reused.
+    let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        polled.clear();
+        let wait = batcher
+            .deadline()
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        consumer.poll_into(&mut polled, settings.max_poll_records, wait);
+        stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
+        for buf in by_source.values_mut() {
+            buf.clear();
+        }
+        for (item, &(partition, offset)) in plugin_sdk::wire::Delimited::new(&polled.records).zip(&polled.positions) {
+            next_offsets.insert(partition, offset + 1);
+            let Ok(bytes) = item else { continue };
+            let source = plugin_sdk::StreamDataView::parse(bytes).map(|v| v.source_id).unwrap_or(0);
+            plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
+        }
+        let mut added = 0;
+        for (source, input) in &by_source {
+            if input.is_empty() {
+                continue;
+            }
+            let Some(t) = transformers.get_mut(source) else {
+                for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
+                    dead_letter_record(dlq, *source, names, item, "no plugin bound to this source");
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            };
+            let out = t.transform(input)?;
+            stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+            for r in &out.rejects {
+                dead_letter_record(dlq, *source, names, &r.bytes, &r.reason);
+            }
+            stats.rejected.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
+            for item in plugin_sdk::wire::Delimited::new(&out.records).filter_map(Result::ok) {
+                if let Ok(v) = plugin_sdk::StreamDataView::parse(item) {
+                    pending.push(PendingRow {
+                        source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
+                        symbol: names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")),
+                        timestamp_ms: v.timestamp_ms,
+                        is_buy: v.is_buy,
+                        price_e8: v.price_e8,
+                        volume_e8: v.volume_e8,
+                    });
+                    added += 1;
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        let due = batcher.add(added, added * 48, now).is_some() || batcher.is_due(now);
+        // Offsets move even when a poll produced no rows (all refused), so commit them too.
+        if due || (pending.is_empty() && !polled.positions.is_empty()) {
+            batcher.take(now);
+            let rows: Vec<Row<'_>> = pending
+                .iter()
+                .map(|p| Row {
+                    timestamp_ms: p.timestamp_ms,
+                    source: &p.source,
+                    symbol: &p.symbol,
+                    is_buy: p.is_buy,
+                    price_e8: p.price_e8,
+                    volume_e8: p.volume_e8,
+                })
+                .collect();
+            let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic.as_str(), *p, *o)).collect();
+            let started = std::time::Instant::now();
+            store.apply(&rows, &offsets)?;
+            batcher.flushed(started.elapsed());
+            stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            stats.flushes.fetch_add(1, Ordering::Relaxed);
+            drop(rows);
+            pending.clear();
+        }
+    }
+    Ok(())
+}
+
+/// A transformed row waiting for the store.
+struct PendingRow {
+    source: Arc<str>,
+    symbol: Arc<str>,
+    timestamp_ms: i64,
+    is_buy: bool,
+    price_e8: i64,
+    volume_e8: i64,
+}
+
+fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, bytes: &[u8], reason: &str) {
+    let name = names.sources.get(slot(source)).map(|s| &**s).unwrap_or("");
+    let reject = RejectedFrame { source, bytes: bytes::Bytes::copy_from_slice(bytes), reason: reason.to_owned() };
+    dlq.send_reject_at(&reject, name, "", "transform");
 }

@@ -2,6 +2,7 @@
 //! and the embedded broker used when no brokers are configured.
 
 pub mod broker;
+pub mod consumer;
 pub mod producer;
 
 use std::collections::BTreeMap;

@@ -122,10 +122,15 @@ impl EventProducer {
 
     /// Dead-letters a refused frame with its source, plugin and reason as headers.
     pub fn send_reject(&self, reject: &RejectedFrame, source_name: &str, plugin: &str) {
+        self.send_reject_at(reject, source_name, plugin, "decode");
+    }
+
+    /// Dead-letters refused input of `stage` (`decode` or `transform`).
+    pub fn send_reject_at(&self, reject: &RejectedFrame, source_name: &str, plugin: &str, stage: &str) {
         let headers = OwnedHeaders::new()
             .insert(Header { key: "sluice.source", value: Some(source_name) })
             .insert(Header { key: "sluice.plugin", value: Some(plugin) })
-            .insert(Header { key: "sluice.stage", value: Some("decode") })
+            .insert(Header { key: "sluice.stage", value: Some(stage) })
             .insert(Header { key: "sluice.reason", value: Some(reject.reason.as_str()) });
         let key = reject.source.to_be_bytes();
         self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(&reject.bytes[..]).headers(headers));

@@ -1,0 +1,149 @@
+//! The process role against a real Kafka-protocol broker: records in `sluice.events` go through a
+//! real wasm plugin (`chaos`, trapping on one poison trade id) into the embedded SQLite store. The
+//! rolled-up counts and quantity sums equal those computed independently from the records sent, the
+//! poison record alone lands in the dead-letter topic, and a restarted process resumes from the
+//! offsets stored with the rows without counting anything twice.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestBroker, read_topic, unique_topic};
+use plugin_sdk::{Record, Records, StreamDataView};
+use sluice::batch::BatchConfig;
+use sluice::kafka::consumer::EventConsumer;
+use sluice::kafka::producer::EventProducer;
+use sluice::kafka::{KafkaConfig, ensure_topics};
+use sluice::pipeline::{Names, ProcessSettings, ProcessStats, run_process};
+use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
+use sluice::symbols::Symbols;
+use sluice::transform::Transformer;
+
+const POISON: u64 = 1_234;
+const SYMBOLS: [&str; 3] = ["BTCUSDT", "ETHUSDT", "SOLUSDT"];
+
+fn trade(i: u64, symbols: &Symbols) -> Record {
+    Record {
+        source_id: 1,
+        symbol_id: symbols.intern(SYMBOLS[(i % 3) as usize]),
+        price_e8: 100_00000000 + (i as i64 % 97) * 1_000_000,
+        volume_e8: 1_000_000 + (i as i64 * 7_919) % 50_000_000,
+        timestamp_ms: 1_700_000_000_000 + i as i64 * 150,
+        is_buy: i % 5 < 3,
+        trade_id: i,
+        received_at_us: 0,
+    }
+}
+
+/// Runs the process role until it has handled `want` records (stored or refused), then stops it.
+fn process_until(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+    store_path: &std::path::Path,
+    symbols: &Arc<Symbols>,
+    want: u64,
+) -> ProcessStats {
+    let rt = Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
+    let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let consumer = EventConsumer::new(kafka, bootstrap, &unique_topic("group")).unwrap();
+    let dlq = EventProducer::new(kafka, bootstrap).unwrap();
+    let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings {
+        partitions: 3,
+        batch: BatchConfig { target_latency: Duration::from_millis(100), ..BatchConfig::default() },
+        ..ProcessSettings::default()
+    };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let runner =
+            s.spawn(|| run_process(&consumer, &mut transformers, &mut store, &names, &dlq, &settings, &stats, &stop));
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let a last batch with only offsets land, then stop.
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap().unwrap();
+    });
+    dlq.flush(Duration::from_secs(20)).unwrap();
+    stats
+}
+
+#[test]
+fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("process");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    let send = |range: std::ops::RangeInclusive<u64>| {
+        let mut records = Records::new();
+        for i in range {
+            records.push(&trade(i, &symbols));
+        }
+        producer.send_records(records.as_bytes());
+        producer.flush(Duration::from_secs(20)).unwrap();
+    };
+    let store_path = std::env::temp_dir().join(format!("sluice-process-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+
+    send(1..=3_000);
+    let first = process_until(&kafka, &broker.bootstrap, &store_path, &symbols, 3_000);
+    assert_eq!(first.rejected.load(Ordering::Relaxed), 1);
+    assert!(first.failed_calls.load(Ordering::Relaxed) >= 2, "the poison batch was retried and bisected");
+
+    // A restarted process resumes from the stored offsets: only the new records are added.
+    send(3_001..=4_500);
+    let second = process_until(&kafka, &broker.bootstrap, &store_path, &symbols, 1_500);
+    assert_eq!(second.consumed.load(Ordering::Relaxed), 1_500, "the restart read old records again");
+    assert_eq!(second.rejected.load(Ordering::Relaxed), 0);
+
+    // Independently: counts and exact quantity sums per symbol and side, poison excluded.
+    let mut want: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    for i in (1..=4_500).filter(|&i| i != POISON) {
+        let t = trade(i, &symbols);
+        let side = if t.is_buy { "buy" } else { "sell" };
+        let e = want.entry((SYMBOLS[(i % 3) as usize].to_owned(), side.to_owned())).or_default();
+        e.0 += 1;
+        e.1 += t.volume_e8;
+    }
+    let q = QueryConnection::open(&store_path).unwrap();
+    let rows = q
+        .query(
+            "SELECT symbol, side, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY symbol, side ORDER BY symbol, side",
+            100,
+        )
+        .unwrap();
+    let got: BTreeMap<(String, String), (i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                (r["symbol"].as_str().unwrap().to_owned(), r["side"].as_str().unwrap().to_owned()),
+                (r["n"].as_i64().unwrap(), r["q"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+
+    let dlq = read_topic(&broker.bootstrap, &kafka.dlq_topic, 3, 1, Duration::from_secs(20));
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(StreamDataView::parse(&dlq[0].payload).unwrap().trade_id, POISON);
+    let header = |k: &str| dlq[0].headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+    assert_eq!(header("sluice.stage").as_deref(), Some("transform"));
+    assert!(header("sluice.reason").unwrap().contains("poison record"), "{:?}", header("sluice.reason"));
+    let _ = std::fs::remove_file(&store_path);
+}
