@@ -15,11 +15,14 @@ use serde::Serialize;
 use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
 use crate::kafka::broker::EmbeddedBroker;
+use crate::kafka::consumer::EventConsumer;
 use crate::kafka::ensure_topics;
 use crate::kafka::producer::EventProducer;
-use crate::pipeline::{Ingest, IngestSettings};
+use crate::pipeline::{Ingest, IngestSettings, Names, ProcessSettings, ProcessStats, run_process};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
+use crate::sink::embedded::{EmbeddedStore, QueryConnection};
 use crate::symbols::Symbols;
+use crate::transform::Transformer;
 
 /// sluice: WebSocket market data to Kafka, through sandboxed wasm plugins, to Druid.
 #[derive(Debug, Parser)]
@@ -321,14 +324,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 struct Running {
     ingest: Ingest,
     producer: Arc<EventProducer>,
+    /// The process role's thread and its stop flag and counters.
+    process: std::thread::JoinHandle<anyhow::Result<()>>,
+    process_stop: Arc<std::sync::atomic::AtomicBool>,
+    process_stats: Arc<ProcessStats>,
+    /// The embedded store the process role writes.
+    store_path: PathBuf,
     /// The embedded broker when no brokers are configured (kept alive, snapshotted on drop).
     broker: Option<EmbeddedBroker>,
     topic: String,
     brokers: String,
 }
 
-/// Starts the ingest role: the broker (embedded unless configured), the topics, the plugins (compiled
-/// off the async runtime) and the sources.
+/// Starts both roles: the broker (embedded unless configured), the topics, the plugins (compiled off
+/// the async runtime), the sources (ingest), and the consumer that transforms each source's records
+/// with its plugin and rolls them up into the embedded store (process).
 async fn start(config: &Config) -> anyhow::Result<Running> {
     let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
         let broker = EmbeddedBroker::start("127.0.0.1:0", &config.data_dir.join("broker"), Duration::from_secs(5))?;
@@ -346,10 +356,12 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let symbols_path = config.data_dir.join("symbols.jsonl");
-    let symbols =
-        Symbols::open(&symbols_path).with_context(|| format!("symbol dictionary {}", symbols_path.display()))?;
+    let symbols = Arc::new(
+        Symbols::open(&symbols_path).with_context(|| format!("symbol dictionary {}", symbols_path.display()))?,
+    );
+    let dictionary = symbols.clone();
     let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(symbols))?;
+        let runtime = Runtime::new(RuntimeSettings::default(), dictionary)?;
         let mut plugins = HashMap::new();
         for name in wanted {
             let pc = plugin_configs.get(&name);
@@ -379,7 +391,40 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
     };
     let ingest = Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?;
-    Ok(Running { ingest, producer, broker, topic: kafka.events_topic.clone(), brokers })
+
+    // Process: each source's records through its plugin's transform, into the embedded store.
+    let mut transformers = HashMap::new();
+    for h in ingest.sources() {
+        let config: Vec<(String, String)> =
+            h.config.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(code) = plugins.get(&h.config.plugin) {
+            transformers.insert(h.id, Transformer::new(code.instantiate(&config)?));
+        }
+    }
+    let names =
+        Names { sources: ingest.sources().iter().map(|h| Arc::from(h.config.name.as_str())).collect(), symbols };
+    let store_path = config.data_dir.join("store.sqlite");
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60))?;
+    let consumer = EventConsumer::new(kafka, &brokers, "sluice-process")?;
+    let process_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let process_stats = Arc::new(ProcessStats::default());
+    let (stop, stats, dlq, partitions) =
+        (process_stop.clone(), process_stats.clone(), producer.clone(), kafka.partitions);
+    let process = std::thread::Builder::new().name("sluice-process".into()).spawn(move || {
+        let settings = ProcessSettings { partitions, ..ProcessSettings::default() };
+        run_process(&consumer, &mut transformers, &mut store, &names, &dlq, &settings, &stats, &stop)
+    })?;
+    Ok(Running {
+        ingest,
+        producer,
+        process,
+        process_stop,
+        process_stats,
+        store_path,
+        broker,
+        topic: kafka.events_topic.clone(),
+        brokers,
+    })
 }
 
 impl Running {
@@ -399,6 +444,13 @@ impl Running {
     async fn stop(self) -> anyhow::Result<u64> {
         self.ingest.stop().await;
         self.producer.flush(Duration::from_secs(30))?;
+        // Give the process role a moment to roll up what was just delivered, then stop it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.process_stop.store(true, Ordering::Relaxed);
+        let process = self.process;
+        tokio::task::spawn_blocking(move || process.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
         drop(self.broker);
         Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
     }
@@ -474,9 +526,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             _ = &mut ctrl_c => break,
         }
         let [frames, records, delivered, rejects, gaps, up] = running.counts();
-        println!("{second:>4}  {frames:>8} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>4}/3");
+        let stored = running.process_stats.stored.load(Ordering::Relaxed);
+        println!("{second:>4}  {frames:>8} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>4}/3 {stored:>9}");
     }
     let topic = running.topic.clone();
+    let store_path = running.store_path.clone();
     let delivered = running.stop().await?;
     sim.shutdown().await;
     println!(
@@ -485,6 +539,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     if delivered == 0 {
         bail!("no records were delivered");
+    }
+    let sql = "SELECT strftime('%H:%M', bucket_ms / 1000, 'unixepoch') AS minute, source, symbol, side, events, \
+               round(qty_sum, 4) AS qty, price_min, price_max, price_last \
+               FROM rollup ORDER BY bucket_ms DESC, source, symbol, side LIMIT 12";
+    println!("\nrolled up in {} (per minute, source, symbol, side):\n{sql}", store_path.display());
+    let rows = QueryConnection::open(&store_path)?.query(sql, 12)?;
+    if rows.is_empty() {
+        bail!("nothing was rolled up");
+    }
+    for row in rows {
+        let cells: Vec<String> = row.values().map(|v| v.to_string()).collect();
+        println!("  {}", cells.join("  "));
     }
     Ok(())
 }

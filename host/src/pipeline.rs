@@ -411,6 +411,8 @@ pub fn run_process(
     let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
     // Per-source input buffers, reused.
     let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    // Records read since the last flush (their offsets are not stored yet).
+    let mut unflushed = false;
     while !stop.load(Ordering::Relaxed) {
         polled.clear();
         let wait = batcher
@@ -463,30 +465,49 @@ pub fn run_process(
         }
         let now = tokio::time::Instant::now();
         let due = batcher.add(added, added * 48, now).is_some() || batcher.is_due(now);
+        unflushed |= !polled.positions.is_empty();
         // Offsets move even when a poll produced no rows (all refused), so commit them too.
         if due || (pending.is_empty() && !polled.positions.is_empty()) {
-            batcher.take(now);
-            let rows: Vec<Row<'_>> = pending
-                .iter()
-                .map(|p| Row {
-                    timestamp_ms: p.timestamp_ms,
-                    source: &p.source,
-                    symbol: &p.symbol,
-                    is_buy: p.is_buy,
-                    price_e8: p.price_e8,
-                    volume_e8: p.volume_e8,
-                })
-                .collect();
-            let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic.as_str(), *p, *o)).collect();
-            let started = std::time::Instant::now();
-            store.apply(&rows, &offsets)?;
-            batcher.flushed(started.elapsed());
-            stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
-            stats.flushes.fetch_add(1, Ordering::Relaxed);
-            drop(rows);
-            pending.clear();
+            flush(store, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+            unflushed = false;
         }
     }
+    // A clean stop stores what was transformed, so a restart does not redo it.
+    if unflushed {
+        flush(store, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+    }
+    Ok(())
+}
+
+/// Writes the pending rows and the offsets they cover in one transaction.
+fn flush(
+    store: &mut EmbeddedStore,
+    batcher: &mut Batcher,
+    pending: &mut Vec<PendingRow>,
+    next_offsets: &BTreeMap<i32, i64>,
+    topic: &str,
+    stats: &ProcessStats,
+) -> Result<(), anyhow::Error> {
+    batcher.take(tokio::time::Instant::now());
+    let rows: Vec<Row<'_>> = pending
+        .iter()
+        .map(|p| Row {
+            timestamp_ms: p.timestamp_ms,
+            source: &p.source,
+            symbol: &p.symbol,
+            is_buy: p.is_buy,
+            price_e8: p.price_e8,
+            volume_e8: p.volume_e8,
+        })
+        .collect();
+    let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
+    let started = std::time::Instant::now();
+    store.apply(&rows, &offsets)?;
+    batcher.flushed(started.elapsed());
+    stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    stats.flushes.fetch_add(1, Ordering::Relaxed);
+    drop(rows);
+    pending.clear();
     Ok(())
 }
 

@@ -85,6 +85,11 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert!(delivered >= 50, "{delivered} delivered\n{log}");
     // The embedded broker left its snapshot in the data directory on the clean stop.
     assert!(dir.join("broker").join("kafka.json").exists());
+    // The process role rolled up what was delivered into the embedded store.
+    let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).unwrap();
+    let rolled =
+        q.query("SELECT sum(events) AS n FROM rollup WHERE symbol = 'BTCUSDT'", 1).unwrap()[0]["n"].as_u64().unwrap();
+    assert!(rolled >= 50 && rolled <= delivered, "{rolled} rolled up of {delivered} delivered");
     // And the symbol dictionary, so ids survive a restart.
     let symbols = std::fs::read_to_string(dir.join("symbols.jsonl")).unwrap();
     assert_eq!(symbols.lines().collect::<Vec<_>>(), vec!["\"BTCUSDT\""]);
