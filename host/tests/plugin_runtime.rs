@@ -20,8 +20,9 @@ fn runtime() -> Runtime {
     Runtime::new(settings, Arc::new(Symbols::new())).expect("engine starts")
 }
 
+/// Limits for tests about everything but time: a deadline generous enough for a loaded machine.
 fn limits() -> Limits {
-    Limits { memory_bytes: 32 << 20, deadline: Duration::from_millis(100), output_bytes: 1 << 20 }
+    Limits { memory_bytes: 32 << 20, deadline: Duration::from_secs(5), output_bytes: 1 << 20 }
 }
 
 fn chaos(rt: &Runtime, limits: Limits) -> Arc<PluginCode> {
@@ -94,14 +95,15 @@ fn transform_runs_on_batches_and_keeps_state_between_calls() {
 #[test]
 fn an_infinite_loop_times_out_within_the_deadline_and_the_host_carries_on() {
     let rt = runtime();
-    let code = chaos(&rt, limits());
+    let code = chaos(&rt, Limits { deadline: Duration::from_millis(100), ..limits() });
     let mut looping = code.instantiate(&config(&[("mode", "loop")])).unwrap();
     for _ in 0..2 {
         let start = Instant::now();
         let err = looping.transform(&batch(&trades(3))).unwrap_err();
         let took = start.elapsed();
         assert!(matches!(err, PluginError::Timeout { deadline } if deadline == Duration::from_millis(100)), "{err}");
-        assert!(took < Duration::from_millis(600), "took {took:?}");
+        // The deadline plus scheduling slack on a busy machine, far below "never".
+        assert!(took < Duration::from_secs(2), "took {took:?}");
     }
     // Another instance of the same engine is unaffected.
     let mut fine = code.instantiate(&[]).unwrap();

@@ -220,7 +220,8 @@ impl QueryConnection {
         Ok(QueryConnection { conn })
     }
 
-    /// Runs one read-only statement and returns at most `limit` rows, each a JSON object by column.
+    /// Runs one read-only statement and returns at most `limit` rows, each a JSON object with the
+    /// columns in the statement's order.
     ///
     /// # Errors
     /// [`StoreError::NotReadOnly`] for anything that would write (checked by SQLite on the prepared
@@ -353,6 +354,9 @@ mod tests {
         assert!(matches!(q.query("SELEC nonsense", 10), Err(StoreError::Sqlite(_))));
         assert_eq!(q.query("SELECT count(*) AS n FROM rollup", 10).unwrap()[0]["n"], 1);
         assert_eq!(q.query("SELECT * FROM rollup", 0).unwrap().len(), 0);
+        // Columns keep the statement's order.
+        let row = q.query("SELECT 1 AS z, 2 AS a", 1).unwrap().remove(0);
+        assert_eq!(row.keys().collect::<Vec<_>>(), ["z", "a"]);
         let _ = std::fs::remove_file(&path);
     }
 }
