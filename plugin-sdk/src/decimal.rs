@@ -54,6 +54,33 @@ pub fn parse_e8(s: &str) -> Result<i64, DecimalError> {
     parse_fixed(s.as_bytes(), 8)
 }
 
+/// `value * numerator / denominator`, exactly (rounded toward zero), or `None` when the result does
+/// not fit an `i64` or `denominator` is 0. For rescaling fixed-point values by a ratio.
+///
+/// When the product fits 63 bits (almost always for prices and volumes) this is one multiply and one
+/// divide; only larger products go through 128-bit arithmetic, which inside wasm is a library call.
+///
+/// ```
+/// use plugin_sdk::decimal::mul_div;
+/// assert_eq!(mul_div(400_000_000, 1, 4), Some(100_000_000));
+/// assert_eq!(mul_div(900_000_000_000_000_000, 3, 2), Some(1_350_000_000_000_000_000));
+/// assert_eq!(mul_div(i64::MAX, 2, 1), None);
+/// assert_eq!(mul_div(1, 1, 0), None);
+/// ```
+#[inline]
+pub fn mul_div(value: i64, numerator: i64, denominator: i64) -> Option<i64> {
+    if denominator == 0 {
+        return None;
+    }
+    // |value| < 2^(64 - a) and |numerator| < 2^(64 - b), so with a + b >= 65 the product's magnitude is
+    // below 2^63 and fits.
+    if value.unsigned_abs().leading_zeros() + numerator.unsigned_abs().leading_zeros() >= 65 {
+        return (value * numerator).checked_div(denominator);
+    }
+    let wide = i128::from(value) * i128::from(numerator) / i128::from(denominator);
+    i64::try_from(wide).ok()
+}
+
 /// Parses a decimal string into an integer with `scale` implied decimals (`scale` at most 18).
 ///
 /// # Errors
@@ -71,6 +98,8 @@ pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
         _ => (false, 0),
     };
     // Mantissa digits accumulated as an unsigned magnitude, with the position of the point.
+    let mut small: u64 = 0;
+    let mut wide = false;
     let mut magnitude: u128 = 0;
     let mut frac_digits: i64 = 0;
     let mut seen_digit = false;
@@ -82,6 +111,20 @@ pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
         match c {
             b'0'..=b'9' => {
                 seen_digit = true;
+                // The first 18 digits in 64-bit arithmetic (128-bit multiplies are library calls in
+                // wasm); `magnitude` takes over from `small` only for longer mantissas.
+                if !wide {
+                    if small < 100_000_000_000_000_000 {
+                        small = small * 10 + u64::from(c - b'0');
+                        if seen_point {
+                            frac_digits += 1;
+                        }
+                        i += 1;
+                        continue;
+                    }
+                    wide = true;
+                    magnitude = u128::from(small);
+                }
                 if magnitude < (1u128 << 100) {
                     magnitude = magnitude * 10 + u128::from(c - b'0');
                     if seen_point {
@@ -114,6 +157,18 @@ pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
     }
     // value = magnitude * 10^(scale - frac_digits + exponent)
     let shift = i64::from(scale) - frac_digits + exponent;
+    if !wide {
+        // The common case, in 64 bits: a short mantissa scaled up by at most 10^18.
+        let scaled = u32::try_from(shift).ok().and_then(|s| 10u64.checked_pow(s)).and_then(|f| small.checked_mul(f));
+        if let Some(scaled) = scaled {
+            return match negative {
+                true if scaled <= i64::MAX as u64 + 1 => Ok((scaled as i64).wrapping_neg()),
+                false if scaled <= i64::MAX as u64 => Ok(scaled as i64),
+                _ => Err(DecimalError::Overflow),
+            };
+        }
+        magnitude = u128::from(small);
+    }
     let scaled = if shift >= 0 {
         if magnitude == 0 {
             0
@@ -229,6 +284,48 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn mul_div_agrees_with_wide_arithmetic() {
+        let values =
+            [0, 1, -1, 7, 99_999, 6_500_000_000_000, -6_500_000_000_000, 1 << 40, (1 << 62) - 1, i64::MAX, i64::MIN];
+        let ratios = [(1, 1), (1, 4), (3, 2), (-5, 3), (1 << 20, 7), (i64::MAX, 1), (2, -1), (1, 0), (-1, 1)];
+        for &v in &values {
+            for &(n, d) in &ratios {
+                let expected =
+                    if d == 0 { None } else { i64::try_from(i128::from(v) * i128::from(n) / i128::from(d)).ok() };
+                assert_eq!(mul_div(v, n, d), expected, "{v} * {n} / {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_decimals_read_exactly() {
+        let mut x = 0x853c_49e6_748f_ea9bu64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let int = (x >> 20) % 10u64.pow((x % 11) as u32);
+            let digits = (x >> 8) % 12;
+            let frac = (x >> 30) % 10u64.pow(digits as u32);
+            let negative = x & 1 == 1;
+            let text = if digits == 0 {
+                format!("{}{int}", if negative { "-" } else { "" })
+            } else {
+                format!("{}{int}.{frac:0width$}", if negative { "-" } else { "" }, width = digits as usize)
+            };
+            let exact = i128::from(int) * 100_000_000 * 10i128.pow(digits as u32) + i128::from(frac) * 100_000_000;
+            let divisor = 10i128.pow(digits as u32);
+            let expected = if exact % divisor != 0 {
+                Err(DecimalError::TooPrecise { scale: 8 })
+            } else {
+                let v = exact / divisor;
+                Ok(i64::try_from(if negative { -v } else { v }).unwrap())
+            };
+            assert_eq!(parse_e8(&text), expected, "{text}");
         }
     }
 }

@@ -344,26 +344,58 @@ fn number_end(buf: &[u8], mut pos: usize) -> Result<usize, JsonError> {
 fn string_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
     let mut p = pos + 1;
     let mut run_start = p;
+    // Whether the current run (since the opening quote or the last escape) has a non-ASCII byte; only
+    // then does it need a UTF-8 check.
+    let mut non_ascii = false;
+    let check = |run: &[u8], non_ascii: bool, at: usize| match non_ascii {
+        true => std::str::from_utf8(run).map(|_| ()).map_err(|_| err(at, "UTF-8")),
+        false => Ok(()),
+    };
     loop {
+        // Eight plain ASCII bytes (no quote, backslash or control character) at a time.
+        while let Some(Ok(bytes)) = buf.get(p..p + 8).map(<[u8; 8]>::try_from) {
+            if special_or_non_ascii(u64::from_le_bytes(bytes)) != 0 {
+                break;
+            }
+            p += 8;
+        }
         match buf.get(p) {
             None => return Err(err(p, "a closing quote")),
             Some(b'"') => {
-                std::str::from_utf8(&buf[run_start..p]).map_err(|_| err(run_start, "UTF-8"))?;
+                check(&buf[run_start..p], non_ascii, run_start)?;
                 return Ok(p + 1);
             }
             Some(b'\\') => {
-                std::str::from_utf8(&buf[run_start..p]).map_err(|_| err(run_start, "UTF-8"))?;
+                check(&buf[run_start..p], non_ascii, run_start)?;
                 match buf.get(p + 1) {
                     Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => p += 2,
                     Some(b'u') if buf.get(p + 2..p + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => p += 6,
                     _ => return Err(err(p, "a valid escape")),
                 }
                 run_start = p;
+                non_ascii = false;
             }
             Some(c) if *c < 0x20 => return Err(err(p, "no control characters in a string")),
-            Some(_) => p += 1,
+            Some(c) => {
+                non_ascii |= *c >= 0x80;
+                p += 1;
+            }
         }
     }
+}
+
+/// A mask with the high bit set in each byte of `word` that is `"`, `\\`, below 0x20 or above 0x7f.
+#[inline(always)]
+fn special_or_non_ascii(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte is zero after the xor exactly when it equals the searched byte; `has_zero` marks it (and
+    // may mark bytes above it only when a lower one is marked too, so "none marked" is exact).
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
+    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    quote | backslash | control | (word & HIGH)
 }
 
 fn string_inner(raw: &[u8]) -> Option<&[u8]> {
@@ -423,6 +455,68 @@ fn unescape(inner: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-at-a-time reading `string_end` must agree with, fast path or not.
+    fn string_end_reference(buf: &[u8], pos: usize) -> Result<usize, ()> {
+        let mut p = pos + 1;
+        let mut run_start = p;
+        loop {
+            match buf.get(p) {
+                None => return Err(()),
+                Some(b'"') => return std::str::from_utf8(&buf[run_start..p]).map(|_| p + 1).map_err(|_| ()),
+                Some(b'\\') => {
+                    std::str::from_utf8(&buf[run_start..p]).map_err(|_| ())?;
+                    match buf.get(p + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => p += 2,
+                        Some(b'u') if buf.get(p + 2..p + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {
+                            p += 6
+                        }
+                        _ => return Err(()),
+                    }
+                    run_start = p;
+                }
+                Some(c) if *c < 0x20 => return Err(()),
+                Some(_) => p += 1,
+            }
+        }
+    }
+
+    #[test]
+    fn string_scan_agrees_with_byte_at_a_time() {
+        let alphabet: &[&[u8]] = &[
+            b"a",
+            b"Z",
+            b"0",
+            b" ",
+            b"\"",
+            b"\\",
+            b"\\n",
+            b"\\u00e9",
+            b"\x1f",
+            b"\x7f",
+            "é".as_bytes(),
+            "€".as_bytes(),
+            b"\xff",
+            b"\xe2\x82",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut buf = vec![b'"'];
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let mut y = x;
+            for _ in 0..len {
+                y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                buf.extend_from_slice(alphabet[((y >> 33) % alphabet.len() as u64) as usize]);
+            }
+            buf.push(b'"');
+            buf.extend_from_slice(b"  ");
+            let fast = string_end(&buf, 0).map_err(|_| ());
+            assert_eq!(fast, string_end_reference(&buf, 0), "{:?}", String::from_utf8_lossy(&buf));
+        }
+    }
 
     #[test]
     fn reads_a_binance_frame() {

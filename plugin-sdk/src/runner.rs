@@ -75,24 +75,24 @@ impl<P: Plugin> Runner<P> {
         self.out.clear();
         self.counts.clear();
         self.rejects.clear();
-        self.out.reserve(batch.len());
+        let Some(plugin) = self.plugin.as_mut() else {
+            let n = Delimited::new(batch).count() as u32;
+            self.rejects.extend((0..n).map(|index| (index, Reason::from(NOT_INITIALISED))));
+            return;
+        };
+        let (out, rejects) = (&mut self.out, &mut self.rejects);
+        out.reserve(batch.len());
         for (index, item) in Delimited::new(batch).enumerate() {
             let index = index as u32;
-            let Some(plugin) = self.plugin.as_mut() else {
-                self.rejects.push((index, Reason::from(NOT_INITIALISED)));
-                continue;
-            };
-            let view = match item.and_then(StreamDataView::parse) {
-                Ok(view) => view,
-                Err(e) => {
-                    self.rejects.push((index, Reason::field("record", e)));
-                    continue;
+            match item.and_then(StreamDataView::parse) {
+                Ok(view) => {
+                    let mark = out.mark();
+                    if let Err(reason) = plugin.transform(view, out) {
+                        out.rollback(mark);
+                        rejects.push((index, reason));
+                    }
                 }
-            };
-            let mark = self.out.mark();
-            if let Err(reason) = plugin.transform(view, &mut self.out) {
-                self.out.rollback(mark);
-                self.rejects.push((index, reason));
+                Err(e) => rejects.push((index, Reason::field("record", e))),
             }
         }
     }

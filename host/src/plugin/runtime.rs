@@ -93,6 +93,12 @@ impl Runtime {
             .epoch_interruption(true)
             .concurrency_support(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // `SLUICE_WASM_PROFILER=perfmap` (or `jitdump`) shows plugin code to `perf` by function name.
+        match std::env::var("SLUICE_WASM_PROFILER").as_deref() {
+            Ok("perfmap") => _ = config.profiler(wasmtime::ProfilingStrategy::PerfMap),
+            Ok("jitdump") => _ = config.profiler(wasmtime::ProfilingStrategy::JitDump),
+            _ => {}
+        }
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;

@@ -5,6 +5,7 @@
 //! - `min_volume`: decimal, trades with a smaller volume are dropped (default `0`, keep all).
 //! - `scale`: decimal factor applied to prices (default `1`). A price that would overflow is rejected.
 
+use plugin_sdk::decimal::mul_div;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, StreamDataView};
 
 const ONE_E8: i64 = 100_000_000;
@@ -43,14 +44,7 @@ impl Plugin for Rescale {
         if trade.volume_e8 < self.min_volume_e8 {
             return Ok(());
         }
-        // i64 arithmetic when the product fits (almost always); i128 division is a slow library call.
-        let price_e8 = match trade.price_e8.checked_mul(self.numerator) {
-            Some(p) => p / self.denominator,
-            None => {
-                let p = i128::from(trade.price_e8) * i128::from(self.numerator) / i128::from(self.denominator);
-                i64::try_from(p).map_err(|_| "rescaled price overflows")?
-            }
-        };
+        let price_e8 = mul_div(trade.price_e8, self.numerator, self.denominator).ok_or("rescaled price overflows")?;
         out.push(&Record { price_e8, ..trade.record() });
         Ok(())
     }
