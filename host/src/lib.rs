@@ -5,13 +5,13 @@
 //! - [`source`]: WebSocket feeds, one task each: keep-alive, reconnects, rotation.
 //! - [`decode`]: frames through the source's plugin; duplicates dropped and gaps counted by trade id.
 //! - [`kafka`]: the producer, topics and the embedded broker.
-//! - [`proto`]: the `StreamData` record, generated from `proto/` by prost.
+//! - [`proto`]: the `StreamData` record and the Druid sink row, generated from `proto/` by prost.
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
 //! - [`pipeline`]: the only place that wires the stages together.
 //! - [`transform`]: batches through a plugin's `transform`, with retry and bisection.
 //! - [`batch`]: the adaptive batcher in front of the sinks.
-//! - [`sink`]: where rolled-up output lands (the embedded SQLite store).
+//! - [`sink`]: where rolled-up output lands: the embedded SQLite store, or Druid through a Kafka topic.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 

@@ -1,4 +1,5 @@
-//! Sinks: where rolled-up output goes. `embedded` is the default on one machine; Druid (through a
-//! Kafka topic and a supervisor) comes next.
+//! Sinks: where rolled-up output goes. `embedded` is the default on one machine; `druid` writes rows to a
+//! Kafka topic that a Druid supervisor ingests.
 
+pub mod druid;
 pub mod embedded;

@@ -1,0 +1,18 @@
+//! The Druid sink. Druid has no push API: its Kafka supervisor pulls rows from a topic. So the sink writes
+//! each trade to the Druid topic as a protobuf [`SinkRow`](crate::proto::SinkRow) ([`row`]), and keeps a
+//! supervisor spec applied through the Overlord ([`overlord`]) that tells Druid how to read and roll those
+//! rows up. The spec is generated from `[sink.druid]` ([`config`]) and checked offline first ([`spec`]); it
+//! carries the protobuf descriptor inline, so Druid decodes rows with exactly the schema sluice writes.
+
+pub mod config;
+pub mod overlord;
+pub mod row;
+pub mod spec;
+
+pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
+pub use overlord::{BasicAuth, OverlordClient, OverlordError, SupervisorHealth, SupervisorStatus};
+pub use row::encode_row;
+pub use spec::{SpecError, SupervisorId, SupervisorSpec, supervisor_spec, validate};
+
+/// The protobuf message Druid decodes from the topic, by its full name.
+pub const SINK_ROW_MESSAGE: &str = "sluice.v1.SinkRow";
