@@ -16,10 +16,12 @@ use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
 use crate::kafka::broker::EmbeddedBroker;
 use crate::kafka::consumer::EventConsumer;
-use crate::kafka::ensure_topics;
 use crate::kafka::producer::EventProducer;
+use crate::kafka::{ensure_symbols_topic, ensure_topics};
 use crate::pipeline::{Ingest, IngestSettings, Names, ProcessSettings, ProcessStats, run_process};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
+use crate::sink::Sink;
+use crate::sink::druid::{DruidSink, transactional_id};
 use crate::sink::embedded::{EmbeddedStore, QueryConnection};
 use crate::symbols::Symbols;
 use crate::transform::Transformer;
@@ -44,7 +46,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve simulated venue feeds on loopback until Ctrl-C.
     Feedsim(FeedsimArgs),
-    /// Run the ingest role from a configuration file until Ctrl-C.
+    /// Run the roles (ingest, process or both) from a configuration file until Ctrl-C or SIGTERM.
     Run(RunArgs),
     /// Check a configuration file and print the effective configuration, defaults filled in.
     CheckConfig(CheckConfigArgs),
@@ -56,6 +58,9 @@ pub struct RunArgs {
     /// The configuration file.
     #[arg(long)]
     pub config: PathBuf,
+    /// The roles to play; `ingest` and `process` apart need `[kafka] brokers`.
+    #[arg(long, value_enum, default_value = "all")]
+    pub role: Role,
 }
 
 /// Arguments of `sluice check-config`.
@@ -144,7 +149,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => runtime()?.block_on(demo(args)),
         Command::Run(args) => {
             let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
-            runtime()?.block_on(serve(config))
+            runtime()?.block_on(serve(config, args.role))
         }
         Command::CheckConfig(args) => {
             let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
@@ -320,48 +325,45 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-/// The ingest role, running.
+/// Which roles `sluice run` plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Both roles in one process (the default).
+    All,
+    /// Sources to Kafka only.
+    Ingest,
+    /// Kafka through the plugins to the sink only.
+    Process,
+}
+
+/// The roles, running.
 struct Running {
-    ingest: Ingest,
+    ingest: Option<Ingest>,
     producer: Arc<EventProducer>,
-    /// The process role's thread and its stop flag and counters.
-    process: std::thread::JoinHandle<anyhow::Result<()>>,
-    process_stop: Arc<std::sync::atomic::AtomicBool>,
-    process_stats: Arc<ProcessStats>,
-    /// The embedded store the process role writes.
-    store_path: PathBuf,
+    process: Option<ProcessRole>,
     /// The embedded broker when no brokers are configured (kept alive, snapshotted on drop).
     broker: Option<EmbeddedBroker>,
     topic: String,
     brokers: String,
 }
 
-/// Starts both roles: the broker (embedded unless configured), the topics, the plugins (compiled off
-/// the async runtime), the sources (ingest), and the consumer that transforms each source's records
-/// with its plugin and rolls them up into the embedded store (process).
-async fn start(config: &Config) -> anyhow::Result<Running> {
-    let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
-        let broker = EmbeddedBroker::start("127.0.0.1:0", &config.data_dir.join("broker"), Duration::from_secs(5))?;
-        (broker.bootstrap(), Some(broker))
-    } else {
-        (config.kafka.brokers.clone(), None)
-    };
-    let kafka = &config.kafka;
-    ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
-    let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
+/// The process role's thread, its stop flag and counters.
+struct ProcessRole {
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    stats: Arc<ProcessStats>,
+    /// The embedded store, when that is the sink.
+    store_path: Option<PathBuf>,
+}
+
+/// Compiles the plugins the sources use (off the async runtime).
+async fn compile_plugins(config: &Config, symbols: Arc<Symbols>) -> anyhow::Result<HashMap<String, Arc<PluginCode>>> {
     let mut wanted: Vec<String> = config.sources.iter().map(|s| s.plugin.clone()).collect();
     wanted.sort();
     wanted.dedup();
     let plugin_configs = config.plugins.clone();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-    let symbols_path = config.data_dir.join("symbols.jsonl");
-    let symbols = Arc::new(
-        Symbols::open(&symbols_path).with_context(|| format!("symbol dictionary {}", symbols_path.display()))?,
-    );
-    let dictionary = symbols.clone();
-    let plugins = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Runtime::new(RuntimeSettings::default(), dictionary)?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let runtime = Runtime::new(RuntimeSettings::default(), symbols)?;
         let mut plugins = HashMap::new();
         for name in wanted {
             let pc = plugin_configs.get(&name);
@@ -383,98 +385,186 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         }
         Ok(plugins)
     })
-    .await??;
-    let settings = IngestSettings {
-        workers: config.ingest.workers,
-        queue_frames: config.ingest.queue_frames,
-        max_frames_per_call: config.ingest.max_frames_per_call,
-        connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
-    };
-    let ingest = Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?;
+    .await?
+}
 
-    // Process: each source's records through its plugin's transform, into the embedded store.
+/// Starts the roles asked for: the broker (embedded unless configured), the topics, the shared symbol
+/// dictionary, the plugins, the sources (ingest), and the consumer that transforms each source's
+/// records with its plugin and delivers them to the sink (process).
+async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
+    let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
+        if role != Role::All {
+            bail!("running one role on its own needs [kafka] brokers, which the other role shares");
+        }
+        let broker = EmbeddedBroker::start("127.0.0.1:0", &config.data_dir.join("broker"), Duration::from_secs(5))?;
+        (broker.bootstrap(), Some(broker))
+    } else {
+        (config.kafka.brokers.clone(), None)
+    };
+    let kafka = &config.kafka;
+    ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
+    ensure_symbols_topic(kafka, &brokers).await?;
+    if let Some(druid) = &config.sink.druid {
+        ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let (k, b) = (kafka.clone(), brokers.clone());
+    let symbols = Arc::new(
+        tokio::task::spawn_blocking(move || Symbols::shared(&k, &b, &k.symbols_topic, Duration::from_secs(30)))
+            .await?
+            .context("symbol dictionary")?,
+    );
+    let plugins = compile_plugins(config, symbols.clone()).await?;
+    let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
+    let ingest = if role != Role::Process {
+        let settings = IngestSettings {
+            workers: config.ingest.workers,
+            queue_frames: config.ingest.queue_frames,
+            max_frames_per_call: config.ingest.max_frames_per_call,
+            connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
+        };
+        Some(Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?)
+    } else {
+        None
+    };
+    let process = if role != Role::Ingest {
+        Some(start_process(config, &brokers, &plugins, symbols, producer.clone()).await?)
+    } else {
+        None
+    };
+    Ok(Running { ingest, producer, process, broker, topic: kafka.events_topic.clone(), brokers })
+}
+
+/// The process role on its own thread: each source's records through its plugin's transform, into
+/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
+/// committed offsets after a pause.
+async fn start_process(
+    config: &Config,
+    brokers: &str,
+    plugins: &HashMap<String, Arc<PluginCode>>,
+    symbols: Arc<Symbols>,
+    dlq: Arc<EventProducer>,
+) -> anyhow::Result<ProcessRole> {
+    // Source ids are positions in the configuration, as the ingest role numbers them.
     let mut transformers = HashMap::new();
-    for h in ingest.sources() {
-        let config: Vec<(String, String)> =
-            h.config.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Some(code) = plugins.get(&h.config.plugin) {
-            transformers.insert(h.id, Transformer::new(code.instantiate(&config)?));
+    for (i, source) in config.sources.iter().enumerate() {
+        let plugin_config: Vec<(String, String)> =
+            source.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(code) = plugins.get(&source.plugin) {
+            transformers.insert(i as u32 + 1, Transformer::new(code.instantiate(&plugin_config)?));
         }
     }
-    let names =
-        Names { sources: ingest.sources().iter().map(|h| Arc::from(h.config.name.as_str())).collect(), symbols };
-    let store_path = config.data_dir.join("store.sqlite");
-    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60))?;
-    let consumer = EventConsumer::new(kafka, &brokers, "sluice-process")?;
-    let process_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let process_stats = Arc::new(ProcessStats::default());
-    let (stop, stats, dlq, partitions) =
-        (process_stop.clone(), process_stats.clone(), producer.clone(), kafka.partitions);
-    let process = std::thread::Builder::new().name("sluice-process".into()).spawn(move || {
-        let settings = ProcessSettings { partitions, ..ProcessSettings::default() };
-        run_process(&consumer, &mut transformers, &mut store, &names, &dlq, &settings, &stats, &stop)
+    let names = Names { sources: config.sources.iter().map(|s| Arc::from(s.name.as_str())).collect(), symbols };
+    let store_path = config.sink.druid.is_none().then(|| config.data_dir.join("store.sqlite"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stats = Arc::new(ProcessStats::default());
+    let settings = ProcessSettings {
+        partitions: config.kafka.partitions,
+        batch: crate::batch::BatchConfig {
+            max_rows: config.process.max_batch_rows,
+            max_wait: Duration::from_millis(config.process.max_wait_ms),
+            ..crate::batch::BatchConfig::default()
+        },
+        ..ProcessSettings::default()
+    };
+    let (config, brokers, path) = (config.clone(), brokers.to_owned(), store_path.clone());
+    let (stop_flag, counters) = (stop.clone(), stats.clone());
+    let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let result = (|| -> anyhow::Result<()> {
+                let consumer =
+                    EventConsumer::new(&config.kafka, &brokers, &config.process.group, Some(&config.process.instance))?;
+                let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path) {
+                    (Some(druid), _) => Box::new(DruidSink::new(
+                        &config.kafka,
+                        &brokers,
+                        druid,
+                        &transactional_id(&config.process.group, &config.process.instance),
+                        Duration::from_secs(30),
+                    )?),
+                    (None, Some(path)) => Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?),
+                    (None, None) => bail!("no sink"),
+                };
+                tracing::info!(sink = sink.name(), group = %config.process.group, "process role started");
+                run_process(&consumer, &mut transformers, sink.as_mut(), &names, &dlq, &settings, &counters, &stop_flag)
+            })();
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if stop_flag.load(Ordering::Relaxed) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "process role failed; resuming from the last commit");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
     })?;
-    Ok(Running {
-        ingest,
-        producer,
-        process,
-        process_stop,
-        process_stats,
-        store_path,
-        broker,
-        topic: kafka.events_topic.clone(),
-        brokers,
-    })
+    Ok(ProcessRole { thread, stop, stats, store_path })
 }
 
 impl Running {
     /// Frames read, records decoded, records delivered, frames refused, ids missing, sources up.
     fn counts(&self) -> [u64; 6] {
-        let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| self.ingest.sources().iter().map(f).sum::<u64>();
+        let Some(ingest) = &self.ingest else { return [0; 6] };
+        let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| ingest.sources().iter().map(f).sum::<u64>();
         [
             sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
             sum(&|h| h.decode.records.load(Ordering::Relaxed)),
             self.producer.stats().delivered.load(Ordering::Relaxed),
             sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
             sum(&|h| h.decode.gaps.load(Ordering::Relaxed)),
-            self.ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count() as u64,
+            ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count() as u64,
         ]
     }
 
+    /// Rows the process role has committed to its sink.
+    fn stored(&self) -> u64 {
+        self.process.as_ref().map_or(0, |p| p.stats.stored.load(Ordering::Relaxed))
+    }
+
     async fn stop(self) -> anyhow::Result<u64> {
-        self.ingest.stop().await;
+        if let Some(ingest) = self.ingest {
+            ingest.stop().await;
+        }
         self.producer.flush(Duration::from_secs(30))?;
-        // Give the process role a moment to roll up what was just delivered, then stop it.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        self.process_stop.store(true, Ordering::Relaxed);
-        let process = self.process;
-        tokio::task::spawn_blocking(move || process.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
+        if let Some(process) = self.process {
+            // Give the process role a moment to deliver what was just produced, then stop it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            process.stop.store(true, Ordering::Relaxed);
+            let thread = process.thread;
+            tokio::task::spawn_blocking(move || thread.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
+        }
         drop(self.broker);
         Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
     }
 }
 
-/// `sluice run`: the ingest role until Ctrl-C, logging counts every ten seconds.
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let running = start(&config).await?;
-    tracing::info!(sources = config.sources.len(), brokers = %running.brokers, topic = %running.topic, "ingest running");
+/// `sluice run`: the roles asked for until Ctrl-C (or SIGTERM), logging counts every ten seconds.
+async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    let running = start(&config, role).await?;
+    tracing::info!(?role, sources = config.sources.len(), brokers = %running.brokers, topic = %running.topic, "running");
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let [frames, records, delivered, rejects, gaps, up] = running.counts();
-                tracing::info!(frames, records, delivered, rejects, gaps, sources_up = up, "ingest counts");
+                let stored = running.stored();
+                tracing::info!(frames, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
             }
             _ = &mut ctrl_c => break,
+            _ = terminate.recv() => break,
         }
     }
     let delivered = running.stop().await?;
-    tracing::info!(delivered, "ingest stopped");
+    tracing::info!(delivered, "stopped");
     Ok(())
 }
 
@@ -507,7 +597,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ],
         ..Config::default()
     };
-    let running = start(&config).await?;
+    let running = start(&config, Role::All).await?;
     println!(
         "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {}",
         running.topic, running.brokers
@@ -526,11 +616,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             _ = &mut ctrl_c => break,
         }
         let [frames, records, delivered, rejects, gaps, up] = running.counts();
-        let stored = running.process_stats.stored.load(Ordering::Relaxed);
+        let stored = running.stored();
         println!("{second:>4}  {frames:>8} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>4}/3 {stored:>9}");
     }
     let topic = running.topic.clone();
-    let store_path = running.store_path.clone();
+    let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
     let delivered = running.stop().await?;
     sim.shutdown().await;
     println!(

@@ -20,6 +20,12 @@ pub struct Config {
     /// The ingest role's tuning.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// The process role's settings.
+    #[serde(default)]
+    pub process: ProcessConfig,
+    /// Where the process role delivers: `[sink.druid]`, or the embedded store when absent.
+    #[serde(default)]
+    pub sink: SinkConfig,
     /// Plugins by name.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -34,6 +40,8 @@ impl Default for Config {
             data_dir: defaults::data_dir(),
             kafka: KafkaConfig::default(),
             ingest: IngestConfig::default(),
+            process: ProcessConfig::default(),
+            sink: SinkConfig::default(),
             plugins: BTreeMap::new(),
             sources: Vec::new(),
         }
@@ -67,6 +75,46 @@ impl Default for IngestConfig {
             connect_interval_ms: defaults::connect_interval_ms(),
         }
     }
+}
+
+/// `[process]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// The consumer group process instances share. With the Druid sink, instances in one group split
+    /// the events topic's partitions; the embedded store is one machine's, so its instance reads all.
+    #[serde(default = "defaults::group")]
+    pub group: String,
+    /// This instance's name, stable across restarts: the Druid sink's transactional id is derived from
+    /// it, so a restarted instance fences its previous incarnation and aborts what it left open.
+    #[serde(default = "defaults::instance")]
+    pub instance: String,
+    /// Most rows in one batch to the sink.
+    #[serde(default = "defaults::max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// Longest a row waits for its batch, in milliseconds.
+    #[serde(default = "defaults::max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            group: defaults::group(),
+            instance: defaults::instance(),
+            max_batch_rows: defaults::max_batch_rows(),
+            max_wait_ms: defaults::max_wait_ms(),
+        }
+    }
+}
+
+/// `[sink]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Deliver to Druid through the Druid topic and a Kafka supervisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub druid: Option<crate::sink::druid::DruidSinkConfig>,
 }
 
 /// `[plugins.<name>]`: where a plugin's `.wasm` is and the limits its calls run under.
@@ -122,6 +170,12 @@ impl Config {
         }
         if self.kafka.partitions <= 0 {
             return Err("kafka.partitions must be positive".into());
+        }
+        if self.process.group.is_empty() || self.process.instance.is_empty() {
+            return Err("process: group and instance must not be empty".into());
+        }
+        if self.process.max_batch_rows == 0 || self.process.max_wait_ms == 0 {
+            return Err("process: max_batch_rows and max_wait_ms must be positive".into());
         }
         Ok(())
     }
@@ -245,6 +299,18 @@ impl SourceConfig {
 }
 
 mod defaults {
+    pub fn group() -> String {
+        "sluice-process".into()
+    }
+    pub fn instance() -> String {
+        "0".into()
+    }
+    pub fn max_batch_rows() -> usize {
+        100_000
+    }
+    pub fn max_wait_ms() -> u64 {
+        1000
+    }
     pub fn data_dir() -> std::path::PathBuf {
         "./sluice-data".into()
     }

@@ -24,7 +24,7 @@ use crate::decode::{Decoder, RejectedFrame};
 use crate::kafka::consumer::{EventConsumer, Polled};
 use crate::kafka::producer::EventProducer;
 use crate::plugin::{PluginCode, PluginError};
-use crate::sink::embedded::{EmbeddedStore, Row};
+use crate::sink::{Row, Sink};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats};
 use crate::transform::Transformer;
 
@@ -374,6 +374,8 @@ pub struct ProcessStats {
     pub failed_calls: AtomicU64,
     /// Batches flushed to the store.
     pub flushes: AtomicU64,
+    /// Consumer group rebalances seen.
+    pub rebalances: AtomicU64,
 }
 
 /// What the process role needs to name things: source names by id and the symbol dictionary.
@@ -385,17 +387,19 @@ pub struct Names {
 }
 
 /// The process role, run on the calling thread until `stop` is set: consume, transform per source's
-/// plugin, batch, and write rows and offsets to the embedded store in one transaction. Refused
-/// records go to the dead-letter topic through `dlq`.
+/// plugin, batch, and commit rows together with the offsets they cover to `sink` (the embedded store
+/// in one SQLite transaction, the Druid topic in one Kafka transaction). Refused records go to the
+/// dead-letter topic through `dlq`.
 ///
 /// # Errors
-/// A store or plugin failure that stops the role; nothing past the last committed batch is lost,
-/// since offsets are only stored with the rows.
+/// A sink or plugin failure that stops the role; nothing past the last committed batch is lost and
+/// nothing before it is redone, since offsets are only committed with the rows. Start again with a
+/// new consumer to resume.
 #[allow(clippy::too_many_arguments)]
 pub fn run_process(
     consumer: &EventConsumer,
     transformers: &mut HashMap<u32, Transformer>,
-    store: &mut EmbeddedStore,
+    sink: &mut dyn Sink,
     names: &Names,
     dlq: &EventProducer,
     settings: &ProcessSettings,
@@ -403,7 +407,9 @@ pub fn run_process(
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), anyhow::Error> {
     let topic = consumer.topic().to_owned();
-    consumer.assign(settings.partitions, &store.offsets(&topic)?)?;
+    sink.attach(consumer, settings.partitions)?;
+    // Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
+    let mut symbol_names: HashMap<u32, Arc<str>> = HashMap::new();
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
     // Rows waiting for the store, and the next offset per partition they cover.
@@ -420,7 +426,15 @@ pub fn run_process(
             .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
             .unwrap_or(Duration::from_millis(100))
             .min(Duration::from_millis(100));
-        consumer.poll_into(&mut polled, settings.max_poll_records, wait);
+        let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait);
+        if outcome.rebalanced {
+            // Rows of the old assignment are not committed; their partitions' owners read them again.
+            stats.rebalances.fetch_add(1, Ordering::Relaxed);
+            pending.clear();
+            next_offsets.clear();
+            batcher.take(tokio::time::Instant::now());
+            unflushed = false;
+        }
         stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
         for buf in by_source.values_mut() {
             buf.clear();
@@ -453,7 +467,10 @@ pub fn run_process(
                 if let Ok(v) = plugin_sdk::StreamDataView::parse(item) {
                     pending.push(PendingRow {
                         source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
-                        symbol: names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")),
+                        symbol: symbol_names
+                            .entry(v.symbol_id)
+                            .or_insert_with(|| names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")))
+                            .clone(),
                         timestamp_ms: v.timestamp_ms,
                         is_buy: v.is_buy,
                         price_e8: v.price_e8,
@@ -468,20 +485,21 @@ pub fn run_process(
         unflushed |= !polled.positions.is_empty();
         // Offsets move even when a poll produced no rows (all refused), so commit them too.
         if due || (pending.is_empty() && !polled.positions.is_empty()) {
-            flush(store, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+            flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
             unflushed = false;
         }
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
     if unflushed {
-        flush(store, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+        flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
     }
     Ok(())
 }
 
-/// Writes the pending rows and the offsets they cover in one transaction.
+/// Commits the pending rows and the offsets they cover in one transaction.
 fn flush(
-    store: &mut EmbeddedStore,
+    sink: &mut dyn Sink,
+    consumer: &EventConsumer,
     batcher: &mut Batcher,
     pending: &mut Vec<PendingRow>,
     next_offsets: &BTreeMap<i32, i64>,
@@ -502,7 +520,7 @@ fn flush(
         .collect();
     let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
     let started = std::time::Instant::now();
-    store.apply(&rows, &offsets)?;
+    sink.commit(&rows, &offsets, consumer)?;
     batcher.flushed(started.elapsed());
     stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
     stats.flushes.fetch_add(1, Ordering::Relaxed);

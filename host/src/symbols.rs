@@ -1,98 +1,155 @@
 //! The symbol dictionary: symbol names (`BTCUSDT`, `XMR/USD`) to the compact ids records carry.
 //!
-//! Ids are assigned in order of first use, starting at 1 (0 means "no symbol" on the wire). Plugins
-//! reach the dictionary through the `intern-symbol` host import and cache ids themselves, so lookups
-//! here are rare after warm-up.
+//! Every instance must agree on the ids without coordinating, so the dictionary's source of truth is a
+//! single-partition Kafka topic (`sluice.symbols`, kept forever, never compacted): a symbol's id is one
+//! plus the offset of the first record that names it. Every instance reading the topic resolves every
+//! name identically, whoever wrote it first and however many instances raced to write it. 0 means
+//! "no symbol" on the wire.
 //!
-//! [`Symbols::open`] keeps the dictionary in a file in the data directory (one JSON string per line,
-//! line `n` naming id `n`), so a restarted process gives every symbol the id it had before and the
-//! records already in Kafka keep meaning the same thing.
+//! Plugins reach the dictionary through the `intern-symbol` host import and cache ids themselves, so
+//! lookups here are rare after warm-up; a miss costs a produce and a read of the topic's tail.
+//! [`Symbols::new`] is an in-memory dictionary for tests and one-off tools (`sluice plugin test`).
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, Write};
-use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{KafkaConfig, KafkaError};
 
 /// A shared, thread-safe symbol dictionary.
-#[derive(Debug, Default)]
 pub struct Symbols {
     inner: RwLock<Inner>,
-    /// Where new names are appended, when the dictionary is kept in a file.
-    log: Option<Mutex<std::fs::File>>,
+    /// The topic behind the dictionary; `None` for an in-memory one.
+    log: Option<Mutex<TopicLog>>,
+}
+
+impl std::fmt::Debug for Symbols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Symbols").field("len", &self.len()).field("shared", &self.log.is_some()).finish()
+    }
+}
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     ids: HashMap<Arc<str>, u32>,
-    /// `names[id - 1]` is the name of `id`.
-    names: Vec<Arc<str>>,
+    names: HashMap<u32, Arc<str>>,
 }
 
+impl Inner {
+    /// Records that `id` names `name`, unless the name already has an (earlier) id.
+    fn learn(&mut self, name: &str, id: u32) {
+        if !self.ids.contains_key(name) {
+            let name: Arc<str> = name.into();
+            self.ids.insert(name.clone(), id);
+            self.names.insert(id, name);
+        }
+    }
+}
+
+/// The dictionary topic: a producer to add names and a consumer that reads the log in order.
+struct TopicLog {
+    producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    consumer: BaseConsumer,
+    topic: String,
+    /// The next offset to read.
+    next: i64,
+    timeout: Duration,
+}
+
+/// The topic holding the dictionary by default.
+pub const SYMBOLS_TOPIC: &str = "sluice.symbols";
+
 impl Symbols {
-    /// An empty dictionary kept in memory only.
+    /// An empty dictionary kept in memory only; ids are assigned in order of first use from 1.
     pub fn new() -> Self {
-        Self::default()
+        Symbols { inner: RwLock::new(Inner::default()), log: None }
     }
 
-    /// The dictionary kept in the file at `path`: loads the names already there and appends new
-    /// ones. A last line cut short by a crash is dropped (its symbol gets an id again on next use).
+    /// The dictionary kept in `topic` (one partition, created beforehand; see
+    /// [`kafka::ensure_symbols_topic`](crate::kafka::ensure_symbols_topic)): reads every name already
+    /// there, so ids given out by any instance are known before the first record is handled.
     ///
     /// # Errors
-    /// When the file cannot be read or opened for appending, or a complete line is not a name.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let mut inner = Inner::default();
-        let mut good_len = 0u64;
-        if path.exists() {
-            let file = std::fs::File::open(path)?;
-            for line in io::BufReader::new(file).split(b'\n') {
-                let line = line?;
-                let Ok(name) = serde_json::from_slice::<String>(&line) else {
-                    break;
-                };
-                good_len += line.len() as u64 + 1;
-                let name: Arc<str> = name.into();
-                inner.names.push(name.clone());
-                inner.ids.insert(name, inner.names.len() as u32);
-            }
-        }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        if file.metadata()?.len() > good_len {
-            file.set_len(good_len)?;
-        }
-        Ok(Symbols { inner: RwLock::new(inner), log: Some(Mutex::new(file)) })
+    /// When a client cannot be created or the topic cannot be read within `timeout`.
+    pub fn shared(config: &KafkaConfig, brokers: &str, topic: &str, timeout: Duration) -> Result<Self, KafkaError> {
+        let mut p = config.client_config(brokers);
+        p.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "0");
+        let producer = p.create().map_err(|e| KafkaError::Config(e.to_string()))?;
+        let mut c = config.client_config(brokers);
+        c.set("group.id", "sluice-symbols")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        let consumer: BaseConsumer = c.create().map_err(|e| KafkaError::Config(e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| KafkaError::Config(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| KafkaError::Config(e.to_string()))?;
+        let log = TopicLog { producer, consumer, topic: topic.to_owned(), next: 0, timeout };
+        let symbols = Symbols { inner: RwLock::new(Inner::default()), log: Some(Mutex::new(log)) };
+        symbols.catch_up()?;
+        Ok(symbols)
     }
 
-    /// The id of `name`, assigning the next one on first use.
+    /// The id of `name`, adding it to the dictionary on first use. 0 when the dictionary cannot be
+    /// reached (logged); the record then carries no symbol rather than a wrong one.
     pub fn intern(&self, name: &str) -> u32 {
         if let Some(&id) = self.read().ids.get(name) {
             return id;
         }
-        let mut inner = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(&id) = inner.ids.get(name) {
-            return id;
-        }
-        if let Some(log) = &self.log {
-            // serde_json writes any string as one line: newlines inside it are escaped.
-            let line = serde_json::to_string(name).unwrap_or_default() + "\n";
-            let written = log
-                .lock()
-                .map_err(|_| io::Error::other("lock poisoned"))
-                .and_then(|mut f| f.write_all(line.as_bytes()));
-            if let Err(e) = written {
-                tracing::error!(symbol = name, error = %e, "could not save a new symbol; ids may change at restart");
+        let Some(log) = &self.log else {
+            let mut inner = self.write();
+            if let Some(&id) = inner.ids.get(name) {
+                return id;
             }
-        }
-        let name: Arc<str> = name.into();
-        inner.names.push(name.clone());
-        let id = inner.names.len() as u32;
-        inner.ids.insert(name, id);
-        id
+            let id = inner.names.len() as u32 + 1;
+            inner.learn(name, id);
+            return id;
+        };
+        let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = (|| {
+            // Another instance (or thread) may have named it since this one last read.
+            self.read_to_end(&mut log)?;
+            if let Some(&id) = self.read().ids.get(name) {
+                return Ok(id);
+            }
+            log.append(name)?;
+            self.read_to_end(&mut log)?;
+            self.read()
+                .ids
+                .get(name)
+                .copied()
+                .ok_or_else(|| KafkaError::Symbols(format!("{name} was written but not read back")))
+        })();
+        result.unwrap_or_else(|e| {
+            tracing::error!(symbol = name, error = %e, "symbol dictionary unavailable");
+            0
+        })
     }
 
-    /// The name of `id`, if assigned.
+    /// The name of `id`, if assigned. An unknown id reads the topic's tail once (another instance may
+    /// have just assigned it).
     pub fn name(&self, id: u32) -> Option<Arc<str>> {
-        let index = usize::try_from(id).ok()?.checked_sub(1)?;
-        self.read().names.get(index).cloned()
+        if let Some(name) = self.read().names.get(&id) {
+            return Some(name.clone());
+        }
+        if id == 0 || self.log.is_none() {
+            return None;
+        }
+        if let Err(e) = self.catch_up() {
+            tracing::warn!(id, error = %e, "symbol dictionary unavailable");
+        }
+        self.read().names.get(&id).cloned()
     }
 
     /// How many symbols are known.
@@ -105,10 +162,64 @@ impl Symbols {
         self.len() == 0
     }
 
+    fn catch_up(&self) -> Result<(), KafkaError> {
+        match &self.log {
+            Some(log) => self.read_to_end(&mut log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the topic up to its current end, learning every name.
+    fn read_to_end(&self, log: &mut TopicLog) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + log.timeout;
+        let (_, high) = log
+            .consumer
+            .fetch_watermarks(&log.topic, 0, log.timeout)
+            .map_err(|e| KafkaError::Symbols(format!("cannot read the end of {}: {e}", log.topic)))?;
+        while log.next < high {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(KafkaError::Symbols(format!("timed out reading {} at offset {}", log.topic, log.next)));
+            }
+            match log.consumer.poll(left.min(Duration::from_millis(200))) {
+                None => {}
+                Some(Err(e)) => return Err(KafkaError::Symbols(format!("reading {}: {e}", log.topic))),
+                Some(Ok(m)) => {
+                    let offset = m.offset();
+                    log.next = offset + 1;
+                    let Some(name) = m.payload().and_then(|p| std::str::from_utf8(p).ok()) else {
+                        tracing::warn!(offset, topic = %log.topic, "a symbol record that is not UTF-8; skipped");
+                        continue;
+                    };
+                    let Ok(id) = u32::try_from(offset + 1) else {
+                        return Err(KafkaError::Symbols(format!("{} is past the last usable id", log.topic)));
+                    };
+                    self.write().learn(name, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps inconsistent: every write inserts into
-        // both before releasing, so a poisoned lock is still safe to read.
+        // Every write inserts into both maps before releasing, so a poisoned lock is still safe to read.
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl TopicLog {
+    /// Writes `name` and waits until the broker has it.
+    fn append(&mut self, name: &str) -> Result<(), KafkaError> {
+        self.producer
+            .send(BaseRecord::<(), str>::to(&self.topic).payload(name))
+            .map_err(|(e, _)| KafkaError::Symbols(format!("cannot write {name} to {}: {e}", self.topic)))?;
+        self.producer
+            .flush(self.timeout)
+            .map_err(|e| KafkaError::Symbols(format!("cannot write {name} to {}: {e}", self.topic)))
     }
 }
 
@@ -117,7 +228,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_stable_and_dense() {
+    fn ids_are_stable_and_dense_in_memory() {
         let s = Symbols::new();
         assert_eq!(s.intern("BTCUSDT"), 1);
         assert_eq!(s.intern("XMR/USD"), 2);
@@ -126,28 +237,5 @@ mod tests {
         assert_eq!(s.name(0), None);
         assert_eq!(s.name(3), None);
         assert_eq!(s.len(), 2);
-    }
-
-    #[test]
-    fn a_reopened_dictionary_keeps_every_id() {
-        let path = std::env::temp_dir().join(format!("sluice-symbols-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        {
-            let s = Symbols::open(&path).unwrap();
-            assert_eq!(s.intern("BTCUSDT"), 1);
-            assert_eq!(s.intern("odd\nname \"quoted\""), 2);
-            assert_eq!(s.intern("XMR/USD"), 3);
-        }
-        // A crash in the middle of writing a fourth name.
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"\"ETH").unwrap();
-        let s = Symbols::open(&path).unwrap();
-        assert_eq!(s.intern("XMR/USD"), 3);
-        assert_eq!(s.name(2).as_deref(), Some("odd\nname \"quoted\""));
-        assert_eq!(s.intern("ETHUSDT"), 4);
-        drop(s);
-        let s = Symbols::open(&path).unwrap();
-        assert_eq!(s.name(4).as_deref(), Some("ETHUSDT"));
-        assert_eq!(s.len(), 4);
-        let _ = std::fs::remove_file(&path);
     }
 }

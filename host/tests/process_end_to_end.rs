@@ -52,7 +52,7 @@ fn process_until(
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
     let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
-    let consumer = EventConsumer::new(kafka, bootstrap, &unique_topic("group")).unwrap();
+    let consumer = EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap();
     let dlq = EventProducer::new(kafka, bootstrap).unwrap();
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };

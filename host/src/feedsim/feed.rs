@@ -109,6 +109,8 @@ pub(super) struct Feed {
     /// Ids the generator must consume without sending.
     pending_skips: AtomicU64,
     record: Mutex<Record>,
+    /// Whether generated trades are kept in the record.
+    record_trades: bool,
 }
 
 /// The test-facing record of one feed.
@@ -118,10 +120,27 @@ struct Record {
     sent: IdSet,
     /// Ids consumed by a requested skip and never sent.
     skipped: IdSet,
+    /// Every trade generated, by id, when the feed keeps them.
+    trades: std::collections::BTreeMap<u64, SentTrade>,
+}
+
+/// A trade as the simulator sent it: what a test needs to compute rollups independently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentTrade {
+    /// The venue's trade id (Kraken's, which it does not send, is the simulator's own numbering).
+    pub id: u64,
+    /// Price, e8.
+    pub price_e8: i64,
+    /// Size, e8.
+    pub size_e8: i64,
+    /// True when the taker bought.
+    pub taker_buys: bool,
+    /// Trade time, microseconds since the epoch (venues send milliseconds or finer).
+    pub time_us: u64,
 }
 
 impl Feed {
-    pub fn new(venue: Venue, symbol: String, channel_id: u64) -> Self {
+    pub fn new(venue: Venue, symbol: String, channel_id: u64, record_trades: bool) -> Self {
         Feed {
             venue,
             symbol,
@@ -130,6 +149,7 @@ impl Feed {
             started: AtomicBool::new(false),
             pending_skips: AtomicU64::new(0),
             record: Mutex::new(Record::default()),
+            record_trades,
         }
     }
 
@@ -153,6 +173,11 @@ impl Feed {
 
     pub fn sent(&self) -> IdSet {
         self.record().sent.clone()
+    }
+
+    pub fn sent_trades(&self) -> Vec<SentTrade> {
+        let record = self.record();
+        record.trades.values().filter(|t| record.sent.contains(t.id)).copied().collect()
     }
 
     pub fn skipped(&self) -> IdSet {
@@ -387,6 +412,19 @@ pub(super) async fn run(
 /// Renders and broadcasts the trades gathered for one frame, if any.
 fn publish(feed: &Feed, generator: &Generator, trades: &mut Vec<Trade>) {
     let (Some(first), Some(last)) = (trades.first(), trades.last()) else { return };
+    if feed.record_trades {
+        let mut record = feed.record();
+        for t in trades.iter() {
+            let sent = SentTrade {
+                id: t.id,
+                price_e8: t.price_e8,
+                size_e8: t.size_e8,
+                taker_buys: t.taker_buys,
+                time_us: t.time_us,
+            };
+            record.trades.insert(t.id, sent);
+        }
+    }
     let frame = Frame { text: venue::trade_frame(feed, generator.decimals, trades).into(), ids: first.id..=last.id };
     // No receivers is fine: trades go on while nobody listens, as on a venue.
     let _ = feed.frames.send(Arc::new(frame));

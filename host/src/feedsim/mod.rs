@@ -74,7 +74,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
-pub use feed::IdSet;
+pub use feed::{IdSet, SentTrade};
 
 /// A simulated venue, one path each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -128,6 +128,8 @@ pub struct FeedSimConfig {
     pub oversized_frame_bytes: usize,
     /// How long after a shutdown notice a connection is closed.
     pub shutdown_notice_close_ms: u64,
+    /// Keep every generated trade for [`FeedSimHandle::sent_trades`] (memory grows with the trades).
+    pub record_trades: bool,
 }
 
 impl Default for FeedSimConfig {
@@ -139,6 +141,7 @@ impl Default for FeedSimConfig {
             kraken_heartbeat_ms: 1_000,
             oversized_frame_bytes: 2 << 20,
             shutdown_notice_close_ms: 100,
+            record_trades: false,
         }
     }
 }
@@ -338,6 +341,12 @@ impl FeedSimHandle {
         self.existing_feed(venue, symbol).map(|f| f.sent()).unwrap_or_default()
     }
 
+    /// The trades of the symbol written to at least one socket so far, in id order; empty unless
+    /// [`FeedSimConfig::record_trades`] is set.
+    pub fn sent_trades(&self, venue: Venue, symbol: &str) -> Vec<SentTrade> {
+        self.existing_feed(venue, symbol).map(|f| f.sent_trades()).unwrap_or_default()
+    }
+
     /// The trade ids of the symbol skipped by [`FeedSimHandle::skip_trades`] so far.
     pub fn skipped_ids(&self, venue: Venue, symbol: &str) -> IdSet {
         self.existing_feed(venue, symbol).map(|f| f.skipped()).unwrap_or_default()
@@ -394,7 +403,7 @@ impl Shared {
             .entry((venue, symbol.to_owned()))
             .or_insert_with(|| {
                 let channel_id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
-                Arc::new(feed::Feed::new(venue, symbol.to_owned(), channel_id))
+                Arc::new(feed::Feed::new(venue, symbol.to_owned(), channel_id, self.config.record_trades))
             })
             .clone()
     }

@@ -406,7 +406,7 @@ mod tests {
     /// The simulator's Binance frames decode with the real Binance plugin, field for field.
     #[test]
     fn binance_frames_decode_with_the_binance_plugin() {
-        let feed = Feed::new(Venue::Binance, "BTCUSDT".into(), 0);
+        let feed = Feed::new(Venue::Binance, "BTCUSDT".into(), 0, false);
         let mut generator = Generator::new(3, Venue::Binance, "BTCUSDT");
         let mut harness = Harness::<binance::Binance>::new(&[]).unwrap();
         for _ in 0..200 {

@@ -1,13 +1,19 @@
 //! The process role's consumer: reads `sluice.events` from where the sink says it stands.
 //!
-//! Offsets are never committed to Kafka: the sink stores them together with the rows they produced
-//! (the embedded store in the same SQLite transaction), and on start the consumer is assigned every
-//! partition at the sink's offsets.
+//! Offsets are never committed on their own: the sink stores them together with the rows they
+//! produced. The embedded store keeps them in the same SQLite transaction and the consumer is
+//! assigned every partition at those offsets ([`EventConsumer::assign`]). The Druid sink commits
+//! them in the same Kafka transaction as the rows, and the consumer joins the group
+//! ([`EventConsumer::subscribe`]), so several instances split the partitions; after a rebalance the
+//! new owner starts at the last committed transaction.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use plugin_sdk::wire::push_delimited;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -30,30 +36,94 @@ impl Polled {
     }
 }
 
+/// What one [`EventConsumer::poll_into`] saw besides records.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PollOutcome {
+    /// Consumer errors (logged).
+    pub errors: usize,
+    /// The group's assignment changed during the poll. The records polled before the change were
+    /// dropped from the batch; rows the caller holds for the old assignment must be dropped too
+    /// (their offsets were not committed, so their partitions' new owner reads them again).
+    pub rebalanced: bool,
+}
+
+/// Notes rebalances, which librdkafka reports from inside `poll`.
+#[derive(Default)]
+pub struct RebalanceFlag(Arc<AtomicBool>);
+
+impl ClientContext for RebalanceFlag {}
+
+impl ConsumerContext for RebalanceFlag {
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
+        }
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Reads the events topic.
 pub struct EventConsumer {
-    inner: BaseConsumer,
+    inner: BaseConsumer<RebalanceFlag>,
+    rebalanced: Arc<AtomicBool>,
     topic: String,
 }
 
 impl EventConsumer {
-    /// A consumer of `config.events_topic` that never commits offsets to Kafka and reads only
-    /// committed transactional data.
+    /// A consumer of `config.events_topic` that never commits offsets on its own and reads only
+    /// committed transactional data. `instance`, stable across restarts, makes it a static member of
+    /// `group`.
     ///
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses a setting.
-    pub fn new(config: &KafkaConfig, brokers: &str, group: &str) -> Result<Self, KafkaError> {
+    pub fn new(config: &KafkaConfig, brokers: &str, group: &str, instance: Option<&str>) -> Result<Self, KafkaError> {
         let mut c = config.client_config(brokers);
+        if let Some(instance) = instance {
+            // Static membership: a restarted instance takes its partitions back at once, instead of
+            // the group waiting for the old member's session to expire.
+            c.set("group.instance.id", format!("sluice-{group}-{instance}"));
+        }
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            // Eager assignors: a rebalance revokes every partition and assigns them again at their
+            // committed offsets, which is what dropping uncommitted rows on a rebalance relies on.
+            .set("partition.assignment.strategy", "range,roundrobin")
+            // A killed instance's partitions move to the others after this long without heartbeats.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "2000");
         for (k, v) in &config.options {
             c.set(k, v);
         }
-        let inner: BaseConsumer = c.create().map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(EventConsumer { inner, topic: config.events_topic.clone() })
+        let flag = RebalanceFlag::default();
+        let rebalanced = flag.0.clone();
+        let inner = c.create_with_context(flag).map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(EventConsumer { inner, rebalanced, topic: config.events_topic.clone() })
+    }
+
+    /// Joins the consumer group: partitions are split among the group's instances and each starts at
+    /// its last committed offset.
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] when the subscription is refused.
+    pub fn subscribe(&self) -> Result<(), KafkaError> {
+        self.inner.subscribe(&[&self.topic]).map_err(|e| KafkaError::Config(e.to_string()))
+    }
+
+    /// The group's metadata, which a transactional producer sends with the offsets it commits so the
+    /// group can fence an instance that lost its partitions.
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] when the consumer is not in a group.
+    pub fn group_metadata(&self) -> Result<ConsumerGroupMetadata, KafkaError> {
+        self.inner.group_metadata().ok_or_else(|| KafkaError::Config("the consumer has no group metadata".into()))
     }
 
     /// Assigns partitions `0..partitions`, each at its stored next offset or at the beginning.
@@ -73,26 +143,31 @@ impl EventConsumer {
     }
 
     /// Polls up to `max` records into `out`, waiting at most `timeout` for the first one.
-    /// Consumer errors are logged and counted by the caller through the returned error count.
-    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> usize {
-        let mut errors = 0;
+    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> PollOutcome {
+        let mut outcome = PollOutcome::default();
         let mut wait = timeout;
         while out.positions.len() < max {
-            match self.inner.poll(wait) {
+            let polled = self.inner.poll(wait);
+            if self.rebalanced.swap(false, Ordering::SeqCst) {
+                // Whatever was read before belongs to the old assignment.
+                out.clear();
+                outcome.rebalanced = true;
+            }
+            match polled {
                 None => break,
                 Some(Ok(m)) => {
                     push_delimited(&mut out.records, m.payload().unwrap_or_default());
                     out.positions.push((m.partition(), m.offset()));
                 }
                 Some(Err(e)) => {
-                    errors += 1;
+                    outcome.errors += 1;
                     tracing::warn!(error = %e, "consumer error");
                 }
             }
             // Only the first poll waits; the rest take what is already fetched.
             wait = Duration::ZERO;
         }
-        errors
+        outcome
     }
 
     /// The topic read.

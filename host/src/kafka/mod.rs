@@ -34,6 +34,12 @@ pub enum KafkaError {
     /// A flush did not complete in time; the count of messages still in flight.
     #[error("{0} messages were still unacknowledged at the flush deadline")]
     FlushTimeout(i32),
+    /// The symbol dictionary topic could not be read or written.
+    #[error("symbol dictionary: {0}")]
+    Symbols(String),
+    /// A Kafka transaction failed (and was aborted, or the producer was fenced).
+    #[error("kafka transaction: {0}")]
+    Transaction(String),
 }
 
 /// `[kafka]`: where the broker is and how topics are written.
@@ -49,6 +55,9 @@ pub struct KafkaConfig {
     /// The dead-letter topic: refused frames and records, with the reason.
     #[serde(default = "defaults::dlq_topic")]
     pub dlq_topic: String,
+    /// The symbol dictionary: one partition, kept forever (see [`crate::symbols`]).
+    #[serde(default = "defaults::symbols_topic")]
+    pub symbols_topic: String,
     /// Partitions for topics sluice creates.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
@@ -72,6 +81,7 @@ impl Default for KafkaConfig {
             brokers: String::new(),
             events_topic: defaults::events_topic(),
             dlq_topic: defaults::dlq_topic(),
+            symbols_topic: defaults::symbols_topic(),
             partitions: defaults::partitions(),
             compression: defaults::compression(),
             linger_ms: defaults::linger_ms(),
@@ -99,6 +109,9 @@ mod defaults {
     }
     pub fn dlq_topic() -> String {
         "sluice.dlq".into()
+    }
+    pub fn symbols_topic() -> String {
+        crate::symbols::SYMBOLS_TOPIC.into()
     }
     pub fn partitions() -> i32 {
         6
@@ -132,6 +145,33 @@ pub async fn ensure_topics(
         .create_topics(&new, &opts)
         .await
         .map_err(|e| KafkaError::CreateTopic { topic: topics.join(","), reason: e.to_string() })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
+        }
+    }
+    Ok(())
+}
+
+/// Creates the symbol dictionary topic when it does not exist: one partition (ids are offsets, so
+/// there must be one order), kept forever and never compacted (compaction would keep a name's last
+/// record, and ids are its first).
+///
+/// # Errors
+/// [`KafkaError::CreateTopic`] when the broker refuses.
+pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
+    let topic = NewTopic::new(&config.symbols_topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&topic], &opts)
+        .await
+        .map_err(|e| KafkaError::CreateTopic { topic: config.symbols_topic.clone(), reason: e.to_string() })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

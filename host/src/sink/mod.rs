@@ -1,5 +1,57 @@
-//! Sinks: where rolled-up output goes. `embedded` is the default on one machine; `druid` writes rows to a
-//! Kafka topic that a Druid supervisor ingests.
+//! Sinks: where rolled-up output goes. The [`embedded`] store is the default on one machine; the
+//! [`druid`] sink writes rows to the Druid topic that a Druid Kafka supervisor ingests.
+//!
+//! Either way a batch of rows and the consumer offsets it covers are committed in one atomic step
+//! ([`Sink::commit`]), which is what makes delivery exactly once.
 
 pub mod druid;
 pub mod embedded;
+
+pub use embedded::Row;
+
+use crate::kafka::consumer::EventConsumer;
+
+/// A destination for the process role's rows.
+pub trait Sink: Send {
+    /// Positions `consumer` where this sink's committed state says reading resumes.
+    ///
+    /// # Errors
+    /// When the stored offsets cannot be read or the consumer refuses the assignment.
+    fn attach(&mut self, consumer: &EventConsumer, partitions: i32) -> anyhow::Result<()>;
+
+    /// Writes `rows` and the offsets they cover (`(topic, partition, next offset)`) all or nothing.
+    ///
+    /// # Errors
+    /// When the write fails; nothing of it is visible then, and the caller must read the rows again
+    /// from the last committed offsets.
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        consumer: &EventConsumer,
+    ) -> anyhow::Result<()>;
+
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+}
+
+impl Sink for embedded::EmbeddedStore {
+    fn attach(&mut self, consumer: &EventConsumer, partitions: i32) -> anyhow::Result<()> {
+        consumer.assign(partitions, &self.offsets(consumer.topic())?)?;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        _consumer: &EventConsumer,
+    ) -> anyhow::Result<()> {
+        self.apply(rows, offsets)?;
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+}

@@ -5,11 +5,13 @@
 //! carries the protobuf descriptor inline, so Druid decodes rows with exactly the schema sluice writes.
 
 pub mod config;
+pub mod delivery;
 pub mod overlord;
 pub mod row;
 pub mod spec;
 
 pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
+pub use delivery::{DruidSink, transactional_id};
 pub use overlord::{BasicAuth, OverlordClient, OverlordError, SupervisorHealth, SupervisorStatus};
 pub use row::encode_row;
 pub use spec::{SpecError, SupervisorId, SupervisorSpec, supervisor_spec, validate};

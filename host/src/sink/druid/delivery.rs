@@ -1,0 +1,142 @@
+//! Rows to the Druid topic, exactly once: each batch of rows is produced in one Kafka transaction
+//! together with the consumer offsets it covers (`send_offsets_to_transaction`), so a Druid supervisor
+//! reading with `isolation.level=read_committed` sees every row once.
+//!
+//! As Kafka documents transactional consume-transform-produce:
+//! - One transactional id per process instance (`sluice-druid-<group>-<instance>`), stable across
+//!   restarts: `init_transactions` at start fences the previous incarnation of the instance and
+//!   aborts whatever transaction it left open (say, after a `kill -9`).
+//! - The offsets go with the consumer group's metadata, so the group coordinator refuses a commit
+//!   from an instance that lost its partitions in a rebalance (zombie fencing across instances).
+//! - Any error aborts the transaction; the caller then reads again from the last committed offsets.
+
+use std::time::Duration;
+
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{DruidSinkConfig, encode_row};
+use crate::kafka::consumer::EventConsumer;
+use crate::kafka::{KafkaConfig, KafkaError};
+use crate::proto::StreamData;
+use crate::sink::{Row, Sink};
+
+/// The transactional writer of the Druid topic.
+pub struct DruidSink {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+    /// One encoded row, reused.
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+/// The transactional id of process instance `instance` in `group`.
+pub fn transactional_id(group: &str, instance: &str) -> String {
+    format!("sluice-druid-{group}-{instance}")
+}
+
+impl DruidSink {
+    /// A transactional producer for `druid.topic`, initialised (fencing any earlier producer with the
+    /// same transactional id).
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] for a refused setting, [`KafkaError::Transaction`] when the transaction
+    /// coordinator cannot be reached within `timeout`.
+    pub fn new(
+        kafka: &KafkaConfig,
+        brokers: &str,
+        druid: &DruidSinkConfig,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let mut c = kafka.client_config(brokers);
+        c.set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &kafka.compression)
+            .set("linger.ms", kafka.linger_ms.to_string())
+            .set("transaction.timeout.ms", "60000");
+        for (k, v) in &kafka.options {
+            c.set(k, v);
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            c.create().map_err(|e| KafkaError::Config(e.to_string()))?;
+        producer
+            .init_transactions(timeout)
+            .map_err(|e| KafkaError::Transaction(format!("init_transactions as {transactional_id}: {e}")))?;
+        Ok(DruidSink { producer, topic: druid.topic.clone(), buf: Vec::with_capacity(128), timeout })
+    }
+
+    fn produce_all(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
+        for row in rows {
+            let record = StreamData {
+                timestamp_ms: row.timestamp_ms,
+                price_e8: row.price_e8,
+                volume_e8: row.volume_e8,
+                is_buy: row.is_buy,
+                ..StreamData::default()
+            };
+            self.buf.clear();
+            encode_row(&record, row.source, row.symbol, &mut self.buf);
+            // Keyed by symbol: one symbol's rows stay in one partition, which keeps Druid's rollup tight.
+            loop {
+                let record = BaseRecord::<str, [u8]>::to(&self.topic).key(row.symbol).payload(&self.buf);
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(KafkaError::Transaction(format!("produce to {}: {e}", self.topic))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn transact(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        consumer: &EventConsumer,
+    ) -> Result<(), KafkaError> {
+        let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
+        self.producer.begin_transaction().map_err(|e| tx("begin", e))?;
+        self.produce_all(rows)?;
+        let mut tpl = TopicPartitionList::new();
+        for &(topic, partition, next) in offsets {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(next))
+                .map_err(|e| KafkaError::Transaction(e.to_string()))?;
+        }
+        let group = consumer.group_metadata()?;
+        self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| tx("send offsets", e))?;
+        self.producer.commit_transaction(self.timeout).map_err(|e| tx("commit", e))
+    }
+}
+
+impl Sink for DruidSink {
+    fn attach(&mut self, consumer: &EventConsumer, _partitions: i32) -> anyhow::Result<()> {
+        consumer.subscribe()?;
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        consumer: &EventConsumer,
+    ) -> anyhow::Result<()> {
+        if let Err(e) = self.transact(rows, offsets, consumer) {
+            // Nothing of an aborted transaction is visible to read_committed readers.
+            if let Err(abort) = self.producer.abort_transaction(self.timeout) {
+                tracing::warn!(error = %abort, "aborting the Druid transaction failed");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "druid"
+    }
+}

@@ -1,0 +1,356 @@
+//! Exactly-once delivery across a `kill -9` of the process role, end to end with the real binary: the
+//! feed simulator on loopback → `sluice run --role ingest` → a real Kafka-protocol broker →
+//! `sluice run --role process` → the sink. The process role is killed with SIGKILL in the middle of
+//! the stream and started again; the trades the simulator sent (recorded by the simulator itself, not
+//! by sluice) are then compared with what reached the sink.
+//!
+//! - Embedded store: rolled-up counts and exact quantity sums per symbol and side equal those computed
+//!   from the sent trades.
+//! - Druid: a `read_committed` consumer of the Druid topic (as Druid's Kafka supervisor reads it) sees
+//!   every trade exactly once, and the rows decode with the descriptor the generated supervisor spec
+//!   carries into the columns Druid would see. Druid itself cannot run here; the topic is what it
+//!   reads, under the isolation level its spec sets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::{TestBroker, unique_topic};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sluice::feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
+use sluice::sink::embedded::QueryConnection;
+
+const SYMBOLS: [&str; 2] = ["BTCUSDT", "ETHUSDT"];
+const PARTITIONS: i32 = 3;
+
+/// A `sluice run` child, killed with SIGKILL if the test ends without stopping it.
+struct Role(Option<Child>);
+
+impl Role {
+    fn start(config: &std::path::Path, role: &str, log: &std::path::Path) -> Role {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--role", role, "--config"])
+            .arg(config)
+            .env("RUST_LOG", "sluice=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Role(Some(child))
+    }
+
+    /// SIGKILL: no flush, no clean stop, an open transaction left behind.
+    fn kill_9(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGINT, and waits for the clean stop.
+    fn interrupt(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{status}");
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+struct Setup {
+    broker: TestBroker,
+    sim: Option<FeedSim>,
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+async fn setup(name: &str, sink: &str) -> Setup {
+    let broker = TestBroker::start(name);
+    let sim =
+        FeedSim::start(FeedSimConfig { trades_per_second: 150.0, record_trades: true, ..FeedSimConfig::default() })
+            .await
+            .unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[kafka]
+brokers = "{brokers}"
+events_topic = "{events}"
+dlq_topic = "{dlq}"
+symbols_topic = "{symbols}"
+partitions = {PARTITIONS}
+
+{debug}
+
+[process]
+group = "{group}"
+max_wait_ms = 200
+
+[[source]]
+name = "binance"
+url = "{url}"
+plugin = "binance"
+subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
+{sink}
+"#,
+            dir = dir.display(),
+            brokers = broker.bootstrap,
+            events = unique_topic("events"),
+            dlq = unique_topic("dlq"),
+            symbols = unique_topic("symbols"),
+            group = unique_topic("group"),
+            url = sim.url(Venue::Binance),
+            // librdkafka's own debug contexts (e.g. `cgrp,eos`) in the children's log, when asked for.
+            debug = std::env::var("SLUICE_TEST_KAFKA_DEBUG")
+                .map(|d| format!("options = {{ debug = \"{d}\" }}"))
+                .unwrap_or_default(),
+            params = params.join(","),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("sluice.log");
+    Setup { broker, sim: Some(sim), dir, config, log }
+}
+
+/// Runs ingest and process, kills the process role with SIGKILL once `progress` reports some output,
+/// restarts it, then stops the simulator and ingest cleanly. Returns the still running process role
+/// and the trades sent per symbol.
+async fn run_with_kill(s: &mut Setup, progress: impl Fn() -> u64) -> (Role, BTreeMap<&'static str, Vec<SentTrade>>) {
+    let mut ingest = Role::start(&s.config, "ingest", &s.log);
+    let mut process = Role::start(&s.config, "process", &s.log);
+    let start = Instant::now();
+    while progress() < 200 {
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        assert!(start.elapsed() < Duration::from_secs(90), "no output before the kill:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    process.kill_9();
+    // Trades keep flowing into Kafka while the process role is down.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let process = Role::start(&s.config, "process", &s.log);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Stop the venue first, so ingest reads every trade it sent, then stop ingest cleanly.
+    let sim = s.sim.take().unwrap();
+    let handle = sim.handle();
+    sim.shutdown().await;
+    let sent = SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ingest.interrupt();
+    (process, sent)
+}
+
+fn want_rollup(sent: &BTreeMap<&'static str, Vec<SentTrade>>) -> BTreeMap<(String, String), (i64, i64)> {
+    let mut want = BTreeMap::new();
+    for (symbol, trades) in sent {
+        for t in trades {
+            let side = if t.taker_buys { "buy" } else { "sell" };
+            let e: &mut (i64, i64) = want.entry((symbol.to_string(), side.to_owned())).or_default();
+            e.0 += 1;
+            e.1 += t.size_e8;
+        }
+    }
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_counts_every_trade_once_across_a_kill_9() {
+    let mut s = setup("kill-embedded", "").await;
+    let store = s.dir.join("store.sqlite");
+    let rolled_up = |store: &std::path::Path| -> BTreeMap<(String, String), (i64, i64)> {
+        let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
+        let sql = "SELECT symbol, side, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY symbol, side";
+        q.query(sql, 100)
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                ((text("symbol"), text("side")), (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
+            })
+            .collect()
+    };
+    let count = |m: &BTreeMap<(String, String), (i64, i64)>| m.values().map(|v| v.0 as u64).sum::<u64>();
+    let (mut process, sent) = run_with_kill(&mut s, || count(&rolled_up(&store))).await;
+    let want = want_rollup(&sent);
+    let total = count(&want);
+    assert!(total > 500, "only {total} trades sent");
+    let start = Instant::now();
+    while count(&rolled_up(&store)) < total && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Anything counted twice would show up by now as well.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    process.interrupt();
+    let got = rolled_up(&store);
+    assert_eq!(got, want, "rolled up vs sent\n{}", std::fs::read_to_string(&s.log).unwrap_or_default());
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// Every message of `topic` a `read_committed` consumer can see, decoded with the descriptor in the
+/// generated supervisor spec into the JSON Druid would see.
+fn druid_rows(bootstrap: &str, topic: &str, message: &prost_reflect::MessageDescriptor) -> Vec<serde_json::Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("druid-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut rows = Vec::new();
+    let mut quiet = Instant::now();
+    let start = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) && start.elapsed() < Duration::from_secs(60) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let row = DynamicMessage::decode(message.clone(), m.payload().unwrap_or_default()).unwrap();
+            rows.push(serde_json::to_value(&row).unwrap());
+            quiet = Instant::now();
+        }
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
+    let druid_topic = unique_topic("druid");
+    let sink = format!(
+        "\n[sink.druid]\noverlord_url = \"http://127.0.0.1:9\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
+    );
+    let mut s = setup("kill-druid", &sink).await;
+    // The spec sluice generates for this config, and the descriptor in it.
+    let cfg: sluice::config::Config = sluice::config::Config::load(&s.config).unwrap();
+    let druid = cfg.sink.druid.as_ref().unwrap();
+    let spec = sluice::sink::druid::supervisor_spec(druid, sluice::proto::DESCRIPTOR_SET, &s.broker.bootstrap)
+        .unwrap()
+        .into_json();
+    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
+    let descriptor =
+        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
+    let pool = DescriptorPool::decode(descriptor.as_slice()).unwrap();
+    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let columns: Vec<String> = std::iter::once(spec["spec"]["dataSchema"]["timestampSpec"]["column"].clone())
+        .chain(spec["spec"]["dataSchema"]["dimensionsSpec"]["dimensions"].as_array().unwrap().iter().cloned())
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+
+    let bootstrap = s.broker.bootstrap.clone();
+    let counter = std::sync::Mutex::new(CommittedCount::new(&bootstrap, &druid_topic));
+    let (mut process, sent) = run_with_kill(&mut s, || counter.lock().unwrap().update()).await;
+    let total: usize = sent.values().map(Vec::len).sum();
+    assert!(total > 500, "only {total} trades sent");
+    let start = Instant::now();
+    while (counter.lock().unwrap().update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    process.interrupt();
+
+    let rows = druid_rows(&bootstrap, &druid_topic, &message);
+    // Every row carries the spec's timestamp column and dimensions, by the names Druid sees.
+    for row in &rows {
+        for column in &columns {
+            assert!(row.get(column).is_some(), "row {row} lacks column {column}");
+        }
+    }
+    // Exactly once: the rows, as a multiset, equal the trades sent.
+    let key = |symbol: &str, ms: i64, side: &str, price: f64, qty: f64| {
+        format!("{symbol} {ms} {side} {:.8} {:.8}", price, qty)
+    };
+    let mut want: Vec<String> = sent
+        .iter()
+        .flat_map(|(symbol, trades)| {
+            trades.iter().map(move |t| {
+                let side = if t.taker_buys { "buy" } else { "sell" };
+                key(symbol, (t.time_us / 1000) as i64, side, t.price_e8 as f64 / 1e8, t.size_e8 as f64 / 1e8)
+            })
+        })
+        .collect();
+    let mut got: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let ms = match &r["timestampMs"] {
+                serde_json::Value::String(s) => s.parse().unwrap(),
+                v => v.as_i64().unwrap(),
+            };
+            key(
+                r["symbol"].as_str().unwrap(),
+                ms,
+                r["side"].as_str().unwrap(),
+                r["price"].as_f64().unwrap(),
+                r["qty"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got.len(), want.len(), "rows in the Druid topic vs trades sent");
+    assert_eq!(got, want);
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// Counts what a `read_committed` reader of `topic` has seen, reading on from where it stopped.
+struct CommittedCount {
+    consumer: BaseConsumer,
+    seen: u64,
+}
+
+impl CommittedCount {
+    fn new(bootstrap: &str, topic: &str) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique_topic("druid-count"))
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        CommittedCount { consumer, seen: 0 }
+    }
+
+    /// Reads for at most a second and returns the total seen.
+    fn update(&mut self) -> u64 {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(1) {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(_)) => self.seen += 1,
+                Some(Err(_)) => {}
+                None => break,
+            }
+        }
+        self.seen
+    }
+}
