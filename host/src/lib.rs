@@ -13,9 +13,11 @@
 //! - [`breaker`]: the circuit breaker that stops calling a plugin that keeps failing.
 //! - [`batch`]: the adaptive batcher in front of the sinks.
 //! - [`sink`]: where rolled-up output lands: the embedded SQLite store, or Druid through a Kafka topic.
+//! - [`api`]: the HTTP API: health, readiness and read-only queries over the embedded store.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
+pub mod api;
 pub mod batch;
 pub mod breaker;
 pub mod cli;
