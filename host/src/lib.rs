@@ -10,12 +10,16 @@
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
 //! - [`pipeline`]: the only place that wires the stages together.
 //! - [`transform`]: batches through a plugin's `transform`, with retry and bisection.
+//! - [`breaker`]: the circuit breaker that stops calling a plugin that keeps failing.
 //! - [`batch`]: the adaptive batcher in front of the sinks.
 //! - [`sink`]: where rolled-up output lands: the embedded SQLite store, or Druid through a Kafka topic.
+//! - [`api`]: the HTTP API: health, readiness and read-only queries over the embedded store.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
+pub mod api;
 pub mod batch;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -209,52 +209,85 @@ pub struct QueryConnection {
     conn: Connection,
 }
 
+/// The answer to a query, shaped as a table: rows keep the statement's column order, and duplicate
+/// column names (`SELECT 1 AS a, 2 AS a`) survive, which a JSON object per row could not keep.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct QueryResult {
+    /// Column names, in the statement's order.
+    pub columns: Vec<String>,
+    /// Rows, each with one value per column: integers and text as they are, reals as JSON numbers
+    /// (NaN and infinities as `null`), blobs as their length in bytes.
+    pub rows: Vec<Vec<serde_json::Value>>,
+    /// True when the statement had more rows than the limit let through.
+    pub truncated: bool,
+}
+
 impl QueryConnection {
-    /// Opens the store at `path` read-only.
+    /// Opens the store at `path` read-only. ATTACH is refused on this connection, so its queries
+    /// read the store and no other database file.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`] when it does not exist or cannot be opened.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)?;
         Ok(QueryConnection { conn })
     }
 
+    /// A handle that stops this connection's running statement from another thread; the statement
+    /// then fails with SQLite's `SQLITE_INTERRUPT`. Used to bound how long a query may run.
+    pub fn interrupt_handle(&self) -> rusqlite::InterruptHandle {
+        self.conn.get_interrupt_handle()
+    }
+
     /// Runs one read-only statement and returns at most `limit` rows, each a JSON object with the
-    /// columns in the statement's order.
+    /// columns in the statement's order (a later duplicate column name replaces an earlier one).
     ///
     /// # Errors
-    /// [`StoreError::NotReadOnly`] for anything that would write (checked by SQLite on the prepared
-    /// statement, and refused by the read-only connection anyway), or the SQL error.
+    /// As [`QueryConnection::query_table`].
     pub fn query(
         &self,
         sql: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, StoreError> {
+        let table = self.query_table(sql, limit)?;
+        let columns = table.columns;
+        Ok(table.rows.into_iter().map(|row| columns.iter().cloned().zip(row).collect()).collect())
+    }
+
+    /// Runs one read-only statement and returns at most `limit` rows as a table, saying whether more
+    /// rows were left unread.
+    ///
+    /// # Errors
+    /// [`StoreError::NotReadOnly`] for anything that would write (checked by SQLite on the prepared
+    /// statement, and refused by the read-only connection anyway), or the SQL error (more than one
+    /// statement is an error too).
+    pub fn query_table(&self, sql: &str, limit: usize) -> Result<QueryResult, StoreError> {
+        use rusqlite::types::ValueRef;
         let mut stmt = self.conn.prepare(sql)?;
         if !stmt.readonly() {
             return Err(StoreError::NotReadOnly);
         }
-        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
+        let mut out = QueryResult { columns, rows: Vec::new(), truncated: false };
         while let Some(row) = rows.next()? {
-            if out.len() >= limit {
+            if out.rows.len() >= limit {
+                out.truncated = true;
                 break;
             }
-            let mut obj = serde_json::Map::new();
-            for (i, name) in names.iter().enumerate() {
-                use rusqlite::types::ValueRef;
-                let v = match row.get_ref(i)? {
+            let mut values = Vec::with_capacity(out.columns.len());
+            for i in 0..out.columns.len() {
+                values.push(match row.get_ref(i)? {
                     ValueRef::Null => serde_json::Value::Null,
                     ValueRef::Integer(n) => n.into(),
                     ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
                     ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
                     ValueRef::Blob(b) => b.len().into(),
-                };
-                obj.insert(name.clone(), v);
+                });
             }
-            out.push(obj);
+            out.rows.push(values);
         }
         Ok(out)
     }
@@ -358,5 +391,32 @@ mod tests {
         let row = q.query("SELECT 1 AS z, 2 AS a", 1).unwrap().remove(0);
         assert_eq!(row.keys().collect::<Vec<_>>(), ["z", "a"]);
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn tables_keep_columns_and_say_when_rows_were_cut() {
+        let path = temp("table");
+        let mut store = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap();
+        store.apply(&[trade(1, "A", true, 1, 1), trade(2, "B", true, 1, 1), trade(3, "C", true, 1, 1)], &[]).unwrap();
+        let q = QueryConnection::open(&path).unwrap();
+        let sql = "SELECT symbol, events AS a, 'x' AS a FROM rollup ORDER BY symbol";
+        let all = q.query_table(sql, 3).unwrap();
+        assert_eq!(all.columns, ["symbol", "a", "a"]);
+        assert_eq!(all.rows[2], [serde_json::json!("C"), 1.into(), "x".into()]);
+        assert!(!all.truncated);
+        let cut = q.query_table(sql, 2).unwrap();
+        assert_eq!((cut.rows.len(), cut.truncated), (2, true));
+        let none = q.query_table(sql, 0).unwrap();
+        assert_eq!((none.rows.len(), none.truncated), (0, true));
+        let empty = q.query_table("SELECT * FROM rollup WHERE 0", 0).unwrap();
+        assert_eq!((empty.columns.len(), empty.truncated), (14, false));
+        // One statement only, and no other database file can be attached.
+        assert!(matches!(q.query_table("SELECT 1; SELECT 2", 10), Err(StoreError::Sqlite(_))));
+        let other = temp("table-other");
+        drop(EmbeddedStore::open(&other, Duration::from_secs(60)).unwrap());
+        let attach = format!("ATTACH DATABASE '{}' AS other", other.display());
+        assert!(matches!(q.query_table(&attach, 10), Err(StoreError::Sqlite(_))));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&other);
     }
 }

@@ -1,0 +1,105 @@
+//! The one error type handlers return, and the JSON every failed request answers with:
+//! `{"error": {"code": "<snake_case>", "message": "..."}}` and the matching status.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+/// Why a request failed. Each variant has one status and one `code` clients can match on.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No route has this path (404 `not_found`).
+    #[error("no route for {0}")]
+    NotFound(String),
+    /// The path exists but not for this method (405 `method_not_allowed`; the `Allow` header lists
+    /// the methods that are).
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The query string or a parameter is malformed or missing (400 `bad_request`).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body is over the limit (413 `payload_too_large`).
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// `/v1/query` without an embedded store: the sink is Druid, query it there (404 `no_store`).
+    #[error("no embedded store is configured; query the sink instead")]
+    NoStore,
+    /// The statement would write (400 `read_only`).
+    #[error("only read-only statements are allowed")]
+    ReadOnly,
+    /// SQLite refused the statement; the message is SQLite's (400 `bad_sql`).
+    #[error("{0}")]
+    BadSql(String),
+    /// The query ran past its deadline and was interrupted (504 `query_timeout`).
+    #[error("the query did not finish within {} ms and was stopped", .0.as_millis())]
+    QueryTimeout(Duration),
+    /// The store cannot answer now: not created yet, busy, or too many queries waiting (503
+    /// `unavailable`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something failed on our side (500 `internal`).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status the error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) | ApiError::NoStore => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadRequest(_) | ApiError::ReadOnly | ApiError::BadSql(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::QueryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable, machine-readable code in the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::NoStore => "no_store",
+            ApiError::ReadOnly => "read_only",
+            ApiError::BadSql(_) => "bad_sql",
+            ApiError::QueryTimeout(_) => "query_timeout",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(code = self.code(), error = %self, "API request failed");
+        }
+        let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The router's fallback: a path no route has.
+pub(super) async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+/// Every route's fallback for a method it does not serve.
+pub(super) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+}

@@ -1,0 +1,255 @@
+//! The HTTP API (axum): health for orchestrators and read-only SQL over the embedded store.
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
+//! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
+//! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
+//!
+//! Every failure answers `{"error": {"code", "message"}}` with its status ([`ApiError`]), unknown
+//! routes, wrong methods, malformed query strings and oversized bodies included.
+//!
+//! [`router`] builds the routes over an [`ApiState`]; [`serve`] runs them on a listener until a
+//! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
+
+mod error;
+mod health;
+mod query;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+pub use error::ApiError;
+pub use health::{Check, Health, Readiness};
+
+/// The `[api]` table: where the API listens and the limits requests run under.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on; loopback by default, so nothing is exposed until an operator says so.
+    #[serde(default = "defaults::bind")]
+    pub bind: SocketAddr,
+    /// Largest request body accepted; larger ones get 413.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Rows `/v1/query` returns when the request names no `limit`.
+    #[serde(default = "defaults::query_default_limit")]
+    pub query_default_limit: usize,
+    /// The largest `limit` a query may ask for.
+    #[serde(default = "defaults::query_max_limit")]
+    pub query_max_limit: usize,
+    /// How long a query may wait for a slot and run before it is stopped.
+    #[serde(default = "defaults::query_timeout_ms")]
+    pub query_timeout_ms: u64,
+    /// Queries run at once; more wait for a slot (each runs on a blocking thread).
+    #[serde(default = "defaults::query_concurrency")]
+    pub query_concurrency: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            bind: defaults::bind(),
+            max_body_bytes: defaults::max_body_bytes(),
+            query_default_limit: defaults::query_default_limit(),
+            query_max_limit: defaults::query_max_limit(),
+            query_timeout_ms: defaults::query_timeout_ms(),
+            query_concurrency: defaults::query_concurrency(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Checks what types cannot.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.query_max_limit == 0 {
+            return Err("api.query_max_limit must be positive".into());
+        }
+        if self.query_default_limit > self.query_max_limit {
+            return Err(format!(
+                "api.query_default_limit ({}) is over api.query_max_limit ({})",
+                self.query_default_limit, self.query_max_limit
+            ));
+        }
+        if self.query_timeout_ms == 0 || self.query_concurrency == 0 || self.max_body_bytes == 0 {
+            return Err("api: query_timeout_ms, query_concurrency and max_body_bytes must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    use super::*;
+
+    /// The API's default port.
+    pub const PORT: u16 = 9100;
+
+    pub fn bind() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, PORT))
+    }
+    pub fn max_body_bytes() -> usize {
+        // Room for a plugin upload: components are well under this.
+        32 << 20
+    }
+    pub fn query_default_limit() -> usize {
+        1_000
+    }
+    pub fn query_max_limit() -> usize {
+        100_000
+    }
+    pub fn query_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn query_concurrency() -> usize {
+        4
+    }
+}
+
+/// What the handlers share. Cheap to clone: axum clones it for every request.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The embedded store's file, when the sink is the embedded store; `/v1/query` answers 404
+    /// `no_store` without it.
+    store: Option<PathBuf>,
+    /// The checks `/health/ready` reports; components hold the same `Arc` and update it.
+    health: Arc<Health>,
+    /// The request body limit.
+    max_body_bytes: usize,
+    /// Query limits and the slots that bound how many run at once.
+    query: query::QueryLimits,
+}
+
+impl ApiState {
+    /// State for the API under `config`: queries go to the store at `store` (if any), readiness
+    /// comes from `health`.
+    pub fn new(config: &ApiConfig, store: Option<PathBuf>, health: Arc<Health>) -> Self {
+        ApiState {
+            store,
+            health,
+            max_body_bytes: config.max_body_bytes,
+            query: query::QueryLimits {
+                default_limit: config.query_default_limit.min(config.query_max_limit),
+                max_limit: config.query_max_limit,
+                timeout: Duration::from_millis(config.query_timeout_ms),
+                slots: Arc::new(Semaphore::new(config.query_concurrency.clamp(1, Semaphore::MAX_PERMITS))),
+            },
+        }
+    }
+}
+
+/// The API's routes over `state`, with JSON errors for unknown routes, wrong methods and bodies over
+/// the limit.
+pub fn router(state: ApiState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
+    Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/v1/query", get(query::query))
+        // Applies to the routes above, so it comes after them.
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .fallback(error::not_found)
+        // Bodies read by extractors stop at the limit; a declared length over it is refused up front.
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(max_body_bytes, refuse_large_bodies))
+        .with_state(state)
+}
+
+/// Answers 413 to a request whose `Content-Length` is over the limit, before any handler runs.
+async fn refuse_large_bodies(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit as u64 => ApiError::PayloadTooLarge { limit }.into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets requests in
+/// flight finish, and returns.
+///
+/// # Errors
+/// The listener's I/O error.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_to_loopback_and_names_unknown_fields() {
+        let c: ApiConfig = toml::from_str("").unwrap();
+        assert_eq!(c, ApiConfig::default());
+        assert_eq!(c.bind, "127.0.0.1:9100".parse().unwrap());
+        assert!(c.bind.ip().is_loopback());
+        assert_eq!((c.query_default_limit, c.query_max_limit), (1_000, 100_000));
+        assert_eq!(c.validate(), Ok(()));
+        let c: ApiConfig = toml::from_str("bind = \"0.0.0.0:8000\"\nquery_timeout_ms = 500").unwrap();
+        assert_eq!((c.bind.port(), c.query_timeout_ms), (8000, 500));
+        let e = toml::from_str::<ApiConfig>("listen = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = toml::from_str::<ApiConfig>("bind = \"localhost\"").unwrap_err();
+        assert!(e.to_string().contains("bind"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let c = ApiConfig { query_default_limit: 10, query_max_limit: 5, ..ApiConfig::default() };
+        assert!(c.validate().unwrap_err().contains("query_default_limit"));
+        let c = ApiConfig { query_concurrency: 0, ..ApiConfig::default() };
+        assert!(c.validate().unwrap_err().contains("query_concurrency"));
+    }
+
+    #[tokio::test]
+    async fn extreme_limits_do_not_panic() {
+        let c = ApiConfig { query_concurrency: usize::MAX, query_timeout_ms: u64::MAX, ..ApiConfig::default() };
+        let state = ApiState::new(&c, Some("/nonexistent/store.db".into()), Arc::new(Health::new()));
+        let r = query::run("/nonexistent/store.db".into(), "SELECT 1".into(), 1, state.query.clone()).await;
+        assert_eq!(r.unwrap_err().code(), "unavailable");
+    }
+
+    #[test]
+    fn every_error_has_its_status_and_code() {
+        use axum::http::StatusCode;
+        let cases = [
+            (ApiError::NotFound("/x".into()), StatusCode::NOT_FOUND, "not_found"),
+            (
+                ApiError::MethodNotAllowed { method: "POST".into(), path: "/x".into() },
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            ),
+            (ApiError::BadRequest("x".into()), StatusCode::BAD_REQUEST, "bad_request"),
+            (ApiError::PayloadTooLarge { limit: 1 }, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            (ApiError::NoStore, StatusCode::NOT_FOUND, "no_store"),
+            (ApiError::ReadOnly, StatusCode::BAD_REQUEST, "read_only"),
+            (ApiError::BadSql("x".into()), StatusCode::BAD_REQUEST, "bad_sql"),
+            (ApiError::QueryTimeout(Duration::from_secs(1)), StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
+            (ApiError::Unavailable("x".into()), StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            (ApiError::Internal("x".into()), StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status(), e.code()), (status, code), "{e:?}");
+            assert_eq!(e.into_response().status(), status);
+        }
+    }
+}
