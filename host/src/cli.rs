@@ -12,13 +12,16 @@ use clap::{Args, Parser, Subcommand};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use serde::Serialize;
 
+use crate::api::{ApiState, Health};
 use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
 use crate::kafka::broker::EmbeddedBroker;
 use crate::kafka::consumer::EventConsumer;
 use crate::kafka::producer::EventProducer;
 use crate::kafka::{ensure_symbols_topic, ensure_topics};
-use crate::pipeline::{Ingest, IngestSettings, Names, ProcessSettings, ProcessStats, run_process};
+use crate::pipeline::{
+    Breakers, Ingest, IngestSettings, Names, ProcessError, ProcessSettings, ProcessStats, run_process,
+};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::sink::Sink;
 use crate::sink::druid::{DruidSink, transactional_id};
@@ -61,6 +64,9 @@ pub struct RunArgs {
     /// The roles to play; `ingest` and `process` apart need `[kafka] brokers`.
     #[arg(long, value_enum, default_value = "all")]
     pub role: Role,
+    /// Where the HTTP API listens, overriding `[api] bind`.
+    #[arg(long)]
+    pub api_addr: Option<std::net::SocketAddr>,
 }
 
 /// Arguments of `sluice check-config`.
@@ -82,6 +88,9 @@ pub struct DemoArgs {
     /// Where the embedded broker keeps its snapshot.
     #[arg(long, default_value = "./sluice-data")]
     pub data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api_addr: std::net::SocketAddr,
 }
 
 /// Arguments of `sluice feedsim`.
@@ -148,7 +157,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(demo(args)),
         Command::Run(args) => {
-            let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
+            let mut config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
+            if let Some(addr) = args.api_addr {
+                config.api.bind = addr;
+            }
             runtime()?.block_on(serve(config, args.role))
         }
         Command::CheckConfig(args) => {
@@ -345,6 +357,11 @@ struct Running {
     broker: Option<EmbeddedBroker>,
     topic: String,
     brokers: String,
+    /// Where the HTTP API listens.
+    api_addr: std::net::SocketAddr,
+    /// Stops the API server and the health checks.
+    api_stop: tokio::sync::watch::Sender<bool>,
+    api_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// The process role's thread, its stop flag and counters.
@@ -392,6 +409,28 @@ async fn compile_plugins(config: &Config, symbols: Arc<Symbols>) -> anyhow::Resu
 /// dictionary, the plugins, the sources (ingest), and the consumer that transforms each source's
 /// records with its plugin and delivers them to the sink (process).
 async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
+    // The API comes up first, so an operator can watch readiness while the rest starts.
+    let health = Arc::new(Health::new());
+    health.expect("kafka");
+    health.expect("plugins");
+    if role != Role::Ingest {
+        health.expect("sink");
+        health.expect("breakers");
+    }
+    let store_path =
+        (role != Role::Ingest && config.sink.druid.is_none()).then(|| config.data_dir.join("store.sqlite"));
+    let listener = tokio::net::TcpListener::bind(config.api.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} for the HTTP API ([api] bind)", config.api.bind))?;
+    let api_addr = listener.local_addr()?;
+    let (api_stop, stopped) = tokio::sync::watch::channel(false);
+    let router = crate::api::router(ApiState::new(&config.api, store_path.clone(), health.clone()));
+    let mut api_stopped = stopped.clone();
+    let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
+        let _ = api_stopped.wait_for(|s| *s).await;
+    }));
+    tracing::info!(addr = %api_addr, "HTTP API listening");
+
     let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
         if role != Role::All {
             bail!("running one role on its own needs [kafka] brokers, which the other role shares");
@@ -416,7 +455,11 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             .context("symbol dictionary")?,
     );
     let plugins = compile_plugins(config, symbols.clone()).await?;
+    let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    health.set("plugins", true, format!("loaded: {}", names.join(", ")));
     let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
+    tokio::spawn(watch_kafka(producer.clone(), health.clone(), stopped));
     let ingest = if role != Role::Process {
         let settings = IngestSettings {
             workers: config.ingest.workers,
@@ -429,11 +472,37 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         None
     };
     let process = if role != Role::Ingest {
-        Some(start_process(config, &brokers, &plugins, symbols, producer.clone()).await?)
+        Some(start_process(config, &brokers, &plugins, symbols, producer.clone(), health, store_path).await?)
     } else {
         None
     };
-    Ok(Running { ingest, producer, process, broker, topic: kafka.events_topic.clone(), brokers })
+    Ok(Running {
+        ingest,
+        producer,
+        process,
+        broker,
+        topic: kafka.events_topic.clone(),
+        brokers,
+        api_addr,
+        api_stop,
+        api_task,
+    })
+}
+
+/// Checks every few seconds that the Kafka cluster answers, for `/health/ready`.
+async fn watch_kafka(producer: Arc<EventProducer>, health: Arc<Health>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let p = producer.clone();
+        match tokio::task::spawn_blocking(move || p.reachable(Duration::from_secs(5))).await {
+            Ok(Ok(brokers)) => health.set("kafka", true, format!("{brokers} broker(s) answering")),
+            Ok(Err(e)) => health.set("kafka", false, e),
+            Err(e) => health.set("kafka", false, e.to_string()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// The process role on its own thread: each source's records through its plugin's transform, into
@@ -445,6 +514,8 @@ async fn start_process(
     plugins: &HashMap<String, Arc<PluginCode>>,
     symbols: Arc<Symbols>,
     dlq: Arc<EventProducer>,
+    health: Arc<Health>,
+    store_path: Option<PathBuf>,
 ) -> anyhow::Result<ProcessRole> {
     // Source ids are positions in the configuration, as the ingest role numbers them.
     let mut transformers = HashMap::new();
@@ -456,7 +527,7 @@ async fn start_process(
         }
     }
     let names = Names { sources: config.sources.iter().map(|s| Arc::from(s.name.as_str())).collect(), symbols };
-    let store_path = config.sink.druid.is_none().then(|| config.data_dir.join("store.sqlite"));
+    health.set("breakers", true, "all closed");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stats = Arc::new(ProcessStats::default());
     let settings = ProcessSettings {
@@ -466,12 +537,14 @@ async fn start_process(
             max_wait: Duration::from_millis(config.process.max_wait_ms),
             ..crate::batch::BatchConfig::default()
         },
+        health: Some(health),
         ..ProcessSettings::default()
     };
     let (config, brokers, path) = (config.clone(), brokers.to_owned(), store_path.clone());
     let (stop_flag, counters) = (stop.clone(), stats.clone());
     let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
         let mut pause = Duration::from_millis(200);
+        let mut breakers = Breakers::default();
         loop {
             let result = (|| -> anyhow::Result<()> {
                 let consumer =
@@ -488,15 +561,49 @@ async fn start_process(
                     (None, None) => bail!("no sink"),
                 };
                 tracing::info!(sink = sink.name(), group = %config.process.group, "process role started");
-                run_process(&consumer, &mut transformers, sink.as_mut(), &names, &dlq, &settings, &counters, &stop_flag)
+                run_process(
+                    &consumer,
+                    &mut transformers,
+                    &mut breakers,
+                    sink.as_mut(),
+                    &names,
+                    &dlq,
+                    &settings,
+                    &counters,
+                    &stop_flag,
+                )
             })();
+            let stopping = || stop_flag.load(Ordering::Relaxed);
             match result {
                 Ok(()) => return Ok(()),
-                Err(e) if stop_flag.load(Ordering::Relaxed) => return Err(e),
+                Err(e) if stopping() => return Err(e),
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "process role failed; resuming from the last commit");
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(10));
+                    let wait = match e.downcast_ref::<ProcessError>() {
+                        Some(ProcessError::BreakerOpen { .. }) => {
+                            let wait = breakers.wait(std::time::Instant::now());
+                            tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "records wait in Kafka");
+                            wait
+                        }
+                        None => {
+                            if let Some(health) = &settings.health {
+                                health.set("sink", false, format!("{e:#}"));
+                            }
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                "process role failed; resuming from the last commit"
+                            );
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                            pause
+                        }
+                    };
+                    // Sleep in short steps so a stop request is not kept waiting.
+                    let until = std::time::Instant::now() + wait;
+                    while std::time::Instant::now() < until && !stopping() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if stopping() {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -538,6 +645,10 @@ impl Running {
                 .await?
                 .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
         }
+        let _ = self.api_stop.send(true);
+        if let Err(e) = self.api_task.await? {
+            tracing::warn!(error = %e, "the HTTP API stopped with an error");
+        }
         drop(self.broker);
         Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
     }
@@ -546,7 +657,14 @@ impl Running {
 /// `sluice run`: the roles asked for until Ctrl-C (or SIGTERM), logging counts every ten seconds.
 async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     let running = start(&config, role).await?;
-    tracing::info!(?role, sources = config.sources.len(), brokers = %running.brokers, topic = %running.topic, "running");
+    tracing::info!(
+        ?role,
+        sources = config.sources.len(),
+        brokers = %running.brokers,
+        topic = %running.topic,
+        api = %running.api_addr,
+        "running"
+    );
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -578,6 +696,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let config = Config {
         data_dir: args.data_dir,
+        api: crate::api::ApiConfig { bind: args.api_addr, ..crate::api::ApiConfig::default() },
         sources: vec![
             source(
                 "binance",
@@ -601,6 +720,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {}",
         running.topic, running.brokers
+    );
+    println!(
+        "HTTP API at http://{0}: /health/ready, /v1/query?sql=SELECT%20*%20FROM%20rollup%20LIMIT%205",
+        running.api_addr
     );
     println!(
         "{:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>6}",

@@ -20,6 +20,9 @@ pub struct Config {
     /// The ingest role's tuning.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// The HTTP API (health, queries); on loopback by default.
+    #[serde(default)]
+    pub api: crate::api::ApiConfig,
     /// The process role's settings.
     #[serde(default)]
     pub process: ProcessConfig,
@@ -40,6 +43,7 @@ impl Default for Config {
             data_dir: defaults::data_dir(),
             kafka: KafkaConfig::default(),
             ingest: IngestConfig::default(),
+            api: crate::api::ApiConfig::default(),
             process: ProcessConfig::default(),
             sink: SinkConfig::default(),
             plugins: BTreeMap::new(),
@@ -171,6 +175,7 @@ impl Config {
         if self.kafka.partitions <= 0 {
             return Err("kafka.partitions must be positive".into());
         }
+        self.api.validate()?;
         if self.process.group.is_empty() || self.process.instance.is_empty() {
             return Err("process: group and instance must not be empty".into());
         }

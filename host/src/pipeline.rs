@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::api::Health;
 use crate::batch::{BatchConfig, Batcher};
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::config::SourceConfig;
 use crate::decode::{Decoder, RejectedFrame};
 use crate::kafka::consumer::{EventConsumer, Polled};
@@ -353,11 +355,65 @@ pub struct ProcessSettings {
     pub max_poll_records: usize,
     /// The batcher in front of the store.
     pub batch: BatchConfig,
+    /// When a plugin's batches keep failing, stop calling it for a while (records wait in Kafka).
+    pub breaker: BreakerConfig,
+    /// Where the role reports the sink's and the breakers' state for `/health/ready`.
+    pub health: Option<Arc<Health>>,
 }
 
 impl Default for ProcessSettings {
     fn default() -> Self {
-        ProcessSettings { partitions: 6, max_poll_records: 4096, batch: BatchConfig::default() }
+        ProcessSettings {
+            partitions: 6,
+            max_poll_records: 4096,
+            batch: BatchConfig::default(),
+            breaker: BreakerConfig::default(),
+            health: None,
+        }
+    }
+}
+
+/// Why the process role stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// A source's plugin kept failing: its breaker opened. Nothing of the batch was committed; resume
+    /// (from the last commit) once [`Breakers::wait`] says the breaker lets a trial batch through.
+    #[error("plugin of source {source_name} keeps failing; its circuit breaker is open")]
+    BreakerOpen {
+        /// The source whose plugin failed.
+        source_name: String,
+    },
+}
+
+/// The circuit breakers of the sources' plugins, kept across restarts of the process role.
+#[derive(Debug, Default)]
+pub struct Breakers {
+    by_source: HashMap<u32, CircuitBreaker>,
+}
+
+impl Breakers {
+    fn get(&mut self, source: u32, config: &BreakerConfig) -> &mut CircuitBreaker {
+        self.by_source.entry(source).or_insert_with(|| CircuitBreaker::new(config))
+    }
+
+    /// How long until every open breaker lets a trial batch through.
+    pub fn wait(&self, now: std::time::Instant) -> Duration {
+        self.by_source
+            .values()
+            .filter_map(|b| match b.state() {
+                BreakerState::Open { until } => Some(until.saturating_duration_since(now)),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Sources whose breaker is not closed.
+    pub fn open_sources(&self) -> Vec<u32> {
+        let mut open: Vec<u32> =
+            self.by_source.iter().filter(|(_, b)| b.state() != BreakerState::Closed).map(|(s, _)| *s).collect();
+        open.sort_unstable();
+        open
     }
 }
 
@@ -399,6 +455,7 @@ pub struct Names {
 pub fn run_process(
     consumer: &EventConsumer,
     transformers: &mut HashMap<u32, Transformer>,
+    breakers: &mut Breakers,
     sink: &mut dyn Sink,
     names: &Names,
     dlq: &EventProducer,
@@ -457,7 +514,30 @@ pub fn run_process(
                 }
                 continue;
             };
-            let out = t.transform(input)?;
+            let breaker = breakers.get(*source, &settings.breaker);
+            let now = std::time::Instant::now();
+            if !breaker.allow(now) {
+                return Err(breaker_open(*source, names, settings));
+            }
+            let out = match t.transform(input) {
+                Ok(out) if out.failed_calls == 0 => {
+                    breaker.record_success();
+                    out
+                }
+                Ok(out) => {
+                    breaker.record_failure(now);
+                    if !breaker.allow(now) {
+                        // Nothing of this poll is committed: its records wait in Kafka.
+                        stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+                        return Err(breaker_open(*source, names, settings));
+                    }
+                    out
+                }
+                Err(e) => {
+                    breaker.record_failure(now);
+                    return Err(e.into());
+                }
+            };
             stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
             for r in &out.rejects {
                 dead_letter_record(dlq, *source, names, &r.bytes, &r.reason);
@@ -487,6 +567,10 @@ pub fn run_process(
         if due || (pending.is_empty() && !polled.positions.is_empty()) {
             flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
             unflushed = false;
+            if let Some(health) = &settings.health {
+                health.set("sink", true, format!("{} sink committed", sink.name()));
+                health.set("breakers", true, "all closed");
+            }
         }
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
@@ -494,6 +578,14 @@ pub fn run_process(
         flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
     }
     Ok(())
+}
+
+fn breaker_open(source: u32, names: &Names, settings: &ProcessSettings) -> anyhow::Error {
+    let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
+    if let Some(health) = &settings.health {
+        health.set("breakers", false, format!("open for source {source_name}"));
+    }
+    ProcessError::BreakerOpen { source_name }.into()
 }
 
 /// Commits the pending rows and the offsets they cover in one transaction.

@@ -38,11 +38,16 @@ async fn run_ingests_from_a_config_file_until_interrupted() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = temp("data");
     let path = temp("run.toml");
+    // A free loopback port for the API (taken and released; nothing else here binds ports by number).
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     std::fs::write(
         &path,
         format!(
             r#"
 data_dir = "{}"
+
+[api]
+bind = "{api}"
 
 [[source]]
 name = "binance"
@@ -69,6 +74,37 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     while sim.handle().sent_ids(Venue::Binance, "BTCUSDT").len() < 60 && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The API answers while it runs: ready once Kafka, the plugin and the sink have reported, and the
+    // rolled-up series can be queried over HTTP.
+    let http = reqwest::Client::new();
+    let mut ready = serde_json::Value::Null;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = http.get(format!("http://{api}/health/ready")).send().await {
+            let ok = r.status() == 200;
+            ready = r.json().await.unwrap();
+            if ok {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ready["ready"], true, "{ready}");
+    for check in ["kafka", "plugins", "sink", "breakers"] {
+        assert_eq!(ready["checks"][check]["ok"], true, "{check}: {ready}");
+    }
+    let answer: serde_json::Value = http
+        .get(format!("http://{api}/v1/query"))
+        .query(&[("sql", "SELECT symbol, sum(events) AS n FROM rollup GROUP BY symbol")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["columns"], serde_json::json!(["symbol", "n"]), "{answer}");
+    assert_eq!(answer["rows"][0][0], "BTCUSDT", "{answer}");
+    assert!(answer["rows"][0][1].as_u64().unwrap() > 0, "{answer}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();

@@ -95,6 +95,9 @@ async fn setup(name: &str, sink: &str) -> Setup {
             r#"
 data_dir = "{dir}"
 
+[api]
+bind = "127.0.0.1:0"
+
 [kafka]
 brokers = "{brokers}"
 events_topic = "{events}"

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use common::{TestBroker, read_topic, unique_topic};
 use plugin_sdk::{Record, Records, StreamDataView};
 use sluice::batch::BatchConfig;
+use sluice::breaker::BreakerConfig;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::pipeline::{Names, ProcessSettings, ProcessStats, run_process};
+use sluice::pipeline::{Breakers, Names, ProcessError, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 use sluice::symbols::Symbols;
@@ -64,8 +65,10 @@ fn process_until(
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let runner =
-            s.spawn(|| run_process(&consumer, &mut transformers, &mut store, &names, &dlq, &settings, &stats, &stop));
+        let runner = s.spawn(|| {
+            let mut breakers = Breakers::default();
+            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &dlq, &settings, &stats, &stop)
+        });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
             && start.elapsed() < Duration::from_secs(60)
@@ -145,5 +148,70 @@ fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone()
     let header = |k: &str| dlq[0].headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
     assert_eq!(header("sluice.stage").as_deref(), Some("transform"));
     assert!(header("sluice.reason").unwrap().contains("poison record"), "{:?}", header("sluice.reason"));
+    let _ = std::fs::remove_file(&store_path);
+}
+
+/// A plugin that fails on every batch trips its breaker: the role stops calling it and returns, and
+/// the records of the batch that tripped it are not committed (they wait in Kafka), so a restart
+/// reads them again.
+#[test]
+fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("breaker");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    // Three polls' worth of records, produced in three flushes.
+    for chunk in 0..3u64 {
+        let mut records = Records::new();
+        for i in chunk * 100 + 1..=chunk * 100 + 100 {
+            records.push(&trade(i, &symbols));
+        }
+        producer.send_records(records.as_bytes());
+        producer.flush(Duration::from_secs(20)).unwrap();
+    }
+    let store_path = std::env::temp_dir().join(format!("sluice-breaker-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    let runtime =
+        Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
+    let mode = [("mode".to_owned(), "trap".to_owned())];
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&mode).unwrap()))]);
+    let consumer = EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap();
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings {
+        partitions: 1,
+        max_poll_records: 100,
+        breaker: BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() },
+        ..ProcessSettings::default()
+    };
+    let stats = ProcessStats::default();
+    let mut breakers = Breakers::default();
+    let stop = AtomicBool::new(false);
+    let err = run_process(
+        &consumer,
+        &mut transformers,
+        &mut breakers,
+        &mut store,
+        &names,
+        &producer,
+        &settings,
+        &stats,
+        &stop,
+    )
+    .expect_err("the breaker stops the role");
+    assert!(matches!(err.downcast_ref::<ProcessError>(), Some(ProcessError::BreakerOpen { .. })), "{err:#}");
+    assert_eq!(breakers.open_sources(), vec![1]);
+    assert!(breakers.wait(std::time::Instant::now()) > Duration::ZERO);
+    // The first failing batch was bisected and dead-lettered record by record (as for a poison
+    // record); the second tripped the breaker and was not committed.
+    let offsets = store.offsets(&kafka.events_topic).unwrap();
+    let committed = offsets.iter().map(|(_, _, next)| *next).max().unwrap_or(0);
+    assert!(committed < 300, "everything was committed: {offsets:?}");
+    assert!(stats.consumed.load(Ordering::Relaxed) > committed as u64, "the tripping batch was committed");
     let _ = std::fs::remove_file(&store_path);
 }

@@ -97,7 +97,7 @@ mod defaults {
     use super::*;
 
     /// The API's default port.
-    pub const PORT: u16 = 9100;
+    pub const PORT: u16 = 8080;
 
     pub fn bind() -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, PORT))
@@ -200,7 +200,7 @@ mod tests {
     fn config_defaults_to_loopback_and_names_unknown_fields() {
         let c: ApiConfig = toml::from_str("").unwrap();
         assert_eq!(c, ApiConfig::default());
-        assert_eq!(c.bind, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(c.bind, "127.0.0.1:8080".parse().unwrap());
         assert!(c.bind.ip().is_loopback());
         assert_eq!((c.query_default_limit, c.query_max_limit), (1_000, 100_000));
         assert_eq!(c.validate(), Ok(()));

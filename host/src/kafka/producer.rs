@@ -104,6 +104,15 @@ impl EventProducer {
         &self.stats
     }
 
+    /// Asks the cluster for its metadata: the number of brokers when it answers within `timeout`.
+    ///
+    /// # Errors
+    /// librdkafka's reason when the cluster cannot be reached.
+    pub fn reachable(&self, timeout: std::time::Duration) -> Result<usize, String> {
+        use rdkafka::producer::Producer;
+        self.inner.client().fetch_metadata(None, timeout).map(|m| m.brokers().len()).map_err(|e| e.to_string())
+    }
+
     /// Sends length-delimited records, each keyed by source and symbol. Waits (briefly, repeatedly)
     /// while librdkafka's queue is full rather than dropping. Returns how many were sent.
     pub fn send_records(&self, records: &[u8]) -> usize {
