@@ -471,6 +471,13 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     } else {
         None
     };
+    if let (Some(druid), true) = (&config.sink.druid, role != Role::Ingest) {
+        // A spec that does not pass the offline checks stops the start; it is never posted.
+        crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, &brokers)
+            .context("[sink.druid] does not make a valid supervisor spec")?;
+        health.expect("druid");
+        tokio::spawn(keep_druid_supervisor(druid.clone(), brokers.clone(), health.clone(), api_stop.subscribe()));
+    }
     let process = if role != Role::Ingest {
         Some(start_process(config, &brokers, &plugins, symbols, producer.clone(), health, store_path).await?)
     } else {
@@ -487,6 +494,54 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         api_stop,
         api_task,
     })
+}
+
+/// Applies the Druid supervisor spec through the Overlord (again after failures) and then polls the
+/// supervisor's status and health, for `/health/ready`.
+async fn keep_druid_supervisor(
+    druid: crate::sink::druid::DruidSinkConfig,
+    brokers: String,
+    health: Arc<Health>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let client = match crate::sink::druid::OverlordClient::from_config(&druid) {
+        Ok(client) => client,
+        Err(e) => {
+            health.set("druid", false, format!("{e}"));
+            return;
+        }
+    };
+    let mut id = None;
+    loop {
+        let pause = match &id {
+            None => match client.apply(&druid, crate::proto::DESCRIPTOR_SET, &brokers).await {
+                Ok(applied) => {
+                    tracing::info!(supervisor = %applied, "Druid supervisor spec applied");
+                    health.set("druid", false, "spec applied; waiting for the supervisor's first status");
+                    id = Some(applied);
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying the Druid supervisor spec failed; will retry");
+                    health.set("druid", false, format!("applying the supervisor spec: {e}"));
+                    if e.is_retriable() { Duration::from_secs(5) } else { Duration::from_secs(60) }
+                }
+            },
+            Some(supervisor) => {
+                match client.poll_once(supervisor).await {
+                    Ok(poll) => {
+                        health.set("druid", poll.healthy, format!("supervisor {supervisor}: {}", poll.status.state))
+                    }
+                    Err(e) => health.set("druid", false, format!("supervisor {supervisor}: {e}")),
+                }
+                druid.poll_interval()
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Checks every few seconds that the Kafka cluster answers, for `/health/ready`.

@@ -432,6 +432,41 @@ pub struct ProcessStats {
     pub flushes: AtomicU64,
     /// Consumer group rebalances seen.
     pub rebalances: AtomicU64,
+    /// Latency of recent batches: first row batched to the sink's commit finished.
+    pub batch_latency: LatencyWindow,
+}
+
+/// The most recent batch latencies (a bounded window, updated once per batch).
+#[derive(Debug, Default)]
+pub struct LatencyWindow {
+    recent: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+}
+
+impl LatencyWindow {
+    const KEEP: usize = 4096;
+
+    /// Adds one batch's latency.
+    pub fn record(&self, latency: Duration) {
+        let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recent.len() == Self::KEEP {
+            recent.pop_front();
+        }
+        recent.push_back(latency);
+    }
+
+    /// The `q` quantile (0.0 to 1.0) of the window, if it holds anything.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let mut all: Vec<Duration> =
+            self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().copied().collect();
+        all.sort_unstable();
+        let last = all.len().checked_sub(1)?;
+        all.get(((last as f64) * q.clamp(0.0, 1.0)).round() as usize).copied()
+    }
+
+    /// Forgets every latency (e.g. after a warm-up).
+    pub fn clear(&self) {
+        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
 }
 
 /// What the process role needs to name things: source names by id and the symbol dictionary.
@@ -598,7 +633,7 @@ fn flush(
     topic: &str,
     stats: &ProcessStats,
 ) -> Result<(), anyhow::Error> {
-    batcher.take(tokio::time::Instant::now());
+    let taken = batcher.take(tokio::time::Instant::now());
     let rows: Vec<Row<'_>> = pending
         .iter()
         .map(|p| Row {
@@ -614,6 +649,9 @@ fn flush(
     let started = std::time::Instant::now();
     sink.commit(&rows, &offsets, consumer)?;
     batcher.flushed(started.elapsed());
+    if let Some(taken) = taken {
+        stats.batch_latency.record(taken.opened_at.elapsed());
+    }
     stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
     stats.flushes.fetch_add(1, Ordering::Relaxed);
     drop(rows);

@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -241,14 +242,52 @@ fn druid_rows(bootstrap: &str, topic: &str, message: &prost_reflect::MessageDesc
     rows
 }
 
+/// An Overlord on loopback that keeps every supervisor spec POSTed to it and reports the supervisor
+/// running, with the answers Druid documents for these calls
+/// (https://druid.apache.org/docs/latest/api-reference/supervisor-api).
+async fn overlord() -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
+    use axum::extract::{RawQuery, State};
+    use axum::routing::{get, post};
+    let posted: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/druid/indexer/v1/supervisor",
+            post(|State(p): State<Arc<Mutex<Vec<_>>>>, RawQuery(q): RawQuery, body: axum::body::Bytes| async move {
+                let spec: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let id = spec["spec"]["dataSchema"]["dataSource"].clone();
+                p.lock().unwrap().push((q.unwrap_or_default(), spec));
+                axum::Json(serde_json::json!({ "id": id }))
+            }),
+        )
+        .route(
+            "/druid/indexer/v1/supervisor/{id}/status",
+            get(|axum::extract::Path(id): axum::extract::Path<String>| async move {
+                axum::Json(serde_json::json!({
+                    "id": id,
+                    "payload": { "dataSource": id, "state": "RUNNING", "detailedState": "RUNNING", "healthy": true }
+                }))
+            }),
+        )
+        .route(
+            "/druid/indexer/v1/supervisor/{id}/health",
+            get(|| async { axum::Json(serde_json::json!({ "healthy": true })) }),
+        )
+        .with_state(posted.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, posted)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     let druid_topic = unique_topic("druid");
+    let (overlord_url, posted) = overlord().await;
     let sink = format!(
-        "\n[sink.druid]\noverlord_url = \"http://127.0.0.1:9\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
+        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
     );
     let mut s = setup("kill-druid", &sink).await;
-    // The spec sluice generates for this config, and the descriptor in it.
+    // The spec sluice generates for this config; the process role posts the same one (checked below).
     let cfg: sluice::config::Config = sluice::config::Config::load(&s.config).unwrap();
     let druid = cfg.sink.druid.as_ref().unwrap();
     let spec = sluice::sink::druid::supervisor_spec(druid, sluice::proto::DESCRIPTOR_SET, &s.broker.bootstrap)
@@ -267,6 +306,7 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     let bootstrap = s.broker.bootstrap.clone();
     let counter = std::sync::Mutex::new(CommittedCount::new(&bootstrap, &druid_topic));
     let (mut process, sent) = run_with_kill(&mut s, || counter.lock().unwrap().update()).await;
+
     let total: usize = sent.values().map(Vec::len).sum();
     assert!(total > 500, "only {total} trades sent");
     let start = Instant::now();
@@ -275,6 +315,16 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     process.interrupt();
+    // Each start of the process role applied its supervisor spec through the Overlord: this spec,
+    // so the descriptor the rows are read with below is the one Druid was given.
+    let applied = posted.lock().unwrap().clone();
+    assert!(applied.len() >= 2, "{} specs posted for two starts", applied.len());
+    for (query, posted_spec) in &applied {
+        assert_eq!(query, "skipRestartIfUnmodified=true");
+        assert_eq!(posted_spec, &spec);
+    }
+    assert_eq!(spec["spec"]["ioConfig"]["topic"], druid_topic.as_str());
+    assert_eq!(spec["spec"]["ioConfig"]["consumerProperties"]["isolation.level"], "read_committed");
 
     let rows = druid_rows(&bootstrap, &druid_topic, &message);
     // Every row carries the spec's timestamp column and dimensions, by the names Druid sees.
