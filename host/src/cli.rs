@@ -711,6 +711,10 @@ impl Running {
 
 /// `sluice run`: the roles asked for until Ctrl-C (or SIGTERM), logging counts every ten seconds.
 async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Listening before starting, so a signal during the start stops it cleanly right after.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let running = start(&config, role).await?;
     tracing::info!(
         ?role,
@@ -720,9 +724,6 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         api = %running.api_addr,
         "running"
     );
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.tick().await;
     loop {
@@ -732,7 +733,7 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
                 let stored = running.stored();
                 tracing::info!(frames, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
             }
-            _ = &mut ctrl_c => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
         }
     }

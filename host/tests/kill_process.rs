@@ -333,7 +333,16 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
             assert!(row.get(column).is_some(), "row {row} lacks column {column}");
         }
     }
-    // Exactly once: the rows, as a multiset, equal the trades sent.
+    assert_exactly_once(&rows, &sent);
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The rows read from the Druid topic, as a multiset, equal the trades the simulator sent: each one
+/// exactly once, with its symbol, time, side, price and quantity.
+fn assert_exactly_once(rows: &[serde_json::Value], sent: &BTreeMap<&'static str, Vec<SentTrade>>) {
     let key = |symbol: &str, ms: i64, side: &str, price: f64, qty: f64| {
         format!("{symbol} {ms} {side} {:.8} {:.8}", price, qty)
     };
@@ -366,10 +375,6 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     got.sort();
     assert_eq!(got.len(), want.len(), "rows in the Druid topic vs trades sent");
     assert_eq!(got, want);
-    let log = std::fs::read_to_string(&s.log).unwrap();
-    assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
-    drop(s.broker);
-    let _ = std::fs::remove_dir_all(&s.dir);
 }
 
 /// Counts what a `read_committed` reader of `topic` has seen, reading on from where it stopped.
@@ -406,4 +411,82 @@ impl CommittedCount {
         }
         self.seen
     }
+}
+
+/// Two process instances in one group (Druid sink) split the events topic's partitions: the second
+/// joins mid-stream (a rebalance), is then killed with SIGKILL and restarted under its instance name,
+/// which takes its place in the group back. The Druid topic still holds every trade exactly once.
+///
+/// (A dead instance is replaced by restarting it with the same `[process] instance`: it is a static
+/// member of the group. Its partitions moving to the survivors instead needs the broker to expire the
+/// dead member's session, which the broker these tests run against does not do.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_process_instances_share_partitions_through_rebalances() {
+    let druid_topic = unique_topic("druid");
+    let (overlord_url, _posted) = overlord().await;
+    let sink = format!(
+        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
+    );
+    let mut s = setup("group-druid", &sink).await;
+    let second = s.dir.join("second.toml");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&second, text.replacen("[process]\n", "[process]\ninstance = \"1\"\n", 1)).unwrap();
+    let cfg: sluice::config::Config = sluice::config::Config::load(&s.config).unwrap();
+    let spec = sluice::sink::druid::supervisor_spec(
+        cfg.sink.druid.as_ref().unwrap(),
+        sluice::proto::DESCRIPTOR_SET,
+        &s.broker.bootstrap,
+    )
+    .unwrap()
+    .into_json();
+    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
+    let descriptor =
+        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
+    let pool = DescriptorPool::decode(descriptor.as_slice()).unwrap();
+    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let assignments = |log: &std::path::Path| -> Vec<String> {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines().filter(|l| l.contains("partitions assigned")).map(str::to_owned).collect()
+    };
+
+    let bootstrap = s.broker.bootstrap.clone();
+    let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
+    let mut ingest = Role::start(&s.config, "ingest", &s.log);
+    let mut first = Role::start(&s.config, "process", &s.log);
+    let start = Instant::now();
+    while counter.update() < 200 {
+        assert!(start.elapsed() < Duration::from_secs(90), "no output from the first instance");
+    }
+    let mut second_role = Role::start(&second, "process", &s.log);
+    // Wait for the split: an assignment of only some of the partitions.
+    let start = Instant::now();
+    while !assignments(&s.log).iter().any(|l| !l.contains("[0, 1, 2]")) {
+        assert!(start.elapsed() < Duration::from_secs(90), "never split: {:#?}", assignments(&s.log));
+        counter.update();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    second_role.kill_9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut second_role = Role::start(&second, "process", &s.log);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sim = s.sim.take().unwrap();
+    let handle = sim.handle();
+    sim.shutdown().await;
+    let sent: BTreeMap<&'static str, Vec<SentTrade>> =
+        SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ingest.interrupt();
+    let total: usize = sent.values().map(Vec::len).sum();
+    let start = Instant::now();
+    while (counter.update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    second_role.interrupt();
+    first.interrupt();
+    let rows = druid_rows(&bootstrap, &druid_topic, &message);
+    assert_exactly_once(&rows, &sent);
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
 }

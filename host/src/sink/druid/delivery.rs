@@ -56,7 +56,9 @@ impl DruidSink {
             .set("acks", "all")
             .set("compression.type", &kafka.compression)
             .set("linger.ms", kafka.linger_ms.to_string())
-            .set("transaction.timeout.ms", "60000");
+            // An instance that dies mid-transaction holds back read_committed readers until its
+            // transaction times out (or it restarts), so keep the timeout short; batches commit in ~1 s.
+            .set("transaction.timeout.ms", "15000");
         for (k, v) in &kafka.options {
             c.set(k, v);
         }
