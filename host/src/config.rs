@@ -176,6 +176,10 @@ impl Config {
             return Err("kafka.partitions must be positive".into());
         }
         self.api.validate()?;
+        if let Some(druid) = &self.sink.druid {
+            crate::sink::druid::validate(druid, crate::proto::DESCRIPTOR_SET, &self.kafka.brokers)
+                .map_err(|e| format!("sink.druid: {e}"))?;
+        }
         if self.process.group.is_empty() || self.process.instance.is_empty() {
             return Err("process: group and instance must not be empty".into());
         }

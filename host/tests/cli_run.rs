@@ -30,6 +30,18 @@ fn check_config_prints_the_effective_config_and_names_bad_fields() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("plugin \"nope\""));
+
+    // The Druid supervisor spec is checked offline with the rest.
+    let druid = "[kafka]\nbrokers = \"k:9092\"\n[sink.druid]\ndatasource = \"a/b\"\n";
+    std::fs::write(&path, druid).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sink.druid") && err.contains("a/b"), "{err}");
+    std::fs::write(&path, druid.replace("a/b", "trades")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timestamp_column = \"timestampMs\""));
     let _ = std::fs::remove_file(&path);
 }
 
