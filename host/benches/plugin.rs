@@ -80,7 +80,7 @@ fn swap_costs(c: &mut Criterion) {
             unsafe { wasmtime::component::Component::deserialize(rt.engine(), &serialized).unwrap() }
         })
     });
-    let code = rt.load("binance", component, Limits::default()).unwrap();
+    let code = rt.load("binance", &sluice::plugin::version_of(&wasm("binance")), component, Limits::default()).unwrap();
     g.bench_function("instantiate_and_init/binance", |b| b.iter(|| code.instantiate(&[]).unwrap()));
     g.finish();
 }

@@ -544,7 +544,7 @@ pub fn run_process(
             }
             let Some(t) = transformers.get_mut(source) else {
                 for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
-                    dead_letter_record(dlq, *source, names, item, "no plugin bound to this source");
+                    dead_letter_record(dlq, *source, names, "", item, "no plugin bound to this source");
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
@@ -574,8 +574,11 @@ pub fn run_process(
                 }
             };
             stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-            for r in &out.rejects {
-                dead_letter_record(dlq, *source, names, &r.bytes, &r.reason);
+            if !out.rejects.is_empty() {
+                let plugin = format!("{}@{}", t.plugin().name(), t.plugin().version());
+                for r in &out.rejects {
+                    dead_letter_record(dlq, *source, names, &plugin, &r.bytes, &r.reason);
+                }
             }
             stats.rejected.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
             for item in plugin_sdk::wire::Delimited::new(&out.records).filter_map(Result::ok) {
@@ -669,8 +672,8 @@ struct PendingRow {
     volume_e8: i64,
 }
 
-fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, bytes: &[u8], reason: &str) {
+fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, plugin: &str, bytes: &[u8], reason: &str) {
     let name = names.sources.get(slot(source)).map(|s| &**s).unwrap_or("");
     let reject = RejectedFrame { source, bytes: bytes::Bytes::copy_from_slice(bytes), reason: reason.to_owned() };
-    dlq.send_reject_at(&reject, name, "", "transform");
+    dlq.send_reject_at(&reject, name, plugin, "transform");
 }

@@ -41,6 +41,11 @@ impl Transformer {
         Transformer { plugin }
     }
 
+    /// The plugin it runs.
+    pub fn plugin(&self) -> &crate::plugin::PluginCode {
+        self.plugin.code()
+    }
+
     /// Transforms a length-delimited batch. Only a plugin that cannot be instantiated at all makes
     /// this fail; then nothing of the batch is consumed.
     ///

@@ -147,6 +147,9 @@ fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone()
     assert_eq!(StreamDataView::parse(&dlq[0].payload).unwrap().trade_id, POISON);
     let header = |k: &str| dlq[0].headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
     assert_eq!(header("sluice.stage").as_deref(), Some("transform"));
+    // The plugin and the version of its code that refused the record.
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    assert_eq!(header("sluice.plugin"), Some(format!("chaos@{}", sluice::plugin::version_of(&wasm))));
     assert!(header("sluice.reason").unwrap().contains("poison record"), "{:?}", header("sluice.reason"));
     let _ = std::fs::remove_file(&store_path);
 }

@@ -5,7 +5,9 @@ pub mod runtime;
 
 use std::time::Duration;
 
-pub use runtime::{Decoded, Limits, PluginCode, PluginInstance, Reject, Runtime, RuntimeSettings, Transformed, WORLD};
+pub use runtime::{
+    Decoded, Limits, PluginCode, PluginInstance, Reject, Runtime, RuntimeSettings, Transformed, WORLD, version_of,
+};
 
 /// Why a plugin could not be loaded or a call failed.
 #[derive(Debug, thiserror::Error)]

@@ -126,15 +126,22 @@ impl Runtime {
     pub fn compile(&self, name: &str, wasm: &[u8], limits: Limits) -> Result<Arc<PluginCode>, PluginError> {
         check_header(wasm)?;
         let component = Component::new(&self.engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        self.load(name, component, limits)
+        self.load(name, &version_of(wasm), component, limits)
     }
 
-    /// Loads an already compiled component (see [`Component::serialize`]).
+    /// Loads an already compiled component (see [`Component::serialize`]) whose `.wasm` had the
+    /// version [`version_of`] gives.
     ///
     /// # Errors
     /// [`PluginError::WrongWorld`] when it does not implement [`WORLD`], or [`PluginError::Limits`]
     /// when the limits exceed the runtime's.
-    pub fn load(&self, name: &str, component: Component, limits: Limits) -> Result<Arc<PluginCode>, PluginError> {
+    pub fn load(
+        &self,
+        name: &str,
+        version: &str,
+        component: Component,
+        limits: Limits,
+    ) -> Result<Arc<PluginCode>, PluginError> {
         if limits.memory_bytes > self.settings.max_memory_bytes {
             return Err(PluginError::Limits(format!(
                 "memory cap {} exceeds the runtime's {}",
@@ -146,6 +153,7 @@ impl Runtime {
         let ticks = limits.deadline.as_nanos().div_ceil(self.settings.epoch_tick.as_nanos().max(1)).max(1);
         Ok(Arc::new(PluginCode {
             name: name.into(),
+            version: version.into(),
             pre,
             limits,
             deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX),
@@ -168,6 +176,8 @@ fn check_header(wasm: &[u8]) -> Result<(), PluginError> {
 /// A compiled plugin, ready to instantiate on any worker thread.
 pub struct PluginCode {
     name: Arc<str>,
+    /// `sha256:` and the first 16 hex digits of the `.wasm`'s SHA-256.
+    version: Arc<str>,
     pre: bindings::PluginPre<HostState>,
     limits: Limits,
     deadline_ticks: u64,
@@ -181,6 +191,11 @@ impl PluginCode {
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The version of its code: `sha256:` and the first 16 hex digits of the `.wasm`'s SHA-256.
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// The limits its calls run under.
@@ -565,6 +580,15 @@ impl Drop for TickerHandle {
             let _ = t.join();
         }
     }
+}
+
+/// A plugin's version: `sha256:` and the first 16 hex digits of its `.wasm`'s SHA-256, so the same
+/// bytes always have the same version.
+pub fn version_of(wasm: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(wasm);
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 #[cfg(test)]
