@@ -424,7 +424,10 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} for the HTTP API ([api] bind)", config.api.bind))?;
     let api_addr = listener.local_addr()?;
     let (api_stop, stopped) = tokio::sync::watch::channel(false);
-    let router = crate::api::router(ApiState::new(&config.api, store_path.clone(), health.clone()));
+    let directory = Arc::new(crate::api::SourceDirectory::default());
+    let router = crate::api::router(
+        ApiState::new(&config.api, store_path.clone(), health.clone()).with_sources(directory.clone()),
+    );
     let mut api_stopped = stopped.clone();
     let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
         let _ = api_stopped.wait_for(|s| *s).await;
@@ -467,7 +470,21 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             max_frames_per_call: config.ingest.max_frames_per_call,
             connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
         };
-        Some(Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?)
+        let ingest = Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?;
+        directory.set(
+            ingest
+                .sources()
+                .iter()
+                .map(|h| crate::api::SourceEntry {
+                    name: h.config.name.clone(),
+                    plugin: h.config.plugin.clone(),
+                    plugin_version: plugins.get(&h.config.plugin).map(|p| p.version().to_owned()).unwrap_or_default(),
+                    stats: h.stats.clone(),
+                    decode: h.decode.clone(),
+                })
+                .collect(),
+        );
+        Some(ingest)
     } else {
         None
     };

@@ -117,6 +117,17 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert_eq!(answer["columns"], serde_json::json!(["symbol", "n"]), "{answer}");
     assert_eq!(answer["rows"][0][0], "BTCUSDT", "{answer}");
     assert!(answer["rows"][0][1].as_u64().unwrap() > 0, "{answer}");
+    // The source, its plugin and the version of its code, with live counters.
+    let listed: serde_json::Value =
+        http.get(format!("http://{api}/v1/sources")).send().await.unwrap().json().await.unwrap();
+    let source = &listed["sources"][0];
+    assert_eq!(source["name"], "binance", "{listed}");
+    assert_eq!(source["state"], "up", "{listed}");
+    assert_eq!(source["plugin"], "binance", "{listed}");
+    assert_eq!(source["plugin_version"], sluice::plugin::version_of(sluice::plugin::bundled::BINANCE), "{listed}");
+    assert!(source["frames"].as_u64().unwrap() > 0 && source["records"].as_u64().unwrap() > 0, "{listed}");
+    assert!(source["last_message_age_ms"].as_u64().unwrap() < 10_000, "{listed}");
+    assert_eq!(source["gaps"], 0, "{listed}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();

@@ -15,6 +15,9 @@
 mod error;
 mod health;
 mod query;
+mod sources;
+
+pub use sources::{SourceDirectory, SourceEntry};
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -132,6 +135,8 @@ pub struct ApiState {
     max_body_bytes: usize,
     /// Query limits and the slots that bound how many run at once.
     query: query::QueryLimits,
+    /// The sources `/v1/sources` lists.
+    sources: Arc<SourceDirectory>,
 }
 
 impl ApiState {
@@ -148,7 +153,14 @@ impl ApiState {
                 timeout: Duration::from_millis(config.query_timeout_ms),
                 slots: Arc::new(Semaphore::new(config.query_concurrency.clamp(1, Semaphore::MAX_PERMITS))),
             },
+            sources: Arc::default(),
         }
+    }
+
+    /// Lists the sources of `directory` on `/v1/sources`.
+    pub fn with_sources(mut self, directory: Arc<SourceDirectory>) -> Self {
+        self.sources = directory;
+        self
     }
 }
 
@@ -160,6 +172,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
+        .route("/v1/sources", get(sources::list))
         // Applies to the routes above, so it comes after them.
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)

@@ -1,0 +1,90 @@
+//! `GET /v1/sources`: each source's connection state, bound plugin and version, and counters.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+
+use super::ApiState;
+use crate::pipeline::DecodeStats;
+use crate::source::{SourceStats, State as Connection};
+
+/// One source as the API shows it; the counters are read live.
+#[derive(Debug)]
+pub struct SourceEntry {
+    /// The source's name.
+    pub name: String,
+    /// The plugin decoding its frames.
+    pub plugin: String,
+    /// That plugin's version.
+    pub plugin_version: String,
+    /// Connection counters.
+    pub stats: Arc<SourceStats>,
+    /// Decode counters.
+    pub decode: Arc<DecodeStats>,
+}
+
+/// The sources, filled in once the ingest role has started them (empty before, and in a process-only
+/// instance).
+#[derive(Debug, Default)]
+pub struct SourceDirectory(OnceLock<Vec<SourceEntry>>);
+
+impl SourceDirectory {
+    /// Publishes the sources; only the first call counts.
+    pub fn set(&self, entries: Vec<SourceEntry>) {
+        let _ = self.0.set(entries);
+    }
+}
+
+#[derive(Serialize)]
+struct SourceView<'a> {
+    name: &'a str,
+    state: &'static str,
+    plugin: &'a str,
+    plugin_version: &'a str,
+    reconnects: u64,
+    frames: u64,
+    records: u64,
+    rejects: u64,
+    duplicates: u64,
+    gaps: u64,
+    dropped_frames: u64,
+    /// Milliseconds since the last message, `null` before the first.
+    last_message_age_ms: Option<u64>,
+}
+
+/// `GET /v1/sources`.
+pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let entries = state.sources.0.get().map(Vec::as_slice).unwrap_or_default();
+    let views: Vec<SourceView<'_>> = entries
+        .iter()
+        .map(|e| {
+            let last = e.stats.last_message_us.load(Relaxed);
+            SourceView {
+                name: &e.name,
+                state: match e.stats.state() {
+                    Connection::Connecting => "connecting",
+                    Connection::Up => "up",
+                    Connection::Backoff => "backoff",
+                    Connection::Stopped => "stopped",
+                },
+                plugin: &e.plugin,
+                plugin_version: &e.plugin_version,
+                reconnects: e.stats.reconnects.load(Relaxed),
+                frames: e.stats.frames.load(Relaxed),
+                records: e.decode.records.load(Relaxed),
+                rejects: e.decode.rejects.load(Relaxed),
+                duplicates: e.decode.duplicates.load(Relaxed),
+                gaps: e.decode.gaps.load(Relaxed),
+                dropped_frames: e.stats.dropped.load(Relaxed),
+                last_message_age_ms: (last > 0).then(|| u64::try_from((now_us - last).max(0) / 1000).unwrap_or(0)),
+            }
+        })
+        .collect();
+    Json(serde_json::json!({ "sources": views }))
+}
