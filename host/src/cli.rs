@@ -425,8 +425,11 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     let api_addr = listener.local_addr()?;
     let (api_stop, stopped) = tokio::sync::watch::channel(false);
     let directory = Arc::new(crate::api::SourceDirectory::default());
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
     let router = crate::api::router(
-        ApiState::new(&config.api, store_path.clone(), health.clone()).with_sources(directory.clone()),
+        ApiState::new(&config.api, store_path.clone(), health.clone())
+            .with_sources(directory.clone())
+            .with_metrics(metrics.clone()),
     );
     let mut api_stopped = stopped.clone();
     let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
@@ -493,7 +496,13 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, &brokers)
             .context("[sink.druid] does not make a valid supervisor spec")?;
         health.expect("druid");
-        tokio::spawn(keep_druid_supervisor(druid.clone(), brokers.clone(), health.clone(), api_stop.subscribe()));
+        tokio::spawn(keep_druid_supervisor(
+            druid.clone(),
+            brokers.clone(),
+            health.clone(),
+            metrics.clone(),
+            api_stop.subscribe(),
+        ));
     }
     let process = if role != Role::Ingest {
         Some(start_process(config, &brokers, &plugins, symbols, producer.clone(), health, store_path).await?)
@@ -519,6 +528,7 @@ async fn keep_druid_supervisor(
     druid: crate::sink::druid::DruidSinkConfig,
     brokers: String,
     health: Arc<Health>,
+    metrics: Arc<crate::telemetry::Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = match crate::sink::druid::OverlordClient::from_config(&druid) {
@@ -539,13 +549,20 @@ async fn keep_druid_supervisor(
                     Duration::ZERO
                 }
                 Err(e) => {
+                    metrics.druid_overlord_errors_total.inc();
                     tracing::warn!(error = %e, "applying the Druid supervisor spec failed; will retry");
                     health.set("druid", false, format!("applying the supervisor spec: {e}"));
                     if e.is_retriable() { Duration::from_secs(5) } else { Duration::from_secs(60) }
                 }
             },
             Some(supervisor) => {
-                match client.poll_once(supervisor).await {
+                let polled = client.poll_once(supervisor).await;
+                metrics.druid_supervisor_healthy.set(i64::from(polled.as_ref().is_ok_and(|p| p.healthy)));
+                match &polled {
+                    Ok(poll) => metrics.druid_supervisor_lag_messages.set(poll.status.aggregate_lag.unwrap_or(0)),
+                    Err(_) => metrics.druid_overlord_errors_total.inc(),
+                }
+                match polled {
                     Ok(poll) => {
                         health.set("druid", poll.healthy, format!("supervisor {supervisor}: {}", poll.status.state))
                     }

@@ -14,6 +14,7 @@
 //! - [`batch`]: the adaptive batcher in front of the sinks.
 //! - [`sink`]: where rolled-up output lands: the embedded SQLite store, or Druid through a Kafka topic.
 //! - [`api`]: the HTTP API: health, readiness and read-only queries over the embedded store.
+//! - [`telemetry`]: every metric, for `/metrics`.
 //! - [`config`]: the TOML configuration.
 //! - [`cli`]: the command line, including `sluice plugin test`.
 
@@ -31,4 +32,5 @@ pub mod proto;
 pub mod sink;
 pub mod source;
 pub mod symbols;
+pub mod telemetry;
 pub mod transform;

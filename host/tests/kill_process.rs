@@ -35,10 +35,15 @@ struct Role(Option<Child>);
 
 impl Role {
     fn start(config: &std::path::Path, role: &str, log: &std::path::Path) -> Role {
+        Role::start_with(config, role, log, &[])
+    }
+
+    fn start_with(config: &std::path::Path, role: &str, log: &std::path::Path, extra: &[&str]) -> Role {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--role", role, "--config"])
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", "sluice=info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -315,6 +320,28 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     process.interrupt();
+    // A process role with its API on a known port: the supervisor's health reaches /metrics and
+    // /health/ready.
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut watched = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &api.to_string()]);
+    let http = reqwest::Client::new();
+    let (mut metrics, mut ready) = (String::new(), serde_json::Value::Null);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Ok(r) = http.get(format!("http://{api}/metrics")).send().await {
+            metrics = r.text().await.unwrap_or_default();
+        }
+        if let Ok(r) = http.get(format!("http://{api}/health/ready")).send().await {
+            ready = r.json().await.unwrap_or_default();
+        }
+        if metrics.lines().any(|l| l == "sluice_druid_supervisor_healthy 1") && ready["checks"]["druid"]["ok"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metrics.lines().any(|l| l == "sluice_druid_supervisor_healthy 1"), "{metrics}");
+    assert_eq!(ready["checks"]["druid"]["ok"], true, "{ready}");
+    watched.interrupt();
     // Each start of the process role applied its supervisor spec through the Overlord: this spec,
     // so the descriptor the rows are read with below is the one Druid was given.
     let applied = posted.lock().unwrap().clone();

@@ -137,6 +137,8 @@ pub struct ApiState {
     query: query::QueryLimits,
     /// The sources `/v1/sources` lists.
     sources: Arc<SourceDirectory>,
+    /// What `/metrics` renders.
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl ApiState {
@@ -154,7 +156,14 @@ impl ApiState {
                 slots: Arc::new(Semaphore::new(config.query_concurrency.clamp(1, Semaphore::MAX_PERMITS))),
             },
             sources: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Renders `metrics` on `/metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Lists the sources of `directory` on `/v1/sources`.
@@ -173,6 +182,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
         .route("/v1/sources", get(sources::list))
+        .route("/metrics", get(metrics))
         // Applies to the routes above, so it comes after them.
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
@@ -180,6 +190,11 @@ pub fn router(state: ApiState) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(max_body_bytes, refuse_large_bodies))
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus' text exposition format.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
 /// Answers 413 to a request whose `Content-Length` is over the limit, before any handler runs.
