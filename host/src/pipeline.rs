@@ -462,11 +462,6 @@ impl LatencyWindow {
         let last = all.len().checked_sub(1)?;
         all.get(((last as f64) * q.clamp(0.0, 1.0)).round() as usize).copied()
     }
-
-    /// Forgets every latency (e.g. after a warm-up).
-    pub fn clear(&self) {
-        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
-    }
 }
 
 /// What the process role needs to name things: source names by id and the symbol dictionary.

@@ -222,18 +222,7 @@ async fn embedded_store_counts_every_trade_once_across_a_kill_9() {
 /// Every message of `topic` a `read_committed` consumer can see, decoded with the descriptor in the
 /// generated supervisor spec into the JSON Druid would see.
 fn druid_rows(bootstrap: &str, topic: &str, message: &prost_reflect::MessageDescriptor) -> Vec<serde_json::Value> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = read_committed(bootstrap, topic);
     let mut rows = Vec::new();
     let mut quiet = Instant::now();
     let start = Instant::now();
@@ -293,16 +282,7 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     );
     let mut s = setup("kill-druid", &sink).await;
     // The spec sluice generates for this config; the process role posts the same one (checked below).
-    let cfg: sluice::config::Config = sluice::config::Config::load(&s.config).unwrap();
-    let druid = cfg.sink.druid.as_ref().unwrap();
-    let spec = sluice::sink::druid::supervisor_spec(druid, sluice::proto::DESCRIPTOR_SET, &s.broker.bootstrap)
-        .unwrap()
-        .into_json();
-    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
-    let descriptor =
-        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
-    let pool = DescriptorPool::decode(descriptor.as_slice()).unwrap();
-    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let (spec, message) = generated_spec(&s);
     let columns: Vec<String> = std::iter::once(spec["spec"]["dataSchema"]["timestampSpec"]["column"].clone())
         .chain(spec["spec"]["dataSchema"]["dimensionsSpec"]["dimensions"].as_array().unwrap().iter().cloned())
         .filter_map(|v| v.as_str().map(str::to_owned))
@@ -412,18 +392,7 @@ struct CommittedCount {
 
 impl CommittedCount {
     fn new(bootstrap: &str, topic: &str) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", unique_topic("druid-count"))
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        CommittedCount { consumer, seen: 0 }
+        CommittedCount { consumer: read_committed(bootstrap, topic), seen: 0 }
     }
 
     /// Reads for at most a second and returns the total seen.
@@ -458,19 +427,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     let second = s.dir.join("second.toml");
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&second, text.replacen("[process]\n", "[process]\ninstance = \"1\"\n", 1)).unwrap();
-    let cfg: sluice::config::Config = sluice::config::Config::load(&s.config).unwrap();
-    let spec = sluice::sink::druid::supervisor_spec(
-        cfg.sink.druid.as_ref().unwrap(),
-        sluice::proto::DESCRIPTOR_SET,
-        &s.broker.bootstrap,
-    )
-    .unwrap()
-    .into_json();
-    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
-    let descriptor =
-        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
-    let pool = DescriptorPool::decode(descriptor.as_slice()).unwrap();
-    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let (_, message) = generated_spec(&s);
     let assignments = |log: &std::path::Path| -> Vec<String> {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         text.lines().filter(|l| l.contains("partitions assigned")).map(str::to_owned).collect()
@@ -516,4 +473,38 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     assert_exactly_once(&rows, &sent);
     drop(s.broker);
     let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The supervisor spec sluice generates for the test's configuration, and the row message found by
+/// the name the spec gives in the descriptor the spec carries (as Druid would find it).
+fn generated_spec(s: &Setup) -> (serde_json::Value, prost_reflect::MessageDescriptor) {
+    let cfg = sluice::config::Config::load(&s.config).unwrap();
+    let druid = cfg.sink.druid.as_ref().unwrap();
+    let spec = sluice::sink::druid::supervisor_spec(druid, sluice::proto::DESCRIPTOR_SET, &s.broker.bootstrap)
+        .unwrap()
+        .into_json();
+    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
+    let descriptor =
+        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
+    let pool = DescriptorPool::decode(descriptor.as_slice()).unwrap();
+    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    (spec, message)
+}
+
+/// A reader of every partition of `topic` from the start, seeing committed data only (as Druid's
+/// supervisor reads with the generated spec).
+fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("druid-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    consumer
 }

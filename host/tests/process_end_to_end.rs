@@ -195,18 +195,31 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let stats = ProcessStats::default();
     let mut breakers = Breakers::default();
     let stop = AtomicBool::new(false);
-    let err = run_process(
-        &consumer,
-        &mut transformers,
-        &mut breakers,
-        &mut store,
-        &names,
-        &producer,
-        &settings,
-        &stats,
-        &stop,
-    )
-    .expect_err("the breaker stops the role");
+    // Without a breaker the role would run on; a bounded wait turns that into a failure, not a hang.
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let start = Instant::now();
+            while !done.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let result = run_process(
+            &consumer,
+            &mut transformers,
+            &mut breakers,
+            &mut store,
+            &names,
+            &producer,
+            &settings,
+            &stats,
+            &stop,
+        );
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    let err = result.expect_err("the breaker stops the role");
     assert!(matches!(err.downcast_ref::<ProcessError>(), Some(ProcessError::BreakerOpen { .. })), "{err:#}");
     assert_eq!(breakers.open_sources(), vec![1]);
     assert!(breakers.wait(std::time::Instant::now()) > Duration::ZERO);
