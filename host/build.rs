@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The plugin crates built to wasm, by package name.
-const PLUGINS: &[&str] = &["binance", "coinbase", "kraken", "outlier-filter", "rescale", "chaos"];
+const PLUGINS: &[&str] = &["binance", "coinbase", "kraken", "outlier-filter", "rescale", "chaos", "double-price"];
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -16,6 +16,7 @@ use sluice::kafka::broker::EmbeddedBroker;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::pipeline::{Ingest, IngestSettings};
+use sluice::plugin::registry::Slot;
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
 
@@ -47,7 +48,8 @@ async fn throughput(rate_per_symbol: f64, sources: usize, symbols_per_source: us
         .expect("simulator");
     let rt = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new())).expect("runtime");
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).expect("plugin");
-    let plugins = HashMap::from([("binance".to_owned(), rt.compile("binance", &wasm, Limits::default()).unwrap())]);
+    let plugins =
+        HashMap::from([("binance".to_owned(), Slot::new(rt.compile("binance", &wasm, Limits::default()).unwrap()))]);
     let configs: Vec<_> = (0..sources)
         .map(|i| {
             let symbols: Vec<String> = (0..symbols_per_source).map(|j| format!("S{i}X{j}USDT")).collect();
@@ -87,7 +89,8 @@ async fn idle_memory(connections: usize) {
     let producer = Arc::new(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer"));
     let rt = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new())).expect("runtime");
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).expect("plugin");
-    let plugins = HashMap::from([("binance".to_owned(), rt.compile("binance", &wasm, Limits::default()).unwrap())]);
+    let plugins =
+        HashMap::from([("binance".to_owned(), Slot::new(rt.compile("binance", &wasm, Limits::default()).unwrap()))]);
     let configs: Vec<_> = (0..connections)
         .map(|i| binance_source(&format!("idle{i}"), sim.url(Venue::Binance), &[format!("IDLE{i}USDT")]))
         .collect();

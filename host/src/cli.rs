@@ -22,6 +22,7 @@ use crate::kafka::{ensure_symbols_topic, ensure_topics};
 use crate::pipeline::{
     Breakers, Ingest, IngestSettings, Names, ProcessError, ProcessSettings, ProcessStats, run_process,
 };
+use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
 use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::sink::Sink;
 use crate::sink::druid::{DruidSink, transactional_id};
@@ -161,6 +162,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(addr) = args.api_addr {
                 config.api.bind = addr;
             }
+            config.api.token = crate::api::Secret::from_env();
             runtime()?.block_on(serve(config, args.role))
         }
         Command::CheckConfig(args) => {
@@ -373,34 +375,55 @@ struct ProcessRole {
     store_path: Option<PathBuf>,
 }
 
-/// Compiles the plugins the sources use (off the async runtime).
-async fn compile_plugins(config: &Config, symbols: Arc<Symbols>) -> anyhow::Result<HashMap<String, Arc<PluginCode>>> {
-    let mut wanted: Vec<String> = config.sources.iter().map(|s| s.plugin.clone()).collect();
-    wanted.sort();
-    wanted.dedup();
-    let plugin_configs = config.plugins.clone();
+/// Opens the plugin registry under the data directory and deploys the plugins the sources use (the
+/// configured file or the bundled plugin; a version already stored stays on the version the API last
+/// activated). Compiles off the async runtime.
+async fn open_plugins(
+    config: &Config,
+    symbols: Arc<Symbols>,
+    metrics: Arc<crate::telemetry::Metrics>,
+) -> anyhow::Result<(Arc<Registry>, HashMap<String, Arc<Slot>>)> {
+    let config = config.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Runtime::new(RuntimeSettings::default(), symbols)?;
-        let mut plugins = HashMap::new();
+        let runtime = Arc::new(Runtime::new(RuntimeSettings::default(), symbols)?.with_metrics(metrics));
+        let limits = config
+            .plugins
+            .iter()
+            .map(|(name, p)| {
+                let limits = Limits {
+                    memory_bytes: p.memory_bytes,
+                    deadline: Duration::from_millis(p.deadline_ms),
+                    output_bytes: p.output_bytes,
+                };
+                (name.clone(), limits)
+            })
+            .collect();
+        let mut bindings: HashMap<String, Vec<Binding>> = HashMap::new();
+        for s in &config.sources {
+            let plugin_config = s.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            bindings
+                .entry(s.plugin.clone())
+                .or_default()
+                .push(Binding { source: s.name.clone(), config: plugin_config });
+        }
+        let registry = Arc::new(Registry::open(runtime, &config.data_dir.join("plugins"), limits, bindings)?);
+        let mut wanted: Vec<&str> = config.sources.iter().map(|s| s.plugin.as_str()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut slots = HashMap::new();
         for name in wanted {
-            let pc = plugin_configs.get(&name);
-            let wasm = match pc.and_then(|p| p.path.as_ref()) {
+            let wasm = match config.plugins.get(name).and_then(|p| p.path.as_ref()) {
                 Some(path) => {
                     std::fs::read(path).with_context(|| format!("plugin {name}: cannot read {}", path.display()))?
                 }
-                None => bundled::by_name(&name)
+                None => bundled::by_name(name)
                     .with_context(|| format!("plugin {name} is not bundled and has no path"))?
                     .to_vec(),
             };
-            let limits = pc.map_or_else(Limits::default, |p| Limits {
-                memory_bytes: p.memory_bytes,
-                deadline: Duration::from_millis(p.deadline_ms),
-                output_bytes: p.output_bytes,
-            });
-            plugins
-                .insert(name.clone(), runtime.compile(&name, &wasm, limits).with_context(|| format!("plugin {name}"))?);
+            let slot = registry.deploy(name, &wasm).with_context(|| format!("plugin {name}"))?;
+            slots.insert(name.to_owned(), slot);
         }
-        Ok(plugins)
+        Ok((registry, slots))
     })
     .await?
 }
@@ -425,10 +448,12 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     let api_addr = listener.local_addr()?;
     let (api_stop, stopped) = tokio::sync::watch::channel(false);
     let directory = Arc::new(crate::api::SourceDirectory::default());
+    let plugin_api = Arc::new(crate::api::PluginDirectory::default());
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let router = crate::api::router(
         ApiState::new(&config.api, store_path.clone(), health.clone())
             .with_sources(directory.clone())
+            .with_plugins(plugin_api.clone())
             .with_metrics(metrics.clone()),
     );
     let mut api_stopped = stopped.clone();
@@ -460,11 +485,14 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             .await?
             .context("symbol dictionary")?,
     );
-    let plugins = compile_plugins(config, symbols.clone()).await?;
+    let (registry, plugins) = open_plugins(config, symbols.clone(), metrics.clone()).await?;
+    plugin_api.set(registry);
     let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
     names.sort_unstable();
     health.set("plugins", true, format!("loaded: {}", names.join(", ")));
     let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
+    let producer_stats = producer.stats().clone();
+    metrics.on_scrape(move |m| m.mirror_producer(&producer_stats));
     tokio::spawn(watch_kafka(producer.clone(), health.clone(), stopped));
     let ingest = if role != Role::Process {
         let settings = IngestSettings {
@@ -481,12 +509,20 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
                 .map(|h| crate::api::SourceEntry {
                     name: h.config.name.clone(),
                     plugin: h.config.plugin.clone(),
-                    plugin_version: plugins.get(&h.config.plugin).map(|p| p.version().to_owned()).unwrap_or_default(),
+                    slot: plugins[&h.config.plugin].clone(),
                     stats: h.stats.clone(),
                     decode: h.decode.clone(),
                 })
                 .collect(),
         );
+        let sources: Vec<_> =
+            ingest.sources().iter().map(|h| (h.config.name.clone(), h.stats.clone(), h.decode.clone())).collect();
+        metrics.on_scrape(move |m| {
+            let now_us = crate::source::now_us();
+            for (name, stats, decode) in &sources {
+                m.mirror_source(name, stats, decode, now_us);
+            }
+        });
         Some(ingest)
     } else {
         None
@@ -505,7 +541,12 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         ));
     }
     let process = if role != Role::Ingest {
-        Some(start_process(config, &brokers, &plugins, symbols, producer.clone(), health, store_path).await?)
+        let process =
+            start_process(config, &brokers, &plugins, symbols, producer.clone(), health, metrics.clone(), store_path)
+                .await?;
+        let stats = process.stats.clone();
+        metrics.on_scrape(move |m| m.mirror_process(&stats));
+        Some(process)
     } else {
         None
     };
@@ -597,13 +638,15 @@ async fn watch_kafka(producer: Arc<EventProducer>, health: Arc<Health>, mut stop
 /// The process role on its own thread: each source's records through its plugin's transform, into
 /// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
 /// committed offsets after a pause.
+#[allow(clippy::too_many_arguments)]
 async fn start_process(
     config: &Config,
     brokers: &str,
-    plugins: &HashMap<String, Arc<PluginCode>>,
+    plugins: &HashMap<String, Arc<Slot>>,
     symbols: Arc<Symbols>,
     dlq: Arc<EventProducer>,
     health: Arc<Health>,
+    metrics: Arc<crate::telemetry::Metrics>,
     store_path: Option<PathBuf>,
 ) -> anyhow::Result<ProcessRole> {
     // Source ids are positions in the configuration, as the ingest role numbers them.
@@ -611,8 +654,9 @@ async fn start_process(
     for (i, source) in config.sources.iter().enumerate() {
         let plugin_config: Vec<(String, String)> =
             source.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Some(code) = plugins.get(&source.plugin) {
-            transformers.insert(i as u32 + 1, Transformer::new(code.instantiate(&plugin_config)?));
+        if let Some(slot) = plugins.get(&source.plugin) {
+            let instance = slot.active().instantiate(&plugin_config)?;
+            transformers.insert(i as u32 + 1, Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
         }
     }
     let names = Names { sources: config.sources.iter().map(|s| Arc::from(s.name.as_str())).collect(), symbols };
@@ -627,6 +671,7 @@ async fn start_process(
             ..crate::batch::BatchConfig::default()
         },
         health: Some(health),
+        metrics: Some(metrics),
         ..ProcessSettings::default()
     };
     let (config, brokers, path) = (config.clone(), brokers.to_owned(), store_path.clone());
@@ -776,6 +821,16 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The demo's API token: `SLUICE_API_TOKEN` if set, else a fresh random one (printed at start).
+fn demo_token() -> crate::api::Secret {
+    use std::hash::{BuildHasher, Hasher};
+    crate::api::Secret::from_env().unwrap_or_else(|| {
+        // Each RandomState is seeded from the operating system's randomness.
+        let part = || std::collections::hash_map::RandomState::new().build_hasher().finish();
+        crate::api::Secret(format!("{:016x}{:016x}", part(), part()))
+    })
+}
+
 /// `sluice demo`: simulator → sources → wasm decode → embedded broker, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
@@ -786,7 +841,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let config = Config {
         data_dir: args.data_dir,
-        api: crate::api::ApiConfig { bind: args.api_addr, ..crate::api::ApiConfig::default() },
+        api: crate::api::ApiConfig {
+            bind: args.api_addr,
+            token: Some(demo_token()),
+            ..crate::api::ApiConfig::default()
+        },
         sources: vec![
             source(
                 "binance",
@@ -812,9 +871,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         running.topic, running.brokers
     );
     println!(
-        "HTTP API at http://{0}: /health/ready, /v1/query?sql=SELECT%20*%20FROM%20rollup%20LIMIT%205",
+        "HTTP API at http://{0}: the page at /, /health/ready, /v1/plugins, \
+         /v1/query?sql=SELECT%20*%20FROM%20rollup%20LIMIT%205",
         running.api_addr
     );
+    if let Some(token) = &config.api.token {
+        println!(
+            "plugin uploads: curl -X PUT -H 'Authorization: Bearer {}' --data-binary @plugin.wasm http://{}/v1/plugins/<name>",
+            token.0, running.api_addr
+        );
+    }
     println!(
         "{:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>6}",
         "s", "frames", "records", "delivered", "rejects", "gaps", "up"

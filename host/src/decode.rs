@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
 
+use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::Frame;
 
@@ -180,15 +181,21 @@ impl DecodedBatch {
 
 /// Decodes frames of the sources bound to one plugin instance.
 pub struct Decoder {
-    plugin: PluginInstance,
+    plugin: BoundPlugin,
     ids: TradeIds,
     /// Reused to frame the inputs.
     frames: Vec<u8>,
 }
 
 impl Decoder {
-    /// A decoder over a plugin instance.
+    /// A decoder over a plugin instance that is never swapped.
     pub fn new(plugin: PluginInstance) -> Self {
+        Decoder::bound(BoundPlugin::fixed(plugin))
+    }
+
+    /// A decoder over a registry slot: each batch runs on the slot's active version (and its shadow
+    /// version beside it, compared and never delivered).
+    pub fn bound(plugin: BoundPlugin) -> Self {
         Decoder { plugin, ids: TradeIds::default(), frames: Vec::new() }
     }
 
@@ -206,7 +213,13 @@ impl Decoder {
         for f in frames {
             push_delimited(&mut self.frames, &f.bytes);
         }
-        let decoded = self.plugin.decode(&self.frames)?;
+        // Between batches: the version activated since the last one takes over here.
+        self.plugin.sync();
+        let decoded = self.plugin.instance().decode(&self.frames)?;
+        if let Some((shadow, instance)) = self.plugin.shadow() {
+            let result = instance.and_then(|i| i.decode(&self.frames).ok());
+            shadow.compare(&decoded.records, result.as_ref().map(|d| d.records.as_slice()));
+        }
         let mut out = DecodedBatch::default();
         let mut records = Delimited::new(&decoded.records);
         for (frame, &count) in frames.iter().zip(&decoded.counts) {

@@ -19,13 +19,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::Health;
-use crate::batch::{BatchConfig, Batcher};
+use crate::batch::{BatchConfig, Batcher, FlushReason};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::config::SourceConfig;
 use crate::decode::{Decoder, RejectedFrame};
 use crate::kafka::consumer::{EventConsumer, Polled};
 use crate::kafka::producer::EventProducer;
-use crate::plugin::{PluginCode, PluginError};
+use crate::plugin::PluginError;
+use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::sink::{Row, Sink};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats};
 use crate::transform::Transformer;
@@ -119,7 +120,7 @@ pub struct Ingest {
 /// One (plugin, plugin config) pair: sources sharing it share a plugin instance per worker.
 #[derive(Clone)]
 struct Binding {
-    plugin: Arc<PluginCode>,
+    plugin: Arc<Slot>,
     config: Vec<(String, String)>,
 }
 
@@ -128,10 +129,11 @@ impl Ingest {
     ///
     /// # Errors
     /// [`IngestError`] for an invalid source, an unknown plugin or a plugin whose `init` refuses a
-    /// source's configuration; nothing is left running then.
+    /// source's configuration; nothing is left running then. Each plugin runs from its registry
+    /// [`Slot`], so a version activated later takes over between batches.
     pub fn start(
         sources: Vec<SourceConfig>,
-        plugins: &HashMap<String, Arc<PluginCode>>,
+        plugins: &HashMap<String, Arc<Slot>>,
         producer: Arc<EventProducer>,
         settings: IngestSettings,
     ) -> Result<Self, IngestError> {
@@ -158,15 +160,16 @@ impl Ingest {
         for _ in 0..workers {
             let mut mine = HashMap::new();
             for (b, binding) in bindings.iter().enumerate() {
-                let instance = binding.plugin.instantiate(&binding.config).map_err(|error| {
+                let code = binding.plugin.active();
+                let instance = code.instantiate(&binding.config).map_err(|error| {
                     let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
                     IngestError::Plugin {
                         source_name: source.unwrap_or_default(),
-                        plugin: binding.plugin.name().to_owned(),
+                        plugin: code.name().to_owned(),
                         error,
                     }
                 })?;
-                mine.insert(b, Decoder::new(instance));
+                mine.insert(b, Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance)));
             }
             decoders.push(mine);
         }
@@ -359,6 +362,8 @@ pub struct ProcessSettings {
     pub breaker: BreakerConfig,
     /// Where the role reports the sink's and the breakers' state for `/health/ready`.
     pub health: Option<Arc<Health>>,
+    /// Where batch sizes, flush reasons, commit times and end-to-end latency go.
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl Default for ProcessSettings {
@@ -369,6 +374,7 @@ impl Default for ProcessSettings {
             batch: BatchConfig::default(),
             breaker: BreakerConfig::default(),
             health: None,
+            metrics: None,
         }
     }
 }
@@ -588,17 +594,20 @@ pub fn run_process(
                         is_buy: v.is_buy,
                         price_e8: v.price_e8,
                         volume_e8: v.volume_e8,
+                        received_at_us: v.received_at_us,
                     });
                     added += 1;
                 }
             }
         }
         let now = tokio::time::Instant::now();
-        let due = batcher.add(added, added * 48, now).is_some() || batcher.is_due(now);
+        let due = batcher.add(added, added * 48, now).or(batcher.is_due(now).then_some(FlushReason::Wait));
         unflushed |= !polled.positions.is_empty();
         // Offsets move even when a poll produced no rows (all refused), so commit them too.
-        if due || (pending.is_empty() && !polled.positions.is_empty()) {
-            flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+        let offsets_only = pending.is_empty() && !polled.positions.is_empty();
+        if due.is_some() || offsets_only {
+            let reason = due.map_or("offsets", FlushReason::as_str);
+            flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats, settings, reason)?;
             unflushed = false;
             if let Some(health) = &settings.health {
                 health.set("sink", true, format!("{} sink committed", sink.name()));
@@ -608,7 +617,7 @@ pub fn run_process(
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
     if unflushed {
-        flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats)?;
+        flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats, settings, "stop")?;
     }
     Ok(())
 }
@@ -622,6 +631,7 @@ fn breaker_open(source: u32, names: &Names, settings: &ProcessSettings) -> anyho
 }
 
 /// Commits the pending rows and the offsets they cover in one transaction.
+#[allow(clippy::too_many_arguments)]
 fn flush(
     sink: &mut dyn Sink,
     consumer: &EventConsumer,
@@ -630,6 +640,8 @@ fn flush(
     next_offsets: &BTreeMap<i32, i64>,
     topic: &str,
     stats: &ProcessStats,
+    settings: &ProcessSettings,
+    reason: &str,
 ) -> Result<(), anyhow::Error> {
     let taken = batcher.take(tokio::time::Instant::now());
     let rows: Vec<Row<'_>> = pending
@@ -646,9 +658,13 @@ fn flush(
     let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
     let started = std::time::Instant::now();
     sink.commit(&rows, &offsets, consumer)?;
-    batcher.flushed(started.elapsed());
+    let commit_time = started.elapsed();
+    batcher.flushed(commit_time);
     if let Some(taken) = taken {
         stats.batch_latency.record(taken.opened_at.elapsed());
+    }
+    if let Some(m) = &settings.metrics {
+        observe_commit(&m.process, sink.name(), commit_time, reason, pending);
     }
     stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
     stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -657,8 +673,36 @@ fn flush(
     Ok(())
 }
 
+/// Once per batch: its size, why it closed, the commit's time, and each row's end-to-end latency
+/// (gathered in thread-local histograms and merged into the shared ones once).
+fn observe_commit(
+    m: &crate::telemetry::ProcessMetrics,
+    sink: &str,
+    commit_time: Duration,
+    reason: &str,
+    rows: &[PendingRow],
+) {
+    m.batch_rows.observe(rows.len() as f64);
+    m.flushes_total.with_label_values(&[reason]).inc();
+    m.sink_commit_duration_seconds.with_label_values(&[sink]).observe(commit_time.as_secs_f64());
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let (exchange, receive) = (m.exchange_to_commit_seconds.local(), m.receive_to_commit_seconds.local());
+    for row in rows {
+        exchange.observe((now_us - row.timestamp_ms.saturating_mul(1000)).max(0) as f64 / 1e6);
+        if row.received_at_us > 0 {
+            receive.observe((now_us - row.received_at_us).max(0) as f64 / 1e6);
+        }
+    }
+    exchange.flush();
+    receive.flush();
+}
+
 /// A transformed row waiting for the store.
 struct PendingRow {
+    /// When the host read the frame it came from, microseconds since the Unix epoch.
+    received_at_us: i64,
     source: Arc<str>,
     symbol: Arc<str>,
     timestamp_ms: i64,

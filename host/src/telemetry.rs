@@ -2,7 +2,10 @@
 //! in `_total`, and labels are bounded (never a symbol). `GET /metrics` renders them in Prometheus'
 //! text format.
 
-use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// The registry and the metrics in it.
 pub struct Metrics {
@@ -13,6 +16,138 @@ pub struct Metrics {
     pub druid_supervisor_lag_messages: IntGauge,
     /// Failed Overlord calls (apply or poll) since start.
     pub druid_overlord_errors_total: prometheus::IntCounter,
+    /// Per plugin, version and stage (`decode`, `transform`).
+    plugin: PluginVecs,
+    /// HTTP requests by matched route, method and status.
+    pub http_requests_total: IntCounterVec,
+    /// How long HTTP requests took, by matched route, method and status.
+    pub http_request_duration_seconds: HistogramVec,
+    /// The process role's batches, commits and end-to-end latency.
+    pub process: ProcessMetrics,
+    /// Counters kept as atomics by their owners (sources, decode, producer, process role), copied in
+    /// when `/metrics` is scraped, so the hot paths never touch the registry.
+    pub(crate) mirrored: Mirrored,
+    refreshers: std::sync::Mutex<Vec<Refresher>>,
+}
+
+type Refresher = Box<dyn Fn(&Metrics) + Send + Sync>;
+
+/// What the process role observes directly, once per batch.
+pub struct ProcessMetrics {
+    /// Rows per committed batch.
+    pub batch_rows: Histogram,
+    /// Batches committed, by why the batch was closed (`rows`, `bytes`, `wait`, `offsets`, `stop`).
+    pub flushes_total: IntCounterVec,
+    /// How long the sink's commit took (rows and offsets in one transaction), by sink.
+    pub sink_commit_duration_seconds: HistogramVec,
+    /// Exchange trade time to sink commit, per row.
+    pub exchange_to_commit_seconds: Histogram,
+    /// Host receive time to sink commit, per row.
+    pub receive_to_commit_seconds: Histogram,
+}
+
+/// Metrics whose values live in atomics elsewhere; see [`Metrics::on_scrape`].
+pub(crate) struct Mirrored {
+    pub(crate) source_frames: IntCounterVec,
+    pub(crate) source_dropped: IntCounterVec,
+    pub(crate) source_reconnects: IntCounterVec,
+    pub(crate) source_up: IntGaugeVec,
+    pub(crate) source_last_message_age: prometheus::GaugeVec,
+    pub(crate) decode_records: IntCounterVec,
+    pub(crate) decode_rejects: IntCounterVec,
+    pub(crate) decode_duplicates: IntCounterVec,
+    pub(crate) decode_gaps: IntGaugeVec,
+    pub(crate) kafka_sent: IntCounter,
+    pub(crate) kafka_delivered: IntCounter,
+    pub(crate) kafka_failed: IntCounter,
+    pub(crate) kafka_queue_full: IntCounter,
+    pub(crate) dlq_records: IntCounterVec,
+    pub(crate) process_consumed: IntCounter,
+    pub(crate) process_committed: IntCounter,
+    pub(crate) process_rebalances: IntCounter,
+}
+
+/// Sets a mirrored counter to `value` (counters only move up; a smaller value is ignored).
+pub(crate) fn mirror(counter: &IntCounter, value: u64) {
+    counter.inc_by(value.saturating_sub(counter.get()));
+}
+
+/// The plugin metrics, labelled `plugin`, `version` and `stage`.
+struct PluginVecs {
+    calls: IntCounterVec,
+    records_in: IntCounterVec,
+    records_out: IntCounterVec,
+    rejects: IntCounterVec,
+    traps: IntCounterVec,
+    timeouts: IntCounterVec,
+    limit_errors: IntCounterVec,
+    duration: HistogramVec,
+    shadow_records: IntCounterVec,
+}
+
+/// The stages a plugin's exports run in, as the `stage` label spells them.
+pub const PLUGIN_STAGES: [&str; 2] = ["decode", "transform"];
+
+/// Buckets of the plugin call duration histogram, in seconds: 50 µs to 1 s.
+const CALL_SECONDS: [f64; 13] = [5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0];
+
+/// One plugin version's metrics in one stage, resolved once when the version is loaded, so a call
+/// updates them without looking labels up.
+#[derive(Clone, Debug)]
+pub struct CallMetrics {
+    /// Calls made.
+    pub calls: IntCounter,
+    /// Frames (decode) or records (transform) handed to the plugin.
+    pub records_in: IntCounter,
+    /// Records the plugin returned.
+    pub records_out: IntCounter,
+    /// Inputs the plugin refused.
+    pub rejects: IntCounter,
+    /// Calls that trapped.
+    pub traps: IntCounter,
+    /// Calls interrupted at their deadline.
+    pub timeouts: IntCounter,
+    /// Calls that hit the memory or output cap, or returned invalid output.
+    pub limit_errors: IntCounter,
+    /// How long calls took.
+    pub duration: Histogram,
+}
+
+impl CallMetrics {
+    /// Metrics that count but are exported nowhere (a runtime without a registry, e.g. in
+    /// `sluice plugin test`).
+    pub fn detached() -> Self {
+        let counter = || IntCounter::new("detached", "not exported").expect("a valid metric name");
+        CallMetrics {
+            calls: counter(),
+            records_in: counter(),
+            records_out: counter(),
+            rejects: counter(),
+            traps: counter(),
+            timeouts: counter(),
+            limit_errors: counter(),
+            duration: Histogram::with_opts(HistogramOpts::new("detached", "not exported").buckets(CALL_SECONDS.into()))
+                .expect("valid buckets"),
+        }
+    }
+
+    /// Counts a failed call by its kind.
+    pub fn failed(&self, error: &crate::plugin::PluginError) {
+        use crate::plugin::PluginError;
+        match error {
+            PluginError::Trap(_) => self.traps.inc(),
+            PluginError::Timeout { .. } => self.timeouts.inc(),
+            PluginError::MemoryLimit { .. } | PluginError::OutputTooLarge { .. } | PluginError::InvalidOutput(_) => {
+                self.limit_errors.inc()
+            }
+            _ => {}
+        }
+    }
+
+    /// Traps, timeouts and limit hits together.
+    pub fn errors(&self) -> u64 {
+        self.traps.get() + self.timeouts.get() + self.limit_errors.get()
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,10 +181,172 @@ impl Metrics {
             "Overlord calls (applying the spec, polling the supervisor) that failed",
         )
         .expect("a valid metric name");
+        let labels = ["plugin", "version", "stage"];
+        let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &labels).expect("valid");
+        let plugin = PluginVecs {
+            calls: counter("sluice_plugin_calls_total", "Calls into a plugin's decode or transform export"),
+            records_in: counter(
+                "sluice_plugin_records_in_total",
+                "Frames (decode) or records (transform) handed to a plugin",
+            ),
+            records_out: counter("sluice_plugin_records_out_total", "Records a plugin returned"),
+            rejects: counter("sluice_plugin_rejects_total", "Inputs a plugin refused (dead-lettered)"),
+            traps: counter("sluice_plugin_traps_total", "Plugin calls that trapped"),
+            timeouts: counter("sluice_plugin_timeouts_total", "Plugin calls interrupted at their deadline"),
+            limit_errors: counter(
+                "sluice_plugin_limit_errors_total",
+                "Plugin calls that hit the memory or output cap or returned invalid records",
+            ),
+            duration: HistogramVec::new(
+                HistogramOpts::new("sluice_plugin_call_duration_seconds", "How long a plugin call took")
+                    .buckets(CALL_SECONDS.into()),
+                &labels,
+            )
+            .expect("valid"),
+            shadow_records: IntCounterVec::new(
+                Opts::new(
+                    "sluice_plugin_shadow_records_total",
+                    "Output records of a shadow version compared with the active version's, by result",
+                ),
+                &["plugin", "version", "result"],
+            )
+            .expect("valid"),
+        };
+        let route_labels = ["route", "method", "status"];
+        let http_requests_total = IntCounterVec::new(
+            Opts::new("sluice_http_requests_total", "HTTP requests answered, by matched route, method and status"),
+            &route_labels,
+        )
+        .expect("valid");
+        let http_request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("sluice_http_request_duration_seconds", "How long HTTP requests took to answer")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            &route_labels,
+        )
+        .expect("valid");
+        let latency = |name: &str, help: &str| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            )
+            .expect("valid")
+        };
+        let process = ProcessMetrics {
+            batch_rows: Histogram::with_opts(
+                HistogramOpts::new("sluice_process_batch_rows", "Rows per batch committed to the sink")
+                    .buckets(prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid")),
+            )
+            .expect("valid"),
+            flushes_total: IntCounterVec::new(
+                Opts::new("sluice_process_flushes_total", "Batches committed to the sink, by why they were closed"),
+                &["reason"],
+            )
+            .expect("valid"),
+            sink_commit_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "sluice_sink_commit_duration_seconds",
+                    "How long a sink commit (rows and offsets in one transaction) took",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                &["sink"],
+            )
+            .expect("valid"),
+            exchange_to_commit_seconds: latency(
+                "sluice_pipeline_exchange_to_commit_seconds",
+                "From the exchange's trade time to the row's commit in the sink",
+            ),
+            receive_to_commit_seconds: latency(
+                "sluice_pipeline_receive_to_commit_seconds",
+                "From the host reading the frame to the row's commit in the sink",
+            ),
+        };
+        let by_source = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["source"]).expect("valid");
+        let gauge_by_source =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["source"]).expect("valid");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid");
+        let mirrored = Mirrored {
+            source_frames: by_source("sluice_source_frames_received_total", "WebSocket frames read from a source"),
+            source_dropped: by_source(
+                "sluice_source_frames_dropped_total",
+                "Frames dropped because the decode queue was full",
+            ),
+            source_reconnects: by_source("sluice_source_reconnects_total", "Reconnections of a source"),
+            source_up: gauge_by_source("sluice_source_up", "1 while the source's connection is up, else 0"),
+            source_last_message_age: prometheus::GaugeVec::new(
+                Opts::new("sluice_source_last_message_age_seconds", "Time since the source's last frame"),
+                &["source"],
+            )
+            .expect("valid"),
+            decode_records: by_source("sluice_decode_records_total", "Records decoded from a source's frames"),
+            decode_rejects: by_source(
+                "sluice_decode_rejects_total",
+                "Frames the decoder refused (dead-lettered), oversized ones included",
+            ),
+            decode_duplicates: by_source(
+                "sluice_decode_duplicates_total",
+                "Records dropped as repeats of a trade id already seen",
+            ),
+            decode_gaps: gauge_by_source("sluice_decode_trade_id_gaps", "Trade ids missing in a source's sequences"),
+            kafka_sent: counter("sluice_kafka_records_sent_total", "Records handed to the Kafka producer"),
+            kafka_delivered: counter("sluice_kafka_records_delivered_total", "Records the brokers acknowledged"),
+            kafka_failed: counter(
+                "sluice_kafka_delivery_errors_total",
+                "Records that failed delivery after the producer's retries",
+            ),
+            kafka_queue_full: counter(
+                "sluice_kafka_queue_full_waits_total",
+                "Times a send waited because the producer's queue was full",
+            ),
+            dlq_records: IntCounterVec::new(
+                Opts::new("sluice_dlq_records_total", "Records sent to the dead-letter topic, by stage"),
+                &["stage"],
+            )
+            .expect("valid"),
+            process_consumed: counter("sluice_process_records_consumed_total", "Records read from the events topic"),
+            process_committed: counter("sluice_process_rows_committed_total", "Rows committed to the sink"),
+            process_rebalances: counter("sluice_process_rebalances_total", "Consumer group rebalances seen"),
+        };
+        for m in [
+            Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_request_duration_seconds.clone()),
+            Box::new(process.batch_rows.clone()),
+            Box::new(process.flushes_total.clone()),
+            Box::new(process.sink_commit_duration_seconds.clone()),
+            Box::new(process.exchange_to_commit_seconds.clone()),
+            Box::new(process.receive_to_commit_seconds.clone()),
+            Box::new(mirrored.source_frames.clone()),
+            Box::new(mirrored.source_dropped.clone()),
+            Box::new(mirrored.source_reconnects.clone()),
+            Box::new(mirrored.source_up.clone()),
+            Box::new(mirrored.source_last_message_age.clone()),
+            Box::new(mirrored.decode_records.clone()),
+            Box::new(mirrored.decode_rejects.clone()),
+            Box::new(mirrored.decode_duplicates.clone()),
+            Box::new(mirrored.decode_gaps.clone()),
+            Box::new(mirrored.kafka_sent.clone()),
+            Box::new(mirrored.kafka_delivered.clone()),
+            Box::new(mirrored.kafka_failed.clone()),
+            Box::new(mirrored.kafka_queue_full.clone()),
+            Box::new(mirrored.dlq_records.clone()),
+            Box::new(mirrored.process_consumed.clone()),
+            Box::new(mirrored.process_committed.clone()),
+            Box::new(mirrored.process_rebalances.clone()),
+        ] {
+            registry.register(m).expect("each metric is registered once");
+        }
         for m in [
             Box::new(healthy.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(lag.clone()),
             Box::new(errors.clone()),
+            Box::new(plugin.calls.clone()),
+            Box::new(plugin.records_in.clone()),
+            Box::new(plugin.records_out.clone()),
+            Box::new(plugin.rejects.clone()),
+            Box::new(plugin.traps.clone()),
+            Box::new(plugin.timeouts.clone()),
+            Box::new(plugin.limit_errors.clone()),
+            Box::new(plugin.duration.clone()),
+            Box::new(plugin.shadow_records.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -58,11 +355,110 @@ impl Metrics {
             druid_supervisor_healthy: healthy,
             druid_supervisor_lag_messages: lag,
             druid_overlord_errors_total: errors,
+            plugin,
+            http_requests_total,
+            http_request_duration_seconds,
+            process,
+            mirrored,
+            refreshers: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Copies one source's connection and decode counters in.
+    pub fn mirror_source(
+        &self,
+        name: &str,
+        stats: &crate::source::SourceStats,
+        decode: &crate::pipeline::DecodeStats,
+        now_us: i64,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.mirrored;
+        let labels = [name];
+        mirror(&m.source_frames.with_label_values(&labels), stats.frames.load(Relaxed));
+        mirror(&m.source_dropped.with_label_values(&labels), stats.dropped.load(Relaxed));
+        mirror(&m.source_reconnects.with_label_values(&labels), stats.reconnects.load(Relaxed));
+        m.source_up.with_label_values(&labels).set(i64::from(stats.state() == crate::source::State::Up));
+        let last = stats.last_message_us.load(Relaxed);
+        if last > 0 {
+            m.source_last_message_age.with_label_values(&labels).set((now_us - last).max(0) as f64 / 1e6);
+        }
+        mirror(&m.decode_records.with_label_values(&labels), decode.records.load(Relaxed));
+        mirror(&m.decode_rejects.with_label_values(&labels), decode.rejects.load(Relaxed));
+        mirror(&m.decode_duplicates.with_label_values(&labels), decode.duplicates.load(Relaxed));
+        m.decode_gaps.with_label_values(&labels).set(i64::try_from(decode.gaps.load(Relaxed)).unwrap_or(i64::MAX));
+    }
+
+    /// Copies the Kafka producer's counters in (dead letters included).
+    pub fn mirror_producer(&self, stats: &crate::kafka::producer::ProducerStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.mirrored;
+        mirror(&m.kafka_sent, stats.sent.load(Relaxed));
+        mirror(&m.kafka_delivered, stats.delivered.load(Relaxed));
+        mirror(&m.kafka_failed, stats.failed.load(Relaxed));
+        mirror(&m.kafka_queue_full, stats.queue_full_waits.load(Relaxed));
+        let transform = stats.dead_lettered_transform.load(Relaxed);
+        let all = stats.dead_lettered.load(Relaxed);
+        mirror(&m.dlq_records.with_label_values(&["transform"]), transform);
+        mirror(&m.dlq_records.with_label_values(&["decode"]), all.saturating_sub(transform));
+    }
+
+    /// Copies the process role's counters in.
+    pub fn mirror_process(&self, stats: &crate::pipeline::ProcessStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.mirrored;
+        mirror(&m.process_consumed, stats.consumed.load(Relaxed));
+        mirror(&m.process_committed, stats.stored.load(Relaxed));
+        mirror(&m.process_rebalances, stats.rebalances.load(Relaxed));
+    }
+
+    /// Runs `refresh` before every scrape, to copy counters kept elsewhere into the registry.
+    pub fn on_scrape(&self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.refreshers.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(refresh));
+    }
+
+    /// The metrics of one plugin version in one stage (see [`PLUGIN_STAGES`]).
+    pub fn plugin_calls(&self, plugin: &str, version: &str, stage: &str) -> CallMetrics {
+        let v = &self.plugin;
+        let labels = [plugin, version, stage];
+        CallMetrics {
+            calls: v.calls.with_label_values(&labels),
+            records_in: v.records_in.with_label_values(&labels),
+            records_out: v.records_out.with_label_values(&labels),
+            rejects: v.rejects.with_label_values(&labels),
+            traps: v.traps.with_label_values(&labels),
+            timeouts: v.timeouts.with_label_values(&labels),
+            limit_errors: v.limit_errors.with_label_values(&labels),
+            duration: v.duration.with_label_values(&labels),
+        }
+    }
+
+    /// The shadow comparison counters of a plugin version: (records equal, records different).
+    pub fn shadow_records(&self, plugin: &str, version: &str) -> (IntCounter, IntCounter) {
+        let v = &self.plugin.shadow_records;
+        (v.with_label_values(&[plugin, version, "equal"]), v.with_label_values(&[plugin, version, "different"]))
+    }
+
+    /// Drops a deleted plugin version's series, so versions come and go without labels piling up.
+    pub fn forget_plugin_version(&self, plugin: &str, version: &str) {
+        let v = &self.plugin;
+        for stage in PLUGIN_STAGES {
+            let labels = [plugin, version, stage];
+            for vec in [&v.calls, &v.records_in, &v.records_out, &v.rejects, &v.traps, &v.timeouts, &v.limit_errors] {
+                let _ = vec.remove_label_values(&labels);
+            }
+            let _ = v.duration.remove_label_values(&labels);
+        }
+        for result in ["equal", "different"] {
+            let _ = v.shadow_records.remove_label_values(&[plugin, version, result]);
         }
     }
 
     /// Everything, in Prometheus' text exposition format.
     pub fn render(&self) -> String {
+        for refresh in self.refreshers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            refresh(self);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a collector error would leave that metric out.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -4,6 +4,7 @@
 
 use plugin_sdk::wire::{Delimited, push_delimited};
 
+use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance};
 
 /// An input record the transform refused, with why; kept whole for the dead-letter topic.
@@ -30,18 +31,24 @@ pub struct TransformedBatch {
     pub failed_calls: u64,
 }
 
-/// Runs batches through one plugin instance.
+/// Runs batches through one plugin, switching to a newly activated version between batches.
 pub struct Transformer {
-    plugin: PluginInstance,
+    plugin: BoundPlugin,
 }
 
 impl Transformer {
-    /// A transformer over a plugin instance.
+    /// A transformer over a plugin instance that is never swapped.
     pub fn new(plugin: PluginInstance) -> Self {
+        Transformer { plugin: BoundPlugin::fixed(plugin) }
+    }
+
+    /// A transformer over a registry slot: each batch runs on the slot's active version (and its
+    /// shadow version beside it, compared and never delivered).
+    pub fn bound(plugin: BoundPlugin) -> Self {
         Transformer { plugin }
     }
 
-    /// The plugin it runs.
+    /// The plugin version the last batch ran on (the one the next batch starts from).
     pub fn plugin(&self) -> &crate::plugin::PluginCode {
         self.plugin.code()
     }
@@ -52,9 +59,41 @@ impl Transformer {
     /// # Errors
     /// [`PluginError`] that is not a failure of a single call (the plugin cannot run).
     pub fn transform(&mut self, batch: &[u8]) -> Result<TransformedBatch, PluginError> {
+        // Between batches: the version activated since the last one takes over here.
+        self.plugin.sync();
         let mut out = TransformedBatch::default();
-        let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
-        self.run(&items, 0, true, &mut out)?;
+        // The batch goes in as it is; it is split into records only if the call fails.
+        match self.plugin.instance().transform(batch) {
+            Ok(t) => {
+                let count = Delimited::new(batch).count();
+                self.plugin.code().transform_metrics().records_in.inc_by(count as u64);
+                out.records = t.records;
+                out.count = t.count;
+                if !t.rejects.is_empty() {
+                    let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
+                    out.rejects = t
+                        .rejects
+                        .into_iter()
+                        .map(|r| RejectedRecord {
+                            index: r.index as usize,
+                            bytes: items.get(r.index as usize).map(|b| b.to_vec()).unwrap_or_default(),
+                            reason: r.reason,
+                        })
+                        .collect();
+                }
+            }
+            Err(e) if e.is_call_failure() => {
+                out.failed_calls += 1;
+                let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
+                self.plugin.code().transform_metrics().records_in.inc_by(items.len() as u64);
+                self.run(&items, 0, false, &mut out)?;
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some((shadow, instance)) = self.plugin.shadow() {
+            let result = instance.and_then(|i| i.transform(batch).ok());
+            shadow.compare(&out.records, result.as_ref().map(|t| t.records.as_slice()));
+        }
         Ok(out)
     }
 
@@ -74,7 +113,7 @@ impl Transformer {
         for item in items {
             push_delimited(&mut buf, item);
         }
-        match self.plugin.transform(&buf) {
+        match self.plugin.instance().transform(&buf) {
             Ok(t) => {
                 out.records.extend_from_slice(&t.records);
                 out.count += t.count;

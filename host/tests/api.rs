@@ -7,8 +7,14 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sluice::api::{ApiConfig, ApiState, Health, router, serve};
+use std::collections::HashMap;
+
+use sluice::api::{ApiConfig, ApiState, Health, PluginDirectory, Secret, router, serve};
+use sluice::plugin::registry::{Binding, BoundPlugin, Registry};
+use sluice::plugin::{Runtime, RuntimeSettings, bundled, version_of};
 use sluice::sink::embedded::{EmbeddedStore, Row};
+use sluice::symbols::Symbols;
+use sluice::telemetry::Metrics;
 use tokio::sync::oneshot;
 
 /// A running API server.
@@ -21,10 +27,14 @@ struct Server {
 
 impl Server {
     async fn start(config: &ApiConfig, store: Option<PathBuf>, health: Arc<Health>) -> Self {
+        Server::serve(ApiState::new(config, store, health)).await
+    }
+
+    async fn serve(state: ApiState) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let app = router(ApiState::new(config, store, health));
+        let app = router(state);
         let task = tokio::spawn(serve(listener, app, async {
             let _ = stopped.await;
         }));
@@ -265,4 +275,276 @@ async fn unknown_routes_wrong_methods_and_large_bodies_answer_json() {
     let response = server.client.put(format!("{}/v1/query", server.base)).body(vec![b'x'; 512]).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     server.stop().await;
+}
+
+/// A registry under a fresh directory, with the bundled `binance` plugin deployed and `rescale` bound
+/// to a source whose config sets `scale`; served by an API that takes `token` (if any).
+struct PluginServer {
+    server: Server,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    worker: sluice::decode::Decoder,
+    /// The trade id of the next test frame (the decoder drops repeated ids).
+    next_trade: u64,
+    dir: PathBuf,
+}
+
+impl PluginServer {
+    async fn start(name: &str, token: Option<&str>) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-api-plugins-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let metrics = Arc::new(Metrics::new());
+        let settings = RuntimeSettings { max_instances: 16, max_memory_bytes: 64 << 20, ..RuntimeSettings::default() };
+        let runtime = Arc::new(Runtime::new(settings, Arc::new(Symbols::new())).unwrap().with_metrics(metrics.clone()));
+        let bindings = HashMap::from([
+            ("binance".to_owned(), vec![Binding { source: "feed".into(), config: vec![] }]),
+            (
+                "rescale".to_owned(),
+                vec![Binding { source: "scaled".into(), config: vec![("scale".into(), "2".into())] }],
+            ),
+        ]);
+        let registry = Arc::new(Registry::open(runtime, &dir, HashMap::new(), bindings).unwrap());
+        let slot = registry.deploy("binance", bundled::BINANCE).unwrap();
+        let worker =
+            sluice::decode::Decoder::bound(BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap()));
+        let directory = Arc::new(PluginDirectory::default());
+        directory.set(registry.clone());
+        let config =
+            ApiConfig { max_body_bytes: 1 << 20, token: token.map(|t| Secret(t.to_owned())), ..ApiConfig::default() };
+        let state =
+            ApiState::new(&config, None, Arc::new(Health::new())).with_plugins(directory).with_metrics(metrics.clone());
+        PluginServer { server: Server::serve(state).await, registry, metrics, worker, next_trade: 1, dir }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.server.client.request(method, format!("{}{path}", self.server.base)).body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(response.headers().get("www-authenticate").unwrap(), "Bearer");
+        }
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The bundled binance version is active, alone, and still decodes a trade.
+    fn assert_untouched(&mut self) {
+        let view = self.registry.get("binance").unwrap();
+        assert_eq!(view.active.as_deref(), Some(version_of(bundled::BINANCE).as_str()));
+        assert_eq!(view.versions.len(), 1, "{view:?}");
+        assert_eq!(self.decode_one(), 1);
+    }
+
+    /// Decodes one new Binance trade on the worker; answers the records it gave.
+    fn decode_one(&mut self) -> usize {
+        self.next_trade += 1;
+        let text =
+            format!(r#"{{"e":"trade","E":1,"s":"BTCUSDT","t":{},"p":"1.5","q":"2","T":1,"m":false}}"#, self.next_trade);
+        let frame = sluice::source::Frame { source: 1, received_at_us: 1, bytes: text.into(), oversized: None };
+        self.worker.decode(&[frame]).unwrap().records.len()
+    }
+}
+
+const TOKEN: &str = "s3cret-token";
+
+/// Every hostile upload gets its documented status and JSON error, stores nothing, and leaves the
+/// active version serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_uploads_are_refused_and_the_active_version_keeps_serving() {
+    use reqwest::Method;
+    let mut p = PluginServer::start("hostile", Some(TOKEN)).await;
+    let put = |name: &str| format!("/v1/plugins/{name}");
+    // (plugin name, token, body, status, error code, part of the message)
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, StatusCode, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        ("binance", None, bundled::KRAKEN.to_vec(), StatusCode::UNAUTHORIZED, "unauthorized", "Bearer"),
+        ("binance", Some("wrong"), bundled::KRAKEN.to_vec(), StatusCode::UNAUTHORIZED, "unauthorized", "not valid"),
+        ("binance", Some(TOKEN), vec![0; 2 << 20], StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "limit"),
+        (
+            "binance",
+            Some(TOKEN),
+            b"MZ\x90\0 not wasm".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_plugin",
+            "not a WebAssembly",
+        ),
+        (
+            "binance",
+            Some(TOKEN),
+            b"\0asm\x01\0\0\0".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_plugin",
+            "core wasm module",
+        ),
+        // An empty component: valid, but it implements nothing of our world.
+        (
+            "binance",
+            Some(TOKEN),
+            b"\0asm\x0d\0\x01\0".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_plugin",
+            "sluice:plugin/plugin@0.1.0",
+        ),
+        (
+            "binance",
+            Some(TOKEN),
+            b"\0asm\x0d\0\x01\0\x07\xff".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_plugin",
+            "compile",
+        ),
+        ("binance", Some(TOKEN), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin", "empty"),
+        // outlier-filter's init does not know the bound source's `scale` key.
+        (
+            "rescale",
+            Some(TOKEN),
+            bundled::OUTLIER_FILTER.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "plugin_init_failed",
+            "scaled",
+        ),
+        (
+            "Bad..Name",
+            Some(TOKEN),
+            bundled::KRAKEN.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid plugin name",
+        ),
+    ];
+    for (name, token, body, status, code, message) in cases {
+        let (got, body) = p.send(Method::PUT, &put(name), token, body).await;
+        assert_eq!((got, error_code(&body)), (status, code), "{name} {token:?}: {body}");
+        let text = body["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "{text:?} lacks {message:?}");
+        p.assert_untouched();
+    }
+    assert!(p.registry.get("rescale").is_err(), "a refused plugin was created");
+    // Nothing but the deployed version's blob is stored.
+    assert_eq!(std::fs::read_dir(p.dir.join("blobs")).unwrap().count(), 1);
+    // Mutations without the token never reach the registry; reads need none.
+    for (method, path) in [
+        (Method::POST, "/v1/plugins/binance/activate"),
+        (Method::POST, "/v1/plugins/binance/rollback"),
+        (Method::POST, "/v1/plugins/binance/promote"),
+        (Method::DELETE, "/v1/plugins/binance/versions/sha256:0000000000000000"),
+    ] {
+        let (status, body) = p.send(method, path, None, vec![]).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthorized"), "{path}");
+    }
+    let (status, _) = p.send(Method::GET, "/v1/plugins", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    // The refusals were counted by route and status.
+    let metrics = p.metrics.render();
+    for line in [
+        r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="401"} 2"#,
+        r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="413"} 1"#,
+        r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="422"} 6"#,
+        r#"sluice_http_requests_total{method="GET",route="/v1/plugins",status="200"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line} in:\n{metrics}");
+    }
+    p.server.stop().await;
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// Without a configured token every change is refused, with a message that says how to allow them.
+#[tokio::test]
+async fn without_a_token_changes_are_refused() {
+    let mut p = PluginServer::start("no-token", None).await;
+    let (status, body) =
+        p.send(reqwest::Method::PUT, "/v1/plugins/binance", Some("anything"), bundled::KRAKEN.to_vec()).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert!(body["error"]["message"].as_str().unwrap().contains("SLUICE_API_TOKEN"), "{body}");
+    p.assert_untouched();
+    p.server.stop().await;
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+/// Upload, idempotent re-upload, activate, shadow, promote, roll back and delete through HTTP, with
+/// the state each call leaves checked through `GET` and on a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_are_uploaded_activated_shadowed_rolled_back_and_deleted() {
+    use reqwest::Method;
+    let mut p = PluginServer::start("lifecycle", Some(TOKEN)).await;
+    let v1 = version_of(bundled::BINANCE);
+    let (status, up) = p.send(Method::PUT, "/v1/plugins/binance", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    let v2 = up["version"].as_str().unwrap().to_owned();
+    assert_eq!(v2, version_of(bundled::KRAKEN));
+    assert_eq!(up["size_bytes"], bundled::KRAKEN.len());
+    assert_eq!(up["digest"].as_str().unwrap().len(), 64);
+    assert_eq!(up["created"], true);
+    let (status, again) = p.send(Method::PUT, "/v1/plugins/binance", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    assert_eq!((status, again["version"].clone(), again["created"].clone()), (StatusCode::OK, json!(v2), json!(false)));
+
+    let activate = |version: &str| serde_json::to_vec(&json!({ "version": version })).unwrap();
+    let (status, body) =
+        p.send(Method::POST, "/v1/plugins/binance/activate?mode=bogus", Some(TOKEN), activate(&v2)).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "{body}");
+    let (status, body) = p.send(Method::POST, "/v1/plugins/binance/activate", Some(TOKEN), b"{}".to_vec()).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "{body}");
+    let (status, body) =
+        p.send(Method::POST, "/v1/plugins/binance/activate", Some(TOKEN), activate("sha256:0123456789abcdef")).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::NOT_FOUND, "unknown_plugin"), "{body}");
+    let (status, body) = p.send(Method::POST, "/v1/plugins/binance/promote", Some(TOKEN), vec![]).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
+
+    // Shadow: v2 runs beside v1 on the worker's next batch, compared, and the output stays v1's.
+    let (status, view) =
+        p.send(Method::POST, "/v1/plugins/binance/activate?mode=shadow", Some(TOKEN), activate(&v2)).await;
+    assert_eq!(
+        (status, view["active"].clone(), view["shadow"]["version"].clone()),
+        (StatusCode::OK, json!(v1), json!(v2))
+    );
+    p.assert_untouched_but_shadowed(&v2);
+
+    let (status, view) = p.send(Method::POST, "/v1/plugins/binance/promote", Some(TOKEN), vec![]).await;
+    assert_eq!((status, view["active"].clone(), view["previous"].clone()), (StatusCode::OK, json!(v2), json!(v1)));
+    assert_eq!(view["shadow"], Value::Null);
+    let (status, body) =
+        p.send(Method::DELETE, &format!("/v1/plugins/binance/versions/{v2}"), Some(TOKEN), vec![]).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
+    let (status, view) = p.send(Method::GET, "/v1/plugins/binance", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let active: Vec<&Value> = view["versions"].as_array().unwrap().iter().filter(|v| v["active"] == true).collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0]["version"], v2.as_str());
+    assert!(view["activated_at_ms"].as_i64().unwrap() > 0);
+
+    let (status, view) = p.send(Method::POST, "/v1/plugins/binance/rollback", Some(TOKEN), vec![]).await;
+    assert_eq!((status, view["active"].clone(), view["previous"].clone()), (StatusCode::OK, json!(v1), Value::Null));
+    let (status, body) = p.send(Method::POST, "/v1/plugins/binance/rollback", Some(TOKEN), vec![]).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
+    let (status, _) = p.send(Method::DELETE, &format!("/v1/plugins/binance/versions/{v2}"), Some(TOKEN), vec![]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) =
+        p.send(Method::DELETE, &format!("/v1/plugins/binance/versions/{v2}"), Some(TOKEN), vec![]).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::NOT_FOUND, "unknown_plugin"), "{body}");
+    let (status, list) = p.send(Method::GET, "/v1/plugins", None, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["plugins"].as_array().unwrap().len(), 1);
+    assert_eq!(list["plugins"][0]["versions"].as_array().unwrap().len(), 1);
+    p.assert_untouched();
+    p.server.stop().await;
+    let _ = std::fs::remove_dir_all(&p.dir);
+}
+
+impl PluginServer {
+    /// A batch on the worker still delivers v1's output while `shadow` runs beside it and is compared.
+    fn assert_untouched_but_shadowed(&mut self, shadow: &str) {
+        assert_eq!(self.decode_one(), 1);
+        let view = self.registry.get("binance").unwrap();
+        let compared = view.shadow.unwrap();
+        assert_eq!(compared.version, shadow);
+        assert_eq!((compared.batches, compared.records_equal, compared.records_different), (1, 0, 1));
+    }
 }

@@ -18,6 +18,7 @@ use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::pipeline::{Ingest, IngestSettings};
+use sluice::plugin::registry::Slot;
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
 
@@ -70,7 +71,7 @@ async fn every_sent_trade_arrives_once_through_faults() {
     let mut plugins = HashMap::new();
     for name in ["binance", "coinbase", "kraken"] {
         let wasm = std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
-        plugins.insert(name.to_owned(), rt.compile(name, &wasm, Limits::default()).unwrap());
+        plugins.insert(name.to_owned(), Slot::new(rt.compile(name, &wasm, Limits::default()).unwrap()));
     }
     // Each symbol is served to exactly one source, so "sent" means sent to that source.
     let mut rotating = source(

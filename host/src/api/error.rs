@@ -50,6 +50,35 @@ pub enum ApiError {
     /// Something failed on our side (500 `internal`).
     #[error("{0}")]
     Internal(String),
+    /// A mutating call without the right bearer token (401 `unauthorized`, with `WWW-Authenticate`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The uploaded bytes are not a plugin of our world version (422 `invalid_plugin`).
+    #[error("{0}")]
+    InvalidPlugin(String),
+    /// The plugin's `init` refused a bound source's configuration (422 `plugin_init_failed`).
+    #[error("{0}")]
+    PluginInitFailed(String),
+    /// No such plugin or version (404 `unknown_plugin`).
+    #[error("{0}")]
+    UnknownPlugin(String),
+    /// The call conflicts with the plugin's state, e.g. deleting the active version (409 `conflict`).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl From<crate::plugin::registry::RegistryError> for ApiError {
+    fn from(e: crate::plugin::registry::RegistryError) -> Self {
+        use crate::plugin::registry::RegistryError as R;
+        match e {
+            R::BadName(_) => ApiError::BadRequest(e.to_string()),
+            R::UnknownPlugin(_) | R::UnknownVersion { .. } => ApiError::UnknownPlugin(e.to_string()),
+            R::Invalid(_) => ApiError::InvalidPlugin(e.to_string()),
+            R::InitFailed { .. } => ApiError::PluginInitFailed(e.to_string()),
+            R::Conflict(_) => ApiError::Conflict(e.to_string()),
+            R::Io(_) => ApiError::Internal(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -63,6 +92,10 @@ impl ApiError {
             ApiError::QueryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidPlugin(_) | ApiError::PluginInitFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnknownPlugin(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -79,6 +112,11 @@ impl ApiError {
             ApiError::QueryTimeout(_) => "query_timeout",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidPlugin(_) => "invalid_plugin",
+            ApiError::PluginInitFailed(_) => "plugin_init_failed",
+            ApiError::UnknownPlugin(_) => "unknown_plugin",
+            ApiError::Conflict(_) => "conflict",
         }
     }
 }
@@ -90,6 +128,9 @@ impl IntoResponse for ApiError {
             tracing::warn!(code = self.code(), error = %self, "API request failed");
         }
         let body = serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        if status == StatusCode::UNAUTHORIZED {
+            return (status, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], Json(body)).into_response();
+        }
         (status, Json(body)).into_response()
     }
 }

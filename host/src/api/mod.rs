@@ -5,6 +5,15 @@
 //! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
 //! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
+//! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters |
+//! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
+//! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
+//! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it |
+//! | `POST /v1/plugins/{name}/promote`, `.../rollback` | 200, the plugin as `GET` shows it |
+//! | `DELETE /v1/plugins/{name}/versions/{version}` | 204; 409 for the active or shadow version |
+//! | `GET /metrics` | Prometheus text format |
+//!
+//! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise).
 //!
 //! Every failure answers `{"error": {"code", "message"}}` with its status ([`ApiError`]), unknown
 //! routes, wrong methods, malformed query strings and oversized bodies included.
@@ -14,9 +23,11 @@
 
 mod error;
 mod health;
+mod plugins;
 mod query;
 mod sources;
 
+pub use plugins::PluginDirectory;
 pub use sources::{SourceDirectory, SourceEntry};
 
 use std::future::Future;
@@ -30,7 +41,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -59,6 +70,27 @@ pub struct ApiConfig {
     /// Queries run at once; more wait for a slot (each runs on a blocking thread).
     #[serde(default = "defaults::query_concurrency")]
     pub query_concurrency: usize,
+    /// The bearer token mutating calls need, from the environment variable `SLUICE_API_TOKEN`
+    /// (never from the file, never printed). Without one, mutating calls are refused.
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+/// A secret: compared and used, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    /// The token from `SLUICE_API_TOKEN`, if set and not blank.
+    pub fn from_env() -> Option<Secret> {
+        std::env::var("SLUICE_API_TOKEN").ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret)
+    }
 }
 
 impl Default for ApiConfig {
@@ -70,6 +102,7 @@ impl Default for ApiConfig {
             query_max_limit: defaults::query_max_limit(),
             query_timeout_ms: defaults::query_timeout_ms(),
             query_concurrency: defaults::query_concurrency(),
+            token: None,
         }
     }
 }
@@ -139,6 +172,10 @@ pub struct ApiState {
     sources: Arc<SourceDirectory>,
     /// What `/metrics` renders.
     metrics: Arc<crate::telemetry::Metrics>,
+    /// The plugin registry `/v1/plugins` serves.
+    plugins: Arc<PluginDirectory>,
+    /// The bearer token mutating calls need.
+    token: Option<Arc<str>>,
 }
 
 impl ApiState {
@@ -157,7 +194,15 @@ impl ApiState {
             },
             sources: Arc::default(),
             metrics: Arc::default(),
+            plugins: Arc::default(),
+            token: config.token.as_ref().map(|t| Arc::from(t.0.as_str())),
         }
+    }
+
+    /// Serves the registry `directory` will hold on `/v1/plugins`.
+    pub fn with_plugins(mut self, directory: Arc<PluginDirectory>) -> Self {
+        self.plugins = directory;
+        self
     }
 
     /// Renders `metrics` on `/metrics`.
@@ -177,7 +222,17 @@ impl ApiState {
 /// the limit.
 pub fn router(state: ApiState) -> Router {
     let max_body_bytes = state.max_body_bytes;
+    let plugin_routes = Router::new()
+        .route("/v1/plugins", get(plugins::list))
+        .route("/v1/plugins/{name}", get(plugins::get_one).put(plugins::upload))
+        .route("/v1/plugins/{name}/activate", post(plugins::activate))
+        .route("/v1/plugins/{name}/promote", post(plugins::promote))
+        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
+        .route("/v1/plugins/{name}/versions/{version}", delete(plugins::delete))
+        // Checked before a body is read; GET passes.
+        .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_token));
     Router::new()
+        .merge(plugin_routes)
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
@@ -189,7 +244,37 @@ pub fn router(state: ApiState) -> Router {
         // Bodies read by extractors stop at the limit; a declared length over it is refused up front.
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(max_body_bytes, refuse_large_bodies))
+        // Outermost, so every answer is counted, refusals included.
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), count_requests))
         .with_state(state)
+}
+
+/// Counts each request and times it, by the route it matched (never the raw path, so labels stay
+/// bounded: a path no route has counts as `unmatched`), its method and its status.
+async fn count_requests(
+    State(metrics): State<Arc<crate::telemetry::Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [route.as_str(), method, status.as_str()];
+    metrics.http_requests_total.with_label_values(&labels).inc();
+    metrics.http_request_duration_seconds.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// `GET /metrics`: Prometheus' text exposition format.

@@ -17,8 +17,8 @@ pub struct SourceEntry {
     pub name: String,
     /// The plugin decoding its frames.
     pub plugin: String,
-    /// That plugin's version.
-    pub plugin_version: String,
+    /// The plugin's registry slot, read live: its active version is the one decoding now.
+    pub slot: Arc<crate::plugin::registry::Slot>,
     /// Connection counters.
     pub stats: Arc<SourceStats>,
     /// Decode counters.
@@ -42,7 +42,7 @@ struct SourceView<'a> {
     name: &'a str,
     state: &'static str,
     plugin: &'a str,
-    plugin_version: &'a str,
+    plugin_version: String,
     reconnects: u64,
     frames: u64,
     records: u64,
@@ -74,7 +74,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     Connection::Stopped => "stopped",
                 },
                 plugin: &e.plugin,
-                plugin_version: &e.plugin_version,
+                plugin_version: e.slot.active().version().to_owned(),
                 reconnects: e.stats.reconnects.load(Relaxed),
                 frames: e.stats.frames.load(Relaxed),
                 records: e.decode.records.load(Relaxed),

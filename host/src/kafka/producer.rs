@@ -28,6 +28,8 @@ pub struct ProducerStats {
     pub failed: AtomicU64,
     /// Dead-lettered frames handed to librdkafka.
     pub dead_lettered: AtomicU64,
+    /// Of those, records refused by a transform (the rest were refused in decode).
+    pub dead_lettered_transform: AtomicU64,
     /// Times a send waited because librdkafka's queue was full.
     pub queue_full_waits: AtomicU64,
 }
@@ -144,6 +146,9 @@ impl EventProducer {
         let key = reject.source.to_be_bytes();
         self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(&reject.bytes[..]).headers(headers));
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        if stage == "transform" {
+            self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) {

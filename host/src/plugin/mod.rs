@@ -1,6 +1,8 @@
-//! Plugins: the wasm runtime that runs them (`runtime`), and later the registry that stores versions.
+//! Plugins: the wasm runtime that runs them (`runtime`) and the registry of their versions
+//! (`registry`: upload, activate, rollback, shadow, hot swap between batches).
 
 pub mod bundled;
+pub mod registry;
 pub mod runtime;
 
 use std::time::Duration;

@@ -17,6 +17,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::PluginError;
 use crate::symbols::Symbols;
+use crate::telemetry::CallMetrics;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -72,6 +73,8 @@ pub struct Runtime {
     symbols: Arc<Symbols>,
     settings: RuntimeSettings,
     ticker: EpochTicker,
+    /// Where plugin calls are counted; `None` counts into detached metrics.
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl Runtime {
@@ -105,7 +108,18 @@ impl Runtime {
         bindings::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone(), settings.epoch_tick);
-        Ok(Runtime { engine, linker, symbols, settings, ticker })
+        Ok(Runtime { engine, linker, symbols, settings, ticker, metrics: None })
+    }
+
+    /// Counts every plugin call into `metrics` (per plugin, version and stage).
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics plugin calls are counted into, if any.
+    pub fn metrics(&self) -> Option<&Arc<crate::telemetry::Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// The symbol dictionary plugins intern into.
@@ -151,9 +165,14 @@ impl Runtime {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
         let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
         let ticks = limits.deadline.as_nanos().div_ceil(self.settings.epoch_tick.as_nanos().max(1)).max(1);
+        let metrics = crate::telemetry::PLUGIN_STAGES.map(|stage| match &self.metrics {
+            Some(m) => m.plugin_calls(name, version, stage),
+            None => CallMetrics::detached(),
+        });
         Ok(Arc::new(PluginCode {
             name: name.into(),
             version: version.into(),
+            metrics,
             pre,
             limits,
             deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX),
@@ -178,6 +197,8 @@ pub struct PluginCode {
     name: Arc<str>,
     /// `sha256:` and the first 16 hex digits of the `.wasm`'s SHA-256.
     version: Arc<str>,
+    /// Its calls' metrics in the decode and the transform stage.
+    metrics: [CallMetrics; 2],
     pre: bindings::PluginPre<HostState>,
     limits: Limits,
     deadline_ticks: u64,
@@ -201,6 +222,16 @@ impl PluginCode {
     /// The limits its calls run under.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The metrics of its `decode` calls.
+    pub fn decode_metrics(&self) -> &CallMetrics {
+        &self.metrics[0]
+    }
+
+    /// The metrics of its `transform` calls.
+    pub fn transform_metrics(&self) -> &CallMetrics {
+        &self.metrics[1]
     }
 
     /// Creates an instance and runs `init` with `config`.
@@ -276,14 +307,37 @@ impl PluginInstance {
         &self.code
     }
 
+    /// The configuration its `init` was given.
+    pub fn config(&self) -> &[(String, String)] {
+        &self.config
+    }
+
     /// Decodes length-delimited raw frames (see [`plugin_sdk::wire::push_delimited`]).
     ///
     /// # Errors
     /// A [`PluginError`] when the call traps, times out, hits a limit or returns invalid output; the
     /// instance is replaced before the next call.
     pub fn decode(&mut self, frames: &[u8]) -> Result<Decoded, PluginError> {
-        let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_decode(store, frames))?;
+        let started = std::time::Instant::now();
         let frame_count = Delimited::new(frames).count();
+        let code = self.code.clone();
+        let metrics = code.decode_metrics();
+        metrics.records_in.inc_by(frame_count as u64);
+        let result = self.decode_checked(frames, frame_count);
+        metrics.calls.inc();
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(d) => {
+                metrics.records_out.inc_by(d.counts.iter().map(|&c| u64::from(c)).sum());
+                metrics.rejects.inc_by(d.rejects.len() as u64);
+            }
+            Err(e) => metrics.failed(e),
+        }
+        result
+    }
+
+    fn decode_checked(&mut self, frames: &[u8], frame_count: usize) -> Result<Decoded, PluginError> {
+        let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_decode(store, frames))?;
         let result = self.check_output(&out.records).and_then(|n| {
             if out.counts.len() != frame_count {
                 return Err(PluginError::InvalidOutput(format!(
@@ -308,6 +362,22 @@ impl PluginInstance {
     /// # Errors
     /// As [`decode`](Self::decode).
     pub fn transform(&mut self, batch: &[u8]) -> Result<Transformed, PluginError> {
+        let started = std::time::Instant::now();
+        let result = self.transform_checked(batch);
+        let metrics = self.code.transform_metrics();
+        metrics.calls.inc();
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(t) => {
+                metrics.records_out.inc_by(t.count as u64);
+                metrics.rejects.inc_by(t.rejects.len() as u64);
+            }
+            Err(e) => metrics.failed(e),
+        }
+        result
+    }
+
+    fn transform_checked(&mut self, batch: &[u8]) -> Result<Transformed, PluginError> {
         let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_transform(store, batch))?;
         let result = self.check_output(&out.records).and_then(|count| {
             // Counting the inputs costs a pass over the batch, so only when there is something to check.

@@ -1,8 +1,10 @@
-//! Exactly-once delivery across a `kill -9` of the process role, end to end with the real binary: the
-//! feed simulator on loopback → `sluice run --role ingest` → a real Kafka-protocol broker →
-//! `sluice run --role process` → the sink. The process role is killed with SIGKILL in the middle of
-//! the stream and started again; the trades the simulator sent (recorded by the simulator itself, not
-//! by sluice) are then compared with what reached the sink.
+//! Exactly-once delivery through disturbances, end to end with the real binary: the feed simulator on
+//! loopback → `sluice run --role ingest` → a real Kafka-protocol broker → `sluice run --role process`
+//! → the sink. The disturbances: the process role killed with SIGKILL in the middle of the stream and
+//! started again; a second instance joining and leaving the group; plugin versions uploaded,
+//! shadowed, promoted and rolled back over the HTTP API while trades flow. The trades the simulator
+//! sent (recorded by the simulator itself, not by sluice) are then compared with what reached the
+//! sink.
 //!
 //! - Embedded store: rolled-up counts and exact quantity sums per symbol and side equal those computed
 //!   from the sent trades.
@@ -29,6 +31,8 @@ use sluice::sink::embedded::QueryConnection;
 
 const SYMBOLS: [&str; 2] = ["BTCUSDT", "ETHUSDT"];
 const PARTITIONS: i32 = 3;
+/// The API token the children are started with.
+const TOKEN: &str = "test-token-5b1c";
 
 /// A `sluice run` child, killed with SIGKILL if the test ends without stopping it.
 struct Role(Option<Child>);
@@ -45,6 +49,7 @@ impl Role {
             .arg(config)
             .args(extra)
             .env("RUST_LOG", "sluice=info")
+            .env("SLUICE_API_TOKEN", TOKEN)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -507,4 +512,220 @@ fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
     }
     consumer.assign(&tpl).unwrap();
     consumer
+}
+
+/// A free loopback address for a child's API.
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// A JSON call to a child's API with the token; answers (status, body).
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let mut request = http.request(method, url).bearer_auth(TOKEN);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// The same component with a custom section appended: other bytes (another version), same behaviour.
+fn with_custom_section(wasm: &[u8], note: &str) -> Vec<u8> {
+    let mut out = wasm.to_vec();
+    let mut payload = vec![note.len() as u8];
+    payload.extend_from_slice(note.as_bytes());
+    payload.extend_from_slice(b"rebuilt");
+    out.push(0); // custom section id
+    out.push(payload.len() as u8);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Hot swap under load. While the simulator drives trades at a steady rate:
+/// - the ingest role's `binance` decoder is replaced by a rebuilt copy (same behaviour, new version);
+/// - the process role gets `double-price` as a new version of the same plugin: first in shadow (its
+///   output compared, nothing of it delivered), then promoted, then rolled back.
+///
+/// Every trade the simulator sent reaches the Druid topic exactly once; each row shows by its price
+/// which version processed it (the sent price, or twice it under `double-price`), and per symbol, in
+/// trade order, the versions run old → new → old: each batch ran wholly on the version active when
+/// it started. The time from the promote call to the new version's first call is printed (it goes
+/// into BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
+    let druid_topic = unique_topic("druid");
+    let (overlord_url, _posted) = overlord().await;
+    let sink = format!(
+        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
+    );
+    let mut s = setup("hot-swap", &sink).await;
+    let (_, message) = generated_spec(&s);
+    let (ingest_api, process_api) = (free_addr(), free_addr());
+    let mut ingest = Role::start_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
+    let mut process = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
+    let bootstrap = s.broker.bootstrap.clone();
+    let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
+    let http = reqwest::Client::new();
+    let log = || std::fs::read_to_string(&s.log).unwrap_or_default();
+    let wait_rows = |counter: &mut CommittedCount, more: u64| {
+        let want = counter.seen + more;
+        let start = Instant::now();
+        while counter.update() < want {
+            assert!(start.elapsed() < Duration::from_secs(90), "stuck at {} rows:\n{}", counter.seen, log());
+        }
+    };
+    wait_rows(&mut counter, 300);
+    let v1 = sluice::plugin::version_of(sluice::plugin::bundled::BINANCE);
+
+    // Ingest: a rebuilt decoder, uploaded and activated.
+    let rebuilt = with_custom_section(sluice::plugin::bundled::BINANCE, "build");
+    let (status, uploaded) =
+        call(&http, reqwest::Method::PUT, format!("http://{ingest_api}/v1/plugins/binance"), Some(rebuilt.into()))
+            .await;
+    assert_eq!(status, 201, "{uploaded}");
+    let rebuilt_version = uploaded["version"].as_str().unwrap().to_owned();
+    assert_ne!(rebuilt_version, v1);
+    let activate = |api: &str, version: &str, mode: &str| {
+        let url = format!("http://{api}/v1/plugins/binance/activate{mode}");
+        let body = serde_json::json!({ "version": version }).to_string();
+        call(&http, reqwest::Method::POST, url, Some(body.into()))
+    };
+    let (status, view) = activate(&ingest_api, &rebuilt_version, "").await;
+    assert_eq!((status, view["active"].as_str()), (200, Some(rebuilt_version.as_str())), "{view}");
+
+    // Process: double-price in shadow first.
+    let doubled = std::fs::read(format!("{}/double_price.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let (status, uploaded) =
+        call(&http, reqwest::Method::PUT, format!("http://{process_api}/v1/plugins/binance"), Some(doubled.into()))
+            .await;
+    assert_eq!(status, 201, "{uploaded}");
+    let v2 = uploaded["version"].as_str().unwrap().to_owned();
+    let (status, view) = activate(&process_api, &v2, "?mode=shadow").await;
+    assert_eq!((status, view["shadow"]["version"].as_str()), (200, Some(v2.as_str())), "{view}");
+    let start = Instant::now();
+    let shadow = loop {
+        let (_, view) =
+            call(&http, reqwest::Method::GET, format!("http://{process_api}/v1/plugins/binance"), None).await;
+        if view["shadow"]["records_different"].as_u64().unwrap_or(0) >= 50 {
+            break view["shadow"].clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the shadow compared nothing: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Every doubled price differs from the active version's output.
+    assert_eq!(shadow["records_equal"], 0, "{shadow}");
+    wait_rows(&mut counter, 200);
+
+    // Promote, and time the first batch on the new version (its transform calls on /metrics).
+    let calls_of = |metrics: &str, version: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sluice_plugin_calls_total{"))
+            .filter(|l| l.contains(&format!("version=\"{version}\"")) && l.contains("stage=\"transform\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let metrics_url = format!("http://{process_api}/metrics");
+    let before = calls_of(&http.get(&metrics_url).send().await.unwrap().text().await.unwrap(), &v2);
+    let promoted_at = Instant::now();
+    let (status, view) =
+        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/binance/promote"), None).await;
+    assert_eq!((status, view["active"].as_str()), (200, Some(v2.as_str())), "{view}");
+    loop {
+        let text = http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+        if calls_of(&text, &v2) > before {
+            break;
+        }
+        assert!(promoted_at.elapsed() < Duration::from_secs(10), "no batch ran on {v2}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!("promote call -> first transform call on the new version: {:?}", promoted_at.elapsed());
+    wait_rows(&mut counter, 300);
+
+    let (status, view) =
+        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/binance/rollback"), None).await;
+    assert_eq!((status, view["active"].as_str()), (200, Some(v1.as_str())), "{view}");
+    wait_rows(&mut counter, 300);
+
+    // The ingest role decoded on the rebuilt version, and says so.
+    let (_, sources) = call(&http, reqwest::Method::GET, format!("http://{ingest_api}/v1/sources"), None).await;
+    assert_eq!(sources["sources"][0]["plugin_version"], rebuilt_version.as_str(), "{sources}");
+    let (_, view) = call(&http, reqwest::Method::GET, format!("http://{ingest_api}/v1/plugins/binance"), None).await;
+    let decoded_on = |version: &str| {
+        view["versions"].as_array().unwrap().iter().find(|v| v["version"] == version).unwrap()["records_out"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(decoded_on(&rebuilt_version) > 0 && decoded_on(&v1) > 0, "{view}");
+
+    // Stop the venue, let ingest read everything and stop, then wait for the process role to deliver.
+    let sim = s.sim.take().unwrap();
+    let handle = sim.handle();
+    sim.shutdown().await;
+    let sent: BTreeMap<&'static str, Vec<SentTrade>> =
+        SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ingest.interrupt();
+    let total: u64 = sent.values().map(|t| t.len() as u64).sum();
+    let start = Instant::now();
+    while counter.update() < total && start.elapsed() < Duration::from_secs(60) {}
+    process.interrupt();
+
+    // Match each row to the trade it came from by symbol, time, side and quantity; its price says
+    // which version transformed it.
+    // (symbol, trade time ms, side, quantity e8) -> [(trade id, sent price e8)]
+    type TradeKey = (String, i64, String, i64);
+    let mut by_key: BTreeMap<TradeKey, Vec<(u64, i64)>> = BTreeMap::new();
+    for (symbol, trades) in &sent {
+        for t in trades {
+            let side = if t.taker_buys { "buy" } else { "sell" };
+            let key = (symbol.to_string(), (t.time_us / 1000) as i64, side.to_owned(), t.size_e8);
+            by_key.entry(key).or_default().push((t.id, t.price_e8));
+        }
+    }
+    let rows = druid_rows(&bootstrap, &druid_topic, &message);
+    assert_eq!(rows.len() as u64, total, "rows in the Druid topic vs trades sent");
+    let e8 = |v: &serde_json::Value| (v.as_f64().unwrap() * 1e8).round() as i64;
+    let mut versions: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
+    for r in &rows {
+        let ms = match &r["timestampMs"] {
+            serde_json::Value::String(s) => s.parse().unwrap(),
+            v => v.as_i64().unwrap(),
+        };
+        let symbol = r["symbol"].as_str().unwrap().to_owned();
+        let key = (symbol.clone(), ms, r["side"].as_str().unwrap().to_owned(), e8(&r["qty"]));
+        let candidates = by_key.get_mut(&key).unwrap_or_else(|| panic!("row {r} matches no sent trade"));
+        let price = e8(&r["price"]);
+        let at = candidates
+            .iter()
+            .position(|&(_, p)| p == price || p * 2 == price)
+            .unwrap_or_else(|| panic!("row {r} has neither the sent price nor twice it: {candidates:?}"));
+        let (id, sent_price) = candidates.swap_remove(at);
+        versions.entry(symbol).or_default().push((id, price != sent_price));
+    }
+    assert!(by_key.values().all(Vec::is_empty), "trades that reached no row");
+    // Per symbol in trade order: old version, then the new one, then the old one again.
+    let mut segments = [0usize; 3];
+    for (symbol, mut seen) in versions {
+        seen.sort_unstable();
+        let mut phase = 0;
+        for (id, doubled) in seen {
+            phase = match (phase, doubled) {
+                (0, false) | (2, false) => phase,
+                (0, true) | (1, true) => 1,
+                (1, false) => 2,
+                _ => panic!("{symbol}: trade {id} ran on the new version after the rollback"),
+            };
+            segments[phase] += 1;
+        }
+    }
+    assert!(segments.iter().all(|&n| n > 0), "rows before, during and after the swap: {segments:?}");
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
 }

@@ -1,0 +1,193 @@
+//! `/v1/plugins`: upload, list, activate (or shadow), promote, roll back and delete plugin versions.
+//!
+//! Every call that changes something needs `Authorization: Bearer <token>` with the token from
+//! `SLUICE_API_TOKEN`; without a configured token, changes are refused. The token is checked before
+//! the body is read. Compiles run on blocking threads, never on the async runtime.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{ApiError, ApiState};
+use crate::plugin::registry::{Mode, Registry};
+
+/// The registry the API serves, set once the plugins are loaded (the API starts before them, and
+/// answers 503 until then).
+#[derive(Default)]
+pub struct PluginDirectory(OnceLock<Arc<Registry>>);
+
+impl PluginDirectory {
+    /// Publishes the registry; only the first call counts.
+    pub fn set(&self, registry: Arc<Registry>) {
+        let _ = self.0.set(registry);
+    }
+
+    fn get(&self) -> Result<Arc<Registry>, ApiError> {
+        self.0.get().cloned().ok_or_else(|| ApiError::Unavailable("the plugins are still loading".into()))
+    }
+}
+
+impl std::fmt::Debug for PluginDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginDirectory").field("loaded", &self.0.get().is_some()).finish()
+    }
+}
+
+/// Refuses a mutating request (any method but GET and HEAD) without the right bearer token.
+pub(super) async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let Some(expected) = state.token.as_deref() else {
+        return ApiError::Unauthorized(
+            "no API token is configured: set SLUICE_API_TOKEN to allow plugin changes".into(),
+        )
+        .into_response();
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if same_secret(token, expected) => next.run(request).await,
+        Some(_) => ApiError::Unauthorized("the bearer token is not valid".into()).into_response(),
+        None => {
+            ApiError::Unauthorized("this call needs an Authorization: Bearer <token> header".into()).into_response()
+        }
+    }
+}
+
+/// Compares the digests, so the time taken says nothing about where the strings differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    use sha2::Digest;
+    let (x, y) = (sha2::Sha256::digest(a.as_bytes()), sha2::Sha256::digest(b.as_bytes()));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+/// Runs a registry call on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::plugin::registry::RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("plugin task failed: {e}")))?
+        .map_err(Into::into)
+}
+
+/// `PUT /v1/plugins/{name}`: the body is the `.wasm`. 201 with the new version, 200 when these bytes
+/// were already a version of the plugin.
+pub(super) async fn upload(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let registry = state.plugins.get()?;
+    if body.is_empty() {
+        return Err(ApiError::InvalidPlugin("the body is empty: send the plugin's .wasm".into()));
+    }
+    let uploaded = blocking(move || registry.upload(&name, &body)).await?;
+    let status = if uploaded.created { StatusCode::CREATED } else { StatusCode::OK };
+    tracing::info!(plugin = %uploaded.name, version = %uploaded.version, created = uploaded.created, "plugin uploaded");
+    Ok((status, Json(uploaded)).into_response())
+}
+
+/// `GET /v1/plugins`.
+pub(super) async fn list(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let registry = state.plugins.get()?;
+    Ok(Json(serde_json::json!({ "plugins": registry.list() })))
+}
+
+/// `GET /v1/plugins/{name}`.
+pub(super) async fn get_one(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+    Ok(Json(state.plugins.get()?.get(&name)?))
+}
+
+/// The body of `activate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ActivateBody {
+    version: String,
+}
+
+/// The query of `activate`: `?mode=shadow` runs the version beside the active one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ActivateQuery {
+    #[serde(default = "active")]
+    mode: Mode,
+}
+
+fn active() -> Mode {
+    Mode::Active
+}
+
+/// `POST /v1/plugins/{name}/activate[?mode=shadow]` with `{"version": "sha256:..."}`.
+pub(super) async fn activate(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<ActivateQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("mode must be active or shadow: {e}")))?;
+    // Read as JSON whatever the content type says, so `curl -d '{"version": ...}'` works as is.
+    let body: ActivateBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected a JSON body {{\"version\": \"...\"}}: {e}")))?;
+    let registry = state.plugins.get()?;
+    let view = blocking(move || registry.activate(&name, &body.version, query.mode)).await?;
+    tracing::info!(plugin = %view.name, active = ?view.active, shadow = ?view.shadow.as_ref().map(|s| &s.version), "plugin activated");
+    Ok(Json(view))
+}
+
+/// `POST /v1/plugins/{name}/promote`: the shadow version becomes active.
+pub(super) async fn promote(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+    let registry = state.plugins.get()?;
+    Ok(Json(blocking(move || registry.promote(&name)).await?))
+}
+
+/// `POST /v1/plugins/{name}/rollback`: back to the version active before the current one.
+pub(super) async fn rollback(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+    let registry = state.plugins.get()?;
+    let view = blocking(move || registry.rollback(&name)).await?;
+    tracing::info!(plugin = %view.name, active = ?view.active, "plugin rolled back");
+    Ok(Json(view))
+}
+
+/// `DELETE /v1/plugins/{name}/versions/{version}`: 204, or 409 for the active or shadow version.
+pub(super) async fn delete(
+    State(state): State<ApiState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let registry = state.plugins.get()?;
+    blocking(move || registry.delete(&name, &version)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret("s3cret", "s3cret"));
+        assert!(!same_secret("s3cret", "s3creT"));
+        assert!(!same_secret("s3cret", "s3cret "));
+        assert!(!same_secret("", "x"));
+    }
+}

@@ -1,0 +1,964 @@
+//! The plugin registry: every uploaded version of every plugin, stored content-addressed under the
+//! data directory, and the version each plugin runs.
+//!
+//! - **Store.** A version's `.wasm` lives at `plugins/blobs/<sha256>.wasm`; `plugins/registry.json`
+//!   lists each plugin's versions, its active version, the versions it was activated from (for
+//!   rollback) and its shadow version. Both are written to a temporary file and renamed into place,
+//!   so a crash leaves the old file or the new one, never half of either; both survive restarts.
+//! - **Swap.** Each plugin has a [`Slot`] holding its active (and shadow) compiled code in an
+//!   [`ArcSwap`]. Workers hold a [`BoundPlugin`] and call [`BoundPlugin::sync`] before each batch:
+//!   one atomic load, and a new instance only when the slot changed. So a batch in flight finishes on
+//!   the version it started with and the next batch runs on the new one; no record is dropped or
+//!   processed twice, since the batches themselves are untouched.
+//! - **Shadow.** A version activated in shadow mode runs beside the active one on the same batches;
+//!   its output is compared record by record with the active version's and counted, never delivered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use prometheus::IntCounter;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::{Limits, PluginCode, PluginError, PluginInstance, Runtime, version_of};
+
+/// Why a registry operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The plugin name is not one the registry accepts.
+    #[error("invalid plugin name {0:?}: use 1 to 64 of a-z, 0-9, '-' and '_', starting with a letter or digit")]
+    BadName(String),
+    /// No plugin has this name.
+    #[error("no plugin named {0:?}")]
+    UnknownPlugin(String),
+    /// The plugin has no such version.
+    #[error("plugin {plugin:?} has no version {version:?}")]
+    UnknownVersion {
+        /// The plugin.
+        plugin: String,
+        /// The version asked for.
+        version: String,
+    },
+    /// The bytes are not a plugin: not wasm, a core module, not compiling, or another world.
+    #[error("{0}")]
+    Invalid(PluginError),
+    /// The plugin's `init` refused the configuration of a source bound to it.
+    #[error("init refused the configuration of source {source_name:?}: {error}")]
+    InitFailed {
+        /// The source whose configuration was refused (empty when no source is bound).
+        source_name: String,
+        /// What `init` said.
+        error: PluginError,
+    },
+    /// The operation conflicts with the plugin's state (deleting the active version, promoting
+    /// without a shadow, rolling back past the first version).
+    #[error("{0}")]
+    Conflict(String),
+    /// Reading or writing the store failed.
+    #[error("plugin store: {0}")]
+    Io(String),
+}
+
+/// One version as the registry lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionMeta {
+    /// `sha256:` and the first 16 hex digits of the digest.
+    pub version: String,
+    /// The full SHA-256 of the `.wasm`, hex.
+    pub digest: String,
+    /// Size of the `.wasm`.
+    pub size_bytes: u64,
+    /// When it was uploaded, milliseconds since the Unix epoch.
+    pub uploaded_at_ms: i64,
+}
+
+/// A plugin's state on disk.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct PluginMeta {
+    versions: Vec<VersionMeta>,
+    active: Option<String>,
+    activated_at_ms: Option<i64>,
+    /// Versions it was active on before, oldest first; rollback returns to the last.
+    history: Vec<String>,
+    shadow: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RegistryFile {
+    plugins: BTreeMap<String, PluginMeta>,
+}
+
+/// What an upload answers.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Uploaded {
+    /// The plugin.
+    pub name: String,
+    /// The version id.
+    pub version: String,
+    /// The full SHA-256 of the bytes.
+    pub digest: String,
+    /// Size of the `.wasm`.
+    pub size_bytes: u64,
+    /// False when these bytes were already a version of this plugin (nothing changed).
+    pub created: bool,
+}
+
+/// How a version is activated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// It becomes the version that runs and delivers.
+    Active,
+    /// It runs beside the active version, compared, delivering nothing.
+    Shadow,
+}
+
+/// The version a plugin's workers run, swapped atomically between batches.
+pub struct Slot {
+    active: ArcSwap<PluginCode>,
+    shadow: ArcSwapOption<Shadow>,
+}
+
+/// A version running in shadow, and how its output compared so far.
+pub struct Shadow {
+    code: Arc<PluginCode>,
+    equal: IntCounter,
+    different: IntCounter,
+    batches: AtomicU64,
+    failed_calls: AtomicU64,
+}
+
+impl Shadow {
+    fn new(code: Arc<PluginCode>, runtime: &Runtime) -> Self {
+        let (equal, different) = match runtime.metrics() {
+            Some(m) => m.shadow_records(code.name(), code.version()),
+            None => {
+                let c = || IntCounter::new("detached", "not exported").expect("a valid name");
+                (c(), c())
+            }
+        };
+        Shadow { code, equal, different, batches: AtomicU64::new(0), failed_calls: AtomicU64::new(0) }
+    }
+
+    /// The shadow version's code.
+    pub fn code(&self) -> &Arc<PluginCode> {
+        &self.code
+    }
+
+    /// Compares the shadow's output records with the active version's, position by position, and
+    /// counts the result. `shadow` is `None` when the shadow's call failed.
+    pub fn compare(&self, active: &[u8], shadow: Option<&[u8]>) {
+        use plugin_sdk::wire::Delimited;
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let Some(shadow) = shadow else {
+            self.failed_calls.fetch_add(1, Ordering::Relaxed);
+            self.different.inc_by(Delimited::new(active).count() as u64);
+            return;
+        };
+        let (mut a, mut b) = (Delimited::new(active), Delimited::new(shadow));
+        let (mut equal, mut different) = (0u64, 0u64);
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x.is_ok() && x == y => equal += 1,
+                _ => different += 1,
+            }
+        }
+        self.equal.inc_by(equal);
+        self.different.inc_by(different);
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shadow = self.shadow.load();
+        f.debug_struct("Slot")
+            .field("active", &self.active.load().version())
+            .field("shadow", &shadow.as_ref().map(|s| s.code.version().to_owned()))
+            .finish()
+    }
+}
+
+impl Slot {
+    /// A slot running `code`, with no shadow.
+    pub fn new(code: Arc<PluginCode>) -> Arc<Slot> {
+        Arc::new(Slot { active: ArcSwap::new(code), shadow: ArcSwapOption::empty() })
+    }
+
+    /// The active version's code.
+    pub fn active(&self) -> Arc<PluginCode> {
+        self.active.load_full()
+    }
+
+    /// The shadow version, if one runs.
+    pub fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.load_full()
+    }
+}
+
+/// A worker's instance of a plugin slot, with the configuration of the sources it serves. Call
+/// [`sync`](Self::sync) between batches to pick up a new version.
+pub struct BoundPlugin {
+    slot: Arc<Slot>,
+    instance: PluginInstance,
+    shadow: Option<(Arc<Shadow>, Option<PluginInstance>)>,
+    /// A version whose instance could not start with this configuration; not retried every batch.
+    refused: Option<Arc<PluginCode>>,
+}
+
+impl BoundPlugin {
+    /// Binds `instance` (of the slot's active version) to `slot`.
+    pub fn new(slot: Arc<Slot>, instance: PluginInstance) -> Self {
+        BoundPlugin { slot, instance, shadow: None, refused: None }
+    }
+
+    /// An instance that is never swapped (its own slot).
+    pub fn fixed(instance: PluginInstance) -> Self {
+        let slot = Slot::new(instance.code().clone());
+        BoundPlugin::new(slot, instance)
+    }
+
+    /// Switches to the slot's active (and shadow) version if they changed since the last batch.
+    pub fn sync(&mut self) {
+        let active = self.slot.active.load();
+        if !Arc::ptr_eq(&active, self.instance.code())
+            && !self.refused.as_ref().is_some_and(|r| Arc::ptr_eq(r, &active))
+        {
+            match active.instantiate(self.instance.config()) {
+                Ok(instance) => {
+                    tracing::info!(plugin = active.name(), version = active.version(), "switched plugin version");
+                    self.instance = instance;
+                    self.refused = None;
+                }
+                Err(error) => {
+                    tracing::error!(
+                        plugin = active.name(),
+                        version = active.version(),
+                        %error,
+                        "the new version does not start here; staying on {}",
+                        self.instance.code().version()
+                    );
+                    self.refused = Some(Arc::clone(&active));
+                }
+            }
+        }
+        let shadow = self.slot.shadow.load();
+        match (&*shadow, &self.shadow) {
+            (None, None) => {}
+            (None, Some(_)) => self.shadow = None,
+            (Some(s), Some((mine, _))) if Arc::ptr_eq(s, mine) => {}
+            (Some(s), _) => {
+                let instance = s.code.instantiate(self.instance.config()).ok();
+                self.shadow = Some((s.clone(), instance));
+            }
+        }
+    }
+
+    /// The instance batches run on.
+    pub fn instance(&mut self) -> &mut PluginInstance {
+        &mut self.instance
+    }
+
+    /// The shadow version and its instance (`None` when it could not start here), if one runs.
+    pub fn shadow(&mut self) -> Option<(&Shadow, Option<&mut PluginInstance>)> {
+        self.shadow.as_mut().map(|(s, i)| (&**s, i.as_mut()))
+    }
+
+    /// The code of the active instance.
+    pub fn code(&self) -> &Arc<PluginCode> {
+        self.instance.code()
+    }
+}
+
+/// A plugin as the registry keeps it in memory.
+struct Entry {
+    meta: PluginMeta,
+    /// Compiled versions (the active and shadow ones, and whatever was uploaded since start).
+    compiled: HashMap<String, Arc<PluginCode>>,
+    slot: Option<Arc<Slot>>,
+}
+
+/// Configuration of one source bound to a plugin: `init` must accept it before a version is stored.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    /// The source's name.
+    pub source: String,
+    /// Its plugin config.
+    pub config: Vec<(String, String)>,
+}
+
+/// The registry.
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    dir: PathBuf,
+    limits: HashMap<String, Limits>,
+    bindings: HashMap<String, Vec<Binding>>,
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// A plugin as `GET /v1/plugins` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginView {
+    /// The plugin.
+    pub name: String,
+    /// The version that runs.
+    pub active: Option<String>,
+    /// When it was activated, milliseconds since the Unix epoch.
+    pub activated_at_ms: Option<i64>,
+    /// The version rollback returns to.
+    pub previous: Option<String>,
+    /// The shadow version and its comparison so far.
+    pub shadow: Option<ShadowView>,
+    /// Every stored version, oldest first.
+    pub versions: Vec<VersionView>,
+}
+
+/// A shadow version's comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowView {
+    /// The version in shadow.
+    pub version: String,
+    /// Batches compared.
+    pub batches: u64,
+    /// Output records equal to the active version's.
+    pub records_equal: u64,
+    /// Output records that differ (or that one side lacks).
+    pub records_different: u64,
+    /// Shadow calls that failed.
+    pub failed_calls: u64,
+}
+
+/// A version with its counts since this process started.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionView {
+    /// The stored metadata.
+    #[serde(flatten)]
+    pub meta: VersionMeta,
+    /// True for the version that runs.
+    pub active: bool,
+    /// Calls (decode and transform).
+    pub calls: u64,
+    /// Frames and records handed to it.
+    pub records_in: u64,
+    /// Records it returned.
+    pub records_out: u64,
+    /// Inputs it refused.
+    pub rejects: u64,
+    /// Calls that trapped, timed out or hit a limit.
+    pub errors: u64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Accepts names that are safe as paths, labels and URL segments.
+fn check_name(name: &str) -> Result<(), RegistryError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(RegistryError::BadName(name.to_owned())) }
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one: a temporary file in the
+/// same directory, synced, renamed over `path`, and the directory synced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Registry {
+    /// Opens the registry under `dir` (created if missing). `limits` gives each plugin's call limits
+    /// (default [`Limits::default`]); `bindings` the sources bound to each plugin.
+    ///
+    /// # Errors
+    /// [`RegistryError::Io`] when the directory or its index cannot be read.
+    pub fn open(
+        runtime: Arc<Runtime>,
+        dir: &Path,
+        limits: HashMap<String, Limits>,
+        bindings: HashMap<String, Vec<Binding>>,
+    ) -> Result<Self, RegistryError> {
+        std::fs::create_dir_all(dir.join("blobs"))
+            .map_err(|e| RegistryError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let index = dir.join("registry.json");
+        let file: RegistryFile = match std::fs::read(&index) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RegistryError::Io(format!("{} is not a plugin index: {e}", index.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RegistryFile::default(),
+            Err(e) => return Err(RegistryError::Io(format!("cannot read {}: {e}", index.display()))),
+        };
+        let entries = file
+            .plugins
+            .into_iter()
+            .map(|(name, meta)| (name, Entry { meta, compiled: HashMap::new(), slot: None }))
+            .collect();
+        Ok(Registry { runtime, dir: dir.to_owned(), limits, bindings, entries: Mutex::new(entries) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("{digest}.wasm"))
+    }
+
+    fn limits_of(&self, name: &str) -> Limits {
+        self.limits.get(name).copied().unwrap_or_default()
+    }
+
+    fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), RegistryError> {
+        let file = RegistryFile { plugins: entries.iter().map(|(n, e)| (n.clone(), e.meta.clone())).collect() };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Io(e.to_string()))?;
+        let path = self.dir.join("registry.json");
+        write_atomically(&path, &json).map_err(|e| RegistryError::Io(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Compiles `wasm` as plugin `name` and runs `init` with every bound source's configuration.
+    fn compile_checked(&self, name: &str, wasm: &[u8]) -> Result<Arc<PluginCode>, RegistryError> {
+        let code = self.runtime.compile(name, wasm, self.limits_of(name)).map_err(RegistryError::Invalid)?;
+        let unbound = [Binding { source: String::new(), config: Vec::new() }];
+        let bindings = self.bindings.get(name).map(Vec::as_slice).filter(|b| !b.is_empty()).unwrap_or(&unbound);
+        for binding in bindings {
+            code.instantiate(&binding.config)
+                .map_err(|error| RegistryError::InitFailed { source_name: binding.source.clone(), error })?;
+        }
+        Ok(code)
+    }
+
+    /// Checks, compiles and stores `wasm` as a version of plugin `name` (created if new). Blocks for
+    /// the compile: call it off the async runtime. Uploading bytes that are already a version of the
+    /// plugin changes nothing and answers the same version with `created: false`.
+    ///
+    /// # Errors
+    /// [`RegistryError::BadName`], [`RegistryError::Invalid`], [`RegistryError::InitFailed`] or
+    /// [`RegistryError::Io`]; nothing is stored then.
+    pub fn upload(&self, name: &str, wasm: &[u8]) -> Result<Uploaded, RegistryError> {
+        check_name(name)?;
+        let digest = hex(&sha2::Sha256::digest(wasm));
+        let version = version_of(wasm);
+        let answer = |created| Uploaded {
+            name: name.to_owned(),
+            version: version.clone(),
+            digest: digest.clone(),
+            size_bytes: wasm.len() as u64,
+            created,
+        };
+        if self.lock().get(name).is_some_and(|e| e.meta.versions.iter().any(|v| v.digest == digest)) {
+            return Ok(answer(false));
+        }
+        let code = self.compile_checked(name, wasm)?;
+        let blob = self.blob_path(&digest);
+        if !blob.exists() {
+            write_atomically(&blob, wasm)
+                .map_err(|e| RegistryError::Io(format!("cannot write {}: {e}", blob.display())))?;
+        }
+        let mut entries = self.lock();
+        let entry = entries.entry(name.to_owned()).or_insert_with(|| Entry {
+            meta: PluginMeta::default(),
+            compiled: HashMap::new(),
+            slot: None,
+        });
+        if entry.meta.versions.iter().any(|v| v.digest == digest) {
+            return Ok(answer(false));
+        }
+        entry.meta.versions.push(VersionMeta {
+            version: version.clone(),
+            digest: digest.clone(),
+            size_bytes: wasm.len() as u64,
+            uploaded_at_ms: now_ms(),
+        });
+        entry.compiled.insert(version.clone(), code);
+        if let Err(e) = self.persist(&entries) {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.meta.versions.retain(|v| v.digest != digest);
+                entry.compiled.remove(&version);
+            }
+            return Err(e);
+        }
+        Ok(answer(true))
+    }
+
+    /// The compiled code of a stored version, compiling it from its blob if needed (without the lock).
+    fn code_of(&self, name: &str, version: &str) -> Result<Arc<PluginCode>, RegistryError> {
+        let digest =
+            {
+                let entries = self.lock();
+                let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+                if let Some(code) = entry.compiled.get(version) {
+                    return Ok(code.clone());
+                }
+                entry.meta.versions.iter().find(|v| v.version == version).map(|v| v.digest.clone()).ok_or_else(
+                    || RegistryError::UnknownVersion { plugin: name.to_owned(), version: version.to_owned() },
+                )?
+            };
+        let path = self.blob_path(&digest);
+        let wasm =
+            std::fs::read(&path).map_err(|e| RegistryError::Io(format!("cannot read {}: {e}", path.display())))?;
+        let actual = hex(&sha2::Sha256::digest(&wasm));
+        if actual != digest {
+            return Err(RegistryError::Io(format!("{} is corrupt: its SHA-256 is {actual}", path.display())));
+        }
+        let code = self.compile_checked(name, &wasm)?;
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.compiled.entry(version.to_owned()).or_insert_with(|| code.clone());
+        }
+        Ok(code)
+    }
+
+    /// Makes `version` the active (or shadow) version of plugin `name`. Active: workers switch before
+    /// their next batch, and the version it replaces becomes the one [`rollback`](Self::rollback)
+    /// returns to. Shadow: it runs beside the active version until [`promote`](Self::promote)d or
+    /// replaced.
+    ///
+    /// # Errors
+    /// Unknown plugin or version, a version that no longer compiles or starts, a conflict (shadowing
+    /// the active version), or the index cannot be written.
+    pub fn activate(&self, name: &str, version: &str, mode: Mode) -> Result<PluginView, RegistryError> {
+        let code = self.code_of(name, version)?;
+        let mut entries = self.lock();
+        let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+        let before = entry.meta.clone();
+        match mode {
+            Mode::Active => {
+                if entry.meta.active.as_deref() != Some(version) {
+                    if let Some(old) = entry.meta.active.take() {
+                        entry.meta.history.push(old);
+                    }
+                    entry.meta.active = Some(version.to_owned());
+                    entry.meta.activated_at_ms = Some(now_ms());
+                }
+                if entry.meta.shadow.as_deref() == Some(version) {
+                    entry.meta.shadow = None;
+                }
+            }
+            Mode::Shadow => {
+                if entry.meta.active.as_deref() == Some(version) {
+                    return Err(RegistryError::Conflict(format!("{version} is the active version of {name}")));
+                }
+                entry.meta.shadow = Some(version.to_owned());
+            }
+        }
+        if let Err(e) = self.persist(&entries) {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.meta = before;
+            }
+            return Err(e);
+        }
+        let entry = entries.get_mut(name).expect("present above");
+        self.publish(entry, Some(code));
+        Ok(self.view(name, entry))
+    }
+
+    /// Brings the slot in line with the entry's active and shadow versions.
+    fn publish(&self, entry: &mut Entry, fresh: Option<Arc<PluginCode>>) {
+        if let Some(code) = fresh {
+            entry.compiled.insert(code.version().to_owned(), code);
+        }
+        let active = entry.meta.active.as_ref().and_then(|v| entry.compiled.get(v)).cloned();
+        let Some(active) = active else { return };
+        let slot = entry.slot.get_or_insert_with(|| Slot::new(active.clone()));
+        if !Arc::ptr_eq(&slot.active.load(), &active) {
+            slot.active.store(active);
+        }
+        let shadow = entry.meta.shadow.as_ref().and_then(|v| entry.compiled.get(v)).cloned();
+        match (shadow, slot.shadow.load_full()) {
+            (None, _) => slot.shadow.store(None),
+            (Some(code), Some(current)) if Arc::ptr_eq(&code, &current.code) => {}
+            (Some(code), _) => slot.shadow.store(Some(Arc::new(Shadow::new(code, &self.runtime)))),
+        }
+    }
+
+    /// Makes the shadow version active.
+    ///
+    /// # Errors
+    /// [`RegistryError::Conflict`] when no version runs in shadow.
+    pub fn promote(&self, name: &str) -> Result<PluginView, RegistryError> {
+        let shadow = {
+            let entries = self.lock();
+            let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+            entry.meta.shadow.clone().ok_or_else(|| RegistryError::Conflict(format!("{name} has no shadow version")))?
+        };
+        self.activate(name, &shadow, Mode::Active)
+    }
+
+    /// Returns to the version that was active before the current one.
+    ///
+    /// # Errors
+    /// [`RegistryError::Conflict`] when there is no earlier version to return to.
+    pub fn rollback(&self, name: &str) -> Result<PluginView, RegistryError> {
+        let previous = {
+            let entries = self.lock();
+            let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+            entry
+                .meta
+                .history
+                .last()
+                .cloned()
+                .ok_or_else(|| RegistryError::Conflict(format!("{name} has no earlier version to roll back to")))?
+        };
+        let code = self.code_of(name, &previous)?;
+        let mut entries = self.lock();
+        let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+        let before = entry.meta.clone();
+        if entry.meta.history.last() != Some(&previous) {
+            return Err(RegistryError::Conflict(format!("{name} changed meanwhile; try again")));
+        }
+        entry.meta.history.pop();
+        entry.meta.active = Some(previous.clone());
+        entry.meta.activated_at_ms = Some(now_ms());
+        if entry.meta.shadow.as_deref() == Some(previous.as_str()) {
+            entry.meta.shadow = None;
+        }
+        if let Err(e) = self.persist(&entries) {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.meta = before;
+            }
+            return Err(e);
+        }
+        let entry = entries.get_mut(name).expect("present above");
+        self.publish(entry, Some(code));
+        Ok(self.view(name, entry))
+    }
+
+    /// Deletes a version that is neither active nor in shadow; its blob goes when no plugin uses it.
+    ///
+    /// # Errors
+    /// [`RegistryError::Conflict`] for the active or shadow version; unknown plugin or version.
+    pub fn delete(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+        let Some(meta) = entry.meta.versions.iter().find(|v| v.version == version).cloned() else {
+            return Err(RegistryError::UnknownVersion { plugin: name.to_owned(), version: version.to_owned() });
+        };
+        if entry.meta.active.as_deref() == Some(version) {
+            return Err(RegistryError::Conflict(format!(
+                "{version} is the active version of {name}; activate another first"
+            )));
+        }
+        if entry.meta.shadow.as_deref() == Some(version) {
+            return Err(RegistryError::Conflict(format!(
+                "{version} runs in shadow for {name}; promote or replace it first"
+            )));
+        }
+        let before = entry.meta.clone();
+        entry.meta.versions.retain(|v| v.version != version);
+        entry.meta.history.retain(|v| v != version);
+        if let Err(e) = self.persist(&entries) {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.meta = before;
+            }
+            return Err(e);
+        }
+        if let Some(entry) = entries.get_mut(name) {
+            entry.compiled.remove(version);
+        }
+        if let Some(m) = self.runtime.metrics() {
+            m.forget_plugin_version(name, version);
+        }
+        let used = entries.values().any(|e| e.meta.versions.iter().any(|v| v.digest == meta.digest));
+        if !used {
+            let _ = std::fs::remove_file(self.blob_path(&meta.digest));
+        }
+        Ok(())
+    }
+
+    /// The slot workers of plugin `name` run from, making `wasm` (the configured or bundled bytes) its
+    /// active version when these bytes are new to the registry. Bytes already stored leave the
+    /// plugin on the version the API last activated, so uploads and activations survive restarts,
+    /// while a changed plugin file deploys itself.
+    ///
+    /// # Errors
+    /// As [`upload`](Self::upload) and [`activate`](Self::activate).
+    pub fn deploy(&self, name: &str, wasm: &[u8]) -> Result<Arc<Slot>, RegistryError> {
+        let uploaded = self.upload(name, wasm)?;
+        let has_active = self.lock().get(name).is_some_and(|e| e.meta.active.is_some());
+        if uploaded.created || !has_active {
+            self.activate(name, &uploaded.version, Mode::Active)?;
+        } else {
+            // Compile what the index says is active (and in shadow), and publish it.
+            let (active, shadow) = {
+                let entries = self.lock();
+                let e = entries.get(name).expect("uploaded above");
+                (e.meta.active.clone().expect("checked above"), e.meta.shadow.clone())
+            };
+            let code = self.code_of(name, &active)?;
+            let shadow_code = match shadow {
+                Some(v) => Some(self.code_of(name, &v)?),
+                None => None,
+            };
+            let mut entries = self.lock();
+            let entry = entries.get_mut(name).expect("uploaded above");
+            if let Some(s) = shadow_code {
+                entry.compiled.insert(s.version().to_owned(), s);
+            }
+            self.publish(entry, Some(code));
+        }
+        self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))
+    }
+
+    /// The slot of plugin `name`, once it has an active version.
+    pub fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.lock().get(name).and_then(|e| e.slot.clone())
+    }
+
+    /// Every plugin, by name.
+    pub fn list(&self) -> Vec<PluginView> {
+        self.lock().iter().map(|(name, e)| self.view(name, e)).collect()
+    }
+
+    /// One plugin.
+    ///
+    /// # Errors
+    /// [`RegistryError::UnknownPlugin`].
+    pub fn get(&self, name: &str) -> Result<PluginView, RegistryError> {
+        let entries = self.lock();
+        let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+        Ok(self.view(name, entry))
+    }
+
+    fn view(&self, name: &str, entry: &Entry) -> PluginView {
+        let shadow = entry.slot.as_ref().and_then(|s| s.shadow()).map(|s| ShadowView {
+            version: s.code.version().to_owned(),
+            batches: s.batches.load(Ordering::Relaxed),
+            records_equal: s.equal.get(),
+            records_different: s.different.get(),
+            failed_calls: s.failed_calls.load(Ordering::Relaxed),
+        });
+        let versions = entry
+            .meta
+            .versions
+            .iter()
+            .map(|meta| {
+                let (mut calls, mut records_in, mut records_out, mut rejects, mut errors) = (0, 0, 0, 0, 0);
+                if let Some(code) = entry.compiled.get(&meta.version) {
+                    for m in [code.decode_metrics(), code.transform_metrics()] {
+                        calls += m.calls.get();
+                        records_in += m.records_in.get();
+                        records_out += m.records_out.get();
+                        rejects += m.rejects.get();
+                        errors += m.errors();
+                    }
+                }
+                VersionView {
+                    meta: meta.clone(),
+                    active: entry.meta.active.as_deref() == Some(meta.version.as_str()),
+                    calls,
+                    records_in,
+                    records_out,
+                    rejects,
+                    errors,
+                }
+            })
+            .collect();
+        PluginView {
+            name: name.to_owned(),
+            active: entry.meta.active.clone(),
+            activated_at_ms: entry.meta.activated_at_ms,
+            previous: entry.meta.history.last().cloned(),
+            shadow,
+            versions,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::bundled;
+    use crate::plugin::runtime::RuntimeSettings;
+
+    fn runtime() -> Arc<Runtime> {
+        let settings = RuntimeSettings { max_instances: 16, max_memory_bytes: 64 << 20, ..RuntimeSettings::default() };
+        Arc::new(Runtime::new(settings, Arc::new(crate::symbols::Symbols::new())).unwrap())
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-registry-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn open(dir: &Path, bindings: HashMap<String, Vec<Binding>>) -> Registry {
+        Registry::open(runtime(), dir, HashMap::new(), bindings).unwrap()
+    }
+
+    #[test]
+    fn uploads_are_content_addressed_idempotent_and_survive_a_restart() {
+        let dir = temp_dir("store");
+        let registry = open(&dir, HashMap::new());
+        let first = registry.upload("binance", bundled::BINANCE).unwrap();
+        assert!(first.created);
+        assert_eq!(first.version, version_of(bundled::BINANCE));
+        assert_eq!(first.digest, hex(&sha2::Sha256::digest(bundled::BINANCE)));
+        assert!(first.version.ends_with(&first.digest[..16]));
+        let blob = dir.join("blobs").join(format!("{}.wasm", first.digest));
+        assert_eq!(std::fs::read(&blob).unwrap(), bundled::BINANCE);
+        let again = registry.upload("binance", bundled::BINANCE).unwrap();
+        assert_eq!(again, Uploaded { created: false, ..first.clone() });
+        assert_eq!(registry.get("binance").unwrap().versions.len(), 1);
+        // No temporary files are left behind.
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        drop(registry);
+
+        let reopened = open(&dir, HashMap::new());
+        let view = reopened.get("binance").unwrap();
+        assert_eq!(view.versions.len(), 1);
+        assert_eq!(view.versions[0].meta.digest, first.digest);
+        assert_eq!(view.active, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_is_not_a_plugin_of_our_world_or_fails_init_is_refused_and_not_stored() {
+        let dir = temp_dir("refuse");
+        let bindings = HashMap::from([(
+            "rescale".to_owned(),
+            vec![Binding { source: "feed".into(), config: vec![("scale".into(), "2".into())] }],
+        )]);
+        let registry = open(&dir, bindings);
+        let refused = |name: &str, wasm: &[u8]| registry.upload(name, wasm).unwrap_err();
+        assert!(matches!(refused("x", b"not wasm at all"), RegistryError::Invalid(PluginError::NotWasm)));
+        assert!(matches!(refused("x", b"\0asm\x01\0\0\0"), RegistryError::Invalid(PluginError::CoreModule)));
+        assert!(matches!(refused("x", b"\0asm\x0d\0\x01\0garbage"), RegistryError::Invalid(PluginError::Compile(_))));
+        // outlier-filter does not know rescale's `scale` key: its init refuses the bound source.
+        match refused("rescale", bundled::OUTLIER_FILTER) {
+            RegistryError::InitFailed { source_name, error } => {
+                assert_eq!(source_name, "feed");
+                assert!(error.to_string().contains("scale"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(refused("Bad/Name", bundled::BINANCE), RegistryError::BadName(_)));
+        assert!(matches!(refused("", bundled::BINANCE), RegistryError::BadName(_)));
+        assert!(registry.list().is_empty());
+        assert_eq!(std::fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn activation_swaps_between_batches_and_rollback_returns() {
+        let dir = temp_dir("swap");
+        let registry = open(&dir, HashMap::new());
+        // Two builds that both decode without config: the bundled binance and kraken plugins.
+        let slot = registry.deploy("feed", bundled::BINANCE).unwrap();
+        let v1 = version_of(bundled::BINANCE);
+        let v2 = registry.upload("feed", bundled::KRAKEN).unwrap().version;
+        let mut worker = BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap());
+        assert_eq!(worker.code().version(), v1);
+
+        let view = registry.activate("feed", &v2, Mode::Active).unwrap();
+        assert_eq!((view.active.as_deref(), view.previous.as_deref()), (Some(v2.as_str()), Some(v1.as_str())));
+        // The worker is still on v1 until its next batch starts.
+        assert_eq!(worker.code().version(), v1);
+        worker.sync();
+        assert_eq!(worker.code().version(), v2);
+
+        let err = registry.delete("feed", &v2).unwrap_err();
+        assert!(matches!(err, RegistryError::Conflict(_)), "{err}");
+        let view = registry.rollback("feed").unwrap();
+        assert_eq!(view.active.as_deref(), Some(v1.as_str()));
+        assert_eq!(view.previous, None);
+        worker.sync();
+        assert_eq!(worker.code().version(), v1);
+        assert!(matches!(registry.rollback("feed").unwrap_err(), RegistryError::Conflict(_)));
+
+        registry.delete("feed", &v2).unwrap();
+        assert!(!dir.join("blobs").join(format!("{}.wasm", hex(&sha2::Sha256::digest(bundled::KRAKEN)))).exists());
+        assert!(matches!(
+            registry.activate("feed", &v2, Mode::Active).unwrap_err(),
+            RegistryError::UnknownVersion { .. }
+        ));
+        assert!(matches!(registry.rollback("nope").unwrap_err(), RegistryError::UnknownPlugin(_)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_version_the_api_activated_and_a_new_file_deploys_itself() {
+        let dir = temp_dir("restart");
+        let v2 = {
+            let registry = open(&dir, HashMap::new());
+            registry.deploy("feed", bundled::BINANCE).unwrap();
+            let v2 = registry.upload("feed", bundled::KRAKEN).unwrap().version;
+            registry.activate("feed", &v2, Mode::Active).unwrap();
+            v2
+        };
+        let registry = open(&dir, HashMap::new());
+        let slot = registry.deploy("feed", bundled::BINANCE).unwrap();
+        assert_eq!(slot.active().version(), v2);
+        assert_eq!(registry.rollback("feed").unwrap().active.unwrap(), version_of(bundled::BINANCE));
+        drop(registry);
+        // A plugin file the registry has never seen becomes active.
+        let registry = open(&dir, HashMap::new());
+        let slot = registry.deploy("feed", bundled::COINBASE).unwrap();
+        assert_eq!(slot.active().version(), version_of(bundled::COINBASE));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_shadow_runs_beside_the_active_version_and_is_compared() {
+        let dir = temp_dir("shadow");
+        let registry = open(&dir, HashMap::new());
+        let slot = registry.deploy("feed", bundled::BINANCE).unwrap();
+        let v2 = registry.upload("feed", bundled::KRAKEN).unwrap().version;
+        assert!(matches!(
+            registry.activate("feed", &version_of(bundled::BINANCE), Mode::Shadow).unwrap_err(),
+            RegistryError::Conflict(_)
+        ));
+        assert!(matches!(registry.promote("feed").unwrap_err(), RegistryError::Conflict(_)));
+        registry.activate("feed", &v2, Mode::Shadow).unwrap();
+        let mut decoder =
+            crate::decode::Decoder::bound(BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap()));
+        let frame = |text: &str| crate::source::Frame {
+            source: 1,
+            bytes: bytes::Bytes::copy_from_slice(text.as_bytes()),
+            received_at_us: 1,
+            oversized: None,
+        };
+        // A Binance trade: the active version decodes it, the Kraken build in shadow refuses it.
+        let trade = r#"{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.5","q":"2","T":1,"m":false}"#;
+        let out = decoder.decode(&[frame(trade)]).unwrap();
+        assert_eq!(out.records.len(), 1);
+        let shadow = registry.get("feed").unwrap().shadow.unwrap();
+        assert_eq!((shadow.version.as_str(), shadow.batches), (v2.as_str(), 1));
+        assert_eq!((shadow.records_equal, shadow.records_different), (0, 1));
+        // A frame neither decodes into a record: nothing differs.
+        decoder.decode(&[frame(r#"{"result":null,"id":1}"#)]).unwrap();
+        let shadow = registry.get("feed").unwrap().shadow.unwrap();
+        assert_eq!((shadow.batches, shadow.records_different), (2, 1));
+
+        let view = registry.promote("feed").unwrap();
+        assert_eq!(view.active.as_deref(), Some(v2.as_str()));
+        assert!(view.shadow.is_none());
+        decoder.decode(&[frame(trade)]).unwrap();
+        let view = registry.get("feed").unwrap();
+        let active = view.versions.iter().find(|v| v.active).unwrap();
+        // Its two shadow calls and the one since it was promoted.
+        assert_eq!((active.meta.version.as_str(), active.calls, active.records_in), (v2.as_str(), 3, 3));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
