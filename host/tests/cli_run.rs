@@ -6,6 +6,71 @@ use std::time::{Duration, Instant};
 
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 
+const TOKEN: &str = "cli-run-token";
+
+/// Every metric the README's table lists is exported with exactly the listed labels and type, and
+/// nothing is exported that the table does not list; no series is labelled by symbol.
+fn assert_metrics_match_the_readme(metrics: &str) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let table = readme.split("### Metrics").nth(1).expect("a Metrics section in the README");
+    let mut listed = std::collections::BTreeMap::new();
+    for row in table.lines().skip_while(|l| !l.starts_with("| `sluice_")).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let name = cells[0].trim_matches('`').to_owned();
+        // Label names are the backticked words before the parenthesised list of values, if any.
+        let labels: std::collections::BTreeSet<String> = cells[2]
+            .split('(')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|l| l.trim().strip_prefix('`')?.strip_suffix('`').map(str::to_owned))
+            .collect();
+        listed.insert(name, (cells[1].to_owned(), labels));
+    }
+    assert!(listed.len() >= 30, "the README lists only {} metrics", listed.len());
+    // name -> (type, label sets seen)
+    let mut exported: std::collections::BTreeMap<String, (String, Vec<std::collections::BTreeSet<String>>)> =
+        std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            exported.entry(name.to_owned()).or_default().0 = kind.to_owned();
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let series = line.rsplit_once(' ').unwrap().0;
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix).filter(|base| exported.get(*base).is_some_and(|e| e.0 == "histogram"))
+            })
+            .unwrap_or(name);
+        let names: std::collections::BTreeSet<String> = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split('=').next().unwrap().to_owned())
+            .filter(|l| l != "le")
+            .collect();
+        assert!(!names.contains("symbol"), "a symbol label: {line}");
+        exported.entry(family.to_owned()).or_default().1.push(names);
+    }
+    for (name, (kind, labels)) in &listed {
+        let (got_kind, sets) = exported.get(name).unwrap_or_else(|| panic!("{name} is not exported:\n{metrics}"));
+        assert_eq!(got_kind, kind, "{name}");
+        assert!(!sets.is_empty(), "{name} has no series:\n{metrics}");
+        assert!(sets.iter().all(|s| s == labels), "{name}: labels {sets:?}, the README says {labels:?}");
+    }
+    for name in exported.keys().filter(|n| n.starts_with("sluice_")) {
+        assert!(listed.contains_key(name), "{name} is exported but not listed in the README");
+    }
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("sluice-cli-run-{}-{name}", std::process::id()))
 }
@@ -76,6 +141,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
         .args(["run", "--config"])
         .arg(&path)
         .env("RUST_LOG", "sluice=info")
+        .env("SLUICE_API_TOKEN", TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -128,6 +194,35 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert!(source["frames"].as_u64().unwrap() > 0 && source["records"].as_u64().unwrap() > 0, "{listed}");
     assert!(source["last_message_age_ms"].as_u64().unwrap() < 10_000, "{listed}");
     assert_eq!(source["gaps"], 0, "{listed}");
+    // A version in shadow beside the decoder, so every plugin metric has a series.
+    let uploaded: serde_json::Value = http
+        .put(format!("http://{api}/v1/plugins/binance"))
+        .bearer_auth(TOKEN)
+        .body(sluice::plugin::bundled::KRAKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shadow = uploaded["version"].as_str().unwrap_or_else(|| panic!("{uploaded}"));
+    let response = http
+        .post(format!("http://{api}/v1/plugins/binance/activate?mode=shadow"))
+        .bearer_auth(TOKEN)
+        .body(format!(r#"{{"version":"{shadow}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let start = Instant::now();
+    let metrics = loop {
+        let text = http.get(format!("http://{api}/metrics")).send().await.unwrap().text().await.unwrap();
+        if text.contains("sluice_plugin_shadow_records_total{") || start.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_metrics_match_the_readme(&metrics);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
