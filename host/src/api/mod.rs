@@ -1,10 +1,14 @@
-//! The HTTP API (axum): health for orchestrators and read-only SQL over the embedded store.
+//! The HTTP API (axum): health for orchestrators, read-only SQL over the embedded store, and a page
+//! for operators.
 //!
 //! | route | answer |
 //! | --- | --- |
+//! | `GET /` | the operator page (HTML): readiness, sources, throughput, plugins, latest rollups; refreshes itself |
 //! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
 //! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
+//! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and version, counters, last message age |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
+//! | `GET /metrics` | Prometheus text format |
 //!
 //! Every failure answers `{"error": {"code", "message"}}` with its status ([`ApiError`]), unknown
 //! routes, wrong methods, malformed query strings and oversized bodies included.
@@ -178,6 +182,7 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     let max_body_bytes = state.max_body_bytes;
     Router::new()
+        .route("/", get(page))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
@@ -190,6 +195,15 @@ pub fn router(state: ApiState) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(max_body_bytes, refuse_large_bodies))
         .with_state(state)
+}
+
+/// The operator page: one self-contained HTML file (inline CSS and script, nothing fetched from
+/// elsewhere) that reads the JSON routes above every two seconds.
+const PAGE: &str = include_str!("page.html");
+
+/// `GET /`: the operator page.
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
 /// `GET /metrics`: Prometheus' text exposition format.
