@@ -113,6 +113,33 @@ async fn liveness_answers_while_serving() {
 }
 
 #[tokio::test]
+async fn the_operator_page_is_one_self_contained_html_file() {
+    let server = Server::start(&ApiConfig::default(), None, Arc::new(Health::new())).await;
+    let response = server.client.get(format!("{}/", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+    assert_eq!(content_type, "text/html; charset=utf-8");
+    let page = response.text().await.unwrap();
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    // The elements the script fills, and every element it looks up, are in the markup.
+    let mut ids: Vec<&str> = page.split("$(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
+    ids.extend(["ready", "checks", "records-total", "records-rate", "sources", "plugins", "series"]);
+    for id in ids {
+        assert!(page.contains(&format!("id=\"{id}\"")), "no element with id {id}");
+    }
+    // It reads the JSON routes, and loads nothing from anywhere else.
+    for route in ["\"/health/ready\"", "\"/v1/sources\"", "\"/v1/plugins\"", "\"/v1/query?"] {
+        assert!(page.contains(route), "the page does not fetch {route}");
+    }
+    for external in ["src=", "href=", "http:", "https:", "@import"] {
+        assert!(!page.contains(external), "the page loads something from elsewhere: {external}");
+    }
+    // Data reaches the DOM as text, never as markup.
+    assert!(!page.contains("innerHTML"));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn readiness_follows_the_checks() {
     let health = Arc::new(Health::new());
     health.expect("kafka");

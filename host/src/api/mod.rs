@@ -1,11 +1,13 @@
-//! The HTTP API (axum): health for orchestrators and read-only SQL over the embedded store.
+//! The HTTP API (axum): health for orchestrators, read-only SQL over the embedded store, and a page
+//! for operators.
 //!
 //! | route | answer |
 //! | --- | --- |
+//! | `GET /` | the operator page (HTML): readiness, sources, throughput, plugins, latest rollups; refreshes itself |
 //! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
 //! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
+//! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters, last message age |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
-//! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters |
 //! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
 //! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
 //! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it |
@@ -233,6 +235,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_token));
     Router::new()
         .merge(plugin_routes)
+        .route("/", get(page))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
@@ -275,6 +278,15 @@ async fn count_requests(
     metrics.http_requests_total.with_label_values(&labels).inc();
     metrics.http_request_duration_seconds.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The operator page: one self-contained HTML file (inline CSS and script, nothing fetched from
+/// elsewhere) that reads the JSON routes above every two seconds.
+const PAGE: &str = include_str!("page.html");
+
+/// `GET /`: the operator page.
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
 /// `GET /metrics`: Prometheus' text exposition format.
