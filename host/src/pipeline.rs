@@ -582,22 +582,22 @@ pub fn run_process(
                 }
             }
             stats.rejected.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
-            for item in plugin_sdk::wire::Delimited::new(&out.records).filter_map(Result::ok) {
-                if let Ok(v) = plugin_sdk::StreamDataView::parse(item) {
-                    pending.push(PendingRow {
-                        source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
-                        symbol: symbol_names
-                            .entry(v.symbol_id)
-                            .or_insert_with(|| names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")))
-                            .clone(),
-                        timestamp_ms: v.timestamp_ms,
-                        is_buy: v.is_buy,
-                        price_e8: v.price_e8,
-                        volume_e8: v.volume_e8,
-                        received_at_us: v.received_at_us,
-                    });
-                    added += 1;
-                }
+            // Parsed (and so checked) by the transformer; a batch whose output did not parse was
+            // retried and bisected there like any failed call.
+            for v in &out.parsed {
+                pending.push(PendingRow {
+                    source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
+                    symbol: symbol_names
+                        .entry(v.symbol_id)
+                        .or_insert_with(|| names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")))
+                        .clone(),
+                    timestamp_ms: v.timestamp_ms,
+                    is_buy: v.is_buy,
+                    price_e8: v.price_e8,
+                    volume_e8: v.volume_e8,
+                    received_at_us: v.received_at_us,
+                });
+                added += 1;
             }
         }
         let now = tokio::time::Instant::now();

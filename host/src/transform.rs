@@ -3,9 +3,10 @@
 //! records that still fail are rejected, each with the error as its reason.
 
 use plugin_sdk::wire::{Delimited, push_delimited};
+use plugin_sdk::{Record, StreamDataView};
 
 use crate::plugin::registry::BoundPlugin;
-use crate::plugin::{PluginError, PluginInstance};
+use crate::plugin::{PluginError, PluginInstance, Transformed};
 
 /// An input record the transform refused, with why; kept whole for the dead-letter topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,8 +22,10 @@ pub struct RejectedRecord {
 /// What a batch became.
 #[derive(Debug, Default)]
 pub struct TransformedBatch {
-    /// Output records, length-delimited (the runtime validated them).
+    /// Output records, length-delimited; every one parsed into `parsed`.
     pub records: Vec<u8>,
+    /// The output records, parsed (and so checked to be valid `StreamData`), in order.
+    pub parsed: Vec<Record>,
     /// How many output records.
     pub count: usize,
     /// Refused input records.
@@ -63,7 +66,7 @@ impl Transformer {
         self.plugin.sync();
         let mut out = TransformedBatch::default();
         // The batch goes in as it is; it is split into records only if the call fails.
-        match self.plugin.instance().transform(batch) {
+        match self.call(batch, &mut out.parsed) {
             Ok(t) => {
                 let count = Delimited::new(batch).count();
                 self.plugin.code().transform_metrics().records_in.inc_by(count as u64);
@@ -97,6 +100,27 @@ impl Transformer {
         Ok(out)
     }
 
+    /// One call; its output records are parsed into `parsed` (the one check of their contents: see
+    /// [`Transformed`]). A record that does not parse fails the call as invalid output, the instance
+    /// is replaced and nothing of the call is kept.
+    fn call(&mut self, batch: &[u8], parsed: &mut Vec<Record>) -> Result<Transformed, PluginError> {
+        let t = self.plugin.instance().transform(batch)?;
+        let mark = parsed.len();
+        parsed.reserve(t.count);
+        for (i, item) in Delimited::new(&t.records).enumerate() {
+            match item.and_then(StreamDataView::parse) {
+                Ok(view) => parsed.push(view.record()),
+                Err(e) => {
+                    parsed.truncate(mark);
+                    self.plugin.instance().discard();
+                    self.plugin.code().transform_metrics().limit_errors.inc();
+                    return Err(PluginError::InvalidOutput(format!("output record {i}: {e}")));
+                }
+            }
+        }
+        Ok(t)
+    }
+
     /// Runs `items` (starting at batch index `base`); on a call failure retries once if `retry`, then
     /// splits in halves, and rejects a single record that still fails.
     fn run(
@@ -113,7 +137,7 @@ impl Transformer {
         for item in items {
             push_delimited(&mut buf, item);
         }
-        match self.plugin.instance().transform(&buf) {
+        match self.call(&buf, &mut out.parsed) {
             Ok(t) => {
                 out.records.extend_from_slice(&t.records);
                 out.count += t.count;

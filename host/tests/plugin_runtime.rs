@@ -175,6 +175,31 @@ fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
     }
 }
 
+/// Output records that are framed correctly but are not `StreamData` are caught where they are parsed:
+/// the transformer fails the call as invalid output, retries it, bisects it, and refuses every record
+/// with the reason; nothing of the bad output is passed on.
+#[test]
+fn well_framed_invalid_records_fail_the_call_where_they_are_parsed() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let mut t = sluice::transform::Transformer::new(code.instantiate(&config(&[("mode", "bad-record")])).unwrap());
+    let out = t.transform(&batch(&trades(4))).unwrap();
+    assert!(out.parsed.is_empty() && out.records.is_empty() && out.count == 0, "{out:?}");
+    assert_eq!(out.rejects.len(), 4);
+    for (i, r) in out.rejects.iter().enumerate() {
+        assert_eq!(r.index, i);
+        assert!(r.reason.starts_with("plugin returned invalid output: output record 0:"), "{}", r.reason);
+    }
+    // One call for the batch, its retry, then the halves and quarters.
+    assert_eq!(out.failed_calls, 1 + 1 + 2 + 4);
+    assert_eq!(code.transform_metrics().limit_errors.get(), out.failed_calls);
+    // A plugin whose output parses passes it through, parsed.
+    let mut t = sluice::transform::Transformer::new(code.instantiate(&config(&[])).unwrap());
+    let out = t.transform(&batch(&trades(3))).unwrap();
+    assert_eq!((out.count, out.parsed.len(), out.rejects.len(), out.failed_calls), (3, 3, 0, 0));
+    assert_eq!(out.parsed, trades(3));
+}
+
 #[test]
 fn init_errors_are_reported_with_the_plugin_reason() {
     let rt = runtime();

@@ -269,9 +269,15 @@ pub struct Decoded {
 }
 
 /// What a `transform` call produced.
+///
+/// The output is checked for size and framing, not for what each record holds: the process role
+/// parses every record anyway (with [`plugin_sdk::StreamDataView::parse`], which refuses anything
+/// that is not valid `StreamData`), so checking there costs one pass instead of two.
+/// [`crate::transform::Transformer`] does that and treats a record that does not parse as
+/// [`PluginError::InvalidOutput`] of the call. Whoever reads `records` must parse, never assume.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transformed {
-    /// The output records, length-delimited.
+    /// The output records, length-delimited (framing checked, contents not).
     pub records: Vec<u8>,
     /// How many records `records` holds.
     pub count: usize,
@@ -379,7 +385,9 @@ impl PluginInstance {
 
     fn transform_checked(&mut self, batch: &[u8]) -> Result<Transformed, PluginError> {
         let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_transform(store, batch))?;
-        let result = self.check_output(&out.records).and_then(|count| {
+        // Framing only: the records' contents are checked by whoever parses them, once (see
+        // `Transformed`), not here and again there.
+        let result = self.check_framing(&out.records).and_then(|count| {
             // Counting the inputs costs a pass over the batch, so only when there is something to check.
             if out.rejects.is_empty() {
                 Ok(count)
@@ -434,6 +442,26 @@ impl PluginInstance {
         live.store.set_epoch_deadline(code.deadline_ticks);
         live.store.data_mut().begin_call();
         f(&live.plugin, &mut live.store).map_err(|e| classify(code, live.store.data(), e))
+    }
+
+    /// Checks output records: size cap, then that they are framed correctly; answers how many.
+    fn check_framing(&self, records: &[u8]) -> Result<usize, PluginError> {
+        let limit = self.code.limits.output_bytes;
+        if records.len() > limit {
+            return Err(PluginError::OutputTooLarge { len: records.len(), limit });
+        }
+        let mut n = 0;
+        for item in Delimited::new(records) {
+            item.map_err(|e| PluginError::InvalidOutput(format!("output record {n}: {e}")))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Throws the instance away (after output its caller found invalid); the next call gets a fresh
+    /// one.
+    pub fn discard(&mut self) {
+        self.live = None;
     }
 
     /// Checks output records: size cap, then that every record is valid `StreamData`.

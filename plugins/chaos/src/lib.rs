@@ -9,7 +9,8 @@
 //!   `memory` (allocate until memory runs out), `trap` (panic), `oversize` (return `oversize_bytes`
 //!   of empty records, default 32 MiB), `garbage` (return bytes that are not records),
 //!   `bad-counts` (decode claims more records than it returns), `bad-reject` (reject an index past the
-//!   end of the batch).
+//!   end of the batch), `bad-record` (well-framed output records that are not `StreamData`: field
+//!   number 0).
 //! - `trap_on_trade_id`: transform panics when a batch holds a record with this trade id (a poison
 //!   record), and otherwise passes records through.
 //! - `init_error`: init fails with this text.
@@ -109,6 +110,9 @@ mod guest {
                 }
             }
             let n = Delimited::new(&batch).count() as u32;
+            if mode == "bad-record" {
+                return Transformed { records: [2u8, 0, 0].repeat(n as usize), rejects: vec![] };
+            }
             let rejects =
                 if mode == "bad-reject" { vec![Reject { index: n, reason: "past the end".into() }] } else { vec![] };
             Transformed { records: batch, rejects }
