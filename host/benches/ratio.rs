@@ -73,7 +73,27 @@ fn main() {
     );
     report("transform rescale, 1024-record batches", "records", r);
 
-    // The fixed cost of a transform call (copies, output validation; the guest only counts records),
+    // The transform stage as the process role runs it: the call, then every output record parsed
+    // (which is where its contents are checked), against the native run with the same parse.
+    let mut stage = sluice::transform::Transformer::new(code.instantiate(&cfg).expect("rescale starts"));
+    let mut parsed: Vec<plugin_sdk::Record> = Vec::with_capacity(BATCH);
+    let r = interleave(
+        BATCH,
+        || {
+            black_box(stage.transform(black_box(&batch)).expect("transform").parsed.len());
+        },
+        || {
+            native.transform(black_box(&batch));
+            parsed.clear();
+            for item in plugin_sdk::wire::Delimited::new(native.output().as_bytes()) {
+                parsed.push(plugin_sdk::StreamDataView::parse(item.expect("framed")).expect("valid").record());
+            }
+            black_box(parsed.len());
+        },
+    );
+    report("  with the output parsed (the process role's transform stage)", "records", r);
+
+    // The fixed cost of a transform call (copies, framing checks; the guest only counts records),
     // against the same native run: how much of the gap is the boundary rather than the guest's code.
     let chaos = rt.compile("chaos", &wasm("chaos"), Limits::default()).expect("chaos compiles");
     let mut pass = chaos.instantiate(&[]).expect("chaos starts");
