@@ -304,8 +304,21 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
             )?;
             summary.rejects += 1;
         }
-        for item in Delimited::new(&done.records) {
-            let r = item.and_then(StreamDataView::parse).context("output record")?;
+        // The runtime checked the framing; the records' contents are checked here, all of the call's
+        // before any is printed.
+        let views = Delimited::new(&done.records)
+            .enumerate()
+            .map(|(i, item)| {
+                item.and_then(StreamDataView::parse).map_err(|e| {
+                    anyhow::anyhow!(
+                        "transforming records {index}..{}: {}",
+                        index + n - 1,
+                        crate::plugin::PluginError::InvalidOutput(format!("output record {i}: {e}"))
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for r in views {
             let name = symbols.name(r.symbol_id);
             write_json(
                 out,

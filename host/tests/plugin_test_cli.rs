@@ -518,3 +518,19 @@ fn config_argument_without_equals_fails() {
     ]);
     failed_saying(&out, &["--config", "KEY=VALUE", "nope"]);
 }
+
+#[test]
+fn output_records_that_are_not_stream_data_fail_the_run() {
+    let line = r#"{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.5","q":"2","T":1,"m":false}"#;
+    let frames = TempFile::new("bad_record", "frames.jsonl", format!("{line}\n").as_bytes());
+    let out = plugin_test([
+        plugin("chaos").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--config".as_ref(),
+        "mode=bad-record".as_ref(),
+    ]);
+    failed_saying(&out, &["transforming records 0..0", "plugin returned invalid output: output record 0"]);
+}
