@@ -459,7 +459,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {} for the HTTP API ([api] bind)", config.api.bind))?;
     let api_addr = listener.local_addr()?;
-    let (api_stop, stopped) = tokio::sync::watch::channel(false);
+    let (api_stop, _) = tokio::sync::watch::channel(false);
     let directory = Arc::new(crate::api::SourceDirectory::default());
     let plugin_api = Arc::new(crate::api::PluginDirectory::default());
     let metrics = Arc::new(crate::telemetry::Metrics::new());
@@ -469,7 +469,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             .with_plugins(plugin_api.clone())
             .with_metrics(metrics.clone()),
     );
-    let mut api_stopped = stopped.clone();
+    let mut api_stopped = api_stop.subscribe();
     let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
         let _ = api_stopped.wait_for(|s| *s).await;
     }));
@@ -506,7 +506,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
     let producer_stats = producer.stats().clone();
     metrics.on_scrape(move |m| m.mirror_producer(&producer_stats));
-    tokio::spawn(watch_kafka(producer.clone(), health.clone(), stopped));
+    tokio::spawn(watch_kafka(producer.clone(), health.clone(), api_stop.subscribe()));
     let ingest = if role != Role::Process {
         let settings = IngestSettings {
             workers: config.ingest.workers,

@@ -307,7 +307,7 @@ impl SourceConfig {
     }
 }
 
-mod defaults {
+pub(crate) mod defaults {
     pub fn group() -> String {
         "sluice-process".into()
     }

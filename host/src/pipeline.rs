@@ -46,11 +46,13 @@ pub struct IngestSettings {
 
 impl Default for IngestSettings {
     fn default() -> Self {
+        // The `[ingest]` table's defaults (one worker per core).
+        use crate::config::defaults;
         IngestSettings {
-            workers: 2,
-            queue_frames: 8192,
-            max_frames_per_call: 256,
-            connect_interval: Duration::from_millis(20),
+            workers: defaults::workers(),
+            queue_frames: defaults::queue_frames(),
+            max_frames_per_call: defaults::max_frames_per_call(),
+            connect_interval: Duration::from_millis(defaults::connect_interval_ms()),
         }
     }
 }
