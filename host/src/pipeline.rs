@@ -440,6 +440,8 @@ pub struct ProcessStats {
     pub flushes: AtomicU64,
     /// Consumer group rebalances seen.
     pub rebalances: AtomicU64,
+    /// Records in the assigned partitions not read yet (from the consumer's statistics).
+    pub consumer_lag: std::sync::atomic::AtomicI64,
     /// Latency of recent batches: first row batched to the sink's commit finished.
     pub batch_latency: LatencyWindow,
 }
@@ -531,6 +533,7 @@ pub fn run_process(
             unflushed = false;
         }
         stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
+        stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
         for buf in by_source.values_mut() {
             buf.clear();
         }

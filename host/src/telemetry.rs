@@ -65,6 +65,7 @@ pub(crate) struct Mirrored {
     pub(crate) process_consumed: IntCounter,
     pub(crate) process_committed: IntCounter,
     pub(crate) process_rebalances: IntCounter,
+    pub(crate) process_lag: IntGauge,
 }
 
 /// Sets a mirrored counter to `value` (counters only move up; a smaller value is ignored).
@@ -305,6 +306,11 @@ impl Metrics {
             process_consumed: counter("sluice_process_records_consumed_total", "Records read from the events topic"),
             process_committed: counter("sluice_process_rows_committed_total", "Rows committed to the sink"),
             process_rebalances: counter("sluice_process_rebalances_total", "Consumer group rebalances seen"),
+            process_lag: IntGauge::new(
+                "sluice_process_consumer_lag_messages",
+                "Records in the events topic's assigned partitions not read yet",
+            )
+            .expect("valid"),
         };
         for m in [
             Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
@@ -331,6 +337,7 @@ impl Metrics {
             Box::new(mirrored.process_consumed.clone()),
             Box::new(mirrored.process_committed.clone()),
             Box::new(mirrored.process_rebalances.clone()),
+            Box::new(mirrored.process_lag.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -410,6 +417,7 @@ impl Metrics {
         mirror(&m.process_consumed, stats.consumed.load(Relaxed));
         mirror(&m.process_committed, stats.stored.load(Relaxed));
         mirror(&m.process_rebalances, stats.rebalances.load(Relaxed));
+        m.process_lag.set(stats.consumer_lag.load(Relaxed));
     }
 
     /// Runs `refresh` before every scrape, to copy counters kept elsewhere into the registry.

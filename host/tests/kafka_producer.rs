@@ -88,3 +88,41 @@ async fn compression_codecs_work_and_bad_options_are_refused_by_name() {
     let err = EventProducer::new(&config, &broker.bootstrap).err().expect("refused");
     assert!(err.to_string().contains("no.such.property"), "{err}");
 }
+
+/// The process role's consumer reports its lag from librdkafka's statistics: the records of its
+/// partitions it has not read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_reports_how_many_records_it_has_not_read() {
+    let broker = TestBroker::start("lag");
+    let mut config = KafkaConfig { events_topic: unique_topic("events"), partitions: 1, ..KafkaConfig::default() };
+    config.options.insert("statistics.interval.ms".into(), "100".into());
+    ensure_topics(&config, &broker.bootstrap, &[&config.events_topic], 1).await.unwrap();
+    let producer = EventProducer::new(&config, &broker.bootstrap).unwrap();
+    let mut records = Records::new();
+    for i in 1..=200u64 {
+        records.push(&Record { source_id: 1, symbol_id: 1, trade_id: i, ..Record::default() });
+    }
+    producer.send_records(records.as_bytes());
+    producer.flush(Duration::from_secs(20)).unwrap();
+
+    let consumer = sluice::kafka::consumer::EventConsumer::new(&config, &broker.bootstrap, "lag", None).unwrap();
+    consumer.assign(1, &[]).unwrap();
+    let mut polled = sluice::kafka::consumer::Polled::default();
+    let start = std::time::Instant::now();
+    while polled.positions.len() < 50 && start.elapsed() < Duration::from_secs(20) {
+        // `max` bounds the batch's total size: the batch grows to 50.
+        consumer.poll_into(&mut polled, 50, Duration::from_millis(100));
+    }
+    assert_eq!(polled.positions.len(), 50);
+    // librdkafka prefetches, but what it has handed the application is what counts: 150 left. The
+    // statistics made meanwhile are delivered from inside the next poll (which takes one record).
+    std::thread::sleep(Duration::from_millis(400));
+    consumer.poll_into(&mut polled, 51, Duration::from_secs(5));
+    assert!((149..=150).contains(&consumer.lag()), "lag {}", consumer.lag());
+    while polled.positions.len() < 200 && start.elapsed() < Duration::from_secs(20) {
+        consumer.poll_into(&mut polled, 200, Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    consumer.poll_into(&mut polled, 201, Duration::from_millis(200));
+    assert_eq!((polled.positions.len(), consumer.lag()), (200, 0));
+}

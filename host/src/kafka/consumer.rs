@@ -8,7 +8,7 @@
 //! new owner starts at the last committed transaction.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use plugin_sdk::wire::push_delimited;
@@ -47,11 +47,25 @@ pub struct PollOutcome {
     pub rebalanced: bool,
 }
 
-/// Notes rebalances, which librdkafka reports from inside `poll`.
+/// Notes rebalances, which librdkafka reports from inside `poll`, and the consumer's lag from its
+/// periodic statistics.
 #[derive(Default)]
-pub struct RebalanceFlag(Arc<AtomicBool>);
+pub struct RebalanceFlag(Arc<AtomicBool>, Arc<AtomicI64>);
 
-impl ClientContext for RebalanceFlag {}
+impl ClientContext for RebalanceFlag {
+    /// Every `statistics.interval.ms`: the records of the assigned partitions not yet read, summed
+    /// (last stable offset minus the next offset to hand to the application).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|(id, p)| **id >= 0 && p.app_offset >= 0 && p.ls_offset >= 0)
+            .map(|(_, p)| (p.ls_offset - p.app_offset).max(0))
+            .sum();
+        self.1.store(lag, Ordering::Relaxed);
+    }
+}
 
 impl ConsumerContext for RebalanceFlag {
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -71,6 +85,7 @@ impl ConsumerContext for RebalanceFlag {
 pub struct EventConsumer {
     inner: BaseConsumer<RebalanceFlag>,
     rebalanced: Arc<AtomicBool>,
+    lag: Arc<AtomicI64>,
     topic: String,
 }
 
@@ -102,10 +117,14 @@ impl EventConsumer {
         for (k, v) in &config.options {
             c.set(k, v);
         }
+        if !config.options.contains_key("statistics.interval.ms") {
+            // For the lag only; parsed every five seconds, off the record path.
+            c.set("statistics.interval.ms", "5000");
+        }
         let flag = RebalanceFlag::default();
-        let rebalanced = flag.0.clone();
+        let (rebalanced, lag) = (flag.0.clone(), flag.1.clone());
         let inner = c.create_with_context(flag).map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(EventConsumer { inner, rebalanced, topic: config.events_topic.clone() })
+        Ok(EventConsumer { inner, rebalanced, lag, topic: config.events_topic.clone() })
     }
 
     /// Joins the consumer group: partitions are split among the group's instances and each starts at
@@ -168,6 +187,12 @@ impl EventConsumer {
             wait = Duration::ZERO;
         }
         outcome
+    }
+
+    /// Records in the assigned partitions not read yet, as of the last statistics (every five
+    /// seconds; 0 before the first).
+    pub fn lag(&self) -> i64 {
+        self.lag.load(Ordering::Relaxed)
     }
 
     /// The topic read.
