@@ -1,7 +1,9 @@
 //! Runs plugin components: one wasmtime [`Engine`], components compiled once, an instance per worker.
 //!
 //! Every call is bounded: linear memory by a per-plugin cap, time by an epoch deadline, output by a
-//! size cap, and the output is checked to be valid records before the host trusts it. A trap, a
+//! size cap, and the output is checked to be valid records before the host trusts it (decode output
+//! here; transform output's framing here and its records where they are parsed, see
+//! [`Transformed`]). A trap, a
 //! timeout or a limit hit becomes a typed [`PluginError`]; the instance that failed is thrown away and
 //! the next call runs on a fresh one.
 
