@@ -278,14 +278,22 @@ async fn overlord() -> (String, Arc<Mutex<Vec<(String, serde_json::Value)>>>) {
     (url, posted)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
+/// What the posted specs were, as the loopback Overlord kept them: (query string, spec).
+type Posted = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A setup whose sink is Druid: a fresh Druid topic and a loopback Overlord.
+async fn druid_setup(name: &str) -> (Setup, String, Posted) {
     let druid_topic = unique_topic("druid");
     let (overlord_url, posted) = overlord().await;
     let sink = format!(
         "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
     );
-    let mut s = setup("kill-druid", &sink).await;
+    (setup(name, &sink).await, druid_topic, posted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
+    let (mut s, druid_topic, posted) = druid_setup("kill-druid").await;
     // The spec sluice generates for this config; the process role posts the same one (checked below).
     let (spec, message) = generated_spec(&s);
     let columns: Vec<String> = std::iter::once(spec["spec"]["dataSchema"]["timestampSpec"]["column"].clone())
@@ -423,12 +431,7 @@ impl CommittedCount {
 /// dead member's session, which the broker these tests run against does not do.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_process_instances_share_partitions_through_rebalances() {
-    let druid_topic = unique_topic("druid");
-    let (overlord_url, _posted) = overlord().await;
-    let sink = format!(
-        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
-    );
-    let mut s = setup("group-druid", &sink).await;
+    let (mut s, druid_topic, _posted) = druid_setup("group-druid").await;
     let second = s.dir.join("second.toml");
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&second, text.replacen("[process]\n", "[process]\ninstance = \"1\"\n", 1)).unwrap();
@@ -559,12 +562,7 @@ fn with_custom_section(wasm: &[u8], note: &str) -> Vec<u8> {
 /// into BENCHMARKS.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
-    let druid_topic = unique_topic("druid");
-    let (overlord_url, _posted) = overlord().await;
-    let sink = format!(
-        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
-    );
-    let mut s = setup("hot-swap", &sink).await;
+    let (mut s, druid_topic, _posted) = druid_setup("hot-swap").await;
     let (_, message) = generated_spec(&s);
     let (ingest_api, process_api) = (free_addr(), free_addr());
     let mut ingest = Role::start_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);

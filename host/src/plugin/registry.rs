@@ -425,6 +425,21 @@ impl Registry {
         self.limits.get(name).copied().unwrap_or_default()
     }
 
+    /// Writes the index with `name`'s changed state; if that fails, puts `before` back, so memory
+    /// never says what the disk does not.
+    fn persist_or_restore(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        name: &str,
+        before: PluginMeta,
+    ) -> Result<(), RegistryError> {
+        self.persist(entries).inspect_err(|_| {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.meta = before;
+            }
+        })
+    }
+
     fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), RegistryError> {
         let file = RegistryFile { plugins: entries.iter().map(|(n, e)| (n.clone(), e.meta.clone())).collect() };
         let json = serde_json::to_vec_pretty(&file).map_err(|e| RegistryError::Io(e.to_string()))?;
@@ -557,12 +572,7 @@ impl Registry {
                 entry.meta.shadow = Some(version.to_owned());
             }
         }
-        if let Err(e) = self.persist(&entries) {
-            if let Some(entry) = entries.get_mut(name) {
-                entry.meta = before;
-            }
-            return Err(e);
-        }
+        self.persist_or_restore(&mut entries, name, before)?;
         let entry = entries.get_mut(name).expect("present above");
         self.publish(entry, Some(code));
         Ok(self.view(name, entry))
@@ -628,12 +638,7 @@ impl Registry {
         if entry.meta.shadow.as_deref() == Some(previous.as_str()) {
             entry.meta.shadow = None;
         }
-        if let Err(e) = self.persist(&entries) {
-            if let Some(entry) = entries.get_mut(name) {
-                entry.meta = before;
-            }
-            return Err(e);
-        }
+        self.persist_or_restore(&mut entries, name, before)?;
         let entry = entries.get_mut(name).expect("present above");
         self.publish(entry, Some(code));
         Ok(self.view(name, entry))
@@ -662,12 +667,7 @@ impl Registry {
         let before = entry.meta.clone();
         entry.meta.versions.retain(|v| v.version != version);
         entry.meta.history.retain(|v| v != version);
-        if let Err(e) = self.persist(&entries) {
-            if let Some(entry) = entries.get_mut(name) {
-                entry.meta = before;
-            }
-            return Err(e);
-        }
+        self.persist_or_restore(&mut entries, name, before)?;
         if let Some(entry) = entries.get_mut(name) {
             entry.compiled.remove(version);
         }
