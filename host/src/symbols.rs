@@ -26,6 +26,9 @@ pub struct Symbols {
     inner: RwLock<Inner>,
     /// The topic behind the dictionary; `None` for an in-memory one.
     log: Option<Mutex<TopicLog>>,
+    /// How long naming a new symbol takes in tests that stand in for a slow dictionary.
+    #[cfg(test)]
+    pub(crate) slow: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Symbols {
@@ -73,7 +76,12 @@ pub const SYMBOLS_TOPIC: &str = "sluice.symbols";
 impl Symbols {
     /// An empty dictionary kept in memory only; ids are assigned in order of first use from 1.
     pub fn new() -> Self {
-        Symbols { inner: RwLock::new(Inner::default()), log: None }
+        Symbols {
+            inner: RwLock::new(Inner::default()),
+            log: None,
+            #[cfg(test)]
+            slow: None,
+        }
     }
 
     /// The dictionary kept in `topic` (one partition, created beforehand; see
@@ -96,7 +104,12 @@ impl Symbols {
         tpl.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| KafkaError::Config(e.to_string()))?;
         consumer.assign(&tpl).map_err(|e| KafkaError::Config(e.to_string()))?;
         let log = TopicLog { producer, consumer, topic: topic.to_owned(), next: 0, timeout };
-        let symbols = Symbols { inner: RwLock::new(Inner::default()), log: Some(Mutex::new(log)) };
+        let symbols = Symbols {
+            inner: RwLock::new(Inner::default()),
+            log: Some(Mutex::new(log)),
+            #[cfg(test)]
+            slow: None,
+        };
         symbols.catch_up()?;
         Ok(symbols)
     }
@@ -106,6 +119,10 @@ impl Symbols {
     pub fn intern(&self, name: &str) -> u32 {
         if let Some(&id) = self.read().ids.get(name) {
             return id;
+        }
+        #[cfg(test)]
+        if let Some(delay) = self.slow {
+            std::thread::sleep(delay);
         }
         let Some(log) = &self.log else {
             let mut inner = self.write();

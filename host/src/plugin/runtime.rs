@@ -178,6 +178,7 @@ impl Runtime {
             pre,
             limits,
             deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX),
+            epoch_tick: self.settings.epoch_tick,
             symbols: self.symbols.clone(),
             engine: self.engine.clone(),
             _ticker: self.ticker.handle.clone(),
@@ -204,6 +205,7 @@ pub struct PluginCode {
     pre: bindings::PluginPre<HostState>,
     limits: Limits,
     deadline_ticks: u64,
+    epoch_tick: Duration,
     symbols: Arc<Symbols>,
     engine: Engine,
     /// Keeps the epoch ticker running while any plugin is alive.
@@ -408,6 +410,20 @@ impl PluginInstance {
             let mut store = Store::new(&code.engine, HostState::new(code));
             store.limiter(|s| &mut s.limiter);
             store.set_epoch_deadline(code.deadline_ticks);
+            // At the deadline: time the host spent in the plugin's imports (naming a new symbol
+            // waits on Kafka) is given back, up to a cap; the plugin's own time is not.
+            let tick = code.epoch_tick.max(Duration::from_micros(1));
+            store.epoch_deadline_callback(move |mut ctx| {
+                let s = ctx.data_mut();
+                let owed = s.import_time.saturating_sub(s.extended);
+                let give = owed.min(MAX_IMPORT_EXTENSION.saturating_sub(s.extended));
+                let ticks = (give.as_nanos() / tick.as_nanos()) as u64;
+                if ticks == 0 {
+                    return Ok(wasmtime::UpdateDeadline::Interrupt);
+                }
+                s.extended += tick * ticks as u32;
+                Ok(wasmtime::UpdateDeadline::Continue(ticks))
+            });
             let plugin = code.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
             let mut live = Live { store, plugin };
             let config = self.config.clone();
@@ -519,9 +535,15 @@ struct HostState {
     log_budget: u32,
     /// The last error-level line the plugin logged in this call (the SDK logs panics this way).
     last_error: Option<String>,
+    /// Time this call spent in the host's imports, and how much of it the deadline was moved back.
+    import_time: Duration,
+    extended: Duration,
 }
 
 const LOG_LINES_PER_CALL: u32 = 32;
+
+/// The most a call's deadline is moved back for time the host spent in its imports.
+const MAX_IMPORT_EXTENSION: Duration = Duration::from_secs(5);
 
 impl HostState {
     fn new(code: &PluginCode) -> Self {
@@ -543,6 +565,8 @@ impl HostState {
             plugin: code.name.clone(),
             log_budget: LOG_LINES_PER_CALL,
             last_error: None,
+            import_time: Duration::ZERO,
+            extended: Duration::ZERO,
         }
     }
 
@@ -550,6 +574,8 @@ impl HostState {
         self.log_budget = LOG_LINES_PER_CALL;
         self.last_error = None;
         self.limiter.hit = false;
+        self.import_time = Duration::ZERO;
+        self.extended = Duration::ZERO;
     }
 }
 
@@ -581,7 +607,12 @@ impl host::Host for HostState {
     }
 
     fn intern_symbol(&mut self, name: String) -> u32 {
-        self.symbols.intern(&name)
+        // The guest caches ids, so this runs once per new symbol per instance; a new name may wait
+        // on the shared dictionary's topic, which must not count against the plugin's deadline.
+        let started = std::time::Instant::now();
+        let id = self.symbols.intern(&name);
+        self.import_time += started.elapsed();
+        id
     }
 }
 
@@ -694,6 +725,29 @@ pub fn version_of(wasm: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Naming a new symbol may wait on the shared dictionary's topic; that wait is the host's, and
+    /// does not make the plugin's call time out.
+    #[test]
+    fn time_in_the_host_imports_does_not_count_against_the_deadline() {
+        let mut symbols = Symbols::new();
+        symbols.slow = Some(Duration::from_millis(300));
+        let settings = RuntimeSettings { max_instances: 4, max_memory_bytes: 64 << 20, ..RuntimeSettings::default() };
+        let runtime = Runtime::new(settings, Arc::new(symbols)).unwrap();
+        let limits = Limits { deadline: Duration::from_millis(50), ..Limits::default() };
+        let code = runtime.compile("binance", crate::plugin::bundled::BINANCE, limits).unwrap();
+        let mut plugin = code.instantiate(&[]).unwrap();
+        let mut frames = Vec::new();
+        for (id, symbol) in [(1, "BTCUSDT"), (2, "ETHUSDT")] {
+            let frame = format!(r#"{{"e":"trade","E":1,"s":"{symbol}","t":{id},"p":"1.5","q":"2","T":1,"m":false}}"#);
+            plugin_sdk::wire::push_delimited(&mut frames, frame.as_bytes());
+        }
+        let started = std::time::Instant::now();
+        let out = plugin.decode(&frames).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(600), "both symbols were new");
+        assert_eq!(out.counts, [1, 1]);
+        assert_eq!(code.decode_metrics().timeouts.get(), 0);
+    }
 
     #[test]
     fn headers_are_told_apart() {
