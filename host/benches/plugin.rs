@@ -22,7 +22,7 @@ fn transform(c: &mut Criterion) {
     let code = rt.compile("rescale", &wasm("rescale"), Limits::default()).unwrap();
     let mut instance = code.instantiate(&config(&RESCALE_CONFIG)).unwrap();
     g.bench_function("wasm", |b| b.iter(|| black_box(instance.transform(black_box(&batch)).unwrap().count)));
-    // The fixed cost of a call: copy in, copy out, validation, no work in the guest.
+    // The fixed cost of a call: copy in, copy out, framing checks, no work in the guest.
     let chaos = rt.compile("chaos", &wasm("chaos"), Limits::default()).unwrap();
     let mut pass = chaos.instantiate(&[]).unwrap();
     g.bench_function("wasm_passthrough_floor", |b| {
