@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The plugin crates built to wasm, by package name.
-const PLUGINS: &[&str] = &["binance", "coinbase", "kraken", "outlier-filter", "rescale", "chaos", "double-price"];
+const PLUGINS: &[&str] =
+    &["binance", "coinbase", "kraken", "outlier-filter", "rescale", "chaos", "double-price", "other-world"];
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -401,6 +401,11 @@ impl PluginServer {
 
 const TOKEN: &str = "s3cret-token";
 
+/// A `wasi:cli/command` component (plugins/other-world), built by build.rs with the plugins.
+fn other_world() -> Vec<u8> {
+    std::fs::read(format!("{}/other_world.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap()
+}
+
 /// Every hostile upload gets its documented status and JSON error, stores nothing, and leaves the
 /// active version serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,6 +442,15 @@ async fn hostile_uploads_are_refused_and_the_active_version_keeps_serving() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_plugin",
             "sluice:plugin/plugin@0.1.0",
+        ),
+        // A real component of another world: a WASI command.
+        (
+            "binance",
+            Some(TOKEN),
+            other_world(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_plugin",
+            "not a sluice plugin",
         ),
         (
             "binance",
@@ -498,7 +512,7 @@ async fn hostile_uploads_are_refused_and_the_active_version_keeps_serving() {
         r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="401"} 2"#,
         r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="413"} 1"#,
         r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="400"} 1"#,
-        r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="422"} 6"#,
+        r#"sluice_http_requests_total{method="PUT",route="/v1/plugins/{name}",status="422"} 7"#,
         r#"sluice_http_requests_total{method="GET",route="/v1/plugins",status="200"} 1"#,
     ] {
         assert!(metrics.lines().any(|l| l == line), "missing {line} in:\n{metrics}");
