@@ -613,3 +613,31 @@ impl PluginServer {
         assert_eq!((compared.batches, compared.records_equal, compared.records_different), (1, 0, 1));
     }
 }
+
+/// A body sent without a declared length (chunked) is read up to the limit and then refused with the
+/// same JSON 413 as a declared one.
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_refused_with_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ApiConfig { max_body_bytes: 1024, token: Some(Secret(TOKEN.into())), ..ApiConfig::default() };
+    let server = Server::serve(ApiState::new(&config, None, Arc::new(Health::new()))).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let chunk = vec![b'x'; 2048];
+    let mut request = format!(
+        "PUT /v1/plugins/binance HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TOKEN}\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n",
+        chunk.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&chunk);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(error_code(&body), "payload_too_large");
+    server.stop().await;
+}

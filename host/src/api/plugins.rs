@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
@@ -72,6 +73,15 @@ fn same_secret(a: &str, b: &str) -> bool {
     x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
+/// The body, or the JSON error for one that could not be read: over the limit (a body sent without a
+/// declared length stops at the limit) or cut off.
+fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+        _ => ApiError::BadRequest(format!("cannot read the request body: {e}")),
+    })
+}
+
 /// Runs a registry call on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::plugin::registry::RegistryError> + Send + 'static,
@@ -87,8 +97,9 @@ async fn blocking<T: Send + 'static>(
 pub(super) async fn upload(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = read_body(body, state.max_body_bytes)?;
     let registry = state.plugins.get()?;
     if body.is_empty() {
         return Err(ApiError::InvalidPlugin("the body is empty: send the plugin's .wasm".into()));
@@ -137,8 +148,9 @@ pub(super) async fn activate(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     query: Result<Query<ActivateQuery>, axum::extract::rejection::QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+    let body = read_body(body, state.max_body_bytes)?;
     let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("mode must be active or shadow: {e}")))?;
     // Read as JSON whatever the content type says, so `curl -d '{"version": ...}'` works as is.
     let body: ActivateBody = serde_json::from_slice(&body)
