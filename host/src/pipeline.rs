@@ -516,6 +516,7 @@ pub fn run_process(
     let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     // Records read since the last flush (their offsets are not stored yet).
     let mut unflushed = false;
+    let mut dead: Vec<DeadLetter> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         polled.clear();
         let wait = batcher
@@ -544,14 +545,21 @@ pub fn run_process(
             plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
         }
         let mut added = 0;
+        // Dead letters of this poll, sent once every source's batch went through: a poll abandoned
+        // for an open breaker is read again, and its dead letters are sent then, not twice.
+        dead.clear();
         for (source, input) in &by_source {
             if input.is_empty() {
                 continue;
             }
             let Some(t) = transformers.get_mut(source) else {
                 for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
-                    dead_letter_record(dlq, *source, names, "", item, "no plugin bound to this source");
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    dead.push(DeadLetter {
+                        source: *source,
+                        plugin: String::new(),
+                        bytes: item.to_vec(),
+                        reason: "no plugin bound to this source".into(),
+                    });
                 }
                 continue;
             };
@@ -582,11 +590,10 @@ pub fn run_process(
             stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
             if !out.rejects.is_empty() {
                 let plugin = format!("{}@{}", t.plugin().name(), t.plugin().version());
-                for r in &out.rejects {
-                    dead_letter_record(dlq, *source, names, &plugin, &r.bytes, &r.reason);
+                for r in out.rejects {
+                    dead.push(DeadLetter { source: *source, plugin: plugin.clone(), bytes: r.bytes, reason: r.reason });
                 }
             }
-            stats.rejected.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
             // Parsed (and so checked) by the transformer; a batch whose output did not parse was
             // retried and bisected there like any failed call.
             for v in &out.parsed {
@@ -604,6 +611,10 @@ pub fn run_process(
                 });
                 added += 1;
             }
+        }
+        stats.rejected.fetch_add(dead.len() as u64, Ordering::Relaxed);
+        for d in dead.drain(..) {
+            dead_letter_record(dlq, d.source, names, &d.plugin, d.bytes, d.reason);
         }
         let now = tokio::time::Instant::now();
         let due = batcher.add(added, added * 48, now).or(batcher.is_due(now).then_some(FlushReason::Wait));
@@ -716,8 +727,17 @@ struct PendingRow {
     volume_e8: i64,
 }
 
-fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, plugin: &str, bytes: &[u8], reason: &str) {
+/// A record the transform stage refused, waiting for the end of its poll to be dead-lettered.
+struct DeadLetter {
+    source: u32,
+    /// `name@version` of the plugin that refused it (empty when no plugin is bound).
+    plugin: String,
+    bytes: Vec<u8>,
+    reason: String,
+}
+
+fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, plugin: &str, bytes: Vec<u8>, reason: String) {
     let name = names.sources.get(slot(source)).map(|s| &**s).unwrap_or("");
-    let reject = RejectedFrame { source, bytes: bytes::Bytes::copy_from_slice(bytes), reason: reason.to_owned() };
+    let reject = RejectedFrame { source, bytes: bytes::Bytes::from(bytes), reason };
     dlq.send_reject_at(&reject, name, plugin, "transform");
 }

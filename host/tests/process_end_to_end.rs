@@ -231,3 +231,98 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     assert!(stats.consumed.load(Ordering::Relaxed) > committed as u64, "the tripping batch was committed");
     let _ = std::fs::remove_file(&store_path);
 }
+
+/// Dead letters are sent once a poll's batches all went through, so a poll abandoned because another
+/// source's breaker opened sends none, and reading it again later does not send them twice.
+///
+/// Source 1's plugin refuses one poison record; source 2's plugin traps on everything (its breaker
+/// opens on its second failing batch). The poison record sits in the poll where source 2's breaker
+/// opens; the role is started again twice while source 2 still fails, then with source 2 fixed.
+#[test]
+fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("breaker-dlq");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    const POISON_1: u64 = 75;
+    // Two polls of 100: trades 1-50 of source 1 and 1001-1050 of source 2, then 51-100 and 1051-1100.
+    for chunk in 0..2u64 {
+        let mut records = Records::new();
+        for i in chunk * 50 + 1..=chunk * 50 + 50 {
+            records.push(&trade(i, &symbols));
+            records.push(&Record { source_id: 2, ..trade(1000 + i, &symbols) });
+        }
+        producer.send_records(records.as_bytes());
+        producer.flush(Duration::from_secs(20)).unwrap();
+    }
+    let store_path = std::env::temp_dir().join(format!("sluice-breaker-dlq-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    let runtime =
+        Runtime::new(RuntimeSettings { max_instances: 16, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
+    let config = |k: &str, v: &str| [(k.to_owned(), v.to_owned())];
+    let mut transformers = HashMap::from([
+        (1u32, Transformer::new(code.instantiate(&config("trap_on_trade_id", &POISON_1.to_string())).unwrap())),
+        (2u32, Transformer::new(code.instantiate(&config("mode", "trap")).unwrap())),
+    ]);
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("one"), Arc::from("two")], symbols: symbols.clone() };
+    let settings = ProcessSettings {
+        partitions: 1,
+        max_poll_records: 100,
+        // Every poll is committed as soon as it went through.
+        batch: BatchConfig { max_rows: 10, min_rows: 1, ..BatchConfig::default() },
+        breaker: BreakerConfig { failure_threshold: 2, cool_down_ms: 50, max_cool_down_ms: 50 },
+        ..ProcessSettings::default()
+    };
+    let stats = ProcessStats::default();
+    let mut breakers = Breakers::default();
+    let mut run = |transformers: &mut HashMap<u32, Transformer>, breakers: &mut Breakers| {
+        let consumer = EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap();
+        let stop = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let start = Instant::now();
+                while !done.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                stop.store(true, Ordering::Relaxed);
+            });
+            let result =
+                run_process(&consumer, transformers, breakers, &mut store, &names, &producer, &settings, &stats, &stop);
+            done.store(true, Ordering::Relaxed);
+            result
+        })
+    };
+    let dead_ids = || -> Vec<u64> {
+        producer.flush(Duration::from_secs(20)).unwrap();
+        let mut ids: Vec<u64> = read_topic(&broker.bootstrap, &kafka.dlq_topic, 1, 1_000, Duration::from_secs(3))
+            .iter()
+            .map(|m| StreamDataView::parse(&m.payload).unwrap().trade_id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    for _ in 0..3 {
+        let err = run(&mut transformers, &mut breakers).expect_err("source 2's breaker stops the role");
+        assert!(matches!(err.downcast_ref::<ProcessError>(), Some(ProcessError::BreakerOpen { .. })), "{err:#}");
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    // The first poll went through: source 2's records, each refused after bisection, dead-lettered
+    // once. The second poll never did, so the poison record is not dead-lettered yet.
+    assert_eq!(dead_ids(), (1001..=1050).collect::<Vec<_>>());
+
+    // Source 2 fixed: the second poll goes through, and the poison record is dead-lettered once.
+    transformers.insert(2, Transformer::new(code.instantiate(&[]).unwrap()));
+    let stop_after_the_poll = run(&mut transformers, &mut Breakers::default());
+    assert!(stop_after_the_poll.is_ok(), "{stop_after_the_poll:?}");
+    let mut want: Vec<u64> = (1001..=1050).collect();
+    want.insert(0, POISON_1);
+    assert_eq!(dead_ids(), want);
+    let _ = std::fs::remove_file(&store_path);
+}
