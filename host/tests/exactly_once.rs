@@ -165,14 +165,20 @@ async fn run_with_kill(s: &mut Setup, progress: impl Fn() -> u64) -> (Role, BTre
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let process = Role::start(&s.config, "process", &s.log);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    // Stop the venue first, so ingest reads every trade it sent, then stop ingest cleanly.
+    let sent = stop_feed(s, &mut ingest).await;
+    (process, sent)
+}
+
+/// Stops the venue first, so ingest reads every trade it sent, then stops ingest cleanly; returns the
+/// trades the simulator sent, per symbol.
+async fn stop_feed(s: &mut Setup, ingest: &mut Role) -> BTreeMap<&'static str, Vec<SentTrade>> {
     let sim = s.sim.take().unwrap();
     let handle = sim.handle();
     sim.shutdown().await;
     let sent = SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     ingest.interrupt();
-    (process, sent)
+    sent
 }
 
 fn want_rollup(sent: &BTreeMap<&'static str, Vec<SentTrade>>) -> BTreeMap<(String, String), (i64, i64)> {
@@ -462,13 +468,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut second_role = Role::start(&second, "process", &s.log);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let sim = s.sim.take().unwrap();
-    let handle = sim.handle();
-    sim.shutdown().await;
-    let sent: BTreeMap<&'static str, Vec<SentTrade>> =
-        SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    ingest.interrupt();
+    let sent = stop_feed(&mut s, &mut ingest).await;
     let total: usize = sent.values().map(Vec::len).sum();
     let start = Instant::now();
     while (counter.update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
@@ -662,14 +662,8 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
     };
     assert!(decoded_on(&rebuilt_version) > 0 && decoded_on(&v1) > 0, "{view}");
 
-    // Stop the venue, let ingest read everything and stop, then wait for the process role to deliver.
-    let sim = s.sim.take().unwrap();
-    let handle = sim.handle();
-    sim.shutdown().await;
-    let sent: BTreeMap<&'static str, Vec<SentTrade>> =
-        SYMBOLS.iter().map(|&sym| (sym, handle.sent_trades(Venue::Binance, sym))).collect();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    ingest.interrupt();
+    // Stop the venue and ingest, then wait for the process role to deliver.
+    let sent = stop_feed(&mut s, &mut ingest).await;
     let total: u64 = sent.values().map(|t| t.len() as u64).sum();
     let start = Instant::now();
     while counter.update() < total && start.elapsed() < Duration::from_secs(60) {}
