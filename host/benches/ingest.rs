@@ -5,6 +5,10 @@
 //! simulator, sluice's ingest, the embedded broker), so the machine's cores are shared among them:
 //! the numbers are a floor for ingest alone.
 
+#[path = "../tests/common/broker.rs"]
+mod broker;
+
+use broker::EmbeddedBroker;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use sluice::config::SourceConfig;
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
-use sluice::kafka::broker::EmbeddedBroker;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::pipeline::{Ingest, IngestSettings};
@@ -42,7 +45,8 @@ async fn throughput(rate_per_symbol: f64, sources: usize, symbols_per_source: us
     let broker = EmbeddedBroker::start("127.0.0.1:0", &dir, Duration::from_secs(3600)).expect("broker");
     let kafka = KafkaConfig::default();
     ensure_topics(&kafka, &broker.bootstrap(), &[&kafka.events_topic, &kafka.dlq_topic], 6).await.expect("topics");
-    let producer = Arc::new(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer"));
+    let producer =
+        Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate_per_symbol, ..FeedSimConfig::default() })
         .await
         .expect("simulator");
@@ -86,7 +90,8 @@ async fn idle_memory(connections: usize) {
     let dir = std::env::temp_dir().join(format!("sluice-bench-idle-{}", std::process::id()));
     let broker = EmbeddedBroker::start("127.0.0.1:0", &dir, Duration::from_secs(3600)).expect("broker");
     let kafka = KafkaConfig::default();
-    let producer = Arc::new(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer"));
+    let producer =
+        Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
     let rt = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new())).expect("runtime");
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).expect("plugin");
     let plugins =

@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench -p sluice --bench process`.
 
+#[path = "../tests/common/broker.rs"]
+mod broker;
 mod common;
 
 use std::collections::HashMap;
@@ -15,12 +17,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use broker::EmbeddedBroker;
 use common::wasm;
 use plugin_sdk::{Record, Records};
-use sluice::kafka::broker::EmbeddedBroker;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
+use sluice::log::{Reader, Writer};
 use sluice::pipeline::{Breakers, Names, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::Sink;
@@ -80,9 +83,11 @@ impl Bench {
         let code = self.runtime.compile("rescale", &wasm("rescale"), Limits::default()).expect("rescale");
         let config = [("scale".to_owned(), "1.0001".to_owned())];
         let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&config).expect("init")))]);
-        let consumer = EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
-            .expect("consumer");
-        let dlq = EventProducer::new(kafka, &self.bootstrap).expect("producer");
+        let consumer = Reader::Kafka(
+            EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
+                .expect("consumer"),
+        );
+        let dlq = Writer::Kafka(EventProducer::new(kafka, &self.bootstrap).expect("producer"));
         let names = Names { sources: vec![Arc::from("bench")], symbols: self.symbols.clone() };
         let settings = ProcessSettings { partitions: PARTITIONS, ..ProcessSettings::default() };
         let stats = ProcessStats::default();

@@ -15,10 +15,11 @@ use serde::Serialize;
 use crate::api::{ApiState, Health};
 use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
-use crate::kafka::broker::EmbeddedBroker;
 use crate::kafka::consumer::EventConsumer;
-use crate::kafka::producer::EventProducer;
+use crate::kafka::producer::{EventProducer, ProducerStats};
 use crate::kafka::{ensure_symbols_topic, ensure_topics};
+use crate::log::local::{LocalLog, POSITION_TOPIC};
+use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::pipeline::{
     Breakers, Ingest, IngestSettings, Names, ProcessError, ProcessSettings, ProcessStats, run_process,
 };
@@ -45,8 +46,8 @@ pub enum Command {
     /// Work with plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// The whole ingest path on embedded defaults: the feed simulator, the bundled plugins and an
-    /// embedded Kafka-protocol broker, with counts printed every second.
+    /// The whole pipeline on embedded defaults until Ctrl-C: the feed simulator, the bundled plugins,
+    /// the local log and the embedded store, with counts printed every second.
     Demo(DemoArgs),
     /// Serve simulated venue feeds on loopback until Ctrl-C.
     Feedsim(FeedsimArgs),
@@ -80,13 +81,13 @@ pub struct CheckConfigArgs {
 /// Arguments of `sluice demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// How long to run; Ctrl-C stops earlier.
-    #[arg(long, default_value_t = 20)]
-    pub seconds: u64,
+    /// Stop after this many seconds; without it the demo runs until Ctrl-C.
+    #[arg(long)]
+    pub seconds: Option<u64>,
     /// Simulated trades per second per symbol.
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
-    /// Where the embedded broker keeps its snapshot.
+    /// Where the local log, the store and the plugins are kept.
     #[arg(long, default_value = "./sluice-data")]
     pub data_dir: PathBuf,
     /// Where the HTTP API listens.
@@ -363,15 +364,30 @@ pub enum Role {
     Process,
 }
 
+/// The hand-off between the roles: a Kafka cluster, or the local log in the data directory.
+#[derive(Clone)]
+enum Handoff {
+    /// Bootstrap servers.
+    Kafka(String),
+    /// The local log, open.
+    Local(LocalLog),
+}
+
+impl std::fmt::Display for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::Kafka(brokers) => write!(f, "Kafka at {brokers}"),
+            Handoff::Local(log) => write!(f, "the local log {}", log.path().display()),
+        }
+    }
+}
+
 /// The roles, running.
 struct Running {
     ingest: Option<Ingest>,
-    producer: Arc<EventProducer>,
+    producer: Arc<Writer>,
     process: Option<ProcessRole>,
-    /// The embedded broker when no brokers are configured (kept alive, snapshotted on drop).
-    broker: Option<EmbeddedBroker>,
-    topic: String,
-    brokers: String,
+    handoff: Handoff,
     /// Where the HTTP API listens.
     api_addr: std::net::SocketAddr,
     /// Stops the API server and the health checks.
@@ -447,7 +463,7 @@ async fn open_plugins(
 async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     // The API comes up first, so an operator can watch readiness while the rest starts.
     let health = Arc::new(Health::new());
-    health.expect("kafka");
+    health.expect(if config.kafka.brokers.trim().is_empty() { "log" } else { "kafka" });
     health.expect("plugins");
     if role != Role::Ingest {
         health.expect("sink");
@@ -463,50 +479,59 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     let directory = Arc::new(crate::api::SourceDirectory::default());
     let plugin_api = Arc::new(crate::api::PluginDirectory::default());
     let metrics = Arc::new(crate::telemetry::Metrics::new());
-    let router = crate::api::router(
-        ApiState::new(&config.api, store_path.clone(), health.clone())
-            .with_sources(directory.clone())
-            .with_plugins(plugin_api.clone())
-            .with_metrics(metrics.clone()),
-    );
+    let api_state = ApiState::new(&config.api, store_path.clone(), health.clone())
+        .with_sources(directory.clone())
+        .with_plugins(plugin_api.clone())
+        .with_metrics(metrics.clone());
+    let router = crate::api::router(api_state.clone());
     let mut api_stopped = api_stop.subscribe();
     let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
         let _ = api_stopped.wait_for(|s| *s).await;
     }));
     tracing::info!(addr = %api_addr, "HTTP API listening");
 
-    let (brokers, broker) = if config.kafka.brokers.trim().is_empty() {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let kafka = &config.kafka;
+    let (handoff, symbols, producer) = if kafka.brokers.trim().is_empty() {
         if role != Role::All {
             bail!("running one role on its own needs [kafka] brokers, which the other role shares");
         }
-        let broker = EmbeddedBroker::start("127.0.0.1:0", &config.data_dir.join("broker"), Duration::from_secs(5))?;
-        (broker.bootstrap(), Some(broker))
+        let (handoff, symbols, producer) = open_local_log(config, store_path.as_deref()).await?;
+        health.set("log", true, format!("local log at {}", config.data_dir.join("log.sqlite").display()));
+        (handoff, symbols, producer)
     } else {
-        (config.kafka.brokers.clone(), None)
+        let brokers = kafka.brokers.clone();
+        ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
+        ensure_symbols_topic(kafka, &brokers).await?;
+        if let Some(druid) = &config.sink.druid {
+            ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
+        }
+        let (k, b) = (kafka.clone(), brokers.clone());
+        let symbols = Arc::new(
+            tokio::task::spawn_blocking(move || Symbols::shared(&k, &b, &k.symbols_topic, Duration::from_secs(30)))
+                .await?
+                .context("symbol dictionary")?,
+        );
+        let producer = Arc::new(Writer::Kafka(EventProducer::new(kafka, &brokers)?));
+        tokio::spawn(watch_kafka(producer.clone(), health.clone(), api_stop.subscribe()));
+        (Handoff::Kafka(brokers), symbols, producer)
     };
-    let kafka = &config.kafka;
-    ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
-    ensure_symbols_topic(kafka, &brokers).await?;
-    if let Some(druid) = &config.sink.druid {
-        ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
-    }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-    let (k, b) = (kafka.clone(), brokers.clone());
-    let symbols = Arc::new(
-        tokio::task::spawn_blocking(move || Symbols::shared(&k, &b, &k.symbols_topic, Duration::from_secs(30)))
-            .await?
-            .context("symbol dictionary")?,
-    );
+    api_state.set_log(log_probe(config, &handoff, store_path.clone())?);
     let (registry, plugins) = open_plugins(config, symbols.clone(), metrics.clone()).await?;
     plugin_api.set(registry);
     let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
     names.sort_unstable();
     health.set("plugins", true, format!("loaded: {}", names.join(", ")));
-    let producer = Arc::new(EventProducer::new(kafka, &brokers)?);
     let producer_stats = producer.stats().clone();
     metrics.on_scrape(move |m| m.mirror_producer(&producer_stats));
-    tokio::spawn(watch_kafka(producer.clone(), health.clone(), api_stop.subscribe()));
+    if let Handoff::Local(log) = &handoff {
+        let log = log.clone();
+        metrics.on_scrape(move |m| {
+            let s = log.status();
+            m.mirror_log(s.start, s.end, s.committed, log.bytes(), log.dropped());
+        });
+    }
     let ingest = if role != Role::Process {
         let settings = IngestSettings {
             workers: config.ingest.workers,
@@ -540,9 +565,9 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     } else {
         None
     };
-    if let (Some(druid), true) = (&config.sink.druid, role != Role::Ingest) {
+    if let (Some(druid), true, Handoff::Kafka(brokers)) = (&config.sink.druid, role != Role::Ingest, &handoff) {
         // A spec that does not pass the offline checks stops the start; it is never posted.
-        crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, &brokers)
+        crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, brokers)
             .context("[sink.druid] does not make a valid supervisor spec")?;
         health.expect("druid");
         tokio::spawn(keep_druid_supervisor(
@@ -555,7 +580,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }
     let process = if role != Role::Ingest {
         let process =
-            start_process(config, &brokers, &plugins, symbols, producer.clone(), health, metrics.clone(), store_path)
+            start_process(config, &handoff, &plugins, symbols, producer.clone(), health, metrics.clone(), store_path)
                 .await?;
         let stats = process.stats.clone();
         metrics.on_scrape(move |m| m.mirror_process(&stats));
@@ -563,17 +588,72 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     } else {
         None
     };
-    Ok(Running {
-        ingest,
-        producer,
-        process,
-        broker,
-        topic: kafka.events_topic.clone(),
-        brokers,
-        api_addr,
-        api_stop,
-        api_task,
+    Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task })
+}
+
+/// Opens the local log in the data directory, checks the store's position against it (a store
+/// ahead of its log stops the start), and opens the symbol dictionary and the appender on it.
+async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result<(Handoff, Arc<Symbols>, Arc<Writer>)> {
+    let (path, log_config, store) = (config.data_dir.join("log.sqlite"), config.log.clone(), store.map(Path::to_owned));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let log = LocalLog::open(&path, &log_config)?;
+        if let Some(store) = store {
+            let offsets = EmbeddedStore::open(&store, Duration::from_secs(60))?.offsets(POSITION_TOPIC)?;
+            log.check_position(offsets.iter().find(|o| o.1 == 0).map(|o| o.2))?;
+        }
+        let symbols = Arc::new(Symbols::local(log.path()).context("symbol dictionary")?);
+        let writer = Arc::new(Writer::Local(log.writer(Arc::new(ProducerStats::default()))?));
+        Ok((Handoff::Local(log), symbols, writer))
     })
+    .await?
+}
+
+/// What `GET /v1/log` reads: the local log's own positions, or each partition's watermarks and the
+/// sink's committed offsets (the store's, or the consumer group's for Druid) on Kafka.
+fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyhow::Result<crate::api::LogProbe> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = match handoff {
+        Handoff::Local(log) => {
+            let log = log.clone();
+            return Ok(Arc::new(move || Ok(LogStatus { mode: "local", partitions: vec![log.status()] })));
+        }
+        Handoff::Kafka(brokers) => brokers,
+    };
+    let mut c = config.kafka.client_config(brokers);
+    c.set("group.id", &config.process.group).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = c.create().context("a Kafka client for /v1/log")?;
+    let topic = config.kafka.events_topic.clone();
+    Ok(Arc::new(move || {
+        let timeout = Duration::from_secs(5);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout).map_err(|e| e.to_string())?;
+        let count = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        let committed: HashMap<i32, i64> = match &store {
+            Some(path) if path.exists() => crate::sink::embedded::stored_offsets(path, &topic)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(_, p, o)| (p, o))
+                .collect(),
+            Some(_) => HashMap::new(),
+            None => {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in 0..count {
+                    tpl.add_partition(&topic, p);
+                }
+                let got = consumer.committed_offsets(tpl, timeout).map_err(|e| e.to_string())?;
+                got.elements()
+                    .iter()
+                    .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+                    .collect()
+            }
+        };
+        let mut partitions = Vec::new();
+        for p in 0..count {
+            let (start, end) = consumer.fetch_watermarks(&topic, p, timeout).map_err(|e| e.to_string())?;
+            let committed = committed.get(&p).copied().unwrap_or(start);
+            partitions.push(PartitionStatus { partition: p, start, end, committed, lag: (end - committed).max(0) });
+        }
+        Ok(LogStatus { mode: "kafka", partitions })
+    }))
 }
 
 /// Applies the Druid supervisor spec through the Overlord (again after failures) and then polls the
@@ -633,10 +713,14 @@ async fn keep_druid_supervisor(
 }
 
 /// Checks every few seconds that the Kafka cluster answers, for `/health/ready`.
-async fn watch_kafka(producer: Arc<EventProducer>, health: Arc<Health>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn watch_kafka(producer: Arc<Writer>, health: Arc<Health>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         let p = producer.clone();
-        match tokio::task::spawn_blocking(move || p.reachable(Duration::from_secs(5))).await {
+        let reachable = move || match &*p {
+            Writer::Kafka(p) => p.reachable(Duration::from_secs(5)),
+            Writer::Local(_) => Ok(0),
+        };
+        match tokio::task::spawn_blocking(reachable).await {
             Ok(Ok(brokers)) => health.set("kafka", true, format!("{brokers} broker(s) answering")),
             Ok(Err(e)) => health.set("kafka", false, e),
             Err(e) => health.set("kafka", false, e.to_string()),
@@ -654,10 +738,10 @@ async fn watch_kafka(producer: Arc<EventProducer>, health: Arc<Health>, mut stop
 #[allow(clippy::too_many_arguments)]
 async fn start_process(
     config: &Config,
-    brokers: &str,
+    handoff: &Handoff,
     plugins: &HashMap<String, Arc<Slot>>,
     symbols: Arc<Symbols>,
-    dlq: Arc<EventProducer>,
+    dlq: Arc<Writer>,
     health: Arc<Health>,
     metrics: Arc<crate::telemetry::Metrics>,
     store_path: Option<PathBuf>,
@@ -687,25 +771,34 @@ async fn start_process(
         metrics: Some(metrics),
         ..ProcessSettings::default()
     };
-    let (config, brokers, path) = (config.clone(), brokers.to_owned(), store_path.clone());
+    let (config, handoff, path) = (config.clone(), handoff.clone(), store_path.clone());
     let (stop_flag, counters) = (stop.clone(), stats.clone());
     let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
         let mut pause = Duration::from_millis(200);
         let mut breakers = Breakers::default();
         loop {
             let result = (|| -> anyhow::Result<()> {
-                let consumer =
-                    EventConsumer::new(&config.kafka, &brokers, &config.process.group, Some(&config.process.instance))?;
-                let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path) {
-                    (Some(druid), _) => Box::new(DruidSink::new(
+                let consumer = match &handoff {
+                    Handoff::Kafka(brokers) => Reader::Kafka(EventConsumer::new(
                         &config.kafka,
-                        &brokers,
+                        brokers,
+                        &config.process.group,
+                        Some(&config.process.instance),
+                    )?),
+                    Handoff::Local(log) => Reader::Local(log.reader()?, log.clone()),
+                };
+                let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path, &handoff) {
+                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(DruidSink::new(
+                        &config.kafka,
+                        brokers,
                         druid,
                         &transactional_id(&config.process.group, &config.process.instance),
                         Duration::from_secs(30),
                     )?),
-                    (None, Some(path)) => Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?),
-                    (None, None) => bail!("no sink"),
+                    (None, Some(path), _) => Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?),
+                    _ => {
+                        bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")
+                    }
                 };
                 tracing::info!(sink = sink.name(), group = %config.process.group, "process role started");
                 run_process(
@@ -759,12 +852,14 @@ async fn start_process(
 }
 
 impl Running {
-    /// Frames read, records decoded, records delivered, frames refused, ids missing, sources up.
-    fn counts(&self) -> [u64; 6] {
-        let Some(ingest) = &self.ingest else { return [0; 6] };
+    /// Frames read, frames dropped (queue full), records decoded, records delivered, frames refused,
+    /// ids missing, sources up.
+    fn counts(&self) -> [u64; 7] {
+        let Some(ingest) = &self.ingest else { return [0; 7] };
         let sum = |f: &dyn Fn(&crate::pipeline::SourceHandle) -> u64| ingest.sources().iter().map(f).sum::<u64>();
         [
             sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
+            sum(&|h| h.stats.dropped.load(Ordering::Relaxed)),
             sum(&|h| h.decode.records.load(Ordering::Relaxed)),
             self.producer.stats().delivered.load(Ordering::Relaxed),
             sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
@@ -784,8 +879,17 @@ impl Running {
         }
         self.producer.flush(Duration::from_secs(30))?;
         if let Some(process) = self.process {
-            // Give the process role a moment to deliver what was just produced, then stop it.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Give the process role a moment to deliver what was just handed over, then stop it: on
+            // the local log until it has committed the log's end (at most 10 s), on Kafka 500 ms.
+            match &self.handoff {
+                Handoff::Local(log) => {
+                    let until = std::time::Instant::now() + Duration::from_secs(10);
+                    while log.status().lag > 0 && std::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Handoff::Kafka(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
             process.stop.store(true, Ordering::Relaxed);
             let thread = process.thread;
             tokio::task::spawn_blocking(move || thread.join())
@@ -796,7 +900,7 @@ impl Running {
         if let Err(e) = self.api_task.await? {
             tracing::warn!(error = %e, "the HTTP API stopped with an error");
         }
-        drop(self.broker);
+        self.producer.close();
         Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
     }
 }
@@ -811,8 +915,7 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     tracing::info!(
         ?role,
         sources = config.sources.len(),
-        brokers = %running.brokers,
-        topic = %running.topic,
+        handoff = %running.handoff,
         api = %running.api_addr,
         "running"
     );
@@ -821,9 +924,9 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let [frames, records, delivered, rejects, gaps, up] = running.counts();
+                let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
                 let stored = running.stored();
-                tracing::info!(frames, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
+                tracing::info!(frames, dropped, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
             }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -880,8 +983,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let running = start(&config, Role::All).await?;
     println!(
-        "sluice demo: 3 simulated venues -> wasm decoders -> {} on the embedded broker at {}",
-        running.topic, running.brokers
+        "sluice demo: 3 simulated venues -> wasm decoders -> {} -> transforms -> the embedded store",
+        running.handoff
     );
     println!(
         "HTTP API at http://{0}: the page at /, /health/ready, /v1/plugins, \
@@ -894,33 +997,41 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             token.0, running.api_addr
         );
     }
+    match args.seconds {
+        Some(n) => println!("running for {n} s (Ctrl-C stops earlier)"),
+        None => println!("running until Ctrl-C"),
+    }
     println!(
-        "{:>4}  {:>8} {:>9} {:>9} {:>9} {:>7} {:>6}",
-        "s", "frames", "records", "delivered", "rejects", "gaps", "up"
+        "{:>5}  {:>9} {:>7} {:>9} {:>9} {:>7} {:>7} {:>5} {:>9}",
+        "s", "frames", "dropped", "records", "delivered", "rejects", "gaps", "up", "stored"
     );
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
-    for second in 1..=args.seconds {
+    let mut second = 0u64;
+    while args.seconds.is_none_or(|n| second < n) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut ctrl_c => break,
         }
-        let [frames, records, delivered, rejects, gaps, up] = running.counts();
+        second += 1;
+        let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
         let stored = running.stored();
-        println!("{second:>4}  {frames:>8} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>4}/3 {stored:>9}");
+        println!(
+            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>3}/3 {stored:>9}"
+        );
     }
-    let topic = running.topic.clone();
     let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
+    let handoff = running.handoff.to_string();
     let delivered = running.stop().await?;
     sim.shutdown().await;
-    println!(
-        "stopped: {delivered} records delivered to {topic} (the broker's snapshot is in {})",
-        config.data_dir.join("broker").display()
-    );
+    println!("stopped: {delivered} records delivered to {handoff}");
     if delivered == 0 {
-        bail!("no records were delivered");
+        if args.rate > 0.0 {
+            bail!("no records were delivered");
+        }
+        return Ok(());
     }
     let sql = "SELECT strftime('%H:%M', bucket_ms / 1000, 'unixepoch') AS minute, source, symbol, side, events, \
                round(qty_sum, 4) AS qty, price_min, price_max, price_last \

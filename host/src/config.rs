@@ -11,12 +11,15 @@ use crate::kafka::KafkaConfig;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where sluice keeps its state (the embedded broker's snapshot, stored plugins).
+    /// Where sluice keeps its state (the local log, the embedded store, stored plugins).
     #[serde(default = "defaults::data_dir")]
     pub data_dir: std::path::PathBuf,
     /// The Kafka cluster and topics.
     #[serde(default)]
     pub kafka: KafkaConfig,
+    /// The local log between the roles, used when no Kafka brokers are configured.
+    #[serde(default)]
+    pub log: crate::log::LogConfig,
     /// The ingest role's tuning.
     #[serde(default)]
     pub ingest: IngestConfig,
@@ -42,6 +45,7 @@ impl Default for Config {
         Config {
             data_dir: defaults::data_dir(),
             kafka: KafkaConfig::default(),
+            log: crate::log::LogConfig::default(),
             ingest: IngestConfig::default(),
             api: crate::api::ApiConfig::default(),
             process: ProcessConfig::default(),
@@ -176,6 +180,10 @@ impl Config {
             return Err("kafka.partitions must be positive".into());
         }
         self.api.validate()?;
+        self.log.validate()?;
+        if self.sink.druid.is_some() && self.kafka.brokers.trim().is_empty() {
+            return Err("sink.druid needs [kafka] brokers: Druid reads its rows from a Kafka topic".into());
+        }
         if let Some(druid) = &self.sink.druid {
             crate::sink::druid::validate(druid, crate::proto::DESCRIPTOR_SET, &self.kafka.brokers)
                 .map_err(|e| format!("sink.druid: {e}"))?;

@@ -4,7 +4,8 @@
 //! The modules follow the data flow:
 //! - [`source`]: WebSocket feeds, one task each: keep-alive, reconnects, rotation.
 //! - [`decode`]: frames through the source's plugin; duplicates dropped and gaps counted by trade id.
-//! - [`kafka`]: the producer, topics and the embedded broker.
+//! - [`kafka`]: the producer, consumer and topics of the Kafka hand-off.
+//! - [`log`]: the hand-off between the roles: Kafka, or the local log on one machine.
 //! - [`proto`]: the `StreamData` record and the Druid sink row, generated from `proto/` by prost.
 //! - [`symbols`]: symbol names to the ids records carry.
 //! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod decode;
 pub mod feedsim;
 pub mod kafka;
+pub mod log;
 pub mod pipeline;
 pub mod plugin;
 pub mod proto;

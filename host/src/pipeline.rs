@@ -3,8 +3,8 @@
 //! Ingest: each source task reads its feed and `try_send`s frames into the bounded queue of the decode
 //! worker that owns the source (`source id % workers`, so one worker sees all of a source's frames
 //! and its trade-id state). A worker drains what is queued (up to `max_frames_per_call`), decodes it
-//! with one plugin call per plugin binding, and hands the records to the Kafka producer; refused frames
-//! go to the dead-letter topic.
+//! with one plugin call per plugin binding, and hands the records to the hand-off writer (Kafka, or the local log); refused
+//! frames are dead-lettered.
 //!
 //! Process: [`run_process`] reads the events topic from the offsets the store holds, transforms each
 //! source's records with its plugin, batches the rows adaptively and writes them to the embedded store
@@ -23,8 +23,8 @@ use crate::batch::{BatchConfig, Batcher, FlushReason};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::config::SourceConfig;
 use crate::decode::{Decoder, RejectedFrame};
-use crate::kafka::consumer::{EventConsumer, Polled};
-use crate::kafka::producer::EventProducer;
+use crate::kafka::consumer::Polled;
+use crate::log::{Reader, Stage, Writer};
 use crate::plugin::PluginError;
 use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::sink::{Row, Sink};
@@ -136,7 +136,7 @@ impl Ingest {
     pub fn start(
         sources: Vec<SourceConfig>,
         plugins: &HashMap<String, Arc<Slot>>,
-        producer: Arc<EventProducer>,
+        producer: Arc<Writer>,
         settings: IngestSettings,
     ) -> Result<Self, IngestError> {
         let workers = settings.workers.max(1);
@@ -251,7 +251,7 @@ struct WorkerContext {
     /// (source name, plugin name) of source `id - 1`.
     names: Vec<(String, String)>,
     decode_stats: Vec<Arc<DecodeStats>>,
-    producer: Arc<EventProducer>,
+    producer: Arc<Writer>,
     max_frames: usize,
 }
 
@@ -343,7 +343,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
 fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
     let (source, plugin) =
         ctx.names.get(slot(reject.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
-    ctx.producer.send_reject(reject, source, plugin);
+    ctx.producer.send_reject(reject, source, plugin, Stage::Decode);
 }
 
 /// Index of source `id` in the per-source tables (ids start at 1; 0 maps past the end).
@@ -360,7 +360,7 @@ pub struct ProcessSettings {
     pub max_poll_records: usize,
     /// The batcher in front of the store.
     pub batch: BatchConfig,
-    /// When a plugin's batches keep failing, stop calling it for a while (records wait in Kafka).
+    /// When a plugin's batches keep failing, stop calling it for a while (records wait in the log).
     pub breaker: BreakerConfig,
     /// Where the role reports the sink's and the breakers' state for `/health/ready`.
     pub health: Option<Arc<Health>>,
@@ -428,7 +428,7 @@ impl Breakers {
 /// Counters of the process role.
 #[derive(Debug, Default)]
 pub struct ProcessStats {
-    /// Records read from Kafka.
+    /// Records read from the hand-off (Kafka or the local log).
     pub consumed: AtomicU64,
     /// Rows written to the store.
     pub stored: AtomicU64,
@@ -493,18 +493,22 @@ pub struct Names {
 /// new consumer to resume.
 #[allow(clippy::too_many_arguments)]
 pub fn run_process(
-    consumer: &EventConsumer,
+    consumer: &Reader,
     transformers: &mut HashMap<u32, Transformer>,
     breakers: &mut Breakers,
     sink: &mut dyn Sink,
     names: &Names,
-    dlq: &EventProducer,
+    dlq: &Writer,
     settings: &ProcessSettings,
     stats: &ProcessStats,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), anyhow::Error> {
     let topic = consumer.topic().to_owned();
     sink.attach(consumer, settings.partitions)?;
+    // Attached at its committed position: a sink with nothing to do yet is ready.
+    if let Some(health) = &settings.health {
+        health.set("sink", true, format!("{} sink attached", sink.name()));
+    }
     // Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
     let mut symbol_names: HashMap<u32, Arc<str>> = HashMap::new();
     let mut batcher = Batcher::new(settings.batch);
@@ -524,7 +528,7 @@ pub fn run_process(
             .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
             .unwrap_or(Duration::from_millis(100))
             .min(Duration::from_millis(100));
-        let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait);
+        let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait)?;
         if outcome.rebalanced {
             // Rows of the old assignment are not committed; their partitions' owners read them again.
             stats.rebalances.fetch_add(1, Ordering::Relaxed);
@@ -576,7 +580,7 @@ pub fn run_process(
                 Ok(out) => {
                     breaker.record_failure(now);
                     if !breaker.allow(now) {
-                        // Nothing of this poll is committed: its records wait in Kafka.
+                        // Nothing of this poll is committed: its records wait in the log.
                         stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
                         return Err(breaker_open(*source, names, settings));
                     }
@@ -650,7 +654,7 @@ fn breaker_open(source: u32, names: &Names, settings: &ProcessSettings) -> anyho
 #[allow(clippy::too_many_arguments)]
 fn flush(
     sink: &mut dyn Sink,
-    consumer: &EventConsumer,
+    consumer: &Reader,
     batcher: &mut Batcher,
     pending: &mut Vec<PendingRow>,
     next_offsets: &BTreeMap<i32, i64>,
@@ -674,6 +678,7 @@ fn flush(
     let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
     let started = std::time::Instant::now();
     sink.commit(&rows, &offsets, consumer)?;
+    consumer.committed(&offsets);
     let commit_time = started.elapsed();
     batcher.flushed(commit_time);
     if let Some(taken) = taken {
@@ -736,8 +741,8 @@ struct DeadLetter {
     reason: String,
 }
 
-fn dead_letter_record(dlq: &EventProducer, source: u32, names: &Names, plugin: &str, bytes: Vec<u8>, reason: String) {
+fn dead_letter_record(dlq: &Writer, source: u32, names: &Names, plugin: &str, bytes: Vec<u8>, reason: String) {
     let name = names.sources.get(slot(source)).map(|s| &**s).unwrap_or("");
     let reject = RejectedFrame { source, bytes: bytes::Bytes::from(bytes), reason };
-    dlq.send_reject_at(&reject, name, plugin, "transform");
+    dlq.send_reject(&reject, name, plugin, Stage::Transform);
 }

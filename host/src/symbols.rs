@@ -6,6 +6,10 @@
 //! name identically, whoever wrote it first and however many instances raced to write it. 0 means
 //! "no symbol" on the wire.
 //!
+//! With the local log (no Kafka brokers), the dictionary is the `symbols` table of the log's SQLite
+//! file instead: a symbol's id is its row id, given once and never changed, and a restart reads every
+//! name back with the id it had ([`Symbols::local`]).
+//!
 //! Plugins reach the dictionary through the `intern-symbol` host import and cache ids themselves, so
 //! lookups here are rare after warm-up; a miss costs a produce and a read of the topic's tail.
 //! [`Symbols::new`] is an in-memory dictionary for tests and one-off tools (`sluice plugin test`).
@@ -24,8 +28,8 @@ use crate::kafka::{KafkaConfig, KafkaError};
 /// A shared, thread-safe symbol dictionary.
 pub struct Symbols {
     inner: RwLock<Inner>,
-    /// The topic behind the dictionary; `None` for an in-memory one.
-    log: Option<Mutex<TopicLog>>,
+    /// What keeps the dictionary beyond this process.
+    backing: Backing,
     /// How long naming a new symbol takes in tests that stand in for a slow dictionary.
     #[cfg(test)]
     pub(crate) slow: Option<std::time::Duration>,
@@ -33,7 +37,10 @@ pub struct Symbols {
 
 impl std::fmt::Debug for Symbols {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Symbols").field("len", &self.len()).field("shared", &self.log.is_some()).finish()
+        f.debug_struct("Symbols")
+            .field("len", &self.len())
+            .field("kept", &!matches!(self.backing, Backing::Memory))
+            .finish()
     }
 }
 
@@ -60,6 +67,16 @@ impl Inner {
     }
 }
 
+/// Where names are kept.
+enum Backing {
+    /// Nowhere: this process only.
+    Memory,
+    /// The dictionary topic.
+    Topic(Mutex<TopicLog>),
+    /// The local log's `symbols` table.
+    Local(Mutex<rusqlite::Connection>),
+}
+
 /// The dictionary topic: a producer to add names and a consumer that reads the log in order.
 struct TopicLog {
     producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
@@ -78,7 +95,7 @@ impl Symbols {
     pub fn new() -> Self {
         Symbols {
             inner: RwLock::new(Inner::default()),
-            log: None,
+            backing: Backing::Memory,
             #[cfg(test)]
             slow: None,
         }
@@ -106,7 +123,26 @@ impl Symbols {
         let log = TopicLog { producer, consumer, topic: topic.to_owned(), next: 0, timeout };
         let symbols = Symbols {
             inner: RwLock::new(Inner::default()),
-            log: Some(Mutex::new(log)),
+            backing: Backing::Topic(Mutex::new(log)),
+            #[cfg(test)]
+            slow: None,
+        };
+        symbols.catch_up()?;
+        Ok(symbols)
+    }
+
+    /// The dictionary kept in the `symbols` table of the local log at `path` (created by
+    /// [`LocalLog::open`](crate::log::local::LocalLog::open)): reads every name already there.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or read.
+    pub fn local(path: &std::path::Path) -> Result<Self, KafkaError> {
+        let err = |e: rusqlite::Error| KafkaError::Symbols(format!("{}: {e}", path.display()));
+        let conn = rusqlite::Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        let symbols = Symbols {
+            inner: RwLock::new(Inner::default()),
+            backing: Backing::Local(Mutex::new(conn)),
             #[cfg(test)]
             slow: None,
         };
@@ -124,14 +160,30 @@ impl Symbols {
         if let Some(delay) = self.slow {
             std::thread::sleep(delay);
         }
-        let Some(log) = &self.log else {
-            let mut inner = self.write();
-            if let Some(&id) = inner.ids.get(name) {
+        let log = match &self.backing {
+            Backing::Memory => {
+                let mut inner = self.write();
+                if let Some(&id) = inner.ids.get(name) {
+                    return id;
+                }
+                let id = inner.names.len() as u32 + 1;
+                inner.learn(name, id);
                 return id;
             }
-            let id = inner.names.len() as u32 + 1;
-            inner.learn(name, id);
-            return id;
+            Backing::Local(conn) => {
+                let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                return match local_intern(&conn, name) {
+                    Ok(id) => {
+                        self.write().learn(name, id);
+                        id
+                    }
+                    Err(e) => {
+                        tracing::error!(symbol = name, error = %e, "symbol dictionary unavailable");
+                        0
+                    }
+                };
+            }
+            Backing::Topic(log) => log,
         };
         let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let result = (|| {
@@ -160,7 +212,7 @@ impl Symbols {
         if let Some(name) = self.read().names.get(&id) {
             return Some(name.clone());
         }
-        if id == 0 || self.log.is_none() {
+        if id == 0 || matches!(self.backing, Backing::Memory) {
             return None;
         }
         if let Err(e) = self.catch_up() {
@@ -180,9 +232,24 @@ impl Symbols {
     }
 
     fn catch_up(&self) -> Result<(), KafkaError> {
-        match &self.log {
-            Some(log) => self.read_to_end(&mut log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
-            None => Ok(()),
+        match &self.backing {
+            Backing::Topic(log) => self.read_to_end(&mut log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+            Backing::Local(conn) => {
+                let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let known = self.read().names.keys().copied().max().unwrap_or(0);
+                let mut stmt = conn
+                    .prepare_cached("SELECT id, name FROM symbols WHERE id > ?1 ORDER BY id")
+                    .map_err(|e| KafkaError::Symbols(e.to_string()))?;
+                let rows = stmt
+                    .query_map([known], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?)))
+                    .map_err(|e| KafkaError::Symbols(e.to_string()))?;
+                for row in rows {
+                    let (id, name) = row.map_err(|e| KafkaError::Symbols(e.to_string()))?;
+                    self.write().learn(&name, id);
+                }
+                Ok(())
+            }
+            Backing::Memory => Ok(()),
         }
     }
 
@@ -228,6 +295,12 @@ impl Symbols {
     }
 }
 
+/// The id of `name` in the local `symbols` table, adding it when new (an id, once given, stays).
+fn local_intern(conn: &rusqlite::Connection, name: &str) -> rusqlite::Result<u32> {
+    conn.prepare_cached("INSERT INTO symbols (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")?.execute([name])?;
+    conn.prepare_cached("SELECT id FROM symbols WHERE name = ?1")?.query_row([name], |r| r.get(0))
+}
+
 impl TopicLog {
     /// Writes `name` and waits until the broker has it.
     fn append(&mut self, name: &str) -> Result<(), KafkaError> {
@@ -254,5 +327,26 @@ mod tests {
         assert_eq!(s.name(0), None);
         assert_eq!(s.name(3), None);
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn local_ids_are_given_once_and_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("sluice-symbols-local-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("log.sqlite");
+        drop(crate::log::local::LocalLog::open(&path, &crate::log::LogConfig::default()).unwrap());
+        let first = Symbols::local(&path).unwrap();
+        let other = Symbols::local(&path).unwrap();
+        let btc = first.intern("BTCUSDT");
+        // A second dictionary on the same file (another thread's connection) agrees.
+        assert_eq!(other.intern("BTCUSDT"), btc);
+        let eth = other.intern("ETHUSDT");
+        assert_ne!(eth, btc);
+        assert_eq!(first.name(eth).as_deref(), Some("ETHUSDT"));
+        drop((first, other));
+        let again = Symbols::local(&path).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!((again.intern("ETHUSDT"), again.intern("BTCUSDT")), (eth, btc));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

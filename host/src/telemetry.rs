@@ -66,6 +66,12 @@ pub(crate) struct Mirrored {
     pub(crate) process_committed: IntCounter,
     pub(crate) process_rebalances: IntCounter,
     pub(crate) process_lag: IntGauge,
+    pub(crate) log_start: IntGauge,
+    pub(crate) log_end: IntGauge,
+    pub(crate) log_committed: IntGauge,
+    pub(crate) log_lag: IntGauge,
+    pub(crate) log_size: IntGauge,
+    pub(crate) log_dropped: IntCounter,
 }
 
 /// Sets a mirrored counter to `value` (counters only move up; a smaller value is ignored).
@@ -265,6 +271,7 @@ impl Metrics {
         let gauge_by_source =
             |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["source"]).expect("valid");
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid");
         let mirrored = Mirrored {
             source_frames: by_source("sluice_source_frames_received_total", "WebSocket frames read from a source"),
             source_dropped: by_source(
@@ -311,6 +318,15 @@ impl Metrics {
                 "Records in the events topic's assigned partitions not read yet",
             )
             .expect("valid"),
+            log_start: gauge("sluice_log_start_offset", "The first offset the local log holds"),
+            log_end: gauge("sluice_log_end_offset", "The next offset the local log will append"),
+            log_committed: gauge("sluice_log_committed_offset", "The store's committed position in the local log"),
+            log_lag: gauge("sluice_log_lag_records", "Records in the local log the store has not committed yet"),
+            log_size: gauge("sluice_log_size_bytes", "Bytes of records the local log holds"),
+            log_dropped: counter(
+                "sluice_log_dropped_records_total",
+                "Records the local log deleted before the store read them (the log reached max_bytes)",
+            ),
         };
         for m in [
             Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
@@ -338,6 +354,12 @@ impl Metrics {
             Box::new(mirrored.process_committed.clone()),
             Box::new(mirrored.process_rebalances.clone()),
             Box::new(mirrored.process_lag.clone()),
+            Box::new(mirrored.log_start.clone()),
+            Box::new(mirrored.log_end.clone()),
+            Box::new(mirrored.log_committed.clone()),
+            Box::new(mirrored.log_lag.clone()),
+            Box::new(mirrored.log_size.clone()),
+            Box::new(mirrored.log_dropped.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -396,7 +418,20 @@ impl Metrics {
         m.decode_gaps.with_label_values(&labels).set(i64::try_from(decode.gaps.load(Relaxed)).unwrap_or(i64::MAX));
     }
 
-    /// Copies the Kafka producer's counters in (dead letters included).
+    /// Copies the local log's positions in: its start and end offsets, the store's committed offset,
+    /// its size in bytes and the records it deleted unread.
+    pub fn mirror_log(&self, start: i64, end: i64, committed: i64, bytes: u64, dropped: u64) {
+        let m = &self.mirrored;
+        m.log_start.set(start);
+        m.log_end.set(end);
+        m.log_committed.set(committed);
+        m.log_lag.set((end - committed).max(0));
+        m.log_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        mirror(&m.log_dropped, dropped);
+    }
+
+    /// Copies the hand-off's delivery counters in (dead letters included): the Kafka producer's, or
+    /// the local log appender's, which count the same way.
     pub fn mirror_producer(&self, stats: &crate::kafka::producer::ProducerStats) {
         use std::sync::atomic::Ordering::Relaxed;
         let m = &self.mirrored;

@@ -60,7 +60,7 @@ async fn every_sent_trade_arrives_once_through_faults() {
     let kafka =
         KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
     ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3).await.unwrap();
-    let producer = Arc::new(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
+    let producer = Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap()));
 
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..FeedSimConfig::default() }).await.unwrap();
     let control = sim.handle();

@@ -18,6 +18,7 @@ use sluice::breaker::BreakerConfig;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
+use sluice::log::{Reader, Writer};
 use sluice::pipeline::{Breakers, Names, ProcessError, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
@@ -53,8 +54,8 @@ fn process_until(
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
     let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
-    let consumer = EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap();
-    let dlq = EventProducer::new(kafka, bootstrap).unwrap();
+    let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
+    let dlq = Writer::Kafka(EventProducer::new(kafka, bootstrap).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
     let settings = ProcessSettings {
@@ -92,7 +93,7 @@ fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone()
         KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3)).unwrap();
     let symbols = Arc::new(Symbols::new());
-    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
     let send = |range: std::ops::RangeInclusive<u64>| {
         let mut records = Records::new();
         for i in range {
@@ -165,7 +166,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
         KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
-    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
     // Three polls' worth of records, produced in three flushes.
     for chunk in 0..3u64 {
         let mut records = Records::new();
@@ -183,7 +184,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let mode = [("mode".to_owned(), "trap".to_owned())];
     let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&mode).unwrap()))]);
-    let consumer = EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap();
+    let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
     let settings = ProcessSettings {
@@ -246,7 +247,7 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
         KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
-    let producer = EventProducer::new(&kafka, &broker.bootstrap).unwrap();
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
     const POISON_1: u64 = 75;
     // Two polls of 100: trades 1-50 of source 1 and 1001-1050 of source 2, then 51-100 and 1051-1100.
     for chunk in 0..2u64 {
@@ -282,7 +283,8 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
     let stats = ProcessStats::default();
     let mut breakers = Breakers::default();
     let mut run = |transformers: &mut HashMap<u32, Transformer>, breakers: &mut Breakers| {
-        let consumer = EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap();
+        let consumer =
+            Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
         let stop = AtomicBool::new(false);
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -324,5 +326,45 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
     let mut want: Vec<u64> = (1001..=1050).collect();
     want.insert(0, POISON_1);
     assert_eq!(dead_ids(), want);
+    let _ = std::fs::remove_file(&store_path);
+}
+
+/// A store position past the end of its Kafka partition (the topic was deleted and created again)
+/// is refused with both offsets; the consumer does not quietly reset to the start and roll the topic
+/// up a second time.
+#[test]
+fn a_store_ahead_of_its_topic_is_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("ahead");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic], 2)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
+    let mut records = Records::new();
+    for i in 1..=10 {
+        records.push(&trade(i, &symbols));
+    }
+    producer.send_records(records.as_bytes());
+    producer.flush(Duration::from_secs(20)).unwrap();
+    let store_path = std::env::temp_dir().join(format!("sluice-ahead-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    // A store that had read 500 records of partition 1 of a topic that now holds at most 10.
+    store.apply(&[], &[(&kafka.events_topic, 1, 500)]).unwrap();
+    let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
+    let err = sluice::sink::Sink::attach(&mut store, &consumer, 2).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err.downcast_ref::<sluice::log::LogError>(),
+            Some(sluice::log::LogError::OffsetAhead { partition: 1, store: 500, .. })
+        ),
+        "{text}"
+    );
+    assert!(text.contains("position 500") && text.contains(&kafka.events_topic), "{text}");
+    // Positions within the topic attach as before.
+    store.apply(&[], &[(&kafka.events_topic, 1, 0)]).unwrap();
+    sluice::sink::Sink::attach(&mut store, &consumer, 2).unwrap();
     let _ = std::fs::remove_file(&store_path);
 }

@@ -7,6 +7,7 @@
 //! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
 //! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
 //! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters, last message age |
+//! | `GET /v1/log` | 200 `{"mode", "partitions": [...]}` (`mode`: `local` or `kafka`; per partition "partition", "start", "end", "committed", "lag") |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
 //! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
 //! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
@@ -25,10 +26,12 @@
 
 mod error;
 mod health;
+mod log;
 mod plugins;
 mod query;
 mod sources;
 
+pub use log::LogProbe;
 pub use plugins::PluginDirectory;
 pub use sources::{SourceDirectory, SourceEntry};
 
@@ -178,6 +181,8 @@ pub struct ApiState {
     plugins: Arc<PluginDirectory>,
     /// The bearer token mutating calls need.
     token: Option<Arc<str>>,
+    /// Reads the hand-off's positions for `/v1/log`; set once the log is open.
+    log: Arc<std::sync::OnceLock<LogProbe>>,
 }
 
 impl ApiState {
@@ -198,7 +203,13 @@ impl ApiState {
             metrics: Arc::default(),
             plugins: Arc::default(),
             token: config.token.as_ref().map(|t| Arc::from(t.0.as_str())),
+            log: Arc::default(),
         }
+    }
+
+    /// Where `/v1/log` reads the hand-off; the first call counts.
+    pub fn set_log(&self, probe: LogProbe) {
+        let _ = self.log.set(probe);
     }
 
     /// Serves the registry `directory` will hold on `/v1/plugins`.
@@ -240,6 +251,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
         .route("/v1/sources", get(sources::list))
+        .route("/v1/log", get(log::status))
         .route("/metrics", get(metrics))
         // Applies to the routes above, so it comes after them.
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -161,6 +161,36 @@ impl EventConsumer {
         self.inner.assign(&tpl).map_err(|e| KafkaError::Config(e.to_string()))
     }
 
+    /// [`EventConsumer::assign`] after checking each stored offset against its partition's
+    /// watermarks: an offset past the partition's end is refused (the topic was recreated, and
+    /// starting over would count records twice); one before the partition's start reads from the
+    /// start, with an ERROR naming the records retention deleted unread.
+    ///
+    /// # Errors
+    /// [`LogError::OffsetAhead`](crate::log::LogError::OffsetAhead), or the broker's refusal.
+    pub fn assign_checked(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), crate::log::LogError> {
+        use crate::log::LogError;
+        for (topic, partition, next) in stored.iter().filter(|(t, p, _)| *t == self.topic && *p < partitions) {
+            let (low, high) = self.inner.fetch_watermarks(topic, *partition, Duration::from_secs(10)).map_err(|e| {
+                KafkaError::Config(format!("cannot read the range of {topic} partition {partition}: {e}"))
+            })?;
+            if *next > high {
+                return Err(LogError::OffsetAhead { topic: topic.clone(), partition: *partition, store: *next, high });
+            }
+            if *next < low {
+                tracing::error!(
+                    topic = %topic,
+                    partition,
+                    store = *next,
+                    low,
+                    records = low - *next,
+                    "the topic no longer holds records the store has not read (deleted by its retention)"
+                );
+            }
+        }
+        Ok(self.assign(partitions, stored)?)
+    }
+
     /// Polls up to `max` records into `out`, waiting at most `timeout` for the first one.
     pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> PollOutcome {
         let mut outcome = PollOutcome::default();

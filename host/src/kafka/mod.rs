@@ -1,7 +1,6 @@
-//! Kafka: the producer ingest writes with, the consumer process reads with, the topics they share,
-//! and the embedded broker used when no brokers are configured.
+//! Kafka: the producer ingest writes with, the consumer process reads with, and the topics they share
+//! (the hand-off when `[kafka] brokers` is set; see [`crate::log`]).
 
-pub mod broker;
 pub mod consumer;
 pub mod producer;
 
@@ -28,9 +27,6 @@ pub enum KafkaError {
         /// What the broker said.
         reason: String,
     },
-    /// The embedded broker could not start.
-    #[error("embedded broker: {0}")]
-    Embedded(String),
     /// A flush did not complete in time; the count of messages still in flight.
     #[error("{0} messages were still unacknowledged at the flush deadline")]
     FlushTimeout(i32),

@@ -204,6 +204,19 @@ impl EmbeddedStore {
     }
 }
 
+/// The next offset per partition of `topic` the store at `path` has committed, read without writing
+/// (for `/v1/log`).
+///
+/// # Errors
+/// [`StoreError::Sqlite`] when the file cannot be read.
+pub fn stored_offsets(path: &Path, topic: &str) -> Result<Offsets, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let mut stmt =
+        conn.prepare("SELECT topic, partition, next_offset FROM consumer_offsets WHERE topic = ?1 ORDER BY partition")?;
+    let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Answers read-only SQL over the store as JSON rows, through its own read-only connection.
 pub struct QueryConnection {
     conn: Connection,

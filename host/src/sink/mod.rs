@@ -9,44 +9,34 @@ pub mod embedded;
 
 pub use embedded::Row;
 
-use crate::kafka::consumer::EventConsumer;
+use crate::log::Reader;
 
 /// A destination for the process role's rows.
 pub trait Sink: Send {
-    /// Positions `consumer` where this sink's committed state says reading resumes.
+    /// Positions `reader` where this sink's committed state says reading resumes.
     ///
     /// # Errors
     /// When the stored offsets cannot be read or the consumer refuses the assignment.
-    fn attach(&mut self, consumer: &EventConsumer, partitions: i32) -> anyhow::Result<()>;
+    fn attach(&mut self, reader: &Reader, partitions: i32) -> anyhow::Result<()>;
 
     /// Writes `rows` and the offsets they cover (`(topic, partition, next offset)`) all or nothing.
     ///
     /// # Errors
     /// When the write fails; nothing of it is visible then, and the caller must read the rows again
     /// from the last committed offsets.
-    fn commit(
-        &mut self,
-        rows: &[Row<'_>],
-        offsets: &[(&str, i32, i64)],
-        consumer: &EventConsumer,
-    ) -> anyhow::Result<()>;
+    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], reader: &Reader) -> anyhow::Result<()>;
 
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 }
 
 impl Sink for embedded::EmbeddedStore {
-    fn attach(&mut self, consumer: &EventConsumer, partitions: i32) -> anyhow::Result<()> {
-        consumer.assign(partitions, &self.offsets(consumer.topic())?)?;
+    fn attach(&mut self, reader: &Reader, partitions: i32) -> anyhow::Result<()> {
+        reader.assign(partitions, &self.offsets(reader.topic())?)?;
         Ok(())
     }
 
-    fn commit(
-        &mut self,
-        rows: &[Row<'_>],
-        offsets: &[(&str, i32, i64)],
-        _consumer: &EventConsumer,
-    ) -> anyhow::Result<()> {
+    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], _reader: &Reader) -> anyhow::Result<()> {
         self.apply(rows, offsets)?;
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: a Kafka-protocol broker and a topic reader.
 //!
 //! Tests use the broker named by `SLUICE_TEST_BROKERS` (CI starts a real noida-db server and sets
-//! it); without it they start the embedded broker in process, on a free loopback port.
+//! it); without it they start noida-db's broker in process (a dev-dependency), on a free loopback port.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sluice::kafka::broker::EmbeddedBroker;
+pub mod broker;
+
+use broker::EmbeddedBroker;
 
 /// A broker for one test: external (from the environment) or embedded.
 pub struct TestBroker {

@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{DruidSinkConfig, encode_row};
 use crate::kafka::consumer::EventConsumer;
 use crate::kafka::{KafkaConfig, KafkaError};
+use crate::log::Reader;
 use crate::proto::StreamData;
 use crate::sink::{Row, Sink};
 
@@ -116,19 +117,19 @@ impl DruidSink {
     }
 }
 
+/// The Druid sink commits offsets through the consumer group, so it reads from Kafka only.
+fn kafka_reader(reader: &Reader) -> Result<&EventConsumer, KafkaError> {
+    reader.kafka().ok_or_else(|| KafkaError::Config("the Druid sink needs [kafka] brokers, not the local log".into()))
+}
+
 impl Sink for DruidSink {
-    fn attach(&mut self, consumer: &EventConsumer, _partitions: i32) -> anyhow::Result<()> {
-        consumer.subscribe()?;
+    fn attach(&mut self, reader: &Reader, _partitions: i32) -> anyhow::Result<()> {
+        kafka_reader(reader)?.subscribe()?;
         Ok(())
     }
 
-    fn commit(
-        &mut self,
-        rows: &[Row<'_>],
-        offsets: &[(&str, i32, i64)],
-        consumer: &EventConsumer,
-    ) -> anyhow::Result<()> {
-        if let Err(e) = self.transact(rows, offsets, consumer) {
+    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], reader: &Reader) -> anyhow::Result<()> {
+        if let Err(e) = self.transact(rows, offsets, kafka_reader(reader)?) {
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
                 tracing::warn!(error = %abort, "aborting the Druid transaction failed");

@@ -1,18 +1,16 @@
-//! The embedded Kafka-protocol broker: with no `[kafka] brokers` configured, sluice runs one in
-//! process (noida-db's Kafka engine) so the same producer and consumer code works on one machine with
-//! no set-up.
+//! A Kafka-protocol broker in the test process (noida-db's Kafka engine, a dev-dependency), for tests
+//! and benchmarks of the Kafka path that have no external broker (`SLUICE_TEST_BROKERS`).
 //!
-//! What it keeps: the broker holds its log in memory and snapshots it to `kafka.json` in the data
-//! directory every `snapshot_interval` and on a clean stop; on start it loads the snapshot. A crash
-//! (SIGKILL) loses what was written since the last snapshot. For production, configure `brokers`.
+//! It holds its log in memory and snapshots it to `kafka.json` in `data_dir` every
+//! `snapshot_interval` and when dropped. It is a test broker, not a hand-off for real data: the
+//! local log is that (see `sluice::log`).
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use super::KafkaError;
 
 /// A running embedded broker. Dropping it takes a last snapshot.
 pub struct EmbeddedBroker {
@@ -26,12 +24,11 @@ impl EmbeddedBroker {
     /// Starts a broker on `bind` (port 0 picks a free port) with its snapshot in `data_dir`.
     ///
     /// # Errors
-    /// [`KafkaError::Embedded`] when the data directory or the port cannot be used.
-    pub fn start(bind: &str, data_dir: &Path, snapshot_interval: Duration) -> Result<Self, KafkaError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| KafkaError::Embedded(format!("cannot create {}: {e}", data_dir.display())))?;
+    /// A message when the data directory or the port cannot be used.
+    pub fn start(bind: &str, data_dir: &Path, snapshot_interval: Duration) -> Result<Self, String> {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         let (addr, save) = noida::kafka::spawn_persistent_for_test(bind, data_dir)
-            .map_err(|e| KafkaError::Embedded(format!("cannot start on {bind}: {e}")))?;
+            .map_err(|e| format!("cannot start on {bind}: {e}"))?;
         let save: Arc<dyn Fn() + Send + Sync> = Arc::new(save);
         let stop = Arc::new(AtomicBool::new(false));
         let (saver, stopped) = (save.clone(), stop.clone());
@@ -43,7 +40,7 @@ impl EmbeddedBroker {
                     saver();
                 }
             })
-            .map_err(|e| KafkaError::Embedded(format!("snapshot thread: {e}")))?;
+            .map_err(|e| format!("snapshot thread: {e}"))?;
         Ok(EmbeddedBroker { addr, save, stop, dir: data_dir.to_owned() })
     }
 

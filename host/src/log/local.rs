@@ -1,0 +1,784 @@
+//! The local log: the hand-off between the ingest and process roles on one machine, in SQLite (WAL
+//! mode) at `<data-dir>/log.sqlite`.
+//!
+//! - **Appending.** Decode workers hand their batches of length-delimited `StreamData` records to one
+//!   appender thread ([`LocalWriter`]), which commits everything that arrived while its previous
+//!   transaction ran as one row of `batches` (group commit). A record is *delivered* when its row has
+//!   committed. Offsets count records from 0: a row holds records `base .. base + count`.
+//! - **Reading.** The process role reads rows in offset order ([`LocalReader`]) from its store's
+//!   position on. It sleeps on a condition variable that the appender signals after each commit, so
+//!   it costs nothing while idle and wakes within a scheduler tick of a commit.
+//! - **Position.** The store commits the next offset in the same transaction as the rollups, so a
+//!   crash at any moment loses nothing delivered and counts nothing twice. A store position past the
+//!   log's end (a deleted log, a disk restored from an older backup) is refused with both positions
+//!   ([`LogError::StoreAhead`]); it never restarts from the beginning.
+//! - **Retention.** Rows older than `retention_ms` or beyond `retention_bytes` are deleted once the
+//!   store has committed past them. Only when the log reaches `max_bytes` are uncommitted rows deleted,
+//!   oldest first; their records are counted as dropped and logged at ERROR.
+//! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`).
+//!
+//! `synchronous = NORMAL` (the default) keeps every committed row through a crash of the process
+//! (`kill -9`); a power cut can lose the last commits. `synchronous = "full"` syncs every commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use plugin_sdk::wire::Delimited;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{LogConfig, LogError, PartitionStatus, Stage};
+use crate::kafka::consumer::{PollOutcome, Polled};
+use crate::kafka::producer::ProducerStats;
+
+/// The name the store keeps the local log's position under (never a Kafka topic's name, so a store
+/// moved between modes cannot mistake one position for the other).
+pub const POSITION_TOPIC: &str = "sluice.local-log";
+
+/// Most bytes of records in one row; a busy appender splits what it drained into rows of this size.
+const MAX_ROW_BYTES: usize = 1 << 20;
+/// Messages the appender's queue holds before decode workers wait.
+const QUEUE_MESSAGES: usize = 1024;
+/// How often the appender applies retention.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    base        INTEGER PRIMARY KEY,
+    count       INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    appended_ms INTEGER NOT NULL,
+    records     BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms     INTEGER NOT NULL,
+    stage     TEXT    NOT NULL,
+    source    TEXT    NOT NULL,
+    plugin    TEXT    NOT NULL,
+    reason    TEXT    NOT NULL,
+    bytes     BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS symbols (
+    id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT    NOT NULL UNIQUE
+);
+";
+
+/// State the appender, the reader and the API share.
+#[derive(Debug)]
+struct Shared {
+    /// The next offset to be appended: every record below it is committed. Guarded so the reader can
+    /// wait on `appended` for it to move.
+    end: Mutex<i64>,
+    appended: Condvar,
+    /// The first offset still in the log.
+    start: AtomicI64,
+    /// The store's committed position (the next offset it will read); retention never deletes
+    /// records at or past it unless the log is full.
+    committed: AtomicI64,
+    /// Bytes of records the log holds.
+    bytes: AtomicU64,
+    /// Records deleted before the store committed them (the log reached `max_bytes`).
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn end(&self) -> i64 {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The local log, opened: hands out its writer, its reader and its status.
+#[derive(Clone, Debug)]
+pub struct LocalLog {
+    path: PathBuf,
+    config: LogConfig,
+    shared: Arc<Shared>,
+}
+
+/// Opens a connection to the log file with the settings every connection uses.
+fn connect(path: &Path, config: &LogConfig) -> Result<Connection, LogError> {
+    let conn = Connection::open(path).map_err(|e| LogError::open(path, e))?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(|e| LogError::open(path, e))?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| LogError::open(path, e))?;
+    conn.pragma_update(None, "synchronous", config.synchronous.as_str()).map_err(|e| LogError::open(path, e))?;
+    // Checkpoints give the WAL's space back instead of letting it grow to the largest burst.
+    conn.pragma_update(None, "journal_size_limit", 64i64 << 20).map_err(|e| LogError::open(path, e))?;
+    Ok(conn)
+}
+
+impl LocalLog {
+    /// Opens (or creates) the log at `path` and reads where it starts and ends.
+    ///
+    /// # Errors
+    /// [`LogError::Sqlite`] when the file cannot be opened or is not a sluice log.
+    pub fn open(path: &Path, config: &LogConfig) -> Result<Self, LogError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| LogError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = connect(path, config)?;
+        conn.execute_batch(SCHEMA).map_err(|e| LogError::open(path, e))?;
+        let (start, end, bytes) = conn
+            .query_row(
+                "SELECT (SELECT min(base) FROM batches), (SELECT max(base + count) FROM batches), \
+                 (SELECT coalesce(sum(size), 0) FROM batches)",
+                [],
+                |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, i64>(2)?)),
+            )
+            .map_err(|e| LogError::open(path, e))?;
+        // The end survives retention deleting every row: it is also kept in log_meta.
+        let kept_end: Option<i64> = conn
+            .query_row("SELECT value FROM log_meta WHERE key = 'end'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| LogError::open(path, e))?;
+        let end = end.unwrap_or(0).max(kept_end.unwrap_or(0));
+        let start = start.unwrap_or(end);
+        let shared = Arc::new(Shared {
+            end: Mutex::new(end),
+            appended: Condvar::new(),
+            start: AtomicI64::new(start),
+            committed: AtomicI64::new(0),
+            bytes: AtomicU64::new(bytes.max(0) as u64),
+            dropped: AtomicU64::new(0),
+        });
+        Ok(LocalLog { path: path.to_owned(), config: config.clone(), shared })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks a store's committed position against the log and, when it fits, remembers it as the
+    /// position retention must not delete past.
+    ///
+    /// # Errors
+    /// [`LogError::StoreAhead`] when the store has read past the log's end: the log was deleted or
+    /// replaced by an older copy, and reading from its start would count records twice.
+    pub fn check_position(&self, store_next: Option<i64>) -> Result<(), LogError> {
+        let end = self.shared.end();
+        let next = store_next.unwrap_or(0);
+        if next > end {
+            return Err(LogError::StoreAhead { store: next, log_end: end, log: self.path.clone() });
+        }
+        self.shared.committed.fetch_max(next, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Starts the appender thread and returns the writer that feeds it. `stats` counts as the Kafka
+    /// producer's do: `sent` when handed over, `delivered` when committed.
+    ///
+    /// # Errors
+    /// [`LogError`] when the appender's connection cannot be opened or its thread started.
+    pub fn writer(&self, stats: Arc<ProducerStats>) -> Result<LocalWriter, LogError> {
+        let conn = connect(&self.path, &self.config)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_MESSAGES);
+        let appender = Appender {
+            conn,
+            shared: self.shared.clone(),
+            config: self.config.clone(),
+            stats: stats.clone(),
+            last_prune: Instant::now(),
+            path: self.path.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sluice-log-append".into())
+            .spawn(move || appender.run(rx))
+            .map_err(|e| LogError::Io(format!("cannot start the log appender: {e}")))?;
+        Ok(LocalWriter { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), stats })
+    }
+
+    /// A reader positioned at the start of the log; [`LocalReader::seek`] moves it.
+    ///
+    /// # Errors
+    /// [`LogError::Sqlite`] when the file cannot be opened.
+    pub fn reader(&self) -> Result<LocalReader, LogError> {
+        let conn = connect(&self.path, &self.config)?;
+        let next = self.shared.start.load(Ordering::SeqCst);
+        Ok(LocalReader { inner: Mutex::new(ReaderState { conn, next }), shared: self.shared.clone() })
+    }
+
+    /// Start, end and the store's position, as `GET /v1/log` shows them (one partition, 0).
+    pub fn status(&self) -> PartitionStatus {
+        let end = self.shared.end();
+        let committed = self.shared.committed.load(Ordering::SeqCst);
+        PartitionStatus {
+            partition: 0,
+            start: self.shared.start.load(Ordering::SeqCst),
+            end,
+            committed,
+            lag: (end - committed).max(0),
+        }
+    }
+
+    /// Bytes of records the log holds.
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records deleted before the store committed them, since this process started.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// A dead letter on its way to the `dead_letters` table.
+struct DeadRow {
+    at_ms: i64,
+    stage: Stage,
+    source: String,
+    plugin: String,
+    reason: String,
+    bytes: Vec<u8>,
+}
+
+enum Message {
+    Records(Vec<u8>),
+    Dead(DeadRow),
+    /// Answered once everything sent before it has committed.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Hands records and dead letters to the appender thread. Cheap to share between decode workers.
+pub struct LocalWriter {
+    /// `None` once closed.
+    tx: Mutex<Option<SyncSender<Message>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Arc<ProducerStats>,
+}
+
+impl LocalWriter {
+    fn send(&self, message: Message) {
+        // The sender is cloned out so a full queue is waited on without holding the lock.
+        let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("the local log is closed; a batch could not be appended");
+            return;
+        };
+        let message = match tx.try_send(message) {
+            Ok(()) => return,
+            Err(TrySendError::Full(m)) => {
+                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                m
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("the local log's appender stopped; a batch could not be appended");
+                return;
+            }
+        };
+        if tx.send(message).is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("the local log's appender stopped; a batch could not be appended");
+        }
+    }
+
+    /// The delivery counters.
+    pub fn stats(&self) -> &Arc<ProducerStats> {
+        &self.stats
+    }
+
+    /// Appends length-delimited records (one copy, one message per batch). Returns how many.
+    pub fn send_records(&self, records: &[u8]) -> usize {
+        let n = Delimited::new(records).take_while(Result::is_ok).count();
+        if n > 0 {
+            self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.send(Message::Records(records.to_vec()));
+        }
+        n
+    }
+
+    /// Appends a dead letter of `stage`.
+    pub fn send_dead_letter(&self, stage: Stage, source: &str, plugin: &str, reason: &str, bytes: &[u8]) {
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        if stage == Stage::Transform {
+            self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
+        }
+        self.send(Message::Dead(DeadRow {
+            at_ms: crate::source::now_us() / 1000,
+            stage,
+            source: source.to_owned(),
+            plugin: plugin.to_owned(),
+            reason: reason.to_owned(),
+            bytes: bytes.to_vec(),
+        }));
+    }
+
+    /// Waits until everything sent so far has committed.
+    ///
+    /// # Errors
+    /// [`LogError::FlushTimeout`] when it has not within `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), LogError> {
+        let (ack, done) = std::sync::mpsc::channel();
+        self.send(Message::Flush(ack));
+        done.recv_timeout(timeout).map_err(|_| LogError::FlushTimeout(timeout))
+    }
+
+    /// Commits what is queued and stops the appender.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Appender {
+    conn: Connection,
+    shared: Arc<Shared>,
+    config: LogConfig,
+    stats: Arc<ProducerStats>,
+    last_prune: Instant,
+    path: PathBuf,
+}
+
+impl Appender {
+    fn run(mut self, rx: Receiver<Message>) {
+        let mut rows: Vec<(Vec<u8>, i64)> = Vec::new();
+        let mut dead: Vec<DeadRow> = Vec::new();
+        let mut acks = Vec::new();
+        loop {
+            // Wakes at least once per prune interval so retention runs on an idle log too.
+            let first = match rx.recv_timeout(PRUNE_INTERVAL) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.maybe_prune();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut next = Some(first);
+            // Everything that arrived while the last commit ran goes into this one.
+            let mut queued = 0usize;
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Records(records) => {
+                        let n = Delimited::new(&records).take_while(Result::is_ok).count() as i64;
+                        match rows.last_mut() {
+                            Some((row, count)) if row.len() + records.len() <= MAX_ROW_BYTES => {
+                                row.extend_from_slice(&records);
+                                *count += n;
+                            }
+                            _ => rows.push((records, n)),
+                        }
+                        queued += 1;
+                    }
+                    Message::Dead(d) => {
+                        dead.push(d);
+                        queued += 1;
+                    }
+                    Message::Flush(ack) => acks.push(ack),
+                }
+                if queued < QUEUE_MESSAGES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(&mut rows, &mut dead);
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+            self.maybe_prune();
+        }
+        // Closed: what was handed over has been committed above.
+        self.prune();
+    }
+
+    /// Commits the rows and dead letters, retrying until the disk takes them: decode workers wait
+    /// meanwhile (the queue is bounded), and sources count what their own queues then drop.
+    fn commit(&mut self, rows: &mut Vec<(Vec<u8>, i64)>, dead: &mut Vec<DeadRow>) {
+        if rows.is_empty() && dead.is_empty() {
+            return;
+        }
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.try_commit(rows, dead) {
+                Ok((end, records, bytes)) => {
+                    self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
+                    self.shared.appended.notify_all();
+                    self.stats.delivered.fetch_add(records, Ordering::Relaxed);
+                    rows.clear();
+                    dead.clear();
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, log = %self.path.display(), "cannot append to the local log; retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn try_commit(&mut self, rows: &[(Vec<u8>, i64)], dead: &[DeadRow]) -> rusqlite::Result<(i64, u64, u64)> {
+        let mut end = self.shared.end();
+        let now_ms = crate::source::now_us() / 1000;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO batches (base, count, size, appended_ms, records) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (row, count) in rows {
+                if *count == 0 {
+                    continue;
+                }
+                insert.execute(params![end, count, row.len() as i64, now_ms, row])?;
+                end += count;
+                records += *count as u64;
+                bytes += row.len() as u64;
+            }
+            tx.prepare_cached(
+                "INSERT INTO log_meta (key, value) VALUES ('end', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([end])?;
+            let mut letter = tx.prepare_cached(
+                "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for d in dead {
+                letter.execute(params![d.at_ms, d.stage.as_str(), d.source, d.plugin, d.reason, d.bytes])?;
+            }
+        }
+        tx.commit()?;
+        Ok((end, records, bytes))
+    }
+
+    fn maybe_prune(&mut self) {
+        if self.last_prune.elapsed() >= PRUNE_INTERVAL {
+            self.prune();
+        }
+    }
+
+    /// Applies retention; failures are logged and tried again at the next interval.
+    fn prune(&mut self) {
+        self.last_prune = Instant::now();
+        if let Err(e) = self.try_prune() {
+            tracing::warn!(error = %e, log = %self.path.display(), "local log retention failed; will retry");
+        }
+    }
+
+    fn try_prune(&mut self) -> rusqlite::Result<()> {
+        let committed = self.shared.committed.load(Ordering::SeqCst);
+        let cutoff_ms = crate::source::now_us() / 1000 - i64::try_from(self.config.retention_ms).unwrap_or(i64::MAX);
+        let tx = self.conn.transaction()?;
+        // Committed rows past their age.
+        let (aged, aged_bytes): (i64, i64) = tx.query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM batches WHERE base + count <= ?1 AND appended_ms < ?2",
+            params![committed, cutoff_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if aged > 0 {
+            tx.execute(
+                "DELETE FROM batches WHERE base + count <= ?1 AND appended_ms < ?2",
+                params![committed, cutoff_ms],
+            )?;
+        }
+        let mut bytes = self.shared.bytes.load(Ordering::Relaxed).saturating_sub(aged_bytes as u64);
+        // Oldest first while over the size: committed rows down to retention_bytes, any row down to
+        // max_bytes.
+        let mut dropped = 0i64;
+        let mut dropped_rows = 0i64;
+        while bytes > self.config.retention_bytes {
+            let Some((base, count, size)) = tx
+                .query_row("SELECT base, count, size FROM batches ORDER BY base LIMIT 1", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .optional()?
+            else {
+                break;
+            };
+            let uncommitted = (base + count - committed.max(base)).clamp(0, count);
+            if uncommitted > 0 && bytes <= self.config.max_bytes {
+                break;
+            }
+            tx.execute("DELETE FROM batches WHERE base = ?1", [base])?;
+            bytes = bytes.saturating_sub(size as u64);
+            dropped += uncommitted;
+            dropped_rows += i64::from(uncommitted > 0);
+        }
+        let dead_cutoff = tx.execute("DELETE FROM dead_letters WHERE at_ms < ?1", [cutoff_ms])?;
+        let start: Option<i64> = tx.query_row("SELECT min(base) FROM batches", [], |r| r.get(0))?;
+        tx.commit()?;
+        self.shared.bytes.store(bytes, Ordering::Relaxed);
+        self.shared.start.store(start.unwrap_or_else(|| self.shared.end()), Ordering::SeqCst);
+        if dropped > 0 {
+            self.shared.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+            tracing::error!(
+                records = dropped,
+                batches = dropped_rows,
+                max_bytes = self.config.max_bytes,
+                committed,
+                "the local log is full: deleted records the store has not read yet"
+            );
+        }
+        if aged > 0 || dead_cutoff > 0 {
+            tracing::debug!(batches = aged, dead_letters = dead_cutoff, "local log retention");
+        }
+        Ok(())
+    }
+}
+
+struct ReaderState {
+    conn: Connection,
+    /// The next offset to hand out.
+    next: i64,
+}
+
+/// Reads the log in offset order for the process role.
+pub struct LocalReader {
+    inner: Mutex<ReaderState>,
+    shared: Arc<Shared>,
+}
+
+impl LocalReader {
+    /// Moves to `next` (the store's position), after checking it against the log.
+    ///
+    /// # Errors
+    /// [`LogError::StoreAhead`] when `next` is past the log's end.
+    pub fn seek(&self, next: Option<i64>, log: &Path) -> Result<(), LogError> {
+        let end = self.shared.end();
+        let start = self.shared.start.load(Ordering::SeqCst);
+        let next = next.unwrap_or(start);
+        if next > end {
+            return Err(LogError::StoreAhead { store: next, log_end: end, log: log.to_owned() });
+        }
+        if next < start {
+            tracing::error!(
+                store = next,
+                log_start = start,
+                records = start - next,
+                "the local log no longer holds records the store has not read (deleted when the log was full)"
+            );
+        }
+        self.shared.committed.fetch_max(next, Ordering::SeqCst);
+        self.lock().next = next.max(start);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReaderState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads whole rows into `out` until it holds at least `max` records or the log's end, waiting at
+    /// most `timeout` for the first one.
+    ///
+    /// # Errors
+    /// [`LogError::Sqlite`] when the file cannot be read.
+    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> Result<PollOutcome, LogError> {
+        let mut state = self.lock();
+        {
+            let end = self.shared.end.lock().unwrap_or_else(|p| p.into_inner());
+            if *end <= state.next {
+                let _ = self
+                    .shared
+                    .appended
+                    .wait_timeout_while(end, timeout, |end| *end <= state.next)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let ReaderState { conn, next } = &mut *state;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT base, count, records FROM batches \
+                 WHERE base >= (SELECT coalesce(max(base), 0) FROM batches WHERE base <= ?1) \
+                 ORDER BY base LIMIT 64",
+            )
+            .map_err(LogError::Sqlite)?;
+        let mut rows = stmt.query([*next]).map_err(LogError::Sqlite)?;
+        while let Some(row) = rows.next().map_err(LogError::Sqlite)? {
+            let base: i64 = row.get(0).map_err(LogError::Sqlite)?;
+            let count: i64 = row.get(1).map_err(LogError::Sqlite)?;
+            if base + count <= *next {
+                continue;
+            }
+            let records =
+                row.get_ref(2).map_err(LogError::Sqlite)?.as_blob().map_err(|e| LogError::Sqlite(e.into()))?;
+            if base > *next {
+                // Deleted before they were read (the log was full); counted when they were deleted.
+                *next = base;
+            }
+            let skip = (*next - base) as usize;
+            if skip == 0 {
+                out.records.extend_from_slice(records);
+                out.positions.extend((base..base + count).map(|o| (0, o)));
+            } else {
+                for (i, item) in Delimited::new(records).enumerate().skip(skip) {
+                    let Ok(bytes) = item else { break };
+                    plugin_sdk::wire::push_delimited(&mut out.records, bytes);
+                    out.positions.push((0, base + i as i64));
+                }
+            }
+            *next = base + count;
+            if out.positions.len() >= max {
+                break;
+            }
+        }
+        Ok(PollOutcome::default())
+    }
+
+    /// Records between the reader and the log's end.
+    pub fn lag(&self) -> i64 {
+        (self.shared.end() - self.lock().next).max(0)
+    }
+
+    /// Tells retention the store has committed everything below `next`.
+    pub fn committed(&self, next: i64) {
+        self.shared.committed.fetch_max(next, Ordering::SeqCst);
+    }
+}
+
+/// Every record the log at `path` holds, with its offset, in order (for tools and tests).
+///
+/// # Errors
+/// [`LogError::Sqlite`] when the file cannot be read.
+pub fn read_all(path: &Path) -> Result<Vec<(i64, Vec<u8>)>, LogError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| LogError::open(path, e))?;
+    let mut stmt = conn.prepare("SELECT base, records FROM batches ORDER BY base").map_err(LogError::Sqlite)?;
+    let mut rows = stmt.query([]).map_err(LogError::Sqlite)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(LogError::Sqlite)? {
+        let base: i64 = row.get(0).map_err(LogError::Sqlite)?;
+        let records: Vec<u8> = row.get(1).map_err(LogError::Sqlite)?;
+        for (i, item) in Delimited::new(&records).enumerate() {
+            let Ok(bytes) = item else { break };
+            out.push((base + i as i64, bytes.to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_sdk::wire::push_delimited;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-log-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("log.sqlite")
+    }
+
+    fn batch(from: u8, n: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in from..from + n {
+            push_delimited(&mut out, &[i; 40]);
+        }
+        out
+    }
+
+    #[test]
+    fn records_read_back_in_order_across_a_reopen() {
+        let path = temp("order");
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let stats = Arc::new(ProducerStats::default());
+        let writer = log.writer(stats.clone()).unwrap();
+        assert_eq!(writer.send_records(&batch(0, 3)), 3);
+        assert_eq!(writer.send_records(&batch(3, 2)), 2);
+        writer.flush(Duration::from_secs(5)).unwrap();
+        assert_eq!(stats.delivered.load(Ordering::Relaxed), 5);
+        let reader = log.reader().unwrap();
+        reader.seek(Some(1), log.path()).unwrap();
+        let mut polled = Polled::default();
+        reader.poll_into(&mut polled, 100, Duration::from_millis(10)).unwrap();
+        assert_eq!(polled.positions, (1..5).map(|o| (0, o)).collect::<Vec<_>>());
+        let firsts: Vec<u8> = Delimited::new(&polled.records).map(|r| r.unwrap()[0]).collect();
+        assert_eq!(firsts, [1, 2, 3, 4]);
+        writer.close();
+        drop((writer, reader, log));
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        assert_eq!(log.status().end, 5);
+        assert_eq!(read_all(&path).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_reader_wakes_on_a_commit_without_polling() {
+        let path = temp("wake");
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+        let reader = log.reader().unwrap();
+        reader.seek(None, log.path()).unwrap();
+        let waiting = std::thread::spawn(move || {
+            let mut polled = Polled::default();
+            let started = Instant::now();
+            reader.poll_into(&mut polled, 100, Duration::from_secs(10)).unwrap();
+            (polled.positions.len(), started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let sent = Instant::now();
+        writer.send_records(&batch(0, 4));
+        let (n, waited) = waiting.join().unwrap();
+        assert_eq!(n, 4);
+        assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+        assert!(sent.elapsed() < Duration::from_secs(1), "{:?} from append to read", sent.elapsed());
+    }
+
+    #[test]
+    fn a_store_ahead_of_its_log_is_refused_with_both_positions() {
+        let path = temp("ahead");
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+        writer.send_records(&batch(0, 3));
+        writer.flush(Duration::from_secs(5)).unwrap();
+        assert!(log.check_position(Some(3)).is_ok());
+        let err = log.check_position(Some(10)).unwrap_err();
+        assert!(matches!(err, LogError::StoreAhead { store: 10, log_end: 3, .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("10") && text.contains('3') && text.contains("log.sqlite"), "{text}");
+        let reader = log.reader().unwrap();
+        assert!(matches!(reader.seek(Some(4), log.path()), Err(LogError::StoreAhead { store: 4, log_end: 3, .. })));
+    }
+
+    #[test]
+    fn retention_deletes_committed_batches_and_keeps_uncommitted_ones() {
+        let path = temp("retention");
+        // Every batch is past its age at once; only the store's position holds them.
+        let config = LogConfig { retention_ms: 0, ..LogConfig::default() };
+        let log = LocalLog::open(&path, &config).unwrap();
+        let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+        for i in 0..4 {
+            writer.send_records(&batch(i * 10, 10));
+            writer.flush(Duration::from_secs(5)).unwrap();
+        }
+        log.check_position(Some(20)).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        let mut appender = Appender {
+            conn: connect(&path, &config).unwrap(),
+            shared: log.shared.clone(),
+            config: config.clone(),
+            stats: Arc::new(ProducerStats::default()),
+            last_prune: Instant::now(),
+            path: path.clone(),
+        };
+        appender.prune();
+        let left: Vec<i64> = read_all(&path).unwrap().into_iter().map(|(o, _)| o).collect();
+        assert_eq!(left, (20..40).collect::<Vec<_>>());
+        assert_eq!(log.status().start, 20);
+        assert_eq!(log.dropped(), 0);
+        // Over max_bytes, the oldest uncommitted batch goes too, counted.
+        appender.config = LogConfig { retention_ms: 0, retention_bytes: 0, max_bytes: 500, ..LogConfig::default() };
+        appender.prune();
+        let left: Vec<i64> = read_all(&path).unwrap().into_iter().map(|(o, _)| o).collect();
+        assert_eq!(left, (30..40).collect::<Vec<_>>());
+        assert_eq!(log.dropped(), 10);
+        // The end survives even when every row is gone.
+        appender.config.max_bytes = 0;
+        appender.prune();
+        drop(appender);
+        writer.close();
+        assert_eq!(LocalLog::open(&path, &config).unwrap().status().end, 40);
+    }
+}

@@ -1,0 +1,322 @@
+//! The hand-off between the ingest and process roles: Kafka when `[kafka] brokers` is set, the
+//! [`local`] log in the data directory otherwise.
+//!
+//! [`Writer`] is what ingest appends with (records and dead letters); [`Reader`] is what the process
+//! role reads with. Both count and report in the same terms whichever is behind them: a record is
+//! *sent* when handed over and *delivered* when Kafka acknowledged it or its local batch committed.
+
+pub mod local;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::RejectedFrame;
+use crate::kafka::KafkaError;
+use crate::kafka::consumer::{EventConsumer, PollOutcome, Polled};
+use crate::kafka::producer::{EventProducer, ProducerStats};
+
+/// `[log]`: the local log's durability and retention (used when no Kafka brokers are configured).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Batches older than this are deleted once the store has committed past them.
+    #[serde(default = "defaults::retention_ms")]
+    pub retention_ms: u64,
+    /// Committed batches beyond this many bytes are deleted, oldest first.
+    #[serde(default = "defaults::retention_bytes")]
+    pub retention_bytes: u64,
+    /// The hard cap: past it the oldest batches go even when the store has not read them (counted in
+    /// `sluice_log_dropped_records_total` and logged at ERROR).
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: u64,
+    /// SQLite's `synchronous` for the log: `normal` survives a crash of the process, `full` also a
+    /// power cut, at a sync per commit.
+    #[serde(default)]
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` setting.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Committed batches survive a crash of the process (`kill -9`).
+    #[default]
+    Normal,
+    /// Committed batches survive a power cut too.
+    Full,
+}
+
+impl Synchronous {
+    fn as_str(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            retention_ms: defaults::retention_ms(),
+            retention_bytes: defaults::retention_bytes(),
+            max_bytes: defaults::max_bytes(),
+            synchronous: Synchronous::default(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// Checks what types cannot.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes < self.retention_bytes {
+            return Err(format!(
+                "log.max_bytes ({}) must be at least log.retention_bytes ({})",
+                self.max_bytes, self.retention_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    pub fn retention_ms() -> u64 {
+        24 * 3600 * 1000
+    }
+    pub fn retention_bytes() -> u64 {
+        1 << 30
+    }
+    pub fn max_bytes() -> u64 {
+        4 << 30
+    }
+}
+
+/// Why the hand-off failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// SQLite refused.
+    #[error("local log: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The log file cannot be opened.
+    #[error("local log {path}: {error}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+    /// A file or thread could not be set up.
+    #[error("local log: {0}")]
+    Io(String),
+    /// The store has read past the end of the log it is attached to.
+    #[error(
+        "the store's position {store} is ahead of the end {log_end} of the local log {log}: the log was deleted \
+         or restored from an older copy; reading it from the start would count records twice. Restore the \
+         matching log, or move the store away to start over"
+    )]
+    StoreAhead {
+        /// The store's next offset.
+        store: i64,
+        /// The log's next offset.
+        log_end: i64,
+        /// The log file.
+        log: PathBuf,
+    },
+    /// A committed Kafka offset outside the partition's range.
+    #[error(
+        "the store's position {store} in {topic} partition {partition} is ahead of the partition's end {high}: \
+         the topic was deleted or recreated; reading it from the start would count records twice"
+    )]
+    OffsetAhead {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The store's next offset.
+        store: i64,
+        /// The partition's high watermark.
+        high: i64,
+    },
+    /// Appends had not committed in time.
+    #[error("the local log had not committed everything within {0:?}")]
+    FlushTimeout(Duration),
+    /// Kafka refused.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+impl LogError {
+    fn open(path: &std::path::Path, error: rusqlite::Error) -> Self {
+        LogError::Open { path: path.to_owned(), error }
+    }
+}
+
+/// The stage that refused a dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The decode plugin refused a frame (or the frame was too large).
+    Decode,
+    /// A transform refused a record.
+    Transform,
+}
+
+impl Stage {
+    /// The label value and the `sluice.stage` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Transform => "transform",
+        }
+    }
+}
+
+/// One partition of the hand-off, as `GET /v1/log` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PartitionStatus {
+    /// The partition (0 for the local log).
+    pub partition: i32,
+    /// The first offset the log holds.
+    pub start: i64,
+    /// The next offset to be written.
+    pub end: i64,
+    /// The sink's committed position (the next offset it reads).
+    pub committed: i64,
+    /// `end - committed`.
+    pub lag: i64,
+}
+
+/// The whole hand-off, as `GET /v1/log` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LogStatus {
+    /// `local` or `kafka`.
+    pub mode: &'static str,
+    /// Every partition.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// Where ingest appends.
+pub enum Writer {
+    /// The Kafka producer.
+    Kafka(EventProducer),
+    /// The local log's appender.
+    Local(local::LocalWriter),
+}
+
+impl Writer {
+    /// The delivery counters.
+    pub fn stats(&self) -> &std::sync::Arc<ProducerStats> {
+        match self {
+            Writer::Kafka(p) => p.stats(),
+            Writer::Local(w) => w.stats(),
+        }
+    }
+
+    /// Appends length-delimited records; returns how many were handed over.
+    pub fn send_records(&self, records: &[u8]) -> usize {
+        match self {
+            Writer::Kafka(p) => p.send_records(records),
+            Writer::Local(w) => w.send_records(records),
+        }
+    }
+
+    /// Dead-letters refused input of `stage`, with the source's name and the plugin.
+    pub fn send_reject(&self, reject: &RejectedFrame, source_name: &str, plugin: &str, stage: Stage) {
+        match self {
+            Writer::Kafka(p) => p.send_reject_at(reject, source_name, plugin, stage.as_str()),
+            Writer::Local(w) => w.send_dead_letter(stage, source_name, plugin, &reject.reason, &reject.bytes),
+        }
+    }
+
+    /// Waits until everything handed over is delivered.
+    ///
+    /// # Errors
+    /// When that has not happened within `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), LogError> {
+        match self {
+            Writer::Kafka(p) => Ok(p.flush(timeout)?),
+            Writer::Local(w) => w.flush(timeout),
+        }
+    }
+
+    /// The local log's writer: commits what is queued and stops its thread. Nothing for Kafka.
+    pub fn close(&self) {
+        if let Writer::Local(w) = self {
+            w.close();
+        }
+    }
+}
+
+/// Where the process role reads.
+pub enum Reader {
+    /// A Kafka consumer of the events topic.
+    Kafka(EventConsumer),
+    /// The local log.
+    Local(local::LocalReader, local::LocalLog),
+}
+
+impl Reader {
+    /// The name positions are stored under: the events topic, or [`local::POSITION_TOPIC`].
+    pub fn topic(&self) -> &str {
+        match self {
+            Reader::Kafka(c) => c.topic(),
+            Reader::Local(..) => local::POSITION_TOPIC,
+        }
+    }
+
+    /// Reads up to about `max` records into `out`, waiting at most `timeout` for the first.
+    ///
+    /// # Errors
+    /// When the local log cannot be read (Kafka's errors are logged and counted in the outcome).
+    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> Result<PollOutcome, LogError> {
+        match self {
+            Reader::Kafka(c) => Ok(c.poll_into(out, max, timeout)),
+            Reader::Local(r, _) => r.poll_into(out, max, timeout),
+        }
+    }
+
+    /// Records not read yet.
+    pub fn lag(&self) -> i64 {
+        match self {
+            Reader::Kafka(c) => c.lag(),
+            Reader::Local(r, _) => r.lag(),
+        }
+    }
+
+    /// Positions the reader at a store's committed offsets (`(topic, partition, next)`), reading all
+    /// of `partitions` for Kafka.
+    ///
+    /// # Errors
+    /// A position past the end of the log ([`LogError::StoreAhead`], [`LogError::OffsetAhead`]), or
+    /// an assignment the consumer refuses.
+    pub fn assign(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), LogError> {
+        match self {
+            Reader::Kafka(c) => c.assign_checked(partitions, stored),
+            Reader::Local(r, log) => {
+                let next = stored.iter().find(|(t, p, _)| t == local::POSITION_TOPIC && *p == 0).map(|s| s.2);
+                r.seek(next, log.path())
+            }
+        }
+    }
+
+    /// Called after the sink committed `offsets`, so the local log's retention may delete below them.
+    pub fn committed(&self, offsets: &[(&str, i32, i64)]) {
+        if let Reader::Local(r, _) = self {
+            for (_, _, next) in offsets {
+                r.committed(*next);
+            }
+        }
+    }
+
+    /// The Kafka consumer, for sinks that commit through its group (Druid).
+    pub fn kafka(&self) -> Option<&EventConsumer> {
+        match self {
+            Reader::Kafka(c) => Some(c),
+            Reader::Local(..) => None,
+        }
+    }
+}

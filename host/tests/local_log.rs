@@ -1,0 +1,249 @@
+//! The embedded default end to end, with the real binary: `sluice run` on the local log (no Kafka
+//! brokers), fed by the feed simulator on loopback, killed with SIGKILL three times in one stream and
+//! started again on the same data directory each time, then stopped cleanly. What the log holds is
+//! then compared with what the store rolled up, and with what the simulator sent.
+//!
+//! Also: a store whose log is gone is refused with both positions, and the idle demo costs almost no
+//! CPU.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use plugin_sdk::StreamDataView;
+use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use sluice::sink::embedded::QueryConnection;
+
+/// A `sluice` child, killed with SIGKILL if the test ends without stopping it.
+struct Child9(Option<Child>);
+
+impl Child9 {
+    fn run(config: &std::path::Path, log: &std::path::Path) -> Child9 {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "sluice=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Child9(Some(child))
+    }
+
+    fn kill_9(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn interrupt(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{status}");
+        }
+    }
+}
+
+impl Drop for Child9 {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-local-log-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_config(dir: &std::path::Path, sim: &FeedSim) -> std::path::PathBuf {
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[api]
+bind = "127.0.0.1:0"
+
+[process]
+max_wait_ms = 100
+
+[[source]]
+name = "binance"
+url = "{binance}"
+plugin = "binance"
+subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
+
+[[source]]
+name = "coinbase"
+url = "{coinbase}"
+plugin = "coinbase"
+subscribe = ['{{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}}']
+"#,
+            dir = dir.display(),
+            binance = sim.url(Venue::Binance),
+            coinbase = sim.url(Venue::Coinbase),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Rolled-up events and exact quantity sums per (source, symbol).
+fn rolled_up(store: &std::path::Path) -> BTreeMap<(String, String), (i64, i64)> {
+    let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
+    let sql = "SELECT source, symbol, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY source, symbol";
+    q.query(sql, 1000)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            ((text("source"), text("symbol")), (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
+        })
+        .collect()
+}
+
+fn total(m: &BTreeMap<(String, String), (i64, i64)>) -> i64 {
+    m.values().map(|v| v.0).sum()
+}
+
+/// The store's committed position in the local log.
+fn store_position(store: &std::path::Path) -> Option<i64> {
+    let q = QueryConnection::open(store).ok()?;
+    let rows = q.query("SELECT next_offset FROM consumer_offsets WHERE topic = 'sluice.local-log'", 1).ok()?;
+    rows.first()?["next_offset"].as_i64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
+    let sim =
+        FeedSim::start(FeedSimConfig { trades_per_second: 120.0, record_trades: true, ..FeedSimConfig::default() })
+            .await
+            .unwrap();
+    let dir = temp_dir("kill");
+    let config = write_config(&dir, &sim);
+    let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
+    let mut run = Child9::run(&config, &log);
+    // Kills at different moments of the stream: each after the store has moved on by a different
+    // amount, so they land in the middle of reads, transforms and commits.
+    for (kill, wait_for) in [(1, 150), (2, 330), (3, 410)] {
+        let before = total(&rolled_up(&store));
+        let start = Instant::now();
+        while total(&rolled_up(&store)) < before + wait_for {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(start.elapsed() < Duration::from_secs(90), "no progress before kill {kill}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run.kill_9();
+        run = Child9::run(&config, &log);
+    }
+    // The stream goes on for a while after the last restart, then the venue stops, so the last
+    // incarnation reads and rolls up everything it was sent.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let handle = sim.handle();
+    sim.shutdown().await;
+    let sent: BTreeMap<String, sluice::feedsim::IdSet> =
+        [(Venue::Binance, "BTCUSDT"), (Venue::Binance, "ETHUSDT"), (Venue::Coinbase, "BTC-USD")]
+            .iter()
+            .map(|(venue, symbol)| (symbol.to_string(), handle.sent_ids(*venue, symbol)))
+            .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    run.interrupt();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("role=All").count(), 4, "four starts:\n{text}");
+
+    // What the log holds, read with its own symbol dictionary; source ids are config positions.
+    let records = sluice::log::local::read_all(&log_file).unwrap();
+    let offsets: Vec<i64> = records.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, (0..records.len() as i64).collect::<Vec<_>>(), "the log's offsets have holes");
+    let names = rusqlite::Connection::open(&log_file).unwrap();
+    let mut stmt = names.prepare("SELECT id, name FROM symbols").unwrap();
+    let symbols: BTreeMap<u32, String> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    let sources = ["binance", "coinbase"];
+    let mut logged: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for (offset, bytes) in &records {
+        let v = StreamDataView::parse(bytes).unwrap_or_else(|e| panic!("record {offset}: {e}"));
+        let source = sources[v.source_id as usize - 1].to_owned();
+        let symbol = symbols[&v.symbol_id].clone();
+        assert!(ids.insert((symbol.clone(), v.trade_id)), "trade {symbol} {} is in the log twice", v.trade_id);
+        assert!(sent[&symbol].contains(v.trade_id), "trade {symbol} {} was never sent", v.trade_id);
+        let e = logged.entry((source, symbol)).or_default();
+        e.0 += 1;
+        e.1 += v.volume_e8;
+    }
+    assert!(records.len() > 850, "only {} records logged", records.len());
+    // Every record the log holds is rolled up exactly once, per source and symbol, and the store's
+    // position is the log's end.
+    assert_eq!(rolled_up(&store), logged, "rolled up vs logged\n{text}");
+    assert_eq!(store_position(&store), Some(records.len() as i64));
+
+    // A store whose log is gone is refused, naming both positions, and nothing is rolled up again.
+    for f in ["log.sqlite", "log.sqlite-wal", "log.sqlite-shm"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--config"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let want = format!("the store's position {} is ahead of the end 0 of the local log", records.len());
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(rolled_up(&store), logged);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// utime + stime of `pid`, in clock ticks, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; the fields after it are space-separated.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn the_idle_demo_costs_under_a_tenth_of_a_core() {
+    let dir = temp_dir("idle");
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--rate", "0", "--api-addr", &api.to_string(), "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child9(Some(child));
+    let pid = child.0.as_ref().unwrap().id();
+    // Started: the API answers and all three sources are connected.
+    let start = Instant::now();
+    loop {
+        let up = std::net::TcpStream::connect(api).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer.starts_with("HTTP/1.1 200")
+        });
+        if up {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the demo did not become ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_secs(30));
+    let (elapsed, used) = (t0.elapsed().as_secs_f64(), (cpu_ticks(pid) - c0) as f64 / ticks_per_second);
+    let share = used / elapsed;
+    child.interrupt();
+    eprintln!("the idle demo used {:.2} % of a core over {elapsed:.0} s", share * 100.0);
+    assert!(share < 0.10, "the idle demo used {:.1} % of a core over {elapsed:.0} s", share * 100.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
