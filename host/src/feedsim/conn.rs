@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::stream::{self, BoxStream, SelectAll};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::RecvError;
@@ -29,6 +29,9 @@ use super::{Control, Shared, Venue, stopped};
 
 /// Client messages are small subscription requests; anything bigger is refused by tungstenite.
 const MAX_CLIENT_MESSAGE_BYTES: usize = 64 << 10;
+/// Most trade frames written to one connection before a flush.
+const TRADE_BURST: usize = 64;
+
 /// How long a client may take to send its HTTP upgrade request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for the client's close frame.
@@ -212,15 +215,7 @@ impl Connection {
             Event::Message(Some(Ok(Message::Binary(bytes)))) => self.request(&String::from_utf8_lossy(&bytes)).await,
             // tungstenite answers pings and close frames itself (pings unless filtered out).
             Event::Message(Some(Ok(_))) => Ok(()),
-            Event::Trade((feed, Ok(frame))) => {
-                self.send(frame.text.clone()).await?;
-                feed.record_sent(frame.ids.clone());
-                Ok(())
-            }
-            Event::Trade((feed, Err(missed))) => {
-                warn!(venue = %feed.venue, symbol = %feed.symbol, missed, "feedsim client too slow, dropping it");
-                Err(Stop("client too slow"))
-            }
+            Event::Trade(delivery) => self.send_trades(delivery).await,
             Event::Control(Ok(control)) => self.control(control).await,
             Event::Control(Err(RecvError::Lagged(_))) => Ok(()),
             Event::Control(Err(RecvError::Closed)) => Err(Stop("simulator gone")),
@@ -288,6 +283,49 @@ impl Connection {
             feeds.push(feed);
         }
         feeds
+    }
+
+    /// Sends a trade frame and the ones already waiting behind it (up to [`TRADE_BURST`]) with one
+    /// flush, so a busy feed costs one write per burst rather than one per frame. They count as sent
+    /// once the flush has gone through.
+    async fn send_trades(&mut self, first: Delivery) -> Result<(), Stop> {
+        let mut fed: Vec<(Arc<Feed>, Arc<Frame>)> = Vec::new();
+        let mut next = Some(first);
+        while let Some((feed, item)) = next.take() {
+            let frame = match item {
+                Ok(frame) => frame,
+                Err(missed) => {
+                    warn!(venue = %feed.venue, symbol = %feed.symbol, missed, "feedsim client too slow, dropping it");
+                    return Err(Stop("client too slow"));
+                }
+            };
+            let message = Message::Text(frame.text.clone());
+            tokio::select! {
+                done = self.ws.feed(message) => done.map_err(|e| {
+                    debug!(error = %e, "feedsim connection write failed");
+                    Stop("write failed")
+                })?,
+                _ = self.drops.changed() => return Err(Stop(DROPPED)),
+                _ = stopped(&mut self.shutdown) => return Err(Stop(SHUT_DOWN)),
+            }
+            fed.push((feed, frame));
+            if fed.len() < TRADE_BURST {
+                next = self.trades.next().now_or_never().flatten();
+            }
+        }
+        tokio::select! {
+            done = self.ws.flush() => done.map_err(|e| {
+                debug!(error = %e, "feedsim connection write failed");
+                Stop("write failed")
+            })?,
+            _ = self.drops.changed() => return Err(Stop(DROPPED)),
+            _ = stopped(&mut self.shutdown) => return Err(Stop(SHUT_DOWN)),
+        }
+        self.shared.frames_sent.fetch_add(fed.len() as u64, Ordering::Relaxed);
+        for (feed, frame) in fed {
+            feed.record_sent(frame.ids.clone());
+        }
+        Ok(())
     }
 
     /// Sends one text frame; gives up if the connection is dropped or the simulator stops meanwhile

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason    TEXT    NOT NULL,
     bytes     BLOB    NOT NULL
 );
+CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
 CREATE TABLE IF NOT EXISTS symbols (
     id   INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT    NOT NULL UNIQUE
@@ -470,21 +471,27 @@ impl Appender {
         }
     }
 
+    /// Every query here walks the primary key from the log's start and touches only the rows it
+    /// deletes (plus one), so its cost does not grow with the log.
     fn try_prune(&mut self) -> rusqlite::Result<()> {
         let committed = self.shared.committed.load(Ordering::SeqCst);
         let cutoff_ms = crate::source::now_us() / 1000 - i64::try_from(self.config.retention_ms).unwrap_or(i64::MAX);
         let tx = self.conn.transaction()?;
-        // Committed rows past their age.
-        let (aged, aged_bytes): (i64, i64) = tx.query_row(
-            "SELECT count(*), coalesce(sum(size), 0) FROM batches WHERE base + count <= ?1 AND appended_ms < ?2",
-            params![committed, cutoff_ms],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        // Rows are appended in offset order with rising times: the first row young enough to keep
+        // bounds the aged ones, and the store's position bounds the committed ones.
+        let young: Option<i64> = tx
+            .prepare_cached("SELECT base FROM batches WHERE appended_ms >= ?1 ORDER BY base LIMIT 1")?
+            .query_row([cutoff_ms], |r| r.get(0))
+            .optional()?;
+        let below = young.unwrap_or(i64::MAX).min(committed);
+        let (aged, aged_bytes): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM batches WHERE base < ?1 AND base + count <= ?2",
+            )?
+            .query_row(params![below, committed], |r| Ok((r.get(0)?, r.get(1)?)))?;
         if aged > 0 {
-            tx.execute(
-                "DELETE FROM batches WHERE base + count <= ?1 AND appended_ms < ?2",
-                params![committed, cutoff_ms],
-            )?;
+            tx.prepare_cached("DELETE FROM batches WHERE base < ?1 AND base + count <= ?2")?
+                .execute(params![below, committed])?;
         }
         let mut bytes = self.shared.bytes.load(Ordering::Relaxed).saturating_sub(aged_bytes as u64);
         // Oldest first while over the size: committed rows down to retention_bytes, any row down to
@@ -493,9 +500,8 @@ impl Appender {
         let mut dropped_rows = 0i64;
         while bytes > self.config.retention_bytes {
             let Some((base, count, size)) = tx
-                .query_row("SELECT base, count, size FROM batches ORDER BY base LIMIT 1", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                })
+                .prepare_cached("SELECT base, count, size FROM batches ORDER BY base LIMIT 1")?
+                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
                 .optional()?
             else {
                 break;
@@ -504,13 +510,13 @@ impl Appender {
             if uncommitted > 0 && bytes <= self.config.max_bytes {
                 break;
             }
-            tx.execute("DELETE FROM batches WHERE base = ?1", [base])?;
+            tx.prepare_cached("DELETE FROM batches WHERE base = ?1")?.execute([base])?;
             bytes = bytes.saturating_sub(size as u64);
             dropped += uncommitted;
             dropped_rows += i64::from(uncommitted > 0);
         }
-        let dead_cutoff = tx.execute("DELETE FROM dead_letters WHERE at_ms < ?1", [cutoff_ms])?;
-        let start: Option<i64> = tx.query_row("SELECT min(base) FROM batches", [], |r| r.get(0))?;
+        let dead_cutoff = tx.prepare_cached("DELETE FROM dead_letters WHERE at_ms < ?1")?.execute([cutoff_ms])?;
+        let start: Option<i64> = tx.prepare_cached("SELECT min(base) FROM batches")?.query_row([], |r| r.get(0))?;
         tx.commit()?;
         self.shared.bytes.store(bytes, Ordering::Relaxed);
         self.shared.start.store(start.unwrap_or_else(|| self.shared.end()), Ordering::SeqCst);
