@@ -197,14 +197,13 @@ fn main() {
         });
         let q = |x| stats.batch_latency.quantile(x).unwrap_or_default().as_secs_f64() * 1000.0;
         println!(
-            "input {rate} records/s for {seconds} s: stored {} in {:.1} s; batch latency p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} batches (target {} ms)",
+            "input {rate} records/s for {seconds} s: stored {} in {:.1} s; batch latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} batches",
             stats.stored.load(Ordering::Relaxed),
             elapsed.as_secs_f64(),
             q(0.5),
             q(0.99),
             q(1.0),
             stats.flushes.load(Ordering::Relaxed),
-            ProcessSettings::default().batch.target_latency.as_millis(),
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

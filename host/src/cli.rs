@@ -51,6 +51,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve simulated venue feeds on loopback until Ctrl-C.
     Feedsim(FeedsimArgs),
+    /// The load tool: N simulated feeds at R trades/s for T seconds through the whole pipeline on
+    /// embedded defaults, with throughput, drops, gaps, receive-to-commit latency, CPU and memory
+    /// every second and at the end. Exits non-zero when anything was dropped or missing.
+    Bench(BenchArgs),
     /// Run the roles (ingest, process or both) from a configuration file until Ctrl-C or SIGTERM.
     Run(RunArgs),
     /// Check a configuration file and print the effective configuration, defaults filled in.
@@ -93,6 +97,26 @@ pub struct DemoArgs {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub api_addr: std::net::SocketAddr,
+}
+
+/// Arguments of `sluice bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Simulated feeds (venue and symbol pairs), spread over Binance, Coinbase and Kraken in turn.
+    #[arg(long, default_value_t = 7)]
+    pub feeds: usize,
+    /// Trades per second offered, in total over all feeds.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub rate: f64,
+    /// How long to offer them.
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// Seconds at the start left out of the totals and percentiles (connections, plugins warming up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+    /// Where the local log and the store go (a fresh temporary directory by default).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Arguments of `sluice feedsim`.
@@ -158,6 +182,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => runtime()?.block_on(demo(args)),
+        Command::Bench(args) => runtime()?.block_on(bench(args)),
         Command::Run(args) => {
             let mut config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
             if let Some(addr) = args.api_addr {
@@ -765,6 +790,7 @@ async fn start_process(
         batch: crate::batch::BatchConfig {
             max_rows: config.process.max_batch_rows,
             max_wait: Duration::from_millis(config.process.max_wait_ms),
+            linger: Duration::from_micros(config.process.linger_us),
             ..crate::batch::BatchConfig::default()
         },
         health: Some(health),
@@ -947,14 +973,38 @@ fn demo_token() -> crate::api::Secret {
     })
 }
 
+/// One source per venue, named after it, subscribed to `symbols` on the simulator in the venue's own
+/// subscribe message, decoded by the bundled plugin of the same name.
+fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig> {
+    let list = |items: Vec<String>| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
+    venues
+        .iter()
+        .filter(|(_, symbols)| !symbols.is_empty())
+        .map(|(venue, symbols)| {
+            let symbols: Vec<String> = symbols.iter().map(|s| s.to_string()).collect();
+            let subscribe = match venue {
+                Venue::Binance => format!(
+                    r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#,
+                    list(symbols.iter().map(|s| format!("{}@aggTrade", s.to_lowercase())).collect())
+                ),
+                Venue::Coinbase => {
+                    format!(r#"{{"type":"subscribe","product_ids":[{}],"channels":["matches"]}}"#, list(symbols))
+                }
+                Venue::Kraken => {
+                    format!(r#"{{"event":"subscribe","pair":[{}],"subscription":{{"name":"trade"}}}}"#, list(symbols))
+                }
+            };
+            let name = venue.to_string();
+            let mut s = SourceConfig::new(&name, &sim.url(*venue), &name);
+            s.subscribe = vec![subscribe];
+            s
+        })
+        .collect()
+}
+
 /// `sluice demo`: simulator → sources → wasm decode → embedded broker, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
-    let source = |name: &str, venue: Venue, subscribe: &str| {
-        let mut s = SourceConfig::new(name, &sim.url(venue), name);
-        s.subscribe = vec![subscribe.to_owned()];
-        s
-    };
     let config = Config {
         data_dir: args.data_dir,
         api: crate::api::ApiConfig {
@@ -962,23 +1012,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             token: Some(demo_token()),
             ..crate::api::ApiConfig::default()
         },
-        sources: vec![
-            source(
-                "binance",
-                Venue::Binance,
-                r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade","solusdt@aggTrade"],"id":1}"#,
-            ),
-            source(
-                "coinbase",
-                Venue::Coinbase,
-                r#"{"type":"subscribe","product_ids":["BTC-USD","ETH-USD"],"channels":["matches"]}"#,
-            ),
-            source(
-                "kraken",
-                Venue::Kraken,
-                r#"{"event":"subscribe","pair":["XBT/USD","ETH/USD"],"subscription":{"name":"trade"}}"#,
-            ),
-        ],
+        sources: venue_sources(
+            &sim,
+            &[
+                (Venue::Binance, &["BTCUSDT", "ETHUSDT", "SOLUSDT"]),
+                (Venue::Coinbase, &["BTC-USD", "ETH-USD"]),
+                (Venue::Kraken, &["XBT/USD", "ETH/USD"]),
+            ],
+        ),
         ..Config::default()
     };
     let running = start(&config, Role::All).await?;
@@ -1044,6 +1085,179 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     for row in rows {
         let cells: Vec<String> = row.values().map(|v| v.to_string()).collect();
         println!("  {}", cells.join("  "));
+    }
+    Ok(())
+}
+
+/// CPU time (user and system) this process has used, and its resident memory, from `/proc/self`.
+fn own_usage() -> (Duration, u64) {
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which may hold spaces: utime and stime are the 12th and
+            // 13th, in clock ticks (USER_HZ, 100 on Linux).
+            let rest = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .map_or(Duration::ZERO, |ticks| Duration::from_millis(ticks * 10));
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split(' ').nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096);
+    (cpu, rss)
+}
+
+/// One line of the load tool's report.
+struct BenchLine<'a> {
+    label: &'a str,
+    offered: f64,
+    achieved: f64,
+    dropped: u64,
+    gaps: u64,
+    committed: u64,
+    latency: &'a hdrhistogram::Histogram<u64>,
+    cpu: f64,
+    rss: u64,
+}
+
+impl std::fmt::Display for BenchLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |q: f64| {
+            if self.latency.is_empty() { f64::NAN } else { self.latency.value_at_quantile(q) as f64 / 1000.0 }
+        };
+        let max = if self.latency.is_empty() { f64::NAN } else { self.latency.max() as f64 / 1000.0 };
+        write!(
+            f,
+            "{:>5} {:>9.0} {:>9.0} {:>8} {:>8} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5.0} {:>6}",
+            self.label,
+            self.offered,
+            self.achieved,
+            self.dropped,
+            self.gaps,
+            self.committed,
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            max,
+            self.cpu * 100.0,
+            self.rss >> 20
+        )
+    }
+}
+
+/// `sluice bench`: the load tool (see [`Command::Bench`]).
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.feeds == 0 || args.rate <= 0.0 || args.seconds <= args.warmup {
+        bail!("--feeds and --rate must be positive and --seconds longer than --warmup");
+    }
+    let per_feed = args.rate / args.feeds as f64;
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: per_feed, ..FeedSimConfig::default() }).await?;
+    let names: Vec<(Venue, String)> = (0..args.feeds)
+        .map(|i| match i % 3 {
+            0 => (Venue::Binance, format!("S{i}USDT")),
+            1 => (Venue::Coinbase, format!("S{i}-USD")),
+            _ => (Venue::Kraken, format!("S{i}/USD")),
+        })
+        .collect();
+    let of = |venue: Venue| names.iter().filter(|(v, _)| *v == venue).map(|(_, s)| s.as_str()).collect::<Vec<_>>();
+    let (binance, coinbase, kraken) = (of(Venue::Binance), of(Venue::Coinbase), of(Venue::Kraken));
+    let temp = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
+    let config = Config {
+        data_dir: data_dir.clone(),
+        api: crate::api::ApiConfig { bind: ([127, 0, 0, 1], 0).into(), ..crate::api::ApiConfig::default() },
+        sources: venue_sources(
+            &sim,
+            &[(Venue::Binance, &binance), (Venue::Coinbase, &coinbase), (Venue::Kraken, &kraken)],
+        ),
+        ..Config::default()
+    };
+    let running = start(&config, Role::All).await?;
+    let stats = running.process.as_ref().context("no process role")?.stats.clone();
+    println!(
+        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} (the simulator runs in this process; CPU counts it)",
+        args.feeds, args.rate, args.seconds, running.handoff
+    );
+    println!(
+        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>6}",
+        "s",
+        "offered/s",
+        "achieved",
+        "dropped",
+        "gaps",
+        "committed",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "max ms",
+        "cpu%",
+        "rss MB"
+    );
+    let mut total = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let _ = stats.receive_to_commit.take();
+    let (mut last_cpu, _) = own_usage();
+    let mut last_committed = running.stored();
+    let (mut window_cpu, mut window_start_committed) = (Duration::ZERO, 0);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut measured = 0u64;
+    for second in 1..=args.seconds {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => break,
+        }
+        let latency = stats.receive_to_commit.take();
+        let (cpu, rss) = own_usage();
+        let [_, dropped, _, _, _, gaps, _] = running.counts();
+        let committed = running.stored();
+        if second == args.warmup {
+            window_start_committed = committed;
+        }
+        if second > args.warmup {
+            total.add(&latency)?;
+            window_cpu += cpu.saturating_sub(last_cpu);
+            measured += 1;
+        }
+        let line = BenchLine {
+            label: &second.to_string(),
+            offered: args.rate,
+            achieved: committed.saturating_sub(last_committed) as f64,
+            dropped,
+            gaps,
+            committed,
+            latency: &latency,
+            cpu: cpu.saturating_sub(last_cpu).as_secs_f64(),
+            rss,
+        };
+        println!("{line}");
+        (last_cpu, last_committed) = (cpu, committed);
+    }
+    let [_, dropped, _, _, _, gaps, _] = running.counts();
+    let committed = running.stored();
+    let (_, rss) = own_usage();
+    let seconds = measured.max(1) as f64;
+    let line = BenchLine {
+        label: "all",
+        offered: args.rate,
+        achieved: committed.saturating_sub(window_start_committed) as f64 / seconds,
+        dropped,
+        gaps,
+        committed,
+        latency: &total,
+        cpu: window_cpu.as_secs_f64() / seconds,
+        rss,
+    };
+    println!("{line}");
+    println!("(\"all\": the {measured} s after the warm-up; latency is receive to commit, per row)");
+    running.stop().await?;
+    sim.shutdown().await;
+    if args.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    if dropped > 0 || gaps > 0 {
+        bail!("{dropped} frames were dropped and {gaps} trade ids are missing");
     }
     Ok(())
 }

@@ -100,9 +100,13 @@ pub struct ProcessConfig {
     /// Most rows in one batch to the sink.
     #[serde(default = "defaults::max_batch_rows")]
     pub max_batch_rows: usize,
-    /// Longest a row waits for its batch, in milliseconds.
+    /// The longest a row may wait for its batch: an upper bound, never aimed at (batches are flushed
+    /// as soon as the sink is free).
     #[serde(default = "defaults::max_wait_ms")]
     pub max_wait_ms: u64,
+    /// How long rows reaching an idle sink wait for more before their batch is flushed.
+    #[serde(default = "defaults::linger_us")]
+    pub linger_us: u64,
 }
 
 impl Default for ProcessConfig {
@@ -112,6 +116,7 @@ impl Default for ProcessConfig {
             instance: defaults::instance(),
             max_batch_rows: defaults::max_batch_rows(),
             max_wait_ms: defaults::max_wait_ms(),
+            linger_us: defaults::linger_us(),
         }
     }
 }
@@ -324,6 +329,9 @@ pub(crate) mod defaults {
     }
     pub fn max_batch_rows() -> usize {
         100_000
+    }
+    pub fn linger_us() -> u64 {
+        1000
     }
     pub fn max_wait_ms() -> u64 {
         1000

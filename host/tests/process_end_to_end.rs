@@ -58,11 +58,7 @@ fn process_until(
     let dlq = Writer::Kafka(EventProducer::new(kafka, bootstrap).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
-    let settings = ProcessSettings {
-        partitions: 3,
-        batch: BatchConfig { target_latency: Duration::from_millis(100), ..BatchConfig::default() },
-        ..ProcessSettings::default()
-    };
+    let settings = ProcessSettings { partitions: 3, batch: BatchConfig::default(), ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -276,7 +272,7 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
         partitions: 1,
         max_poll_records: 100,
         // Every poll is committed as soon as it went through.
-        batch: BatchConfig { max_rows: 10, min_rows: 1, ..BatchConfig::default() },
+        batch: BatchConfig { max_rows: 10, ..BatchConfig::default() },
         breaker: BreakerConfig { failure_threshold: 2, cool_down_ms: 50, max_cool_down_ms: 50 },
         ..ProcessSettings::default()
     };

@@ -1,5 +1,5 @@
 //! The operator page in a real browser: `sluice run` from a TOML file (the feed simulator on loopback,
-//! the embedded broker), the page at `/` opened in headless Chromium, and what the page shows read over
+//! the local log), the page at `/` opened in headless Chromium, and what the page shows read over
 //! the DevTools protocol several times from the same document, so the count it shows must be live and
 //! the page must refresh itself.
 //!
@@ -51,6 +51,10 @@ const SNAPSHOT: &str = r#"JSON.stringify({
     sources: document.getElementById("sources")?.textContent,
     plugins: document.getElementById("plugins")?.textContent,
     series: document.getElementById("series")?.textContent,
+    lag: document.getElementById("log-lag")?.textContent,
+    p50: document.getElementById("p50")?.textContent,
+    p99: document.getElementById("p99")?.textContent,
+    log: document.getElementById("log")?.textContent,
 })"#;
 
 /// `/usr/bin/chromium`, or `chromium` on the `PATH`.
@@ -277,10 +281,12 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     let later = loop {
         let seen = page.snapshot().await;
         let grew = shown_total(&seen).is_some_and(|n| n > first_total);
-        if grew && seen["series"].as_str().unwrap().contains("BTCUSDT") && seen["ready"] == "ready" {
+        // p99 receive to commit, from /metrics, over the rows committed since the last refresh.
+        let p99 = seen["p99"].as_str().and_then(|p| p.parse::<f64>().ok());
+        if grew && seen["series"].as_str().unwrap().contains("BTCUSDT") && seen["ready"] == "ready" && p99.is_some() {
             break seen;
         }
-        check_deadline(deadline, "the count to grow, the series and readiness", &seen);
+        check_deadline(deadline, "the count to grow, the series, readiness and latency", &seen);
         tokio::time::sleep(POLL).await;
     };
     assert_eq!(later["origin"], first["origin"], "the page was loaded again instead of refreshing itself");
@@ -288,6 +294,12 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert!(sources.contains("binance") && sources.contains("up"), "{later}");
     // `/v1/plugins` answered, or the page said it could not.
     assert_ne!(later["plugins"], "loading", "{later}");
+    // The local log's lag is a number, and the log line names the mode and the committed offset.
+    assert!(later["lag"].as_str().unwrap().parse::<u64>().is_ok(), "{later}");
+    assert!(later["log"].as_str().unwrap().starts_with("local log: 1 partition(s)"), "{later}");
+    let (p50, p99): (f64, f64) =
+        (later["p50"].as_str().unwrap().parse().unwrap(), later["p99"].as_str().unwrap().parse().unwrap());
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 10_000.0, "{later}");
     eprintln!("the page counted {first_total} records, then {}", later["total"]);
     sim.shutdown().await;
 }

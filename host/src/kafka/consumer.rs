@@ -112,6 +112,11 @@ impl EventConsumer {
             // committed offsets, which is what dropping uncommitted rows on a rebalance relies on.
             .set("partition.assignment.strategy", "range,roundrobin")
             // A killed instance's partitions move to the others after this long without heartbeats.
+            // A fetch returns as soon as any record is there; with none it is held at the broker for up
+            // to 100 ms (not polled again at once), so an idle consumer is cheap and a busy one waits
+            // for nothing.
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", "100")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "2000");
         for (k, v) in &config.options {

@@ -60,7 +60,8 @@ pub struct KafkaConfig {
     /// `lz4`, `zstd`, `snappy`, `gzip` or `none`.
     #[serde(default = "defaults::compression")]
     pub compression: String,
-    /// How long the producer waits to fill a batch.
+    /// How long the producer waits to fill a batch: short, since batches also fill while the previous
+    /// one is in flight.
     #[serde(default = "defaults::linger_ms")]
     pub linger_ms: u64,
     /// Largest producer batch in bytes.
@@ -116,7 +117,7 @@ mod defaults {
         "lz4".into()
     }
     pub fn linger_ms() -> u64 {
-        5
+        1
     }
     pub fn batch_bytes() -> u64 {
         1 << 20
