@@ -117,6 +117,14 @@ pub struct BenchArgs {
     /// Where the local log and the store go (a fresh temporary directory by default).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Hand records over through this Kafka cluster instead of the local log (topics named for
+    /// this run are created).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// With --brokers, deliver to the Druid topic in Kafka transactions instead of the embedded
+    /// store (no Overlord is needed: the spec is generated, its POST fails and is retried).
+    #[arg(long, requires = "brokers")]
+    pub druid: bool,
 }
 
 /// Arguments of `sluice feedsim`.
@@ -1163,7 +1171,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (binance, coinbase, kraken) = (of(Venue::Binance), of(Venue::Coinbase), of(Venue::Kraken));
     let temp = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
-    let config = Config {
+    let mut config = Config {
         data_dir: data_dir.clone(),
         api: crate::api::ApiConfig { bind: ([127, 0, 0, 1], 0).into(), ..crate::api::ApiConfig::default() },
         sources: venue_sources(
@@ -1172,10 +1180,26 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ),
         ..Config::default()
     };
+    if let Some(brokers) = &args.brokers {
+        let run = format!("sluice.bench.{}", std::process::id());
+        config.kafka.brokers = brokers.clone();
+        config.kafka.events_topic = format!("{run}.events");
+        config.kafka.dlq_topic = format!("{run}.dlq");
+        config.kafka.symbols_topic = format!("{run}.symbols");
+        config.process.group = run.clone();
+        if args.druid {
+            config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
+                overlord_url: "http://127.0.0.1:9".into(),
+                topic: format!("{run}.druid"),
+                ..crate::sink::druid::DruidSinkConfig::default()
+            });
+        }
+    }
     let running = start(&config, Role::All).await?;
     let stats = running.process.as_ref().context("no process role")?.stats.clone();
+    let sink = if args.druid { "the Druid topic" } else { "the embedded store" };
     println!(
-        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} (the simulator runs in this process; CPU counts it)",
+        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} into {sink} (the simulator runs in this process; CPU counts it)",
         args.feeds, args.rate, args.seconds, running.handoff
     );
     println!(
@@ -1197,6 +1221,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let _ = stats.receive_to_commit.take();
+    let _ = stats.sink_commit.take();
+    let mut commits = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
     let (mut last_cpu, _) = own_usage();
     let mut last_committed = running.stored();
     let (mut window_cpu, mut window_start_committed) = (Duration::ZERO, 0);
@@ -1215,8 +1241,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         if second == args.warmup {
             window_start_committed = committed;
         }
+        let committing = stats.sink_commit.take();
         if second > args.warmup {
             total.add(&latency)?;
+            commits.add(&committing)?;
             window_cpu += cpu.saturating_sub(last_cpu);
             measured += 1;
         }
@@ -1251,6 +1279,18 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     println!("{line}");
     println!("(\"all\": the {measured} s after the warm-up; latency is receive to commit, per row)");
+    if !commits.is_empty() {
+        let ms = |v: u64| v as f64 / 1000.0;
+        println!(
+            "sink commits: {} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, mean {:.2} ms",
+            commits.len(),
+            commits.len() as f64 / seconds,
+            ms(commits.value_at_quantile(0.5)),
+            ms(commits.value_at_quantile(0.99)),
+            ms(commits.max()),
+            commits.mean() / 1000.0
+        );
+    }
     running.stop().await?;
     sim.shutdown().await;
     if args.data_dir.is_none() {

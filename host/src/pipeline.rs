@@ -447,6 +447,8 @@ pub struct ProcessStats {
     /// Each committed row's receive-to-commit latency since the last [`LatencyRecorder::take`]
     /// (for the load tool; updated once per batch).
     pub receive_to_commit: LatencyRecorder,
+    /// Each sink commit's duration since the last [`LatencyRecorder::take`] (for the load tool).
+    pub sink_commit: LatencyRecorder,
 }
 
 /// Row latencies in microseconds, in an HDR histogram (1 % resolution from 1 µs to an hour), filled
@@ -470,6 +472,12 @@ impl LatencyRecorder {
         for row in rows.iter().filter(|r| r.received_at_us > 0) {
             h.saturating_record((now_us - row.received_at_us).max(1) as u64);
         }
+    }
+
+    /// Records one duration.
+    fn record(&self, d: Duration) {
+        let mut h = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        h.saturating_record((d.as_micros() as u64).max(1));
     }
 
     /// What was recorded since the last call, emptied.
@@ -728,6 +736,7 @@ fn flush(
     }
     let now_us = crate::source::now_us();
     stats.receive_to_commit.record_rows(now_us, pending);
+    stats.sink_commit.record(commit_time);
     if let Some(m) = &settings.metrics {
         observe_commit(&m.process, sink.name(), commit_time, reason, pending, now_us);
     }

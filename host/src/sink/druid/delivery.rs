@@ -30,6 +30,50 @@ pub struct DruidSink {
     /// One encoded row, reused.
     buf: Vec<u8>,
     timeout: Duration,
+    /// Where the transactions' time went since the last report.
+    phases: Phases,
+}
+
+/// Time spent in each phase of the transactions since the last report (logged every 10 s): handing
+/// rows to the client, the offsets round trip to the group coordinator, and the commit (which waits
+/// for the brokers to acknowledge every row and write the commit markers).
+#[derive(Debug)]
+struct Phases {
+    since: std::time::Instant,
+    transactions: u32,
+    rows: usize,
+    produce: Duration,
+    offsets: Duration,
+    commit: Duration,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            since: std::time::Instant::now(),
+            transactions: 0,
+            rows: 0,
+            produce: Duration::ZERO,
+            offsets: Duration::ZERO,
+            commit: Duration::ZERO,
+        }
+    }
+
+    fn report_if_due(&mut self) {
+        if self.since.elapsed() < Duration::from_secs(10) || self.transactions == 0 {
+            return;
+        }
+        let avg = |d: Duration| (d / self.transactions).as_secs_f64() * 1000.0;
+        tracing::info!(
+            transactions = self.transactions,
+            rows = self.rows,
+            produce_ms = format!("{:.1}", avg(self.produce)),
+            send_offsets_ms = format!("{:.1}", avg(self.offsets)),
+            commit_ms = format!("{:.1}", avg(self.commit)),
+            "Druid transactions (average per transaction)"
+        );
+        *self = Phases::new();
+    }
 }
 
 /// The transactional id of process instance `instance` in `group`.
@@ -68,7 +112,13 @@ impl DruidSink {
         producer
             .init_transactions(timeout)
             .map_err(|e| KafkaError::Transaction(format!("init_transactions as {transactional_id}: {e}")))?;
-        Ok(DruidSink { producer, topic: druid.topic.clone(), buf: Vec::with_capacity(128), timeout })
+        Ok(DruidSink {
+            producer,
+            topic: druid.topic.clone(),
+            buf: Vec::with_capacity(128),
+            timeout,
+            phases: Phases::new(),
+        })
     }
 
     fn produce_all(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
@@ -104,8 +154,10 @@ impl DruidSink {
         consumer: &EventConsumer,
     ) -> Result<(), KafkaError> {
         let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
+        let started = std::time::Instant::now();
         self.producer.begin_transaction().map_err(|e| tx("begin", e))?;
         self.produce_all(rows)?;
+        let produced = std::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         for &(topic, partition, next) in offsets {
             tpl.add_partition_offset(topic, partition, Offset::Offset(next))
@@ -113,7 +165,16 @@ impl DruidSink {
         }
         let group = consumer.group_metadata()?;
         self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| tx("send offsets", e))?;
-        self.producer.commit_transaction(self.timeout).map_err(|e| tx("commit", e))
+        let offsets_sent = std::time::Instant::now();
+        self.producer.commit_transaction(self.timeout).map_err(|e| tx("commit", e))?;
+        let p = &mut self.phases;
+        p.transactions += 1;
+        p.rows += rows.len();
+        p.produce += produced - started;
+        p.offsets += offsets_sent - produced;
+        p.commit += offsets_sent.elapsed();
+        p.report_if_due();
+        Ok(())
     }
 }
 
