@@ -279,6 +279,43 @@ async fn a_runaway_query_is_stopped_at_its_deadline_and_frees_its_slot() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// This process's resident memory, in bytes.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm.split(' ').nth(1).unwrap().parse::<u64>().unwrap() * 4096
+}
+
+/// Answers are bounded in bytes, not only in rows: a query that makes huge values is refused with
+/// 422 `result_too_large`, and the process's memory stays bounded with every query slot busy with one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_with_a_huge_answer_is_refused_and_memory_stays_bounded() {
+    let (path, _store) = filled_store("huge");
+    let config = ApiConfig { query_concurrency: 4, ..ApiConfig::default() };
+    let server = Arc::new(Server::start(&config, Some(path.clone()), Arc::new(Health::new())).await);
+    // 20 rows of 10 MB each, and one value of 100 MB.
+    let many = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 20) \
+                SELECT hex(zeroblob(5000000)) AS big FROM n";
+    let one = "SELECT hex(zeroblob(50000000)) AS big";
+    let before = rss_bytes();
+    let mut answers = Vec::new();
+    for sql in [many, one, many, one] {
+        let server = server.clone();
+        answers.push(tokio::spawn(async move { server.query(sql, Some(1000)).await }));
+    }
+    for answer in answers {
+        let (status, body) = answer.await.unwrap();
+        assert_eq!((status, error_code(&body)), (StatusCode::UNPROCESSABLE_ENTITY, "result_too_large"), "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("bytes"), "{body}");
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 150 << 20, "memory grew by {} MiB", grown >> 20);
+    // Ordinary answers still come back.
+    let (status, body) = server.query("SELECT count(*) FROM rollup", None).await;
+    assert_eq!((status, body["rows"].clone()), (StatusCode::OK, json!([[3]])));
+    Arc::into_inner(server).unwrap().stop().await;
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[tokio::test]
 async fn unknown_routes_wrong_methods_and_large_bodies_answer_json() {
     let config = ApiConfig { max_body_bytes: 1024, ..ApiConfig::default() };

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// SQLite refused the statement; the message is SQLite's (400 `bad_sql`).
     #[error("{0}")]
     BadSql(String),
+    /// The answer would be over the byte budget of one query (422 `result_too_large`).
+    #[error("{0}")]
+    ResultTooLarge(String),
     /// The query ran past its deadline and was interrupted (504 `query_timeout`).
     #[error("the query did not finish within {} ms and was stopped", .0.as_millis())]
     QueryTimeout(Duration),
@@ -93,7 +96,9 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::InvalidPlugin(_) | ApiError::PluginInitFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidPlugin(_) | ApiError::PluginInitFailed(_) | ApiError::ResultTooLarge(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::UnknownPlugin(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
@@ -110,6 +115,7 @@ impl ApiError {
             ApiError::ReadOnly => "read_only",
             ApiError::BadSql(_) => "bad_sql",
             ApiError::QueryTimeout(_) => "query_timeout",
+            ApiError::ResultTooLarge(_) => "result_too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
             ApiError::Unauthorized(_) => "unauthorized",

@@ -22,7 +22,24 @@ pub enum StoreError {
     /// A query that would change the store.
     #[error("only read-only queries are allowed")]
     NotReadOnly,
+    /// The answer would be larger than a query may return.
+    #[error(
+        "the answer is larger than {limit} bytes (one value at most {value_limit} bytes); select fewer rows or columns"
+    )]
+    TooLarge {
+        /// The budget of one answer.
+        limit: usize,
+        /// The largest single value.
+        value_limit: usize,
+    },
 }
+
+/// The most bytes one query answers with (values as text, numbers as 8), so the query slots bound
+/// the memory queries can take.
+pub const ANSWER_BYTES: usize = 8 << 20;
+/// The largest string or blob SQLite makes on a query connection; a larger one fails inside SQLite,
+/// before it is allocated.
+pub const VALUE_BYTES: usize = 1 << 20;
 
 /// One trade as the sink sees it: names resolved, values in fixed point.
 #[derive(Clone, Debug, PartialEq)]
@@ -245,6 +262,7 @@ impl QueryConnection {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, VALUE_BYTES as i32)?;
         Ok(QueryConnection { conn })
     }
 
@@ -285,7 +303,12 @@ impl QueryConnection {
         let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let mut rows = stmt.query([])?;
         let mut out = QueryResult { columns, rows: Vec::new(), truncated: false };
-        while let Some(row) = rows.next()? {
+        let too_large = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::TooBig) => StoreError::TooLarge { limit: ANSWER_BYTES, value_limit: VALUE_BYTES },
+            _ => StoreError::Sqlite(e),
+        };
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().map_err(too_large)? {
             if out.rows.len() >= limit {
                 out.truncated = true;
                 break;
@@ -296,9 +319,19 @@ impl QueryConnection {
                     ValueRef::Null => serde_json::Value::Null,
                     ValueRef::Integer(n) => n.into(),
                     ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
-                    ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+                    ValueRef::Text(t) => {
+                        bytes += t.len();
+                        if bytes > ANSWER_BYTES {
+                            return Err(StoreError::TooLarge { limit: ANSWER_BYTES, value_limit: VALUE_BYTES });
+                        }
+                        String::from_utf8_lossy(t).into_owned().into()
+                    }
                     ValueRef::Blob(b) => b.len().into(),
                 });
+                bytes += 8;
+            }
+            if bytes > ANSWER_BYTES {
+                return Err(StoreError::TooLarge { limit: ANSWER_BYTES, value_limit: VALUE_BYTES });
             }
             out.rows.push(values);
         }
