@@ -616,7 +616,9 @@ pub fn run_process(
                 return Err(breaker_open(*source, names, settings));
             }
             let out = match t.transform(input) {
-                Ok(out) if out.failed_calls == 0 => {
+                // Isolated failures (retry and bisection found the records that fail) are the
+                // plugin working: those records are dead-lettered and the poll is committed.
+                Ok(out) if !out.failed_entirely() => {
                     breaker.record_success();
                     out
                 }

@@ -32,6 +32,18 @@ pub struct TransformedBatch {
     pub rejects: Vec<RejectedRecord>,
     /// Failed calls (traps, timeouts, limits) on the way, retries and bisection included.
     pub failed_calls: u64,
+    /// Records refused because every call that held them failed (bisected down to the record).
+    pub failed_records: usize,
+    /// Records in the batch.
+    pub records_in: usize,
+}
+
+impl TransformedBatch {
+    /// The plugin failed as a whole: calls failed and no record got through a working call. A batch
+    /// in which retry and bisection isolated the records that fail is the plugin working.
+    pub fn failed_entirely(&self) -> bool {
+        self.failed_calls > 0 && self.failed_records >= self.records_in
+    }
 }
 
 /// Runs batches through one plugin, switching to a newly activated version between batches.
@@ -70,6 +82,7 @@ impl Transformer {
             Ok(t) => {
                 let count = Delimited::new(batch).count();
                 self.plugin.code().transform_metrics().records_in.inc_by(count as u64);
+                out.records_in = count;
                 out.records = t.records;
                 out.count = t.count;
                 if !t.rejects.is_empty() {
@@ -89,6 +102,7 @@ impl Transformer {
                 out.failed_calls += 1;
                 let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
                 self.plugin.code().transform_metrics().records_in.inc_by(items.len() as u64);
+                out.records_in = items.len();
                 self.run(&items, 0, false, &mut out)?;
             }
             Err(e) => return Err(e),
@@ -157,6 +171,7 @@ impl Transformer {
                     return self.run(items, base, false, out);
                 }
                 if items.len() == 1 {
+                    out.failed_records += 1;
                     out.rejects.push(RejectedRecord { index: base, bytes: items[0].to_vec(), reason: e.to_string() });
                     return Ok(());
                 }

@@ -364,3 +364,83 @@ fn a_store_ahead_of_its_topic_is_refused() {
     sluice::sink::Sink::attach(&mut store, &consumer, 2).unwrap();
     let _ = std::fs::remove_file(&store_path);
 }
+
+/// An isolated poison record never holds a breaker open: with `failure_threshold = 1`, the batch whose
+/// bisection found the one trapping record still counts as the plugin working. The poison record is
+/// dead-lettered, its poll is committed, and every other record reaches the store. (Read from the
+/// local log, which needs no broker.)
+#[test]
+fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
+    let dir = std::env::temp_dir().join(format!("sluice-poison-breaker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
+    let writer = Writer::Local(log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap());
+    let symbols = Arc::new(Symbols::new());
+    let mut records = Records::new();
+    for i in POISON - 50..POISON + 50 {
+        records.push(&trade(i, &symbols));
+    }
+    writer.send_records(records.as_bytes());
+    writer.flush(Duration::from_secs(10)).unwrap();
+
+    let rt = Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
+    let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let reader = Reader::Local(log.reader().unwrap(), log.clone());
+    let store_path = dir.join("store.sqlite");
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings {
+        partitions: 1,
+        breaker: BreakerConfig { failure_threshold: 1, ..BreakerConfig::default() },
+        ..ProcessSettings::default()
+    };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let mut breakers = Breakers::default();
+            run_process(
+                &reader,
+                &mut transformers,
+                &mut breakers,
+                &mut store,
+                &names,
+                &writer,
+                &settings,
+                &stats,
+                &stop,
+            )
+        });
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) < 99
+            && start.elapsed() < Duration::from_secs(20)
+            && !runner.is_finished()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap()
+    });
+    assert!(result.is_ok(), "the process role stopped: {:?}", result.err());
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 99);
+    assert_eq!(
+        store.offsets(sluice::log::local::POSITION_TOPIC).unwrap(),
+        vec![(sluice::log::local::POSITION_TOPIC.to_owned(), 0, 100)]
+    );
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let letters = rusqlite::Connection::open(dir.join("log.sqlite")).unwrap();
+    let dead: Vec<Vec<u8>> = letters
+        .prepare("SELECT bytes FROM dead_letters WHERE stage = 'transform'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(StreamDataView::parse(&dead[0]).unwrap().trade_id, POISON);
+    let _ = std::fs::remove_dir_all(&dir);
+}
