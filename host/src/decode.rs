@@ -25,7 +25,15 @@ pub enum Seen {
     Duplicate,
     /// The venue sends no trade ids (0), so nothing can be said.
     Untracked,
+    /// So far from the newest id (more than [`RESET_DISTANCE`] either way) that it cannot be a gap
+    /// or a replay: the venue restarted its numbering, or sent one corrupt id. A new sequence
+    /// starts here.
+    Reset,
 }
+
+/// An id this far from the newest one (either way) starts a new sequence instead of counting as
+/// that many gaps or as a duplicate.
+pub const RESET_DISTANCE: u64 = 1_000_000;
 
 /// How far back (in ids) late arrivals are recognised; older ones count as duplicates.
 const WINDOW: u64 = 4096;
@@ -91,11 +99,17 @@ impl TradeIds {
             self.recent.insert((source, symbol), r);
             return Seen::New { gap: 0 };
         };
+        if trade_id.abs_diff(r.last) > RESET_DISTANCE {
+            *r = Recent { last: trade_id, seen: Box::new([0; (WINDOW / 64) as usize]) };
+            r.mark(trade_id);
+            return Seen::Reset;
+        }
         if trade_id > r.last {
             let gap = trade_id - r.last - 1;
             r.advance(trade_id);
             if gap > 0 {
-                *self.gaps.entry((source, symbol)).or_insert(0) += gap;
+                let g = self.gaps.entry((source, symbol)).or_insert(0);
+                *g = g.saturating_add(gap);
             }
             return Seen::New { gap };
         }
@@ -139,6 +153,8 @@ pub struct SourceCounts {
     pub gaps: u64,
     /// Late records that filled a hole counted before (take them off the gaps).
     pub late: u64,
+    /// Trade-id sequences started again ([`Seen::Reset`]).
+    pub resets: u64,
 }
 
 /// The result of decoding a batch of frames.
@@ -175,6 +191,7 @@ impl DecodedBatch {
             duplicates: a.duplicates + c.duplicates,
             gaps: a.gaps + c.gaps,
             late: a.late + c.late,
+            resets: a.resets + c.resets,
         })
     }
 }
@@ -237,7 +254,8 @@ impl Decoder {
                 let counts = out.counts(frame.source);
                 match seen {
                     Seen::Duplicate => counts.duplicates += 1,
-                    Seen::New { gap } => counts.gaps += gap,
+                    Seen::New { gap } => counts.gaps = counts.gaps.saturating_add(gap),
+                    Seen::Reset => counts.resets += 1,
                     Seen::Late => counts.late += 1,
                     Seen::Untracked => {}
                 }
@@ -303,5 +321,29 @@ mod tests {
         }
         assert_eq!(ids.observe(2, 2, 10 * WINDOW + 2), Seen::New { gap: 1 });
         assert_eq!(ids.observe(2, 2, 10 * WINDOW + 1), Seen::Late);
+    }
+
+    #[test]
+    fn an_id_far_outside_the_window_starts_a_new_sequence() {
+        let mut ids = TradeIds::default();
+        ids.observe(1, 1, 1_000);
+        // One corrupt, huge id: counted as a reset, not as billions of gaps.
+        assert_eq!(ids.observe(1, 1, u64::MAX - 7), Seen::Reset);
+        assert_eq!(ids.gaps(1, 1), 0);
+        // The venue's real ids go on; they start a sequence again rather than being duplicates.
+        assert_eq!(ids.observe(1, 1, 1_001), Seen::Reset);
+        assert_eq!(ids.observe(1, 1, 1_002), Seen::New { gap: 0 });
+        assert_eq!(ids.observe(1, 1, 1_002), Seen::Duplicate);
+        // Two huge jumps in a row do not overflow the gap count (a debug build would panic).
+        assert_eq!(ids.observe(1, 1, u64::MAX / 2), Seen::Reset);
+        assert_eq!(ids.observe(1, 1, u64::MAX), Seen::Reset);
+        // A venue that restarts its numbering from 1.
+        let mut ids = TradeIds::default();
+        ids.observe(2, 1, 50_000_000);
+        assert_eq!(ids.observe(2, 1, 1), Seen::Reset);
+        assert_eq!(ids.observe(2, 1, 2), Seen::New { gap: 0 });
+        // A jump within the reset distance is still a gap, and an old id within it a duplicate.
+        assert_eq!(ids.observe(2, 1, 2 + RESET_DISTANCE), Seen::New { gap: RESET_DISTANCE - 1 });
+        assert_eq!(ids.observe(2, 1, 3), Seen::Duplicate);
     }
 }

@@ -68,6 +68,8 @@ pub struct DecodeStats {
     pub duplicates: AtomicU64,
     /// Trade ids missing so far (a late arrival that fills a hole takes it back off).
     pub gaps: AtomicU64,
+    /// Trade-id sequences started again: an id too far from the last one to be a gap or a replay.
+    pub resets: AtomicU64,
     /// The same, per symbol id: symbols never become metric labels, so the API reads them here.
     /// Locked once per batch that changes a gap, never per record.
     pub gaps_by_symbol: std::sync::Mutex<BTreeMap<u32, u64>>,
@@ -289,7 +291,27 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
             group.clear();
             group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&b)).cloned());
             if let Some(decoder) = decoders.get_mut(&b) {
-                decode_group(decoder, &group, &ctx);
+                // A panic here must not end the worker silently (its sources would stop for good):
+                // the group's frames are dead-lettered with the panic's message, logged at ERROR,
+                // and the worker goes on with the next frames.
+                let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    decode_group(decoder, &group, &ctx);
+                }));
+                if let Err(panic) = decoded {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(frames = group.len(), panic = %message, "a decode worker panicked; its frames are dead-lettered");
+                    for f in &group {
+                        let reason = format!("the decode worker panicked: {message}");
+                        dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
+                        if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                            s.rejects.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
         }
     }
@@ -318,6 +340,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
                     s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
                     s.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
                     s.gaps.fetch_add(c.gaps, Ordering::Relaxed);
+                    s.resets.fetch_add(c.resets, Ordering::Relaxed);
                     s.gaps.fetch_sub(c.late.min(s.gaps.load(Ordering::Relaxed)), Ordering::Relaxed);
                 }
             }

@@ -56,6 +56,7 @@ pub(crate) struct Mirrored {
     pub(crate) decode_records: IntCounterVec,
     pub(crate) decode_rejects: IntCounterVec,
     pub(crate) decode_duplicates: IntCounterVec,
+    pub(crate) decode_resets: IntCounterVec,
     pub(crate) decode_gaps: IntGaugeVec,
     pub(crate) kafka_sent: IntCounter,
     pub(crate) kafka_delivered: IntCounter,
@@ -297,6 +298,10 @@ impl Metrics {
                 "sluice_decode_rejects_total",
                 "Frames the decoder refused (dead-lettered), oversized ones included",
             ),
+            decode_resets: by_source(
+                "sluice_decode_trade_id_resets_total",
+                "Trade-id sequences started again: an id too far from the last one to be a gap or a replay",
+            ),
             decode_duplicates: by_source(
                 "sluice_decode_duplicates_total",
                 "Records dropped as repeats of a trade id already seen",
@@ -351,6 +356,7 @@ impl Metrics {
             Box::new(mirrored.decode_records.clone()),
             Box::new(mirrored.decode_rejects.clone()),
             Box::new(mirrored.decode_duplicates.clone()),
+            Box::new(mirrored.decode_resets.clone()),
             Box::new(mirrored.decode_gaps.clone()),
             Box::new(mirrored.kafka_sent.clone()),
             Box::new(mirrored.kafka_delivered.clone()),
@@ -422,6 +428,7 @@ impl Metrics {
         mirror(&m.decode_records.with_label_values(&labels), decode.records.load(Relaxed));
         mirror(&m.decode_rejects.with_label_values(&labels), decode.rejects.load(Relaxed));
         mirror(&m.decode_duplicates.with_label_values(&labels), decode.duplicates.load(Relaxed));
+        mirror(&m.decode_resets.with_label_values(&labels), decode.resets.load(Relaxed));
         m.decode_gaps.with_label_values(&labels).set(i64::try_from(decode.gaps.load(Relaxed)).unwrap_or(i64::MAX));
     }
 
