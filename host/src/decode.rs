@@ -240,7 +240,24 @@ impl Decoder {
         let mut out = DecodedBatch::default();
         let mut records = Delimited::new(&decoded.records);
         for (frame, &count) in frames.iter().zip(&decoded.counts) {
-            for item in records.by_ref().take(count as usize) {
+            // A record without a symbol id: the dictionary could not name its symbol (the plugin
+            // does not cache that, so the next frame asks again). Refused, never decoded under 0.
+            let unnamed = records
+                .clone()
+                .take(count as usize)
+                .any(|item| item.and_then(StreamDataView::parse).is_ok_and(|v| v.symbol_id == 0));
+            let mine = records.by_ref().take(count as usize);
+            if unnamed {
+                out.counts(frame.source).rejects += 1;
+                out.rejects.push(RejectedFrame {
+                    source: frame.source,
+                    bytes: frame.bytes.clone(),
+                    reason: "a record names no symbol: the symbol dictionary could not be reached".into(),
+                });
+                mine.for_each(drop);
+                continue;
+            }
+            for item in mine {
                 // The runtime validated the plugin's output before returning it.
                 let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
                 let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..view.record() };

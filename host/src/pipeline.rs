@@ -669,12 +669,32 @@ pub fn run_process(
             // Parsed (and so checked) by the transformer; a batch whose output did not parse was
             // retried and bisected there like any failed call.
             for v in &out.parsed {
+                // Names are cached once known; a miss is asked again next time, never remembered.
+                let symbol = match symbol_names.get(&v.symbol_id) {
+                    Some(name) => name.clone(),
+                    None => match names.symbols.name(v.symbol_id) {
+                        Some(name) => symbol_names.entry(v.symbol_id).or_insert(name).clone(),
+                        None => {
+                            let mut one = plugin_sdk::Records::new();
+                            one.push(v);
+                            let bytes = plugin_sdk::wire::Delimited::new(one.as_bytes())
+                                .next()
+                                .and_then(Result::ok)
+                                .unwrap_or_default()
+                                .to_vec();
+                            dead.push(DeadLetter {
+                                source: *source,
+                                plugin: format!("{}@{}", t.plugin().name(), t.plugin().version()),
+                                bytes,
+                                reason: format!("symbol id {} is not in the symbol dictionary", v.symbol_id),
+                            });
+                            continue;
+                        }
+                    },
+                };
                 pending.push(PendingRow {
                     source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
-                    symbol: symbol_names
-                        .entry(v.symbol_id)
-                        .or_insert_with(|| names.symbols.name(v.symbol_id).unwrap_or_else(|| Arc::from("")))
-                        .clone(),
+                    symbol,
                     timestamp_ms: v.timestamp_ms,
                     is_buy: v.is_buy,
                     price_e8: v.price_e8,

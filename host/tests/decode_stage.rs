@@ -60,3 +60,36 @@ fn stamps_dedupes_counts_gaps_and_keeps_rejects() {
     let btc = rt.symbols().intern("BTCUSDT");
     assert_eq!(decoder.trade_ids().gaps(7, btc), 2);
 }
+
+/// A symbol the dictionary cannot name is never decoded under id 0 (where it would share trade-id
+/// state with every other failed symbol and roll up under an empty name): its frame is refused with
+/// the reason, and once the dictionary answers again the same symbol decodes normally.
+#[test]
+fn a_frame_whose_symbol_cannot_be_named_is_refused_and_the_next_one_asks_again() {
+    let dir = std::env::temp_dir().join(format!("sluice-decode-symbols-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("log.sqlite");
+    drop(sluice::log::local::LocalLog::open(&path, &sluice::log::LogConfig::default()).unwrap());
+    let symbols = Arc::new(Symbols::local(&path).unwrap());
+    let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits::default()).unwrap();
+    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+    // The dictionary's table goes away: every new name fails.
+    let admin = rusqlite::Connection::open(&path).unwrap();
+    admin.execute_batch("ALTER TABLE symbols RENAME TO symbols_away").unwrap();
+    let out = decoder.decode(&[frame(1, 1, &aggtrade("BTCUSDT", 1)), frame(1, 2, &aggtrade("ETHUSDT", 1))]).unwrap();
+    assert_eq!(out.records.as_bytes().len(), 0, "records under symbol 0");
+    assert_eq!(out.rejects.len(), 2);
+    assert!(out.rejects.iter().all(|r| r.reason.contains("symbol")), "{:?}", out.rejects);
+    assert_eq!(out.total().rejects, 2);
+    // Back: the same symbols decode, with real ids.
+    admin.execute_batch("ALTER TABLE symbols_away RENAME TO symbols").unwrap();
+    let out = decoder.decode(&[frame(1, 3, &aggtrade("BTCUSDT", 2)), frame(1, 4, &aggtrade("ETHUSDT", 2))]).unwrap();
+    let ids: Vec<u32> =
+        Delimited::new(out.records.as_bytes()).map(|r| StreamDataView::parse(r.unwrap()).unwrap().symbol_id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|&id| id != 0) && ids[0] != ids[1], "{ids:?}");
+    assert_eq!(symbols.name(ids[0]).as_deref(), Some("BTCUSDT"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -444,3 +444,72 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     assert_eq!(StreamDataView::parse(&dead[0]).unwrap().trade_id, POISON);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A record whose symbol id the dictionary does not know is dead-lettered with the reason, never
+/// rolled up under an empty symbol, and the miss is not remembered: a later record of a symbol
+/// named meanwhile rolls up under its name.
+#[test]
+fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
+    let dir = std::env::temp_dir().join(format!("sluice-unknown-symbol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
+    let writer = Writer::Local(log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap());
+    let symbols = Arc::new(Symbols::new());
+    let known = symbols.intern("BTCUSDT");
+    let mut records = Records::new();
+    for (i, symbol_id) in [(1, known), (2, 999), (3, known)] {
+        records.push(&Record { symbol_id, ..trade(i, &symbols) });
+    }
+    writer.send_records(records.as_bytes());
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let reader = Reader::Local(log.reader().unwrap(), log.clone());
+    let store_path = dir.join("store.sqlite");
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let mut breakers = Breakers::default();
+            run_process(
+                &reader,
+                &mut transformers,
+                &mut breakers,
+                &mut store,
+                &names,
+                &writer,
+                &settings,
+                &stats,
+                &stop,
+            )
+        });
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < 3
+            && start.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap().unwrap();
+    });
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let q = QueryConnection::open(&store_path).unwrap();
+    let rows = q.query("SELECT symbol, sum(events) AS n FROM rollup GROUP BY symbol", 10).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0]["symbol"].as_str(), rows[0]["n"].as_i64()), (Some("BTCUSDT"), Some(2)));
+    let letters = rusqlite::Connection::open(dir.join("log.sqlite")).unwrap();
+    let (reason, bytes): (String, Vec<u8>) = letters
+        .query_row("SELECT reason, bytes FROM dead_letters WHERE stage = 'transform'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert!(reason.contains("symbol id 999"), "{reason}");
+    assert_eq!(StreamDataView::parse(&bytes).unwrap().trade_id, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

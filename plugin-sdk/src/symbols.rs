@@ -28,7 +28,8 @@ thread_local! {
 }
 
 /// The id of a symbol name (e.g. `BTCUSDT`), as the host's dictionary assigns it. Every sluice
-/// instance gives the same name the same id. Natively, [`testing::Harness`](crate::testing::Harness)
+/// instance gives the same name the same id. 0 means the host's dictionary could not be reached: the
+/// host refuses (dead-letters) a frame whose records carry it, and the next call asks again. Natively, [`testing::Harness`](crate::testing::Harness)
 /// keeps the dictionary.
 ///
 /// ```
@@ -41,7 +42,10 @@ pub fn symbol_id(name: &str) -> u32 {
         return id;
     }
     let id = intern_in_host(name);
-    CACHE.with(|c| c.borrow_mut().insert(name.into(), id));
+    // 0 is the host's "dictionary unavailable": never cached, so the next frame asks again.
+    if id != 0 {
+        CACHE.with(|c| c.borrow_mut().insert(name.into(), id));
+    }
     id
 }
 
@@ -59,4 +63,18 @@ fn intern_in_host(name: &str) -> u32 {
 #[cfg(not(target_arch = "wasm32"))]
 fn intern_in_host(name: &str) -> u32 {
     crate::testing::intern(name)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_lookup_is_not_cached() {
+        crate::testing::set_unavailable(true);
+        assert_eq!(super::symbol_id("XMRUSDT"), 0);
+        crate::testing::set_unavailable(false);
+        // The dictionary is back: the next frame gets the real id, not the 0 from before.
+        let id = super::symbol_id("XMRUSDT");
+        assert_ne!(id, 0);
+        assert_eq!(super::symbol_id("XMRUSDT"), id);
+    }
 }

@@ -59,16 +59,28 @@ pub struct Transformed {
 struct Dictionary {
     ids: HashMap<String, u32>,
     names: Vec<String>,
+    /// Answer 0 to every new name, as a host whose dictionary is down does (tests of the cache).
+    unavailable: bool,
+}
+
+/// Makes this thread's test dictionary answer 0 (unavailable) or work again.
+#[cfg(test)]
+pub(crate) fn set_unavailable(unavailable: bool) {
+    DICTIONARY.with(|d| d.borrow_mut().unavailable = unavailable);
 }
 
 thread_local! {
     static DICTIONARY: RefCell<Dictionary> = RefCell::new(Dictionary::default());
 }
 
-/// The test dictionary's id for `name`, assigning the next one (from 1) on first use.
+/// The test dictionary's id for `name`, assigning the next one (from 1) on first use; 0 while the
+/// dictionary is made unavailable (the host answers 0 when its dictionary cannot be reached).
 pub(crate) fn intern(name: &str) -> u32 {
     DICTIONARY.with(|d| {
         let mut d = d.borrow_mut();
+        if d.unavailable {
+            return 0;
+        }
         if let Some(&id) = d.ids.get(name) {
             return id;
         }
