@@ -548,9 +548,25 @@ impl Registry {
     /// Unknown plugin or version, a version that no longer compiles or starts, a conflict (shadowing
     /// the active version), or the index cannot be written.
     pub fn activate(&self, name: &str, version: &str, mode: Mode) -> Result<PluginView, RegistryError> {
+        // Compiled outside the lock (it may take a while); what it decides is checked again inside.
         let code = self.code_of(name, version)?;
+        self.activate_code(name, version, code, mode)
+    }
+
+    /// The part of [`activate`](Self::activate) under the lock: `version` must still be stored (a
+    /// delete may have run since it was compiled), so `active` never names a deleted version.
+    fn activate_code(
+        &self,
+        name: &str,
+        version: &str,
+        code: Arc<PluginCode>,
+        mode: Mode,
+    ) -> Result<PluginView, RegistryError> {
         let mut entries = self.lock();
         let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+        if !entry.meta.versions.iter().any(|v| v.version == version) {
+            return Err(RegistryError::UnknownVersion { plugin: name.to_owned(), version: version.to_owned() });
+        }
         let before = entry.meta.clone();
         match mode {
             Mode::Active => {
@@ -700,11 +716,18 @@ impl Registry {
                 let e = entries.get(name).expect("uploaded above");
                 (e.meta.active.clone().expect("checked above"), e.meta.shadow.clone())
             };
-            let code = self.code_of(name, &active)?;
-            let shadow_code = match shadow {
-                Some(v) => Some(self.code_of(name, &v)?),
-                None => None,
+            let code = match self.code_of(name, &active) {
+                Ok(code) => code,
+                Err(e) => return self.fall_back(name, &active, e),
             };
+            // A shadow that cannot be loaded is dropped rather than stopping the start.
+            let shadow_code = shadow.and_then(|v| match self.code_of(name, &v) {
+                Ok(code) => Some(code),
+                Err(e) => {
+                    tracing::error!(plugin = name, version = %v, error = %e, "the shadow version cannot be loaded; it does not run");
+                    None
+                }
+            });
             let mut entries = self.lock();
             let entry = entries.get_mut(name).expect("uploaded above");
             if let Some(s) = shadow_code {
@@ -713,6 +736,47 @@ impl Registry {
             self.publish(entry, Some(code));
         }
         self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))
+    }
+
+    /// The active version `active` cannot be loaded at start (its blob is missing or corrupt): runs
+    /// the version before it (or, failing that, the newest other one that loads) and says so, rather
+    /// than failing the start.
+    fn fall_back(&self, name: &str, active: &str, error: RegistryError) -> Result<Arc<Slot>, RegistryError> {
+        let candidates: Vec<String> = {
+            let entries = self.lock();
+            let e = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+            let mut c: Vec<String> = e.meta.history.iter().rev().cloned().collect();
+            c.extend(e.meta.versions.iter().rev().map(|v| v.version.clone()));
+            c.retain(|v| v != active);
+            c
+        };
+        for version in candidates {
+            let Ok(code) = self.code_of(name, &version) else { continue };
+            tracing::error!(
+                plugin = name,
+                missing = active,
+                running = %version,
+                error = %error,
+                "the active version cannot be loaded; falling back to an earlier one"
+            );
+            {
+                let mut entries = self.lock();
+                if let Some(entry) = entries.get_mut(name) {
+                    let before = entry.meta.clone();
+                    entry.meta.history.retain(|v| v != &version);
+                    entry.meta.active = Some(version.clone());
+                    entry.meta.activated_at_ms = Some(now_ms());
+                    if entry.meta.shadow.as_deref() == Some(version.as_str()) {
+                        entry.meta.shadow = None;
+                    }
+                    self.persist_or_restore(&mut entries, name, before)?;
+                    let entry = entries.get_mut(name).expect("present above");
+                    self.publish(entry, Some(code));
+                }
+            }
+            return self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()));
+        }
+        Err(error)
     }
 
     /// The slot of plugin `name`, once it has an active version.
@@ -959,6 +1023,46 @@ mod tests {
         let active = view.versions.iter().find(|v| v.active).unwrap();
         // Its two shadow calls and the one since it was promoted.
         assert_eq!((active.meta.version.as_str(), active.calls, active.records_in), (v2.as_str(), 3, 3));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_activation_racing_a_delete_of_its_version_is_refused() {
+        let dir = temp_dir("race");
+        let registry = open(&dir, HashMap::new());
+        let v1 = registry.upload("binance", bundled::BINANCE).unwrap().version;
+        registry.activate("binance", &v1, Mode::Active).unwrap();
+        let v2 = registry.upload("binance", bundled::KRAKEN).unwrap().version;
+        // The interleaving: activate has compiled v2 (outside the lock) when a delete of v2 runs.
+        let code = registry.code_of("binance", &v2).unwrap();
+        registry.delete("binance", &v2).unwrap();
+        let err = registry.activate_code("binance", &v2, code, Mode::Active).unwrap_err();
+        assert!(matches!(err, RegistryError::UnknownVersion { .. }), "{err}");
+        assert_eq!(registry.get("binance").unwrap().active.as_deref(), Some(v1.as_str()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_start_whose_active_blob_is_missing_falls_back_to_the_previous_version() {
+        let dir = temp_dir("missing-blob");
+        let registry = open(&dir, HashMap::new());
+        let v1 = registry.upload("binance", bundled::BINANCE).unwrap().version;
+        registry.activate("binance", &v1, Mode::Active).unwrap();
+        let v2 = registry.upload("binance", bundled::KRAKEN).unwrap();
+        registry.activate("binance", &v2.version, Mode::Active).unwrap();
+        drop(registry);
+        std::fs::remove_file(dir.join("blobs").join(format!("{}.wasm", v2.digest))).unwrap();
+        let registry = open(&dir, HashMap::new());
+        // The configured bytes are v1's, already stored: the index's active version (v2) is the one
+        // to run, and its blob is gone.
+        let slot = registry.deploy("binance", bundled::BINANCE).unwrap();
+        assert_eq!(slot.active().version(), v1);
+        let view = registry.get("binance").unwrap();
+        assert_eq!(view.active.as_deref(), Some(v1.as_str()));
+        drop(registry);
+        // And the fallback was written down: the next start runs v1 without falling back again.
+        let registry = open(&dir, HashMap::new());
+        assert_eq!(registry.get("binance").unwrap().active.as_deref(), Some(v1.as_str()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
