@@ -583,6 +583,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
                     slot: plugins[&h.config.plugin].clone(),
                     stats: h.stats.clone(),
                     decode: h.decode.clone(),
+                    running: h.running.clone(),
                 })
                 .collect(),
         );

@@ -216,6 +216,11 @@ impl Decoder {
         Decoder { plugin, ids: TradeIds::default(), frames: Vec::new() }
     }
 
+    /// The version this decoder's instance runs, for the API.
+    pub fn running(&self) -> std::sync::Arc<crate::plugin::registry::Running> {
+        self.plugin.running()
+    }
+
     /// The trade-id tracker (for gap counts).
     pub fn trade_ids(&self) -> &TradeIds {
         &self.ids

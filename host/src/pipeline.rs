@@ -85,6 +85,8 @@ pub struct SourceHandle {
     pub stats: Arc<SourceStats>,
     /// Decode counters.
     pub decode: Arc<DecodeStats>,
+    /// The plugin version the worker decoding this source runs.
+    pub running: Arc<crate::plugin::registry::Running>,
 }
 
 /// Why ingest could not start.
@@ -182,11 +184,17 @@ impl Ingest {
         let handles: Vec<SourceHandle> = sources
             .into_iter()
             .enumerate()
-            .map(|(i, config)| SourceHandle {
-                config: Arc::new(config),
-                id: i as u32 + 1,
-                stats: Arc::new(SourceStats::default()),
-                decode: Arc::new(DecodeStats::default()),
+            .map(|(i, config)| {
+                let id = i as u32 + 1;
+                // The worker that owns this source, and its decoder of the source's binding.
+                let running = decoders[id as usize % workers][&binding_of[i]].running();
+                SourceHandle {
+                    config: Arc::new(config),
+                    id,
+                    stats: Arc::new(SourceStats::default()),
+                    decode: Arc::new(DecodeStats::default()),
+                    running,
+                }
             })
             .collect();
         let limiter = Arc::new(ConnectLimiter::new(settings.connect_interval));

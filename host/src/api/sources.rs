@@ -23,6 +23,9 @@ pub struct SourceEntry {
     pub stats: Arc<SourceStats>,
     /// Decode counters.
     pub decode: Arc<DecodeStats>,
+    /// The version the worker decoding this source actually runs (it can lag the slot's active
+    /// version while a new version fails to start there).
+    pub running: Arc<crate::plugin::registry::Running>,
 }
 
 /// The sources, filled in once the ingest role has started them (empty before, and in a process-only
@@ -43,6 +46,8 @@ struct SourceView<'a> {
     state: &'static str,
     plugin: &'a str,
     plugin_version: String,
+    /// Times a worker could not start the plugin's active version (it stays on the one it runs).
+    plugin_start_failures: u64,
     reconnects: u64,
     frames: u64,
     records: u64,
@@ -74,7 +79,11 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     Connection::Stopped => "stopped",
                 },
                 plugin: &e.plugin,
-                plugin_version: e.slot.active().version().to_owned(),
+                plugin_version: e
+                    .running
+                    .get()
+                    .map_or_else(|| e.slot.active().version().to_owned(), |v| v.as_str().to_owned()),
+                plugin_start_failures: e.slot.start_failures(),
                 reconnects: e.stats.reconnects.load(Relaxed),
                 frames: e.stats.frames.load(Relaxed),
                 records: e.decode.records.load(Relaxed),

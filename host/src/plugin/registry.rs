@@ -121,6 +121,27 @@ pub enum Mode {
 pub struct Slot {
     active: ArcSwap<PluginCode>,
     shadow: ArcSwapOption<Shadow>,
+    /// Times a worker could not start an instance of the active version (it stayed on the one it
+    /// ran and tries again after a backoff).
+    start_failures: AtomicU64,
+}
+
+/// The version one worker's instance runs, as the API reports it (the slot's active version is
+/// what workers switch to; this is what they have switched to).
+#[derive(Debug, Default)]
+pub struct Running(ArcSwapOption<String>);
+
+impl Running {
+    /// The version id, once the worker has an instance.
+    pub fn get(&self) -> Option<Arc<String>> {
+        self.0.load_full()
+    }
+
+    fn set(&self, version: &str) {
+        if self.0.load().as_deref().map(String::as_str) != Some(version) {
+            self.0.store(Some(Arc::new(version.to_owned())));
+        }
+    }
 }
 
 /// A version running in shadow, and how its output compared so far.
@@ -186,7 +207,12 @@ impl std::fmt::Debug for Slot {
 impl Slot {
     /// A slot running `code`, with no shadow.
     pub fn new(code: Arc<PluginCode>) -> Arc<Slot> {
-        Arc::new(Slot { active: ArcSwap::new(code), shadow: ArcSwapOption::empty() })
+        Arc::new(Slot { active: ArcSwap::new(code), shadow: ArcSwapOption::empty(), start_failures: AtomicU64::new(0) })
+    }
+
+    /// Times a worker could not start the active version.
+    pub fn start_failures(&self) -> u64 {
+        self.start_failures.load(Ordering::Relaxed)
     }
 
     /// The active version's code.
@@ -206,14 +232,24 @@ pub struct BoundPlugin {
     slot: Arc<Slot>,
     instance: PluginInstance,
     shadow: Option<(Arc<Shadow>, Option<PluginInstance>)>,
-    /// A version whose instance could not start with this configuration; not retried every batch.
-    refused: Option<Arc<PluginCode>>,
+    /// A version whose instance could not start with this configuration, and when to try it again
+    /// (not on every batch: the wait doubles from 1 s to 60 s).
+    refused: Option<(Arc<PluginCode>, std::time::Instant, std::time::Duration)>,
+    /// The version this instance runs, for the API.
+    running: Arc<Running>,
 }
 
 impl BoundPlugin {
     /// Binds `instance` (of the slot's active version) to `slot`.
     pub fn new(slot: Arc<Slot>, instance: PluginInstance) -> Self {
-        BoundPlugin { slot, instance, shadow: None, refused: None }
+        let running = Arc::new(Running::default());
+        running.set(instance.code().version());
+        BoundPlugin { slot, instance, shadow: None, refused: None, running }
+    }
+
+    /// The version this instance runs, updated when it switches.
+    pub fn running(&self) -> Arc<Running> {
+        self.running.clone()
     }
 
     /// An instance that is never swapped (its own slot).
@@ -225,24 +261,33 @@ impl BoundPlugin {
     /// Switches to the slot's active (and shadow) version if they changed since the last batch.
     pub fn sync(&mut self) {
         let active = self.slot.active.load();
-        if !Arc::ptr_eq(&active, self.instance.code())
-            && !self.refused.as_ref().is_some_and(|r| Arc::ptr_eq(r, &active))
-        {
+        let now = std::time::Instant::now();
+        let waiting = self.refused.as_ref().is_some_and(|(r, at, _)| Arc::ptr_eq(r, &active) && now < *at);
+        if !Arc::ptr_eq(&active, self.instance.code()) && !waiting {
             match active.instantiate(self.instance.config()) {
                 Ok(instance) => {
                     tracing::info!(plugin = active.name(), version = active.version(), "switched plugin version");
                     self.instance = instance;
                     self.refused = None;
+                    self.running.set(active.version());
                 }
                 Err(error) => {
+                    self.slot.start_failures.fetch_add(1, Ordering::Relaxed);
+                    let wait = match &self.refused {
+                        Some((r, _, wait)) if Arc::ptr_eq(r, &active) => {
+                            (*wait * 2).min(std::time::Duration::from_secs(60))
+                        }
+                        _ => std::time::Duration::from_secs(1),
+                    };
                     tracing::error!(
                         plugin = active.name(),
                         version = active.version(),
                         %error,
+                        retry_in_ms = wait.as_millis() as u64,
                         "the new version does not start here; staying on {}",
                         self.instance.code().version()
                     );
-                    self.refused = Some(Arc::clone(&active));
+                    self.refused = Some((Arc::clone(&active), now + wait, wait));
                 }
             }
         }
@@ -1064,5 +1109,35 @@ mod tests {
         let registry = open(&dir, HashMap::new());
         assert_eq!(registry.get("binance").unwrap().active.as_deref(), Some(v1.as_str()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_worker_retries_a_version_that_could_not_start_and_reports_what_it_runs() {
+        // Room for two instances (three core instances each): the worker's, and one that keeps the
+        // pool full for a while.
+        let settings = RuntimeSettings { max_instances: 3, max_memory_bytes: 64 << 20, ..RuntimeSettings::default() };
+        let runtime = Runtime::new(settings, Arc::new(crate::symbols::Symbols::new())).unwrap();
+        let old = runtime.compile("p", bundled::BINANCE, Limits::default()).unwrap();
+        let new = runtime.compile("p", bundled::KRAKEN, Limits::default()).unwrap();
+        let slot = Slot::new(old.clone());
+        let mut bound = BoundPlugin::new(slot.clone(), old.instantiate(&[]).unwrap());
+        let running = bound.running();
+        assert_eq!(running.get().as_deref().map(String::as_str), Some(old.version()));
+        let hog = old.instantiate(&[]).unwrap();
+        slot.active.store(new.clone());
+        bound.sync();
+        // The pool is full: it stays on the old version, says so, and counts the failure.
+        assert_eq!(bound.code().version(), old.version());
+        assert_eq!(running.get().as_deref().map(String::as_str), Some(old.version()));
+        assert_eq!(slot.start_failures(), 1);
+        drop(hog);
+        // Not retried on every batch, but retried after its backoff.
+        bound.sync();
+        assert_eq!(bound.code().version(), old.version());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        bound.sync();
+        assert_eq!(bound.code().version(), new.version());
+        assert_eq!(running.get().as_deref().map(String::as_str), Some(new.version()));
+        assert_eq!(slot.start_failures(), 1);
     }
 }
