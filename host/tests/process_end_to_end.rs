@@ -513,3 +513,71 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     assert_eq!(StreamDataView::parse(&bytes).unwrap().trade_id, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The embedded store reads every partition the events topic really has, not `[kafka] partitions`
+/// of them, and a topic with fewer partitions than configured is an error naming both numbers.
+#[test]
+fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("partitions");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    // Created with 4 partitions; the process role is told 2.
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 4)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
+    let mut records = Records::new();
+    for i in 1..=400u64 {
+        // Many symbols, so every partition gets records.
+        records.push(&Record { symbol_id: symbols.intern(&format!("S{}", i % 40)), ..trade(i, &symbols) });
+    }
+    producer.send_records(records.as_bytes());
+    producer.flush(Duration::from_secs(20)).unwrap();
+    let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let store_path = std::env::temp_dir().join(format!("sluice-partitions-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings { partitions: 2, ..ProcessSettings::default() };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
+    std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let mut breakers = Breakers::default();
+            run_process(
+                &consumer,
+                &mut transformers,
+                &mut breakers,
+                &mut store,
+                &names,
+                &producer,
+                &settings,
+                &stats,
+                &stop,
+            )
+        });
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) < 400 && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap().unwrap();
+    });
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 400);
+    let partitions: Vec<i32> = store.offsets(&kafka.events_topic).unwrap().iter().map(|o| o.1).collect();
+    assert_eq!(partitions, vec![0, 1, 2, 3]);
+    // Told 8, the topic has 4: refused with both numbers.
+    let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
+    let err = sluice::sink::Sink::attach(&mut store, &consumer, 8).unwrap_err().to_string();
+    assert!(err.contains('4') && err.contains('8') && err.contains(&kafka.events_topic), "{err}");
+    // Creating the topics for a start told 8 refuses the existing topic the same way.
+    let err = rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic], 8)).unwrap_err().to_string();
+    assert!(err.contains("4 partitions") && err.contains("is 8"), "{err}");
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic], 4)).unwrap();
+    let _ = std::fs::remove_file(&store_path);
+}

@@ -87,7 +87,13 @@ pub struct EventConsumer {
     rebalanced: Arc<AtomicBool>,
     lag: Arc<AtomicI64>,
     topic: String,
+    /// With a manual assignment (the embedded store): the partitions assigned, and when the topic's
+    /// metadata was last read to follow partitions added since.
+    assigned: std::sync::Mutex<Option<(i32, std::time::Instant)>>,
 }
+
+/// How often a manually assigned consumer looks for partitions added to its topic.
+const PARTITION_CHECK: Duration = Duration::from_secs(30);
 
 impl EventConsumer {
     /// A consumer of `config.events_topic` that never commits offsets on its own and reads only
@@ -129,7 +135,13 @@ impl EventConsumer {
         let flag = RebalanceFlag::default();
         let (rebalanced, lag) = (flag.0.clone(), flag.1.clone());
         let inner = c.create_with_context(flag).map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(EventConsumer { inner, rebalanced, lag, topic: config.events_topic.clone() })
+        Ok(EventConsumer {
+            inner,
+            rebalanced,
+            lag,
+            topic: config.events_topic.clone(),
+            assigned: std::sync::Mutex::new(None),
+        })
     }
 
     /// Joins the consumer group: partitions are split among the group's instances and each starts at
@@ -175,6 +187,13 @@ impl EventConsumer {
     /// [`LogError::OffsetAhead`](crate::log::LogError::OffsetAhead), or the broker's refusal.
     pub fn assign_checked(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), crate::log::LogError> {
         use crate::log::LogError;
+        // Every partition the topic has, not the configured count: records in the others would
+        // never be read.
+        let actual = self.partition_count()?;
+        if actual < partitions {
+            return Err(LogError::FewerPartitions { topic: self.topic.clone(), configured: partitions, actual });
+        }
+        let partitions = actual;
         for (topic, partition, next) in stored.iter().filter(|(t, p, _)| *t == self.topic && *p < partitions) {
             let (low, high) = self.inner.fetch_watermarks(topic, *partition, Duration::from_secs(10)).map_err(|e| {
                 KafkaError::Config(format!("cannot read the range of {topic} partition {partition}: {e}"))
@@ -193,11 +212,58 @@ impl EventConsumer {
                 );
             }
         }
-        Ok(self.assign(partitions, stored)?)
+        self.assign(partitions, stored)?;
+        *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some((partitions, std::time::Instant::now()));
+        Ok(())
+    }
+
+    /// The number of partitions the topic has, from the cluster's metadata.
+    fn partition_count(&self) -> Result<i32, KafkaError> {
+        let metadata = self
+            .inner
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+            .map_err(|e| KafkaError::Config(format!("cannot read the metadata of {}: {e}", self.topic)))?;
+        let topic = metadata.topics().iter().find(|t| t.name() == self.topic);
+        Ok(topic.map_or(0, |t| t.partitions().len()) as i32)
+    }
+
+    /// With a manual assignment, every [`PARTITION_CHECK`]: partitions added to the topic since are
+    /// assigned too, from their start.
+    fn follow_new_partitions(&self) {
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((count, checked)) = assigned.as_mut() else { return };
+        if checked.elapsed() < PARTITION_CHECK {
+            return;
+        }
+        *checked = std::time::Instant::now();
+        let actual = match self.partition_count() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for new partitions; will retry");
+                return;
+            }
+        };
+        if actual <= *count {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in *count..actual {
+            if tpl.add_partition_offset(&self.topic, p, Offset::Beginning).is_err() {
+                return;
+            }
+        }
+        match self.inner.incremental_assign(&tpl) {
+            Ok(()) => {
+                tracing::info!(topic = %self.topic, from = *count, to = actual, "partitions added to the topic are read too");
+                *count = actual;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot assign the partitions added to the topic; will retry"),
+        }
     }
 
     /// Polls up to `max` records into `out`, waiting at most `timeout` for the first one.
     pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> PollOutcome {
+        self.follow_new_partitions();
         let mut outcome = PollOutcome::default();
         let mut wait = timeout;
         while out.positions.len() < max {

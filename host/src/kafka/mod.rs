@@ -144,7 +144,24 @@ pub async fn ensure_topics(
         .map_err(|e| KafkaError::CreateTopic { topic: topics.join(","), reason: e.to_string() })?;
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => {}
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                // An existing topic must have at least the partitions configured.
+                let metadata = admin
+                    .inner()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map_err(|e| KafkaError::CreateTopic { topic: topic.clone(), reason: e.to_string() })?;
+                let actual = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+                if actual < partitions {
+                    return Err(KafkaError::CreateTopic {
+                        reason: format!(
+                            "it exists with {actual} partitions but [kafka] partitions is {partitions}: create it \
+                             with {partitions} or set partitions to {actual}"
+                        ),
+                        topic,
+                    });
+                }
+            }
             Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
         }
     }

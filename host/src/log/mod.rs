@@ -142,6 +142,19 @@ pub enum LogError {
         /// The partition's high watermark.
         high: i64,
     },
+    /// The topic has fewer partitions than configured.
+    #[error(
+        "{topic} has {actual} partitions but [kafka] partitions is {configured}: create the topic with \
+         {configured} or set partitions to {actual}"
+    )]
+    FewerPartitions {
+        /// The topic.
+        topic: String,
+        /// `[kafka] partitions`.
+        configured: i32,
+        /// What the cluster says.
+        actual: i32,
+    },
     /// Appends had not committed in time.
     #[error("the local log had not committed everything within {0:?}")]
     FlushTimeout(Duration),
