@@ -249,3 +249,38 @@ fn wasm_and_native_runs_agree_and_repeat_exactly() {
     let mut native = plugin_sdk::testing::Harness::<rescale::Rescale>::new(&cfg).unwrap();
     assert_eq!(read(&a.records), native.transform(&input).records);
 }
+
+/// Plugins run deterministically: through wasm a plugin that reads the wall clock, the monotonic
+/// clock and the standard library's random hash keys gets time zero and zero entropy, so replaying
+/// the same batch through the same version gives the same output. (`chaos` in `clock` mode writes
+/// what it read into each record: the wall clock in ms as the timestamp, the monotonic clock as the
+/// price and a hash under fresh random keys as the volume.) With the host's real clock and entropy
+/// this would fail.
+#[test]
+fn a_plugin_reading_the_clock_and_randomness_gets_zero_time_and_zero_entropy() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let input = batch(&[Record {
+        source_id: 1,
+        symbol_id: 1,
+        trade_id: 9,
+        timestamp_ms: 1_700_000_000_000,
+        ..Record::default()
+    }]);
+    let read = |instance: &mut sluice::plugin::PluginInstance| {
+        let out = instance.transform(&input).unwrap();
+        let item = Delimited::new(&out.records).next().unwrap().unwrap();
+        let v = StreamDataView::parse(item).unwrap();
+        (v.timestamp_ms, v.price_e8, v.volume_e8)
+    };
+    let mut first = code.instantiate(&config(&[("mode", "clock")])).unwrap();
+    let (wall_ms, monotonic, hashed) = read(&mut first);
+    assert_eq!(wall_ms, 0, "the wall clock is frozen at the epoch");
+    assert_eq!(monotonic, 0, "the monotonic clock is frozen");
+    // A fresh instance reads the same hash, and so on call after call (the standard library moves
+    // its keys on by one per map, from the same zero seed): the random keys carried no entropy.
+    let again = read(&mut first);
+    let mut second = code.instantiate(&config(&[("mode", "clock")])).unwrap();
+    assert_eq!(read(&mut second), (0, 0, hashed));
+    assert_eq!(read(&mut second), again);
+}

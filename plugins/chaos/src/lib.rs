@@ -11,6 +11,9 @@
 //!   `bad-counts` (decode claims more records than it returns), `bad-reject` (reject an index past the
 //!   end of the batch), `bad-record` (well-framed output records that are not `StreamData`: field
 //!   number 0).
+//!   `clock` (transform writes what the guest reads of the world into each record: the wall clock in
+//!   ms as `timestamp_ms`, the monotonic clock's nanoseconds since the instance started as
+//!   `price_e8`, and a hash under the standard library's fresh random keys as `volume_e8`).
 //! - `trap_on_trade_id`: transform panics when a batch holds a record with this trade id (a poison
 //!   record), and otherwise passes records through.
 //! - `init_error`: init fails with this text.
@@ -59,6 +62,31 @@ mod guest {
                 None
             }
         }
+    }
+
+    /// Each record of `batch` with what the guest reads of the clock and of randomness in it.
+    fn world_readings(batch: &[u8]) -> Vec<u8> {
+        use std::hash::{BuildHasher, Hasher};
+        thread_local! {
+            static STARTED: std::time::Instant = std::time::Instant::now();
+        }
+        let mut out = plugin_sdk::Records::new();
+        for item in Delimited::new(batch) {
+            let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
+            let wall_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(-1, |d| d.as_millis() as i64);
+            let monotonic = STARTED.with(|s| s.elapsed().as_nanos() as i64);
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(42);
+            let hashed = (hasher.finish() >> 1) as i64;
+            out.push(&plugin_sdk::Record {
+                timestamp_ms: wall_ms,
+                price_e8: monotonic,
+                volume_e8: hashed,
+                ..view.record()
+            });
+        }
+        out.as_bytes().to_vec()
     }
 
     impl Guest for Chaos {
@@ -110,6 +138,9 @@ mod guest {
                 }
             }
             let n = Delimited::new(&batch).count() as u32;
+            if mode == "clock" {
+                return Transformed { records: world_readings(&batch), rejects: vec![] };
+            }
             if mode == "bad-record" {
                 return Transformed { records: [2u8, 0, 0].repeat(n as usize), rejects: vec![] };
             }
