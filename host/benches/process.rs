@@ -23,7 +23,7 @@ use plugin_sdk::{Record, Records};
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::log::{Reader, Writer};
+use sluice::log::Reader;
 use sluice::pipeline::{Breakers, Names, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::Sink;
@@ -87,7 +87,6 @@ impl Bench {
             EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
                 .expect("consumer"),
         );
-        let dlq = Writer::Kafka(EventProducer::new(kafka, &self.bootstrap).expect("producer"));
         let names = Names { sources: vec![Arc::from("bench")], symbols: self.symbols.clone() };
         let settings = ProcessSettings { partitions: PARTITIONS, ..ProcessSettings::default() };
         let stats = ProcessStats::default();
@@ -102,7 +101,6 @@ impl Bench {
                     &mut breakers,
                     sink.as_mut(),
                     &names,
-                    &dlq,
                     &settings,
                     &stats,
                     &stop,

@@ -613,9 +613,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         ));
     }
     let process = if role != Role::Ingest {
-        let process =
-            start_process(config, &handoff, &plugins, symbols, producer.clone(), health, metrics.clone(), store_path)
-                .await?;
+        let process = start_process(config, &handoff, &plugins, symbols, health, metrics.clone(), store_path).await?;
         let stats = process.stats.clone();
         metrics.on_scrape(move |m| m.mirror_process(&stats));
         Some(process)
@@ -775,7 +773,6 @@ async fn start_process(
     handoff: &Handoff,
     plugins: &HashMap<String, Arc<Slot>>,
     symbols: Arc<Symbols>,
-    dlq: Arc<Writer>,
     health: Arc<Health>,
     metrics: Arc<crate::telemetry::Metrics>,
     store_path: Option<PathBuf>,
@@ -842,7 +839,6 @@ async fn start_process(
                     &mut breakers,
                     sink.as_mut(),
                     &names,
-                    &dlq,
                     &settings,
                     &counters,
                     &stop_flag,

@@ -572,7 +572,6 @@ pub fn run_process(
     breakers: &mut Breakers,
     sink: &mut dyn Sink,
     names: &Names,
-    dlq: &Writer,
     settings: &ProcessSettings,
     stats: &ProcessStats,
     stop: &std::sync::atomic::AtomicBool,
@@ -595,6 +594,8 @@ pub fn run_process(
     // Records read since the last flush (their offsets are not stored yet).
     let mut unflushed = false;
     let mut dead: Vec<DeadLetter> = Vec::new();
+    // Dead letters of the polls the pending rows came from: committed with them, so exactly once.
+    let mut pending_dead: Vec<DeadLetter> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         polled.clear();
         let wait = batcher
@@ -607,6 +608,7 @@ pub fn run_process(
             // Rows of the old assignment are not committed; their partitions' owners read them again.
             stats.rebalances.fetch_add(1, Ordering::Relaxed);
             pending.clear();
+            pending_dead.clear();
             next_offsets.clear();
             batcher.take();
             unflushed = false;
@@ -623,8 +625,9 @@ pub fn run_process(
             plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
         }
         let mut added = 0;
-        // Dead letters of this poll, sent once every source's batch went through: a poll abandoned
-        // for an open breaker is read again, and its dead letters are sent then, not twice.
+        // Dead letters of this poll, kept once every source's batch went through, and committed with
+        // the batch: a poll abandoned (an open breaker, a failed call or commit) is read again, and
+        // its dead letters go with that reading, never twice.
         dead.clear();
         for (source, input) in &by_source {
             if input.is_empty() {
@@ -712,10 +715,7 @@ pub fn run_process(
                 added += 1;
             }
         }
-        stats.rejected.fetch_add(dead.len() as u64, Ordering::Relaxed);
-        for d in dead.drain(..) {
-            dead_letter_record(dlq, d.source, names, &d.plugin, d.bytes, d.reason);
-        }
+        pending_dead.append(&mut dead);
         let now = tokio::time::Instant::now();
         let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
         // More is already waiting behind a full poll: read it into this batch first (the next poll
@@ -727,10 +727,12 @@ pub fn run_process(
         }
         unflushed |= !polled.positions.is_empty();
         // Offsets move even when a poll produced no rows (all refused), so commit them too.
-        let offsets_only = pending.is_empty() && !polled.positions.is_empty();
+        let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !pending_dead.is_empty());
         if due.is_some() || offsets_only {
             let reason = due.map_or("offsets", FlushReason::as_str);
-            flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats, settings, reason)?;
+            let batch =
+                Batch { pending: &mut pending, dead: &mut pending_dead, next_offsets: &next_offsets, topic: &topic };
+            flush(sink, consumer, &mut batcher, batch, names, stats, settings, reason)?;
             unflushed = false;
             if let Some(health) = &settings.health {
                 health.set("sink", true, format!("{} sink committed", sink.name()));
@@ -740,7 +742,9 @@ pub fn run_process(
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
     if unflushed {
-        flush(sink, consumer, &mut batcher, &mut pending, &next_offsets, &topic, stats, settings, "stop")?;
+        let batch =
+            Batch { pending: &mut pending, dead: &mut pending_dead, next_offsets: &next_offsets, topic: &topic };
+        flush(sink, consumer, &mut batcher, batch, names, stats, settings, "stop")?;
     }
     Ok(())
 }
@@ -759,13 +763,13 @@ fn flush(
     sink: &mut dyn Sink,
     consumer: &Reader,
     batcher: &mut Batcher,
-    pending: &mut Vec<PendingRow>,
-    next_offsets: &BTreeMap<i32, i64>,
-    topic: &str,
+    batch: Batch<'_>,
+    names: &Names,
     stats: &ProcessStats,
     settings: &ProcessSettings,
     reason: &str,
 ) -> Result<(), anyhow::Error> {
+    let Batch { pending, dead, next_offsets, topic } = batch;
     let taken = batcher.take();
     let rows: Vec<Row<'_>> = pending
         .iter()
@@ -780,7 +784,19 @@ fn flush(
         .collect();
     let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
     let started = std::time::Instant::now();
-    sink.commit(&rows, &offsets, consumer)?;
+    let letters: Vec<crate::sink::DeadLetter<'_>> = dead
+        .iter()
+        .map(|d| crate::sink::DeadLetter {
+            source: names.sources.get(slot(d.source)).map(|s| &**s).unwrap_or(""),
+            plugin: &d.plugin,
+            reason: &d.reason,
+            bytes: &d.bytes,
+        })
+        .collect();
+    sink.commit(&rows, &offsets, &letters, consumer)?;
+    stats.rejected.fetch_add(letters.len() as u64, Ordering::Relaxed);
+    drop(letters);
+    dead.clear();
     consumer.committed(&offsets);
     let commit_time = started.elapsed();
     batcher.flushed(tokio::time::Instant::now());
@@ -836,17 +852,19 @@ struct PendingRow {
     volume_e8: i64,
 }
 
-/// A record the transform stage refused, waiting for the end of its poll to be dead-lettered.
+/// What one flush commits: the pending rows, the dead letters of their polls, and the offsets.
+struct Batch<'a> {
+    pending: &'a mut Vec<PendingRow>,
+    dead: &'a mut Vec<DeadLetter>,
+    next_offsets: &'a BTreeMap<i32, i64>,
+    topic: &'a str,
+}
+
+/// A record the transform stage refused, waiting for its batch's commit to be dead-lettered.
 struct DeadLetter {
     source: u32,
     /// `name@version` of the plugin that refused it (empty when no plugin is bound).
     plugin: String,
     bytes: Vec<u8>,
     reason: String,
-}
-
-fn dead_letter_record(dlq: &Writer, source: u32, names: &Names, plugin: &str, bytes: Vec<u8>, reason: String) {
-    let name = names.sources.get(slot(source)).map(|s| &**s).unwrap_or("");
-    let reject = RejectedFrame { source, bytes: bytes::Bytes::from(bytes), reason };
-    dlq.send_reject(&reject, name, plugin, Stage::Transform);
 }

@@ -453,9 +453,9 @@ impl Metrics {
         mirror(&m.kafka_delivered, stats.delivered.load(Relaxed));
         mirror(&m.kafka_failed, stats.failed.load(Relaxed));
         mirror(&m.kafka_queue_full, stats.queue_full_waits.load(Relaxed));
+        // Transform dead letters are committed with their batch by the sink (see mirror_process).
         let transform = stats.dead_lettered_transform.load(Relaxed);
         let all = stats.dead_lettered.load(Relaxed);
-        mirror(&m.dlq_records.with_label_values(&["transform"]), transform);
         mirror(&m.dlq_records.with_label_values(&["decode"]), all.saturating_sub(transform));
     }
 
@@ -467,6 +467,8 @@ impl Metrics {
         mirror(&m.process_committed, stats.stored.load(Relaxed));
         mirror(&m.process_rebalances, stats.rebalances.load(Relaxed));
         m.process_lag.set(stats.consumer_lag.load(Relaxed));
+        // Dead letters of the transform stage, counted when the batch that carries them commits.
+        mirror(&m.dlq_records.with_label_values(&["transform"]), stats.rejected.load(Relaxed));
     }
 
     /// Runs `refresh` before every scrape, to copy counters kept elsewhere into the registry.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestBroker, read_topic, unique_topic};
+use common::{TestBroker, unique_topic};
 use plugin_sdk::{Record, Records, StreamDataView};
 use sluice::batch::BatchConfig;
 use sluice::breaker::BreakerConfig;
@@ -26,6 +26,36 @@ use sluice::symbols::Symbols;
 use sluice::transform::Transformer;
 
 const POISON: u64 = 1_234;
+
+/// One dead letter as the embedded store holds it.
+#[derive(Debug)]
+struct StoredDeadLetter {
+    stage: String,
+    source: String,
+    plugin: String,
+    reason: String,
+    bytes: Vec<u8>,
+}
+
+/// The store's dead letters, oldest first (none when the table is not there yet).
+fn store_dead_letters(store: &std::path::Path) -> Vec<StoredDeadLetter> {
+    let conn = rusqlite::Connection::open(store).unwrap();
+    let Ok(mut stmt) = conn.prepare("SELECT stage, source, plugin, reason, bytes FROM dead_letters ORDER BY id") else {
+        return Vec::new();
+    };
+    stmt.query_map([], |r| {
+        Ok(StoredDeadLetter {
+            stage: r.get(0)?,
+            source: r.get(1)?,
+            plugin: r.get(2)?,
+            reason: r.get(3)?,
+            bytes: r.get(4)?,
+        })
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
 const SYMBOLS: [&str; 3] = ["BTCUSDT", "ETHUSDT", "SOLUSDT"];
 
 fn trade(i: u64, symbols: &Symbols) -> Record {
@@ -55,7 +85,6 @@ fn process_until(
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
     let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
     let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
-    let dlq = Writer::Kafka(EventProducer::new(kafka, bootstrap).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 3, batch: BatchConfig::default(), ..ProcessSettings::default() };
@@ -64,7 +93,7 @@ fn process_until(
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &dlq, &settings, &stats, &stop)
+            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
@@ -77,7 +106,6 @@ fn process_until(
         stop.store(true, Ordering::Relaxed);
         runner.join().unwrap().unwrap();
     });
-    dlq.flush(Duration::from_secs(20)).unwrap();
     stats
 }
 
@@ -139,15 +167,16 @@ fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone()
         .collect();
     assert_eq!(got, want);
 
-    let dlq = read_topic(&broker.bootstrap, &kafka.dlq_topic, 3, 1, Duration::from_secs(20));
-    assert_eq!(dlq.len(), 1);
-    assert_eq!(StreamDataView::parse(&dlq[0].payload).unwrap().trade_id, POISON);
-    let header = |k: &str| dlq[0].headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
-    assert_eq!(header("sluice.stage").as_deref(), Some("transform"));
+    // The poison record alone, in the store's dead letters, committed with its batch.
+    let dead = store_dead_letters(&store_path);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let d = &dead[0];
+    assert_eq!(StreamDataView::parse(&d.bytes).unwrap().trade_id, POISON);
+    assert_eq!((d.stage.as_str(), d.source.as_str()), ("transform", "binance"));
     // The plugin and the version of its code that refused the record.
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
-    assert_eq!(header("sluice.plugin"), Some(format!("chaos@{}", sluice::plugin::version_of(&wasm))));
-    assert!(header("sluice.reason").unwrap().contains("poison record"), "{:?}", header("sluice.reason"));
+    assert_eq!(d.plugin, format!("chaos@{}", sluice::plugin::version_of(&wasm)));
+    assert!(d.reason.contains("poison record"), "{}", d.reason);
     let _ = std::fs::remove_file(&store_path);
 }
 
@@ -202,17 +231,8 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        let result = run_process(
-            &consumer,
-            &mut transformers,
-            &mut breakers,
-            &mut store,
-            &names,
-            &producer,
-            &settings,
-            &stats,
-            &stop,
-        );
+        let result =
+            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop);
         done.store(true, Ordering::Relaxed);
         result
     });
@@ -229,8 +249,8 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let _ = std::fs::remove_file(&store_path);
 }
 
-/// Dead letters are sent once a poll's batches all went through, so a poll abandoned because another
-/// source's breaker opened sends none, and reading it again later does not send them twice.
+/// Dead letters are committed with the batch of their poll, so a poll abandoned because another
+/// source's breaker opened commits none, and reading it again later does not write them twice.
 ///
 /// Source 1's plugin refuses one poison record; source 2's plugin traps on everything (its breaker
 /// opens on its second failing batch). The poison record sits in the poll where source 2's breaker
@@ -291,18 +311,14 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
                 }
                 stop.store(true, Ordering::Relaxed);
             });
-            let result =
-                run_process(&consumer, transformers, breakers, &mut store, &names, &producer, &settings, &stats, &stop);
+            let result = run_process(&consumer, transformers, breakers, &mut store, &names, &settings, &stats, &stop);
             done.store(true, Ordering::Relaxed);
             result
         })
     };
     let dead_ids = || -> Vec<u64> {
-        producer.flush(Duration::from_secs(20)).unwrap();
-        let mut ids: Vec<u64> = read_topic(&broker.bootstrap, &kafka.dlq_topic, 1, 1_000, Duration::from_secs(3))
-            .iter()
-            .map(|m| StreamDataView::parse(&m.payload).unwrap().trade_id)
-            .collect();
+        let mut ids: Vec<u64> =
+            store_dead_letters(&store_path).iter().map(|d| StreamDataView::parse(&d.bytes).unwrap().trade_id).collect();
         ids.sort_unstable();
         ids
     };
@@ -402,17 +418,7 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let result = std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(
-                &reader,
-                &mut transformers,
-                &mut breakers,
-                &mut store,
-                &names,
-                &writer,
-                &settings,
-                &stats,
-                &stop,
-            )
+            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) < 99
@@ -431,17 +437,9 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
         store.offsets(sluice::log::local::POSITION_TOPIC).unwrap(),
         vec![(sluice::log::local::POSITION_TOPIC.to_owned(), 0, 100)]
     );
-    writer.flush(Duration::from_secs(10)).unwrap();
-    let letters = rusqlite::Connection::open(dir.join("log.sqlite")).unwrap();
-    let dead: Vec<Vec<u8>> = letters
-        .prepare("SELECT bytes FROM dead_letters WHERE stage = 'transform'")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(StreamDataView::parse(&dead[0]).unwrap().trade_id, POISON);
+    let dead = store_dead_letters(&store_path);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(StreamDataView::parse(&dead[0].bytes).unwrap().trade_id, POISON);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -476,17 +474,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(
-                &reader,
-                &mut transformers,
-                &mut breakers,
-                &mut store,
-                &names,
-                &writer,
-                &settings,
-                &stats,
-                &stop,
-            )
+            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < 3
@@ -503,7 +491,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     let rows = q.query("SELECT symbol, sum(events) AS n FROM rollup GROUP BY symbol", 10).unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0]["symbol"].as_str(), rows[0]["n"].as_i64()), (Some("BTCUSDT"), Some(2)));
-    let letters = rusqlite::Connection::open(dir.join("log.sqlite")).unwrap();
+    let letters = rusqlite::Connection::open(&store_path).unwrap();
     let (reason, bytes): (String, Vec<u8>) = letters
         .query_row("SELECT reason, bytes FROM dead_letters WHERE stage = 'transform'", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -548,17 +536,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(
-                &consumer,
-                &mut transformers,
-                &mut breakers,
-                &mut store,
-                &names,
-                &producer,
-                &settings,
-                &stats,
-                &stop,
-            )
+            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) < 400 && start.elapsed() < Duration::from_secs(30) {
@@ -580,4 +558,70 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     assert!(err.contains("4 partitions") && err.contains("is 8"), "{err}");
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic], 4)).unwrap();
     let _ = std::fs::remove_file(&store_path);
+}
+
+/// A dead letter is written once however often its poll is read again without a crash: here the
+/// sink's commit fails once (a trigger refuses the offsets), the role stops, and a second run reads
+/// the same records again. The poison record's dead letter exists once (wherever dead letters are
+/// kept: the store's table, or the local log's).
+#[test]
+fn a_failed_commit_does_not_dead_letter_a_record_twice() {
+    let dir = std::env::temp_dir().join(format!("sluice-dlq-once-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log_path = dir.join("log.sqlite");
+    let log = sluice::log::local::LocalLog::open(&log_path, &sluice::log::LogConfig::default()).unwrap();
+    let writer = Writer::Local(log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap());
+    let symbols = Arc::new(Symbols::new());
+    let mut records = Records::new();
+    for i in POISON - 5..POISON + 5 {
+        records.push(&trade(i, &symbols));
+    }
+    writer.send_records(records.as_bytes());
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let rt = Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
+    let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let store_path = dir.join("store.sqlite");
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let admin = rusqlite::Connection::open(&store_path).unwrap();
+    admin
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+        )
+        .unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    let mut breakers = Breakers::default();
+    let reader = Reader::Local(log.reader().unwrap(), log.clone());
+    let failed = run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop);
+    assert!(failed.unwrap_err().to_string().contains("disk says no"));
+    admin.execute_batch("DROP TRIGGER refuse").unwrap();
+    // Started again from the last commit (none): the same records, the same poison.
+    let reader = Reader::Local(log.reader().unwrap(), log.clone());
+    std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+        });
+        let start = Instant::now();
+        while store_dead_letters(&store_path).is_empty() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap().unwrap();
+    });
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let in_log: i64 = rusqlite::Connection::open(&log_path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM dead_letters WHERE stage = 'transform'", [], |r| r.get(0))
+        .unwrap();
+    let in_store = store_dead_letters(&store_path).len() as i64;
+    assert_eq!(in_log + in_store, 1, "{in_log} in the log, {in_store} in the store");
+    let q = QueryConnection::open(&store_path).unwrap();
+    assert_eq!(q.query("SELECT sum(events) AS n FROM rollup", 1).unwrap()[0]["n"], 9);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -100,6 +100,15 @@ CREATE TABLE IF NOT EXISTS rollup (
     last_ms      INTEGER NOT NULL,
     PRIMARY KEY (bucket_ms, source, symbol, side)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms     INTEGER NOT NULL,
+    stage     TEXT    NOT NULL,
+    source    TEXT    NOT NULL,
+    plugin    TEXT    NOT NULL,
+    reason    TEXT    NOT NULL,
+    bytes     BLOB    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     topic       TEXT    NOT NULL,
     partition   INTEGER NOT NULL,
@@ -145,6 +154,20 @@ impl EmbeddedStore {
     /// # Errors
     /// [`StoreError::Sqlite`]; the transaction is rolled back.
     pub fn apply(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)]) -> Result<(), StoreError> {
+        self.apply_with(rows, offsets, &[])
+    }
+
+    /// [`apply`](Self::apply), with the transform stage's dead letters of the same polls written to
+    /// the table `dead_letters` in the same transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; the transaction is rolled back.
+    pub fn apply_with(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        dead: &[super::DeadLetter<'_>],
+    ) -> Result<(), StoreError> {
         let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
         for r in rows {
             let bucket = r.timestamp_ms.div_euclid(self.granularity_ms) * self.granularity_ms;
@@ -202,6 +225,16 @@ impl EmbeddedStore {
             )?;
             for (topic, partition, next) in offsets {
                 offset.execute(params![topic, partition, next])?;
+            }
+            if !dead.is_empty() {
+                let at_ms = crate::source::now_us() / 1000;
+                let mut letter = tx.prepare_cached(
+                    "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) \
+                     VALUES (?1, 'transform', ?2, ?3, ?4, ?5)",
+                )?;
+                for d in dead {
+                    letter.execute(params![at_ms, d.source, d.plugin, d.reason, d.bytes])?;
+                }
             }
         }
         tx.commit()?;

@@ -9,6 +9,20 @@ pub mod embedded;
 
 pub use embedded::Row;
 
+/// A record a transform refused (or that no plugin could take), committed with the batch its poll
+/// belongs to: so it is dead-lettered exactly once, however often a failed batch is read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeadLetter<'a> {
+    /// The source's name.
+    pub source: &'a str,
+    /// `name@version` of the plugin that refused it (empty when no plugin is bound).
+    pub plugin: &'a str,
+    /// Why.
+    pub reason: &'a str,
+    /// The record as it was read.
+    pub bytes: &'a [u8],
+}
+
 use crate::log::Reader;
 
 /// A destination for the process role's rows.
@@ -19,12 +33,19 @@ pub trait Sink: Send {
     /// When the stored offsets cannot be read or the consumer refuses the assignment.
     fn attach(&mut self, reader: &Reader, partitions: i32) -> anyhow::Result<()>;
 
-    /// Writes `rows` and the offsets they cover (`(topic, partition, next offset)`) all or nothing.
+    /// Writes `rows`, the dead letters of the same polls and the offsets they cover (`(topic,
+    /// partition, next offset)`) all or nothing.
     ///
     /// # Errors
     /// When the write fails; nothing of it is visible then, and the caller must read the rows again
     /// from the last committed offsets.
-    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], reader: &Reader) -> anyhow::Result<()>;
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        dead: &[DeadLetter<'_>],
+        reader: &Reader,
+    ) -> anyhow::Result<()>;
 
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
@@ -36,8 +57,14 @@ impl Sink for embedded::EmbeddedStore {
         Ok(())
     }
 
-    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], _reader: &Reader) -> anyhow::Result<()> {
-        self.apply(rows, offsets)?;
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        dead: &[DeadLetter<'_>],
+        _reader: &Reader,
+    ) -> anyhow::Result<()> {
+        self.apply_with(rows, offsets, dead)?;
         Ok(())
     }
 

@@ -21,12 +21,14 @@ use crate::kafka::consumer::EventConsumer;
 use crate::kafka::{KafkaConfig, KafkaError};
 use crate::log::Reader;
 use crate::proto::StreamData;
-use crate::sink::{Row, Sink};
+use crate::sink::{DeadLetter, Row, Sink};
 
 /// The transactional writer of the Druid topic.
 pub struct DruidSink {
     producer: ThreadedProducer<DefaultProducerContext>,
     topic: String,
+    /// Where the transform stage's dead letters go, in the same transactions.
+    dlq_topic: String,
     /// One encoded row, reused.
     buf: Vec<u8>,
     timeout: Duration,
@@ -115,10 +117,40 @@ impl DruidSink {
         Ok(DruidSink {
             producer,
             topic: druid.topic.clone(),
+            dlq_topic: kafka.dlq_topic.clone(),
             buf: Vec::with_capacity(128),
             timeout,
             phases: Phases::new(),
         })
+    }
+
+    /// The dead letters of the batch's polls, to the dead-letter topic in the same transaction (so
+    /// exactly once, like the rows), with the same headers as every dead letter.
+    fn dead_letter_all(&mut self, dead: &[DeadLetter<'_>]) -> Result<(), KafkaError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        for d in dead {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "sluice.source", value: Some(d.source) })
+                .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
+                .insert(Header { key: "sluice.stage", value: Some("transform") })
+                .insert(Header { key: "sluice.reason", value: Some(d.reason) });
+            loop {
+                let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic)
+                    .key(d.source)
+                    .payload(d.bytes)
+                    .headers(headers.clone());
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => {
+                        return Err(KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn produce_all(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
@@ -151,12 +183,14 @@ impl DruidSink {
         &mut self,
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
+        dead: &[DeadLetter<'_>],
         consumer: &EventConsumer,
     ) -> Result<(), KafkaError> {
         let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
         let started = std::time::Instant::now();
         self.producer.begin_transaction().map_err(|e| tx("begin", e))?;
         self.produce_all(rows)?;
+        self.dead_letter_all(dead)?;
         let produced = std::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         for &(topic, partition, next) in offsets {
@@ -189,8 +223,14 @@ impl Sink for DruidSink {
         Ok(())
     }
 
-    fn commit(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)], reader: &Reader) -> anyhow::Result<()> {
-        if let Err(e) = self.transact(rows, offsets, kafka_reader(reader)?) {
+    fn commit(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        dead: &[DeadLetter<'_>],
+        reader: &Reader,
+    ) -> anyhow::Result<()> {
+        if let Err(e) = self.transact(rows, offsets, dead, kafka_reader(reader)?) {
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
                 tracing::warn!(error = %abort, "aborting the Druid transaction failed");
