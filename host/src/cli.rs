@@ -456,6 +456,7 @@ async fn open_plugins(
                     memory_bytes: p.memory_bytes,
                     deadline: Duration::from_millis(p.deadline_ms),
                     output_bytes: p.output_bytes,
+                    max_symbols: p.max_symbols,
                 };
                 (name.clone(), limits)
             })

@@ -146,6 +146,10 @@ pub struct PluginConfig {
     /// Largest output per call.
     #[serde(default = "defaults::plugin_output_bytes")]
     pub output_bytes: usize,
+    /// Most symbols one instance of the plugin may name (frames are untrusted, and every name named
+    /// is kept in the dictionary for good); a frame past it is dead-lettered with the reason.
+    #[serde(default = "defaults::plugin_max_symbols")]
+    pub max_symbols: u32,
 }
 
 impl Config {
@@ -356,6 +360,9 @@ pub(crate) mod defaults {
     }
     pub fn plugin_deadline_ms() -> u64 {
         200
+    }
+    pub fn plugin_max_symbols() -> u32 {
+        10_000
     }
     pub fn plugin_output_bytes() -> usize {
         16 << 20

@@ -242,6 +242,17 @@ impl Decoder {
             let result = instance.and_then(|i| i.decode(&self.frames).ok());
             shadow.compare(&decoded.records, result.as_ref().map(|d| d.records.as_slice()));
         }
+        // Names past the instance's cap are answered 0 as well: say which it was.
+        let (capped, cap) = self.plugin.instance().take_refused_symbols();
+        let unnamed_reason = if capped > 0 {
+            format!(
+                "a record names a new symbol past the plugin instance's cap of {cap} symbols \
+                 ([plugins.{}] max_symbols)",
+                self.plugin.code().name()
+            )
+        } else {
+            "a record names no symbol: the symbol dictionary could not be reached".to_owned()
+        };
         let mut out = DecodedBatch::default();
         let mut records = Delimited::new(&decoded.records);
         for (frame, &count) in frames.iter().zip(&decoded.counts) {
@@ -257,7 +268,7 @@ impl Decoder {
                 out.rejects.push(RejectedFrame {
                     source: frame.source,
                     bytes: frame.bytes.clone(),
-                    reason: "a record names no symbol: the symbol dictionary could not be reached".into(),
+                    reason: unnamed_reason.clone(),
                 });
                 mine.for_each(drop);
                 continue;

@@ -93,3 +93,33 @@ fn a_frame_whose_symbol_cannot_be_named_is_refused_and_the_next_one_asks_again()
     assert_eq!(symbols.name(ids[0]).as_deref(), Some("BTCUSDT"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Symbol names come from untrusted frames: a plugin instance names at most `max_symbols` of them.
+/// A frame that would pass the cap is refused with the reason (and counted), and the dictionary does
+/// not grow with it; symbols named before keep decoding.
+#[test]
+fn a_frame_past_the_symbol_cap_is_refused_and_the_dictionary_does_not_grow() {
+    let symbols = Arc::new(Symbols::new());
+    let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits { max_symbols: 2, ..Limits::default() }).unwrap();
+    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+    let frames: Vec<Frame> = ["AAAUSDT", "BBBUSDT", "CCCUSDT", "AAAUSDT", "DDDUSDT"]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| frame(1, i as i64, &aggtrade(s, i as u64 + 1)))
+        .collect();
+    let out = decoder.decode(&frames).unwrap();
+    let names: Vec<String> = Delimited::new(out.records.as_bytes())
+        .map(|r| symbols.name(StreamDataView::parse(r.unwrap()).unwrap().symbol_id).unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["AAAUSDT", "BBBUSDT", "AAAUSDT"]);
+    assert_eq!(out.rejects.len(), 2);
+    assert!(
+        out.rejects.iter().all(|r| r.reason.contains("max_symbols") && r.reason.contains('2')),
+        "{:?}",
+        out.rejects
+    );
+    assert_eq!(out.total().rejects, 2);
+    assert_eq!(symbols.len(), 2, "the dictionary grew past the cap");
+}

@@ -22,7 +22,7 @@ fn runtime() -> Runtime {
 
 /// Limits for tests about everything but time: a deadline generous enough for a loaded machine.
 fn limits() -> Limits {
-    Limits { memory_bytes: 32 << 20, deadline: Duration::from_secs(5), output_bytes: 1 << 20 }
+    Limits { memory_bytes: 32 << 20, deadline: Duration::from_secs(5), output_bytes: 1 << 20, ..Limits::default() }
 }
 
 fn chaos(rt: &Runtime, limits: Limits) -> Arc<PluginCode> {

@@ -43,11 +43,19 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest output (records bytes) a single call may return.
     pub output_bytes: usize,
+    /// Most symbols one instance may name: names come from untrusted frames, and each one named is
+    /// kept in the dictionary for good. Past it the host answers 0 and the frame is refused.
+    pub max_symbols: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: 64 << 20, deadline: Duration::from_millis(200), output_bytes: 16 << 20 }
+        Limits {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_millis(200),
+            output_bytes: 16 << 20,
+            max_symbols: 10_000,
+        }
     }
 }
 
@@ -322,6 +330,12 @@ impl PluginInstance {
         &self.config
     }
 
+    /// Symbol names refused for [`Limits::max_symbols`] since the last call of this, and the cap.
+    pub fn take_refused_symbols(&mut self) -> (u32, u32) {
+        let refused = self.live.as_mut().map_or(0, |l| std::mem::take(&mut l.store.data_mut().refused_symbols));
+        (refused, self.code.limits.max_symbols)
+    }
+
     /// Decodes length-delimited raw frames (see [`plugin_sdk::wire::push_delimited`]).
     ///
     /// # Errors
@@ -538,6 +552,11 @@ struct HostState {
     /// Time this call spent in the host's imports, and how much of it the deadline was moved back.
     import_time: Duration,
     extended: Duration,
+    /// Symbol ids this instance has named, up to its limit.
+    named: std::collections::HashSet<u32>,
+    max_symbols: u32,
+    /// Names refused for the cap since [`PluginInstance::take_refused_symbols`] was last called.
+    refused_symbols: u32,
 }
 
 const LOG_LINES_PER_CALL: u32 = 32;
@@ -567,6 +586,9 @@ impl HostState {
             last_error: None,
             import_time: Duration::ZERO,
             extended: Duration::ZERO,
+            named: std::collections::HashSet::new(),
+            max_symbols: code.limits.max_symbols,
+            refused_symbols: 0,
         }
     }
 
@@ -609,9 +631,17 @@ impl host::Host for HostState {
     fn intern_symbol(&mut self, name: String) -> u32 {
         // The guest caches ids, so this runs once per new symbol per instance; a new name may wait
         // on the shared dictionary's topic, which must not count against the plugin's deadline.
+        if self.named.len() >= self.max_symbols as usize {
+            // Not named, so the dictionary does not grow; the plugin does not cache the 0 either.
+            self.refused_symbols = self.refused_symbols.saturating_add(1);
+            return 0;
+        }
         let started = std::time::Instant::now();
         let id = self.symbols.intern(&name);
         self.import_time += started.elapsed();
+        if id != 0 {
+            self.named.insert(id);
+        }
         id
     }
 }
