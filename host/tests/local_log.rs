@@ -113,6 +113,32 @@ fn total(m: &BTreeMap<(String, String), (i64, i64)>) -> i64 {
     m.values().map(|v| v.0).sum()
 }
 
+/// Events and exact quantity sums per (source, symbol).
+type PerSymbol = BTreeMap<(String, String), (i64, i64)>;
+
+/// The local log's symbol dictionary.
+fn log_symbols(log: &std::path::Path) -> BTreeMap<u32, String> {
+    let names = rusqlite::Connection::open(log).unwrap();
+    let mut stmt = names.prepare("SELECT id, name FROM symbols").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+/// Every record the log holds, and their count and exact quantity sum per (source, symbol), named
+/// with the log's own dictionary (source ids are positions in the config).
+fn logged(log: &std::path::Path) -> (Vec<(i64, Vec<u8>)>, PerSymbol) {
+    let records = sluice::log::local::read_all(log).unwrap();
+    let symbols = log_symbols(log);
+    let sources = ["binance", "coinbase"];
+    let mut per = PerSymbol::new();
+    for (offset, bytes) in &records {
+        let v = StreamDataView::parse(bytes).unwrap_or_else(|e| panic!("record {offset}: {e}"));
+        let e = per.entry((sources[v.source_id as usize - 1].to_owned(), symbols[&v.symbol_id].clone())).or_default();
+        e.0 += 1;
+        e.1 += v.volume_e8;
+    }
+    (records, per)
+}
+
 /// The store's committed position in the local log.
 fn store_position(store: &std::path::Path) -> Option<i64> {
     let q = QueryConnection::open(store).ok()?;
@@ -159,25 +185,16 @@ async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
     assert_eq!(text.matches("role=All").count(), 4, "four starts:\n{text}");
 
     // What the log holds, read with its own symbol dictionary; source ids are config positions.
-    let records = sluice::log::local::read_all(&log_file).unwrap();
+    let (records, logged) = logged(&log_file);
     let offsets: Vec<i64> = records.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (0..records.len() as i64).collect::<Vec<_>>(), "the log's offsets have holes");
-    let names = rusqlite::Connection::open(&log_file).unwrap();
-    let mut stmt = names.prepare("SELECT id, name FROM symbols").unwrap();
-    let symbols: BTreeMap<u32, String> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
-    let sources = ["binance", "coinbase"];
-    let mut logged: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let symbols = log_symbols(&log_file);
     let mut ids = BTreeSet::new();
-    for (offset, bytes) in &records {
-        let v = StreamDataView::parse(bytes).unwrap_or_else(|e| panic!("record {offset}: {e}"));
-        let source = sources[v.source_id as usize - 1].to_owned();
+    for (_, bytes) in &records {
+        let v = StreamDataView::parse(bytes).unwrap();
         let symbol = symbols[&v.symbol_id].clone();
         assert!(ids.insert((symbol.clone(), v.trade_id)), "trade {symbol} {} is in the log twice", v.trade_id);
         assert!(sent[&symbol].contains(v.trade_id), "trade {symbol} {} was never sent", v.trade_id);
-        let e = logged.entry((source, symbol)).or_default();
-        e.0 += 1;
-        e.1 += v.volume_e8;
     }
     assert!(records.len() > 850, "only {} records logged", records.len());
     // Every record the log holds is rolled up exactly once, per source and symbol, and the store's
@@ -294,20 +311,7 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
     run.interrupt();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("the disk is gone"), "the failure was not reported:\n{text}");
-    let records = sluice::log::local::read_all(&log_file).unwrap();
-    let names = rusqlite::Connection::open(&log_file).unwrap();
-    let mut stmt = names.prepare("SELECT id, name FROM symbols").unwrap();
-    let symbols: BTreeMap<u32, String> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
-    let sources = ["binance", "coinbase"];
-    let mut logged: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    for (_, bytes) in &records {
-        let v = StreamDataView::parse(bytes).unwrap();
-        let e =
-            logged.entry((sources[v.source_id as usize - 1].to_owned(), symbols[&v.symbol_id].clone())).or_default();
-        e.0 += 1;
-        e.1 += v.volume_e8;
-    }
+    let (records, logged) = logged(&log_file);
     assert!(records.len() > 5_000, "only {} records", records.len());
     assert_eq!(rolled_up(&store), logged, "rolled up vs logged\n{text}");
     assert_eq!(store_position(&store), Some(records.len() as i64));

@@ -56,16 +56,6 @@ CREATE TABLE IF NOT EXISTS log_meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms     INTEGER NOT NULL,
-    stage     TEXT    NOT NULL,
-    source    TEXT    NOT NULL,
-    plugin    TEXT    NOT NULL,
-    reason    TEXT    NOT NULL,
-    bytes     BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
 CREATE TABLE IF NOT EXISTS symbols (
     id   INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT    NOT NULL UNIQUE
@@ -126,6 +116,7 @@ impl LocalLog {
         }
         let conn = connect(path, config)?;
         conn.execute_batch(SCHEMA).map_err(|e| LogError::open(path, e))?;
+        conn.execute_batch(super::DEAD_LETTERS_SCHEMA).map_err(|e| LogError::open(path, e))?;
         let (start, end, bytes) = conn
             .query_row(
                 "SELECT (SELECT min(base) FROM batches), (SELECT max(base + count) FROM batches), \

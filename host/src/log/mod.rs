@@ -96,6 +96,21 @@ mod defaults {
     }
 }
 
+/// The table of dead letters, the same wherever it is kept: decode dead letters in the local log,
+/// transform dead letters in the embedded store (committed with their batch).
+pub(crate) const DEAD_LETTERS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms     INTEGER NOT NULL,
+    stage     TEXT    NOT NULL,
+    source    TEXT    NOT NULL,
+    plugin    TEXT    NOT NULL,
+    reason    TEXT    NOT NULL,
+    bytes     BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
+";
+
 /// Why the hand-off failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {

@@ -100,15 +100,6 @@ CREATE TABLE IF NOT EXISTS rollup (
     last_ms      INTEGER NOT NULL,
     PRIMARY KEY (bucket_ms, source, symbol, side)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms     INTEGER NOT NULL,
-    stage     TEXT    NOT NULL,
-    source    TEXT    NOT NULL,
-    plugin    TEXT    NOT NULL,
-    reason    TEXT    NOT NULL,
-    bytes     BLOB    NOT NULL
-);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     topic       TEXT    NOT NULL,
     partition   INTEGER NOT NULL,
@@ -144,6 +135,7 @@ impl EmbeddedStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::log::DEAD_LETTERS_SCHEMA)?;
         let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
         Ok(EmbeddedStore { conn, granularity_ms })
     }
