@@ -746,7 +746,8 @@ async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplic
     };
     let total = |m: &BTreeMap<String, i64>| m.values().sum::<i64>();
     let mut ingest = Role::start(&s.config, "ingest", &s.log);
-    let mut process = Role::start(&s.config, "process", &s.log);
+    let process_api = free_addr();
+    let mut process = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
     let start = Instant::now();
     while total(&stored(&store)) < 200 {
         assert!(start.elapsed() < Duration::from_secs(90), "no output:\n{}", std::fs::read_to_string(&s.log).unwrap());
@@ -770,6 +771,19 @@ async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplic
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // GET /v1/log on the Kafka path: each partition's watermarks and the store's position in it.
+    let http = reqwest::Client::new();
+    let log: serde_json::Value =
+        http.get(format!("http://{process_api}/v1/log")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(log["mode"], "kafka", "{log}");
+    let parts = log["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), PARTITIONS as usize, "{log}");
+    let sum = |k: &str| parts.iter().map(|p| p[k].as_i64().unwrap()).sum::<i64>();
+    assert_eq!(
+        (sum("start"), sum("end"), sum("committed"), sum("lag")),
+        (0, records.len() as i64, records.len() as i64, 0),
+        "{log}"
+    );
     process.interrupt();
     let mut ids = std::collections::BTreeSet::new();
     for m in &records {
