@@ -552,6 +552,16 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         (Handoff::Kafka(brokers), symbols, producer)
     };
     api_state.set_log(log_probe(config, &handoff, store_path.clone())?);
+    // Source ids, stable per name (kept in the symbol dictionary): records in the log keep meaning
+    // the same source across restarts and config edits.
+    let source_ids: Vec<u32> = {
+        let (dictionary, names) = (symbols.clone(), config.sources.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+        tokio::task::spawn_blocking(move || {
+            names.iter().map(|n| dictionary.source_id(n)).collect::<Result<Vec<_>, _>>()
+        })
+        .await?
+        .context("source ids")?
+    };
     let (registry, plugins) = open_plugins(config, symbols.clone(), metrics.clone()).await?;
     plugin_api.set(registry);
     let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
@@ -573,7 +583,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             max_frames_per_call: config.ingest.max_frames_per_call,
             connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
         };
-        let ingest = Ingest::start(config.sources.clone(), &plugins, producer.clone(), settings)?;
+        let ingest = Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings)?;
         directory.set(
             ingest
                 .sources()
@@ -614,7 +624,9 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         ));
     }
     let process = if role != Role::Ingest {
-        let process = start_process(config, &handoff, &plugins, symbols, health, metrics.clone(), store_path).await?;
+        let process =
+            start_process(config, &source_ids, &handoff, &plugins, symbols, health, metrics.clone(), store_path)
+                .await?;
         let stats = process.stats.clone();
         metrics.on_scrape(move |m| m.mirror_process(&stats));
         Some(process)
@@ -771,6 +783,7 @@ async fn watch_kafka(producer: Arc<Writer>, health: Arc<Health>, mut stop: tokio
 #[allow(clippy::too_many_arguments)]
 async fn start_process(
     config: &Config,
+    source_ids: &[u32],
     handoff: &Handoff,
     plugins: &HashMap<String, Arc<Slot>>,
     symbols: Arc<Symbols>,
@@ -778,17 +791,23 @@ async fn start_process(
     metrics: Arc<crate::telemetry::Metrics>,
     store_path: Option<PathBuf>,
 ) -> anyhow::Result<ProcessRole> {
-    // Source ids are positions in the configuration, as the ingest role numbers them.
+    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
     let mut transformers = HashMap::new();
-    for (i, source) in config.sources.iter().enumerate() {
+    for (&id, source) in source_ids.iter().zip(&config.sources) {
         let plugin_config: Vec<(String, String)> =
             source.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Some(slot) = plugins.get(&source.plugin) {
             let instance = slot.active().instantiate(&plugin_config)?;
-            transformers.insert(i as u32 + 1, Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
+            transformers.insert(id, Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
         }
     }
-    let names = Names { sources: config.sources.iter().map(|s| Arc::from(s.name.as_str())).collect(), symbols };
+    // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
+    // dead-lettered: no plugin is bound to them).
+    let mut sources: Vec<Arc<str>> = vec![Arc::from(""); source_ids.iter().copied().max().unwrap_or(0) as usize];
+    for (&id, source) in source_ids.iter().zip(&config.sources) {
+        sources[id as usize - 1] = Arc::from(source.name.as_str());
+    }
+    let names = Names { sources, symbols };
     health.set("breakers", true, "all closed");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stats = Arc::new(ProcessStats::default());

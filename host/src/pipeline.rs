@@ -143,7 +143,28 @@ impl Ingest {
         producer: Arc<Writer>,
         settings: IngestSettings,
     ) -> Result<Self, IngestError> {
+        let ids: Vec<u32> = (1..=sources.len() as u32).collect();
+        Ingest::start_with_ids(sources, &ids, plugins, producer, settings)
+    }
+
+    /// [`start`](Self::start) with each source's id given (`ids[i]` for `sources[i]`, non-zero and
+    /// distinct): the ids records carry, stable per source name across restarts and config edits
+    /// (see [`Symbols::source_id`](crate::symbols::Symbols::source_id)).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start), and for ids that are 0 or repeated.
+    pub fn start_with_ids(
+        sources: Vec<SourceConfig>,
+        ids: &[u32],
+        plugins: &HashMap<String, Arc<Slot>>,
+        producer: Arc<Writer>,
+        settings: IngestSettings,
+    ) -> Result<Self, IngestError> {
         let workers = settings.workers.max(1);
+        let distinct: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
+        if ids.len() != sources.len() || distinct.len() != ids.len() || distinct.contains(&0) {
+            return Err(IngestError::Source(format!("source ids {ids:?} are not one distinct non-zero id per source")));
+        }
         // Bindings, and which binding each source uses.
         let mut bindings: Vec<Binding> = Vec::new();
         let mut binding_of: Vec<usize> = Vec::new();
@@ -185,7 +206,7 @@ impl Ingest {
             .into_iter()
             .enumerate()
             .map(|(i, config)| {
-                let id = i as u32 + 1;
+                let id = ids[i];
                 // The worker that owns this source, and its decoder of the source's binding.
                 let running = decoders[id as usize % workers][&binding_of[i]].running();
                 SourceHandle {
@@ -203,10 +224,20 @@ impl Ingest {
         for (w, decoders) in decoders.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel::<Frame>(settings.queue_frames);
             senders.push(tx);
+            // Tables indexed by `slot(id)`; ids of sources not configured here are holes.
+            let size = ids.iter().copied().max().unwrap_or(0) as usize;
+            let mut by_id_binding = vec![None; size];
+            let mut by_id_names = vec![(String::new(), String::new()); size];
+            let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
+            for (i, h) in handles.iter().enumerate() {
+                by_id_binding[slot(h.id)] = Some(binding_of[i]);
+                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.plugin.clone());
+                by_id_stats[slot(h.id)] = h.decode.clone();
+            }
             let ctx = WorkerContext {
-                binding_of: binding_of.clone(),
-                names: handles.iter().map(|h| (h.config.name.clone(), h.config.plugin.clone())).collect(),
-                decode_stats: handles.iter().map(|h| h.decode.clone()).collect(),
+                binding_of: by_id_binding,
+                names: by_id_names,
+                decode_stats: by_id_stats,
                 producer: producer.clone(),
                 max_frames: settings.max_frames_per_call.max(1),
             };
@@ -256,8 +287,8 @@ impl Ingest {
 }
 
 struct WorkerContext {
-    /// Binding index of source `id - 1`.
-    binding_of: Vec<usize>,
+    /// Binding index of source `id` at `slot(id)` (`None` for ids no source here has).
+    binding_of: Vec<Option<usize>>,
     /// (source name, plugin name) of source `id - 1`.
     names: Vec<(String, String)>,
     decode_stats: Vec<Arc<DecodeStats>>,
@@ -292,12 +323,12 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
         });
         // One call per binding, frames in arrival order within it.
         let mut bindings: Vec<usize> =
-            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied()).collect();
+            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied().flatten()).collect();
         bindings.sort_unstable();
         bindings.dedup();
         for b in bindings {
             group.clear();
-            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&b)).cloned());
+            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&Some(b))).cloned());
             if let Some(decoder) = decoders.get_mut(&b) {
                 // A panic here must not end the worker silently (its sources would stop for good):
                 // the group's frames are dead-lettered with the panic's message, logged at ERROR,

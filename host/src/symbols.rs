@@ -206,6 +206,19 @@ impl Symbols {
         })
     }
 
+    /// The stable id of source `name`: kept in the same dictionary as the symbols (under a name no
+    /// venue symbol can have), so records in the log keep meaning the same source whatever the order
+    /// of the configuration, and every instance agrees on it.
+    ///
+    /// # Errors
+    /// [`KafkaError::Symbols`] when the dictionary cannot be reached.
+    pub fn source_id(&self, name: &str) -> Result<u32, KafkaError> {
+        match self.intern(&format!("\u{1}source:{name}")) {
+            0 => Err(KafkaError::Symbols(format!("cannot give source {name:?} an id"))),
+            id => Ok(id),
+        }
+    }
+
     /// The name of `id`, if assigned. An unknown id reads the topic's tail once (another instance may
     /// have just assigned it).
     pub fn name(&self, id: u32) -> Option<Arc<str>> {

@@ -317,3 +317,64 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
     assert_eq!(store_position(&store), Some(records.len() as i64));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Source ids are stable per source name: a second run on the same data directory with the sources
+/// reordered (and one added in front) stamps each source's records with the id it had, so records
+/// already in the log keep meaning the same source. Every source id in the log carries the symbols
+/// of one venue only, and the store rolls each venue's symbols up under its own source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_ids_survive_a_reordered_config() {
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
+    let dir = temp_dir("source-ids");
+    let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
+    let source = |name: &str, venue: Venue, subscribe: &str| {
+        format!(
+            "[[source]]\nname = \"{name}\"\nurl = \"{}\"\nplugin = \"{name}\"\nsubscribe = ['{subscribe}']\n",
+            sim.url(venue)
+        )
+    };
+    let binance = source("binance", Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#);
+    let coinbase =
+        source("coinbase", Venue::Coinbase, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}"#);
+    let kraken =
+        source("kraken", Venue::Kraken, r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}"#);
+    let head = format!("data_dir = \"{}\"\n[api]\nbind = \"127.0.0.1:0\"\n", dir.display());
+    let config = dir.join("sluice.toml");
+    for (run, sources) in [(1, vec![&binance, &coinbase]), (2, vec![&kraken, &coinbase, &binance])] {
+        std::fs::write(&config, format!("{head}{}", sources.iter().map(|s| s.as_str()).collect::<String>())).unwrap();
+        let before = total(&rolled_up(&store));
+        let mut child = Child9::run(&config, &log);
+        let start = Instant::now();
+        while total(&rolled_up(&store)) < before + 150
+            || (run == 2 && !rolled_up(&store).keys().any(|k| k.0 == "kraken"))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "run {run}:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        child.interrupt();
+    }
+    sim.shutdown().await;
+    // Each source id in the log carries one venue's symbols.
+    let symbols = log_symbols(&log_file);
+    let mut by_id: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for (_, bytes) in sluice::log::local::read_all(&log_file).unwrap() {
+        let v = StreamDataView::parse(&bytes).unwrap();
+        by_id.entry(v.source_id).or_default().insert(symbols[&v.symbol_id].clone());
+    }
+    assert_eq!(by_id.len(), 3, "{by_id:?}");
+    for (id, names) in &by_id {
+        assert_eq!(names.len(), 1, "source id {id} carries {names:?}");
+    }
+    // And the store agrees: each venue's symbol under its own source.
+    let pairs: BTreeSet<(String, String)> = rolled_up(&store).into_keys().collect();
+    let want: BTreeSet<(String, String)> = [("binance", "BTCUSDT"), ("coinbase", "BTC-USD"), ("kraken", "XBT/USD")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(pairs, want);
+    let _ = std::fs::remove_dir_all(&dir);
+}
