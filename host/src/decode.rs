@@ -196,10 +196,44 @@ impl DecodedBatch {
     }
 }
 
+/// How long an overlap's id-less records are remembered for: the overlap lasts a second after the
+/// new connection delivers, and a replacement connects first.
+const OVERLAP_MEMORY_US: i64 = 10_000_000;
+
+/// The contents of id-less records read during connection overlaps, per (source, symbol): a record
+/// the other connection already delivered is a duplicate. Only overlap frames are looked at, so two
+/// genuinely identical trades on one connection both count.
+#[derive(Debug, Default)]
+struct OverlapContents {
+    recent: HashMap<(u32, u32), std::collections::VecDeque<(u64, i64)>>,
+}
+
+impl OverlapContents {
+    /// True when the same content was seen during the overlap already; remembers it otherwise.
+    fn seen(&mut self, r: &Record) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (r.price_e8, r.volume_e8, r.timestamp_ms, r.is_buy).hash(&mut h);
+        let key = h.finish();
+        let recent = self.recent.entry((r.source_id, r.symbol_id)).or_default();
+        while recent.front().is_some_and(|(_, at)| r.received_at_us - at > OVERLAP_MEMORY_US) {
+            recent.pop_front();
+        }
+        if let Some(i) = recent.iter().position(|(k, _)| *k == key) {
+            // Each copy stands for one delivery on the other connection: matched once.
+            recent.remove(i);
+            return true;
+        }
+        recent.push_back((key, r.received_at_us));
+        false
+    }
+}
+
 /// Decodes frames of the sources bound to one plugin instance.
 pub struct Decoder {
     plugin: BoundPlugin,
     ids: TradeIds,
+    overlaps: OverlapContents,
     /// Reused to frame the inputs.
     frames: Vec<u8>,
 }
@@ -213,7 +247,7 @@ impl Decoder {
     /// A decoder over a registry slot: each batch runs on the slot's active version (and its shadow
     /// version beside it, compared and never delivered).
     pub fn bound(plugin: BoundPlugin) -> Self {
-        Decoder { plugin, ids: TradeIds::default(), frames: Vec::new() }
+        Decoder { plugin, ids: TradeIds::default(), overlaps: OverlapContents::default(), frames: Vec::new() }
     }
 
     /// The version this decoder's instance runs, for the API.
@@ -277,7 +311,11 @@ impl Decoder {
                 // The runtime validated the plugin's output before returning it.
                 let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
                 let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..view.record() };
-                let seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
+                let mut seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
+                // No venue id: during an overlap, the other connection's copy is known by content.
+                if seen == Seen::Untracked && frame.overlap && self.overlaps.seen(&record) {
+                    seen = Seen::Duplicate;
+                }
                 if matches!(seen, Seen::New { gap: 1.. } | Seen::Late) {
                     let key = (record.source_id, record.symbol_id);
                     if !out.gap_changes.contains(&key) {

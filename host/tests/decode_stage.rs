@@ -19,7 +19,7 @@ fn aggtrade(symbol: &str, id: u64) -> String {
 }
 
 fn frame(source: u32, at: i64, text: &str) -> Frame {
-    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()), oversized: None }
+    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()), oversized: None, overlap: false }
 }
 
 #[test]

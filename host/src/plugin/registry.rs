@@ -1047,6 +1047,7 @@ mod tests {
             bytes: bytes::Bytes::copy_from_slice(text.as_bytes()),
             received_at_us: 1,
             oversized: None,
+            overlap: false,
         };
         // A Binance trade: the active version decodes it, the Kraken build in shadow refuses it.
         let trade = r#"{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.5","q":"2","T":1,"m":false}"#;

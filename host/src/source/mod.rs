@@ -44,6 +44,16 @@ pub struct Frame {
     /// The original length when the frame was larger than `max_frame_bytes` and was cut; such a
     /// frame is dead-lettered, not decoded.
     pub oversized: Option<usize>,
+    /// Read while a connection replacement reads two connections at once: the same trade may come
+    /// on both, which the decode stage drops by trade id, or by content for venues without ids.
+    pub overlap: bool,
+}
+
+/// Which source a message came from, and whether its connection overlaps with another.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    id: u32,
+    overlap: bool,
 }
 
 /// Connection state of a source, as a gauge value.
@@ -319,7 +329,7 @@ enum Read {
 /// Handles one message from the venue: forwards data, answers pings, notes pongs.
 async fn on_message(
     config: &SourceConfig,
-    id: u32,
+    from: Origin,
     ws: &mut Ws,
     msg: Option<Result<Message, tungstenite::Error>>,
     out: &mpsc::Sender<Frame>,
@@ -369,7 +379,7 @@ async fn on_message(
         (bytes, None)
     };
     let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
-    match out.try_send(Frame { source: id, received_at_us, bytes, oversized }) {
+    match out.try_send(Frame { source: from.id, received_at_us, bytes, oversized, overlap: from.overlap }) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -405,7 +415,7 @@ async fn read_loop(
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                match on_message(config, id, ws, msg, out, stats, &mut awaiting_pong).await {
+                match on_message(config, Origin { id, overlap: false }, ws, msg, out, stats, &mut awaiting_pong).await {
                     Read::Continue | Read::Data => {}
                     Read::Notice => return End::Replace(Replace::ShutdownNotice),
                     Read::End(end) => return end,
@@ -473,7 +483,7 @@ async fn replace(
                     }
                 },
                 msg = old.next(), if old_open => {
-                    if let Read::End(_) = on_message(config, id, &mut old, msg, out, stats, &mut no_pong).await {
+                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
                         old_open = false;
                     }
                 }
@@ -490,7 +500,7 @@ async fn replace(
     let mut new_open = true;
     while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
-            msg = new.next() => match on_message(config, id, &mut new, msg, out, stats, &mut no_pong).await {
+            msg = new.next() => match on_message(config, Origin { id, overlap: true }, &mut new, msg, out, stats, &mut no_pong).await {
                 Read::Data | Read::Notice => {
                     switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
                 }
@@ -501,7 +511,7 @@ async fn replace(
                 }
             },
             msg = old.next(), if old_open => {
-                if let Read::End(_) = on_message(config, id, &mut old, msg, out, stats, &mut no_pong).await {
+                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
                     old_open = false;
                 }
             }
