@@ -1027,7 +1027,7 @@ fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig
         .collect()
 }
 
-/// `sluice demo`: simulator → sources → wasm decode → embedded broker, with counts as it runs.
+/// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
     let config = Config {

@@ -42,7 +42,8 @@ pub enum KafkaError {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
-    /// Bootstrap servers (`host:port,...`); empty starts the embedded broker.
+    /// Bootstrap servers (`host:port,...`); empty hands records over through the local log instead
+    /// (see [`crate::log`]).
     #[serde(default)]
     pub brokers: String,
     /// The topic decoded records go to.
