@@ -802,3 +802,105 @@ async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplic
     assert!(log.matches("role=Ingest").count() >= 2, "the ingest role did not restart:\n{log}");
     let _ = std::fs::remove_dir_all(&s.dir);
 }
+
+/// The value of an unlabelled (or first) series of `name` in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The broker stopped for 30 s while both roles run (its processes frozen with SIGSTOP, then
+/// continued). Both roles recover by themselves: every record the sources decoded was delivered
+/// to Kafka or counted as failed, and the store rolls up exactly what the topic holds. The broker is
+/// a noida-db server of the test's own (`noida-db` on the PATH, as CI installs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stopped_for_30_s_loses_nothing_counted() {
+    let mut s = setup("broker-stop", "").await;
+    let broker_dir = s.dir.join("broker");
+    std::fs::create_dir_all(&broker_dir).unwrap();
+    let port = free_addr().rsplit(':').next().unwrap().to_owned();
+    let mut broker = Command::new("noida-db")
+        .args(["start", "--only", "kafka", "--host", "127.0.0.1", "--kafka-port", &port, "--data-dir"])
+        .arg(&broker_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("noida-db on the PATH (python3 -m pip install noida-db==0.2.3)");
+    let bootstrap = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&bootstrap).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the broker did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("brokers = ") { format!("brokers = \"{bootstrap}\"\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&s.config, text).unwrap();
+    let events = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("events_topic = \"").map(|l| l.trim_end_matches('"').to_owned()))
+        .unwrap();
+    let store = s.dir.join("store.sqlite");
+    let stored = || -> i64 {
+        QueryConnection::open(&store)
+            .ok()
+            .and_then(|q| q.query("SELECT sum(events) AS n FROM rollup", 1).ok())
+            .and_then(|rows| rows.first().and_then(|r| r["n"].as_i64()))
+            .unwrap_or(0)
+    };
+    let ingest_api = free_addr();
+    let mut ingest = Role::start_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
+    let mut process = Role::start(&s.config, "process", &s.log);
+    let start = Instant::now();
+    while stored() < 200 {
+        assert!(start.elapsed() < Duration::from_secs(90), "no output:\n{}", std::fs::read_to_string(&s.log).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let freeze = |signal: &str| {
+        assert!(Command::new("pkill").args([signal, "-f"]).arg(&broker_dir).status().unwrap().success());
+    };
+    freeze("-STOP");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    freeze("-CONT");
+    let at_resume = stored();
+    let start = Instant::now();
+    while stored() < at_resume + 300 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no recovery:\n{}",
+            std::fs::read_to_string(&s.log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The venue stops; ingest delivers what it holds; the counters are read before it stops.
+    let sim = s.sim.take().unwrap();
+    sim.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let http = reqwest::Client::new();
+    let metrics = http.get(format!("http://{ingest_api}/metrics")).send().await.unwrap().text().await.unwrap();
+    ingest.interrupt();
+    let decoded = metric(&metrics, "sluice_decode_records_total");
+    let delivered = metric(&metrics, "sluice_kafka_records_delivered_total");
+    let failed = metric(&metrics, "sluice_kafka_delivery_errors_total");
+    assert!(decoded > 1000.0, "{metrics}");
+    assert_eq!(delivered + failed, decoded, "decoded {decoded}, delivered {delivered}, failed {failed}");
+    let records = common::read_topic(&bootstrap, &events, PARTITIONS, usize::MAX, Duration::from_secs(5));
+    assert_eq!(records.len() as f64, delivered, "the topic vs what Kafka acknowledged");
+    let start = Instant::now();
+    while stored() < records.len() as i64 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    process.interrupt();
+    assert_eq!(stored(), records.len() as i64, "{}", std::fs::read_to_string(&s.log).unwrap());
+    let _ = Command::new("pkill").arg("-f").arg(&broker_dir).status();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
