@@ -16,7 +16,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,51 +34,15 @@ const PARTITIONS: i32 = 3;
 /// The API token the children are started with.
 const TOKEN: &str = "test-token-5b1c";
 
-/// A `sluice run` child, killed with SIGKILL if the test ends without stopping it.
-struct Role(Option<Child>);
+/// A `sluice run --role <role>` child.
+type Role = common::SluiceProcess;
 
-impl Role {
-    fn start(config: &std::path::Path, role: &str, log: &std::path::Path) -> Role {
-        Role::start_with(config, role, log, &[])
-    }
-
-    fn start_with(config: &std::path::Path, role: &str, log: &std::path::Path, extra: &[&str]) -> Role {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--role", role, "--config"])
-            .arg(config)
-            .args(extra)
-            .env("RUST_LOG", "sluice=info")
-            .env("SLUICE_API_TOKEN", TOKEN)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Role(Some(child))
-    }
-
-    /// SIGKILL: no flush, no clean stop, an open transaction left behind.
-    fn kill_9(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    /// SIGINT, and waits for the clean stop.
-    fn interrupt(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-            let status = child.wait().unwrap();
-            assert!(status.success(), "{status}");
-        }
-    }
+fn start_role(config: &std::path::Path, role: &str, log: &std::path::Path) -> Role {
+    start_role_with(config, role, log, &[])
 }
 
-impl Drop for Role {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
+fn start_role_with(config: &std::path::Path, role: &str, log: &std::path::Path, extra: &[&str]) -> Role {
+    Role::run(config, log, &[&["--role", role], extra].concat(), Some(TOKEN))
 }
 
 struct Setup {
@@ -152,8 +116,8 @@ subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
 /// restarts it, then stops the simulator and ingest cleanly. Returns the still running process role
 /// and the trades sent per symbol.
 async fn run_with_kill(s: &mut Setup, progress: impl Fn() -> u64) -> (Role, BTreeMap<&'static str, Vec<SentTrade>>) {
-    let mut ingest = Role::start(&s.config, "ingest", &s.log);
-    let mut process = Role::start(&s.config, "process", &s.log);
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
+    let mut process = start_role(&s.config, "process", &s.log);
     let start = Instant::now();
     while progress() < 200 {
         let log = std::fs::read_to_string(&s.log).unwrap_or_default();
@@ -163,7 +127,7 @@ async fn run_with_kill(s: &mut Setup, progress: impl Fn() -> u64) -> (Role, BTre
     process.kill_9();
     // Trades keep flowing into Kafka while the process role is down.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let process = Role::start(&s.config, "process", &s.log);
+    let process = start_role(&s.config, "process", &s.log);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let sent = stop_feed(s, &mut ingest).await;
     (process, sent)
@@ -322,7 +286,7 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     // A process role with its API on a known port: the supervisor's health reaches /metrics and
     // /health/ready.
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut watched = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &api.to_string()]);
+    let mut watched = start_role_with(&s.config, "process", &s.log, &["--api-addr", &api.to_string()]);
     let http = reqwest::Client::new();
     let (mut metrics, mut ready) = (String::new(), serde_json::Value::Null);
     let start = Instant::now();
@@ -449,13 +413,13 @@ async fn two_process_instances_share_partitions_through_rebalances() {
 
     let bootstrap = s.broker.bootstrap.clone();
     let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
-    let mut ingest = Role::start(&s.config, "ingest", &s.log);
-    let mut first = Role::start(&s.config, "process", &s.log);
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
+    let mut first = start_role(&s.config, "process", &s.log);
     let start = Instant::now();
     while counter.update() < 200 {
         assert!(start.elapsed() < Duration::from_secs(90), "no output from the first instance");
     }
-    let mut second_role = Role::start(&second, "process", &s.log);
+    let mut second_role = start_role(&second, "process", &s.log);
     // Wait for the split: an assignment of only some of the partitions.
     let start = Instant::now();
     while !assignments(&s.log).iter().any(|l| !l.contains("[0, 1, 2]")) {
@@ -466,7 +430,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     second_role.kill_9();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut second_role = Role::start(&second, "process", &s.log);
+    let mut second_role = start_role(&second, "process", &s.log);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = stop_feed(&mut s, &mut ingest).await;
     let total: usize = sent.values().map(Vec::len).sum();
@@ -565,8 +529,8 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
     let (mut s, druid_topic, _posted) = druid_setup("hot-swap").await;
     let (_, message) = generated_spec(&s);
     let (ingest_api, process_api) = (free_addr(), free_addr());
-    let mut ingest = Role::start_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
-    let mut process = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
+    let mut ingest = start_role_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
+    let mut process = start_role_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
     let bootstrap = s.broker.bootstrap.clone();
     let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
     let http = reqwest::Client::new();
@@ -745,9 +709,9 @@ async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplic
             .collect()
     };
     let total = |m: &BTreeMap<String, i64>| m.values().sum::<i64>();
-    let mut ingest = Role::start(&s.config, "ingest", &s.log);
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
     let process_api = free_addr();
-    let mut process = Role::start_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
+    let mut process = start_role_with(&s.config, "process", &s.log, &["--api-addr", &process_api]);
     let start = Instant::now();
     while total(&stored(&store)) < 200 {
         assert!(start.elapsed() < Duration::from_secs(90), "no output:\n{}", std::fs::read_to_string(&s.log).unwrap());
@@ -756,7 +720,7 @@ async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplic
     ingest.kill_9();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let at_kill = total(&stored(&store));
-    let mut ingest = Role::start(&s.config, "ingest", &s.log);
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
     // The restarted role delivers again before the venue stops.
     let start = Instant::now();
     while total(&stored(&store)) < at_kill + 300 {
@@ -855,8 +819,8 @@ async fn the_broker_stopped_for_30_s_loses_nothing_counted() {
             .unwrap_or(0)
     };
     let ingest_api = free_addr();
-    let mut ingest = Role::start_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
-    let mut process = Role::start(&s.config, "process", &s.log);
+    let mut ingest = start_role_with(&s.config, "ingest", &s.log, &["--api-addr", &ingest_api]);
+    let mut process = start_role(&s.config, "process", &s.log);
     let start = Instant::now();
     while stored() < 200 {
         assert!(start.elapsed() < Duration::from_secs(90), "no output:\n{}", std::fs::read_to_string(&s.log).unwrap());

@@ -7,51 +7,16 @@
 //! CPU.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plugin_sdk::StreamDataView;
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::sink::embedded::QueryConnection;
 
-/// A `sluice` child, killed with SIGKILL if the test ends without stopping it.
-struct Child9(Option<Child>);
+mod common;
 
-impl Child9 {
-    fn run(config: &std::path::Path, log: &std::path::Path) -> Child9 {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "sluice=info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Child9(Some(child))
-    }
-
-    fn kill_9(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    fn interrupt(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-            let status = child.wait().unwrap();
-            assert!(status.success(), "{status}");
-        }
-    }
-}
-
-impl Drop for Child9 {
-    fn drop(&mut self) {
-        self.kill_9();
-    }
-}
+use common::SluiceProcess;
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-local-log-{name}-{}", std::process::id()));
@@ -155,7 +120,7 @@ async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
     let dir = temp_dir("kill");
     let config = write_config(&dir, &sim);
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
-    let mut run = Child9::run(&config, &log);
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
     // Kills at different moments of the stream: each after the store has moved on by a different
     // amount, so they land in the middle of reads, transforms and commits.
     for (kill, wait_for) in [(1, 150), (2, 330), (3, 410)] {
@@ -167,7 +132,7 @@ async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         run.kill_9();
-        run = Child9::run(&config, &log);
+        run = SluiceProcess::run(&config, &log, &[], None);
     }
     // The stream goes on for a while after the last restart, then the venue stops, so the last
     // incarnation reads and rolls up everything it was sent.
@@ -235,7 +200,7 @@ fn the_idle_demo_costs_under_a_tenth_of_a_core() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut child = Child9(Some(child));
+    let mut child = SluiceProcess(Some(child));
     let pid = child.0.as_ref().unwrap().id();
     // Started: the API answers and all three sources are connected.
     let start = Instant::now();
@@ -275,7 +240,7 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
     let dir = temp_dir("sink-down");
     let config = write_config(&dir, &sim);
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
-    let mut run = Child9::run(&config, &log);
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
     let start = Instant::now();
     while total(&rolled_up(&store)) < 100 {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress:\n{}", std::fs::read_to_string(&log).unwrap());
@@ -343,7 +308,7 @@ async fn source_ids_survive_a_reordered_config() {
     for (run, sources) in [(1, vec![&binance, &coinbase]), (2, vec![&kraken, &coinbase, &binance])] {
         std::fs::write(&config, format!("{head}{}", sources.iter().map(|s| s.as_str()).collect::<String>())).unwrap();
         let before = total(&rolled_up(&store));
-        let mut child = Child9::run(&config, &log);
+        let mut child = SluiceProcess::run(&config, &log, &[], None);
         let start = Instant::now();
         while total(&rolled_up(&store)) < before + 150
             || (run == 2 && !rolled_up(&store).keys().any(|k| k.0 == "kraken"))

@@ -4,7 +4,8 @@
 //! it); without it they start noida-db's broker in process (a dev-dependency), on a free loopback port.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -93,4 +94,44 @@ pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, want: usize, de
         }
     }
     out
+}
+
+/// A `sluice run --config <config>` child writing its log to `log`, killed with SIGKILL if the test
+/// ends without stopping it.
+pub struct SluiceProcess(pub Option<Child>);
+
+impl SluiceProcess {
+    /// Starts `sluice run --config <config> <extra...>`, with `token` as `SLUICE_API_TOKEN`.
+    pub fn run(config: &Path, log: &Path, extra: &[&str], token: Option<&str>) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command.args(["run", "--config"]).arg(config).args(extra).env("RUST_LOG", "sluice=info");
+        if let Some(token) = token {
+            command.env("SLUICE_API_TOKEN", token);
+        }
+        SluiceProcess(Some(command.stdout(Stdio::null()).stderr(log).spawn().unwrap()))
+    }
+
+    /// SIGKILL: no flush, no clean stop, an open transaction left behind.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGINT, and waits for the clean stop.
+    pub fn interrupt(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{status}");
+        }
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
 }
