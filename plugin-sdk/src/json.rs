@@ -1,8 +1,10 @@
 //! Small, allocation-free JSON access for decoding venue frames, in wasm and natively.
 //!
-//! [`Json::parse`] checks the whole document once; after that, lookups walk the original bytes and
-//! hand out borrowed slices. Strings are unescaped only when they contain escapes. Nothing here panics,
-//! whatever the input, and nesting deeper than [`MAX_DEPTH`] is an error rather than a stack overflow.
+//! [`Json::parse`] checks the whole document once; after that, lookups walk the original bytes without
+//! checking them again (they only look for where each value ends) and hand out borrowed slices.
+//! Strings are unescaped only when they contain escapes. [`Json::pick`] finds several members of an
+//! object in one pass, which is how a decoder should read a frame. Nothing here panics, whatever the
+//! input, and nesting deeper than [`MAX_DEPTH`] is an error rather than a stack overflow.
 //!
 //! ```
 //! use plugin_sdk::json::Json;
@@ -53,9 +55,26 @@ pub enum Kind {
 }
 
 /// One JSON value, borrowed from the document's bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct Json<'a> {
+    /// Starts at the value. A string or scalar ends where the value does; an object or array met
+    /// while walking its parent runs on to the end of the document, because finding where it ends
+    /// costs a scan that reading its members never needs ([`raw`](Self::raw) finds it on demand).
     raw: &'a [u8],
+}
+
+impl PartialEq for Json<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw() == other.raw()
+    }
+}
+
+impl Eq for Json<'_> {}
+
+impl std::fmt::Debug for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Json({})", String::from_utf8_lossy(self.raw()))
+    }
 }
 
 impl<'a> Json<'a> {
@@ -86,7 +105,10 @@ impl<'a> Json<'a> {
 
     /// The value's JSON text.
     pub fn raw(&self) -> &'a [u8] {
-        self.raw
+        match self.raw.first() {
+            Some(b'{' | b'[') => &self.raw[..skip_container(self.raw, 0).min(self.raw.len())],
+            _ => self.raw,
+        }
     }
 
     /// The member `key` of an object (the first, if repeated); `None` for other kinds.
@@ -97,6 +119,43 @@ impl<'a> Json<'a> {
     /// ```
     pub fn get(&self, key: &str) -> Option<Json<'a>> {
         self.members().find(|(k, _)| k.eq_str(key)).map(|(_, v)| v)
+    }
+
+    /// The members named in `keys`, found in one pass over an object: slot `i` holds the member named
+    /// `keys[i]` (the first, if repeated), `None` when absent or when this is not an object. Reading a
+    /// frame's fields this way walks it once, where a [`get`](Self::get) per field walks it per field.
+    ///
+    /// ```
+    /// let v = plugin_sdk::json::Json::parse(br#"{"p":"1.5","s":"BTCUSDT","q":"2"}"#).unwrap();
+    /// let [s, p, t] = v.pick(["s", "p", "T"]);
+    /// assert_eq!(s.and_then(|s| s.as_raw_str()), Some("BTCUSDT"));
+    /// assert_eq!(p.and_then(|p| p.as_raw_str()), Some("1.5"));
+    /// assert_eq!(t, None);
+    /// ```
+    pub fn pick<const N: usize>(&self, keys: [&str; N]) -> [Option<Json<'a>>; N] {
+        let mut found = [None; N];
+        let mut missing = N;
+        // Short names compare as one integer each (venue keys are mostly a few bytes).
+        let packed = keys.map(|name| pack(name.as_bytes()));
+        for (key, value) in self.members() {
+            let slot = match key.plain() {
+                Some(k) => match pack(k) {
+                    Some(k) => packed.iter().position(|&name| name == Some(k)),
+                    None => keys.iter().position(|name| name.as_bytes() == k),
+                },
+                None => keys.iter().position(|name| key.eq_str(name)),
+            };
+            if let Some(i) = slot
+                && found[i].is_none()
+            {
+                found[i] = Some(value);
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        found
     }
 
     /// Element `index` of an array; `None` for other kinds or past the end.
@@ -118,7 +177,7 @@ impl<'a> Json<'a> {
     /// The fast path for numbers-as-strings and plain symbols.
     pub fn as_raw_str(&self) -> Option<&'a str> {
         let inner = string_inner(self.raw)?;
-        if inner.contains(&b'\\') {
+        if has_backslash(inner) {
             return None;
         }
         std::str::from_utf8(inner).ok()
@@ -127,7 +186,7 @@ impl<'a> Json<'a> {
     /// A string's contents, unescaped (borrowed when there was nothing to unescape).
     pub fn as_str(&self) -> Option<Cow<'a, str>> {
         let inner = string_inner(self.raw)?;
-        if !inner.contains(&b'\\') {
+        if !has_backslash(inner) {
             return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
         }
         unescape(inner).map(Cow::Owned)
@@ -143,12 +202,18 @@ impl<'a> Json<'a> {
 
     /// An integer number that fits in `u64`.
     pub fn as_u64(&self) -> Option<u64> {
-        self.as_number_text()?.parse().ok()
+        digits_u64(self.raw)
     }
 
     /// An integer number that fits in `i64`.
     pub fn as_i64(&self) -> Option<i64> {
-        self.as_number_text()?.parse().ok()
+        match self.raw.split_first() {
+            Some((b'-', rest)) => {
+                let magnitude = digits_u64(rest)?;
+                0i64.checked_sub_unsigned(magnitude)
+            }
+            _ => i64::try_from(digits_u64(self.raw)?).ok(),
+        }
     }
 
     /// `true` or `false`.
@@ -170,15 +235,23 @@ impl<'a> Json<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Key<'a> {
     raw: Json<'a>,
+    /// Whether the key has a backslash (known from the walk that found it).
+    escaped: bool,
 }
 
 impl<'a> Key<'a> {
     /// True when the key equals `s` (escapes resolved).
     pub fn eq_str(&self, s: &str) -> bool {
-        match self.raw.as_raw_str() {
-            Some(k) => k == s,
+        match self.plain() {
+            Some(k) => k == s.as_bytes(),
             None => self.raw.as_str().is_some_and(|k| k == s),
         }
+    }
+
+    /// The key's bytes when it has no escapes (the parse checked they are UTF-8), else `None`. The
+    /// fast way to match keys: `match key.plain() { Some(b"s") => ..., }`.
+    pub fn plain(&self) -> Option<&'a [u8]> {
+        if self.escaped { None } else { string_inner(self.raw.raw) }
     }
 
     /// The key, unescaped.
@@ -195,10 +268,12 @@ pub struct Members<'a> {
 
 impl<'a> Iterator for Members<'a> {
     type Item = (Key<'a>, Json<'a>);
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         let key = self.inner.next_value()?;
+        let escaped = self.inner.escaped;
         let value = self.inner.next_value()?;
-        Some((Key { raw: key }, value))
+        Some((Key { raw: key, escaped }, value))
     }
 }
 
@@ -220,37 +295,187 @@ impl<'a> Iterator for Elements<'a> {
 struct Items<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// The last value handed out was an object or array starting at `pos`, not yet skipped: it is
+    /// skipped only if the walk goes on past it.
+    pending: bool,
+    /// The last value handed out was a string with a backslash.
+    escaped: bool,
 }
 
 impl<'a> Items<'a> {
     fn new(raw: &'a [u8], open: u8) -> Self {
-        if raw.first() == Some(&open) { Items { buf: raw, pos: 1 } } else { Items { buf: raw, pos: raw.len() } }
+        let pos = if raw.first() == Some(&open) { 1 } else { raw.len() };
+        Items { buf: raw, pos, pending: false, escaped: false }
     }
 
+    #[inline(always)]
     fn next_value(&mut self) -> Option<Json<'a>> {
-        let mut pos = skip_ws(self.buf, self.pos);
-        if matches!(self.buf.get(pos), Some(b',' | b':')) {
-            pos = skip_ws(self.buf, pos + 1);
+        if self.pending {
+            self.pos = skip_container(self.buf, self.pos);
+            self.pending = false;
+        }
+        // A validated document has only whitespace and one separator between values.
+        let mut pos = self.pos;
+        while let Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b':') = self.buf.get(pos) {
+            pos += 1;
         }
         match self.buf.get(pos) {
             None | Some(b'}' | b']') => {
                 self.pos = self.buf.len();
                 None
             }
-            Some(_) => match value_end(self.buf, pos, 1) {
-                Ok(end) => {
-                    self.pos = end;
-                    Some(Json { raw: &self.buf[pos..end] })
-                }
-                Err(_) => {
-                    self.pos = self.buf.len();
-                    None
-                }
-            },
+            // Only ever a validated document here, so finding the end is enough.
+            Some(b'{' | b'[') => {
+                self.pos = pos;
+                self.pending = true;
+                self.buf.get(pos..).map(|raw| Json { raw })
+            }
+            Some(&first) => {
+                let end = if first == b'"' {
+                    let (end, escaped) = skip_string(self.buf, pos);
+                    self.escaped = escaped;
+                    end
+                } else {
+                    skip_scalar(self.buf, pos)
+                };
+                self.pos = end;
+                self.buf.get(pos..end).map(|raw| Json { raw })
+            }
         }
     }
 }
 
+/// Up to 7 bytes and their count as one integer (equal exactly when the bytes are), else `None`.
+#[inline(always)]
+fn pack(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() > 7 {
+        return None;
+    }
+    let mut v = (bytes.len() as u64) << 56;
+    for (i, &b) in bytes.iter().enumerate() {
+        v |= u64::from(b) << (8 * i);
+    }
+    Some(v)
+}
+
+/// The 8 bytes at `p`, if there are 8.
+#[inline(always)]
+fn word_at(buf: &[u8], p: usize) -> Option<u64> {
+    match buf.get(p..p + 8) {
+        Some(&[a, b, c, d, e, f, g, h]) => Some(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
+        _ => None,
+    }
+}
+
+/// Past the number or literal at `pos`: up to the next delimiter (`,`, `}`, `]` or whitespace).
+#[inline(always)]
+fn skip_scalar(buf: &[u8], pos: usize) -> usize {
+    let mut p = pos + 1;
+    while let Some(word) = word_at(buf, p) {
+        // Delimiters are the bytes up to 0x20, 0x2c, 0x5d and 0x7d; no number or literal has them.
+        let delimiter = (word.wrapping_sub(ONES * 0x21) & !word & HIGH)
+            | has_zero(word ^ (ONES * u64::from(b',')))
+            | has_zero(word ^ (ONES * u64::from(b']')))
+            | has_zero(word ^ (ONES * u64::from(b'}')));
+        if delimiter != 0 {
+            return p + (delimiter.trailing_zeros() / 8) as usize;
+        }
+        p += 8;
+    }
+    while buf.get(p).is_some_and(|c| !matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')) {
+        p += 1;
+    }
+    p
+}
+
+/// Past the object or array at `pos`, jumping from one quote or bracket to the next.
+fn skip_container(buf: &[u8], pos: usize) -> usize {
+    let mut depth = 0usize;
+    let mut p = pos;
+    loop {
+        // Find the next quote or bracket, 8 bytes at a time where there are 8.
+        let next = match word_at(buf, p) {
+            Some(word) => {
+                // `{` and `[` differ only in bit 5, as do `}` and `]`.
+                let folded = word | (ONES * 0x20);
+                let hits = has_zero(word ^ (ONES * u64::from(b'"')))
+                    | has_zero(folded ^ (ONES * u64::from(b'{')))
+                    | has_zero(folded ^ (ONES * u64::from(b'}')));
+                if hits == 0 {
+                    p += 8;
+                    continue;
+                }
+                p + (hits.trailing_zeros() / 8) as usize
+            }
+            None => match buf
+                .get(p..)
+                .and_then(|rest| rest.iter().position(|c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']')))
+            {
+                Some(k) => p + k,
+                None => return buf.len(),
+            },
+        };
+        match buf.get(next) {
+            Some(b'"') => {
+                p = skip_string(buf, next).0;
+                continue;
+            }
+            Some(b'{' | b'[') => depth += 1,
+            Some(_) => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return next + 1;
+                }
+            }
+            None => return buf.len(),
+        }
+        p = next + 1;
+    }
+}
+
+/// Where the string whose opening quote is at `pos` ends (past its closing quote), in a validated
+/// document, and whether it has a backslash.
+#[inline(always)]
+fn skip_string(buf: &[u8], pos: usize) -> (usize, bool) {
+    let mut p = pos + 1;
+    let mut escaped = false;
+    loop {
+        while let Some(word) = word_at(buf, p) {
+            let hits = quote_or_backslash(word);
+            if hits != 0 {
+                p += (hits.trailing_zeros() / 8) as usize;
+                break;
+            }
+            p += 8;
+        }
+        match buf.get(p) {
+            None => return (buf.len(), escaped),
+            Some(b'"') => return (p + 1, escaped),
+            Some(b'\\') => {
+                escaped = true;
+                p += 2;
+            }
+            Some(_) => p += 1,
+        }
+    }
+}
+
+/// A JSON integer's digits (no sign, fraction or exponent) as a `u64`, `None` past `u64::MAX`.
+fn digits_u64(raw: &[u8]) -> Option<u64> {
+    if raw.is_empty() || raw.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in raw {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(n)
+}
+
+#[inline(always)]
 fn skip_ws(buf: &[u8], mut pos: usize) -> usize {
     while let Some(b' ' | b'\t' | b'\n' | b'\r') = buf.get(pos) {
         pos += 1;
@@ -265,8 +490,28 @@ fn err(offset: usize, expected: &'static str) -> JsonError {
 /// Validates the value starting at `pos` and returns where it ends.
 fn value_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
     match buf.get(pos) {
-        None => Err(err(pos, "a value")),
+        Some(b'{' | b'[') => container_end(buf, pos, depth),
+        _ => scalar_end(buf, pos),
+    }
+}
+
+/// Validates the string, number or literal at `pos` and returns where it ends.
+#[inline(always)]
+fn scalar_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
+    match buf.get(pos) {
         Some(b'"') => string_end(buf, pos),
+        Some(b'-' | b'0'..=b'9') => number_end(buf, pos),
+        Some(b't') => literal(buf, pos, b"true"),
+        Some(b'f') => literal(buf, pos, b"false"),
+        Some(b'n') => literal(buf, pos, b"null"),
+        _ => Err(err(pos, "a value")),
+    }
+}
+
+/// Validates the object or array at `pos` and returns where it ends. Members that are strings,
+/// numbers or literals are checked in the loop; only nested containers recurse.
+fn container_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
+    match buf.get(pos) {
         Some(open @ (b'{' | b'[')) => {
             if depth >= MAX_DEPTH {
                 return Err(err(pos, "less nesting"));
@@ -287,7 +532,11 @@ fn value_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
                     }
                     p = skip_ws(buf, p + 1);
                 }
-                p = skip_ws(buf, value_end(buf, p, depth + 1)?);
+                let end = match buf.get(p) {
+                    Some(b'{' | b'[') => container_end(buf, p, depth + 1)?,
+                    _ => scalar_end(buf, p)?,
+                };
+                p = skip_ws(buf, end);
                 match buf.get(p) {
                     Some(b',') => p = skip_ws(buf, p + 1),
                     Some(c) if *c == close => return Ok(p + 1),
@@ -295,14 +544,11 @@ fn value_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
                 }
             }
         }
-        Some(b't') => literal(buf, pos, b"true"),
-        Some(b'f') => literal(buf, pos, b"false"),
-        Some(b'n') => literal(buf, pos, b"null"),
-        Some(b'-' | b'0'..=b'9') => number_end(buf, pos),
-        Some(_) => Err(err(pos, "a value")),
+        _ => Err(err(pos, "a value")),
     }
 }
 
+#[inline(always)]
 fn literal(buf: &[u8], pos: usize, word: &'static [u8]) -> Result<usize, JsonError> {
     if buf.get(pos..pos + word.len()) == Some(word) {
         Ok(pos + word.len())
@@ -311,6 +557,7 @@ fn literal(buf: &[u8], pos: usize, word: &'static [u8]) -> Result<usize, JsonErr
     }
 }
 
+#[inline(always)]
 fn number_end(buf: &[u8], mut pos: usize) -> Result<usize, JsonError> {
     let digits = |buf: &[u8], mut p: usize| -> Result<usize, JsonError> {
         let start = p;
@@ -341,6 +588,7 @@ fn number_end(buf: &[u8], mut pos: usize) -> Result<usize, JsonError> {
 }
 
 /// Validates the string starting at the quote at `pos` (escapes and UTF-8) and returns its end.
+#[inline(always)]
 fn string_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
     let mut p = pos + 1;
     let mut run_start = p;
@@ -353,8 +601,11 @@ fn string_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
     };
     loop {
         // Eight plain ASCII bytes (no quote, backslash or control character) at a time.
-        while let Some(Ok(bytes)) = buf.get(p..p + 8).map(<[u8; 8]>::try_from) {
-            if special_or_non_ascii(u64::from_le_bytes(bytes)) != 0 {
+        while let Some(word) = word_at(buf, p) {
+            let hits = special_or_non_ascii(word);
+            if hits != 0 {
+                // The lowest marked byte is exact; the bytes before it are plain.
+                p += (hits.trailing_zeros() / 8) as usize;
                 break;
             }
             p += 8;
@@ -384,18 +635,36 @@ fn string_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit set in each byte of `v` that is zero (and possibly in bytes above a marked one, so
+/// "none marked" is exact).
+#[inline(always)]
+fn has_zero(v: u64) -> u64 {
+    v.wrapping_sub(ONES) & !v & HIGH
+}
+
+/// Non-zero when `word` holds a `"` or a `\\`.
+#[inline(always)]
+fn quote_or_backslash(word: u64) -> u64 {
+    has_zero(word ^ (ONES * u64::from(b'"'))) | has_zero(word ^ (ONES * u64::from(b'\\')))
+}
+
 /// A mask with the high bit set in each byte of `word` that is `"`, `\\`, below 0x20 or above 0x7f.
 #[inline(always)]
 fn special_or_non_ascii(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // A byte is zero after the xor exactly when it equals the searched byte; `has_zero` marks it (and
-    // may mark bytes above it only when a lower one is marked too, so "none marked" is exact).
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let quote = has_zero(word ^ (ONES * u64::from(b'"')));
-    let backslash = has_zero(word ^ (ONES * u64::from(b'\\')));
+    // A byte is zero after the xor exactly when it equals the searched byte.
     let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
-    quote | backslash | control | (word & HIGH)
+    quote_or_backslash(word) | control | (word & HIGH)
+}
+
+/// Whether a string's contents have an escape (an inline loop: short strings, and `contains` is a
+/// library call in wasm).
+#[inline(always)]
+#[allow(clippy::manual_contains)] // `contains` on bytes is a `memchr` call, which wasm profiles showed.
+fn has_backslash(inner: &[u8]) -> bool {
+    inner.iter().any(|&c| c == b'\\')
 }
 
 fn string_inner(raw: &[u8]) -> Option<&[u8]> {
@@ -516,6 +785,136 @@ mod tests {
             let fast = string_end(&buf, 0).map_err(|_| ());
             assert_eq!(fast, string_end_reference(&buf, 0), "{:?}", String::from_utf8_lossy(&buf));
         }
+    }
+
+    /// A random JSON value and its text: strings with escaped quotes and brackets, nested
+    /// containers, numbers in every form, and whitespace between tokens.
+    enum Gen {
+        Scalar,
+        Array(Vec<(String, Gen)>),
+        Object(Vec<(String, String, Gen)>),
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+        fn ws(&mut self) -> &'static str {
+            [" ", "", "", "\n\t", "\r "][self.next(5) as usize]
+        }
+        fn string(&mut self) -> String {
+            let parts = ["a", "\\\"", "{", "]", "\\\\", "\\u00e9", "é", ",", ":", "abcdefghij", "\\/"];
+            let n = self.next(6);
+            let body: String = (0..n).map(|_| parts[self.next(parts.len() as u64) as usize]).collect();
+            format!("\"{body}\"")
+        }
+        fn value(&mut self, depth: u32) -> (String, Gen) {
+            match if depth > 3 { self.next(2) } else { self.next(4) } {
+                0 => {
+                    let numbers = ["0", "-1", "12.5e-3", "1633998523963", "18446744073709551615", "-9.0E+2"];
+                    let literals = ["true", "false", "null"];
+                    let t = match self.next(3) {
+                        0 => self.string(),
+                        1 => literals[self.next(3) as usize].to_string(),
+                        _ => numbers[self.next(numbers.len() as u64) as usize].to_string(),
+                    };
+                    (t, Gen::Scalar)
+                }
+                1 => {
+                    let t = self.string();
+                    (t, Gen::Scalar)
+                }
+                2 => {
+                    let items: Vec<(String, Gen)> = (0..self.next(5)).map(|_| self.value(depth + 1)).collect();
+                    let body: Vec<String> =
+                        items.iter().map(|(t, _)| format!("{}{t}{}", self.ws(), self.ws())).collect();
+                    (format!("[{}]", body.join(",")), Gen::Array(items))
+                }
+                _ => {
+                    let members: Vec<(String, String, Gen)> = (0..self.next(5))
+                        .map(|_| {
+                            let key = self.string();
+                            let (t, g) = self.value(depth + 1);
+                            (key, t, g)
+                        })
+                        .collect();
+                    let body: Vec<String> = members
+                        .iter()
+                        .map(|(k, t, _)| format!("{}{k}{}:{}{t}{}", self.ws(), self.ws(), self.ws(), self.ws()))
+                        .collect();
+                    (format!("{{{}}}", body.join(",")), Gen::Object(members))
+                }
+            }
+        }
+    }
+
+    /// The walk finds exactly the values the document was built from, with their exact text.
+    fn check_walk(v: Json<'_>, text: &str, g: &Gen) {
+        assert_eq!(v.raw(), text.as_bytes());
+        match g {
+            Gen::Scalar => assert!(v.members().next().is_none() && v.elements().next().is_none()),
+            Gen::Array(items) => {
+                let found: Vec<Json<'_>> = v.elements().collect();
+                assert_eq!(found.len(), items.len(), "{text}");
+                for (f, (t, g)) in found.iter().zip(items) {
+                    check_walk(*f, t, g);
+                }
+            }
+            Gen::Object(members) => {
+                let found: Vec<(Key<'_>, Json<'_>)> = v.members().collect();
+                assert_eq!(found.len(), members.len(), "{text}");
+                for ((key, value), (k, t, g)) in found.iter().zip(members) {
+                    assert_eq!(key.raw.raw(), k.as_bytes());
+                    assert_eq!(key.plain().is_none(), k.contains('\\'), "{k}");
+                    check_walk(*value, t, g);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_walk_agrees_with_how_the_document_was_built() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..5_000 {
+            let (text, g) = rng.value(0);
+            let doc = format!(" {text}\n");
+            let v = Json::parse(doc.as_bytes()).unwrap_or_else(|e| panic!("{doc}: {e}"));
+            check_walk(v, &text, &g);
+        }
+    }
+
+    #[test]
+    fn pick_takes_the_first_of_repeated_keys_and_reads_escaped_ones() {
+        let v = Json::parse(br#"{"a":1,"b":{"a":9},"a":2,"c\u0064":[3],"long_key_name":4}"#).unwrap();
+        let [a, b, d, long, none] = v.pick(["a", "b", "cd", "long_key_name", "z"]);
+        assert_eq!(a.and_then(|a| a.as_u64()), Some(1));
+        assert_eq!(b.map(|b| b.raw()), Some(&br#"{"a":9}"#[..]));
+        assert_eq!(d.and_then(|d| d.at(0)).and_then(|d| d.as_u64()), Some(3));
+        assert_eq!(long.and_then(|l| l.as_u64()), Some(4));
+        assert_eq!(none, None);
+        assert_eq!(Json::parse(b"[1]").unwrap().pick(["a"]), [None]);
+    }
+
+    #[test]
+    fn integers_are_read_exactly_at_their_limits() {
+        fn n(t: &str) -> Json<'_> {
+            Json::parse(t.as_bytes()).unwrap()
+        }
+        assert_eq!(n("18446744073709551615").as_u64(), Some(u64::MAX));
+        assert_eq!(n("18446744073709551616").as_u64(), None);
+        assert_eq!(n("-9223372036854775808").as_i64(), Some(i64::MIN));
+        assert_eq!(n("9223372036854775807").as_i64(), Some(i64::MAX));
+        assert_eq!(n("9223372036854775808").as_i64(), None);
+        assert_eq!(n("-9223372036854775809").as_i64(), None);
+        assert_eq!(n("-1").as_u64(), None);
+        assert_eq!(n("1.0").as_u64(), None);
+        assert_eq!(n("1e3").as_i64(), None);
+        assert_eq!(n("\"1\"").as_u64(), None);
+        assert_eq!(n("-0").as_i64(), Some(0));
     }
 
     #[test]

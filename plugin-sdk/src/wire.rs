@@ -509,7 +509,10 @@ impl Records {
         self.buf.truncate(self.used);
         self.used = 0;
         self.len = 0;
-        core::mem::take(&mut self.buf)
+        // The next batch is likely the size of this one: one allocation of that size, not a
+        // series of doublings (in wasm, every call's output is handed over and freed).
+        let next = Vec::with_capacity(self.buf.len() + SCRATCH);
+        core::mem::replace(&mut self.buf, next)
     }
 
     /// Reserves room for `additional` more bytes.

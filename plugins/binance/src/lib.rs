@@ -67,27 +67,9 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn scan(object: Json<'a>) -> Self {
-        let mut f = Fields::default();
-        for (key, value) in object.members() {
-            let slot = match key.as_str().as_ref() {
-                "e" => &mut f.event,
-                "s" => &mut f.symbol,
-                "p" => &mut f.price,
-                "q" => &mut f.quantity,
-                "T" => &mut f.trade_time,
-                "m" => &mut f.buyer_is_maker,
-                "a" => &mut f.agg_id,
-                "t" => &mut f.trade_id,
-                "data" => &mut f.data,
-                "error" => &mut f.error,
-                "code" => &mut f.code,
-                "msg" => &mut f.msg,
-                _ => continue,
-            };
-            // Like `Json::get`, the first of repeated keys wins.
-            slot.get_or_insert(value);
-        }
-        f
+        let [event, symbol, price, quantity, trade_time, buyer_is_maker, agg_id, trade_id, data, error, code, msg] =
+            object.pick(["e", "s", "p", "q", "T", "m", "a", "t", "data", "error", "code", "msg"]);
+        Fields { event, symbol, price, quantity, trade_time, buyer_is_maker, agg_id, trade_id, data, error, code, msg }
     }
 }
 
@@ -105,7 +87,15 @@ impl Plugin for Binance {
             Kind::Array => return Ok(()),
             _ => return Err("frame: expected a JSON object".into()),
         }
-        let top = Fields::scan(frame);
+        let top = match frame.members().next() {
+            // A combined-stream envelope (`stream` comes first): only its `data` matters, and
+            // looking no further saves walking past the event.
+            Some((key, _)) if key.plain() == Some(b"stream") => {
+                let [data] = frame.pick(["data"]);
+                Fields { data, ..Fields::default() }
+            }
+            _ => Fields::scan(frame),
+        };
         let event = match top.data {
             // A combined-stream envelope: the event is its `data`.
             Some(data) if data.kind() == Kind::Object => Fields::scan(data),

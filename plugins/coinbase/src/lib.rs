@@ -64,24 +64,9 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn scan(object: Json<'a>) -> Self {
-        let mut f = Fields::default();
-        for (key, value) in object.members() {
-            let slot = match key.as_str().as_ref() {
-                "type" => &mut f.kind,
-                "product_id" => &mut f.product,
-                "price" => &mut f.price,
-                "size" => &mut f.size,
-                "time" => &mut f.time,
-                "side" => &mut f.side,
-                "trade_id" => &mut f.trade_id,
-                "message" => &mut f.message,
-                "reason" => &mut f.reason,
-                _ => continue,
-            };
-            // Like `Json::get`, the first of repeated keys wins.
-            slot.get_or_insert(value);
-        }
-        f
+        let [kind, product, price, size, time, side, trade_id, message, reason] =
+            object.pick(["type", "product_id", "price", "size", "time", "side", "trade_id", "message", "reason"]);
+        Fields { kind, product, price, size, time, side, trade_id, message, reason }
     }
 }
 

@@ -115,16 +115,7 @@ fn decode_trade(trade: Json<'_>, i: usize, symbol_id: u32) -> Result<Record, Rea
 
 /// Object frames: events. Only errors are refused.
 fn event(frame: Json<'_>) -> Result<(), Reason> {
-    let (mut event, mut status, mut message) = (None, None, None);
-    for (key, value) in frame.members() {
-        let slot = match key.as_str().as_ref() {
-            "event" => &mut event,
-            "status" => &mut status,
-            "errorMessage" => &mut message,
-            _ => continue,
-        };
-        slot.get_or_insert(value);
-    }
+    let [event, status, message] = frame.pick(["event", "status", "errorMessage"]);
     let is_error = event.is_some_and(|e| is_str(e, "error")) || status.is_some_and(|s| is_str(s, "error"));
     if !is_error {
         return Ok(());
