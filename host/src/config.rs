@@ -347,7 +347,7 @@ pub(crate) mod defaults {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     }
     pub fn queue_frames() -> usize {
-        8192
+        16_384
     }
     pub fn max_frames_per_call() -> usize {
         256

@@ -29,6 +29,9 @@ use super::{Control, Shared, Venue, stopped};
 
 /// Client messages are small subscription requests; anything bigger is refused by tungstenite.
 const MAX_CLIENT_MESSAGE_BYTES: usize = 64 << 10;
+/// Bytes collected before a write reaches the socket (a flush sends whatever is collected).
+const WRITE_BUFFER_BYTES: usize = 32 * 1024;
+
 /// Most trade frames written to one connection before a flush.
 const TRADE_BURST: usize = 64;
 
@@ -67,11 +70,14 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, running: mpsc::Se
             Err(refusal)
         }
     };
-    // Clients send little (subscriptions, pings): small buffers keep thousands of connections cheap.
+    // Clients send little (subscriptions, pings): a small read buffer keeps thousands of connections
+    // cheap. Writes collect up to a burst of trade frames and go out in one `send` at the flush (with
+    // a write buffer of 0, every frame was its own system call: a fifth of the machine at 200,000
+    // trades/s).
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_CLIENT_MESSAGE_BYTES))
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0);
+        .write_buffer_size(WRITE_BUFFER_BYTES);
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
     // A client that connects and says nothing must not hold up shutdown.
     let mut shutdown = shared.shutdown.clone();

@@ -15,7 +15,7 @@ use super::Venue;
 use super::venue;
 
 /// Frames a connection may fall behind its feed before it is dropped as a slow consumer.
-const BROADCAST_FRAMES: usize = 4096;
+const BROADCAST_FRAMES: usize = 16_384;
 /// The most trades one wake-up of a generator produces; after a long stall the rest are not made up.
 const MAX_TRADES_PER_WAKE: u64 = 10_000;
 
