@@ -185,7 +185,9 @@ impl Symbols {
             }
             Backing::Topic(log) => log,
         };
+        let started = Instant::now();
         let mut log = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let waited = started.elapsed();
         let result = (|| {
             // Another instance (or thread) may have named it since this one last read.
             self.read_to_end(&mut log)?;
@@ -200,6 +202,12 @@ impl Symbols {
                 .copied()
                 .ok_or_else(|| KafkaError::Symbols(format!("{name} was written but not read back")))
         })();
+        tracing::debug!(
+            symbol = name,
+            waited_ms = waited.as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "symbol named in the dictionary topic"
+        );
         result.unwrap_or_else(|e| {
             tracing::error!(symbol = name, error = %e, "symbol dictionary unavailable");
             0
@@ -320,9 +328,21 @@ impl TopicLog {
         self.producer
             .send(BaseRecord::<(), str>::to(&self.topic).payload(name))
             .map_err(|(e, _)| KafkaError::Symbols(format!("cannot write {name} to {}: {e}", self.topic)))?;
-        self.producer
-            .flush(self.timeout)
-            .map_err(|e| KafkaError::Symbols(format!("cannot write {name} to {}: {e}", self.topic)))
+        // Wait for the delivery report, serving the producer's events as they come. (`flush` polls
+        // in steps of 100 ms once the record is not delivered on its first look, so every new
+        // symbol cost 100 ms while a decode worker waited and its sources' queues filled.) A failed
+        // delivery is noticed by the read that follows: the name is not there.
+        let deadline = Instant::now() + self.timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Symbols(format!(
+                    "cannot write {name} to {}: not delivered in {:?}",
+                    self.topic, self.timeout
+                )));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        Ok(())
     }
 }
 
