@@ -560,6 +560,96 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let _ = std::fs::remove_file(&store_path);
 }
 
+/// Partitions added to the events topic while the store reads it are read too, from their start:
+/// the consumer looks at the topic's metadata again (every 30 s; every 200 ms here).
+#[test]
+fn partitions_added_while_running_are_read_from_their_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("new-partitions");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 2)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    // Each record to the partition named.
+    let producer: BaseProducer = kafka.client_config(&broker.bootstrap).create().unwrap();
+    let send = |from: u64, to: u64, partitions: i32| {
+        for i in from..to {
+            let mut records = Records::new();
+            records.push(&trade(i, &symbols));
+            // One record per Kafka message, unframed, as the ingest role sends them.
+            let record = plugin_sdk::wire::Delimited::new(records.as_bytes()).next().unwrap().unwrap();
+            let partition = (i % partitions as u64) as i32;
+            producer
+                .send(BaseRecord::<(), [u8]>::to(&kafka.events_topic).partition(partition).payload(record))
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(20)).unwrap();
+    };
+    send(1, 101, 2);
+    let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
+    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let store_path = std::env::temp_dir().join(format!("sluice-new-partitions-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store_path);
+    let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let settings = ProcessSettings { partitions: 2, ..ProcessSettings::default() };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    let consumer = Reader::Kafka(
+        EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None)
+            .unwrap()
+            .with_partition_check(Duration::from_millis(200)),
+    );
+    let wait_stored = |n: u64| {
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) < n && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stats.stored.load(Ordering::Relaxed)
+    };
+    let (before, added, after) = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let mut breakers = Breakers::default();
+            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+        });
+        let before = wait_stored(100);
+        // Two more partitions, and records in all four.
+        let admin: AdminClient<_> = kafka.client_config(&broker.bootstrap).create().unwrap();
+        let added = rt
+            .block_on(admin.create_partitions(&[NewPartitions::new(&kafka.events_topic, 4)], &AdminOptions::new()))
+            .map(|results| results.into_iter().all(|r| r.is_ok()));
+        // The test's producer learns of them from the metadata.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let metadata = producer.client().fetch_metadata(Some(&kafka.events_topic), Duration::from_secs(5));
+            if metadata.is_ok_and(|m| m.topics().first().is_some_and(|t| t.partitions().len() == 4)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        send(101, 301, 4);
+        let after = wait_stored(300);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap().unwrap();
+        (before, added, after)
+    });
+    assert_eq!(before, 100);
+    assert!(matches!(added, Ok(true)), "adding partitions: {added:?}");
+    assert_eq!(after, 300, "records in the added partitions were not all stored");
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 300);
+    // The store's positions cover the new partitions: 50 records each (ids 101..301 over four).
+    let offsets: Vec<(i32, i64)> = store.offsets(&kafka.events_topic).unwrap().iter().map(|o| (o.1, o.2)).collect();
+    assert_eq!(offsets.iter().map(|o| o.0).collect::<Vec<_>>(), vec![0, 1, 2, 3], "{offsets:?}");
+    assert_eq!(offsets[2].1, 50, "{offsets:?}");
+    assert_eq!(offsets[3].1, 50, "{offsets:?}");
+    let _ = std::fs::remove_file(&store_path);
+}
+
 /// A dead letter is written once however often its poll is read again without a crash: here the
 /// sink's commit fails once (a trigger refuses the offsets), the role stops, and a second run reads
 /// the same records again. The poison record's dead letter exists once (wherever dead letters are

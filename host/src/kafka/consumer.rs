@@ -90,6 +90,8 @@ pub struct EventConsumer {
     /// With a manual assignment (the embedded store): the partitions assigned, and when the topic's
     /// metadata was last read to follow partitions added since.
     assigned: std::sync::Mutex<Option<(i32, std::time::Instant)>>,
+    /// How often that is ([`PARTITION_CHECK`] unless changed).
+    partition_check: Duration,
 }
 
 /// How often a manually assigned consumer looks for partitions added to its topic.
@@ -141,7 +143,14 @@ impl EventConsumer {
             lag,
             topic: config.events_topic.clone(),
             assigned: std::sync::Mutex::new(None),
+            partition_check: PARTITION_CHECK,
         })
+    }
+
+    /// Looks for partitions added to the topic this often instead of every [`PARTITION_CHECK`].
+    pub fn with_partition_check(mut self, every: Duration) -> Self {
+        self.partition_check = every;
+        self
     }
 
     /// Joins the consumer group: partitions are split among the group's instances and each starts at
@@ -232,7 +241,7 @@ impl EventConsumer {
     fn follow_new_partitions(&self) {
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
         let Some((count, checked)) = assigned.as_mut() else { return };
-        if checked.elapsed() < PARTITION_CHECK {
+        if checked.elapsed() < self.partition_check {
             return;
         }
         *checked = std::time::Instant::now();
