@@ -255,8 +255,45 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
 /// Source 1's plugin refuses one poison record; source 2's plugin traps on everything (its breaker
 /// opens on its second failing batch). The poison record sits in the poll where source 2's breaker
 /// opens; the role is started again twice while source 2 still fails, then with source 2 fixed.
+/// Into the embedded store, dead letters go to its table with the batch.
 #[test]
 fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
+    abandoned_poll_scenario(false);
+}
+
+/// The same with the Druid sink: the dead letters go to the dead-letter topic in the batch's Kafka
+/// transaction, so a read_committed reader of that topic sees each exactly once. (Druid itself is not
+/// involved: the sink's contract ends at the Druid topic and the dead-letter topic.)
+#[test]
+fn with_the_druid_sink_dead_letters_are_committed_once_in_the_batch_transaction() {
+    abandoned_poll_scenario(true);
+}
+
+/// Every committed record of `topic`, read from the start by a read_committed reader.
+fn committed_payloads(bootstrap: &str, topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let (mut payloads, mut quiet) = (Vec::new(), Instant::now());
+    while quiet.elapsed() < Duration::from_millis(1500) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            payloads.push(m.payload().unwrap_or_default().to_vec());
+            quiet = Instant::now();
+        }
+    }
+    payloads
+}
+
+fn abandoned_poll_scenario(druid: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("breaker-dlq");
     let kafka =
@@ -275,7 +312,7 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
         producer.send_records(records.as_bytes());
         producer.flush(Duration::from_secs(20)).unwrap();
     }
-    let store_path = std::env::temp_dir().join(format!("sluice-breaker-dlq-{}.db", std::process::id()));
+    let store_path = std::env::temp_dir().join(format!("sluice-breaker-dlq-{druid}-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let runtime =
         Runtime::new(RuntimeSettings { max_instances: 16, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
@@ -287,6 +324,20 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
         (2u32, Transformer::new(code.instantiate(&config("mode", "trap")).unwrap())),
     ]);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
+    let druid_config = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
+    let mut druid_sink = druid.then(|| {
+        rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&druid_config.topic], 1)).unwrap();
+        sluice::sink::druid::DruidSink::new(
+            &kafka,
+            &broker.bootstrap,
+            &druid_config,
+            &unique_topic("tx"),
+            Duration::from_secs(20),
+        )
+        .unwrap()
+    });
+    // The Druid sink keeps its position in the consumer group: every run joins the same one.
+    let group = unique_topic("group");
     let names = Names { sources: vec![Arc::from("one"), Arc::from("two")], symbols: symbols.clone() };
     let settings = ProcessSettings {
         partitions: 1,
@@ -299,8 +350,12 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
     let stats = ProcessStats::default();
     let mut breakers = Breakers::default();
     let mut run = |transformers: &mut HashMap<u32, Transformer>, breakers: &mut Breakers| {
-        let consumer =
-            Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
+        let group = if druid { group.clone() } else { unique_topic("group") };
+        let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &group, None).unwrap());
+        let sink: &mut dyn sluice::sink::Sink = match druid_sink.as_mut() {
+            Some(d) => d,
+            None => &mut store,
+        };
         let stop = AtomicBool::new(false);
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -311,14 +366,17 @@ fn a_poll_abandoned_for_an_open_breaker_dead_letters_nothing_twice() {
                 }
                 stop.store(true, Ordering::Relaxed);
             });
-            let result = run_process(&consumer, transformers, breakers, &mut store, &names, &settings, &stats, &stop);
+            let result = run_process(&consumer, transformers, breakers, sink, &names, &settings, &stats, &stop);
             done.store(true, Ordering::Relaxed);
             result
         })
     };
     let dead_ids = || -> Vec<u64> {
-        let mut ids: Vec<u64> =
-            store_dead_letters(&store_path).iter().map(|d| StreamDataView::parse(&d.bytes).unwrap().trade_id).collect();
+        let letters: Vec<Vec<u8>> = match druid {
+            true => committed_payloads(&broker.bootstrap, &kafka.dlq_topic),
+            false => store_dead_letters(&store_path).into_iter().map(|d| d.bytes).collect(),
+        };
+        let mut ids: Vec<u64> = letters.iter().map(|b| StreamDataView::parse(b).unwrap().trade_id).collect();
         ids.sort_unstable();
         ids
     };
