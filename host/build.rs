@@ -1,7 +1,7 @@
 //! Build steps the host needs before it compiles:
 //! 1. `proto/` compiled to Rust by prost (through protox, a pure-Rust protobuf compiler, so no
 //!    `protoc` binary is needed), plus the encoded descriptor set the Druid spec carries.
-//! 2. The plugins in `plugins/` built to `wasm32-wasip2` components, so `sluice demo`, the tests and
+//! 2. Every crate in `plugins/` built to a `wasm32-wasip2` component, so `sluice demo`, the tests and
 //!    the benchmarks run real `.wasm` files. The wasm target is installed with rustup when missing.
 //!    Set `SLUICE_PLUGIN_DIR` to a folder of prebuilt `.wasm` files to skip this step.
 
@@ -9,9 +9,33 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The plugin crates built to wasm, by package name.
-const PLUGINS: &[&str] =
-    &["binance", "coinbase", "kraken", "outlier-filter", "rescale", "chaos", "double-price", "other-world"];
+/// The package names of the crates in `plugins/` (each folder with a `Cargo.toml`): every one is
+/// built to wasm, so a new plugin needs no list kept here.
+fn plugin_packages(root: &Path) -> Vec<String> {
+    let dir = root.join("plugins");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("Cargo.toml")).ok())
+        .filter_map(|manifest| package_name(&manifest))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The `name` of a manifest's `[package]` table.
+fn package_name(manifest: &str) -> Option<String> {
+    let mut in_package = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package && let Some(value) = line.strip_prefix("name").map(str::trim_start) {
+            let value = value.strip_prefix('=')?.trim();
+            return Some(value.trim_matches('"').to_owned());
+        }
+    }
+    None
+}
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -49,7 +73,11 @@ fn build_plugins(root: &Path) -> PathBuf {
     cmd.current_dir(root)
         .args(["build", "--profile", "plugin", "--target", "wasm32-wasip2", "--target-dir"])
         .arg(&target_dir);
-    for p in PLUGINS {
+    let plugins = plugin_packages(root);
+    if plugins.is_empty() {
+        panic!("no plugin crates found in {}", root.join("plugins").display());
+    }
+    for p in &plugins {
         cmd.args(["-p", p]);
     }
     // The outer build's settings are for the host, not the wasm guests.

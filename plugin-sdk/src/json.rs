@@ -216,6 +216,31 @@ impl<'a> Json<'a> {
         }
     }
 
+    /// An unsigned integer written as a number (`123`) or as a string of digits (`"123"`, as OKX
+    /// sends `tradeId` and Bitstamp `microtimestamp`); `None` for anything else or past `u64::MAX`.
+    ///
+    /// ```
+    /// use plugin_sdk::json::Json;
+    /// let v = Json::parse(br#"[123, "456", "-1", "1.5", "x"]"#).unwrap();
+    /// let read: Vec<Option<u64>> = v.elements().map(|e| e.as_u64_or_digits()).collect();
+    /// assert_eq!(read, [Some(123), Some(456), None, None, None]);
+    /// ```
+    pub fn as_u64_or_digits(&self) -> Option<u64> {
+        match string_inner(self.raw) {
+            Some(inner) => digits_u64(inner),
+            None => self.as_u64(),
+        }
+    }
+
+    /// A signed integer written as a number or as a string (`"-12"`), like
+    /// [`as_u64_or_digits`](Self::as_u64_or_digits).
+    pub fn as_i64_or_digits(&self) -> Option<i64> {
+        match string_inner(self.raw) {
+            Some(inner) => Json { raw: inner }.as_i64(),
+            None => self.as_i64(),
+        }
+    }
+
     /// `true` or `false`.
     pub fn as_bool(&self) -> Option<bool> {
         match self.raw {

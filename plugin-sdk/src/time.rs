@@ -153,6 +153,26 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Microseconds since the epoch (Bitstamp `microtimestamp`, Coinbase Advanced) to milliseconds,
+/// rounded toward the past, so a time just before the epoch stays before it.
+///
+/// ```
+/// assert_eq!(plugin_sdk::time::micros_to_ms(1_630_048_897_897_123), 1_630_048_897_897);
+/// assert_eq!(plugin_sdk::time::micros_to_ms(-1), -1);
+/// ```
+pub fn micros_to_ms(micros: i64) -> i64 {
+    micros.div_euclid(1_000)
+}
+
+/// Nanoseconds since the epoch to milliseconds, rounded toward the past.
+///
+/// ```
+/// assert_eq!(plugin_sdk::time::nanos_to_ms(1_630_048_897_897_123_456), 1_630_048_897_897);
+/// ```
+pub fn nanos_to_ms(nanos: i64) -> i64 {
+    nanos.div_euclid(1_000_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

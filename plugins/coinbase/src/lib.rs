@@ -40,7 +40,7 @@
 
 use std::borrow::Cow;
 
-use plugin_sdk::field::{non_negative_e8, required, text};
+use plugin_sdk::field::{non_negative_e8, text, unsigned};
 use plugin_sdk::json::{Json, Kind};
 use plugin_sdk::time::rfc3339_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
@@ -100,7 +100,7 @@ impl Plugin for Coinbase {
             "buy" => false,
             _ => return Err(r#"side: expected "buy" or "sell""#.into()),
         };
-        let trade_id = trade_id(required("trade_id", f.trade_id)?)?;
+        let trade_id = unsigned("trade_id", f.trade_id)?;
         out.push(&Record {
             symbol_id: symbol_id(&product),
             price_e8,
@@ -120,14 +120,6 @@ fn venue_error(f: &Fields<'_>) -> Reason {
         Some(reason) if !reason.is_empty() => Reason::new(format!("venue error: {message} ({reason})")),
         _ => Reason::new(format!("venue error: {message}")),
     }
-}
-
-/// An integer trade id, or the same digits as a string.
-fn trade_id(value: Json<'_>) -> Result<u64, Reason> {
-    value
-        .as_u64()
-        .or_else(|| value.as_raw_str().filter(|s| s.bytes().all(|c| c.is_ascii_digit())).and_then(|s| s.parse().ok()))
-        .ok_or_else(|| "trade_id: expected an unsigned integer".into())
 }
 
 plugin_sdk::export!(Coinbase);
