@@ -168,7 +168,35 @@ pub struct PluginTestArgs {
     /// Per-call deadline in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub deadline_ms: u64,
+    /// Compare the records with this file (JSON lines, as this command prints them); the first
+    /// difference is reported and the run fails.
+    #[arg(long, value_name = "EXPECTED.jsonl")]
+    pub expect: Option<PathBuf>,
+    /// Fail (exit status 3) when any frame gave no record and was not refused either: a decoder
+    /// that silently ignores a venue's frames (a warning is printed without this flag too).
+    #[arg(long)]
+    pub strict: bool,
 }
+
+/// Exit status of `sluice plugin test --strict` when frames gave no records.
+pub const EXIT_FRAMES_WITHOUT_RECORDS: u8 = 3;
+
+/// An error that asks the binary for a particular exit status.
+#[derive(Debug)]
+pub struct ExitWith {
+    /// The exit status.
+    pub code: u8,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -250,6 +278,23 @@ pub struct TestSummary {
     pub records: usize,
     /// Rejects printed (frames and records).
     pub rejects: usize,
+    /// Frames that gave no record and were not refused.
+    pub empty_frames: usize,
+}
+
+/// The last line `sluice plugin test` writes to stderr.
+#[derive(Debug, Serialize)]
+struct SummaryLine {
+    summary: SummaryCounts,
+}
+
+#[derive(Debug, Serialize)]
+struct SummaryCounts {
+    frames: usize,
+    records: usize,
+    rejects: usize,
+    frames_without_records: usize,
+    ms: u64,
 }
 
 /// Frames per `decode` call and records per `transform` call.
@@ -262,6 +307,19 @@ const RECORDS_PER_CALL: usize = 1024;
 /// When the plugin or the frames file cannot be read, the plugin cannot be loaded or is not a sluice
 /// plugin, or a call traps or hits a limit.
 pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<TestSummary> {
+    let started = std::time::Instant::now();
+    let expected = match &args.expect {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read expected output {}", path.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    let mut printed: Vec<String> = Vec::new();
     let runtime =
         Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))?;
     let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
@@ -309,6 +367,9 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
             write_json(err, &RejectLine { frame: line, index: None, reason: &reject.reason })?;
             summary.rejects += 1;
         }
+        let refused = |i: usize| decoded.rejects.iter().any(|r| r.index as usize == i);
+        summary.empty_frames +=
+            decoded.counts.iter().enumerate().filter(|&(i, &count)| count == 0 && !refused(i)).count();
         for item in Delimited::new(&decoded.records) {
             // The runtime validated every record before returning them.
             let view = item.and_then(StreamDataView::parse).context("decoded record")?;
@@ -354,25 +415,58 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
             .collect::<anyhow::Result<Vec<_>>>()?;
         for r in views {
             let name = symbols.name(r.symbol_id);
-            write_json(
-                out,
-                &RecordLine {
-                    source_id: r.source_id,
-                    symbol: name.as_deref(),
-                    symbol_id: r.symbol_id,
-                    price_e8: r.price_e8,
-                    volume_e8: r.volume_e8,
-                    timestamp_ms: r.timestamp_ms,
-                    is_buy: r.is_buy,
-                    trade_id: r.trade_id,
-                },
-            )?;
+            let line = serde_json::to_string(&RecordLine {
+                source_id: r.source_id,
+                symbol: name.as_deref(),
+                symbol_id: r.symbol_id,
+                price_e8: r.price_e8,
+                volume_e8: r.volume_e8,
+                timestamp_ms: r.timestamp_ms,
+                is_buy: r.is_buy,
+                trade_id: r.trade_id,
+            })?;
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+            if expected.is_some() {
+                printed.push(line);
+            }
             summary.records += 1;
         }
         index += n;
     }
     out.flush()?;
+    let counts = SummaryCounts {
+        frames: summary.frames,
+        records: summary.records,
+        rejects: summary.rejects,
+        frames_without_records: summary.empty_frames,
+        ms: started.elapsed().as_millis() as u64,
+    };
+    write_json(err, &SummaryLine { summary: counts })?;
     err.flush()?;
+    if let (Some(expected), Some(path)) = (&expected, &args.expect)
+        && let Some(i) = (0..expected.len().max(printed.len())).find(|&i| expected.get(i) != printed.get(i))
+    {
+        let show = |l: Option<&String>| l.map_or_else(|| "nothing (the output ends here)".to_owned(), Clone::clone);
+        anyhow::bail!(
+            "output differs from {} at record {} (line {}):\n  expected: {}\n  got:      {}",
+            path.display(),
+            i,
+            i + 1,
+            show(expected.get(i)),
+            show(printed.get(i))
+        );
+    }
+    if summary.empty_frames > 0 {
+        let message = format!(
+            "{} of {} frames gave no record and were not refused: is this the decoder for these frames?",
+            summary.empty_frames, summary.frames
+        );
+        if args.strict {
+            return Err(ExitWith { code: EXIT_FRAMES_WITHOUT_RECORDS, message }.into());
+        }
+        writeln!(err, "warning: {message}")?;
+    }
     Ok(summary)
 }
 

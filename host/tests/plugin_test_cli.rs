@@ -58,11 +58,25 @@ fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).expect("output is UTF-8")
 }
 
-/// Asserts the run succeeded and returns its stdout and stderr lines.
+/// Asserts the run succeeded and returns its stdout lines and its stderr lines other than the
+/// summary and warnings (the rejects), checking the summary against what was printed.
 fn succeeded(out: &Output) -> (Vec<&str>, Vec<&str>) {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    (stdout.lines().collect(), stderr.lines().collect())
+    let (stdout, stderr): (Vec<&str>, Vec<&str>) = (stdout.lines().collect(), stderr.lines().collect());
+    let summary = summary(&stderr);
+    assert_eq!(summary["records"], stdout.len(), "{summary}");
+    let rejects: Vec<&str> =
+        stderr.into_iter().filter(|l| !l.starts_with(r#"{"summary""#) && !l.starts_with("warning:")).collect();
+    assert_eq!(summary["rejects"], rejects.len(), "{summary}");
+    (stdout, rejects)
+}
+
+/// The counts of the summary line on stderr.
+fn summary(stderr: &[&str]) -> serde_json::Value {
+    let line = stderr.iter().find(|l| l.starts_with(r#"{"summary""#)).expect("a summary line on stderr");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["summary"].clone()
 }
 
 /// A file under the temp folder, unique to this process and test, removed when dropped.
@@ -398,6 +412,69 @@ fn rejected_frames_are_reported_with_their_line_and_the_rest_still_decodes() {
     assert_eq!((rejects[0].0.as_str(), rejects[0].1), ("frame", 3), "{}", stderr[0]);
     assert_eq!((rejects[1].0.as_str(), rejects[1].1), ("frame", 5), "{}", stderr[1]);
     assert!(rejects[1].2.starts_with("p:"), "the bad price reason names p: {}", stderr[1]);
+}
+
+/// `--expect` compares the records with a golden file: the same output passes, one changed field
+/// fails naming the record and showing both lines.
+#[test]
+fn expect_compares_with_a_golden_file_and_shows_the_first_difference() {
+    let frames_path = fixture("binance_combined_aggtrade.jsonl");
+    let run = |expect: &std::path::Path| {
+        plugin_test([
+            plugin("binance").as_os_str(),
+            "--frames".as_ref(),
+            frames_path.as_os_str(),
+            "--expect".as_ref(),
+            expect.as_os_str(),
+        ])
+    };
+    let first = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), frames_path.as_os_str()]);
+    let (stdout, _) = succeeded(&first);
+    assert!(stdout.len() >= 2);
+    let golden = TempFile::new("expect", "expected.jsonl", format!("{}\n", stdout.join("\n")).as_bytes());
+    succeeded(&run(golden.path()));
+
+    let mut changed: Vec<String> = stdout.iter().map(|l| l.to_string()).collect();
+    changed[1] = changed[1].replace(r#""trade_id":"#, r#""trade_id":9"#);
+    assert_ne!(changed[1], stdout[1]);
+    let golden = TempFile::new("expect-changed", "expected.jsonl", format!("{}\n", changed.join("\n")).as_bytes());
+    let out = run(golden.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("at record 1 (line 2)"), "{err}");
+    assert!(err.contains(&changed[1]) && err.contains(stdout[1]), "{err}");
+
+    // A golden file with a record more than the output: the missing one is named.
+    let longer =
+        TempFile::new("expect-longer", "expected.jsonl", format!("{}\n{}\n", stdout.join("\n"), stdout[0]).as_bytes());
+    let out = run(longer.path());
+    assert!(text(&out.stderr).contains("nothing (the output ends here)"), "{}", text(&out.stderr));
+}
+
+/// A decoder given frames it does not understand prints nothing: a warning says so, and `--strict`
+/// makes it a failure with its own exit status.
+#[test]
+fn frames_that_give_no_record_are_warned_about_and_fail_with_strict() {
+    // OKX v5 trades: the Binance decoder reads no event in them.
+    let okx = r#"{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","tradeId":"130639474","px":"42219.9","sz":"0.12060306","side":"buy","ts":"1630048897897"}]}"#;
+    let frames = TempFile::new("strict", "frames.jsonl", format!("{okx}\n{okx}\n").as_bytes());
+    let args = |strict: bool| {
+        let mut a = vec![plugin("binance").into_os_string(), "--frames".into(), frames.path().as_os_str().to_owned()];
+        if strict {
+            a.push("--strict".into());
+        }
+        a
+    };
+    let out = plugin_test(args(false));
+    let (stdout, _) = succeeded(&out);
+    assert!(stdout.is_empty());
+    let stderr: Vec<&str> = text(&out.stderr).lines().collect();
+    assert_eq!(summary(&stderr)["frames_without_records"], 2);
+    assert!(stderr.iter().any(|l| l.starts_with("warning: 2 of 2 frames gave no record")), "{stderr:?}");
+
+    let out = plugin_test(args(true));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("2 of 2 frames gave no record"), "{}", text(&out.stderr));
 }
 
 // ---------------------------------------------------------------------------------------------------
