@@ -61,7 +61,7 @@ fn compile_protos(root: &Path) {
 }
 
 fn build_plugins(root: &Path) -> PathBuf {
-    for dir in ["plugins", "plugin-sdk/src", "wit"] {
+    for dir in ["plugins", "plugin-sdk/src", "plugin-sdk/wit", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());

@@ -263,12 +263,14 @@ pub fn log(level: Level, message: &str) {
     eprintln!("[plugin {level:?}] {message}");
 }
 
-/// The glue between the WIT world and a [`Plugin`], generated for `wasm32` only.
+/// The glue between the WIT world and a [`Plugin`], generated for `wasm32` only. The WIT is the
+/// crate's own copy (`plugin-sdk/wit/`), so the packaged crate builds anywhere; the repository's
+/// top-level `wit/` is the source, and a test fails when the two differ.
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "sluice:plugin/plugin",
         pub_export_macro: true,
         export_macro_name: "__export_sluice_plugin",
@@ -341,4 +343,31 @@ macro_rules! export {
     $crate::bindings::__export_sluice_plugin!(SluiceGuest with_types_in $crate::bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod wit_copy {
+    /// The SDK's copy of the WIT equals the repository's `wit/` (skipped in a packaged crate, which
+    /// has no repository around it).
+    #[test]
+    fn the_sdks_wit_is_the_repositorys() {
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let source = here.join("../wit");
+        if !source.is_dir() {
+            return;
+        }
+        let files = |dir: &std::path::Path| {
+            let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(
+            files(&source) == files(&here.join("wit")),
+            "plugin-sdk/wit/ differs from wit/: copy wit/* to plugin-sdk/wit/"
+        );
+    }
 }
