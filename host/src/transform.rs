@@ -108,7 +108,12 @@ impl Transformer {
             Err(e) => return Err(e),
         }
         if let Some((shadow, instance)) = self.plugin.shadow() {
-            let result = instance.and_then(|i| i.transform(batch).ok());
+            let result = instance.and_then(|i| {
+                // Counted by the stage, as the active version's are, so a shadow's records in and
+                // out compare.
+                shadow.code().transform_metrics().records_in.inc_by(out.records_in as u64);
+                i.transform(batch).ok()
+            });
             shadow.compare(&out.records, result.as_ref().map(|t| t.records.as_slice()));
         }
         Ok(out)

@@ -582,6 +582,26 @@ async fn without_a_token_changes_are_refused() {
     let _ = std::fs::remove_dir_all(&p.dir);
 }
 
+/// Activating or shadowing a plugin that no source of the process runs is refused with 409 and a
+/// reason, instead of answering 200 with nothing active and nothing shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activating_or_shadowing_a_plugin_no_source_uses_is_a_conflict() {
+    use reqwest::Method;
+    let p = PluginServer::start("unbound", Some(TOKEN)).await;
+    let (status, up) = p.send(Method::PUT, "/v1/plugins/loner", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    let body = serde_json::to_vec(&json!({ "version": up["version"] })).unwrap();
+    for path in ["/v1/plugins/loner/activate", "/v1/plugins/loner/activate?mode=shadow"] {
+        let (status, answer) = p.send(Method::POST, path, Some(TOKEN), body.clone()).await;
+        assert_eq!((status, error_code(&answer)), (StatusCode::CONFLICT, "conflict"), "{path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("no source") && message.contains("loner"), "{message}");
+    }
+    // Unknown plugins stay 404.
+    let (status, _) = p.send(Method::POST, "/v1/plugins/nobody/activate", Some(TOKEN), body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
 /// Upload, idempotent re-upload, activate, shadow, promote, roll back and delete through HTTP, with
 /// the state each call leaves checked through `GET` and on a worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,8 +29,16 @@ thread_local! {
 
 /// The id of a symbol name (e.g. `BTCUSDT`), as the host's dictionary assigns it. Every sluice
 /// instance gives the same name the same id. 0 means the host's dictionary could not be reached: the
-/// host refuses (dead-letters) a frame whose records carry it, and the next call asks again. Natively, [`testing::Harness`](crate::testing::Harness)
-/// keeps the dictionary.
+/// host refuses (dead-letters) a frame whose records carry it, and the next call asks again. Natively,
+/// [`testing::Harness`](crate::testing::Harness) keeps the dictionary.
+///
+/// # The naming convention
+/// Pass the venue's own symbol exactly as the venue writes it in its frames: `BTCUSDT` (Binance),
+/// `BTC-USD` (Coinbase), `XBT/USD` (Kraken v1), `BTC-USDT` (OKX). Do not normalise it: the store and
+/// Druid keep the name as given, next to the source, so a row can always be traced back to the
+/// venue's own instrument, and two venues' names never collide because the source tells them
+/// apart. Queries that compare instruments across venues map names there, where the mapping can
+/// change without rewriting history.
 ///
 /// ```
 /// let a = plugin_sdk::symbol_id("BTCUSDT");

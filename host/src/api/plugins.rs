@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
-use crate::plugin::registry::{Mode, Registry};
+use crate::plugin::registry::{Mode, Registry, RegistryError};
 
 /// The registry the API serves, set once the plugins are loaded (the API starts before them, and
 /// answers 503 until then).
@@ -156,7 +156,18 @@ pub(super) async fn activate(
     let body: ActivateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected a JSON body {{\"version\": \"...\"}}: {e}")))?;
     let registry = state.plugins.get()?;
-    let view = blocking(move || registry.activate(&name, &body.version, query.mode)).await?;
+    let view = blocking(move || {
+        // A version no source of this process runs would do nothing: refused, not answered as if it ran.
+        if registry.get(&name).is_ok() && !registry.is_bound(&name) {
+            let what = if query.mode == Mode::Shadow { "shadow" } else { "activate" };
+            return Err(RegistryError::Conflict(format!(
+                "no source of this process uses plugin {name:?}, so there is nothing to {what} it for: \
+                 name it in a [[source]] first"
+            )));
+        }
+        registry.activate(&name, &body.version, query.mode)
+    })
+    .await?;
     tracing::info!(plugin = %view.name, active = ?view.active, shadow = ?view.shadow.as_ref().map(|s| &s.version), "plugin activated");
     Ok(Json(view))
 }

@@ -598,6 +598,11 @@ impl Registry {
         self.activate_code(name, version, code, mode)
     }
 
+    /// Whether any source of this process runs plugin `name`.
+    pub fn is_bound(&self, name: &str) -> bool {
+        self.bindings.get(name).is_some_and(|b| !b.is_empty())
+    }
+
     /// The part of [`activate`](Self::activate) under the lock: `version` must still be stored (a
     /// delete may have run since it was compiled), so `active` never names a deleted version.
     fn activate_code(
@@ -1025,6 +1030,36 @@ mod tests {
         let registry = open(&dir, HashMap::new());
         let slot = registry.deploy("feed", bundled::COINBASE).unwrap();
         assert_eq!(slot.active().version(), version_of(bundled::COINBASE));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A shadow `transform` call counts the records it was given, like the active version's.
+    #[test]
+    fn a_shadow_transform_counts_its_records_in() {
+        let dir = temp_dir("shadow-transform");
+        let registry = open(&dir, HashMap::new());
+        // Both pass records through unchanged (a decoder's default transform).
+        let slot = registry.deploy("filter", bundled::BINANCE).unwrap();
+        let v2 = registry.upload("filter", bundled::COINBASE).unwrap().version;
+        registry.activate("filter", &v2, Mode::Shadow).unwrap();
+        let mut transformer = crate::transform::Transformer::bound(BoundPlugin::new(
+            slot.clone(),
+            slot.active().instantiate(&[]).unwrap(),
+        ));
+        let mut batch = plugin_sdk::Records::new();
+        for i in 1..=5 {
+            batch.push(&plugin_sdk::Record {
+                symbol_id: 1,
+                price_e8: 100,
+                volume_e8: 1,
+                trade_id: i,
+                ..Default::default()
+            });
+        }
+        transformer.transform(batch.as_bytes()).unwrap();
+        let view = registry.get("filter").unwrap();
+        let shadow = view.versions.iter().find(|v| v.meta.version == v2).unwrap();
+        assert_eq!((shadow.calls, shadow.records_in), (1, 5), "{view:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
