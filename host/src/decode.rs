@@ -274,7 +274,7 @@ impl Decoder {
         let decoded = self.plugin.instance().decode(&self.frames)?;
         if let Some((shadow, instance)) = self.plugin.shadow() {
             let result = instance.and_then(|i| i.decode(&self.frames).ok());
-            shadow.compare(&decoded.records, result.as_ref().map(|d| d.records.as_slice()));
+            shadow.compare(crate::log::Stage::Decode, &decoded.records, result.as_ref().map(|d| d.records.as_slice()));
         }
         // Names past the instance's cap are answered 0 as well: say which it was.
         let (capped, cap) = self.plugin.instance().take_refused_symbols();

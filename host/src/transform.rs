@@ -114,7 +114,7 @@ impl Transformer {
                 shadow.code().transform_metrics().records_in.inc_by(out.records_in as u64);
                 i.transform(batch).ok()
             });
-            shadow.compare(&out.records, result.as_ref().map(|t| t.records.as_slice()));
+            shadow.compare(crate::log::Stage::Transform, &out.records, result.as_ref().map(|t| t.records.as_slice()));
         }
         Ok(out)
     }

@@ -151,6 +151,28 @@ pub struct Shadow {
     different: IntCounter,
     batches: AtomicU64,
     failed_calls: AtomicU64,
+    /// The same counts per stage: decode, then transform.
+    stages: [StageCounts; 2],
+}
+
+/// A shadow's comparison in one stage.
+#[derive(Default)]
+struct StageCounts {
+    batches: AtomicU64,
+    equal: AtomicU64,
+    different: AtomicU64,
+    failed_calls: AtomicU64,
+}
+
+impl StageCounts {
+    fn view(&self) -> ShadowStageView {
+        ShadowStageView {
+            batches: self.batches.load(Ordering::Relaxed),
+            records_equal: self.equal.load(Ordering::Relaxed),
+            records_different: self.different.load(Ordering::Relaxed),
+            failed_calls: self.failed_calls.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Shadow {
@@ -162,7 +184,14 @@ impl Shadow {
                 (c(), c())
             }
         };
-        Shadow { code, equal, different, batches: AtomicU64::new(0), failed_calls: AtomicU64::new(0) }
+        Shadow {
+            code,
+            equal,
+            different,
+            batches: AtomicU64::new(0),
+            failed_calls: AtomicU64::new(0),
+            stages: Default::default(),
+        }
     }
 
     /// The shadow version's code.
@@ -170,14 +199,19 @@ impl Shadow {
         &self.code
     }
 
-    /// Compares the shadow's output records with the active version's, position by position, and
-    /// counts the result. `shadow` is `None` when the shadow's call failed.
-    pub fn compare(&self, active: &[u8], shadow: Option<&[u8]>) {
+    /// Compares the shadow's output records with the active version's in `stage`, position by
+    /// position, and counts the result. `shadow` is `None` when the shadow's call failed.
+    pub fn compare(&self, stage: crate::log::Stage, active: &[u8], shadow: Option<&[u8]>) {
         use plugin_sdk::wire::Delimited;
+        let per_stage = &self.stages[stage as usize];
         self.batches.fetch_add(1, Ordering::Relaxed);
+        per_stage.batches.fetch_add(1, Ordering::Relaxed);
         let Some(shadow) = shadow else {
+            let n = Delimited::new(active).count() as u64;
             self.failed_calls.fetch_add(1, Ordering::Relaxed);
-            self.different.inc_by(Delimited::new(active).count() as u64);
+            per_stage.failed_calls.fetch_add(1, Ordering::Relaxed);
+            self.different.inc_by(n);
+            per_stage.different.fetch_add(n, Ordering::Relaxed);
             return;
         };
         let (mut a, mut b) = (Delimited::new(active), Delimited::new(shadow));
@@ -191,6 +225,8 @@ impl Shadow {
         }
         self.equal.inc_by(equal);
         self.different.inc_by(different);
+        per_stage.equal.fetch_add(equal, Ordering::Relaxed);
+        per_stage.different.fetch_add(different, Ordering::Relaxed);
     }
 }
 
@@ -367,6 +403,30 @@ pub struct PluginView {
 pub struct ShadowView {
     /// The version in shadow.
     pub version: String,
+    /// Batches compared.
+    pub batches: u64,
+    /// Output records equal to the active version's.
+    pub records_equal: u64,
+    /// Output records that differ (or that one side lacks).
+    pub records_different: u64,
+    /// Shadow calls that failed.
+    pub failed_calls: u64,
+    /// The same, per stage (a plugin may both decode and transform).
+    pub stages: ShadowStages,
+}
+
+/// A shadow's comparison per stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowStages {
+    /// Its `decode` calls (in the ingest role).
+    pub decode: ShadowStageView,
+    /// Its `transform` calls (in the process role).
+    pub transform: ShadowStageView,
+}
+
+/// A shadow's comparison in one stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowStageView {
     /// Batches compared.
     pub batches: u64,
     /// Output records equal to the active version's.
@@ -856,6 +916,7 @@ impl Registry {
             records_equal: s.equal.get(),
             records_different: s.different.get(),
             failed_calls: s.failed_calls.load(Ordering::Relaxed),
+            stages: ShadowStages { decode: s.stages[0].view(), transform: s.stages[1].view() },
         });
         let versions = entry
             .meta
@@ -1060,6 +1121,9 @@ mod tests {
         let view = registry.get("filter").unwrap();
         let shadow = view.versions.iter().find(|v| v.meta.version == v2).unwrap();
         assert_eq!((shadow.calls, shadow.records_in), (1, 5), "{view:?}");
+        let compared = view.shadow.unwrap().stages;
+        assert_eq!((compared.transform.batches, compared.transform.records_equal), (1, 5));
+        assert_eq!(compared.decode.batches, 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1095,6 +1159,9 @@ mod tests {
         decoder.decode(&[frame(r#"{"result":null,"id":1}"#)]).unwrap();
         let shadow = registry.get("feed").unwrap().shadow.unwrap();
         assert_eq!((shadow.batches, shadow.records_different), (2, 1));
+        // All of it in the decode stage.
+        assert_eq!((shadow.stages.decode.batches, shadow.stages.decode.records_different), (2, 1));
+        assert_eq!(shadow.stages.transform.batches, 0);
 
         let view = registry.promote("feed").unwrap();
         assert_eq!(view.active.as_deref(), Some(v2.as_str()));
