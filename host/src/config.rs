@@ -213,8 +213,19 @@ impl Config {
 pub struct SourceConfig {
     /// A unique name, used in logs, metrics and the API.
     pub name: String,
-    /// `ws://` or `wss://` URL of the feed.
+    /// Where frames come from: a venue's WebSocket (`websocket`, the default) or a recorded file of
+    /// raw frames, one per line (`file`), replayed through the same decode path.
+    #[serde(default)]
+    pub kind: SourceKind,
+    /// `ws://` or `wss://` URL of the feed (WebSocket sources).
+    #[serde(default)]
     pub url: String,
+    /// The recorded frames, one raw frame per line (file sources).
+    #[serde(default)]
+    pub path: Option<std::path::PathBuf>,
+    /// Frames per second a file source replays at; 0 (the default) is as fast as decode takes them.
+    #[serde(default)]
+    pub rate: f64,
     /// Text messages sent after every (re)connect, e.g. the venue's subscribe request.
     #[serde(default)]
     pub subscribe: Vec<String>,
@@ -264,12 +275,26 @@ pub struct SourceConfig {
     pub connect_timeout_ms: u64,
 }
 
+/// Where a source's frames come from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A venue's WebSocket feed.
+    #[default]
+    Websocket,
+    /// A recorded `.jsonl` of raw frames, replayed once.
+    File,
+}
+
 impl SourceConfig {
     /// A source with default settings.
     pub fn new(name: &str, url: &str, plugin: &str) -> Self {
         SourceConfig {
             name: name.into(),
+            kind: SourceKind::Websocket,
             url: url.into(),
+            path: None,
+            rate: 0.0,
             subscribe: vec![],
             plugin: plugin.into(),
             plugin_config: BTreeMap::new(),
@@ -297,8 +322,16 @@ impl SourceConfig {
         if self.name.is_empty() {
             return Err("source name must not be empty".into());
         }
-        if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
-            return field("url", "must start with ws:// or wss://");
+        match self.kind {
+            SourceKind::Websocket if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) => {
+                return field("url", "must start with ws:// or wss://");
+            }
+            SourceKind::File if self.path.is_none() => return field("path", "is needed by a file source"),
+            SourceKind::File if !self.url.is_empty() => return field("url", "is for WebSocket sources, not files"),
+            _ => {}
+        }
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            return field("rate", "must be 0 (as fast as possible) or a positive number of frames per second");
         }
         if self.idle_timeout_ms == 0 {
             return field("idle_timeout_ms", "must be positive");
@@ -476,5 +509,24 @@ mod tests {
         s.url = "ws://x".into();
         s.reconnect_max_ms = 1;
         assert!(s.validate().unwrap_err().contains("reconnect_min_ms"));
+    }
+
+    #[test]
+    fn a_file_source_needs_a_path_and_no_url() {
+        let file: File =
+            toml::from_str("[[source]]\nname='r'\nkind='file'\npath='frames.jsonl'\nrate=50\nplugin='p'\n").unwrap();
+        let s = &file.source[0];
+        assert_eq!((s.kind, s.rate), (SourceKind::File, 50.0));
+        s.validate().unwrap();
+        let mut bad = s.clone();
+        bad.path = None;
+        assert_eq!(bad.validate().unwrap_err(), "source \"r\": path is needed by a file source");
+        let mut bad = s.clone();
+        bad.url = "ws://x".into();
+        assert!(bad.validate().unwrap_err().contains("url is for WebSocket sources"));
+        let mut bad = s.clone();
+        bad.rate = -1.0;
+        assert!(bad.validate().unwrap_err().contains("rate"));
+        assert!(toml::from_str::<File>("[[source]]\nname='r'\nkind='tape'\nplugin='p'\n").is_err());
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use crate::api::Health;
 use crate::batch::{BatchConfig, Batcher, FlushReason};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-use crate::config::SourceConfig;
+use crate::config::{SourceConfig, SourceKind};
 use crate::decode::{Decoder, RejectedFrame};
 use crate::kafka::consumer::Polled;
 use crate::log::{Reader, Stage, Writer};
@@ -251,14 +251,23 @@ impl Ingest {
             .iter()
             .map(|h| {
                 let out = senders[h.id as usize % workers].clone();
-                tokio::spawn(source::run(
-                    h.config.clone(),
-                    h.id,
-                    out,
-                    h.stats.clone(),
-                    limiter.clone(),
-                    stop_rx.clone(),
-                ))
+                match h.config.kind {
+                    SourceKind::File => tokio::spawn(source::file::replay(
+                        h.config.clone(),
+                        h.id,
+                        out,
+                        h.stats.clone(),
+                        stop_rx.clone(),
+                    )),
+                    SourceKind::Websocket => tokio::spawn(source::run(
+                        h.config.clone(),
+                        h.id,
+                        out,
+                        h.stats.clone(),
+                        limiter.clone(),
+                        stop_rx.clone(),
+                    )),
+                }
             })
             .collect();
         Ok(Ingest { sources: handles, stop, tasks, workers: worker_threads })

@@ -12,6 +12,7 @@
 //! `try_send`, and what a full queue refuses is counted per source.
 
 pub mod backoff;
+pub mod file;
 
 use std::collections::HashMap;
 use std::sync::Arc;
