@@ -143,6 +143,58 @@ pub struct FeedsimArgs {
 pub enum PluginCommand {
     /// Run a plugin on recorded frames: records as JSON lines on stdout, rejects on stderr.
     Test(PluginTestArgs),
+    /// Write a new plugin crate (source, native tests, sample frames and their expected output).
+    New(PluginNewArgs),
+}
+
+/// Arguments of `sluice plugin new`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("kind").required(true).args(["decode", "transform"])))]
+pub struct PluginNewArgs {
+    /// The crate's name (a-z, 0-9, '-').
+    pub name: String,
+    /// A decoder: venue frames to records.
+    #[arg(long)]
+    pub decode: bool,
+    /// A transform: records to records.
+    #[arg(long)]
+    pub transform: bool,
+    /// Where to write it [default: plugins/<name> in a sluice checkout, else ./<name>].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// The plugin-sdk crate to depend on [default: the checkout's plugin-sdk/, found from here up].
+    #[arg(long)]
+    pub sdk: Option<PathBuf>,
+}
+
+/// `sluice plugin new`: writes the crate and says what to run next.
+///
+/// # Errors
+/// As [`crate::scaffold::new_plugin`], or no SDK found without `--sdk`.
+pub fn plugin_new(args: &PluginNewArgs, out: &mut impl Write) -> anyhow::Result<PathBuf> {
+    let here = std::env::current_dir()?;
+    let checkout = here.ancestors().find(|d| d.join("plugin-sdk/Cargo.toml").is_file() && d.join("plugins").is_dir());
+    let sdk = match (&args.sdk, checkout) {
+        (Some(sdk), _) => sdk.clone(),
+        (None, Some(root)) => root.join("plugin-sdk"),
+        (None, None) => anyhow::bail!(
+            "no sluice checkout here or above: pass --sdk <path to plugin-sdk> (an unpacked `cargo package -p plugin-sdk`)"
+        ),
+    };
+    let dir = match (&args.dir, checkout) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(root)) => root.join("plugins").join(&args.name),
+        (None, None) => here.join(&args.name),
+    };
+    let kind = if args.decode { crate::scaffold::Kind::Decode } else { crate::scaffold::Kind::Transform };
+    let dir = crate::scaffold::new_plugin(&args.name, kind, &dir, &sdk)?;
+    writeln!(
+        out,
+        "wrote {} ({}); next: cd there, `cargo test`, then see its README.md",
+        dir.display(),
+        crate::scaffold::FILES.join(", ")
+    )?;
+    Ok(dir)
 }
 
 /// Arguments of `sluice plugin test`.
@@ -211,6 +263,10 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Anything that keeps the command from running, with a message for the user.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Plugin(PluginCommand::New(args)) => {
+            plugin_new(&args, &mut io::stdout())?;
+            Ok(())
+        }
         Command::Plugin(PluginCommand::Test(args)) => {
             let stdout = io::stdout();
             let stderr = io::stderr();

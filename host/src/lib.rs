@@ -31,6 +31,7 @@ pub mod log;
 pub mod pipeline;
 pub mod plugin;
 pub mod proto;
+pub mod scaffold;
 pub mod sink;
 pub mod source;
 pub mod symbols;

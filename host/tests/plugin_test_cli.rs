@@ -611,3 +611,66 @@ fn output_records_that_are_not_stream_data_fail_the_run() {
     ]);
     failed_saying(&out, &["transforming records 0..0", "plugin returned invalid output: output record 0"]);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 5. `sluice plugin new` (its output is built, tested and compared with its golden file in
+//    `.ci/out-of-tree-plugin`, against the packaged SDK)
+
+fn plugin_new(args: &[&OsStr], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice")).args(["plugin", "new"]).args(args).current_dir(cwd).output().unwrap()
+}
+
+#[test]
+fn plugin_new_writes_a_crate_in_a_checkout_or_outside_and_refuses_what_it_cannot_do() {
+    let base = std::env::temp_dir().join(format!("sluice-plugin-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // A checkout-shaped folder: the crate goes to plugins/<name>, a workspace member using ../../plugin-sdk.
+    let checkout = base.join("checkout");
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk").canonicalize().unwrap();
+    std::fs::create_dir_all(checkout.join("plugins")).unwrap();
+    std::fs::create_dir_all(checkout.join("wit")).unwrap();
+    std::fs::create_dir_all(checkout.join("plugin-sdk")).unwrap();
+    std::fs::copy(sdk.join("Cargo.toml"), checkout.join("plugin-sdk/Cargo.toml")).unwrap();
+    let out = plugin_new(&["my-venue".as_ref(), "--decode".as_ref()], &checkout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let crate_dir = checkout.join("plugins/my-venue");
+    for file in ["Cargo.toml", "src/lib.rs", "frames.jsonl", "expected.jsonl", "README.md"] {
+        assert!(crate_dir.join(file).is_file(), "{file} missing");
+    }
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains(r#"plugin-sdk = { path = "../../plugin-sdk" }"#), "{manifest}");
+    assert!(!manifest.contains("[workspace]"), "a member must not declare its own workspace:\n{manifest}");
+    let lib = std::fs::read_to_string(crate_dir.join("src/lib.rs")).unwrap();
+    assert!(lib.contains("pub struct MyVenue;") && lib.contains("plugin_sdk::export!(MyVenue);"), "{lib}");
+    assert!(std::fs::read_to_string(crate_dir.join("README.md")).unwrap().contains("--profile plugin"));
+
+    // Outside a checkout: its own workspace with release settings, the SDK by --sdk.
+    let outside = base.join("elsewhere");
+    std::fs::create_dir_all(&outside).unwrap();
+    let out = plugin_new(&["filter".as_ref(), "--transform".as_ref(), "--sdk".as_ref(), sdk.as_os_str()], &outside);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let manifest = std::fs::read_to_string(outside.join("filter/Cargo.toml")).unwrap();
+    assert!(manifest.contains("[workspace]") && manifest.contains("lto = true"), "{manifest}");
+    let lib = std::fs::read_to_string(outside.join("filter/src/lib.rs")).unwrap();
+    assert!(lib.contains("fn transform("), "{lib}");
+
+    // Refused, with a reason: an existing folder, a bad name, no kind, no SDK to be found.
+    let refused = |args: &[&OsStr], cwd: &Path, needle: &str| {
+        let out = plugin_new(args, cwd);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(needle), "{needle:?} not in {}", text(&out.stderr));
+    };
+    refused(
+        &["filter".as_ref(), "--transform".as_ref(), "--sdk".as_ref(), sdk.as_os_str()],
+        &outside,
+        "already exists",
+    );
+    refused(
+        &["Bad_Name".as_ref(), "--decode".as_ref(), "--sdk".as_ref(), sdk.as_os_str()],
+        &outside,
+        "invalid plugin name",
+    );
+    refused(&["x".as_ref()], &outside, "--decode");
+    refused(&["x".as_ref(), "--decode".as_ref()], &outside, "pass --sdk");
+    let _ = std::fs::remove_dir_all(&base);
+}
