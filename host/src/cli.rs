@@ -220,6 +220,10 @@ pub struct PluginTestArgs {
     /// Per-call deadline in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub deadline_ms: u64,
+    /// After the plugin, transform with this one too, in order (repeat for a chain); its config
+    /// follows the path after commas: `--then filter.wasm,min_volume=0.5`.
+    #[arg(long, value_name = "PLUGIN.wasm[,KEY=VALUE...]", value_parser = parse_link)]
+    pub then: Vec<(PathBuf, Vec<(String, String)>)>,
     /// Compare the records with this file (JSON lines, as this command prints them); the first
     /// difference is reported and the run fails.
     #[arg(long, value_name = "EXPECTED.jsonl")]
@@ -249,6 +253,13 @@ impl std::fmt::Display for ExitWith {
 }
 
 impl std::error::Error for ExitWith {}
+
+fn parse_link(s: &str) -> Result<(PathBuf, Vec<(String, String)>), String> {
+    let mut parts = s.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("expected PLUGIN.wasm[,KEY=VALUE...]")?;
+    let config = parts.map(parse_key_value).collect::<Result<Vec<_>, _>>()?;
+    Ok((PathBuf::from(path), config))
+}
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -322,6 +333,9 @@ struct RejectLine<'a> {
     frame: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<usize>,
+    /// The `--then` link that refused it (absent for the decoder and the first transform).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<&'a str>,
     reason: &'a str,
 }
 
@@ -376,8 +390,12 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         None => None,
     };
     let mut printed: Vec<String> = Vec::new();
-    let runtime =
-        Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))?;
+    // The plugin, the decoder and each link, with room for each to be replaced once.
+    let instances = 4 + 2 * args.then.len() as u32;
+    let runtime = Runtime::new(
+        RuntimeSettings { max_instances: instances, ..RuntimeSettings::default() },
+        Arc::new(Symbols::new()),
+    )?;
     let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
     let load = |path: &Path, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
         let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
@@ -391,6 +409,7 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         Some(path) => Some(load(path, &args.decoder_config)?),
         None => None,
     };
+    let mut thens = args.then.iter().map(|(path, config)| load(path, config)).collect::<anyhow::Result<Vec<_>>>()?;
     let file =
         std::fs::File::open(&args.frames).with_context(|| format!("cannot read frames {}", args.frames.display()))?;
     let mut lines = Vec::new();
@@ -420,7 +439,7 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         let decoded = decoding.decode(&frames).with_context(|| format!("decoding frames on lines {first}..={last}"))?;
         for reject in &decoded.rejects {
             let line = chunk.get(reject.index as usize).map(|(n, _)| *n);
-            write_json(err, &RejectLine { frame: line, index: None, reason: &reject.reason })?;
+            write_json(err, &RejectLine { frame: line, index: None, link: None, reason: &reject.reason })?;
             summary.rejects += 1;
         }
         let refused = |i: usize| decoded.rejects.iter().any(|r| r.index as usize == i);
@@ -435,60 +454,31 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         }
     }
 
-    // Transform: all decoded records, in batches.
-    let mut batch = Vec::new();
-    let mut index = 0usize;
-    let mut items = Delimited::new(records.as_bytes()).peekable();
-    while items.peek().is_some() {
-        batch.clear();
-        let mut n = 0;
-        for item in items.by_ref().take(RECORDS_PER_CALL) {
-            push_delimited(&mut batch, item.context("record")?);
-            n += 1;
+    // Transform: all decoded records through the plugin, then through each `--then` link in order.
+    let mut records = transform_all(&mut plugin, records.as_bytes(), None, err, &mut summary)?;
+    for (i, link) in thens.iter_mut().enumerate() {
+        let name = args.then[i].0.display().to_string();
+        records = transform_all(link, records.as_bytes(), Some(&name), err, &mut summary)?;
+    }
+    for item in Delimited::new(records.as_bytes()) {
+        let r = item.and_then(StreamDataView::parse).context("transformed record")?;
+        let name = symbols.name(r.symbol_id);
+        let line = serde_json::to_string(&RecordLine {
+            source_id: r.source_id,
+            symbol: name.as_deref(),
+            symbol_id: r.symbol_id,
+            price_e8: r.price_e8,
+            volume_e8: r.volume_e8,
+            timestamp_ms: r.timestamp_ms,
+            is_buy: r.is_buy,
+            trade_id: r.trade_id,
+        })?;
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        if expected.is_some() {
+            printed.push(line);
         }
-        let done =
-            plugin.transform(&batch).with_context(|| format!("transforming records {index}..{}", index + n - 1))?;
-        for reject in &done.rejects {
-            write_json(
-                err,
-                &RejectLine { frame: None, index: Some(index + reject.index as usize), reason: &reject.reason },
-            )?;
-            summary.rejects += 1;
-        }
-        // The runtime checked the framing; the records' contents are checked here, all of the call's
-        // before any is printed.
-        let views = Delimited::new(&done.records)
-            .enumerate()
-            .map(|(i, item)| {
-                item.and_then(StreamDataView::parse).map_err(|e| {
-                    anyhow::anyhow!(
-                        "transforming records {index}..{}: {}",
-                        index + n - 1,
-                        crate::plugin::PluginError::InvalidOutput(format!("output record {i}: {e}"))
-                    )
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for r in views {
-            let name = symbols.name(r.symbol_id);
-            let line = serde_json::to_string(&RecordLine {
-                source_id: r.source_id,
-                symbol: name.as_deref(),
-                symbol_id: r.symbol_id,
-                price_e8: r.price_e8,
-                volume_e8: r.volume_e8,
-                timestamp_ms: r.timestamp_ms,
-                is_buy: r.is_buy,
-                trade_id: r.trade_id,
-            })?;
-            out.write_all(line.as_bytes())?;
-            out.write_all(b"\n")?;
-            if expected.is_some() {
-                printed.push(line);
-            }
-            summary.records += 1;
-        }
-        index += n;
+        summary.records += 1;
     }
     out.flush()?;
     let counts = SummaryCounts {
@@ -524,6 +514,58 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         writeln!(err, "warning: {message}")?;
     }
     Ok(summary)
+}
+
+/// One link of the chain over all `records`, in batches: rejects to `err` (naming the link when it
+/// is a `--then`), and the output records, each checked to be valid `StreamData`.
+fn transform_all(
+    plugin: &mut PluginInstance,
+    records: &[u8],
+    link: Option<&str>,
+    err: &mut impl Write,
+    summary: &mut TestSummary,
+) -> anyhow::Result<plugin_sdk::Records> {
+    let mut output = plugin_sdk::Records::new();
+    let mut batch = Vec::new();
+    let mut index = 0usize;
+    let mut items = Delimited::new(records).peekable();
+    let at = |what: String| match link {
+        Some(l) => format!("{l}: {what}"),
+        None => what,
+    };
+    while items.peek().is_some() {
+        batch.clear();
+        let mut n = 0;
+        for item in items.by_ref().take(RECORDS_PER_CALL) {
+            push_delimited(&mut batch, item.context("record")?);
+            n += 1;
+        }
+        let done =
+            plugin.transform(&batch).with_context(|| at(format!("transforming records {index}..{}", index + n - 1)))?;
+        for reject in &done.rejects {
+            let line =
+                RejectLine { frame: None, index: Some(index + reject.index as usize), link, reason: &reject.reason };
+            write_json(err, &line)?;
+            summary.rejects += 1;
+        }
+        // The runtime checked the framing; the records' contents are checked here, all of the call's
+        // before any is kept.
+        for (i, item) in Delimited::new(&done.records).enumerate() {
+            let view = item.and_then(StreamDataView::parse).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}",
+                    at(format!(
+                        "transforming records {index}..{}: {}",
+                        index + n - 1,
+                        crate::plugin::PluginError::InvalidOutput(format!("output record {i}: {e}"))
+                    ))
+                )
+            })?;
+            output.push_view(&view);
+        }
+        index += n;
+    }
+    Ok(output)
 }
 
 fn write_json(w: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {

@@ -511,6 +511,52 @@ fn transform_only_plugin_runs_on_frames_decoded_by_another() {
     assert!(stderr[0].contains(r#""index":1"#), "{}", stderr[0]);
 }
 
+/// `--then` runs a chain: the decoder, the plugin, then each link in order, with its own config; a
+/// link's rejects name it.
+#[test]
+fn then_runs_a_chain_of_transforms_in_order() {
+    let frame = |trade_id: u64, price: &str, qty: &str| {
+        format!(
+            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"{qty}","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+        )
+    };
+    // 102 is an outlier (refused by the first link), 103 is small (dropped by rescale's min_volume).
+    let lines =
+        [frame(101, "100.00000000", "2.0"), frame(102, "150.00000000", "2.0"), frame(103, "100.50000000", "0.5")];
+    let frames = TempFile::new("chain", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let rescale = format!("{},min_volume=1,scale=2", plugin("rescale").display());
+    let out = plugin_test([
+        plugin("outlier_filter").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--config".as_ref(),
+        "threshold_pct=1".as_ref(),
+        "--then".as_ref(),
+        rescale.as_ref(),
+    ]);
+    let (stdout, stderr) = succeeded(&out);
+    let got = records(&stdout, 0);
+    // Only 101 is left, its price doubled by the second link.
+    assert_eq!(got.iter().map(|t| (t.trade_id, t.price_e8)).collect::<Vec<_>>(), [(101, 200_00000000)], "{stdout:?}");
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(!stderr[0].contains("\"link\""), "the first transform's reject names no link: {}", stderr[0]);
+    // A link that refuses names itself.
+    let strict = format!("{},min_volume=1,scale=-1", plugin("rescale").display());
+    let out = plugin_test([
+        plugin("outlier_filter").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--then".as_ref(),
+        strict.as_ref(),
+    ]);
+    assert!(!out.status.success(), "a negative scale must not start");
+    assert!(text(&out.stderr).contains("rescale"), "{}", text(&out.stderr));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 4. Failures
 
