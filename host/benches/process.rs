@@ -82,7 +82,8 @@ impl Bench {
     ) -> (ProcessStats, Duration) {
         let code = self.runtime.compile("rescale", &wasm("rescale"), Limits::default()).expect("rescale");
         let config = [("scale".to_owned(), "1.0001".to_owned())];
-        let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&config).expect("init")))]);
+        let mut transformers =
+            HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&config).expect("init"))])]);
         let consumer = Reader::Kafka(
             EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
                 .expect("consumer"),

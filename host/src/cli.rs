@@ -200,8 +200,17 @@ pub fn plugin_new(args: &PluginNewArgs, out: &mut impl Write) -> anyhow::Result<
 /// Arguments of `sluice plugin test`.
 #[derive(Debug, Args)]
 pub struct PluginTestArgs {
-    /// The plugin component (`.wasm`, built for wasm32-wasip2).
-    pub plugin: PathBuf,
+    /// The plugin component (`.wasm`, built for wasm32-wasip2); omit it with `--source`.
+    #[arg(required_unless_present = "source")]
+    pub plugin: Option<PathBuf>,
+    /// Run this source's whole chain as the configuration file given with `--from` names it: its
+    /// `decode` plugin with its `decode_config`, then each of its transforms (or the `[process]`
+    /// default chain) with their configs; plugins come from `[plugins]` paths or are bundled.
+    #[arg(long, value_name = "NAME", requires = "from", conflicts_with_all = ["plugin", "decode_with", "then", "config", "decoder_config"])]
+    pub source: Option<String>,
+    /// The configuration file `--source` is read from.
+    #[arg(long, value_name = "sluice.toml", requires = "source")]
+    pub from: Option<PathBuf>,
     /// A file with one raw WebSocket frame per line.
     #[arg(long)]
     pub frames: PathBuf,
@@ -390,26 +399,60 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         None => None,
     };
     let mut printed: Vec<String> = Vec::new();
+    let source = match (&args.source, &args.from) {
+        (Some(name), Some(path)) => {
+            let config = Config::load(path).map_err(anyhow::Error::msg)?;
+            let source = config
+                .sources
+                .iter()
+                .find(|s| &s.name == name)
+                .with_context(|| format!("{} has no source named {name:?}", path.display()))?
+                .clone();
+            Some((config, source))
+        }
+        _ => None,
+    };
     // The plugin, the decoder and each link, with room for each to be replaced once.
-    let instances = 4 + 2 * args.then.len() as u32;
+    let links = source.as_ref().map_or(args.then.len(), |(c, s)| c.chain(s).len());
     let runtime = Runtime::new(
-        RuntimeSettings { max_instances: instances, ..RuntimeSettings::default() },
+        RuntimeSettings { max_instances: 4 + 2 * links as u32, ..RuntimeSettings::default() },
         Arc::new(Symbols::new()),
     )?;
     let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
+    let start = |name: &str, wasm: &[u8], config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
+        let code: Arc<PluginCode> =
+            runtime.compile(name, wasm, limits).with_context(|| format!("cannot load plugin {name}"))?;
+        code.instantiate(config).with_context(|| format!("cannot start plugin {name}"))
+    };
     let load = |path: &Path, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
         let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let code: Arc<PluginCode> =
-            runtime.compile(&name, &wasm, limits).with_context(|| format!("cannot load plugin {}", path.display()))?;
-        code.instantiate(config).with_context(|| format!("cannot start plugin {}", path.display()))
+        start(&path.display().to_string(), &wasm, config)
     };
-    let mut plugin = load(&args.plugin, &args.config)?;
-    let mut decoder = match &args.decode_with {
-        Some(path) => Some(load(path, &args.decoder_config)?),
-        None => None,
+    // (the decoding plugin, whether it transforms too, an extra decoder, the links after it)
+    let (mut plugin, plugin_transforms, mut decoder, mut thens, names) = match &source {
+        Some((config, s)) => {
+            let decode_config: Vec<(String, String)> =
+                s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let decoder = start(&s.decode, &plugin_bytes(config, &s.decode)?, &decode_config)?;
+            let chain = config.chain(s);
+            let links = chain
+                .iter()
+                .map(|l| start(&l.plugin, &plugin_bytes(config, &l.plugin)?, &l.config_pairs()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (decoder, false, None, links, chain.iter().map(|l| l.plugin.clone()).collect::<Vec<_>>())
+        }
+        None => {
+            let path = args.plugin.as_deref().context("a plugin, or --source with --from, is needed")?;
+            let plugin = load(path, &args.config)?;
+            let decoder = match &args.decode_with {
+                Some(path) => Some(load(path, &args.decoder_config)?),
+                None => None,
+            };
+            let thens =
+                args.then.iter().map(|(path, config)| load(path, config)).collect::<anyhow::Result<Vec<_>>>()?;
+            (plugin, true, decoder, thens, args.then.iter().map(|(p, _)| p.display().to_string()).collect())
+        }
     };
-    let mut thens = args.then.iter().map(|(path, config)| load(path, config)).collect::<anyhow::Result<Vec<_>>>()?;
     let file =
         std::fs::File::open(&args.frames).with_context(|| format!("cannot read frames {}", args.frames.display()))?;
     let mut lines = Vec::new();
@@ -455,10 +498,11 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     }
 
     // Transform: all decoded records through the plugin, then through each `--then` link in order.
-    let mut records = transform_all(&mut plugin, records.as_bytes(), None, err, &mut summary)?;
-    for (i, link) in thens.iter_mut().enumerate() {
-        let name = args.then[i].0.display().to_string();
-        records = transform_all(link, records.as_bytes(), Some(&name), err, &mut summary)?;
+    if plugin_transforms {
+        records = transform_all(&mut plugin, records.as_bytes(), None, err, &mut summary)?;
+    }
+    for (link, name) in thens.iter_mut().zip(&names) {
+        records = transform_all(link, records.as_bytes(), Some(name), err, &mut summary)?;
     }
     for item in Delimited::new(records.as_bytes()) {
         let r = item.and_then(StreamDataView::parse).context("transformed record")?;
@@ -629,11 +673,13 @@ struct ProcessRole {
     store_path: Option<PathBuf>,
 }
 
-/// Opens the plugin registry under the data directory and deploys the plugins the sources use (the
-/// configured file or the bundled plugin; a version already stored stays on the version the API last
+/// Opens the plugin registry under the data directory and deploys the plugins the sources use in
+/// `role` (decoders for ingest, the links of their chains for process; the configured file or the
+/// bundled plugin; a version already stored stays on the version the API last
 /// activated). Compiles off the async runtime.
 async fn open_plugins(
     config: &Config,
+    role: Role,
     symbols: Arc<Symbols>,
     metrics: Arc<crate::telemetry::Metrics>,
 ) -> anyhow::Result<(Arc<Registry>, HashMap<String, Arc<Slot>>)> {
@@ -653,34 +699,49 @@ async fn open_plugins(
                 (name.clone(), limits)
             })
             .collect();
+        // What this instance runs: each source's decoder in the ingest role, each link of its chain
+        // in the process role; an upload is checked against every configuration it is bound with.
         let mut bindings: HashMap<String, Vec<Binding>> = HashMap::new();
         for s in &config.sources {
-            let plugin_config = s.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            bindings
-                .entry(s.plugin.clone())
-                .or_default()
-                .push(Binding { source: s.name.clone(), config: plugin_config });
-        }
-        let registry = Arc::new(Registry::open(runtime, &config.data_dir.join("plugins"), limits, bindings)?);
-        let mut wanted: Vec<&str> = config.sources.iter().map(|s| s.plugin.as_str()).collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut slots = HashMap::new();
-        for name in wanted {
-            let wasm = match config.plugins.get(name).and_then(|p| p.path.as_ref()) {
-                Some(path) => {
-                    std::fs::read(path).with_context(|| format!("plugin {name}: cannot read {}", path.display()))?
+            if role != Role::Process {
+                let decode_config = s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                bindings
+                    .entry(s.decode.clone())
+                    .or_default()
+                    .push(Binding { source: s.name.clone(), config: decode_config });
+            }
+            if role != Role::Ingest {
+                for link in config.chain(s) {
+                    bindings
+                        .entry(link.plugin.clone())
+                        .or_default()
+                        .push(Binding { source: s.name.clone(), config: link.config_pairs() });
                 }
-                None => bundled::by_name(name)
-                    .with_context(|| format!("plugin {name} is not bundled and has no path"))?
-                    .to_vec(),
-            };
+            }
+        }
+        let mut wanted: Vec<String> = bindings.keys().cloned().collect();
+        wanted.sort_unstable();
+        let registry = Arc::new(Registry::open(runtime, &config.data_dir.join("plugins"), limits, bindings)?);
+        let mut slots = HashMap::new();
+        for name in &wanted {
+            let name = name.as_str();
+            let wasm = plugin_bytes(&config, name)?;
             let slot = registry.deploy(name, &wasm).with_context(|| format!("plugin {name}"))?;
             slots.insert(name.to_owned(), slot);
         }
         Ok((registry, slots))
     })
     .await?
+}
+
+/// The component of plugin `name`: the file `[plugins.<name>] path` names, or the bundled one.
+fn plugin_bytes(config: &Config, name: &str) -> anyhow::Result<Vec<u8>> {
+    match config.plugins.get(name).and_then(|p| p.path.as_ref()) {
+        Some(path) => std::fs::read(path).with_context(|| format!("plugin {name}: cannot read {}", path.display())),
+        None => Ok(bundled::by_name(name)
+            .with_context(|| format!("plugin {name} is not bundled and has no path"))?
+            .to_vec()),
+    }
 }
 
 /// Starts the roles asked for: the broker (embedded unless configured), the topics, the shared symbol
@@ -754,7 +815,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .await?
         .context("source ids")?
     };
-    let (registry, plugins) = open_plugins(config, symbols.clone(), metrics.clone()).await?;
+    let (registry, plugins) = open_plugins(config, role, symbols.clone(), metrics.clone()).await?;
     plugin_api.set(registry);
     let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
     names.sort_unstable();
@@ -782,8 +843,13 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
                 .iter()
                 .map(|h| crate::api::SourceEntry {
                     name: h.config.name.clone(),
-                    plugin: h.config.plugin.clone(),
-                    slot: plugins[&h.config.plugin].clone(),
+                    plugin: h.config.decode.clone(),
+                    slot: plugins[&h.config.decode].clone(),
+                    transforms: config
+                        .chain(&h.config)
+                        .iter()
+                        .map(|l| (l.plugin.clone(), plugins.get(&l.plugin).cloned()))
+                        .collect(),
                     stats: h.stats.clone(),
                     decode: h.decode.clone(),
                     running: h.running.clone(),
@@ -986,12 +1052,16 @@ async fn start_process(
     // Source ids as the ingest role stamps them (stable per name, from the dictionary).
     let mut transformers = HashMap::new();
     for (&id, source) in source_ids.iter().zip(&config.sources) {
-        let plugin_config: Vec<(String, String)> =
-            source.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Some(slot) = plugins.get(&source.plugin) {
-            let instance = slot.active().instantiate(&plugin_config)?;
-            transformers.insert(id, Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
+        let mut chain = Vec::new();
+        for link in config.chain(source) {
+            let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
+            let instance = slot
+                .active()
+                .instantiate(&link.config_pairs())
+                .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
+            chain.push(Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
         }
+        transformers.insert(id, chain);
     }
     // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
     // dead-lettered: no plugin is bound to them).
@@ -1219,10 +1289,17 @@ fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig
         .collect()
 }
 
+/// The demo's Binance chain: `min-volume` (trades under 0.001 dropped), then `outlier-filter`.
+pub fn demo_chain() -> Vec<crate::config::Link> {
+    let mut min_volume = crate::config::Link::new("min-volume");
+    min_volume.config.insert("min_volume".into(), "0.001".into());
+    vec![min_volume, crate::config::Link::new("outlier-filter")]
+}
+
 /// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
-    let config = Config {
+    let mut config = Config {
         data_dir: args.data_dir,
         api: crate::api::ApiConfig {
             bind: args.api_addr,
@@ -1239,6 +1316,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ),
         ..Config::default()
     };
+    // The Binance feed's rules as a chain: dust trades dropped, then bad prints refused.
+    for source in config.sources.iter_mut().filter(|s| s.name == "binance") {
+        source.transforms = Some(demo_chain());
+    }
     let running = start(&config, Role::All).await?;
     println!(
         "sluice demo: 3 simulated venues -> wasm decoders -> {} -> transforms -> the embedded store",
@@ -1389,6 +1470,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ),
         ..Config::default()
     };
+    // Every source's records through one wasm transform call per batch, which passes them all.
+    config.process.transforms = vec![crate::config::Link::new("rescale")];
     if let Some(brokers) = &args.brokers {
         let run = format!("sluice.bench.{}", std::process::id());
         config.kafka.brokers = brokers.clone();

@@ -107,6 +107,9 @@ pub struct ProcessConfig {
     /// How long rows reaching an idle sink wait for more before their batch is flushed.
     #[serde(default = "defaults::linger_us")]
     pub linger_us: u64,
+    /// The default chain: the transforms applied to the records of every source that names none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<Link>,
 }
 
 impl Default for ProcessConfig {
@@ -117,7 +120,54 @@ impl Default for ProcessConfig {
             max_batch_rows: defaults::max_batch_rows(),
             max_wait_ms: defaults::max_wait_ms(),
             linger_us: defaults::linger_us(),
+            transforms: Vec::new(),
         }
+    }
+}
+
+/// One link of a transform chain: a plugin and the configuration its `init` gets. Written as a
+/// table, `{ plugin = "min-volume", config = { min_volume = "0.5" } }`, or as the plugin's name alone
+/// when it needs no configuration: `"outlier-filter"`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Link {
+    /// The plugin (configured under `[plugins]`, or bundled).
+    pub plugin: String,
+    /// Key/value configuration handed to the plugin's `init`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Link {
+    /// A link to `plugin` with no configuration.
+    pub fn new(plugin: &str) -> Self {
+        Link { plugin: plugin.into(), config: BTreeMap::new() }
+    }
+
+    /// The configuration as the plugin runtime takes it.
+    pub fn config_pairs(&self) -> Vec<(String, String)> {
+        self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl<'de> Deserialize<'de> for Link {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            plugin: String,
+            #[serde(default)]
+            config: BTreeMap<String, String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a plugin name, or a table { plugin = \"...\", config = { ... } }")]
+        enum Spelled {
+            Name(String),
+            Table(Table),
+        }
+        Ok(match Spelled::deserialize(deserializer)? {
+            Spelled::Name(plugin) => Link { plugin, config: BTreeMap::new() },
+            Spelled::Table(Table { plugin, config }) => Link { plugin, config },
+        })
     }
 }
 
@@ -153,6 +203,20 @@ pub struct PluginConfig {
 }
 
 impl Config {
+    /// The transforms `source`'s records go through, in order: its own chain, or the `[process]`
+    /// default when it names none.
+    pub fn chain<'a>(&'a self, source: &'a SourceConfig) -> &'a [Link] {
+        source.transforms.as_deref().unwrap_or(&self.process.transforms)
+    }
+
+    fn check_plugin(&self, name: &str) -> Result<(), String> {
+        if self.plugins.contains_key(name) || crate::plugin::bundled::names().contains(&name) {
+            Ok(())
+        } else {
+            Err(format!("plugin {name:?} is neither configured under [plugins] nor bundled"))
+        }
+    }
+
     /// Reads and checks a configuration file.
     ///
     /// # Errors
@@ -175,12 +239,13 @@ impl Config {
             if !names.insert(&s.name) {
                 return Err(format!("source name {:?} is used twice", s.name));
             }
-            if !self.plugins.contains_key(&s.plugin) && !crate::plugin::bundled::names().contains(&s.plugin.as_str()) {
-                return Err(format!(
-                    "source {:?}: plugin {:?} is neither configured under [plugins] nor bundled",
-                    s.name, s.plugin
-                ));
+            self.check_plugin(&s.decode).map_err(|e| format!("source {:?}: decode {e}", s.name))?;
+            for (i, link) in s.transforms.iter().flatten().enumerate() {
+                self.check_plugin(&link.plugin).map_err(|e| format!("source {:?}: transforms[{i}] {e}", s.name))?;
             }
+        }
+        for (i, link) in self.process.transforms.iter().enumerate() {
+            self.check_plugin(&link.plugin).map_err(|e| format!("process: transforms[{i}] {e}"))?;
         }
         if self.ingest.workers == 0 || self.ingest.queue_frames == 0 || self.ingest.max_frames_per_call == 0 {
             return Err("ingest: workers, queue_frames and max_frames_per_call must be positive".into());
@@ -229,11 +294,16 @@ pub struct SourceConfig {
     /// Text messages sent after every (re)connect, e.g. the venue's subscribe request.
     #[serde(default)]
     pub subscribe: Vec<String>,
-    /// The plugin that decodes this feed's frames.
-    pub plugin: String,
-    /// Key/value configuration handed to the plugin's `init`.
-    #[serde(default)]
-    pub plugin_config: BTreeMap<String, String>,
+    /// The plugin that decodes this feed's frames (the ingest role's one link).
+    #[serde(alias = "plugin")]
+    pub decode: String,
+    /// Key/value configuration handed to the decode plugin's `init`.
+    #[serde(default, alias = "plugin_config")]
+    pub decode_config: BTreeMap<String, String>,
+    /// The transforms the process role applies to this source's records, in order; absent, the
+    /// `[process] transforms` default chain applies (`transforms = []` is none at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transforms: Option<Vec<Link>>,
     /// How often to ping the venue; 0 disables our pings.
     #[serde(default = "defaults::ping_interval_ms")]
     pub ping_interval_ms: u64,
@@ -296,8 +366,9 @@ impl SourceConfig {
             path: None,
             rate: 0.0,
             subscribe: vec![],
-            plugin: plugin.into(),
-            plugin_config: BTreeMap::new(),
+            decode: plugin.into(),
+            decode_config: BTreeMap::new(),
+            transforms: None,
             ping_interval_ms: defaults::ping_interval_ms(),
             pong_timeout_ms: defaults::pong_timeout_ms(),
             keepalive_text: None,
@@ -494,7 +565,7 @@ mod tests {
         dup.sources[1].name = "a".into();
         assert_eq!(dup.validate().unwrap_err(), "source name \"a\" is used twice");
         let mut unknown = config.clone();
-        unknown.sources[1].plugin = "nope".into();
+        unknown.sources[1].decode = "nope".into();
         assert!(unknown.validate().unwrap_err().contains("plugin \"nope\""));
         let err = toml::from_str::<Config>("[kafka]\nbroker = 'x'\n").unwrap_err();
         assert!(err.to_string().contains("broker"), "{err}");
@@ -528,5 +599,56 @@ mod tests {
         bad.rate = -1.0;
         assert!(bad.validate().unwrap_err().contains("rate"));
         assert!(toml::from_str::<File>("[[source]]\nname='r'\nkind='tape'\nplugin='p'\n").is_err());
+    }
+
+    #[test]
+    fn a_source_names_a_decoder_and_a_chain_or_gets_the_default_one() {
+        let config: Config = toml::from_str(
+            r#"
+            [process]
+            transforms = ["outlier-filter"]
+
+            [[source]]
+            name = "chained"
+            url = "ws://x"
+            decode = "binance"
+            decode_config = {}
+            transforms = [{ plugin = "rescale", config = { scale = "2" } }, "outlier-filter"]
+
+            [[source]]
+            name = "default"
+            url = "ws://y"
+            plugin = "kraken"
+
+            [[source]]
+            name = "none"
+            url = "ws://z"
+            decode = "coinbase"
+            transforms = []
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let chains: Vec<Vec<&str>> =
+            config.sources.iter().map(|s| config.chain(s).iter().map(|l| l.plugin.as_str()).collect()).collect();
+        assert_eq!(chains, [vec!["rescale", "outlier-filter"], vec!["outlier-filter"], vec![]]);
+        assert_eq!(config.chain(&config.sources[0])[0].config_pairs(), [("scale".to_owned(), "2".to_owned())]);
+        // The old spelling `plugin` still names the decoder.
+        assert_eq!(config.sources[1].decode, "kraken");
+        // What `check-config` prints reads back the same.
+        let printed = toml::to_string_pretty(&config).unwrap();
+        assert_eq!(toml::from_str::<Config>(&printed).unwrap(), config);
+
+        let mut unknown = config.clone();
+        unknown.sources[0].transforms.as_mut().unwrap()[1].plugin = "nope".into();
+        assert_eq!(
+            unknown.validate().unwrap_err(),
+            "source \"chained\": transforms[1] plugin \"nope\" is neither configured under [plugins] nor bundled"
+        );
+        let mut unknown = config.clone();
+        unknown.process.transforms[0].plugin = "nope".into();
+        assert!(unknown.validate().unwrap_err().starts_with("process: transforms[0] plugin \"nope\""));
+        let err = toml::from_str::<Config>("[process]\ntransforms = [{ plugin = 'a', with = {} }]\n").unwrap_err();
+        assert!(err.to_string().contains("a plugin name, or a table"), "{err}");
     }
 }

@@ -6,8 +6,8 @@
 //! with one plugin call per plugin binding, and hands the records to the hand-off writer (Kafka, or the local log); refused
 //! frames are dead-lettered.
 //!
-//! Process: [`run_process`] reads the events topic from the offsets the store holds, transforms each
-//! source's records with its plugin, batches the rows adaptively and writes them to the embedded store
+//! Process: [`run_process`] reads the events topic from the offsets the store holds, runs each
+//! source's records through its chain of transforms, batches the rows adaptively and writes them to the embedded store
 //! together with the offsets they came from.
 
 use std::collections::{BTreeMap, HashMap};
@@ -172,11 +172,11 @@ impl Ingest {
         for s in &sources {
             s.validate().map_err(IngestError::Source)?;
             let plugin = plugins
-                .get(&s.plugin)
-                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.plugin.clone() })?;
-            let config: Vec<(String, String)> = s.plugin_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                .get(&s.decode)
+                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.decode.clone() })?;
+            let config: Vec<(String, String)> = s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let next = bindings.len();
-            let b = *index.entry((s.plugin.clone(), config.clone())).or_insert(next);
+            let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
             if b == next {
                 bindings.push(Binding { plugin: plugin.clone(), config });
             }
@@ -231,7 +231,7 @@ impl Ingest {
             let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
             for (i, h) in handles.iter().enumerate() {
                 by_id_binding[slot(h.id)] = Some(binding_of[i]);
-                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.plugin.clone());
+                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.decode.clone());
                 by_id_stats[slot(h.id)] = h.decode.clone();
             }
             let ctx = WorkerContext {
@@ -455,29 +455,33 @@ impl Default for ProcessSettings {
 /// Why the process role stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-    /// A source's plugin kept failing: its breaker opened. Nothing of the batch was committed; resume
-    /// (from the last commit) once [`Breakers::wait`] says the breaker lets a trial batch through.
-    #[error("plugin of source {source_name} keeps failing; its circuit breaker is open")]
+    /// A link of a source's chain kept failing: its breaker opened. Nothing of the batch was
+    /// committed; resume (from the last commit) once [`Breakers::wait`] says the breaker lets a trial
+    /// batch through.
+    #[error("plugin {plugin} of source {source_name} keeps failing; its circuit breaker is open")]
     BreakerOpen {
-        /// The source whose plugin failed.
+        /// The source whose chain failed.
         source_name: String,
+        /// The plugin of the link that failed.
+        plugin: String,
     },
 }
 
-/// The circuit breakers of the sources' plugins, kept across restarts of the process role.
+/// The circuit breakers of the links of the sources' chains, one per (source, link), kept across
+/// restarts of the process role.
 #[derive(Debug, Default)]
 pub struct Breakers {
-    by_source: HashMap<u32, CircuitBreaker>,
+    by_link: HashMap<(u32, usize), CircuitBreaker>,
 }
 
 impl Breakers {
-    fn get(&mut self, source: u32, config: &BreakerConfig) -> &mut CircuitBreaker {
-        self.by_source.entry(source).or_insert_with(|| CircuitBreaker::new(config))
+    fn get(&mut self, link: (u32, usize), config: &BreakerConfig) -> &mut CircuitBreaker {
+        self.by_link.entry(link).or_insert_with(|| CircuitBreaker::new(config))
     }
 
     /// How long until every open breaker lets a trial batch through.
     pub fn wait(&self, now: std::time::Instant) -> Duration {
-        self.by_source
+        self.by_link
             .values()
             .filter_map(|b| match b.state() {
                 BreakerState::Open { until } => Some(until.saturating_duration_since(now)),
@@ -487,10 +491,19 @@ impl Breakers {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Sources whose breaker is not closed.
+    /// Sources with a link whose breaker is not closed.
     pub fn open_sources(&self) -> Vec<u32> {
         let mut open: Vec<u32> =
-            self.by_source.iter().filter(|(_, b)| b.state() != BreakerState::Closed).map(|(s, _)| *s).collect();
+            self.by_link.iter().filter(|(_, b)| b.state() != BreakerState::Closed).map(|(l, _)| l.0).collect();
+        open.sort_unstable();
+        open.dedup();
+        open
+    }
+
+    /// (source, link index) of each link whose breaker is not closed.
+    pub fn open_links(&self) -> Vec<(u32, usize)> {
+        let mut open: Vec<(u32, usize)> =
+            self.by_link.iter().filter(|(_, b)| b.state() != BreakerState::Closed).map(|(l, _)| *l).collect();
         open.sort_unstable();
         open
     }
@@ -596,8 +609,8 @@ pub struct Names {
     pub symbols: Arc<crate::symbols::Symbols>,
 }
 
-/// The process role, run on the calling thread until `stop` is set: consume, transform per source's
-/// plugin, batch, and commit rows together with the offsets they cover to `sink` (the embedded store
+/// The process role, run on the calling thread until `stop` is set: consume, run each source's records
+/// through its chain of transforms (`transformers`, by source id, links in order), batch, and commit rows together with the offsets they cover to `sink` (the embedded store
 /// in one SQLite transaction, the Druid topic in one Kafka transaction). Refused records go to the
 /// dead-letter topic through `dlq`.
 ///
@@ -608,7 +621,7 @@ pub struct Names {
 #[allow(clippy::too_many_arguments)]
 pub fn run_process(
     consumer: &Reader,
-    transformers: &mut HashMap<u32, Transformer>,
+    transformers: &mut HashMap<u32, Vec<Transformer>>,
     breakers: &mut Breakers,
     sink: &mut dyn Sink,
     names: &Names,
@@ -673,53 +686,20 @@ pub fn run_process(
             if input.is_empty() {
                 continue;
             }
-            let Some(t) = transformers.get_mut(source) else {
+            let Some(chain) = transformers.get_mut(source) else {
                 for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
                     dead.push(DeadLetter {
                         source: *source,
                         plugin: String::new(),
                         bytes: item.to_vec(),
-                        reason: "no plugin bound to this source".into(),
+                        reason: "no configured source has this id".into(),
                     });
                 }
                 continue;
             };
-            let breaker = breakers.get(*source, &settings.breaker);
-            let now = std::time::Instant::now();
-            if !breaker.allow(now) {
-                return Err(breaker_open(*source, names, settings));
-            }
-            let out = match t.transform(input) {
-                // Isolated failures (retry and bisection found the records that fail) are the
-                // plugin working: those records are dead-lettered and the poll is committed.
-                Ok(out) if !out.failed_entirely() => {
-                    breaker.record_success();
-                    out
-                }
-                Ok(out) => {
-                    breaker.record_failure(now);
-                    if !breaker.allow(now) {
-                        // Nothing of this poll is committed: its records wait in the log.
-                        stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-                        return Err(breaker_open(*source, names, settings));
-                    }
-                    out
-                }
-                Err(e) => {
-                    breaker.record_failure(now);
-                    return Err(e.into());
-                }
-            };
-            stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-            if !out.rejects.is_empty() {
-                let plugin = format!("{}@{}", t.plugin().name(), t.plugin().version());
-                for r in out.rejects {
-                    dead.push(DeadLetter { source: *source, plugin: plugin.clone(), bytes: r.bytes, reason: r.reason });
-                }
-            }
-            // Parsed (and so checked) by the transformer; a batch whose output did not parse was
-            // retried and bisected there like any failed call.
-            for v in &out.parsed {
+            let mut ctx = ChainContext { breakers, names, settings, stats, dead: &mut dead };
+            let (parsed, last) = run_chain(*source, chain, input, &mut ctx)?;
+            for v in &parsed {
                 // Names are cached once known; a miss is asked again next time, never remembered.
                 let symbol = match symbol_names.get(&v.symbol_id) {
                     Some(name) => name.clone(),
@@ -735,7 +715,7 @@ pub fn run_process(
                                 .to_vec();
                             dead.push(DeadLetter {
                                 source: *source,
-                                plugin: format!("{}@{}", t.plugin().name(), t.plugin().version()),
+                                plugin: last.clone(),
                                 bytes,
                                 reason: format!("symbol id {} is not in the symbol dictionary", v.symbol_id),
                             });
@@ -789,12 +769,90 @@ pub fn run_process(
     Ok(())
 }
 
-fn breaker_open(source: u32, names: &Names, settings: &ProcessSettings) -> anyhow::Error {
+fn breaker_open(source: u32, plugin: &str, names: &Names, settings: &ProcessSettings) -> anyhow::Error {
     let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
     if let Some(health) = &settings.health {
-        health.set("breakers", false, format!("open for source {source_name}"));
+        health.set("breakers", false, format!("open for plugin {plugin} of source {source_name}"));
     }
-    ProcessError::BreakerOpen { source_name }.into()
+    ProcessError::BreakerOpen { source_name, plugin: plugin.to_owned() }.into()
+}
+
+/// What a source's chain needs from the role around it.
+struct ChainContext<'a> {
+    breakers: &'a mut Breakers,
+    names: &'a Names,
+    settings: &'a ProcessSettings,
+    stats: &'a ProcessStats,
+    /// Where refused records go, each naming the link (`name@version`) that refused it.
+    dead: &'a mut Vec<DeadLetter>,
+}
+
+/// One source's records of a poll through its chain, link by link on the whole batch: each link's
+/// output is the next link's input, and a record a link refuses is dead-lettered naming that link.
+/// Returns the last link's records, parsed, and the `name@version` of that link (empty for a source
+/// with no transforms, whose records pass as the ingest role wrote them).
+///
+/// # Errors
+/// A link whose breaker is open, or that cannot run at all: nothing of the poll is committed then.
+fn run_chain(
+    source: u32,
+    chain: &mut [Transformer],
+    input: &[u8],
+    ctx: &mut ChainContext<'_>,
+) -> Result<(Vec<plugin_sdk::Record>, String), anyhow::Error> {
+    if chain.is_empty() {
+        // Each record was parsed when it was routed to its source, so none is skipped here.
+        let records = plugin_sdk::wire::Delimited::new(input)
+            .filter_map(|item| item.and_then(plugin_sdk::StreamDataView::parse).ok())
+            .map(|view| view.record())
+            .collect();
+        return Ok((records, String::new()));
+    }
+    let mut carried: Option<Vec<u8>> = None;
+    let mut parsed = Vec::new();
+    let mut last = String::new();
+    for (link, t) in chain.iter_mut().enumerate() {
+        let batch = carried.as_deref().unwrap_or(input);
+        if batch.is_empty() {
+            // An earlier link filtered everything out: the rest has nothing to do.
+            parsed.clear();
+            break;
+        }
+        let breaker = ctx.breakers.get((source, link), &ctx.settings.breaker);
+        let now = std::time::Instant::now();
+        if !breaker.allow(now) {
+            return Err(breaker_open(source, t.plugin().name(), ctx.names, ctx.settings));
+        }
+        let out = match t.transform(batch) {
+            // Isolated failures (retry and bisection found the records that fail) are the plugin
+            // working: those records are dead-lettered and the poll is committed.
+            Ok(out) if !out.failed_entirely() => {
+                breaker.record_success();
+                out
+            }
+            Ok(out) => {
+                breaker.record_failure(now);
+                if !breaker.allow(now) {
+                    // Nothing of this poll is committed: its records wait in the log.
+                    ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+                    return Err(breaker_open(source, t.plugin().name(), ctx.names, ctx.settings));
+                }
+                out
+            }
+            Err(e) => {
+                breaker.record_failure(now);
+                return Err(e.into());
+            }
+        };
+        ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+        last = format!("{}@{}", t.plugin().name(), t.plugin().version());
+        for r in out.rejects {
+            ctx.dead.push(DeadLetter { source, plugin: last.clone(), bytes: r.bytes, reason: r.reason });
+        }
+        parsed = out.parsed;
+        carried = Some(out.records);
+    }
+    Ok((parsed, last))
 }
 
 /// Commits the pending rows and the offsets they cover in one transaction.

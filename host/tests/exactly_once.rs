@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{TestBroker, unique_topic};
+use common::{TestBroker, free_addr, unique_topic, with_custom_section};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -89,7 +89,8 @@ max_wait_ms = 200
 [[source]]
 name = "binance"
 url = "{url}"
-plugin = "binance"
+decode = "binance"
+transforms = ["rescale"]
 subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
 {sink}
 "#,
@@ -482,10 +483,6 @@ fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
 }
 
 /// A free loopback address for a child's API.
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
-}
-
 /// A JSON call to a child's API with the token; answers (status, body).
 async fn call(
     http: &reqwest::Client,
@@ -493,31 +490,14 @@ async fn call(
     url: String,
     body: Option<reqwest::Body>,
 ) -> (u16, serde_json::Value) {
-    let mut request = http.request(method, url).bearer_auth(TOKEN);
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or_default())
-}
-
-/// The same component with a custom section appended: other bytes (another version), same behaviour.
-fn with_custom_section(wasm: &[u8], note: &str) -> Vec<u8> {
-    let mut out = wasm.to_vec();
-    let mut payload = vec![note.len() as u8];
-    payload.extend_from_slice(note.as_bytes());
-    payload.extend_from_slice(b"rebuilt");
-    out.push(0); // custom section id
-    out.push(payload.len() as u8);
-    out.extend_from_slice(&payload);
-    out
+    common::api_call(http, method, url, TOKEN, body).await
 }
 
 /// Hot swap under load. While the simulator drives trades at a steady rate:
 /// - the ingest role's `binance` decoder is replaced by a rebuilt copy (same behaviour, new version);
-/// - the process role gets `double-price` as a new version of the same plugin: first in shadow (its
-///   output compared, nothing of it delivered), then promoted, then rolled back.
+/// - the process role gets `double-price` as a new version of its chain's one link, `rescale`
+///   (configured to pass everything): first in shadow (its output compared, nothing of it
+///   delivered), then promoted, then rolled back.
 ///
 /// Every trade the simulator sent reaches the Druid topic exactly once; each row shows by its price
 /// which version processed it (the sent price, or twice it under `double-price`), and per symbol, in
@@ -553,27 +533,29 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
     assert_eq!(status, 201, "{uploaded}");
     let rebuilt_version = uploaded["version"].as_str().unwrap().to_owned();
     assert_ne!(rebuilt_version, v1);
-    let activate = |api: &str, version: &str, mode: &str| {
-        let url = format!("http://{api}/v1/plugins/binance/activate{mode}");
+    // The process role's one link, `rescale` (configured as a pass-through), is what it swaps.
+    let link_v1 = sluice::plugin::version_of(sluice::plugin::bundled::RESCALE);
+    let activate = |api: &str, plugin: &str, version: &str, mode: &str| {
+        let url = format!("http://{api}/v1/plugins/{plugin}/activate{mode}");
         let body = serde_json::json!({ "version": version }).to_string();
         call(&http, reqwest::Method::POST, url, Some(body.into()))
     };
-    let (status, view) = activate(&ingest_api, &rebuilt_version, "").await;
+    let (status, view) = activate(&ingest_api, "binance", &rebuilt_version, "").await;
     assert_eq!((status, view["active"].as_str()), (200, Some(rebuilt_version.as_str())), "{view}");
 
     // Process: double-price in shadow first.
     let doubled = std::fs::read(format!("{}/double_price.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let (status, uploaded) =
-        call(&http, reqwest::Method::PUT, format!("http://{process_api}/v1/plugins/binance"), Some(doubled.into()))
+        call(&http, reqwest::Method::PUT, format!("http://{process_api}/v1/plugins/rescale"), Some(doubled.into()))
             .await;
     assert_eq!(status, 201, "{uploaded}");
     let v2 = uploaded["version"].as_str().unwrap().to_owned();
-    let (status, view) = activate(&process_api, &v2, "?mode=shadow").await;
+    let (status, view) = activate(&process_api, "rescale", &v2, "?mode=shadow").await;
     assert_eq!((status, view["shadow"]["version"].as_str()), (200, Some(v2.as_str())), "{view}");
     let start = Instant::now();
     let shadow = loop {
         let (_, view) =
-            call(&http, reqwest::Method::GET, format!("http://{process_api}/v1/plugins/binance"), None).await;
+            call(&http, reqwest::Method::GET, format!("http://{process_api}/v1/plugins/rescale"), None).await;
         if view["shadow"]["records_different"].as_u64().unwrap_or(0) >= 50 {
             break view["shadow"].clone();
         }
@@ -597,7 +579,7 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
     let before = calls_of(&http.get(&metrics_url).send().await.unwrap().text().await.unwrap(), &v2);
     let promoted_at = Instant::now();
     let (status, view) =
-        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/binance/promote"), None).await;
+        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/rescale/promote"), None).await;
     assert_eq!((status, view["active"].as_str()), (200, Some(v2.as_str())), "{view}");
     loop {
         let text = http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
@@ -611,8 +593,8 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
     wait_rows(&mut counter, 300);
 
     let (status, view) =
-        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/binance/rollback"), None).await;
-    assert_eq!((status, view["active"].as_str()), (200, Some(v1.as_str())), "{view}");
+        call(&http, reqwest::Method::POST, format!("http://{process_api}/v1/plugins/rescale/rollback"), None).await;
+    assert_eq!((status, view["active"].as_str()), (200, Some(link_v1.as_str())), "{view}");
     wait_rows(&mut counter, 300);
 
     // The ingest role decoded on the rebuilt version, and says so.

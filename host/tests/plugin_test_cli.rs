@@ -557,6 +557,79 @@ fn then_runs_a_chain_of_transforms_in_order() {
     assert!(text(&out.stderr).contains("rescale"), "{}", text(&out.stderr));
 }
 
+/// `--source NAME --from sluice.toml` runs that source's chain as configured: its decoder with its
+/// `decode_config`, then its transforms in order with their configs (bundled plugins, or a
+/// `[plugins]` path); a source naming no transforms gets the `[process]` default chain. A link's
+/// rejects name it.
+#[test]
+fn a_sources_chain_runs_from_the_config_file() {
+    let frame = |trade_id: u64, price: &str, qty: &str| {
+        format!(
+            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"{qty}","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+        )
+    };
+    // 102 is small (dropped by min-volume), 103 an outlier (refused by outlier-filter).
+    let lines =
+        [frame(101, "100.00000000", "2.0"), frame(102, "100.10000000", "0.5"), frame(103, "150.00000000", "2.0")];
+    let frames = TempFile::new("from-config", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let config = format!(
+        r#"
+[plugins.doubling]
+path = "{rescale}"
+
+[process]
+transforms = [{{ plugin = "doubling", config = {{ scale = "2" }} }}]
+
+[[source]]
+name = "chained"
+url = "ws://127.0.0.1:1"
+decode = "binance"
+transforms = [{{ plugin = "min-volume", config = {{ min_volume = "1" }} }}, {{ plugin = "outlier-filter", config = {{ threshold_pct = "5" }} }}]
+
+[[source]]
+name = "default"
+url = "ws://127.0.0.1:1"
+decode = "binance"
+"#,
+        rescale = plugin("rescale").display()
+    );
+    let config = TempFile::new("from-config", "sluice.toml", config.as_bytes());
+    let run = |source: &str| {
+        plugin_test([
+            "--from".as_ref(),
+            config.path().as_os_str(),
+            "--source".as_ref(),
+            source.as_ref(),
+            "--frames".as_ref(),
+            frames.path().as_os_str(),
+        ])
+    };
+    let out = run("chained");
+    let (stdout, stderr) = succeeded(&out);
+    let got = records(&stdout, 0);
+    assert_eq!(got.iter().map(|t| (t.trade_id, t.price_e8)).collect::<Vec<_>>(), [(101, 100_00000000)], "{stdout:?}");
+    assert_eq!(stderr.len(), 1, "{stderr:?}");
+    assert!(stderr[0].contains(r#""link":"outlier-filter""#), "{}", stderr[0]);
+    // The default chain doubles every price.
+    let out = run("default");
+    let (stdout, _) = succeeded(&out);
+    let got = records(&stdout, 0);
+    let prices: Vec<(u64, i64)> = got.iter().map(|t| (t.trade_id, t.price_e8)).collect();
+    assert_eq!(prices, [(101, 200_00000000), (102, 200_20000000), (103, 300_00000000)]);
+    // An unknown source is a clear error; a positional plugin cannot be given with it.
+    failed_saying(&run("nope"), &["no source named \"nope\""]);
+    let out = plugin_test([
+        plugin("binance").as_os_str(),
+        "--from".as_ref(),
+        config.path().as_os_str(),
+        "--source".as_ref(),
+        "chained".as_ref(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+    ]);
+    assert!(!out.status.success() && text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 4. Failures
 

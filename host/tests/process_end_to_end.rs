@@ -83,7 +83,7 @@ fn process_until(
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -208,7 +208,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let mode = [("mode".to_owned(), "trap".to_owned())];
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&mode).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&mode).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -320,8 +320,8 @@ fn abandoned_poll_scenario(druid: bool) {
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let config = |k: &str, v: &str| [(k.to_owned(), v.to_owned())];
     let mut transformers = HashMap::from([
-        (1u32, Transformer::new(code.instantiate(&config("trap_on_trade_id", &POISON_1.to_string())).unwrap())),
-        (2u32, Transformer::new(code.instantiate(&config("mode", "trap")).unwrap())),
+        (1u32, vec![Transformer::new(code.instantiate(&config("trap_on_trade_id", &POISON_1.to_string())).unwrap())]),
+        (2u32, vec![Transformer::new(code.instantiate(&config("mode", "trap")).unwrap())]),
     ]);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let druid_config = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
@@ -349,7 +349,7 @@ fn abandoned_poll_scenario(druid: bool) {
     };
     let stats = ProcessStats::default();
     let mut breakers = Breakers::default();
-    let mut run = |transformers: &mut HashMap<u32, Transformer>, breakers: &mut Breakers| {
+    let mut run = |transformers: &mut HashMap<u32, Vec<Transformer>>, breakers: &mut Breakers| {
         let group = if druid { group.clone() } else { unique_topic("group") };
         let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &group, None).unwrap());
         let sink: &mut dyn sluice::sink::Sink = match druid_sink.as_mut() {
@@ -390,7 +390,7 @@ fn abandoned_poll_scenario(druid: bool) {
     assert_eq!(dead_ids(), (1001..=1050).collect::<Vec<_>>());
 
     // Source 2 fixed: the second poll goes through, and the poison record is dead-lettered once.
-    transformers.insert(2, Transformer::new(code.instantiate(&[]).unwrap()));
+    transformers.insert(2, vec![Transformer::new(code.instantiate(&[]).unwrap())]);
     let stop_after_the_poll = run(&mut transformers, &mut Breakers::default());
     assert!(stop_after_the_poll.is_ok(), "{stop_after_the_poll:?}");
     let mut want: Vec<u64> = (1001..=1050).collect();
@@ -461,7 +461,7 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -521,7 +521,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -582,7 +582,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -649,7 +649,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&[]).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-new-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -730,7 +730,7 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, Transformer::new(code.instantiate(&poison).unwrap()))]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let admin = rusqlite::Connection::open(&store_path).unwrap();
@@ -771,5 +771,167 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
     assert_eq!(in_log + in_store, 1, "{in_log} in the log, {in_store} in the store");
     let q = QueryConnection::open(&store_path).unwrap();
     assert_eq!(q.query("SELECT sum(events) AS n FROM rollup", 1).unwrap()[0]["n"], 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `batches` written to a new local log, one log batch each; the process role over them with `transformers`
+/// until it has handled `want` (stored or refused) or stopped with an error.
+fn run_local(
+    dir: &std::path::Path,
+    batches: &[Records],
+    symbols: &Arc<Symbols>,
+    transformers: &mut HashMap<u32, Vec<Transformer>>,
+    breakers: &mut Breakers,
+    settings: ProcessSettings,
+    want: u64,
+) -> Result<ProcessStats, anyhow::Error> {
+    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
+    let writer = Writer::Local(log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap());
+    for records in batches {
+        writer.send_records(records.as_bytes());
+        writer.flush(Duration::from_secs(10)).unwrap();
+    }
+    let reader = Reader::Local(log.reader().unwrap(), log.clone());
+    let mut store = EmbeddedStore::open(&dir.join("store.sqlite"), Duration::from_secs(60)).unwrap();
+    let names = Names { sources: vec![Arc::from("chained"), Arc::from("plain")], symbols: symbols.clone() };
+    let stats = ProcessStats::default();
+    let stop = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        let runner =
+            s.spawn(|| run_process(&reader, transformers, breakers, &mut store, &names, &settings, &stats, &stop));
+        let start = Instant::now();
+        while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
+            && start.elapsed() < Duration::from_secs(20)
+            && !runner.is_finished()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap()
+    });
+    result.map(|()| stats)
+}
+
+/// A source's chain runs link by link on the whole batch: `rescale` (drops trades under 0.03 and
+/// doubles prices), then `chaos` (traps on one poison trade id). The poison record is dead-lettered
+/// alone, naming the second link and its version, with the bytes that link was given (the price
+/// already doubled); what the chain kept is stored with the doubled prices. A source with an empty
+/// chain stores its records as they were written, and no link runs for it.
+#[test]
+fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
+    let dir = std::env::temp_dir().join(format!("sluice-chain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let mut records = Records::new();
+    for i in 1..=600u64 {
+        records.push(&Record { source_id: if i % 2 == 0 { 1 } else { 2 }, ..trade(i, &symbols) });
+    }
+    let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let load = |file: &str, name: &str| {
+        let wasm = std::fs::read(format!("{}/{file}", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+        (rt.compile(name, &wasm, Limits::default()).unwrap(), sluice::plugin::version_of(&wasm))
+    };
+    let (rescale, _) = load("rescale.wasm", "rescale");
+    let (chaos, chaos_version) = load("chaos.wasm", "chaos");
+    let config = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+    // An even trade id with a volume of at least 0.03, so it reaches the second link.
+    let poison = (1..=600u64).find(|&i| i % 2 == 0 && trade(i, &symbols).volume_e8 >= 3_000_000).unwrap();
+    let mut transformers = HashMap::from([
+        (
+            1u32,
+            vec![
+                Transformer::new(rescale.instantiate(&config(&[("min_volume", "0.03"), ("scale", "2")])).unwrap()),
+                Transformer::new(chaos.instantiate(&config(&[("trap_on_trade_id", &poison.to_string())])).unwrap()),
+            ],
+        ),
+        (2u32, vec![]),
+    ]);
+    let kept: Vec<Record> =
+        (2..=600u64).step_by(2).map(|i| trade(i, &symbols)).filter(|t| t.volume_e8 >= 3_000_000).collect();
+    let plain = 300u64;
+    let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
+    let want = kept.len() as u64 + plain;
+    let stats =
+        run_local(&dir, &[records], &symbols, &mut transformers, &mut Breakers::default(), settings, want).unwrap();
+    assert_eq!(stats.rejected.load(Ordering::Relaxed), 1);
+
+    let q = QueryConnection::open(&dir.join("store.sqlite")).unwrap();
+    let rows = q
+        .query("SELECT source, sum(events) AS n, max(price_max) AS p FROM rollup GROUP BY source ORDER BY source", 10)
+        .unwrap();
+    let got: Vec<(String, i64, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["source"].as_str().unwrap().to_owned(),
+                r["n"].as_i64().unwrap(),
+                r["p"].as_f64().unwrap_or_else(|| panic!("{r:?}")),
+            )
+        })
+        .collect();
+    let max_price = |ts: &mut dyn Iterator<Item = Record>| ts.map(|t| t.price_e8).max().unwrap() as f64 / 1e8;
+    let chained_max = max_price(&mut kept.iter().copied().filter(|t| t.trade_id != poison)) * 2.0;
+    let plain_max = max_price(&mut (1..=600u64).step_by(2).map(|i| trade(i, &symbols)));
+    assert_eq!(
+        got,
+        vec![("chained".to_owned(), kept.len() as i64 - 1, chained_max), ("plain".to_owned(), plain as i64, plain_max)]
+    );
+    let dead = store_dead_letters(&dir.join("store.sqlite"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].source.as_str(), dead[0].plugin.clone()), ("chained", format!("chaos@{chaos_version}")));
+    let refused = StreamDataView::parse(&dead[0].bytes).unwrap();
+    assert_eq!((refused.trade_id, refused.price_e8), (poison, trade(poison, &symbols).price_e8 * 2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A link that fails on every batch opens its own breaker, not its source's other links': the role
+/// stops with the link's plugin named, and only that (source, link) is open.
+#[test]
+fn a_failing_link_opens_its_own_breaker() {
+    let dir = std::env::temp_dir().join(format!("sluice-chain-breaker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let batches: Vec<Records> = (0..5u64)
+        .map(|b| {
+            let mut records = Records::new();
+            for i in b * 10 + 1..=b * 10 + 10 {
+                records.push(&trade(i, &symbols));
+            }
+            records
+        })
+        .collect();
+    let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let load = |file: &str, name: &str| {
+        let wasm = std::fs::read(format!("{}/{file}", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+        rt.compile(name, &wasm, Limits::default()).unwrap()
+    };
+    let trap = [("mode".to_owned(), "trap".to_owned())];
+    let mut transformers = HashMap::from([(
+        1u32,
+        vec![
+            Transformer::new(load("rescale.wasm", "rescale").instantiate(&[]).unwrap()),
+            Transformer::new(load("chaos.wasm", "chaos").instantiate(&trap).unwrap()),
+        ],
+    )]);
+    let mut breakers = Breakers::default();
+    // Polls of 10 records; the first failing poll is bisected and dead-lettered, the second trips.
+    let settings = ProcessSettings {
+        partitions: 1,
+        max_poll_records: 10,
+        breaker: BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() },
+        ..ProcessSettings::default()
+    };
+    let err = run_local(&dir, &batches, &symbols, &mut transformers, &mut breakers, settings, 50)
+        .expect_err("the breaker stops the role");
+    match err.downcast_ref::<ProcessError>() {
+        Some(ProcessError::BreakerOpen { source_name, plugin }) => {
+            assert_eq!((source_name.as_str(), plugin.as_str()), ("chained", "chaos"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(breakers.open_links(), vec![(1, 1)]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,9 @@ pub struct SourceEntry {
     pub stats: Arc<SourceStats>,
     /// Decode counters.
     pub decode: Arc<DecodeStats>,
+    /// The chain of transforms its records go through in the process role, in order, with each
+    /// link's registry slot when this instance runs that role.
+    pub transforms: Vec<(String, Option<Arc<crate::plugin::registry::Slot>>)>,
     /// The version the worker decoding this source actually runs (it can lag the slot's active
     /// version while a new version fails to start there).
     pub running: Arc<crate::plugin::registry::Running>,
@@ -46,6 +49,8 @@ struct SourceView<'a> {
     state: &'static str,
     plugin: &'a str,
     plugin_version: String,
+    /// The transforms, in order, and the version active for each (`null` in an ingest-only instance).
+    transforms: Vec<LinkView<'a>>,
     /// Times a worker could not start the plugin's active version (it stays on the one it runs).
     plugin_start_failures: u64,
     reconnects: u64,
@@ -57,6 +62,12 @@ struct SourceView<'a> {
     dropped_frames: u64,
     /// Milliseconds since the last message, `null` before the first.
     last_message_age_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct LinkView<'a> {
+    plugin: &'a str,
+    version: Option<String>,
 }
 
 /// `GET /v1/sources`.
@@ -83,6 +94,14 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     .running
                     .get()
                     .map_or_else(|| e.slot.active().version().to_owned(), |v| v.as_str().to_owned()),
+                transforms: e
+                    .transforms
+                    .iter()
+                    .map(|(plugin, slot)| LinkView {
+                        plugin,
+                        version: slot.as_ref().map(|s| s.active().version().to_owned()),
+                    })
+                    .collect(),
                 plugin_start_failures: e.slot.start_failures(),
                 reconnects: e.stats.reconnects.load(Relaxed),
                 frames: e.stats.frames.load(Relaxed),

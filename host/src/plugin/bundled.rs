@@ -13,6 +13,8 @@ pub const BINANCE: &[u8] = plugin!("binance.wasm");
 pub const COINBASE: &[u8] = plugin!("coinbase.wasm");
 /// The Kraken v1 trade decoder.
 pub const KRAKEN: &[u8] = plugin!("kraken.wasm");
+/// Drops trades below a minimum volume.
+pub const MIN_VOLUME: &[u8] = plugin!("min_volume.wasm");
 /// Rejects trades too far from the last accepted price of their symbol.
 pub const OUTLIER_FILTER: &[u8] = plugin!("outlier_filter.wasm");
 /// Drops small trades and rescales prices.
@@ -24,6 +26,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "binance" => Some(BINANCE),
         "coinbase" => Some(COINBASE),
         "kraken" => Some(KRAKEN),
+        "min-volume" => Some(MIN_VOLUME),
         "outlier-filter" => Some(OUTLIER_FILTER),
         "rescale" => Some(RESCALE),
         _ => None,
@@ -32,5 +35,5 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
 
 /// The names [`by_name`] knows.
 pub fn names() -> &'static [&'static str] {
-    &["binance", "coinbase", "kraken", "outlier-filter", "rescale"]
+    &["binance", "coinbase", "kraken", "min-volume", "outlier-filter", "rescale"]
 }

@@ -135,3 +135,37 @@ impl Drop for SluiceProcess {
         self.kill_9();
     }
 }
+
+/// A loopback address nothing listens on yet.
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// A JSON call to a child's API with `token`; answers (status, body).
+pub async fn api_call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: Option<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let mut request = http.request(method, url).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// The same component with a custom section appended: other bytes (another version), same behaviour.
+pub fn with_custom_section(wasm: &[u8], note: &str) -> Vec<u8> {
+    let mut out = wasm.to_vec();
+    let mut payload = vec![note.len() as u8];
+    payload.extend_from_slice(note.as_bytes());
+    payload.extend_from_slice(b"rebuilt");
+    out.push(0); // custom section id
+    out.push(payload.len() as u8);
+    out.extend_from_slice(&payload);
+    out
+}
