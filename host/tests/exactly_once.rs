@@ -25,6 +25,7 @@ use common::{TestBroker, free_addr, unique_topic, with_custom_section};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
 use sluice::sink::embedded::QueryConnection;
@@ -482,7 +483,6 @@ fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
     consumer
 }
 
-/// A free loopback address for a child's API.
 /// A JSON call to a child's API with the token; answers (status, body).
 async fn call(
     http: &reqwest::Client,
@@ -854,5 +854,92 @@ async fn the_broker_stopped_for_30_s_loses_nothing_counted() {
     let _ = Command::new("pkill").arg("-f").arg(&broker_dir).status();
     let _ = broker.kill();
     let _ = broker.wait();
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+/// The Druid sink's transactions failing for 30 s: a producer under the process role's own
+/// transactional id (a zombie instance with the same name, as the broker sees it) initialises again
+/// and again, and each time the broker fences the role's producer, so the role's transactions fail
+/// and are aborted; the role resumes from its last commit with a new producer, which is fenced in
+/// turn. Once the zombie stops, the role catches up. The Druid topic then holds every trade the
+/// venue sent exactly once: nothing of an aborted transaction is visible, nothing is lost. (A
+/// `read_committed` reader attached across the fencing stalls on the broker these tests run
+/// against, a noida-db server; progress is counted with new readers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn druid_transactions_failing_for_30_s_lose_nothing_and_repeat_nothing() {
+    let (mut s, druid_topic, _posted) = druid_setup("druid-fenced").await;
+    let bootstrap = s.broker.bootstrap.clone();
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    let group =
+        config.lines().find_map(|l| l.strip_prefix("group = \"").map(|l| l.trim_end_matches('"').to_owned())).unwrap();
+    let transactional_id = sluice::sink::druid::transactional_id(&group, "0");
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
+    let mut process = start_role(&s.config, "process", &s.log);
+    let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
+    let log = || std::fs::read_to_string(&s.log).unwrap_or_default();
+    let start = Instant::now();
+    while counter.update() < 200 {
+        assert!(start.elapsed() < Duration::from_secs(90), "no output:\n{}", log());
+    }
+    let failures = |text: &str| text.matches("process role failed").count();
+    let failed_before = failures(&log());
+    // The zombie: 30 s of init_transactions under the role's id, every 200 ms.
+    let zombie = {
+        let (bootstrap, id) = (bootstrap.clone(), transactional_id.clone());
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let mut inits = 0;
+            while start.elapsed() < Duration::from_secs(30) {
+                let producer: BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("transactional.id", &id)
+                    .create()
+                    .unwrap();
+                if producer.init_transactions(Duration::from_secs(5)).is_ok() {
+                    inits += 1;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            inits
+        })
+    };
+    let inits = zombie.await.unwrap();
+    assert!(inits > 10, "the zombie initialised only {inits} times");
+    let fenced = failures(&log()) - failed_before;
+    assert!(fenced >= 3, "the role's transactions did not fail ({fenced} failures):\n{}", log());
+    // Counted by new readers from here on: on the broker these tests run against, a read_committed
+    // reader that was attached while the zombie fenced the role's transactions stops advancing (a
+    // new reader sees every committed row).
+    let committed_now = || {
+        let mut reader = CommittedCount::new(&bootstrap, &druid_topic);
+        let mut seen = reader.update();
+        // Until a whole second brings nothing new (the first polls wait for the assignment).
+        for _ in 0..30 {
+            let now = reader.update();
+            if now == seen && now > 0 {
+                break;
+            }
+            seen = now;
+        }
+        seen
+    };
+    let at_resume = committed_now();
+    let start = Instant::now();
+    while committed_now() < at_resume + 300 {
+        assert!(start.elapsed() < Duration::from_secs(90), "no recovery:\n{}", log());
+    }
+    let sent = stop_feed(&mut s, &mut ingest).await;
+    let total: u64 = sent.values().map(|t| t.len() as u64).sum();
+    let (mut seen, mut last_progress) = (committed_now(), Instant::now());
+    while seen < total && last_progress.elapsed() < Duration::from_secs(30) {
+        let now = committed_now();
+        if now > seen {
+            (seen, last_progress) = (now, Instant::now());
+        }
+    }
+    process.interrupt();
+    let (_, message) = generated_spec(&s);
+    assert_exactly_once(&druid_rows(&bootstrap, &druid_topic, &message), &sent);
+    drop(s.broker);
     let _ = std::fs::remove_dir_all(&s.dir);
 }
