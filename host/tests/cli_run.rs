@@ -301,7 +301,7 @@ fn demo_with_every_venue_rolls_up_every_venues_symbols() {
     }
     assert_eq!(rolled.len(), expected.iter().map(|(_, s)| s.len()).sum::<usize>(), "{rolled:?}");
     // The last progress line: nothing refused, every source up.
-    let last = stdout.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).last().unwrap_or_default();
+    let last = stdout.lines().rev().find(|l| l.trim_start().starts_with(char::is_numeric)).unwrap_or_default();
     let cells: Vec<&str> = last.split_whitespace().collect();
     assert_eq!(cells.get(5), Some(&"0"), "rejects in: {last}\n{stdout}");
     assert_eq!(cells.get(7), Some(&"8/8"), "sources up in: {last}\n{stdout}");
