@@ -97,6 +97,32 @@ pub struct DemoArgs {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub api_addr: std::net::SocketAddr,
+    /// The simulated venues to run, comma-separated: binance, coinbase, kraken, okx, bybit,
+    /// bitstamp, kraken-v2, coinbase-advanced.
+    #[arg(long, value_delimiter = ',', default_value = "binance,coinbase,kraken", value_parser = parse_venue)]
+    pub venues: Vec<Venue>,
+}
+
+/// A venue by its name, or an error listing the names there are.
+fn parse_venue(s: &str) -> Result<Venue, String> {
+    Venue::from_name(s.trim()).ok_or_else(|| {
+        let known: Vec<&str> = Venue::ALL.iter().map(|v| v.name()).collect();
+        format!("unknown venue {s:?} (known: {})", known.join(", "))
+    })
+}
+
+/// The symbols the demo subscribes to on `venue`, spelled as the venue spells them.
+fn demo_symbols(venue: Venue) -> &'static [&'static str] {
+    match venue {
+        Venue::Binance => &["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        Venue::Coinbase => &["BTC-USD", "ETH-USD"],
+        Venue::Kraken => &["XBT/USD", "ETH/USD"],
+        Venue::Okx => &["BTC-USDT", "ETH-USDT", "SOL-USDT"],
+        Venue::Bybit => &["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        Venue::Bitstamp => &["btcusd", "ethusd"],
+        Venue::KrakenV2 => &["BTC/USD", "ETH/USD"],
+        Venue::CoinbaseAdvanced => &["BTC-USD", "ETH-USD", "SOL-USD"],
+    }
 }
 
 /// Arguments of `sluice bench`.
@@ -1261,7 +1287,8 @@ fn demo_token() -> crate::api::Secret {
 }
 
 /// One source per venue, named after it, subscribed to `symbols` on the simulator in the venue's own
-/// subscribe message, decoded by the bundled plugin of the same name.
+/// subscribe message, decoded by the bundled plugin of the same name, and kept alive the way the
+/// venue asks (OKX wants a text `ping` at least every 30 s, Bybit `{"op":"ping"}` every 20 s, ...).
 fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig> {
     let list = |items: Vec<String>| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
     venues
@@ -1269,21 +1296,64 @@ fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig
         .filter(|(_, symbols)| !symbols.is_empty())
         .map(|(venue, symbols)| {
             let symbols: Vec<String> = symbols.iter().map(|s| s.to_string()).collect();
-            let subscribe = match venue {
-                Venue::Binance => format!(
-                    r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#,
-                    list(symbols.iter().map(|s| format!("{}@aggTrade", s.to_lowercase())).collect())
-                ),
-                Venue::Coinbase => {
-                    format!(r#"{{"type":"subscribe","product_ids":[{}],"channels":["matches"]}}"#, list(symbols))
-                }
-                Venue::Kraken => {
-                    format!(r#"{{"event":"subscribe","pair":[{}],"subscription":{{"name":"trade"}}}}"#, list(symbols))
-                }
-            };
             let name = venue.to_string();
             let mut s = SourceConfig::new(&name, &sim.url(*venue), &name);
-            s.subscribe = vec![subscribe];
+            let keepalive = |s: &mut SourceConfig, text: &str, every_ms: u64| {
+                s.keepalive_text = Some(text.into());
+                s.ping_interval_ms = every_ms;
+            };
+            let subscribe = match venue {
+                Venue::Binance => vec![format!(
+                    r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#,
+                    list(symbols.iter().map(|s| format!("{}@aggTrade", s.to_lowercase())).collect())
+                )],
+                Venue::Coinbase => {
+                    vec![format!(r#"{{"type":"subscribe","product_ids":[{}],"channels":["matches"]}}"#, list(symbols))]
+                }
+                Venue::Kraken => vec![format!(
+                    r#"{{"event":"subscribe","pair":[{}],"subscription":{{"name":"trade"}}}}"#,
+                    list(symbols)
+                )],
+                Venue::Okx => {
+                    keepalive(&mut s, "ping", 20_000);
+                    // "The connection will soon be closed for a service upgrade."
+                    s.shutdown_notices.push(r#""64008""#.into());
+                    let args = symbols.iter().map(|s| format!(r#"{{"channel":"trades","instId":{s:?}}}"#));
+                    vec![format!(r#"{{"op":"subscribe","args":[{}]}}"#, args.collect::<Vec<_>>().join(","))]
+                }
+                Venue::Bybit => {
+                    keepalive(&mut s, r#"{"op":"ping"}"#, 20_000);
+                    let topics = symbols.iter().map(|s| format!("publicTrade.{s}")).collect();
+                    vec![format!(r#"{{"op":"subscribe","args":[{}]}}"#, list(topics))]
+                }
+                Venue::Bitstamp => {
+                    keepalive(&mut s, r#"{"event":"bts:heartbeat"}"#, 20_000);
+                    s.shutdown_notices.push("bts:request_reconnect".into());
+                    // One channel per subscribe message.
+                    symbols
+                        .iter()
+                        .map(|pair| format!(r#"{{"event":"bts:subscribe","data":{{"channel":"live_trades_{pair}"}}}}"#))
+                        .collect()
+                }
+                Venue::KrakenV2 => {
+                    keepalive(&mut s, r#"{"method":"ping"}"#, 20_000);
+                    vec![format!(
+                        r#"{{"method":"subscribe","params":{{"channel":"trade","symbol":[{}]}}}}"#,
+                        list(symbols)
+                    )]
+                }
+                Venue::CoinbaseAdvanced => {
+                    // One channel per subscribe message; heartbeats keep quiet subscriptions open.
+                    let products = list(symbols);
+                    ["market_trades", "heartbeats"]
+                        .iter()
+                        .map(|channel| {
+                            format!(r#"{{"type":"subscribe","product_ids":[{products}],"channel":"{channel}"}}"#)
+                        })
+                        .collect()
+                }
+            };
+            s.subscribe = subscribe;
             s
         })
         .collect()
@@ -1298,6 +1368,12 @@ pub fn demo_chain() -> Vec<crate::config::Link> {
 
 /// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut venues: Vec<(Venue, &[&str])> = Vec::new();
+    for venue in &args.venues {
+        if !venues.iter().any(|(v, _)| v == venue) {
+            venues.push((*venue, demo_symbols(*venue)));
+        }
+    }
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
     let mut config = Config {
         data_dir: args.data_dir,
@@ -1306,14 +1382,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             token: Some(demo_token()),
             ..crate::api::ApiConfig::default()
         },
-        sources: venue_sources(
-            &sim,
-            &[
-                (Venue::Binance, &["BTCUSDT", "ETHUSDT", "SOLUSDT"]),
-                (Venue::Coinbase, &["BTC-USD", "ETH-USD"]),
-                (Venue::Kraken, &["XBT/USD", "ETH/USD"]),
-            ],
-        ),
+        sources: venue_sources(&sim, &venues),
         ..Config::default()
     };
     // The Binance feed's rules as a chain: dust trades dropped, then bad prints refused.
@@ -1322,7 +1391,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     let running = start(&config, Role::All).await?;
     println!(
-        "sluice demo: 3 simulated venues -> wasm decoders -> {} -> transforms -> the embedded store",
+        "sluice demo: {} simulated venues ({}) -> wasm decoders -> {} -> transforms -> the embedded store",
+        venues.len(),
+        venues.iter().map(|(v, _)| v.name()).collect::<Vec<_>>().join(", "),
         running.handoff
     );
     println!(
@@ -1358,7 +1429,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
         let stored = running.stored();
         println!(
-            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>3}/3 {stored:>9}"
+            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>3}/{n} {stored:>9}",
+            n = venues.len()
         );
     }
     let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;

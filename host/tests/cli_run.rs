@@ -1,5 +1,6 @@
-//! `sluice check-config` and `sluice run --config` as an operator uses them: the real binary, a TOML
-//! file, the feed simulator on loopback, and the local log (no brokers configured).
+//! `sluice check-config`, `sluice run --config` and `sluice demo --venues` as an operator uses them:
+//! the real binary, a TOML file, the feed simulator on loopback, and the local log (no brokers
+//! configured).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -254,4 +255,66 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
+}
+
+/// `sluice demo --venues` with all eight venues: each venue's source subscribes in its own words and
+/// keeps its connection alive its own way, its real wasm decoder reads the simulator's frames, and
+/// the store ends up with rolled-up rows for every symbol of every venue, none refused.
+#[test]
+fn demo_with_every_venue_rolls_up_every_venues_symbols() {
+    let dir = temp("demo-venues");
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let venues = "binance,coinbase,kraken,okx,bybit,bitstamp,kraken-v2,coinbase-advanced";
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--seconds", "6", "--rate", "20", "--venues", venues, "--api-addr", &api.to_string()])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("8 simulated venues"), "{stdout}");
+    let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).unwrap();
+    let rows = q.query("SELECT source, symbol, sum(events) AS n FROM rollup GROUP BY source, symbol", 100).unwrap();
+    let rolled: std::collections::BTreeMap<(String, String), u64> = rows
+        .iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap().to_owned();
+            ((text("source"), text("symbol")), r["n"].as_u64().unwrap())
+        })
+        .collect();
+    let expected = [
+        ("binance", &["BTCUSDT", "ETHUSDT", "SOLUSDT"][..]),
+        ("coinbase", &["BTC-USD", "ETH-USD"]),
+        ("kraken", &["XBT/USD", "ETH/USD"]),
+        ("okx", &["BTC-USDT", "ETH-USDT", "SOL-USDT"]),
+        ("bybit", &["BTCUSDT", "ETHUSDT", "SOLUSDT"]),
+        ("bitstamp", &["btcusd", "ethusd"]),
+        ("kraken-v2", &["BTC/USD", "ETH/USD"]),
+        ("coinbase-advanced", &["BTC-USD", "ETH-USD", "SOL-USD"]),
+    ];
+    for (source, symbols) in expected {
+        for symbol in symbols {
+            let n = rolled.get(&(source.to_owned(), symbol.to_string())).copied().unwrap_or(0);
+            assert!(n > 0, "no rows for {source} {symbol}: {rolled:?}\n{stdout}");
+        }
+    }
+    assert_eq!(rolled.len(), expected.iter().map(|(_, s)| s.len()).sum::<usize>(), "{rolled:?}");
+    // The last progress line: nothing refused, every source up.
+    let last = stdout.lines().rev().find(|l| l.trim_start().starts_with(char::is_numeric)).unwrap_or_default();
+    let cells: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(cells.get(5), Some(&"0"), "rejects in: {last}\n{stdout}");
+    assert_eq!(cells.get(7), Some(&"8/8"), "sources up in: {last}\n{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_refuses_an_unknown_venue_and_names_the_known_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["demo", "--venues", "binance,nope"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(r#"unknown venue "nope""#), "{err}");
+    for known in ["binance", "okx", "bybit", "bitstamp", "kraken-v2", "coinbase-advanced"] {
+        assert!(err.contains(known), "{known} missing from: {err}");
+    }
 }

@@ -65,7 +65,7 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, running: mpsc::Se
             Ok(response)
         }
         None => {
-            let mut refusal = ErrorResponse::new(Some("unknown path: use /binance, /coinbase or /kraken".into()));
+            let mut refusal = ErrorResponse::new(Some(unknown_path()));
             *refusal.status_mut() = StatusCode::NOT_FOUND;
             Err(refusal)
         }
@@ -101,8 +101,11 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, running: mpsc::Se
     ws.get_mut().scanner = Some(FrameScanner::default());
     shared.connections_accepted.fetch_add(1, Ordering::Relaxed);
     shared.connections_open.fetch_add(1, Ordering::Relaxed);
+    let peer = venue::Peer { connection_id: shared.next_connection_id(), heartbeats: false };
     let connection = Connection {
         venue,
+        peer,
+        heartbeats_sent: 0,
         ws,
         subscribed: Vec::new(),
         trades: SelectAll::new(),
@@ -117,6 +120,12 @@ pub(super) async fn serve(shared: Arc<Shared>, tcp: TcpStream, running: mpsc::Se
     let stop = connection.run(initial).await;
     shared.connections_open.fetch_sub(1, Ordering::Relaxed);
     debug!(%venue, reason = stop.0, "feedsim connection ended");
+}
+
+/// The refusal of a path no venue is served at, naming the ones that are.
+fn unknown_path() -> String {
+    let paths: Vec<String> = Venue::ALL.iter().map(|v| format!("/{v}")).collect();
+    format!("unknown path: use one of {}", paths.join(", "))
 }
 
 /// `/binance?streams=btcusdt@aggTrade/ethusdt@aggTrade` subscribes at connect, like Binance's
@@ -134,6 +143,10 @@ fn binance_query_streams(venue: Venue, query: Option<&str>) -> Vec<String> {
 
 struct Connection {
     venue: Venue,
+    /// What this connection's answers say about it (its id, its Coinbase Advanced heartbeats).
+    peer: venue::Peer,
+    /// Heartbeats sent so far (Coinbase Advanced numbers them).
+    heartbeats_sent: u64,
     ws: WebSocketStream<PingFilter>,
     /// Symbols subscribed, in order (Coinbase's acknowledgement lists them all).
     subscribed: Vec<String>,
@@ -180,15 +193,15 @@ impl Connection {
     }
 
     async fn serve(&mut self, initial: Vec<String>) -> Stop {
-        if self.venue == Venue::Kraken {
-            let status = venue::kraken_system_status(self.shared.next_connection_id());
-            if let Err(stop) = self.send(status.into()).await {
-                return stop;
-            }
+        if let Some(greeting) = venue::greeting(self.venue, &self.peer)
+            && let Err(stop) = self.send(greeting.into()).await
+        {
+            return stop;
         }
         self.subscribe(&initial);
         let heartbeat_ms = self.shared.config.kraken_heartbeat_ms;
-        let mut heartbeat = (self.venue == Venue::Kraken && heartbeat_ms > 0).then(|| {
+        let beats = matches!(self.venue, Venue::Kraken | Venue::KrakenV2 | Venue::CoinbaseAdvanced);
+        let mut heartbeat = (beats && heartbeat_ms > 0).then(|| {
             let period = Duration::from_millis(heartbeat_ms);
             tokio::time::interval_at(Instant::now() + period, period)
         });
@@ -225,7 +238,13 @@ impl Connection {
             Event::Control(Ok(control)) => self.control(control).await,
             Event::Control(Err(RecvError::Lagged(_))) => Ok(()),
             Event::Control(Err(RecvError::Closed)) => Err(Stop("simulator gone")),
-            Event::Heartbeat => self.send(venue::KRAKEN_HEARTBEAT.into()).await,
+            Event::Heartbeat => match venue::heartbeat(self.venue, &self.peer, self.heartbeats_sent) {
+                Some(beat) => {
+                    self.heartbeats_sent += 1;
+                    self.send(beat.into()).await
+                }
+                None => Ok(()),
+            },
             Event::Close => {
                 let frame = CloseFrame { code: CloseCode::Away, reason: "server shutting down".into() };
                 // Let the client answer the close frame, then drop the socket either way.
@@ -245,7 +264,7 @@ impl Connection {
             Control::ShutdownNotice => {
                 let close_in = Duration::from_millis(self.shared.config.shutdown_notice_close_ms);
                 self.closing_at.get_or_insert(Instant::now() + close_in);
-                venue::shutdown_notice(self.venue, now_us() / 1_000)
+                venue::shutdown_notice(self.venue, &self.peer, now_us() / 1_000)
             }
             Control::Malformed => venue::malformed_frame(self.venue).to_owned(),
             Control::Oversized => venue::oversized_frame(self.venue, self.shared.config.oversized_frame_bytes),
@@ -255,17 +274,22 @@ impl Connection {
 
     /// Answers one client message; a message that is not understood gets the venue's error frame.
     async fn request(&mut self, text: &str) -> Result<(), Stop> {
-        match venue::parse_request(self.venue, text) {
+        match venue::parse_request(self.venue, &self.peer, text) {
             ClientRequest::Subscribe { symbols, id } => {
                 let feeds = self.subscribe(&symbols);
                 let feeds: Vec<&Feed> = feeds.iter().map(Arc::as_ref).collect();
-                for ack in venue::subscribe_acks(self.venue, &id, &feeds, &self.subscribed) {
+                for ack in venue::subscribe_acks(self.venue, &self.peer, &id, &feeds, &self.subscribed) {
                     self.send(ack.into()).await?;
                 }
                 Ok(())
             }
+            ClientRequest::Heartbeats => {
+                self.peer.heartbeats = true;
+                let ack = venue::coinbase_advanced_subscriptions(&self.peer, &self.subscribed);
+                self.send(ack.into()).await
+            }
             ClientRequest::Ping { reqid } if !self.shared.ignore_pings.load(Ordering::Relaxed) => {
-                self.send(venue::kraken_pong(&reqid).into()).await
+                self.send(venue::pong(self.venue, &self.peer, &reqid).into()).await
             }
             ClientRequest::Ping { .. } => Ok(()),
             ClientRequest::Invalid(answer) => {

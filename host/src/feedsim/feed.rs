@@ -233,7 +233,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// One generated trade, with every venue's fields (each venue renders what it needs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Trade {
-    /// Binance `a`, Coinbase `trade_id`; Kraken's internal sequence number.
+    /// Binance `a`, Coinbase `trade_id`, OKX `tradeId`, Bybit `i`, Bitstamp `id`, Kraken v2
+    /// `trade_id`; Kraken v1's internal sequence number.
     pub id: u64,
     /// Binance `f` and `l`: the underlying trade ids the aggregate covers.
     pub first_trade: u64,
@@ -248,7 +249,7 @@ pub(super) struct Trade {
     pub market_order: bool,
     /// Trade time, microseconds since the Unix epoch.
     pub time_us: u64,
-    /// Coinbase's feed-wide `sequence`.
+    /// Coinbase's feed-wide `sequence` (OKX `seqId`, Coinbase Advanced `sequence_num`).
     pub sequence: u64,
     /// Coinbase's maker and taker order ids (rendered as UUIDs).
     pub maker_order: u128,
@@ -314,15 +315,18 @@ impl Generator {
         }
     }
 
-    /// How many trades the next frame carries: Kraken sometimes batches 2 or 3.
+    /// How many trades the next frame carries: the venues whose frames hold a list of trades
+    /// (Kraken v1 and v2, OKX, Bybit, Coinbase Advanced) sometimes batch 2 or 3.
     pub fn burst(&mut self, venue: Venue) -> u64 {
         match venue {
-            Venue::Kraken => match self.rng.below(100) {
-                0..60 => 1,
-                60..85 => 2,
-                _ => 3,
-            },
-            Venue::Binance | Venue::Coinbase => 1,
+            Venue::Kraken | Venue::KrakenV2 | Venue::Okx | Venue::Bybit | Venue::CoinbaseAdvanced => {
+                match self.rng.below(100) {
+                    0..60 => 1,
+                    60..85 => 2,
+                    _ => 3,
+                }
+            }
+            Venue::Binance | Venue::Coinbase | Venue::Bitstamp => 1,
         }
     }
 }

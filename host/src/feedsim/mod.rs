@@ -15,9 +15,35 @@
 //!   `{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}` (answered by one
 //!   `subscriptionStatus` per pair, carrying its `channelID`).
 //!
+//! - `/okx`: OKX v5 `{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"tradeId":"..",..}]}`,
+//!   one to three trades a push. Subscribe with
+//!   `{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"}]}` (answered by one
+//!   `{"event":"subscribe","arg":{..},"connId":".."}` per argument).
+//! - `/bybit`: Bybit v5 `{"topic":"publicTrade.BTCUSDT","type":"snapshot","ts":..,"data":[..]}`, one
+//!   to three trades a push, spot-style digit trade ids. Subscribe with
+//!   `{"op":"subscribe","args":["publicTrade.BTCUSDT"]}` (answered
+//!   `{"success":true,"ret_msg":"",..,"op":"subscribe"}`).
+//! - `/bitstamp`: Bitstamp v2 `{"event":"trade","channel":"live_trades_btcusd","data":{..}}`, one trade
+//!   a frame. Subscribe with `{"event":"bts:subscribe","data":{"channel":"live_trades_btcusd"}}`
+//!   (answered `bts:subscription_succeeded`); the symbol is the lower-case pair, `btcusd`.
+//! - `/kraken-v2`: Kraken v2 `{"channel":"trade","type":"update","data":[..]}` with JSON-number
+//!   prices and sizes, one to three trades a frame. Subscribe with
+//!   `{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"]}}` (answered by one
+//!   `{"method":"subscribe","result":{..},"success":true,..}` per symbol).
+//! - `/coinbase-advanced`: Coinbase Advanced Trade `market_trades` envelopes, one event of one to
+//!   three trades a frame, `side` the maker's. Subscribe with
+//!   `{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}` (answered with a
+//!   `subscriptions` message); `"channel":"heartbeats"` subscribes to heartbeats.
+//!
 //! Kraken connections also get `systemStatus` on connect and `{"event":"heartbeat"}` every
-//! [`FeedSimConfig::kraken_heartbeat_ms`], and `{"event":"ping"}` is answered with `pong`. A request
-//! the simulator does not understand gets the venue's error frame and the connection carries on.
+//! [`FeedSimConfig::kraken_heartbeat_ms`], and `{"event":"ping"}` is answered with `pong`. The same
+//! period drives Kraken v2's `{"channel":"heartbeat"}` (after a `status` message on connect) and
+//! Coinbase Advanced `heartbeats` (once subscribed). Each venue's application keep-alive is answered
+//! in its own words: OKX's text `ping` with `pong`, Bybit's `{"op":"ping"}` with
+//! `{"success":true,"ret_msg":"pong",..,"op":"ping"}`, Kraken v2's `{"method":"ping"}` with
+//! `{"method":"pong",..}` and Bitstamp's `{"event":"bts:heartbeat"}` with a `bts:heartbeat` answer.
+//! A request the simulator does not understand gets the venue's error frame and the connection
+//! carries on.
 //!
 //! # Trades
 //! Each (venue, symbol) has one generator, started by its first subscription and running until the
@@ -85,24 +111,54 @@ pub enum Venue {
     Coinbase,
     /// `/kraken`: Kraken WebSocket v1 `trade`.
     Kraken,
+    /// `/okx`: OKX v5 public `trades`.
+    Okx,
+    /// `/bybit`: Bybit v5 `publicTrade.{symbol}`.
+    Bybit,
+    /// `/bitstamp`: Bitstamp v2 `live_trades_{pair}`.
+    Bitstamp,
+    /// `/kraken-v2`: Kraken WebSocket v2 `trade`.
+    KrakenV2,
+    /// `/coinbase-advanced`: Coinbase Advanced Trade `market_trades`.
+    CoinbaseAdvanced,
 }
 
 impl Venue {
     /// Every venue, in path order.
-    pub const ALL: [Venue; 3] = [Venue::Binance, Venue::Coinbase, Venue::Kraken];
+    pub const ALL: [Venue; 8] = [
+        Venue::Binance,
+        Venue::Coinbase,
+        Venue::Kraken,
+        Venue::Okx,
+        Venue::Bybit,
+        Venue::Bitstamp,
+        Venue::KrakenV2,
+        Venue::CoinbaseAdvanced,
+    ];
 
-    /// The lowercase name, which is also the path without its slash.
+    /// The lowercase name, which is also the path without its slash and the name of the bundled
+    /// plugin that decodes the venue's frames.
     pub fn name(self) -> &'static str {
         match self {
             Venue::Binance => "binance",
             Venue::Coinbase => "coinbase",
             Venue::Kraken => "kraken",
+            Venue::Okx => "okx",
+            Venue::Bybit => "bybit",
+            Venue::Bitstamp => "bitstamp",
+            Venue::KrakenV2 => "kraken-v2",
+            Venue::CoinbaseAdvanced => "coinbase-advanced",
         }
+    }
+
+    /// The venue called `name` (`binance`, `kraken-v2`, ...), if any.
+    pub fn from_name(name: &str) -> Option<Venue> {
+        Venue::ALL.into_iter().find(|v| v.name() == name)
     }
 
     /// The venue served at `path` (`/binance`, ...), if any.
     pub fn from_path(path: &str) -> Option<Venue> {
-        Venue::ALL.into_iter().find(|v| path.strip_prefix('/') == Some(v.name()))
+        path.strip_prefix('/').and_then(Venue::from_name)
     }
 }
 
@@ -122,7 +178,8 @@ pub struct FeedSimConfig {
     pub trades_per_second: f64,
     /// Seeds every generator: the same seed gives the same prices, sizes and ids.
     pub seed: u64,
-    /// How often Kraken connections get `{"event":"heartbeat"}`; 0 sends none.
+    /// How often Kraken connections get `{"event":"heartbeat"}` (Kraken v2 `{"channel":"heartbeat"}`,
+    /// Coinbase Advanced `heartbeats` once subscribed); 0 sends none.
     pub kraken_heartbeat_ms: u64,
     /// The size of the frame [`FeedSimHandle::send_oversized_frame`] sends.
     pub oversized_frame_bytes: usize,
@@ -282,7 +339,8 @@ pub async fn run_until_ctrl_c(config: FeedSimConfig) -> Result<FeedSimStats, Fee
 
 /// Records, counters and fault injection for a running [`FeedSim`]; cheap to clone.
 ///
-/// Symbols are spelled as the venue spells them in frames: `BTCUSDT`, `BTC-USD`, `XBT/USD`. The
+/// Symbols are spelled as the venue spells them in frames: `BTCUSDT`, `BTC-USD`, `XBT/USD`,
+/// `BTC-USDT` (OKX), `btcusd` (Bitstamp), `BTC/USD` (Kraken v2). The
 /// fault injections act on the connections open at the time of the call and return how many that
 /// is.
 #[derive(Clone, Debug)]
@@ -307,8 +365,9 @@ impl FeedSimHandle {
         self.shared.drops.receiver_count()
     }
 
-    /// While `ignore` is true, incoming WebSocket pings (and Kraken's `{"event":"ping"}`) get no
-    /// answer; trades keep flowing. `false` resumes answering.
+    /// While `ignore` is true, incoming WebSocket pings (and the venues' application pings: Kraken's
+    /// `{"event":"ping"}`, OKX's `ping`, ...) get no answer; trades keep flowing. `false` resumes
+    /// answering.
     pub fn set_ignore_pings(&self, ignore: bool) {
         self.shared.ignore_pings.store(ignore, Ordering::Relaxed);
     }
@@ -384,7 +443,7 @@ struct Shared {
     feeds: Mutex<HashMap<(Venue, String), Arc<feed::Feed>>>,
     /// Kraken channel ids, one per pair.
     next_channel_id: AtomicU64,
-    /// Kraken's `connectionID`s.
+    /// Kraken's `connectionID`s, and the connection ids of the venues that name theirs.
     next_connection_id: AtomicU64,
     connections_accepted: AtomicU64,
     connections_open: AtomicU64,

@@ -59,6 +59,11 @@ fn is_trade(venue: Venue, frame: &Value) -> bool {
         Venue::Binance => frame["data"]["e"] == "aggTrade",
         Venue::Coinbase => frame["type"] == "match",
         Venue::Kraken => frame.is_array(),
+        Venue::Okx => frame["arg"]["channel"] == "trades" && frame["data"].is_array(),
+        Venue::Bybit => frame["topic"].as_str().is_some_and(|t| t.starts_with("publicTrade.")),
+        Venue::Bitstamp => frame["event"] == "trade",
+        Venue::KrakenV2 => frame["channel"] == "trade",
+        Venue::CoinbaseAdvanced => frame["channel"] == "market_trades",
     }
 }
 
@@ -88,6 +93,13 @@ fn subscribe_request(venue: Venue, symbol: &str) -> String {
         }
         Venue::Coinbase => json!({"type": "subscribe", "product_ids": [symbol], "channels": ["matches"]}),
         Venue::Kraken => json!({"event": "subscribe", "pair": [symbol], "subscription": {"name": "trade"}}),
+        Venue::Okx => json!({"op": "subscribe", "args": [{"channel": "trades", "instId": symbol}]}),
+        Venue::Bybit => json!({"op": "subscribe", "args": [format!("publicTrade.{symbol}")], "req_id": "r1"}),
+        Venue::Bitstamp => json!({"event": "bts:subscribe", "data": {"channel": format!("live_trades_{symbol}")}}),
+        Venue::KrakenV2 => {
+            json!({"method": "subscribe", "params": {"channel": "trade", "symbol": [symbol]}, "req_id": 3})
+        }
+        Venue::CoinbaseAdvanced => json!({"type": "subscribe", "product_ids": [symbol], "channel": "market_trades"}),
     }
     .to_string()
 }
@@ -97,7 +109,9 @@ async fn subscribe(ws: &mut Client, venue: Venue, symbol: &str) -> Value {
     ws.send(Message::text(subscribe_request(venue, symbol))).await.unwrap();
     loop {
         let frame = next_json(ws).await;
-        if !(venue == Venue::Kraken && frame["event"] == "systemStatus") {
+        let greeting = (venue == Venue::Kraken && frame["event"] == "systemStatus")
+            || (venue == Venue::KrakenV2 && frame["channel"] == "status");
+        if !greeting {
             return frame;
         }
     }
@@ -407,6 +421,7 @@ async fn shutdown_notice_arrives_then_the_connection_closes() {
                 assert_eq!(notice, json!({"type": "error", "message": "server shutting down for maintenance"}))
             }
             Venue::Kraken => assert_eq!(notice, json!({"event": "systemStatus", "status": "maintenance"})),
+            other => panic!("{other} is not in this test"),
         }
         let (messages, closed) = drain(ws).await;
         assert!(closed, "{venue}: no close frame");
@@ -431,9 +446,10 @@ async fn malformed_and_oversized_frames_arrive_on_every_connection() {
     for venue in Venue::ALL {
         clients.push(connect(&sim, venue).await);
     }
-    eventually("three connections", || sim.handle().stats().connections_open == 3).await;
-    assert_eq!(sim.handle().send_malformed_frame(), 3);
-    assert_eq!(sim.handle().send_oversized_frame(), 3);
+    let n = Venue::ALL.len();
+    eventually("a connection per venue", || sim.handle().stats().connections_open == n as u64).await;
+    assert_eq!(sim.handle().send_malformed_frame(), n);
+    assert_eq!(sim.handle().send_oversized_frame(), n);
     for ws in &mut clients {
         let (mut malformed, mut oversized) = (false, false);
         while !(malformed && oversized) {
@@ -441,7 +457,7 @@ async fn malformed_and_oversized_frames_arrive_on_every_connection() {
             match serde_json::from_str::<Value>(&text) {
                 Err(_) => malformed = true,
                 Ok(_) if text.len() == 2 << 20 => oversized = true,
-                Ok(_) => {} // Kraken's systemStatus
+                Ok(_) => {} // Kraken's systemStatus, Kraken v2's status
             }
         }
     }
@@ -556,4 +572,120 @@ async fn bad_config_is_refused() {
     let config = FeedSimConfig { bind: taken.addr(), ..config() };
     assert!(matches!(FeedSim::start(config).await, Err(FeedSimError::Bind { .. })));
     taken.shutdown().await;
+}
+
+/// Each newer venue: its subscribe answer, trades of the symbol with consecutive ids, and its
+/// application keep-alive answered in its own words.
+#[tokio::test]
+async fn newer_venues_ack_send_trades_and_answer_their_keepalives() {
+    let sim = start().await;
+    let cases = [
+        (Venue::Okx, "BTC-USDT", "ping"),
+        (Venue::Bybit, "BTCUSDT", r#"{"op":"ping","req_id":"p1"}"#),
+        (Venue::Bitstamp, "btcusd", r#"{"event":"bts:heartbeat"}"#),
+        (Venue::KrakenV2, "BTC/USD", r#"{"method":"ping","req_id":42}"#),
+    ];
+    for (venue, symbol, ping) in cases {
+        let mut ws = connect(&sim, venue).await;
+        let ack = subscribe(&mut ws, venue, symbol).await;
+        match venue {
+            Venue::Okx => {
+                assert_eq!(ack["event"], "subscribe", "{ack}");
+                assert_eq!(ack["arg"], json!({"channel": "trades", "instId": symbol}));
+                assert!(ack["connId"].is_string(), "{ack}");
+            }
+            Venue::Bybit => {
+                assert_eq!(
+                    (&ack["success"], &ack["op"], &ack["req_id"]),
+                    (&json!(true), &json!("subscribe"), &json!("r1"))
+                )
+            }
+            Venue::Bitstamp => assert_eq!(
+                ack,
+                json!({"event": "bts:subscription_succeeded", "channel": "live_trades_btcusd", "data": {}})
+            ),
+            _ => {
+                assert_eq!(
+                    (&ack["method"], &ack["success"], &ack["req_id"]),
+                    (&json!("subscribe"), &json!(true), &json!(3))
+                );
+                assert_eq!(ack["result"]["symbol"], symbol);
+            }
+        }
+        let ids = |frame: &Value| -> Vec<u64> {
+            let trades = match venue {
+                Venue::Bitstamp => vec![frame["data"].clone()],
+                _ => frame["data"].as_array().unwrap().clone(),
+            };
+            let id = |t: &Value| match venue {
+                Venue::Okx => t["tradeId"].as_str().unwrap().parse().unwrap(),
+                Venue::Bybit => t["i"].as_str().unwrap().parse().unwrap(),
+                Venue::Bitstamp => t["id"].as_u64().unwrap(),
+                _ => t["trade_id"].as_u64().unwrap(),
+            };
+            trades.iter().map(id).collect()
+        };
+        let first = ids(&next_trade(&mut ws, venue).await);
+        let second = ids(&next_trade(&mut ws, venue).await);
+        assert_eq!(second[0], first.last().unwrap() + 1, "{venue}");
+        ws.send(Message::text(ping)).await.unwrap();
+        let pong = loop {
+            let text = next_text(&mut ws).await;
+            if venue == Venue::Okx && text == "pong" {
+                break Value::Null;
+            }
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if !is_trade(venue, &frame) {
+                break frame;
+            }
+        };
+        match venue {
+            Venue::Okx => assert_eq!(pong, Value::Null),
+            Venue::Bybit => {
+                assert_eq!(
+                    (&pong["success"], &pong["ret_msg"], &pong["op"]),
+                    (&json!(true), &json!("pong"), &json!("ping"))
+                );
+                assert_eq!(pong["req_id"], "p1");
+            }
+            Venue::Bitstamp => {
+                assert_eq!(pong, json!({"event": "bts:heartbeat", "channel": "", "data": {"status": "success"}}))
+            }
+            _ => assert_eq!((&pong["method"], &pong["req_id"]), (&json!("pong"), &json!(42)), "{pong}"),
+        }
+    }
+    sim.shutdown().await;
+}
+
+/// Coinbase Advanced: `market_trades` envelopes with the maker's side, and `heartbeats` only once
+/// subscribed to them; Kraken v2 greets with `status` and beats `{"channel":"heartbeat"}`.
+#[tokio::test]
+async fn coinbase_advanced_heartbeats_on_request_and_kraken_v2_heartbeats() {
+    let sim = FeedSim::start(FeedSimConfig { kraken_heartbeat_ms: 20, ..config() }).await.unwrap();
+    let mut ws = connect(&sim, Venue::CoinbaseAdvanced).await;
+    let ack = subscribe(&mut ws, Venue::CoinbaseAdvanced, "ETH-USD").await;
+    assert_eq!(ack["channel"], "subscriptions", "{ack}");
+    assert_eq!(ack["events"][0]["subscriptions"], json!({"market_trades": ["ETH-USD"]}));
+    for _ in 0..20 {
+        let frame = next_json(&mut ws).await;
+        assert_eq!(frame["channel"], "market_trades", "a heartbeat before subscribing to them: {frame}");
+        let trade = &frame["events"][0]["trades"][0];
+        assert!(trade["side"] == "BUY" || trade["side"] == "SELL", "{frame}");
+        assert_eq!(trade["product_id"], "ETH-USD");
+    }
+    let heartbeats = json!({"type": "subscribe", "product_ids": ["ETH-USD"], "channel": "heartbeats"});
+    ws.send(Message::text(heartbeats.to_string())).await.unwrap();
+    let beat = loop {
+        let frame = next_json(&mut ws).await;
+        if frame["channel"] == "heartbeats" {
+            break frame;
+        }
+    };
+    assert!(beat["events"][0]["heartbeat_counter"].is_u64(), "{beat}");
+
+    let mut ws = connect(&sim, Venue::KrakenV2).await;
+    let status = next_json(&mut ws).await;
+    assert_eq!((&status["channel"], &status["data"][0]["system"]), (&json!("status"), &json!("online")), "{status}");
+    assert_eq!(next_json(&mut ws).await, json!({"channel": "heartbeat"}));
+    sim.shutdown().await;
 }

@@ -1,46 +1,73 @@
-//! The three venues' wire formats: trade frames, subscription requests and their answers, and the
-//! frames the fault injections send. Pure functions over text, so each format is testable alone.
+//! The venues' wire formats: trade frames, subscription requests and their answers, keep-alive
+//! answers and heartbeats, and the frames the fault injections send. Pure functions over text, so
+//! each format is testable alone.
 
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
 use super::Venue;
-use super::feed::{Feed, Trade};
+use super::feed::{Feed, Trade, now_us};
 
 /// What a client's text message asks for.
 #[derive(Debug, PartialEq)]
 pub(super) enum Request {
-    /// Subscribe to trades of these symbols (venue spelling: `BTCUSDT`, `BTC-USD`, `XBT/USD`).
+    /// Subscribe to trades of these symbols (venue spelling: `BTCUSDT`, `BTC-USD`, `XBT/USD`,
+    /// `BTC-USDT`, `btcusd`, `BTC/USD`).
     Subscribe {
         symbols: Vec<String>,
-        /// Binance's `id` or Kraken's `reqid`, echoed in the answer (`null` when absent).
+        /// Binance's `id`, Kraken's `reqid`, Bybit's and Kraken v2's `req_id`, echoed in the answer
+        /// (`null` when absent).
         id: Value,
     },
-    /// Kraken's application-level `{"event":"ping"}`.
+    /// Coinbase Advanced's subscription to the `heartbeats` channel.
+    Heartbeats,
+    /// An application-level keep-alive: Kraken's `{"event":"ping"}`, OKX's text `ping`, Bybit's
+    /// `{"op":"ping"}`, Kraken v2's `{"method":"ping"}`, Bitstamp's `{"event":"bts:heartbeat"}`.
     Ping { reqid: Value },
     /// Not understood: answer with this venue error frame.
     Invalid(String),
 }
 
+/// What the answers of one connection carry about it.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Peer {
+    /// The connection's id (Kraken's `connectionID`, OKX's `connId`, Bybit's `conn_id`).
+    pub connection_id: u64,
+    /// Coinbase Advanced: subscribed to `heartbeats`.
+    pub heartbeats: bool,
+}
+
 /// Parses one client message in `venue`'s request format.
-pub(super) fn parse_request(venue: Venue, text: &str) -> Request {
+pub(super) fn parse_request(venue: Venue, peer: &Peer, text: &str) -> Request {
+    // OKX's keep-alive is plain text, not JSON.
+    if venue == Venue::Okx && text.trim() == "ping" {
+        return Request::Ping { reqid: Value::Null };
+    }
     let Ok(message) = serde_json::from_str::<Value>(text) else {
-        return Request::Invalid(error_frame(venue, &Value::Null, "Malformed request: invalid JSON"));
+        return Request::Invalid(error_frame(venue, peer, &Value::Null, "Malformed request: invalid JSON"));
     };
     let result = match venue {
         Venue::Binance => parse_binance(&message),
         Venue::Coinbase => parse_coinbase(&message),
         Venue::Kraken => parse_kraken(&message),
+        Venue::Okx => parse_okx(&message),
+        Venue::Bybit => parse_bybit(&message),
+        Venue::Bitstamp => parse_bitstamp(&message),
+        Venue::KrakenV2 => parse_kraken_v2(&message),
+        Venue::CoinbaseAdvanced => parse_coinbase_advanced(&message),
     };
-    result.unwrap_or_else(|reason| Request::Invalid(error_frame(venue, request_id(venue, &message), &reason)))
+    result.unwrap_or_else(|reason| Request::Invalid(error_frame(venue, peer, request_id(venue, &message), &reason)))
 }
 
 fn request_id(venue: Venue, message: &Value) -> &Value {
-    let key = if venue == Venue::Kraken { "reqid" } else { "id" };
+    let key = match venue {
+        Venue::Kraken => "reqid",
+        Venue::Bybit | Venue::KrakenV2 => "req_id",
+        _ => "id",
+    };
     message.get(key).unwrap_or(&Value::Null)
 }
-
 /// `{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}`
 fn parse_binance(message: &Value) -> Result<Request, String> {
     if message.get("method").and_then(Value::as_str) != Some("SUBSCRIBE") {
@@ -114,6 +141,100 @@ fn parse_kraken(message: &Value) -> Result<Request, String> {
     }
 }
 
+/// `{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"}]}`.
+fn parse_okx(message: &Value) -> Result<Request, String> {
+    if message.get("op").and_then(Value::as_str) != Some("subscribe") {
+        return Err("Invalid request: only op subscribe is simulated".into());
+    }
+    let args = message.get("args").and_then(Value::as_array).ok_or("Invalid request: args must be an array")?;
+    let symbols = args
+        .iter()
+        .map(|arg| match (arg.get("channel").and_then(Value::as_str), arg.get("instId").and_then(Value::as_str)) {
+            (Some("trades"), Some(inst_id)) => Ok(inst_id.to_owned()),
+            _ => Err(format!("Wrong URL or channel:{arg}, only trades with an instId is simulated")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if symbols.is_empty() {
+        return Err("Invalid request: args must not be empty".into());
+    }
+    check_symbols(&symbols)?;
+    Ok(Request::Subscribe { symbols, id: Value::Null })
+}
+
+/// `{"op":"subscribe","args":["publicTrade.BTCUSDT"]}` or `{"op":"ping"}`.
+fn parse_bybit(message: &Value) -> Result<Request, String> {
+    let id = request_id(Venue::Bybit, message).clone();
+    match message.get("op").and_then(Value::as_str) {
+        Some("ping") => Ok(Request::Ping { reqid: id }),
+        Some("subscribe") => {
+            let topics = message.get("args").map(strings).transpose()?.unwrap_or_default();
+            let symbols = topics
+                .iter()
+                .map(|t| t.strip_prefix("publicTrade.").map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| format!("error:handler not found,topics:{}", topics.join(",")))?;
+            if symbols.is_empty() {
+                return Err("error:args must not be empty".into());
+            }
+            check_symbols(&symbols)?;
+            Ok(Request::Subscribe { symbols, id })
+        }
+        _ => Err("error:only op subscribe and ping are simulated".into()),
+    }
+}
+
+/// `{"event":"bts:subscribe","data":{"channel":"live_trades_btcusd"}}` or `{"event":"bts:heartbeat"}`.
+fn parse_bitstamp(message: &Value) -> Result<Request, String> {
+    match message.get("event").and_then(Value::as_str) {
+        Some("bts:heartbeat") => Ok(Request::Ping { reqid: Value::Null }),
+        Some("bts:subscribe") => {
+            let channel = message.pointer("/data/channel").and_then(Value::as_str).unwrap_or_default();
+            match channel.strip_prefix("live_trades_") {
+                Some(pair) if valid_symbol(pair) => {
+                    Ok(Request::Subscribe { symbols: vec![pair.to_owned()], id: Value::Null })
+                }
+                _ => Err("Bad subscription string.".into()),
+            }
+        }
+        _ => Err("Bad event.".into()),
+    }
+}
+
+/// `{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"]}}` or `{"method":"ping"}`.
+fn parse_kraken_v2(message: &Value) -> Result<Request, String> {
+    let id = request_id(Venue::KrakenV2, message).clone();
+    match message.get("method").and_then(Value::as_str) {
+        Some("ping") => Ok(Request::Ping { reqid: id }),
+        Some("subscribe") => {
+            if message.pointer("/params/channel").and_then(Value::as_str) != Some("trade") {
+                return Err("Channel not supported".into());
+            }
+            let symbols = message.pointer("/params/symbol").map(strings).transpose()?.unwrap_or_default();
+            if symbols.is_empty() {
+                return Err("Missing symbol".into());
+            }
+            check_symbols(&symbols)?;
+            Ok(Request::Subscribe { symbols, id })
+        }
+        _ => Err("Method not supported".into()),
+    }
+}
+
+/// `{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}` (or `heartbeats`).
+fn parse_coinbase_advanced(message: &Value) -> Result<Request, String> {
+    if message.get("type").and_then(Value::as_str) != Some("subscribe") {
+        return Err("Type has to be subscribe".into());
+    }
+    let products = message.get("product_ids").map(strings).transpose()?.unwrap_or_default();
+    check_symbols(&products)?;
+    match message.get("channel").and_then(Value::as_str) {
+        Some("heartbeats") => Ok(Request::Heartbeats),
+        Some("market_trades") if !products.is_empty() => Ok(Request::Subscribe { symbols: products, id: Value::Null }),
+        Some("market_trades") => Err("product_ids must not be empty".into()),
+        _ => Err("only the market_trades and heartbeats channels are simulated".into()),
+    }
+}
+
 fn strings(value: &Value) -> Result<Vec<String>, String> {
     let array = value.as_array().ok_or("expected an array of strings")?;
     array.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| "expected an array of strings".into())).collect()
@@ -132,62 +253,197 @@ fn valid_symbol(symbol: &str) -> bool {
 }
 
 /// The venue's error answer to a request it could not serve.
-fn error_frame(venue: Venue, id: &Value, message: &str) -> String {
+fn error_frame(venue: Venue, peer: &Peer, id: &Value, message: &str) -> String {
+    let now = rfc3339_micros(now_us());
     match venue {
         Venue::Binance => json!({"error": {"code": 2, "msg": message}, "id": id}),
         Venue::Coinbase => json!({"type": "error", "message": "Failed to subscribe", "reason": message}),
         Venue::Kraken if id.is_null() => json!({"event": "error", "errorMessage": message}),
         Venue::Kraken => json!({"event": "error", "errorMessage": message, "reqid": id}),
+        Venue::Okx => json!({"event": "error", "code": "60012", "msg": message, "connId": conn_id(peer)}),
+        Venue::Bybit => json!({
+            "success": false, "ret_msg": message, "conn_id": conn_id(peer), "req_id": req_id(id), "op": "subscribe",
+        }),
+        Venue::Bitstamp => json!({"event": "bts:error", "channel": "", "data": {"code": null, "message": message}}),
+        Venue::KrakenV2 => with_req_id(
+            json!({"error": message, "method": "subscribe", "success": false, "time_in": now, "time_out": now}),
+            id,
+        ),
+        Venue::CoinbaseAdvanced => json!({"type": "error", "message": message}),
     }
     .to_string()
 }
 
+/// The connection id as OKX and Bybit write theirs: a short hex string.
+fn conn_id(peer: &Peer) -> String {
+    format!("{:08x}", peer.connection_id.wrapping_mul(0x9e37_79b9) & 0xffff_ffff)
+}
+
+/// Bybit echoes `req_id` as given, and `""` when there was none.
+fn req_id(id: &Value) -> Value {
+    if id.is_null() { json!("") } else { id.clone() }
+}
+
+/// Adds Kraken v2's `req_id` when the request had one.
+fn with_req_id(mut answer: Value, id: &Value) -> Value {
+    if !id.is_null() {
+        answer["req_id"] = id.clone();
+    }
+    answer
+}
+
 /// The answers to a subscription: `new` are the feeds just subscribed, `all` every symbol the
 /// connection is subscribed to now (Coinbase lists them all).
-pub(super) fn subscribe_acks(venue: Venue, id: &Value, new: &[&Feed], all: &[String]) -> Vec<String> {
+pub(super) fn subscribe_acks(venue: Venue, peer: &Peer, id: &Value, new: &[&Feed], all: &[String]) -> Vec<String> {
+    let now = rfc3339_micros(now_us());
+    let one_per_feed =
+        |ack: &dyn Fn(&Feed) -> Value| -> Vec<String> { new.iter().map(|feed| ack(feed).to_string()).collect() };
     match venue {
         Venue::Binance => vec![json!({"result": null, "id": id}).to_string()],
         Venue::Coinbase => {
             vec![json!({"type": "subscriptions", "channels": [{"name": "matches", "product_ids": all}]}).to_string()]
         }
-        Venue::Kraken => new
-            .iter()
-            .map(|feed| {
-                let mut ack = json!({
-                    "channelID": feed.channel_id,
-                    "channelName": "trade",
-                    "event": "subscriptionStatus",
-                    "pair": feed.symbol,
-                    "status": "subscribed",
-                    "subscription": {"name": "trade"},
-                });
-                if !id.is_null() {
-                    ack["reqid"] = id.clone();
-                }
-                ack.to_string()
-            })
-            .collect(),
+        Venue::Kraken => one_per_feed(&|feed| {
+            let mut ack = json!({
+                "channelID": feed.channel_id,
+                "channelName": "trade",
+                "event": "subscriptionStatus",
+                "pair": feed.symbol,
+                "status": "subscribed",
+                "subscription": {"name": "trade"},
+            });
+            if !id.is_null() {
+                ack["reqid"] = id.clone();
+            }
+            ack
+        }),
+        Venue::Okx => one_per_feed(
+            &|feed| json!({"event": "subscribe", "arg": {"channel": "trades", "instId": feed.symbol}, "connId": conn_id(peer)}),
+        ),
+        Venue::Bybit => vec![
+            json!({"success": true, "ret_msg": "", "conn_id": conn_id(peer), "req_id": req_id(id), "op": "subscribe"})
+                .to_string(),
+        ],
+        Venue::Bitstamp => one_per_feed(
+            &|feed| json!({"event": "bts:subscription_succeeded", "channel": format!("live_trades_{}", feed.symbol), "data": {}}),
+        ),
+        Venue::KrakenV2 => one_per_feed(&|feed| {
+            with_req_id(
+                json!({
+                    "method": "subscribe",
+                    "result": {"channel": "trade", "snapshot": false, "symbol": feed.symbol},
+                    "success": true,
+                    "time_in": now,
+                    "time_out": now,
+                }),
+                id,
+            )
+        }),
+        Venue::CoinbaseAdvanced => vec![coinbase_advanced_subscriptions(peer, all)],
     }
 }
 
-/// Kraken's answer to `{"event":"ping"}`.
-pub(super) fn kraken_pong(reqid: &Value) -> String {
-    if reqid.is_null() { json!({"event": "pong"}) } else { json!({"event": "pong", "reqid": reqid}) }.to_string()
+/// Coinbase Advanced's `subscriptions` message: every channel and product of the connection.
+pub(super) fn coinbase_advanced_subscriptions(peer: &Peer, products: &[String]) -> String {
+    let mut subscriptions = json!({});
+    if !products.is_empty() {
+        subscriptions["market_trades"] = json!(products);
+    }
+    if peer.heartbeats {
+        subscriptions["heartbeats"] = json!(["heartbeats"]);
+    }
+    json!({
+        "channel": "subscriptions",
+        "client_id": "",
+        "timestamp": rfc3339_micros(now_us()),
+        "sequence_num": 0,
+        "events": [{"subscriptions": subscriptions}],
+    })
+    .to_string()
 }
 
-/// What Kraken sends first on every connection.
-pub(super) fn kraken_system_status(connection_id: u64) -> String {
-    json!({"connectionID": connection_id, "event": "systemStatus", "status": "online", "version": "1.9.0"}).to_string()
+/// The answer to the venue's application-level ping.
+pub(super) fn pong(venue: Venue, peer: &Peer, reqid: &Value) -> String {
+    let now = rfc3339_micros(now_us());
+    match venue {
+        Venue::Kraken if reqid.is_null() => json!({"event": "pong"}).to_string(),
+        Venue::Kraken => json!({"event": "pong", "reqid": reqid}).to_string(),
+        Venue::Okx => "pong".into(),
+        Venue::Bybit => json!({
+            "success": true, "ret_msg": "pong", "conn_id": conn_id(peer), "req_id": req_id(reqid), "op": "ping",
+        })
+        .to_string(),
+        Venue::Bitstamp => json!({"event": "bts:heartbeat", "channel": "", "data": {"status": "success"}}).to_string(),
+        Venue::KrakenV2 => with_req_id(json!({"method": "pong", "time_in": now, "time_out": now}), reqid).to_string(),
+        // These venues' requests never parse as a ping.
+        Venue::Binance | Venue::Coinbase | Venue::CoinbaseAdvanced => String::new(),
+    }
 }
 
-pub(super) const KRAKEN_HEARTBEAT: &str = r#"{"event":"heartbeat"}"#;
+/// What the venue sends first on every connection, if anything.
+pub(super) fn greeting(venue: Venue, peer: &Peer) -> Option<String> {
+    let id = peer.connection_id;
+    match venue {
+        Venue::Kraken => Some(
+            json!({"connectionID": id, "event": "systemStatus", "status": "online", "version": "1.9.0"}).to_string(),
+        ),
+        Venue::KrakenV2 => Some(
+            json!({
+                "channel": "status",
+                "type": "update",
+                "data": [{"api_version": "v2", "connection_id": id, "system": "online", "version": "2.0.0"}],
+            })
+            .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+/// The venue's periodic heartbeat, the `n`th of the connection; `None` for venues that send none
+/// (or, on Coinbase Advanced, until the connection subscribes to `heartbeats`).
+pub(super) fn heartbeat(venue: Venue, peer: &Peer, n: u64) -> Option<String> {
+    match venue {
+        Venue::Kraken => Some(r#"{"event":"heartbeat"}"#.into()),
+        Venue::KrakenV2 => Some(r#"{"channel":"heartbeat"}"#.into()),
+        Venue::CoinbaseAdvanced if peer.heartbeats => {
+            let now = rfc3339_micros(now_us());
+            Some(
+                json!({
+                    "channel": "heartbeats",
+                    "client_id": "",
+                    "timestamp": now,
+                    "sequence_num": n,
+                    "events": [{"current_time": now, "heartbeat_counter": n}],
+                })
+                .to_string(),
+            )
+        }
+        _ => None,
+    }
+}
 
 /// The venue's notice that the server is going away.
-pub(super) fn shutdown_notice(venue: Venue, now_ms: u64) -> String {
+pub(super) fn shutdown_notice(venue: Venue, peer: &Peer, now_ms: u64) -> String {
     match venue {
         Venue::Binance => format!(r#"{{"e":"serverShutdown","E":{now_ms}}}"#),
-        Venue::Coinbase => r#"{"type":"error","message":"server shutting down for maintenance"}"#.into(),
+        Venue::Coinbase | Venue::CoinbaseAdvanced => {
+            r#"{"type":"error","message":"server shutting down for maintenance"}"#.into()
+        }
         Venue::Kraken => r#"{"event":"systemStatus","status":"maintenance"}"#.into(),
+        Venue::Okx => json!({
+            "event": "notice",
+            "code": "64008",
+            "msg": "The connection will soon be closed for a service upgrade. Please reconnect.",
+            "connId": conn_id(peer),
+        })
+        .to_string(),
+        // Bybit documents no notice; the simulator's own, in Bybit's answer shape.
+        Venue::Bybit => r#"{"op":"notice","ret_msg":"server shutting down for maintenance"}"#.into(),
+        Venue::Bitstamp => r#"{"event":"bts:request_reconnect","channel":"","data":""}"#.into(),
+        Venue::KrakenV2 => {
+            r#"{"channel":"status","type":"update","data":[{"api_version":"v2","system":"maintenance","version":"2.0.0"}]}"#
+                .into()
+        }
     }
 }
 
@@ -197,6 +453,11 @@ pub(super) fn malformed_frame(venue: Venue) -> &'static str {
         Venue::Binance => r#"{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":17000000"#,
         Venue::Coinbase => r#"{"type":"match","trade_id":12,"price":"1.0"#,
         Venue::Kraken => r#"[42,[["1.00000","0.5","1700000000.1"#,
+        Venue::Okx => r#"{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","px":"1"#,
+        Venue::Bybit => r#"{"topic":"publicTrade.BTCUSDT","type":"snapshot","ts":17000000"#,
+        Venue::Bitstamp => r#"{"event":"trade","channel":"live_trades_btcusd","data":{"id":1,"price_str":"1"#,
+        Venue::KrakenV2 => r#"{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","price":1.0"#,
+        Venue::CoinbaseAdvanced => r#"{"channel":"market_trades","events":[{"type":"update","trades":[{"trade"#,
     }
 }
 
@@ -205,8 +466,9 @@ pub(super) fn malformed_frame(venue: Venue) -> &'static str {
 pub(super) fn oversized_frame(venue: Venue, size: usize) -> String {
     let (head, tail) = match venue {
         Venue::Binance => (r#"{"stream":"feedsim@oversized","data":{"e":"oversized","pad":""#, r#""}}"#),
-        Venue::Coinbase => (r#"{"type":"oversized","pad":""#, r#""}"#),
-        Venue::Kraken => (r#"{"event":"oversized","pad":""#, r#""}"#),
+        Venue::Coinbase | Venue::Kraken | Venue::Okx | Venue::Bitstamp => (r#"{"event":"oversized","pad":""#, r#""}"#),
+        Venue::Bybit => (r#"{"op":"oversized","pad":""#, r#""}"#),
+        Venue::KrakenV2 | Venue::CoinbaseAdvanced => (r#"{"channel":"oversized","pad":""#, r#""}"#),
     };
     let pad = size.saturating_sub(head.len() + tail.len());
     let mut frame = String::with_capacity(head.len() + pad + tail.len());
@@ -216,17 +478,143 @@ pub(super) fn oversized_frame(venue: Venue, size: usize) -> String {
     frame
 }
 
-/// Renders one frame carrying `trades` (one trade except on Kraken) of `feed`, whose prices have
-/// `decimals` tick decimals.
+/// Renders one frame carrying `trades` (one trade on Binance, Coinbase and Bitstamp, one to three
+/// elsewhere) of `feed`, whose prices have `decimals` tick decimals.
 pub(super) fn trade_frame(feed: &Feed, decimals: u32, trades: &[Trade]) -> String {
-    let mut out = String::with_capacity(64 + 160 * trades.len());
+    let mut out = String::with_capacity(96 + 200 * trades.len());
+    let symbol = feed.symbol.as_str();
     // Writing to a String cannot fail.
     let _ = match feed.venue {
-        Venue::Binance => trades.iter().try_for_each(|t| binance_trade(&mut out, &feed.symbol, t)),
-        Venue::Coinbase => trades.iter().try_for_each(|t| coinbase_trade(&mut out, &feed.symbol, decimals, t)),
+        Venue::Binance => trades.iter().try_for_each(|t| binance_trade(&mut out, symbol, t)),
+        Venue::Coinbase => trades.iter().try_for_each(|t| coinbase_trade(&mut out, symbol, decimals, t)),
         Venue::Kraken => kraken_trades(&mut out, feed, decimals, trades),
+        Venue::Okx => okx_trades(&mut out, symbol, decimals, trades),
+        Venue::Bybit => bybit_trades(&mut out, symbol, decimals, trades),
+        Venue::Bitstamp => trades.iter().try_for_each(|t| bitstamp_trade(&mut out, symbol, decimals, t)),
+        Venue::KrakenV2 => kraken_v2_trades(&mut out, symbol, decimals, trades),
+        Venue::CoinbaseAdvanced => coinbase_advanced_trades(&mut out, symbol, decimals, trades),
     };
     out
+}
+
+/// `{"arg":{..},"data":[{"instId","tradeId","px","sz","side","ts","count","source","seqId"},..]}`
+fn okx_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
+    write!(out, r#"{{"arg":{{"channel":"trades","instId":"{symbol}"}},"data":["#)?;
+    for (i, t) in trades.iter().enumerate() {
+        write!(
+            out,
+            concat!(
+                r#"{comma}{{"instId":"{symbol}","tradeId":"{id}","px":"{price}","sz":"{size}","side":"{side}","#,
+                r#""ts":"{ms}","count":"1","source":"0","seqId":{seq}}}"#,
+            ),
+            comma = if i == 0 { "" } else { "," },
+            symbol = symbol,
+            id = t.id,
+            price = fixed(t.price_e8, decimals),
+            size = fixed(t.size_e8, 8),
+            side = if t.taker_buys { "buy" } else { "sell" },
+            ms = t.time_us / 1_000,
+            seq = t.sequence,
+        )?;
+    }
+    out.push_str("]}");
+    Ok(())
+}
+
+/// `{"topic":"publicTrade.BTCUSDT","type":"snapshot","ts":..,"data":[{"T","s","S","v","p","L","i","BT"},..]}`
+fn bybit_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
+    let ts = trades.last().map_or(0, |t| t.time_us / 1_000);
+    write!(out, r#"{{"topic":"publicTrade.{symbol}","type":"snapshot","ts":{ts},"data":["#)?;
+    for (i, t) in trades.iter().enumerate() {
+        write!(
+            out,
+            r#"{comma}{{"T":{ms},"s":"{symbol}","S":"{side}","v":"{size}","p":"{price}","L":"{tick}","i":"{id}","BT":false}}"#,
+            comma = if i == 0 { "" } else { "," },
+            ms = t.time_us / 1_000,
+            symbol = symbol,
+            side = if t.taker_buys { "Buy" } else { "Sell" },
+            size = fixed(t.size_e8, 8),
+            price = fixed(t.price_e8, decimals),
+            tick = if t.taker_buys { "PlusTick" } else { "MinusTick" },
+            id = t.id,
+        )?;
+    }
+    out.push_str("]}");
+    Ok(())
+}
+
+/// `{"event":"trade","channel":"live_trades_btcusd","data":{..}}`; Bitstamp repeats the decimals as
+/// JSON numbers beside the exact `_str` forms.
+fn bitstamp_trade(out: &mut String, pair: &str, decimals: u32, t: &Trade) -> std::fmt::Result {
+    let (price, amount) = (fixed(t.price_e8, decimals), fixed(t.size_e8, 8));
+    write!(
+        out,
+        concat!(
+            r#"{{"data":{{"id":{id},"timestamp":"{secs}","amount":{amount},"amount_str":"{amount}","#,
+            r#""price":{price},"price_str":"{price}","type":{kind},"microtimestamp":"{micros}","#,
+            r#""buy_order_id":{buy},"sell_order_id":{sell}}},"channel":"live_trades_{pair}","event":"trade"}}"#,
+        ),
+        id = t.id,
+        secs = t.time_us / 1_000_000,
+        amount = amount,
+        price = price,
+        kind = if t.taker_buys { 0 } else { 1 },
+        micros = t.time_us,
+        buy = (t.taker_order as u64) >> 14,
+        sell = (t.maker_order as u64) >> 14,
+        pair = pair,
+    )
+}
+
+/// `{"channel":"trade","type":"update","data":[{"symbol","side","price","qty","ord_type","trade_id","timestamp"},..]}`
+/// with `price` and `qty` as JSON numbers.
+fn kraken_v2_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
+    out.push_str(r#"{"channel":"trade","type":"update","data":["#);
+    for (i, t) in trades.iter().enumerate() {
+        write!(
+            out,
+            concat!(
+                r#"{comma}{{"symbol":"{symbol}","side":"{side}","price":{price},"qty":{qty},"#,
+                r#""ord_type":"{kind}","trade_id":{id},"timestamp":"{time}"}}"#,
+            ),
+            comma = if i == 0 { "" } else { "," },
+            symbol = symbol,
+            side = if t.taker_buys { "buy" } else { "sell" },
+            price = fixed(t.price_e8, decimals),
+            qty = fixed(t.size_e8, 8),
+            kind = if t.market_order { "market" } else { "limit" },
+            id = t.id,
+            time = rfc3339_micros(t.time_us),
+        )?;
+    }
+    out.push_str("]}");
+    Ok(())
+}
+
+/// One `market_trades` envelope with one `update` event; `side` is the maker's.
+fn coinbase_advanced_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
+    let (time_us, sequence) = trades.last().map_or((0, 0), |t| (t.time_us, t.sequence));
+    write!(
+        out,
+        r#"{{"channel":"market_trades","client_id":"","timestamp":"{}","sequence_num":{sequence},"events":[{{"type":"update","trades":["#,
+        rfc3339_micros(time_us),
+    )?;
+    for (i, t) in trades.iter().enumerate() {
+        write!(
+            out,
+            r#"{comma}{{"trade_id":"{id}","product_id":"{symbol}","price":"{price}","size":"{size}","side":"{side}","time":"{time}"}}"#,
+            comma = if i == 0 { "" } else { "," },
+            id = t.id,
+            symbol = symbol,
+            price = fixed(t.price_e8, decimals),
+            size = fixed(t.size_e8, 8),
+            // The maker's side: a buying taker hit a resting sell.
+            side = if t.taker_buys { "SELL" } else { "BUY" },
+            time = rfc3339_micros(t.time_us),
+        )?;
+    }
+    out.push_str("]}]}");
+    Ok(())
 }
 
 fn binance_trade(out: &mut String, symbol: &str, t: &Trade) -> std::fmt::Result {
@@ -357,10 +745,15 @@ mod tests {
 
     #[test]
     fn requests_of_each_venue() {
-        let sub = |venue, text: &str| parse_request(venue, text);
+        let peer = Peer { connection_id: 7, heartbeats: false };
+        let sub = |venue, text: &str| parse_request(venue, &peer, text);
+        let subscribe = |symbols: &[&str], id: Value| Request::Subscribe {
+            symbols: symbols.iter().map(|s| s.to_string()).collect(),
+            id,
+        };
         assert_eq!(
             sub(Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethbtc@aggTrade"],"id":7}"#),
-            Request::Subscribe { symbols: vec!["BTCUSDT".into(), "ETHBTC".into()], id: json!(7) }
+            subscribe(&["BTCUSDT", "ETHBTC"], json!(7))
         );
         assert_eq!(
             sub(
@@ -368,13 +761,47 @@ mod tests {
                 r#"{"type":"subscribe","product_ids":["BTC-USD"],
                     "channels":["heartbeat",{"name":"matches","product_ids":["ETH-USD"]}]}"#
             ),
-            Request::Subscribe { symbols: vec!["BTC-USD".into(), "ETH-USD".into()], id: Value::Null }
+            subscribe(&["BTC-USD", "ETH-USD"], Value::Null)
         );
         assert_eq!(
             sub(Venue::Kraken, r#"{"event":"subscribe","reqid":3,"pair":["XBT/USD"],"subscription":{"name":"trade"}}"#),
-            Request::Subscribe { symbols: vec!["XBT/USD".into()], id: json!(3) }
+            subscribe(&["XBT/USD"], json!(3))
         );
         assert_eq!(sub(Venue::Kraken, r#"{"event":"ping","reqid":9}"#), Request::Ping { reqid: json!(9) });
+        assert_eq!(
+            sub(
+                Venue::Okx,
+                r#"{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"},{"channel":"trades","instId":"ETH-USDT"}]}"#
+            ),
+            subscribe(&["BTC-USDT", "ETH-USDT"], Value::Null)
+        );
+        assert_eq!(sub(Venue::Okx, "ping"), Request::Ping { reqid: Value::Null });
+        assert_eq!(
+            sub(Venue::Bybit, r#"{"req_id":"a1","op":"subscribe","args":["publicTrade.BTCUSDT"]}"#),
+            subscribe(&["BTCUSDT"], json!("a1"))
+        );
+        assert_eq!(sub(Venue::Bybit, r#"{"op":"ping"}"#), Request::Ping { reqid: Value::Null });
+        assert_eq!(
+            sub(Venue::Bitstamp, r#"{"event":"bts:subscribe","data":{"channel":"live_trades_btcusd"}}"#),
+            subscribe(&["btcusd"], Value::Null)
+        );
+        assert_eq!(sub(Venue::Bitstamp, r#"{"event":"bts:heartbeat"}"#), Request::Ping { reqid: Value::Null });
+        assert_eq!(
+            sub(
+                Venue::KrakenV2,
+                r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD","ETH/USD"]},"req_id":4}"#
+            ),
+            subscribe(&["BTC/USD", "ETH/USD"], json!(4))
+        );
+        assert_eq!(sub(Venue::KrakenV2, r#"{"method":"ping","req_id":5}"#), Request::Ping { reqid: json!(5) });
+        assert_eq!(
+            sub(Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}"#),
+            subscribe(&["BTC-USD"], Value::Null)
+        );
+        assert_eq!(
+            sub(Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"heartbeats"}"#),
+            Request::Heartbeats
+        );
         let invalid = [
             (Venue::Binance, "not json"),
             (Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@depth"],"id":1}"#),
@@ -384,13 +811,96 @@ mod tests {
             (Venue::Coinbase, r#"{"type":"subscribe","channels":["matches"]}"#),
             (Venue::Kraken, r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"book"}}"#),
             (Venue::Kraken, r#"[1,2,3]"#),
+            (Venue::Okx, r#"{"op":"subscribe","args":[{"channel":"books","instId":"BTC-USDT"}]}"#),
+            (Venue::Okx, r#"{"op":"subscribe","args":[]}"#),
+            (Venue::Okx, r#"{"op":"login"}"#),
+            (Venue::Bybit, r#"{"op":"subscribe","args":["orderbook.50.BTCUSDT"]}"#),
+            (Venue::Bybit, r#"{"op":"unsubscribe","args":["publicTrade.BTCUSDT"]}"#),
+            (Venue::Bitstamp, r#"{"event":"bts:subscribe","data":{"channel":"order_book_btcusd"}}"#),
+            (Venue::Bitstamp, r#"{"event":"subscribe"}"#),
+            (Venue::KrakenV2, r#"{"method":"subscribe","params":{"channel":"book","symbol":["BTC/USD"]}}"#),
+            (Venue::KrakenV2, r#"{"method":"subscribe","params":{"channel":"trade"}}"#),
+            (Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"level2"}"#),
+            (Venue::CoinbaseAdvanced, r#"{"type":"subscribe","channel":"market_trades"}"#),
         ];
         for (venue, text) in invalid {
             let Request::Invalid(answer) = sub(venue, text) else { panic!("{venue:?} accepted {text}") };
             let answer: Value = serde_json::from_str(&answer).unwrap();
-            let is_error = answer.get("error").is_some() || answer["type"] == "error" || answer["event"] == "error";
+            let is_error = answer.get("error").is_some()
+                || answer["type"] == "error"
+                || answer["event"] == "error"
+                || answer["event"] == "bts:error"
+                || answer["success"] == false;
             assert!(is_error, "{answer}");
         }
+    }
+
+    /// Each newer venue's subscribe answers, pongs, heartbeats and injected frames are ones its
+    /// real decoder accepts without a record (or, for a malformed frame, refuses).
+    #[test]
+    fn control_frames_of_the_newer_venues_decode_to_nothing() {
+        let peer = Peer { connection_id: 3, heartbeats: true };
+        let feed = |venue, symbol: &str| Feed::new(venue, symbol.into(), 0, false);
+        fn check<P: plugin_sdk::Plugin>(venue: Venue, peer: &Peer, feed: &Feed, ping: Option<&Value>) {
+            let mut h = Harness::<P>::new(&[]).unwrap();
+            let mut frames = subscribe_acks(venue, peer, &json!(1), &[feed], std::slice::from_ref(&feed.symbol));
+            frames.extend(ping.map(|id| pong(venue, peer, id)));
+            frames.extend(greeting(venue, peer));
+            frames.extend(heartbeat(venue, peer, 1));
+            frames.push(oversized_frame(venue, 10_000));
+            for frame in &frames {
+                assert_eq!(h.decode(frame.as_bytes()), Ok(vec![]), "{venue}: {frame}");
+            }
+            assert!(h.decode(malformed_frame(venue).as_bytes()).is_err(), "{venue}");
+            let Request::Invalid(error) = parse_request(venue, peer, "{}") else { panic!("{venue} accepted {{}}") };
+            assert!(h.decode(error.as_bytes()).unwrap_err().as_str().starts_with("venue error"), "{venue}: {error}");
+        }
+        check::<okx::Okx>(Venue::Okx, &peer, &feed(Venue::Okx, "BTC-USDT"), Some(&Value::Null));
+        check::<bybit::Bybit>(Venue::Bybit, &peer, &feed(Venue::Bybit, "BTCUSDT"), Some(&json!("x")));
+        check::<bitstamp::Bitstamp>(Venue::Bitstamp, &peer, &feed(Venue::Bitstamp, "btcusd"), Some(&Value::Null));
+        check::<kraken_v2::KrakenV2>(Venue::KrakenV2, &peer, &feed(Venue::KrakenV2, "BTC/USD"), Some(&json!(9)));
+        check::<coinbase_advanced::CoinbaseAdvanced>(
+            Venue::CoinbaseAdvanced,
+            &peer,
+            &feed(Venue::CoinbaseAdvanced, "BTC-USD"),
+            None,
+        );
+        assert_eq!(pong(Venue::Okx, &peer, &Value::Null), "pong");
+        assert_eq!(heartbeat(Venue::CoinbaseAdvanced, &Peer::default(), 0), None);
+    }
+
+    /// The simulator's trade frames of each newer venue decode with its real plugin, field for
+    /// field, several trades a frame where the venue batches them.
+    #[test]
+    fn trade_frames_of_the_newer_venues_decode_with_their_plugins() {
+        fn check<P: plugin_sdk::Plugin>(venue: Venue, symbol: &str) {
+            let feed = Feed::new(venue, symbol.into(), 0, false);
+            let mut generator = Generator::new(11, venue, symbol);
+            let mut harness = Harness::<P>::new(&[]).unwrap();
+            let mut batched = false;
+            for n in 0..200u64 {
+                let burst = generator.burst(venue);
+                let trades: Vec<Trade> =
+                    (0..burst).map(|k| generator.trade(1_700_000_000_123_456 + 1_000 * (n * 3 + k))).collect();
+                batched |= trades.len() > 1;
+                let frame = trade_frame(&feed, generator.decimals, &trades);
+                let records = harness.decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{venue}: {e}: {frame}"));
+                assert_eq!(records.len(), trades.len(), "{frame}");
+                for (r, t) in records.iter().zip(&trades) {
+                    assert_eq!(harness.symbol(r.symbol_id).as_deref(), Some(symbol));
+                    assert_eq!((r.price_e8, r.volume_e8, r.is_buy), (t.price_e8, t.size_e8, t.taker_buys), "{frame}");
+                    assert_eq!(r.timestamp_ms, (t.time_us / 1_000) as i64);
+                    assert_eq!(r.trade_id, t.id);
+                }
+            }
+            // Bitstamp sends one trade a frame; the others batch some.
+            assert_eq!(batched, venue != Venue::Bitstamp, "{venue}");
+        }
+        check::<okx::Okx>(Venue::Okx, "BTC-USDT");
+        check::<bybit::Bybit>(Venue::Bybit, "ETHUSDT");
+        check::<bitstamp::Bitstamp>(Venue::Bitstamp, "btcusd");
+        check::<kraken_v2::KrakenV2>(Venue::KrakenV2, "BTC/USD");
+        check::<coinbase_advanced::CoinbaseAdvanced>(Venue::CoinbaseAdvanced, "SOL-USD");
     }
 
     #[test]
