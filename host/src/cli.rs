@@ -227,7 +227,7 @@ pub fn plugin_new(args: &PluginNewArgs, out: &mut impl Write) -> anyhow::Result<
 #[derive(Debug, Args)]
 pub struct PluginTestArgs {
     /// The plugin component (`.wasm`, built for wasm32-wasip2); omit it with `--source`.
-    #[arg(required_unless_present = "source")]
+    #[arg(required_unless_present_any = ["source", "decode_with"])]
     pub plugin: Option<PathBuf>,
     /// Run this source's whole chain as the configuration file given with `--from` names it: its
     /// `decode` plugin with its `decode_config`, then each of its transforms (or the `[process]`
@@ -468,15 +468,21 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
             (decoder, false, None, links, chain.iter().map(|l| l.plugin.clone()).collect::<Vec<_>>())
         }
         None => {
-            let path = args.plugin.as_deref().context("a plugin, or --source with --from, is needed")?;
-            let plugin = load(path, &args.config)?;
-            let decoder = match &args.decode_with {
-                Some(path) => Some(load(path, &args.decoder_config)?),
-                None => None,
-            };
             let thens =
                 args.then.iter().map(|(path, config)| load(path, config)).collect::<anyhow::Result<Vec<_>>>()?;
-            (plugin, true, decoder, thens, args.then.iter().map(|(p, _)| p.display().to_string()).collect())
+            let names = args.then.iter().map(|(p, _)| p.display().to_string()).collect();
+            match (&args.plugin, &args.decode_with) {
+                (Some(path), decode_with) => {
+                    let decoder = match decode_with {
+                        Some(path) => Some(load(path, &args.decoder_config)?),
+                        None => None,
+                    };
+                    (load(path, &args.config)?, true, decoder, thens, names)
+                }
+                // `--decode-with A --then B --then C`: the chain is the links alone.
+                (None, Some(path)) => (load(path, &args.decoder_config)?, false, None, thens, names),
+                (None, None) => bail!("a plugin, --decode-with, or --source with --from, is needed"),
+            }
         }
     };
     let file =

@@ -542,6 +542,23 @@ fn then_runs_a_chain_of_transforms_in_order() {
     assert_eq!(got.iter().map(|t| (t.trade_id, t.price_e8)).collect::<Vec<_>>(), [(101, 200_00000000)], "{stdout:?}");
     assert_eq!(stderr.len(), 1, "{stderr:?}");
     assert!(!stderr[0].contains("\"link\""), "the first transform's reject names no link: {}", stderr[0]);
+    // The same chain written as links alone, `--decode-with A --then B --then C`: the same records;
+    // the outlier's reject now names its link.
+    let outlier = format!("{},threshold_pct=1", plugin("outlier_filter").display());
+    let out = plugin_test([
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--then".as_ref(),
+        outlier.as_ref(),
+        "--then".as_ref(),
+        rescale.as_ref(),
+    ]);
+    let (links_stdout, links_stderr) = succeeded(&out);
+    assert_eq!(links_stdout, stdout);
+    assert_eq!(links_stderr.len(), 1, "{links_stderr:?}");
+    assert!(links_stderr[0].contains("outlier_filter"), "{}", links_stderr[0]);
     // A link that refuses names itself.
     let strict = format!("{},min_volume=1,scale=-1", plugin("rescale").display());
     let out = plugin_test([
