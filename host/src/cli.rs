@@ -15,9 +15,9 @@ use serde::Serialize;
 use crate::api::{ApiState, Health};
 use crate::config::{Config, SourceConfig};
 use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
-use crate::kafka::consumer::EventConsumer;
-use crate::kafka::producer::{EventProducer, ProducerStats};
-use crate::kafka::{ensure_symbols_topic, ensure_topics};
+use crate::log::kafka::consumer::EventConsumer;
+use crate::log::kafka::producer::{EventProducer, ProducerStats};
+use crate::log::kafka::{ensure_symbols_topic, ensure_topics};
 use crate::log::local::{LocalLog, POSITION_TOPIC};
 use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::pipeline::{
@@ -853,7 +853,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     names.sort_unstable();
     health.set("plugins", true, format!("loaded: {}", names.join(", ")));
     let producer_stats = producer.stats().clone();
-    metrics.on_scrape(move |m| m.mirror_producer(&producer_stats));
+    metrics.on_scrape(move |m| m.mirror_producer(&producer_stats.sample()));
     if let Handoff::Local(log) = &handoff {
         let log = log.clone();
         metrics.on_scrape(move |m| {
@@ -891,9 +891,9 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         let sources: Vec<_> =
             ingest.sources().iter().map(|h| (h.config.name.clone(), h.stats.clone(), h.decode.clone())).collect();
         metrics.on_scrape(move |m| {
-            let now_us = crate::source::now_us();
+            let now_us = crate::clock::now_us();
             for (name, stats, decode) in &sources {
-                m.mirror_source(name, stats, decode, now_us);
+                m.mirror_source(name, &decode.sample(stats), now_us);
             }
         });
         Some(ingest)
@@ -918,7 +918,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             start_process(config, &source_ids, &handoff, &plugins, symbols, health, metrics.clone(), store_path)
                 .await?;
         let stats = process.stats.clone();
-        metrics.on_scrape(move |m| m.mirror_process(&stats));
+        metrics.on_scrape(move |m| m.mirror_process(&stats.sample()));
         Some(process)
     } else {
         None

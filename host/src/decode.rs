@@ -10,6 +10,43 @@ use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::Frame;
 
+/// What the decode stage counts per source.
+#[derive(Debug, Default)]
+pub struct DecodeStats {
+    /// Records decoded and sent on.
+    pub records: std::sync::atomic::AtomicU64,
+    /// Frames the plugin refused (dead-lettered).
+    pub rejects: std::sync::atomic::AtomicU64,
+    /// Records dropped as duplicates by trade id.
+    pub duplicates: std::sync::atomic::AtomicU64,
+    /// Trade ids missing so far (a late arrival that fills a hole takes it back off).
+    pub gaps: std::sync::atomic::AtomicU64,
+    /// Trade-id sequences started again: an id too far from the last one to be a gap or a replay.
+    pub resets: std::sync::atomic::AtomicU64,
+    /// The same, per symbol id: symbols never become metric labels, so the API reads them here.
+    /// Locked once per batch that changes a gap, never per record.
+    pub gaps_by_symbol: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+}
+
+impl DecodeStats {
+    /// The source's counters for a scrape: its connection's (`connection`) and these.
+    pub fn sample(&self, connection: &crate::source::SourceStats) -> crate::telemetry::SourceSample {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::telemetry::SourceSample {
+            frames: connection.frames.load(Relaxed),
+            dropped: connection.dropped.load(Relaxed),
+            reconnects: connection.reconnects.load(Relaxed),
+            up: connection.state() == crate::source::State::Up,
+            last_message_us: connection.last_message_us.load(Relaxed),
+            records: self.records.load(Relaxed),
+            rejects: self.rejects.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            resets: self.resets.load(Relaxed),
+            gaps: self.gaps.load(Relaxed),
+        }
+    }
+}
+
 /// What [`TradeIds::observe`] decided about a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {

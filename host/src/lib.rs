@@ -23,11 +23,13 @@ pub mod api;
 pub mod batch;
 pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod feedsim;
-pub mod kafka;
 pub mod log;
+/// The Kafka hand-off; it lives in [`log`] (re-exported here).
+pub use log::kafka;
 pub mod pipeline;
 pub mod plugin;
 pub mod proto;

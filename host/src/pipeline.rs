@@ -18,17 +18,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::api::Health;
 use crate::batch::{BatchConfig, Batcher, FlushReason};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::config::{SourceConfig, SourceKind};
+pub use crate::decode::DecodeStats;
 use crate::decode::{Decoder, RejectedFrame};
-use crate::kafka::consumer::Polled;
+use crate::log::kafka::consumer::Polled;
 use crate::log::{Reader, Stage, Writer};
 use crate::plugin::PluginError;
 use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::sink::{Row, Sink};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats};
+use crate::telemetry::health::Health;
 use crate::transform::Transformer;
 
 /// Tuning of the ingest role.
@@ -55,24 +56,6 @@ impl Default for IngestSettings {
             connect_interval: Duration::from_millis(defaults::connect_interval_ms()),
         }
     }
-}
-
-/// What the decode stage counts per source.
-#[derive(Debug, Default)]
-pub struct DecodeStats {
-    /// Records decoded and sent on.
-    pub records: AtomicU64,
-    /// Frames the plugin refused (dead-lettered).
-    pub rejects: AtomicU64,
-    /// Records dropped as duplicates by trade id.
-    pub duplicates: AtomicU64,
-    /// Trade ids missing so far (a late arrival that fills a hole takes it back off).
-    pub gaps: AtomicU64,
-    /// Trade-id sequences started again: an id too far from the last one to be a gap or a replay.
-    pub resets: AtomicU64,
-    /// The same, per symbol id: symbols never become metric labels, so the API reads them here.
-    /// Locked once per batch that changes a gap, never per record.
-    pub gaps_by_symbol: std::sync::Mutex<BTreeMap<u32, u64>>,
 }
 
 /// A running source, as the API and metrics see it.
@@ -414,7 +397,14 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
 fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
     let (source, plugin) =
         ctx.names.get(slot(reject.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
-    ctx.producer.send_reject(reject, source, plugin, Stage::Decode);
+    ctx.producer.send_dead_letter(&crate::log::DeadLetter {
+        stage: Stage::Decode,
+        source_id: reject.source,
+        source,
+        plugin,
+        reason: &reject.reason,
+        bytes: &reject.bytes,
+    });
 }
 
 /// Index of source `id` in the per-source tables (ids start at 1; 0 maps past the end).
@@ -533,6 +523,19 @@ pub struct ProcessStats {
     pub receive_to_commit: LatencyRecorder,
     /// Each sink commit's duration since the last [`LatencyRecorder::take`] (for the load tool).
     pub sink_commit: LatencyRecorder,
+}
+
+impl ProcessStats {
+    /// The counters for a scrape.
+    pub fn sample(&self) -> crate::telemetry::ProcessSample {
+        crate::telemetry::ProcessSample {
+            consumed: self.consumed.load(Ordering::Relaxed),
+            stored: self.stored.load(Ordering::Relaxed),
+            rebalances: self.rebalances.load(Ordering::Relaxed),
+            lag: self.consumer_lag.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Row latencies in microseconds, in an HDR histogram (1 % resolution from 1 µs to an hour), filled
@@ -885,6 +888,8 @@ fn flush(
     let letters: Vec<crate::sink::DeadLetter<'_>> = dead
         .iter()
         .map(|d| crate::sink::DeadLetter {
+            stage: Stage::Transform,
+            source_id: d.source,
             source: names.sources.get(slot(d.source)).map(|s| &**s).unwrap_or(""),
             plugin: &d.plugin,
             reason: &d.reason,
@@ -901,7 +906,7 @@ fn flush(
     if let Some(taken) = taken {
         stats.batch_latency.record(taken.opened_at.elapsed());
     }
-    let now_us = crate::source::now_us();
+    let now_us = crate::clock::now_us();
     stats.receive_to_commit.record_rows(now_us, pending);
     stats.sink_commit.record(commit_time);
     if let Some(m) = &settings.metrics {

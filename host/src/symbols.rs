@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::{KafkaConfig, KafkaError};
+use crate::log::kafka::{KafkaConfig, KafkaError};
 
 /// A shared, thread-safe symbol dictionary.
 pub struct Symbols {
@@ -87,8 +87,7 @@ struct TopicLog {
     timeout: Duration,
 }
 
-/// The topic holding the dictionary by default.
-pub const SYMBOLS_TOPIC: &str = "sluice.symbols";
+pub use crate::log::kafka::SYMBOLS_TOPIC;
 
 impl Symbols {
     /// An empty dictionary kept in memory only; ids are assigned in order of first use from 1.
@@ -102,7 +101,7 @@ impl Symbols {
     }
 
     /// The dictionary kept in `topic` (one partition, created beforehand; see
-    /// [`kafka::ensure_symbols_topic`](crate::kafka::ensure_symbols_topic)): reads every name already
+    /// [`kafka::ensure_symbols_topic`](crate::log::kafka::ensure_symbols_topic)): reads every name already
     /// there, so ids given out by any instance are known before the first record is handled.
     ///
     /// # Errors

@@ -6,12 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{TestBroker, read_topic, unique_topic};
 use plugin_sdk::{Record, Records, StreamDataView};
-use sluice::decode::RejectedFrame;
 use sluice::kafka::producer::{EventProducer, record_key};
 use sluice::kafka::{KafkaConfig, ensure_topics};
+use sluice::log::{DeadLetter, Stage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_and_dead_letters_reach_the_broker() {
@@ -38,11 +37,14 @@ async fn records_and_dead_letters_reach_the_broker() {
         });
     }
     assert_eq!(producer.send_records(records.as_bytes()), 300);
-    producer.send_reject(
-        &RejectedFrame { source: 1, bytes: Bytes::from_static(b"{not json"), reason: "frame: invalid JSON".into() },
-        "binance-main",
-        "binance",
-    );
+    producer.send_dead_letter(&DeadLetter {
+        stage: Stage::Decode,
+        source_id: 1,
+        source: "binance-main",
+        plugin: "binance",
+        reason: "frame: invalid JSON",
+        bytes: b"{not json",
+    });
     producer.flush(Duration::from_secs(20)).unwrap();
     assert_eq!(producer.stats().delivered.load(std::sync::atomic::Ordering::Relaxed), 301);
 

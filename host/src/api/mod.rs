@@ -50,8 +50,8 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+pub use crate::telemetry::health::{Check, Health, Readiness};
 pub use error::ApiError;
-pub use health::{Check, Health, Readiness};
 
 /// The `[api]` table: where the API listens and the limits requests run under.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

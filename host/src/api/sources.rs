@@ -7,7 +7,7 @@ use axum::extract::State;
 use serde::Serialize;
 
 use super::ApiState;
-use crate::pipeline::DecodeStats;
+use crate::decode::DecodeStats;
 use crate::source::{SourceStats, State as Connection};
 
 /// One source as the API shows it; the counters are read live.
@@ -73,9 +73,7 @@ struct LinkView<'a> {
 /// `GET /v1/sources`.
 pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Value> {
     use std::sync::atomic::Ordering::Relaxed;
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let now_us = crate::clock::now_us();
     let entries = state.sources.0.get().map(Vec::as_slice).unwrap_or_default();
     let views: Vec<SourceView<'_>> = entries
         .iter()

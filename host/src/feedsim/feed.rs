@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -363,7 +363,7 @@ fn tick_decimals(price_e8: i64) -> u32 {
 
 /// Microseconds since the Unix epoch, from the real clock.
 pub(super) fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    u64::try_from(crate::clock::now_us()).unwrap_or(0)
 }
 
 /// Runs one feed's generator until shutdown: `rate` trades per second, rendered into frames and

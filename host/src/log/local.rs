@@ -30,8 +30,8 @@ use plugin_sdk::wire::Delimited;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{LogConfig, LogError, PartitionStatus, Stage};
-use crate::kafka::consumer::{PollOutcome, Polled};
-use crate::kafka::producer::ProducerStats;
+use crate::log::kafka::consumer::{PollOutcome, Polled};
+use crate::log::kafka::producer::ProducerStats;
 
 /// The name the store keeps the local log's position under (never a Kafka topic's name, so a store
 /// moved between modes cannot mistake one position for the other).
@@ -288,13 +288,14 @@ impl LocalWriter {
     }
 
     /// Appends a dead letter of `stage`.
-    pub fn send_dead_letter(&self, stage: Stage, source: &str, plugin: &str, reason: &str, bytes: &[u8]) {
+    pub fn send_dead_letter(&self, d: &crate::log::DeadLetter<'_>) {
+        let crate::log::DeadLetter { stage, source, plugin, reason, bytes, .. } = *d;
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         if stage == Stage::Transform {
             self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
         }
         self.send(Message::Dead(DeadRow {
-            at_ms: crate::source::now_us() / 1000,
+            at_ms: crate::clock::now_ms(),
             stage,
             source: source.to_owned(),
             plugin: plugin.to_owned(),
@@ -417,7 +418,7 @@ impl Appender {
 
     fn try_commit(&mut self, rows: &[(Vec<u8>, i64)], dead: &[DeadRow]) -> rusqlite::Result<(i64, u64, u64)> {
         let mut end = self.shared.end();
-        let now_ms = crate::source::now_us() / 1000;
+        let now_ms = crate::clock::now_ms();
         let (mut records, mut bytes) = (0u64, 0u64);
         let tx = self.conn.transaction()?;
         {
@@ -466,7 +467,7 @@ impl Appender {
     /// deletes (plus one), so its cost does not grow with the log.
     fn try_prune(&mut self) -> rusqlite::Result<()> {
         let committed = self.shared.committed.load(Ordering::SeqCst);
-        let cutoff_ms = crate::source::now_us() / 1000 - i64::try_from(self.config.retention_ms).unwrap_or(i64::MAX);
+        let cutoff_ms = crate::clock::now_ms() - i64::try_from(self.config.retention_ms).unwrap_or(i64::MAX);
         let tx = self.conn.transaction()?;
         // Rows are appended in offset order with rising times: the first row young enough to keep
         // bounds the aged ones, and the store's position bounds the committed ones.

@@ -5,17 +5,20 @@
 //! role reads with. Both count and report in the same terms whichever is behind them: a record is
 //! *sent* when handed over and *delivered* when Kafka acknowledged it or its local batch committed.
 
+pub mod error;
+pub mod kafka;
 pub mod local;
+pub mod stage;
 
-use std::path::PathBuf;
+pub use error::LogError;
+pub use stage::{DeadLetter, Stage};
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::decode::RejectedFrame;
-use crate::kafka::KafkaError;
-use crate::kafka::consumer::{EventConsumer, PollOutcome, Polled};
-use crate::kafka::producer::{EventProducer, ProducerStats};
+use crate::log::kafka::consumer::{EventConsumer, PollOutcome, Polled};
+use crate::log::kafka::producer::{EventProducer, ProducerStats};
 
 /// `[log]`: the local log's durability and retention (used when no Kafka brokers are configured).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -111,98 +114,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
 ";
 
-/// Why the hand-off failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// SQLite refused.
-    #[error("local log: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The log file cannot be opened.
-    #[error("local log {path}: {error}")]
-    Open {
-        /// The file.
-        path: PathBuf,
-        /// What SQLite said.
-        error: rusqlite::Error,
-    },
-    /// A file or thread could not be set up.
-    #[error("local log: {0}")]
-    Io(String),
-    /// The store has read past the end of the log it is attached to.
-    #[error(
-        "the store's position {store} is ahead of the end {log_end} of the local log {log}: the log was deleted \
-         or restored from an older copy; reading it from the start would count records twice. Restore the \
-         matching log, or move the store away to start over"
-    )]
-    StoreAhead {
-        /// The store's next offset.
-        store: i64,
-        /// The log's next offset.
-        log_end: i64,
-        /// The log file.
-        log: PathBuf,
-    },
-    /// A committed Kafka offset outside the partition's range.
-    #[error(
-        "the store's position {store} in {topic} partition {partition} is ahead of the partition's end {high}: \
-         the topic was deleted or recreated; reading it from the start would count records twice"
-    )]
-    OffsetAhead {
-        /// The topic.
-        topic: String,
-        /// The partition.
-        partition: i32,
-        /// The store's next offset.
-        store: i64,
-        /// The partition's high watermark.
-        high: i64,
-    },
-    /// The topic has fewer partitions than configured.
-    #[error(
-        "{topic} has {actual} partitions but [kafka] partitions is {configured}: create the topic with \
-         {configured} or set partitions to {actual}"
-    )]
-    FewerPartitions {
-        /// The topic.
-        topic: String,
-        /// `[kafka] partitions`.
-        configured: i32,
-        /// What the cluster says.
-        actual: i32,
-    },
-    /// Appends had not committed in time.
-    #[error("the local log had not committed everything within {0:?}")]
-    FlushTimeout(Duration),
-    /// Kafka refused.
-    #[error(transparent)]
-    Kafka(#[from] KafkaError),
-}
-
-impl LogError {
-    fn open(path: &std::path::Path, error: rusqlite::Error) -> Self {
-        LogError::Open { path: path.to_owned(), error }
-    }
-}
-
-/// The stage that refused a dead letter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// The decode plugin refused a frame (or the frame was too large).
-    Decode,
-    /// A transform refused a record.
-    Transform,
-}
-
-impl Stage {
-    /// The label value and the `sluice.stage` header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Decode => "decode",
-            Stage::Transform => "transform",
-        }
-    }
-}
-
 /// One partition of the hand-off, as `GET /v1/log` shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PartitionStatus {
@@ -252,11 +163,11 @@ impl Writer {
         }
     }
 
-    /// Dead-letters refused input of `stage`, with the source's name and the plugin.
-    pub fn send_reject(&self, reject: &RejectedFrame, source_name: &str, plugin: &str, stage: Stage) {
+    /// Dead-letters refused input.
+    pub fn send_dead_letter(&self, letter: &DeadLetter<'_>) {
         match self {
-            Writer::Kafka(p) => p.send_reject_at(reject, source_name, plugin, stage.as_str()),
-            Writer::Local(w) => w.send_dead_letter(stage, source_name, plugin, &reject.reason, &reject.bytes),
+            Writer::Kafka(p) => p.send_dead_letter(letter),
+            Writer::Local(w) => w.send_dead_letter(letter),
         }
     }
 

@@ -67,6 +67,19 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// How a failed call counts in its metrics; `None` for errors that are not a call failing.
+    pub fn failure(&self) -> Option<crate::telemetry::CallFailure> {
+        use crate::telemetry::CallFailure;
+        match self {
+            PluginError::Trap(_) => Some(CallFailure::Trap),
+            PluginError::Timeout { .. } => Some(CallFailure::Timeout),
+            PluginError::MemoryLimit { .. } | PluginError::OutputTooLarge { .. } | PluginError::InvalidOutput(_) => {
+                Some(CallFailure::Limit)
+            }
+            _ => None,
+        }
+    }
+
     /// A short, bounded label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

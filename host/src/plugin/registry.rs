@@ -457,11 +457,7 @@ pub struct VersionView {
     pub errors: u64,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::clock::now_ms;
 
 /// Accepts names that are safe as paths, labels and URL segments.
 fn check_name(name: &str) -> Result<(), RegistryError> {

@@ -355,7 +355,11 @@ impl PluginInstance {
                 metrics.records_out.inc_by(d.counts.iter().map(|&c| u64::from(c)).sum());
                 metrics.rejects.inc_by(d.rejects.len() as u64);
             }
-            Err(e) => metrics.failed(e),
+            Err(e) => {
+                if let Some(failure) = e.failure() {
+                    metrics.failed(failure)
+                }
+            }
         }
         result
     }
@@ -396,7 +400,11 @@ impl PluginInstance {
                 metrics.records_out.inc_by(t.count as u64);
                 metrics.rejects.inc_by(t.rejects.len() as u64);
             }
-            Err(e) => metrics.failed(e),
+            Err(e) => {
+                if let Some(failure) = e.failure() {
+                    metrics.failed(failure)
+                }
+            }
         }
         result
     }

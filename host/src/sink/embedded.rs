@@ -219,7 +219,7 @@ impl EmbeddedStore {
                 offset.execute(params![topic, partition, next])?;
             }
             if !dead.is_empty() {
-                let at_ms = crate::source::now_us() / 1000;
+                let at_ms = crate::clock::now_ms();
                 let mut letter = tx.prepare_cached(
                     "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) \
                      VALUES (?1, 'transform', ?2, ?3, ?4, ?5)",

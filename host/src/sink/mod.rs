@@ -11,17 +11,7 @@ pub use embedded::Row;
 
 /// A record a transform refused (or that no plugin could take), committed with the batch its poll
 /// belongs to: so it is dead-lettered exactly once, however often a failed batch is read again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeadLetter<'a> {
-    /// The source's name.
-    pub source: &'a str,
-    /// `name@version` of the plugin that refused it (empty when no plugin is bound).
-    pub plugin: &'a str,
-    /// Why.
-    pub reason: &'a str,
-    /// The record as it was read.
-    pub bytes: &'a [u8],
-}
+pub use crate::log::DeadLetter;
 
 use crate::log::Reader;
 

@@ -14,8 +14,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Frame, SourceStats, State, now_us};
-use crate::config::SourceConfig;
+use super::{Frame, SourceStats, State};
+use crate::clock::now_us;
+use crate::source::config::SourceConfig;
 
 /// Replays `config.path` into `out`, then stops (the source shows as stopped). Never panics on a
 /// bad file: a file that cannot be read is logged and counted as nothing read.

@@ -12,12 +12,13 @@
 //! `try_send`, and what a full queue refuses is counted per source.
 
 pub mod backoff;
+pub mod config;
 pub mod file;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -28,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::config::SourceConfig;
+use crate::source::config::SourceConfig;
 use backoff::Backoff;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -311,9 +312,7 @@ async fn connect(
     }
 }
 
-pub(crate) fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
+use crate::clock::now_us;
 
 /// What one message meant for the read loop.
 enum Read {

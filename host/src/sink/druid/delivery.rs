@@ -17,9 +17,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{DruidSinkConfig, encode_row};
-use crate::kafka::consumer::EventConsumer;
-use crate::kafka::{KafkaConfig, KafkaError};
 use crate::log::Reader;
+use crate::log::kafka::consumer::EventConsumer;
+use crate::log::kafka::{KafkaConfig, KafkaError};
 use crate::proto::StreamData;
 use crate::sink::{DeadLetter, Row, Sink};
 
@@ -132,7 +132,7 @@ impl DruidSink {
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "sluice.source", value: Some(d.source) })
                 .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
-                .insert(Header { key: "sluice.stage", value: Some("transform") })
+                .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
                 .insert(Header { key: "sluice.reason", value: Some(d.reason) });
             loop {
                 let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic)

@@ -2,6 +2,8 @@
 //! in `_total`, and labels are bounded (never a symbol). `GET /metrics` renders them in Prometheus'
 //! text format.
 
+pub mod health;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -151,15 +153,11 @@ impl CallMetrics {
     }
 
     /// Counts a failed call by its kind.
-    pub fn failed(&self, error: &crate::plugin::PluginError) {
-        use crate::plugin::PluginError;
-        match error {
-            PluginError::Trap(_) => self.traps.inc(),
-            PluginError::Timeout { .. } => self.timeouts.inc(),
-            PluginError::MemoryLimit { .. } | PluginError::OutputTooLarge { .. } | PluginError::InvalidOutput(_) => {
-                self.limit_errors.inc()
-            }
-            _ => {}
+    pub fn failed(&self, failure: CallFailure) {
+        match failure {
+            CallFailure::Trap => self.traps.inc(),
+            CallFailure::Timeout => self.timeouts.inc(),
+            CallFailure::Limit => self.limit_errors.inc(),
         }
     }
 
@@ -167,6 +165,74 @@ impl CallMetrics {
     pub fn errors(&self) -> u64 {
         self.traps.get() + self.timeouts.get() + self.limit_errors.get()
     }
+}
+
+/// How a plugin call failed, as its metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallFailure {
+    /// The guest trapped.
+    Trap,
+    /// The call ran past its deadline.
+    Timeout,
+    /// A limit was hit: memory, output size, or output that is not valid.
+    Limit,
+}
+
+/// One source's counters at a scrape: its connection's and its decode stage's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceSample {
+    /// Frames read.
+    pub frames: u64,
+    /// Frames a full queue refused.
+    pub dropped: u64,
+    /// Reconnects.
+    pub reconnects: u64,
+    /// Whether a connection is up.
+    pub up: bool,
+    /// When the last message arrived, µs since the epoch (0: never).
+    pub last_message_us: i64,
+    /// Records decoded.
+    pub records: u64,
+    /// Frames refused.
+    pub rejects: u64,
+    /// Duplicate trades dropped.
+    pub duplicates: u64,
+    /// Trade-id sequences restarted.
+    pub resets: u64,
+    /// Trade ids missing.
+    pub gaps: u64,
+}
+
+/// The hand-off writer's counters at a scrape (the Kafka producer's or the local log's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProducerSample {
+    /// Records handed over.
+    pub sent: u64,
+    /// Records acknowledged.
+    pub delivered: u64,
+    /// Records that finally failed.
+    pub failed: u64,
+    /// Times a full queue was waited on.
+    pub queue_full_waits: u64,
+    /// Dead letters written, of every stage.
+    pub dead_lettered: u64,
+    /// Of those, the transform stage's.
+    pub dead_lettered_transform: u64,
+}
+
+/// The process role's counters at a scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessSample {
+    /// Records read from the hand-off.
+    pub consumed: u64,
+    /// Rows committed to the sink.
+    pub stored: u64,
+    /// Consumer group rebalances.
+    pub rebalances: u64,
+    /// Records not read yet.
+    pub lag: i64,
+    /// Records dead-lettered by the transform stage.
+    pub rejected: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -407,29 +473,21 @@ impl Metrics {
     }
 
     /// Copies one source's connection and decode counters in.
-    pub fn mirror_source(
-        &self,
-        name: &str,
-        stats: &crate::source::SourceStats,
-        decode: &crate::pipeline::DecodeStats,
-        now_us: i64,
-    ) {
-        use std::sync::atomic::Ordering::Relaxed;
+    pub fn mirror_source(&self, name: &str, s: &SourceSample, now_us: i64) {
         let m = &self.mirrored;
         let labels = [name];
-        mirror(&m.source_frames.with_label_values(&labels), stats.frames.load(Relaxed));
-        mirror(&m.source_dropped.with_label_values(&labels), stats.dropped.load(Relaxed));
-        mirror(&m.source_reconnects.with_label_values(&labels), stats.reconnects.load(Relaxed));
-        m.source_up.with_label_values(&labels).set(i64::from(stats.state() == crate::source::State::Up));
-        let last = stats.last_message_us.load(Relaxed);
-        if last > 0 {
-            m.source_last_message_age.with_label_values(&labels).set((now_us - last).max(0) as f64 / 1e6);
+        mirror(&m.source_frames.with_label_values(&labels), s.frames);
+        mirror(&m.source_dropped.with_label_values(&labels), s.dropped);
+        mirror(&m.source_reconnects.with_label_values(&labels), s.reconnects);
+        m.source_up.with_label_values(&labels).set(i64::from(s.up));
+        if s.last_message_us > 0 {
+            m.source_last_message_age.with_label_values(&labels).set((now_us - s.last_message_us).max(0) as f64 / 1e6);
         }
-        mirror(&m.decode_records.with_label_values(&labels), decode.records.load(Relaxed));
-        mirror(&m.decode_rejects.with_label_values(&labels), decode.rejects.load(Relaxed));
-        mirror(&m.decode_duplicates.with_label_values(&labels), decode.duplicates.load(Relaxed));
-        mirror(&m.decode_resets.with_label_values(&labels), decode.resets.load(Relaxed));
-        m.decode_gaps.with_label_values(&labels).set(i64::try_from(decode.gaps.load(Relaxed)).unwrap_or(i64::MAX));
+        mirror(&m.decode_records.with_label_values(&labels), s.records);
+        mirror(&m.decode_rejects.with_label_values(&labels), s.rejects);
+        mirror(&m.decode_duplicates.with_label_values(&labels), s.duplicates);
+        mirror(&m.decode_resets.with_label_values(&labels), s.resets);
+        m.decode_gaps.with_label_values(&labels).set(i64::try_from(s.gaps).unwrap_or(i64::MAX));
     }
 
     /// Copies the local log's positions in: its start and end offsets, the store's committed offset,
@@ -446,29 +504,28 @@ impl Metrics {
 
     /// Copies the hand-off's delivery counters in (dead letters included): the Kafka producer's, or
     /// the local log appender's, which count the same way.
-    pub fn mirror_producer(&self, stats: &crate::kafka::producer::ProducerStats) {
-        use std::sync::atomic::Ordering::Relaxed;
+    pub fn mirror_producer(&self, s: &ProducerSample) {
         let m = &self.mirrored;
-        mirror(&m.kafka_sent, stats.sent.load(Relaxed));
-        mirror(&m.kafka_delivered, stats.delivered.load(Relaxed));
-        mirror(&m.kafka_failed, stats.failed.load(Relaxed));
-        mirror(&m.kafka_queue_full, stats.queue_full_waits.load(Relaxed));
+        mirror(&m.kafka_sent, s.sent);
+        mirror(&m.kafka_delivered, s.delivered);
+        mirror(&m.kafka_failed, s.failed);
+        mirror(&m.kafka_queue_full, s.queue_full_waits);
         // Transform dead letters are committed with their batch by the sink (see mirror_process).
-        let transform = stats.dead_lettered_transform.load(Relaxed);
-        let all = stats.dead_lettered.load(Relaxed);
-        mirror(&m.dlq_records.with_label_values(&["decode"]), all.saturating_sub(transform));
+        mirror(
+            &m.dlq_records.with_label_values(&["decode"]),
+            s.dead_lettered.saturating_sub(s.dead_lettered_transform),
+        );
     }
 
     /// Copies the process role's counters in.
-    pub fn mirror_process(&self, stats: &crate::pipeline::ProcessStats) {
-        use std::sync::atomic::Ordering::Relaxed;
+    pub fn mirror_process(&self, s: &ProcessSample) {
         let m = &self.mirrored;
-        mirror(&m.process_consumed, stats.consumed.load(Relaxed));
-        mirror(&m.process_committed, stats.stored.load(Relaxed));
-        mirror(&m.process_rebalances, stats.rebalances.load(Relaxed));
-        m.process_lag.set(stats.consumer_lag.load(Relaxed));
+        mirror(&m.process_consumed, s.consumed);
+        mirror(&m.process_committed, s.stored);
+        mirror(&m.process_rebalances, s.rebalances);
+        m.process_lag.set(s.lag);
         // Dead letters of the transform stage, counted when the batch that carries them commits.
-        mirror(&m.dlq_records.with_label_values(&["transform"]), stats.rejected.load(Relaxed));
+        mirror(&m.dlq_records.with_label_values(&["transform"]), s.rejected);
     }
 
     /// Runs `refresh` before every scrape, to copy counters kept elsewhere into the registry.

@@ -101,6 +101,9 @@ impl KafkaConfig {
     }
 }
 
+/// The symbol dictionary's default topic (see [`crate::symbols`]).
+pub const SYMBOLS_TOPIC: &str = "sluice.symbols";
+
 mod defaults {
     pub fn events_topic() -> String {
         "sluice.events".into()
@@ -109,7 +112,7 @@ mod defaults {
         "sluice.dlq".into()
     }
     pub fn symbols_topic() -> String {
-        crate::symbols::SYMBOLS_TOPIC.into()
+        super::SYMBOLS_TOPIC.into()
     }
     pub fn partitions() -> i32 {
         6

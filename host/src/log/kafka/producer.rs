@@ -15,7 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use super::{KafkaConfig, KafkaError};
-use crate::decode::RejectedFrame;
+use crate::log::stage::{DeadLetter, Stage};
 
 /// Delivery counters, updated from librdkafka's delivery reports.
 #[derive(Debug, Default)]
@@ -32,6 +32,21 @@ pub struct ProducerStats {
     pub dead_lettered_transform: AtomicU64,
     /// Times a send waited because librdkafka's queue was full.
     pub queue_full_waits: AtomicU64,
+}
+
+impl ProducerStats {
+    /// The counters for a scrape.
+    pub fn sample(&self) -> crate::telemetry::ProducerSample {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::telemetry::ProducerSample {
+            sent: self.sent.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            queue_full_waits: self.queue_full_waits.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            dead_lettered_transform: self.dead_lettered_transform.load(Relaxed),
+        }
+    }
 }
 
 /// Routes delivery reports to [`ProducerStats`].
@@ -132,21 +147,17 @@ impl EventProducer {
     }
 
     /// Dead-letters a refused frame with its source, plugin and reason as headers.
-    pub fn send_reject(&self, reject: &RejectedFrame, source_name: &str, plugin: &str) {
-        self.send_reject_at(reject, source_name, plugin, "decode");
-    }
-
     /// Dead-letters refused input of `stage` (`decode` or `transform`).
-    pub fn send_reject_at(&self, reject: &RejectedFrame, source_name: &str, plugin: &str, stage: &str) {
+    pub fn send_dead_letter(&self, d: &DeadLetter<'_>) {
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "sluice.source", value: Some(source_name) })
-            .insert(Header { key: "sluice.plugin", value: Some(plugin) })
-            .insert(Header { key: "sluice.stage", value: Some(stage) })
-            .insert(Header { key: "sluice.reason", value: Some(reject.reason.as_str()) });
-        let key = reject.source.to_be_bytes();
-        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(&reject.bytes[..]).headers(headers));
+            .insert(Header { key: "sluice.source", value: Some(d.source) })
+            .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
+            .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
+            .insert(Header { key: "sluice.reason", value: Some(d.reason) });
+        let key = d.source_id.to_be_bytes();
+        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(d.bytes).headers(headers));
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        if stage == "transform" {
+        if d.stage == Stage::Transform {
             self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -193,9 +193,13 @@ impl EventConsumer {
     /// start, with an ERROR naming the records retention deleted unread.
     ///
     /// # Errors
-    /// [`LogError::OffsetAhead`](crate::log::LogError::OffsetAhead), or the broker's refusal.
-    pub fn assign_checked(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), crate::log::LogError> {
-        use crate::log::LogError;
+    /// [`LogError::OffsetAhead`](crate::log::error::LogError::OffsetAhead), or the broker's refusal.
+    pub fn assign_checked(
+        &self,
+        partitions: i32,
+        stored: &[(String, i32, i64)],
+    ) -> Result<(), crate::log::error::LogError> {
+        use crate::log::error::LogError;
         // Every partition the topic has, not the configured count: records in the others would
         // never be read.
         let actual = self.partition_count()?;

@@ -1,0 +1,79 @@
+//! Why the hand-off failed, whichever is behind it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::log::kafka::KafkaError;
+
+/// Why the hand-off failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// SQLite refused.
+    #[error("local log: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The log file cannot be opened.
+    #[error("local log {path}: {error}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        error: rusqlite::Error,
+    },
+    /// A file or thread could not be set up.
+    #[error("local log: {0}")]
+    Io(String),
+    /// The store has read past the end of the log it is attached to.
+    #[error(
+        "the store's position {store} is ahead of the end {log_end} of the local log {log}: the log was deleted \
+         or restored from an older copy; reading it from the start would count records twice. Restore the \
+         matching log, or move the store away to start over"
+    )]
+    StoreAhead {
+        /// The store's next offset.
+        store: i64,
+        /// The log's next offset.
+        log_end: i64,
+        /// The log file.
+        log: PathBuf,
+    },
+    /// A committed Kafka offset outside the partition's range.
+    #[error(
+        "the store's position {store} in {topic} partition {partition} is ahead of the partition's end {high}: \
+         the topic was deleted or recreated; reading it from the start would count records twice"
+    )]
+    OffsetAhead {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The store's next offset.
+        store: i64,
+        /// The partition's high watermark.
+        high: i64,
+    },
+    /// The topic has fewer partitions than configured.
+    #[error(
+        "{topic} has {actual} partitions but [kafka] partitions is {configured}: create the topic with \
+         {configured} or set partitions to {actual}"
+    )]
+    FewerPartitions {
+        /// The topic.
+        topic: String,
+        /// `[kafka] partitions`.
+        configured: i32,
+        /// What the cluster says.
+        actual: i32,
+    },
+    /// Appends had not committed in time.
+    #[error("the local log had not committed everything within {0:?}")]
+    FlushTimeout(Duration),
+    /// Kafka refused.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+impl LogError {
+    pub(crate) fn open(path: &std::path::Path, error: rusqlite::Error) -> Self {
+        LogError::Open { path: path.to_owned(), error }
+    }
+}
