@@ -457,9 +457,7 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     // (the decoding plugin, whether it transforms too, an extra decoder, the links after it)
     let (mut plugin, plugin_transforms, mut decoder, mut thens, names) = match &source {
         Some((config, s)) => {
-            let decode_config: Vec<(String, String)> =
-                s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let decoder = start(&s.decode, &plugin_bytes(config, &s.decode)?, &decode_config)?;
+            let decoder = start(&s.decode, &plugin_bytes(config, &s.decode)?, &s.decode_pairs())?;
             let chain = config.chain(s);
             let links = chain
                 .iter()
@@ -718,29 +716,16 @@ async fn open_plugins(
     let config = config.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let runtime = Arc::new(Runtime::new(RuntimeSettings::default(), symbols)?.with_metrics(metrics));
-        let limits = config
-            .plugins
-            .iter()
-            .map(|(name, p)| {
-                let limits = Limits {
-                    memory_bytes: p.memory_bytes,
-                    deadline: Duration::from_millis(p.deadline_ms),
-                    output_bytes: p.output_bytes,
-                    max_symbols: p.max_symbols,
-                };
-                (name.clone(), limits)
-            })
-            .collect();
+        let limits = config.plugins.iter().map(|(name, p)| (name.clone(), Limits::from(p))).collect();
         // What this instance runs: each source's decoder in the ingest role, each link of its chain
         // in the process role; an upload is checked against every configuration it is bound with.
         let mut bindings: HashMap<String, Vec<Binding>> = HashMap::new();
         for s in &config.sources {
             if role != Role::Process {
-                let decode_config = s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                 bindings
                     .entry(s.decode.clone())
                     .or_default()
-                    .push(Binding { source: s.name.clone(), config: decode_config });
+                    .push(Binding { source: s.name.clone(), config: s.decode_pairs() });
             }
             if role != Role::Ingest {
                 for link in config.chain(s) {
@@ -862,12 +847,7 @@ async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         });
     }
     let ingest = if role != Role::Process {
-        let settings = IngestSettings {
-            workers: config.ingest.workers,
-            queue_frames: config.ingest.queue_frames,
-            max_frames_per_call: config.ingest.max_frames_per_call,
-            connect_interval: Duration::from_millis(config.ingest.connect_interval_ms),
-        };
+        let settings = IngestSettings::from(&config.ingest);
         let ingest = Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings)?;
         directory.set(
             ingest
@@ -1107,12 +1087,7 @@ async fn start_process(
     let stats = Arc::new(ProcessStats::default());
     let settings = ProcessSettings {
         partitions: config.kafka.partitions,
-        batch: crate::batch::BatchConfig {
-            max_rows: config.process.max_batch_rows,
-            max_wait: Duration::from_millis(config.process.max_wait_ms),
-            linger: Duration::from_micros(config.process.linger_us),
-            ..crate::batch::BatchConfig::default()
-        },
+        batch: crate::batch::BatchConfig::from(&config.process),
         health: Some(health),
         metrics: Some(metrics),
         ..ProcessSettings::default()

@@ -125,6 +125,28 @@ impl Default for ProcessConfig {
     }
 }
 
+impl From<&ProcessConfig> for crate::batch::BatchConfig {
+    fn from(p: &ProcessConfig) -> Self {
+        crate::batch::BatchConfig {
+            max_rows: p.max_batch_rows,
+            max_wait: std::time::Duration::from_millis(p.max_wait_ms),
+            linger: std::time::Duration::from_micros(p.linger_us),
+            ..crate::batch::BatchConfig::default()
+        }
+    }
+}
+
+impl From<&PluginConfig> for crate::plugin::Limits {
+    fn from(p: &PluginConfig) -> Self {
+        crate::plugin::Limits {
+            memory_bytes: p.memory_bytes,
+            deadline: std::time::Duration::from_millis(p.deadline_ms),
+            output_bytes: p.output_bytes,
+            max_symbols: p.max_symbols,
+        }
+    }
+}
+
 /// `[sink]`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

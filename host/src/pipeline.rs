@@ -45,16 +45,21 @@ pub struct IngestSettings {
     pub connect_interval: Duration,
 }
 
+impl From<&crate::config::IngestConfig> for IngestSettings {
+    fn from(c: &crate::config::IngestConfig) -> Self {
+        IngestSettings {
+            workers: c.workers,
+            queue_frames: c.queue_frames,
+            max_frames_per_call: c.max_frames_per_call,
+            connect_interval: Duration::from_millis(c.connect_interval_ms),
+        }
+    }
+}
+
 impl Default for IngestSettings {
     fn default() -> Self {
         // The `[ingest]` table's defaults (one worker per core).
-        use crate::config::defaults;
-        IngestSettings {
-            workers: defaults::workers(),
-            queue_frames: defaults::queue_frames(),
-            max_frames_per_call: defaults::max_frames_per_call(),
-            connect_interval: Duration::from_millis(defaults::connect_interval_ms()),
-        }
+        IngestSettings::from(&crate::config::IngestConfig::default())
     }
 }
 
@@ -157,7 +162,7 @@ impl Ingest {
             let plugin = plugins
                 .get(&s.decode)
                 .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.decode.clone() })?;
-            let config: Vec<(String, String)> = s.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let config = s.decode_pairs();
             let next = bindings.len();
             let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
             if b == next {

@@ -38,6 +38,7 @@
 //!
 //! # Layout
 //! - [`wire`]: the `StreamData` wire format: [`StreamDataView`] reads in place, [`Records`] writes.
+//!   (Its framing helpers and the runner are the host's, hidden from these docs.)
 //! - [`decimal`]: exact decimal strings to fixed point ([`parse_e8`]).
 //! - [`json`]: allocation-free JSON access for frames; [`field`] reads a decoder's fields from it.
 //! - [`time`]: venue timestamps to Unix milliseconds.
@@ -60,6 +61,8 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use decimal::{DecimalError, parse_e8};
+/// What the host and the `export!` macro use to run a plugin; not for plugin code.
+#[doc(hidden)]
 pub use runner::Runner;
 pub use symbols::symbol_id;
 pub use wire::{Record, Records, StreamDataView, WireError};

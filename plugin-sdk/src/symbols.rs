@@ -59,7 +59,7 @@ pub fn symbol_id(name: &str) -> u32 {
 
 /// Forgets cached ids (the native test dictionary was reset).
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
-pub(crate) fn clear_cache() {
+fn clear_cache() {
     CACHE.with(|c| c.borrow_mut().clear());
 }
 
@@ -70,16 +70,71 @@ fn intern_in_host(name: &str) -> u32 {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn intern_in_host(name: &str) -> u32 {
-    crate::testing::intern(name)
+    native::intern(name)
+}
+
+/// The dictionary a plugin sees natively (in `cargo test`, through
+/// [`testing::Harness`](crate::testing::Harness)): one per thread, ids from 1 in order of first use.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) mod native {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Dictionary {
+        ids: HashMap<String, u32>,
+        names: Vec<String>,
+        /// Answer 0 to every new name, as a host whose dictionary is down does (tests of the cache).
+        unavailable: bool,
+    }
+
+    /// Makes this thread's test dictionary answer 0 (unavailable) or work again.
+    #[cfg(test)]
+    pub(crate) fn set_unavailable(unavailable: bool) {
+        DICTIONARY.with(|d| d.borrow_mut().unavailable = unavailable);
+    }
+
+    thread_local! {
+        static DICTIONARY: RefCell<Dictionary> = RefCell::new(Dictionary::default());
+    }
+
+    /// The test dictionary's id for `name`, assigning the next one (from 1) on first use; 0 while the
+    /// dictionary is made unavailable (the host answers 0 when its dictionary cannot be reached).
+    pub(crate) fn intern(name: &str) -> u32 {
+        DICTIONARY.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.unavailable {
+                return 0;
+            }
+            if let Some(&id) = d.ids.get(name) {
+                return id;
+            }
+            d.names.push(name.to_owned());
+            let id = d.names.len() as u32;
+            d.ids.insert(name.to_owned(), id);
+            id
+        })
+    }
+
+    /// A fresh dictionary for this thread, and no cached ids.
+    pub(crate) fn reset() {
+        DICTIONARY.with(|d| *d.borrow_mut() = Dictionary::default());
+        super::clear_cache();
+    }
+
+    /// The name behind an id of this thread's dictionary.
+    pub(crate) fn name(id: u32) -> Option<String> {
+        DICTIONARY.with(|d| d.borrow().names.get(usize::try_from(id).ok()?.checked_sub(1)?).cloned())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn a_failed_lookup_is_not_cached() {
-        crate::testing::set_unavailable(true);
+        super::native::set_unavailable(true);
         assert_eq!(super::symbol_id("XMRUSDT"), 0);
-        crate::testing::set_unavailable(false);
+        super::native::set_unavailable(false);
         // The dictionary is back: the next frame gets the real id, not the 0 from before.
         let id = super::symbol_id("XMRUSDT");
         assert_ne!(id, 0);

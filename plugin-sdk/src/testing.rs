@@ -22,9 +22,6 @@
 //! # Ok::<(), Reason>(())
 //! ```
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-
 use crate::wire::{Records, push_delimited};
 use crate::{Plugin, Reason, Record, Runner};
 
@@ -55,42 +52,6 @@ pub struct Transformed {
     pub rejects: Vec<Rejected>,
 }
 
-#[derive(Default)]
-struct Dictionary {
-    ids: HashMap<String, u32>,
-    names: Vec<String>,
-    /// Answer 0 to every new name, as a host whose dictionary is down does (tests of the cache).
-    unavailable: bool,
-}
-
-/// Makes this thread's test dictionary answer 0 (unavailable) or work again.
-#[cfg(test)]
-pub(crate) fn set_unavailable(unavailable: bool) {
-    DICTIONARY.with(|d| d.borrow_mut().unavailable = unavailable);
-}
-
-thread_local! {
-    static DICTIONARY: RefCell<Dictionary> = RefCell::new(Dictionary::default());
-}
-
-/// The test dictionary's id for `name`, assigning the next one (from 1) on first use; 0 while the
-/// dictionary is made unavailable (the host answers 0 when its dictionary cannot be reached).
-pub(crate) fn intern(name: &str) -> u32 {
-    DICTIONARY.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.unavailable {
-            return 0;
-        }
-        if let Some(&id) = d.ids.get(name) {
-            return id;
-        }
-        d.names.push(name.to_owned());
-        let id = d.names.len() as u32;
-        d.ids.insert(name.to_owned(), id);
-        id
-    })
-}
-
 /// A plugin instance under test.
 pub struct Harness<P> {
     runner: Runner<P>,
@@ -104,8 +65,7 @@ impl<P: Plugin> Harness<P> {
     /// # Errors
     /// The plugin's [`Reason`] when `init` fails.
     pub fn new(config: &[(&str, &str)]) -> Result<Self, Reason> {
-        DICTIONARY.with(|d| *d.borrow_mut() = Dictionary::default());
-        crate::symbols::clear_cache();
+        crate::symbols::native::reset();
         let mut runner = Runner::new();
         runner.init(config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())?;
         Ok(Harness { runner, scratch: Vec::new() })
@@ -152,7 +112,7 @@ impl<P: Plugin> Harness<P> {
 
     /// The name behind a symbol id.
     pub fn symbol(&self, id: u32) -> Option<String> {
-        DICTIONARY.with(|d| d.borrow().names.get(usize::try_from(id).ok()?.checked_sub(1)?).cloned())
+        crate::symbols::native::name(id)
     }
 }
 

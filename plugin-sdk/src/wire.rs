@@ -81,6 +81,7 @@ impl std::error::Error for WireError {}
 /// # Errors
 /// [`WireError::Truncated`] or [`WireError::VarintOverflow`].
 #[inline(always)]
+#[doc(hidden)]
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     let (value, next) = varint_at(buf, *pos)?;
     *pos = next;
@@ -154,6 +155,7 @@ fn varint_slow(buf: &[u8], pos: usize) -> Result<(u64, usize), WireError> {
 
 /// The number of bytes `value` takes as a varint.
 #[inline(always)]
+#[doc(hidden)]
 pub fn varint_len(value: u64) -> usize {
     // 1 + floor(bits / 7), with 0 taking one byte.
     let bits = 64 - (value | 1).leading_zeros() as usize;
@@ -162,6 +164,7 @@ pub fn varint_len(value: u64) -> usize {
 
 /// Appends `value` as a varint.
 #[inline(always)]
+#[doc(hidden)]
 pub fn write_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -300,6 +303,7 @@ fn u32_field(v: u64, field: u32) -> Result<u32, WireError> {
 /// assert_eq!(items, vec![Ok(&b"hi"[..]), Ok(&b""[..])]);
 /// ```
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct Delimited<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -344,6 +348,7 @@ impl<'a> Iterator for Delimited<'a> {
 /// plugin_sdk::wire::push_delimited(&mut buf, b"hi");
 /// assert_eq!(buf, [2, b'h', b'i']);
 /// ```
+#[doc(hidden)]
 pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
     write_varint(out, item.len() as u64);
     out.extend_from_slice(item);
@@ -356,6 +361,7 @@ pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
 ///
 /// # Errors
 /// The index of the first invalid record and why.
+#[doc(hidden)]
 pub fn validate_batch(batch: &[u8]) -> Result<usize, (usize, WireError)> {
     let mut n = 0;
     for item in Delimited::new(batch) {
@@ -540,6 +546,7 @@ impl Records {
 
 /// The encoded length of a record's fields (without the length prefix).
 #[inline(always)]
+#[doc(hidden)]
 pub fn encoded_len(r: &Record) -> usize {
     #[inline(always)]
     fn f(v: u64) -> usize {

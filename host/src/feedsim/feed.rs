@@ -5,19 +5,14 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::Venue;
-use super::venue;
 
 /// Frames a connection may fall behind its feed before it is dropped as a slow consumer.
 const BROADCAST_FRAMES: usize = 16_384;
-/// The most trades one wake-up of a generator produces; after a long stall the rest are not made up.
-const MAX_TRADES_PER_WAKE: u64 = 10_000;
 
 /// A set of trade ids kept as disjoint, non-adjacent inclusive ranges (ids are mostly consecutive).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,18 +105,18 @@ pub(super) struct Feed {
     pending_skips: AtomicU64,
     record: Mutex<Record>,
     /// Whether generated trades are kept in the record.
-    record_trades: bool,
+    pub(super) record_trades: bool,
 }
 
 /// The test-facing record of one feed.
 #[derive(Debug, Default)]
-struct Record {
+pub(super) struct Record {
     /// Ids written to at least one socket.
     sent: IdSet,
     /// Ids consumed by a requested skip and never sent.
-    skipped: IdSet,
+    pub(super) skipped: IdSet,
     /// Every trade generated, by id, when the feed keeps them.
-    trades: std::collections::BTreeMap<u64, SentTrade>,
+    pub(super) trades: std::collections::BTreeMap<u64, SentTrade>,
 }
 
 /// A trade as the simulator sent it: what a test needs to compute rollups independently.
@@ -163,7 +158,7 @@ impl Feed {
     }
 
     /// Takes one pending skip, if any. Only the generator calls this.
-    fn take_skip(&self) -> bool {
+    pub(super) fn take_skip(&self) -> bool {
         self.pending_skips.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
     }
 
@@ -184,7 +179,7 @@ impl Feed {
         self.record().skipped.clone()
     }
 
-    fn record(&self) -> MutexGuard<'_, Record> {
+    pub(super) fn record(&self) -> MutexGuard<'_, Record> {
         // A poisoned lock only means a panic elsewhere mid-insert; the sets are still usable.
         self.record.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -364,75 +359,6 @@ fn tick_decimals(price_e8: i64) -> u32 {
 /// Microseconds since the Unix epoch, from the real clock.
 pub(super) fn now_us() -> u64 {
     u64::try_from(crate::clock::now_us()).unwrap_or(0)
-}
-
-/// Runs one feed's generator until shutdown: `rate` trades per second, rendered into frames and
-/// broadcast to every subscribed connection.
-pub(super) async fn run(
-    feed: Arc<Feed>,
-    mut generator: Generator,
-    rate: f64,
-    mut shutdown: watch::Receiver<bool>,
-    _running: mpsc::Sender<()>,
-) {
-    if rate <= 0.0 {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-        return;
-    }
-    let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_millis(1));
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let started = Instant::now();
-    // The first trade goes out at once, so a fresh subscriber sees data without waiting a period.
-    let mut made: u64 = 0;
-    let mut trades = Vec::with_capacity(3);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-        let due = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
-        made = made.max(due.saturating_sub(MAX_TRADES_PER_WAKE));
-        while made < due {
-            let burst = generator.burst(feed.venue);
-            made += burst;
-            let time_us = now_us();
-            trades.clear();
-            for _ in 0..burst {
-                let trade = generator.trade(time_us);
-                if feed.take_skip() {
-                    feed.record().skipped.insert(trade.id);
-                    // Keep each frame's ids consecutive: a gap ends the frame.
-                    publish(&feed, &generator, &mut trades);
-                } else {
-                    trades.push(trade);
-                }
-            }
-            publish(&feed, &generator, &mut trades);
-        }
-    }
-}
-
-/// Renders and broadcasts the trades gathered for one frame, if any.
-fn publish(feed: &Feed, generator: &Generator, trades: &mut Vec<Trade>) {
-    let (Some(first), Some(last)) = (trades.first(), trades.last()) else { return };
-    if feed.record_trades {
-        let mut record = feed.record();
-        for t in trades.iter() {
-            let sent = SentTrade {
-                id: t.id,
-                price_e8: t.price_e8,
-                size_e8: t.size_e8,
-                taker_buys: t.taker_buys,
-                time_us: t.time_us,
-            };
-            record.trades.insert(t.id, sent);
-        }
-    }
-    let frame = Frame { text: venue::trade_frame(feed, generator.decimals, trades).into(), ids: first.id..=last.id };
-    // No receivers is fine: trades go on while nobody listens, as on a venue.
-    let _ = feed.frames.send(Arc::new(frame));
-    trades.clear();
 }
 
 #[cfg(test)]

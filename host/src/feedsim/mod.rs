@@ -85,6 +85,7 @@
 
 mod conn;
 mod feed;
+mod ticker;
 mod venue;
 
 use std::collections::HashMap;
@@ -472,7 +473,7 @@ impl Shared {
         if feed.claim_start() {
             let generator = feed::Generator::new(self.config.seed, feed.venue, &feed.symbol);
             let rate = self.config.trades_per_second;
-            tokio::spawn(feed::run(feed.clone(), generator, rate, self.shutdown.clone(), running.clone()));
+            tokio::spawn(ticker::run(feed.clone(), generator, rate, self.shutdown.clone(), running.clone()));
         }
     }
 

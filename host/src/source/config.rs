@@ -155,6 +155,11 @@ impl SourceConfig {
         Ok(())
     }
 
+    /// `decode_config` as the plugin runtime takes it.
+    pub fn decode_pairs(&self) -> Vec<(String, String)> {
+        self.decode_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// `ping_interval_ms` as a duration, `None` when pings are off.
     pub fn ping_interval(&self) -> Option<Duration> {
         (self.ping_interval_ms > 0).then(|| Duration::from_millis(self.ping_interval_ms))

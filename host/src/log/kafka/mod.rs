@@ -101,6 +101,35 @@ impl KafkaConfig {
     }
 }
 
+/// Hands `record` to librdkafka; while its queue is full, calls `on_full`, waits `pause` and tries
+/// again. Any other refusal is returned.
+///
+/// # Errors
+/// librdkafka's error for a record it will not queue.
+pub fn send_waiting<'a, K, P, C>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'a, K, P, C::DeliveryOpaque>,
+    pause: Duration,
+    mut on_full: impl FnMut(),
+) -> Result<(), rdkafka::error::KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+    C: rdkafka::producer::ProducerContext + 'static,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                on_full();
+                std::thread::sleep(pause);
+                record = back;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// The symbol dictionary's default topic (see [`crate::symbols`]).
 pub const SYMBOLS_TOPIC: &str = "sluice.symbols";
 
@@ -138,17 +167,43 @@ pub async fn ensure_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
+    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    create_topics(config, brokers, &new, partitions).await
+}
+
+/// Creates the symbol dictionary topic when it does not exist: one partition (ids are offsets, so
+/// there must be one order), kept forever and never compacted (compaction would keep a name's last
+/// record, and ids are its first).
+///
+/// # Errors
+/// [`KafkaError::CreateTopic`] when the broker refuses.
+pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result<(), KafkaError> {
+    let topic = NewTopic::new(&config.symbols_topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1");
+    create_topics(config, brokers, &[topic], 1).await
+}
+
+/// Creates `new`; a topic that already exists must have at least `partitions` partitions.
+async fn create_topics(
+    config: &KafkaConfig,
+    brokers: &str,
+    new: &[NewTopic<'_>],
+    partitions: i32,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
-    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let names = || new.iter().map(|t| t.name).collect::<Vec<_>>().join(",");
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
-        .create_topics(&new, &opts)
+        .create_topics(new, &opts)
         .await
-        .map_err(|e| KafkaError::CreateTopic { topic: topics.join(","), reason: e.to_string() })?;
+        .map_err(|e| KafkaError::CreateTopic { topic: names(), reason: e.to_string() })?;
     for result in results {
         match result {
             Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if partitions <= 1 => {}
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                 // An existing topic must have at least the partitions configured.
                 let metadata = admin
@@ -166,33 +221,6 @@ pub async fn ensure_topics(
                     });
                 }
             }
-            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
-        }
-    }
-    Ok(())
-}
-
-/// Creates the symbol dictionary topic when it does not exist: one partition (ids are offsets, so
-/// there must be one order), kept forever and never compacted (compaction would keep a name's last
-/// record, and ids are its first).
-///
-/// # Errors
-/// [`KafkaError::CreateTopic`] when the broker refuses.
-pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
-    let topic = NewTopic::new(&config.symbols_topic, 1, TopicReplication::Fixed(1))
-        .set("cleanup.policy", "delete")
-        .set("retention.ms", "-1")
-        .set("retention.bytes", "-1");
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics([&topic], &opts)
-        .await
-        .map_err(|e| KafkaError::CreateTopic { topic: config.symbols_topic.clone(), reason: e.to_string() })?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
         }
     }

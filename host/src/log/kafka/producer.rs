@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use plugin_sdk::wire::{Delimited, StreamDataView};
 use rdkafka::ClientContext;
-use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
@@ -162,21 +161,11 @@ impl EventProducer {
         }
     }
 
-    fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) {
-        loop {
-            match self.inner.send(record) {
-                Ok(()) => return,
-                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                    record = back;
-                }
-                Err((e, _)) => {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "a record could not be queued for Kafka");
-                    return;
-                }
-            }
+    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) {
+        let full = || _ = self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = super::send_waiting(&self.inner, record, Duration::from_millis(5), full) {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "a record could not be queued for Kafka");
         }
     }
 

@@ -13,13 +13,12 @@
 use std::time::Duration;
 
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{DruidSinkConfig, encode_row};
 use crate::log::Reader;
 use crate::log::kafka::consumer::EventConsumer;
-use crate::log::kafka::{KafkaConfig, KafkaError};
+use crate::log::kafka::{KafkaConfig, KafkaError, send_waiting};
 use crate::proto::StreamData;
 use crate::sink::{DeadLetter, Row, Sink};
 
@@ -134,21 +133,9 @@ impl DruidSink {
                 .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
                 .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
                 .insert(Header { key: "sluice.reason", value: Some(d.reason) });
-            loop {
-                let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic)
-                    .key(d.source)
-                    .payload(d.bytes)
-                    .headers(headers.clone());
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => {
-                        return Err(KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)));
-                    }
-                }
-            }
+            let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.bytes).headers(headers);
+            send_waiting(&self.producer, record, Duration::from_millis(1), || {})
+                .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)))?;
         }
         Ok(())
     }
@@ -165,16 +152,9 @@ impl DruidSink {
             self.buf.clear();
             encode_row(&record, row.source, row.symbol, &mut self.buf);
             // Keyed by symbol: one symbol's rows stay in one partition, which keeps Druid's rollup tight.
-            loop {
-                let record = BaseRecord::<str, [u8]>::to(&self.topic).key(row.symbol).payload(&self.buf);
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(KafkaError::Transaction(format!("produce to {}: {e}", self.topic))),
-                }
-            }
+            let record = BaseRecord::<str, [u8]>::to(&self.topic).key(row.symbol).payload(&self.buf);
+            send_waiting(&self.producer, record, Duration::from_millis(1), || {})
+                .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.topic)))?;
         }
         Ok(())
     }
