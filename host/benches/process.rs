@@ -24,7 +24,7 @@ use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::log::Reader;
-use sluice::pipeline::{Breakers, Names, ProcessSettings, ProcessStats, run_process};
+use sluice::pipeline::{Breakers, Names, Process, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::Sink;
 use sluice::sink::druid::{DruidSink, DruidSinkConfig};
@@ -97,13 +97,15 @@ impl Bench {
         std::thread::scope(|s| {
             let runner = s.spawn(|| {
                 run_process(
-                    &consumer,
-                    &mut transformers,
-                    &mut breakers,
-                    sink.as_mut(),
-                    &names,
-                    &settings,
-                    &stats,
+                    Process {
+                        reader: &consumer,
+                        chains: &mut transformers,
+                        breakers: &mut breakers,
+                        sink: sink.as_mut(),
+                        names: &names,
+                        settings: &settings,
+                        stats: &stats,
+                    },
                     &stop,
                 )
             });

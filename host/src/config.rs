@@ -38,6 +38,29 @@ pub struct Config {
     /// The feeds.
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
+    /// How sluice writes its own log lines (not the local log: that is `[log]`).
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+/// `[logging]`: the format of sluice's log lines on stderr (which lines, `RUST_LOG` decides).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `text` (the default) for people, `json` (one object per line) for log collectors.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with `message`).
+    Json,
 }
 
 impl Default for Config {
@@ -52,6 +75,7 @@ impl Default for Config {
             sink: SinkConfig::default(),
             plugins: BTreeMap::new(),
             sources: Vec::new(),
+            logging: LoggingConfig::default(),
         }
     }
 }

@@ -1,23 +1,24 @@
 //! sluice: WebSocket market-data feeds to Kafka, through sandboxed wasm plugins, to Druid.
 //!
 //! # Layout
-//! The modules follow the data flow:
-//! - [`source`]: WebSocket feeds, one task each: keep-alive, reconnects, rotation.
-//! - [`decode`]: frames through the source's plugin; duplicates dropped and gaps counted by trade id.
-//! - [`kafka`]: the producer, consumer and topics of the Kafka hand-off.
-//! - [`log`]: the hand-off between the roles: Kafka, or the local log on one machine.
-//! - [`proto`]: the `StreamData` record and the Druid sink row, generated from `proto/` by prost.
-//! - [`symbols`]: symbol names to the ids records carry.
-//! - [`plugin`]: the wasm runtime that runs plugins' `decode` and `transform`.
-//! - [`pipeline`]: the only place that wires the stages together.
-//! - [`transform`]: batches through a plugin's `transform`, with retry and bisection.
-//! - [`breaker`]: the circuit breaker that stops calling a plugin that keeps failing.
-//! - [`batch`]: the adaptive batcher in front of the sinks.
-//! - [`sink`]: where rolled-up output lands: the embedded SQLite store, or Druid through a Kafka topic.
-//! - [`api`]: the HTTP API: health, readiness and read-only queries over the embedded store.
-//! - [`telemetry`]: every metric, for `/metrics`.
-//! - [`config`]: the TOML configuration.
-//! - [`cli`]: the command line, including `sluice plugin test`.
+//! The modules follow the data flow, and imports run one way, from the bottom of this list up:
+//! - [`clock`], [`telemetry`] (every metric, and the health checks), [`batch`], [`breaker`],
+//!   [`proto`] (the `StreamData` record and the Druid row, generated from `proto/` by prost).
+//! - [`log`]: the hand-off between the roles: the local log on one machine, or Kafka
+//!   ([`log::kafka`], also at [`kafka`]); dead letters and the stage that refused them.
+//! - [`symbols`]: symbol names to the ids records carry, shared through the log.
+//! - [`source`]: the feeds (WebSocket, or a recorded file), one task each, and their `[[source]]`
+//!   table.
+//! - [`plugin`]: the wasm runtime, the registry of versions and the hot-swap slots.
+//! - [`decode`] and [`transform`]: frames through a source's decoder; records through each link of
+//!   its chain, with retry and bisection.
+//! - [`sink`]: where rows land: the embedded SQLite store, or Druid through a Kafka topic.
+//! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
+//! - [`config`]: the TOML configuration, one table per stage.
+//! - [`pipeline`]: the only place that wires the stages together ([`pipeline::start`],
+//!   [`pipeline::run`]), with the ingest and process roles.
+//! - [`cli`]: the command line, including `sluice plugin new|test`, `demo` and `bench`;
+//!   [`feedsim`] is the venue simulator they run, [`scaffold`] what `plugin new` writes.
 
 pub mod api;
 pub mod batch;

@@ -318,3 +318,59 @@ fn demo_refuses_an_unknown_venue_and_names_the_known_ones() {
         assert!(err.contains(known), "{known} missing from: {err}");
     }
 }
+
+/// `[logging] format = "json"` makes every log line one JSON object (level, target, fields with the
+/// message); `--log-format text` on the command line wins over the file.
+#[test]
+fn logs_are_json_lines_when_the_config_asks_and_the_flag_wins() {
+    let dir = temp("json-logs");
+    let path = temp("json-logs.toml");
+    std::fs::write(
+        &path,
+        format!("data_dir = \"{}\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n[logging]\nformat = \"json\"\n", dir.display()),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(extra)
+            .env("RUST_LOG", "sluice=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Until it says it is running: the log lines come before and with that one.
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+            if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let json = run(&[]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let running =
+        lines.iter().find(|l| l["fields"]["message"] == "running").unwrap_or_else(|| panic!("no running line: {json}"));
+    assert_eq!(
+        (running["level"].as_str(), running["fields"]["role"].as_str()),
+        (Some("INFO"), Some("All")),
+        "{running}"
+    );
+    assert!(running["timestamp"].is_string() && running["target"].is_string(), "{running}");
+    let text = run(&["--log-format", "text"]);
+    assert!(text.lines().any(|l| l.contains("running") && l.contains("role=All")), "{text}");
+    assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&path);
+}

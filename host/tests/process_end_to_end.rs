@@ -19,7 +19,7 @@ use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::log::{Reader, Writer};
-use sluice::pipeline::{Breakers, Names, ProcessError, ProcessSettings, ProcessStats, run_process};
+use sluice::pipeline::{Breakers, Names, Process, ProcessError, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 use sluice::symbols::Symbols;
@@ -93,7 +93,18 @@ fn process_until(
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &consumer,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
@@ -231,8 +242,18 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        let result =
-            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop);
+        let result = run_process(
+            Process {
+                reader: &consumer,
+                chains: &mut transformers,
+                breakers: &mut breakers,
+                sink: &mut store,
+                names: &names,
+                settings: &settings,
+                stats: &stats,
+            },
+            &stop,
+        );
         done.store(true, Ordering::Relaxed);
         result
     });
@@ -366,7 +387,18 @@ fn abandoned_poll_scenario(druid: bool) {
                 }
                 stop.store(true, Ordering::Relaxed);
             });
-            let result = run_process(&consumer, transformers, breakers, sink, &names, &settings, &stats, &stop);
+            let result = run_process(
+                Process {
+                    reader: &consumer,
+                    chains: transformers,
+                    breakers,
+                    sink,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            );
             done.store(true, Ordering::Relaxed);
             result
         })
@@ -476,7 +508,18 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let result = std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &reader,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) < 99
@@ -532,7 +575,18 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &reader,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < 3
@@ -594,7 +648,18 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &consumer,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) < 400 && start.elapsed() < Duration::from_secs(30) {
@@ -672,7 +737,18 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let (before, added, after) = std::thread::scope(|s| {
         let runner = s.spawn(|| {
             let mut breakers = Breakers::default();
-            run_process(&consumer, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &consumer,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let before = wait_stored(100);
         // Two more partitions, and records in all four.
@@ -745,14 +821,36 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
     let stop = AtomicBool::new(false);
     let mut breakers = Breakers::default();
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
-    let failed = run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop);
+    let failed = run_process(
+        Process {
+            reader: &reader,
+            chains: &mut transformers,
+            breakers: &mut breakers,
+            sink: &mut store,
+            names: &names,
+            settings: &settings,
+            stats: &stats,
+        },
+        &stop,
+    );
     assert!(failed.unwrap_err().to_string().contains("disk says no"));
     admin.execute_batch("DROP TRIGGER refuse").unwrap();
     // Started again from the last commit (none): the same records, the same poison.
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     std::thread::scope(|s| {
         let runner = s.spawn(|| {
-            run_process(&reader, &mut transformers, &mut breakers, &mut store, &names, &settings, &stats, &stop)
+            run_process(
+                Process {
+                    reader: &reader,
+                    chains: &mut transformers,
+                    breakers: &mut breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
         });
         let start = Instant::now();
         while store_dead_letters(&store_path).is_empty() && start.elapsed() < Duration::from_secs(20) {
@@ -797,8 +895,20 @@ fn run_local(
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
-        let runner =
-            s.spawn(|| run_process(&reader, transformers, breakers, &mut store, &names, &settings, &stats, &stop));
+        let runner = s.spawn(|| {
+            run_process(
+                Process {
+                    reader: &reader,
+                    chains: transformers,
+                    breakers,
+                    sink: &mut store,
+                    names: &names,
+                    settings: &settings,
+                    stats: &stats,
+                },
+                &stop,
+            )
+        });
         let start = Instant::now();
         while stats.stored.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed) < want
             && start.elapsed() < Duration::from_secs(20)

@@ -147,7 +147,7 @@ impl EventConsumer {
         })
     }
 
-    /// Looks for partitions added to the topic this often instead of every [`PARTITION_CHECK`].
+    /// Looks for partitions added to the topic this often instead of every `PARTITION_CHECK`.
     pub fn with_partition_check(mut self, every: Duration) -> Self {
         self.partition_check = every;
         self

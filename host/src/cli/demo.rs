@@ -1,0 +1,473 @@
+//! `sluice demo` and `sluice bench`: the whole pipeline on embedded defaults, fed by the simulator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::config::{Config, SourceConfig};
+use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+use crate::pipeline::{Role, start};
+use crate::sink::embedded::QueryConnection;
+
+/// Arguments of `sluice demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this many seconds; without it the demo runs until Ctrl-C.
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Simulated trades per second per symbol.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Where the local log, the store and the plugins are kept.
+    #[arg(long, default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api_addr: std::net::SocketAddr,
+    /// The simulated venues to run, comma-separated: binance, coinbase, kraken, okx, bybit,
+    /// bitstamp, kraken-v2, coinbase-advanced.
+    #[arg(long, value_delimiter = ',', default_value = "binance,coinbase,kraken", value_parser = parse_venue)]
+    pub venues: Vec<Venue>,
+}
+
+/// A venue by its name, or an error listing the names there are.
+fn parse_venue(s: &str) -> Result<Venue, String> {
+    Venue::from_name(s.trim()).ok_or_else(|| {
+        let known: Vec<&str> = Venue::ALL.iter().map(|v| v.name()).collect();
+        format!("unknown venue {s:?} (known: {})", known.join(", "))
+    })
+}
+
+/// The symbols the demo subscribes to on `venue`, spelled as the venue spells them.
+fn demo_symbols(venue: Venue) -> &'static [&'static str] {
+    match venue {
+        Venue::Binance => &["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        Venue::Coinbase => &["BTC-USD", "ETH-USD"],
+        Venue::Kraken => &["XBT/USD", "ETH/USD"],
+        Venue::Okx => &["BTC-USDT", "ETH-USDT", "SOL-USDT"],
+        Venue::Bybit => &["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        Venue::Bitstamp => &["btcusd", "ethusd"],
+        Venue::KrakenV2 => &["BTC/USD", "ETH/USD"],
+        Venue::CoinbaseAdvanced => &["BTC-USD", "ETH-USD", "SOL-USD"],
+    }
+}
+
+/// Arguments of `sluice bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Simulated feeds (venue and symbol pairs), spread over Binance, Coinbase and Kraken in turn.
+    #[arg(long, default_value_t = 7)]
+    pub feeds: usize,
+    /// Trades per second offered, in total over all feeds.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub rate: f64,
+    /// How long to offer them.
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// Seconds at the start left out of the totals and percentiles (connections, plugins warming up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+    /// Where the local log and the store go (a fresh temporary directory by default).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Hand records over through this Kafka cluster instead of the local log (topics named for
+    /// this run are created).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// With --brokers, deliver to the Druid topic in Kafka transactions instead of the embedded
+    /// store (no Overlord is needed: the spec is generated, its POST fails and is retried).
+    #[arg(long, requires = "brokers")]
+    pub druid: bool,
+}
+
+/// The demo's API token: `SLUICE_API_TOKEN` if set, else a fresh random one (printed at start).
+fn demo_token() -> crate::api::Secret {
+    use std::hash::{BuildHasher, Hasher};
+    crate::api::Secret::from_env().unwrap_or_else(|| {
+        // Each RandomState is seeded from the operating system's randomness.
+        let part = || std::collections::hash_map::RandomState::new().build_hasher().finish();
+        crate::api::Secret(format!("{:016x}{:016x}", part(), part()))
+    })
+}
+
+/// One source per venue, named after it, subscribed to `symbols` on the simulator in the venue's own
+/// subscribe message, decoded by the bundled plugin of the same name, and kept alive the way the
+/// venue asks (OKX wants a text `ping` at least every 30 s, Bybit `{"op":"ping"}` every 20 s, ...).
+fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig> {
+    let list = |items: Vec<String>| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
+    venues
+        .iter()
+        .filter(|(_, symbols)| !symbols.is_empty())
+        .map(|(venue, symbols)| {
+            let symbols: Vec<String> = symbols.iter().map(|s| s.to_string()).collect();
+            let name = venue.to_string();
+            let mut s = SourceConfig::new(&name, &sim.url(*venue), &name);
+            let keepalive = |s: &mut SourceConfig, text: &str, every_ms: u64| {
+                s.keepalive_text = Some(text.into());
+                s.ping_interval_ms = every_ms;
+            };
+            let subscribe = match venue {
+                Venue::Binance => vec![format!(
+                    r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#,
+                    list(symbols.iter().map(|s| format!("{}@aggTrade", s.to_lowercase())).collect())
+                )],
+                Venue::Coinbase => {
+                    vec![format!(r#"{{"type":"subscribe","product_ids":[{}],"channels":["matches"]}}"#, list(symbols))]
+                }
+                Venue::Kraken => vec![format!(
+                    r#"{{"event":"subscribe","pair":[{}],"subscription":{{"name":"trade"}}}}"#,
+                    list(symbols)
+                )],
+                Venue::Okx => {
+                    keepalive(&mut s, "ping", 20_000);
+                    // "The connection will soon be closed for a service upgrade."
+                    s.shutdown_notices.push(r#""64008""#.into());
+                    let args = symbols.iter().map(|s| format!(r#"{{"channel":"trades","instId":{s:?}}}"#));
+                    vec![format!(r#"{{"op":"subscribe","args":[{}]}}"#, args.collect::<Vec<_>>().join(","))]
+                }
+                Venue::Bybit => {
+                    keepalive(&mut s, r#"{"op":"ping"}"#, 20_000);
+                    let topics = symbols.iter().map(|s| format!("publicTrade.{s}")).collect();
+                    vec![format!(r#"{{"op":"subscribe","args":[{}]}}"#, list(topics))]
+                }
+                Venue::Bitstamp => {
+                    keepalive(&mut s, r#"{"event":"bts:heartbeat"}"#, 20_000);
+                    s.shutdown_notices.push("bts:request_reconnect".into());
+                    // One channel per subscribe message.
+                    symbols
+                        .iter()
+                        .map(|pair| format!(r#"{{"event":"bts:subscribe","data":{{"channel":"live_trades_{pair}"}}}}"#))
+                        .collect()
+                }
+                Venue::KrakenV2 => {
+                    keepalive(&mut s, r#"{"method":"ping"}"#, 20_000);
+                    vec![format!(
+                        r#"{{"method":"subscribe","params":{{"channel":"trade","symbol":[{}]}}}}"#,
+                        list(symbols)
+                    )]
+                }
+                Venue::CoinbaseAdvanced => {
+                    // One channel per subscribe message; heartbeats keep quiet subscriptions open.
+                    let products = list(symbols);
+                    ["market_trades", "heartbeats"]
+                        .iter()
+                        .map(|channel| {
+                            format!(r#"{{"type":"subscribe","product_ids":[{products}],"channel":"{channel}"}}"#)
+                        })
+                        .collect()
+                }
+            };
+            s.subscribe = subscribe;
+            s
+        })
+        .collect()
+}
+
+/// The demo's Binance chain: `min-volume` (trades under 0.001 dropped), then `outlier-filter`.
+pub fn demo_chain() -> Vec<crate::config::Link> {
+    let mut min_volume = crate::config::Link::new("min-volume");
+    min_volume.config.insert("min_volume".into(), "0.001".into());
+    vec![min_volume, crate::config::Link::new("outlier-filter")]
+}
+
+/// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
+pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut venues: Vec<(Venue, &[&str])> = Vec::new();
+    for venue in &args.venues {
+        if !venues.iter().any(|(v, _)| v == venue) {
+            venues.push((*venue, demo_symbols(*venue)));
+        }
+    }
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
+    let mut config = Config {
+        data_dir: args.data_dir,
+        api: crate::api::ApiConfig {
+            bind: args.api_addr,
+            token: Some(demo_token()),
+            ..crate::api::ApiConfig::default()
+        },
+        sources: venue_sources(&sim, &venues),
+        ..Config::default()
+    };
+    // The Binance feed's rules as a chain: dust trades dropped, then bad prints refused.
+    for source in config.sources.iter_mut().filter(|s| s.name == "binance") {
+        source.transforms = Some(demo_chain());
+    }
+    let running = start(&config, Role::All).await?;
+    println!(
+        "sluice demo: {} simulated venues ({}) -> wasm decoders -> {} -> transforms -> the embedded store",
+        venues.len(),
+        venues.iter().map(|(v, _)| v.name()).collect::<Vec<_>>().join(", "),
+        running.handoff
+    );
+    println!(
+        "HTTP API at http://{0}: the page at /, /health/ready, /v1/plugins, \
+         /v1/query?sql=SELECT%20*%20FROM%20rollup%20LIMIT%205",
+        running.api_addr
+    );
+    if let Some(token) = &config.api.token {
+        println!(
+            "plugin uploads: curl -X PUT -H 'Authorization: Bearer {}' --data-binary @plugin.wasm http://{}/v1/plugins/<name>",
+            token.0, running.api_addr
+        );
+    }
+    match args.seconds {
+        Some(n) => println!("running for {n} s (Ctrl-C stops earlier)"),
+        None => println!("running until Ctrl-C"),
+    }
+    println!(
+        "{:>5}  {:>9} {:>7} {:>9} {:>9} {:>7} {:>7} {:>5} {:>9}",
+        "s", "frames", "dropped", "records", "delivered", "rejects", "gaps", "up", "stored"
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut second = 0u64;
+    while args.seconds.is_none_or(|n| second < n) {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => break,
+        }
+        second += 1;
+        let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
+        let stored = running.stored();
+        println!(
+            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>3}/{n} {stored:>9}",
+            n = venues.len()
+        );
+    }
+    let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
+    let handoff = running.handoff.to_string();
+    let delivered = running.stop().await?;
+    sim.shutdown().await;
+    println!("stopped: {delivered} records delivered to {handoff}");
+    if delivered == 0 {
+        if args.rate > 0.0 {
+            bail!("no records were delivered");
+        }
+        return Ok(());
+    }
+    let sql = "SELECT strftime('%H:%M', bucket_ms / 1000, 'unixepoch') AS minute, source, symbol, side, events, \
+               round(qty_sum, 4) AS qty, price_min, price_max, price_last \
+               FROM rollup ORDER BY bucket_ms DESC, source, symbol, side LIMIT 12";
+    println!("\nrolled up in {} (per minute, source, symbol, side):\n{sql}", store_path.display());
+    let rows = QueryConnection::open(&store_path)?.query(sql, 12)?;
+    if rows.is_empty() {
+        bail!("nothing was rolled up");
+    }
+    for row in rows {
+        let cells: Vec<String> = row.values().map(|v| v.to_string()).collect();
+        println!("  {}", cells.join("  "));
+    }
+    Ok(())
+}
+
+/// CPU time (user and system) this process has used, and its resident memory, from `/proc/self`.
+fn own_usage() -> (Duration, u64) {
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which may hold spaces: utime and stime are the 12th and
+            // 13th, in clock ticks (USER_HZ, 100 on Linux).
+            let rest = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .map_or(Duration::ZERO, |ticks| Duration::from_millis(ticks * 10));
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split(' ').nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096);
+    (cpu, rss)
+}
+
+/// One line of the load tool's report.
+struct BenchLine<'a> {
+    label: &'a str,
+    offered: f64,
+    achieved: f64,
+    dropped: u64,
+    gaps: u64,
+    committed: u64,
+    latency: &'a hdrhistogram::Histogram<u64>,
+    cpu: f64,
+    rss: u64,
+}
+
+impl std::fmt::Display for BenchLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |q: f64| {
+            if self.latency.is_empty() { f64::NAN } else { self.latency.value_at_quantile(q) as f64 / 1000.0 }
+        };
+        let max = if self.latency.is_empty() { f64::NAN } else { self.latency.max() as f64 / 1000.0 };
+        write!(
+            f,
+            "{:>5} {:>9.0} {:>9.0} {:>8} {:>8} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5.0} {:>6}",
+            self.label,
+            self.offered,
+            self.achieved,
+            self.dropped,
+            self.gaps,
+            self.committed,
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            max,
+            self.cpu * 100.0,
+            self.rss >> 20
+        )
+    }
+}
+
+/// `sluice bench`: the load tool (see [`Command::Bench`]).
+pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.feeds == 0 || args.rate <= 0.0 || args.seconds <= args.warmup {
+        bail!("--feeds and --rate must be positive and --seconds longer than --warmup");
+    }
+    let per_feed = args.rate / args.feeds as f64;
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: per_feed, ..FeedSimConfig::default() }).await?;
+    let names: Vec<(Venue, String)> = (0..args.feeds)
+        .map(|i| match i % 3 {
+            0 => (Venue::Binance, format!("S{i}USDT")),
+            1 => (Venue::Coinbase, format!("S{i}-USD")),
+            _ => (Venue::Kraken, format!("S{i}/USD")),
+        })
+        .collect();
+    let of = |venue: Venue| names.iter().filter(|(v, _)| *v == venue).map(|(_, s)| s.as_str()).collect::<Vec<_>>();
+    let (binance, coinbase, kraken) = (of(Venue::Binance), of(Venue::Coinbase), of(Venue::Kraken));
+    let temp = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
+    let mut config = Config {
+        data_dir: data_dir.clone(),
+        api: crate::api::ApiConfig { bind: ([127, 0, 0, 1], 0).into(), ..crate::api::ApiConfig::default() },
+        sources: venue_sources(
+            &sim,
+            &[(Venue::Binance, &binance), (Venue::Coinbase, &coinbase), (Venue::Kraken, &kraken)],
+        ),
+        ..Config::default()
+    };
+    // Every source's records through one wasm transform call per batch, which passes them all.
+    config.process.transforms = vec![crate::config::Link::new("rescale")];
+    if let Some(brokers) = &args.brokers {
+        let run = format!("sluice.bench.{}", std::process::id());
+        config.kafka.brokers = brokers.clone();
+        config.kafka.events_topic = format!("{run}.events");
+        config.kafka.dlq_topic = format!("{run}.dlq");
+        config.kafka.symbols_topic = format!("{run}.symbols");
+        config.process.group = run.clone();
+        if args.druid {
+            config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
+                overlord_url: "http://127.0.0.1:9".into(),
+                topic: format!("{run}.druid"),
+                ..crate::sink::druid::DruidSinkConfig::default()
+            });
+        }
+    }
+    let running = start(&config, Role::All).await?;
+    let stats = running.process.as_ref().context("no process role")?.stats.clone();
+    let sink = if args.druid { "the Druid topic" } else { "the embedded store" };
+    println!(
+        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} into {sink} (the simulator runs in this process; CPU counts it)",
+        args.feeds, args.rate, args.seconds, running.handoff
+    );
+    println!(
+        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>6}",
+        "s",
+        "offered/s",
+        "achieved",
+        "dropped",
+        "gaps",
+        "committed",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "max ms",
+        "cpu%",
+        "rss MB"
+    );
+    let mut total = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let _ = stats.receive_to_commit.take();
+    let _ = stats.sink_commit.take();
+    let mut commits = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
+    let (mut last_cpu, _) = own_usage();
+    let mut last_committed = running.stored();
+    let (mut window_cpu, mut window_start_committed) = (Duration::ZERO, 0);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut measured = 0u64;
+    for second in 1..=args.seconds {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => break,
+        }
+        let latency = stats.receive_to_commit.take();
+        let (cpu, rss) = own_usage();
+        let [_, dropped, _, _, _, gaps, _] = running.counts();
+        let committed = running.stored();
+        if second == args.warmup {
+            window_start_committed = committed;
+        }
+        let committing = stats.sink_commit.take();
+        if second > args.warmup {
+            total.add(&latency)?;
+            commits.add(&committing)?;
+            window_cpu += cpu.saturating_sub(last_cpu);
+            measured += 1;
+        }
+        let line = BenchLine {
+            label: &second.to_string(),
+            offered: args.rate,
+            achieved: committed.saturating_sub(last_committed) as f64,
+            dropped,
+            gaps,
+            committed,
+            latency: &latency,
+            cpu: cpu.saturating_sub(last_cpu).as_secs_f64(),
+            rss,
+        };
+        println!("{line}");
+        (last_cpu, last_committed) = (cpu, committed);
+    }
+    let [_, dropped, _, _, _, gaps, _] = running.counts();
+    let committed = running.stored();
+    let (_, rss) = own_usage();
+    let seconds = measured.max(1) as f64;
+    let line = BenchLine {
+        label: "all",
+        offered: args.rate,
+        achieved: committed.saturating_sub(window_start_committed) as f64 / seconds,
+        dropped,
+        gaps,
+        committed,
+        latency: &total,
+        cpu: window_cpu.as_secs_f64() / seconds,
+        rss,
+    };
+    println!("{line}");
+    println!("(\"all\": the {measured} s after the warm-up; latency is receive to commit, per row)");
+    if !commits.is_empty() {
+        let ms = |v: u64| v as f64 / 1000.0;
+        println!(
+            "sink commits: {} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, mean {:.2} ms",
+            commits.len(),
+            commits.len() as f64 / seconds,
+            ms(commits.value_at_quantile(0.5)),
+            ms(commits.value_at_quantile(0.99)),
+            ms(commits.max()),
+            commits.mean() / 1000.0
+        );
+    }
+    running.stop().await?;
+    sim.shutdown().await;
+    if args.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    if dropped > 0 || gaps > 0 {
+        bail!("{dropped} frames were dropped and {gaps} trade ids are missing");
+    }
+    Ok(())
+}

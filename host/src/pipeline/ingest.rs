@@ -1,0 +1,401 @@
+//! The ingest role: each source task reads its feed and `try_send`s frames into the bounded queue of
+//! the decode worker that owns the source (`source id % workers`, so one worker sees all of a
+//! source's frames and its trade-id state). A worker drains what is queued (up to
+//! `max_frames_per_call`), decodes it with one plugin call per plugin binding, and hands the records
+//! to the hand-off writer (Kafka, or the local log); refused frames are dead-lettered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{SourceConfig, SourceKind};
+pub use crate::decode::DecodeStats;
+use crate::decode::{Decoder, RejectedFrame};
+use crate::log::{Stage, Writer};
+use crate::plugin::PluginError;
+use crate::plugin::registry::{BoundPlugin, Slot};
+use crate::source::{self, ConnectLimiter, Frame, SourceStats, slot};
+
+/// Tuning of the ingest role.
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    /// Decode worker threads.
+    pub workers: usize,
+    /// Frames each worker's queue holds before sources start dropping (and counting) them.
+    pub queue_frames: usize,
+    /// Most frames decoded in one plugin call.
+    pub max_frames_per_call: usize,
+    /// Minimum spacing of connection attempts to one host.
+    pub connect_interval: Duration,
+}
+
+impl From<&crate::config::IngestConfig> for IngestSettings {
+    fn from(c: &crate::config::IngestConfig) -> Self {
+        IngestSettings {
+            workers: c.workers,
+            queue_frames: c.queue_frames,
+            max_frames_per_call: c.max_frames_per_call,
+            connect_interval: Duration::from_millis(c.connect_interval_ms),
+        }
+    }
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        // The `[ingest]` table's defaults (one worker per core).
+        IngestSettings::from(&crate::config::IngestConfig::default())
+    }
+}
+
+/// A running source, as the API and metrics see it.
+pub struct SourceHandle {
+    /// Its configuration.
+    pub config: Arc<SourceConfig>,
+    /// Its id (records carry it as `source_id`).
+    pub id: u32,
+    /// Connection counters.
+    pub stats: Arc<SourceStats>,
+    /// Decode counters.
+    pub decode: Arc<DecodeStats>,
+    /// The plugin version the worker decoding this source runs.
+    pub running: Arc<crate::plugin::registry::Running>,
+}
+
+/// Why ingest could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// A source names a plugin that is not loaded.
+    #[error("source {source_name:?} uses plugin {plugin:?}, which is not loaded")]
+    UnknownPlugin {
+        /// The source.
+        source_name: String,
+        /// The plugin it names.
+        plugin: String,
+    },
+    /// A source's configuration is invalid.
+    #[error("{0}")]
+    Source(String),
+    /// A plugin could not start with a source's configuration.
+    #[error("plugin {plugin:?} for source {source_name:?}: {error}")]
+    Plugin {
+        /// The source.
+        source_name: String,
+        /// The plugin.
+        plugin: String,
+        /// What failed.
+        error: PluginError,
+    },
+}
+
+/// The running ingest role.
+pub struct Ingest {
+    sources: Vec<SourceHandle>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// One (plugin, plugin config) pair: sources sharing it share a plugin instance per worker.
+#[derive(Clone)]
+struct Binding {
+    plugin: Arc<Slot>,
+    config: Vec<(String, String)>,
+}
+
+impl Ingest {
+    /// Starts every source and the decode workers. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`IngestError`] for an invalid source, an unknown plugin or a plugin whose `init` refuses a
+    /// source's configuration; nothing is left running then. Each plugin runs from its registry
+    /// [`Slot`], so a version activated later takes over between batches.
+    pub fn start(
+        sources: Vec<SourceConfig>,
+        plugins: &HashMap<String, Arc<Slot>>,
+        producer: Arc<Writer>,
+        settings: IngestSettings,
+    ) -> Result<Self, IngestError> {
+        let ids: Vec<u32> = (1..=sources.len() as u32).collect();
+        Ingest::start_with_ids(sources, &ids, plugins, producer, settings)
+    }
+
+    /// [`start`](Self::start) with each source's id given (`ids[i]` for `sources[i]`, non-zero and
+    /// distinct): the ids records carry, stable per source name across restarts and config edits
+    /// (see [`Symbols::source_id`](crate::symbols::Symbols::source_id)).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start), and for ids that are 0 or repeated.
+    pub fn start_with_ids(
+        sources: Vec<SourceConfig>,
+        ids: &[u32],
+        plugins: &HashMap<String, Arc<Slot>>,
+        producer: Arc<Writer>,
+        settings: IngestSettings,
+    ) -> Result<Self, IngestError> {
+        let workers = settings.workers.max(1);
+        let distinct: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
+        if ids.len() != sources.len() || distinct.len() != ids.len() || distinct.contains(&0) {
+            return Err(IngestError::Source(format!("source ids {ids:?} are not one distinct non-zero id per source")));
+        }
+        // Bindings, and which binding each source uses.
+        let mut bindings: Vec<Binding> = Vec::new();
+        let mut binding_of: Vec<usize> = Vec::new();
+        let mut index: BTreeMap<(String, Vec<(String, String)>), usize> = BTreeMap::new();
+        for s in &sources {
+            s.validate().map_err(IngestError::Source)?;
+            let plugin = plugins
+                .get(&s.decode)
+                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.decode.clone() })?;
+            let config = s.decode_pairs();
+            let next = bindings.len();
+            let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
+            if b == next {
+                bindings.push(Binding { plugin: plugin.clone(), config });
+            }
+            binding_of.push(b);
+        }
+        // Every worker gets its own instance of each binding; check each starts before anything runs.
+        let mut decoders: Vec<HashMap<usize, Decoder>> = Vec::new();
+        for _ in 0..workers {
+            let mut mine = HashMap::new();
+            for (b, binding) in bindings.iter().enumerate() {
+                let code = binding.plugin.active();
+                let instance = code.instantiate(&binding.config).map_err(|error| {
+                    let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
+                    IngestError::Plugin {
+                        source_name: source.unwrap_or_default(),
+                        plugin: code.name().to_owned(),
+                        error,
+                    }
+                })?;
+                mine.insert(b, Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance)));
+            }
+            decoders.push(mine);
+        }
+
+        let (stop, stop_rx) = watch::channel(false);
+        let handles: Vec<SourceHandle> = sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let id = ids[i];
+                // The worker that owns this source, and its decoder of the source's binding.
+                let running = decoders[id as usize % workers][&binding_of[i]].running();
+                SourceHandle {
+                    config: Arc::new(config),
+                    id,
+                    stats: Arc::new(SourceStats::default()),
+                    decode: Arc::new(DecodeStats::default()),
+                    running,
+                }
+            })
+            .collect();
+        let limiter = Arc::new(ConnectLimiter::new(settings.connect_interval));
+        let mut senders = Vec::new();
+        let mut worker_threads = Vec::new();
+        for (w, decoders) in decoders.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel::<Frame>(settings.queue_frames);
+            senders.push(tx);
+            // Tables indexed by `slot(id)`; ids of sources not configured here are holes.
+            let size = ids.iter().copied().max().unwrap_or(0) as usize;
+            let mut by_id_binding = vec![None; size];
+            let mut by_id_names = vec![(String::new(), String::new()); size];
+            let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
+            for (i, h) in handles.iter().enumerate() {
+                by_id_binding[slot(h.id)] = Some(binding_of[i]);
+                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.decode.clone());
+                by_id_stats[slot(h.id)] = h.decode.clone();
+            }
+            let ctx = WorkerContext {
+                binding_of: by_id_binding,
+                names: by_id_names,
+                decode_stats: by_id_stats,
+                producer: producer.clone(),
+                max_frames: settings.max_frames_per_call.max(1),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-decode-{w}"))
+                .spawn(move || decode_worker(rx, decoders, ctx))
+                .map_err(|e| IngestError::Source(format!("cannot start a decode thread: {e}")))?;
+            worker_threads.push(thread);
+        }
+        let tasks = handles
+            .iter()
+            .map(|h| {
+                let out = senders[h.id as usize % workers].clone();
+                match h.config.kind {
+                    SourceKind::File => tokio::spawn(source::file::replay(
+                        h.config.clone(),
+                        h.id,
+                        out,
+                        h.stats.clone(),
+                        stop_rx.clone(),
+                    )),
+                    SourceKind::Websocket => tokio::spawn(source::run(
+                        h.config.clone(),
+                        h.id,
+                        out,
+                        h.stats.clone(),
+                        limiter.clone(),
+                        stop_rx.clone(),
+                    )),
+                }
+            })
+            .collect();
+        Ok(Ingest { sources: handles, stop, tasks, workers: worker_threads })
+    }
+
+    /// The running sources.
+    pub fn sources(&self) -> &[SourceHandle] {
+        &self.sources
+    }
+
+    /// Stops the sources, lets the workers decode what is queued, and waits for them.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // The sources' senders are gone now, so each worker drains its queue and ends.
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+    }
+}
+
+struct WorkerContext {
+    /// Binding index of source `id` at `slot(id)` (`None` for ids no source here has).
+    binding_of: Vec<Option<usize>>,
+    /// (source name, plugin name) of source `id - 1`.
+    names: Vec<(String, String)>,
+    decode_stats: Vec<Arc<DecodeStats>>,
+    producer: Arc<Writer>,
+    max_frames: usize,
+}
+
+fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Decoder>, ctx: WorkerContext) {
+    let mut queued: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    let mut group: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    while let Some(first) = rx.blocking_recv() {
+        queued.clear();
+        queued.push(first);
+        while queued.len() < ctx.max_frames {
+            match rx.try_recv() {
+                Ok(f) => queued.push(f),
+                Err(_) => break,
+            }
+        }
+        // Frames over the size limit are dead-lettered as they are, never decoded.
+        queued.retain(|f| match f.oversized {
+            None => true,
+            Some(len) => {
+                let reason =
+                    format!("frame of {len} bytes exceeds max_frame_bytes (kept: the first {} bytes)", f.bytes.len());
+                dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
+                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                    s.rejects.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+        });
+        // One call per binding, frames in arrival order within it.
+        let mut bindings: Vec<usize> =
+            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied().flatten()).collect();
+        bindings.sort_unstable();
+        bindings.dedup();
+        for b in bindings {
+            group.clear();
+            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&Some(b))).cloned());
+            if let Some(decoder) = decoders.get_mut(&b) {
+                // A panic here must not end the worker silently (its sources would stop for good):
+                // the group's frames are dead-lettered with the panic's message, logged at ERROR,
+                // and the worker goes on with the next frames.
+                let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    decode_group(decoder, &group, &ctx);
+                }));
+                if let Err(panic) = decoded {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(frames = group.len(), panic = %message, "a decode worker panicked; its frames are dead-lettered");
+                    for f in &group {
+                        let reason = format!("the decode worker panicked: {message}");
+                        dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
+                        if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                            s.rejects.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes one group; if the call fails (trap, timeout, limit), decodes frame by frame so only the
+/// frames that fail are dead-lettered, with the error as the reason.
+fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
+    match decoder.decode(frames) {
+        Ok(out) => {
+            ctx.producer.send_records(out.records.as_bytes());
+            for r in &out.rejects {
+                dead_letter(r, ctx);
+            }
+            for &(source, symbol) in &out.gap_changes {
+                if let Some(s) = ctx.decode_stats.get(slot(source))
+                    && let Ok(mut by_symbol) = s.gaps_by_symbol.lock()
+                {
+                    by_symbol.insert(symbol, decoder.trade_ids().gaps(source, symbol));
+                }
+            }
+            // One update per source present in the batch, not per record.
+            for (source, c) in &out.per_source {
+                if let Some(s) = ctx.decode_stats.get(slot(*source)) {
+                    s.records.fetch_add(c.records, Ordering::Relaxed);
+                    s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
+                    s.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
+                    s.gaps.fetch_add(c.gaps, Ordering::Relaxed);
+                    s.resets.fetch_add(c.resets, Ordering::Relaxed);
+                    s.gaps.fetch_sub(c.late.min(s.gaps.load(Ordering::Relaxed)), Ordering::Relaxed);
+                }
+            }
+        }
+        Err(e) if frames.len() > 1 => {
+            tracing::warn!(error = %e, frames = frames.len(), "decode call failed; retrying frame by frame");
+            for f in frames {
+                decode_group(decoder, std::slice::from_ref(f), ctx);
+            }
+        }
+        Err(e) => {
+            if let Some(f) = frames.first() {
+                let reject = RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason: e.to_string() };
+                dead_letter(&reject, ctx);
+                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
+                    s.rejects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
+    let (source, plugin) =
+        ctx.names.get(slot(reject.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
+    ctx.producer.send_dead_letter(&crate::log::DeadLetter {
+        stage: Stage::Decode,
+        source_id: reject.source,
+        source,
+        plugin,
+        reason: &reject.reason,
+        bytes: &reject.bytes,
+    });
+}

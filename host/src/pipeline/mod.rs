@@ -1,0 +1,649 @@
+//! The one place that wires the stages together: [`start`] brings up the API, the hand-off (the local
+//! log, or Kafka with its topics), the symbol dictionary, the plugin registry, the ingest role's
+//! sources and decode workers, the process role's chains and sink, and the metrics that mirror
+//! them; [`run`] keeps them running until its shutdown signal.
+
+mod ingest;
+mod process;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+pub use ingest::*;
+pub use process::*;
+
+use crate::api::{ApiState, Health};
+use crate::config::Config;
+use crate::log::kafka::consumer::EventConsumer;
+use crate::log::kafka::producer::{EventProducer, ProducerStats};
+use crate::log::kafka::{ensure_symbols_topic, ensure_topics};
+use crate::log::local::{LocalLog, POSITION_TOPIC};
+use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
+use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
+use crate::plugin::{Limits, Runtime, RuntimeSettings, bundled};
+use crate::sink::Sink;
+use crate::sink::druid::{DruidSink, transactional_id};
+use crate::sink::embedded::EmbeddedStore;
+use crate::symbols::Symbols;
+use crate::transform::Transformer;
+
+/// Which roles `sluice run` plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Both roles in one process (the default).
+    All,
+    /// Sources to Kafka only.
+    Ingest,
+    /// Kafka through the plugins to the sink only.
+    Process,
+}
+
+/// The hand-off between the roles: a Kafka cluster, or the local log in the data directory.
+#[derive(Clone)]
+pub(crate) enum Handoff {
+    /// Bootstrap servers.
+    Kafka(String),
+    /// The local log, open.
+    Local(LocalLog),
+}
+
+impl std::fmt::Display for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::Kafka(brokers) => write!(f, "Kafka at {brokers}"),
+            Handoff::Local(log) => write!(f, "the local log {}", log.path().display()),
+        }
+    }
+}
+
+/// The roles, running.
+pub struct Running {
+    pub(crate) ingest: Option<Ingest>,
+    pub(crate) producer: Arc<Writer>,
+    pub(crate) process: Option<ProcessRole>,
+    pub(crate) handoff: Handoff,
+    /// Where the HTTP API listens.
+    pub(crate) api_addr: std::net::SocketAddr,
+    /// Stops the API server and the health checks.
+    pub(crate) api_stop: tokio::sync::watch::Sender<bool>,
+    pub(crate) api_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The process role's thread, its stop flag and counters.
+pub(crate) struct ProcessRole {
+    pub(crate) thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    pub(crate) stop: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) stats: Arc<ProcessStats>,
+    /// The embedded store, when that is the sink.
+    pub(crate) store_path: Option<PathBuf>,
+}
+
+/// Opens the plugin registry under the data directory and deploys the plugins the sources use in
+/// `role` (decoders for ingest, the links of their chains for process; the configured file or the
+/// bundled plugin; a version already stored stays on the version the API last
+/// activated). Compiles off the async runtime.
+async fn open_plugins(
+    config: &Config,
+    role: Role,
+    symbols: Arc<Symbols>,
+    metrics: Arc<crate::telemetry::Metrics>,
+) -> anyhow::Result<(Arc<Registry>, HashMap<String, Arc<Slot>>)> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let runtime = Arc::new(Runtime::new(RuntimeSettings::default(), symbols)?.with_metrics(metrics));
+        let limits = config.plugins.iter().map(|(name, p)| (name.clone(), Limits::from(p))).collect();
+        // What this instance runs: each source's decoder in the ingest role, each link of its chain
+        // in the process role; an upload is checked against every configuration it is bound with.
+        let mut bindings: HashMap<String, Vec<Binding>> = HashMap::new();
+        for s in &config.sources {
+            if role != Role::Process {
+                bindings
+                    .entry(s.decode.clone())
+                    .or_default()
+                    .push(Binding { source: s.name.clone(), config: s.decode_pairs() });
+            }
+            if role != Role::Ingest {
+                for link in config.chain(s) {
+                    bindings
+                        .entry(link.plugin.clone())
+                        .or_default()
+                        .push(Binding { source: s.name.clone(), config: link.config_pairs() });
+                }
+            }
+        }
+        let mut wanted: Vec<String> = bindings.keys().cloned().collect();
+        wanted.sort_unstable();
+        let registry = Arc::new(Registry::open(runtime, &config.data_dir.join("plugins"), limits, bindings)?);
+        let mut slots = HashMap::new();
+        for name in &wanted {
+            let name = name.as_str();
+            let wasm = plugin_bytes(&config, name)?;
+            let slot = registry.deploy(name, &wasm).with_context(|| format!("plugin {name}"))?;
+            slots.insert(name.to_owned(), slot);
+        }
+        Ok((registry, slots))
+    })
+    .await?
+}
+
+/// The component of plugin `name`: the file `[plugins.<name>] path` names, or the bundled one.
+pub(crate) fn plugin_bytes(config: &Config, name: &str) -> anyhow::Result<Vec<u8>> {
+    match config.plugins.get(name).and_then(|p| p.path.as_ref()) {
+        Some(path) => std::fs::read(path).with_context(|| format!("plugin {name}: cannot read {}", path.display())),
+        None => Ok(bundled::by_name(name)
+            .with_context(|| format!("plugin {name} is not bundled and has no path"))?
+            .to_vec()),
+    }
+}
+
+/// Starts the roles asked for: the broker (embedded unless configured), the topics, the shared symbol
+/// dictionary, the plugins, the sources (ingest), and the consumer that transforms each source's
+/// records with its plugin and delivers them to the sink (process).
+pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
+    // The API comes up first, so an operator can watch readiness while the rest starts.
+    let health = Arc::new(Health::new());
+    health.expect(if config.kafka.brokers.trim().is_empty() { "log" } else { "kafka" });
+    health.expect("plugins");
+    if role != Role::Ingest {
+        health.expect("sink");
+        health.expect("breakers");
+    }
+    let store_path =
+        (role != Role::Ingest && config.sink.druid.is_none()).then(|| config.data_dir.join("store.sqlite"));
+    let listener = tokio::net::TcpListener::bind(config.api.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} for the HTTP API ([api] bind)", config.api.bind))?;
+    let api_addr = listener.local_addr()?;
+    let (api_stop, _) = tokio::sync::watch::channel(false);
+    let directory = Arc::new(crate::api::SourceDirectory::default());
+    let plugin_api = Arc::new(crate::api::PluginDirectory::default());
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let api_state = ApiState::new(&config.api, store_path.clone(), health.clone())
+        .with_sources(directory.clone())
+        .with_plugins(plugin_api.clone())
+        .with_metrics(metrics.clone());
+    let router = crate::api::router(api_state.clone());
+    let mut api_stopped = api_stop.subscribe();
+    let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
+        let _ = api_stopped.wait_for(|s| *s).await;
+    }));
+    tracing::info!(addr = %api_addr, "HTTP API listening");
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let kafka = &config.kafka;
+    let (handoff, symbols, producer) = if kafka.brokers.trim().is_empty() {
+        if role != Role::All {
+            bail!("running one role on its own needs [kafka] brokers, which the other role shares");
+        }
+        let (handoff, symbols, producer) = open_local_log(config, store_path.as_deref()).await?;
+        health.set("log", true, format!("local log at {}", config.data_dir.join("log.sqlite").display()));
+        (handoff, symbols, producer)
+    } else {
+        let brokers = kafka.brokers.clone();
+        ensure_topics(kafka, &brokers, &[&kafka.events_topic, &kafka.dlq_topic], kafka.partitions).await?;
+        ensure_symbols_topic(kafka, &brokers).await?;
+        if let Some(druid) = &config.sink.druid {
+            ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
+        }
+        let (k, b) = (kafka.clone(), brokers.clone());
+        let symbols = Arc::new(
+            tokio::task::spawn_blocking(move || Symbols::shared(&k, &b, &k.symbols_topic, Duration::from_secs(30)))
+                .await?
+                .context("symbol dictionary")?,
+        );
+        let producer = Arc::new(Writer::Kafka(EventProducer::new(kafka, &brokers)?));
+        tokio::spawn(watch_kafka(producer.clone(), health.clone(), api_stop.subscribe()));
+        (Handoff::Kafka(brokers), symbols, producer)
+    };
+    api_state.set_log(log_probe(config, &handoff, store_path.clone())?);
+    // Source ids, stable per name (kept in the symbol dictionary): records in the log keep meaning
+    // the same source across restarts and config edits.
+    let source_ids: Vec<u32> = {
+        let (dictionary, names) = (symbols.clone(), config.sources.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+        tokio::task::spawn_blocking(move || {
+            names.iter().map(|n| dictionary.source_id(n)).collect::<Result<Vec<_>, _>>()
+        })
+        .await?
+        .context("source ids")?
+    };
+    let (registry, plugins) = open_plugins(config, role, symbols.clone(), metrics.clone()).await?;
+    plugin_api.set(registry);
+    let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    health.set("plugins", true, format!("loaded: {}", names.join(", ")));
+    let producer_stats = producer.stats().clone();
+    metrics.on_scrape(move |m| m.mirror_producer(&producer_stats.sample()));
+    if let Handoff::Local(log) = &handoff {
+        let log = log.clone();
+        metrics.on_scrape(move |m| {
+            let s = log.status();
+            m.mirror_log(s.start, s.end, s.committed, log.bytes(), log.dropped());
+        });
+    }
+    let ingest = if role != Role::Process {
+        let settings = IngestSettings::from(&config.ingest);
+        let ingest = Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings)?;
+        directory.set(
+            ingest
+                .sources()
+                .iter()
+                .map(|h| crate::api::SourceEntry {
+                    name: h.config.name.clone(),
+                    plugin: h.config.decode.clone(),
+                    slot: plugins[&h.config.decode].clone(),
+                    transforms: config
+                        .chain(&h.config)
+                        .iter()
+                        .map(|l| (l.plugin.clone(), plugins.get(&l.plugin).cloned()))
+                        .collect(),
+                    stats: h.stats.clone(),
+                    decode: h.decode.clone(),
+                    running: h.running.clone(),
+                })
+                .collect(),
+        );
+        let sources: Vec<_> =
+            ingest.sources().iter().map(|h| (h.config.name.clone(), h.stats.clone(), h.decode.clone())).collect();
+        metrics.on_scrape(move |m| {
+            let now_us = crate::clock::now_us();
+            for (name, stats, decode) in &sources {
+                m.mirror_source(name, &decode.sample(stats), now_us);
+            }
+        });
+        Some(ingest)
+    } else {
+        None
+    };
+    if let (Some(druid), true, Handoff::Kafka(brokers)) = (&config.sink.druid, role != Role::Ingest, &handoff) {
+        // A spec that does not pass the offline checks stops the start; it is never posted.
+        crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, brokers)
+            .context("[sink.druid] does not make a valid supervisor spec")?;
+        health.expect("druid");
+        tokio::spawn(keep_druid_supervisor(
+            druid.clone(),
+            brokers.clone(),
+            health.clone(),
+            metrics.clone(),
+            api_stop.subscribe(),
+        ));
+    }
+    let process = if role != Role::Ingest {
+        let process = start_process(
+            config,
+            &source_ids,
+            &handoff,
+            &plugins,
+            Shared { symbols, health, metrics: metrics.clone() },
+            store_path,
+        )
+        .await?;
+        let stats = process.stats.clone();
+        metrics.on_scrape(move |m| m.mirror_process(&stats.sample()));
+        Some(process)
+    } else {
+        None
+    };
+    Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task })
+}
+
+/// Opens the local log in the data directory, checks the store's position against it (a store
+/// ahead of its log stops the start), and opens the symbol dictionary and the appender on it.
+async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result<(Handoff, Arc<Symbols>, Arc<Writer>)> {
+    let (path, log_config, store) = (config.data_dir.join("log.sqlite"), config.log.clone(), store.map(Path::to_owned));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let log = LocalLog::open(&path, &log_config)?;
+        if let Some(store) = store {
+            let offsets = EmbeddedStore::open(&store, Duration::from_secs(60))?.offsets(POSITION_TOPIC)?;
+            log.check_position(offsets.iter().find(|o| o.1 == 0).map(|o| o.2))?;
+        }
+        let symbols = Arc::new(Symbols::local(log.path()).context("symbol dictionary")?);
+        let writer = Arc::new(Writer::Local(log.writer(Arc::new(ProducerStats::default()))?));
+        Ok((Handoff::Local(log), symbols, writer))
+    })
+    .await?
+}
+
+/// What `GET /v1/log` reads: the local log's own positions, or each partition's watermarks and the
+/// sink's committed offsets (the store's, or the consumer group's for Druid) on Kafka.
+fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyhow::Result<crate::api::LogProbe> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = match handoff {
+        Handoff::Local(log) => {
+            let log = log.clone();
+            return Ok(Arc::new(move || Ok(LogStatus { mode: "local", partitions: vec![log.status()] })));
+        }
+        Handoff::Kafka(brokers) => brokers,
+    };
+    let mut c = config.kafka.client_config(brokers);
+    c.set("group.id", &config.process.group).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = c.create().context("a Kafka client for /v1/log")?;
+    let topic = config.kafka.events_topic.clone();
+    Ok(Arc::new(move || {
+        let timeout = Duration::from_secs(5);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout).map_err(|e| e.to_string())?;
+        let count = metadata.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        let committed: HashMap<i32, i64> = match &store {
+            Some(path) if path.exists() => crate::sink::embedded::stored_offsets(path, &topic)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(_, p, o)| (p, o))
+                .collect(),
+            Some(_) => HashMap::new(),
+            None => {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in 0..count {
+                    tpl.add_partition(&topic, p);
+                }
+                let got = consumer.committed_offsets(tpl, timeout).map_err(|e| e.to_string())?;
+                got.elements()
+                    .iter()
+                    .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+                    .collect()
+            }
+        };
+        let mut partitions = Vec::new();
+        for p in 0..count {
+            let (start, end) = consumer.fetch_watermarks(&topic, p, timeout).map_err(|e| e.to_string())?;
+            let committed = committed.get(&p).copied().unwrap_or(start);
+            partitions.push(PartitionStatus { partition: p, start, end, committed, lag: (end - committed).max(0) });
+        }
+        Ok(LogStatus { mode: "kafka", partitions })
+    }))
+}
+
+/// Applies the Druid supervisor spec through the Overlord (again after failures) and then polls the
+/// supervisor's status and health, for `/health/ready`.
+async fn keep_druid_supervisor(
+    druid: crate::sink::druid::DruidSinkConfig,
+    brokers: String,
+    health: Arc<Health>,
+    metrics: Arc<crate::telemetry::Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let client = match crate::sink::druid::OverlordClient::from_config(&druid) {
+        Ok(client) => client,
+        Err(e) => {
+            health.set("druid", false, format!("{e}"));
+            return;
+        }
+    };
+    let mut id = None;
+    loop {
+        let pause = match &id {
+            None => match client.apply(&druid, crate::proto::DESCRIPTOR_SET, &brokers).await {
+                Ok(applied) => {
+                    tracing::info!(supervisor = %applied, "Druid supervisor spec applied");
+                    health.set("druid", false, "spec applied; waiting for the supervisor's first status");
+                    id = Some(applied);
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    metrics.druid_overlord_errors_total.inc();
+                    tracing::warn!(error = %e, "applying the Druid supervisor spec failed; will retry");
+                    health.set("druid", false, format!("applying the supervisor spec: {e}"));
+                    if e.is_retriable() { Duration::from_secs(5) } else { Duration::from_secs(60) }
+                }
+            },
+            Some(supervisor) => {
+                let polled = client.poll_once(supervisor).await;
+                metrics.druid_supervisor_healthy.set(i64::from(polled.as_ref().is_ok_and(|p| p.healthy)));
+                match &polled {
+                    Ok(poll) => metrics.druid_supervisor_lag_messages.set(poll.status.aggregate_lag.unwrap_or(0)),
+                    Err(_) => metrics.druid_overlord_errors_total.inc(),
+                }
+                match polled {
+                    Ok(poll) => {
+                        health.set("druid", poll.healthy, format!("supervisor {supervisor}: {}", poll.status.state))
+                    }
+                    Err(e) => health.set("druid", false, format!("supervisor {supervisor}: {e}")),
+                }
+                druid.poll_interval()
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Checks every few seconds that the Kafka cluster answers, for `/health/ready`.
+async fn watch_kafka(producer: Arc<Writer>, health: Arc<Health>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let p = producer.clone();
+        let reachable = move || match &*p {
+            Writer::Kafka(p) => p.reachable(Duration::from_secs(5)),
+            Writer::Local(_) => Ok(0),
+        };
+        match tokio::task::spawn_blocking(reachable).await {
+            Ok(Ok(brokers)) => health.set("kafka", true, format!("{brokers} broker(s) answering")),
+            Ok(Err(e)) => health.set("kafka", false, e),
+            Err(e) => health.set("kafka", false, e.to_string()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// What the roles share: the symbol dictionary, the health checks and the metrics.
+struct Shared {
+    symbols: Arc<Symbols>,
+    health: Arc<Health>,
+    metrics: Arc<crate::telemetry::Metrics>,
+}
+
+/// The process role on its own thread: each source's records through its plugin's transform, into
+/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
+/// committed offsets after a pause.
+async fn start_process(
+    config: &Config,
+    source_ids: &[u32],
+    handoff: &Handoff,
+    plugins: &HashMap<String, Arc<Slot>>,
+    shared: Shared,
+    store_path: Option<PathBuf>,
+) -> anyhow::Result<ProcessRole> {
+    let Shared { symbols, health, metrics } = shared;
+    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
+    let mut transformers = HashMap::new();
+    for (&id, source) in source_ids.iter().zip(&config.sources) {
+        let mut chain = Vec::new();
+        for link in config.chain(source) {
+            let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
+            let instance = slot
+                .active()
+                .instantiate(&link.config_pairs())
+                .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
+            chain.push(Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
+        }
+        transformers.insert(id, chain);
+    }
+    // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
+    // dead-lettered: no plugin is bound to them).
+    let mut sources: Vec<Arc<str>> = vec![Arc::from(""); source_ids.iter().copied().max().unwrap_or(0) as usize];
+    for (&id, source) in source_ids.iter().zip(&config.sources) {
+        sources[id as usize - 1] = Arc::from(source.name.as_str());
+    }
+    let names = Names { sources, symbols };
+    health.set("breakers", true, "all closed");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stats = Arc::new(ProcessStats::default());
+    let settings = ProcessSettings {
+        partitions: config.kafka.partitions,
+        batch: crate::batch::BatchConfig::from(&config.process),
+        health: Some(health),
+        metrics: Some(metrics),
+        ..ProcessSettings::default()
+    };
+    let (config, handoff, path) = (config.clone(), handoff.clone(), store_path.clone());
+    let (stop_flag, counters) = (stop.clone(), stats.clone());
+    let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
+        let mut pause = Duration::from_millis(200);
+        let mut breakers = Breakers::default();
+        loop {
+            let result = (|| -> anyhow::Result<()> {
+                let consumer = match &handoff {
+                    Handoff::Kafka(brokers) => Reader::Kafka(EventConsumer::new(
+                        &config.kafka,
+                        brokers,
+                        &config.process.group,
+                        Some(&config.process.instance),
+                    )?),
+                    Handoff::Local(log) => Reader::Local(log.reader()?, log.clone()),
+                };
+                let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path, &handoff) {
+                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(DruidSink::new(
+                        &config.kafka,
+                        brokers,
+                        druid,
+                        &transactional_id(&config.process.group, &config.process.instance),
+                        Duration::from_secs(30),
+                    )?),
+                    (None, Some(path), _) => Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?),
+                    _ => {
+                        bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")
+                    }
+                };
+                tracing::info!(sink = sink.name(), group = %config.process.group, "process role started");
+                run_process(
+                    Process {
+                        reader: &consumer,
+                        chains: &mut transformers,
+                        breakers: &mut breakers,
+                        sink: sink.as_mut(),
+                        names: &names,
+                        settings: &settings,
+                        stats: &counters,
+                    },
+                    &stop_flag,
+                )
+            })();
+            let stopping = || stop_flag.load(Ordering::Relaxed);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if stopping() => return Err(e),
+                Err(e) => {
+                    let wait = match e.downcast_ref::<ProcessError>() {
+                        Some(ProcessError::BreakerOpen { .. }) => {
+                            let wait = breakers.wait(std::time::Instant::now());
+                            tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "records wait in Kafka");
+                            wait
+                        }
+                        None => {
+                            if let Some(health) = &settings.health {
+                                health.set("sink", false, format!("{e:#}"));
+                            }
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                "process role failed; resuming from the last commit"
+                            );
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                            pause
+                        }
+                    };
+                    // Sleep in short steps so a stop request is not kept waiting.
+                    let until = std::time::Instant::now() + wait;
+                    while std::time::Instant::now() < until && !stopping() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    if stopping() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(ProcessRole { thread, stop, stats, store_path })
+}
+
+impl Running {
+    /// Frames read, frames dropped (queue full), records decoded, records delivered, frames refused,
+    /// ids missing, sources up.
+    pub fn counts(&self) -> [u64; 7] {
+        let Some(ingest) = &self.ingest else { return [0; 7] };
+        let sum = |f: &dyn Fn(&SourceHandle) -> u64| ingest.sources().iter().map(f).sum::<u64>();
+        [
+            sum(&|h| h.stats.frames.load(Ordering::Relaxed)),
+            sum(&|h| h.stats.dropped.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.records.load(Ordering::Relaxed)),
+            self.producer.stats().delivered.load(Ordering::Relaxed),
+            sum(&|h| h.decode.rejects.load(Ordering::Relaxed)),
+            sum(&|h| h.decode.gaps.load(Ordering::Relaxed)),
+            ingest.sources().iter().filter(|h| h.stats.state() == crate::source::State::Up).count() as u64,
+        ]
+    }
+
+    /// Rows the process role has committed to its sink.
+    pub fn stored(&self) -> u64 {
+        self.process.as_ref().map_or(0, |p| p.stats.stored.load(Ordering::Relaxed))
+    }
+
+    pub async fn stop(self) -> anyhow::Result<u64> {
+        if let Some(ingest) = self.ingest {
+            ingest.stop().await;
+        }
+        self.producer.flush(Duration::from_secs(30))?;
+        if let Some(process) = self.process {
+            // Give the process role a moment to deliver what was just handed over, then stop it: on
+            // the local log until it has committed the log's end (at most 10 s), on Kafka 500 ms.
+            match &self.handoff {
+                Handoff::Local(log) => {
+                    let until = std::time::Instant::now() + Duration::from_secs(10);
+                    while log.status().lag > 0 && std::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Handoff::Kafka(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+            process.stop.store(true, Ordering::Relaxed);
+            let thread = process.thread;
+            tokio::task::spawn_blocking(move || thread.join())
+                .await?
+                .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
+        }
+        let _ = self.api_stop.send(true);
+        if let Err(e) = self.api_task.await? {
+            tracing::warn!(error = %e, "the HTTP API stopped with an error");
+        }
+        self.producer.close();
+        Ok(self.producer.stats().delivered.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs the roles asked for until `shutdown` completes, logging counts every ten seconds, then stops
+/// them cleanly (sources first, then what they handed over is delivered). Returns the records
+/// delivered to the hand-off.
+///
+/// # Errors
+/// What keeps a role from starting, or from stopping cleanly.
+pub async fn run(config: &Config, role: Role, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<u64> {
+    let running = start(config, role).await?;
+    tracing::info!(
+        ?role,
+        sources = config.sources.len(),
+        handoff = %running.handoff,
+        api = %running.api_addr,
+        "running"
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
+                let stored = running.stored();
+                tracing::info!(frames, dropped, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    running.stop().await
+}
