@@ -1,7 +1,9 @@
 //! The operator page in a real browser: `sluice run` from a TOML file (the feed simulator on loopback,
 //! the local log), the page at `/` opened in headless Chromium, and what the page shows read over
 //! the DevTools protocol several times from the same document, so the count it shows must be live and
-//! the page must refresh itself.
+//! the page must refresh itself. The charts of the last 15 minutes must have points, gain points
+//! from one refresh to the next and show a value under the pointer; a configuration of 300 sources
+//! that never connect must give a summarised, paginated sources table and no script error.
 //!
 //! Without Chromium (Debian's `chromium` package) the test says it skipped, unless
 //! `SLUICE_REQUIRE_BROWSER` is set, as CI does; then it fails.
@@ -44,7 +46,7 @@ const CHROMIUM_FLAGS: &[&str] = &[
 /// What the page shows, read in one evaluation so the parts belong to the same moment (a part is
 /// missing while the document is still loading). `origin` is the document's time origin: it changes
 /// when the page is loaded again.
-const SNAPSHOT: &str = r#"JSON.stringify({
+const SNAPSHOT: &str = r##"JSON.stringify({
     origin: performance.timeOrigin,
     total: document.getElementById("records-total")?.textContent,
     ready: document.getElementById("ready")?.textContent,
@@ -55,7 +57,33 @@ const SNAPSHOT: &str = r#"JSON.stringify({
     p50: document.getElementById("p50")?.textContent,
     p99: document.getElementById("p99")?.textContent,
     log: document.getElementById("log")?.textContent,
-})"#;
+    error: document.getElementById("error")?.textContent,
+    summary: document.getElementById("sources-summary")?.textContent,
+    pageAt: document.getElementById("page-at")?.textContent,
+    sourceRows: document.querySelectorAll("#sources tbody tr").length,
+    // Each chart's `data-points`: the points (or candles) it draws; the candle charts' summed.
+    charts: [...document.querySelectorAll("svg[data-chart]")].reduce((seen, svg) => {
+        seen[svg.dataset.chart] = (seen[svg.dataset.chart] || 0) + Number(svg.dataset.points);
+        return seen;
+    }, {}),
+})"##;
+
+/// Moves the pointer over the right end of the records chart and returns what its readout says.
+const HOVER: &str = r##"(() => {
+    const svg = document.querySelector("#chart-records svg");
+    const area = svg.querySelector("rect");
+    const box = svg.getBoundingClientRect();
+    area.dispatchEvent(new MouseEvent("mousemove",
+        { clientX: box.left + box.width * 0.98, clientY: box.top + box.height / 2, bubbles: true }));
+    return document.getElementById("readout-records").textContent;
+})()"##;
+
+/// Points the lag chart (one per refresh) and the records chart (one per refresh after the first)
+/// must reach: more than a short buffer would keep.
+const HISTORY_POINTS: u64 = 6;
+
+/// The charts whose `data-points` must be positive once the page has refreshed a few times.
+const CHARTS: [&str; 5] = ["chart-records", "chart-losses", "chart-lag", "chart-latency", "candles"];
 
 /// `/usr/bin/chromium`, or `chromium` on the `PATH`.
 fn chromium() -> Option<PathBuf> {
@@ -116,35 +144,147 @@ struct DevTools {
     socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     /// Each call carries a new id; the answer with the same id is the call's.
     next_id: u64,
+    /// Exceptions the page's scripts threw and did not catch (`Runtime.exceptionThrown`), since
+    /// `Runtime.enable`.
+    exceptions: Vec<Value>,
 }
 
 impl DevTools {
-    /// Evaluates `expression` in the page and returns its value; events the browser sends meanwhile
-    /// are skipped.
-    async fn evaluate(&mut self, expression: &str) -> Value {
+    /// Connects to the page's endpoint and has the browser report uncaught exceptions.
+    async fn connect(endpoint: &str) -> DevTools {
+        let (socket, _) = tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::connect_async(endpoint))
+            .await
+            .expect("DevTools answers in time")
+            .unwrap();
+        let mut page = DevTools { socket, next_id: 0, exceptions: Vec::new() };
+        tokio::time::timeout(CALL_TIMEOUT, page.call("Runtime.enable", json!({})))
+            .await
+            .expect("Runtime.enable answers");
+        page
+    }
+
+    /// Sends one call and returns its answer; events the browser sends meanwhile are skipped, except
+    /// exceptions, which are kept.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
-        let params = json!({"expression": expression, "returnByValue": true});
-        let call = json!({"id": id, "method": "Runtime.evaluate", "params": params});
+        let call = json!({"id": id, "method": method, "params": params});
         self.socket.send(Message::Text(call.to_string().into())).await.unwrap();
         while let Some(message) = self.socket.next().await {
             let Message::Text(text) = message.unwrap() else { continue };
             let answer: Value = serde_json::from_str(&text).unwrap();
-            if answer["id"] != id {
-                continue;
+            if answer["method"] == "Runtime.exceptionThrown" {
+                self.exceptions.push(answer["params"]["exceptionDetails"].clone());
             }
-            let failed = answer.get("error").or_else(|| answer["result"].get("exceptionDetails"));
-            assert!(failed.is_none(), "{expression} failed: {answer}");
-            return answer["result"]["result"]["value"].clone();
+            if answer["id"] == id {
+                return answer;
+            }
         }
         panic!("the browser closed the DevTools connection");
+    }
+
+    /// Evaluates `expression` in the page and returns its value; events the browser sends meanwhile
+    /// are skipped.
+    async fn evaluate(&mut self, expression: &str) -> Value {
+        let answer = self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true})).await;
+        let failed = answer.get("error").or_else(|| answer["result"].get("exceptionDetails"));
+        assert!(failed.is_none(), "{expression} failed: {answer}");
+        answer["result"]["result"]["value"].clone()
     }
 
     /// What the page shows now.
     async fn snapshot(&mut self) -> Value {
         let text = tokio::time::timeout(CALL_TIMEOUT, self.evaluate(SNAPSHOT)).await.expect("the page answers in time");
+        assert!(self.exceptions.is_empty(), "the page threw: {:?}", self.exceptions);
         serde_json::from_str(text.as_str().unwrap()).unwrap()
     }
+}
+
+/// The number of points a chart of `snapshot` draws (0 when it is not there).
+fn points(snapshot: &Value, chart: &str) -> u64 {
+    snapshot["charts"][chart].as_u64().unwrap_or(0)
+}
+
+/// Starts `sluice run` on `config` (a TOML body; `data_dir` is added) with its API on a free
+/// loopback port, and returns the port.
+fn start_sluice(cleanup: &mut Cleanup, config: &str) -> std::net::SocketAddr {
+    // A free loopback port for the API (taken and released; nothing else here binds ports by number).
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let path = cleanup.dir.join("sluice.toml");
+    std::fs::write(&path, format!("data_dir = \"{}\"\n{config}", cleanup.dir.join("data").display())).unwrap();
+    cleanup.spawn(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .arg("--api-addr")
+            .arg(api.to_string())
+            .env("RUST_LOG", "sluice=info"),
+        "sluice.log",
+    );
+    api
+}
+
+/// Opens `http://{api}/` in headless Chromium and connects to the page over DevTools.
+async fn open_page(
+    cleanup: &mut Cleanup,
+    chromium: &Path,
+    http: &reqwest::Client,
+    api: std::net::SocketAddr,
+    deadline: Instant,
+) -> DevTools {
+    let page_url = format!("http://{api}/");
+    let profile = cleanup.dir.join("profile");
+    std::fs::create_dir_all(&profile).unwrap();
+    cleanup.spawn(
+        Command::new(chromium)
+            .args(CHROMIUM_FLAGS)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(&page_url),
+        "chromium.log",
+    );
+    // With port 0, Chromium writes the port it chose to the profile directory.
+    let port_file = profile.join("DevToolsActivePort");
+    let devtools_port = loop {
+        let text = std::fs::read_to_string(&port_file).unwrap_or_default();
+        if let Some(port) = text.lines().next().and_then(|l| l.trim().parse::<u16>().ok()) {
+            break port;
+        }
+        check_deadline(deadline, "Chromium's DevTools port", &port_file.display());
+        tokio::time::sleep(POLL).await;
+    };
+    let page_socket = loop {
+        let targets = get_json(http, &format!("http://127.0.0.1:{devtools_port}/json/list")).await.unwrap_or_default();
+        let page =
+            targets.as_array().into_iter().flatten().find(|t| t["type"] == "page" && t["url"] == page_url.as_str());
+        if let Some(socket) = page.and_then(|t| t["webSocketDebuggerUrl"].as_str()) {
+            break socket.to_owned();
+        }
+        check_deadline(deadline, "the page among Chromium's targets", &targets);
+        tokio::time::sleep(POLL).await;
+    };
+    DevTools::connect(&page_socket).await
+}
+
+/// A fresh directory for one test's files, removed with its processes when `Cleanup` drops.
+fn test_dir(name: &str) -> Cleanup {
+    let dir = std::env::temp_dir().join(format!("sluice-ui-page-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Cleanup { dir, children: Vec::new() }
+}
+
+/// Chromium, or `None` (and a note) when it is missing and not required.
+fn browser_or_skip() -> Option<PathBuf> {
+    let found = chromium();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SLUICE_REQUIRE_BROWSER").is_none(),
+            "SLUICE_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)"
+        );
+        // Straight to stderr: the test harness would swallow `eprintln!` from a passing test.
+        let _ = writeln!(std::io::stderr(), "skipped: chromium not installed (apt-get install chromium)");
+    }
+    found
 }
 
 /// The JSON at `url`, if it answers with JSON.
@@ -170,50 +310,23 @@ fn check_deadline(deadline: Instant, what: &str, seen: &dyn std::fmt::Display) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_live_record_count_in_a_browser() {
-    let Some(chromium) = chromium() else {
-        assert!(
-            std::env::var_os("SLUICE_REQUIRE_BROWSER").is_none(),
-            "SLUICE_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)"
-        );
-        // Straight to stderr: the test harness would swallow `eprintln!` from a passing test.
-        let _ = writeln!(std::io::stderr(), "skipped: chromium not installed (apt-get install chromium)");
-        return;
-    };
+    let Some(chromium) = browser_or_skip() else { return };
     let deadline = Instant::now() + BUDGET;
-    let dir = std::env::temp_dir().join(format!("sluice-ui-page-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("profile")).unwrap();
-    let mut cleanup = Cleanup { dir: dir.clone(), children: Vec::new() };
+    let mut cleanup = test_dir("live");
 
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
-    // A free loopback port for the API (taken and released; nothing else here binds ports by number).
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let api = start_sluice(
+        &mut cleanup,
+        &format!(
             r#"
-data_dir = "{}"
-
 [[source]]
 name = "binance"
 url = "{}"
 plugin = "binance"
 subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
 "#,
-            dir.join("data").display(),
             sim.url(Venue::Binance)
         ),
-    )
-    .unwrap();
-    cleanup.spawn(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--api-addr")
-            .arg(api.to_string())
-            .env("RUST_LOG", "sluice=info"),
-        "sluice.log",
     );
 
     // Records flow before the browser comes in.
@@ -227,40 +340,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
         tokio::time::sleep(POLL).await;
     }
 
-    let page_url = format!("http://{api}/");
-    let profile = dir.join("profile");
-    cleanup.spawn(
-        Command::new(&chromium)
-            .args(CHROMIUM_FLAGS)
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(&page_url),
-        "chromium.log",
-    );
-    // With port 0, Chromium writes the port it chose to the profile directory.
-    let port_file = profile.join("DevToolsActivePort");
-    let devtools_port = loop {
-        let text = std::fs::read_to_string(&port_file).unwrap_or_default();
-        if let Some(port) = text.lines().next().and_then(|l| l.trim().parse::<u16>().ok()) {
-            break port;
-        }
-        check_deadline(deadline, "Chromium's DevTools port", &port_file.display());
-        tokio::time::sleep(POLL).await;
-    };
-    let page_socket = loop {
-        let targets = get_json(&http, &format!("http://127.0.0.1:{devtools_port}/json/list")).await.unwrap_or_default();
-        let page =
-            targets.as_array().into_iter().flatten().find(|t| t["type"] == "page" && t["url"] == page_url.as_str());
-        if let Some(socket) = page.and_then(|t| t["webSocketDebuggerUrl"].as_str()) {
-            break socket.to_owned();
-        }
-        check_deadline(deadline, "the page among Chromium's targets", &targets);
-        tokio::time::sleep(POLL).await;
-    };
-    let (socket, _) = tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::connect_async(page_socket.as_str()))
-        .await
-        .expect("DevTools answers in time")
-        .unwrap();
-    let mut page = DevTools { socket, next_id: 0 };
+    let mut page = open_page(&mut cleanup, &chromium, &http, api, deadline).await;
 
     // The page has fetched the sources and shows their summed record count, no more than the API
     // reports afterwards.
@@ -283,10 +363,16 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
         let grew = shown_total(&seen).is_some_and(|n| n > first_total);
         // p99 receive to commit, from /metrics, over the rows committed since the last refresh.
         let p99 = seen["p99"].as_str().and_then(|p| p.parse::<f64>().ok());
-        if grew && seen["series"].as_str().unwrap().contains("BTCUSDT") && seen["ready"] == "ready" && p99.is_some() {
+        let charted = CHARTS.iter().all(|chart| points(&seen, chart) > 0);
+        if grew
+            && seen["series"].as_str().unwrap().contains("BTCUSDT")
+            && seen["ready"] == "ready"
+            && p99.is_some()
+            && charted
+        {
             break seen;
         }
-        check_deadline(deadline, "the count to grow, the series, readiness and latency", &seen);
+        check_deadline(deadline, "the count to grow, the series, readiness, latency and the charts' points", &seen);
         tokio::time::sleep(POLL).await;
     };
     assert_eq!(later["origin"], first["origin"], "the page was loaded again instead of refreshing itself");
@@ -300,6 +386,90 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     let (p50, p99): (f64, f64) =
         (later["p50"].as_str().unwrap().parse().unwrap(), later["p99"].as_str().unwrap().parse().unwrap());
     assert!(0.0 < p50 && p50 <= p99 && p99 < 10_000.0, "{later}");
-    eprintln!("the page counted {first_total} records, then {}", later["total"]);
+    assert_eq!(later["error"], "", "{later}");
+
+    // The charts keep the page's history: later refreshes draw more points in each time chart, one
+    // per refresh, until there are several minutes of them.
+    let grown = loop {
+        let seen = page.snapshot().await;
+        let more = CHARTS[..4].iter().all(|chart| points(&seen, chart) > points(&later, chart));
+        if more && points(&seen, "chart-lag") >= HISTORY_POINTS && points(&seen, "chart-records") >= HISTORY_POINTS - 1
+        {
+            break seen;
+        }
+        check_deadline(deadline, "the charts to gain points", &seen);
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(points(&grown, "candles") > 0, "{grown}");
+    // The pointer over the chart's right end reads the newest rates.
+    let readout = tokio::time::timeout(CALL_TIMEOUT, page.evaluate(HOVER)).await.expect("the page answers in time");
+    let readout = readout.as_str().unwrap();
+    assert!(readout.contains("decoded ") && readout.contains("/s"), "{readout}");
+    assert!(page.exceptions.is_empty(), "the page threw: {:?}", page.exceptions);
+    eprintln!("the page counted {first_total} records, then {}; charts {}", later["total"], grown["charts"]);
     sim.shutdown().await;
+}
+
+/// How many sources the many-sources test configures.
+const MANY_SOURCES: usize = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_summarises_and_pages_many_sources() {
+    let Some(chromium) = browser_or_skip() else { return };
+    let deadline = Instant::now() + BUDGET;
+    let mut cleanup = test_dir("many");
+    // A port nobody listens on: every source keeps trying to connect, backing off.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let sources: String = (0..MANY_SOURCES)
+        .map(|i| format!("[[source]]\nname = \"venue-{i:03}\"\nurl = \"ws://{closed}/\"\nplugin = \"binance\"\n\n"))
+        .collect();
+    let api = start_sluice(&mut cleanup, &sources);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    loop {
+        let listed = get_json(&http, &format!("http://{api}/v1/sources")).await;
+        if listed.as_ref().and_then(|l| l["sources"].as_array()).is_some_and(|s| s.len() == MANY_SOURCES) {
+            break;
+        }
+        check_deadline(deadline, "the sources in /v1/sources", &format!("{listed:?}"));
+        tokio::time::sleep(POLL).await;
+    }
+    let mut page = open_page(&mut cleanup, &chromium, &http, api, deadline).await;
+
+    // Every source is counted in the summary, one page of 50 is shown, and the time charts draw
+    // (the lag and latency charts have points even with nothing flowing).
+    let first = loop {
+        let seen = page.snapshot().await;
+        let summary = seen["summary"].as_str().unwrap_or_default();
+        if summary.starts_with(&format!("{MANY_SOURCES} source(s): ")) && points(&seen, "chart-lag") > 1 {
+            break seen;
+        }
+        check_deadline(deadline, "the sources' summary and the charts", &seen);
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(first["sourceRows"], 50, "{first}");
+    assert_eq!(first["pageAt"], "page 1 of 6 (300 shown)", "{first}");
+    assert!(!first["summary"].as_str().unwrap().contains(" up"), "no source can be up: {first}");
+    // The next page, then a filter: the table follows at once, between refreshes.
+    let paged = page
+        .evaluate(r##"document.getElementById("page-next").click(); document.querySelector("#sources tbody tr td").textContent"##)
+        .await;
+    assert_eq!(paged, "venue-050");
+    let filtered = page
+        .evaluate(
+            r#"const f = document.getElementById("source-filter"); f.value = "venue-29";
+               f.dispatchEvent(new Event("input")); document.getElementById("page-at").textContent"#,
+        )
+        .await;
+    assert_eq!(filtered, "page 1 of 1 (10 shown)");
+    // Later refreshes keep the filter and grow the history; nothing threw.
+    let later = loop {
+        let seen = page.snapshot().await;
+        if points(&seen, "chart-lag") > points(&first, "chart-lag") {
+            break seen;
+        }
+        check_deadline(deadline, "another refresh", &seen);
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(later["sourceRows"], 10, "{later}");
+    assert_eq!(later["error"], "", "{later}");
 }
