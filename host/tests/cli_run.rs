@@ -131,6 +131,7 @@ bind = "{api}"
 name = "binance"
 url = "{}"
 plugin = "binance"
+transforms = ["outlier-filter"]
 subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
 "#,
             dir.display(),

@@ -882,7 +882,7 @@ fn run_local(
     breakers: &mut Breakers,
     settings: ProcessSettings,
     want: u64,
-) -> Result<ProcessStats, anyhow::Error> {
+) -> (Result<(), anyhow::Error>, ProcessStats) {
     let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
     let writer = Writer::Local(log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap());
     for records in batches {
@@ -920,7 +920,7 @@ fn run_local(
         stop.store(true, Ordering::Relaxed);
         runner.join().unwrap()
     });
-    result.map(|()| stats)
+    (result, stats)
 }
 
 /// A source's chain runs link by link on the whole batch: `rescale` (drops trades under 0.03 and
@@ -963,8 +963,9 @@ fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
     let plain = 300u64;
     let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
     let want = kept.len() as u64 + plain;
-    let stats =
-        run_local(&dir, &[records], &symbols, &mut transformers, &mut Breakers::default(), settings, want).unwrap();
+    let (result, stats) =
+        run_local(&dir, &[records], &symbols, &mut transformers, &mut Breakers::default(), settings, want);
+    result.unwrap();
     assert_eq!(stats.rejected.load(Ordering::Relaxed), 1);
 
     let q = QueryConnection::open(&dir.join("store.sqlite")).unwrap();
@@ -1034,8 +1035,8 @@ fn a_failing_link_opens_its_own_breaker() {
         breaker: BreakerConfig { failure_threshold: 2, ..BreakerConfig::default() },
         ..ProcessSettings::default()
     };
-    let err = run_local(&dir, &batches, &symbols, &mut transformers, &mut breakers, settings, 50)
-        .expect_err("the breaker stops the role");
+    let (result, stats) = run_local(&dir, &batches, &symbols, &mut transformers, &mut breakers, settings, 50);
+    let err = result.expect_err("the breaker stops the role");
     match err.downcast_ref::<ProcessError>() {
         Some(ProcessError::BreakerOpen { source_name, plugin }) => {
             assert_eq!((source_name.as_str(), plugin.as_str()), ("chained", "chaos"))
@@ -1043,5 +1044,7 @@ fn a_failing_link_opens_its_own_breaker() {
         other => panic!("{other:?}"),
     }
     assert_eq!(breakers.open_links(), vec![(1, 1)]);
+    // What `sluice_process_breaker_open` shows: that link open, by source and plugin name.
+    assert_eq!(stats.sample().breakers, vec![("chained".to_owned(), "chaos".to_owned(), true)]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -452,6 +452,7 @@ async fn start_process(
 ) -> anyhow::Result<ProcessRole> {
     let Shared { symbols, health, metrics } = shared;
     // Source ids as the ingest role stamps them (stable per name, from the dictionary).
+    let stats = Arc::new(ProcessStats::default());
     let mut transformers = HashMap::new();
     for (&id, source) in source_ids.iter().zip(&config.sources) {
         let mut chain = Vec::new();
@@ -462,6 +463,7 @@ async fn start_process(
                 .instantiate(&link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             chain.push(Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
+            stats.watch_breaker(&source.name, &link.plugin);
         }
         transformers.insert(id, chain);
     }
@@ -474,7 +476,6 @@ async fn start_process(
     let names = Names { sources, symbols };
     health.set("breakers", true, "all closed");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stats = Arc::new(ProcessStats::default());
     let settings = ProcessSettings {
         partitions: config.kafka.partitions,
         batch: crate::batch::BatchConfig::from(&config.process),

@@ -127,9 +127,23 @@ pub struct ProcessStats {
     pub receive_to_commit: LatencyRecorder,
     /// Each sink commit's duration since the last [`LatencyRecorder::take`] (for the load tool).
     pub sink_commit: LatencyRecorder,
+    /// Each link's breaker, by (source name, plugin): whether it is not closed. Written when a
+    /// breaker changes state (rarely), read at a scrape.
+    pub breakers_open: std::sync::Mutex<BTreeMap<(String, String), bool>>,
 }
 
 impl ProcessStats {
+    /// Lists a link's breaker as closed, so its gauge has a series from the start.
+    pub fn watch_breaker(&self, source: &str, plugin: &str) {
+        let mut open = self.breakers_open.lock().unwrap_or_else(|p| p.into_inner());
+        open.entry((source.to_owned(), plugin.to_owned())).or_insert(false);
+    }
+
+    fn breaker_changed(&self, names: &Names, source: u32, plugin: &str, open: bool) {
+        let source = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
+        self.breakers_open.lock().unwrap_or_else(|p| p.into_inner()).insert((source, plugin.to_owned()), open);
+    }
+
     /// The counters for a scrape.
     pub fn sample(&self) -> crate::telemetry::ProcessSample {
         crate::telemetry::ProcessSample {
@@ -138,6 +152,13 @@ impl ProcessStats {
             rebalances: self.rebalances.load(Ordering::Relaxed),
             lag: self.consumer_lag.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            breakers: self
+                .breakers_open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((source, plugin), open)| (source.clone(), plugin.clone(), *open))
+                .collect(),
         }
     }
 }
@@ -388,7 +409,9 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     Ok(())
 }
 
-fn breaker_open(source: u32, plugin: &str, names: &Names, settings: &ProcessSettings) -> anyhow::Error {
+fn breaker_open(source: u32, plugin: &str, ctx: &ChainContext<'_>) -> anyhow::Error {
+    let (names, settings) = (ctx.names, ctx.settings);
+    ctx.stats.breaker_changed(names, source, plugin, true);
     let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
     if let Some(health) = &settings.health {
         health.set("breakers", false, format!("open for plugin {plugin} of source {source_name}"));
@@ -438,9 +461,10 @@ fn run_chain(
             break;
         }
         let breaker = ctx.breakers.get((source, link), &ctx.settings.breaker);
+        let was_closed = breaker.state() == BreakerState::Closed;
         let now = std::time::Instant::now();
         if !breaker.allow(now) {
-            return Err(breaker_open(source, t.plugin().name(), ctx.names, ctx.settings));
+            return Err(breaker_open(source, t.plugin().name(), ctx));
         }
         let out = match t.transform(batch) {
             // Isolated failures (retry and bisection found the records that fail) are the plugin
@@ -454,7 +478,7 @@ fn run_chain(
                 if !breaker.allow(now) {
                     // Nothing of this poll is committed: its records wait in the log.
                     ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-                    return Err(breaker_open(source, t.plugin().name(), ctx.names, ctx.settings));
+                    return Err(breaker_open(source, t.plugin().name(), ctx));
                 }
                 out
             }
@@ -464,6 +488,9 @@ fn run_chain(
             }
         };
         ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+        if was_closed != (breaker.state() == BreakerState::Closed) {
+            ctx.stats.breaker_changed(ctx.names, source, t.plugin().name(), !was_closed);
+        }
         last = format!("{}@{}", t.plugin().name(), t.plugin().version());
         for r in out.rejects {
             ctx.dead.push(DeadLetter { source, plugin: last.clone(), bytes: r.bytes, reason: r.reason });

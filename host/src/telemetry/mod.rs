@@ -69,6 +69,7 @@ pub(crate) struct Mirrored {
     pub(crate) process_committed: IntCounter,
     pub(crate) process_rebalances: IntCounter,
     pub(crate) process_lag: IntGauge,
+    pub(crate) process_breaker_open: IntGaugeVec,
     pub(crate) log_start: IntGauge,
     pub(crate) log_end: IntGauge,
     pub(crate) log_committed: IntGauge,
@@ -233,6 +234,8 @@ pub struct ProcessSample {
     pub lag: i64,
     /// Records dead-lettered by the transform stage.
     pub rejected: u64,
+    /// Each link's breaker: (source, plugin, not closed).
+    pub breakers: Vec<(String, String, bool)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -396,6 +399,14 @@ impl Metrics {
                 "Records in the events topic's assigned partitions not read yet",
             )
             .expect("valid"),
+            process_breaker_open: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_process_breaker_open",
+                    "1 while the circuit breaker of a link of a source's chain is not closed, else 0",
+                ),
+                &["source", "plugin"],
+            )
+            .expect("valid"),
             log_start: gauge("sluice_log_start_offset", "The first offset the local log holds"),
             log_end: gauge("sluice_log_end_offset", "The next offset the local log will append"),
             log_committed: gauge("sluice_log_committed_offset", "The store's committed position in the local log"),
@@ -433,6 +444,7 @@ impl Metrics {
             Box::new(mirrored.process_committed.clone()),
             Box::new(mirrored.process_rebalances.clone()),
             Box::new(mirrored.process_lag.clone()),
+            Box::new(mirrored.process_breaker_open.clone()),
             Box::new(mirrored.log_start.clone()),
             Box::new(mirrored.log_end.clone()),
             Box::new(mirrored.log_committed.clone()),
@@ -524,6 +536,9 @@ impl Metrics {
         mirror(&m.process_committed, s.stored);
         mirror(&m.process_rebalances, s.rebalances);
         m.process_lag.set(s.lag);
+        for (source, plugin, open) in &s.breakers {
+            m.process_breaker_open.with_label_values(&[source, plugin]).set(i64::from(*open));
+        }
         // Dead letters of the transform stage, counted when the batch that carries them commits.
         mirror(&m.dlq_records.with_label_values(&["transform"]), s.rejected);
     }
