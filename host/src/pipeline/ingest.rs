@@ -101,7 +101,7 @@ pub struct Ingest {
 
 /// One (plugin, plugin config) pair: sources sharing it share a plugin instance per worker.
 #[derive(Clone)]
-struct Binding {
+struct DecoderBinding {
     plugin: Arc<Slot>,
     config: Vec<(String, String)>,
 }
@@ -142,7 +142,7 @@ impl Ingest {
             return Err(IngestError::Source(format!("source ids {ids:?} are not one distinct non-zero id per source")));
         }
         // Bindings, and which binding each source uses.
-        let mut bindings: Vec<Binding> = Vec::new();
+        let mut bindings: Vec<DecoderBinding> = Vec::new();
         let mut binding_of: Vec<usize> = Vec::new();
         let mut index: BTreeMap<(String, Vec<(String, String)>), usize> = BTreeMap::new();
         for s in &sources {
@@ -154,7 +154,7 @@ impl Ingest {
             let next = bindings.len();
             let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
             if b == next {
-                bindings.push(Binding { plugin: plugin.clone(), config });
+                bindings.push(DecoderBinding { plugin: plugin.clone(), config });
             }
             binding_of.push(b);
         }
