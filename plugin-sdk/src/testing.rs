@@ -83,6 +83,35 @@ impl<P: Plugin> Harness<P> {
         }
     }
 
+    /// Decodes one frame like [`decode`](Self::decode), each record with its symbol's name and its
+    /// `symbol_id` zeroed: what a test compares with the trades it expects, by name.
+    ///
+    /// ```
+    /// # use plugin_sdk::{testing::Harness, Config, Plugin, Reason, Record, Records, symbol_id};
+    /// # struct One;
+    /// # impl Plugin for One {
+    /// #     fn init(_: &Config) -> Result<Self, Reason> { Ok(One) }
+    /// #     fn decode(&mut self, _: &[u8], out: &mut Records) -> Result<(), Reason> {
+    /// #         out.push(&Record { symbol_id: symbol_id("BTCUSDT"), trade_id: 7, ..Record::default() });
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// let mut h = Harness::<One>::new(&[])?;
+    /// let named = h.decode_named(b"{}")?;
+    /// assert_eq!(named, vec![("BTCUSDT".to_owned(), Record { trade_id: 7, ..Record::default() })]);
+    /// # Ok::<(), Reason>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The plugin's reason when it refuses the frame.
+    pub fn decode_named(&mut self, frame: &[u8]) -> Result<Vec<(String, Record)>, Reason> {
+        let records = self.decode(frame)?;
+        Ok(records
+            .into_iter()
+            .map(|r| (self.symbol(r.symbol_id).unwrap_or_default(), Record { symbol_id: 0, ..r }))
+            .collect())
+    }
+
     /// Decodes a batch of frames in one call, as the host does when frames arrive quickly.
     pub fn decode_batch(&mut self, frames: &[&[u8]]) -> Decoded {
         self.scratch.clear();

@@ -119,12 +119,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<Bitstamp>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(
         sym: &str,
         price_e8: i64,
@@ -152,15 +146,15 @@ mod tests {
         let mut h = harness();
         // type 0: a buy; microtimestamp truncated to ms.
         assert_eq!(
-            decode(&mut h, line(2)),
+            h.decode_named(line(2)).unwrap(),
             [trade("btcusd", 4_883_967_000_000, 4_050_000, 1_630_048_897_897, true, 202_476_289)]
         );
         assert_eq!(
-            decode(&mut h, line(3)),
+            h.decode_named(line(3)).unwrap(),
             [trade("btcusd", 4_883_810_000_000, 120_000_000, 1_630_048_898_004, false, 202_476_290)]
         );
         assert_eq!(
-            decode(&mut h, line(5)),
+            h.decode_named(line(5)).unwrap(),
             [trade("etheur", 320_150_000_000, 350_000_000, 1_630_048_899_000, false, 14_826_733)]
         );
     }
@@ -169,7 +163,7 @@ mod tests {
     fn the_exact_strings_win_over_the_float_copies() {
         let mut h = harness();
         let frame = br#"{"event":"trade","channel":"live_trades_btcusd","data":{"id":1,"amount":0.1,"amount_str":"0.10000001","price":1.0,"price_str":"0.99999999","type":0,"microtimestamp":"999"}}"#;
-        assert_eq!(decode(&mut h, frame), [trade("btcusd", 99_999_999, 10_000_001, 0, true, 1)]);
+        assert_eq!(h.decode_named(frame).unwrap(), [trade("btcusd", 99_999_999, 10_000_001, 0, true, 1)]);
     }
 
     #[test]

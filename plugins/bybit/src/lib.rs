@@ -134,12 +134,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<Bybit>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(
         sym: &str,
         price_e8: i64,
@@ -169,17 +163,20 @@ mod tests {
     fn fixture_lines_field_by_field() {
         let mut h = harness();
         // A UUID trade id (derivatives) gives trade_id 0; T, not ts, is the trade time.
-        assert_eq!(decode(&mut h, line(2)), [trade("BTCUSDT", 1_657_850_000_000, 100_000, 1_672_304_486_865, true, 0)]);
+        assert_eq!(
+            h.decode_named(line(2)).unwrap(),
+            [trade("BTCUSDT", 1_657_850_000_000, 100_000, 1_672_304_486_865, true, 0)]
+        );
         // Digit ids (spot) are kept.
         assert_eq!(
-            decode(&mut h, line(3)),
+            h.decode_named(line(3)).unwrap(),
             [
                 trade("ETHUSDT", 120_107_000_000, 25_000_000, 1_672_304_486_990, false, 2_290_000_000_036_455_162),
                 trade("ETHUSDT", 120_110_000_000, 150_000_000, 1_672_304_486_995, true, 2_290_000_000_036_455_163),
             ]
         );
         assert_eq!(
-            decode(&mut h, line(5)),
+            h.decode_named(line(5)).unwrap(),
             [
                 trade("BTCUSDT", 1_703_250_000_000, 200_000, 1_671_181_689_021, true, 0),
                 trade("BTCUSDT", 1_703_200_000_000, 1_000_000, 1_671_181_689_021, false, 0),

@@ -135,12 +135,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<CoinbaseAdvanced>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(
         sym: &str,
         price_e8: i64,
@@ -169,7 +163,7 @@ mod tests {
         let mut h = harness();
         // Maker BUY: the taker sold. Maker SELL: the taker bought.
         assert_eq!(
-            decode(&mut h, line(2)),
+            h.decode_named(line(2)).unwrap(),
             [
                 trade("ETH-USD", 126_001_000_000, 30_000_000, 1_565_815_347_265, false, 0),
                 trade("ETH-USD", 126_002_000_000, 125_000_000, 1_565_815_347_812, true, 1),
@@ -177,7 +171,7 @@ mod tests {
         );
         // Trades of every event, in order; `time`, not the envelope's timestamp.
         assert_eq!(
-            decode(&mut h, line(4)),
+            h.decode_named(line(4)).unwrap(),
             [
                 trade("BTC-USD", 3_041_257_000_000, 151_000, 1_687_552_286_998, true, 572_853_125),
                 trade("BTC-USD", 3_041_250_000_000, 2_000_000, 1_687_552_286_999, false, 572_853_126),

@@ -144,12 +144,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<KrakenV2>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(
         sym: &str,
         price_e8: i64,
@@ -177,19 +171,19 @@ mod tests {
     fn fixture_lines_field_by_field() {
         let mut h = harness();
         assert_eq!(
-            decode(&mut h, line(3)),
+            h.decode_named(line(3)).unwrap(),
             [
                 trade("MATIC/USD", 51_470_000, 642_346_326_000, 1_695_628_116_925, true, 4_665_846),
                 trade("MATIC/USD", 51_470_000, 113_619_677_815, 1_695_628_176_925, true, 4_665_847),
             ]
         );
         assert_eq!(
-            decode(&mut h, line(5)),
+            h.decode_named(line(5)).unwrap(),
             [trade("MATIC/USD", 51_170_000, 4_000_000_000, 1_695_628_177_708, false, 4_665_906)]
         );
         // An integer price and an exponent are read exactly too.
         assert_eq!(
-            decode(&mut h, line(6)),
+            h.decode_named(line(6)).unwrap(),
             [
                 trade("BTC/USD", 2_627_030_000_000, 38_022, 1_695_628_178_000, true, 62_511_543),
                 trade("BTC/USD", 2_627_020_000_000, 150_000_000, 1_695_628_178_101, false, 62_511_544),
@@ -203,7 +197,10 @@ mod tests {
         let mut h = harness();
         // 0.1 + 0.2 style values that a float cannot hold, and the largest exact e8 volume.
         let frame = br#"{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"buy","price":0.30000001,"qty":92233720368.54775807,"ord_type":"limit","trade_id":1,"timestamp":"2023-09-25T07:49:37Z"}]}"#;
-        assert_eq!(decode(&mut h, frame), [trade("BTC/USD", 30_000_001, i64::MAX, 1_695_628_177_000, true, 1)]);
+        assert_eq!(
+            h.decode_named(frame).unwrap(),
+            [trade("BTC/USD", 30_000_001, i64::MAX, 1_695_628_177_000, true, 1)]
+        );
     }
 
     #[test]

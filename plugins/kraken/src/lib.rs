@@ -146,12 +146,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<Kraken>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(sym: &str, price_e8: i64, volume_e8: i64, timestamp_ms: i64, is_buy: bool) -> (String, Record) {
         (sym.into(), Record { price_e8, volume_e8, timestamp_ms, is_buy, ..Record::default() })
     }
@@ -178,25 +172,40 @@ mod tests {
     #[test]
     fn single_trade_lines_field_by_field() {
         let mut h = harness();
-        assert_eq!(decode(&mut h, line(1)), [trade("XMR/USD", 35_411_000_000, 89_594_024, 1_618_678_142_557, false)]);
-        assert_eq!(decode(&mut h, line(2)), [trade("XMR/USD", 35_455_000_000, 125_690_315, 1_618_678_145_715, true)]);
-        assert_eq!(decode(&mut h, line(3)), [trade("SC/EUR", 4_299_000, 1_597_971_727_919, 1_618_678_145_920, false)]);
-        assert_eq!(decode(&mut h, line(7)), [trade("SC/EUR", 4_296_000, 500_000_000_000, 1_618_678_157_946, false)]);
-        assert_eq!(decode(&mut h, line(8)), [trade("SC/EUR", 4_304_000, 2_000_000_000_000, 1_618_678_158_135, true)]);
+        assert_eq!(
+            h.decode_named(line(1)).unwrap(),
+            [trade("XMR/USD", 35_411_000_000, 89_594_024, 1_618_678_142_557, false)]
+        );
+        assert_eq!(
+            h.decode_named(line(2)).unwrap(),
+            [trade("XMR/USD", 35_455_000_000, 125_690_315, 1_618_678_145_715, true)]
+        );
+        assert_eq!(
+            h.decode_named(line(3)).unwrap(),
+            [trade("SC/EUR", 4_299_000, 1_597_971_727_919, 1_618_678_145_920, false)]
+        );
+        assert_eq!(
+            h.decode_named(line(7)).unwrap(),
+            [trade("SC/EUR", 4_296_000, 500_000_000_000, 1_618_678_157_946, false)]
+        );
+        assert_eq!(
+            h.decode_named(line(8)).unwrap(),
+            [trade("SC/EUR", 4_304_000, 2_000_000_000_000, 1_618_678_158_135, true)]
+        );
     }
 
     #[test]
     fn multi_trade_lines_keep_order() {
         let mut h = harness();
         assert_eq!(
-            decode(&mut h, line(4)),
+            h.decode_named(line(4)).unwrap(),
             [
                 trade("XMR/USD", 35_404_000_000, 28_245_396, 1_618_678_150_826, false),
                 trade("XMR/USD", 35_381_000_000, 171_754_604, 1_618_678_150_827, false),
             ]
         );
         assert_eq!(
-            decode(&mut h, line(5)),
+            h.decode_named(line(5)).unwrap(),
             [
                 trade("SC/EUR", 4_298_000, 850_000_000_000, 1_618_678_155_718, true),
                 trade("SC/EUR", 4_300_000, 238_316_665_529, 1_618_678_155_720, true),
@@ -208,9 +217,12 @@ mod tests {
     fn edge_shapes_of_trade_frames() {
         let mut h = harness();
         // No trades; whole seconds; only the four required elements; an escaped pair.
-        assert_eq!(decode(&mut h, br#"[1,[],"trade","XBT/USD"]"#), []);
+        assert_eq!(h.decode_named(br#"[1,[],"trade","XBT/USD"]"#).unwrap(), []);
         let frame = br#"[1,[["1","2","1618678142","b"]],"trade","XBT\/USD"]"#;
-        assert_eq!(decode(&mut h, frame), [trade("XBT/USD", 100_000_000, 200_000_000, 1_618_678_142_000, true)]);
+        assert_eq!(
+            h.decode_named(frame).unwrap(),
+            [trade("XBT/USD", 100_000_000, 200_000_000, 1_618_678_142_000, true)]
+        );
     }
 
     #[test]

@@ -135,12 +135,6 @@ mod tests {
         TRADES.lines().nth(n - 1).unwrap().as_bytes()
     }
 
-    /// Decodes a frame into (symbol name, record without symbol id) pairs.
-    fn decode(h: &mut Harness<Okx>, frame: &[u8]) -> Vec<(String, Record)> {
-        let records = h.decode(frame).unwrap();
-        records.into_iter().map(|r| (h.symbol(r.symbol_id).unwrap(), Record { symbol_id: 0, ..r })).collect()
-    }
-
     fn trade(
         sym: &str,
         price_e8: i64,
@@ -170,22 +164,22 @@ mod tests {
     fn fixture_lines_field_by_field() {
         let mut h = harness();
         assert_eq!(
-            decode(&mut h, line(2)),
+            h.decode_named(line(2)).unwrap(),
             [trade("BTC-USDT", 4_221_990_000_000, 12_060_306, 1_630_048_897_897, true, 130_639_474)]
         );
         assert_eq!(
-            decode(&mut h, line(3)),
+            h.decode_named(line(3)).unwrap(),
             [
                 trade("ETH-USDT", 301_142_000_000, 150_000_000, 1_630_048_898_001, false, 512_003),
                 trade("ETH-USDT", 301_140_000_000, 25_000_000, 1_630_048_898_001, false, 512_004),
             ]
         );
         assert_eq!(
-            decode(&mut h, line(4)),
+            h.decode_named(line(4)).unwrap(),
             [trade("BTC-USD-231229-35000-C", 15_250_000, 2_100_000_000, 1_681_473_269_025, false, 4)]
         );
         assert_eq!(
-            decode(&mut h, line(5)),
+            h.decode_named(line(5)).unwrap(),
             [
                 trade("BTC-USDT", 4_222_000_000_000, 100_000, 1_630_048_899_102, true, 130_639_475),
                 trade("BTC-USDT", 4_222_010_000_000, 50_000_000, 1_630_048_899_102, true, 130_639_476),
@@ -198,7 +192,10 @@ mod tests {
     fn numbers_are_read_where_digit_strings_are_documented() {
         let mut h = harness();
         let frame = br#"{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","tradeId":9,"px":"1","sz":"2","side":"buy","ts":1630048897897}]}"#;
-        assert_eq!(decode(&mut h, frame), [trade("BTC-USDT", 100_000_000, 200_000_000, 1_630_048_897_897, true, 9)]);
+        assert_eq!(
+            h.decode_named(frame).unwrap(),
+            [trade("BTC-USDT", 100_000_000, 200_000_000, 1_630_048_897_897, true, 9)]
+        );
     }
 
     #[test]
