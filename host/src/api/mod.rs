@@ -29,6 +29,7 @@ mod health;
 mod log;
 mod plugins;
 mod query;
+mod replay;
 mod sources;
 
 pub use log::LogProbe;
@@ -242,6 +243,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/plugins/{name}/promote", post(plugins::promote))
         .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/plugins/{name}/versions/{version}", delete(plugins::delete))
+        .route("/v1/replay/tables", get(replay::list))
+        .route("/v1/replay/tables/{name}", delete(replay::drop))
         // Checked before a body is read; GET passes.
         .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_token));
     Router::new()

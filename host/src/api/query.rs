@@ -117,6 +117,7 @@ fn query_error(e: StoreError) -> ApiError {
     let e = match e {
         StoreError::NotReadOnly => return ApiError::ReadOnly,
         e @ StoreError::TooLarge { .. } => return ApiError::ResultTooLarge(e.to_string()),
+        e @ StoreError::BadName(_) => return ApiError::BadSql(e.to_string()),
         StoreError::Sqlite(e) => e,
     };
     match e.sqlite_error_code() {

@@ -2,6 +2,7 @@
 
 mod demo;
 mod plugin;
+mod replay;
 
 pub use crate::pipeline::Role;
 pub use demo::{BenchArgs, DemoArgs, demo_chain};
@@ -38,6 +39,7 @@ impl Cli {
         let file = match &self.command {
             Command::Run(args) => Some(&args.config),
             Command::CheckConfig(args) => Some(&args.config),
+            Command::Replay(args) => Some(&args.config),
             _ => None,
         };
         self.log_format
@@ -65,6 +67,10 @@ pub enum Command {
     Run(RunArgs),
     /// Check a configuration file and print the effective configuration, defaults filled in.
     CheckConfig(CheckConfigArgs),
+    /// Replay a time range of the local log through each source's chain as it is now (the
+    /// versions the registry has active) into a table of its own, `replay_NAME`, beside the live
+    /// `rollup`; it can run while `sluice run` runs on the same data directory.
+    Replay(replay::ReplayArgs),
 }
 
 /// Arguments of `sluice run`.
@@ -134,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             config.api.token = crate::api::Secret::from_env();
             runtime()?.block_on(serve(config, args.role))
         }
+        Command::Replay(args) => runtime()?.block_on(replay::run(args)),
         Command::CheckConfig(args) => {
             let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
             print!("{}", toml::to_string_pretty(&config)?);

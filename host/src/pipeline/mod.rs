@@ -5,6 +5,7 @@
 
 mod ingest;
 mod process;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -22,6 +22,9 @@ pub enum StoreError {
     /// A query that would change the store.
     #[error("only read-only queries are allowed")]
     NotReadOnly,
+    /// A replay table name that is not allowed.
+    #[error("replay table name {0:?}: use 1 to 40 of a-z, 0-9 and _")]
+    BadName(String),
     /// The answer would be larger than a query may return.
     #[error(
         "the answer is larger than {limit} bytes (one value at most {value_limit} bytes); select fewer rows or columns"
@@ -65,6 +68,26 @@ pub type Offsets = Vec<(String, i32, i64)>;
 pub struct EmbeddedStore {
     conn: Connection,
     granularity_ms: i64,
+    /// The upsert into the rollup table this store writes (`rollup`, or a replay's table).
+    upsert: String,
+}
+
+/// The prefix of the tables a replay writes (`sluice replay --into NAME` writes `replay_NAME`).
+pub const REPLAY_PREFIX: &str = "replay_";
+
+/// Checks a replay table's name: 1 to 40 of `a-z`, `0-9` and `_`.
+///
+/// # Errors
+/// A message saying what is allowed.
+pub fn check_replay_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name.len() <= 40
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(format!("replay table name {name:?}: use 1 to 40 of a-z, 0-9 and _"))
+    }
 }
 
 /// An aggregate of rows sharing a bucket and dimensions, before it is merged into the table.
@@ -137,7 +160,72 @@ impl EmbeddedStore {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::log::DEAD_LETTERS_SCHEMA)?;
         let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
-        Ok(EmbeddedStore { conn, granularity_ms })
+        Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned() })
+    }
+
+    /// Opens the store at `path` to write rollups into the replay table `replay_<name>` (the
+    /// `rollup` table's columns), made empty first: the live `rollup` is not written.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; a bad name is [`StoreError::NotReadOnly`]'s sibling, refused before
+    /// anything is opened (see [`check_replay_name`]).
+    pub fn open_replay(path: &Path, granularity: Duration, name: &str) -> Result<Self, StoreError> {
+        check_replay_name(name).map_err(|_| StoreError::BadName(name.to_owned()))?;
+        let mut store = EmbeddedStore::open(path, granularity)?;
+        let table = format!("{REPLAY_PREFIX}{name}");
+        let schema = SCHEMA.split("CREATE TABLE IF NOT EXISTS consumer_offsets").next().unwrap_or_default();
+        store.conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {table}; {}",
+            schema.replacen("CREATE TABLE IF NOT EXISTS rollup", &format!("CREATE TABLE {table}"), 1)
+        ))?;
+        store.upsert = UPSERT.replacen("INSERT INTO rollup", &format!("INSERT INTO {table}"), 1);
+        Ok(store)
+    }
+
+    /// Rolls `rows` up into the table this store writes, in one transaction, with no offsets.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; the transaction is rolled back.
+    pub fn roll_up(&mut self, rows: &[Row<'_>]) -> Result<(), StoreError> {
+        self.apply_with(rows, &[], &[])
+    }
+
+    /// Drops the replay table `replay_<name>`; false when there was none.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], or a bad name.
+    pub fn drop_replay(path: &Path, name: &str) -> Result<bool, StoreError> {
+        check_replay_name(name).map_err(|_| StoreError::BadName(name.to_owned()))?;
+        let conn = Connection::open(path)?;
+        let table = format!("{REPLAY_PREFIX}{name}");
+        let exists: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [&table],
+            |r| r.get(0),
+        )?;
+        if exists {
+            conn.execute_batch(&format!("DROP TABLE {table}"))?;
+        }
+        Ok(exists)
+    }
+
+    /// The replay tables in the store at `path`, by name (without the prefix), with their rows.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn replay_tables(path: &Path) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        let mut stmt = conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'replay\\_%' ESCAPE '\\' ORDER BY name",
+        )?;
+        let names: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for table in names {
+            let rows: i64 = conn.query_row(&format!("SELECT count(*) FROM \"{table}\""), [], |r| r.get(0))?;
+            out.push((table.trim_start_matches(REPLAY_PREFIX).to_owned(), rows));
+        }
+        Ok(out)
     }
 
     /// Rolls `rows` up into the store and records `offsets` as consumed, in one transaction: either
@@ -192,7 +280,7 @@ impl EmbeddedStore {
         }
         let tx = self.conn.transaction()?;
         {
-            let mut upsert = tx.prepare_cached(UPSERT)?;
+            let mut upsert = tx.prepare_cached(&self.upsert)?;
             for ((bucket, source, symbol, is_buy), a) in &groups {
                 upsert.execute(params![
                     bucket,
