@@ -25,9 +25,10 @@ pub struct ReplayArgs {
     /// Trades at or after this time are left out (default: to the log's end).
     #[arg(long, value_parser = parse_time)]
     pub until: Option<i64>,
-    /// Roll up into the table `replay_NAME` of the embedded store (made anew), never into `rollup`.
+    /// Roll up into the table `replay_NAME` of the embedded store (made anew) beside the live rows;
+    /// without it, the range's buckets of `rollup` itself are replaced, while the live role goes on.
     #[arg(long, value_name = "NAME")]
-    pub into: String,
+    pub into: Option<String>,
 }
 
 /// A time as RFC 3339 or as milliseconds since the epoch.
@@ -78,7 +79,7 @@ pub(super) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "replayed into {}: {} records read, {} in range, {} rows in {} buckets, {} refused, in {seconds:.1} s \
-         ({:.0} records/s); compare with /v1/query?sql=SELECT * FROM {} EXCEPT SELECT * FROM rollup",
+         ({:.0} records/s){}",
         summary.table,
         summary.read,
         summary.in_range,
@@ -86,7 +87,11 @@ pub(super) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         summary.buckets,
         summary.refused,
         summary.read as f64 / seconds.max(1e-9),
-        summary.table
+        if summary.table == "rollup" {
+            String::new()
+        } else {
+            format!("; compare with /v1/query?sql=SELECT * FROM {} EXCEPT SELECT * FROM rollup", summary.table)
+        }
     );
     Ok(())
 }

@@ -638,20 +638,26 @@ impl LocalReader {
     }
 }
 
-/// The log at `path`, batch by batch in offset order, read-only (a writer may be appending):
-/// `visit(base, records)` gets each batch's first offset and its length-delimited records, until it
+/// The log at `path`, batch by batch in offset order from the batch holding `from`, read-only (a
+/// writer may be appending): `visit(base, records)` gets each batch's first offset and its length-delimited records, until it
 /// returns false. Returns the first offset the log holds (`None` when it is empty): above 0, records
 /// before it were deleted.
 ///
 /// # Errors
 /// [`LogError::Sqlite`] when the file cannot be read.
-pub fn read_batches(path: &Path, mut visit: impl FnMut(i64, &[u8]) -> bool) -> Result<Option<i64>, LogError> {
+pub fn read_batches(
+    path: &Path,
+    from: i64,
+    mut visit: impl FnMut(i64, &[u8]) -> bool,
+) -> Result<Option<i64>, LogError> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| LogError::open(path, e))?;
     let first: Option<i64> =
         conn.query_row("SELECT min(base) FROM batches", [], |r| r.get(0)).map_err(LogError::Sqlite)?;
-    let mut stmt = conn.prepare("SELECT base, records FROM batches ORDER BY base").map_err(LogError::Sqlite)?;
-    let mut rows = stmt.query([]).map_err(LogError::Sqlite)?;
+    let mut stmt = conn
+        .prepare("SELECT base, records FROM batches WHERE base + count > ?1 ORDER BY base")
+        .map_err(LogError::Sqlite)?;
+    let mut rows = stmt.query([from]).map_err(LogError::Sqlite)?;
     while let Some(row) = rows.next().map_err(LogError::Sqlite)? {
         let base: i64 = row.get(0).map_err(LogError::Sqlite)?;
         let records = row.get_ref(1).map_err(LogError::Sqlite)?.as_blob().map_err(|e| LogError::Sqlite(e.into()))?;

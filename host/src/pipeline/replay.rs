@@ -14,19 +14,21 @@ use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use super::{Role, open_plugins};
 use crate::config::Config;
 use crate::sink::Row;
-use crate::sink::embedded::{EmbeddedStore, REPLAY_PREFIX};
+use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
 use crate::symbols::Symbols;
 use crate::transform::Transformer;
 
-/// What to replay: trades with `since_ms <= timestamp_ms < until_ms`, into `replay_<into>`.
+/// What to replay: the rollup buckets (whole minutes) from the one holding `since_ms` to the one
+/// holding `until_ms`.
 #[derive(Clone, Debug)]
 pub struct ReplaySpec {
     /// The first trade time replayed, ms since the epoch.
     pub since_ms: i64,
     /// Trades at or after this time are left out; `None` replays to the log's end.
     pub until_ms: Option<i64>,
-    /// The table's name without its `replay_` prefix.
-    pub into: String,
+    /// Into `replay_<into>` (made anew) beside the live rows; `None` replaces the range's buckets of
+    /// `rollup` itself, exactly, while the live role goes on committing.
+    pub into: Option<String>,
 }
 
 /// A replay's counts, updated once per log batch, readable while it runs.
@@ -45,7 +47,7 @@ pub struct ReplayProgress {
 /// How a replay ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplaySummary {
-    /// The table written, with its prefix.
+    /// The table written: `replay_<NAME>`, or `rollup`.
     pub table: String,
     /// Records read, in range, rolled up and refused.
     pub read: u64,
@@ -55,7 +57,7 @@ pub struct ReplaySummary {
     pub rows: u64,
     /// Records refused by a link.
     pub refused: u64,
-    /// Rollup buckets (bucket, source, symbol, side) in the table.
+    /// Rollup buckets (bucket, source, symbol, side) of the range in the table.
     pub buckets: u64,
 }
 
@@ -89,7 +91,9 @@ pub async fn replay(
     if !config.kafka.brokers.trim().is_empty() {
         bail!("sluice replay reads the local log; this configuration hands records over through Kafka");
     }
-    crate::sink::embedded::check_replay_name(&spec.into).map_err(anyhow::Error::msg)?;
+    if let Some(into) = &spec.into {
+        crate::sink::embedded::check_replay_name(into).map_err(anyhow::Error::msg)?;
+    }
     let log = config.data_dir.join("log.sqlite");
     let store = config.data_dir.join("store.sqlite");
     if !log.is_file() {
@@ -119,6 +123,9 @@ pub async fn replay(
         .await?
 }
 
+/// Rollup buckets are whole minutes; a replay covers whole buckets.
+const BUCKET_MS: i64 = 60_000;
+
 /// The replay's loop over the log's batches.
 #[allow(clippy::too_many_arguments)]
 fn run(
@@ -133,81 +140,183 @@ fn run(
 ) -> anyhow::Result<ReplaySummary> {
     // The first record the log holds, for the retention check.
     let mut first_time = None;
-    let first_offset = crate::log::local::read_batches(log, |_, records| {
+    let first_offset = crate::log::local::read_batches(log, 0, |_, records| {
         first_time = Delimited::new(records)
             .find_map(|r| r.ok().and_then(|b| StreamDataView::parse(b).ok()))
             .map(|v| v.timestamp_ms);
         false
     })?;
     check_range(first_offset, first_time, spec.since_ms).map_err(anyhow::Error::msg)?;
-    let mut store = EmbeddedStore::open_replay(store_path, Duration::from_secs(60), &spec.into)?;
-    let table = format!("{REPLAY_PREFIX}{}", spec.into);
-    let in_range = |t: i64| t >= spec.since_ms && spec.until_ms.is_none_or(|until| t < until);
-    let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    let mut names: HashMap<u32, Arc<str>> = HashMap::new();
-    let mut failure: Option<anyhow::Error> = None;
-    crate::log::local::read_batches(log, |_, records| {
-        if stop.load(Ordering::Relaxed) {
-            failure = Some(anyhow::anyhow!("the replay was stopped"));
-            return false;
-        }
-        for buf in by_source.values_mut() {
-            buf.clear();
-        }
-        let mut read = 0;
-        for item in Delimited::new(records) {
-            read += 1;
-            let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
-            if in_range(view.timestamp_ms) {
-                progress.in_range.fetch_add(1, Ordering::Relaxed);
-                push_delimited(by_source.entry(view.source_id).or_default(), view.as_bytes());
+    // Whole buckets: the one `since` falls in, up to the one `until` falls in (or past it when it is
+    // a bucket's start).
+    let since = spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS;
+    let until =
+        spec.until_ms.map(|u| u.div_euclid(BUCKET_MS) * BUCKET_MS + if u % BUCKET_MS == 0 { 0 } else { BUCKET_MS });
+    let staging = spec.into.clone().unwrap_or_else(|| format!("staging_{}", std::process::id()));
+    let mut store = EmbeddedStore::open_replay(store_path, Duration::from_secs(60), &staging)?;
+    let table = format!("{REPLAY_PREFIX}{staging}");
+    let mut replayer = Replayer {
+        chains,
+        sources,
+        symbols,
+        progress,
+        names: HashMap::new(),
+        in_range: Box::new(move |t| {
+            let bucket = t.div_euclid(BUCKET_MS) * BUCKET_MS;
+            bucket >= since && until.is_none_or(|u| bucket < u)
+        }),
+    };
+    let outcome = (|| -> anyhow::Result<String> {
+        match &spec.into {
+            Some(_) => {
+                replayer.pass(log, 0, None, stop, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+                Ok(table.clone())
             }
-        }
-        progress.read.fetch_add(read, Ordering::Relaxed);
-        match replay_batch(&by_source, chains, sources, symbols, &mut names, progress) {
-            Ok(rows) => {
-                let rows: Vec<Row<'_>> = rows
-                    .iter()
-                    .map(|(source, symbol, v)| Row {
-                        timestamp_ms: v.timestamp_ms,
-                        source,
-                        symbol,
-                        is_buy: v.is_buy,
-                        price_e8: v.price_e8,
-                        volume_e8: v.volume_e8,
-                    })
-                    .collect();
-                if let Err(e) = store.roll_up(&rows) {
-                    failure = Some(e.into());
-                    return false;
+            None => {
+                // Catch up with the live position, then swap under the store's write lock with the
+                // last stretch read inside it.
+                let mut next = 0;
+                loop {
+                    let target = store.live_position()?;
+                    if target - next < 5_000 && next > 0 {
+                        break;
+                    }
+                    next = replayer
+                        .pass(log, next, Some(target), stop, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+                    if target == 0 {
+                        break;
+                    }
                 }
-                progress.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                failure = Some(e);
-                false
+                store.swap_into_rollup(&table, since, until, |position| {
+                    let mut tail = Vec::new();
+                    replayer.pass(log, next, Some(position), stop, &mut |rows| {
+                        tail.extend(rows);
+                        Ok(())
+                    })?;
+                    Ok::<_, anyhow::Error>(tail)
+                })?;
+                Ok("rollup".to_owned())
             }
         }
-    })?;
-    if let Some(e) = failure {
-        drop(store);
-        let _ = EmbeddedStore::drop_replay(store_path, &spec.into);
-        return Err(e);
-    }
+    })();
     drop(store);
-    let buckets = EmbeddedStore::replay_tables(store_path)?
-        .into_iter()
-        .find(|(name, _)| *name == spec.into)
-        .map_or(0, |(_, rows)| u64::try_from(rows).unwrap_or(0));
+    let written = match outcome {
+        Ok(written) => written,
+        Err(e) => {
+            let _ = EmbeddedStore::drop_replay(store_path, &staging);
+            return Err(e);
+        }
+    };
+    let buckets = buckets_in(store_path, &written, since, until)?;
     Ok(ReplaySummary {
-        table,
+        table: written,
         read: progress.read.load(Ordering::Relaxed),
         in_range: progress.in_range.load(Ordering::Relaxed),
         rows: progress.rows.load(Ordering::Relaxed),
         refused: progress.refused.load(Ordering::Relaxed),
         buckets,
     })
+}
+
+fn as_rows(rows: &[OwnedRow]) -> Vec<Row<'_>> {
+    rows.iter().map(OwnedRow::as_row).collect()
+}
+
+/// Buckets of `table` in the replayed range.
+fn buckets_in(store: &std::path::Path, table: &str, since: i64, until: Option<i64>) -> anyhow::Result<u64> {
+    let conn = rusqlite::Connection::open_with_flags(store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let n: i64 = conn.query_row(
+        &format!("SELECT count(*) FROM {table} WHERE bucket_ms >= ?1 AND bucket_ms < ?2"),
+        [since, until.unwrap_or(i64::MAX)],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// What a replay pass carries from batch to batch.
+struct Replayer<'a> {
+    chains: &'a mut HashMap<u32, Vec<Transformer>>,
+    sources: &'a HashMap<u32, Arc<str>>,
+    symbols: &'a Symbols,
+    progress: &'a ReplayProgress,
+    names: HashMap<u32, Arc<str>>,
+    in_range: Box<dyn Fn(i64) -> bool>,
+}
+
+impl Replayer<'_> {
+    /// The log's records from offset `from` up to `to` (exclusive; `None`: the end) through the
+    /// chains, each log batch's rows handed to `out`. Returns the next offset not read.
+    fn pass(
+        &mut self,
+        log: &std::path::Path,
+        from: i64,
+        to: Option<i64>,
+        stop: &AtomicBool,
+        out: &mut dyn FnMut(Vec<OwnedRow>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<i64> {
+        let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let mut next = from;
+        let mut failure: Option<anyhow::Error> = None;
+        crate::log::local::read_batches(log, from, |base, records| {
+            if stop.load(Ordering::Relaxed) {
+                failure = Some(anyhow::anyhow!("the replay was stopped"));
+                return false;
+            }
+            for buf in by_source.values_mut() {
+                buf.clear();
+            }
+            let mut read = 0;
+            for (i, item) in Delimited::new(records).enumerate() {
+                let offset = base + i as i64;
+                if offset < from {
+                    continue;
+                }
+                if to.is_some_and(|to| offset >= to) {
+                    break;
+                }
+                next = offset + 1;
+                read += 1;
+                let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
+                if (self.in_range)(view.timestamp_ms) {
+                    self.progress.in_range.fetch_add(1, Ordering::Relaxed);
+                    push_delimited(by_source.entry(view.source_id).or_default(), view.as_bytes());
+                }
+            }
+            self.progress.read.fetch_add(read, Ordering::Relaxed);
+            let rows =
+                replay_batch(&by_source, self.chains, self.sources, self.symbols, &mut self.names, self.progress).map(
+                    |rows| {
+                        rows.into_iter()
+                            .map(|(source, symbol, v)| OwnedRow {
+                                timestamp_ms: v.timestamp_ms,
+                                source,
+                                symbol,
+                                is_buy: v.is_buy,
+                                price_e8: v.price_e8,
+                                volume_e8: v.volume_e8,
+                            })
+                            .collect::<Vec<_>>()
+                    },
+                );
+            match rows.and_then(|rows| {
+                let n = rows.len() as u64;
+                out(rows).map(|()| n)
+            }) {
+                Ok(n) => {
+                    self.progress.rows.fetch_add(n, Ordering::Relaxed);
+                    to.is_none_or(|to| next < to)
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(next),
+        }
+    }
 }
 
 /// A record with its source's and its symbol's names.

@@ -61,6 +61,37 @@ pub struct Row<'a> {
     pub volume_e8: i64,
 }
 
+/// A [`Row`] that owns its names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedRow {
+    /// Trade time, ms since the epoch.
+    pub timestamp_ms: i64,
+    /// The source's name.
+    pub source: std::sync::Arc<str>,
+    /// The symbol as the venue writes it.
+    pub symbol: std::sync::Arc<str>,
+    /// True when the taker bought.
+    pub is_buy: bool,
+    /// Price, e8.
+    pub price_e8: i64,
+    /// Quantity, e8.
+    pub volume_e8: i64,
+}
+
+impl OwnedRow {
+    /// The row, borrowing its names.
+    pub fn as_row(&self) -> Row<'_> {
+        Row {
+            timestamp_ms: self.timestamp_ms,
+            source: &self.source,
+            symbol: &self.symbol,
+            is_buy: self.is_buy,
+            price_e8: self.price_e8,
+            volume_e8: self.volume_e8,
+        }
+    }
+}
+
 /// The next offset to read, per topic partition.
 pub type Offsets = Vec<(String, i32, i64)>;
 
@@ -190,6 +221,56 @@ impl EmbeddedStore {
         self.apply_with(rows, &[], &[])
     }
 
+    /// Replaces the `rollup` buckets from `since_ms` (inclusive) to `until_ms` (exclusive, `None`:
+    /// all later ones) with those of this replay's table, in one transaction that holds the store's
+    /// write lock, so the live role commits nothing in between: `tail(position)` is given the live
+    /// position (the next log offset the live rows do not cover yet) and returns the rows of the
+    /// records between what the replay has read and that position, which are rolled up with the
+    /// rest first. Every record then counts once: below the position through the replay, from it on
+    /// through the live role. The replay table is dropped with the swap.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], or `tail`'s error; nothing changes then.
+    pub fn swap_into_rollup<E: From<StoreError>>(
+        &mut self,
+        table: &str,
+        since_ms: i64,
+        until_ms: Option<i64>,
+        tail: impl FnOnce(i64) -> Result<Vec<OwnedRow>, E>,
+    ) -> Result<i64, E> {
+        let tx =
+            self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
+        let position: i64 = tx
+            .query_row(
+                "SELECT coalesce(max(next_offset), 0) FROM consumer_offsets WHERE topic = ?1",
+                [crate::log::local::POSITION_TOPIC],
+                |r| r.get(0),
+            )
+            .map_err(StoreError::from)?;
+        let rows = tail(position)?;
+        let rows: Vec<Row<'_>> = rows.iter().map(OwnedRow::as_row).collect();
+        upsert_rows(&tx, &self.upsert, self.granularity_ms, &rows)?;
+        let until = until_ms.unwrap_or(i64::MAX);
+        tx.execute("DELETE FROM rollup WHERE bucket_ms >= ?1 AND bucket_ms < ?2", params![since_ms, until])
+            .map_err(StoreError::from)?;
+        tx.execute_batch(&format!("INSERT INTO rollup SELECT * FROM {table}; DROP TABLE {table};"))
+            .map_err(StoreError::from)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(position)
+    }
+
+    /// The live position: the next local-log offset the committed rows do not cover.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn live_position(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(max(next_offset), 0) FROM consumer_offsets WHERE topic = ?1",
+            [crate::log::local::POSITION_TOPIC],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Drops the replay table `replay_<name>`; false when there was none.
     ///
     /// # Errors
@@ -248,57 +329,9 @@ impl EmbeddedStore {
         offsets: &[(&str, i32, i64)],
         dead: &[super::DeadLetter<'_>],
     ) -> Result<(), StoreError> {
-        let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
-        for r in rows {
-            let bucket = r.timestamp_ms.div_euclid(self.granularity_ms) * self.granularity_ms;
-            let price = r.price_e8 as f64 / 1e8;
-            let qty = r.volume_e8 as f64 / 1e8;
-            let agg = groups.entry((bucket, r.source, r.symbol, r.is_buy)).or_insert(Agg {
-                events: 0,
-                qty_sum: 0.0,
-                qty_sum_e8: 0,
-                notional_sum: 0.0,
-                price_min: price,
-                price_max: price,
-                price_first: price,
-                first_ms: r.timestamp_ms,
-                price_last: price,
-                last_ms: r.timestamp_ms,
-            });
-            agg.events += 1;
-            agg.qty_sum += qty;
-            agg.qty_sum_e8 = agg.qty_sum_e8.saturating_add(r.volume_e8);
-            agg.notional_sum += price * qty;
-            agg.price_min = agg.price_min.min(price);
-            agg.price_max = agg.price_max.max(price);
-            if r.timestamp_ms < agg.first_ms {
-                (agg.first_ms, agg.price_first) = (r.timestamp_ms, price);
-            }
-            if r.timestamp_ms >= agg.last_ms {
-                (agg.last_ms, agg.price_last) = (r.timestamp_ms, price);
-            }
-        }
         let tx = self.conn.transaction()?;
         {
-            let mut upsert = tx.prepare_cached(&self.upsert)?;
-            for ((bucket, source, symbol, is_buy), a) in &groups {
-                upsert.execute(params![
-                    bucket,
-                    source,
-                    symbol,
-                    if *is_buy { "buy" } else { "sell" },
-                    a.events,
-                    a.qty_sum,
-                    a.qty_sum_e8,
-                    a.notional_sum,
-                    a.price_min,
-                    a.price_max,
-                    a.price_first,
-                    a.first_ms,
-                    a.price_last,
-                    a.last_ms
-                ])?;
-            }
+            upsert_rows(&tx, &self.upsert, self.granularity_ms, rows)?;
             let mut offset = tx.prepare_cached(
                 "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
                  ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
@@ -332,6 +365,65 @@ impl EmbeddedStore {
         let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Rolls `rows` up into buckets of `granularity_ms` and upserts them with `upsert`, inside `tx`.
+fn upsert_rows(
+    tx: &rusqlite::Transaction<'_>,
+    upsert: &str,
+    granularity_ms: i64,
+    rows: &[Row<'_>],
+) -> Result<(), StoreError> {
+    let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
+    for r in rows {
+        let bucket = r.timestamp_ms.div_euclid(granularity_ms) * granularity_ms;
+        let price = r.price_e8 as f64 / 1e8;
+        let qty = r.volume_e8 as f64 / 1e8;
+        let agg = groups.entry((bucket, r.source, r.symbol, r.is_buy)).or_insert(Agg {
+            events: 0,
+            qty_sum: 0.0,
+            qty_sum_e8: 0,
+            notional_sum: 0.0,
+            price_min: price,
+            price_max: price,
+            price_first: price,
+            first_ms: r.timestamp_ms,
+            price_last: price,
+            last_ms: r.timestamp_ms,
+        });
+        agg.events += 1;
+        agg.qty_sum += qty;
+        agg.qty_sum_e8 = agg.qty_sum_e8.saturating_add(r.volume_e8);
+        agg.notional_sum += price * qty;
+        agg.price_min = agg.price_min.min(price);
+        agg.price_max = agg.price_max.max(price);
+        if r.timestamp_ms < agg.first_ms {
+            (agg.first_ms, agg.price_first) = (r.timestamp_ms, price);
+        }
+        if r.timestamp_ms >= agg.last_ms {
+            (agg.last_ms, agg.price_last) = (r.timestamp_ms, price);
+        }
+    }
+    let mut upsert = tx.prepare_cached(upsert)?;
+    for ((bucket, source, symbol, is_buy), a) in &groups {
+        upsert.execute(params![
+            bucket,
+            source,
+            symbol,
+            if *is_buy { "buy" } else { "sell" },
+            a.events,
+            a.qty_sum,
+            a.qty_sum_e8,
+            a.notional_sum,
+            a.price_min,
+            a.price_max,
+            a.price_first,
+            a.first_ms,
+            a.price_last,
+            a.last_ms
+        ])?;
+    }
+    Ok(())
 }
 
 /// The next offset per partition of `topic` the store at `path` has committed, read without writing
