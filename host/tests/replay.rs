@@ -61,8 +61,9 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
 /// rebuilds every bucket through the chain as it is now into `replay_fixed`. That table equals a
 /// fresh roll-up of the log's records without doubling, bucket by bucket (events, exact quantities,
 /// highest price); the live `rollup` is not touched (equal before and after, its prices doubled).
-/// A range after every trade replays nothing, and the replay tables are listed and dropped over the
-/// API.
+/// The same replay as a job of the running instance (`POST /v1/replay`, its progress on
+/// `GET /v1/replay/{id}`) gives the same table. A range after every trade replays nothing, and the
+/// replay tables are listed and dropped over the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_into_its_own_table_uses_the_current_versions_and_leaves_live_rows_alone() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 200.0, ..FeedSimConfig::default() }).await.unwrap();
@@ -155,6 +156,33 @@ transforms = ["prices"]
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("replay table name"));
     let out = replay(&["--since", "2026-12-01T10:00:00Z", "--until", "2026-12-01T09:00:00Z", "--into", "x"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--until must be later"));
+
+    // The same as a job of the running instance: POST /v1/replay, then its progress to the end.
+    let jobs = format!("http://{api}/v1/replay");
+    let body = serde_json::json!({ "since": "1970-01-01T00:00:00Z", "into": "api" }).to_string();
+    assert_eq!(http.post(&jobs).body(body.clone()).send().await.unwrap().status().as_u16(), 401);
+    let (status, bad) =
+        api_call(&http, reqwest::Method::POST, jobs.clone(), TOKEN, Some(r#"{"since":"yesterday"}"#.into())).await;
+    assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("bad_request")), "{bad}");
+    let (status, job) = api_call(&http, reqwest::Method::POST, jobs.clone(), TOKEN, Some(body.into())).await;
+    assert_eq!(status, 202, "{job}");
+    let job_url = format!("{jobs}/{}", job["id"]);
+    let start = Instant::now();
+    let done = loop {
+        let (status, view) = api_call(&http, reqwest::Method::GET, job_url.clone(), TOKEN, None).await;
+        assert_eq!(status, 200, "{view}");
+        if view["state"] != "running" {
+            break view;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((done["state"].as_str(), done["table"].as_str()), (Some("done"), Some("replay_api")), "{done}");
+    assert_eq!(done["rows"].as_i64(), Some(events(&expected)), "{done}");
+    assert_eq!(table(&store, "replay_api"), expected);
+    let (status, _) = api_call(&http, reqwest::Method::GET, format!("{jobs}/999"), TOKEN, None).await;
+    assert_eq!(status, 404);
+    assert!(EmbeddedStore::drop_replay(&store, "api").unwrap());
 
     // Listed and dropped over the API (dropping needs the token).
     let tables_url = format!("http://{api}/v1/replay/tables");

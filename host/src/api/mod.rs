@@ -29,7 +29,7 @@ mod health;
 mod log;
 mod plugins;
 mod query;
-mod replay;
+pub mod replay;
 mod sources;
 
 pub use log::LogProbe;
@@ -184,6 +184,8 @@ pub struct ApiState {
     token: Option<Arc<str>>,
     /// Reads the hand-off's positions for `/v1/log`; set once the log is open.
     log: Arc<std::sync::OnceLock<LogProbe>>,
+    /// The replay jobs of `/v1/replay`.
+    replays: Arc<replay::ReplayJobs>,
 }
 
 impl ApiState {
@@ -205,7 +207,13 @@ impl ApiState {
             plugins: Arc::default(),
             token: config.token.as_ref().map(|t| Arc::from(t.0.as_str())),
             log: Arc::default(),
+            replays: Arc::default(),
         }
+    }
+
+    /// Where `/v1/replay` starts and tracks its jobs.
+    pub fn replays(&self) -> &Arc<replay::ReplayJobs> {
+        &self.replays
     }
 
     /// Where `/v1/log` reads the hand-off; the first call counts.
@@ -243,6 +251,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/plugins/{name}/promote", post(plugins::promote))
         .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/plugins/{name}/versions/{version}", delete(plugins::delete))
+        .route("/v1/replay", post(replay::start))
+        .route("/v1/replay/{id}", get(replay::status).delete(replay::cancel))
         .route("/v1/replay/tables", get(replay::list))
         .route("/v1/replay/tables/{name}", delete(replay::drop))
         // Checked before a body is read; GET passes.

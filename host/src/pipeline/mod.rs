@@ -167,6 +167,14 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .with_sources(directory.clone())
         .with_plugins(plugin_api.clone())
         .with_metrics(metrics.clone());
+    // Replays over HTTP where there is a local log and a store to rebuild.
+    if store_path.is_some() && config.kafka.brokers.trim().is_empty() {
+        let config = Arc::new(config.clone());
+        api_state.replays().set_starter(Arc::new(move |spec, progress, stop| {
+            let config = config.clone();
+            Box::pin(async move { replay::replay(&config, &spec, progress, stop).await.map_err(|e| format!("{e:#}")) })
+        }));
+    }
     let router = crate::api::router(api_state.clone());
     let mut api_stopped = api_stop.subscribe();
     let api_task = tokio::spawn(crate::api::serve(listener, router, async move {

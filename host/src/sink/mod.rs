@@ -6,6 +6,7 @@
 
 pub mod druid;
 pub mod embedded;
+pub mod replay;
 
 pub use embedded::Row;
 
