@@ -4,6 +4,7 @@
 pub mod bundled;
 pub mod registry;
 pub mod runtime;
+pub mod slot;
 
 use std::time::Duration;
 
