@@ -56,22 +56,28 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
     out
 }
 
-/// A transform that doubles prices runs live; a pass-through version of the same link is uploaded
-/// and activated; `sluice replay --since 0 --into fixed` (while the live instance still runs)
-/// rebuilds every bucket through the chain as it is now into `replay_fixed`. That table equals a
-/// fresh roll-up of the log's records without doubling, bucket by bucket (events, exact quantities,
-/// highest price); the live `rollup` is not touched (equal before and after, its prices doubled).
-/// The same replay as a job of the running instance (`POST /v1/replay`, its progress on
-/// `GET /v1/replay/{id}`) gives the same table. A range after every trade replays nothing, and the
-/// replay tables are listed and dropped over the API.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_into_its_own_table_uses_the_current_versions_and_leaves_live_rows_alone() {
-    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 200.0, ..FeedSimConfig::default() }).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-replay-{}", std::process::id()));
+/// A running `sluice run` on the local log whose Binance source's chain is one link, `prices`,
+/// doubling prices (`double_price.wasm`), fed by the simulator at `rate` trades/s; returned once
+/// the store has rolled up `events` trades.
+struct Live {
+    sim: Option<FeedSim>,
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    store: std::path::PathBuf,
+    api: String,
+    process: SluiceProcess,
+}
+
+fn events(t: &Buckets) -> i64 {
+    t.values().map(|v| v.0).sum()
+}
+
+async fn run_live(name: &str, rate: f64, events_first: i64) -> Live {
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate, ..FeedSimConfig::default() }).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-replay-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("sluice.toml");
-    let plugins = env!("SLUICE_PLUGIN_DIR");
     std::fs::write(
         &config,
         format!(
@@ -92,21 +98,49 @@ decode = "binance"
 transforms = ["prices"]
 "#,
             dir = dir.display(),
+            plugins = env!("SLUICE_PLUGIN_DIR"),
             url = sim.url(Venue::Binance),
         ),
     )
     .unwrap();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
-    let mut live = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
-    let events = |t: &Buckets| t.values().map(|v| v.0).sum::<i64>();
+    let process = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
     let start = Instant::now();
-    while events(&table(&store, "rollup")) < 300 {
+    while events(&table(&store, "rollup")) < events_first {
         assert!(start.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Live { sim: Some(sim), dir, config, store, api, process }
+}
+
+/// Uploads `rescale.wasm` (configured as nothing: a pass-through) as a new version of `prices` and
+/// activates it: the fixed transform.
+async fn activate_the_fix(http: &reqwest::Client, api: &str) {
+    let url = format!("http://{api}/v1/plugins/prices");
+    let fixed = std::fs::read(format!("{}/rescale.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let (status, uploaded) = api_call(http, reqwest::Method::PUT, url.clone(), TOKEN, Some(fixed.into())).await;
+    assert_eq!(status, 201, "{uploaded}");
+    let body = serde_json::json!({ "version": uploaded["version"] }).to_string();
+    let (status, view) =
+        api_call(http, reqwest::Method::POST, format!("{url}/activate"), TOKEN, Some(body.into())).await;
+    assert_eq!(status, 200, "{view}");
+}
+
+/// A transform that doubles prices runs live; a pass-through version of the same link is uploaded
+/// and activated; `sluice replay --since 0 --into fixed` (while the live instance still runs)
+/// rebuilds every bucket through the chain as it is now into `replay_fixed`. That table equals a
+/// fresh roll-up of the log's records without doubling, bucket by bucket (events, exact quantities,
+/// highest price); the live `rollup` is not touched (equal before and after, its prices doubled).
+/// The same replay as a job of the running instance (`POST /v1/replay`, its progress on
+/// `GET /v1/replay/{id}`) gives the same table. A range after every trade replays nothing, and the
+/// replay tables are listed and dropped over the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_its_own_table_uses_the_current_versions_and_leaves_live_rows_alone() {
+    let mut live = run_live("table", 200.0, 300).await;
+    let (dir, config, store, api) = (live.dir.clone(), live.config.clone(), live.store.clone(), live.api.clone());
     // The venue stops; the live store catches up with the log and stays as it is.
-    sim.shutdown().await;
+    live.sim.take().unwrap().shutdown().await;
     let expected = expected_from_log(&dir);
     let start = Instant::now();
     while events(&table(&store, "rollup")) < events(&expected) && start.elapsed() < Duration::from_secs(30) {
@@ -122,14 +156,7 @@ transforms = ["prices"]
 
     // The fix: a pass-through version of the link, uploaded and activated on the running instance.
     let http = reqwest::Client::new();
-    let url = format!("http://{api}/v1/plugins/prices");
-    let fixed = std::fs::read(format!("{plugins}/rescale.wasm")).unwrap();
-    let (status, uploaded) = api_call(&http, reqwest::Method::PUT, url.clone(), TOKEN, Some(fixed.into())).await;
-    assert_eq!(status, 201, "{uploaded}");
-    let body = serde_json::json!({ "version": uploaded["version"] }).to_string();
-    let (status, view) =
-        api_call(&http, reqwest::Method::POST, format!("{url}/activate"), TOKEN, Some(body.into())).await;
-    assert_eq!(status, 200, "{view}");
+    activate_the_fix(&http, &api).await;
 
     let replay = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -203,7 +230,7 @@ transforms = ["prices"]
     let (status, _) = api_call(&http, reqwest::Method::DELETE, later, TOKEN, None).await;
     assert_eq!(status, 404);
     assert_eq!(EmbeddedStore::replay_tables(&store).unwrap(), vec![("fixed".to_owned(), expected.len() as i64)]);
-    live.interrupt();
+    live.process.interrupt();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -216,54 +243,10 @@ transforms = ["prices"]
 /// quantities, highest price): nothing was counted twice or left out around the swap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_into_rollup_counts_live_records_arriving_during_it_once() {
-    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 500.0, ..FeedSimConfig::default() }).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-replay-live-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("sluice.toml");
-    let plugins = env!("SLUICE_PLUGIN_DIR");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 100
-
-[plugins.prices]
-path = "{plugins}/double_price.wasm"
-
-[[source]]
-name = "binance"
-url = "{url}"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-decode = "binance"
-transforms = ["prices"]
-"#,
-            dir = dir.display(),
-            url = sim.url(Venue::Binance),
-        ),
-    )
-    .unwrap();
-    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
-    let api = free_addr();
-    let mut live = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
-    let events = |t: &Buckets| t.values().map(|v| v.0).sum::<i64>();
-    let start = Instant::now();
-    while events(&table(&store, "rollup")) < 500 {
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut live = run_live("rollup", 500.0, 500).await;
+    let (dir, config, store) = (live.dir.clone(), live.config.clone(), live.store.clone());
     let http = reqwest::Client::new();
-    let url = format!("http://{api}/v1/plugins/prices");
-    let fixed = std::fs::read(format!("{plugins}/rescale.wasm")).unwrap();
-    let (status, uploaded) = api_call(&http, reqwest::Method::PUT, url.clone(), TOKEN, Some(fixed.into())).await;
-    assert_eq!(status, 201, "{uploaded}");
-    let body = serde_json::json!({ "version": uploaded["version"] }).to_string();
-    let (status, view) =
-        api_call(&http, reqwest::Method::POST, format!("{url}/activate"), TOKEN, Some(body.into())).await;
-    assert_eq!(status, 200, "{view}");
+    activate_the_fix(&http, &live.api).await;
     // The replay, while trades keep flowing into the live role.
     let out = tokio::task::spawn_blocking({
         let config = config.clone();
@@ -283,7 +266,7 @@ transforms = ["prices"]
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("replayed into rollup"), "{stdout}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    sim.shutdown().await;
+    live.sim.take().unwrap().shutdown().await;
     let start = Instant::now();
     while events(&table(&store, "rollup")) < events(&expected_from_log(&dir))
         && start.elapsed() < Duration::from_secs(30)
@@ -296,6 +279,6 @@ transforms = ["prices"]
     assert_eq!(table(&store, "rollup"), expected, "{stdout}");
     // The staging table went with the swap.
     assert!(EmbeddedStore::replay_tables(&store).unwrap().is_empty());
-    live.interrupt();
+    live.process.interrupt();
     let _ = std::fs::remove_dir_all(&dir);
 }
