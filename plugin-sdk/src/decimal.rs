@@ -2,6 +2,8 @@
 
 use core::fmt;
 
+use crate::json::{digits_end, digits_value};
+
 /// Why a decimal string could not be read as a fixed-point number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecimalError {
@@ -90,7 +92,54 @@ pub fn mul_div(value: i64, numerator: i64, denominator: i64) -> Option<i64> {
 /// assert_eq!(plugin_sdk::decimal::parse_fixed(b"1618678142.557535", 3), Err(plugin_sdk::DecimalError::TooPrecise { scale: 3 }));
 /// assert_eq!(plugin_sdk::decimal::parse_fixed(b"1618678142.557", 3), Ok(1_618_678_142_557));
 /// ```
+#[inline]
 pub fn parse_fixed(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
+    match plain_fixed(s, scale) {
+        Some(v) => Ok(v),
+        None => parse_fixed_any(s, scale),
+    }
+}
+
+/// Powers of ten that fit a `u64` below 10^19.
+const POW10: [u64; 19] = {
+    let mut p = [1u64; 19];
+    let mut i = 1;
+    while i < 19 {
+        p[i] = p[i - 1] * 10;
+        i += 1;
+    }
+    p
+};
+
+/// What venues send almost always, read without a loop per digit: `digits` or `digits.digits`, no
+/// sign, no exponent, at most `scale` decimals and a result below 10^18. `None` hands anything else,
+/// errors included, to [`parse_fixed_any`], which reads every form.
+#[inline(always)]
+fn plain_fixed(s: &[u8], scale: u32) -> Option<i64> {
+    let scale = scale.min(18) as usize;
+    let int_len = digits_end(s, 0);
+    if int_len == 0 || int_len + scale > 18 {
+        return None;
+    }
+    let int = digits_value(s.get(..int_len)?);
+    let frac = match s.get(int_len) {
+        None => 0,
+        Some(b'.') => {
+            let digits = s.get(int_len + 1..)?;
+            let len = digits_end(digits, 0);
+            if len == 0 || len != digits.len() || len > scale {
+                return None;
+            }
+            digits_value(digits) * POW10[scale - len]
+        }
+        Some(_) => return None,
+    };
+    // Below 10^18, so the sum fits an i64.
+    i64::try_from(int * POW10[scale] + frac).ok()
+}
+
+/// [`parse_fixed`] for every form it accepts, one digit at a time.
+fn parse_fixed_any(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
     let scale = scale.min(18);
     let (negative, digits_start) = match s.first() {
         Some(b'-') => (true, 1),
@@ -218,6 +267,33 @@ fn parse_exponent(s: &[u8]) -> Result<i64, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_path_agrees_with_the_general_one() {
+        let parts: &[&str] = &["0", "1", "9", "00", "12345678", "987654321", ".", "-", "+", "e", "5", "x", ""];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut plain = 0;
+        for _ in 0..50_000 {
+            let mut text = String::new();
+            for _ in 0..1 + x % 5 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.push_str(parts[(x % parts.len() as u64) as usize]);
+            }
+            for scale in [0, 2, 8, 18] {
+                let fast = plain_fixed(text.as_bytes(), scale);
+                let any = parse_fixed_any(text.as_bytes(), scale);
+                if let Some(v) = fast {
+                    plain += 1;
+                    assert_eq!(Ok(v), any, "{text:?} at scale {scale}");
+                }
+                assert_eq!(parse_fixed(text.as_bytes(), scale), any, "{text:?} at scale {scale}");
+            }
+        }
+        // Most generated numbers take the plain path, so the comparison above covered it.
+        assert!(plain > 20_000, "{plain}");
+    }
 
     #[test]
     fn exact_values() {

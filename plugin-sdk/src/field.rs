@@ -22,6 +22,7 @@ use crate::{Reason, parse_e8};
 ///
 /// # Errors
 /// When `value` is `None`.
+#[inline]
 pub fn required<'a>(name: &str, value: Option<Json<'a>>) -> Result<Json<'a>, Reason> {
     value.ok_or_else(|| Reason::field(name, "missing"))
 }
@@ -30,6 +31,7 @@ pub fn required<'a>(name: &str, value: Option<Json<'a>>) -> Result<Json<'a>, Rea
 ///
 /// # Errors
 /// When it is missing or not a string.
+#[inline]
 pub fn text<'a>(name: &str, value: Option<Json<'a>>) -> Result<Cow<'a, str>, Reason> {
     required(name, value)?.as_str().ok_or_else(|| Reason::field(name, "expected a string"))
 }
@@ -39,6 +41,7 @@ pub fn text<'a>(name: &str, value: Option<Json<'a>>) -> Result<Cow<'a, str>, Rea
 ///
 /// # Errors
 /// When it is missing, not a string, not an exact decimal, or negative.
+#[inline]
 pub fn non_negative_e8(name: &str, value: Option<Json<'_>>) -> Result<i64, Reason> {
     match parse_e8(&text(name, value)?) {
         Ok(v) if v >= 0 => Ok(v),
@@ -52,6 +55,7 @@ pub fn non_negative_e8(name: &str, value: Option<Json<'_>>) -> Result<i64, Reaso
 ///
 /// # Errors
 /// When it is missing, or neither form of an unsigned integer that fits `u64`.
+#[inline]
 pub fn unsigned(name: &str, value: Option<Json<'_>>) -> Result<u64, Reason> {
     required(name, value)?.as_u64_or_digits().ok_or_else(|| Reason::field(name, "expected an unsigned integer"))
 }
@@ -60,6 +64,7 @@ pub fn unsigned(name: &str, value: Option<Json<'_>>) -> Result<u64, Reason> {
 ///
 /// # Errors
 /// When it is missing, or neither form of an integer that fits `i64`.
+#[inline]
 pub fn integer(name: &str, value: Option<Json<'_>>) -> Result<i64, Reason> {
     required(name, value)?.as_i64_or_digits().ok_or_else(|| Reason::field(name, "expected an integer"))
 }

@@ -91,7 +91,42 @@ impl<'a> Json<'a> {
         Ok(Json { raw: &bytes[start..end] })
     }
 
+    /// [`parse`](Self::parse) and [`pick`](Self::pick) in one pass: checks `bytes` is exactly one JSON
+    /// document, as `parse` does (the same errors), and picks the members named in `keys` from the
+    /// root object while checking it, and from the object under the member
+    /// [`Keys::with_inner`] names. Reading a frame this way visits each of its bytes once, where a
+    /// parse and a pick visit the picked object's twice.
+    ///
+    /// ```
+    /// use plugin_sdk::json::{Json, Keys};
+    /// const EVENT: Keys<3> = Keys::new(["data", "s", "p"]).with_inner("data");
+    /// let frame = Json::parse_pick(br#"{"stream":"btcusdt@trade","data":{"s":"BTCUSDT","p":"1.5"}}"#, &EVENT)?;
+    /// assert!(frame.root[1].is_none());
+    /// let [_, s, p] = frame.inner.unwrap();
+    /// assert_eq!(s.and_then(|s| s.as_raw_str()), Some("BTCUSDT"));
+    /// assert_eq!(p.and_then(|p| p.as_raw_str()), Some("1.5"));
+    /// assert!(Json::parse_pick(br#"{"data":{"s":"X"}"#, &EVENT).is_err());
+    /// # Ok::<(), plugin_sdk::json::JsonError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`JsonError`] with the offset of the first problem, as [`parse`](Self::parse).
+    pub fn parse_pick<const N: usize>(bytes: &'a [u8], keys: &Keys<'_, N>) -> Result<Picked<'a, N>, JsonError> {
+        let start = skip_ws(bytes, 0);
+        let mut root = [None; N];
+        let mut inner = None;
+        let end = match bytes.get(start) {
+            Some(b'{') => checked_pick(bytes, start, 0, keys, &mut root, Some(&mut inner))?,
+            _ => value_end(bytes, start, 0)?,
+        };
+        if skip_ws(bytes, end) != bytes.len() {
+            return Err(JsonError { offset: skip_ws(bytes, end), expected: "end of document" });
+        }
+        Ok(Picked { document: Json { raw: &bytes[start..end] }, root, inner })
+    }
+
     /// The value's kind.
+    #[inline]
     pub fn kind(&self) -> Kind {
         match self.raw.first() {
             Some(b'{') => Kind::Object,
@@ -132,30 +167,21 @@ impl<'a> Json<'a> {
     /// assert_eq!(p.and_then(|p| p.as_raw_str()), Some("1.5"));
     /// assert_eq!(t, None);
     /// ```
-    pub fn pick<const N: usize>(&self, keys: [&str; N]) -> [Option<Json<'a>>; N] {
-        let mut found = [None; N];
-        let mut missing = N;
-        // Short names compare as one integer each (venue keys are mostly a few bytes).
-        let packed = keys.map(|name| pack(name.as_bytes()));
-        for (key, value) in self.members() {
-            let slot = match key.plain() {
-                Some(k) => match pack(k) {
-                    Some(k) => packed.iter().position(|&name| name == Some(k)),
-                    None => keys.iter().position(|name| name.as_bytes() == k),
-                },
-                None => keys.iter().position(|name| key.eq_str(name)),
-            };
-            if let Some(i) = slot
-                && found[i].is_none()
-            {
-                found[i] = Some(value);
-                missing -= 1;
-                if missing == 0 {
-                    break;
-                }
-            }
-        }
-        found
+    ///
+    /// Names given as a constant [`Keys`] are prepared when the plugin is compiled, which is the
+    /// fastest way to read a frame:
+    ///
+    /// ```
+    /// use plugin_sdk::json::{Json, Keys};
+    /// const TRADE: Keys<2> = Keys::new(["s", "p"]);
+    /// let v = Json::parse(br#"{"p":"1.5","s":"BTCUSDT"}"#).unwrap();
+    /// let [s, p] = v.pick(&TRADE);
+    /// assert_eq!(s.and_then(|s| s.as_raw_str()), Some("BTCUSDT"));
+    /// assert_eq!(p.and_then(|p| p.as_raw_str()), Some("1.5"));
+    /// ```
+    #[inline(always)]
+    pub fn pick<const N: usize>(&self, keys: impl Names<N>) -> [Option<Json<'a>>; N] {
+        keys.pick_from(self.raw)
     }
 
     /// Element `index` of an array; `None` for other kinds or past the end.
@@ -175,19 +201,21 @@ impl<'a> Json<'a> {
 
     /// A string's contents without unescaping, or `None` when it is not a string or contains escapes.
     /// The fast path for numbers-as-strings and plain symbols.
+    #[inline]
     pub fn as_raw_str(&self) -> Option<&'a str> {
         let inner = string_inner(self.raw)?;
         if has_backslash(inner) {
             return None;
         }
-        std::str::from_utf8(inner).ok()
+        Some(parsed_text(inner))
     }
 
     /// A string's contents, unescaped (borrowed when there was nothing to unescape).
+    #[inline]
     pub fn as_str(&self) -> Option<Cow<'a, str>> {
         let inner = string_inner(self.raw)?;
         if !has_backslash(inner) {
-            return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
+            return Some(Cow::Borrowed(parsed_text(inner)));
         }
         unescape(inner).map(Cow::Owned)
     }
@@ -201,11 +229,13 @@ impl<'a> Json<'a> {
     }
 
     /// An integer number that fits in `u64`.
+    #[inline]
     pub fn as_u64(&self) -> Option<u64> {
         digits_u64(self.raw)
     }
 
     /// An integer number that fits in `i64`.
+    #[inline]
     pub fn as_i64(&self) -> Option<i64> {
         match self.raw.split_first() {
             Some((b'-', rest)) => {
@@ -225,6 +255,7 @@ impl<'a> Json<'a> {
     /// let read: Vec<Option<u64>> = v.elements().map(|e| e.as_u64_or_digits()).collect();
     /// assert_eq!(read, [Some(123), Some(456), None, None, None]);
     /// ```
+    #[inline]
     pub fn as_u64_or_digits(&self) -> Option<u64> {
         match string_inner(self.raw) {
             Some(inner) => digits_u64(inner),
@@ -234,6 +265,7 @@ impl<'a> Json<'a> {
 
     /// A signed integer written as a number or as a string (`"-12"`), like
     /// [`as_u64_or_digits`](Self::as_u64_or_digits).
+    #[inline]
     pub fn as_i64_or_digits(&self) -> Option<i64> {
         match string_inner(self.raw) {
             Some(inner) => Json { raw: inner }.as_i64(),
@@ -242,6 +274,7 @@ impl<'a> Json<'a> {
     }
 
     /// `true` or `false`.
+    #[inline]
     pub fn as_bool(&self) -> Option<bool> {
         match self.raw {
             b"true" => Some(true),
@@ -251,6 +284,7 @@ impl<'a> Json<'a> {
     }
 
     /// True for `null`.
+    #[inline]
     pub fn is_null(&self) -> bool {
         self.raw == b"null"
     }
@@ -341,7 +375,7 @@ impl<'a> Items<'a> {
         }
         // A validated document has only whitespace and one separator between values.
         let mut pos = self.pos;
-        while let Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b':') = self.buf.get(pos) {
+        while self.buf.get(pos).is_some_and(|&c| is_ws(c) || c == b',' || c == b':') {
             pos += 1;
         }
         match self.buf.get(pos) {
@@ -370,17 +404,227 @@ impl<'a> Items<'a> {
     }
 }
 
-/// Up to 7 bytes and their count as one integer (equal exactly when the bytes are), else `None`.
+/// What [`Json::parse_pick`] read.
+#[derive(Clone, Copy, Debug)]
+pub struct Picked<'a, const N: usize> {
+    /// The whole document, as [`Json::parse`] returns it.
+    pub document: Json<'a>,
+    /// The root object's members, slot by slot (all `None` when the root is not an object).
+    pub root: [Option<Json<'a>>; N],
+    /// The members of the object under the root's member [`Keys::with_inner`] names, when there is
+    /// one and it is an object.
+    pub inner: Option<[Option<Json<'a>>; N]>,
+}
+
+/// The member names one [`Json::pick`] looks for, each prepared for matching as whole words. Build
+/// it as a constant (`const EVENT: Keys<3> = Keys::new(["e", "s", "p"]);`) so that is done when the
+/// plugin is compiled; an array of names works too, prepared on each call.
+#[derive(Clone, Copy, Debug)]
+pub struct Keys<'k, const N: usize> {
+    names: [&'k str; N],
+    /// [`Packed::LONG`] for names too long to pack.
+    packed: [Packed; N],
+    /// The slot whose object [`Json::parse_pick`] picks from too.
+    inner: Option<usize>,
+}
+
+impl<'k, const N: usize> Keys<'k, N> {
+    /// Prepares `names`; slot `i` of a pick's result is the member named `names[i]`.
+    pub const fn new(names: [&'k str; N]) -> Self {
+        Self::prepare(names, None)
+    }
+
+    /// The same names, and [`Json::parse_pick`] also picks them from the object under the root's
+    /// member `name` (one of them), as in a combined-stream envelope `{"stream":...,"data":{...}}`.
+    ///
+    /// # Panics
+    /// When `name` is not one of the names; in a constant, that stops the plugin from compiling.
+    pub const fn with_inner(self, name: &str) -> Self {
+        let mut i = 0;
+        while i < N {
+            if bytes_eq(self.names[i].as_bytes(), name.as_bytes()) {
+                return Self::prepare(self.names, Some(i));
+            }
+            i += 1;
+        }
+        panic!("the inner member must be one of the names")
+    }
+
+    /// The slot of the key whose opening quote is at `start` and which ends (past its closing quote)
+    /// at `end`; `escaped` when it has a backslash.
+    #[inline(always)]
+    fn slot_of(&self, buf: &[u8], start: usize, end: usize, escaped: bool) -> Option<usize> {
+        let len = end.saturating_sub(start + 2);
+        if escaped {
+            let key = Json { raw: buf.get(start..end).unwrap_or_default() };
+            return self.names.iter().position(|name| key.as_str().is_some_and(|k| k == *name));
+        }
+        match Packed::at(buf, start + 1, len) {
+            Some(key) => self.packed.iter().position(|name| *name == key),
+            None => {
+                let key = buf.get(start + 1..start + 1 + len).unwrap_or_default();
+                self.names.iter().position(|name| name.as_bytes() == key)
+            }
+        }
+    }
+
+    const fn prepare(names: [&'k str; N], inner: Option<usize>) -> Self {
+        let mut packed = [Packed::LONG; N];
+        let mut i = 0;
+        while i < N {
+            if let Some(name) = Packed::of(names[i].as_bytes()) {
+                packed[i] = name;
+            }
+            i += 1;
+        }
+        Keys { names, packed, inner }
+    }
+}
+
+const fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// What [`Json::pick`] takes: an array of names, or a reference to prepared [`Keys`] (a constant's
+/// reference points at the prepared words where the plugin keeps them, so nothing is copied).
+pub trait Names<const N: usize> {
+    /// The members of the object `raw` named here; see [`Json::pick`].
+    #[doc(hidden)]
+    fn pick_from<'a>(self, raw: &'a [u8]) -> [Option<Json<'a>>; N];
+}
+
+impl<const N: usize> Names<N> for [&str; N] {
+    #[inline(always)]
+    fn pick_from<'a>(self, raw: &'a [u8]) -> [Option<Json<'a>>; N] {
+        pick_members(raw, &Keys::new(self))
+    }
+}
+
+impl<const N: usize> Names<N> for &Keys<'_, N> {
+    #[inline(always)]
+    fn pick_from<'a>(self, raw: &'a [u8]) -> [Option<Json<'a>>; N] {
+        pick_members(raw, self)
+    }
+}
+
+/// An object key of up to 15 bytes as two words: equal exactly when the bytes are. Keys are mostly a
+/// few bytes, so matching a member against a wanted name is two integer compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Packed {
+    lo: u64,
+    hi: u64,
+}
+
+impl Packed {
+    const MAX: usize = 15;
+    /// Stands for a name longer than [`MAX`](Self::MAX): no packed key has a length byte past 15.
+    const LONG: Packed = Packed { lo: 0, hi: u64::MAX };
+
+    /// `None` for names longer than [`MAX`](Self::MAX).
+    #[inline(always)]
+    const fn of(bytes: &[u8]) -> Option<Packed> {
+        if bytes.len() > Self::MAX {
+            return None;
+        }
+        let (mut lo, mut hi) = (0u64, (bytes.len() as u64) << 56);
+        let mut i = 0;
+        while i < bytes.len() {
+            if i < 8 {
+                lo |= (bytes[i] as u64) << (8 * i);
+            } else {
+                hi |= (bytes[i] as u64) << (8 * (i - 8));
+            }
+            i += 1;
+        }
+        Some(Packed { lo, hi })
+    }
+
+    /// The key `buf[start..start + len]`, read as two whole words where the buffer has 16 bytes there.
+    #[inline(always)]
+    fn at(buf: &[u8], start: usize, len: usize) -> Option<Packed> {
+        if len > Self::MAX {
+            return None;
+        }
+        match (word_at(buf, start), word_at(buf, start + 8)) {
+            (Some(lo), Some(hi)) => Some(Packed {
+                lo: lo & low_bytes(len),
+                hi: (hi & low_bytes(len.saturating_sub(8))) | ((len as u64) << 56),
+            }),
+            _ => buf.get(start..start + len).and_then(Packed::of),
+        }
+    }
+}
+
+/// A mask of the low `n` bytes of a word (all of it from 8).
 #[inline(always)]
-fn pack(bytes: &[u8]) -> Option<u64> {
-    if bytes.len() > 7 {
-        return None;
+fn low_bytes(n: usize) -> u64 {
+    if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 }
+}
+
+/// [`Json::pick`]'s walk: one tight loop over the object's members, with nothing but positions kept
+/// between them (no iterator state handed back and forth), which is what makes it cheap in wasm.
+#[inline(always)]
+fn pick_members<'a, const N: usize>(buf: &'a [u8], keys: &Keys<'_, N>) -> [Option<Json<'a>>; N] {
+    let mut found = [None; N];
+    let mut missing = N;
+    if buf.first() != Some(&b'{') {
+        return found;
     }
-    let mut v = (bytes.len() as u64) << 56;
-    for (i, &b) in bytes.iter().enumerate() {
-        v |= u64::from(b) << (8 * i);
+    let mut p = 1;
+    loop {
+        // A validated document: whitespace, then a key or the closing brace.
+        p = skip_ws(buf, p);
+        if buf.get(p) != Some(&b'"') {
+            return found;
+        }
+        let (key_end, escaped) = skip_string(buf, p);
+        let mut v = key_end;
+        while buf.get(v).is_some_and(|&c| is_ws(c) || c == b':') {
+            v += 1;
+        }
+        let (end, value) = match buf.get(v) {
+            Some(b'"') => {
+                let end = skip_string(buf, v).0;
+                (end, buf.get(v..end))
+            }
+            // Found where it ends only if the walk goes past it.
+            Some(b'{' | b'[') => (0, buf.get(v..)),
+            Some(_) => {
+                let end = skip_scalar(buf, v);
+                (end, buf.get(v..end))
+            }
+            None => return found,
+        };
+        let Some(value) = value.map(|raw| Json { raw }) else {
+            return found;
+        };
+        let slot = keys.slot_of(buf, p, key_end, escaped);
+        if let Some(i) = slot
+            && let Some(free @ None) = found.get_mut(i)
+        {
+            *free = Some(value);
+            missing -= 1;
+            if missing == 0 {
+                return found;
+            }
+        }
+        p = if end == 0 { skip_container(buf, v) } else { end };
+        p = skip_ws(buf, p);
+        if buf.get(p) != Some(&b',') {
+            return found;
+        }
+        p += 1;
     }
-    Some(v)
 }
 
 /// The 8 bytes at `p`, if there are 8.
@@ -486,26 +730,84 @@ fn skip_string(buf: &[u8], pos: usize) -> (usize, bool) {
 }
 
 /// A JSON integer's digits (no sign, fraction or exponent) as a `u64`, `None` past `u64::MAX`.
-fn digits_u64(raw: &[u8]) -> Option<u64> {
-    if raw.is_empty() || raw.len() > 20 {
+#[inline]
+pub(crate) fn digits_u64(raw: &[u8]) -> Option<u64> {
+    if raw.is_empty() || raw.len() > 20 || digits_end(raw, 0) != raw.len() {
         return None;
     }
-    let mut n: u64 = 0;
-    for &c in raw {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    // Up to 19 digits cannot overflow.
+    match raw.split_at_checked(19) {
+        Some((head, [c])) => digits_value(head).checked_mul(10)?.checked_add(u64::from(c - b'0')),
+        _ => Some(digits_value(raw)),
     }
-    Some(n)
+}
+
+/// The value of at most 19 ASCII digits (checked by the caller), eight at a time where there are
+/// eight.
+#[inline(always)]
+pub(crate) fn digits_value(digits: &[u8]) -> u64 {
+    let mut n: u64 = 0;
+    let mut rest = digits;
+    while let Some((chunk, tail)) = rest.split_first_chunk::<8>() {
+        n = n.wrapping_mul(100_000_000).wrapping_add(eight_digits(u64::from_le_bytes(*chunk)));
+        rest = tail;
+    }
+    for &c in rest {
+        n = n.wrapping_mul(10).wrapping_add(u64::from(c.wrapping_sub(b'0')));
+    }
+    n
+}
+
+/// The value of eight ASCII digits read as a little-endian word (the first digit in the low byte).
+#[inline(always)]
+pub(crate) fn eight_digits(word: u64) -> u64 {
+    // Pairs, then fours, then all eight; the high products wrap away by design.
+    const LOW: u64 = 0x0000_00FF_0000_00FF;
+    let v = word.wrapping_sub(ONES * u64::from(b'0'));
+    let v = v.wrapping_mul(10).wrapping_add(v >> 8);
+    (v & LOW).wrapping_mul(100 + (1_000_000 << 32)).wrapping_add(((v >> 16) & LOW).wrapping_mul(1 + (10_000 << 32)))
+        >> 32
+}
+
+/// Past the run of ASCII digits at `p`, eight bytes at a time where there are eight.
+#[inline(always)]
+pub(crate) fn digits_end(buf: &[u8], mut p: usize) -> usize {
+    while let Some(word) = word_at(buf, p) {
+        let other = non_digits(word);
+        if other != 0 {
+            return p + (other.trailing_zeros() / 8) as usize;
+        }
+        p += 8;
+    }
+    while buf.get(p).is_some_and(u8::is_ascii_digit) {
+        p += 1;
+    }
+    p
+}
+
+/// The high bit of every byte of `word` that is not an ASCII digit.
+#[inline(always)]
+fn non_digits(word: u64) -> u64 {
+    // Digits become 0..=9; adding 0x76 to the low seven bits carries into bit 7 from 10 up, and
+    // never into the next byte.
+    let x = word ^ (ONES * u64::from(b'0'));
+    (((x & (ONES * 0x7f)) + ONES * 0x76) | x) & HIGH
 }
 
 #[inline(always)]
 fn skip_ws(buf: &[u8], mut pos: usize) -> usize {
-    while let Some(b' ' | b'\t' | b'\n' | b'\r') = buf.get(pos) {
+    while buf.get(pos).is_some_and(|&c| is_ws(c)) {
         pos += 1;
     }
     pos
+}
+
+/// JSON whitespace, tested without a jump table: venues send compact JSON, so the first compare
+/// answers for almost every byte, and in wasm a `match` on bytes becomes an indirect jump.
+#[inline(always)]
+fn is_ws(c: u8) -> bool {
+    const WS: u64 = 1 << b' ' | 1 << b'\t' | 1 << b'\n' | 1 << b'\r';
+    c <= b' ' && WS & (1 << c) != 0
 }
 
 fn err(offset: usize, expected: &'static str) -> JsonError {
@@ -535,6 +837,64 @@ fn scalar_end(buf: &[u8], pos: usize) -> Result<usize, JsonError> {
 
 /// Validates the object or array at `pos` and returns where it ends. Members that are strings,
 /// numbers or literals are checked in the loop; only nested containers recurse.
+/// The checking walk of [`container_end`] over the object at `pos`, picking as it goes: the members
+/// named in `keys` into `found`, and (given `inner`) those of the object under the member
+/// [`Keys::with_inner`] names. Checks and errors are exactly `container_end`'s.
+fn checked_pick<'a, const N: usize>(
+    buf: &'a [u8],
+    pos: usize,
+    depth: usize,
+    keys: &Keys<'_, N>,
+    found: &mut [Option<Json<'a>>; N],
+    mut inner: Option<&mut Option<[Option<Json<'a>>; N]>>,
+) -> Result<usize, JsonError> {
+    if depth >= MAX_DEPTH {
+        return Err(err(pos, "less nesting"));
+    }
+    let mut p = skip_ws(buf, pos + 1);
+    if buf.get(p) == Some(&b'}') {
+        return Ok(p + 1);
+    }
+    loop {
+        if buf.get(p) != Some(&b'"') {
+            return Err(err(p, "a string key"));
+        }
+        let key = p;
+        let key_end = string_end(buf, p)?;
+        p = skip_ws(buf, key_end);
+        if buf.get(p) != Some(&b':') {
+            return Err(err(p, "':'"));
+        }
+        p = skip_ws(buf, p + 1);
+        let escaped = has_backslash(buf.get(key + 1..key_end - 1).unwrap_or_default());
+        // Only the first member of a name is picked, as `pick` does.
+        let slot = keys.slot_of(buf, key, key_end, escaped).filter(|&i| found.get(i).is_some_and(Option::is_none));
+        let end = match buf.get(p) {
+            Some(b'{') if slot.is_some() && slot == keys.inner && inner.is_some() => {
+                let mut members = [None; N];
+                let end = checked_pick(buf, p, depth + 1, keys, &mut members, None)?;
+                if let Some(inner) = inner.take() {
+                    *inner = Some(members);
+                }
+                end
+            }
+            Some(b'{' | b'[') => container_end(buf, p, depth + 1)?,
+            _ => scalar_end(buf, p)?,
+        };
+        if let Some(i) = slot
+            && let (Some(free), Some(raw)) = (found.get_mut(i), buf.get(p..end))
+        {
+            *free = Some(Json { raw });
+        }
+        p = skip_ws(buf, end);
+        match buf.get(p) {
+            Some(b',') => p = skip_ws(buf, p + 1),
+            Some(b'}') => return Ok(p + 1),
+            _ => return Err(err(p, "',' or '}'")),
+        }
+    }
+}
+
 fn container_end(buf: &[u8], pos: usize, depth: usize) -> Result<usize, JsonError> {
     match buf.get(pos) {
         Some(open @ (b'{' | b'[')) => {
@@ -584,12 +944,9 @@ fn literal(buf: &[u8], pos: usize, word: &'static [u8]) -> Result<usize, JsonErr
 
 #[inline(always)]
 fn number_end(buf: &[u8], mut pos: usize) -> Result<usize, JsonError> {
-    let digits = |buf: &[u8], mut p: usize| -> Result<usize, JsonError> {
-        let start = p;
-        while buf.get(p).is_some_and(u8::is_ascii_digit) {
-            p += 1;
-        }
-        if p == start { Err(err(p, "a digit")) } else { Ok(p) }
+    let digits = |buf: &[u8], p: usize| -> Result<usize, JsonError> {
+        let end = digits_end(buf, p);
+        if end == p { Err(err(p, "a digit")) } else { Ok(end) }
     };
     if buf.get(pos) == Some(&b'-') {
         pos += 1;
@@ -689,7 +1046,26 @@ fn special_or_non_ascii(word: u64) -> u64 {
 #[inline(always)]
 #[allow(clippy::manual_contains)] // `contains` on bytes is a `memchr` call, which wasm profiles showed.
 fn has_backslash(inner: &[u8]) -> bool {
-    inner.iter().any(|&c| c == b'\\')
+    let mut rest = inner;
+    while let Some((chunk, tail)) = rest.split_first_chunk::<8>() {
+        if has_zero(u64::from_le_bytes(*chunk) ^ (ONES * u64::from(b'\\'))) != 0 {
+            return true;
+        }
+        rest = tail;
+    }
+    rest.iter().any(|&c| c == b'\\')
+}
+
+/// The contents of a string of a parsed document as text, without checking them again: checking
+/// every string twice was a twentieth of a decode call.
+#[inline(always)]
+fn parsed_text(inner: &[u8]) -> &str {
+    debug_assert!(std::str::from_utf8(inner).is_ok());
+    // SAFETY: `inner` is the contents of a string value of a document `Json::parse` accepted. Only
+    // `parse` and the walks over what it returned construct a `Json` (its one field is private),
+    // and `string_end` refused the document unless the bytes of every string between its escapes
+    // were UTF-8; escapes are ASCII, so the contents as written are UTF-8 too.
+    unsafe { std::str::from_utf8_unchecked(inner) }
 }
 
 fn string_inner(raw: &[u8]) -> Option<&[u8]> {
@@ -909,6 +1285,96 @@ mod tests {
             let doc = format!(" {text}\n");
             let v = Json::parse(doc.as_bytes()).unwrap_or_else(|e| panic!("{doc}: {e}"));
             check_walk(v, &text, &g);
+        }
+    }
+
+    #[test]
+    fn pick_agrees_with_get_on_generated_objects() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut checked = 0;
+        for _ in 0..5_000 {
+            let (text, g) = rng.value(0);
+            let Gen::Object(members) = g else { continue };
+            let doc = format!("{text} ");
+            let v = Json::parse(doc.as_bytes()).unwrap();
+            // Names from the object (escaped ones unescaped), a long one and an absent one.
+            let mut names: Vec<String> = members
+                .iter()
+                .map(|(k, _, _)| Json::parse(k.as_bytes()).unwrap().as_str().unwrap().into_owned())
+                .collect();
+            names.extend(["absent".to_string(), "a_name_longer_than_fifteen".to_string()]);
+            // A pick names each member once.
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            while names.len() < 4 {
+                names.push(format!("pad{}", names.len()));
+            }
+            let keys: [&str; 4] = [&names[0], &names[1], &names[2], &names[names.len() - 1]];
+            let want = keys.map(|k| v.get(k));
+            assert_eq!(v.pick(keys), want, "{text}");
+            assert_eq!(v.pick(&Keys::new(keys)), want, "{text}");
+            checked += 1;
+        }
+        assert!(checked > 500, "{checked}");
+    }
+
+    #[test]
+    fn parse_pick_agrees_with_parse_then_pick() {
+        // Generated documents as they are and with one byte cut, doubled or replaced, so that
+        // errors are compared too.
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let names = ["a", "", "{é", "abcdefghij", "/"];
+        let keys = Keys::new(names).with_inner("a");
+        let mut inner_seen = 0;
+        for i in 0..20_000u64 {
+            let (text, _) = rng.value(0);
+            let text = match i % 4 {
+                0 => format!(r#"{{"a":{text},"abcdefghij":{text}}}"#),
+                1 => text,
+                _ => {
+                    let mut bytes = text.into_bytes();
+                    if !bytes.is_empty() {
+                        let at = (rng.next(bytes.len() as u64)) as usize;
+                        match i % 3 {
+                            0 => _ = bytes.remove(at),
+                            1 => bytes.insert(at, bytes[at]),
+                            _ => bytes[at] = b"{}[]\":,x1"[rng.next(9) as usize],
+                        }
+                    }
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+            };
+            let doc = text.as_bytes();
+            let (fused, plain) = (Json::parse_pick(doc, &keys), Json::parse(doc));
+            match (fused, plain) {
+                (Err(a), Err(b)) => assert_eq!(a, b, "{text}"),
+                (Ok(picked), Ok(v)) => {
+                    assert_eq!(picked.document, v);
+                    let root = v.pick(names);
+                    assert_eq!(picked.root, root, "{text}");
+                    let inner = root[0].filter(|a| a.kind() == Kind::Object).map(|a| a.pick(names));
+                    inner_seen += usize::from(inner.is_some());
+                    assert_eq!(picked.inner, inner, "{text}");
+                }
+                (a, b) => panic!("{text}: {a:?} against {b:?}"),
+            }
+        }
+        assert!(inner_seen > 1_000, "{inner_seen}");
+    }
+
+    #[test]
+    fn pick_reads_keys_of_every_length_at_the_end_of_a_document() {
+        // Keys up to and past the packed width, near the end of the buffer where a whole-word read
+        // does not fit.
+        for len in 1..=20 {
+            let key = "k".repeat(len - 1) + "z";
+            let doc = format!(r#"{{"{key}":1,"x":2}}"#);
+            let v = Json::parse(doc.as_bytes()).unwrap();
+            let [a, b] = v.pick([key.as_str(), "x"]);
+            assert_eq!((a.and_then(|a| a.as_u64()), b.and_then(|b| b.as_u64())), (Some(1), Some(2)), "{doc}");
+            // A name that differs only past the eighth byte is another key.
+            let other = "k".repeat(len - 1) + "y";
+            assert_eq!(v.pick([other.as_str()]), [None], "{doc}");
         }
     }
 

@@ -25,6 +25,58 @@ type Cache = HashMap<Box<str>, u32, BuildHasherDefault<Fnv>>;
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    static RECENT: RefCell<Recent> = const { RefCell::new(Recent { slots: [Slot::EMPTY; Recent::SLOTS] }) };
+}
+
+/// A name of up to 16 bytes as two words and its length: equal exactly when the names are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Short {
+    lo: u64,
+    hi: u64,
+    len: u32,
+}
+
+impl Short {
+    /// Reads the name with at most four loads (overlapping ones for lengths between the widths).
+    #[inline(always)]
+    fn of(name: &[u8]) -> Option<Short> {
+        let word = |at: usize| name.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let half = |at: usize| name.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+        let len = name.len();
+        let (lo, hi) = match len {
+            0 | 17.. => return None,
+            8.. => (word(0)?, word(len - 8)?),
+            4.. => (u64::from(half(0)?) | u64::from(half(len - 4)?) << 32, 0),
+            _ => (name.iter().rev().fold(0, |acc, &b| acc << 8 | u64::from(b)), 0),
+        };
+        Some(Short { lo, hi, len: len as u32 })
+    }
+
+    #[inline(always)]
+    fn slot(&self) -> usize {
+        let mixed = (self.lo ^ self.hi.rotate_left(29) ^ u64::from(self.len)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (mixed >> (64 - Recent::SLOTS.trailing_zeros())) as usize
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    name: Short,
+    id: u32,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot { name: Short { lo: 0, hi: 0, len: 0 }, id: 0 };
+}
+
+/// Ids of recently named short symbols, one per slot of their hash: a frame's symbol is found with a
+/// hash of two words and one compare, where the map hashes every byte and compares the strings.
+struct Recent {
+    slots: [Slot; Recent::SLOTS],
+}
+
+impl Recent {
+    const SLOTS: usize = 256;
 }
 
 /// The id of a symbol name (e.g. `BTCUSDT`), as the host's dictionary assigns it. Every sluice
@@ -46,13 +98,27 @@ thread_local! {
 /// assert_ne!(plugin_sdk::symbol_id("ETHUSDT"), a);
 /// ```
 pub fn symbol_id(name: &str) -> u32 {
-    if let Some(id) = CACHE.with(|c| c.borrow().get(name).copied()) {
-        return id;
+    let short = Short::of(name.as_bytes());
+    if let Some(short) = short {
+        let slot = RECENT.with(|r| r.borrow().slots[short.slot()]);
+        if slot.name == short {
+            return slot.id;
+        }
     }
-    let id = intern_in_host(name);
-    // 0 is the host's "dictionary unavailable": never cached, so the next frame asks again.
-    if id != 0 {
-        CACHE.with(|c| c.borrow_mut().insert(name.into(), id));
+    let id = match CACHE.with(|c| c.borrow().get(name).copied()) {
+        Some(id) => id,
+        None => {
+            let id = intern_in_host(name);
+            // 0 is the host's "dictionary unavailable": never cached, so the next frame asks again.
+            if id == 0 {
+                return 0;
+            }
+            CACHE.with(|c| c.borrow_mut().insert(name.into(), id));
+            id
+        }
+    };
+    if let Some(short) = short {
+        RECENT.with(|r| r.borrow_mut().slots[short.slot()] = Slot { name: short, id });
     }
     id
 }
@@ -61,6 +127,7 @@ pub fn symbol_id(name: &str) -> u32 {
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 fn clear_cache() {
     CACHE.with(|c| c.borrow_mut().clear());
+    RECENT.with(|r| r.borrow_mut().slots = [Slot::EMPTY; Recent::SLOTS]);
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -130,6 +197,41 @@ pub(crate) mod native {
 
 #[cfg(test)]
 mod tests {
+    use super::Short;
+
+    #[test]
+    fn short_names_are_equal_exactly_when_their_bytes_are() {
+        let names: Vec<String> = (0..=17)
+            .flat_map(|len| {
+                let base = "ABCDEFGHIJKLMNOPQ"[..len].to_string();
+                // The same length, one byte changed at each place.
+                let variants: Vec<String> = (0..len)
+                    .map(|i| base.chars().enumerate().map(|(j, c)| if i == j { 'x' } else { c }).collect())
+                    .collect();
+                std::iter::once(base).chain(variants)
+            })
+            .collect();
+        for a in &names {
+            for b in &names {
+                match (Short::of(a.as_bytes()), Short::of(b.as_bytes())) {
+                    (Some(x), Some(y)) => assert_eq!(x == y, a == b, "{a:?} {b:?}"),
+                    (x, _) => assert!(x.is_none() == (a.is_empty() || a.len() > 16), "{a:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_that_share_a_slot_keep_their_own_ids() {
+        super::native::reset();
+        let names: Vec<String> = (0..2_000).map(|i| format!("SYM{i}USDT")).collect();
+        let ids: Vec<u32> = names.iter().map(|n| super::symbol_id(n)).collect();
+        // Again, in another order: every lookup that hits a slot another name took is still right.
+        for (n, id) in names.iter().zip(&ids).rev() {
+            assert_eq!(super::symbol_id(n), *id, "{n}");
+            assert_eq!(super::native::name(*id).as_deref(), Some(n.as_str()));
+        }
+    }
     #[test]
     fn a_failed_lookup_is_not_cached() {
         super::native::set_unavailable(true);

@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{non_negative_e8, required, text};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
 /// The Binance decoder. It keeps no state.
@@ -65,10 +65,14 @@ struct Fields<'a> {
     msg: Option<Json<'a>>,
 }
 
+/// The names [`Fields`] reads, in its order; a combined-stream envelope's event is its `data`.
+const EVENT: Keys<12> =
+    Keys::new(["e", "s", "p", "q", "T", "m", "a", "t", "data", "error", "code", "msg"]).with_inner("data");
+
 impl<'a> Fields<'a> {
-    fn scan(object: Json<'a>) -> Self {
+    fn new(members: [Option<Json<'a>>; 12]) -> Self {
         let [event, symbol, price, quantity, trade_time, buyer_is_maker, agg_id, trade_id, data, error, code, msg] =
-            object.pick(["e", "s", "p", "q", "T", "m", "a", "t", "data", "error", "code", "msg"]);
+            members;
         Fields { event, symbol, price, quantity, trade_time, buyer_is_maker, agg_id, trade_id, data, error, code, msg }
     }
 }
@@ -80,27 +84,26 @@ impl Plugin for Binance {
     }
 
     fn decode(&mut self, frame: &[u8], out: &mut Records) -> Result<(), Reason> {
-        let frame = Json::parse(frame).map_err(|e| Reason::field("frame", e))?;
-        match frame.kind() {
+        // One pass checks the frame and reads the fields, of the root and of an envelope's `data`.
+        let picked = Json::parse_pick(frame, &EVENT).map_err(|e| Reason::field("frame", e))?;
+        match picked.document.kind() {
             Kind::Object => {}
             // `!ticker@arr` and friends: never trades.
             Kind::Array => return Ok(()),
             _ => return Err("frame: expected a JSON object".into()),
         }
-        let top = match frame.members().next() {
-            // A combined-stream envelope (`stream` comes first): only its `data` matters, and
-            // looking no further saves walking past the event.
+        let top = match picked.document.members().next() {
+            // A combined-stream envelope (`stream` comes first): only its `data` matters.
             Some((key, _)) if key.plain() == Some(b"stream") => {
-                let [data] = frame.pick(["data"]);
-                Fields { data, ..Fields::default() }
+                Fields { data: Fields::new(picked.root).data, ..Fields::default() }
             }
-            _ => Fields::scan(frame),
+            _ => Fields::new(picked.root),
         };
-        let event = match top.data {
+        let event = match (top.data, picked.inner) {
             // A combined-stream envelope: the event is its `data`.
-            Some(data) if data.kind() == Kind::Object => Fields::scan(data),
-            Some(_) => return Ok(()),
-            None => top,
+            (Some(_), Some(inner)) => Fields::new(inner),
+            (Some(_), None) => return Ok(()),
+            (None, _) => top,
         };
         let Some(kind) = event.event else {
             return venue_error(&event);

@@ -42,7 +42,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{non_negative_e8, required, text, unsigned};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::time::micros_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
@@ -60,7 +60,8 @@ impl Plugin for Bitstamp {
         if frame.kind() != Kind::Object {
             return Err("frame: expected a JSON object".into());
         }
-        let [event, channel, data] = frame.pick(["event", "channel", "data"]);
+        const FRAME_KEYS: Keys<3> = Keys::new(["event", "channel", "data"]);
+        let [event, channel, data] = frame.pick(&FRAME_KEYS);
         match text("event", event)?.as_ref() {
             "trade" => {}
             "bts:error" => return Err(venue_error(data)),
@@ -72,7 +73,8 @@ impl Plugin for Bitstamp {
             _ => return Err("channel: expected live_trades_<pair>".into()),
         };
         let data = data.filter(|d| d.kind() == Kind::Object).ok_or("data: expected an object")?;
-        let [id, price, amount, kind, micros] = data.pick(["id", "price_str", "amount_str", "type", "microtimestamp"]);
+        const DATA_KEYS: Keys<5> = Keys::new(["id", "price_str", "amount_str", "type", "microtimestamp"]);
+        let [id, price, amount, kind, micros] = data.pick(&DATA_KEYS);
         let price_e8 = non_negative_e8("price_str", price)?;
         let volume_e8 = non_negative_e8("amount_str", amount)?;
         let micros = i64::try_from(unsigned("microtimestamp", micros)?)

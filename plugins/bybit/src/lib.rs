@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{non_negative_e8, required, text};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
 /// The Bybit decoder. It keeps no state.
@@ -58,7 +58,8 @@ impl Plugin for Bybit {
         if frame.kind() != Kind::Object {
             return Err("frame: expected a JSON object".into());
         }
-        let [topic, data, success, ret_msg] = frame.pick(["topic", "data", "success", "ret_msg"]);
+        const FRAME_KEYS: Keys<4> = Keys::new(["topic", "data", "success", "ret_msg"]);
+        let [topic, data, success, ret_msg] = frame.pick(&FRAME_KEYS);
         let Some(topic) = topic else {
             return operation_answer(success, ret_msg);
         };
@@ -78,7 +79,8 @@ fn decode_trade(trade: Json<'_>) -> Result<Record, Reason> {
     if trade.kind() != Kind::Object {
         return Err("object: expected a JSON object".into());
     }
-    let [time, symbol, side, qty, price, id] = trade.pick(["T", "s", "S", "v", "p", "i"]);
+    const TRADE_KEYS: Keys<6> = Keys::new(["T", "s", "S", "v", "p", "i"]);
+    let [time, symbol, side, qty, price, id] = trade.pick(&TRADE_KEYS);
     let symbol = text("s", symbol)?;
     if symbol.is_empty() {
         return Err("s: empty symbol".into());

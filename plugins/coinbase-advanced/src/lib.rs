@@ -43,7 +43,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{non_negative_e8, text, unsigned};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::time::rfc3339_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
@@ -61,7 +61,8 @@ impl Plugin for CoinbaseAdvanced {
         if frame.kind() != Kind::Object {
             return Err("frame: expected a JSON object".into());
         }
-        let [channel, events, kind, message] = frame.pick(["channel", "events", "type", "message"]);
+        const FRAME_KEYS: Keys<4> = Keys::new(["channel", "events", "type", "message"]);
+        let [channel, events, kind, message] = frame.pick(&FRAME_KEYS);
         let Some(channel) = channel else {
             return match kind.and_then(|k| k.as_str()).as_deref() {
                 Some("error") => {
@@ -91,8 +92,8 @@ fn decode_trade(trade: Json<'_>) -> Result<Record, Reason> {
     if trade.kind() != Kind::Object {
         return Err("object: expected a JSON object".into());
     }
-    let [trade_id, product, price, size, side, time] =
-        trade.pick(["trade_id", "product_id", "price", "size", "side", "time"]);
+    const TRADE_KEYS: Keys<6> = Keys::new(["trade_id", "product_id", "price", "size", "side", "time"]);
+    let [trade_id, product, price, size, side, time] = trade.pick(&TRADE_KEYS);
     let product = text("product_id", product)?;
     if product.is_empty() {
         return Err("product_id: empty symbol".into());

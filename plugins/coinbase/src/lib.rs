@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{non_negative_e8, text, unsigned};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::time::rfc3339_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
@@ -64,8 +64,9 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn scan(object: Json<'a>) -> Self {
-        let [kind, product, price, size, time, side, trade_id, message, reason] =
-            object.pick(["type", "product_id", "price", "size", "time", "side", "trade_id", "message", "reason"]);
+        const OBJECT_KEYS: Keys<9> =
+            Keys::new(["type", "product_id", "price", "size", "time", "side", "trade_id", "message", "reason"]);
+        let [kind, product, price, size, time, side, trade_id, message, reason] = object.pick(&OBJECT_KEYS);
         Fields { kind, product, price, size, time, side, trade_id, message, reason }
     }
 }

@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{required, text};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::time::rfc3339_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, parse_e8, symbol_id};
 
@@ -59,7 +59,8 @@ impl Plugin for KrakenV2 {
         if frame.kind() != Kind::Object {
             return Err("frame: expected a JSON object".into());
         }
-        let [channel, data, success, error] = frame.pick(["channel", "data", "success", "error"]);
+        const FRAME_KEYS: Keys<4> = Keys::new(["channel", "data", "success", "error"]);
+        let [channel, data, success, error] = frame.pick(&FRAME_KEYS);
         let Some(channel) = channel else {
             return method_answer(success, error);
         };
@@ -79,8 +80,8 @@ fn decode_trade(trade: Json<'_>) -> Result<Record, Reason> {
     if trade.kind() != Kind::Object {
         return Err("object: expected a JSON object".into());
     }
-    let [symbol, side, price, qty, trade_id, timestamp] =
-        trade.pick(["symbol", "side", "price", "qty", "trade_id", "timestamp"]);
+    const TRADE_KEYS: Keys<6> = Keys::new(["symbol", "side", "price", "qty", "trade_id", "timestamp"]);
+    let [symbol, side, price, qty, trade_id, timestamp] = trade.pick(&TRADE_KEYS);
     let symbol = text("symbol", symbol)?;
     if symbol.is_empty() {
         return Err("symbol: empty symbol".into());

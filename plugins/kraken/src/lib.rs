@@ -40,7 +40,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::time::decimal_seconds_to_ms;
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, parse_e8, symbol_id};
 
@@ -115,7 +115,8 @@ fn decode_trade(trade: Json<'_>, i: usize, symbol_id: u32) -> Result<Record, Rea
 
 /// Object frames: events. Only errors are refused.
 fn event(frame: Json<'_>) -> Result<(), Reason> {
-    let [event, status, message] = frame.pick(["event", "status", "errorMessage"]);
+    const FRAME_KEYS: Keys<3> = Keys::new(["event", "status", "errorMessage"]);
+    let [event, status, message] = frame.pick(&FRAME_KEYS);
     let is_error = event.is_some_and(|e| is_str(e, "error")) || status.is_some_and(|s| is_str(s, "error"));
     if !is_error {
         return Ok(());

@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use plugin_sdk::field::{integer, non_negative_e8, text, unsigned};
-use plugin_sdk::json::{Json, Kind};
+use plugin_sdk::json::{Json, Keys, Kind};
 use plugin_sdk::{Config, Plugin, Reason, Record, Records, symbol_id};
 
 /// The OKX decoder. It keeps no state.
@@ -62,7 +62,8 @@ impl Plugin for Okx {
         if frame.kind() != Kind::Object {
             return Err("frame: expected a JSON object".into());
         }
-        let [event, arg, data, code, msg] = frame.pick(["event", "arg", "data", "code", "msg"]);
+        const FRAME_KEYS: Keys<5> = Keys::new(["event", "arg", "data", "code", "msg"]);
+        let [event, arg, data, code, msg] = frame.pick(&FRAME_KEYS);
         if let Some(event) = event {
             return match text("event", Some(event))?.as_ref() {
                 "error" => Err(venue_error(code, msg)),
@@ -86,7 +87,8 @@ fn decode_trade(trade: Json<'_>) -> Result<Record, Reason> {
     if trade.kind() != Kind::Object {
         return Err("object: expected a JSON object".into());
     }
-    let [inst_id, trade_id, px, sz, side, ts] = trade.pick(["instId", "tradeId", "px", "sz", "side", "ts"]);
+    const TRADE_KEYS: Keys<6> = Keys::new(["instId", "tradeId", "px", "sz", "side", "ts"]);
+    let [inst_id, trade_id, px, sz, side, ts] = trade.pick(&TRADE_KEYS);
     let inst_id = text("instId", inst_id)?;
     if inst_id.is_empty() {
         return Err("instId: empty symbol".into());
