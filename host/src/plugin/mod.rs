@@ -1,16 +1,20 @@
-//! Plugins: the wasm runtime that runs them (`runtime`) and the registry of their versions
-//! (`registry`: upload, activate, rollback, shadow, hot swap between batches).
+//! Plugins, from the bottom up: the sandbox they run in (`world`: the WIT bindings, the host state,
+//! the WASI shims), the wasm runtime that compiles them (`runtime`), an instance's calls and the
+//! checks of their output (`instance`), the hot-swap slots (`slot`) and the registry of their
+//! versions (`registry`: upload, activate, rollback, shadow, hot swap between batches).
 
 pub mod bundled;
+pub mod instance;
 pub mod registry;
 pub mod runtime;
 pub mod slot;
+mod world;
 
 use std::time::Duration;
 
-pub use runtime::{
-    Decoded, Limits, PluginCode, PluginInstance, Reject, Runtime, RuntimeSettings, Transformed, WORLD, version_of,
-};
+pub use instance::{Decoded, PluginInstance, Reject, Transformed};
+pub use runtime::{Limits, PluginCode, Runtime, RuntimeSettings, version_of};
+pub use world::WORLD;
 
 /// Why a plugin could not be loaded or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +29,7 @@ pub enum PluginError {
     #[error("the component does not compile: {0}")]
     Compile(String),
     /// The component does not implement the plugin world.
-    #[error("not a sluice plugin (world {world}): {0}", world = runtime::WORLD)]
+    #[error("not a sluice plugin (world {world}): {0}", world = world::WORLD)]
     WrongWorld(String),
     /// The requested limits are outside what the runtime allows.
     #[error("invalid plugin limits: {0}")]
