@@ -9,7 +9,7 @@ use std::sync::Arc;
 use plugin_sdk::wire::{Delimited, validate_batch};
 use wasmtime::{Store, Trap};
 
-use super::PluginError;
+use super::error::PluginError;
 use super::runtime::PluginCode;
 use super::world::bindings::exports::sluice::plugin::guest;
 use super::world::{HostState, bindings};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-use super::PluginError;
+use super::error::PluginError;
 use super::world::{HostState, bindings};
 use crate::symbols::Symbols;
 use crate::telemetry::CallMetrics;
