@@ -1,8 +1,8 @@
 //! Plugin instances and their calls: `init`, `decode` and `transform` run on one worker's instance,
 //! and their output is checked to be valid records before the host trusts it (decode output here;
-//! transform output's framing here and its records where they are parsed, see [`Transformed`]). A
-//! trap, a timeout or a limit hit becomes a typed [`PluginError`]; the instance that failed is thrown
-//! away and the next call runs on a fresh one.
+//! transform output's framing here and its records where they are parsed, see
+//! [`TransformOutput`]). A trap, a timeout or a limit hit becomes a typed [`PluginError`]; the
+//! instance that failed is thrown away and the next call runs on a fresh one.
 
 use std::sync::Arc;
 
@@ -16,13 +16,13 @@ use super::world::{HostState, bindings};
 
 /// What a `decode` call produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Decoded {
+pub struct DecodeOutput {
     /// The records, length-delimited, in frame order.
     pub records: Vec<u8>,
     /// Records per input frame.
     pub counts: Vec<u32>,
     /// Frames the plugin refused.
-    pub rejects: Vec<Reject>,
+    pub rejects: Vec<PluginReject>,
 }
 
 /// What a `transform` call produced.
@@ -33,18 +33,18 @@ pub struct Decoded {
 /// [`crate::transform::Transformer`] does that and treats a record that does not parse as
 /// [`PluginError::InvalidOutput`] of the call. Whoever reads `records` must parse, never assume.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Transformed {
+pub struct TransformOutput {
     /// The output records, length-delimited (framing checked, contents not).
     pub records: Vec<u8>,
     /// How many records `records` holds.
     pub count: usize,
     /// Input records the plugin refused.
-    pub rejects: Vec<Reject>,
+    pub rejects: Vec<PluginReject>,
 }
 
 /// An input a plugin refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reject {
+pub struct PluginReject {
     /// Index of the frame or record in the batch.
     pub index: u32,
     /// The plugin's reason.
@@ -97,7 +97,7 @@ impl PluginInstance {
     /// # Errors
     /// A [`PluginError`] when the call traps, times out, hits a limit or returns invalid output; the
     /// instance is replaced before the next call.
-    pub fn decode(&mut self, frames: &[u8]) -> Result<Decoded, PluginError> {
+    pub fn decode(&mut self, frames: &[u8]) -> Result<DecodeOutput, PluginError> {
         let started = std::time::Instant::now();
         let frame_count = Delimited::new(frames).count();
         let code = self.code.clone();
@@ -120,7 +120,7 @@ impl PluginInstance {
         result
     }
 
-    fn decode_checked(&mut self, frames: &[u8], frame_count: usize) -> Result<Decoded, PluginError> {
+    fn decode_checked(&mut self, frames: &[u8], frame_count: usize) -> Result<DecodeOutput, PluginError> {
         let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_decode(store, frames))?;
         let result = self.check_output(&out.records).and_then(|n| {
             if out.counts.len() != frame_count {
@@ -138,14 +138,14 @@ impl PluginInstance {
             check_rejects(&out.rejects, frame_count)
         });
         self.discard_on_error(result)?;
-        Ok(Decoded { records: out.records, counts: out.counts, rejects: rejects(out.rejects) })
+        Ok(DecodeOutput { records: out.records, counts: out.counts, rejects: rejects(out.rejects) })
     }
 
     /// Transforms a batch of length-delimited `StreamData` records.
     ///
     /// # Errors
     /// As [`decode`](Self::decode).
-    pub fn transform(&mut self, batch: &[u8]) -> Result<Transformed, PluginError> {
+    pub fn transform(&mut self, batch: &[u8]) -> Result<TransformOutput, PluginError> {
         let started = std::time::Instant::now();
         let result = self.transform_checked(batch);
         let metrics = self.code.transform_metrics();
@@ -165,10 +165,10 @@ impl PluginInstance {
         result
     }
 
-    fn transform_checked(&mut self, batch: &[u8]) -> Result<Transformed, PluginError> {
+    fn transform_checked(&mut self, batch: &[u8]) -> Result<TransformOutput, PluginError> {
         let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_transform(store, batch))?;
         // Framing only: the records' contents are checked by whoever parses them, once (see
-        // `Transformed`), not here and again there.
+        // `TransformOutput`), not here and again there.
         let result = self.check_framing(&out.records).and_then(|count| {
             // Counting the inputs costs a pass over the batch, so only when there is something to check.
             if out.rejects.is_empty() {
@@ -178,7 +178,7 @@ impl PluginInstance {
             }
         });
         let count = self.discard_on_error(result)?;
-        Ok(Transformed { records: out.records, count, rejects: rejects(out.rejects) })
+        Ok(TransformOutput { records: out.records, count, rejects: rejects(out.rejects) })
     }
 
     /// The instance, creating and initialising it if there is none.
@@ -273,8 +273,8 @@ fn check_rejects(list: &[guest::Reject], inputs: usize) -> Result<(), PluginErro
     }
 }
 
-fn rejects(list: Vec<guest::Reject>) -> Vec<Reject> {
-    list.into_iter().map(|r| Reject { index: r.index, reason: r.reason }).collect()
+fn rejects(list: Vec<guest::Reject>) -> Vec<PluginReject> {
+    list.into_iter().map(|r| PluginReject { index: r.index, reason: r.reason }).collect()
 }
 
 fn classify(code: &PluginCode, state: &HostState, e: wasmtime::Error) -> PluginError {

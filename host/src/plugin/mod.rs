@@ -13,6 +13,6 @@ pub mod slot;
 mod world;
 
 pub use error::PluginError;
-pub use instance::{Decoded, PluginInstance, Reject, Transformed};
+pub use instance::{DecodeOutput, PluginInstance, PluginReject, TransformOutput};
 pub use runtime::{Limits, PluginCode, Runtime, RuntimeSettings, version_of};
 pub use world::WORLD;
