@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use plugin_sdk::Runner;
-use sluice::plugin::Limits;
+use sluice::plugin::{Limits, PluginInstance};
 
 mod common;
 use common::*;
@@ -20,11 +20,11 @@ fn transform(c: &mut Criterion) {
     let mut g = c.benchmark_group("transform_1024");
     g.throughput(Throughput::Elements(BATCH as u64));
     let code = rt.compile("rescale", &wasm("rescale"), Limits::default()).unwrap();
-    let mut instance = code.instantiate(&config(&RESCALE_CONFIG)).unwrap();
+    let mut instance = PluginInstance::new(&code, &config(&RESCALE_CONFIG)).unwrap();
     g.bench_function("wasm", |b| b.iter(|| black_box(instance.transform(black_box(&batch)).unwrap().count)));
     // The fixed cost of a call: copy in, copy out, framing checks, no work in the guest.
     let chaos = rt.compile("chaos", &wasm("chaos"), Limits::default()).unwrap();
-    let mut pass = chaos.instantiate(&[]).unwrap();
+    let mut pass = PluginInstance::new(&chaos, &[]).unwrap();
     g.bench_function("wasm_passthrough_floor", |b| {
         b.iter(|| black_box(pass.transform(black_box(&batch)).unwrap().count))
     });
@@ -45,7 +45,7 @@ fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_binance_aggtrade_64");
     g.throughput(Throughput::Elements(FRAMES as u64));
     let code = rt.compile("binance", &wasm("binance"), Limits::default()).unwrap();
-    let mut instance = code.instantiate(&[]).unwrap();
+    let mut instance = PluginInstance::new(&code, &[]).unwrap();
     g.bench_function("wasm", |b| b.iter(|| black_box(instance.decode(black_box(&frames)).unwrap().counts.len())));
     let mut native = Runner::<binance::Binance>::new();
     native.init(vec![]).unwrap();
@@ -81,7 +81,7 @@ fn swap_costs(c: &mut Criterion) {
         })
     });
     let code = rt.load("binance", &sluice::plugin::version_of(&wasm("binance")), component, Limits::default()).unwrap();
-    g.bench_function("instantiate_and_init/binance", |b| b.iter(|| code.instantiate(&[]).unwrap()));
+    g.bench_function("instantiate_and_init/binance", |b| b.iter(|| PluginInstance::new(&code, &[]).unwrap()));
     g.finish();
 }
 

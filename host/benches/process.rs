@@ -25,7 +25,7 @@ use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::log::Reader;
 use sluice::pipeline::{Breakers, Names, Process, ProcessSettings, ProcessStats, run_process};
-use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings};
 use sluice::sink::Sink;
 use sluice::sink::druid::{DruidSink, DruidSinkConfig};
 use sluice::sink::embedded::EmbeddedStore;
@@ -83,7 +83,7 @@ impl Bench {
         let code = self.runtime.compile("rescale", &wasm("rescale"), Limits::default()).expect("rescale");
         let config = [("scale".to_owned(), "1.0001".to_owned())];
         let mut transformers =
-            HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&config).expect("init"))])]);
+            HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &config).expect("init"))])]);
         let consumer = Reader::Kafka(
             EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
                 .expect("consumer"),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use plugin_sdk::Runner;
-use sluice::plugin::Limits;
+use sluice::plugin::{Limits, PluginInstance};
 
 const ROUNDS: usize = 60;
 const CALLS_PER_BURST: usize = 40;
@@ -58,7 +58,7 @@ fn main() {
 
     let batch = trades();
     let code = rt.compile("rescale", &wasm("rescale"), Limits::default()).expect("rescale compiles");
-    let mut instance = code.instantiate(&cfg).expect("rescale starts");
+    let mut instance = PluginInstance::new(&code, &cfg).expect("rescale starts");
     let mut native = Runner::<rescale::Rescale>::new();
     native.init(cfg.clone()).expect("rescale init");
     let r = interleave(
@@ -75,7 +75,7 @@ fn main() {
 
     // The transform stage as the process role runs it: the call, then every output record parsed
     // (which is where its contents are checked), against the native run with the same parse.
-    let mut stage = sluice::transform::Transformer::new(code.instantiate(&cfg).expect("rescale starts"));
+    let mut stage = sluice::transform::Transformer::new(PluginInstance::new(&code, &cfg).expect("rescale starts"));
     let mut parsed: Vec<plugin_sdk::Record> = Vec::with_capacity(BATCH);
     let r = interleave(
         BATCH,
@@ -96,7 +96,7 @@ fn main() {
     // The fixed cost of a transform call (copies, framing checks; the guest only counts records),
     // against the same native run: how much of the gap is the boundary rather than the guest's code.
     let chaos = rt.compile("chaos", &wasm("chaos"), Limits::default()).expect("chaos compiles");
-    let mut pass = chaos.instantiate(&[]).expect("chaos starts");
+    let mut pass = PluginInstance::new(&chaos, &[]).expect("chaos starts");
     let r = interleave(
         BATCH,
         || {
@@ -111,7 +111,7 @@ fn main() {
 
     let frames = aggtrade_frames();
     let code = rt.compile("binance", &wasm("binance"), Limits::default()).expect("binance compiles");
-    let mut instance = code.instantiate(&[]).expect("binance starts");
+    let mut instance = PluginInstance::new(&code, &[]).expect("binance starts");
     let mut native = Runner::<binance::Binance>::new();
     native.init(vec![]).expect("binance init");
     let r = interleave(

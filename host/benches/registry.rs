@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use common::{runtime, trades, wasm};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::api::{ApiConfig, ApiState, Health, PluginDirectory, Secret, router, serve};
+use sluice::plugin::PluginInstance;
 use sluice::plugin::registry::{Binding, BoundPlugin, Mode, Registry};
 use sluice::transform::Transformer;
 
@@ -96,7 +97,8 @@ fn activate_to_first_batch(c: &mut Criterion) {
     let slot = registry.deploy("p", &wasm("rescale")).expect("deploy");
     let versions =
         [slot.active().version().to_owned(), registry.upload("p", &wasm("double_price")).expect("upload").version];
-    let mut worker = Transformer::bound(BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).expect("init")));
+    let mut worker =
+        Transformer::bound(BoundPlugin::new(slot.clone(), PluginInstance::new(&slot.active(), &[]).expect("init")));
     let batch = trades();
     let mut next = 1;
     c.bench_function("activate_to_first_batch", |b| {

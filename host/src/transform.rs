@@ -6,7 +6,7 @@ use plugin_sdk::wire::{Delimited, push_delimited};
 use plugin_sdk::{Record, StreamDataView};
 
 use crate::plugin::registry::BoundPlugin;
-use crate::plugin::{PluginError, PluginInstance, Transformed};
+use crate::plugin::{PluginError, PluginInstance, TransformOutput};
 
 /// An input record the transform refused, with why; kept whole for the dead-letter topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,9 +120,9 @@ impl Transformer {
     }
 
     /// One call; its output records are parsed into `parsed` (the one check of their contents: see
-    /// [`Transformed`]). A record that does not parse fails the call as invalid output, the instance
-    /// is replaced and nothing of the call is kept.
-    fn call(&mut self, batch: &[u8], parsed: &mut Vec<Record>) -> Result<Transformed, PluginError> {
+    /// [`TransformOutput`]). A record that does not parse fails the call as invalid output, the
+    /// instance is replaced and nothing of the call is kept.
+    fn call(&mut self, batch: &[u8], parsed: &mut Vec<Record>) -> Result<TransformOutput, PluginError> {
         let t = self.plugin.instance().transform(batch)?;
         let mark = parsed.len();
         parsed.reserve(t.count);

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use sluice::api::{ApiConfig, ApiState, Health, PluginDirectory, Secret, router, serve};
 use sluice::plugin::registry::{Binding, BoundPlugin, Registry};
-use sluice::plugin::{Runtime, RuntimeSettings, bundled, version_of};
+use sluice::plugin::{PluginInstance, Runtime, RuntimeSettings, bundled, version_of};
 use sluice::sink::embedded::{EmbeddedStore, Row};
 use sluice::symbols::Symbols;
 use sluice::telemetry::Metrics;
@@ -371,8 +371,10 @@ impl PluginServer {
         ]);
         let registry = Arc::new(Registry::open(runtime, &dir, HashMap::new(), bindings).unwrap());
         let slot = registry.deploy("binance", bundled::BINANCE).unwrap();
-        let worker =
-            sluice::decode::Decoder::bound(BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap()));
+        let worker = sluice::decode::Decoder::bound(BoundPlugin::new(
+            slot.clone(),
+            PluginInstance::new(&slot.active(), &[]).unwrap(),
+        ));
         let directory = Arc::new(PluginDirectory::default());
         directory.set(registry.clone());
         let config =

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use plugin_sdk::wire::{Delimited, StreamDataView};
 use sluice::decode::Decoder;
-use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings};
 use sluice::source::Frame;
 use sluice::symbols::Symbols;
 
@@ -28,7 +28,7 @@ fn stamps_dedupes_counts_gaps_and_keeps_rejects() {
         .unwrap();
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("binance", &wasm, Limits::default()).unwrap();
-    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+    let mut decoder = Decoder::new(PluginInstance::new(&code, &[]).unwrap());
 
     let first = [frame(7, 100, &aggtrade("BTCUSDT", 1)), frame(7, 101, &aggtrade("BTCUSDT", 2))];
     let out = decoder.decode(&first).unwrap();
@@ -74,7 +74,7 @@ fn a_frame_whose_symbol_cannot_be_named_is_refused_and_the_next_one_asks_again()
     let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("binance", &wasm, Limits::default()).unwrap();
-    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+    let mut decoder = Decoder::new(PluginInstance::new(&code, &[]).unwrap());
     // The dictionary's table goes away: every new name fails.
     let admin = rusqlite::Connection::open(&path).unwrap();
     admin.execute_batch("ALTER TABLE symbols RENAME TO symbols_away").unwrap();
@@ -103,7 +103,7 @@ fn a_frame_past_the_symbol_cap_is_refused_and_the_dictionary_does_not_grow() {
     let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("binance", &wasm, Limits { max_symbols: 2, ..Limits::default() }).unwrap();
-    let mut decoder = Decoder::new(code.instantiate(&[]).unwrap());
+    let mut decoder = Decoder::new(PluginInstance::new(&code, &[]).unwrap());
     let frames: Vec<Frame> = ["AAAUSDT", "BBBUSDT", "CCCUSDT", "AAAUSDT", "DDDUSDT"]
         .iter()
         .enumerate()

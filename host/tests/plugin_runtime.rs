@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
-use sluice::plugin::{Limits, PluginCode, PluginError, Runtime, RuntimeSettings};
+use sluice::plugin::{Limits, PluginCode, PluginError, PluginInstance, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
 
 fn plugin_wasm(name: &str) -> Vec<u8> {
@@ -55,7 +55,7 @@ fn read(records: &[u8]) -> Vec<Record> {
 fn decodes_binance_frames_with_the_host_dictionary() {
     let rt = runtime();
     let code = rt.compile("binance", &plugin_wasm("binance"), limits()).unwrap();
-    let mut instance = code.instantiate(&[]).unwrap();
+    let mut instance = PluginInstance::new(&code, &[]).unwrap();
     let mut frames = Vec::new();
     for line in include_str!("../fixtures/feeds/binance_combined_aggtrade.jsonl").lines() {
         push_delimited(&mut frames, line.as_bytes());
@@ -76,7 +76,7 @@ fn decodes_binance_frames_with_the_host_dictionary() {
 fn transform_runs_on_batches_and_keeps_state_between_calls() {
     let rt = runtime();
     let code = rt.compile("outlier-filter", &plugin_wasm("outlier_filter"), limits()).unwrap();
-    let mut instance = code.instantiate(&config(&[("threshold_pct", "5")])).unwrap();
+    let mut instance = PluginInstance::new(&code, &config(&[("threshold_pct", "5")])).unwrap();
     let first = instance.transform(&batch(&[Record { symbol_id: 1, price_e8: 100_000, ..Record::default() }])).unwrap();
     assert_eq!(first.count, 1);
     // The reference price from the first call must still be there in the second.
@@ -96,7 +96,7 @@ fn transform_runs_on_batches_and_keeps_state_between_calls() {
 fn an_infinite_loop_times_out_within_the_deadline_and_the_host_carries_on() {
     let rt = runtime();
     let code = chaos(&rt, Limits { deadline: Duration::from_millis(100), ..limits() });
-    let mut looping = code.instantiate(&config(&[("mode", "loop")])).unwrap();
+    let mut looping = PluginInstance::new(&code, &config(&[("mode", "loop")])).unwrap();
     for _ in 0..2 {
         let start = Instant::now();
         let err = looping.transform(&batch(&trades(3))).unwrap_err();
@@ -106,14 +106,14 @@ fn an_infinite_loop_times_out_within_the_deadline_and_the_host_carries_on() {
         assert!(took < Duration::from_secs(2), "took {took:?}");
     }
     // Another instance of the same engine is unaffected.
-    let mut fine = code.instantiate(&[]).unwrap();
+    let mut fine = PluginInstance::new(&code, &[]).unwrap();
     assert_eq!(fine.transform(&batch(&trades(4))).unwrap().count, 4);
 }
 
 #[test]
 fn a_memory_bomb_hits_the_memory_cap() {
     let rt = runtime();
-    let mut bomb = chaos(&rt, limits()).instantiate(&config(&[("mode", "memory")])).unwrap();
+    let mut bomb = PluginInstance::new(&chaos(&rt, limits()), &config(&[("mode", "memory")])).unwrap();
     let start = Instant::now();
     let err = bomb.transform(&batch(&trades(1))).unwrap_err();
     assert!(matches!(err, PluginError::MemoryLimit { limit } if limit == 32 << 20), "{err}");
@@ -123,7 +123,7 @@ fn a_memory_bomb_hits_the_memory_cap() {
 #[test]
 fn a_trap_is_typed_and_carries_the_panic_message() {
     let rt = runtime();
-    let mut trap = chaos(&rt, limits()).instantiate(&config(&[("mode", "trap")])).unwrap();
+    let mut trap = PluginInstance::new(&chaos(&rt, limits()), &config(&[("mode", "trap")])).unwrap();
     let err = trap.decode(&[3, b'a', b'b', b'c']).unwrap_err();
     match err {
         PluginError::Trap(msg) => assert!(msg.contains("chaos plugin asked to trap"), "{msg}"),
@@ -134,7 +134,7 @@ fn a_trap_is_typed_and_carries_the_panic_message() {
 #[test]
 fn a_poison_record_traps_and_the_replacement_instance_serves_the_next_batch() {
     let rt = runtime();
-    let mut plugin = chaos(&rt, limits()).instantiate(&config(&[("trap_on_trade_id", "2")])).unwrap();
+    let mut plugin = PluginInstance::new(&chaos(&rt, limits()), &config(&[("trap_on_trade_id", "2")])).unwrap();
     let err = plugin.transform(&batch(&trades(3))).unwrap_err();
     assert!(matches!(&err, PluginError::Trap(m) if m.contains("poison record: trade id 2")), "{err}");
     let clean = [trades(3)[0], trades(3)[2]];
@@ -146,7 +146,7 @@ fn a_poison_record_traps_and_the_replacement_instance_serves_the_next_batch() {
 fn oversized_output_is_refused() {
     let rt = runtime();
     let code = chaos(&rt, limits());
-    let mut big = code.instantiate(&config(&[("mode", "oversize"), ("oversize_bytes", "2000000")])).unwrap();
+    let mut big = PluginInstance::new(&code, &config(&[("mode", "oversize"), ("oversize_bytes", "2000000")])).unwrap();
     let err = big.transform(&batch(&trades(1))).unwrap_err();
     assert!(matches!(err, PluginError::OutputTooLarge { len: 2_000_000, limit } if limit == 1 << 20), "{err}");
 }
@@ -162,7 +162,7 @@ fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
         ("bad-reject", true, "reject index 2 out of 2 inputs"),
         ("bad-reject", false, "reject index 2 out of 2 inputs"),
     ] {
-        let mut p = code.instantiate(&config(&[("mode", mode)])).unwrap();
+        let mut p = PluginInstance::new(&code, &config(&[("mode", mode)])).unwrap();
         let err = if call_decode {
             p.decode(&[1, b'a', 1, b'b']).unwrap_err()
         } else {
@@ -182,7 +182,8 @@ fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
 fn well_framed_invalid_records_fail_the_call_where_they_are_parsed() {
     let rt = runtime();
     let code = chaos(&rt, limits());
-    let mut t = sluice::transform::Transformer::new(code.instantiate(&config(&[("mode", "bad-record")])).unwrap());
+    let mut t =
+        sluice::transform::Transformer::new(PluginInstance::new(&code, &config(&[("mode", "bad-record")])).unwrap());
     let out = t.transform(&batch(&trades(4))).unwrap();
     assert!(out.parsed.is_empty() && out.records.is_empty() && out.count == 0, "{out:?}");
     assert_eq!(out.rejects.len(), 4);
@@ -194,7 +195,7 @@ fn well_framed_invalid_records_fail_the_call_where_they_are_parsed() {
     assert_eq!(out.failed_calls, 1 + 1 + 2 + 4);
     assert_eq!(code.transform_metrics().limit_errors.get(), out.failed_calls);
     // A plugin whose output parses passes it through, parsed.
-    let mut t = sluice::transform::Transformer::new(code.instantiate(&config(&[])).unwrap());
+    let mut t = sluice::transform::Transformer::new(PluginInstance::new(&code, &config(&[])).unwrap());
     let out = t.transform(&batch(&trades(3))).unwrap();
     assert_eq!((out.count, out.parsed.len(), out.rejects.len(), out.failed_calls), (3, 3, 0, 0));
     assert_eq!(out.parsed, trades(3));
@@ -203,10 +204,10 @@ fn well_framed_invalid_records_fail_the_call_where_they_are_parsed() {
 #[test]
 fn init_errors_are_reported_with_the_plugin_reason() {
     let rt = runtime();
-    let err = chaos(&rt, limits()).instantiate(&config(&[("init_error", "no such market")])).unwrap_err();
+    let err = PluginInstance::new(&chaos(&rt, limits()), &config(&[("init_error", "no such market")])).unwrap_err();
     assert!(matches!(&err, PluginError::Init(m) if m == "no such market"), "{err}");
     let code = rt.compile("outlier-filter", &plugin_wasm("outlier_filter"), limits()).unwrap();
-    let err = code.instantiate(&config(&[("threshold", "5")])).unwrap_err();
+    let err = PluginInstance::new(&code, &config(&[("threshold", "5")])).unwrap_err();
     assert!(matches!(&err, PluginError::Init(m) if m.contains("threshold")), "{err}");
 }
 
@@ -240,7 +241,7 @@ fn wasm_and_native_runs_agree_and_repeat_exactly() {
     let rt = runtime();
     let code = rt.compile("rescale", &plugin_wasm("rescale"), limits()).unwrap();
     let cfg = [("scale", "2"), ("min_volume", "0.00000005")];
-    let mut wasm = code.instantiate(&config(&cfg)).unwrap();
+    let mut wasm = PluginInstance::new(&code, &config(&cfg)).unwrap();
     let input = trades(50);
     let a = wasm.transform(&batch(&input)).unwrap();
     std::thread::sleep(Duration::from_millis(5));
@@ -273,14 +274,14 @@ fn a_plugin_reading_the_clock_and_randomness_gets_zero_time_and_zero_entropy() {
         let v = StreamDataView::parse(item).unwrap();
         (v.timestamp_ms, v.price_e8, v.volume_e8)
     };
-    let mut first = code.instantiate(&config(&[("mode", "clock")])).unwrap();
+    let mut first = PluginInstance::new(&code, &config(&[("mode", "clock")])).unwrap();
     let (wall_ms, monotonic, hashed) = read(&mut first);
     assert_eq!(wall_ms, 0, "the wall clock is frozen at the epoch");
     assert_eq!(monotonic, 0, "the monotonic clock is frozen");
     // A fresh instance reads the same hash, and so on call after call (the standard library moves
     // its keys on by one per map, from the same zero seed): the random keys carried no entropy.
     let again = read(&mut first);
-    let mut second = code.instantiate(&config(&[("mode", "clock")])).unwrap();
+    let mut second = PluginInstance::new(&code, &config(&[("mode", "clock")])).unwrap();
     assert_eq!(read(&mut second), (0, 0, hashed));
     assert_eq!(read(&mut second), again);
 }

@@ -20,7 +20,7 @@ use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::log::{Reader, Writer};
 use sluice::pipeline::{Breakers, Names, Process, ProcessError, ProcessSettings, ProcessStats, run_process};
-use sluice::plugin::{Limits, Runtime, RuntimeSettings};
+use sluice::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 use sluice::symbols::Symbols;
 use sluice::transform::Transformer;
@@ -83,7 +83,8 @@ fn process_until(
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
+    let mut transformers =
+        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -219,7 +220,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let mode = [("mode".to_owned(), "trap".to_owned())];
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&mode).unwrap())])]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &mode).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -341,8 +342,13 @@ fn abandoned_poll_scenario(druid: bool) {
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let config = |k: &str, v: &str| [(k.to_owned(), v.to_owned())];
     let mut transformers = HashMap::from([
-        (1u32, vec![Transformer::new(code.instantiate(&config("trap_on_trade_id", &POISON_1.to_string())).unwrap())]),
-        (2u32, vec![Transformer::new(code.instantiate(&config("mode", "trap")).unwrap())]),
+        (
+            1u32,
+            vec![Transformer::new(
+                PluginInstance::new(&code, &config("trap_on_trade_id", &POISON_1.to_string())).unwrap(),
+            )],
+        ),
+        (2u32, vec![Transformer::new(PluginInstance::new(&code, &config("mode", "trap")).unwrap())]),
     ]);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let druid_config = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
@@ -422,7 +428,7 @@ fn abandoned_poll_scenario(druid: bool) {
     assert_eq!(dead_ids(), (1001..=1050).collect::<Vec<_>>());
 
     // Source 2 fixed: the second poll goes through, and the poison record is dead-lettered once.
-    transformers.insert(2, vec![Transformer::new(code.instantiate(&[]).unwrap())]);
+    transformers.insert(2, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())]);
     let stop_after_the_poll = run(&mut transformers, &mut Breakers::default());
     assert!(stop_after_the_poll.is_ok(), "{stop_after_the_poll:?}");
     let mut want: Vec<u64> = (1001..=1050).collect();
@@ -493,7 +499,8 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
+    let mut transformers =
+        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -564,7 +571,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -636,7 +643,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -714,7 +721,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&[]).unwrap())])]);
+    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-new-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -806,7 +813,8 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(code.instantiate(&poison).unwrap())])]);
+    let mut transformers =
+        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let admin = rusqlite::Connection::open(&store_path).unwrap();
@@ -952,8 +960,12 @@ fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
         (
             1u32,
             vec![
-                Transformer::new(rescale.instantiate(&config(&[("min_volume", "0.03"), ("scale", "2")])).unwrap()),
-                Transformer::new(chaos.instantiate(&config(&[("trap_on_trade_id", &poison.to_string())])).unwrap()),
+                Transformer::new(
+                    PluginInstance::new(&rescale, &config(&[("min_volume", "0.03"), ("scale", "2")])).unwrap(),
+                ),
+                Transformer::new(
+                    PluginInstance::new(&chaos, &config(&[("trap_on_trade_id", &poison.to_string())])).unwrap(),
+                ),
             ],
         ),
         (2u32, vec![]),
@@ -1023,8 +1035,8 @@ fn a_failing_link_opens_its_own_breaker() {
     let mut transformers = HashMap::from([(
         1u32,
         vec![
-            Transformer::new(load("rescale.wasm", "rescale").instantiate(&[]).unwrap()),
-            Transformer::new(load("chaos.wasm", "chaos").instantiate(&trap).unwrap()),
+            Transformer::new(PluginInstance::new(&load("rescale.wasm", "rescale"), &[]).unwrap()),
+            Transformer::new(PluginInstance::new(&load("chaos.wasm", "chaos"), &trap).unwrap()),
         ],
     )]);
     let mut breakers = Breakers::default();

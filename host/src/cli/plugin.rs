@@ -244,7 +244,7 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     let start = |name: &str, wasm: &[u8], config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
         let code: Arc<PluginCode> =
             runtime.compile(name, wasm, limits).with_context(|| format!("cannot load plugin {name}"))?;
-        code.instantiate(config).with_context(|| format!("cannot start plugin {name}"))
+        PluginInstance::new(&code, config).with_context(|| format!("cannot start plugin {name}"))
     };
     let load = |path: &Path, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
         let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;

@@ -16,8 +16,8 @@ use crate::config::{SourceConfig, SourceKind};
 pub use crate::decode::DecodeStats;
 use crate::decode::{Decoder, RejectedFrame};
 use crate::log::{Stage, Writer};
-use crate::plugin::PluginError;
 use crate::plugin::registry::{BoundPlugin, Slot};
+use crate::plugin::{PluginError, PluginInstance};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats, slot};
 
 /// Tuning of the ingest role.
@@ -164,7 +164,7 @@ impl Ingest {
             let mut mine = HashMap::new();
             for (b, binding) in bindings.iter().enumerate() {
                 let code = binding.plugin.active();
-                let instance = code.instantiate(&binding.config).map_err(|error| {
+                let instance = PluginInstance::new(&code, &binding.config).map_err(|error| {
                     let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
                     IngestError::Plugin {
                         source_name: source.unwrap_or_default(),

@@ -25,7 +25,7 @@ use crate::log::kafka::{ensure_symbols_topic, ensure_topics};
 use crate::log::local::{LocalLog, POSITION_TOPIC};
 use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
-use crate::plugin::{Limits, Runtime, RuntimeSettings, bundled};
+use crate::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::sink::Sink;
 use crate::sink::druid::{DruidSink, transactional_id};
 use crate::sink::embedded::EmbeddedStore;
@@ -467,9 +467,7 @@ async fn start_process(
         let mut chain = Vec::new();
         for link in config.chain(source) {
             let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
-            let instance = slot
-                .active()
-                .instantiate(&link.config_pairs())
+            let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             chain.push(Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
             stats.watch_breaker(&source.name, &link.plugin);

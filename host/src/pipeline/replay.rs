@@ -13,6 +13,7 @@ use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 
 use super::{Role, open_plugins};
 use crate::config::Config;
+use crate::plugin::PluginInstance;
 use crate::sink::Row;
 use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
 pub use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, check_range};
@@ -52,9 +53,7 @@ pub async fn replay(
         let mut chain = Vec::new();
         for link in config.chain(source) {
             let slot = slots.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
-            let instance = slot
-                .active()
-                .instantiate(&link.config_pairs())
+            let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             chain.push(Transformer::new(instance));
         }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 pub use super::slot::{BoundPlugin, Running, Shadow, ShadowStageView, ShadowStages, Slot};
-use super::{Limits, PluginCode, PluginError, Runtime, version_of};
+use super::{Limits, PluginCode, PluginError, PluginInstance, Runtime, version_of};
 
 /// Why a registry operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -293,7 +293,7 @@ impl Registry {
         let unbound = [Binding { source: String::new(), config: Vec::new() }];
         let bindings = self.bindings.get(name).map(Vec::as_slice).filter(|b| !b.is_empty()).unwrap_or(&unbound);
         for binding in bindings {
-            code.instantiate(&binding.config)
+            PluginInstance::new(&code, &binding.config)
                 .map_err(|error| RegistryError::InitFailed { source_name: binding.source.clone(), error })?;
         }
         Ok(code)
@@ -778,7 +778,7 @@ mod tests {
         let slot = registry.deploy("feed", bundled::BINANCE).unwrap();
         let v1 = version_of(bundled::BINANCE);
         let v2 = registry.upload("feed", bundled::KRAKEN).unwrap().version;
-        let mut worker = BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap());
+        let mut worker = BoundPlugin::new(slot.clone(), PluginInstance::new(&slot.active(), &[]).unwrap());
         assert_eq!(worker.code().version(), v1);
 
         let view = registry.activate("feed", &v2, Mode::Active).unwrap();
@@ -840,7 +840,7 @@ mod tests {
         registry.activate("filter", &v2, Mode::Shadow).unwrap();
         let mut transformer = crate::transform::Transformer::bound(BoundPlugin::new(
             slot.clone(),
-            slot.active().instantiate(&[]).unwrap(),
+            PluginInstance::new(&slot.active(), &[]).unwrap(),
         ));
         let mut batch = plugin_sdk::Records::new();
         for i in 1..=5 {
@@ -874,8 +874,10 @@ mod tests {
         ));
         assert!(matches!(registry.promote("feed").unwrap_err(), RegistryError::Conflict(_)));
         registry.activate("feed", &v2, Mode::Shadow).unwrap();
-        let mut decoder =
-            crate::decode::Decoder::bound(BoundPlugin::new(slot.clone(), slot.active().instantiate(&[]).unwrap()));
+        let mut decoder = crate::decode::Decoder::bound(BoundPlugin::new(
+            slot.clone(),
+            PluginInstance::new(&slot.active(), &[]).unwrap(),
+        ));
         let frame = |text: &str| crate::source::Frame {
             source: 1,
             bytes: bytes::Bytes::copy_from_slice(text.as_bytes()),
@@ -958,10 +960,10 @@ mod tests {
         let old = runtime.compile("p", bundled::BINANCE, Limits::default()).unwrap();
         let new = runtime.compile("p", bundled::KRAKEN, Limits::default()).unwrap();
         let slot = Slot::new(old.clone());
-        let mut bound = BoundPlugin::new(slot.clone(), old.instantiate(&[]).unwrap());
+        let mut bound = BoundPlugin::new(slot.clone(), PluginInstance::new(&old, &[]).unwrap());
         let running = bound.running();
         assert_eq!(running.get().as_deref().map(String::as_str), Some(old.version()));
-        let hog = old.instantiate(&[]).unwrap();
+        let hog = PluginInstance::new(&old, &[]).unwrap();
         slot.active.store(new.clone());
         bound.sync();
         // The pool is full: it stays on the old version, says so, and counts the failure.

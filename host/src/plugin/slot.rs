@@ -193,7 +193,7 @@ impl BoundPlugin {
         let now = std::time::Instant::now();
         let waiting = self.refused.as_ref().is_some_and(|(r, at, _)| Arc::ptr_eq(r, &active) && now < *at);
         if !Arc::ptr_eq(&active, self.instance.code()) && !waiting {
-            match active.instantiate(self.instance.config()) {
+            match PluginInstance::new(&active, self.instance.config()) {
                 Ok(instance) => {
                     tracing::info!(plugin = active.name(), version = active.version(), "switched plugin version");
                     self.instance = instance;
@@ -226,7 +226,7 @@ impl BoundPlugin {
             (None, Some(_)) => self.shadow = None,
             (Some(s), Some((mine, _))) if Arc::ptr_eq(s, mine) => {}
             (Some(s), _) => {
-                let instance = s.code.instantiate(self.instance.config()).ok();
+                let instance = PluginInstance::new(&s.code, self.instance.config()).ok();
                 self.shadow = Some((s.clone(), instance));
             }
         }

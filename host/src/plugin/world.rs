@@ -1,0 +1,226 @@
+//! The sandbox a plugin runs in: the WIT world's bindings, the host state each instance's store
+//! holds (the `host` imports, WASI with no capabilities, the memory cap), and the WASI shims that
+//! keep plugins deterministic (a clock that reads zero, randomness that is all zeros).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::symbols::Symbols;
+
+pub(super) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "sluice:plugin/plugin",
+    });
+}
+
+use bindings::sluice::plugin::host;
+
+/// The WIT world plugins implement, with its version.
+pub const WORLD: &str = "sluice:plugin/plugin@0.1.0";
+
+/// Per-instance host state: WASI (with no capabilities), limits and the host imports' context.
+pub(super) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    symbols: Arc<Symbols>,
+    plugin: Arc<str>,
+    /// Log lines left in this call; a plugin that logs per record is cut off, not the host's log.
+    log_budget: u32,
+    /// The last error-level line the plugin logged in this call (the SDK logs panics this way).
+    last_error: Option<String>,
+    /// Time this call spent in the host's imports, and how much of it the deadline was moved back.
+    import_time: Duration,
+    extended: Duration,
+    /// Symbol ids this instance has named, up to its limit.
+    named: std::collections::HashSet<u32>,
+    max_symbols: u32,
+    /// Names refused for the cap since [`HostState::take_refused_symbols`] was last called.
+    refused_symbols: u32,
+}
+
+const LOG_LINES_PER_CALL: u32 = 32;
+
+/// The most a call's deadline is moved back for time the host spent in its imports.
+const MAX_IMPORT_EXTENSION: Duration = Duration::from_secs(5);
+
+impl HostState {
+    /// The state of a new instance of `plugin`: its memory capped at `memory_bytes`, at most
+    /// `max_symbols` symbols named into `symbols`.
+    pub(super) fn new(plugin: Arc<str>, symbols: Arc<Symbols>, memory_bytes: usize, max_symbols: u32) -> Self {
+        let wasi = WasiCtx::builder()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .secure_random(ZeroRandom)
+            .insecure_random(ZeroRandom)
+            .insecure_random_seed(0)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { limit: memory_bytes, hit: false },
+            symbols,
+            plugin,
+            log_budget: LOG_LINES_PER_CALL,
+            last_error: None,
+            import_time: Duration::ZERO,
+            extended: Duration::ZERO,
+            named: std::collections::HashSet::new(),
+            max_symbols,
+            refused_symbols: 0,
+        }
+    }
+
+    /// Starts a call afresh: its log budget, last error, memory flag and import time.
+    pub(super) fn begin_call(&mut self) {
+        self.log_budget = LOG_LINES_PER_CALL;
+        self.last_error = None;
+        self.limiter.hit = false;
+        self.import_time = Duration::ZERO;
+        self.extended = Duration::ZERO;
+    }
+
+    /// The memory cap, for the store to enforce.
+    pub(super) fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limiter
+    }
+
+    /// Whether this call tried to grow memory past the cap.
+    pub(super) fn memory_limit_hit(&self) -> bool {
+        self.limiter.hit
+    }
+
+    /// The last error-level line the plugin logged in this call.
+    pub(super) fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    /// Symbol names refused for the cap since the last call of this.
+    pub(super) fn take_refused_symbols(&mut self) -> u32 {
+        std::mem::take(&mut self.refused_symbols)
+    }
+
+    /// At the deadline: time the host spent in the plugin's imports (naming a new symbol waits on
+    /// Kafka) is given back in whole `tick`s, up to a cap; the plugin's own time is not.
+    pub(super) fn at_deadline(&mut self, tick: Duration) -> UpdateDeadline {
+        let owed = self.import_time.saturating_sub(self.extended);
+        let give = owed.min(MAX_IMPORT_EXTENSION.saturating_sub(self.extended));
+        let ticks = (give.as_nanos() / tick.as_nanos()) as u64;
+        if ticks == 0 {
+            return UpdateDeadline::Interrupt;
+        }
+        self.extended += tick * ticks as u32;
+        UpdateDeadline::Continue(ticks)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        if level == host::Level::Error {
+            self.last_error = Some(message.chars().take(512).collect());
+        }
+        if self.log_budget == 0 {
+            return;
+        }
+        self.log_budget -= 1;
+        let plugin = &*self.plugin;
+        let message =
+            if self.log_budget == 0 { format!("{message} (further lines this call dropped)") } else { message };
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, "{message}"),
+            host::Level::Debug => tracing::debug!(plugin, "{message}"),
+            host::Level::Info => tracing::info!(plugin, "{message}"),
+            host::Level::Warn => tracing::warn!(plugin, "{message}"),
+            host::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn intern_symbol(&mut self, name: String) -> u32 {
+        // The guest caches ids, so this runs once per new symbol per instance; a new name may wait
+        // on the shared dictionary's topic, which must not count against the plugin's deadline.
+        if self.named.len() >= self.max_symbols as usize {
+            // Not named, so the dictionary does not grow; the plugin does not cache the 0 either.
+            self.refused_symbols = self.refused_symbols.saturating_add(1);
+            return 0;
+        }
+        let started = std::time::Instant::now();
+        let id = self.symbols.intern(&name);
+        self.import_time += started.elapsed();
+        if id != 0 {
+            self.named.insert(id);
+        }
+        id
+    }
+}
+
+/// Caps linear memory and remembers whether the cap was hit, to tell a memory bomb from other traps.
+struct MemoryLimiter {
+    limit: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.hit = true;
+            return Err(wasmtime::Error::msg(format!("memory limit of {} bytes reached", self.limit)));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// A clock that always reads zero: plugins get no time, so replays are deterministic.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Deterministic "randomness" for the entropy imports the Rust standard library links in.
+struct ZeroRandom;
+
+impl rand::TryRng for ZeroRandom {
+    type Error = core::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(0)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(0)
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        dst.fill(0);
+        Ok(())
+    }
+}
