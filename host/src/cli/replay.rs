@@ -32,7 +32,7 @@ pub struct ReplayArgs {
 }
 
 /// A time as RFC 3339 or as milliseconds since the epoch.
-fn parse_time(s: &str) -> Result<i64, String> {
+pub(super) fn parse_time(s: &str) -> Result<i64, String> {
     s.parse::<i64>().or_else(|_| {
         plugin_sdk::time::rfc3339_to_ms(s)
             .map_err(|e| format!("{s:?} is neither RFC 3339 (2026-12-01T14:00:00Z) nor milliseconds: {e}"))
