@@ -72,9 +72,10 @@ pub enum Command {
     Run(RunArgs),
     /// Check a configuration file and print the effective configuration, defaults filled in.
     CheckConfig(CheckConfigArgs),
-    /// Replay a time range of the local log through each source's chain as it is now (the
-    /// versions the registry has active) into a table of its own, `replay_NAME`, beside the live
-    /// `rollup`; it can run while `sluice run` runs on the same data directory.
+    /// Replay a time range of the hand-off (the local log, or the events topic on Kafka) through
+    /// each source's chain as it is now (the versions the registry has active): into a table of its
+    /// own, `replay_NAME`, beside the live `rollup`, or into `rollup` itself. It can run while
+    /// `sluice run` runs on the same configuration.
     Replay(replay::ReplayArgs),
     /// Work with the Druid side.
     #[command(subcommand)]

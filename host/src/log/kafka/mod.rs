@@ -3,6 +3,7 @@
 
 pub mod consumer;
 pub mod producer;
+pub mod range;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,6 +37,14 @@ pub enum KafkaError {
     /// A Kafka transaction failed (and was aborted, or the producer was fenced).
     #[error("kafka transaction: {0}")]
     Transaction(String),
+    /// A topic could not be read (its metadata, its offsets or its records).
+    #[error("reading {topic}: {reason}")]
+    Read {
+        /// The topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// `[kafka]`: where the broker is and how topics are written.
