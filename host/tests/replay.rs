@@ -5,10 +5,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use plugin_sdk::StreamDataView;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
@@ -568,6 +570,161 @@ async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes
     // in trade-time order, so none of them is missing there.
     assert_eq!(earliest % 60_000, 0, "{stderr}");
     assert_eq!(table(&store, "replay_held"), only(&expected, |b| b >= earliest));
+    live.process.interrupt();
+    let _ = std::fs::remove_dir_all(&live.dir);
+}
+
+/// The rows a `read_committed` reader of `topic` (all partitions) sees up to each partition's end,
+/// decoded with the descriptor `spec` carries into the JSON Druid would read.
+fn druid_rows(bootstrap: &str, topic: &str, spec: &serde_json::Value) -> Vec<serde_json::Value> {
+    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
+    let descriptor =
+        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
+    let pool = prost_reflect::DescriptorPool::decode(descriptor.as_slice()).unwrap();
+    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("druid-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut rows = Vec::new();
+    let mut ended = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while ended.len() < PARTITIONS as usize && start.elapsed() < Duration::from_secs(30) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let bytes = m.payload().unwrap_or_default();
+                let row = prost_reflect::DynamicMessage::decode(message.clone(), bytes).unwrap();
+                rows.push(serde_json::to_value(&row).unwrap());
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            _ => {}
+        }
+    }
+    rows
+}
+
+/// Druid rows rolled up as `Buckets` (per minute, symbol and side: rows, exact quantity, highest price).
+fn druid_buckets(rows: &[serde_json::Value]) -> Buckets {
+    let mut out = Buckets::new();
+    for r in rows {
+        let ts: i64 = r["timestampMs"].as_str().unwrap().parse().unwrap();
+        let key = (
+            ts.div_euclid(60_000) * 60_000,
+            r["symbol"].as_str().unwrap().to_owned(),
+            r["side"].as_str().unwrap().to_owned(),
+        );
+        let e8 = |field: &str| (r[field].as_f64().unwrap_or(0.0) * 1e8).round() as i64;
+        let e = out.entry(key).or_insert((0, 0, i64::MIN));
+        e.0 += 1;
+        e.1 += e8("qty");
+        e.2 = e.2.max(e8("price"));
+    }
+    out
+}
+
+/// Replay from Kafka with the Druid sink. A doubling transform runs live into the Druid topic; the
+/// pass-through version is activated; `sluice replay --since 0 --into fixed` writes the rows again,
+/// in transactions, to a topic of its own, `<topic>.replay.fixed`, and says what to run on the Druid
+/// side. That topic, read as Druid reads it (`read_committed`, decoded with nothing but the
+/// descriptor of the spec `sluice druid spec ... separate --name fixed` writes, which points at it),
+/// equals a fresh roll-up of the events topic's records bucket by bucket, while the live Druid topic
+/// does not; the live group's committed offsets are untouched. A second replay under the same name
+/// is refused and leaves the topic as it was, and a replay with no name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generated_spec() {
+    let broker = TestBroker::start("replay-druid");
+    let topics = Topics::new(&broker);
+    let druid_topic = unique_topic("druid");
+    // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
+    let handoff = format!(
+        "{}\n[sink.druid]\noverlord_url = \"http://{}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n",
+        topics.toml(),
+        free_addr()
+    );
+    let mut live = start_live("druid", 300.0, &handoff).await;
+    let group = group_of(&live.config);
+    let live_spec = {
+        let cfg = sluice::config::Config::load(&live.config).unwrap();
+        sluice::sink::druid::supervisor_spec(
+            cfg.sink.druid.as_ref().unwrap(),
+            sluice::proto::DESCRIPTOR_SET,
+            &topics.bootstrap,
+        )
+        .unwrap()
+        .into_json()
+    };
+    let start = Instant::now();
+    while druid_rows(&topics.bootstrap, &druid_topic, &live_spec).len() < 300 {
+        assert!(start.elapsed() < Duration::from_secs(90), "{}", live.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let http = reqwest::Client::new();
+    activate_the_fix(&http, &live.api).await;
+    live.sim.take().unwrap().shutdown().await;
+    let start = Instant::now();
+    let live_rows = loop {
+        let rows = druid_rows(&topics.bootstrap, &druid_topic, &live_spec);
+        if rows.len() >= topics.len(&topics.events, PARTITIONS) || start.elapsed() > Duration::from_secs(30) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let expected = topics.expected();
+    assert_eq!(live_rows.len() as i64, events(&expected), "{}", live.log_text());
+    let committed = topics.committed(&group);
+    assert!(!committed.is_empty());
+
+    let out = live.replay(&["--since", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--into NAME"));
+    let out = live.replay(&["--since", "0", "--into", "fixed"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let replay_topic = format!("{druid_topic}.replay.fixed");
+    assert!(stdout.contains(&format!("replayed into topic {replay_topic}")), "{stdout}");
+    assert!(stdout.contains("sluice druid spec --config") && stdout.contains("separate --name fixed"), "{stdout}");
+    assert!(stdout.contains("reindex --name fixed"), "{stdout}");
+
+    // The datasource of its own reads that topic with the spec sluice generates for it.
+    let spec = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["druid", "spec", "--config"])
+        .arg(&live.config)
+        .args(["separate", "--name", "fixed"])
+        .output()
+        .unwrap();
+    assert!(spec.status.success(), "{}", String::from_utf8_lossy(&spec.stderr));
+    let spec: serde_json::Value = serde_json::from_slice(&spec.stdout).unwrap();
+    assert_eq!(spec["spec"]["ioConfig"]["topic"], replay_topic.as_str());
+    assert_eq!(spec["spec"]["dataSchema"]["dataSource"], "trades_replay_fixed");
+    let replayed = druid_rows(&topics.bootstrap, &replay_topic, &spec);
+    assert_eq!(druid_buckets(&replayed), expected);
+    assert_ne!(druid_buckets(&live_rows), expected, "the live rows were never doubled");
+    assert_eq!(topics.committed(&group), committed, "the replay moved the live group's offsets");
+
+    // A replay job cancelled: its topic goes.
+    let view = cancelled_job(&http, &live.api, "cancelled").await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(view["error"].as_str().unwrap_or_default().contains("stopped"), "{view}");
+    let metadata = topics.consumer().fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let names: Vec<&str> = metadata.topics().iter().map(|t| t.name()).collect();
+    assert!(names.contains(&replay_topic.as_str()), "{names:?}");
+    assert!(!names.contains(&format!("{druid_topic}.replay.cancelled").as_str()), "{names:?}");
+
+    // The same name again: refused, the topic kept.
+    let out = live.replay(&["--since", "0", "--into", "fixed"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("already holds"), "{stderr}");
+    assert_eq!(druid_rows(&topics.bootstrap, &replay_topic, &spec).len(), replayed.len());
     live.process.interrupt();
     let _ = std::fs::remove_dir_all(&live.dir);
 }

@@ -74,8 +74,8 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Replay a time range of the hand-off (the local log, or the events topic on Kafka) through
     /// each source's chain as it is now (the versions the registry has active): into a table of its
-    /// own, `replay_NAME`, beside the live `rollup`, or into `rollup` itself. It can run while
-    /// `sluice run` runs on the same configuration.
+    /// own, `replay_NAME`, beside the live `rollup`, or into `rollup` itself; with the Druid sink,
+    /// into a topic of its own. It can run while `sluice run` runs on the same configuration.
     Replay(replay::ReplayArgs),
     /// Work with the Druid side.
     #[command(subcommand)]

@@ -1,6 +1,6 @@
 //! `sluice replay`: a time range of the hand-off (the local log, or the events topic on Kafka)
 //! through the sources' chains as they are now, into the embedded store (a table of its own, or
-//! `rollup` itself).
+//! `rollup` itself) or, with the Druid sink, into a topic of its own.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ pub struct ReplayArgs {
     pub until: Option<i64>,
     /// Roll up into the table `replay_NAME` of the embedded store (made anew) beside the live rows;
     /// without it, the range's buckets of `rollup` itself are replaced, while the live role goes on.
+    /// With the Druid sink (where it is needed), the rows go to the topic `<topic>.replay.NAME`.
     #[arg(long, value_name = "NAME")]
     pub into: Option<String>,
 }
@@ -95,6 +96,15 @@ pub(super) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     match (&summary.written, &spec.into) {
         (Written::Table(table), _) if table != "rollup" => {
             println!("compare with /v1/query?sql=SELECT * FROM {table} EXCEPT SELECT * FROM rollup");
+        }
+        (Written::Topic(_), Some(name)) => {
+            let config = args.config.display();
+            println!(
+                "on the Druid side (README, Replay):\n  a datasource of its own: sluice druid spec --config {config} \
+                 separate --name {name}\n  then to overwrite the live datasource with it: sluice druid spec --config \
+                 {config} reindex --name {name} --since {from}{}",
+                to.map(|t| format!(" --until {t}")).unwrap_or_else(|| " --until <end>".into())
+            );
         }
         _ => {}
     }

@@ -1,8 +1,13 @@
 //! Replay: the records of a time range read again from the hand-off (the local log, or the events
 //! topic on Kafka) through each source's chain as it is now (the versions the registry has active),
-//! into the embedded store again: a table of its own, `replay_<NAME>`, beside the live rows; or the
-//! range's rollup buckets replaced exactly, while the live role goes on committing (see
-//! [`EmbeddedStore::swap_into_rollup`]).
+//! into the sink again:
+//!
+//! - the embedded store: a table of its own, `replay_<NAME>`, beside the live rows; or the range's
+//!   rollup buckets replaced exactly, while the live role goes on committing (see
+//!   [`EmbeddedStore::swap_into_rollup`]);
+//! - the Druid sink: a topic of its own, `<topic>.replay.<NAME>`, written in transactions as the sink
+//!   writes its topic, for a Druid datasource of its own or a reindex of the live one (the specs
+//!   are [`crate::sink::druid::spec`]'s).
 //!
 //! The reading is the hand-off's ([`crate::log::local::read_batches`],
 //! [`RangeReader`]); what is done with each batch of records is the same whatever was read.
@@ -22,6 +27,7 @@ use crate::log::Positions;
 use crate::log::kafka::range::RangeReader;
 use crate::plugin::registry::Slot;
 use crate::sink::Row;
+use crate::sink::druid::{DruidSink, DruidSinkConfig};
 use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
 use crate::sink::replay::{HeldFrom, check_topic_range};
 pub use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, Written, check_range};
@@ -41,12 +47,13 @@ pub const CLOCK_SKEW_MS: i64 = 5 * 60_000;
 /// the rest is read while the swap holds the store's write lock, so that stays short.
 const SWAP_BEHIND: i64 = 5_000;
 
-/// Replays `spec` for `config` until done or `stop` is set (then the partial table is dropped and
-/// this fails).
+/// Replays `spec` for `config` until done or `stop` is set (then the partial table, or the partial
+/// replay topic, is dropped and this fails).
 ///
 /// # Errors
-/// A missing log, a range the log or the topic no longer holds, the Druid sink (not replayed yet),
-/// a plugin that cannot start, a store that cannot be written, or a stop.
+/// A missing log, a range the log or the topic no longer holds, a Druid replay without a name or
+/// onto a topic that already holds records, a plugin that cannot start, a store or topic that
+/// cannot be written, or a stop.
 pub async fn replay(
     config: &Config,
     spec: &ReplaySpec,
@@ -68,21 +75,42 @@ pub async fn replay(
         let shared = move || Symbols::shared(&kafka, &b, &kafka.symbols_topic, Duration::from_secs(30));
         Arc::new(tokio::task::spawn_blocking(shared).await?.context("symbol dictionary")?)
     };
-    if config.sink.druid.is_some() {
-        bail!("sluice replay writes the embedded store; replaying into the Druid sink is not supported yet");
-    }
-    let target = Target::Store { path: config.data_dir.join("store.sqlite"), into: spec.into.clone() };
+    let target = match (&config.sink.druid, &spec.into) {
+        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
+        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
+        (Some(_), None) => {
+            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
+        }
+        (Some(druid), Some(name)) => {
+            let topic = crate::sink::druid::replay_topic(druid, name);
+            crate::log::kafka::ensure_topics(&config.kafka, &brokers, &[&topic], config.kafka.partitions).await?;
+            refuse_written(config, &brokers, &topic).await?;
+            let mut druid = druid.clone();
+            druid.topic = topic;
+            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
+            Target::Topic { druid: Box::new(druid), transactional_id }
+        }
+    };
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let (_registry, slots) = open_plugins(config, Role::Process, symbols.clone(), metrics).await?;
     let (chains, sources) = chains(config, &slots, &symbols)?;
-    // The range in whole buckets: the store's minutes.
-    let whole: Box<dyn Fn(i64) -> i64 + Send> =
-        Box::new(|t: i64| t.div_euclid(BUCKET_MS) * BUCKET_MS + if t % BUCKET_MS == 0 { 0 } else { BUCKET_MS });
-    let range = (spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS, spec.until_ms.map(&whole));
+    // The range in whole buckets: the store's minutes, or Druid's segments.
+    let whole: Box<dyn Fn(i64) -> i64 + Send> = match config.sink.druid.clone() {
+        Some(druid) => Box::new(move |t| crate::sink::druid::replay_range(&druid, t, Some(t)).1.unwrap_or(t)),
+        None => Box::new(|t: i64| t.div_euclid(BUCKET_MS) * BUCKET_MS + if t % BUCKET_MS == 0 { 0 } else { BUCKET_MS }),
+    };
+    let range = match &config.sink.druid {
+        Some(druid) => crate::sink::druid::replay_range(druid, spec.since_ms, spec.until_ms),
+        None => (spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS, spec.until_ms.map(&whole)),
+    };
     let input = if brokers.is_empty() {
         Input::Local(log)
     } else {
         Input::Kafka(RangeReader::new(&config.kafka, &brokers, &config.kafka.events_topic)?)
+    };
+    let replayed_topic = match &target {
+        Target::Topic { druid, .. } => Some(druid.topic.clone()),
+        Target::Store { .. } => None,
     };
     let job = Job {
         reading: Reading {
@@ -99,9 +127,17 @@ pub async fn replay(
             stop,
         },
         target,
+        kafka: (config.kafka.clone(), brokers.clone()),
         whole,
     };
-    tokio::task::spawn_blocking(move || job.run()).await?
+    let outcome = tokio::task::spawn_blocking(move || job.run()).await?;
+    if let (Err(_), Some(topic)) = (&outcome, replayed_topic) {
+        // A partial replay topic would be ingested as if it were whole: it goes, as a partial table does.
+        if let Err(e) = crate::log::kafka::delete_topic(&config.kafka, &brokers, &topic).await {
+            tracing::warn!(topic = %topic, error = %e, "the partial replay topic could not be deleted; delete it by hand");
+        }
+    }
+    outcome
 }
 
 /// Each configured source's chain, instantiated from the versions the registry has active, and its
@@ -126,6 +162,24 @@ fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols
         sources.insert(id, Arc::from(source.name.as_str()));
     }
     Ok((chains, sources))
+}
+
+/// A Druid replay never appends to a topic that already holds records: the datasource read from it
+/// would count them twice.
+async fn refuse_written(config: &Config, brokers: &str, topic: &str) -> anyhow::Result<()> {
+    let (kafka, brokers, topic) = (config.kafka.clone(), brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let marks = RangeReader::new(&kafka, &brokers, &topic)?.watermarks()?;
+        let held: i64 = marks.values().map(|(low, high)| high - low).sum();
+        if marks.values().any(|(_, high)| *high > 0) {
+            bail!(
+                "the topic {topic} already holds {held} records of an earlier replay: name this one differently, or \
+                 delete the topic (and the Druid datasource built from it) first"
+            );
+        }
+        Ok(())
+    })
+    .await?
 }
 
 /// Where the replay reads.
@@ -257,6 +311,8 @@ impl Input {
 enum Target {
     /// The embedded store at `path`: into `replay_<into>`, or into `rollup` when `None`.
     Store { path: PathBuf, into: Option<String> },
+    /// A Druid replay topic (`druid.topic`), written by a transactional producer of this id.
+    Topic { druid: Box<DruidSinkConfig>, transactional_id: String },
 }
 
 /// The reading side of a replay: the hand-off, what each batch goes through, and the stop flag.
@@ -296,13 +352,15 @@ impl Reading {
 struct Job {
     reading: Reading,
     target: Target,
+    /// The Kafka settings and brokers (for the Druid replay topic's producer).
+    kafka: (crate::log::kafka::KafkaConfig, String),
     /// A time rounded up to the start of the range's next whole bucket (unless it starts one).
     whole: Box<dyn Fn(i64) -> i64 + Send>,
 }
 
 impl Job {
     fn run(self) -> anyhow::Result<ReplaySummary> {
-        let Job { mut reading, target, whole } = self;
+        let Job { mut reading, target, kafka: (kafka, brokers), whole } = self;
         let range = reading.replayer.range;
         let start = reading.input.start(range.0, &*whole)?;
         let (written, buckets) = match target {
@@ -310,6 +368,12 @@ impl Job {
                 let written = into_store(&mut reading, &path, into.as_deref(), start)?;
                 let buckets = buckets_in(&path, &written, range)?;
                 (Written::Table(written), buckets)
+            }
+            Target::Topic { druid, transactional_id } => {
+                let mut sink = DruidSink::new(&kafka, &brokers, &druid, &transactional_id, Duration::from_secs(30))?;
+                let (mut next, end) = (start, reading.input.end()?);
+                reading.pass(&mut next, &end, &mut |rows| Ok(sink.commit_rows(&as_rows(&rows))?))?;
+                (Written::Topic(druid.topic), 0)
             }
         };
         let p = &reading.replayer.progress;

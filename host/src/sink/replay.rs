@@ -13,7 +13,8 @@ pub struct ReplaySpec {
     /// Trades at or after this time are left out; `None` replays to the log's end.
     pub until_ms: Option<i64>,
     /// Into `replay_<into>` (made anew) beside the live rows; `None` replaces the range's buckets of
-    /// `rollup` itself, exactly, while the live role goes on committing.
+    /// `rollup` itself, exactly, while the live role goes on committing. With the Druid sink, the
+    /// name of the topic the rows go to (`<topic>.replay.<into>`), which it needs.
     pub into: Option<String>,
 }
 
@@ -35,12 +36,15 @@ pub struct ReplayProgress {
 pub enum Written {
     /// A table of the embedded store: `replay_<NAME>`, or `rollup`.
     Table(String),
+    /// A Kafka topic (the Druid sink's replay topic, `<topic>.replay.<NAME>`).
+    Topic(String),
 }
 
 impl std::fmt::Display for Written {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Written::Table(table) => f.write_str(table),
+            Written::Topic(topic) => write!(f, "topic {topic}"),
         }
     }
 }
@@ -58,7 +62,7 @@ pub struct ReplaySummary {
     pub rows: u64,
     /// Records refused by a link.
     pub refused: u64,
-    /// Rollup buckets (bucket, source, symbol, side) of the range in the table.
+    /// Rollup buckets (bucket, source, symbol, side) of the range in the table (0 for a topic).
     pub buckets: u64,
     /// The trade times replayed: from the first, to the last (exclusive; `None`: no end), after
     /// widening the range asked for to whole buckets.
