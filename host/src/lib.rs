@@ -16,8 +16,9 @@
 //! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
 //! - [`config`]: the TOML configuration, one table per stage.
 //! - [`pipeline`]: the only place that wires the stages together ([`pipeline::start`],
-//!   [`pipeline::run`]), with the ingest and process roles.
-//! - [`cli`]: the command line, including `sluice plugin new|test`, `demo` and `bench`;
+//!   [`pipeline::run`]), with the ingest and process roles and [`pipeline::replay`].
+//! - [`cli`]: the command line, including `sluice plugin new|test`, `demo`, `bench`, `replay` and
+//!   `druid spec`;
 //!   [`feedsim`] is the venue simulator they run, [`scaffold`] what `plugin new` writes.
 
 pub mod api;

@@ -31,7 +31,7 @@ use sluice::proto::{DESCRIPTOR_SET, StreamData};
 use sluice::sink::druid::config::Password;
 use sluice::sink::druid::{
     DruidSinkConfig, OverlordClient, OverlordError, SpecError, SupervisorHealth, SupervisorId, encode_row,
-    supervisor_spec,
+    reindex_task, replay_supervisor_spec, supervisor_spec,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -443,7 +443,17 @@ async fn the_health_watcher_publishes_the_latest_poll_and_stops_on_shutdown() {
 
 #[test]
 fn rows_decode_with_only_the_specs_descriptor_to_exactly_the_specs_columns() {
-    let spec = supervisor_spec(&DruidSinkConfig::default(), DESCRIPTOR_SET, BROKERS).unwrap().into_json();
+    let live = supervisor_spec(&DruidSinkConfig::default(), DESCRIPTOR_SET, BROKERS).unwrap().into_json();
+    rows_decode_to_exactly_the_columns_of(&live);
+    // A replay's datasource reads its topic's rows the same way.
+    let replay =
+        replay_supervisor_spec(&DruidSinkConfig::default(), DESCRIPTOR_SET, BROKERS, "fix").unwrap().into_json();
+    rows_decode_to_exactly_the_columns_of(&replay);
+}
+
+/// Rows `encode_row` writes decode, with nothing but the descriptor `spec` carries, to JSON whose keys
+/// are exactly the columns `spec` reads, with the trades' values.
+fn rows_decode_to_exactly_the_columns_of(spec: &Value) {
     let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
     let descriptor =
         base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
@@ -512,4 +522,172 @@ fn rows_decode_with_only_the_specs_descriptor_to_exactly_the_specs_columns() {
     assert_eq!(decoded[1]["price"], 2.5);
     assert_eq!(decoded[1]["qty"], 40.0);
     assert_eq!(decoded[1]["notional"], 100.0);
+}
+
+/// Every key path of `value` (object keys joined by `.`, array elements as `[]`).
+fn key_paths(value: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                out.insert(path.clone());
+                key_paths(v, &path, out);
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                key_paths(v, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/druid").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Every field the generated specs and the reindex task set is one the reference JSON of its kind
+/// has in the same place: the live and replay supervisor specs against the reference Kafka
+/// supervisor spec, the task against a reference `index_parallel` task reading the `druid` input
+/// source (both in `fixtures/druid/`).
+#[test]
+fn generated_json_sets_only_fields_the_reference_specs_have_where_they_have_them() {
+    let cfg = DruidSinkConfig {
+        late_message_rejection_period: Some("PT6H".into()),
+        early_message_rejection_period: Some("PT2H".into()),
+        ..DruidSinkConfig::default()
+    };
+    let mut reference = BTreeSet::new();
+    key_paths(&fixture("supervisor-example.json"), "", &mut reference);
+    for spec in [
+        supervisor_spec(&cfg, DESCRIPTOR_SET, BROKERS).unwrap().into_json(),
+        replay_supervisor_spec(&cfg, DESCRIPTOR_SET, BROKERS, "fix").unwrap().into_json(),
+    ] {
+        let mut generated = BTreeSet::new();
+        key_paths(&spec, "", &mut generated);
+        let extra: Vec<_> = generated.difference(&reference).collect();
+        assert!(extra.is_empty(), "not in the reference supervisor spec: {extra:?}");
+    }
+    let mut reference = BTreeSet::new();
+    key_paths(&fixture("reindex-example.json"), "", &mut reference);
+    let task = reindex_task(&cfg, DESCRIPTOR_SET, BROKERS, "fix", 1_796_140_800_000, 1_796_144_400_000).unwrap();
+    let mut generated = BTreeSet::new();
+    key_paths(task.json(), "", &mut generated);
+    let extra: Vec<_> = generated.difference(&reference).collect();
+    assert!(extra.is_empty(), "not in the reference reindex task: {extra:?}");
+}
+
+/// The reindex task reads the replay's datasource as its supervisor spec builds it: every column the
+/// task reads is a dimension or metric of that datasource (or `__time`), each metric folds the
+/// replay's column of its own name with the aggregator that combines the live metric, and the
+/// interval the task reads is the one it locks and overwrites.
+#[test]
+fn the_reindex_task_reads_exactly_the_replay_datasources_columns() {
+    let cfg = DruidSinkConfig::default();
+    let replay = replay_supervisor_spec(&cfg, DESCRIPTOR_SET, BROKERS, "fix").unwrap().into_json();
+    let live = supervisor_spec(&cfg, DESCRIPTOR_SET, BROKERS).unwrap().into_json();
+    let task = reindex_task(&cfg, DESCRIPTOR_SET, BROKERS, "fix", 1_796_140_800_000, 1_796_141_000_000).unwrap();
+    let task = task.json();
+    let replay_schema = &replay["spec"]["dataSchema"];
+    let mut columns: BTreeSet<String> = ["__time".to_owned()].into();
+    for d in replay_schema["dimensionsSpec"]["dimensions"].as_array().unwrap() {
+        columns.insert(d.as_str().unwrap().to_owned());
+    }
+    for m in replay_schema["metricsSpec"].as_array().unwrap() {
+        columns.insert(m["name"].as_str().unwrap().to_owned());
+    }
+    let schema = &task["spec"]["dataSchema"];
+    let io = &task["spec"]["ioConfig"];
+    assert_eq!(io["inputSource"]["type"], "druid");
+    assert_eq!(io["inputSource"]["dataSource"], replay_schema["dataSource"]);
+    assert!(io.get("inputFormat").is_none(), "the druid input source takes no inputFormat");
+    assert_eq!(schema["dataSource"], live["spec"]["dataSchema"]["dataSource"]);
+    assert_eq!(schema["dimensionsSpec"], live["spec"]["dataSchema"]["dimensionsSpec"]);
+    assert!(columns.contains(schema["timestampSpec"]["column"].as_str().unwrap()));
+    let live_metrics = live["spec"]["dataSchema"]["metricsSpec"].as_array().unwrap();
+    let metrics = schema["metricsSpec"].as_array().unwrap();
+    assert_eq!(metrics.len(), live_metrics.len());
+    for (m, l) in metrics.iter().zip(live_metrics) {
+        let field = m["fieldName"].as_str().unwrap();
+        assert!(columns.contains(field), "{field} is not a column of the replay datasource");
+        assert_eq!((&m["name"], field), (&l["name"], l["name"].as_str().unwrap()));
+        let combining = if l["type"] == "count" { "longSum" } else { l["type"].as_str().unwrap() };
+        assert_eq!(m["type"], combining, "{m}");
+    }
+    for key in ["segmentGranularity", "queryGranularity", "rollup"] {
+        assert_eq!(schema["granularitySpec"][key], live["spec"]["dataSchema"]["granularitySpec"][key], "{key}");
+    }
+    assert_eq!(schema["granularitySpec"]["intervals"], json!([io["inputSource"]["interval"]]));
+    assert_eq!(io["appendToExisting"], false);
+    assert_eq!(io["dropExisting"], true);
+}
+
+/// `sluice druid spec` writes, for a configuration file, the same JSON as the library for each kind,
+/// says where it goes, and refuses what cannot be generated with a message naming why.
+#[test]
+fn sluice_druid_spec_writes_each_kind_and_refuses_what_it_cannot_generate() {
+    let dir = std::env::temp_dir().join(format!("sluice-druid-spec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    let toml = "[kafka]\nbrokers = \"kafka-1:9092\"\n\n[sink.druid]\noverlord_url = \"http://overlord:8081\"\ndatasource = \"trades\"\n";
+    std::fs::write(&config, toml).unwrap();
+    let cfg = sluice::config::Config::load(&config).unwrap();
+    let druid = cfg.sink.druid.as_ref().unwrap();
+    let spec = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["druid", "spec", "--config"])
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |out: &std::process::Output| -> Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let live = spec(&["live"]);
+    assert_eq!(json(&live), supervisor_spec(druid, DESCRIPTOR_SET, BROKERS).unwrap().into_json());
+    assert!(String::from_utf8_lossy(&live.stderr).contains("http://overlord:8081/druid/indexer/v1/supervisor"));
+    let separate = spec(&["separate", "--name", "fix"]);
+    assert_eq!(json(&separate), replay_supervisor_spec(druid, DESCRIPTOR_SET, BROKERS, "fix").unwrap().into_json());
+    let stderr = String::from_utf8_lossy(&separate.stderr);
+    assert!(stderr.contains("the topic sluice.druid.replay.fix into the datasource trades_replay_fix"), "{stderr}");
+    // Into a file, with times as RFC 3339 or milliseconds.
+    let out = dir.join("task.json");
+    let reindex = spec(&[
+        "--out",
+        out.to_str().unwrap(),
+        "reindex",
+        "--name",
+        "fix",
+        "--since",
+        "2026-12-01T14:37:00Z",
+        "--until",
+        "1796144700000",
+    ]);
+    assert!(reindex.status.success(), "{}", String::from_utf8_lossy(&reindex.stderr));
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let since = plugin_sdk::time::rfc3339_to_ms("2026-12-01T14:37:00Z").unwrap();
+    let want = reindex_task(druid, DESCRIPTOR_SET, BROKERS, "fix", since, 1_796_144_700_000).unwrap();
+    assert_eq!(written, want.into_json());
+    let stderr = String::from_utf8_lossy(&reindex.stderr);
+    assert!(
+        stderr.contains("/druid/indexer/v1/task: it overwrites trades from 2026-12-01T14:00:00.000Z to"),
+        "{stderr}"
+    );
+    // Refusals.
+    let refused = |args: &[&str], says: &str| {
+        let out = spec(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    };
+    refused(&["separate", "--name", "Bad/Name"], "replay table name");
+    refused(&["reindex", "--name", "fix", "--since", "1796144700000", "--until", "1796140800000"], "interval is empty");
+    refused(&["reindex", "--name", "fix", "--since", "yesterday", "--until", "1"], "neither RFC 3339");
+    std::fs::write(&config, "[kafka]\nbrokers = \"kafka-1:9092\"\n").unwrap();
+    refused(&["live"], "has no [sink.druid]");
+    let _ = std::fs::remove_dir_all(&dir);
 }

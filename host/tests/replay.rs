@@ -2,15 +2,22 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use plugin_sdk::StreamDataView;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 
 mod common;
 
-use common::{SluiceProcess, api_call, free_addr};
+use common::{SluiceProcess, TestBroker, api_call, free_addr, read_topic, unique_topic};
 
 const TOKEN: &str = "replay-test-token";
 
@@ -56,14 +63,16 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
     out
 }
 
-/// A running `sluice run` on the local log whose Binance source's chain is one link, `prices`,
-/// doubling prices (`double_price.wasm`), fed by the simulator at `rate` trades/s; returned once
-/// the store has rolled up `events` trades.
+/// A running `sluice run` whose Binance source's chain is one link, `prices`, doubling prices
+/// (`double_price.wasm`), fed by the simulator at `rate` trades/s: on the local log, or on the
+/// hand-off and sink `handoff` configures (`[kafka]`, `[sink.druid]`).
 struct Live {
     sim: Option<FeedSim>,
     dir: std::path::PathBuf,
     config: std::path::PathBuf,
     store: std::path::PathBuf,
+    /// The child's log.
+    log: std::path::PathBuf,
     api: String,
     process: SluiceProcess,
 }
@@ -72,7 +81,15 @@ fn events(t: &Buckets) -> i64 {
     t.values().map(|v| v.0).sum()
 }
 
+/// A running `sluice run` on the local log, returned once the store has rolled up `events_first`
+/// trades.
 async fn run_live(name: &str, rate: f64, events_first: i64) -> Live {
+    let live = start_live(name, rate, "").await;
+    live.wait_for_rollup(events_first).await;
+    live
+}
+
+async fn start_live(name: &str, rate: f64, handoff: &str) -> Live {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate, ..FeedSimConfig::default() }).await.unwrap();
     let dir = std::env::temp_dir().join(format!("sluice-replay-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -86,6 +103,7 @@ data_dir = "{dir}"
 
 [process]
 max_wait_ms = 100
+group = "{group}"
 
 [plugins.prices]
 path = "{plugins}/double_price.wasm"
@@ -96,8 +114,10 @@ url = "{url}"
 subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
 decode = "binance"
 transforms = ["prices"]
+{handoff}
 "#,
             dir = dir.display(),
+            group = unique_topic("replay-group"),
             plugins = env!("SLUICE_PLUGIN_DIR"),
             url = sim.url(Venue::Binance),
         ),
@@ -106,12 +126,33 @@ transforms = ["prices"]
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
     let process = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
-    let start = Instant::now();
-    while events(&table(&store, "rollup")) < events_first {
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    Live { sim: Some(sim), dir, config, store, log, api, process }
+}
+
+impl Live {
+    /// Waits until the store has rolled up `n` trades.
+    async fn wait_for_rollup(&self, n: i64) {
+        let start = Instant::now();
+        while events(&table(&self.store, "rollup")) < n {
+            assert!(start.elapsed() < Duration::from_secs(60), "{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    Live { sim: Some(sim), dir, config, store, api, process }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `sluice replay --config <config> <args>`.
+    fn replay(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["replay", "--config"])
+            .arg(&self.config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    }
 }
 
 /// Uploads `rescale.wasm` (configured as nothing: a pass-through) as a new version of `prices` and
@@ -281,4 +322,485 @@ async fn a_replay_into_rollup_counts_live_records_arriving_during_it_once() {
     assert!(EmbeddedStore::replay_tables(&store).unwrap().is_empty());
     live.process.interrupt();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// Replay from Kafka: the same, with the events topic of a real Kafka-protocol broker as the
+// hand-off.
+
+/// Partitions of the test's events topic.
+const PARTITIONS: i32 = 3;
+
+/// The test's topics on the broker, named for this run.
+struct Topics {
+    bootstrap: String,
+    events: String,
+    symbols: String,
+    dlq: String,
+}
+
+impl Topics {
+    fn new(broker: &TestBroker) -> Self {
+        Topics {
+            bootstrap: broker.bootstrap.clone(),
+            events: unique_topic("events"),
+            symbols: unique_topic("symbols"),
+            dlq: unique_topic("dlq"),
+        }
+    }
+
+    /// The `[kafka]` table for them.
+    fn toml(&self) -> String {
+        format!(
+            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n",
+            self.bootstrap, self.events, self.symbols, self.dlq
+        )
+    }
+
+    fn consumer(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique_topic("replay-test-reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap()
+    }
+
+    /// Records in `topic` (the sum of its partitions' high watermarks).
+    fn len(&self, topic: &str, partitions: i32) -> usize {
+        let consumer = self.consumer();
+        (0..partitions).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum::<i64>()
+            as usize
+    }
+
+    /// The events topic's records rolled up here, independently of sluice (symbol names from the
+    /// dictionary topic, whose record at offset n names id n + 1): what a fresh run of a
+    /// pass-through chain over the same records gives, per minute bucket.
+    fn expected(&self) -> Buckets {
+        let names = read_topic(&self.bootstrap, &self.symbols, 1, self.len(&self.symbols, 1), Duration::from_secs(30));
+        let names: BTreeMap<u32, String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i as u32 + 1, String::from_utf8(m.payload.clone()).unwrap()))
+            .collect();
+        let want = self.len(&self.events, PARTITIONS);
+        let records = read_topic(&self.bootstrap, &self.events, PARTITIONS, want, Duration::from_secs(60));
+        assert_eq!(records.len(), want, "the events topic was not read whole");
+        let mut out = Buckets::new();
+        for m in &records {
+            let v = StreamDataView::parse(&m.payload).unwrap();
+            let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
+            let side = if v.is_buy { "buy" } else { "sell" };
+            let e = out.entry((bucket, names[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
+            e.0 += 1;
+            e.1 += v.volume_e8;
+            e.2 = e.2.max(v.price_e8);
+        }
+        out
+    }
+
+    /// The offsets `group` has committed for the events topic, by partition (none for the embedded
+    /// store's live role, which keeps them in the store).
+    fn committed(&self, group: &str) -> BTreeMap<i32, i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&self.events, p);
+        }
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        got.elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+            .collect()
+    }
+}
+
+/// Starts a replay job `{"since": 0, "into": into}` on the instance at `api` and cancels it at
+/// once; returns the job's final view.
+async fn cancelled_job(http: &reqwest::Client, api: &str, into: &str) -> serde_json::Value {
+    let jobs = format!("http://{api}/v1/replay");
+    let body = serde_json::json!({ "since": 0, "into": into }).to_string();
+    let (status, job) = api_call(http, reqwest::Method::POST, jobs.clone(), TOKEN, Some(body.into())).await;
+    assert_eq!(status, 202, "{job}");
+    let job_url = format!("{jobs}/{}", job["id"]);
+    let (status, _) = api_call(http, reqwest::Method::DELETE, job_url.clone(), TOKEN, None).await;
+    assert_eq!(status, 202);
+    let start = Instant::now();
+    loop {
+        let (_, view) = api_call(http, reqwest::Method::GET, job_url.clone(), TOKEN, None).await;
+        if view["state"] != "running" {
+            return view;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn group_of(config: &std::path::Path) -> String {
+    sluice::config::Config::load(config).unwrap().process.group
+}
+
+fn only(t: &Buckets, keep: impl Fn(i64) -> bool) -> Buckets {
+    t.iter().filter(|(k, _)| keep(k.0)).map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// Replay from Kafka with the embedded store. A doubling transform runs live on the events topic of
+/// a real Kafka-protocol broker; the pass-through version is activated; `sluice replay --since 0`
+/// runs while trades keep arriving, reading the topic with a consumer of its own and swapping the
+/// range into `rollup` at the live position the store commits per partition. Once the venue stops
+/// and the live role has caught up, `rollup` equals a fresh roll-up of the topic's records bucket by
+/// bucket (events, exact quantities, highest price): live records arriving during the replay are
+/// counted once. The live group's offsets are untouched. Then, with the venue stopped: `--into`
+/// a table of its own equals the same, alone or for a time window (found in the topic by
+/// offsets-for-times), and so does a job of the running instance; once retention deleted records of
+/// a partition, a range before them is refused with the earliest replayable time, and a range from
+/// that time replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes_on() {
+    let broker = TestBroker::start("replay-kafka");
+    let topics = Topics::new(&broker);
+    let mut live = start_live("kafka", 500.0, &topics.toml()).await;
+    live.wait_for_rollup(500).await;
+    let (config, store) = (live.config.clone(), live.store.clone());
+    let group = group_of(&config);
+    let http = reqwest::Client::new();
+    activate_the_fix(&http, &live.api).await;
+    // Into `rollup`, while trades keep flowing into the live role.
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["replay", "--config"])
+                .arg(&config)
+                .args(["--since", "0"])
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("replayed into rollup"), "{stdout}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    live.sim.take().unwrap().shutdown().await;
+    let start = Instant::now();
+    while events(&table(&store, "rollup")) < topics.len(&topics.events, PARTITIONS) as i64
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let expected = topics.expected();
+    assert!(events(&expected) > 1_000, "only {} trades", events(&expected));
+    assert_eq!(table(&store, "rollup"), expected, "{stdout}\n{}", live.log_text());
+    assert!(EmbeddedStore::replay_tables(&store).unwrap().is_empty());
+    // The live role's positions are the store's, and no group committed anything for it.
+    let positions = sluice::sink::embedded::stored_offsets(&store, &topics.events).unwrap();
+    assert_eq!(positions.iter().map(|p| p.2).sum::<i64>(), topics.len(&topics.events, PARTITIONS) as i64);
+    assert!(topics.committed(&group).is_empty(), "{:?}", topics.committed(&group));
+
+    // Into tables of their own: the whole topic, the last minute bucket on, and before it.
+    let out = live.replay(&["--since", "0", "--into", "fixed"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(table(&store, "replay_fixed"), expected);
+    assert_eq!(table(&store, "rollup"), expected);
+    let last = expected.keys().map(|k| k.0).max().unwrap();
+    let out = live.replay(&["--since", &(last + 1).to_string(), "--into", "recent"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(table(&store, "replay_recent"), only(&expected, |b| b >= last));
+    let out = live.replay(&["--since", "0", "--until", &last.to_string(), "--into", "early"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(table(&store, "replay_early"), only(&expected, |b| b < last));
+
+    // The same as a job of the running instance.
+    let jobs = format!("http://{}/v1/replay", live.api);
+    let body = serde_json::json!({ "since": 0, "into": "api" }).to_string();
+    let (status, job) = api_call(&http, reqwest::Method::POST, jobs.clone(), TOKEN, Some(body.into())).await;
+    assert_eq!(status, 202, "{job}");
+    let job_url = format!("{jobs}/{}", job["id"]);
+    let start = Instant::now();
+    let done = loop {
+        let (_, view) = api_call(&http, reqwest::Method::GET, job_url.clone(), TOKEN, None).await;
+        if view["state"] != "running" {
+            break view;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((done["state"].as_str(), done["table"].as_str()), (Some("done"), Some("replay_api")), "{done}");
+    assert_eq!(table(&store, "replay_api"), expected);
+    assert!(topics.committed(&group).is_empty());
+    // Cancelled: no table is left.
+    let view = cancelled_job(&http, &live.api, "cancelled").await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(view["error"].as_str().unwrap_or_default().contains("stopped"), "{view}");
+    assert!(!EmbeddedStore::replay_tables(&store).unwrap().iter().any(|(name, _)| name == "cancelled"));
+
+    // Retention deletes the first half of the fullest partition.
+    let consumer = topics.consumer();
+    let (partition, high) = (0..PARTITIONS)
+        .map(|p| (p, consumer.fetch_watermarks(&topics.events, p, Duration::from_secs(10)).unwrap().1))
+        .max_by_key(|(_, high)| *high)
+        .unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
+    let mut cut = TopicPartitionList::new();
+    cut.add_partition_offset(&topics.events, partition, Offset::Offset(high / 2)).unwrap();
+    admin.delete_records(&cut, &AdminOptions::new()).await.unwrap();
+    let out = live.replay(&["--since", "0", "--into", "gone"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("partition {partition} below offset {}", high / 2)), "{stderr}");
+    let earliest: i64 = stderr
+        .split("the earliest replayable time is ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(table(&store, "replay_gone").is_empty(), "a refused replay left a table");
+    let out = live.replay(&["--since", &earliest.to_string(), "--into", "held"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Whole buckets from the first after the records deleted: the partition's records of a symbol come
+    // in trade-time order, so none of them is missing there.
+    assert_eq!(earliest % 60_000, 0, "{stderr}");
+    assert_eq!(table(&store, "replay_held"), only(&expected, |b| b >= earliest));
+    live.process.interrupt();
+    let _ = std::fs::remove_dir_all(&live.dir);
+}
+
+/// The rows a `read_committed` reader of `topic` (all partitions) sees up to each partition's end,
+/// decoded with the descriptor `spec` carries into the JSON Druid would read.
+fn druid_rows(bootstrap: &str, topic: &str, spec: &serde_json::Value) -> Vec<serde_json::Value> {
+    let decoder = &spec["spec"]["ioConfig"]["inputFormat"]["protoBytesDecoder"];
+    let descriptor =
+        base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
+    let pool = prost_reflect::DescriptorPool::decode(descriptor.as_slice()).unwrap();
+    let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("druid-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut rows = Vec::new();
+    let mut ended = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while ended.len() < PARTITIONS as usize && start.elapsed() < Duration::from_secs(30) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let bytes = m.payload().unwrap_or_default();
+                let row = prost_reflect::DynamicMessage::decode(message.clone(), bytes).unwrap();
+                rows.push(serde_json::to_value(&row).unwrap());
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            _ => {}
+        }
+    }
+    rows
+}
+
+/// Druid rows rolled up as `Buckets` (per minute, symbol and side: rows, exact quantity, highest price).
+fn druid_buckets(rows: &[serde_json::Value]) -> Buckets {
+    let mut out = Buckets::new();
+    for r in rows {
+        let ts: i64 = r["timestampMs"].as_str().unwrap().parse().unwrap();
+        let key = (
+            ts.div_euclid(60_000) * 60_000,
+            r["symbol"].as_str().unwrap().to_owned(),
+            r["side"].as_str().unwrap().to_owned(),
+        );
+        let e8 = |field: &str| (r[field].as_f64().unwrap_or(0.0) * 1e8).round() as i64;
+        let e = out.entry(key).or_insert((0, 0, i64::MIN));
+        e.0 += 1;
+        e.1 += e8("qty");
+        e.2 = e.2.max(e8("price"));
+    }
+    out
+}
+
+/// Replay from Kafka with the Druid sink. A doubling transform runs live into the Druid topic; the
+/// pass-through version is activated; `sluice replay --since 0 --into fixed` writes the rows again,
+/// in transactions, to a topic of its own, `<topic>.replay.fixed`, and says what to run on the Druid
+/// side. That topic, read as Druid reads it (`read_committed`, decoded with nothing but the
+/// descriptor of the spec `sluice druid spec ... separate --name fixed` writes, which points at it),
+/// equals a fresh roll-up of the events topic's records bucket by bucket, while the live Druid topic
+/// does not; the live group's committed offsets are untouched. A second replay under the same name
+/// is refused and leaves the topic as it was, and a replay with no name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generated_spec() {
+    let broker = TestBroker::start("replay-druid");
+    let topics = Topics::new(&broker);
+    let druid_topic = unique_topic("druid");
+    // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
+    let handoff = format!(
+        "{}\n[sink.druid]\noverlord_url = \"http://{}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n",
+        topics.toml(),
+        free_addr()
+    );
+    let mut live = start_live("druid", 300.0, &handoff).await;
+    let group = group_of(&live.config);
+    let live_spec = {
+        let cfg = sluice::config::Config::load(&live.config).unwrap();
+        sluice::sink::druid::supervisor_spec(
+            cfg.sink.druid.as_ref().unwrap(),
+            sluice::proto::DESCRIPTOR_SET,
+            &topics.bootstrap,
+        )
+        .unwrap()
+        .into_json()
+    };
+    let start = Instant::now();
+    while druid_rows(&topics.bootstrap, &druid_topic, &live_spec).len() < 300 {
+        assert!(start.elapsed() < Duration::from_secs(90), "{}", live.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let http = reqwest::Client::new();
+    activate_the_fix(&http, &live.api).await;
+    live.sim.take().unwrap().shutdown().await;
+    let start = Instant::now();
+    let live_rows = loop {
+        let rows = druid_rows(&topics.bootstrap, &druid_topic, &live_spec);
+        if rows.len() >= topics.len(&topics.events, PARTITIONS) || start.elapsed() > Duration::from_secs(30) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let expected = topics.expected();
+    assert_eq!(live_rows.len() as i64, events(&expected), "{}", live.log_text());
+    let committed = topics.committed(&group);
+    assert!(!committed.is_empty());
+
+    let out = live.replay(&["--since", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--into NAME"));
+    let out = live.replay(&["--since", "0", "--into", "fixed"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let replay_topic = format!("{druid_topic}.replay.fixed");
+    assert!(stdout.contains(&format!("replayed into topic {replay_topic}")), "{stdout}");
+    assert!(stdout.contains("sluice druid spec --config") && stdout.contains("separate --name fixed"), "{stdout}");
+    assert!(stdout.contains("reindex --name fixed"), "{stdout}");
+
+    // The datasource of its own reads that topic with the spec sluice generates for it.
+    let spec = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["druid", "spec", "--config"])
+        .arg(&live.config)
+        .args(["separate", "--name", "fixed"])
+        .output()
+        .unwrap();
+    assert!(spec.status.success(), "{}", String::from_utf8_lossy(&spec.stderr));
+    let spec: serde_json::Value = serde_json::from_slice(&spec.stdout).unwrap();
+    assert_eq!(spec["spec"]["ioConfig"]["topic"], replay_topic.as_str());
+    assert_eq!(spec["spec"]["dataSchema"]["dataSource"], "trades_replay_fixed");
+    let replayed = druid_rows(&topics.bootstrap, &replay_topic, &spec);
+    assert_eq!(druid_buckets(&replayed), expected);
+    assert_ne!(druid_buckets(&live_rows), expected, "the live rows were never doubled");
+    assert_eq!(topics.committed(&group), committed, "the replay moved the live group's offsets");
+
+    // A replay job cancelled: its topic goes.
+    let view = cancelled_job(&http, &live.api, "cancelled").await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(view["error"].as_str().unwrap_or_default().contains("stopped"), "{view}");
+    let metadata = topics.consumer().fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    let names: Vec<&str> = metadata.topics().iter().map(|t| t.name()).collect();
+    assert!(names.contains(&replay_topic.as_str()), "{names:?}");
+    assert!(!names.contains(&format!("{druid_topic}.replay.cancelled").as_str()), "{names:?}");
+
+    // The same name again: refused, the topic kept.
+    let out = live.replay(&["--since", "0", "--into", "fixed"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("already holds"), "{stderr}");
+    assert_eq!(druid_rows(&topics.bootstrap, &replay_topic, &spec).len(), replayed.len());
+    live.process.interrupt();
+    let _ = std::fs::remove_dir_all(&live.dir);
+}
+
+/// The replay's reader of a topic, against a real broker: offsets-for-times finds, per partition, the
+/// first record produced at or after a time (the end where there is none); a read stops at the
+/// offsets it is given and at each partition's end, in batches of at most the size asked for, and
+/// moves its positions past what it handed over; the first record at an offset is found per
+/// partition; and it never commits for any group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use sluice::log::Positions;
+    use sluice::log::kafka::range::RangeReader;
+    let broker = TestBroker::start("replay-range");
+    let kafka = sluice::log::kafka::KafkaConfig::default();
+    let topic = unique_topic("range");
+    sluice::log::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    // Partition p gets records "p:i" produced at times 10_000 + 1_000 * i, i = 0..10.
+    for p in 0..2 {
+        for i in 0..10i64 {
+            let payload = format!("{p}:{i}");
+            let record = BaseRecord::<(), str>::to(&topic).partition(p).payload(&payload).timestamp(10_000 + 1_000 * i);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let text = |records: &[&[u8]]| records.iter().map(|r| String::from_utf8(r.to_vec()).unwrap()).collect::<Vec<_>>();
+    let (bootstrap, t) = (broker.bootstrap.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let reader = RangeReader::new(&kafka, &bootstrap, &t).unwrap();
+        assert_eq!(reader.partitions().unwrap(), [0, 1]);
+        assert_eq!(reader.watermarks().unwrap(), BTreeMap::from([(0, (0, 10)), (1, (0, 10))]));
+        assert_eq!(reader.offsets_for_time(14_500).unwrap(), Positions::from([(0, 5), (1, 5)]));
+        assert_eq!(reader.offsets_for_time(14_000).unwrap(), Positions::from([(0, 4), (1, 4)]));
+        assert_eq!(reader.offsets_for_time(0).unwrap(), Positions::from([(0, 0), (1, 0)]));
+        assert_eq!(reader.offsets_for_time(99_000).unwrap(), Positions::from([(0, 10), (1, 10)]));
+        let first = reader.first_records(&Positions::from([(0, 3), (1, 9)])).unwrap();
+        assert_eq!((first[&0].as_slice(), first[&1].as_slice()), (&b"0:3"[..], &b"1:9"[..]));
+        // Partition 0 from 2 up to 6, partition 1 from 7 up to the end (past it: stops there);
+        // batches of at most 3.
+        let stop = AtomicBool::new(false);
+        let mut from = Positions::from([(0, 2), (1, 7)]);
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        let done = reader
+            .read(&mut from, &Positions::from([(0, 6), (1, 50)]), 3, &stop, |records| {
+                sizes.push(records.len());
+                got.extend(text(records));
+                Ok::<_, sluice::log::kafka::KafkaError>(())
+            })
+            .unwrap();
+        assert!(done);
+        got.sort();
+        assert_eq!(got, ["0:2", "0:3", "0:4", "0:5", "1:7", "1:8", "1:9"]);
+        assert!(sizes.iter().all(|n| *n <= 3), "{sizes:?}");
+        assert_eq!(from, Positions::from([(0, 6), (1, 10)]));
+        // Read on from there: partition 0 up to 8 only (partition 1 is at its end, and absent from `to`).
+        let mut got = Vec::new();
+        reader
+            .read(&mut from, &Positions::from([(0, 8)]), 100, &stop, |records| {
+                got.extend(text(records));
+                Ok::<_, sluice::log::kafka::KafkaError>(())
+            })
+            .unwrap();
+        assert_eq!(got, ["0:6", "0:7"]);
+        assert_eq!(from, Positions::from([(0, 8), (1, 10)]));
+        // Stopped: false, and the positions stay.
+        stop.store(true, Ordering::Relaxed);
+        let stopped = reader
+            .read(&mut from, &Positions::from([(0, 10)]), 100, &stop, |_| Ok::<_, sluice::log::kafka::KafkaError>(()));
+        assert!(!stopped.unwrap());
+        assert_eq!(from[&0], 8);
+    })
+    .await
+    .unwrap();
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
 use crate::sink::embedded::{EmbeddedStore, REPLAY_PREFIX, StoreError, check_replay_name};
-use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary};
+use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, Written};
 
 #[derive(Serialize)]
 struct TableView {
@@ -89,7 +89,7 @@ impl std::fmt::Debug for ReplayJobs {
 }
 
 impl ReplayJobs {
-    /// Lets jobs start (the pipeline sets this where it can replay: the local log and the store).
+    /// Lets jobs start (the pipeline sets this where it can replay: with the process role).
     pub fn set_starter(&self, starter: ReplayStarter) {
         let _ = self.starter.set(starter);
     }
@@ -131,7 +131,7 @@ fn time_of(field: &str, v: &serde_json::Value) -> Result<i64, ApiError> {
 }
 
 /// `POST /v1/replay` (with the token): 202 with the job's id; 409 while another replay runs; 404
-/// where this instance cannot replay (no local log and store).
+/// where this instance cannot replay (it runs no process role).
 pub(super) async fn start(
     State(state): State<ApiState>,
     body: axum::body::Bytes,
@@ -152,7 +152,7 @@ pub(super) async fn start(
         .starter
         .get()
         .cloned()
-        .ok_or_else(|| ApiError::NotFound("this instance cannot replay: it has no local log and store".into()))?;
+        .ok_or_else(|| ApiError::NotFound("this instance cannot replay: it runs no process role".into()))?;
     let mut all = jobs.lock();
     if all.values().any(|j| j.outcome.lock().unwrap_or_else(|p| p.into_inner()).is_none()) {
         return Err(ApiError::Conflict("a replay is running; wait for it or cancel it".into()));
@@ -172,7 +172,8 @@ pub(super) async fn start(
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "state": "running" }))))
 }
 
-/// `GET /v1/replay/{id}`: the job's state (`running`, `done`, `failed`), progress and outcome.
+/// `GET /v1/replay/{id}`: the job's state (`running`, `done`, `failed`), progress and outcome (the
+/// table written, or for the Druid sink the topic).
 pub(super) async fn status(
     State(state): State<ApiState>,
     Path(id): Path<u64>,
@@ -199,7 +200,10 @@ pub(super) async fn status(
     });
     match outcome {
         Some((Ok(summary), _)) => {
-            view["table"] = summary.table.into();
+            match summary.written {
+                Written::Table(table) => view["table"] = table.into(),
+                Written::Topic(topic) => view["topic"] = topic.into(),
+            }
             view["buckets"] = summary.buckets.into();
         }
         Some((Err(error), _)) => view["error"] = error.into(),

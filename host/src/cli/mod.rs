@@ -1,8 +1,12 @@
-//! The command line: `sluice run`, `demo`, `bench`, `feedsim`, `check-config` and `plugin new|test`.
+//! The command line: `sluice run`, `demo`, `bench`, `feedsim`, `check-config`, `replay`,
+//! `plugin new|test` and `druid spec`.
 
 mod demo;
+mod druid;
 mod plugin;
 mod replay;
+
+pub use druid::{DruidSpecArgs, SpecKind};
 
 pub use crate::pipeline::Role;
 pub use demo::{BenchArgs, DemoArgs, demo_chain};
@@ -40,6 +44,7 @@ impl Cli {
             Command::Run(args) => Some(&args.config),
             Command::CheckConfig(args) => Some(&args.config),
             Command::Replay(args) => Some(&args.config),
+            Command::Druid(DruidCommand::Spec(args)) => Some(&args.config),
             _ => None,
         };
         self.log_format
@@ -67,10 +72,23 @@ pub enum Command {
     Run(RunArgs),
     /// Check a configuration file and print the effective configuration, defaults filled in.
     CheckConfig(CheckConfigArgs),
-    /// Replay a time range of the local log through each source's chain as it is now (the
-    /// versions the registry has active) into a table of its own, `replay_NAME`, beside the live
-    /// `rollup`; it can run while `sluice run` runs on the same data directory.
+    /// Replay a time range of the hand-off (the local log, or the events topic on Kafka) through
+    /// each source's chain as it is now (the versions the registry has active): into a table of its
+    /// own, `replay_NAME`, beside the live `rollup`, or into `rollup` itself; with the Druid sink,
+    /// into a topic of its own. It can run while `sluice run` runs on the same configuration.
     Replay(replay::ReplayArgs),
+    /// Work with the Druid side.
+    #[command(subcommand)]
+    Druid(DruidCommand),
+}
+
+/// `sluice druid ...`
+#[derive(Debug, Subcommand)]
+pub enum DruidCommand {
+    /// Write the JSON an operator gives Druid's Overlord: the live supervisor spec, the supervisor
+    /// spec of a replay's datasource (`separate`), or the task overwriting the live datasource with
+    /// a replay (`reindex`).
+    Spec(DruidSpecArgs),
 }
 
 /// Arguments of `sluice run`.
@@ -141,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(serve(config, args.role))
         }
         Command::Replay(args) => runtime()?.block_on(replay::run(args)),
+        Command::Druid(DruidCommand::Spec(args)) => druid::spec(&args),
         Command::CheckConfig(args) => {
             let config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
             print!("{}", toml::to_string_pretty(&config)?);

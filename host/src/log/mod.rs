@@ -17,6 +17,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The next offset to read of each partition of one topic (the local log is partition 0 of
+/// [`local::POSITION_TOPIC`]), by partition.
+pub type Positions = std::collections::BTreeMap<i32, i64>;
+
 use crate::log::kafka::consumer::{EventConsumer, PollOutcome, Polled};
 use crate::log::kafka::producer::{EventProducer, ProducerStats};
 

@@ -167,8 +167,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .with_sources(directory.clone())
         .with_plugins(plugin_api.clone())
         .with_metrics(metrics.clone());
-    // Replays over HTTP where there is a local log and a store to rebuild.
-    if store_path.is_some() && config.kafka.brokers.trim().is_empty() {
+    // Replays over HTTP wherever this instance delivers to a sink: the store, or the Druid topic.
+    if role != Role::Ingest {
         let config = Arc::new(config.clone());
         api_state.replays().set_starter(Arc::new(move |spec, progress, stop| {
             let config = config.clone();

@@ -1,9 +1,19 @@
-//! Replay: the local log's records of a time range, again through each source's chain as it is now
-//! (the versions the registry has active), rolled up into a table of their own, `replay_<NAME>`, in
-//! the embedded store. Live rows are never written, so a replay can run beside `sluice run` on the
-//! same data directory, and the two tables compare bucket by bucket with `/v1/query`.
+//! Replay: the records of a time range read again from the hand-off (the local log, or the events
+//! topic on Kafka) through each source's chain as it is now (the versions the registry has active),
+//! into the sink again:
+//!
+//! - the embedded store: a table of its own, `replay_<NAME>`, beside the live rows; or the range's
+//!   rollup buckets replaced exactly, while the live role goes on committing (see
+//!   [`EmbeddedStore::swap_into_rollup`]);
+//! - the Druid sink: a topic of its own, `<topic>.replay.<NAME>`, written in transactions as the sink
+//!   writes its topic, for a Druid datasource of its own or a reindex of the live one (the specs
+//!   are [`crate::sink::druid::spec`]'s).
+//!
+//! The reading is the hand-off's ([`crate::log::local::read_batches`],
+//! [`RangeReader`]); what is done with each batch of records is the same whatever was read.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,39 +23,129 @@ use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 
 use super::{Role, open_plugins};
 use crate::config::Config;
+use crate::log::Positions;
+use crate::log::kafka::range::RangeReader;
 use crate::plugin::PluginInstance;
+use crate::plugin::registry::Slot;
 use crate::sink::Row;
+use crate::sink::druid::{DruidSink, DruidSinkConfig};
 use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
-pub use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, check_range};
+use crate::sink::replay::{HeldFrom, check_topic_range};
+pub use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, Written, check_range};
 use crate::symbols::Symbols;
 use crate::transform::Transformer;
 
-/// Replays `spec` on the local log of `config`'s data directory until done or `stop` is set (then
-/// the partial table is dropped and this fails).
+/// Rollup buckets of the embedded store are whole minutes; a replay into it covers whole buckets.
+const BUCKET_MS: i64 = 60_000;
+/// Most records of the events topic handed to the chains at once.
+const BATCH_RECORDS: usize = 8_192;
+/// How much earlier than the range the events topic is read from. Kafka finds records by the time
+/// ingest produced them, not by trade time, and a venue whose clock runs ahead of the host's stamps
+/// trades later than they were received; records read for this margin and outside the range are
+/// left out by their trade time.
+pub const CLOCK_SKEW_MS: i64 = 5 * 60_000;
+/// The replay swaps into `rollup` once it is fewer than this many records behind the live position:
+/// the rest is read while the swap holds the store's write lock, so that stays short.
+const SWAP_BEHIND: i64 = 5_000;
+
+/// Replays `spec` for `config` until done or `stop` is set (then the partial table, or the partial
+/// replay topic, is dropped and this fails).
 ///
 /// # Errors
-/// A configuration on Kafka (only the local log is replayed), a missing log, a range the log no
-/// longer holds, a plugin that cannot start, a store that cannot be written, or a stop.
+/// A missing log, a range the log or the topic no longer holds, a Druid replay without a name or
+/// onto a topic that already holds records, a plugin that cannot start, a store or topic that
+/// cannot be written, or a stop.
 pub async fn replay(
     config: &Config,
     spec: &ReplaySpec,
     progress: Arc<ReplayProgress>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<ReplaySummary> {
-    if !config.kafka.brokers.trim().is_empty() {
-        bail!("sluice replay reads the local log; this configuration hands records over through Kafka");
-    }
     if let Some(into) = &spec.into {
         crate::sink::embedded::check_replay_name(into).map_err(anyhow::Error::msg)?;
     }
+    let brokers = config.kafka.brokers.trim().to_owned();
     let log = config.data_dir.join("log.sqlite");
-    let store = config.data_dir.join("store.sqlite");
-    if !log.is_file() {
-        bail!("no local log at {}: nothing to replay", log.display());
-    }
-    let symbols = Arc::new(Symbols::local(&log).context("symbol dictionary")?);
+    let symbols = if brokers.is_empty() {
+        if !log.is_file() {
+            bail!("no local log at {}: nothing to replay", log.display());
+        }
+        Arc::new(Symbols::local(&log).context("symbol dictionary")?)
+    } else {
+        let (kafka, b) = (config.kafka.clone(), brokers.clone());
+        let shared = move || Symbols::shared(&kafka, &b, &kafka.symbols_topic, Duration::from_secs(30));
+        Arc::new(tokio::task::spawn_blocking(shared).await?.context("symbol dictionary")?)
+    };
+    let target = match (&config.sink.druid, &spec.into) {
+        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
+        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
+        (Some(_), None) => {
+            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
+        }
+        (Some(druid), Some(name)) => {
+            let topic = crate::sink::druid::replay_topic(druid, name);
+            crate::log::kafka::ensure_topics(&config.kafka, &brokers, &[&topic], config.kafka.partitions).await?;
+            refuse_written(config, &brokers, &topic).await?;
+            let mut druid = druid.clone();
+            druid.topic = topic;
+            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
+            Target::Topic { druid: Box::new(druid), transactional_id }
+        }
+    };
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let (_registry, slots) = open_plugins(config, Role::Process, symbols.clone(), metrics).await?;
+    let (chains, sources) = chains(config, &slots, &symbols)?;
+    // The range in whole buckets: the store's minutes, or Druid's segments.
+    let whole: Box<dyn Fn(i64) -> i64 + Send> = match config.sink.druid.clone() {
+        Some(druid) => Box::new(move |t| crate::sink::druid::replay_range(&druid, t, Some(t)).1.unwrap_or(t)),
+        None => Box::new(|t: i64| t.div_euclid(BUCKET_MS) * BUCKET_MS + if t % BUCKET_MS == 0 { 0 } else { BUCKET_MS }),
+    };
+    let range = match &config.sink.druid {
+        Some(druid) => crate::sink::druid::replay_range(druid, spec.since_ms, spec.until_ms),
+        None => (spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS, spec.until_ms.map(&whole)),
+    };
+    let input = if brokers.is_empty() {
+        Input::Local(log)
+    } else {
+        Input::Kafka(RangeReader::new(&config.kafka, &brokers, &config.kafka.events_topic)?)
+    };
+    let replayed_topic = match &target {
+        Target::Topic { druid, .. } => Some(druid.topic.clone()),
+        Target::Store { .. } => None,
+    };
+    let job = Job {
+        reading: Reading {
+            input,
+            replayer: Replayer {
+                chains,
+                sources,
+                symbols,
+                progress,
+                names: HashMap::new(),
+                range,
+                by_source: BTreeMap::new(),
+            },
+            stop,
+        },
+        target,
+        kafka: (config.kafka.clone(), brokers.clone()),
+        whole,
+    };
+    let outcome = tokio::task::spawn_blocking(move || job.run()).await?;
+    if let (Err(_), Some(topic)) = (&outcome, replayed_topic) {
+        // A partial replay topic would be ingested as if it were whole: it goes, as a partial table does.
+        if let Err(e) = crate::log::kafka::delete_topic(&config.kafka, &brokers, &topic).await {
+            tracing::warn!(topic = %topic, error = %e, "the partial replay topic could not be deleted; delete it by hand");
+        }
+    }
+    outcome
+}
+
+/// Each configured source's chain, instantiated from the versions the registry has active, and its
+/// name, by source id.
+type Chains = (HashMap<u32, Vec<Transformer>>, HashMap<u32, Arc<str>>);
+
+fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols) -> anyhow::Result<Chains> {
     let mut chains: HashMap<u32, Vec<Transformer>> = HashMap::new();
     let mut sources: HashMap<u32, Arc<str>> = HashMap::new();
     for source in &config.sources {
@@ -60,103 +160,285 @@ pub async fn replay(
         chains.insert(id, chain);
         sources.insert(id, Arc::from(source.name.as_str()));
     }
-    let spec = spec.clone();
-    tokio::task::spawn_blocking(move || run(&log, &store, &spec, &mut chains, &sources, &symbols, &progress, &stop))
-        .await?
+    Ok((chains, sources))
 }
 
-/// Rollup buckets are whole minutes; a replay covers whole buckets.
-const BUCKET_MS: i64 = 60_000;
+/// A Druid replay never appends to a topic that already holds records: the datasource read from it
+/// would count them twice.
+async fn refuse_written(config: &Config, brokers: &str, topic: &str) -> anyhow::Result<()> {
+    let (kafka, brokers, topic) = (config.kafka.clone(), brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let marks = RangeReader::new(&kafka, &brokers, &topic)?.watermarks()?;
+        let held: i64 = marks.values().map(|(low, high)| high - low).sum();
+        if marks.values().any(|(_, high)| *high > 0) {
+            bail!(
+                "the topic {topic} already holds {held} records of an earlier replay: name this one differently, or \
+                 delete the topic (and the Druid datasource built from it) first"
+            );
+        }
+        Ok(())
+    })
+    .await?
+}
 
-/// The replay's loop over the log's batches.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    log: &std::path::Path,
-    store_path: &std::path::Path,
-    spec: &ReplaySpec,
-    chains: &mut HashMap<u32, Vec<Transformer>>,
-    sources: &HashMap<u32, Arc<str>>,
-    symbols: &Symbols,
-    progress: &ReplayProgress,
-    stop: &AtomicBool,
-) -> anyhow::Result<ReplaySummary> {
-    // The first record the log holds, for the retention check.
-    let mut first_time = None;
-    let first_offset = crate::log::local::read_batches(log, 0, |_, records| {
-        first_time = Delimited::new(records)
-            .find_map(|r| r.ok().and_then(|b| StreamDataView::parse(b).ok()))
-            .map(|v| v.timestamp_ms);
-        false
-    })?;
-    check_range(first_offset, first_time, spec.since_ms).map_err(anyhow::Error::msg)?;
-    // Whole buckets: the one `since` falls in, up to the one `until` falls in (or past it when it is
-    // a bucket's start).
-    let since = spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS;
-    let until =
-        spec.until_ms.map(|u| u.div_euclid(BUCKET_MS) * BUCKET_MS + if u % BUCKET_MS == 0 { 0 } else { BUCKET_MS });
-    let staging = spec.into.clone().unwrap_or_else(|| format!("staging_{}", std::process::id()));
-    let mut store = EmbeddedStore::open_replay(store_path, Duration::from_secs(60), &staging)?;
-    let table = format!("{REPLAY_PREFIX}{staging}");
-    let mut replayer = Replayer {
-        chains,
-        sources,
-        symbols,
-        progress,
-        names: HashMap::new(),
-        in_range: Box::new(move |t| {
-            let bucket = t.div_euclid(BUCKET_MS) * BUCKET_MS;
-            bucket >= since && until.is_none_or(|u| bucket < u)
-        }),
-    };
-    let outcome = (|| -> anyhow::Result<String> {
-        match &spec.into {
-            Some(_) => {
-                replayer.pass(log, 0, None, stop, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
-                Ok(table.clone())
-            }
-            None => {
-                // Catch up with the live position, then swap under the store's write lock with the
-                // last stretch read inside it.
-                let mut next = 0;
-                loop {
-                    let target = store.live_position()?;
-                    if target - next < 5_000 && next > 0 {
-                        break;
-                    }
-                    next = replayer
-                        .pass(log, next, Some(target), stop, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
-                    if target == 0 {
-                        break;
-                    }
-                }
-                store.swap_into_rollup(&table, since, until, |position| {
-                    let mut tail = Vec::new();
-                    replayer.pass(log, next, Some(position), stop, &mut |rows| {
-                        tail.extend(rows);
-                        Ok(())
-                    })?;
-                    Ok::<_, anyhow::Error>(tail)
+/// Where the replay reads.
+enum Input {
+    /// The local log at this path: one partition, 0.
+    Local(PathBuf),
+    /// The events topic, through a reader of its own.
+    Kafka(RangeReader),
+}
+
+impl Input {
+    /// Where each partition is read from for a range starting at `since_ms`, after checking that
+    /// the hand-off still holds it: `whole(t)` is the first start of a range (whole buckets) that
+    /// holds no trade before `t`, the earliest time a replay may start from when the first record
+    /// held is at `t`.
+    fn start(&self, since_ms: i64, whole: &dyn Fn(i64) -> i64) -> anyhow::Result<Positions> {
+        match self {
+            Input::Local(log) => {
+                // The first record the log holds, for the retention check.
+                let mut first_time = None;
+                let first_offset = crate::log::local::read_batches(log, 0, |_, records| {
+                    first_time = Delimited::new(records)
+                        .find_map(|r| r.ok().and_then(|b| StreamDataView::parse(b).ok()))
+                        .map(|v| v.timestamp_ms);
+                    false
                 })?;
-                Ok("rollup".to_owned())
+                check_range(first_offset, first_time.map(whole), since_ms).map_err(anyhow::Error::msg)?;
+                Ok(Positions::from([(0, 0)]))
+            }
+            Input::Kafka(reader) => {
+                let marks = reader.watermarks()?;
+                let trimmed: Positions = marks
+                    .iter()
+                    .filter(|(_, (low, high))| *low > 0 && low < high)
+                    .map(|(p, (low, _))| (*p, *low))
+                    .collect();
+                let firsts = reader.first_records(&trimmed)?;
+                let held: Vec<HeldFrom> = marks
+                    .iter()
+                    .map(|(p, (low, _))| HeldFrom {
+                        partition: *p,
+                        offset: *low,
+                        first_time_ms: firsts
+                            .get(p)
+                            .and_then(|b| StreamDataView::parse(b).ok())
+                            .map(|v| whole(v.timestamp_ms)),
+                    })
+                    .collect();
+                check_topic_range(reader.topic(), &held, since_ms).map_err(anyhow::Error::msg)?;
+                let from = since_ms.saturating_sub(CLOCK_SKEW_MS);
+                if from <= 0 {
+                    return Ok(marks.iter().map(|(p, (low, _))| (*p, *low)).collect());
+                }
+                Ok(reader.offsets_for_time(from)?)
             }
         }
+    }
+
+    /// The end of every partition as it is now (the local log: wherever it ends when read).
+    fn end(&self) -> anyhow::Result<Positions> {
+        match self {
+            Input::Local(_) => Ok(Positions::from([(0, i64::MAX)])),
+            Input::Kafka(reader) => Ok(reader.watermarks()?.into_iter().map(|(p, (_, high))| (p, high)).collect()),
+        }
+    }
+
+    /// The name the store keeps the live position of this hand-off under.
+    fn position_topic(&self) -> &str {
+        match self {
+            Input::Local(_) => crate::log::local::POSITION_TOPIC,
+            Input::Kafka(reader) => reader.topic(),
+        }
+    }
+
+    /// Reads every partition `p` of `to` from `from[p]` up to `to[p]` (exclusive), handing batches
+    /// of records to `each` and moving `from` past each batch taken. False when `stop` was set.
+    fn pass(
+        &self,
+        from: &mut Positions,
+        to: &Positions,
+        stop: &AtomicBool,
+        each: &mut dyn FnMut(&[&[u8]]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<bool> {
+        let log = match self {
+            Input::Kafka(reader) => return reader.read(from, to, BATCH_RECORDS, stop, each),
+            Input::Local(log) => log,
+        };
+        let (Some(&start), Some(&end)) = (from.get(&0), to.get(&0)) else { return Ok(true) };
+        if start >= end {
+            return Ok(true);
+        }
+        let (mut next, mut failure, mut stopped) = (start, None, false);
+        crate::log::local::read_batches(log, start, |base, records| {
+            if stop.load(Ordering::Relaxed) {
+                stopped = true;
+                return false;
+            }
+            let mut batch = Vec::new();
+            let mut after = next;
+            for (i, item) in Delimited::new(records).enumerate() {
+                let offset = base + i as i64;
+                if offset < start {
+                    continue;
+                }
+                if offset >= end {
+                    break;
+                }
+                after = offset + 1;
+                if let Ok(bytes) = item {
+                    batch.push(bytes);
+                }
+            }
+            if let Err(e) = each(&batch) {
+                failure = Some(e);
+                return false;
+            }
+            next = after;
+            next < end
+        })?;
+        from.insert(0, next);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(!stopped),
+        }
+    }
+}
+
+/// Where the replay's rows go.
+enum Target {
+    /// The embedded store at `path`: into `replay_<into>`, or into `rollup` when `None`.
+    Store { path: PathBuf, into: Option<String> },
+    /// A Druid replay topic (`druid.topic`), written by a transactional producer of this id.
+    Topic { druid: Box<DruidSinkConfig>, transactional_id: String },
+}
+
+/// The reading side of a replay: the hand-off, what each batch goes through, and the stop flag.
+struct Reading {
+    input: Input,
+    replayer: Replayer,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reading {
+    /// The records from `from` up to `to` through the chains, each batch's rows handed to `out`.
+    ///
+    /// # Errors
+    /// What reading, a chain or `out` failed with; a stop.
+    fn pass(
+        &mut self,
+        from: &mut Positions,
+        to: &Positions,
+        out: &mut dyn FnMut(Vec<OwnedRow>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let replayer = &mut self.replayer;
+        let finished = self.input.pass(from, to, &self.stop, &mut |records| {
+            let rows = replayer.rows(records)?;
+            let n = rows.len() as u64;
+            out(rows)?;
+            replayer.progress.rows.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        })?;
+        if !finished {
+            bail!("the replay was stopped");
+        }
+        Ok(())
+    }
+}
+
+/// A replay, ready to run on a blocking thread.
+struct Job {
+    reading: Reading,
+    target: Target,
+    /// The Kafka settings and brokers (for the Druid replay topic's producer).
+    kafka: (crate::log::kafka::KafkaConfig, String),
+    /// A time rounded up to the start of the range's next whole bucket (unless it starts one).
+    whole: Box<dyn Fn(i64) -> i64 + Send>,
+}
+
+impl Job {
+    fn run(self) -> anyhow::Result<ReplaySummary> {
+        let Job { mut reading, target, kafka: (kafka, brokers), whole } = self;
+        let range = reading.replayer.range;
+        let start = reading.input.start(range.0, &*whole)?;
+        let (written, buckets) = match target {
+            Target::Store { path, into } => {
+                let written = into_store(&mut reading, &path, into.as_deref(), start)?;
+                let buckets = buckets_in(&path, &written, range)?;
+                (Written::Table(written), buckets)
+            }
+            Target::Topic { druid, transactional_id } => {
+                let mut sink = DruidSink::new(&kafka, &brokers, &druid, &transactional_id, Duration::from_secs(30))?;
+                let (mut next, end) = (start, reading.input.end()?);
+                reading.pass(&mut next, &end, &mut |rows| Ok(sink.commit_rows(&as_rows(&rows))?))?;
+                (Written::Topic(druid.topic), 0)
+            }
+        };
+        let p = &reading.replayer.progress;
+        Ok(ReplaySummary {
+            written,
+            read: p.read.load(Ordering::Relaxed),
+            in_range: p.in_range.load(Ordering::Relaxed),
+            rows: p.rows.load(Ordering::Relaxed),
+            refused: p.refused.load(Ordering::Relaxed),
+            buckets,
+            range,
+        })
+    }
+}
+
+/// Into the store at `path`: into `replay_<into>` from `start` to the hand-off's end as the replay
+/// starts; or, without `into`, into a staging table caught up with the live position and swapped
+/// into `rollup`. Returns the table written; on failure the staging table is dropped.
+fn into_store(
+    reading: &mut Reading,
+    path: &std::path::Path,
+    into: Option<&str>,
+    start: Positions,
+) -> anyhow::Result<String> {
+    let range = reading.replayer.range;
+    let staging = into.map_or_else(|| format!("staging_{}", std::process::id()), str::to_owned);
+    let mut store = EmbeddedStore::open_replay(path, Duration::from_secs(60), &staging)?;
+    let table = format!("{REPLAY_PREFIX}{staging}");
+    let outcome = (|| -> anyhow::Result<String> {
+        let mut next = start;
+        if into.is_some() {
+            let end = reading.input.end()?;
+            reading.pass(&mut next, &end, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+            return Ok(table.clone());
+        }
+        // Catch up with the live position, then swap under the store's write lock with the last
+        // stretch read inside it.
+        let topic = reading.input.position_topic().to_owned();
+        loop {
+            let target = store.live_positions(&topic)?;
+            // A partition the live role reads but the replay did not know of is read from its start.
+            for p in target.keys() {
+                next.entry(*p).or_insert(0);
+            }
+            let behind: i64 = target.iter().map(|(p, to)| (to - next.get(p).copied().unwrap_or(*to)).max(0)).sum();
+            if behind < SWAP_BEHIND {
+                break;
+            }
+            reading.pass(&mut next, &target, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+        }
+        store.swap_into_rollup(&table, range, &topic, |positions| {
+            let mut tail = Vec::new();
+            for p in positions.keys() {
+                next.entry(*p).or_insert(0);
+            }
+            reading.pass(&mut next, positions, &mut |rows| {
+                tail.extend(rows);
+                Ok(())
+            })?;
+            Ok::<_, anyhow::Error>(tail)
+        })?;
+        Ok("rollup".to_owned())
     })();
     drop(store);
-    let written = match outcome {
-        Ok(written) => written,
-        Err(e) => {
-            let _ = EmbeddedStore::drop_replay(store_path, &staging);
-            return Err(e);
-        }
-    };
-    let buckets = buckets_in(store_path, &written, since, until)?;
-    Ok(ReplaySummary {
-        table: written,
-        read: progress.read.load(Ordering::Relaxed),
-        in_range: progress.in_range.load(Ordering::Relaxed),
-        rows: progress.rows.load(Ordering::Relaxed),
-        refused: progress.refused.load(Ordering::Relaxed),
-        buckets,
+    outcome.inspect_err(|_| {
+        let _ = EmbeddedStore::drop_replay(path, &staging);
     })
 }
 
@@ -165,106 +447,74 @@ fn as_rows(rows: &[OwnedRow]) -> Vec<Row<'_>> {
 }
 
 /// Buckets of `table` in the replayed range.
-fn buckets_in(store: &std::path::Path, table: &str, since: i64, until: Option<i64>) -> anyhow::Result<u64> {
+fn buckets_in(store: &std::path::Path, table: &str, range: (i64, Option<i64>)) -> anyhow::Result<u64> {
     let conn = rusqlite::Connection::open_with_flags(store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let n: i64 = conn.query_row(
         &format!("SELECT count(*) FROM {table} WHERE bucket_ms >= ?1 AND bucket_ms < ?2"),
-        [since, until.unwrap_or(i64::MAX)],
+        [range.0, range.1.unwrap_or(i64::MAX)],
         |r| r.get(0),
     )?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
-/// What a replay pass carries from batch to batch.
-struct Replayer<'a> {
-    chains: &'a mut HashMap<u32, Vec<Transformer>>,
-    sources: &'a HashMap<u32, Arc<str>>,
-    symbols: &'a Symbols,
-    progress: &'a ReplayProgress,
+/// What each batch of records read goes through, whatever it was read from: the range's records,
+/// per source, through the source's chain, and the rows with their names.
+struct Replayer {
+    chains: HashMap<u32, Vec<Transformer>>,
+    sources: HashMap<u32, Arc<str>>,
+    symbols: Arc<Symbols>,
+    progress: Arc<ReplayProgress>,
+    /// Symbol names by id, so the dictionary is asked once per symbol.
     names: HashMap<u32, Arc<str>>,
-    in_range: Box<dyn Fn(i64) -> bool>,
+    /// Trade times replayed: from the first, up to the last (exclusive; `None`: no end).
+    range: (i64, Option<i64>),
+    /// Per-source input buffers, reused.
+    by_source: BTreeMap<u32, Vec<u8>>,
 }
 
-impl Replayer<'_> {
-    /// The log's records from offset `from` up to `to` (exclusive; `None`: the end) through the
-    /// chains, each log batch's rows handed to `out`. Returns the next offset not read.
-    fn pass(
-        &mut self,
-        log: &std::path::Path,
-        from: i64,
-        to: Option<i64>,
-        stop: &AtomicBool,
-        out: &mut dyn FnMut(Vec<OwnedRow>) -> anyhow::Result<()>,
-    ) -> anyhow::Result<i64> {
-        let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-        let mut next = from;
-        let mut failure: Option<anyhow::Error> = None;
-        crate::log::local::read_batches(log, from, |base, records| {
-            if stop.load(Ordering::Relaxed) {
-                failure = Some(anyhow::anyhow!("the replay was stopped"));
-                return false;
-            }
-            for buf in by_source.values_mut() {
-                buf.clear();
-            }
-            let mut read = 0;
-            for (i, item) in Delimited::new(records).enumerate() {
-                let offset = base + i as i64;
-                if offset < from {
-                    continue;
-                }
-                if to.is_some_and(|to| offset >= to) {
-                    break;
-                }
-                next = offset + 1;
-                read += 1;
-                let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
-                if (self.in_range)(view.timestamp_ms) {
-                    self.progress.in_range.fetch_add(1, Ordering::Relaxed);
-                    push_delimited(by_source.entry(view.source_id).or_default(), view.as_bytes());
-                }
-            }
-            self.progress.read.fetch_add(read, Ordering::Relaxed);
-            let rows =
-                replay_batch(&by_source, self.chains, self.sources, self.symbols, &mut self.names, self.progress).map(
-                    |rows| {
-                        rows.into_iter()
-                            .map(|(source, symbol, v)| OwnedRow {
-                                timestamp_ms: v.timestamp_ms,
-                                source,
-                                symbol,
-                                is_buy: v.is_buy,
-                                price_e8: v.price_e8,
-                                volume_e8: v.volume_e8,
-                            })
-                            .collect::<Vec<_>>()
-                    },
-                );
-            match rows.and_then(|rows| {
-                let n = rows.len() as u64;
-                out(rows).map(|()| n)
-            }) {
-                Ok(n) => {
-                    self.progress.rows.fetch_add(n, Ordering::Relaxed);
-                    to.is_none_or(|to| next < to)
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
-        })?;
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(next),
+impl Replayer {
+    /// The rows of one batch of records (those in the range, through their source's chain).
+    fn rows(&mut self, records: &[&[u8]]) -> anyhow::Result<Vec<OwnedRow>> {
+        for buf in self.by_source.values_mut() {
+            buf.clear();
         }
+        let (since, until) = self.range;
+        let mut in_range = 0;
+        for bytes in records {
+            let Ok(view) = StreamDataView::parse(bytes) else { continue };
+            if view.timestamp_ms >= since && until.is_none_or(|u| view.timestamp_ms < u) {
+                in_range += 1;
+                push_delimited(self.by_source.entry(view.source_id).or_default(), view.as_bytes());
+            }
+        }
+        self.progress.read.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.progress.in_range.fetch_add(in_range, Ordering::Relaxed);
+        let named = replay_batch(
+            &self.by_source,
+            &mut self.chains,
+            &self.sources,
+            &self.symbols,
+            &mut self.names,
+            &self.progress,
+        )?;
+        Ok(named
+            .into_iter()
+            .map(|(source, symbol, v)| OwnedRow {
+                timestamp_ms: v.timestamp_ms,
+                source,
+                symbol,
+                is_buy: v.is_buy,
+                price_e8: v.price_e8,
+                volume_e8: v.volume_e8,
+            })
+            .collect())
     }
 }
 
 /// A record with its source's and its symbol's names.
 type NamedRecord = (Arc<str>, Arc<str>, plugin_sdk::Record);
 
-/// One log batch's in-range records, per source, through its chain; the rows with their names.
+/// One batch's in-range records, per source, through its chain; the rows with their names.
 fn replay_batch(
     by_source: &BTreeMap<u32, Vec<u8>>,
     chains: &mut HashMap<u32, Vec<Transformer>>,

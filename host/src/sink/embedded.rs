@@ -95,6 +95,15 @@ impl OwnedRow {
 /// The next offset to read, per topic partition.
 pub type Offsets = Vec<(String, i32, i64)>;
 
+pub use crate::log::Positions;
+
+/// The committed positions of `topic`'s partitions.
+fn positions_of(conn: &Connection, topic: &str) -> Result<Positions, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT partition, next_offset FROM consumer_offsets WHERE topic = ?1")?;
+    let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The store.
 pub struct EmbeddedStore {
     conn: Connection,
@@ -223,52 +232,45 @@ impl EmbeddedStore {
 
     /// Replaces the `rollup` buckets from `since_ms` (inclusive) to `until_ms` (exclusive, `None`:
     /// all later ones) with those of this replay's table, in one transaction that holds the store's
-    /// write lock, so the live role commits nothing in between: `tail(position)` is given the live
-    /// position (the next log offset the live rows do not cover yet) and returns the rows of the
-    /// records between what the replay has read and that position, which are rolled up with the
-    /// rest first. Every record then counts once: below the position through the replay, from it on
-    /// through the live role. The replay table is dropped with the swap.
+    /// write lock, so the live role commits nothing in between: `tail(positions)` is given the live
+    /// position of every partition of `topic` the live rows cover (the next offset they do not
+    /// cover yet; a partition absent has no live rows) and returns the rows of the records between
+    /// what the replay has read and those positions, which are rolled up with the rest first. Every
+    /// record then counts once: below its partition's position through the replay, from it on
+    /// through the live role. The replay table is dropped with the swap. Returns the positions.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`], or `tail`'s error; nothing changes then.
     pub fn swap_into_rollup<E: From<StoreError>>(
         &mut self,
         table: &str,
-        since_ms: i64,
-        until_ms: Option<i64>,
-        tail: impl FnOnce(i64) -> Result<Vec<OwnedRow>, E>,
-    ) -> Result<i64, E> {
+        range: (i64, Option<i64>),
+        topic: &str,
+        tail: impl FnOnce(&Positions) -> Result<Vec<OwnedRow>, E>,
+    ) -> Result<Positions, E> {
         let tx =
             self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let position: i64 = tx
-            .query_row(
-                "SELECT coalesce(max(next_offset), 0) FROM consumer_offsets WHERE topic = ?1",
-                [crate::log::local::POSITION_TOPIC],
-                |r| r.get(0),
-            )
-            .map_err(StoreError::from)?;
-        let rows = tail(position)?;
+        let positions = positions_of(&tx, topic)?;
+        let rows = tail(&positions)?;
         let rows: Vec<Row<'_>> = rows.iter().map(OwnedRow::as_row).collect();
         upsert_rows(&tx, &self.upsert, self.granularity_ms, &rows)?;
+        let (since_ms, until_ms) = range;
         let until = until_ms.unwrap_or(i64::MAX);
         tx.execute("DELETE FROM rollup WHERE bucket_ms >= ?1 AND bucket_ms < ?2", params![since_ms, until])
             .map_err(StoreError::from)?;
         tx.execute_batch(&format!("INSERT INTO rollup SELECT * FROM {table}; DROP TABLE {table};"))
             .map_err(StoreError::from)?;
         tx.commit().map_err(StoreError::from)?;
-        Ok(position)
+        Ok(positions)
     }
 
-    /// The live position: the next local-log offset the committed rows do not cover.
+    /// The live position of every partition of `topic` the committed rows cover: the next offset
+    /// they do not cover yet.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn live_position(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT coalesce(max(next_offset), 0) FROM consumer_offsets WHERE topic = ?1",
-            [crate::log::local::POSITION_TOPIC],
-            |r| r.get(0),
-        )?)
+    pub fn live_positions(&self, topic: &str) -> Result<Positions, StoreError> {
+        positions_of(&self.conn, topic)
     }
 
     /// Drops the replay table `replay_<name>`; false when there was none.

@@ -1,5 +1,6 @@
 //! What a replay is asked for, how far it got and how it ended: plain values shared by the replay
-//! (in [`crate::pipeline::replay`]), the command line and the API's replay jobs.
+//! (in [`crate::pipeline::replay`]), the command line and the API's replay jobs; and the check that
+//! the hand-off still holds the range.
 
 use std::sync::atomic::AtomicU64;
 
@@ -12,7 +13,8 @@ pub struct ReplaySpec {
     /// Trades at or after this time are left out; `None` replays to the log's end.
     pub until_ms: Option<i64>,
     /// Into `replay_<into>` (made anew) beside the live rows; `None` replaces the range's buckets of
-    /// `rollup` itself, exactly, while the live role goes on committing.
+    /// `rollup` itself, exactly, while the live role goes on committing. With the Druid sink, the
+    /// name of the topic the rows go to (`<topic>.replay.<into>`), which it needs.
     pub into: Option<String>,
 }
 
@@ -29,11 +31,29 @@ pub struct ReplayProgress {
     pub refused: AtomicU64,
 }
 
+/// Where a replay's rows went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// A table of the embedded store: `replay_<NAME>`, or `rollup`.
+    Table(String),
+    /// A Kafka topic (the Druid sink's replay topic, `<topic>.replay.<NAME>`).
+    Topic(String),
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Written::Table(table) => f.write_str(table),
+            Written::Topic(topic) => write!(f, "topic {topic}"),
+        }
+    }
+}
+
 /// How a replay ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplaySummary {
-    /// The table written: `replay_<NAME>`, or `rollup`.
-    pub table: String,
+    /// Where the rows went.
+    pub written: Written,
     /// Records read, in range, rolled up and refused.
     pub read: u64,
     /// Records in the range.
@@ -42,12 +62,16 @@ pub struct ReplaySummary {
     pub rows: u64,
     /// Records refused by a link.
     pub refused: u64,
-    /// Rollup buckets (bucket, source, symbol, side) of the range in the table.
+    /// Rollup buckets (bucket, source, symbol, side) of the range in the table (0 for a topic).
     pub buckets: u64,
+    /// The trade times replayed: from the first, to the last (exclusive; `None`: no end), after
+    /// widening the range asked for to whole buckets.
+    pub range: (i64, Option<i64>),
 }
 
 /// Why the range cannot be replayed: the log deleted records (its first offset is above 0) and the
-/// first one it still holds is later than `since_ms`.
+/// first one it still holds is later than `since_ms` (`first_time_ms`: its trade time, rounded up
+/// to a whole bucket of the replay, so that no bucket replayed misses records).
 ///
 /// # Errors
 /// A message naming the earliest replayable time.
@@ -61,9 +85,58 @@ pub fn check_range(first_offset: Option<i64>, first_time_ms: Option<i64>, since_
     }
 }
 
+/// One partition of a Kafka topic as the replay found it: the first offset it still holds, and the
+/// trade time of the record there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFrom {
+    /// The partition.
+    pub partition: i32,
+    /// Its low watermark: the first offset retention has not deleted.
+    pub offset: i64,
+    /// The earliest time a replay may start from given the record at that offset: its trade time,
+    /// rounded up to a whole bucket of the replay (`None` when the partition is empty).
+    pub first_time_ms: Option<i64>,
+}
+
+/// Why the range cannot be replayed from a Kafka topic: a partition's retention deleted records (its
+/// low watermark is above 0) and the first record it still holds is later than `since_ms`.
+///
+/// # Errors
+/// A message naming the topic, the partitions and the earliest replayable time (the latest of those
+/// partitions' first trade times).
+pub fn check_topic_range(topic: &str, partitions: &[HeldFrom], since_ms: i64) -> Result<(), String> {
+    let short: Vec<&HeldFrom> =
+        partitions.iter().filter(|p| p.offset > 0 && p.first_time_ms.is_some_and(|first| since_ms < first)).collect();
+    let Some(earliest) = short.iter().filter_map(|p| p.first_time_ms).max() else { return Ok(()) };
+    let deleted: Vec<String> =
+        short.iter().map(|p| format!("partition {} below offset {}", p.partition, p.offset)).collect();
+    Err(format!(
+        "the topic {topic} no longer holds trades from {since_ms} (ms since the epoch): its retention deleted \
+         records ({}); the earliest replayable time is {earliest} ({})",
+        deleted.join(", "),
+        crate::clock::rfc3339_ms(earliest)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_range;
+    use super::{HeldFrom, check_range, check_topic_range};
+
+    #[test]
+    fn a_range_a_topic_no_longer_holds_is_refused_with_the_earliest_time() {
+        let held = |partition, offset, first| HeldFrom { partition, offset, first_time_ms: first };
+        // Nothing deleted, or an empty partition: any start.
+        assert!(check_topic_range("t", &[held(0, 0, Some(5_000)), held(1, 0, None)], 0).is_ok());
+        assert!(check_topic_range("t", &[held(0, 7, None)], 0).is_ok());
+        // Partition 1 deleted records before trade time 2000, partition 2 before 3000.
+        let partitions = [held(0, 0, Some(1_000)), held(1, 40, Some(2_000)), held(2, 9, Some(3_000))];
+        assert!(check_topic_range("t", &partitions, 3_000).is_ok());
+        let err = check_topic_range("t", &partitions, 1_500).unwrap_err();
+        assert!(err.contains("the earliest replayable time is 3000 (1970-01-01T00:00:03.000Z)"), "{err}");
+        assert!(err.contains("partition 1 below offset 40, partition 2 below offset 9"), "{err}");
+        let err = check_topic_range("t", &partitions, 2_500).unwrap_err();
+        assert!(err.contains("is 3000") && !err.contains("partition 1"), "{err}");
+    }
 
     #[test]
     fn a_range_the_log_no_longer_holds_is_refused_with_the_earliest_time() {

@@ -3,6 +3,7 @@
 
 pub mod consumer;
 pub mod producer;
+pub mod range;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,6 +37,14 @@ pub enum KafkaError {
     /// A Kafka transaction failed (and was aborted, or the producer was fenced).
     #[error("kafka transaction: {0}")]
     Transaction(String),
+    /// A topic could not be read (its metadata, its offsets or its records).
+    #[error("reading {topic}: {reason}")]
+    Read {
+        /// The topic.
+        topic: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// `[kafka]`: where the broker is and how topics are written.
@@ -183,6 +192,26 @@ pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1");
     create_topics(config, brokers, &[topic], 1).await
+}
+
+/// Deletes `topic` (a replay's partial topic, say); one that does not exist is fine.
+///
+/// # Errors
+/// [`KafkaError::Config`] when the admin client cannot be created, [`KafkaError::Read`] with what
+/// the broker said when it refuses.
+pub async fn delete_topic(config: &KafkaConfig, brokers: &str, topic: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let refused =
+        |reason: String| KafkaError::Read { topic: topic.to_owned(), reason: format!("deleting it: {reason}") };
+    for result in admin.delete_topics(&[topic], &opts).await.map_err(|e| refused(e.to_string()))? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(refused(code.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// Creates `new`; a topic that already exists must have at least `partitions` partitions.

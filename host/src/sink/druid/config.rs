@@ -211,6 +211,73 @@ impl Granularity {
             Granularity::All => "ALL",
         }
     }
+
+    /// The start of the bucket holding `ms` (UTC, as Druid's uniform granularities bucket time:
+    /// weeks start on Monday, months, quarters and years on the calendar); `None` for `NONE` and
+    /// `ALL`, which have no bounded buckets.
+    pub fn floor_ms(self, ms: i64) -> Option<i64> {
+        Some(match self.buckets()? {
+            Buckets::Fixed(size) => ms.div_euclid(size) * size,
+            // 1970-01-01 was a Thursday: Mondays fall 3 days before a multiple of 7 days from it.
+            Buckets::Weeks => (ms + 3 * DAY_MS).div_euclid(7 * DAY_MS) * 7 * DAY_MS - 3 * DAY_MS,
+            Buckets::Months(n) => {
+                let (year, month, _) = crate::clock::civil_from_days(ms.div_euclid(DAY_MS));
+                crate::clock::days_from_civil(year, (month - 1) / n * n + 1, 1) * DAY_MS
+            }
+        })
+    }
+
+    /// `ms` when it starts a bucket, else the start of the bucket after the one holding it; `None`
+    /// for `NONE` and `ALL`.
+    pub fn ceil_ms(self, ms: i64) -> Option<i64> {
+        let start = self.floor_ms(ms)?;
+        if start == ms {
+            return Some(ms);
+        }
+        Some(match self.buckets()? {
+            Buckets::Fixed(size) => start + size,
+            Buckets::Weeks => start + 7 * DAY_MS,
+            Buckets::Months(n) => {
+                let (year, month, _) = crate::clock::civil_from_days(start.div_euclid(DAY_MS));
+                let next = month + n;
+                let (year, month) = if next > 12 { (year + 1, next - 12) } else { (year, next) };
+                crate::clock::days_from_civil(year, month, 1) * DAY_MS
+            }
+        })
+    }
+
+    fn buckets(self) -> Option<Buckets> {
+        const HOUR_MS: i64 = 3_600_000;
+        Some(match self {
+            Granularity::None | Granularity::All => return None,
+            Granularity::Second => Buckets::Fixed(1_000),
+            Granularity::Minute => Buckets::Fixed(60_000),
+            Granularity::FiveMinute => Buckets::Fixed(300_000),
+            Granularity::TenMinute => Buckets::Fixed(600_000),
+            Granularity::FifteenMinute => Buckets::Fixed(900_000),
+            Granularity::ThirtyMinute => Buckets::Fixed(1_800_000),
+            Granularity::Hour => Buckets::Fixed(HOUR_MS),
+            Granularity::SixHour => Buckets::Fixed(6 * HOUR_MS),
+            Granularity::EightHour => Buckets::Fixed(8 * HOUR_MS),
+            Granularity::Day => Buckets::Fixed(DAY_MS),
+            Granularity::Week => Buckets::Weeks,
+            Granularity::Month => Buckets::Months(1),
+            Granularity::Quarter => Buckets::Months(3),
+            Granularity::Year => Buckets::Months(12),
+        })
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// How a granularity cuts time.
+enum Buckets {
+    /// Buckets of this many milliseconds from the epoch.
+    Fixed(i64),
+    /// Weeks from Monday.
+    Weeks,
+    /// Calendar months in groups of this many from January.
+    Months(u32),
 }
 
 /// One rollup metric: `{ name = "qty_sum", kind = "doubleSum", field = "qty" }`.
@@ -400,6 +467,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("doubleAvg"), "{err}");
+    }
+
+    #[test]
+    fn buckets_start_where_druids_do() {
+        let ms = |s: &str| plugin_sdk::time::rfc3339_to_ms(s).unwrap();
+        let t = ms("2026-12-02T14:37:12.5Z"); // a Wednesday
+        let cases = [
+            (Granularity::Second, "2026-12-02T14:37:12Z", "2026-12-02T14:37:13Z"),
+            (Granularity::Minute, "2026-12-02T14:37:00Z", "2026-12-02T14:38:00Z"),
+            (Granularity::FifteenMinute, "2026-12-02T14:30:00Z", "2026-12-02T14:45:00Z"),
+            (Granularity::Hour, "2026-12-02T14:00:00Z", "2026-12-02T15:00:00Z"),
+            (Granularity::SixHour, "2026-12-02T12:00:00Z", "2026-12-02T18:00:00Z"),
+            (Granularity::EightHour, "2026-12-02T08:00:00Z", "2026-12-02T16:00:00Z"),
+            (Granularity::Day, "2026-12-02T00:00:00Z", "2026-12-03T00:00:00Z"),
+            (Granularity::Week, "2026-11-30T00:00:00Z", "2026-12-07T00:00:00Z"),
+            (Granularity::Month, "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+            (Granularity::Quarter, "2026-10-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+            (Granularity::Year, "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+        ];
+        for (g, floor, ceil) in cases {
+            assert_eq!(g.floor_ms(t), Some(ms(floor)), "{g:?}");
+            assert_eq!(g.ceil_ms(t), Some(ms(ceil)), "{g:?}");
+            // A bucket's start is its own floor and ceiling.
+            assert_eq!((g.floor_ms(ms(floor)), g.ceil_ms(ms(floor))), (Some(ms(floor)), Some(ms(floor))), "{g:?}");
+        }
+        assert_eq!(Granularity::Week.floor_ms(0), Some(ms("1969-12-29T00:00:00Z")));
+        assert_eq!(Granularity::Quarter.ceil_ms(ms("2027-02-28T23:00:00Z")), Some(ms("2027-04-01T00:00:00Z")));
+        assert_eq!(Granularity::Hour.floor_ms(-1), Some(-3_600_000));
+        assert_eq!((Granularity::None.floor_ms(t), Granularity::All.ceil_ms(t)), (None, None));
     }
 
     #[test]

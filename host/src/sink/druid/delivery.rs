@@ -159,6 +159,26 @@ impl DruidSink {
         Ok(())
     }
 
+    /// Produces `rows` to the topic in one transaction of their own, with no consumer offsets: a
+    /// replay's rows, whose records the live group has consumed already. Nothing of a failed call is
+    /// visible to `read_committed` readers.
+    ///
+    /// # Errors
+    /// [`KafkaError::Transaction`]; the transaction is aborted.
+    pub fn commit_rows(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
+        let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
+        let result = self.producer.begin_transaction().map_err(|e| tx("begin", e)).and_then(|()| {
+            self.produce_all(rows)?;
+            self.producer.commit_transaction(self.timeout).map_err(|e| tx("commit", e))
+        });
+        if result.is_err()
+            && let Err(abort) = self.producer.abort_transaction(self.timeout)
+        {
+            tracing::warn!(error = %abort, "aborting the Druid transaction failed");
+        }
+        result
+    }
+
     fn transact(
         &mut self,
         rows: &[Row<'_>],

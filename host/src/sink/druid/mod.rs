@@ -14,7 +14,10 @@ pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
 pub use delivery::{DruidSink, transactional_id};
 pub use overlord::{BasicAuth, OverlordClient, OverlordError, SupervisorHealth, SupervisorStatus};
 pub use row::encode_row;
-pub use spec::{SpecError, SupervisorId, SupervisorSpec, supervisor_spec, validate};
+pub use spec::{
+    ReindexTask, SpecError, SupervisorId, SupervisorSpec, reindex_task, replay_datasource, replay_range,
+    replay_supervisor_spec, replay_topic, supervisor_spec, validate,
+};
 
 /// The protobuf message Druid decodes from the topic, by its full name.
 pub const SINK_ROW_MESSAGE: &str = "sluice.v1.SinkRow";
