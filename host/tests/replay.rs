@@ -745,11 +745,14 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
     sluice::log::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
-    // Partition p gets records "p:i" produced at times 10_000 + 1_000 * i, i = 0..10.
+    // Partition p gets records "p:i" produced at times base + 1_000 * i, i = 0..10. The base is
+    // recent: a broker deletes records older than its retention (a week by default) at any moment,
+    // and times from 1970 were deleted between the produce and the first read.
+    let base = sluice::clock::now_ms() - 600_000;
     for p in 0..2 {
         for i in 0..10i64 {
             let payload = format!("{p}:{i}");
-            let record = BaseRecord::<(), str>::to(&topic).partition(p).payload(&payload).timestamp(10_000 + 1_000 * i);
+            let record = BaseRecord::<(), str>::to(&topic).partition(p).payload(&payload).timestamp(base + 1_000 * i);
             producer.send(record).map_err(|(e, _)| e).unwrap();
         }
     }
@@ -760,10 +763,10 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
         let reader = RangeReader::new(&kafka, &bootstrap, &t).unwrap();
         assert_eq!(reader.partitions().unwrap(), [0, 1]);
         assert_eq!(reader.watermarks().unwrap(), BTreeMap::from([(0, (0, 10)), (1, (0, 10))]));
-        assert_eq!(reader.offsets_for_time(14_500).unwrap(), Positions::from([(0, 5), (1, 5)]));
-        assert_eq!(reader.offsets_for_time(14_000).unwrap(), Positions::from([(0, 4), (1, 4)]));
+        assert_eq!(reader.offsets_for_time(base + 4_500).unwrap(), Positions::from([(0, 5), (1, 5)]));
+        assert_eq!(reader.offsets_for_time(base + 4_000).unwrap(), Positions::from([(0, 4), (1, 4)]));
         assert_eq!(reader.offsets_for_time(0).unwrap(), Positions::from([(0, 0), (1, 0)]));
-        assert_eq!(reader.offsets_for_time(99_000).unwrap(), Positions::from([(0, 10), (1, 10)]));
+        assert_eq!(reader.offsets_for_time(base + 99_000).unwrap(), Positions::from([(0, 10), (1, 10)]));
         let first = reader.first_records(&Positions::from([(0, 3), (1, 9)])).unwrap();
         assert_eq!((first[&0].as_slice(), first[&1].as_slice()), (&b"0:3"[..], &b"1:9"[..]));
         // Partition 0 from 2 up to 6, partition 1 from 7 up to the end (past it: stops there);
