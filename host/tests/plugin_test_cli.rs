@@ -220,15 +220,11 @@ fn frac_ms(frac: &str) -> i64 {
     ms.parse().expect("three digits")
 }
 
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+/// Days from 1970-01-01 to a proleptic Gregorian date, by the host's calendar (not the SDK's, whose
+/// parsing is what these references check).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let part = |v: i64| u32::try_from(v).unwrap_or_else(|_| panic!("{y}-{m}-{d}"));
+    sluice::clock::days_from_civil(y, part(m), part(d))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` as milliseconds since the epoch, truncated. The fixtures are all
