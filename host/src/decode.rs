@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
 
+use crate::log::marks::{TRADE_WINDOW, TradeMark, WINDOW_WORDS};
 use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::Frame;
@@ -23,6 +24,9 @@ pub struct DecodeStats {
     pub gaps: std::sync::atomic::AtomicU64,
     /// Trade-id sequences started again: an id too far from the last one to be a gap or a replay.
     pub resets: std::sync::atomic::AtomicU64,
+    /// Trade ids the venue sent while sluice was down, found missing at each symbol's first new id
+    /// after a start (a late arrival, say in the venue's snapshot, takes it back off).
+    pub downtime_gaps: std::sync::atomic::AtomicU64,
     /// The same, per symbol id: symbols never become metric labels, so the API reads them here.
     /// Locked once per batch that changes a gap, never per record.
     pub gaps_by_symbol: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
@@ -37,12 +41,14 @@ impl DecodeStats {
             dropped: connection.dropped.load(Relaxed),
             reconnects: connection.reconnects.load(Relaxed),
             up: connection.state() == crate::source::State::Up,
+            finished: connection.state() == crate::source::State::Finished,
             last_message_us: connection.last_message_us.load(Relaxed),
             records: self.records.load(Relaxed),
             rejects: self.rejects.load(Relaxed),
             duplicates: self.duplicates.load(Relaxed),
             resets: self.resets.load(Relaxed),
             gaps: self.gaps.load(Relaxed),
+            downtime_gaps: self.downtime_gaps.load(Relaxed),
         }
     }
 }
@@ -55,9 +61,19 @@ pub enum Seen {
         /// How many consecutive ids are missing before this one.
         gap: u64,
     },
+    /// The first new id after a restart restored the symbol's ids from the log: `gap` ids were
+    /// sent by the venue while sluice was down (or its connection was not yet up).
+    Resumed {
+        /// How many consecutive ids are missing before this one.
+        gap: u64,
+    },
     /// Older than the newest id but not seen before: it arrived late (say, on the other
-    /// connection during a rotation) and fills a hole counted earlier.
-    Late,
+    /// connection during a rotation, or in a venue's snapshot after a restart) and fills a hole
+    /// counted earlier.
+    Late {
+        /// The hole was one a restart found ([`Seen::Resumed`]), not a venue's.
+        downtime: bool,
+    },
     /// Seen before: a duplicate.
     Duplicate,
     /// The venue sends no trade ids (0), so nothing can be said.
@@ -73,96 +89,123 @@ pub enum Seen {
 pub const RESET_DISTANCE: u64 = 1_000_000;
 
 /// How far back (in ids) late arrivals are recognised; older ones count as duplicates.
-const WINDOW: u64 = 4096;
+const WINDOW: u64 = TRADE_WINDOW;
 
 /// The ids seen recently for one symbol.
 #[derive(Clone, Debug)]
 struct Recent {
-    /// The newest id seen.
-    last: u64,
-    /// Bit `id % WINDOW` is set when `id` (within `WINDOW` of `last`) was seen.
-    seen: Box<[u64; (WINDOW / 64) as usize]>,
+    /// The newest id and the window below it: what the log keeps for this symbol.
+    mark: TradeMark,
+    /// Restored from the log at start, and no newer id seen since: the next new id's gap is the
+    /// downtime's.
+    restored: bool,
+    /// The ids (exclusive bounds) found missing at the first new id after a restore: a late arrival
+    /// within them fills a downtime hole.
+    downtime: Option<(u64, u64)>,
+    /// Changed since the last [`TradeIds::take_marks`].
+    dirty: bool,
 }
 
 impl Recent {
-    fn bit(id: u64) -> (usize, u64) {
-        let i = id % WINDOW;
-        ((i / 64) as usize, 1 << (i % 64))
-    }
-
-    fn mark(&mut self, id: u64) {
-        let (w, b) = Self::bit(id);
-        self.seen[w] |= b;
-    }
-
-    fn was_seen(&self, id: u64) -> bool {
-        let (w, b) = Self::bit(id);
-        self.seen[w] & b != 0
-    }
-
-    /// Moves `last` to `id`, forgetting the slots the window slides over.
-    fn advance(&mut self, id: u64) {
-        if id - self.last >= WINDOW {
-            self.seen.fill(0);
-        } else {
-            for skipped in self.last + 1..=id {
-                let (w, b) = Self::bit(skipped);
-                self.seen[w] &= !b;
-            }
-        }
-        self.last = id;
-        self.mark(id);
+    fn starting_at(source: u32, symbol: u32, id: u64) -> Self {
+        let mut mark = TradeMark { source, symbol, last: id, seen: Box::new([0; WINDOW_WORDS]) };
+        mark.add(id);
+        Recent { mark, restored: false, downtime: None, dirty: true }
     }
 }
 
 /// Recent trade ids per (source, symbol): drops duplicates and counts gaps, tolerating the
-/// reordering two overlapping connections cause.
+/// reordering two overlapping connections cause. Restored from the log at start
+/// ([`restore`](Self::restore)), it also recognises what an earlier run delivered.
 #[derive(Debug, Default)]
 pub struct TradeIds {
     recent: HashMap<(u32, u32), Recent>,
     /// Ids currently missing per (source, symbol), for the API (symbols never become metric labels).
     gaps: HashMap<(u32, u32), u64>,
+    /// Ids found missing at the first new id after a restart, per (source, symbol).
+    downtime: HashMap<(u32, u32), u64>,
+    /// Keys whose window changed since the last [`take_marks`](Self::take_marks).
+    dirty: Vec<(u32, u32)>,
 }
 
 impl TradeIds {
+    /// Starts from what the log kept: each symbol's newest id and window, so a restart recognises
+    /// what was delivered before it and counts what the venue sent meanwhile as downtime.
+    pub fn restore<'a>(&mut self, marks: impl IntoIterator<Item = &'a TradeMark>) {
+        for m in marks {
+            self.recent
+                .insert((m.source, m.symbol), Recent { mark: m.clone(), restored: true, downtime: None, dirty: false });
+        }
+    }
+
     /// Records `trade_id` for the symbol and says whether it is new, late, a duplicate or untracked.
     pub fn observe(&mut self, source: u32, symbol: u32, trade_id: u64) -> Seen {
         if trade_id == 0 {
             return Seen::Untracked;
         }
-        let Some(r) = self.recent.get_mut(&(source, symbol)) else {
-            let mut r = Recent { last: trade_id, seen: Box::new([0; (WINDOW / 64) as usize]) };
-            r.mark(trade_id);
-            self.recent.insert((source, symbol), r);
+        let key = (source, symbol);
+        let Some(r) = self.recent.get_mut(&key) else {
+            self.recent.insert(key, Recent::starting_at(source, symbol, trade_id));
+            self.dirty.push(key);
             return Seen::New { gap: 0 };
         };
-        if trade_id.abs_diff(r.last) > RESET_DISTANCE {
-            *r = Recent { last: trade_id, seen: Box::new([0; (WINDOW / 64) as usize]) };
-            r.mark(trade_id);
+        if !std::mem::replace(&mut r.dirty, true) {
+            self.dirty.push(key);
+        }
+        let last = r.mark.last;
+        if trade_id.abs_diff(last) > RESET_DISTANCE {
+            *r = Recent::starting_at(source, symbol, trade_id);
             return Seen::Reset;
         }
-        if trade_id > r.last {
-            let gap = trade_id - r.last - 1;
-            r.advance(trade_id);
+        if trade_id > last {
+            let gap = trade_id - last - 1;
+            r.mark.add(trade_id);
+            if std::mem::take(&mut r.restored) {
+                if gap > 0 {
+                    r.downtime = Some((last, trade_id));
+                    let g = self.downtime.entry(key).or_insert(0);
+                    *g = g.saturating_add(gap);
+                }
+                return Seen::Resumed { gap };
+            }
             if gap > 0 {
-                let g = self.gaps.entry((source, symbol)).or_insert(0);
+                let g = self.gaps.entry(key).or_insert(0);
                 *g = g.saturating_add(gap);
             }
             return Seen::New { gap };
         }
-        if r.last - trade_id >= WINDOW || r.was_seen(trade_id) {
+        if last - trade_id >= WINDOW || r.mark.was_seen(trade_id) {
             return Seen::Duplicate;
         }
-        r.mark(trade_id);
-        if let Some(g) = self.gaps.get_mut(&(source, symbol)) {
+        r.mark.add(trade_id);
+        let downtime = r.downtime.is_some_and(|(after, before)| after < trade_id && trade_id < before);
+        let holes = if downtime { &mut self.downtime } else { &mut self.gaps };
+        if let Some(g) = holes.get_mut(&key) {
             *g = g.saturating_sub(1);
         }
-        Seen::Late
+        Seen::Late { downtime }
     }
 
     /// Trade ids currently missing for a source's symbol.
     pub fn gaps(&self, source: u32, symbol: u32) -> u64 {
         self.gaps.get(&(source, symbol)).copied().unwrap_or(0)
+    }
+
+    /// Trade ids a restart found missing for a source's symbol (sent while sluice was down), less
+    /// those that arrived late since.
+    pub fn downtime_gaps(&self, source: u32, symbol: u32) -> u64 {
+        self.downtime.get(&(source, symbol)).copied().unwrap_or(0)
+    }
+
+    /// Appends the windows changed since the last call to `out`: what the log keeps with the batch
+    /// that changed them. One copy per symbol changed, never per record.
+    pub fn take_marks(&mut self, out: &mut Vec<TradeMark>) {
+        for key in self.dirty.drain(..) {
+            if let Some(r) = self.recent.get_mut(&key) {
+                r.dirty = false;
+                out.push(r.mark.clone());
+            }
+        }
     }
 }
 
@@ -192,6 +235,10 @@ pub struct SourceCounts {
     pub late: u64,
     /// Trade-id sequences started again ([`Seen::Reset`]).
     pub resets: u64,
+    /// Trade ids found missing at a symbol's first new id after a start ([`Seen::Resumed`]).
+    pub downtime_gaps: u64,
+    /// Late records that filled one of those (take them off).
+    pub downtime_late: u64,
 }
 
 /// The result of decoding a batch of frames.
@@ -229,6 +276,8 @@ impl DecodedBatch {
             gaps: a.gaps + c.gaps,
             late: a.late + c.late,
             resets: a.resets + c.resets,
+            downtime_gaps: a.downtime_gaps + c.downtime_gaps,
+            downtime_late: a.downtime_late + c.downtime_late,
         })
     }
 }
@@ -297,6 +346,17 @@ impl Decoder {
         &self.ids
     }
 
+    /// Starts the trade-id tracker from what the log kept (see [`TradeIds::restore`]).
+    pub fn restore<'a>(&mut self, marks: impl IntoIterator<Item = &'a TradeMark>) {
+        self.ids.restore(marks);
+    }
+
+    /// The trade-id windows changed since the last call, for the log to keep with the records that
+    /// changed them.
+    pub fn take_marks(&mut self, out: &mut Vec<TradeMark>) {
+        self.ids.take_marks(out);
+    }
+
     /// Decodes `frames` in one plugin call.
     ///
     /// # Errors
@@ -353,7 +413,7 @@ impl Decoder {
                 if seen == Seen::Untracked && frame.overlap && self.overlaps.seen(&record) {
                     seen = Seen::Duplicate;
                 }
-                if matches!(seen, Seen::New { gap: 1.. } | Seen::Late) {
+                if matches!(seen, Seen::New { gap: 1.. } | Seen::Resumed { gap: 1.. } | Seen::Late { .. }) {
                     let key = (record.source_id, record.symbol_id);
                     if !out.gap_changes.contains(&key) {
                         out.gap_changes.push(key);
@@ -364,7 +424,9 @@ impl Decoder {
                     Seen::Duplicate => counts.duplicates += 1,
                     Seen::New { gap } => counts.gaps = counts.gaps.saturating_add(gap),
                     Seen::Reset => counts.resets += 1,
-                    Seen::Late => counts.late += 1,
+                    Seen::Resumed { gap } => counts.downtime_gaps = counts.downtime_gaps.saturating_add(gap),
+                    Seen::Late { downtime: false } => counts.late += 1,
+                    Seen::Late { downtime: true } => counts.downtime_late += 1,
                     Seen::Untracked => {}
                 }
                 if seen != Seen::Duplicate {
@@ -413,22 +475,59 @@ mod tests {
         ids.observe(1, 1, 100);
         // The new connection delivers 103 before the old one's 101 and 102 are read.
         assert_eq!(ids.observe(1, 1, 103), Seen::New { gap: 2 });
-        assert_eq!(ids.observe(1, 1, 101), Seen::Late);
-        assert_eq!(ids.observe(1, 1, 102), Seen::Late);
+        assert_eq!(ids.observe(1, 1, 101), Seen::Late { downtime: false });
+        assert_eq!(ids.observe(1, 1, 102), Seen::Late { downtime: false });
         assert_eq!(ids.observe(1, 1, 102), Seen::Duplicate);
         assert_eq!(ids.observe(1, 1, 103), Seen::Duplicate);
         assert_eq!(ids.gaps(1, 1), 0);
         // Far beyond the window: what falls out of it counts as seen.
         assert_eq!(ids.observe(1, 1, 103 + 2 * WINDOW), Seen::New { gap: 2 * WINDOW - 1 });
         assert_eq!(ids.observe(1, 1, 104), Seen::Duplicate);
-        assert_eq!(ids.observe(1, 1, 103 + 2 * WINDOW - 5), Seen::Late);
+        assert_eq!(ids.observe(1, 1, 103 + 2 * WINDOW - 5), Seen::Late { downtime: false });
         // Slots reused after the window slides are cleared, not stale.
         let mut ids = TradeIds::default();
         for id in 1..=10 * WINDOW {
             assert_eq!(ids.observe(2, 2, id), Seen::New { gap: 0 });
         }
         assert_eq!(ids.observe(2, 2, 10 * WINDOW + 2), Seen::New { gap: 1 });
-        assert_eq!(ids.observe(2, 2, 10 * WINDOW + 1), Seen::Late);
+        assert_eq!(ids.observe(2, 2, 10 * WINDOW + 1), Seen::Late { downtime: false });
+    }
+
+    #[test]
+    fn a_restored_window_drops_what_was_delivered_and_counts_the_downtime() {
+        // A run delivers 1..=100 of symbol 7 with 50 missing, and keeps its marks.
+        let mut before = TradeIds::default();
+        for id in (1..=100).filter(|id| *id != 50) {
+            before.observe(1, 7, id);
+        }
+        let mut marks = Vec::new();
+        before.take_marks(&mut marks);
+        assert_eq!(marks.len(), 1);
+        before.take_marks(&mut marks);
+        assert_eq!(marks.len(), 1, "nothing changed since: no mark");
+        // The next run starts from them. The venue's snapshot repeats 91..=100 newest first, then
+        // trades resume at 106: 101..=105 were sent while sluice was down.
+        let mut after = TradeIds::default();
+        after.restore(&marks);
+        for id in (91..=100).rev() {
+            assert_eq!(after.observe(1, 7, id), Seen::Duplicate, "id {id}");
+        }
+        assert_eq!(after.observe(1, 7, 106), Seen::Resumed { gap: 5 });
+        assert_eq!((after.gaps(1, 7), after.downtime_gaps(1, 7)), (0, 5));
+        // A snapshot older than the resumed trade fills downtime holes, not venue gaps.
+        assert_eq!(after.observe(1, 7, 104), Seen::Late { downtime: true });
+        assert_eq!(after.downtime_gaps(1, 7), 4);
+        // The hole the earlier run found is the venue's: filling it is not downtime.
+        assert_eq!(after.observe(1, 7, 50), Seen::Late { downtime: false });
+        assert_eq!(after.observe(1, 7, 107), Seen::New { gap: 0 });
+        assert_eq!(after.observe(1, 7, 109), Seen::New { gap: 1 });
+        assert_eq!(after.gaps(1, 7), 1);
+        // Another symbol has no mark: it starts afresh, counting nothing.
+        assert_eq!(after.observe(1, 8, 5_000), Seen::New { gap: 0 });
+        let mut changed = Vec::new();
+        after.take_marks(&mut changed);
+        let keys: Vec<(u32, u32, u64)> = changed.iter().map(|m| (m.source, m.symbol, m.last)).collect();
+        assert_eq!(keys, [(1, 7, 109), (1, 8, 5_000)]);
     }
 
     #[test]

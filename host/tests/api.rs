@@ -435,8 +435,14 @@ impl PluginServer {
         self.next_trade += 1;
         let text =
             format!(r#"{{"e":"trade","E":1,"s":"BTCUSDT","t":{},"p":"1.5","q":"2","T":1,"m":false}}"#, self.next_trade);
-        let frame =
-            sluice::source::Frame { source: 1, received_at_us: 1, bytes: text.into(), oversized: None, overlap: false };
+        let frame = sluice::source::Frame {
+            source: 1,
+            received_at_us: 1,
+            bytes: text.into(),
+            oversized: None,
+            overlap: false,
+            file_offset: 0,
+        };
         self.worker.decode(&[frame]).unwrap().records.len()
     }
 }

@@ -19,7 +19,14 @@ fn aggtrade(symbol: &str, id: u64) -> String {
 }
 
 fn frame(source: u32, at: i64, text: &str) -> Frame {
-    Frame { source, received_at_us: at, bytes: Bytes::from(text.to_owned()), oversized: None, overlap: false }
+    Frame {
+        source,
+        received_at_us: at,
+        bytes: Bytes::from(text.to_owned()),
+        oversized: None,
+        overlap: false,
+        file_offset: 0,
+    }
 }
 
 #[test]

@@ -59,6 +59,8 @@ struct SourceView<'a> {
     rejects: u64,
     duplicates: u64,
     gaps: u64,
+    /// Trade ids the venue sent while sluice was down (found at the first trade after a start).
+    downtime_gaps: u64,
     dropped_frames: u64,
     /// Milliseconds since the last message, `null` before the first.
     last_message_age_ms: Option<u64>,
@@ -86,6 +88,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     Connection::Up => "up",
                     Connection::Backoff => "backoff",
                     Connection::Stopped => "stopped",
+                    Connection::Finished => "finished",
                 },
                 plugin: &e.plugin,
                 plugin_version: e
@@ -107,6 +110,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                 rejects: e.decode.rejects.load(Relaxed),
                 duplicates: e.decode.duplicates.load(Relaxed),
                 gaps: e.decode.gaps.load(Relaxed),
+                downtime_gaps: e.decode.downtime_gaps.load(Relaxed),
                 dropped_frames: e.stats.dropped.load(Relaxed),
                 last_message_age_ms: (last > 0).then(|| u64::try_from((now_us - last).max(0) / 1000).unwrap_or(0)),
             }

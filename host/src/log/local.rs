@@ -16,6 +16,9 @@
 //!   store has committed past them. Only when the log reaches `max_bytes` are uncommitted rows deleted,
 //!   oldest first; their records are counted as dropped and logged at ERROR.
 //! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`).
+//! - **Marks** (see [`marks`](super::marks)): each source's recent trade ids per symbol
+//!   (`trade_marks`) and each file source's position (`file_marks`), written in the transaction of
+//!   the batch that moved them, so after any crash they describe exactly what the log holds.
 //!
 //! `synchronous = NORMAL` (the default) keeps every committed row through a crash of the process
 //! (`kill -9`); a power cut can lose the last commits. `synchronous = "full"` syncs every commit.
@@ -29,7 +32,8 @@ use std::time::{Duration, Instant};
 use plugin_sdk::wire::Delimited;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{LogConfig, LogError, PartitionStatus, Stage};
+use super::marks::{FileIdentity, FileMark, Marks, TradeMark};
+use super::{Handover, LogConfig, LogError, PartitionStatus, Stage};
 use crate::log::kafka::consumer::{PollOutcome, Polled};
 use crate::log::kafka::producer::ProducerStats;
 
@@ -60,6 +64,20 @@ CREATE TABLE IF NOT EXISTS symbols (
     id   INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT    NOT NULL UNIQUE
 );
+CREATE TABLE IF NOT EXISTS trade_marks (
+    source INTEGER NOT NULL,
+    symbol INTEGER NOT NULL,
+    last   INTEGER NOT NULL,
+    seen   BLOB    NOT NULL,
+    PRIMARY KEY (source, symbol)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_marks (
+    source      INTEGER PRIMARY KEY,
+    path        TEXT    NOT NULL,
+    head_len    INTEGER NOT NULL,
+    head_sha256 BLOB    NOT NULL,
+    offset      INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 /// State the appender, the reader and the API share.
@@ -219,6 +237,51 @@ impl LocalLog {
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
+
+    /// What ingest kept with the batches committed so far: every (source, symbol)'s recent trade
+    /// ids and every file source's position.
+    ///
+    /// # Errors
+    /// [`LogError::Sqlite`] when the tables cannot be read.
+    pub fn marks(&self) -> Result<Marks, LogError> {
+        let conn = connect(&self.path, &self.config)?;
+        let mut marks = Marks::default();
+        let mut stmt = conn
+            .prepare("SELECT source, symbol, last, seen FROM trade_marks ORDER BY source, symbol")
+            .map_err(LogError::Sqlite)?;
+        let mut rows = stmt.query([]).map_err(LogError::Sqlite)?;
+        while let Some(row) = rows.next().map_err(LogError::Sqlite)? {
+            let seen: Vec<u8> = row.get(3).map_err(LogError::Sqlite)?;
+            let Some(seen) = TradeMark::seen_from_bytes(&seen) else {
+                return Err(LogError::Io(format!("{}: a trade mark of the wrong size", self.path.display())));
+            };
+            marks.trades.push(TradeMark {
+                source: row.get(0).map_err(LogError::Sqlite)?,
+                symbol: row.get(1).map_err(LogError::Sqlite)?,
+                last: row.get::<_, i64>(2).map_err(LogError::Sqlite)? as u64,
+                seen,
+            });
+        }
+        let mut stmt = conn
+            .prepare("SELECT source, path, head_len, head_sha256, offset FROM file_marks ORDER BY source")
+            .map_err(LogError::Sqlite)?;
+        let mut rows = stmt.query([]).map_err(LogError::Sqlite)?;
+        while let Some(row) = rows.next().map_err(LogError::Sqlite)? {
+            let sha: Vec<u8> = row.get(3).map_err(LogError::Sqlite)?;
+            let head_sha256 = <[u8; 32]>::try_from(sha.as_slice())
+                .map_err(|_| LogError::Io(format!("{}: a file mark of the wrong size", self.path.display())))?;
+            marks.files.push(FileMark {
+                source: row.get(0).map_err(LogError::Sqlite)?,
+                identity: FileIdentity {
+                    path: row.get(1).map_err(LogError::Sqlite)?,
+                    head_len: row.get::<_, i64>(2).map_err(LogError::Sqlite)? as u64,
+                    head_sha256,
+                },
+                offset: row.get::<_, i64>(4).map_err(LogError::Sqlite)? as u64,
+            });
+        }
+        Ok(marks)
+    }
 }
 
 /// A dead letter on its way to the `dead_letters` table.
@@ -232,7 +295,8 @@ struct DeadRow {
 }
 
 enum Message {
-    Records(Vec<u8>),
+    /// Records, the dead letters of the same frames, and the marks they move: one transaction.
+    Batch(Vec<u8>, Vec<DeadRow>, Marks),
     Dead(DeadRow),
     /// Answered once everything sent before it has committed.
     Flush(std::sync::mpsc::Sender<()>),
@@ -279,29 +343,44 @@ impl LocalWriter {
 
     /// Appends length-delimited records (one copy, one message per batch). Returns how many.
     pub fn send_records(&self, records: &[u8]) -> usize {
+        self.send_handover(Handover { records, ..Handover::default() })
+    }
+
+    /// Appends records, dead letters and marks, to be committed in one transaction. Returns how many
+    /// records.
+    pub fn send_handover(&self, handover: Handover<'_>) -> usize {
+        let Handover { records, dead, marks } = handover;
         let n = Delimited::new(records).take_while(Result::is_ok).count();
-        if n > 0 {
-            self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
-            self.send(Message::Records(records.to_vec()));
+        if n == 0 && dead.is_empty() && marks.is_empty() {
+            return 0;
         }
+        self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+        let dead = dead.iter().map(|d| self.dead_row(d)).collect();
+        self.send(Message::Batch(records.to_vec(), dead, marks));
         n
     }
 
     /// Appends a dead letter of `stage`.
     pub fn send_dead_letter(&self, d: &crate::log::DeadLetter<'_>) {
+        let row = self.dead_row(d);
+        self.send(Message::Dead(row));
+    }
+
+    /// A dead letter as the table keeps it, counted.
+    fn dead_row(&self, d: &crate::log::DeadLetter<'_>) -> DeadRow {
         let crate::log::DeadLetter { stage, source, plugin, reason, bytes, .. } = *d;
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         if stage == Stage::Transform {
             self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
         }
-        self.send(Message::Dead(DeadRow {
+        DeadRow {
             at_ms: crate::clock::now_ms(),
             stage,
             source: source.to_owned(),
             plugin: plugin.to_owned(),
             reason: reason.to_owned(),
             bytes: bytes.to_vec(),
-        }));
+        }
     }
 
     /// Waits until everything sent so far has committed.
@@ -329,6 +408,33 @@ impl Drop for LocalWriter {
     }
 }
 
+/// Marks waiting for the appender's next commit: the newest per key.
+#[derive(Default)]
+struct PendingMarks {
+    trades: std::collections::HashMap<(u32, u32), TradeMark>,
+    files: std::collections::HashMap<u32, FileMark>,
+}
+
+impl PendingMarks {
+    fn add(&mut self, marks: Marks) {
+        for t in marks.trades {
+            self.trades.insert((t.source, t.symbol), t);
+        }
+        for f in marks.files {
+            self.files.insert(f.source, f);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.trades.is_empty() && self.files.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.trades.clear();
+        self.files.clear();
+    }
+}
+
 struct Appender {
     conn: Connection,
     shared: Arc<Shared>,
@@ -342,6 +448,7 @@ impl Appender {
     fn run(mut self, rx: Receiver<Message>) {
         let mut rows: Vec<(Vec<u8>, i64)> = Vec::new();
         let mut dead: Vec<DeadRow> = Vec::new();
+        let mut marks = PendingMarks::default();
         let mut acks = Vec::new();
         loop {
             // Wakes at least once per prune interval so retention runs on an idle log too.
@@ -358,7 +465,7 @@ impl Appender {
             let mut queued = 0usize;
             while let Some(message) = next.take() {
                 match message {
-                    Message::Records(records) => {
+                    Message::Batch(records, mut letters, moved) => {
                         let n = Delimited::new(&records).take_while(Result::is_ok).count() as i64;
                         match rows.last_mut() {
                             Some((row, count)) if row.len() + records.len() <= MAX_ROW_BYTES => {
@@ -367,6 +474,8 @@ impl Appender {
                             }
                             _ => rows.push((records, n)),
                         }
+                        dead.append(&mut letters);
+                        marks.add(moved);
                         queued += 1;
                     }
                     Message::Dead(d) => {
@@ -379,7 +488,7 @@ impl Appender {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit(&mut rows, &mut dead);
+            self.commit(&mut rows, &mut dead, &mut marks);
             for ack in acks.drain(..) {
                 let _ = ack.send(());
             }
@@ -391,13 +500,13 @@ impl Appender {
 
     /// Commits the rows and dead letters, retrying until the disk takes them: decode workers wait
     /// meanwhile (the queue is bounded), and sources count what their own queues then drop.
-    fn commit(&mut self, rows: &mut Vec<(Vec<u8>, i64)>, dead: &mut Vec<DeadRow>) {
-        if rows.is_empty() && dead.is_empty() {
+    fn commit(&mut self, rows: &mut Vec<(Vec<u8>, i64)>, dead: &mut Vec<DeadRow>, marks: &mut PendingMarks) {
+        if rows.is_empty() && dead.is_empty() && marks.is_empty() {
             return;
         }
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.try_commit(rows, dead) {
+            match self.try_commit(rows, dead, marks) {
                 Ok((end, records, bytes)) => {
                     self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
                     *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
@@ -405,6 +514,7 @@ impl Appender {
                     self.stats.delivered.fetch_add(records, Ordering::Relaxed);
                     rows.clear();
                     dead.clear();
+                    marks.clear();
                     return;
                 }
                 Err(e) => {
@@ -416,7 +526,12 @@ impl Appender {
         }
     }
 
-    fn try_commit(&mut self, rows: &[(Vec<u8>, i64)], dead: &[DeadRow]) -> rusqlite::Result<(i64, u64, u64)> {
+    fn try_commit(
+        &mut self,
+        rows: &[(Vec<u8>, i64)],
+        dead: &[DeadRow],
+        marks: &PendingMarks,
+    ) -> rusqlite::Result<(i64, u64, u64)> {
         let mut end = self.shared.end();
         let now_ms = crate::clock::now_ms();
         let (mut records, mut bytes) = (0u64, 0u64);
@@ -443,6 +558,22 @@ impl Appender {
             )?;
             for d in dead {
                 letter.execute(params![d.at_ms, d.stage.as_str(), d.source, d.plugin, d.reason, d.bytes])?;
+            }
+            let mut trade = tx.prepare_cached(
+                "INSERT INTO trade_marks (source, symbol, last, seen) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (source, symbol) DO UPDATE SET last = excluded.last, seen = excluded.seen",
+            )?;
+            for m in marks.trades.values() {
+                trade.execute(params![m.source, m.symbol, m.last as i64, m.seen_bytes()])?;
+            }
+            let mut file = tx.prepare_cached(
+                "INSERT INTO file_marks (source, path, head_len, head_sha256, offset) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (source) DO UPDATE SET path = excluded.path, head_len = excluded.head_len, \
+                 head_sha256 = excluded.head_sha256, offset = excluded.offset",
+            )?;
+            for m in marks.files.values() {
+                let id = &m.identity;
+                file.execute(params![m.source, id.path, id.head_len as i64, &id.head_sha256[..], m.offset as i64])?;
             }
         }
         tx.commit()?;
@@ -730,6 +861,44 @@ mod tests {
         let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
         assert_eq!(log.status().end, 5);
         assert_eq!(read_all(&path).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn marks_commit_with_their_batch_and_read_back_after_a_reopen() {
+        let path = temp("marks");
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+        let file = |offset| FileMark {
+            source: 3,
+            identity: FileIdentity { path: "/rec.jsonl".into(), head_len: 10, head_sha256: [7; 32] },
+            offset,
+        };
+        let letter = crate::log::DeadLetter {
+            stage: Stage::Decode,
+            source_id: 3,
+            source: "rec",
+            plugin: "binance",
+            reason: "bad",
+            bytes: b"x",
+        };
+        let first = Marks { trades: Marks::from_records([(3, 1, 10), (3, 2, 20)]).trades, files: vec![file(100)] };
+        assert_eq!(writer.send_handover(Handover { records: &batch(0, 2), dead: &[letter], marks: first }), 2);
+        // A later batch moves one symbol and the file on; the other symbol keeps its mark.
+        let second = Marks { trades: Marks::from_records([(3, 2, 20), (3, 2, 25)]).trades, files: vec![file(250)] };
+        writer.send_handover(Handover { records: &batch(2, 1), dead: &[], marks: second });
+        writer.flush(Duration::from_secs(5)).unwrap();
+        writer.close();
+        drop((writer, log));
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let marks = log.marks().unwrap();
+        let lasts: Vec<(u32, u32, u64)> = marks.trades.iter().map(|m| (m.source, m.symbol, m.last)).collect();
+        assert_eq!(lasts, [(3, 1, 10), (3, 2, 25)]);
+        assert!(marks.trades[1].was_seen(20) && marks.trades[1].was_seen(25) && !marks.trades[1].was_seen(21));
+        assert_eq!(marks.files, [file(250)]);
+        assert_eq!(read_all(&path).unwrap().len(), 3);
+        let conn = Connection::open(&path).unwrap();
+        let letters: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0)).unwrap();
+        assert_eq!(letters, 1);
     }
 
     #[test]

@@ -8,9 +8,11 @@
 pub mod error;
 pub mod kafka;
 pub mod local;
+pub mod marks;
 pub mod stage;
 
 pub use error::LogError;
+pub use marks::Marks;
 pub use stage::{DeadLetter, Stage};
 
 use std::time::Duration;
@@ -142,6 +144,18 @@ pub struct LogStatus {
     pub partitions: Vec<PartitionStatus>,
 }
 
+/// What one pass of a decode worker hands over: records, the dead letters of the same frames, and
+/// the marks (trade ids, file positions) they move.
+#[derive(Debug, Default)]
+pub struct Handover<'a> {
+    /// Length-delimited `StreamData` records.
+    pub records: &'a [u8],
+    /// Frames refused.
+    pub dead: &'a [DeadLetter<'a>],
+    /// What the records and dead letters move: committed with them.
+    pub marks: Marks,
+}
+
 /// Where ingest appends.
 pub enum Writer {
     /// The Kafka producer.
@@ -164,6 +178,22 @@ impl Writer {
         match self {
             Writer::Kafka(p) => p.send_records(records),
             Writer::Local(w) => w.send_records(records),
+        }
+    }
+
+    /// Hands over one pass of a decode worker. On the local log its records, dead letters and marks
+    /// commit in one transaction, so the marks always say what the log holds. Kafka keeps no marks
+    /// (they are read back from the events topic at start): records and dead letters go as they
+    /// would one by one. Returns how many records were handed over.
+    pub fn send_handover(&self, handover: Handover<'_>) -> usize {
+        match self {
+            Writer::Kafka(p) => {
+                for letter in handover.dead {
+                    p.send_dead_letter(letter);
+                }
+                p.send_records(handover.records)
+            }
+            Writer::Local(w) => w.send_handover(handover),
         }
     }
 

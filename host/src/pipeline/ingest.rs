@@ -3,6 +3,11 @@
 //! source's frames and its trade-id state). A worker drains what is queued (up to
 //! `max_frames_per_call`), decodes it with one plugin call per plugin binding, and hands the records
 //! to the hand-off writer (Kafka, or the local log); refused frames are dead-lettered.
+//!
+//! What a worker hands over for one drained queue goes as one [`Handover`]: the records, the dead
+//! letters of the same frames, and the marks they move (each symbol's recent trade ids, each file
+//! source's position). On the local log they commit together, and a start restores the decoders'
+//! trade ids and the file sources' positions from them ([`Ingest::start_with_ids`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,7 +20,8 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{SourceConfig, SourceKind};
 pub use crate::decode::DecodeStats;
 use crate::decode::{Decoder, RejectedFrame};
-use crate::log::{Stage, Writer};
+use crate::log::marks::{FileIdentity, FileMark, Marks};
+use crate::log::{DeadLetter, Handover, Stage, Writer};
 use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::{self, ConnectLimiter, Frame, SourceStats, slot};
@@ -79,6 +85,9 @@ pub enum IngestError {
     /// A source's configuration is invalid.
     #[error("{0}")]
     Source(String),
+    /// A file source's recording cannot be read, or changed since it was read.
+    #[error(transparent)]
+    File(#[from] source::file::FileError),
     /// A plugin could not start with a source's configuration.
     #[error("plugin {plugin:?} for source {source_name:?}: {error}")]
     Plugin {
@@ -120,21 +129,25 @@ impl Ingest {
         settings: IngestSettings,
     ) -> Result<Self, IngestError> {
         let ids: Vec<u32> = (1..=sources.len() as u32).collect();
-        Ingest::start_with_ids(sources, &ids, plugins, producer, settings)
+        Ingest::start_with_ids(sources, &ids, plugins, producer, settings, &Marks::default())
     }
 
     /// [`start`](Self::start) with each source's id given (`ids[i]` for `sources[i]`, non-zero and
     /// distinct): the ids records carry, stable per source name across restarts and config edits
-    /// (see [`Symbols::source_id`](crate::symbols::Symbols::source_id)).
+    /// (see [`Symbols::source_id`](crate::symbols::Symbols::source_id)), and what the hand-off kept
+    /// (`marks`): each decoder starts from its sources' recent trade ids, so what an earlier run
+    /// delivered is recognised, and each file source from its position.
     ///
     /// # Errors
-    /// As [`start`](Self::start), and for ids that are 0 or repeated.
+    /// As [`start`](Self::start), for ids that are 0 or repeated, and for a file source whose
+    /// recording cannot be read or changed since it was read ([`IngestError::File`]).
     pub fn start_with_ids(
         sources: Vec<SourceConfig>,
         ids: &[u32],
         plugins: &HashMap<String, Arc<Slot>>,
         producer: Arc<Writer>,
         settings: IngestSettings,
+        marks: &Marks,
     ) -> Result<Self, IngestError> {
         let workers = settings.workers.max(1);
         let distinct: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
@@ -158,9 +171,17 @@ impl Ingest {
             }
             binding_of.push(b);
         }
+        // Where each file source starts, checked before anything runs.
+        let mut file_starts: Vec<Option<source::file::FileStart>> = Vec::with_capacity(sources.len());
+        for (s, id) in sources.iter().zip(ids) {
+            file_starts.push(match s.kind {
+                SourceKind::File => Some(source::file::resume(s, marks.files.iter().find(|m| m.source == *id))?),
+                SourceKind::Websocket => None,
+            });
+        }
         // Every worker gets its own instance of each binding; check each starts before anything runs.
         let mut decoders: Vec<HashMap<usize, Decoder>> = Vec::new();
-        for _ in 0..workers {
+        for w in 0..workers {
             let mut mine = HashMap::new();
             for (b, binding) in bindings.iter().enumerate() {
                 let code = binding.plugin.active();
@@ -172,7 +193,14 @@ impl Ingest {
                         error,
                     }
                 })?;
-                mine.insert(b, Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance)));
+                let mut decoder = Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance));
+                // The trade ids of the sources this binding decodes on this worker.
+                decoder.restore(marks.trades.iter().filter(|m| {
+                    ids.iter()
+                        .position(|id| *id == m.source)
+                        .is_some_and(|i| binding_of[i] == b && m.source as usize % workers == w)
+                }));
+                mine.insert(b, decoder);
             }
             decoders.push(mine);
         }
@@ -205,15 +233,18 @@ impl Ingest {
             let mut by_id_binding = vec![None; size];
             let mut by_id_names = vec![(String::new(), String::new()); size];
             let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
+            let mut by_id_file = vec![None; size];
             for (i, h) in handles.iter().enumerate() {
                 by_id_binding[slot(h.id)] = Some(binding_of[i]);
                 by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.decode.clone());
                 by_id_stats[slot(h.id)] = h.decode.clone();
+                by_id_file[slot(h.id)] = file_starts[i].as_ref().map(|f| f.identity.clone());
             }
             let ctx = WorkerContext {
                 binding_of: by_id_binding,
                 names: by_id_names,
                 decode_stats: by_id_stats,
+                files: by_id_file,
                 producer: producer.clone(),
                 max_frames: settings.max_frames_per_call.max(1),
             };
@@ -225,12 +256,14 @@ impl Ingest {
         }
         let tasks = handles
             .iter()
-            .map(|h| {
+            .zip(&file_starts)
+            .map(|(h, file)| {
                 let out = senders[h.id as usize % workers].clone();
                 match h.config.kind {
                     SourceKind::File => tokio::spawn(source::file::replay(
                         h.config.clone(),
                         h.id,
+                        file.as_ref().map_or(0, |f| f.offset),
                         out,
                         h.stats.clone(),
                         stop_rx.clone(),
@@ -277,13 +310,59 @@ struct WorkerContext {
     /// (source name, plugin name) of source `id - 1`.
     names: Vec<(String, String)>,
     decode_stats: Vec<Arc<DecodeStats>>,
+    /// The recording of file source `id` at `slot(id)`, named in its position marks.
+    files: Vec<Option<FileIdentity>>,
     producer: Arc<Writer>,
     max_frames: usize,
+}
+
+/// What one drained queue hands over: records, refused frames and the marks they move.
+#[derive(Default)]
+struct Outgoing {
+    records: Vec<u8>,
+    rejects: Vec<RejectedFrame>,
+    marks: Marks,
+}
+
+impl Outgoing {
+    /// Refuses a frame, counted for its source.
+    fn reject(&mut self, frame: &Frame, reason: String, ctx: &WorkerContext) {
+        self.rejects.push(RejectedFrame { source: frame.source, bytes: frame.bytes.clone(), reason });
+        if let Some(s) = ctx.decode_stats.get(slot(frame.source)) {
+            s.rejects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands everything over in one piece and starts empty again.
+    fn send(&mut self, ctx: &WorkerContext) {
+        let letters: Vec<DeadLetter<'_>> = self
+            .rejects
+            .iter()
+            .map(|r| {
+                let (source, plugin) =
+                    ctx.names.get(slot(r.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
+                DeadLetter {
+                    stage: Stage::Decode,
+                    source_id: r.source,
+                    source,
+                    plugin,
+                    reason: &r.reason,
+                    bytes: &r.bytes,
+                }
+            })
+            .collect();
+        let marks = std::mem::take(&mut self.marks);
+        ctx.producer.send_handover(Handover { records: &self.records, dead: &letters, marks });
+        drop(letters);
+        self.records.clear();
+        self.rejects.clear();
+    }
 }
 
 fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Decoder>, ctx: WorkerContext) {
     let mut queued: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
     let mut group: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    let mut out = Outgoing::default();
     while let Some(first) = rx.blocking_recv() {
         queued.clear();
         queued.push(first);
@@ -293,16 +372,25 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
                 Err(_) => break,
             }
         }
+        // The furthest line of each file source this pass delivers (as records or dead letters).
+        for f in queued.iter().filter(|f| f.file_offset > 0) {
+            let Some(Some(identity)) = ctx.files.get(slot(f.source)) else { continue };
+            match out.marks.files.iter_mut().find(|m| m.source == f.source) {
+                Some(m) => m.offset = m.offset.max(f.file_offset),
+                None => out.marks.files.push(FileMark {
+                    source: f.source,
+                    identity: identity.clone(),
+                    offset: f.file_offset,
+                }),
+            }
+        }
         // Frames over the size limit are dead-lettered as they are, never decoded.
         queued.retain(|f| match f.oversized {
             None => true,
             Some(len) => {
                 let reason =
                     format!("frame of {len} bytes exceeds max_frame_bytes (kept: the first {} bytes)", f.bytes.len());
-                dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
-                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
-                    s.rejects.fetch_add(1, Ordering::Relaxed);
-                }
+                out.reject(f, reason, &ctx);
                 false
             }
         });
@@ -319,7 +407,7 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
                 // the group's frames are dead-lettered with the panic's message, logged at ERROR,
                 // and the worker goes on with the next frames.
                 let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    decode_group(decoder, &group, &ctx);
+                    decode_group(decoder, &group, &mut out, &ctx);
                 }));
                 if let Err(panic) = decoded {
                     let message = panic
@@ -329,28 +417,24 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
                         .unwrap_or_default();
                     tracing::error!(frames = group.len(), panic = %message, "a decode worker panicked; its frames are dead-lettered");
                     for f in &group {
-                        let reason = format!("the decode worker panicked: {message}");
-                        dead_letter(&RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason }, &ctx);
-                        if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
-                            s.rejects.fetch_add(1, Ordering::Relaxed);
-                        }
+                        out.reject(f, format!("the decode worker panicked: {message}"), &ctx);
                     }
                 }
+                decoder.take_marks(&mut out.marks.trades);
             }
         }
+        out.send(&ctx);
     }
 }
 
-/// Decodes one group; if the call fails (trap, timeout, limit), decodes frame by frame so only the
-/// frames that fail are dead-lettered, with the error as the reason.
-fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
+/// Decodes one group into `out`; if the call fails (trap, timeout, limit), decodes frame by frame so
+/// only the frames that fail are dead-lettered, with the error as the reason.
+fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx: &WorkerContext) {
     match decoder.decode(frames) {
-        Ok(out) => {
-            ctx.producer.send_records(out.records.as_bytes());
-            for r in &out.rejects {
-                dead_letter(r, ctx);
-            }
-            for &(source, symbol) in &out.gap_changes {
+        Ok(decoded) => {
+            out.records.extend_from_slice(decoded.records.as_bytes());
+            out.rejects.extend(decoded.rejects);
+            for &(source, symbol) in &decoded.gap_changes {
                 if let Some(s) = ctx.decode_stats.get(slot(source))
                     && let Ok(mut by_symbol) = s.gaps_by_symbol.lock()
                 {
@@ -358,7 +442,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
                 }
             }
             // One update per source present in the batch, not per record.
-            for (source, c) in &out.per_source {
+            for (source, c) in &decoded.per_source {
                 if let Some(s) = ctx.decode_stats.get(slot(*source)) {
                     s.records.fetch_add(c.records, Ordering::Relaxed);
                     s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
@@ -366,36 +450,22 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], ctx: &WorkerContext) {
                     s.gaps.fetch_add(c.gaps, Ordering::Relaxed);
                     s.resets.fetch_add(c.resets, Ordering::Relaxed);
                     s.gaps.fetch_sub(c.late.min(s.gaps.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    s.downtime_gaps.fetch_add(c.downtime_gaps, Ordering::Relaxed);
+                    let late = c.downtime_late.min(s.downtime_gaps.load(Ordering::Relaxed));
+                    s.downtime_gaps.fetch_sub(late, Ordering::Relaxed);
                 }
             }
         }
         Err(e) if frames.len() > 1 => {
             tracing::warn!(error = %e, frames = frames.len(), "decode call failed; retrying frame by frame");
             for f in frames {
-                decode_group(decoder, std::slice::from_ref(f), ctx);
+                decode_group(decoder, std::slice::from_ref(f), out, ctx);
             }
         }
         Err(e) => {
             if let Some(f) = frames.first() {
-                let reject = RejectedFrame { source: f.source, bytes: f.bytes.clone(), reason: e.to_string() };
-                dead_letter(&reject, ctx);
-                if let Some(s) = ctx.decode_stats.get(slot(f.source)) {
-                    s.rejects.fetch_add(1, Ordering::Relaxed);
-                }
+                out.reject(f, e.to_string(), ctx);
             }
         }
     }
-}
-
-fn dead_letter(reject: &RejectedFrame, ctx: &WorkerContext) {
-    let (source, plugin) =
-        ctx.names.get(slot(reject.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
-    ctx.producer.send_dead_letter(&crate::log::DeadLetter {
-        stage: Stage::Decode,
-        source_id: reject.source,
-        source,
-        plugin,
-        reason: &reject.reason,
-        bytes: &reject.bytes,
-    });
 }

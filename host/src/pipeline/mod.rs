@@ -236,7 +236,9 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }
     let ingest = if role != Role::Process {
         let settings = IngestSettings::from(&config.ingest);
-        let ingest = Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings)?;
+        let marks = restore_marks(config, &handoff).await?;
+        let ingest =
+            Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings, &marks)?;
         directory.set(
             ingest
                 .sources()
@@ -298,6 +300,33 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         None
     };
     Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task })
+}
+
+/// How many records at the end of each partition of the events topic a start on Kafka reads to
+/// recover each symbol's recent trade ids.
+const TAIL_RECORDS: i64 = 65_536;
+
+/// What ingest kept with the batches it delivered: from the local log's tables, or, on Kafka, the
+/// trade ids at the tail of the events topic (file positions are not kept on Kafka: a recording is
+/// read again from its start, and its records with trade ids are recognised as delivered).
+async fn restore_marks(config: &Config, handoff: &Handoff) -> anyhow::Result<crate::log::Marks> {
+    let (handoff, kafka) = (handoff.clone(), config.kafka.clone());
+    let topic = kafka.events_topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let marks = match &handoff {
+            Handoff::Local(log) => log.marks()?,
+            Handoff::Kafka(brokers) => crate::log::kafka::range::RangeReader::new(&kafka, brokers, &topic)?
+                .trade_marks(TAIL_RECORDS)
+                .with_context(|| format!("reading the tail of {topic} for the trade ids already delivered"))?,
+        };
+        tracing::info!(
+            symbols = marks.trades.len(),
+            files = marks.files.len(),
+            "restored what ingest delivered before"
+        );
+        Ok(marks)
+    })
+    .await?
 }
 
 /// Opens the local log in the data directory, checks the store's position against it (a store

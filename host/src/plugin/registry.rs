@@ -884,6 +884,7 @@ mod tests {
             received_at_us: 1,
             oversized: None,
             overlap: false,
+            file_offset: 0,
         };
         // A Binance trade: the active version decodes it, the Kraken build in shadow refuses it.
         let trade = r#"{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.5","q":"2","T":1,"m":false}"#;

@@ -24,6 +24,11 @@ pub struct SourceConfig {
     /// Frames per second a file source replays at; 0 (the default) is as fast as decode takes them.
     #[serde(default)]
     pub rate: f64,
+    /// What a file source does when the recording at `path` is not the one it was reading before a
+    /// restart (its first 64 KiB differ, or it is shorter than the position reached): `refuse` (the
+    /// default) stops the start with an error, `reread` reads the new recording from its start.
+    #[serde(default)]
+    pub if_changed: IfChanged,
     /// Text messages sent after every (re)connect, e.g. the venue's subscribe request.
     #[serde(default)]
     pub subscribe: Vec<String>,
@@ -78,6 +83,17 @@ pub struct SourceConfig {
     pub connect_timeout_ms: u64,
 }
 
+/// What a file source does with a recording that changed under its path.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IfChanged {
+    /// Refuse to start, naming the source and what differs.
+    #[default]
+    Refuse,
+    /// Read the new recording from its first line.
+    Reread,
+}
+
 /// Where a source's frames come from.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -98,6 +114,7 @@ impl SourceConfig {
             url: url.into(),
             path: None,
             rate: 0.0,
+            if_changed: IfChanged::Refuse,
             subscribe: vec![],
             decode: plugin.into(),
             decode_config: BTreeMap::new(),

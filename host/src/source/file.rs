@@ -1,28 +1,132 @@
-//! A file source: a recording of raw frames, one per line, replayed once through the same queue and
+//! A file source: a recording of raw frames, one per line, replayed through the same queue and
 //! decode path as a live feed, at a set rate or as fast as decode takes them.
 //!
 //! Unlike a venue, a file can wait: a full queue holds the replay back instead of dropping frames,
 //! so a replay delivers every line (blank lines are skipped; a line longer than `max_frame_bytes` is
 //! cut and dead-lettered, as a live frame would be).
+//!
+//! Each frame carries the byte offset just past its line, and the log commits the furthest offset
+//! delivered with the batch that delivered it (a [`FileMark`]). A restart ([`resume`]) goes on from
+//! the next line not yet logged, once it has checked that the file is the same recording: its first
+//! 64 KiB hash the same and it is at least as long as the position. A changed recording is refused,
+//! or read from its start when the source says `if_changed = "reread"`. A recording read to its end
+//! shows as *finished*, and a restart does not read it again (lines appended since are read).
 
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncBufReadExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{Frame, SourceStats, State};
 use crate::clock::now_us;
-use crate::source::config::SourceConfig;
+use crate::log::marks::{FileIdentity, FileMark};
+use crate::source::config::{IfChanged, SourceConfig};
 
-/// Replays `config.path` into `out`, then stops (the source shows as stopped). Never panics on a
-/// bad file: a file that cannot be read is logged and counted as nothing read.
+/// How many bytes from a recording's start identify it.
+const HEAD_BYTES: u64 = 64 * 1024;
+
+/// Where a file source starts: the recording's identity and the offset of its first line to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStart {
+    /// The recording, as marks will name it.
+    pub identity: FileIdentity,
+    /// The byte offset to read from.
+    pub offset: u64,
+}
+
+/// Why a file source cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The recording cannot be read.
+    #[error("source {source_name:?}: cannot read the recording {path}: {error}")]
+    Unreadable {
+        /// The source.
+        source_name: String,
+        /// The file.
+        path: String,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The file at the path is not the recording the source was reading before.
+    #[error(
+        "source {source_name:?}: the recording {path} changed since it was read up to byte {offset} ({why}); \
+         restore the original file, or set if_changed = \"reread\" on the source to read the new one from its start"
+    )]
+    Changed {
+        /// The source.
+        source_name: String,
+        /// The file.
+        path: String,
+        /// The position reached before.
+        offset: u64,
+        /// What differs.
+        why: String,
+    },
+}
+
+/// The identity of the file at `path` as it is now: SHA-256 of its first [`HEAD_BYTES`] (or
+/// `head_len` bytes when given), and its length.
+fn identify(path: &std::path::Path, head_len: Option<u64>) -> std::io::Result<(FileIdentity, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let want = head_len.unwrap_or(HEAD_BYTES.min(len));
+    let mut head = Vec::with_capacity(want.min(HEAD_BYTES) as usize);
+    (&mut file).take(want).read_to_end(&mut head)?;
+    let identity = FileIdentity {
+        path: path.display().to_string(),
+        head_len: head.len() as u64,
+        head_sha256: Sha256::digest(&head).into(),
+    };
+    Ok((identity, len))
+}
+
+/// Where `config`'s recording starts, given the mark the log kept for it (if any): the mark's offset
+/// when the file is the same recording, the start when there is no mark or the path changed.
+///
+/// # Errors
+/// [`FileError::Unreadable`] when the file cannot be read; [`FileError::Changed`] when it is not the
+/// recording the mark names and the source does not say `if_changed = "reread"`.
+pub fn resume(config: &SourceConfig, mark: Option<&FileMark>) -> Result<FileStart, FileError> {
+    let path = config.path.clone().unwrap_or_default();
+    let unreadable =
+        |error| FileError::Unreadable { source_name: config.name.clone(), path: path.display().to_string(), error };
+    let (identity, _) = identify(&path, None).map_err(unreadable)?;
+    let Some(mark) = mark.filter(|m| m.identity.path == identity.path) else {
+        return Ok(FileStart { identity, offset: 0 });
+    };
+    // The head the mark hashed, as long as it was then (a recording may have grown since).
+    let (then, len) = identify(&path, Some(mark.identity.head_len)).map_err(unreadable)?;
+    let why = if len < mark.offset {
+        Some(format!("it is {len} bytes long now"))
+    } else if then.head_len != mark.identity.head_len || then.head_sha256 != mark.identity.head_sha256 {
+        Some(format!("its first {} bytes differ", mark.identity.head_len))
+    } else {
+        None
+    };
+    match (why, config.if_changed) {
+        (None, _) => Ok(FileStart { identity, offset: mark.offset }),
+        (Some(why), IfChanged::Reread) => {
+            tracing::warn!(source = %config.name, path = %identity.path, %why, "the recording changed; reading it from its start");
+            Ok(FileStart { identity, offset: 0 })
+        }
+        (Some(why), IfChanged::Refuse) => {
+            Err(FileError::Changed { source_name: config.name.clone(), path: identity.path, offset: mark.offset, why })
+        }
+    }
+}
+
+/// Replays `config.path` from `start` into `out`, then shows the source as finished. Never panics on
+/// a bad file: a file that cannot be read is logged and counted as nothing read.
 pub async fn replay(
     config: Arc<SourceConfig>,
     id: u32,
+    start: u64,
     out: mpsc::Sender<Frame>,
     stats: Arc<SourceStats>,
     mut shutdown: watch::Receiver<bool>,
@@ -31,7 +135,7 @@ pub async fn replay(
         stats.set_state(State::Stopped);
         return;
     };
-    let file = match tokio::fs::File::open(&path).await {
+    let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(source = %config.name, path = %path.display(), error = %e, "cannot read the recording");
@@ -39,25 +143,36 @@ pub async fn replay(
             return;
         }
     };
+    if start > 0
+        && let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await
+    {
+        tracing::error!(source = %config.name, path = %path.display(), error = %e, "cannot seek in the recording");
+        stats.set_state(State::Stopped);
+        return;
+    }
     stats.set_state(State::Up);
-    let mut lines = tokio::io::BufReader::with_capacity(1 << 16, file).split(b'\n');
+    let mut lines = tokio::io::BufReader::with_capacity(1 << 16, file);
     let started = Instant::now();
-    let (mut sent, mut line_no) = (0u64, 0u64);
+    let (mut sent, mut offset) = (0u64, start);
+    let mut finished = false;
     loop {
-        let line = tokio::select! {
-            line = lines.next_segment() => line,
+        let mut line = Vec::new();
+        let read = tokio::select! {
+            read = lines.read_until(b'\n', &mut line) => read,
             _ = shutdown.changed() => break,
         };
-        let mut line = match line {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::error!(source = %config.name, line = line_no + 1, error = %e, "reading the recording failed");
+        match read {
+            Ok(0) => {
+                finished = true;
                 break;
             }
-        };
-        line_no += 1;
-        if line.last() == Some(&b'\r') {
+            Ok(n) => offset += n as u64,
+            Err(e) => {
+                tracing::error!(source = %config.name, offset, error = %e, "reading the recording failed");
+                break;
+            }
+        }
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
             line.pop();
         }
         if line.is_empty() {
@@ -80,13 +195,66 @@ pub async fn replay(
             stats.oversized.fetch_add(1, Ordering::Relaxed);
             line.truncate(config.max_frame_bytes);
         }
-        let frame = Frame { source: id, received_at_us, bytes: Bytes::from(line), oversized, overlap: false };
+        let frame = Frame {
+            source: id,
+            received_at_us,
+            bytes: Bytes::from(line),
+            oversized,
+            overlap: false,
+            file_offset: offset,
+        };
         tokio::select! {
             sent_ok = out.send(frame) => if sent_ok.is_err() { break },
             _ = shutdown.changed() => break,
         }
         sent += 1;
     }
-    tracing::info!(source = %config.name, path = %path.display(), frames = sent, lines = line_no, "replay finished");
-    stats.set_state(State::Stopped);
+    tracing::info!(source = %config.name, path = %path.display(), frames = sent, from = start, to = offset, finished, "replay finished");
+    stats.set_state(if finished { State::Finished } else { State::Stopped });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(path: &std::path::Path, if_changed: IfChanged) -> SourceConfig {
+        let mut c = SourceConfig::new("rec", "", "binance");
+        c.kind = crate::source::config::SourceKind::File;
+        c.path = Some(path.to_owned());
+        c.if_changed = if_changed;
+        c
+    }
+
+    #[test]
+    fn a_restart_goes_on_from_the_mark_unless_the_recording_changed() {
+        let dir = std::env::temp_dir().join(format!("sluice-file-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rec.jsonl");
+        std::fs::write(&path, "a\nb\nc\n").unwrap();
+        let config = source(&path, IfChanged::Refuse);
+        let first = resume(&config, None).unwrap();
+        assert_eq!(first.offset, 0);
+        let mark = FileMark { source: 1, identity: first.identity.clone(), offset: 4 };
+        assert_eq!(resume(&config, Some(&mark)).unwrap().offset, 4);
+        // Grown by appending: the same recording.
+        std::fs::write(&path, "a\nb\nc\nd\n").unwrap();
+        let grown = resume(&config, Some(&mark)).unwrap();
+        assert_eq!(grown.offset, 4);
+        assert_eq!(grown.identity.head_len, 8);
+        // Another recording under the same path: refused, naming the source and what differs.
+        std::fs::write(&path, "x\ny\nz\n").unwrap();
+        let err = resume(&config, Some(&mark)).unwrap_err().to_string();
+        assert!(err.contains("\"rec\"") && err.contains("first 6 bytes differ") && err.contains("reread"), "{err}");
+        // Cut short: refused too.
+        std::fs::write(&path, "a\n").unwrap();
+        let err = resume(&config, Some(&mark)).unwrap_err().to_string();
+        assert!(err.contains("2 bytes long"), "{err}");
+        // Unless the operator asks for it to be read again.
+        std::fs::write(&path, "x\ny\nz\n").unwrap();
+        assert_eq!(resume(&source(&path, IfChanged::Reread), Some(&mark)).unwrap().offset, 0);
+        // A mark of another path is another recording: from the start.
+        let moved = FileMark { identity: FileIdentity { path: "/elsewhere".into(), ..mark.identity.clone() }, ..mark };
+        assert_eq!(resume(&config, Some(&moved)).unwrap().offset, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -49,6 +49,9 @@ pub struct Frame {
     /// Read while a connection replacement reads two connections at once: the same trade may come
     /// on both, which the decode stage drops by trade id, or by content for venues without ids.
     pub overlap: bool,
+    /// For a file source, the byte offset just past this frame's line: where a restart goes on once
+    /// the frame is delivered. 0 for live feeds.
+    pub file_offset: u64,
 }
 
 /// Which source a message came from, and whether its connection overlaps with another.
@@ -70,6 +73,8 @@ pub enum State {
     Backoff = 2,
     /// Stopped for good (shutdown).
     Stopped = 3,
+    /// A file source that has read its whole recording: done, not down.
+    Finished = 4,
 }
 
 /// Live counters of one source, updated by its task and read by metrics and the API.
@@ -106,11 +111,12 @@ impl SourceStats {
             0 => State::Connecting,
             1 => State::Up,
             2 => State::Backoff,
+            4 => State::Finished,
             _ => State::Stopped,
         }
     }
 
-    fn set_state(&self, s: State) {
+    pub(crate) fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Relaxed);
     }
 }
@@ -384,7 +390,14 @@ async fn on_message(
         (bytes, None)
     };
     let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
-    match out.try_send(Frame { source: from.id, received_at_us, bytes, oversized, overlap: from.overlap }) {
+    match out.try_send(Frame {
+        source: from.id,
+        received_at_us,
+        bytes,
+        oversized,
+        overlap: from.overlap,
+        file_offset: 0,
+    }) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             stats.dropped.fetch_add(1, Ordering::Relaxed);

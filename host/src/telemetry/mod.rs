@@ -54,12 +54,14 @@ pub(crate) struct Mirrored {
     pub(crate) source_dropped: IntCounterVec,
     pub(crate) source_reconnects: IntCounterVec,
     pub(crate) source_up: IntGaugeVec,
+    pub(crate) source_finished: IntGaugeVec,
     pub(crate) source_last_message_age: prometheus::GaugeVec,
     pub(crate) decode_records: IntCounterVec,
     pub(crate) decode_rejects: IntCounterVec,
     pub(crate) decode_duplicates: IntCounterVec,
     pub(crate) decode_resets: IntCounterVec,
     pub(crate) decode_gaps: IntGaugeVec,
+    pub(crate) decode_downtime_gaps: IntGaugeVec,
     pub(crate) kafka_sent: IntCounter,
     pub(crate) kafka_delivered: IntCounter,
     pub(crate) kafka_failed: IntCounter,
@@ -190,6 +192,8 @@ pub struct SourceSample {
     pub reconnects: u64,
     /// Whether a connection is up.
     pub up: bool,
+    /// Whether a file source has delivered its whole recording.
+    pub finished: bool,
     /// When the last message arrived, µs since the epoch (0: never).
     pub last_message_us: i64,
     /// Records decoded.
@@ -202,6 +206,8 @@ pub struct SourceSample {
     pub resets: u64,
     /// Trade ids missing.
     pub gaps: u64,
+    /// Trade ids sent while sluice was down.
+    pub downtime_gaps: u64,
 }
 
 /// The hand-off writer's counters at a scrape (the Kafka producer's or the local log's).
@@ -357,6 +363,10 @@ impl Metrics {
             ),
             source_reconnects: by_source("sluice_source_reconnects_total", "Reconnections of a source"),
             source_up: gauge_by_source("sluice_source_up", "1 while the source's connection is up, else 0"),
+            source_finished: gauge_by_source(
+                "sluice_source_finished",
+                "1 once a file source has delivered its whole recording (it is done, not down), else 0",
+            ),
             source_last_message_age: prometheus::GaugeVec::new(
                 Opts::new("sluice_source_last_message_age_seconds", "Time since the source's last frame"),
                 &["source"],
@@ -376,6 +386,10 @@ impl Metrics {
                 "Records dropped as repeats of a trade id already seen",
             ),
             decode_gaps: gauge_by_source("sluice_decode_trade_id_gaps", "Trade ids missing in a source's sequences"),
+            decode_downtime_gaps: gauge_by_source(
+                "sluice_decode_downtime_trade_id_gaps",
+                "Trade ids the venue sent while sluice was down, found missing at each symbol's first trade after a start",
+            ),
             kafka_sent: counter("sluice_kafka_records_sent_total", "Records handed to the Kafka producer"),
             kafka_delivered: counter("sluice_kafka_records_delivered_total", "Records the brokers acknowledged"),
             kafka_failed: counter(
@@ -429,12 +443,14 @@ impl Metrics {
             Box::new(mirrored.source_dropped.clone()),
             Box::new(mirrored.source_reconnects.clone()),
             Box::new(mirrored.source_up.clone()),
+            Box::new(mirrored.source_finished.clone()),
             Box::new(mirrored.source_last_message_age.clone()),
             Box::new(mirrored.decode_records.clone()),
             Box::new(mirrored.decode_rejects.clone()),
             Box::new(mirrored.decode_duplicates.clone()),
             Box::new(mirrored.decode_resets.clone()),
             Box::new(mirrored.decode_gaps.clone()),
+            Box::new(mirrored.decode_downtime_gaps.clone()),
             Box::new(mirrored.kafka_sent.clone()),
             Box::new(mirrored.kafka_delivered.clone()),
             Box::new(mirrored.kafka_failed.clone()),
@@ -492,6 +508,7 @@ impl Metrics {
         mirror(&m.source_dropped.with_label_values(&labels), s.dropped);
         mirror(&m.source_reconnects.with_label_values(&labels), s.reconnects);
         m.source_up.with_label_values(&labels).set(i64::from(s.up));
+        m.source_finished.with_label_values(&labels).set(i64::from(s.finished));
         if s.last_message_us > 0 {
             m.source_last_message_age.with_label_values(&labels).set((now_us - s.last_message_us).max(0) as f64 / 1e6);
         }
@@ -500,6 +517,7 @@ impl Metrics {
         mirror(&m.decode_duplicates.with_label_values(&labels), s.duplicates);
         mirror(&m.decode_resets.with_label_values(&labels), s.resets);
         m.decode_gaps.with_label_values(&labels).set(i64::try_from(s.gaps).unwrap_or(i64::MAX));
+        m.decode_downtime_gaps.with_label_values(&labels).set(i64::try_from(s.downtime_gaps).unwrap_or(i64::MAX));
     }
 
     /// Copies the local log's positions in: its start and end offsets, the store's committed offset,

@@ -245,6 +245,32 @@ impl RangeReader {
         Ok(done)
     }
 
+    /// The trade-id marks the last `per_partition` records of each partition leave (see
+    /// [`Marks::from_records`]): what the ingest role restores at start on Kafka. A record's
+    /// (source, symbol) lives in one partition, so each symbol's ids are read in the order they
+    /// were written; a symbol with no record in those tails starts afresh.
+    ///
+    /// # Errors
+    /// [`KafkaError::Read`] when the topic cannot be read.
+    pub fn trade_marks(&self, per_partition: i64) -> Result<crate::log::Marks, KafkaError> {
+        let mut from = Positions::new();
+        let mut to = Positions::new();
+        for (p, (low, high)) in self.watermarks()? {
+            from.insert(p, (high - per_partition).max(low));
+            to.insert(p, high);
+        }
+        let mut seen = Vec::new();
+        self.read::<KafkaError>(&mut from, &to, 4096, &AtomicBool::new(false), |records| {
+            for r in records {
+                if let Ok(v) = plugin_sdk::StreamDataView::parse(r) {
+                    seen.push((v.source_id, v.symbol_id, v.trade_id));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(crate::log::Marks::from_records(seen))
+    }
+
     /// Assigns `partitions`, each at its offset in `at`.
     fn assign(&self, at: &Positions, partitions: &BTreeSet<i32>) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();

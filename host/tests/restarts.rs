@@ -1,0 +1,250 @@
+//! Restarts count nothing twice, with the real binary on the local log: a recording replayed by a
+//! file source and killed with SIGKILL three times during its run ends with the same store and the
+//! same dead letters as a run straight through, is not read again once finished, and is refused
+//! when it changes under its path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::SluiceProcess;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-restarts-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The trade id the `chaos` link traps on: its record is dead-lettered by the process role.
+const POISON: u64 = 5_000_777;
+
+/// A Binance combined-stream recording of `n` lines: two symbols, trade times spread over several
+/// minutes; every 997th line cut short (a decode dead letter) and every 1,500th line a repeat of the
+/// trade before it (a duplicate trade id).
+fn recording(path: &Path, n: u64) {
+    let mut text = String::new();
+    let mut last = String::new();
+    for i in 0..n {
+        if i % 997 == 996 {
+            text.push_str("{\"stream\":\"btcusdt@aggTrade\",\"data\":{\"e\":\"aggTrade\"\n");
+            continue;
+        }
+        if i % 1500 == 1499 {
+            text.push_str(&last);
+            continue;
+        }
+        let (stream, symbol) = if i % 3 == 0 { ("ethusdt", "ETHUSDT") } else { ("btcusdt", "BTCUSDT") };
+        let id = 5_000_000 + i;
+        let t = 1_700_000_000_000 + i * 41;
+        let price = 30_000 + (i * 7919) % 500;
+        let qty = 1 + (i * 104_729) % 900;
+        last = format!(
+            "{{\"stream\":\"{stream}@aggTrade\",\"data\":{{\"e\":\"aggTrade\",\"E\":{t},\"s\":\"{symbol}\",\"a\":{id},\
+             \"p\":\"{price}.{:02}\",\"q\":\"0.{qty:03}\",\"f\":{id},\"l\":{id},\"T\":{t},\"m\":{},\"M\":true}}}}\n",
+            i % 100,
+            i % 2 == 0
+        );
+        text.push_str(&last);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn write_config(dir: &Path, recording: &Path, rate: u32, api: &str) -> PathBuf {
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[api]
+bind = "{api}"
+
+[process]
+max_wait_ms = 50
+
+[plugins.chaos]
+path = "{plugins}/chaos.wasm"
+
+[[source]]
+name = "recorded"
+kind = "file"
+path = "{recording}"
+rate = {rate}
+decode = "binance"
+transforms = [{{ plugin = "chaos", config = {{ trap_on_trade_id = "{POISON}" }} }}]
+"#,
+            dir = dir.display(),
+            plugins = env!("SLUICE_PLUGIN_DIR"),
+            recording = recording.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The store's rollup, bucket by bucket: exact columns as they are, the floating sums rounded (their
+/// last bits depend on how rows were batched).
+fn rollup(store: &Path) -> BTreeMap<String, String> {
+    let Ok(conn) = rusqlite::Connection::open(store) else { return BTreeMap::new() };
+    let Ok(mut stmt) = conn.prepare(
+        "SELECT bucket_ms, source, symbol, side, events, qty_sum_e8, price_min, price_max, price_first, first_ms, \
+         price_last, last_ms, qty_sum, notional_sum FROM rollup",
+    ) else {
+        return BTreeMap::new();
+    };
+    stmt.query_map([], |r| {
+        let key = format!(
+            "{} {} {} {}",
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?
+        );
+        let value = format!(
+            "events {} qty_e8 {} min {} max {} first {}@{} last {}@{} qty {:.6} notional {:.3}",
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, f64>(6)?,
+            r.get::<_, f64>(7)?,
+            r.get::<_, f64>(8)?,
+            r.get::<_, i64>(9)?,
+            r.get::<_, f64>(10)?,
+            r.get::<_, i64>(11)?,
+            r.get::<_, f64>(12)?,
+            r.get::<_, f64>(13)?,
+        );
+        Ok((key, value))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+fn events(store: &Path) -> i64 {
+    rollup(store).values().map(|v| v.split(' ').nth(1).unwrap().parse::<i64>().unwrap()).sum()
+}
+
+/// The dead letters of a SQLite file (the log's: decode; the store's: transform), as sorted
+/// (stage, source, plugin, reason, content): a frame as it was read, a record as its fields without
+/// the receive time (which no two runs share).
+fn dead_letters(file: &Path) -> Vec<(String, String, String, String, String)> {
+    let conn = rusqlite::Connection::open(file).unwrap();
+    let mut stmt = conn.prepare("SELECT stage, source, plugin, reason, bytes FROM dead_letters").unwrap();
+    let content = |stage: &str, bytes: Vec<u8>| match stage {
+        "transform" => {
+            let record = plugin_sdk::StreamDataView::parse(&bytes).unwrap().record();
+            format!("{:?}", plugin_sdk::Record { received_at_us: 0, ..record })
+        }
+        _ => String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    let mut out: Vec<_> = stmt
+        .query_map([], |r| {
+            let stage: String = r.get(0)?;
+            let bytes: Vec<u8> = r.get(4)?;
+            Ok((stage.clone(), r.get(1)?, r.get(2)?, r.get(3)?, content(&stage, bytes)))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    out.sort();
+    out
+}
+
+async fn get(api: &str, path: &str) -> serde_json::Value {
+    match reqwest::get(format!("http://{api}{path}")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Waits until the source shows as finished and the store has read the whole log.
+async fn wait_finished(api: &str, log: &Path) {
+    let started = Instant::now();
+    loop {
+        let sources = get(api, "/v1/sources").await;
+        let state = sources["sources"][0]["state"].as_str().unwrap_or_default().to_owned();
+        let lag = get(api, "/v1/log").await["partitions"][0]["lag"].as_i64();
+        if state == "finished" && lag == Some(0) {
+            return;
+        }
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(120), "not finished (state {state}, lag {lag:?}):\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The contract of a restart, end to end: a recording killed three times mid-run equals a run
+/// straight through, bucket by bucket and dead letter by dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
+    let lines = 12_000;
+    // Straight through.
+    let straight = temp_dir("straight");
+    let file = straight.join("trades.jsonl");
+    recording(&file, lines);
+    let api = common::free_addr();
+    let config = write_config(&straight, &file, 0, &api);
+    let mut run = SluiceProcess::run(&config, &straight.join("sluice.log"), &[], None);
+    wait_finished(&api, &straight.join("sluice.log")).await;
+    run.interrupt();
+    let want = rollup(&straight.join("store.sqlite"));
+    let want_decode = dead_letters(&straight.join("log.sqlite"));
+    let want_transform = dead_letters(&straight.join("store.sqlite"));
+    assert_eq!(want_decode.len(), 12, "the cut lines are dead-lettered by decode");
+    assert_eq!(want_transform.len(), 1, "the poison record is dead-lettered by its link");
+    let trades = lines - 12 - 8;
+    assert_eq!(want.values().map(|v| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap()).sum::<u64>(), trades - 1);
+
+    // Paced at 4,000 lines/s (3 s), killed with SIGKILL three times at different points.
+    let killed = temp_dir("killed");
+    let file = killed.join("trades.jsonl");
+    recording(&file, lines);
+    let api = common::free_addr();
+    let config = write_config(&killed, &file, 4000, &api);
+    let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    for (kill, more) in [(1, 1_500), (2, 2_200), (3, 2_900)] {
+        let before = events(&store);
+        let started = Instant::now();
+        while events(&store) < before + more {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(started.elapsed() < Duration::from_secs(90), "no progress before kill {kill}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run.kill_9();
+        run = SluiceProcess::run(&config, &log, &[], None);
+    }
+    wait_finished(&api, &log).await;
+    run.interrupt();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("role=All").count(), 4, "four starts:\n{text}");
+    assert_eq!(rollup(&store), want, "the store after three kills vs straight through\n{text}");
+    assert_eq!(dead_letters(&killed.join("log.sqlite")), want_decode, "decode dead letters");
+    assert_eq!(dead_letters(&store), want_transform, "transform dead letters");
+
+    // Finished: a restart reads nothing again and says so at once.
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    wait_finished(&api, &log).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.interrupt();
+    assert_eq!(rollup(&store), want, "a finished recording was read again");
+
+    // Another recording under the same path is refused, naming the source, and changes nothing.
+    recording(&file, 100);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("source \"recorded\"") && err.contains("changed since it was read"), "{err}");
+    assert_eq!(rollup(&store), want);
+    for dir in [straight, killed] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
