@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// store (no Overlord is needed: the spec is generated, its POST fails and is retried).
     #[arg(long, requires = "brokers")]
     pub druid: bool,
+    /// The local log's `synchronous` setting (`[log] synchronous`), to measure what durability costs.
+    #[arg(long, value_enum)]
+    pub synchronous: Option<crate::log::Synchronous>,
 }
 
 /// The demo's API token: `SLUICE_API_TOKEN` if set, else a fresh random one (printed at start).
@@ -348,6 +351,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ),
         ..Config::default()
     };
+    if let Some(synchronous) = args.synchronous {
+        config.log.synchronous = synchronous;
+    }
     // Every source's records through one wasm transform call per batch, which passes them all.
     config.process.transforms = vec![crate::config::Link::new("rescale")];
     if let Some(brokers) = &args.brokers {

@@ -47,7 +47,7 @@ pub struct LogConfig {
 }
 
 /// SQLite's `synchronous` setting.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
     /// Committed batches survive a crash of the process (`kill -9`).
