@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{debug, info, warn};
 
-use super::feed::{Feed, Frame, now_us};
+use super::feed::{Feed, Frame, Recent, now_us};
 use super::venue::{self, Request as ClientRequest};
 use super::{Control, Shared, Venue, stopped};
 
@@ -275,11 +275,16 @@ impl Connection {
     /// Answers one client message; a message that is not understood gets the venue's error frame.
     async fn request(&mut self, text: &str) -> Result<(), Stop> {
         match venue::parse_request(self.venue, &self.peer, text) {
-            ClientRequest::Subscribe { symbols, id } => {
-                let feeds = self.subscribe(&symbols);
-                let feeds: Vec<&Feed> = feeds.iter().map(Arc::as_ref).collect();
-                for ack in venue::subscribe_acks(self.venue, &self.peer, &id, &feeds, &self.subscribed) {
+            ClientRequest::Subscribe { symbols, id, snapshot } => {
+                let subscribed = self.subscribe(&symbols);
+                let feeds: Vec<&Feed> = subscribed.iter().map(|(feed, _)| feed.as_ref()).collect();
+                for ack in venue::subscribe_acks(self.venue, &self.peer, &id, snapshot, &feeds, &self.subscribed) {
                     self.send(ack.into()).await?;
+                }
+                if snapshot {
+                    for (feed, recent) in &subscribed {
+                        self.send_snapshot(feed, recent.as_ref()).await?;
+                    }
                 }
                 Ok(())
             }
@@ -300,19 +305,32 @@ impl Connection {
         }
     }
 
-    /// Subscribes to `symbols` (once each), starting their generators; returns their feeds.
-    fn subscribe(&mut self, symbols: &[String]) -> Vec<Arc<Feed>> {
+    /// Subscribes to `symbols` (once each), starting their generators; returns their feeds, each with
+    /// the trades it published before this subscription if the subscription is new.
+    fn subscribe(&mut self, symbols: &[String]) -> Vec<(Arc<Feed>, Option<Recent>)> {
         let mut feeds = Vec::with_capacity(symbols.len());
         for symbol in symbols {
             let feed = self.shared.feed(self.venue, symbol);
+            let mut recent = None;
             if !self.subscribed.contains(symbol) {
                 self.shared.start_generator(&feed, &self.running);
-                self.trades.push(deliveries(feed.clone()));
+                let (frames, trades) = feed.subscribe();
+                self.trades.push(deliveries(feed.clone(), frames));
                 self.subscribed.push(symbol.clone());
+                recent = Some(trades);
             }
-            feeds.push(feed);
+            feeds.push((feed, recent));
         }
         feeds
+    }
+
+    /// Sends the venue's snapshot of a feed just subscribed, if it has one; its trades count as sent.
+    async fn send_snapshot(&mut self, feed: &Feed, recent: Option<&Recent>) -> Result<(), Stop> {
+        let Some(recent) = recent else { return Ok(()) };
+        let Some((text, carried)) = venue::snapshot(feed, recent) else { return Ok(()) };
+        self.send(text.into()).await?;
+        feed.record_sent_trades(carried);
+        Ok(())
     }
 
     /// Sends a trade frame and the ones already waiting behind it (up to [`TRADE_BURST`]) with one
@@ -379,8 +397,7 @@ impl Connection {
 }
 
 /// A feed's frames as a stream; it ends only when the feed itself is gone.
-fn deliveries(feed: Arc<Feed>) -> BoxStream<'static, Delivery> {
-    let frames = feed.frames.subscribe();
+fn deliveries(feed: Arc<Feed>, frames: broadcast::Receiver<Arc<Frame>>) -> BoxStream<'static, Delivery> {
     stream::unfold((feed, frames), |(feed, mut frames)| async move {
         let item = match frames.recv().await {
             Ok(frame) => Ok(frame),

@@ -1,7 +1,8 @@
-//! One simulated market per (venue, symbol): the trade generator, its broadcast channel and the record
-//! of which trade ids reached a socket or were skipped on purpose.
+//! One simulated market per (venue, symbol): the trade generator, its broadcast channel, its most
+//! recent trades (for the snapshots new subscribers get) and the record of which trade ids reached a
+//! socket or were skipped on purpose.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,6 +14,9 @@ use super::Venue;
 
 /// Frames a connection may fall behind its feed before it is dropped as a slow consumer.
 const BROADCAST_FRAMES: usize = 16_384;
+
+/// Trades a feed keeps for snapshots: the real venues send up to their last 50 on subscribing.
+pub(super) const RECENT_TRADES: usize = 50;
 
 /// A set of trade ids kept as disjoint, non-adjacent inclusive ranges (ids are mostly consecutive).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,15 +101,36 @@ pub(super) struct Feed {
     pub symbol: String,
     /// Kraken's channel id for this pair (unused elsewhere).
     pub channel_id: u64,
-    /// Every subscribed connection holds a receiver: all see the same trades.
-    pub frames: broadcast::Sender<Arc<Frame>>,
+    /// Every subscribed connection holds a receiver: all see the same trades. Receivers come from
+    /// [`Feed::subscribe`] only, which pairs them with the snapshot.
+    frames: broadcast::Sender<Arc<Frame>>,
     /// Set once the generator task has been spawned (on the first subscription).
     started: AtomicBool,
     /// Ids the generator must consume without sending.
     pending_skips: AtomicU64,
+    /// The last [`RECENT_TRADES`] trades published. Publishing and subscribing both hold this lock,
+    /// so a subscriber's snapshot ends exactly where its broadcast receiver starts.
+    ring: Mutex<Ring>,
     record: Mutex<Record>,
     /// Whether generated trades are kept in the record.
     pub(super) record_trades: bool,
+}
+
+/// A feed's most recent published trades, oldest first (skipped ids are never among them).
+#[derive(Debug, Default)]
+struct Ring {
+    trades: VecDeque<Trade>,
+    /// The generator's tick decimals, to render the trades with.
+    decimals: u32,
+}
+
+/// The trades a feed published before a subscription (at most [`RECENT_TRADES`], oldest first): what
+/// the venue's snapshot is made of.
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    pub trades: Vec<Trade>,
+    /// The tick decimals of their prices.
+    pub decimals: u32,
 }
 
 /// The test-facing record of one feed.
@@ -143,6 +168,7 @@ impl Feed {
             frames: broadcast::channel(BROADCAST_FRAMES).0,
             started: AtomicBool::new(false),
             pending_skips: AtomicU64::new(0),
+            ring: Mutex::new(Ring::default()),
             record: Mutex::new(Record::default()),
             record_trades,
         }
@@ -162,8 +188,37 @@ impl Feed {
         self.pending_skips.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
     }
 
+    /// Broadcasts one rendered frame of `trades` to every subscriber, keeping the trades for the
+    /// snapshots of later subscribers. Only the generator calls this.
+    pub(super) fn publish(&self, frame: Frame, trades: &[Trade], decimals: u32) {
+        let mut ring = self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for trade in trades {
+            if ring.trades.len() == RECENT_TRADES {
+                ring.trades.pop_front();
+            }
+            ring.trades.push_back(trade.clone());
+        }
+        ring.decimals = decimals;
+        // No receivers is fine: trades go on while nobody listens, as on a venue.
+        let _ = self.frames.send(Arc::new(frame));
+    }
+
+    /// Subscribes to the feed's frames and takes its recent trades in one step, so that every trade
+    /// is in exactly one of the two.
+    pub(super) fn subscribe(&self) -> (broadcast::Receiver<Arc<Frame>>, Recent) {
+        let ring = self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let recent = Recent { trades: ring.trades.iter().cloned().collect(), decimals: ring.decimals };
+        (self.frames.subscribe(), recent)
+    }
+
     pub fn record_sent(&self, ids: RangeInclusive<u64>) {
         self.record().sent.insert_range(ids);
+    }
+
+    /// Records the trades of a snapshot as sent (their ids need not be consecutive).
+    pub(super) fn record_sent_trades(&self, trades: &[Trade]) {
+        let mut record = self.record();
+        trades.iter().for_each(|t| record.sent.insert(t.id));
     }
 
     pub fn sent(&self) -> IdSet {

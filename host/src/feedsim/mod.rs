@@ -9,7 +9,8 @@
 //!   or connect to `/binance?streams=btcusdt@aggTrade/ethusdt@aggTrade`.
 //! - `/coinbase`: Coinbase Exchange `match` messages. Subscribe with
 //!   `{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}` (answered with a
-//!   `{"type":"subscriptions",..}` listing the connection's products).
+//!   `{"type":"subscriptions",..}` listing the connection's products, then a `last_match` per
+//!   product, see [Snapshots](#snapshots)).
 //! - `/kraken`: Kraken v1 `[channelID,[[price,volume,time,side,orderType,""],..],"trade","XBT/USD"]`,
 //!   one to three trades a frame. Subscribe with
 //!   `{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}` (answered by one
@@ -29,11 +30,13 @@
 //! - `/kraken-v2`: Kraken v2 `{"channel":"trade","type":"update","data":[..]}` with JSON-number
 //!   prices and sizes, one to three trades a frame. Subscribe with
 //!   `{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"]}}` (answered by one
-//!   `{"method":"subscribe","result":{..},"success":true,..}` per symbol).
+//!   `{"method":"subscribe","result":{..},"success":true,..}` per symbol, then a `snapshot` per
+//!   symbol unless the params say `"snapshot":false`).
 //! - `/coinbase-advanced`: Coinbase Advanced Trade `market_trades` envelopes, one event of one to
 //!   three trades a frame, `side` the maker's. Subscribe with
 //!   `{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}` (answered with a
-//!   `subscriptions` message); `"channel":"heartbeats"` subscribes to heartbeats.
+//!   `subscriptions` message, then a `snapshot` event per product; live events are `update`s);
+//!   `"channel":"heartbeats"` subscribes to heartbeats.
 //!
 //! Kraken connections also get `systemStatus` on connect and `{"event":"heartbeat"}` every
 //! [`FeedSimConfig::kraken_heartbeat_ms`], and `{"event":"ping"}` is answered with `pong`. The same
@@ -52,11 +55,30 @@
 //! Ids are consecutive per symbol (Binance `a`, Coinbase `trade_id`); prices follow a random walk on
 //! the symbol's tick grid (2 to 8 decimals, never below one tick); timestamps come from the real clock.
 //! Everything but the timestamps follows from [`FeedSimConfig::seed`]. Trades made while nobody is
-//! subscribed are lost, as on a venue, which is what a client sees as a gap after a reconnect. A
-//! connection that falls more than a few thousand frames behind is dropped as a slow consumer.
+//! subscribed are lost, as on a venue, which is what a client sees as a gap after a reconnect (less
+//! what a snapshot brings back, below). A connection that falls more than a few thousand frames
+//! behind is dropped as a slow consumer.
 //!
 //! Kraken v1 carries no trade id: the simulator numbers Kraken trades 1, 2, ... internally so that
 //! skips and the records below work the same way, but clients cannot see those numbers.
+//!
+//! # Snapshots
+//! Three venues send recent trades on subscribing, as the real ones do, so a restarted client sees
+//! trades again. Each feed keeps its last 50 published trades (skipped ids are never among them);
+//! a subscription takes them and starts receiving live frames in one step, so the snapshot ends
+//! exactly where its live trades begin. The snapshot's trades are the very trades earlier
+//! subscribers got, ids, prices, sizes and times alike: a client coming back sees again the ones it
+//! already has (to drop by trade id) and those made while it was away (up to 50).
+//! - Kraken v2: `{"channel":"trade","type":"snapshot","data":[..]}`, oldest first, the same fields
+//!   as an `update`; `"data":[]` before the symbol's first trade. The subscribe answer's
+//!   `result.snapshot` says whether one was asked for.
+//! - Coinbase Advanced: a `market_trades` envelope whose one event is
+//!   `{"type":"snapshot","trades":[..]}`, newest first; `"trades":[]` before the first trade.
+//! - Coinbase Exchange: one `{"type":"last_match",..}` per product, the newest trade with the fields
+//!   and `trade_id` of its `match`; none before the first trade.
+//!
+//! A snapshot goes only to the connection that subscribes, once per symbol; its trades count as sent
+//! in [`FeedSimHandle::sent_ids`] once written.
 //!
 //! # Records and faults
 //! [`FeedSimHandle`] reports, per (venue, symbol), which trade ids reached at least one socket
@@ -396,7 +418,7 @@ impl FeedSimHandle {
         self.shared.feed(venue, symbol).skip(n);
     }
 
-    /// The trade ids of the symbol written to at least one socket so far.
+    /// The trade ids of the symbol written to at least one socket so far, in live frames or snapshots.
     pub fn sent_ids(&self, venue: Venue, symbol: &str) -> IdSet {
         self.existing_feed(venue, symbol).map(|f| f.sent()).unwrap_or_default()
     }

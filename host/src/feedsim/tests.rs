@@ -1,6 +1,6 @@
 //! The simulator against real WebSocket clients on loopback.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -57,7 +57,7 @@ async fn next_json(ws: &mut Client) -> Value {
 fn is_trade(venue: Venue, frame: &Value) -> bool {
     match venue {
         Venue::Binance => frame["data"]["e"] == "aggTrade",
-        Venue::Coinbase => frame["type"] == "match",
+        Venue::Coinbase => frame["type"] == "match" || frame["type"] == "last_match",
         Venue::Kraken => frame.is_array(),
         Venue::Okx => frame["arg"]["channel"] == "trades" && frame["data"].is_array(),
         Venue::Bybit => frame["topic"].as_str().is_some_and(|t| t.starts_with("publicTrade.")),
@@ -75,6 +75,36 @@ async fn next_trade(ws: &mut Client, venue: Venue) -> Value {
             return frame;
         }
     }
+}
+
+/// Whether a trade frame is the snapshot sent on subscribing (Coinbase Exchange's `last_match`).
+fn is_snapshot(venue: Venue, frame: &Value) -> bool {
+    match venue {
+        Venue::KrakenV2 => frame["type"] == "snapshot",
+        Venue::CoinbaseAdvanced => frame["events"][0]["type"] == "snapshot",
+        Venue::Coinbase => frame["type"] == "last_match",
+        _ => false,
+    }
+}
+
+/// The trades of a Kraken v2, Coinbase Advanced or Coinbase Exchange trade frame, in frame order.
+fn frame_trades(venue: Venue, frame: &Value) -> Vec<Value> {
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_else(|| panic!("no trades in {frame}"));
+    match venue {
+        Venue::KrakenV2 => list(&frame["data"]),
+        Venue::CoinbaseAdvanced => list(&frame["events"]).iter().flat_map(|e| list(&e["trades"])).collect(),
+        Venue::Coinbase => vec![frame.clone()],
+        other => panic!("{other} is not in this test"),
+    }
+}
+
+/// The trade id of one trade of [`frame_trades`].
+fn id_of(venue: Venue, trade: &Value) -> u64 {
+    match venue {
+        Venue::CoinbaseAdvanced => trade["trade_id"].as_str().and_then(|id| id.parse().ok()),
+        _ => trade["trade_id"].as_u64(),
+    }
+    .unwrap_or_else(|| panic!("no trade id in {trade}"))
 }
 
 /// The trade id of a Binance or Coinbase trade frame.
@@ -625,6 +655,12 @@ async fn newer_venues_ack_send_trades_and_answer_their_keepalives() {
             };
             trades.iter().map(id).collect()
         };
+        if venue == Venue::KrakenV2 {
+            // The symbol's first subscription: nothing traded yet, an empty snapshot.
+            let snapshot = next_trade(&mut ws, venue).await;
+            assert_eq!(snapshot, json!({"channel": "trade", "type": "snapshot", "data": []}));
+            assert_eq!(ack["result"]["snapshot"], true, "{ack}");
+        }
         let first = ids(&next_trade(&mut ws, venue).await);
         let second = ids(&next_trade(&mut ws, venue).await);
         assert_eq!(second[0], first.last().unwrap() + 1, "{venue}");
@@ -666,9 +702,14 @@ async fn coinbase_advanced_heartbeats_on_request_and_kraken_v2_heartbeats() {
     let ack = subscribe(&mut ws, Venue::CoinbaseAdvanced, "ETH-USD").await;
     assert_eq!(ack["channel"], "subscriptions", "{ack}");
     assert_eq!(ack["events"][0]["subscriptions"], json!({"market_trades": ["ETH-USD"]}));
+    // The product's first subscription: nothing traded yet, an empty snapshot.
+    let snapshot = next_json(&mut ws).await;
+    assert_eq!(snapshot["channel"], "market_trades", "{snapshot}");
+    assert_eq!(snapshot["events"], json!([{"type": "snapshot", "trades": []}]));
     for _ in 0..20 {
         let frame = next_json(&mut ws).await;
         assert_eq!(frame["channel"], "market_trades", "a heartbeat before subscribing to them: {frame}");
+        assert_eq!(frame["events"][0]["type"], "update", "{frame}");
         let trade = &frame["events"][0]["trades"][0];
         assert!(trade["side"] == "BUY" || trade["side"] == "SELL", "{frame}");
         assert_eq!(trade["product_id"], "ETH-USD");
@@ -687,5 +728,152 @@ async fn coinbase_advanced_heartbeats_on_request_and_kraken_v2_heartbeats() {
     let status = next_json(&mut ws).await;
     assert_eq!((&status["channel"], &status["data"][0]["system"]), (&json!("status"), &json!("online")), "{status}");
     assert_eq!(next_json(&mut ws).await, json!({"channel": "heartbeat"}));
+    sim.shutdown().await;
+}
+
+/// The venues that send recent trades on subscribing, and a symbol of each.
+const SNAPSHOT_VENUES: [(Venue, &str); 3] =
+    [(Venue::KrakenV2, "BTC/USD"), (Venue::CoinbaseAdvanced, "ETH-USD"), (Venue::Coinbase, "BTC-USD")];
+
+/// Reads `ws`'s live trades (no snapshot) into `seen`, by id, until it holds `until`.
+async fn read_live_until(ws: &mut Client, venue: Venue, seen: &mut BTreeMap<u64, Value>, until: u64) {
+    while seen.last_key_value().is_none_or(|(&last, _)| last < until) {
+        let frame = next_trade(ws, venue).await;
+        assert!(!is_snapshot(venue, &frame), "a second snapshot: {frame}");
+        seen.extend(frame_trades(venue, &frame).into_iter().map(|t| (id_of(venue, &t), t)));
+    }
+}
+
+/// Subscribes the first client of a feed, which gets an empty snapshot (Coinbase Exchange: no
+/// `last_match`) as nothing has traded yet; returns the live trades read after it, by id.
+async fn subscribe_first(ws: &mut Client, venue: Venue, symbol: &str) -> BTreeMap<u64, Value> {
+    subscribe(ws, venue, symbol).await;
+    let first = next_trade(ws, venue).await;
+    let mut seen = BTreeMap::new();
+    if venue == Venue::Coinbase {
+        assert!(!is_snapshot(venue, &first), "{first}");
+        seen.insert(id_of(venue, &first), first);
+    } else {
+        assert!(is_snapshot(venue, &first) && frame_trades(venue, &first).is_empty(), "{venue}: {first}");
+        read_live_until(ws, venue, &mut seen, 0).await;
+    }
+    seen
+}
+
+/// A second subscriber to a running feed first gets the snapshot: exactly the most recent trades the
+/// first subscriber already received, field for field and with their ids (Kraken v2 oldest first,
+/// Coinbase Advanced newest first, Coinbase Exchange the newest alone as `last_match`), then the
+/// live trades that follow them.
+#[tokio::test]
+async fn a_second_subscriber_first_gets_the_most_recent_trades_the_first_received() {
+    let sim = start().await;
+    for (venue, symbol) in SNAPSHOT_VENUES {
+        let mut a = connect(&sim, venue).await;
+        let mut seen = subscribe_first(&mut a, venue, symbol).await;
+        let oldest = *seen.first_key_value().unwrap().0;
+        read_live_until(&mut a, venue, &mut seen, oldest + feed::RECENT_TRADES as u64 + 20).await;
+
+        let mut b = connect(&sim, venue).await;
+        subscribe(&mut b, venue, symbol).await;
+        let snapshot = next_trade(&mut b, venue).await;
+        assert!(is_snapshot(venue, &snapshot), "{venue}: {snapshot}");
+        let trades = frame_trades(venue, &snapshot);
+        let mut ids: Vec<u64> = trades.iter().map(|t| id_of(venue, t)).collect();
+        if venue == Venue::CoinbaseAdvanced {
+            ids.reverse();
+        }
+        let want_len = if venue == Venue::Coinbase { 1 } else { feed::RECENT_TRADES };
+        assert_eq!(ids.len(), want_len, "{venue}: {snapshot}");
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{venue}: {ids:?}");
+        let newest = *ids.last().unwrap();
+        // `a` may not have read as far yet; then what it had received up to the snapshot's newest.
+        read_live_until(&mut a, venue, &mut seen, newest).await;
+        let received: Vec<u64> = seen.keys().copied().filter(|&id| id <= newest).collect();
+        assert!(received.windows(2).all(|w| w[1] == w[0] + 1), "{venue}: {received:?}");
+        assert_eq!(ids, received[received.len() - want_len..], "{venue}");
+        for trade in &trades {
+            let mut want = seen[&id_of(venue, trade)].clone();
+            if venue == Venue::Coinbase {
+                want["type"] = json!("last_match");
+            }
+            assert_eq!(trade, &want, "{venue}");
+        }
+        // Then the live trades, from the one after the snapshot's newest.
+        let next = next_trade(&mut b, venue).await;
+        assert!(!is_snapshot(venue, &next), "{venue}: {next}");
+        assert_eq!(id_of(venue, &frame_trades(venue, &next)[0]), newest + 1, "{venue}: {next}");
+        let sent = sim.handle().sent_ids(venue, symbol);
+        assert!(ids.iter().all(|&id| sent.contains(id)), "{venue}");
+    }
+    sim.shutdown().await;
+}
+
+/// A client back after a while gets, in the snapshot, trades it already had and the trades made
+/// while it was away, which then count as sent.
+#[tokio::test]
+async fn a_returning_client_recovers_trades_made_while_it_was_away() {
+    // 100 trades/s: 50 trades take 500 ms, so a short absence leaves an overlap.
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..config() }).await.unwrap();
+    let handle = sim.handle();
+    for (venue, symbol) in SNAPSHOT_VENUES {
+        let mut ws = connect(&sim, venue).await;
+        let mut seen = subscribe_first(&mut ws, venue, symbol).await;
+        let oldest = *seen.first_key_value().unwrap().0;
+        read_live_until(&mut ws, venue, &mut seen, oldest + 10).await;
+        drop(ws);
+        eventually("the connection to close", || handle.stats().connections_open == 0).await;
+        let sent_before = handle.sent_ids(venue, symbol);
+        let last_sent = sent_before.ranges().last().map(|r| *r.end()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let mut ws = connect(&sim, venue).await;
+        subscribe(&mut ws, venue, symbol).await;
+        let snapshot = next_trade(&mut ws, venue).await;
+        assert!(is_snapshot(venue, &snapshot), "{venue}: {snapshot}");
+        let ids: IdSet = frame_trades(venue, &snapshot).iter().map(|t| id_of(venue, t)).collect();
+        let (first, newest) = ids.ranges().next().map(|r| r.into_inner()).unwrap();
+        assert_eq!(ids.ranges().count(), 1, "{venue}: {ids:?}");
+        // Trades made while nobody was subscribed, never sent until now.
+        assert!(newest > last_sent && !sent_before.contains(newest), "{venue}: {ids:?} after {last_sent}");
+        if venue != Venue::Coinbase {
+            // And trades the client already had, which it drops by id.
+            assert!(first <= last_sent, "{venue}: {ids:?} after {last_sent}");
+        }
+        eventually("the snapshot to count as sent", || {
+            let sent = handle.sent_ids(venue, symbol);
+            (first..=newest).all(|id| sent.contains(id))
+        })
+        .await;
+        drop(ws);
+        eventually("the connection to close", || handle.stats().connections_open == 0).await;
+    }
+    sim.shutdown().await;
+}
+
+/// Kraken v2's `"snapshot": false` gets no snapshot, and its answer says so.
+#[tokio::test]
+async fn kraken_v2_sends_no_snapshot_when_asked_not_to() {
+    let sim = start().await;
+    let mut a = connect(&sim, Venue::KrakenV2).await;
+    let mut seen = subscribe_first(&mut a, Venue::KrakenV2, "ETH/USD").await;
+    let oldest = *seen.first_key_value().unwrap().0;
+    read_live_until(&mut a, Venue::KrakenV2, &mut seen, oldest + 20).await;
+
+    let mut b = connect(&sim, Venue::KrakenV2).await;
+    let request =
+        json!({"method": "subscribe", "params": {"channel": "trade", "symbol": ["ETH/USD"], "snapshot": false}});
+    b.send(Message::text(request.to_string())).await.unwrap();
+    let ack = loop {
+        let frame = next_json(&mut b).await;
+        if frame["channel"] != "status" {
+            break frame;
+        }
+    };
+    assert_eq!((&ack["method"], &ack["success"]), (&json!("subscribe"), &json!(true)), "{ack}");
+    assert_eq!(ack["result"]["snapshot"], false, "{ack}");
+    for _ in 0..5 {
+        let frame = next_trade(&mut b, Venue::KrakenV2).await;
+        assert_eq!(frame["type"], "update", "{frame}");
+    }
     sim.shutdown().await;
 }

@@ -77,7 +77,6 @@ fn publish(feed: &Feed, generator: &Generator, trades: &mut Vec<Trade>) {
         }
     }
     let frame = Frame { text: venue::trade_frame(feed, generator.decimals, trades).into(), ids: first.id..=last.id };
-    // No receivers is fine: trades go on while nobody listens, as on a venue.
-    let _ = feed.frames.send(Arc::new(frame));
+    feed.publish(frame, trades, generator.decimals);
     trades.clear();
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use super::Venue;
-use super::feed::{Feed, Trade, now_us};
+use super::feed::{Feed, Recent, Trade, now_us};
 
 /// What a client's text message asks for.
 #[derive(Debug, PartialEq)]
@@ -19,6 +19,9 @@ pub(super) enum Request {
         /// Binance's `id`, Kraken's `reqid`, Bybit's and Kraken v2's `req_id`, echoed in the answer
         /// (`null` when absent).
         id: Value,
+        /// Whether to send the venue's snapshot of recent trades (Kraken v2's `snapshot` param, true
+        /// unless it says false; always true elsewhere, where only some venues have one).
+        snapshot: bool,
     },
     /// Coinbase Advanced's subscription to the `heartbeats` channel.
     Heartbeats,
@@ -77,7 +80,7 @@ fn parse_binance(message: &Value) -> Result<Request, String> {
     let streams: Vec<&str> =
         params.iter().map(Value::as_str).collect::<Option<_>>().ok_or("Invalid request: params must be strings")?;
     let symbols = binance_streams(streams)?;
-    Ok(Request::Subscribe { symbols, id: request_id(Venue::Binance, message).clone() })
+    Ok(Request::Subscribe { symbols, id: request_id(Venue::Binance, message).clone(), snapshot: true })
 }
 
 /// Stream names (`btcusdt@aggTrade`) to symbols (`BTCUSDT`); only aggTrade streams are simulated.
@@ -117,7 +120,7 @@ fn parse_coinbase(message: &Value) -> Result<Request, String> {
         return Err("product_ids must not be empty".into());
     }
     check_symbols(&products)?;
-    Ok(Request::Subscribe { symbols: products, id: Value::Null })
+    Ok(Request::Subscribe { symbols: products, id: Value::Null, snapshot: true })
 }
 
 /// `{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}` or `{"event":"ping"}`.
@@ -135,7 +138,7 @@ fn parse_kraken(message: &Value) -> Result<Request, String> {
                 return Err("Pair(s) not found".into());
             }
             check_symbols(&pairs)?;
-            Ok(Request::Subscribe { symbols: pairs, id: reqid })
+            Ok(Request::Subscribe { symbols: pairs, id: reqid, snapshot: true })
         }
         _ => Err("Unsupported event".into()),
     }
@@ -158,7 +161,7 @@ fn parse_okx(message: &Value) -> Result<Request, String> {
         return Err("Invalid request: args must not be empty".into());
     }
     check_symbols(&symbols)?;
-    Ok(Request::Subscribe { symbols, id: Value::Null })
+    Ok(Request::Subscribe { symbols, id: Value::Null, snapshot: true })
 }
 
 /// `{"op":"subscribe","args":["publicTrade.BTCUSDT"]}` or `{"op":"ping"}`.
@@ -177,7 +180,7 @@ fn parse_bybit(message: &Value) -> Result<Request, String> {
                 return Err("error:args must not be empty".into());
             }
             check_symbols(&symbols)?;
-            Ok(Request::Subscribe { symbols, id })
+            Ok(Request::Subscribe { symbols, id, snapshot: true })
         }
         _ => Err("error:only op subscribe and ping are simulated".into()),
     }
@@ -191,7 +194,7 @@ fn parse_bitstamp(message: &Value) -> Result<Request, String> {
             let channel = message.pointer("/data/channel").and_then(Value::as_str).unwrap_or_default();
             match channel.strip_prefix("live_trades_") {
                 Some(pair) if valid_symbol(pair) => {
-                    Ok(Request::Subscribe { symbols: vec![pair.to_owned()], id: Value::Null })
+                    Ok(Request::Subscribe { symbols: vec![pair.to_owned()], id: Value::Null, snapshot: true })
                 }
                 _ => Err("Bad subscription string.".into()),
             }
@@ -200,7 +203,8 @@ fn parse_bitstamp(message: &Value) -> Result<Request, String> {
     }
 }
 
-/// `{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"]}}` or `{"method":"ping"}`.
+/// `{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"],"snapshot":false}}` (the
+/// `snapshot` param is optional) or `{"method":"ping"}`.
 fn parse_kraken_v2(message: &Value) -> Result<Request, String> {
     let id = request_id(Venue::KrakenV2, message).clone();
     match message.get("method").and_then(Value::as_str) {
@@ -214,7 +218,12 @@ fn parse_kraken_v2(message: &Value) -> Result<Request, String> {
                 return Err("Missing symbol".into());
             }
             check_symbols(&symbols)?;
-            Ok(Request::Subscribe { symbols, id })
+            // The venue's default: the last 50 trades first.
+            let snapshot = match message.pointer("/params/snapshot") {
+                None => true,
+                Some(value) => value.as_bool().ok_or("snapshot must be a boolean")?,
+            };
+            Ok(Request::Subscribe { symbols, id, snapshot })
         }
         _ => Err("Method not supported".into()),
     }
@@ -229,7 +238,9 @@ fn parse_coinbase_advanced(message: &Value) -> Result<Request, String> {
     check_symbols(&products)?;
     match message.get("channel").and_then(Value::as_str) {
         Some("heartbeats") => Ok(Request::Heartbeats),
-        Some("market_trades") if !products.is_empty() => Ok(Request::Subscribe { symbols: products, id: Value::Null }),
+        Some("market_trades") if !products.is_empty() => {
+            Ok(Request::Subscribe { symbols: products, id: Value::Null, snapshot: true })
+        }
         Some("market_trades") => Err("product_ids must not be empty".into()),
         _ => Err("only the market_trades and heartbeats channels are simulated".into()),
     }
@@ -293,8 +304,16 @@ fn with_req_id(mut answer: Value, id: &Value) -> Value {
 }
 
 /// The answers to a subscription: `new` are the feeds just subscribed, `all` every symbol the
-/// connection is subscribed to now (Coinbase lists them all).
-pub(super) fn subscribe_acks(venue: Venue, peer: &Peer, id: &Value, new: &[&Feed], all: &[String]) -> Vec<String> {
+/// connection is subscribed to now (Coinbase lists them all); `snapshot` is whether a snapshot was
+/// asked for (Kraken v2 says so in its answer).
+pub(super) fn subscribe_acks(
+    venue: Venue,
+    peer: &Peer,
+    id: &Value,
+    snapshot: bool,
+    new: &[&Feed],
+    all: &[String],
+) -> Vec<String> {
     let now = rfc3339_micros(now_us());
     let one_per_feed =
         |ack: &dyn Fn(&Feed) -> Value| -> Vec<String> { new.iter().map(|feed| ack(feed).to_string()).collect() };
@@ -331,7 +350,7 @@ pub(super) fn subscribe_acks(venue: Venue, peer: &Peer, id: &Value, new: &[&Feed
             with_req_id(
                 json!({
                     "method": "subscribe",
-                    "result": {"channel": "trade", "snapshot": false, "symbol": feed.symbol},
+                    "result": {"channel": "trade", "snapshot": snapshot, "symbol": feed.symbol},
                     "success": true,
                     "time_in": now,
                     "time_out": now,
@@ -478,6 +497,35 @@ pub(super) fn oversized_frame(venue: Venue, size: usize) -> String {
     frame
 }
 
+/// What the venue sends a new subscriber of `feed` before its live trades, built from the feed's
+/// `recent` trades (the same ones earlier subscribers got), and the trades it carries; `None` if the
+/// venue sends nothing:
+/// - Kraken v2: one `{"channel":"trade","type":"snapshot","data":[..]}`, oldest first, `data` empty
+///   when there are no trades yet.
+/// - Coinbase Advanced: one `market_trades` envelope with a `snapshot` event, newest first, `trades`
+///   empty when there are no trades yet.
+/// - Coinbase Exchange: a `last_match` of the most recent trade, nothing when there is none.
+pub(super) fn snapshot<'r>(feed: &Feed, recent: &'r Recent) -> Option<(String, &'r [Trade])> {
+    let (trades, decimals) = (recent.trades.as_slice(), recent.decimals);
+    let mut out = String::with_capacity(96 + 200 * trades.len());
+    let symbol = feed.symbol.as_str();
+    // Writing to a String cannot fail.
+    let _ = match feed.venue {
+        Venue::KrakenV2 => kraken_v2_trades(&mut out, "snapshot", symbol, decimals, trades),
+        Venue::CoinbaseAdvanced => {
+            let newest_first: Vec<Trade> = trades.iter().rev().cloned().collect();
+            coinbase_advanced_trades(&mut out, "snapshot", now_us(), symbol, decimals, &newest_first)
+        }
+        Venue::Coinbase => {
+            let (newest, _) = trades.split_last()?;
+            let _ = coinbase_trade(&mut out, "last_match", symbol, decimals, newest);
+            return Some((out, std::slice::from_ref(newest)));
+        }
+        Venue::Binance | Venue::Kraken | Venue::Okx | Venue::Bybit | Venue::Bitstamp => return None,
+    };
+    Some((out, trades))
+}
+
 /// Renders one frame carrying `trades` (one trade on Binance, Coinbase and Bitstamp, one to three
 /// elsewhere) of `feed`, whose prices have `decimals` tick decimals.
 pub(super) fn trade_frame(feed: &Feed, decimals: u32, trades: &[Trade]) -> String {
@@ -486,13 +534,16 @@ pub(super) fn trade_frame(feed: &Feed, decimals: u32, trades: &[Trade]) -> Strin
     // Writing to a String cannot fail.
     let _ = match feed.venue {
         Venue::Binance => trades.iter().try_for_each(|t| binance_trade(&mut out, symbol, t)),
-        Venue::Coinbase => trades.iter().try_for_each(|t| coinbase_trade(&mut out, symbol, decimals, t)),
+        Venue::Coinbase => trades.iter().try_for_each(|t| coinbase_trade(&mut out, "match", symbol, decimals, t)),
         Venue::Kraken => kraken_trades(&mut out, feed, decimals, trades),
         Venue::Okx => okx_trades(&mut out, symbol, decimals, trades),
         Venue::Bybit => bybit_trades(&mut out, symbol, decimals, trades),
         Venue::Bitstamp => trades.iter().try_for_each(|t| bitstamp_trade(&mut out, symbol, decimals, t)),
-        Venue::KrakenV2 => kraken_v2_trades(&mut out, symbol, decimals, trades),
-        Venue::CoinbaseAdvanced => coinbase_advanced_trades(&mut out, symbol, decimals, trades),
+        Venue::KrakenV2 => kraken_v2_trades(&mut out, "update", symbol, decimals, trades),
+        Venue::CoinbaseAdvanced => {
+            let time_us = trades.last().map_or(0, |t| t.time_us);
+            coinbase_advanced_trades(&mut out, "update", time_us, symbol, decimals, trades)
+        }
     };
     out
 }
@@ -567,9 +618,9 @@ fn bitstamp_trade(out: &mut String, pair: &str, decimals: u32, t: &Trade) -> std
 }
 
 /// `{"channel":"trade","type":"update","data":[{"symbol","side","price","qty","ord_type","trade_id","timestamp"},..]}`
-/// with `price` and `qty` as JSON numbers.
-fn kraken_v2_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
-    out.push_str(r#"{"channel":"trade","type":"update","data":["#);
+/// with `price` and `qty` as JSON numbers; `kind` is `update` or `snapshot`, which share the schema.
+fn kraken_v2_trades(out: &mut String, kind: &str, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
+    write!(out, r#"{{"channel":"trade","type":"{kind}","data":["#)?;
     for (i, t) in trades.iter().enumerate() {
         write!(
             out,
@@ -591,12 +642,20 @@ fn kraken_v2_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Tra
     Ok(())
 }
 
-/// One `market_trades` envelope with one `update` event; `side` is the maker's.
-fn coinbase_advanced_trades(out: &mut String, symbol: &str, decimals: u32, trades: &[Trade]) -> std::fmt::Result {
-    let (time_us, sequence) = trades.last().map_or((0, 0), |t| (t.time_us, t.sequence));
+/// One `market_trades` envelope sent at `time_us` with one event of `kind` (`update` or `snapshot`);
+/// `side` is the maker's. `sequence_num` is the highest trade sequence in it, so it never goes back.
+fn coinbase_advanced_trades(
+    out: &mut String,
+    kind: &str,
+    time_us: u64,
+    symbol: &str,
+    decimals: u32,
+    trades: &[Trade],
+) -> std::fmt::Result {
+    let sequence = trades.iter().map(|t| t.sequence).max().unwrap_or(0);
     write!(
         out,
-        r#"{{"channel":"market_trades","client_id":"","timestamp":"{}","sequence_num":{sequence},"events":[{{"type":"update","trades":["#,
+        r#"{{"channel":"market_trades","client_id":"","timestamp":"{}","sequence_num":{sequence},"events":[{{"type":"{kind}","trades":["#,
         rfc3339_micros(time_us),
     )?;
     for (i, t) in trades.iter().enumerate() {
@@ -639,14 +698,16 @@ fn binance_trade(out: &mut String, symbol: &str, t: &Trade) -> std::fmt::Result 
     )
 }
 
-fn coinbase_trade(out: &mut String, symbol: &str, decimals: u32, t: &Trade) -> std::fmt::Result {
+/// A `match`, or with `kind` `last_match` the same trade again for a new subscriber.
+fn coinbase_trade(out: &mut String, kind: &str, symbol: &str, decimals: u32, t: &Trade) -> std::fmt::Result {
     write!(
         out,
         concat!(
-            r#"{{"type":"match","trade_id":{id},"maker_order_id":"{maker}","taker_order_id":"{taker}","#,
+            r#"{{"type":"{kind}","trade_id":{id},"maker_order_id":"{maker}","taker_order_id":"{taker}","#,
             r#""side":"{side}","size":"{size}","price":"{price}","product_id":"{symbol}","#,
             r#""sequence":{seq},"time":"{time}"}}"#,
         ),
+        kind = kind,
         id = t.id,
         maker = uuid(t.maker_order),
         taker = uuid(t.taker_order),
@@ -735,6 +796,7 @@ mod tests {
         let subscribe = |symbols: &[&str], id: Value| Request::Subscribe {
             symbols: symbols.iter().map(|s| s.to_string()).collect(),
             id,
+            snapshot: true,
         };
         assert_eq!(
             sub(Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethbtc@aggTrade"],"id":7}"#),
@@ -778,6 +840,13 @@ mod tests {
             ),
             subscribe(&["BTC/USD", "ETH/USD"], json!(4))
         );
+        assert_eq!(
+            sub(
+                Venue::KrakenV2,
+                r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"],"snapshot":false}}"#
+            ),
+            Request::Subscribe { symbols: vec!["BTC/USD".into()], id: Value::Null, snapshot: false }
+        );
         assert_eq!(sub(Venue::KrakenV2, r#"{"method":"ping","req_id":5}"#), Request::Ping { reqid: json!(5) });
         assert_eq!(
             sub(Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}"#),
@@ -805,6 +874,10 @@ mod tests {
             (Venue::Bitstamp, r#"{"event":"subscribe"}"#),
             (Venue::KrakenV2, r#"{"method":"subscribe","params":{"channel":"book","symbol":["BTC/USD"]}}"#),
             (Venue::KrakenV2, r#"{"method":"subscribe","params":{"channel":"trade"}}"#),
+            (
+                Venue::KrakenV2,
+                r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"],"snapshot":"no"}}"#,
+            ),
             (Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"level2"}"#),
             (Venue::CoinbaseAdvanced, r#"{"type":"subscribe","channel":"market_trades"}"#),
         ];
@@ -828,7 +901,9 @@ mod tests {
         let feed = |venue, symbol: &str| Feed::new(venue, symbol.into(), 0, false);
         fn check<P: plugin_sdk::Plugin>(venue: Venue, peer: &Peer, feed: &Feed, ping: Option<&Value>) {
             let mut h = Harness::<P>::new(&[]).unwrap();
-            let mut frames = subscribe_acks(venue, peer, &json!(1), &[feed], std::slice::from_ref(&feed.symbol));
+            let all = std::slice::from_ref(&feed.symbol);
+            let mut frames = subscribe_acks(venue, peer, &json!(1), true, &[feed], all);
+            frames.extend(subscribe_acks(venue, peer, &json!(2), false, &[feed], all));
             frames.extend(ping.map(|id| pong(venue, peer, id)));
             frames.extend(greeting(venue, peer));
             frames.extend(heartbeat(venue, peer, 1));
@@ -886,6 +961,56 @@ mod tests {
         check::<bitstamp::Bitstamp>(Venue::Bitstamp, "btcusd");
         check::<kraken_v2::KrakenV2>(Venue::KrakenV2, "BTC/USD");
         check::<coinbase_advanced::CoinbaseAdvanced>(Venue::CoinbaseAdvanced, "SOL-USD");
+    }
+
+    /// The snapshots decode with the venues' real plugins into the very records the same trades gave
+    /// in live frames (ids, prices, sizes, sides, times), so the host drops those it already logged
+    /// by trade id; Kraken v2's oldest first, Coinbase Advanced's newest first, and Coinbase's
+    /// `last_match` only the newest trade.
+    #[test]
+    fn snapshots_decode_to_the_records_of_the_same_live_trades() {
+        fn check<P: plugin_sdk::Plugin>(venue: Venue, symbol: &str) {
+            let feed = Feed::new(venue, symbol.into(), 0, false);
+            let mut generator = Generator::new(5, venue, symbol);
+            let mut harness = Harness::<P>::new(&[]).unwrap();
+            let trades: Vec<Trade> = (0..80).map(|n| generator.trade(1_700_000_000_123_456 + 1_000 * n)).collect();
+            let mut live = std::collections::HashMap::new();
+            for t in &trades {
+                let frame = trade_frame(&feed, generator.decimals, std::slice::from_ref(t));
+                for r in harness.decode(frame.as_bytes()).unwrap() {
+                    live.insert(r.trade_id, r);
+                }
+            }
+            let empty = Recent { trades: Vec::new(), decimals: generator.decimals };
+            match snapshot(&feed, &empty) {
+                Some((frame, carried)) => {
+                    assert!(carried.is_empty() && venue != Venue::Coinbase, "{venue}: {frame}");
+                    assert_eq!(harness.decode(frame.as_bytes()), Ok(vec![]), "{venue}: {frame}");
+                }
+                None => assert_eq!(venue, Venue::Coinbase),
+            }
+            let recent = Recent { trades: trades[30..].to_vec(), decimals: generator.decimals };
+            let (frame, carried) = snapshot(&feed, &recent).unwrap();
+            let mut want: Vec<u64> = carried.iter().map(|t| t.id).collect();
+            match venue {
+                Venue::Coinbase => assert_eq!(want, [trades[79].id]),
+                _ => assert_eq!(want, (trades[30].id..=trades[79].id).collect::<Vec<_>>()),
+            }
+            if venue == Venue::CoinbaseAdvanced {
+                want.reverse();
+            }
+            let records = harness.decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{venue}: {e}: {frame}"));
+            assert_eq!(records.iter().map(|r| r.trade_id).collect::<Vec<_>>(), want, "{frame}");
+            for r in &records {
+                assert_eq!(Some(r), live.get(&r.trade_id), "{venue}");
+            }
+        }
+        check::<kraken_v2::KrakenV2>(Venue::KrakenV2, "BTC/USD");
+        check::<coinbase_advanced::CoinbaseAdvanced>(Venue::CoinbaseAdvanced, "ETH-USD");
+        check::<coinbase::Coinbase>(Venue::Coinbase, "SOL-USD");
+        let feed = Feed::new(Venue::Binance, "BTCUSDT".into(), 0, false);
+        let recent = Recent { trades: vec![Generator::new(1, Venue::Binance, "BTCUSDT").trade(1)], decimals: 2 };
+        assert_eq!(snapshot(&feed, &recent), None, "Binance sends no snapshot");
     }
 
     #[test]

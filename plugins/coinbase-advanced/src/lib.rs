@@ -26,6 +26,11 @@
 //! keeps the taker's side, as every sluice decoder does. Every trade of every event gives one record,
 //! in order; the envelope's `timestamp` (when the message was sent) is not the trade time.
 //!
+//! A `snapshot` event's trades (the most recent ones, newest first) are records like an `update`'s,
+//! with their own `trade_id`s. A client that subscribes again (a restart, a reconnect) gets trades it
+//! already logged among them: the host drops those by trade id and keeps the ones it missed, so the
+//! decoder need not tell them apart.
+//!
 //! # What produces nothing, and what is refused
 //! - Other channels push nothing: `subscriptions` (the answer to a subscribe), `heartbeats`
 //!   (`{"channel":"heartbeats",...,"events":[{"current_time":"...","heartbeat_counter":"3049"}]}`),
@@ -179,6 +184,44 @@ mod tests {
                 trade("ETH-USD", 187_480_000_000, 300_000_000, 1_687_552_286_999, true, 119_004_411),
             ]
         );
+    }
+
+    /// A snapshot event's trades decode like an update's, in the event's order (newest first): a
+    /// trade seen in both gives the same record, with its trade id, for the host to drop as a
+    /// duplicate.
+    #[test]
+    fn snapshot_trades_are_records_with_their_trade_ids() {
+        let mut h = harness();
+        let t = |id: u64, side: &str, price: &str| {
+            format!(
+                r#"{{"trade_id":"{id}","product_id":"BTC-USD","price":"{price}","size":"0.02","side":"{side}","time":"2023-06-23T20:31:2{}.5Z"}}"#,
+                id % 10
+            )
+        };
+        let envelope = |kind: &str, trades: &[String]| {
+            format!(
+                r#"{{"channel":"market_trades","client_id":"","timestamp":"2023-06-23T20:31:30Z","sequence_num":4,"events":[{{"type":"{kind}","trades":[{}]}}]}}"#,
+                trades.join(",")
+            )
+        };
+        let update = envelope("update", &[t(572_853_126, "BUY", "30412.5")]);
+        let snapshot = envelope(
+            "snapshot",
+            &[t(572_853_127, "SELL", "30412.6"), t(572_853_126, "BUY", "30412.5"), t(572_853_125, "SELL", "30412.57")],
+        );
+        let live = h.decode_named(update.as_bytes()).unwrap();
+        let snap = h.decode_named(snapshot.as_bytes()).unwrap();
+        assert_eq!(
+            snap,
+            [
+                trade("BTC-USD", 3_041_260_000_000, 2_000_000, 1_687_552_287_500, true, 572_853_127),
+                trade("BTC-USD", 3_041_250_000_000, 2_000_000, 1_687_552_286_500, false, 572_853_126),
+                trade("BTC-USD", 3_041_257_000_000, 2_000_000, 1_687_552_285_500, true, 572_853_125),
+            ]
+        );
+        assert_eq!(snap[1], live[0]);
+        // Subscribing before the product's first trade: an empty snapshot.
+        assert_eq!(h.decode(envelope("snapshot", &[]).as_bytes()), Ok(vec![]));
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //!  "time":"2021-04-17T16:43:37.089723Z"}
 //! ```
 //!
-//! `last_match` (sent once per product on subscribing) has the same fields.
+//! `last_match` (sent once per product on subscribing: the product's most recent trade) has the same
+//! fields and gives the same record as that trade's `match`, `trade_id` included. A client that
+//! subscribes again (a restart, a reconnect) may have logged that trade already: the host drops it by
+//! trade id, or keeps it if it was missed, so the decoder need not tell them apart.
 //!
 //! | field        | meaning                                  | record                               |
 //! |--------------|------------------------------------------|--------------------------------------|
@@ -209,6 +212,18 @@ mod tests {
             one(&mut h, line(107)),
             ("SKL-USD".into(), trade(79_020_000, 1_800_000_000, 1_618_677_846_669, false, 1_568_319))
         );
+    }
+
+    /// A `last_match` is the record of the trade's `match`, trade id included, for the host to drop
+    /// as a duplicate when it already has it.
+    #[test]
+    fn last_match_is_the_record_of_its_match() {
+        let mut h = harness();
+        let matched = r#"{"type":"match","trade_id":1568319,"maker_order_id":"8d275e33-4b41-4648-b135-b407f85c6897","taker_order_id":"460227d8-3765-4185-8b7f-d9ee118403a2","side":"buy","size":"18","price":"0.7902","product_id":"SKL-USD","sequence":201390101,"time":"2021-04-17T16:44:06.669312Z"}"#;
+        let last = matched.replace(r#""type":"match""#, r#""type":"last_match""#);
+        let want = ("SKL-USD".to_string(), trade(79_020_000, 1_800_000_000, 1_618_677_846_669, false, 1_568_319));
+        assert_eq!(one(&mut h, matched), want);
+        assert_eq!(one(&mut h, &last), want);
     }
 
     #[test]

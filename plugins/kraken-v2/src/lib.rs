@@ -20,6 +20,10 @@
 //! | `side`      | side of the **taker** order, `buy`/`sell` | `is_buy = (side == "buy")`           |
 //! | `trade_id`  | integer, a sequence number unique per book| `trade_id`                           |
 //!
+//! A snapshot's trades are records like an update's, with their own `trade_id`s. A client that
+//! subscribes again (a restart, a reconnect) gets trades it already logged among them: the host drops
+//! those by trade id and keeps the ones it missed, so the decoder need not tell them apart.
+//!
 //! Unlike v1, v2 writes `price` and `qty` as JSON numbers. They are read from the number's own text
 //! with [`parse_e8`], never through a float, so `0.5117` is exactly `51_170_000`; a number with more
 //! than eight significant decimals is refused rather than rounded. `ord_type` is ignored. v2 spells
@@ -191,6 +195,39 @@ mod tests {
                 trade("BTC/USD", 2_627_000_000_000, 20_000, 1_695_628_178_999, false, 62_511_545),
             ]
         );
+    }
+
+    /// A snapshot's trades decode like an update's: a trade seen in both gives the same record, with
+    /// its trade id, for the host to drop as a duplicate.
+    #[test]
+    fn snapshot_trades_are_records_with_their_trade_ids() {
+        let mut h = harness();
+        let t = |id: u64, side: &str, price: &str| {
+            format!(
+                r#"{{"symbol":"BTC/USD","side":"{side}","price":{price},"qty":0.5,"ord_type":"limit","trade_id":{id},"timestamp":"2023-09-25T07:49:3{}.5Z"}}"#,
+                id % 10
+            )
+        };
+        let update = format!(r#"{{"channel":"trade","type":"update","data":[{}]}}"#, t(62_511_544, "sell", "26270.2"));
+        let snapshot = format!(
+            r#"{{"channel":"trade","type":"snapshot","data":[{},{},{}]}}"#,
+            t(62_511_543, "buy", "26270.3"),
+            t(62_511_544, "sell", "26270.2"),
+            t(62_511_545, "buy", "26270")
+        );
+        let live = h.decode_named(update.as_bytes()).unwrap();
+        let snap = h.decode_named(snapshot.as_bytes()).unwrap();
+        assert_eq!(
+            snap,
+            [
+                trade("BTC/USD", 2_627_030_000_000, 50_000_000, 1_695_628_173_500, true, 62_511_543),
+                trade("BTC/USD", 2_627_020_000_000, 50_000_000, 1_695_628_174_500, false, 62_511_544),
+                trade("BTC/USD", 2_627_000_000_000, 50_000_000, 1_695_628_175_500, true, 62_511_545),
+            ]
+        );
+        assert_eq!(snap[1], live[0]);
+        // Subscribing before the symbol's first trade: an empty snapshot.
+        assert_eq!(h.decode(br#"{"channel":"trade","type":"snapshot","data":[]}"#), Ok(vec![]));
     }
 
     #[test]
