@@ -390,3 +390,62 @@ async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downti
     assert!(kraken > 0 && kraken <= handle.sent_ids(Venue::Kraken, "XBT/USD").len(), "kraken v1: {kraken} logged");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A log that lost its last commits (a power cut with `synchronous = "normal"`, played here by
+/// putting back an older copy of the log) leaves the store ahead of it: the start is refused with
+/// the way out, and `--resume-past-lost-log-tail` goes on from the store's position, keeping every
+/// row the store counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
+    let dir = temp_dir("lost-tail");
+    let file = dir.join("trades.jsonl");
+    recording(&file, 2_000);
+    let api = common::free_addr();
+    let config = write_config(&dir, &file, 0, &api);
+    let log = dir.join("sluice.log");
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    wait_finished(&api, &log).await;
+    run.interrupt();
+    let saved = dir.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in ["log.sqlite", "log.sqlite-wal", "log.sqlite-shm"] {
+        let _ = std::fs::copy(dir.join(f), saved.join(f));
+    }
+    // The recording grows; its new lines reach the log and the store.
+    let mut more = std::fs::read_to_string(&file).unwrap();
+    recording(&dir.join("more.jsonl"), 4_000);
+    let longer = std::fs::read_to_string(dir.join("more.jsonl")).unwrap();
+    more.push_str(&longer[more.len()..]);
+    std::fs::write(&file, more).unwrap();
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    wait_finished(&api, &log).await;
+    run.interrupt();
+    let counted = rollup(&dir.join("store.sqlite"));
+    // The log loses what it committed since the copy.
+    for f in ["log.sqlite", "log.sqlite-wal", "log.sqlite-shm"] {
+        let _ = std::fs::remove_file(dir.join(f));
+        let _ = std::fs::copy(saved.join(f), dir.join(f));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--resume-past-lost-log-tail"), "{err}");
+    let mut run = SluiceProcess::run(&config, &log, &["--resume-past-lost-log-tail"], None);
+    wait_finished(&api, &log).await;
+    let status = get(&api, "/v1/log").await;
+    run.interrupt();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the local log lost its last records"), "{text}");
+    // Nothing the store counted is lost, and the log goes on past the store's old position.
+    let after = rollup(&dir.join("store.sqlite"));
+    for (bucket, row) in &counted {
+        let events = |v: &str| v.split(' ').nth(1).unwrap().parse::<i64>().unwrap();
+        assert!(after.get(bucket).is_some_and(|a| events(a) >= events(row)), "bucket {bucket} lost rows");
+    }
+    let partition = &status["partitions"][0];
+    assert_eq!(partition["lag"], 0, "{status}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -103,6 +103,11 @@ pub struct RunArgs {
     /// Where the HTTP API listens, overriding `[api] bind`.
     #[arg(long)]
     pub api_addr: Option<std::net::SocketAddr>,
+    /// For this start only: when the embedded store is ahead of the local log (the log lost its
+    /// last commits in a power cut with `[log] synchronous = "normal"`, and the store had already
+    /// counted them), go on appending from the store's position instead of refusing to start.
+    #[arg(long)]
+    pub resume_past_lost_log_tail: bool,
 }
 
 /// Arguments of `sluice check-config`.
@@ -156,6 +161,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 config.api.bind = addr;
             }
             config.api.token = crate::api::Secret::from_env();
+            config.log.resume_past_lost_tail = args.resume_past_lost_log_tail;
             runtime()?.block_on(serve(config, args.role))
         }
         Command::Replay(args) => runtime()?.block_on(replay::run(args)),

@@ -182,6 +182,32 @@ impl LocalLog {
         Ok(())
     }
 
+    /// Moves the log's end up to `next`, the position of a store that counted records this log lost
+    /// (its last commits, in a power cut with `synchronous = normal`): appending goes on from there, so
+    /// the store and the log agree again and nothing is counted twice. Does nothing when `next` is
+    /// not past the end.
+    ///
+    /// # Errors
+    /// [`LogError::Sqlite`] when the new end cannot be written.
+    pub fn resume_at(&self, next: i64) -> Result<(), LogError> {
+        let mut end = self.shared.end.lock().unwrap_or_else(|p| p.into_inner());
+        if next <= *end {
+            return Ok(());
+        }
+        let conn = connect(&self.path, &self.config)?;
+        conn.execute(
+            "INSERT INTO log_meta (key, value) VALUES ('end', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [next],
+        )
+        .map_err(LogError::Sqlite)?;
+        tracing::warn!(lost = next - *end, from = *end, to = next, log = %self.path.display(), "the local log lost its last records; the store had counted them, appending goes on from its position");
+        *end = next;
+        if self.shared.start.load(Ordering::SeqCst) > next {
+            self.shared.start.store(next, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// Starts the appender thread and returns the writer that feeds it. `stats` counts as the Kafka
     /// producer's do: `sent` when handed over, `delivered` when committed.
     ///

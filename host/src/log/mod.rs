@@ -44,6 +44,10 @@ pub struct LogConfig {
     /// power cut, at a sync per commit.
     #[serde(default)]
     pub synchronous: Synchronous,
+    /// Set for one start by `sluice run --resume-past-lost-log-tail`: a store ahead of its log is
+    /// taken to mean the log lost its last commits, and appending goes on from the store's position.
+    #[serde(skip)]
+    pub resume_past_lost_tail: bool,
 }
 
 /// SQLite's `synchronous` setting.
@@ -73,6 +77,7 @@ impl Default for LogConfig {
             retention_bytes: defaults::retention_bytes(),
             max_bytes: defaults::max_bytes(),
             synchronous: Synchronous::default(),
+            resume_past_lost_tail: false,
         }
     }
 }

@@ -337,7 +337,14 @@ async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result
         let log = LocalLog::open(&path, &log_config)?;
         if let Some(store) = store {
             let offsets = EmbeddedStore::open(&store, Duration::from_secs(60))?.offsets(POSITION_TOPIC)?;
-            log.check_position(offsets.iter().find(|o| o.1 == 0).map(|o| o.2))?;
+            let position = offsets.iter().find(|o| o.1 == 0).map(|o| o.2);
+            match log.check_position(position) {
+                Err(crate::log::LogError::StoreAhead { store, .. }) if log_config.resume_past_lost_tail => {
+                    log.resume_at(store)?;
+                    log.check_position(position)?;
+                }
+                checked => checked?,
+            }
         }
         let symbols = Arc::new(Symbols::local(log.path()).context("symbol dictionary")?);
         let writer = Arc::new(Writer::Local(log.writer(Arc::new(ProducerStats::default()))?));
