@@ -533,8 +533,10 @@ fn replay_batch(
             .map(|v| v.record())
             .collect();
         for link in chain.iter_mut() {
-            let out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
+            let mut out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
             progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
+            // As live: the link's records are this source's, whatever source id it wrote.
+            out.stamp_source(*source);
             parsed = out.parsed;
             batch = out.records;
         }
