@@ -124,6 +124,7 @@ pub async fn replay(
                 names: HashMap::new(),
                 range,
                 by_source: BTreeMap::new(),
+                left_out: BTreeMap::new(),
             },
             stop,
         },
@@ -375,6 +376,13 @@ impl Job {
                 (Written::Topic(druid.topic), 0)
             }
         };
+        let unnamed = reading.replayer.unnamed_sources();
+        if !unnamed.is_empty() {
+            tracing::warn!(
+                sources = %unnamed.join(", "),
+                "records of sources this configuration does not name were left out of the replay"
+            );
+        }
         let p = &reading.replayer.progress;
         Ok(ReplaySummary {
             written,
@@ -423,6 +431,9 @@ fn into_store(
             }
             reading.pass(&mut next, &target, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
         }
+        // The swap deletes the range's buckets of every source: refused, before and inside it (the
+        // last stretch read there), when records of a source this replay cannot rebuild were read.
+        reading.replayer.refuse_unnamed()?;
         store.swap_into_rollup(&table, range, &topic, |positions| {
             let mut tail = Vec::new();
             for p in positions.keys() {
@@ -432,6 +443,7 @@ fn into_store(
                 tail.extend(rows);
                 Ok(())
             })?;
+            reading.replayer.refuse_unnamed()?;
             Ok::<_, anyhow::Error>(tail)
         })?;
         Ok("rollup".to_owned())
@@ -470,6 +482,9 @@ struct Replayer {
     range: (i64, Option<i64>),
     /// Per-source input buffers, reused.
     by_source: BTreeMap<u32, Vec<u8>>,
+    /// Records in the range of sources the configuration does not name, by source id: left out,
+    /// so a replay into `rollup` is refused (it would delete their buckets and rebuild nothing).
+    left_out: BTreeMap<u32, u64>,
 }
 
 impl Replayer {
@@ -484,6 +499,10 @@ impl Replayer {
             let Ok(view) = StreamDataView::parse(bytes) else { continue };
             if view.timestamp_ms >= since && until.is_none_or(|u| view.timestamp_ms < u) {
                 in_range += 1;
+                if !self.chains.contains_key(&view.source_id) {
+                    *self.left_out.entry(view.source_id).or_default() += 1;
+                    continue;
+                }
                 push_delimited(self.by_source.entry(view.source_id).or_default(), view.as_bytes());
             }
         }
@@ -508,6 +527,34 @@ impl Replayer {
                 volume_e8: v.volume_e8,
             })
             .collect())
+    }
+
+    /// The sources the configuration does not name whose records were in the range so far, each
+    /// as `name (id N, M records)`; records of ids that are no source's in the dictionary are not
+    /// among them (the live role never rolled them up: it dead-letters them).
+    fn unnamed_sources(&self) -> Vec<String> {
+        self.left_out
+            .iter()
+            .filter_map(|(id, n)| self.symbols.source_name(*id).map(|name| format!("{name} (id {id}, {n} records)")))
+            .collect()
+    }
+
+    /// Refuses a replay into `rollup` that met records of sources it cannot rebuild: replacing the
+    /// range's buckets would delete theirs.
+    ///
+    /// # Errors
+    /// A message naming those sources.
+    fn refuse_unnamed(&self) -> anyhow::Result<()> {
+        let unnamed = self.unnamed_sources();
+        if unnamed.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the range holds records of sources this configuration does not name: {}. Replacing the range's \
+             buckets of rollup would delete theirs without rebuilding them, so nothing was changed: add them to \
+             the configuration ([[source]] with their chains), or replay --into a table of its own",
+            unnamed.join(", ")
+        )
     }
 }
 
