@@ -14,7 +14,8 @@
 //!   its chain, with retry and bisection.
 //! - [`sink`]: where rows land: the embedded SQLite store, or Druid through a Kafka topic.
 //! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
-//! - [`config`]: the TOML configuration, one table per stage.
+//! - [`config`]: the TOML configuration, one table per stage; [`datadir`]: the lock that makes one
+//!   process the owner of a data directory.
 //! - [`pipeline`]: the only place that wires the stages together ([`pipeline::start`],
 //!   [`pipeline::run`]), with the ingest and process roles and [`pipeline::replay`].
 //! - [`cli`]: the command line, including `sluice plugin new|test`, `demo`, `bench`, `replay` and
@@ -27,6 +28,7 @@ pub mod breaker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod datadir;
 pub mod decode;
 pub mod feedsim;
 pub mod log;

@@ -25,6 +25,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::log::kafka::{KafkaConfig, KafkaError};
 
+/// What a source's name is kept under in the dictionary: no venue symbol starts with it.
+const SOURCE_PREFIX: &str = "\u{1}source:";
+
 /// A shared, thread-safe symbol dictionary.
 pub struct Symbols {
     inner: RwLock<Inner>,
@@ -220,10 +223,15 @@ impl Symbols {
     /// # Errors
     /// [`KafkaError::Symbols`] when the dictionary cannot be reached.
     pub fn source_id(&self, name: &str) -> Result<u32, KafkaError> {
-        match self.intern(&format!("\u{1}source:{name}")) {
+        match self.intern(&format!("{SOURCE_PREFIX}{name}")) {
             0 => Err(KafkaError::Symbols(format!("cannot give source {name:?} an id"))),
             id => Ok(id),
         }
+    }
+
+    /// The name of the source [`Symbols::source_id`] gave `id`; `None` when `id` is not a source's.
+    pub fn source_name(&self, id: u32) -> Option<String> {
+        self.name(id)?.strip_prefix(SOURCE_PREFIX).map(str::to_owned)
     }
 
     /// The name of `id`, if assigned. An unknown id reads the topic's tail once (another instance may
@@ -359,6 +367,16 @@ mod tests {
         assert_eq!(s.name(0), None);
         assert_eq!(s.name(3), None);
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn a_source_is_named_back_from_its_id_and_a_symbol_is_no_source() {
+        let s = Symbols::new();
+        let btc = s.intern("BTCUSDT");
+        let binance = s.source_id("binance").unwrap();
+        assert_eq!(s.source_name(binance).as_deref(), Some("binance"));
+        assert_eq!(s.source_name(btc), None);
+        assert_eq!(s.source_name(binance + 1), None);
     }
 
     #[test]

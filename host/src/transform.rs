@@ -44,6 +44,21 @@ impl TransformedBatch {
     pub fn failed_entirely(&self) -> bool {
         self.failed_calls > 0 && self.failed_records >= self.records_in
     }
+
+    /// Writes `source_id` into every output record, as decode stamps the records it makes: a link
+    /// runs in one source's chain, and whatever source id it wrote, its records are that source's.
+    /// The records are written again only when a link changed an id.
+    pub fn stamp_source(&mut self, source_id: u32) {
+        if self.parsed.iter().all(|r| r.source_id == source_id) {
+            return;
+        }
+        let mut records = plugin_sdk::Records::new();
+        for r in &mut self.parsed {
+            r.source_id = source_id;
+            records.push(r);
+        }
+        self.records = records.as_bytes().to_vec();
+    }
 }
 
 /// Runs batches through one plugin, switching to a newly activated version between batches.
@@ -186,5 +201,33 @@ impl Transformer {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use plugin_sdk::wire::Delimited;
+    use plugin_sdk::{Record, Records, StreamDataView};
+
+    use super::TransformedBatch;
+
+    #[test]
+    fn stamping_writes_the_chains_source_into_every_record() {
+        let mut written = Records::new();
+        let parsed: Vec<Record> = [2u32, 0, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &source_id)| Record { source_id, trade_id: i as u64, ..Record::default() })
+            .collect();
+        for r in &parsed {
+            written.push(r);
+        }
+        let mut out = TransformedBatch { records: written.as_bytes().to_vec(), parsed, ..TransformedBatch::default() };
+        out.stamp_source(1);
+        let read: Vec<(u32, u64)> = Delimited::new(&out.records)
+            .map(|item| item.and_then(StreamDataView::parse).map(|v| (v.source_id, v.trade_id)).unwrap())
+            .collect();
+        assert_eq!(read, [(1, 0), (1, 1), (1, 2)]);
+        assert!(out.parsed.iter().all(|r| r.source_id == 1));
     }
 }

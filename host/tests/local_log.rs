@@ -394,3 +394,87 @@ async fn a_recorded_file_replays_through_decode_into_the_store() {
     assert_eq!(got, want, "rolled up vs the recorded frames\n{log_text}");
     assert!(log_text.contains("replay finished"), "{log_text}");
 }
+
+/// Waits until the store at `store` has committed a position past `position` (`log`: the child's).
+async fn commits_past(store: &std::path::Path, log: &std::path::Path, position: i64) {
+    let start = Instant::now();
+    while store_position(store).is_none_or(|p| p <= position) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(start.elapsed() < Duration::from_secs(60), "no commit past {position}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to `limit` for `child` to exit; kills it and answers `None` if it does not.
+fn exit_within(mut child: std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// One process owns a data directory. While a `sluice run` commits on the local log, a second
+/// `sluice run` and a `sluice demo` on the same directory are refused, exiting non-zero with the
+/// owner's PID; the owner is unharmed and goes on committing. `sluice replay` runs beside it. The
+/// lock goes with its owner, also through kill -9: a new `run` then starts and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_a_data_directory_is_refused_and_the_owner_goes_on() {
+    let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..FeedSimConfig::default() }).await.unwrap();
+    let dir = temp_dir("lock");
+    let config = write_config(&dir, &sim);
+    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let commits_past = |position: i64| commits_past(&store, &log, position);
+    let mut owner = SluiceProcess::run(&config, &log, &[], None);
+    let pid = owner.0.as_ref().unwrap().id();
+    commits_past(0).await;
+
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("second.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = exit_within(second, Duration::from_secs(20)).expect("a second run on the data directory ran on");
+    let err = std::fs::read_to_string(dir.join("second.log")).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains(&format!("PID {pid}")), "{err}");
+    let demo = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--seconds", "5", "--api-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("demo.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = exit_within(demo, Duration::from_secs(20)).expect("a demo on the data directory ran on");
+    let err = std::fs::read_to_string(dir.join("demo.log")).unwrap();
+    assert!(!status.success() && err.contains(&format!("PID {pid}")), "{status}: {err}");
+
+    // The owner is unharmed: still running, and committing.
+    assert!(owner.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the owner stopped:\n{}", text());
+    commits_past(store_position(&store).unwrap()).await;
+    // A replay runs beside it on purpose.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["replay", "--config"])
+        .arg(&config)
+        .args(["--since", "0", "--into", "beside"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Killed with SIGKILL, the owner leaves no lock behind.
+    owner.kill_9();
+    let before = store_position(&store).unwrap();
+    let mut next = SluiceProcess::run(&config, &log, &[], None);
+    commits_past(before).await;
+    next.interrupt();
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -507,6 +507,35 @@ fn transform_only_plugin_runs_on_frames_decoded_by_another() {
     assert!(stderr[0].contains(r#""index":1"#), "{}", stderr[0]);
 }
 
+/// As the host does, the records a transform returns are its source's: a link that writes another
+/// source id (`chaos` in mode `source`) is printed with the `--source-id` the decoder's records got.
+#[test]
+fn a_transforms_records_keep_the_source_id_the_host_stamps() {
+    let frame = |trade_id: u64| {
+        format!(
+            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"100.00000000","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+        )
+    };
+    let lines = [frame(201), frame(202)];
+    let frames = TempFile::new("stamp", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let out = plugin_test([
+        plugin("chaos").as_os_str(),
+        "--frames".as_ref(),
+        frames.path().as_os_str(),
+        "--decode-with".as_ref(),
+        plugin("binance").as_os_str(),
+        "--source-id".as_ref(),
+        "3".as_ref(),
+        "--config".as_ref(),
+        "mode=source".as_ref(),
+        "--config".as_ref(),
+        "source_id=9".as_ref(),
+    ]);
+    let (stdout, _) = succeeded(&out);
+    let want: Vec<Trade> = lines.iter().flat_map(|l| binance_expected(l)).collect();
+    assert_eq!(records(&stdout, 3), want, "stdout:\n{}", stdout.join("\n"));
+}
+
 /// `--then` runs a chain: the decoder, the plugin, then each link in order, with its own config; a
 /// link's rejects name it.
 #[test]

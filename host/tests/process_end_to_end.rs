@@ -1060,3 +1060,40 @@ fn a_failing_link_opens_its_own_breaker() {
     assert_eq!(stats.sample().breakers, vec![("chained".to_owned(), "chaos".to_owned(), true)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every row names the source whose chain made it, whatever source id a link writes into its output
+/// records. Source 1 (`chained`) runs `chaos` rewriting every record's source id to 2, source 2
+/// (`plain`) runs `chaos` rewriting it to 0 (no source): every record of each is rolled up under its
+/// own source, none under the other or under an empty name.
+#[test]
+fn every_row_names_the_source_whose_chain_made_it() {
+    let dir = std::env::temp_dir().join(format!("sluice-chain-source-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let mut records = Records::new();
+    // 200 records of source 1, 100 of source 2.
+    for i in 1..=300u64 {
+        records.push(&Record { source_id: if i % 3 == 0 { 2 } else { 1 }, ..trade(i, &symbols) });
+    }
+    let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let chaos = rt.compile("chaos", &wasm, Limits::default()).unwrap();
+    let claiming = |id: &str| {
+        let config = [("mode".to_owned(), "source".to_owned()), ("source_id".to_owned(), id.to_owned())];
+        vec![Transformer::new(PluginInstance::new(&chaos, &config).unwrap())]
+    };
+    let mut transformers = HashMap::from([(1u32, claiming("2")), (2u32, claiming("0"))]);
+    let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
+    let (result, stats) =
+        run_local(&dir, &[records], &symbols, &mut transformers, &mut Breakers::default(), settings, 300);
+    result.unwrap();
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 300);
+
+    let q = QueryConnection::open(&dir.join("store.sqlite")).unwrap();
+    let rows = q.query("SELECT source, sum(events) AS n FROM rollup GROUP BY source ORDER BY source", 10).unwrap();
+    let got: Vec<(String, i64)> =
+        rows.iter().map(|r| (r["source"].as_str().unwrap().to_owned(), r["n"].as_i64().unwrap())).collect();
+    assert_eq!(got, vec![("chained".to_owned(), 200), ("plain".to_owned(), 100)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -324,6 +324,44 @@ async fn a_replay_into_rollup_counts_live_records_arriving_during_it_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A replay into `rollup` with a configuration that does not name the sources whose records are in
+/// the range is refused before anything is deleted: it could not rebuild their buckets. The refusal
+/// names the sources and says to add them; every bucket of `rollup` is as it was, and no staging
+/// table is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_rollup_without_the_ranges_sources_is_refused_and_deletes_nothing() {
+    let mut live = run_live("unnamed", 200.0, 300).await;
+    let (dir, store) = (live.dir.clone(), live.store.clone());
+    // The venue stops; the live store catches up with the log and stays as it is.
+    live.sim.take().unwrap().shutdown().await;
+    let start = Instant::now();
+    while events(&table(&store, "rollup")) < events(&expected_from_log(&dir))
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = table(&store, "rollup");
+    assert_eq!(events(&before), events(&expected_from_log(&dir)));
+    // The same data directory, but the one source is named differently: its records are in the log.
+    let other = dir.join("other.toml");
+    let text = std::fs::read_to_string(&live.config).unwrap();
+    std::fs::write(&other, text.replacen("name = \"binance\"", "name = \"elsewhere\"", 1)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["replay", "--config"])
+        .arg(&other)
+        .args(["--since", "0"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("binance") && stderr.contains("add them"), "{stderr}");
+    assert_eq!(table(&store, "rollup"), before, "a refused replay changed buckets");
+    assert!(EmbeddedStore::replay_tables(&store).unwrap().is_empty());
+    live.process.interrupt();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // Replay from Kafka: the same, with the events topic of a real Kafka-protocol broker as the
 // hand-off.
 
@@ -566,8 +604,8 @@ async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes
     assert!(table(&store, "replay_gone").is_empty(), "a refused replay left a table");
     let out = live.replay(&["--since", &earliest.to_string(), "--into", "held"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Whole buckets from the first after the records deleted: the partition's records of a symbol come
-    // in trade-time order, so none of them is missing there.
+    // Whole buckets from the first after any trade the deleted records can hold: the first record
+    // held's receive time plus the clock skew margin, so none of them is missing there.
     assert_eq!(earliest % 60_000, 0, "{stderr}");
     assert_eq!(table(&store, "replay_held"), only(&expected, |b| b >= earliest));
     live.process.interrupt();

@@ -325,10 +325,10 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
 
     // Transform: all decoded records through the plugin, then through each `--then` link in order.
     if plugin_transforms {
-        records = transform_all(&mut plugin, records.as_bytes(), None, err, &mut summary)?;
+        records = transform_all(&mut plugin, records.as_bytes(), None, args.source_id, err, &mut summary)?;
     }
     for (link, name) in thens.iter_mut().zip(&names) {
-        records = transform_all(link, records.as_bytes(), Some(name), err, &mut summary)?;
+        records = transform_all(link, records.as_bytes(), Some(name), args.source_id, err, &mut summary)?;
     }
     for item in Delimited::new(records.as_bytes()) {
         let r = item.and_then(StreamDataView::parse).context("transformed record")?;
@@ -387,11 +387,13 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
 }
 
 /// One link of the chain over all `records`, in batches: rejects to `err` (naming the link when it
-/// is a `--then`), and the output records, each checked to be valid `StreamData`.
+/// is a `--then`), and the output records, each checked to be valid `StreamData` and stamped with
+/// `source_id` as the host stamps a chain's output with its source.
 fn transform_all(
     plugin: &mut PluginInstance,
     records: &[u8],
     link: Option<&str>,
+    source_id: u32,
     err: &mut impl Write,
     summary: &mut TestSummary,
 ) -> anyhow::Result<plugin_sdk::Records> {
@@ -431,7 +433,11 @@ fn transform_all(
                     ))
                 )
             })?;
-            output.push_view(&view);
+            if view.source_id == source_id {
+                output.push_view(&view);
+            } else {
+                output.push(&plugin_sdk::Record { source_id, ..view.record() });
+            }
         }
         index += n;
     }

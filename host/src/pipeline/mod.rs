@@ -19,6 +19,7 @@ pub use process::*;
 
 use crate::api::{ApiState, Health};
 use crate::config::Config;
+use crate::datadir::{DataDirLock, Hold};
 use crate::log::kafka::consumer::EventConsumer;
 use crate::log::kafka::producer::{EventProducer, ProducerStats};
 use crate::log::kafka::{ensure_symbols_topic, ensure_topics};
@@ -72,6 +73,9 @@ pub struct Running {
     /// Stops the API server and the health checks.
     pub(crate) api_stop: tokio::sync::watch::Sender<bool>,
     pub(crate) api_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The data directory's lock, held as long as the roles run (released when this is dropped,
+    /// or by the kernel when the process ends).
+    pub(crate) _data_dir: DataDirLock,
 }
 
 /// The process role's thread, its stop flag and counters.
@@ -145,7 +149,11 @@ pub(crate) fn plugin_bytes(config: &Config, name: &str) -> anyhow::Result<Vec<u8
 /// dictionary, the plugins, the sources (ingest), and the consumer that transforms each source's
 /// records with its plugin and delivers them to the sink (process).
 pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
-    // The API comes up first, so an operator can watch readiness while the rest starts.
+    // The data directory first: a second process on it is refused before it touches anything (or
+    // takes the first one's API address). Roles run apart share it with each other.
+    let hold = if role == Role::All { Hold::Alone } else { Hold::Shared };
+    let data_dir = DataDirLock::acquire(&config.data_dir, hold)?;
+    // Then the API, so an operator can watch readiness while the rest starts.
     let health = Arc::new(Health::new());
     health.expect(if config.kafka.brokers.trim().is_empty() { "log" } else { "kafka" });
     health.expect("plugins");
@@ -182,8 +190,6 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }));
     tracing::info!(addr = %api_addr, "HTTP API listening");
 
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let kafka = &config.kafka;
     let (handoff, symbols, producer) = if kafka.brokers.trim().is_empty() {
         if role != Role::All {
@@ -299,7 +305,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     } else {
         None
     };
-    Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task })
+    Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task, _data_dir: data_dir })
 }
 
 /// How many records at the end of each partition of the events topic a start on Kafka reads to

@@ -337,6 +337,8 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
                 }
                 continue;
             };
+            // Every row names the source whose chain made it.
+            let source_name = names.sources.get(slot(*source)).cloned().unwrap_or_else(|| Arc::from(""));
             let mut ctx = ChainContext { breakers, names, settings, stats, dead: &mut dead };
             let (parsed, last) = run_chain(*source, chain, input, &mut ctx)?;
             for v in &parsed {
@@ -364,7 +366,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
                     },
                 };
                 pending.push(PendingRow {
-                    source: names.sources.get(slot(v.source_id)).cloned().unwrap_or_else(|| Arc::from("")),
+                    source: source_name.clone(),
                     symbol,
                     timestamp_ms: v.timestamp_ms,
                     is_buy: v.is_buy,
@@ -466,7 +468,7 @@ fn run_chain(
         if !breaker.allow(now) {
             return Err(breaker_open(source, t.plugin().name(), ctx));
         }
-        let out = match t.transform(batch) {
+        let mut out = match t.transform(batch) {
             // Isolated failures (retry and bisection found the records that fail) are the plugin
             // working: those records are dead-lettered and the poll is committed.
             Ok(out) if !out.failed_entirely() => {
@@ -492,9 +494,12 @@ fn run_chain(
             ctx.stats.breaker_changed(ctx.names, source, t.plugin().name(), !was_closed);
         }
         last = format!("{}@{}", t.plugin().name(), t.plugin().version());
-        for r in out.rejects {
+        for r in std::mem::take(&mut out.rejects) {
             ctx.dead.push(DeadLetter { source, plugin: last.clone(), bytes: r.bytes, reason: r.reason });
         }
+        // The link's records are this source's, whatever source id it wrote: the next link and the
+        // rows see this source.
+        out.stamp_source(source);
         parsed = out.parsed;
         carried = Some(out.records);
     }

@@ -30,8 +30,8 @@ use crate::plugin::registry::Slot;
 use crate::sink::Row;
 use crate::sink::druid::{DruidSink, DruidSinkConfig};
 use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
-use crate::sink::replay::{HeldFrom, check_topic_range};
-pub use crate::sink::replay::{ReplayProgress, ReplaySpec, ReplaySummary, Written, check_range};
+pub use crate::sink::replay::{CLOCK_SKEW_MS, ReplayProgress, ReplaySpec, ReplaySummary, Written, check_range};
+use crate::sink::replay::{HeldFrom, check_topic_range, deleted_until};
 use crate::symbols::Symbols;
 use crate::transform::Transformer;
 
@@ -39,11 +39,6 @@ use crate::transform::Transformer;
 const BUCKET_MS: i64 = 60_000;
 /// Most records of the events topic handed to the chains at once.
 const BATCH_RECORDS: usize = 8_192;
-/// How much earlier than the range the events topic is read from. Kafka finds records by the time
-/// ingest produced them, not by trade time, and a venue whose clock runs ahead of the host's stamps
-/// trades later than they were received; records read for this margin and outside the range are
-/// left out by their trade time.
-pub const CLOCK_SKEW_MS: i64 = 5 * 60_000;
 /// The replay swaps into `rollup` once it is fewer than this many records behind the live position:
 /// the rest is read while the swap holds the store's write lock, so that stays short.
 const SWAP_BEHIND: i64 = 5_000;
@@ -124,6 +119,7 @@ pub async fn replay(
                 names: HashMap::new(),
                 range,
                 by_source: BTreeMap::new(),
+                left_out: BTreeMap::new(),
             },
             stop,
         },
@@ -192,20 +188,19 @@ enum Input {
 impl Input {
     /// Where each partition is read from for a range starting at `since_ms`, after checking that
     /// the hand-off still holds it: `whole(t)` is the first start of a range (whole buckets) that
-    /// holds no trade before `t`, the earliest time a replay may start from when the first record
-    /// held is at `t`.
+    /// holds no trade before `t`, the earliest time a replay may start from when no deleted record
+    /// can have a trade at or after `t` (see [`deleted_until`]).
     fn start(&self, since_ms: i64, whole: &dyn Fn(i64) -> i64) -> anyhow::Result<Positions> {
         match self {
             Input::Local(log) => {
-                // The first record the log holds, for the retention check.
-                let mut first_time = None;
+                // The first batch the log holds, for the retention check: what was deleted was
+                // received before it.
+                let mut until = None;
                 let first_offset = crate::log::local::read_batches(log, 0, |_, records| {
-                    first_time = Delimited::new(records)
-                        .find_map(|r| r.ok().and_then(|b| StreamDataView::parse(b).ok()))
-                        .map(|v| v.timestamp_ms);
+                    until = deleted_until(Delimited::new(records).filter_map(Result::ok));
                     false
                 })?;
-                check_range(first_offset, first_time.map(whole), since_ms).map_err(anyhow::Error::msg)?;
+                check_range(first_offset, until.map(whole), since_ms).map_err(anyhow::Error::msg)?;
                 Ok(Positions::from([(0, 0)]))
             }
             Input::Kafka(reader) => {
@@ -221,10 +216,7 @@ impl Input {
                     .map(|(p, (low, _))| HeldFrom {
                         partition: *p,
                         offset: *low,
-                        first_time_ms: firsts
-                            .get(p)
-                            .and_then(|b| StreamDataView::parse(b).ok())
-                            .map(|v| whole(v.timestamp_ms)),
+                        first_time_ms: firsts.get(p).and_then(|b| deleted_until([b.as_slice()])).map(whole),
                     })
                     .collect();
                 check_topic_range(reader.topic(), &held, since_ms).map_err(anyhow::Error::msg)?;
@@ -375,6 +367,13 @@ impl Job {
                 (Written::Topic(druid.topic), 0)
             }
         };
+        let unnamed = reading.replayer.unnamed_sources();
+        if !unnamed.is_empty() {
+            tracing::warn!(
+                sources = %unnamed.join(", "),
+                "records of sources this configuration does not name were left out of the replay"
+            );
+        }
         let p = &reading.replayer.progress;
         Ok(ReplaySummary {
             written,
@@ -423,6 +422,9 @@ fn into_store(
             }
             reading.pass(&mut next, &target, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
         }
+        // The swap deletes the range's buckets of every source: refused, before and inside it (the
+        // last stretch read there), when records of a source this replay cannot rebuild were read.
+        reading.replayer.refuse_unnamed()?;
         store.swap_into_rollup(&table, range, &topic, |positions| {
             let mut tail = Vec::new();
             for p in positions.keys() {
@@ -432,6 +434,7 @@ fn into_store(
                 tail.extend(rows);
                 Ok(())
             })?;
+            reading.replayer.refuse_unnamed()?;
             Ok::<_, anyhow::Error>(tail)
         })?;
         Ok("rollup".to_owned())
@@ -470,6 +473,9 @@ struct Replayer {
     range: (i64, Option<i64>),
     /// Per-source input buffers, reused.
     by_source: BTreeMap<u32, Vec<u8>>,
+    /// Records in the range of sources the configuration does not name, by source id: left out,
+    /// so a replay into `rollup` is refused (it would delete their buckets and rebuild nothing).
+    left_out: BTreeMap<u32, u64>,
 }
 
 impl Replayer {
@@ -484,6 +490,10 @@ impl Replayer {
             let Ok(view) = StreamDataView::parse(bytes) else { continue };
             if view.timestamp_ms >= since && until.is_none_or(|u| view.timestamp_ms < u) {
                 in_range += 1;
+                if !self.chains.contains_key(&view.source_id) {
+                    *self.left_out.entry(view.source_id).or_default() += 1;
+                    continue;
+                }
                 push_delimited(self.by_source.entry(view.source_id).or_default(), view.as_bytes());
             }
         }
@@ -509,6 +519,34 @@ impl Replayer {
             })
             .collect())
     }
+
+    /// The sources the configuration does not name whose records were in the range so far, each
+    /// as `name (id N, M records)`; records of ids that are no source's in the dictionary are not
+    /// among them (the live role never rolled them up: it dead-letters them).
+    fn unnamed_sources(&self) -> Vec<String> {
+        self.left_out
+            .iter()
+            .filter_map(|(id, n)| self.symbols.source_name(*id).map(|name| format!("{name} (id {id}, {n} records)")))
+            .collect()
+    }
+
+    /// Refuses a replay into `rollup` that met records of sources it cannot rebuild: replacing the
+    /// range's buckets would delete theirs.
+    ///
+    /// # Errors
+    /// A message naming those sources.
+    fn refuse_unnamed(&self) -> anyhow::Result<()> {
+        let unnamed = self.unnamed_sources();
+        if unnamed.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the range holds records of sources this configuration does not name: {}. Replacing the range's \
+             buckets of rollup would delete theirs without rebuilding them, so nothing was changed: add them to \
+             the configuration ([[source]] with their chains), or replay --into a table of its own",
+            unnamed.join(", ")
+        )
+    }
 }
 
 /// A record with its source's and its symbol's names.
@@ -533,8 +571,10 @@ fn replay_batch(
             .map(|v| v.record())
             .collect();
         for link in chain.iter_mut() {
-            let out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
+            let mut out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
             progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
+            // As live: the link's records are this source's, whatever source id it wrote.
+            out.stamp_source(*source);
             parsed = out.parsed;
             batch = out.records;
         }
@@ -553,4 +593,79 @@ fn replay_batch(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use plugin_sdk::{Record, Records};
+
+    use super::{BUCKET_MS, Input};
+    use crate::log::LogConfig;
+    use crate::log::kafka::producer::ProducerStats;
+    use crate::log::local::LocalLog;
+
+    fn whole(t: i64) -> i64 {
+        t.div_euclid(BUCKET_MS) * BUCKET_MS + if t % BUCKET_MS == 0 { 0 } else { BUCKET_MS }
+    }
+
+    /// A file backfill appends old trades after newer ones, so the first record the log still holds
+    /// says nothing of the trade times retention deleted: live trades of the last ten minutes were
+    /// deleted, and the first batch held is a backfill of yesterday's trades, received after them.
+    /// A range from yesterday, or from the deleted trades' minutes, would replace buckets the log
+    /// cannot rebuild: refused. A range from the earliest time the refusal names replays.
+    #[test]
+    fn retention_is_judged_by_what_was_deleted_not_by_the_first_trade_time_held() {
+        let dir = std::env::temp_dir().join(format!("sluice-replay-held-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.sqlite");
+        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+        let now = crate::clock::now_ms();
+        let (live, backfill) = (now - 600_000, now - 86_400_000);
+        let batch = |first_trade_ms: i64, received_ms: i64| {
+            let mut records = Records::new();
+            for i in 0..100 {
+                let t = first_trade_ms + i * 1_000;
+                records.push(&Record {
+                    source_id: 1,
+                    symbol_id: 2,
+                    timestamp_ms: t,
+                    received_at_us: received_ms.max(t) * 1_000,
+                    trade_id: i as u64,
+                    ..Record::default()
+                });
+            }
+            records
+        };
+        // Live trades received as they happened, then the backfill, received now.
+        writer.send_records(batch(live, 0).as_bytes());
+        writer.flush(Duration::from_secs(10)).unwrap();
+        writer.send_records(batch(backfill, now).as_bytes());
+        writer.flush(Duration::from_secs(10)).unwrap();
+        drop(writer);
+        // Retention deleted the live batch (offsets 0..100).
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        assert_eq!(conn.execute("DELETE FROM batches WHERE base = 0", []).unwrap(), 1);
+        drop(conn);
+
+        let input = Input::Local(path.clone());
+        for since in [backfill, live, live + 300_000] {
+            let err = input.start(since, &whole).expect_err("a range retention deleted trades of").to_string();
+            assert!(err.contains("before offset 100"), "{err}");
+        }
+        let err = input.start(live, &whole).unwrap_err().to_string();
+        let earliest: i64 = err
+            .split("the earliest replayable time is ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(earliest > live + 99_000, "{err}");
+        assert!(input.start(earliest, &whole).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

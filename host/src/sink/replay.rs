@@ -4,6 +4,13 @@
 
 use std::sync::atomic::AtomicU64;
 
+use plugin_sdk::wire::StreamDataView;
+
+/// How much later than the host received a trade its venue may have stamped it (a venue whose
+/// clock runs ahead of the host's). The events topic is read this much earlier than a range (Kafka
+/// finds records by the time ingest produced them), and the hand-off's retention is judged with it.
+pub const CLOCK_SKEW_MS: i64 = 5 * 60_000;
+
 /// What to replay: the rollup buckets (whole minutes) from the one holding `since_ms` to the one
 /// holding `until_ms`.
 #[derive(Clone, Debug)]
@@ -69,9 +76,29 @@ pub struct ReplaySummary {
     pub range: (i64, Option<i64>),
 }
 
-/// Why the range cannot be replayed: the log deleted records (its first offset is above 0) and the
-/// first one it still holds is later than `since_ms` (`first_time_ms`: its trade time, rounded up
-/// to a whole bucket of the replay, so that no bucket replayed misses records).
+/// The first trade time no record the hand-off deleted can have, judged from the first records it
+/// still holds (`first_held`, each record's bytes). Trade times are not in the log's order (a file
+/// source appends a backfill's old trades after newer ones, so the first record held may be older
+/// than those deleted), but receive times are: every deleted record was received before these
+/// were, and its venue stamped it at most [`CLOCK_SKEW_MS`] later than it was received. A record
+/// without a receive time counts with its trade time (the log's order is all there is to go by).
+/// `None` when no record parses.
+pub fn deleted_until<'a>(first_held: impl IntoIterator<Item = &'a [u8]>) -> Option<i64> {
+    first_held
+        .into_iter()
+        .filter_map(|bytes| StreamDataView::parse(bytes).ok())
+        .map(|v| match v.received_at_us {
+            0 => v.timestamp_ms,
+            us => us.div_euclid(1_000).saturating_add(CLOCK_SKEW_MS),
+        })
+        .max()
+        .map(|latest| latest.saturating_add(1))
+}
+
+/// Why the range cannot be replayed: the log deleted records (its first offset is above 0) and
+/// `since_ms` is before `first_time_ms`, the earliest time a replay may start from: the
+/// [`deleted_until`] of the first records it still holds, rounded up to a whole bucket of the
+/// replay, so that no bucket replayed misses records.
 ///
 /// # Errors
 /// A message naming the earliest replayable time.
@@ -86,20 +113,21 @@ pub fn check_range(first_offset: Option<i64>, first_time_ms: Option<i64>, since_
 }
 
 /// One partition of a Kafka topic as the replay found it: the first offset it still holds, and the
-/// trade time of the record there.
+/// earliest time a replay may start from given the record there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldFrom {
     /// The partition.
     pub partition: i32,
     /// Its low watermark: the first offset retention has not deleted.
     pub offset: i64,
-    /// The earliest time a replay may start from given the record at that offset: its trade time,
-    /// rounded up to a whole bucket of the replay (`None` when the partition is empty).
+    /// The earliest time a replay may start from given the record at that offset: its
+    /// [`deleted_until`], rounded up to a whole bucket of the replay (`None` when the partition is
+    /// empty).
     pub first_time_ms: Option<i64>,
 }
 
 /// Why the range cannot be replayed from a Kafka topic: a partition's retention deleted records (its
-/// low watermark is above 0) and the first record it still holds is later than `since_ms`.
+/// low watermark is above 0) and `since_ms` is before its earliest time a replay may start from.
 ///
 /// # Errors
 /// A message naming the topic, the partitions and the earliest replayable time (the latest of those
@@ -120,7 +148,35 @@ pub fn check_topic_range(topic: &str, partitions: &[HeldFrom], since_ms: i64) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{HeldFrom, check_range, check_topic_range};
+    use plugin_sdk::{Record, Records};
+
+    use super::{CLOCK_SKEW_MS, HeldFrom, check_range, check_topic_range, deleted_until};
+
+    fn record(timestamp_ms: i64, received_at_us: i64) -> Vec<u8> {
+        let mut one = Records::new();
+        one.push(&Record { timestamp_ms, received_at_us, ..Record::default() });
+        one.as_bytes()[1..].to_vec()
+    }
+
+    #[test]
+    fn what_was_deleted_is_bounded_by_the_receive_times_held_not_by_their_trade_times() {
+        // A backfill's trade from long ago, received at 10 000 s: everything deleted was received
+        // before, and traded at most the clock skew after it was received.
+        let backfill = record(1_000, 10_000_000_000);
+        assert_eq!(deleted_until([backfill.as_slice()]), Some(10_000_000 + CLOCK_SKEW_MS + 1));
+        // The latest of several; a record without a receive time counts with its trade time.
+        let live = record(10_000_100, 10_000_200_000);
+        let bare = record(20_000_000, 0);
+        assert_eq!(deleted_until([backfill.as_slice(), live.as_slice()]), Some(10_000_200 + CLOCK_SKEW_MS + 1));
+        assert_eq!(deleted_until([live.as_slice(), bare.as_slice()]), Some(20_000_001));
+        assert_eq!(deleted_until([&[0xff_u8][..]]), None);
+        assert_eq!(deleted_until(std::iter::empty()), None);
+        // So a range from the backfill's trade time is refused, though that is the first trade held.
+        let until = deleted_until([backfill.as_slice()]);
+        assert!(check_range(Some(100), until, 1_000).is_err());
+        assert!(check_range(Some(100), until, 10_000_000).is_err());
+        assert!(check_range(Some(100), until, 10_000_000 + CLOCK_SKEW_MS + 1).is_ok());
+    }
 
     #[test]
     fn a_range_a_topic_no_longer_holds_is_refused_with_the_earliest_time() {

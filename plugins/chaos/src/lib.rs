@@ -14,8 +14,11 @@
 //!   `clock` (transform writes what the guest reads of the world into each record: the wall clock in
 //!   ms as `timestamp_ms`, the monotonic clock's nanoseconds since the instance started as
 //!   `price_e8`, and a hash under the standard library's fresh random keys as `volume_e8`).
+//!   `source` (transform passes records through with `source_id` set to the `source_id` key,
+//!   default 0: a link claiming another source's records, or none).
 //! - `trap_on_trade_id`: transform panics when a batch holds a record with this trade id (a poison
 //!   record), and otherwise passes records through.
+//! - `source_id`: the source id `mode = "source"` writes into every output record.
 //! - `init_error`: init fails with this text.
 
 #[cfg(target_arch = "wasm32")]
@@ -30,6 +33,7 @@ mod guest {
         mode: String,
         trap_on_trade_id: Option<u64>,
         oversize_bytes: usize,
+        source_id: u32,
     }
 
     thread_local! {
@@ -89,6 +93,16 @@ mod guest {
         out.as_bytes().to_vec()
     }
 
+    /// Each record of `batch` with `source_id` written into it.
+    fn claimed(batch: &[u8], source_id: u32) -> Vec<u8> {
+        let mut out = plugin_sdk::Records::new();
+        for item in Delimited::new(batch) {
+            let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
+            out.push(&plugin_sdk::Record { source_id, ..view.record() });
+        }
+        out.as_bytes().to_vec()
+    }
+
     impl Guest for Chaos {
         fn init(config: Vec<(String, String)>) -> Result<(), String> {
             plugin_sdk::__private::install_panic_hook();
@@ -100,6 +114,7 @@ mod guest {
                         s.trap_on_trade_id = Some(v.parse().map_err(|e| format!("trap_on_trade_id: {e}"))?)
                     }
                     "oversize_bytes" => s.oversize_bytes = v.parse().map_err(|e| format!("oversize_bytes: {e}"))?,
+                    "source_id" => s.source_id = v.parse().map_err(|e| format!("source_id: {e}"))?,
                     "init_error" => return Err(v),
                     other => return Err(format!("unknown config key {other:?}")),
                 }
@@ -140,6 +155,12 @@ mod guest {
             let n = Delimited::new(&batch).count() as u32;
             if mode == "clock" {
                 return Transformed { records: world_readings(&batch), rejects: vec![] };
+            }
+            if mode == "source" {
+                return Transformed {
+                    records: claimed(&batch, SETTINGS.with(|s| s.borrow().source_id)),
+                    rejects: vec![],
+                };
             }
             if mode == "bad-record" {
                 return Transformed { records: [2u8, 0, 0].repeat(n as usize), rejects: vec![] };
