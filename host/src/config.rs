@@ -167,6 +167,7 @@ impl From<&PluginConfig> for crate::plugin::Limits {
             deadline: std::time::Duration::from_millis(p.deadline_ms),
             output_bytes: p.output_bytes,
             max_symbols: p.max_symbols,
+            state_bytes: p.state_bytes,
         }
     }
 }
@@ -200,6 +201,10 @@ pub struct PluginConfig {
     /// is kept in the dictionary for good); a frame past it is dead-lettered with the reason.
     #[serde(default = "defaults::plugin_max_symbols")]
     pub max_symbols: u32,
+    /// Most bytes of state (keys and values) one link of the plugin may keep; past it the link's
+    /// calls fail with a typed error and its breaker opens.
+    #[serde(default = "defaults::plugin_state_bytes")]
+    pub state_bytes: usize,
 }
 
 impl Config {
@@ -308,6 +313,9 @@ pub(crate) mod defaults {
     }
     pub fn plugin_deadline_ms() -> u64 {
         200
+    }
+    pub fn plugin_state_bytes() -> usize {
+        16 << 20
     }
     pub fn plugin_max_symbols() -> u32 {
         10_000

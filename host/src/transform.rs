@@ -1,6 +1,15 @@
 //! Transform: a batch of records through a plugin's `transform`, never losing the batch to a failing
 //! call. A trap or timeout retries the batch once (on a fresh instance), then bisects it so only the
 //! records that still fail are rejected, each with the error as its reason.
+//!
+//! A stateful plugin's state ([`LinkState`]) is kept here as the store committed it plus what the
+//! calls since changed. Every call starts from it: a fresh instance (the first, one that replaced a
+//! failed call's, a newly activated version of the same state format) is handed the state before
+//! its first call, and a call that failed leaves no change behind. So a retry and each step of a
+//! bisection meet the state the records before them left, as in a run where nothing failed; the
+//! process role drops what was not committed when it reads a poll again ([`Transformer::abandon`]).
+
+use std::collections::BTreeMap;
 
 use plugin_sdk::wire::{Delimited, push_delimited};
 use plugin_sdk::{Record, StreamDataView};
@@ -61,21 +70,168 @@ impl TransformedBatch {
     }
 }
 
+/// A link's state as the host keeps it: the entries the store committed, the entries as the calls
+/// since left them, and what changed in between (what the next commit writes).
+#[derive(Clone, Debug, Default)]
+pub struct LinkState {
+    /// The state format of the entries (`name@version`); `None` while no stateful version ran.
+    format: Option<String>,
+    committed: BTreeMap<Vec<u8>, Vec<u8>>,
+    current: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Keys changed since the last commit, with their value now (`None`: removed).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The committed entries no longer count (a version of another format took over, or an empty
+    /// start was asked for): the next commit deletes the link's stored entries first.
+    reset: bool,
+    /// Bytes of keys and values in `current`.
+    bytes: usize,
+}
+
+impl LinkState {
+    /// The state a store committed: `entries` in `format`.
+    pub fn committed(format: String, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        let committed: BTreeMap<Vec<u8>, Vec<u8>> = entries.into_iter().collect();
+        let bytes = committed.iter().map(|(k, v)| k.len() + v.len()).sum();
+        LinkState { format: Some(format), current: committed.clone(), committed, bytes, ..LinkState::default() }
+    }
+
+    /// The format of the entries.
+    pub fn format(&self) -> Option<&str> {
+        self.format.as_deref()
+    }
+
+    /// Bytes of keys and values the state holds now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The entries as the last successful call left them.
+    pub fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.current.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// What the next commit writes: whether to delete the stored entries first, and the changed keys.
+    pub fn pending(&self) -> (bool, &BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
+        (self.reset, &self.pending)
+    }
+
+    /// True when a commit has something of this link's to write.
+    pub fn is_dirty(&self) -> bool {
+        self.reset || !self.pending.is_empty()
+    }
+
+    /// Starts empty in `format`, dropping the committed entries at the next commit.
+    pub fn reset(&mut self, format: Option<String>) {
+        *self = LinkState { format, reset: true, ..LinkState::default() };
+    }
+
+    /// The size the state would have with `changes` applied.
+    fn bytes_after(&self, changes: &crate::plugin::StateChanges) -> usize {
+        // Each key comes once in a call's changes (its value as the call left it).
+        let mut bytes = self.bytes;
+        for (key, value) in changes {
+            if let Some(old) = self.current.get(key) {
+                bytes = bytes.saturating_sub(key.len() + old.len());
+            }
+            if let Some(v) = value {
+                bytes += key.len() + v.len();
+            }
+        }
+        bytes
+    }
+
+    fn apply(&mut self, changes: crate::plugin::StateChanges) {
+        for (key, value) in changes {
+            let old = match &value {
+                Some(v) => {
+                    self.bytes += key.len() + v.len();
+                    self.current.insert(key.clone(), v.clone())
+                }
+                None => self.current.remove(&key),
+            };
+            if let Some(old) = old {
+                self.bytes = self.bytes.saturating_sub(key.len() + old.len());
+            }
+            self.pending.insert(key, value);
+        }
+    }
+
+    /// The store committed `pending`: it is the committed state now.
+    pub fn commit(&mut self) {
+        if self.reset {
+            self.committed.clear();
+            self.reset = false;
+        }
+        for (key, value) in std::mem::take(&mut self.pending) {
+            match value {
+                Some(v) => self.committed.insert(key, v),
+                None => self.committed.remove(&key),
+            };
+        }
+    }
+
+    /// What was not committed is dropped: the records it came from will be read again.
+    fn abandon(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.pending.clear();
+        self.current = self.committed.clone();
+        self.bytes = self.current.iter().map(|(k, v)| k.len() + v.len()).sum();
+    }
+}
+
 /// Runs batches through one plugin, switching to a newly activated version between batches.
 pub struct Transformer {
     plugin: BoundPlugin,
+    state: LinkState,
 }
 
 impl Transformer {
     /// A transformer over a plugin instance that is never swapped.
     pub fn new(plugin: PluginInstance) -> Self {
-        Transformer { plugin: BoundPlugin::fixed(plugin) }
+        Transformer::bound(BoundPlugin::fixed(plugin))
     }
 
     /// A transformer over a registry slot: each batch runs on the slot's active version (and its
     /// shadow version beside it, compared and never delivered).
     pub fn bound(plugin: BoundPlugin) -> Self {
-        Transformer { plugin }
+        let format = plugin.code_format();
+        Transformer { plugin, state: LinkState { format, ..LinkState::default() } }
+    }
+
+    /// Starts from the state a store committed for this link: kept when its format is the running
+    /// version's, dropped (at the next commit) otherwise.
+    pub fn load_state(&mut self, state: LinkState) {
+        let running = self.plugin.code_format();
+        if state.format.is_some() && state.format == running {
+            self.state = state;
+        } else {
+            if state.format.is_some() {
+                tracing::warn!(plugin = self.plugin.code().name(), stored = ?state.format, running = ?running, "the stored state is of another format; the link starts empty");
+            }
+            self.state.reset(running);
+        }
+        self.plugin.instance().discard();
+    }
+
+    /// The link's state.
+    pub fn state(&self) -> &LinkState {
+        &self.state
+    }
+
+    /// The link's state, to mark it committed after the store wrote it.
+    pub fn state_mut(&mut self) -> &mut LinkState {
+        &mut self.state
+    }
+
+    /// Drops what changed since the last commit: the records it came from are read again, and the
+    /// next call starts from the committed state.
+    pub fn abandon(&mut self) {
+        if self.plugin.instance().state_format().is_some() && !self.state.pending.is_empty() {
+            self.state.abandon();
+            self.plugin.instance().discard();
+        }
     }
 
     /// The plugin version the last batch ran on (the one the next batch starts from).
@@ -89,8 +245,17 @@ impl Transformer {
     /// # Errors
     /// [`PluginError`] that is not a failure of a single call (the plugin cannot run).
     pub fn transform(&mut self, batch: &[u8]) -> Result<TransformedBatch, PluginError> {
-        // Between batches: the version activated since the last one takes over here.
+        // Between batches: the version activated since the last one takes over here, with the state
+        // when it keeps the same format, empty otherwise.
+        let before = std::sync::Arc::as_ptr(self.plugin.code());
         self.plugin.sync();
+        if !std::ptr::eq(before, std::sync::Arc::as_ptr(self.plugin.code())) {
+            let format = self.plugin.code_format();
+            if format != self.state.format {
+                tracing::info!(plugin = self.plugin.code().name(), from = ?self.state.format, to = ?format, "the new version keeps another state format; its state starts empty");
+                self.state.reset(format);
+            }
+        }
         let mut out = TransformedBatch::default();
         // The batch goes in as it is; it is split into records only if the call fails.
         match self.call(batch, &mut out.parsed) {
@@ -122,12 +287,20 @@ impl Transformer {
             }
             Err(e) => return Err(e),
         }
+        let state = &self.state;
         if let Some((shadow, instance)) = self.plugin.shadow() {
             let result = instance.and_then(|i| {
                 // Counted by the stage, as the active version's are, so a shadow's records in and
                 // out compare.
                 shadow.code().transform_metrics().records_in.inc_by(out.records_in as u64);
-                i.transform(batch).ok()
+                // A shadow runs on a copy of the state: handed it when it starts, its changes
+                // never kept.
+                if i.needs_state() && i.state_format() == state.format() {
+                    i.restore_state(&state.entries()).ok()?;
+                }
+                let t = i.transform(batch).ok();
+                let _ = i.take_state_changes();
+                t
             });
             shadow.compare(crate::log::Stage::Transform, &out.records, result.as_ref().map(|t| t.records.as_slice()));
         }
@@ -138,7 +311,11 @@ impl Transformer {
     /// [`TransformOutput`]). A record that does not parse fails the call as invalid output, the
     /// instance is replaced and nothing of the call is kept.
     fn call(&mut self, batch: &[u8], parsed: &mut Vec<Record>) -> Result<TransformOutput, PluginError> {
-        let t = self.plugin.instance().transform(batch)?;
+        let instance = self.plugin.instance();
+        if instance.needs_state() {
+            instance.restore_state(&self.state.entries())?;
+        }
+        let t = instance.transform(batch)?;
         let mark = parsed.len();
         parsed.reserve(t.count);
         for (i, item) in Delimited::new(&t.records).enumerate() {
@@ -151,6 +328,26 @@ impl Transformer {
                     return Err(PluginError::InvalidOutput(format!("output record {i}: {e}")));
                 }
             }
+        }
+        // The call's state changes, kept only once the whole call succeeded.
+        let instance = self.plugin.instance();
+        if instance.state_format().is_some() {
+            let changes = match instance.take_state_changes() {
+                Ok(changes) => changes,
+                Err(e) => {
+                    parsed.truncate(mark);
+                    return Err(e);
+                }
+            };
+            let limit = self.plugin.code().limits().state_bytes;
+            let len = self.state.bytes_after(&changes);
+            if len > limit {
+                parsed.truncate(mark);
+                self.plugin.instance().discard();
+                self.plugin.code().transform_metrics().limit_errors.inc();
+                return Err(PluginError::StateTooLarge { len, limit });
+            }
+            self.state.apply(changes);
         }
         Ok(t)
     }

@@ -219,7 +219,7 @@ fn what_is_not_a_sluice_plugin_is_refused_with_the_reason() {
     assert!(matches!(check(b"\0asm\x01\0\0\0"), PluginError::CoreModule));
     // The empty component is valid wasm but exports nothing.
     let err = check(b"\0asm\x0d\0\x01\0");
-    assert!(matches!(&err, PluginError::WrongWorld(m) if m.contains("sluice:plugin/guest@0.1.0")), "{err}");
+    assert!(matches!(&err, PluginError::WrongWorld(m) if m.contains("sluice:plugin/guest@0.2.0")), "{err}");
     // A truncated component does not compile.
     let mut cut = plugin_wasm("rescale");
     cut.truncate(cut.len() / 2);

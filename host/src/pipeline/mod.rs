@@ -505,13 +505,24 @@ async fn start_process(
     // Source ids as the ingest role stamps them (stable per name, from the dictionary).
     let stats = Arc::new(ProcessStats::default());
     let mut transformers = HashMap::new();
+    // The chains' state as the store committed it with its position.
+    let store = match &store_path {
+        Some(path) => Some(EmbeddedStore::open(path, Duration::from_secs(60))?),
+        None => None,
+    };
     for (&id, source) in source_ids.iter().zip(&config.sources) {
         let mut chain = Vec::new();
-        for link in config.chain(source) {
+        for (i, link) in config.chain(source).iter().enumerate() {
             let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
-            chain.push(Transformer::bound(BoundPlugin::new(slot.clone(), instance)));
+            let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance));
+            if let Some(store) = &store
+                && let Some((format, entries)) = store.plugin_state(&source.name, i as u32)?
+            {
+                transformer.load_state(crate::transform::LinkState::committed(format, entries));
+            }
+            chain.push(transformer);
             stats.watch_breaker(&source.name, &link.plugin);
         }
         transformers.insert(id, chain);

@@ -270,6 +270,8 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     let Process { reader: consumer, chains: transformers, breakers, sink, names, settings, stats } = process;
     let env = Env { names, stats, settings };
     let topic = consumer.topic().to_owned();
+    // Reading resumes from the sink's committed position: the chains from their committed state.
+    abandon(transformers);
     sink.attach(consumer, settings.partitions)?;
     // Attached at its committed position: a sink with nothing to do yet is ready.
     if let Some(health) = &settings.health {
@@ -303,6 +305,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
             pending.clear();
             pending_dead.clear();
             next_offsets.clear();
+            abandon(transformers);
             batcher.take();
             unflushed = false;
         }
@@ -392,8 +395,13 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
         let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !pending_dead.is_empty());
         if due.is_some() || offsets_only {
             let reason = due.map_or("offsets", FlushReason::as_str);
-            let batch =
-                Batch { pending: &mut pending, dead: &mut pending_dead, next_offsets: &next_offsets, topic: &topic };
+            let batch = Batch {
+                pending: &mut pending,
+                dead: &mut pending_dead,
+                chains: &mut *transformers,
+                next_offsets: &next_offsets,
+                topic: &topic,
+            };
             flush(sink, consumer, &mut batcher, batch, env, reason)?;
             unflushed = false;
             if let Some(health) = &settings.health {
@@ -404,11 +412,23 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
     if unflushed {
-        let batch =
-            Batch { pending: &mut pending, dead: &mut pending_dead, next_offsets: &next_offsets, topic: &topic };
+        let batch = Batch {
+            pending: &mut pending,
+            dead: &mut pending_dead,
+            chains: &mut *transformers,
+            next_offsets: &next_offsets,
+            topic: &topic,
+        };
         flush(sink, consumer, &mut batcher, batch, env, "stop")?;
     }
     Ok(())
+}
+
+/// Drops every link's state changes since the last commit: their records will be read again.
+fn abandon(chains: &mut HashMap<u32, Vec<Transformer>>) {
+    for t in chains.values_mut().flatten() {
+        t.abandon();
+    }
 }
 
 fn breaker_open(source: u32, plugin: &str, ctx: &ChainContext<'_>) -> anyhow::Error {
@@ -524,7 +544,7 @@ fn flush(
     reason: &str,
 ) -> Result<(), anyhow::Error> {
     let Env { names, stats, settings } = env;
-    let Batch { pending, dead, next_offsets, topic } = batch;
+    let Batch { pending, dead, chains, next_offsets, topic } = batch;
     let taken = batcher.take();
     let rows: Vec<Row<'_>> = pending
         .iter()
@@ -550,7 +570,31 @@ fn flush(
             bytes: &d.bytes,
         })
         .collect();
-    sink.commit(&rows, &offsets, &letters, consumer)?;
+    // Each stateful link's changes since the last commit, in the same transaction.
+    let state: Vec<crate::sink::StateWrite<'_>> = chains
+        .iter()
+        .flat_map(|(id, chain)| {
+            let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+            chain.iter().enumerate().filter(|(_, t)| t.state().is_dirty()).map(move |(link, t)| {
+                let (reset, changes) = t.state().pending();
+                crate::sink::StateWrite {
+                    source,
+                    link: link as u32,
+                    format: t.state().format().unwrap_or(""),
+                    reset,
+                    changes,
+                }
+            })
+        })
+        .collect();
+    let wrote_state = !state.is_empty();
+    sink.commit(&rows, &offsets, &letters, &state, consumer)?;
+    drop(state);
+    if wrote_state {
+        for t in chains.values_mut().flatten().filter(|t| t.state().is_dirty()) {
+            t.state_mut().commit();
+        }
+    }
     stats.rejected.fetch_add(letters.len() as u64, Ordering::Relaxed);
     drop(letters);
     dead.clear();
@@ -613,6 +657,8 @@ struct PendingRow {
 struct Batch<'a> {
     pending: &'a mut Vec<PendingRow>,
     dead: &'a mut Vec<DeadLetter>,
+    /// The chains whose state changes commit with the rows.
+    chains: &'a mut HashMap<u32, Vec<Transformer>>,
     next_offsets: &'a BTreeMap<i32, i64>,
     topic: &'a str,
 }

@@ -57,6 +57,14 @@ pub enum PluginError {
     /// The plugin returned bytes that are not valid records, or inconsistent counts.
     #[error("plugin returned invalid output: {0}")]
     InvalidOutput(String),
+    /// The plugin's state grew past its cap (`[plugins.<name>] state_bytes`).
+    #[error("plugin state of {len} bytes exceeds the limit of {limit}")]
+    StateTooLarge {
+        /// State size in bytes (keys and values).
+        len: usize,
+        /// The cap, in bytes.
+        limit: usize,
+    },
 }
 
 impl PluginError {
@@ -66,9 +74,10 @@ impl PluginError {
         match self {
             PluginError::Trap(_) => Some(CallFailure::Trap),
             PluginError::Timeout { .. } => Some(CallFailure::Timeout),
-            PluginError::MemoryLimit { .. } | PluginError::OutputTooLarge { .. } | PluginError::InvalidOutput(_) => {
-                Some(CallFailure::Limit)
-            }
+            PluginError::MemoryLimit { .. }
+            | PluginError::OutputTooLarge { .. }
+            | PluginError::InvalidOutput(_)
+            | PluginError::StateTooLarge { .. } => Some(CallFailure::Limit),
             _ => None,
         }
     }
@@ -89,6 +98,7 @@ impl PluginError {
             PluginError::MemoryLimit { .. } => "memory_limit",
             PluginError::OutputTooLarge { .. } => "output_too_large",
             PluginError::InvalidOutput(_) => "invalid_output",
+            PluginError::StateTooLarge { .. } => "state_too_large",
         }
     }
 
@@ -102,6 +112,7 @@ impl PluginError {
                 | PluginError::MemoryLimit { .. }
                 | PluginError::OutputTooLarge { .. }
                 | PluginError::InvalidOutput(_)
+                | PluginError::StateTooLarge { .. }
         )
     }
 }

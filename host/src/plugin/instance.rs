@@ -11,8 +11,7 @@ use wasmtime::{Store, Trap};
 
 use super::error::PluginError;
 use super::runtime::PluginCode;
-use super::world::bindings::exports::sluice::plugin::guest;
-use super::world::{HostState, bindings};
+use super::world::{Guest, HostState, StateChanges};
 
 /// What a `decode` call produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,11 +56,15 @@ pub struct PluginInstance {
     code: Arc<PluginCode>,
     config: Vec<(String, String)>,
     live: Option<Live>,
+    /// The state format `init` declared (`None`: the plugin keeps no state).
+    state_format: Option<String>,
 }
 
 struct Live {
     store: Store<HostState>,
-    plugin: bindings::Plugin,
+    plugin: Guest,
+    /// A stateful plugin's state was handed to this instance ([`PluginInstance::restore_state`]).
+    restored: bool,
 }
 
 impl PluginInstance {
@@ -70,9 +73,49 @@ impl PluginInstance {
     /// # Errors
     /// [`PluginError::Instantiate`] or [`PluginError::Init`] (with the plugin's reason).
     pub fn new(code: &Arc<PluginCode>, config: &[(String, String)]) -> Result<Self, PluginError> {
-        let mut instance = PluginInstance { code: code.clone(), config: config.to_vec(), live: None };
+        let mut instance =
+            PluginInstance { code: code.clone(), config: config.to_vec(), live: None, state_format: None };
         instance.live()?;
+        let format = instance.call(|plugin, store| plugin.state_format(store))?;
+        instance.state_format = (!format.is_empty()).then_some(format);
         Ok(instance)
+    }
+
+    /// The format of the state the plugin keeps (`name@version`), or `None` for a stateless plugin.
+    pub fn state_format(&self) -> Option<&str> {
+        self.state_format.as_deref()
+    }
+
+    /// True when a stateful plugin's instance has not been handed its state yet: a fresh one, or
+    /// the one that replaced an instance that failed.
+    pub fn needs_state(&self) -> bool {
+        self.state_format.is_some() && !self.live.as_ref().is_some_and(|l| l.restored)
+    }
+
+    /// Replaces the plugin's state with `entries` (on a fresh instance if the last one failed).
+    ///
+    /// # Errors
+    /// As [`transform`](Self::transform); the instance is replaced before the next call.
+    pub fn restore_state(&mut self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), PluginError> {
+        if self.state_format.is_none() {
+            return Ok(());
+        }
+        self.call(|plugin, store| plugin.restore(store, entries))?;
+        if let Some(live) = &mut self.live {
+            live.restored = true;
+        }
+        Ok(())
+    }
+
+    /// The state entries changed since the last call of this or [`restore_state`](Self::restore_state).
+    ///
+    /// # Errors
+    /// As [`transform`](Self::transform).
+    pub fn take_state_changes(&mut self) -> Result<StateChanges, PluginError> {
+        if self.state_format.is_none() {
+            return Ok(Vec::new());
+        }
+        self.call(|plugin, store| plugin.changes(store))
     }
 
     /// The compiled plugin this instance runs.
@@ -121,7 +164,7 @@ impl PluginInstance {
     }
 
     fn decode_checked(&mut self, frames: &[u8], frame_count: usize) -> Result<DecodeOutput, PluginError> {
-        let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_decode(store, frames))?;
+        let out = self.call(|plugin, store| plugin.decode(store, frames))?;
         let result = self.check_output(&out.records).and_then(|n| {
             if out.counts.len() != frame_count {
                 return Err(PluginError::InvalidOutput(format!(
@@ -166,7 +209,7 @@ impl PluginInstance {
     }
 
     fn transform_checked(&mut self, batch: &[u8]) -> Result<TransformOutput, PluginError> {
-        let out = self.call(|plugin, store| plugin.sluice_plugin_guest().call_transform(store, batch))?;
+        let out = self.call(|plugin, store| plugin.transform(store, batch))?;
         // Framing only: the records' contents are checked by whoever parses them, once (see
         // `TransformOutput`), not here and again there.
         let result = self.check_framing(&out.records).and_then(|count| {
@@ -186,9 +229,9 @@ impl PluginInstance {
         if self.live.is_none() {
             let code = &self.code;
             let (store, plugin) = code.fresh_instance()?;
-            let mut live = Live { store, plugin };
+            let mut live = Live { store, plugin, restored: false };
             let config = self.config.clone();
-            match Self::invoke(code, &mut live, |p, s| p.sluice_plugin_guest().call_init(s, &config)) {
+            match Self::invoke(code, &mut live, |p, s| p.init(s, &config)) {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => return Err(PluginError::Init(reason)),
                 Err(e) => return Err(e),
@@ -201,7 +244,7 @@ impl PluginInstance {
 
     fn call<R>(
         &mut self,
-        f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let code = self.code.clone();
         let live = self.live()?;
@@ -216,7 +259,7 @@ impl PluginInstance {
     fn invoke<R>(
         code: &PluginCode,
         live: &mut Live,
-        f: impl FnOnce(&bindings::Plugin, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         live.store.set_epoch_deadline(code.deadline_ticks());
         live.store.data_mut().begin_call();
@@ -266,15 +309,15 @@ impl std::fmt::Debug for PluginInstance {
     }
 }
 
-fn check_rejects(list: &[guest::Reject], inputs: usize) -> Result<(), PluginError> {
-    match list.iter().find(|r| r.index as usize >= inputs) {
-        Some(r) => Err(PluginError::InvalidOutput(format!("reject index {} out of {inputs} inputs", r.index))),
+fn check_rejects(list: &[(u32, String)], inputs: usize) -> Result<(), PluginError> {
+    match list.iter().find(|r| r.0 as usize >= inputs) {
+        Some(r) => Err(PluginError::InvalidOutput(format!("reject index {} out of {inputs} inputs", r.0))),
         None => Ok(()),
     }
 }
 
-fn rejects(list: Vec<guest::Reject>) -> Vec<PluginReject> {
-    list.into_iter().map(|r| PluginReject { index: r.index, reason: r.reason }).collect()
+fn rejects(list: Vec<(u32, String)>) -> Vec<PluginReject> {
+    list.into_iter().map(|(index, reason)| PluginReject { index, reason }).collect()
 }
 
 fn classify(code: &PluginCode, state: &HostState, e: wasmtime::Error) -> PluginError {

@@ -13,7 +13,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::error::PluginError;
-use super::world::{HostState, bindings};
+use super::world::{Guest, HostState, PluginPre, bindings, bindings_v1};
 use crate::symbols::Symbols;
 use crate::telemetry::CallMetrics;
 
@@ -29,6 +29,8 @@ pub struct Limits {
     /// Most symbols one instance may name: names come from untrusted frames, and each one named is
     /// kept in the dictionary for good. Past it the host answers 0 and the frame is refused.
     pub max_symbols: u32,
+    /// Most bytes of state (keys and values) one link may keep committed and pending.
+    pub state_bytes: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +40,7 @@ impl Default for Limits {
             deadline: Duration::from_millis(200),
             output_bytes: 16 << 20,
             max_symbols: 10_000,
+            state_bytes: 16 << 20,
         }
     }
 }
@@ -100,6 +103,8 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         bindings::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        bindings_v1::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone(), settings.epoch_tick);
         Ok(Runtime { engine, linker, symbols, settings, ticker, metrics: None })
     }
@@ -156,7 +161,7 @@ impl Runtime {
             )));
         }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+        let pre = PluginPre::new(pre).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
         let ticks = limits.deadline.as_nanos().div_ceil(self.settings.epoch_tick.as_nanos().max(1)).max(1);
         let metrics = crate::telemetry::PLUGIN_STAGES.map(|stage| match &self.metrics {
             Some(m) => m.plugin_calls(name, version, stage),
@@ -193,7 +198,7 @@ pub struct PluginCode {
     version: Arc<str>,
     /// Its calls' metrics in the decode and the transform stage.
     metrics: [CallMetrics; 2],
-    pre: bindings::PluginPre<HostState>,
+    pre: PluginPre,
     limits: Limits,
     deadline_ticks: u64,
     epoch_tick: Duration,
@@ -212,6 +217,12 @@ impl PluginCode {
     /// The version of its code: `sha256:` and the first 16 hex digits of the `.wasm`'s SHA-256.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The WIT world the component implements ([`WORLD`](super::world::WORLD), or the earlier
+    /// [`WORLD_V1`](super::world::WORLD_V1), whose plugins keep no state).
+    pub fn world(&self) -> &'static str {
+        self.pre.world()
     }
 
     /// The limits its calls run under.
@@ -234,7 +245,7 @@ impl PluginCode {
     ///
     /// # Errors
     /// [`PluginError::Instantiate`].
-    pub(super) fn fresh_instance(&self) -> Result<(Store<HostState>, bindings::Plugin), PluginError> {
+    pub(super) fn fresh_instance(&self) -> Result<(Store<HostState>, Guest), PluginError> {
         let state =
             HostState::new(self.name.clone(), self.symbols.clone(), self.limits.memory_bytes, self.limits.max_symbols);
         let mut store = Store::new(&self.engine, state);

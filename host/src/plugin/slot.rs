@@ -246,6 +246,11 @@ impl BoundPlugin {
     pub fn code(&self) -> &Arc<PluginCode> {
         self.instance.code()
     }
+
+    /// The state format of the active instance's plugin (`None`: it keeps no state).
+    pub fn code_format(&self) -> Option<String> {
+        self.instance.state_format().map(str::to_owned)
+    }
 }
 
 /// A shadow's comparison per stage.

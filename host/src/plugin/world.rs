@@ -11,17 +11,29 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::symbols::Symbols;
 
+/// The world plugins built with the SDK implement: guest and state.
 pub(super) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "sluice:plugin/plugin",
+        world: "sluice:plugin/plugin@0.2.0",
     });
 }
 
-use bindings::sluice::plugin::host;
+/// The world before state (`wit/deps/plugin-0.1`): such plugins still load, as stateless.
+pub(super) mod bindings_v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "sluice:plugin/plugin@0.1.0",
+    });
+}
+
+use bindings::sluice::plugin0_2_0::host;
 
 /// The WIT world plugins implement, with its version.
-pub const WORLD: &str = "sluice:plugin/plugin@0.1.0";
+pub const WORLD: &str = "sluice:plugin/plugin@0.2.0";
+
+/// The earlier world the host still loads (its plugins keep no state).
+pub const WORLD_V1: &str = "sluice:plugin/plugin@0.1.0";
 
 /// Per-instance host state: WASI (with no capabilities), limits and the host imports' context.
 pub(super) struct HostState {
@@ -128,6 +140,24 @@ impl WasiView for HostState {
     }
 }
 
+impl bindings_v1::sluice::plugin0_1_0::host::Host for HostState {
+    fn log(&mut self, level: bindings_v1::sluice::plugin0_1_0::host::Level, message: String) {
+        use bindings_v1::sluice::plugin0_1_0::host::Level as V1;
+        let level = match level {
+            V1::Trace => host::Level::Trace,
+            V1::Debug => host::Level::Debug,
+            V1::Info => host::Level::Info,
+            V1::Warn => host::Level::Warn,
+            V1::Error => host::Level::Error,
+        };
+        host::Host::log(self, level, message);
+    }
+
+    fn intern_symbol(&mut self, name: String) -> u32 {
+        host::Host::intern_symbol(self, name)
+    }
+}
+
 impl host::Host for HostState {
     fn log(&mut self, level: host::Level, message: String) {
         if level == host::Level::Error {
@@ -222,5 +252,139 @@ impl rand::TryRng for ZeroRandom {
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
         dst.fill(0);
         Ok(())
+    }
+}
+
+/// A component checked against one of the worlds, ready to instantiate.
+pub(super) enum PluginPre {
+    /// The current world (guest and state).
+    V2(bindings::PluginPre<HostState>),
+    /// The world before state.
+    V1(bindings_v1::PluginPre<HostState>),
+}
+
+impl PluginPre {
+    /// Checks `pre` against the current world, then the earlier one.
+    ///
+    /// # Errors
+    /// The current world's complaint when neither fits.
+    pub(super) fn new(pre: wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<Self> {
+        match bindings::PluginPre::new(pre.clone()) {
+            Ok(v2) => Ok(PluginPre::V2(v2)),
+            Err(e) => bindings_v1::PluginPre::new(pre).map(PluginPre::V1).map_err(|_| e),
+        }
+    }
+
+    /// Instantiates the component in `store`.
+    pub(super) fn instantiate(&self, store: &mut wasmtime::Store<HostState>) -> wasmtime::Result<Guest> {
+        Ok(match self {
+            PluginPre::V2(pre) => Guest::V2(pre.instantiate(store)?),
+            PluginPre::V1(pre) => Guest::V1(pre.instantiate(store)?),
+        })
+    }
+
+    /// The world the component implements.
+    pub(super) fn world(&self) -> &'static str {
+        match self {
+            PluginPre::V2(_) => WORLD,
+            PluginPre::V1(_) => WORLD_V1,
+        }
+    }
+}
+
+/// A plugin instance's exports, whichever world it implements.
+pub(super) enum Guest {
+    /// The current world.
+    V2(bindings::Plugin),
+    /// The world before state.
+    V1(bindings_v1::Plugin),
+}
+
+/// What `decode` returned, in the host's own types.
+pub(super) struct RawDecoded {
+    pub(super) records: Vec<u8>,
+    pub(super) counts: Vec<u32>,
+    pub(super) rejects: Vec<(u32, String)>,
+}
+
+/// What `transform` returned, in the host's own types.
+pub(super) struct RawTransformed {
+    pub(super) records: Vec<u8>,
+    pub(super) rejects: Vec<(u32, String)>,
+}
+
+type Store<'a> = &'a mut wasmtime::Store<HostState>;
+
+/// State entries changed by a call: each key with its new value, or `None` when removed.
+pub type StateChanges = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+impl Guest {
+    pub(super) fn init(&self, store: Store<'_>, config: &[(String, String)]) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Guest::V2(p) => p.sluice_plugin0_2_0_guest().call_init(store, config),
+            Guest::V1(p) => p.sluice_plugin0_1_0_guest().call_init(store, config),
+        }
+    }
+
+    pub(super) fn decode(&self, store: Store<'_>, frames: &[u8]) -> wasmtime::Result<RawDecoded> {
+        Ok(match self {
+            Guest::V2(p) => {
+                let d = p.sluice_plugin0_2_0_guest().call_decode(store, frames)?;
+                RawDecoded {
+                    records: d.records,
+                    counts: d.counts,
+                    rejects: d.rejects.into_iter().map(|r| (r.index, r.reason)).collect(),
+                }
+            }
+            Guest::V1(p) => {
+                let d = p.sluice_plugin0_1_0_guest().call_decode(store, frames)?;
+                RawDecoded {
+                    records: d.records,
+                    counts: d.counts,
+                    rejects: d.rejects.into_iter().map(|r| (r.index, r.reason)).collect(),
+                }
+            }
+        })
+    }
+
+    pub(super) fn transform(&self, store: Store<'_>, batch: &[u8]) -> wasmtime::Result<RawTransformed> {
+        Ok(match self {
+            Guest::V2(p) => {
+                let t = p.sluice_plugin0_2_0_guest().call_transform(store, batch)?;
+                RawTransformed {
+                    records: t.records,
+                    rejects: t.rejects.into_iter().map(|r| (r.index, r.reason)).collect(),
+                }
+            }
+            Guest::V1(p) => {
+                let t = p.sluice_plugin0_1_0_guest().call_transform(store, batch)?;
+                RawTransformed {
+                    records: t.records,
+                    rejects: t.rejects.into_iter().map(|r| (r.index, r.reason)).collect(),
+                }
+            }
+        })
+    }
+
+    /// The plugin's state format; empty for a stateless plugin and for the earlier world.
+    pub(super) fn state_format(&self, store: Store<'_>) -> wasmtime::Result<String> {
+        match self {
+            Guest::V2(p) => p.sluice_plugin0_2_0_state().call_format(store),
+            Guest::V1(_) => Ok(String::new()),
+        }
+    }
+
+    pub(super) fn restore(&self, store: Store<'_>, entries: &[(Vec<u8>, Vec<u8>)]) -> wasmtime::Result<()> {
+        match self {
+            Guest::V2(p) => p.sluice_plugin0_2_0_state().call_restore(store, entries),
+            Guest::V1(_) => Ok(()),
+        }
+    }
+
+    pub(super) fn changes(&self, store: Store<'_>) -> wasmtime::Result<StateChanges> {
+        match self {
+            Guest::V2(p) => p.sluice_plugin0_2_0_state().call_changes(store),
+            Guest::V1(_) => Ok(Vec::new()),
+        }
     }
 }

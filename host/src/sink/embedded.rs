@@ -169,6 +169,14 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
     next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plugin_state (
+    source TEXT    NOT NULL,
+    link   INTEGER NOT NULL,
+    format TEXT    NOT NULL,
+    key    BLOB    NOT NULL,
+    value  BLOB    NOT NULL,
+    PRIMARY KEY (source, link, key)
+) WITHOUT ROWID;
 ";
 
 const UPSERT: &str = "
@@ -331,8 +339,40 @@ impl EmbeddedStore {
         offsets: &[(&str, i32, i64)],
         dead: &[super::DeadLetter<'_>],
     ) -> Result<(), StoreError> {
+        self.apply_state(rows, offsets, dead, &[])
+    }
+
+    /// [`apply_with`](Self::apply_with), and the chains' state changes in the same transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; the transaction is rolled back.
+    pub fn apply_state(
+        &mut self,
+        rows: &[Row<'_>],
+        offsets: &[(&str, i32, i64)],
+        dead: &[super::DeadLetter<'_>],
+        state: &[super::StateWrite<'_>],
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
+            for s in state {
+                if s.reset {
+                    tx.prepare_cached("DELETE FROM plugin_state WHERE source = ?1 AND link = ?2")?
+                        .execute(params![s.source, s.link])?;
+                }
+                let mut put = tx.prepare_cached(
+                    "INSERT INTO plugin_state (source, link, format, key, value) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (source, link, key) DO UPDATE SET format = excluded.format, value = excluded.value",
+                )?;
+                let mut remove =
+                    tx.prepare_cached("DELETE FROM plugin_state WHERE source = ?1 AND link = ?2 AND key = ?3")?;
+                for (key, value) in s.changes {
+                    match value {
+                        Some(v) => put.execute(params![s.source, s.link, s.format, key, v])?,
+                        None => remove.execute(params![s.source, s.link, key])?,
+                    };
+                }
+            }
             upsert_rows(&tx, &self.upsert, self.granularity_ms, rows)?;
             let mut offset = tx.prepare_cached(
                 "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
@@ -354,6 +394,29 @@ impl EmbeddedStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The committed state of link `link` of `source`'s chain: its format and entries (`None` when
+    /// the link has none).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn plugin_state(
+        &self,
+        source: &str,
+        link: u32,
+    ) -> Result<Option<(String, Vec<(Vec<u8>, Vec<u8>)>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT format, key, value FROM plugin_state WHERE source = ?1 AND link = ?2 ORDER BY key")?;
+        let mut format = None;
+        let mut entries = Vec::new();
+        let mut rows = stmt.query(params![source, link])?;
+        while let Some(row) = rows.next()? {
+            format.get_or_insert(row.get::<_, String>(0)?);
+            entries.push((row.get(1)?, row.get(2)?));
+        }
+        Ok(format.map(|f| (f, entries)))
     }
 
     /// The next offset to read per partition of `topic`, as last committed with the rows.

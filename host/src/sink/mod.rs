@@ -16,6 +16,22 @@ pub use crate::log::DeadLetter;
 
 use crate::log::Reader;
 
+/// One link's state changes, committed with the rows of the same polls (see
+/// [`crate::transform::LinkState`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StateWrite<'a> {
+    /// The source whose chain the link is in.
+    pub source: &'a str,
+    /// The link's position in the chain, from 0.
+    pub link: u32,
+    /// The state format of the entries.
+    pub format: &'a str,
+    /// Delete the link's stored entries before writing `changes`.
+    pub reset: bool,
+    /// Changed keys with their value now (`None`: removed).
+    pub changes: &'a std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
 /// A destination for the process role's rows.
 pub trait Sink: Send {
     /// Positions `reader` where this sink's committed state says reading resumes.
@@ -24,8 +40,8 @@ pub trait Sink: Send {
     /// When the stored offsets cannot be read or the consumer refuses the assignment.
     fn attach(&mut self, reader: &Reader, partitions: i32) -> anyhow::Result<()>;
 
-    /// Writes `rows`, the dead letters of the same polls and the offsets they cover (`(topic,
-    /// partition, next offset)`) all or nothing.
+    /// Writes `rows`, the dead letters of the same polls, the chains' state changes and the offsets
+    /// they cover (`(topic, partition, next offset)`) all or nothing.
     ///
     /// # Errors
     /// When the write fails; nothing of it is visible then, and the caller must read the rows again
@@ -35,6 +51,7 @@ pub trait Sink: Send {
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
+        state: &[StateWrite<'_>],
         reader: &Reader,
     ) -> anyhow::Result<()>;
 
@@ -53,9 +70,10 @@ impl Sink for embedded::EmbeddedStore {
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
+        state: &[StateWrite<'_>],
         _reader: &Reader,
     ) -> anyhow::Result<()> {
-        self.apply_with(rows, offsets, dead)?;
+        self.apply_state(rows, offsets, dead, state)?;
         Ok(())
     }
 

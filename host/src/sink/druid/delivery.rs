@@ -33,6 +33,8 @@ pub struct DruidSink {
     timeout: Duration,
     /// Where the transactions' time went since the last report.
     phases: Phases,
+    /// Said once that plugin state is not committed with this sink.
+    warned_state: bool,
 }
 
 /// Time spent in each phase of the transactions since the last report (logged every 10 s): handing
@@ -120,6 +122,7 @@ impl DruidSink {
             buf: Vec::with_capacity(128),
             timeout,
             phases: Phases::new(),
+            warned_state: false,
         })
     }
 
@@ -228,8 +231,16 @@ impl Sink for DruidSink {
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
+        state: &[crate::sink::StateWrite<'_>],
         reader: &Reader,
     ) -> anyhow::Result<()> {
+        if !state.is_empty() && !self.warned_state {
+            self.warned_state = true;
+            tracing::warn!(
+                links = state.len(),
+                "the Druid sink does not commit plugin state yet: a stateful link starts empty after a restart"
+            );
+        }
         if let Err(e) = self.transact(rows, offsets, dead, kafka_reader(reader)?) {
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
