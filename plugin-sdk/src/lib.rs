@@ -42,12 +42,14 @@
 //! - [`decimal`]: exact decimal strings to fixed point ([`parse_e8`]).
 //! - [`json`]: allocation-free JSON access for frames; [`field`] reads a decoder's fields from it.
 //! - [`time`]: venue timestamps to Unix milliseconds.
+//! - [`state`]: [`State`], a map a transform keeps across batches, committed and restored by the host.
 //! - [`testing`]: run a plugin natively in `cargo test`.
 #![deny(missing_docs)]
 
 pub mod decimal;
 pub mod field;
 pub mod json;
+pub mod state;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 pub mod time;
@@ -64,6 +66,7 @@ pub use decimal::{DecimalError, parse_e8};
 /// What the host and the `export!` macro use to run a plugin; not for plugin code.
 #[doc(hidden)]
 pub use runner::Runner;
+pub use state::{State, StateStore};
 pub use symbols::symbol_id;
 pub use wire::{Record, Records, StreamDataView, WireError};
 
@@ -128,7 +131,7 @@ macro_rules! reason_from_error {
         }
     )*};
 }
-reason_from_error!(DecimalError, json::JsonError, time::TimeError, WireError);
+reason_from_error!(DecimalError, json::JsonError, time::TimeError, WireError, state::StateError);
 
 /// The reason `decode` gives when a plugin does not implement it.
 pub const NO_DECODER: &str = "no decoder: this plugin only transforms";
@@ -137,8 +140,33 @@ pub const NO_DECODER: &str = "no decoder: this plugin only transforms";
 ///
 /// The host creates one instance per worker and calls it on one batch at a time, so `&mut self` state
 /// (say, the last price per symbol) needs no locking. A plugin gets no clock, files or network: the
-/// same input always gives the same output.
+/// same input always gives the same output. State that must survive a retry, a restart or a new
+/// version lives in a [`State`] the plugin returns from [`state`](Plugin::state).
 pub trait Plugin: Sized + 'static {
+    /// The format of the state the plugin keeps, `name@version` (e.g. `outlier-filter.last-price@1`),
+    /// or empty (the default) for a plugin that keeps none. A new version of the plugin with the same
+    /// format goes on from the state the old one left; a different format starts empty, so change the
+    /// version whenever the meaning or encoding of the entries changes. A plugin that sets it returns
+    /// its [`State`] from [`state`](Plugin::state), and the other way round, or `init` fails.
+    ///
+    /// ```
+    /// # use plugin_sdk::{Config, Plugin, Reason, State, StateStore};
+    /// struct Counts { per_symbol: State<u32, u64> }
+    /// impl Plugin for Counts {
+    ///     const STATE_FORMAT: &'static str = "counts.per-symbol@1";
+    ///     fn init(_: &Config) -> Result<Self, Reason> { Ok(Counts { per_symbol: State::new() }) }
+    ///     fn state(&mut self) -> Option<&mut dyn StateStore> { Some(&mut self.per_symbol) }
+    /// }
+    /// ```
+    const STATE_FORMAT: &'static str = "";
+
+    /// The state the host commits after each batch and restores before records run again; `None`
+    /// (the default) for a stateless plugin. Change it only for records you accept: a record you
+    /// reject after changing the state leaves the change in place. See [`state`](mod@crate::state).
+    fn state(&mut self) -> Option<&mut dyn StateStore> {
+        None
+    }
+
     /// Builds the plugin from its configuration.
     ///
     /// # Errors
@@ -274,7 +302,7 @@ pub fn log(level: Level, message: &str) {
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
-        world: "sluice:plugin/plugin",
+        world: "sluice:plugin/plugin@0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_sluice_plugin",
         default_bindings_module: "plugin_sdk::bindings",
@@ -285,6 +313,8 @@ pub mod bindings {
 pub mod __private {
     #[cfg(target_arch = "wasm32")]
     pub use crate::bindings::exports::sluice::plugin::guest::{Decoded, Guest, Reject, Transformed};
+    #[cfg(target_arch = "wasm32")]
+    pub use crate::bindings::exports::sluice::plugin::state::Guest as StateGuest;
 
     /// Sends panic messages to the host's log at error level, where the host attaches the last one
     /// to the trap it reports (stderr goes nowhere inside the sandbox).
@@ -310,7 +340,7 @@ macro_rules! export {
     ($plugin:ty) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            use $crate::__private::{Decoded, Guest, Reject, Transformed};
+            use $crate::__private::{Decoded, Guest, Reject, StateGuest, Transformed};
             struct SluiceGuest;
             ::std::thread_local! {
                 static RUNNER: ::std::cell::RefCell<$crate::Runner<$plugin>> =
@@ -343,6 +373,20 @@ macro_rules! export {
                     })
                 }
             }
+            impl StateGuest for SluiceGuest {
+                fn format() -> ::std::string::String {
+                    <$plugin as $crate::Plugin>::STATE_FORMAT.into()
+                }
+                fn restore(entries: ::std::vec::Vec<(::std::vec::Vec<u8>, ::std::vec::Vec<u8>)>) {
+                    // The WIT gives `restore` no error: what did not decode is skipped and logged.
+                    if let Err(e) = RUNNER.with(|r| r.borrow_mut().restore(entries)) {
+                        $crate::log($crate::Level::Error, &e.to_string());
+                    }
+                }
+                fn changes() -> ::std::vec::Vec<(::std::vec::Vec<u8>, ::std::option::Option<::std::vec::Vec<u8>>)> {
+                    RUNNER.with(|r| r.borrow_mut().take_changes())
+                }
+            }
     $crate::bindings::__export_sluice_plugin!(SluiceGuest with_types_in $crate::bindings);
         };
     };
@@ -350,8 +394,8 @@ macro_rules! export {
 
 #[cfg(test)]
 mod wit_copy {
-    /// The SDK's copy of the WIT equals the repository's `wit/` (skipped in a packaged crate, which
-    /// has no repository around it).
+    /// The SDK's copy of the WIT equals the repository's top-level `wit/*.wit` (skipped in a packaged
+    /// crate, which has no repository around it). `wit/deps/` holds older worlds for the host only.
     #[test]
     fn the_sdks_wit_is_the_repositorys() {
         let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -363,14 +407,16 @@ mod wit_copy {
             let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
                 .unwrap()
                 .map(|e| e.unwrap().path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "wit"))
                 .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
                 .collect();
             v.sort();
             v
         };
+        assert!(!files(&source).is_empty(), "no .wit files in wit/");
         assert!(
             files(&source) == files(&here.join("wit")),
-            "plugin-sdk/wit/ differs from wit/: copy wit/* to plugin-sdk/wit/"
+            "plugin-sdk/wit/ differs from wit/: copy wit/*.wit to plugin-sdk/wit/"
         );
     }
 }

@@ -3,6 +3,7 @@
 //! The same code runs inside the wasm component and under [`testing::Harness`](crate::testing::Harness),
 //! so a plugin's native tests exercise exactly what the host will run.
 
+use crate::state::{Changes, Entries};
 use crate::wire::{Delimited, Records, StreamDataView};
 use crate::{Config, Plugin, Reason};
 
@@ -37,9 +38,41 @@ impl<P: Plugin> Runner<P> {
     ///
     /// # Errors
     /// The plugin's [`Reason`] when its `init` fails.
+    /// Fails too when the plugin's [`STATE_FORMAT`](Plugin::STATE_FORMAT) is not `name@version`, or
+    /// is set without a [`state`](Plugin::state) (or the other way round).
     pub fn init(&mut self, config: Vec<(String, String)>) -> Result<(), Reason> {
-        self.plugin = Some(P::init(&Config::new(config))?);
+        self.plugin = None;
+        let mut plugin = P::init(&Config::new(config))?;
+        let format = P::STATE_FORMAT;
+        match (format.is_empty(), plugin.state().is_some()) {
+            (true, false) => {}
+            (false, true) if format.split_once('@').is_some_and(|(n, v)| !n.is_empty() && !v.is_empty()) => {}
+            (false, true) => return Err(Reason::new(format!("STATE_FORMAT {format:?} is not name@version"))),
+            (true, true) => return Err("state() returns a state but STATE_FORMAT is empty".into()),
+            (false, false) => return Err(Reason::new(format!("STATE_FORMAT is {format:?} but state() returns None"))),
+        }
+        self.plugin = Some(plugin);
         Ok(())
+    }
+
+    /// Replaces the plugin's state with committed `entries`; nothing counts as changed afterwards.
+    /// A stateless plugin ignores them.
+    ///
+    /// # Errors
+    /// A [`Reason`] when the plugin is not initialised, or when entries did not decode (they are
+    /// skipped and the others restored).
+    pub fn restore(&mut self, entries: Entries) -> Result<(), Reason> {
+        let plugin = self.plugin.as_mut().ok_or(NOT_INITIALISED)?;
+        match plugin.state() {
+            Some(state) => Ok(state.restore(entries)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The state entries changed since the last `take_changes` or `restore` (none for a stateless or
+    /// uninitialised plugin).
+    pub fn take_changes(&mut self) -> Changes {
+        self.plugin.as_mut().and_then(Plugin::state).map(|s| s.take_changes()).unwrap_or_default()
     }
 
     /// Decodes length-delimited `frames`; read the result with [`output`](Self::output),

@@ -25,7 +25,7 @@
 mod guest {
     use std::cell::RefCell;
 
-    use plugin_sdk::__private::{Decoded, Guest, Reject, Transformed};
+    use plugin_sdk::__private::{Decoded, Guest, Reject, StateGuest, Transformed};
     use plugin_sdk::wire::{Delimited, StreamDataView};
 
     #[derive(Default)]
@@ -168,6 +168,17 @@ mod guest {
             let rejects =
                 if mode == "bad-reject" { vec![Reject { index: n, reason: "past the end".into() }] } else { vec![] };
             Transformed { records: batch, rejects }
+        }
+    }
+
+    /// Keeps no state: the host never calls `restore` or `changes`.
+    impl StateGuest for Chaos {
+        fn format() -> String {
+            String::new()
+        }
+        fn restore(_: Vec<(Vec<u8>, Vec<u8>)>) {}
+        fn changes() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+            Vec::new()
         }
     }
 

@@ -13,18 +13,18 @@
 //! (`price 0 is not positive`) and never becomes a reference. The comparison is exact integer
 //! arithmetic: `|price - last| * 100 > threshold_pct * last`.
 //!
-//! References live in the plugin instance: the host keeps one instance per worker, so each worker
-//! judges the trades it sees. Because the first trade of a symbol is trusted, a bad first print makes
-//! the following good trades look like outliers until prices come back within the threshold of it.
+//! The references are the plugin's state (format `outlier-filter.last-price@1`: key
+//! `(source_id, symbol_id)`, value the last accepted `price_e8`), which the host commits with each
+//! batch and restores before records run again. So after a restart the next trade is judged against
+//! the restored reference, and a batch that failed and runs again meets the references it met the
+//! first time. Only the very first trade of a symbol is trusted: a bad first print makes the
+//! following good trades look like outliers until prices come back within the threshold of it.
 //!
 //! # Config
 //! - `threshold_pct`: positive decimal percentage, e.g. `5` or `2.5`; optional, default `10`. Zero,
 //!   negative or non-decimal values fail `init`, as does any other key.
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
-
-use plugin_sdk::{Config, Plugin, Reason, Records, StreamDataView};
+use plugin_sdk::{Config, Plugin, Reason, Records, State, StateStore, StreamDataView};
 
 /// Ten percent, with eight implied decimals.
 const DEFAULT_THRESHOLD_E8: i64 = 10 * E8 as i64;
@@ -33,12 +33,13 @@ const E8: u128 = 100_000_000;
 /// The plugin's state: its threshold and the last accepted price per source and symbol.
 pub struct OutlierFilter {
     threshold_e8: u128,
-    /// `(source_id, symbol_id)` to the last accepted `price_e8` (always positive). A `BTreeMap` needs
-    /// no random seed, unlike std's default `HashMap` hasher.
-    last: BTreeMap<(u32, u32), i64>,
+    /// `(source_id, symbol_id)` to the last accepted `price_e8` (always positive).
+    last: State<(u32, u32), i64>,
 }
 
 impl Plugin for OutlierFilter {
+    const STATE_FORMAT: &'static str = "outlier-filter.last-price@1";
+
     fn init(config: &Config) -> Result<Self, Reason> {
         config.expect_only(&["threshold_pct"])?;
         let threshold_e8 = config.decimal_e8("threshold_pct")?.unwrap_or(DEFAULT_THRESHOLD_E8);
@@ -46,7 +47,7 @@ impl Plugin for OutlierFilter {
             .ok()
             .filter(|&t| t > 0)
             .ok_or("config threshold_pct must be a positive percentage")?;
-        Ok(OutlierFilter { threshold_e8, last: BTreeMap::new() })
+        Ok(OutlierFilter { threshold_e8, last: State::new() })
     }
 
     fn transform(&mut self, trade: StreamDataView<'_>, out: &mut Records) -> Result<(), Reason> {
@@ -54,23 +55,23 @@ impl Plugin for OutlierFilter {
         if price <= 0 {
             return Err(Reason::new(format!("price {} is not positive", e8_text(price))));
         }
-        match self.last.entry((trade.source_id, trade.symbol_id)) {
-            Entry::Vacant(first) => {
-                first.insert(price);
-            }
-            Entry::Occupied(mut reference) => {
-                let last = *reference.get();
-                // Both positive, so the products fit easily in u128: < 2^98 and < 2^126.
-                let diff = price.abs_diff(last);
-                let last_abs = last.unsigned_abs();
-                if u128::from(diff) * 100 * E8 > self.threshold_e8 * u128::from(last_abs) {
-                    return Err(self.rejection(price, last, diff, last_abs));
-                }
-                reference.insert(price);
+        let key = (trade.source_id, trade.symbol_id);
+        if let Some(&last) = self.last.get(&key) {
+            // Both positive, so the products fit easily in u128: < 2^98 and < 2^126.
+            let diff = price.abs_diff(last);
+            let last_abs = last.unsigned_abs();
+            if u128::from(diff) * 100 * E8 > self.threshold_e8 * u128::from(last_abs) {
+                return Err(self.rejection(price, last, diff, last_abs));
             }
         }
+        // Accepted (the first trade of a symbol too): the new reference.
+        self.last.insert(key, price);
         out.push_view(&trade);
         Ok(())
+    }
+
+    fn state(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.last)
     }
 }
 
@@ -288,6 +289,67 @@ mod tests {
                     3,
                     "price 92233720368.54775807 is 922337203685477580600% from last accepted 0.00000001 (threshold 0.00000001%)"
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn after_a_restart_the_next_trade_is_judged_against_the_restored_price() {
+        let mut h = filter("5");
+        assert!(h.transform(&[trade(1, "100"), trade(2, "50")]).rejects.is_empty());
+        h.commit();
+        h.restart().unwrap();
+        let out = h.transform(&[trade(1, "120"), trade(2, "51")]);
+        assert_eq!(prices(&out.records), vec![5_100]);
+        assert_eq!(out.rejects, vec![reject(0, "price 120 is 20% from last accepted 100 (threshold 5%)")]);
+        // What was never committed is gone after a restart: the first trade is trusted again.
+        let mut h = filter("5");
+        h.transform(&[trade(1, "100")]);
+        h.restart().unwrap();
+        assert!(h.transform(&[trade(1, "120")]).rejects.is_empty());
+    }
+
+    #[test]
+    fn a_failed_batch_run_again_decides_as_a_clean_run() {
+        let committed = |h: &mut Harness<OutlierFilter>| {
+            h.transform(&[trade(1, "100")]);
+            h.commit();
+        };
+        let batch = [trade(1, "105.5"), trade(1, "104")];
+        let mut clean = filter("5");
+        committed(&mut clean);
+        let expected = clean.transform(&batch);
+        assert_eq!(prices(&expected.records), vec![10_400]);
+        assert_eq!(expected.rejects, vec![reject(0, "price 105.5 is 5.5% from last accepted 100 (threshold 5%)")]);
+
+        let mut faulty = filter("5");
+        committed(&mut faulty);
+        faulty.transform(&batch); // its commit fails: the batch runs again
+        faulty.rollback().unwrap();
+        assert_eq!(faulty.transform(&batch), expected);
+        faulty.commit();
+        clean.commit();
+        assert_eq!(faulty.committed(), clean.committed());
+
+        // Run again against the state the failed run left, 105.5 would pass (1.44% from 104).
+        let mut unrestored = filter("5");
+        committed(&mut unrestored);
+        unrestored.transform(&batch);
+        assert!(unrestored.transform(&batch).rejects.is_empty());
+    }
+
+    #[test]
+    fn the_state_is_the_last_price_per_source_and_symbol() {
+        use plugin_sdk::state::StateCodec;
+        let mut h = filter("5");
+        h.transform(&[trade(7, "100"), trade(7, "200"), Record { source_id: 2, ..trade(7, "3") }]);
+        h.commit();
+        assert_eq!(
+            h.committed(),
+            vec![
+                // In key order; 200 was rejected, so (1, 7) keeps 100.
+                ((1u32, 7u32).to_bytes(), 10_000_000_000i64.to_bytes()),
+                ((2u32, 7u32).to_bytes(), 300_000_000i64.to_bytes()),
             ]
         );
     }
