@@ -2,6 +2,12 @@
 //! file source and killed with SIGKILL three times during its run ends with the same store and the
 //! same dead letters as a run straight through, is not read again once finished, and is refused
 //! when it changes under its path.
+//!
+//! Its chain is stateful: `chaos` in `count` mode numbers each symbol's records (1, 2, 3, ... as
+//! their volume) and traps on a poison record, then `outlier-filter` judges each price against the
+//! last one it accepted. A state lost or applied twice at a kill, a trap's retry and bisection, or
+//! a poll read again changes the volumes and the outlier decisions, so the store is compared with
+//! what the recording alone implies as well as with the run straight through.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,7 +81,10 @@ kind = "file"
 path = "{recording}"
 rate = {rate}
 decode = "binance"
-transforms = [{{ plugin = "chaos", config = {{ trap_on_trade_id = "{POISON}" }} }}]
+transforms = [
+    {{ plugin = "chaos", config = {{ mode = "count", trap_on_trade_id = "{POISON}" }} }},
+    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
+]
 "#,
             dir = dir.display(),
             plugins = env!("SLUICE_PLUGIN_DIR"),
@@ -195,9 +204,26 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
     let want_decode = dead_letters(&straight.join("log.sqlite"));
     let want_transform = dead_letters(&straight.join("store.sqlite"));
     assert_eq!(want_decode.len(), 12, "the cut lines are dead-lettered by decode");
-    assert_eq!(want_transform.len(), 1, "the poison record is dead-lettered by its link");
+    let by = |plugin: &str| want_transform.iter().filter(|d| d.2.starts_with(plugin)).count();
+    assert_eq!(by("chaos@"), 1, "the poison record is dead-lettered by its link");
+    assert!(by("outlier-filter@") > 100, "outlier-filter rejected {} trades", by("outlier-filter@"));
+    // Each symbol's records numbered 1..=n by the counting link, in log order, the poison left
+    // out: what reaches the store and the outlier dead letters adds up to n(n+1)/2 per symbol.
     let trades = lines - 12 - 8;
-    assert_eq!(want.values().map(|v| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap()).sum::<u64>(), trades - 1);
+    let eth = (0..lines).filter(|i| i % 997 != 996 && i % 1500 != 1499 && i % 3 == 0).count() as i64 - 1;
+    let btc = trades as i64 - 1 - eth;
+    let mut volumes: BTreeMap<String, i64> = BTreeMap::new();
+    for (key, value) in &want {
+        let symbol = key.split(' ').nth(2).unwrap().to_owned();
+        *volumes.entry(symbol).or_default() += value.split(' ').nth(3).unwrap().parse::<i64>().unwrap();
+    }
+    let rolled: i64 = volumes.values().sum();
+    let outliers: i64 = want_transform
+        .iter()
+        .filter(|d| d.2.starts_with("outlier-filter@"))
+        .map(|d| d.4.split("volume_e8: ").nth(1).unwrap().split(',').next().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(rolled + outliers, eth * (eth + 1) / 2 + btc * (btc + 1) / 2, "the counting link's state");
 
     // Paced at 4,000 lines/s (3 s), killed with SIGKILL three times at different points.
     let killed = temp_dir("killed");

@@ -29,6 +29,8 @@ pub const MIN_VOLUME: &[u8] = plugin!("min_volume.wasm");
 pub const OUTLIER_FILTER: &[u8] = plugin!("outlier_filter.wasm");
 /// Drops small trades and rescales prices.
 pub const RESCALE: &[u8] = plugin!("rescale.wasm");
+/// Rejects trades too far from the VWAP of their symbol's last trades (stateful).
+pub const VWAP_BAND: &[u8] = plugin!("vwap_band.wasm");
 
 /// The bundled plugins by name.
 pub fn by_name(name: &str) -> Option<&'static [u8]> {
@@ -44,6 +46,7 @@ pub fn by_name(name: &str) -> Option<&'static [u8]> {
         "min-volume" => Some(MIN_VOLUME),
         "outlier-filter" => Some(OUTLIER_FILTER),
         "rescale" => Some(RESCALE),
+        "vwap-band" => Some(VWAP_BAND),
         _ => None,
     }
 }
@@ -62,6 +65,7 @@ pub fn names() -> &'static [&'static str] {
         "min-volume",
         "outlier-filter",
         "rescale",
+        "vwap-band",
     ]
 }
 

@@ -19,6 +19,9 @@
 //! - `trap_on_trade_id`: transform panics when a batch holds a record with this trade id (a poison
 //!   record), and otherwise passes records through.
 //! - `source_id`: the source id `mode = "source"` writes into every output record.
+//! - `mode = "count"` keeps state (format `chaos.count@1`): the number of records it has passed per
+//!   symbol, written into each record as its `volume_e8` (1, 2, 3, ... per symbol). A count lost or
+//!   applied twice, at a restart, a trap or a poll read again, changes the sums downstream.
 //! - `init_error`: init fails with this text.
 
 #[cfg(target_arch = "wasm32")]
@@ -38,6 +41,25 @@ mod guest {
 
     thread_local! {
         static SETTINGS: RefCell<Settings> = RefCell::new(Settings::default());
+        /// `mode = "count"`: records passed per symbol, and the symbols changed since `changes`.
+        static COUNTS: RefCell<(std::collections::BTreeMap<u32, u64>, std::collections::BTreeSet<u32>)> =
+            RefCell::new(Default::default());
+    }
+
+    /// Each record of `batch` with its symbol's running count as its volume.
+    fn counted(batch: &[u8]) -> Vec<u8> {
+        let mut out = plugin_sdk::Records::new();
+        COUNTS.with(|c| {
+            let (counts, changed) = &mut *c.borrow_mut();
+            for item in Delimited::new(batch) {
+                let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
+                let n = counts.entry(view.symbol_id).or_insert(0);
+                *n += 1;
+                changed.insert(view.symbol_id);
+                out.push(&plugin_sdk::Record { volume_e8: *n as i64, ..view.record() });
+            }
+        });
+        out.as_bytes().to_vec()
     }
 
     struct Chaos;
@@ -156,6 +178,9 @@ mod guest {
             if mode == "clock" {
                 return Transformed { records: world_readings(&batch), rejects: vec![] };
             }
+            if mode == "count" {
+                return Transformed { records: counted(&batch), rejects: vec![] };
+            }
             if mode == "source" {
                 return Transformed {
                     records: claimed(&batch, SETTINGS.with(|s| s.borrow().source_id)),
@@ -171,14 +196,32 @@ mod guest {
         }
     }
 
-    /// Keeps no state: the host never calls `restore` or `changes`.
+    /// Keeps state only in `mode = "count"`; otherwise the host never calls `restore` or `changes`.
     impl StateGuest for Chaos {
         fn format() -> String {
-            String::new()
+            let counting = SETTINGS.with(|s| s.borrow().mode == "count");
+            if counting { "chaos.count@1".into() } else { String::new() }
         }
-        fn restore(_: Vec<(Vec<u8>, Vec<u8>)>) {}
+        fn restore(entries: Vec<(Vec<u8>, Vec<u8>)>) {
+            COUNTS.with(|c| {
+                let (counts, changed) = &mut *c.borrow_mut();
+                counts.clear();
+                changed.clear();
+                for (k, v) in entries {
+                    if let (Ok(k), Ok(v)) = (<[u8; 4]>::try_from(k.as_slice()), <[u8; 8]>::try_from(v.as_slice())) {
+                        counts.insert(u32::from_le_bytes(k), u64::from_le_bytes(v));
+                    }
+                }
+            });
+        }
         fn changes() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-            Vec::new()
+            COUNTS.with(|c| {
+                let (counts, changed) = &mut *c.borrow_mut();
+                std::mem::take(changed)
+                    .into_iter()
+                    .map(|k| (k.to_le_bytes().to_vec(), counts.get(&k).map(|v| v.to_le_bytes().to_vec())))
+                    .collect()
+            })
         }
     }
 
