@@ -41,7 +41,6 @@ impl<P: Plugin> Runner<P> {
     /// Fails too when the plugin's [`STATE_FORMAT`](Plugin::STATE_FORMAT) is not `name@version`, or
     /// is set without a [`state`](Plugin::state) (or the other way round).
     pub fn init(&mut self, config: Vec<(String, String)>) -> Result<(), Reason> {
-        self.plugin = None;
         let mut plugin = P::init(&Config::new(config))?;
         let format = P::STATE_FORMAT;
         match (format.is_empty(), plugin.state().is_some()) {
