@@ -310,3 +310,48 @@ fn every_crate_in_plugins_is_built_and_loads() {
     }
     assert!(seen >= 8, "only {seen} plugin crates found in {}", plugins.display());
 }
+
+/// A component built against world 0.1 (before plugin state) still loads and runs, as stateless.
+#[test]
+fn a_plugin_of_world_0_1_still_loads_and_keeps_no_state() {
+    let rt = runtime();
+    let old = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/plugins/rescale-0.1.wasm")).unwrap();
+    let code = rt.compile("rescale", &old, limits()).unwrap();
+    assert_eq!(code.world(), sluice::plugin::WORLD_V1);
+    let mut instance = PluginInstance::new(&code, &[]).unwrap();
+    assert_eq!(instance.state_format(), None);
+    let now = rt.compile("rescale", &plugin_wasm("rescale"), limits()).unwrap();
+    assert_eq!(now.world(), sluice::plugin::WORLD);
+    let mut current = PluginInstance::new(&now, &[]).unwrap();
+    // Both versions decide alike on the same batch.
+    let input = batch(&trades(20));
+    let (a, b) = (instance.transform(&input).unwrap(), current.transform(&input).unwrap());
+    assert!(a.count > 0);
+    assert_eq!(a.records, b.records);
+}
+
+/// Transform state across the contract: a stateful link's changes reach the host once per call,
+/// a fresh instance restored from them goes on where the last one stopped, and a failed call
+/// (a trap on a poison record) leaves no change behind.
+#[test]
+fn a_stateful_links_changes_restore_a_fresh_instance_and_a_failed_call_leaves_none() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let mut first = PluginInstance::new(&code, &config(&[("mode", "count"), ("trap_on_trade_id", "99")])).unwrap();
+    assert_eq!(first.state_format(), Some("chaos.count@1"));
+    let volumes = |out: &[u8]| read(out).iter().map(|r| r.volume_e8).collect::<Vec<_>>();
+    assert_eq!(volumes(&first.transform(&batch(&trades(3))).unwrap().records), [1, 2, 3]);
+    let changes = first.take_state_changes().unwrap();
+    assert_eq!(changes, [(1u32.to_le_bytes().to_vec(), Some(3u64.to_le_bytes().to_vec()))]);
+    assert!(first.take_state_changes().unwrap().is_empty(), "changes are handed over once");
+    // A failed call: its instance is gone, and the next one needs the state first.
+    let mut poisoned = trades(2);
+    poisoned[1].trade_id = 99;
+    assert!(first.transform(&batch(&poisoned)).is_err());
+    assert!(first.needs_state());
+    first.restore_state(&[(1u32.to_le_bytes().to_vec(), 3u64.to_le_bytes().to_vec())]).unwrap();
+    assert_eq!(volumes(&first.transform(&batch(&trades(2))).unwrap().records), [4, 5]);
+    // A stateless plugin is never asked.
+    let plain = PluginInstance::new(&code, &[]).unwrap();
+    assert!(plain.state_format().is_none() && !plain.needs_state());
+}

@@ -829,6 +829,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A version activated with the same state format goes on from the state the one it replaces
+    /// left: no reference is lost at the swap.
+    #[test]
+    fn an_activated_version_of_the_same_state_format_continues_the_state() {
+        let dir = temp_dir("swap-state");
+        let registry = open(&dir, HashMap::new());
+        let chaos = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+        let slot = registry.deploy("counter", &chaos).unwrap();
+        let config = [("mode".to_owned(), "count".to_owned())];
+        let mut transformer = crate::transform::Transformer::bound(BoundPlugin::new(
+            slot.clone(),
+            PluginInstance::new(&slot.active(), &config).unwrap(),
+        ));
+        let mut batch = plugin_sdk::Records::new();
+        for i in 1..=3 {
+            batch.push(&plugin_sdk::Record {
+                symbol_id: 1,
+                price_e8: 100,
+                volume_e8: 1,
+                trade_id: i,
+                ..Default::default()
+            });
+        }
+        let volumes = |t: &mut crate::transform::Transformer| -> Vec<i64> {
+            t.transform(batch.as_bytes()).unwrap().parsed.iter().map(|r| r.volume_e8).collect()
+        };
+        assert_eq!(volumes(&mut transformer), [1, 2, 3]);
+        // The same component rebuilt (a custom section appended): another version, the same format.
+        let mut rebuilt = chaos.clone();
+        rebuilt.extend_from_slice(&[0, 8, 7, b'r', b'e', b'b', b'u', b'i', b'l', b't']);
+        let v2 = registry.upload("counter", &rebuilt).unwrap().version;
+        registry.activate("counter", &v2, Mode::Active).unwrap();
+        assert_eq!(volumes(&mut transformer), [4, 5, 6]);
+        assert_eq!(transformer.plugin().version(), v2.as_str());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A shadow `transform` call counts the records it was given, like the active version's.
     #[test]
     fn a_shadow_transform_counts_its_records_in() {

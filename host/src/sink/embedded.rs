@@ -145,6 +145,9 @@ struct Agg {
     last_ms: i64,
 }
 
+/// A link's state entries as the store keeps them: (key, value).
+pub type StateEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rollup (
     bucket_ms    INTEGER NOT NULL,
@@ -401,11 +404,7 @@ impl EmbeddedStore {
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn plugin_state(
-        &self,
-        source: &str,
-        link: u32,
-    ) -> Result<Option<(String, Vec<(Vec<u8>, Vec<u8>)>)>, StoreError> {
+    pub fn plugin_state(&self, source: &str, link: u32) -> Result<Option<(String, StateEntries)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT format, key, value FROM plugin_state WHERE source = ?1 AND link = ?2 ORDER BY key")?;
