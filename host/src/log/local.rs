@@ -20,8 +20,10 @@
 //!   (`trade_marks`) and each file source's position (`file_marks`), written in the transaction of
 //!   the batch that moved them, so after any crash they describe exactly what the log holds.
 //!
-//! `synchronous = NORMAL` (the default) keeps every committed row through a crash of the process
-//! (`kill -9`); a power cut can lose the last commits. `synchronous = "full"` syncs every commit.
+//! `synchronous = FULL` (the default) syncs every commit: a record counted delivered survives a
+//! power cut, and the store (which only reads committed rows) can never be ahead of the log.
+//! `synchronous = "normal"` keeps every committed row through a crash of the process (`kill -9`),
+//! but a power cut can lose the last commits.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
