@@ -185,6 +185,8 @@ impl LinkState {
 pub struct Transformer {
     plugin: BoundPlugin,
     state: LinkState,
+    /// The slot's state epoch this link's state belongs to (an operator's empty start bumps it).
+    epoch: u64,
 }
 
 impl Transformer {
@@ -197,7 +199,8 @@ impl Transformer {
     /// shadow version beside it, compared and never delivered).
     pub fn bound(plugin: BoundPlugin) -> Self {
         let format = plugin.code_format();
-        Transformer { plugin, state: LinkState { format, ..LinkState::default() } }
+        let epoch = plugin.state_epoch();
+        Transformer { plugin, state: LinkState { format, ..LinkState::default() }, epoch }
     }
 
     /// Starts from the state a store committed for this link: kept when its format is the running
@@ -249,9 +252,18 @@ impl Transformer {
         // when it keeps the same format, empty otherwise.
         let before = std::sync::Arc::as_ptr(self.plugin.code());
         self.plugin.sync();
-        if !std::ptr::eq(before, std::sync::Arc::as_ptr(self.plugin.code())) {
+        let epoch = self.plugin.state_epoch();
+        if !std::ptr::eq(before, std::sync::Arc::as_ptr(self.plugin.code())) || epoch != self.epoch {
             let format = self.plugin.code_format();
-            if format != self.state.format {
+            if epoch != self.epoch {
+                tracing::info!(
+                    plugin = self.plugin.code().name(),
+                    "an empty state was asked for; the link's state starts empty"
+                );
+                self.state.reset(format);
+                self.plugin.instance().discard();
+                self.epoch = epoch;
+            } else if format != self.state.format {
                 tracing::info!(plugin = self.plugin.code().name(), from = ?self.state.format, to = ?format, "the new version keeps another state format; its state starts empty");
                 self.state.reset(format);
             }

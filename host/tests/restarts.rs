@@ -186,13 +186,17 @@ async fn wait_finished(api: &str, log: &Path) {
     }
 }
 
-/// The contract of a restart, end to end: a recording killed three times mid-run equals a run
-/// straight through, bucket by bucket and dead letter by dead letter.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
-    let lines = 12_000;
-    // Straight through.
-    let straight = temp_dir("straight");
+/// What a run straight through leaves: the rollup, the decode and the transform dead letters.
+struct Straight {
+    rollup: BTreeMap<String, String>,
+    decode: Vec<(String, String, String, String, String)>,
+    transform: Vec<(String, String, String, String, String)>,
+}
+
+/// The recording of `lines` lines run straight through on a fresh data directory, checked against
+/// what the recording alone implies.
+async fn straight_through(name: &str, lines: u64) -> Straight {
+    let straight = temp_dir(name);
     let file = straight.join("trades.jsonl");
     recording(&file, lines);
     let api = common::free_addr();
@@ -200,11 +204,13 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
     let mut run = SluiceProcess::run(&config, &straight.join("sluice.log"), &[], None);
     wait_finished(&api, &straight.join("sluice.log")).await;
     run.interrupt();
-    let want = rollup(&straight.join("store.sqlite"));
-    let want_decode = dead_letters(&straight.join("log.sqlite"));
-    let want_transform = dead_letters(&straight.join("store.sqlite"));
-    assert_eq!(want_decode.len(), 12, "the cut lines are dead-lettered by decode");
-    let by = |plugin: &str| want_transform.iter().filter(|d| d.2.starts_with(plugin)).count();
+    let want = Straight {
+        rollup: rollup(&straight.join("store.sqlite")),
+        decode: dead_letters(&straight.join("log.sqlite")),
+        transform: dead_letters(&straight.join("store.sqlite")),
+    };
+    assert_eq!(want.decode.len(), 12, "the cut lines are dead-lettered by decode");
+    let by = |plugin: &str| want.transform.iter().filter(|d| d.2.starts_with(plugin)).count();
     assert_eq!(by("chaos@"), 1, "the poison record is dead-lettered by its link");
     assert!(by("outlier-filter@") > 100, "outlier-filter rejected {} trades", by("outlier-filter@"));
     // Each symbol's records numbered 1..=n by the counting link, in log order, the poison left
@@ -212,18 +218,25 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
     let trades = lines - 12 - 8;
     let eth = (0..lines).filter(|i| i % 997 != 996 && i % 1500 != 1499 && i % 3 == 0).count() as i64 - 1;
     let btc = trades as i64 - 1 - eth;
-    let mut volumes: BTreeMap<String, i64> = BTreeMap::new();
-    for (key, value) in &want {
-        let symbol = key.split(' ').nth(2).unwrap().to_owned();
-        *volumes.entry(symbol).or_default() += value.split(' ').nth(3).unwrap().parse::<i64>().unwrap();
-    }
-    let rolled: i64 = volumes.values().sum();
-    let outliers: i64 = want_transform
+    let rolled: i64 = want.rollup.values().map(|v| v.split(' ').nth(3).unwrap().parse::<i64>().unwrap()).sum();
+    let outliers: i64 = want
+        .transform
         .iter()
         .filter(|d| d.2.starts_with("outlier-filter@"))
         .map(|d| d.4.split("volume_e8: ").nth(1).unwrap().split(',').next().unwrap().parse::<i64>().unwrap())
         .sum();
     assert_eq!(rolled + outliers, eth * (eth + 1) / 2 + btc * (btc + 1) / 2, "the counting link's state");
+    let _ = std::fs::remove_dir_all(straight);
+    want
+}
+
+/// The contract of a restart, end to end: a recording killed three times mid-run equals a run
+/// straight through, bucket by bucket and dead letter by dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
+    let lines = 12_000;
+    let Straight { rollup: want, decode: want_decode, transform: want_transform } =
+        straight_through("straight", lines).await;
 
     // Paced at 4,000 lines/s (3 s), killed with SIGKILL three times at different points.
     let killed = temp_dir("killed");
@@ -270,9 +283,7 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("source \"recorded\"") && err.contains("changed since it was read"), "{err}");
     assert_eq!(rollup(&store), want);
-    for dir in [straight, killed] {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    let _ = std::fs::remove_dir_all(killed);
 }
 
 /// A config of four venues on the simulator, each with one symbol: three that send trade ids and a
@@ -417,6 +428,46 @@ async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downti
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A store that refuses every commit for 10 s in the middle of a run: the process role reads the
+/// same polls again and again, its stateful chain starting each time from the committed state, and
+/// the result equals a run straight through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_chain_through_a_store_failing_for_10_s_equals_a_run_straight_through() {
+    let lines = 12_000;
+    let want = straight_through("straight-sink", lines).await;
+    let dir = temp_dir("sink-down");
+    let file = dir.join("trades.jsonl");
+    recording(&file, lines);
+    let api = common::free_addr();
+    let config = write_config(&dir, &file, 4000, &api);
+    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    let started = Instant::now();
+    while events(&store) < 1_500 {
+        assert!(started.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = rusqlite::Connection::open(&store).unwrap();
+    admin.busy_timeout(Duration::from_secs(10)).unwrap();
+    admin
+        .execute_batch(
+            "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'the disk is gone'); END;",
+        )
+        .unwrap();
+    let stuck = events(&store);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(events(&store), stuck, "a commit went through while the store was down");
+    admin.execute_batch("DROP TRIGGER down").unwrap();
+    wait_finished(&api, &log).await;
+    run.interrupt();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the disk is gone"), "the failure was not reported:\n{text}");
+    assert_eq!(rollup(&store), want.rollup, "the store after 10 s of failed commits vs straight through");
+    assert_eq!(dead_letters(&dir.join("log.sqlite")), want.decode, "decode dead letters");
+    assert_eq!(dead_letters(&store), want.transform, "transform dead letters");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A log that lost its last commits (a power cut with `synchronous = "normal"`, played here by
 /// putting back an older copy of the log) leaves the store ahead of it: the start is refused with
 /// the way out, and `--resume-past-lost-log-tail` goes on from the store's position, keeping every
@@ -473,5 +524,94 @@ async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
     }
     let partition = &status["partitions"][0];
     assert_eq!(partition["lag"], 0, "{status}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// On Kafka the trade ids already delivered are read back from the tail of the events topic at
+/// start: after a `kill -9`, Kraken v2's snapshot of the trades before it is recognised, and the
+/// topic holds every trade id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_restart_recognises_the_snapshot_from_the_topics_tail() {
+    use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+    let broker = common::TestBroker::start("restart-tail");
+    let sim =
+        FeedSim::start(FeedSimConfig { trades_per_second: 80.0, record_trades: true, ..FeedSimConfig::default() })
+            .await
+            .unwrap();
+    let dir = temp_dir("kafka-tail");
+    let api = common::free_addr();
+    let events = common::unique_topic("events");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[api]
+bind = "{api}"
+
+[kafka]
+brokers = "{brokers}"
+events_topic = "{events}"
+dlq_topic = "{dlq}"
+symbols_topic = "{symbols}"
+partitions = 2
+
+[process]
+group = "{group}"
+max_wait_ms = 50
+
+[[source]]
+name = "kraken-v2"
+url = "{url}"
+decode = "kraken-v2"
+subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC/USD"]}}}}']
+"#,
+            dir = dir.display(),
+            brokers = broker.bootstrap,
+            dlq = common::unique_topic("dlq"),
+            symbols = common::unique_topic("symbols"),
+            group = common::unique_topic("group"),
+            url = sim.url(Venue::KrakenV2),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("sluice.log");
+    let source = |sources: &serde_json::Value, key: &str| sources["sources"][0][key].as_u64().unwrap_or(0);
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    let started = Instant::now();
+    while source(&get(&api, "/v1/sources").await, "records") < 100 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "no records:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the producer's acknowledgements settle, then kill it; the snapshot after the restart
+    // repeats the last 50 trades, most of them in the topic already.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run.kill_9();
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    let started = Instant::now();
+    let sources = loop {
+        let sources = get(&api, "/v1/sources").await;
+        if source(&sources, "records") > 40 {
+            break sources;
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "no records after the restart:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    run.interrupt();
+    sim.shutdown().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(source(&sources, "duplicates") > 0, "the snapshot was not recognised: {sources}\n{text}");
+    let messages = common::read_topic(&broker.bootstrap, &events, 2, usize::MAX, Duration::from_secs(10));
+    let mut ids: Vec<u64> =
+        messages.iter().map(|m| plugin_sdk::StreamDataView::parse(&m.payload).unwrap().trade_id).collect();
+    let count = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert!(count > 140, "only {count} records in the topic");
+    assert_eq!(ids.len(), count, "a trade id is in the topic twice\n{text}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::world::WORLD;
+use super::world::{WORLD, WORLD_V1};
 
 /// Why a plugin could not be loaded or a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +17,7 @@ pub enum PluginError {
     #[error("the component does not compile: {0}")]
     Compile(String),
     /// The component does not implement the plugin world.
-    #[error("not a sluice plugin (world {world}): {0}", world = WORLD)]
+    #[error("not a sluice plugin (world {world}, or the earlier {earlier}): {0}", world = WORLD, earlier = WORLD_V1)]
     WrongWorld(String),
     /// The requested limits are outside what the runtime allows.
     #[error("invalid plugin limits: {0}")]

@@ -78,6 +78,7 @@ impl PluginInstance {
         instance.live()?;
         let format = instance.call(|plugin, store| plugin.state_format(store))?;
         instance.state_format = (!format.is_empty()).then_some(format);
+        code.record_state_format(instance.state_format.as_deref());
         Ok(instance)
     }
 

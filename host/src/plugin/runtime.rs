@@ -178,6 +178,7 @@ impl Runtime {
             symbols: self.symbols.clone(),
             engine: self.engine.clone(),
             _ticker: self.ticker.handle.clone(),
+            state_format: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -206,6 +207,8 @@ pub struct PluginCode {
     engine: Engine,
     /// Keeps the epoch ticker running while any plugin is alive.
     _ticker: Arc<TickerHandle>,
+    /// The state format its instances declare (`None` inside: stateless), once one has started.
+    state_format: std::sync::OnceLock<Option<String>>,
 }
 
 impl PluginCode {
@@ -223,6 +226,17 @@ impl PluginCode {
     /// [`WORLD_V1`](super::world::WORLD_V1), whose plugins keep no state).
     pub fn world(&self) -> &'static str {
         self.pre.world()
+    }
+
+    /// The state format its instances declare: `Some(None)` for a stateless plugin, `None` while
+    /// no instance has started.
+    pub fn state_format(&self) -> Option<Option<&str>> {
+        self.state_format.get().map(Option::as_deref)
+    }
+
+    /// Records the state format an instance declared (the first one's counts).
+    pub(super) fn record_state_format(&self, format: Option<&str>) {
+        let _ = self.state_format.set(format.map(str::to_owned));
     }
 
     /// The limits its calls run under.

@@ -17,6 +17,9 @@ pub struct Slot {
     /// Times a worker could not start an instance of the active version (it stayed on the one it
     /// ran and tries again after a backoff).
     pub(super) start_failures: AtomicU64,
+    /// Bumped when an operator activates a version with an empty state: each link then drops its
+    /// state at its next batch.
+    pub(super) state_epoch: AtomicU64,
 }
 
 /// The version one worker's instance runs, as the API reports it (the slot's active version is
@@ -136,7 +139,17 @@ impl std::fmt::Debug for Slot {
 impl Slot {
     /// A slot running `code`, with no shadow.
     pub fn new(code: Arc<PluginCode>) -> Arc<Slot> {
-        Arc::new(Slot { active: ArcSwap::new(code), shadow: ArcSwapOption::empty(), start_failures: AtomicU64::new(0) })
+        Arc::new(Slot {
+            active: ArcSwap::new(code),
+            shadow: ArcSwapOption::empty(),
+            start_failures: AtomicU64::new(0),
+            state_epoch: AtomicU64::new(0),
+        })
+    }
+
+    /// How many times an operator asked for an empty state (see [`BoundPlugin::state_epoch`]).
+    pub fn state_epoch(&self) -> u64 {
+        self.state_epoch.load(Ordering::Acquire)
     }
 
     /// Times a worker could not start the active version.
@@ -245,6 +258,11 @@ impl BoundPlugin {
     /// The code of the active instance.
     pub fn code(&self) -> &Arc<PluginCode> {
         self.instance.code()
+    }
+
+    /// The slot's [`Slot::state_epoch`]: a link that sees it change drops its state.
+    pub fn state_epoch(&self) -> u64 {
+        self.slot.state_epoch()
     }
 
     /// The state format of the active instance's plugin (`None`: it keeps no state).
