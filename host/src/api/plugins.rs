@@ -137,21 +137,45 @@ pub(super) struct ActivateBody {
 pub(super) struct ActivateQuery {
     #[serde(default = "active")]
     mode: Mode,
+    /// `?state=empty`: the links start the version with no state, whatever its format.
+    #[serde(default)]
+    state: StateStart,
+}
+
+/// What an activation does to the links' state when asked.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum StateStart {
+    /// Keep it when the state format is the same (the default).
+    #[default]
+    Keep,
+    /// Start empty.
+    Empty,
+}
+
+/// The answer of `activate`: the plugin, and what became of its state.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct Activated {
+    #[serde(flatten)]
+    view: crate::plugin::registry::PluginView,
+    state: crate::plugin::registry::StateOutcome,
 }
 
 fn active() -> Mode {
     Mode::Active
 }
 
-/// `POST /v1/plugins/{name}/activate[?mode=shadow]` with `{"version": "sha256:..."}`.
+/// `POST /v1/plugins/{name}/activate[?mode=shadow][&state=empty]` with `{"version": "sha256:..."}`;
+/// the answer says whether the links' state continues (`state.state`).
 pub(super) async fn activate(
     State(state): State<ApiState>,
     Path(name): Path<String>,
     query: Result<Query<ActivateQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<crate::plugin::registry::PluginView>, ApiError> {
+) -> Result<Json<Activated>, ApiError> {
     let body = read_body(body, state.max_body_bytes)?;
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("mode must be active or shadow: {e}")))?;
+    let Query(query) =
+        query.map_err(|e| ApiError::BadRequest(format!("mode must be active or shadow, state keep or empty: {e}")))?;
     // Read as JSON whatever the content type says, so `curl -d '{"version": ...}'` works as is.
     let body: ActivateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected a JSON body {{\"version\": \"...\"}}: {e}")))?;
@@ -165,11 +189,12 @@ pub(super) async fn activate(
                  name it in a [[source]] first"
             )));
         }
-        registry.activate(&name, &body.version, query.mode)
+        registry.activate_state(&name, &body.version, query.mode, query.state == StateStart::Empty)
     })
     .await?;
-    tracing::info!(plugin = %view.name, active = ?view.active, shadow = ?view.shadow.as_ref().map(|s| &s.version), "plugin activated");
-    Ok(Json(view))
+    let (view, outcome) = view;
+    tracing::info!(plugin = %view.name, active = ?view.active, shadow = ?view.shadow.as_ref().map(|s| &s.version), state = outcome.state, "plugin activated");
+    Ok(Json(Activated { view, state: outcome }))
 }
 
 /// `POST /v1/plugins/{name}/promote`: the shadow version becomes active.

@@ -591,8 +591,15 @@ fn flush(
     sink.commit(&rows, &offsets, &letters, &state, consumer)?;
     drop(state);
     if wrote_state {
-        for t in chains.values_mut().flatten().filter(|t| t.state().is_dirty()) {
-            t.state_mut().commit();
+        for (id, chain) in chains.iter_mut() {
+            let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+            for t in chain.iter_mut().filter(|t| t.state().is_dirty()) {
+                t.state_mut().commit();
+                if let Some(m) = &settings.metrics {
+                    let bytes = i64::try_from(t.state().bytes()).unwrap_or(i64::MAX);
+                    m.process.state_bytes.with_label_values(&[source, t.plugin().name()]).set(bytes);
+                }
+            }
         }
     }
     stats.rejected.fetch_add(letters.len() as u64, Ordering::Relaxed);

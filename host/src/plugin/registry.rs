@@ -159,6 +159,17 @@ pub struct PluginView {
     pub versions: Vec<VersionView>,
 }
 
+/// What an activation does to the links' state, as the API answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateOutcome {
+    /// `continues` (the same state format as the version it replaces), `starts_empty` (another
+    /// format, or an empty start was asked for), `none` (the version keeps no state) or `copy` (a
+    /// shadow runs on a copy and never writes the state).
+    pub state: &'static str,
+    /// The state format of the version activated.
+    pub format: Option<String>,
+}
+
 /// A shadow version's comparison.
 #[derive(Clone, Debug, Serialize)]
 pub struct ShadowView {
@@ -388,9 +399,46 @@ impl Registry {
     /// Unknown plugin or version, a version that no longer compiles or starts, a conflict (shadowing
     /// the active version), or the index cannot be written.
     pub fn activate(&self, name: &str, version: &str, mode: Mode) -> Result<PluginView, RegistryError> {
+        self.activate_state(name, version, mode, false).map(|(view, _)| view)
+    }
+
+    /// [`activate`](Self::activate), saying what becomes of the links' state: a version of the
+    /// same state format goes on from it, another format starts empty, and `empty` asks for an
+    /// empty start whatever the formats (each link drops its state at its next batch).
+    ///
+    /// # Errors
+    /// As [`activate`](Self::activate).
+    pub fn activate_state(
+        &self,
+        name: &str,
+        version: &str,
+        mode: Mode,
+        empty: bool,
+    ) -> Result<(PluginView, StateOutcome), RegistryError> {
         // Compiled outside the lock (it may take a while); what it decides is checked again inside.
         let code = self.code_of(name, version)?;
-        self.activate_code(name, version, code, mode)
+        let before = self.lock().get(name).and_then(|e| e.slot.as_ref()).map(|s| s.active());
+        let (to, from) = (
+            code.state_format().flatten().map(str::to_owned),
+            before.as_ref().and_then(|c| c.state_format().flatten()),
+        );
+        let outcome = match (mode, &to) {
+            (Mode::Shadow, _) => StateOutcome { state: "copy", format: to.clone() },
+            (Mode::Active, None) => StateOutcome { state: "none", format: None },
+            (Mode::Active, Some(_)) if empty => StateOutcome { state: "starts_empty", format: to.clone() },
+            (Mode::Active, Some(f)) if from == Some(f.as_str()) => {
+                StateOutcome { state: "continues", format: to.clone() }
+            }
+            (Mode::Active, Some(_)) => StateOutcome { state: "starts_empty", format: to.clone() },
+        };
+        let view = self.activate_code(name, version, code, mode)?;
+        if empty
+            && mode == Mode::Active
+            && let Some(slot) = self.lock().get(name).and_then(|e| e.slot.clone())
+        {
+            slot.state_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok((view, outcome))
     }
 
     /// Whether any source of this process runs plugin `name`.
@@ -834,7 +882,8 @@ mod tests {
     #[test]
     fn an_activated_version_of_the_same_state_format_continues_the_state() {
         let dir = temp_dir("swap-state");
-        let registry = open(&dir, HashMap::new());
+        let binding = Binding { source: "feed".into(), config: vec![("mode".to_owned(), "count".to_owned())] };
+        let registry = open(&dir, HashMap::from([("counter".to_owned(), vec![binding])]));
         let chaos = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
         let slot = registry.deploy("counter", &chaos).unwrap();
         let config = [("mode".to_owned(), "count".to_owned())];
@@ -860,9 +909,19 @@ mod tests {
         let mut rebuilt = chaos.clone();
         rebuilt.extend_from_slice(&[0, 8, 7, b'r', b'e', b'b', b'u', b'i', b'l', b't']);
         let v2 = registry.upload("counter", &rebuilt).unwrap().version;
-        registry.activate("counter", &v2, Mode::Active).unwrap();
+        let (_, outcome) = registry.activate_state("counter", &v2, Mode::Active, false).unwrap();
+        assert_eq!(outcome, StateOutcome { state: "continues", format: Some("chaos.count@1".into()) });
         assert_eq!(volumes(&mut transformer), [4, 5, 6]);
         assert_eq!(transformer.plugin().version(), v2.as_str());
+        // An operator asks for an empty start: the next batch counts from 1 again.
+        let v1 = version_of(&chaos);
+        let (_, outcome) = registry.activate_state("counter", &v1, Mode::Active, true).unwrap();
+        assert_eq!(outcome.state, "starts_empty");
+        assert_eq!(volumes(&mut transformer), [1, 2, 3]);
+        // A shadow runs on a copy.
+        let (_, outcome) = registry.activate_state("counter", &v2, Mode::Shadow, false).unwrap();
+        assert_eq!(outcome.state, "copy");
+        assert_eq!(volumes(&mut transformer), [4, 5, 6]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

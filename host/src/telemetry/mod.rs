@@ -46,6 +46,9 @@ pub struct ProcessMetrics {
     pub exchange_to_commit_seconds: Histogram,
     /// Host receive time to sink commit, per row.
     pub receive_to_commit_seconds: Histogram,
+    /// Bytes of committed state of each stateful link, by source and plugin (set at each commit
+    /// that changes it).
+    pub state_bytes: IntGaugeVec,
 }
 
 /// Metrics whose values live in atomics elsewhere; see [`Metrics::on_scrape`].
@@ -349,6 +352,14 @@ impl Metrics {
                 "sluice_pipeline_receive_to_commit_seconds",
                 "From the host reading the frame to the row's commit in the sink",
             ),
+            state_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_process_state_bytes",
+                    "Bytes (keys and values) of a stateful link's state as last committed, by source and plugin",
+                ),
+                &["source", "plugin"],
+            )
+            .expect("valid"),
         };
         let by_source = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["source"]).expect("valid");
         let gauge_by_source =
@@ -439,6 +450,7 @@ impl Metrics {
             Box::new(process.sink_commit_duration_seconds.clone()),
             Box::new(process.exchange_to_commit_seconds.clone()),
             Box::new(process.receive_to_commit_seconds.clone()),
+            Box::new(process.state_bytes.clone()),
             Box::new(mirrored.source_frames.clone()),
             Box::new(mirrored.source_dropped.clone()),
             Box::new(mirrored.source_reconnects.clone()),
