@@ -10,6 +10,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use plugin_sdk::Runner;
 use sluice::plugin::{Limits, PluginInstance};
+use sluice::transform::Transformer;
 
 mod common;
 use common::*;
@@ -85,5 +86,32 @@ fn swap_costs(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, transform, decode, swap_costs);
+/// What state costs a transform through the host's path (`Transformer`, as the process role calls
+/// it): the same stateless plugin built against world 0.1 (before state) and 0.2, and
+/// `outlier-filter` keeping its last price per symbol as state, its changes taken after each call
+/// and committed.
+fn state(c: &mut Criterion) {
+    let batch = trades();
+    let rt = runtime();
+    let mut g = c.benchmark_group("transform_state_1024");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let old = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/plugins/rescale-0.1.wasm")).unwrap();
+    for (name, bytes) in [("rescale_world_0_1", old), ("rescale_world_0_2", wasm("rescale"))] {
+        let code = rt.compile("rescale", &bytes, Limits::default()).unwrap();
+        let mut t = Transformer::new(PluginInstance::new(&code, &config(&RESCALE_CONFIG)).unwrap());
+        g.bench_function(name, |b| b.iter(|| black_box(t.transform(black_box(&batch)).unwrap().count)));
+    }
+    let code = rt.compile("outlier-filter", &wasm("outlier_filter"), Limits::default()).unwrap();
+    let mut t = Transformer::new(PluginInstance::new(&code, &config(&[("threshold_pct", "50")])).unwrap());
+    g.bench_function("outlier_filter_with_state", |b| {
+        b.iter(|| {
+            let n = t.transform(black_box(&batch)).unwrap().count;
+            t.state_mut().commit();
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, transform, decode, swap_costs, state);
 criterion_main!(benches);

@@ -134,6 +134,10 @@ pub struct ProcessConfig {
     /// The default chain: the transforms applied to the records of every source that names none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transforms: Vec<Link>,
+    /// How often the embedded store keeps a checkpoint of the chains' state with its position (at
+    /// most; only when state changed): where `sluice replay` of a stateful chain starts from.
+    #[serde(default = "defaults::checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for ProcessConfig {
@@ -145,6 +149,7 @@ impl Default for ProcessConfig {
             max_wait_ms: defaults::max_wait_ms(),
             linger_us: defaults::linger_us(),
             transforms: Vec::new(),
+            checkpoint_interval_ms: defaults::checkpoint_interval_ms(),
         }
     }
 }
@@ -313,6 +318,9 @@ pub(crate) mod defaults {
     }
     pub fn plugin_deadline_ms() -> u64 {
         200
+    }
+    pub fn checkpoint_interval_ms() -> u64 {
+        60_000
     }
     pub fn plugin_state_bytes() -> usize {
         16 << 20

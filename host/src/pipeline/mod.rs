@@ -567,7 +567,14 @@ async fn start_process(
                         &transactional_id(&config.process.group, &config.process.instance),
                         Duration::from_secs(30),
                     )?),
-                    (None, Some(path), _) => Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?),
+                    (None, Some(path), _) => {
+                        Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
+                            crate::sink::embedded::CheckpointPolicy {
+                                every: Duration::from_millis(config.process.checkpoint_interval_ms),
+                                keep: Duration::from_millis(config.log.retention_ms),
+                            },
+                        ))
+                    }
                     _ => {
                         bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")
                     }

@@ -110,6 +110,8 @@ pub struct EmbeddedStore {
     granularity_ms: i64,
     /// The upsert into the rollup table this store writes (`rollup`, or a replay's table).
     upsert: String,
+    /// State checkpoints, when the process role asked for them, and when the last was taken.
+    checkpoints: Option<(CheckpointPolicy, Option<std::time::Instant>)>,
 }
 
 /// The prefix of the tables a replay writes (`sluice replay --into NAME` writes `replay_NAME`).
@@ -180,7 +182,43 @@ CREATE TABLE IF NOT EXISTS plugin_state (
     value  BLOB    NOT NULL,
     PRIMARY KEY (source, link, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_checkpoints (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms     INTEGER NOT NULL,
+    topic     TEXT    NOT NULL,
+    positions TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoint_state (
+    checkpoint INTEGER NOT NULL,
+    source     TEXT    NOT NULL,
+    link       INTEGER NOT NULL,
+    format     TEXT    NOT NULL,
+    key        BLOB    NOT NULL,
+    value      BLOB    NOT NULL,
+    PRIMARY KEY (checkpoint, source, link, key)
+) WITHOUT ROWID;
 ";
+
+/// A copy of every link's committed state with the positions it belongs to: where a replay of a
+/// stateful chain starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// When it was taken, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The next offset of each partition, as committed with the state.
+    pub positions: std::collections::BTreeMap<i32, i64>,
+    /// (source, link, format, key, value) of every stateful link.
+    pub entries: Vec<(String, u32, String, Vec<u8>, Vec<u8>)>,
+}
+
+/// When the store takes state checkpoints, and how long it keeps them.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointPolicy {
+    /// At most one checkpoint per this long, taken with a commit that changed state.
+    pub every: Duration,
+    /// Checkpoints older than this are deleted, but for the newest of them.
+    pub keep: Duration,
+}
 
 const UPSERT: &str = "
 INSERT INTO rollup (bucket_ms, source, symbol, side, events, qty_sum, qty_sum_e8, notional_sum,
@@ -211,7 +249,63 @@ impl EmbeddedStore {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::log::DEAD_LETTERS_SCHEMA)?;
         let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
-        Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned() })
+        Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned(), checkpoints: None })
+    }
+
+    /// Takes a checkpoint of every link's state with the commits that change state, at most once
+    /// per `policy.every` (see [`Checkpoint`]).
+    pub fn with_checkpoints(mut self, policy: CheckpointPolicy) -> Self {
+        self.checkpoints = Some((policy, None));
+        self
+    }
+
+    /// The newest checkpoint of `topic` whose position in `partition` is at or before `position`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn checkpoint_before(
+        &self,
+        topic: &str,
+        partition: i32,
+        position: i64,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, at_ms, positions FROM state_checkpoints WHERE topic = ?1 ORDER BY id DESC")?;
+        let mut rows = stmt.query([topic])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let positions: std::collections::BTreeMap<i32, i64> =
+                serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or_default();
+            if positions.get(&partition).is_some_and(|p| *p <= position) {
+                let mut entries = self.conn.prepare(
+                    "SELECT source, link, format, key, value FROM checkpoint_state WHERE checkpoint = ?1 \
+                     ORDER BY source, link, key",
+                )?;
+                let entries = entries
+                    .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Some(Checkpoint { at_ms: row.get(1)?, positions, entries }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The oldest checkpoint's position in `partition` of `topic`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn oldest_checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let positions: Option<String> = self
+            .conn
+            .query_row("SELECT positions FROM state_checkpoints WHERE topic = ?1 ORDER BY id LIMIT 1", [topic], |r| {
+                r.get(0)
+            })
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+        Ok(positions
+            .and_then(|p| serde_json::from_str::<std::collections::BTreeMap<i32, i64>>(&p).ok())
+            .and_then(|p| p.get(&partition).copied()))
     }
 
     /// Opens the store at `path` to write rollups into the replay table `replay_<name>` (the
@@ -356,6 +450,12 @@ impl EmbeddedStore {
         dead: &[super::DeadLetter<'_>],
         state: &[super::StateWrite<'_>],
     ) -> Result<(), StoreError> {
+        let checkpoint = match &self.checkpoints {
+            Some((policy, last)) if !state.is_empty() && !offsets.is_empty() => {
+                last.is_none_or(|at| at.elapsed() >= policy.every).then_some(*policy)
+            }
+            _ => None,
+        };
         let tx = self.conn.transaction()?;
         {
             for s in state {
@@ -395,7 +495,15 @@ impl EmbeddedStore {
                 }
             }
         }
+        if let Some(policy) = checkpoint {
+            take_checkpoint(&tx, offsets, policy)?;
+        }
         tx.commit()?;
+        if checkpoint.is_some()
+            && let Some((_, last)) = &mut self.checkpoints
+        {
+            *last = Some(std::time::Instant::now());
+        }
         Ok(())
     }
 
@@ -429,6 +537,29 @@ impl EmbeddedStore {
         let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Copies every link's committed state (inside `tx`, after this commit's changes) as a checkpoint
+/// at `offsets`, and deletes the checkpoints older than `policy.keep` but for the newest of them
+/// (a replay of the oldest range the log still holds starts from it).
+fn take_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    offsets: &[(&str, i32, i64)],
+    policy: CheckpointPolicy,
+) -> Result<(), StoreError> {
+    let now = crate::clock::now_ms();
+    let positions: std::collections::BTreeMap<i32, i64> = offsets.iter().map(|(_, p, o)| (*p, *o)).collect();
+    let positions = serde_json::to_string(&positions).unwrap_or_default();
+    tx.prepare_cached("INSERT INTO state_checkpoints (at_ms, topic, positions) VALUES (?1, ?2, ?3)")?
+        .execute(params![now, offsets[0].0, positions])?;
+    let id = tx.last_insert_rowid();
+    tx.prepare_cached("INSERT INTO checkpoint_state SELECT ?1, source, link, format, key, value FROM plugin_state")?
+        .execute([id])?;
+    let cutoff = now - i64::try_from(policy.keep.as_millis()).unwrap_or(i64::MAX);
+    let oldest_kept = "(SELECT coalesce(max(id), 0) FROM state_checkpoints WHERE at_ms < ?1)";
+    tx.prepare_cached(&format!("DELETE FROM checkpoint_state WHERE checkpoint < {oldest_kept}"))?.execute([cutoff])?;
+    tx.prepare_cached(&format!("DELETE FROM state_checkpoints WHERE id < {oldest_kept}"))?.execute([cutoff])?;
+    Ok(())
 }
 
 /// Rolls `rows` up into buckets of `granularity_ms` and upserts them with `upsert`, inside `tx`.
@@ -682,6 +813,27 @@ mod tests {
         let q = QueryConnection::open(&path).unwrap();
         assert_eq!(q.query("SELECT events FROM rollup", 10).unwrap()[0]["events"], 1);
         assert_eq!(store.offsets("t").unwrap(), vec![("t".to_string(), 0, 1)]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn checkpoints_copy_the_state_with_its_position_and_the_newest_before_a_position_is_found() {
+        let path = temp("checkpoints");
+        let policy = CheckpointPolicy { every: Duration::ZERO, keep: Duration::from_secs(3600) };
+        let mut store = EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap().with_checkpoints(policy);
+        let changes = |v: u8| std::collections::BTreeMap::from([(vec![1], Some(vec![v]))]);
+        for (position, value) in [(10, 1u8), (20, 2), (30, 3)] {
+            let c = changes(value);
+            let write = crate::sink::StateWrite { source: "s", link: 0, format: "f@1", reset: false, changes: &c };
+            store.apply_state(&[], &[("t", 0, position)], &[], &[write]).unwrap();
+        }
+        // A commit that changes no state takes no checkpoint.
+        store.apply_state(&[], &[("t", 0, 40)], &[], &[]).unwrap();
+        let at = |p| store.checkpoint_before("t", 0, p).unwrap().map(|c| (c.positions[&0], c.entries[0].4.clone()));
+        assert_eq!(at(25), Some((20, vec![2])));
+        assert_eq!(at(45), Some((30, vec![3])));
+        assert_eq!(at(9), None);
+        assert_eq!(store.oldest_checkpoint("t", 0).unwrap(), Some(10));
         let _ = std::fs::remove_file(&path);
     }
 
