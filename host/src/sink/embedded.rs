@@ -207,9 +207,12 @@ pub struct Checkpoint {
     pub at_ms: i64,
     /// The next offset of each partition, as committed with the state.
     pub positions: std::collections::BTreeMap<i32, i64>,
-    /// (source, link, format, key, value) of every stateful link.
-    pub entries: Vec<(String, u32, String, Vec<u8>, Vec<u8>)>,
+    /// Every stateful link's entries.
+    pub entries: Vec<CheckpointEntry>,
 }
+
+/// One entry of a [`Checkpoint`]: (source, link, format, key, value).
+pub type CheckpointEntry = (String, u32, String, Vec<u8>, Vec<u8>);
 
 /// When the store takes state checkpoints, and how long it keeps them.
 #[derive(Clone, Copy, Debug)]
