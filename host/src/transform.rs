@@ -83,6 +83,9 @@ pub struct LinkState {
     /// The committed entries no longer count (a version of another format took over, or an empty
     /// start was asked for): the next commit deletes the link's stored entries first.
     reset: bool,
+    /// The keys of the committed entries a reset dropped: a store that deletes entries one by one (a
+    /// changelog) deletes these.
+    dropped: std::collections::BTreeSet<Vec<u8>>,
     /// Bytes of keys and values in `current`.
     bytes: usize,
 }
@@ -115,6 +118,12 @@ impl LinkState {
         (self.reset, &self.pending)
     }
 
+    /// The keys of the stored entries the next commit deletes because of a reset (see
+    /// [`pending`](Self::pending)).
+    pub fn dropped(&self) -> &std::collections::BTreeSet<Vec<u8>> {
+        &self.dropped
+    }
+
     /// True when a commit has something of this link's to write.
     pub fn is_dirty(&self) -> bool {
         self.reset || !self.pending.is_empty()
@@ -122,7 +131,9 @@ impl LinkState {
 
     /// Starts empty in `format`, dropping the committed entries at the next commit.
     pub fn reset(&mut self, format: Option<String>) {
-        *self = LinkState { format, reset: true, ..LinkState::default() };
+        let mut dropped = std::mem::take(&mut self.dropped);
+        dropped.extend(std::mem::take(&mut self.committed).into_keys());
+        *self = LinkState { format, reset: true, dropped, ..LinkState::default() };
     }
 
     /// The size the state would have with `changes` applied.
@@ -160,6 +171,7 @@ impl LinkState {
     pub fn commit(&mut self) {
         if self.reset {
             self.committed.clear();
+            self.dropped.clear();
             self.reset = false;
         }
         for (key, value) in std::mem::take(&mut self.pending) {
@@ -213,6 +225,8 @@ impl Transformer {
             if state.format.is_some() {
                 tracing::warn!(plugin = self.plugin.code().name(), stored = ?state.format, running = ?running, "the stored state is of another format; the link starts empty");
             }
+            // The stored entries' keys go with the reset, for a store that deletes them one by one.
+            self.state = state;
             self.state.reset(running);
         }
         self.plugin.instance().discard();
@@ -418,7 +432,7 @@ mod tests {
     use plugin_sdk::wire::Delimited;
     use plugin_sdk::{Record, Records, StreamDataView};
 
-    use super::TransformedBatch;
+    use super::{LinkState, TransformedBatch};
 
     #[test]
     fn stamping_writes_the_chains_source_into_every_record() {
@@ -438,5 +452,21 @@ mod tests {
             .collect();
         assert_eq!(read, [(1, 0), (1, 1), (1, 2)]);
         assert!(out.parsed.iter().all(|r| r.source_id == 1));
+    }
+
+    /// A reset names the stored keys it drops (for a changelog's tombstones) until a commit wrote it;
+    /// a second reset before that keeps naming them.
+    #[test]
+    fn a_reset_names_the_stored_keys_until_committed() {
+        let entries = vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())];
+        let mut state = LinkState::committed("f@1".into(), entries);
+        assert!(state.dropped().is_empty());
+        state.reset(Some("g@1".into()));
+        state.reset(Some("h@1".into()));
+        let keys: Vec<&[u8]> = state.dropped().iter().map(Vec::as_slice).collect();
+        assert_eq!(keys, [b"a", b"b"]);
+        assert!(state.pending().0);
+        state.commit();
+        assert!(state.dropped().is_empty() && !state.pending().0);
     }
 }

@@ -332,6 +332,50 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     let _ = std::fs::remove_dir_all(&s.dir);
 }
 
+/// A stateful chain with the Druid sink, the process role killed with SIGKILL mid-stream and started
+/// again: the `chaos` link in `count` mode numbers each symbol's records 1, 2, 3, ... as its state
+/// (written into each row's quantity). Its state goes to the changelog topic in the transactions
+/// that carry the rows, and the restarted role restores it before its first record: so per symbol,
+/// the Druid topic's committed rows carry 1..=n once each, n the trades sent. A count restarted from
+/// 1 after the kill, or a count applied twice, would show as a repeated number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn druid_sink_commits_a_stateful_links_state_across_a_kill_9() {
+    let (mut s, druid_topic, _posted) = druid_setup("state-druid").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let chain = r#"transforms = [{ plugin = "chaos", config = { mode = "count" } }]"#;
+    let plugin = format!("\n[plugins.chaos]\npath = \"{}/chaos.wasm\"\n", env!("SLUICE_PLUGIN_DIR"));
+    std::fs::write(&s.config, text.replacen(r#"transforms = ["rescale"]"#, chain, 1) + &plugin).unwrap();
+    let (_, message) = generated_spec(&s);
+    let bootstrap = s.broker.bootstrap.clone();
+    let counter = std::sync::Mutex::new(CommittedCount::new(&bootstrap, &druid_topic));
+    let (mut process, sent) = run_with_kill(&mut s, || counter.lock().unwrap().update()).await;
+    let total: usize = sent.values().map(Vec::len).sum();
+    assert!(total > 500, "only {total} trades sent");
+    let start = Instant::now();
+    while (counter.lock().unwrap().update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    process.interrupt();
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
+
+    let mut counts: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for row in druid_rows(&bootstrap, &druid_topic, &message) {
+        let count = (row["qty"].as_f64().unwrap() * 1e8).round() as i64;
+        counts.entry(row["symbol"].as_str().unwrap().to_owned()).or_default().push(count);
+    }
+    for (symbol, trades) in &sent {
+        let mut got = counts.remove(*symbol).unwrap_or_default();
+        got.sort_unstable();
+        let want: Vec<i64> = (1..=trades.len() as i64).collect();
+        assert_eq!(got, want, "{symbol}: the counting link's numbers in the Druid topic\n{log}");
+    }
+    assert!(counts.is_empty(), "rows of symbols never sent: {:?}", counts.keys());
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
 /// The rows read from the Druid topic, as a multiset, equal the trades the simulator sent: each one
 /// exactly once, with its symbol, time, side, price and quantity.
 fn assert_exactly_once(rows: &[serde_json::Value], sent: &BTreeMap<&'static str, Vec<SentTrade>>) {

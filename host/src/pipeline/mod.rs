@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::datadir::{DataDirLock, Hold};
 use crate::log::kafka::consumer::EventConsumer;
 use crate::log::kafka::producer::{EventProducer, ProducerStats};
-use crate::log::kafka::{ensure_symbols_topic, ensure_topics};
+use crate::log::kafka::{ensure_changelog_topic, ensure_symbols_topic, ensure_topics};
 use crate::log::local::{LocalLog, POSITION_TOPIC};
 use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
@@ -204,6 +204,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         ensure_symbols_topic(kafka, &brokers).await?;
         if let Some(druid) = &config.sink.druid {
             ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
+            ensure_changelog_topic(kafka, &brokers, &druid.state_topic()).await?;
         }
         let (k, b) = (kafka.clone(), brokers.clone());
         let symbols = Arc::new(
@@ -505,10 +506,23 @@ async fn start_process(
     // Source ids as the ingest role stamps them (stable per name, from the dictionary).
     let stats = Arc::new(ProcessStats::default());
     let mut transformers = HashMap::new();
-    // The chains' state as the store committed it with its position.
+    // The chains' state as the store committed it with its position, or as the Druid sink's
+    // changelog holds it with the group's offsets.
     let store = match &store_path {
         Some(path) => Some(EmbeddedStore::open(path, Duration::from_secs(60))?),
         None => None,
+    };
+    let changelog = match (&config.sink.druid, handoff) {
+        (Some(druid), Handoff::Kafka(brokers)) => {
+            let (kafka, brokers, druid) = (config.kafka.clone(), brokers.clone(), druid.clone());
+            let id = transactional_id(&config.process.group, &config.process.instance);
+            let timeout = Duration::from_secs(30);
+            let read = tokio::task::spawn_blocking(move || {
+                crate::sink::druid::state::restore(&kafka, &brokers, &druid, &id, timeout)
+            });
+            Some(read.await?.context("restoring plugin state from the Druid sink's changelog")?)
+        }
+        _ => None,
     };
     for (&id, source) in source_ids.iter().zip(&config.sources) {
         let mut chain = Vec::new();
@@ -517,10 +531,22 @@ async fn start_process(
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance));
-            if let Some(store) = &store
-                && let Some((format, entries)) = store.plugin_state(&source.name, i as u32)?
-            {
+            let stored = match (&store, &changelog) {
+                (Some(store), _) => store.plugin_state(&source.name, i as u32)?,
+                (None, Some(changelog)) => changelog.plugin_state(&source.name, i as u32),
+                (None, None) => None,
+            };
+            if let Some((format, entries)) = stored {
                 transformer.load_state(crate::transform::LinkState::committed(format, entries));
+            }
+            if changelog.is_some() && transformer.state().format().is_some() {
+                tracing::warn!(
+                    source = %source.name,
+                    plugin = %link.plugin,
+                    group = %config.process.group,
+                    "a stateful link with the Druid sink: run one process instance in this group (state is kept \
+                     per link, not per partition)"
+                );
             }
             chain.push(transformer);
             stats.watch_breaker(&source.name, &link.plugin);

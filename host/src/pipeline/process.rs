@@ -582,6 +582,7 @@ fn flush(
                     link: link as u32,
                     format: t.state().format().unwrap_or(""),
                     reset,
+                    dropped: t.state().dropped(),
                     changes,
                 }
             })

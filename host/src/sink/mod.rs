@@ -28,6 +28,8 @@ pub struct StateWrite<'a> {
     pub format: &'a str,
     /// Delete the link's stored entries before writing `changes`.
     pub reset: bool,
+    /// With `reset`: the keys of the stored entries, for a sink that deletes them one by one.
+    pub dropped: &'a std::collections::BTreeSet<Vec<u8>>,
     /// Changed keys with their value now (`None`: removed).
     pub changes: &'a std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }

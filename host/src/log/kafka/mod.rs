@@ -194,6 +194,18 @@ pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result
     create_topics(config, brokers, &[topic], 1).await
 }
 
+/// Creates a changelog topic when it does not exist: one partition (a restore reads it whole, in one
+/// order) with `cleanup.policy=compact`, so the broker keeps each key's last record and drops keys
+/// whose last record is a tombstone. A broker that ignores topic configs keeps every record; a
+/// restore reads the same state either way.
+///
+/// # Errors
+/// [`KafkaError::CreateTopic`] when the broker refuses.
+pub async fn ensure_changelog_topic(config: &KafkaConfig, brokers: &str, topic: &str) -> Result<(), KafkaError> {
+    let topic = NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    create_topics(config, brokers, &[topic], 1).await
+}
+
 /// Deletes `topic` (a replay's partial topic, say); one that does not exist is fine.
 ///
 /// # Errors

@@ -174,12 +174,7 @@ impl RangeReader {
         stop: &AtomicBool,
         mut each: impl FnMut(&[&[u8]]) -> Result<(), E>,
     ) -> Result<bool, E> {
-        let mut active: BTreeSet<i32> =
-            to.iter().filter(|(p, end)| from.get(p).is_some_and(|f| f < end)).map(|(p, _)| *p).collect();
-        if active.is_empty() {
-            return Ok(true);
-        }
-        self.assign(from, &active)?;
+        let start = from.clone();
         let mut records = Vec::new();
         let mut count = 0;
         // Where `from` moves once `each` has taken the records buffered.
@@ -194,6 +189,54 @@ impl RangeReader {
             *count = 0;
             Ok(())
         };
+        let done = self.scan::<E>(&start, to, stop, |m| {
+            push_delimited(&mut records, m.payload().unwrap_or_default());
+            count += 1;
+            pending.insert(m.partition(), m.offset() + 1);
+            if count >= batch {
+                flush(&mut records, &mut count, &mut pending)?;
+            }
+            Ok(())
+        })?;
+        if done {
+            flush(&mut records, &mut count, &mut pending)?;
+        }
+        Ok(done)
+    }
+
+    /// Reads every partition from its first record held to its end as of the call, handing each
+    /// record's key and payload (`None` for a tombstone) to `each` in each partition's order: what a
+    /// compacted changelog is restored from.
+    ///
+    /// # Errors
+    /// [`KafkaError::Read`] when the topic cannot be read (see [`read`](Self::read)).
+    pub fn read_keyed(&self, mut each: impl FnMut(&[u8], Option<&[u8]>)) -> Result<(), KafkaError> {
+        let marks = self.watermarks()?;
+        let from: Positions = marks.iter().map(|(p, (low, _))| (*p, *low)).collect();
+        let to: Positions = marks.iter().map(|(p, (_, high))| (*p, *high)).collect();
+        self.scan::<KafkaError>(&from, &to, &AtomicBool::new(false), |m| {
+            each(m.key().unwrap_or_default(), m.payload());
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Hands `each` every record of every partition `p` of `to` from `from[p]` up to `to[p]`
+    /// (exclusive; a partition `from` lacks is not read), or to its end if that comes first. Returns
+    /// false when `stop` was set before the end.
+    fn scan<E: From<KafkaError>>(
+        &self,
+        from: &Positions,
+        to: &Positions,
+        stop: &AtomicBool,
+        mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut active: BTreeSet<i32> =
+            to.iter().filter(|(p, end)| from.get(p).is_some_and(|f| f < end)).map(|(p, _)| *p).collect();
+        if active.is_empty() {
+            return Ok(true);
+        }
+        self.assign(from, &active)?;
         let mut last = Instant::now();
         let done = loop {
             if active.is_empty() {
@@ -226,21 +269,13 @@ impl RangeReader {
                         active.remove(&p);
                         continue;
                     }
-                    push_delimited(&mut records, m.payload().unwrap_or_default());
-                    count += 1;
-                    pending.insert(p, offset + 1);
                     if offset + 1 >= end {
                         active.remove(&p);
                     }
-                    if count >= batch {
-                        flush(&mut records, &mut count, &mut pending)?;
-                    }
+                    each(&m)?;
                 }
             }
         };
-        if done {
-            flush(&mut records, &mut count, &mut pending)?;
-        }
         let _ = self.consumer.unassign();
         Ok(done)
     }

@@ -26,6 +26,10 @@ pub struct DruidSinkConfig {
     /// The Kafka topic sluice writes sink rows to and Druid's supervisor reads.
     #[serde(default = "defaults::topic")]
     pub topic: String,
+    /// The compacted changelog topic the chains' plugin state is committed to, in the transactions
+    /// that carry the rows; `<topic>.state` by default (see [`crate::sink::druid::state`]).
+    #[serde(default)]
+    pub state_topic: Option<String>,
     /// The Druid datasource (and supervisor id).
     #[serde(default = "defaults::datasource")]
     pub datasource: String,
@@ -94,6 +98,7 @@ impl Default for DruidSinkConfig {
             username: None,
             password: None,
             topic: defaults::topic(),
+            state_topic: None,
             datasource: defaults::datasource(),
             timestamp_column: defaults::timestamp_column(),
             segment_granularity: defaults::segment_granularity(),
@@ -121,6 +126,11 @@ impl DruidSinkConfig {
     /// The basic-auth password: [`PASSWORD_ENV`] when set, else the file's.
     pub fn resolved_password(&self) -> Option<String> {
         std::env::var(PASSWORD_ENV).ok().or_else(|| self.password.as_ref().map(|p| p.0.clone()))
+    }
+
+    /// The plugin state's changelog topic: `state_topic`, else `<topic>.state`.
+    pub fn state_topic(&self) -> String {
+        self.state_topic.clone().unwrap_or_else(|| format!("{}.state", self.topic))
     }
 
     /// `request_timeout_ms` as a duration.

@@ -9,6 +9,9 @@
 //! - The offsets go with the consumer group's metadata, so the group coordinator refuses a commit
 //!   from an instance that lost its partitions in a rebalance (zombie fencing across instances).
 //! - Any error aborts the transaction; the caller then reads again from the last committed offsets.
+//!
+//! The chains' plugin state changes go to the changelog topic in the same transaction (see
+//! [`super::state`]).
 
 use std::time::Duration;
 
@@ -20,7 +23,7 @@ use crate::log::Reader;
 use crate::log::kafka::consumer::EventConsumer;
 use crate::log::kafka::{KafkaConfig, KafkaError, send_waiting};
 use crate::proto::StreamData;
-use crate::sink::{DeadLetter, Row, Sink};
+use crate::sink::{DeadLetter, Row, Sink, StateWrite};
 
 /// The transactional writer of the Druid topic.
 pub struct DruidSink {
@@ -28,13 +31,13 @@ pub struct DruidSink {
     topic: String,
     /// Where the transform stage's dead letters go, in the same transactions.
     dlq_topic: String,
+    /// Where the chains' state changes go, in the same transactions.
+    state_topic: String,
     /// One encoded row, reused.
     buf: Vec<u8>,
     timeout: Duration,
     /// Where the transactions' time went since the last report.
     phases: Phases,
-    /// Said once that plugin state is not committed with this sink.
-    warned_state: bool,
 }
 
 /// Time spent in each phase of the transactions since the last report (logged every 10 s): handing
@@ -119,10 +122,10 @@ impl DruidSink {
             producer,
             topic: druid.topic.clone(),
             dlq_topic: kafka.dlq_topic.clone(),
+            state_topic: druid.state_topic(),
             buf: Vec::with_capacity(128),
             timeout,
             phases: Phases::new(),
-            warned_state: false,
         })
     }
 
@@ -139,6 +142,28 @@ impl DruidSink {
             let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.bytes).headers(headers);
             send_waiting(&self.producer, record, Duration::from_millis(1), || {})
                 .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)))?;
+        }
+        Ok(())
+    }
+
+    /// The chains' state changes, to the changelog topic in the same transaction: a record per changed
+    /// key (a tombstone for a removed one), after a tombstone for each stored key a reset dropped.
+    fn produce_state(&mut self, state: &[StateWrite<'_>]) -> Result<(), KafkaError> {
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        for s in state {
+            let dropped = s.dropped.iter().filter(|k| s.reset && !s.changes.contains_key(*k)).map(|k| (k, None));
+            for (entry, now) in dropped.chain(s.changes.iter().map(|(k, v)| (k, v.as_deref()))) {
+                key.clear();
+                super::state::encode_key(s.source, s.link, entry, &mut key);
+                let mut record = BaseRecord::<[u8], [u8]>::to(&self.state_topic).key(&key);
+                if let Some(v) = now {
+                    value.clear();
+                    super::state::encode_value(s.format, v, &mut value);
+                    record = record.payload(&value);
+                }
+                send_waiting(&self.producer, record, Duration::from_millis(1), || {})
+                    .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.state_topic)))?;
+            }
         }
         Ok(())
     }
@@ -187,6 +212,7 @@ impl DruidSink {
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
+        state: &[StateWrite<'_>],
         consumer: &EventConsumer,
     ) -> Result<(), KafkaError> {
         let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
@@ -194,6 +220,7 @@ impl DruidSink {
         self.producer.begin_transaction().map_err(|e| tx("begin", e))?;
         self.produce_all(rows)?;
         self.dead_letter_all(dead)?;
+        self.produce_state(state)?;
         let produced = std::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         for &(topic, partition, next) in offsets {
@@ -231,17 +258,10 @@ impl Sink for DruidSink {
         rows: &[Row<'_>],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
-        state: &[crate::sink::StateWrite<'_>],
+        state: &[StateWrite<'_>],
         reader: &Reader,
     ) -> anyhow::Result<()> {
-        if !state.is_empty() && !self.warned_state {
-            self.warned_state = true;
-            tracing::warn!(
-                links = state.len(),
-                "the Druid sink does not commit plugin state yet: a stateful link starts empty after a restart"
-            );
-        }
-        if let Err(e) = self.transact(rows, offsets, dead, kafka_reader(reader)?) {
+        if let Err(e) = self.transact(rows, offsets, dead, state, kafka_reader(reader)?) {
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
                 tracing::warn!(error = %abort, "aborting the Druid transaction failed");

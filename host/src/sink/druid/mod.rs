@@ -3,12 +3,15 @@
 //! supervisor spec applied through the Overlord ([`overlord`]) that tells Druid how to read and roll those
 //! rows up. The spec is generated from `[sink.druid]` ([`config`]) and checked offline first ([`spec`]); it
 //! carries the protobuf descriptor inline, so Druid decodes rows with exactly the schema sluice writes.
+//! The chains' plugin state goes to a compacted changelog topic in the transactions that carry the rows
+//! ([`state`]).
 
 pub mod config;
 pub mod delivery;
 pub mod overlord;
 pub mod row;
 pub mod spec;
+pub mod state;
 
 pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
 pub use delivery::{DruidSink, transactional_id};
