@@ -525,7 +525,7 @@ async fn start_process(
             chain.push(transformer);
             stats.watch_breaker(&source.name, &link.plugin);
         }
-        transformers.insert(id, chain);
+        transformers.insert(id, crate::chain::Chain::new(id, chain));
     }
     // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
     // dead-lettered: no plugin is bound to them).

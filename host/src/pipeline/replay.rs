@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 
 use super::{Role, open_plugins};
+use crate::chain::{Chain, Unguarded};
 use crate::config::Config;
 use crate::log::Positions;
 use crate::log::kafka::range::RangeReader;
@@ -139,10 +140,10 @@ pub async fn replay(
 
 /// Each configured source's chain, instantiated from the versions the registry has active, and its
 /// name, by source id.
-type Chains = (HashMap<u32, Vec<Transformer>>, HashMap<u32, Arc<str>>);
+type Chains = (HashMap<u32, Chain>, HashMap<u32, Arc<str>>);
 
 fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols) -> anyhow::Result<Chains> {
-    let mut chains: HashMap<u32, Vec<Transformer>> = HashMap::new();
+    let mut chains: HashMap<u32, Chain> = HashMap::new();
     let mut sources: HashMap<u32, Arc<str>> = HashMap::new();
     for source in &config.sources {
         let id = symbols.source_id(&source.name).context("source ids")?;
@@ -153,7 +154,7 @@ fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             chain.push(Transformer::new(instance));
         }
-        chains.insert(id, chain);
+        chains.insert(id, Chain::new(id, chain));
         sources.insert(id, Arc::from(source.name.as_str()));
     }
     Ok((chains, sources))
@@ -463,7 +464,7 @@ fn buckets_in(store: &std::path::Path, table: &str, range: (i64, Option<i64>)) -
 /// What each batch of records read goes through, whatever it was read from: the range's records,
 /// per source, through the source's chain, and the rows with their names.
 struct Replayer {
-    chains: HashMap<u32, Vec<Transformer>>,
+    chains: HashMap<u32, Chain>,
     sources: HashMap<u32, Arc<str>>,
     symbols: Arc<Symbols>,
     progress: Arc<ReplayProgress>,
@@ -555,7 +556,7 @@ type NamedRecord = (Arc<str>, Arc<str>, plugin_sdk::Record);
 /// One batch's in-range records, per source, through its chain; the rows with their names.
 fn replay_batch(
     by_source: &BTreeMap<u32, Vec<u8>>,
-    chains: &mut HashMap<u32, Vec<Transformer>>,
+    chains: &mut HashMap<u32, Chain>,
     sources: &HashMap<u32, Arc<str>>,
     symbols: &Symbols,
     names: &mut HashMap<u32, Arc<str>>,
@@ -565,20 +566,9 @@ fn replay_batch(
     for (source, input) in by_source.iter().filter(|(_, b)| !b.is_empty()) {
         // Records of a source the configuration no longer has are left out, as the live run does.
         let (Some(chain), Some(source_name)) = (chains.get_mut(source), sources.get(source)) else { continue };
-        let mut batch = input.clone();
-        let mut parsed: Vec<plugin_sdk::Record> = Delimited::new(input)
-            .filter_map(|item| item.and_then(StreamDataView::parse).ok())
-            .map(|v| v.record())
-            .collect();
-        for link in chain.iter_mut() {
-            let mut out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
-            progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
-            // As live: the link's records are this source's, whatever source id it wrote.
-            out.stamp_source(*source);
-            parsed = out.parsed;
-            batch = out.records;
-        }
-        for record in parsed {
+        let out = chain.run(input, &mut Unguarded).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
+        progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
+        for record in out.parsed {
             let symbol = match names.get(&record.symbol_id) {
                 Some(name) => name.clone(),
                 None => match symbols.name(record.symbol_id) {
