@@ -193,3 +193,96 @@ impl Chain {
 pub fn label(plugin: &PluginCode) -> String {
     format!("{}@{}", plugin.name(), plugin.version())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use plugin_sdk::wire::Delimited;
+    use plugin_sdk::{Record, Records};
+
+    use super::{Chain, Hooks, LinkError, Unguarded};
+    use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};
+    use crate::transform::Transformer;
+
+    fn link(runtime: &Runtime, name: &str, wasm: &[u8], config: &[(&str, &str)]) -> Transformer {
+        let code = runtime.compile(name, wasm, Limits::default()).unwrap();
+        let config: Vec<(String, String)> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Transformer::new(PluginInstance::new(&code, &config).unwrap())
+    }
+
+    /// Trades of source 0 (as another source's link might write them), one per (price, volume).
+    fn trades(trades: &[(i64, i64)]) -> Vec<u8> {
+        let mut records = Records::new();
+        for (i, &(price, volume)) in trades.iter().enumerate() {
+            let (price_e8, volume_e8) = (price * 100_000_000, volume * 10_000_000);
+            records.push(&Record { symbol_id: 1, trade_id: i as u64, price_e8, volume_e8, ..Record::default() });
+        }
+        records.as_bytes().to_vec()
+    }
+
+    /// `min-volume` then `outlier-filter`: the small trade is dropped by the first link, the outlier
+    /// refused by the second, named with its version and with the bytes it was given (its index
+    /// among what the first link left); the rest are the chain's source's.
+    #[test]
+    fn links_run_in_order_and_a_reject_names_its_link_with_what_it_was_given() {
+        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(crate::symbols::Symbols::new())).unwrap();
+        let links = vec![
+            link(&runtime, "min-volume", bundled::MIN_VOLUME, &[("min_volume", "1")]),
+            link(&runtime, "outlier-filter", bundled::OUTLIER_FILTER, &[("threshold_pct", "5")]),
+        ];
+        let mut chain = Chain::new(7, links);
+        // (price, volume in tenths)
+        let input = trades(&[(100, 20), (100, 5), (150, 20), (101, 20)]);
+        let out = chain.run(&input, &mut Unguarded).unwrap();
+        assert_eq!(out.parsed.iter().map(|r| r.trade_id).collect::<Vec<_>>(), [0, 3]);
+        assert!(out.parsed.iter().all(|r| r.source_id == 7));
+        assert_eq!(out.rejects.len(), 1, "{:?}", out.rejects);
+        let reject = &out.rejects[0];
+        let version = crate::plugin::version_of(bundled::OUTLIER_FILTER);
+        assert_eq!((reject.link, reject.plugin.as_str(), reject.index), (1, &*format!("outlier-filter@{version}"), 1));
+        // The first link's output, stamped with the chain's source, is what the second was given.
+        let given = plugin_sdk::StreamDataView::parse(Delimited::new(&input).nth(2).unwrap().unwrap()).unwrap();
+        let mut stamped = Records::new();
+        stamped.push(&Record { source_id: 7, ..given.record() });
+        let stamped = Delimited::new(stamped.as_bytes()).next().unwrap().unwrap().to_vec();
+        assert_eq!(reject.bytes, stamped, "the outlier as the second link was given it");
+        assert_eq!(out.last, format!("outlier-filter@{version}"));
+        // No links: the records pass as they are.
+        let out = Chain::new(7, Vec::new()).run(&input, &mut Unguarded).unwrap();
+        assert_eq!((out.records, out.parsed.len(), out.last.as_str()), (input, 4, ""));
+    }
+
+    /// Refuses link 1; notes each link it was asked about.
+    struct Refuse(Vec<usize>);
+
+    #[derive(Debug)]
+    struct Refused(String);
+
+    impl From<LinkError> for Refused {
+        fn from(e: LinkError) -> Self {
+            Refused(e.to_string())
+        }
+    }
+
+    impl Hooks for Refuse {
+        type Error = Refused;
+        fn before(&mut self, link: usize, plugin: &PluginCode, _input: &[u8]) -> Result<(), Refused> {
+            self.0.push(link);
+            if link == 1 { Err(Refused(format!("{} may not run", plugin.name()))) } else { Ok(()) }
+        }
+    }
+
+    /// Hooks that refuse the second link stop the chain before it runs, after the first ran.
+    #[test]
+    fn hooks_may_stop_the_chain_before_a_link() {
+        let runtime = Runtime::new(RuntimeSettings::default(), Arc::new(crate::symbols::Symbols::new())).unwrap();
+        let links = vec![
+            link(&runtime, "min-volume", bundled::MIN_VOLUME, &[]),
+            link(&runtime, "outlier-filter", bundled::OUTLIER_FILTER, &[]),
+        ];
+        let mut hooks = Refuse(Vec::new());
+        let err = Chain::new(1, links).run(&trades(&[(100, 20)]), &mut hooks).unwrap_err();
+        assert_eq!((err.0.as_str(), hooks.0.as_slice()), ("outlier-filter may not run", &[0, 1][..]));
+    }
+}

@@ -490,23 +490,18 @@ struct Shared {
     metrics: Arc<crate::telemetry::Metrics>,
 }
 
-/// The process role on its own thread: each source's records through its plugin's transform, into
-/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
-/// committed offsets after a pause.
-async fn start_process(
+/// Each configured source's chain, by source id: its links bound to their registry slots, each
+/// starting from the state the store committed for it.
+fn live_chains(
     config: &Config,
     source_ids: &[u32],
-    handoff: &Handoff,
     plugins: &HashMap<String, Arc<Slot>>,
-    shared: Shared,
-    store_path: Option<PathBuf>,
-) -> anyhow::Result<ProcessRole> {
-    let Shared { symbols, health, metrics } = shared;
-    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
-    let stats = Arc::new(ProcessStats::default());
-    let mut transformers = HashMap::new();
+    store_path: Option<&Path>,
+    stats: &ProcessStats,
+) -> anyhow::Result<HashMap<u32, crate::chain::Chain>> {
+    let mut chains = HashMap::new();
     // The chains' state as the store committed it with its position.
-    let store = match &store_path {
+    let store = match store_path {
         Some(path) => Some(EmbeddedStore::open(path, Duration::from_secs(60))?),
         None => None,
     };
@@ -525,8 +520,26 @@ async fn start_process(
             chain.push(transformer);
             stats.watch_breaker(&source.name, &link.plugin);
         }
-        transformers.insert(id, crate::chain::Chain::new(id, chain));
+        chains.insert(id, crate::chain::Chain::new(id, chain));
     }
+    Ok(chains)
+}
+
+/// The process role on its own thread: each source's records through its plugin's transform, into
+/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
+/// committed offsets after a pause.
+async fn start_process(
+    config: &Config,
+    source_ids: &[u32],
+    handoff: &Handoff,
+    plugins: &HashMap<String, Arc<Slot>>,
+    shared: Shared,
+    store_path: Option<PathBuf>,
+) -> anyhow::Result<ProcessRole> {
+    let Shared { symbols, health, metrics } = shared;
+    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
+    let stats = Arc::new(ProcessStats::default());
+    let mut transformers = live_chains(config, source_ids, plugins, store_path.as_deref(), &stats)?;
     // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
     // dead-lettered: no plugin is bound to them).
     let mut sources: Vec<Arc<str>> = vec![Arc::from(""); source_ids.iter().copied().max().unwrap_or(0) as usize];

@@ -72,22 +72,7 @@ pub async fn replay(
         let shared = move || Symbols::shared(&kafka, &b, &kafka.symbols_topic, Duration::from_secs(30));
         Arc::new(tokio::task::spawn_blocking(shared).await?.context("symbol dictionary")?)
     };
-    let target = match (&config.sink.druid, &spec.into) {
-        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
-        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
-        (Some(_), None) => {
-            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
-        }
-        (Some(druid), Some(name)) => {
-            let topic = crate::sink::druid::replay_topic(druid, name);
-            crate::log::kafka::ensure_topics(&config.kafka, &brokers, &[&topic], config.kafka.partitions).await?;
-            refuse_written(config, &brokers, &topic).await?;
-            let mut druid = druid.clone();
-            druid.topic = topic;
-            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
-            Target::Topic { druid: Box::new(druid), transactional_id }
-        }
-    };
+    let target = target(config, spec, &brokers).await?;
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let (_registry, slots) = open_plugins(config, Role::Process, symbols.clone(), metrics).await?;
     let (chains, sources) = chains(config, &slots, &symbols)?;
@@ -136,6 +121,27 @@ pub async fn replay(
         }
     }
     outcome
+}
+
+/// Where the replay's rows go: the store (a table of its own, or `rollup`), or a replay topic of its
+/// own for the Druid sink (created, and refused when it already holds records).
+async fn target(config: &Config, spec: &ReplaySpec, brokers: &str) -> anyhow::Result<Target> {
+    Ok(match (&config.sink.druid, &spec.into) {
+        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
+        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
+        (Some(_), None) => {
+            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
+        }
+        (Some(druid), Some(name)) => {
+            let topic = crate::sink::druid::replay_topic(druid, name);
+            crate::log::kafka::ensure_topics(&config.kafka, brokers, &[&topic], config.kafka.partitions).await?;
+            refuse_written(config, brokers, &topic).await?;
+            let mut druid = druid.clone();
+            druid.topic = topic;
+            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
+            Target::Topic { druid: Box::new(druid), transactional_id }
+        }
+    })
 }
 
 /// Each configured source's chain, instantiated from the versions the registry has active, and its
