@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use broker::EmbeddedBroker;
 use common::wasm;
 use plugin_sdk::{Record, Records};
+use sluice::chain::Chain;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
@@ -82,8 +83,10 @@ impl Bench {
     ) -> (ProcessStats, Duration) {
         let code = self.runtime.compile("rescale", &wasm("rescale"), Limits::default()).expect("rescale");
         let config = [("scale".to_owned(), "1.0001".to_owned())];
-        let mut transformers =
-            HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &config).expect("init"))])]);
+        let mut transformers = HashMap::from([(
+            1u32,
+            Chain::new(1, vec![Transformer::new(PluginInstance::new(&code, &config).expect("init"))]),
+        )]);
         let consumer = Reader::Kafka(
             EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
                 .expect("consumer"),

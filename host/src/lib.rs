@@ -10,8 +10,10 @@
 //! - [`source`]: the feeds (WebSocket, or a recorded file), one task each, and their `[[source]]`
 //!   table.
 //! - [`plugin`]: the wasm runtime, the registry of versions and the hot-swap slots.
-//! - [`decode`] and [`transform`]: frames through a source's decoder; records through each link of
-//!   its chain, with retry and bisection.
+//! - [`decode`] and [`transform`]: frames through a source's decoder; records through one link,
+//!   with retry, bisection and the link's state.
+//! - [`chain`]: a source's links in order, the one runner the process role, replay and
+//!   `sluice plugin test` share (rejects naming their link, source stamping).
 //! - [`sink`]: where rows land: the embedded SQLite store, or Druid through a Kafka topic.
 //! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
 //! - [`config`]: the TOML configuration, one table per stage; [`datadir`]: the lock that makes one
@@ -43,3 +45,6 @@ pub mod source;
 pub mod symbols;
 pub mod telemetry;
 pub mod transform;
+
+/// After [`transform`]: it runs a source's links, each a [`transform::Transformer`].
+pub mod chain;

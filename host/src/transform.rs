@@ -45,6 +45,9 @@ pub struct TransformedBatch {
     pub failed_records: usize,
     /// Records in the batch.
     pub records_in: usize,
+    /// The first failed call's error: for a caller that stops at a failure rather than dead-letter
+    /// the records retry and bisection isolated (`sluice plugin test`).
+    pub first_failure: Option<PluginError>,
 }
 
 impl TransformedBatch {
@@ -306,6 +309,7 @@ impl Transformer {
             }
             Err(e) if e.is_call_failure() => {
                 out.failed_calls += 1;
+                out.first_failure = Some(e);
                 let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
                 self.plugin.code().transform_metrics().records_in.inc_by(items.len() as u64);
                 out.records_in = items.len();
@@ -416,8 +420,10 @@ impl Transformer {
                 if items.len() == 1 {
                     out.failed_records += 1;
                     out.rejects.push(RejectedRecord { index: base, bytes: items[0].to_vec(), reason: e.to_string() });
+                    out.first_failure.get_or_insert(e);
                     return Ok(());
                 }
+                out.first_failure.get_or_insert(e);
                 let mid = items.len() / 2;
                 self.run(&items[..mid], base, false, out)?;
                 self.run(&items[mid..], base + mid, false, out)

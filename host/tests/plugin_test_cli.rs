@@ -58,16 +58,20 @@ fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).expect("output is UTF-8")
 }
 
-/// Asserts the run succeeded and returns its stdout lines and its stderr lines other than the
-/// summary and warnings (the rejects), checking the summary against what was printed.
+/// Asserts the run succeeded and returns its stdout lines other than state entries (the records) and
+/// its stderr lines other than the summary, warnings and state lines (the rejects), checking the
+/// summary against what was printed.
 fn succeeded(out: &Output) -> (Vec<&str>, Vec<&str>) {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    let (stdout, stderr): (Vec<&str>, Vec<&str>) = (stdout.lines().collect(), stderr.lines().collect());
+    let stdout: Vec<&str> = stdout.lines().filter(|l| !l.starts_with(r#"{"link""#)).collect();
+    let stderr: Vec<&str> = stderr.lines().collect();
     let summary = summary(&stderr);
     assert_eq!(summary["records"], stdout.len(), "{summary}");
-    let rejects: Vec<&str> =
-        stderr.into_iter().filter(|l| !l.starts_with(r#"{"summary""#) && !l.starts_with("warning:")).collect();
+    let rejects: Vec<&str> = stderr
+        .into_iter()
+        .filter(|l| !l.starts_with(r#"{"summary""#) && !l.starts_with("warning:") && !l.starts_with("state of "))
+        .collect();
     assert_eq!(summary["rejects"], rejects.len(), "{summary}");
     (stdout, rejects)
 }
@@ -670,6 +674,88 @@ decode = "binance"
         frames.path().as_os_str(),
     ]);
     assert!(!out.status.success() && text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+}
+
+/// A stateful link's state after the run: a line per link on stderr, its entries with `--show-state`
+/// (after the records) and in the `--state-out` file; `--state-in` starts the link from such a file,
+/// as a restart starts it from the store. `outlier-filter` keeps the last accepted price per
+/// (source, symbol), encoded as the SDK's `StateCodec` encodes `(u32, u32)` and `i64`: a state that
+/// says the last accepted price was 200 refuses the first trade, at 100, that a fresh run accepts.
+#[test]
+fn state_is_shown_written_and_read_back() {
+    use plugin_sdk::state::StateCodec;
+    let frame = |trade_id: u64, price: &str| {
+        format!(
+            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+        )
+    };
+    let lines = [frame(101, "100.00000000"), frame(102, "100.50000000")];
+    let frames = TempFile::new("state", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let state_out = TempFile::new("state", "state-out.jsonl", b"");
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let encoded = |v: &dyn Fn(&mut Vec<u8>)| {
+        let mut out = Vec::new();
+        v(&mut out);
+        hex(&out)
+    };
+    let (outlier, binance) = (plugin("outlier_filter"), plugin("binance"));
+    let run = |extra: &[&OsStr]| {
+        let mut args: Vec<&OsStr> = vec![
+            outlier.as_os_str(),
+            "--frames".as_ref(),
+            frames.path().as_os_str(),
+            "--decode-with".as_ref(),
+            binance.as_os_str(),
+            "--config".as_ref(),
+            "threshold_pct=1".as_ref(),
+        ];
+        args.extend_from_slice(extra);
+        plugin_test(args)
+    };
+
+    // A fresh run accepts both trades and ends with 100.5 as the reference of the one symbol.
+    let out = run(&["--show-state".as_ref(), "--state-out".as_ref(), state_out.path().as_os_str()]);
+    let (records_out, rejects) = succeeded(&out);
+    let got = records(&records_out, 0);
+    assert_eq!(got.iter().map(|t| t.trade_id).collect::<Vec<_>>(), [101, 102], "{records_out:?}");
+    assert!(rejects.is_empty(), "{rejects:?}");
+    let stdout: Vec<&str> = text(&out.stdout).lines().collect();
+    assert_eq!(stdout.len(), 3, "two records, then one state entry: {stdout:?}");
+    let symbol_id = parse(stdout[0])["symbol_id"].as_u64().unwrap() as u32;
+    let key = encoded(&|out| (0u32, symbol_id).encode(out));
+    let entry = parse(stdout[2]);
+    assert_eq!(entry["link"], 0, "{entry}");
+    assert_eq!(entry["key"], key.as_str(), "{entry}");
+    assert_eq!(entry["value"], encoded(&|out| 100_50000000i64.encode(out)).as_str(), "{entry}");
+    let stderr = text(&out.stderr);
+    let name = outlier.display().to_string();
+    let state_line = format!("state of {name}@outlier-filter.last-price@1: 1 entries, 16 bytes");
+    assert!(stderr.lines().any(|l| l == state_line), "{stderr}");
+    let written = std::fs::read_to_string(state_out.path()).unwrap();
+    assert_eq!(written.lines().collect::<Vec<_>>(), [stdout[2]], "--state-out writes what --show-state shows");
+    // Without --show-state, stdout holds the records alone.
+    assert_eq!(text(&run(&[]).stdout).lines().count(), 2);
+
+    // Started from a state whose last accepted price is 200, the first trade is 50% away: refused.
+    let far =
+        format!("{{\"link\":0,\"key\":\"{key}\",\"value\":\"{}\"}}\n", encoded(&|out| 200_00000000i64.encode(out)));
+    let state_in = TempFile::new("state", "state-in.jsonl", far.as_bytes());
+    let out = run(&["--state-in".as_ref(), state_in.path().as_os_str(), "--show-state".as_ref()]);
+    let (records_out, rejects) = succeeded(&out);
+    assert!(records_out.is_empty(), "{records_out:?}");
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    let (kind, at, reason) = reject_line(rejects[0]);
+    assert_eq!((kind.as_str(), at), ("index", 0), "{}", rejects[0]);
+    assert!(reason.contains("from last accepted 200 "), "{reason}");
+    // The reference stays where the state file put it.
+    assert_eq!(text(&out.stdout).lines().collect::<Vec<_>>(), [far.trim_end()]);
+
+    // A state file that does not parse, or names several links, is refused.
+    let bad = TempFile::new("state", "bad.jsonl", b"{\"link\":0,\"key\":\"zz\",\"value\":\"00\"}\n");
+    failed_saying(&run(&["--state-in".as_ref(), bad.path().as_os_str()]), &["bad.jsonl line 1", "not hex"]);
+    let two = format!("{}{}", far, far.replace("\"link\":0", "\"link\":1"));
+    let two = TempFile::new("state", "two.jsonl", two.as_bytes());
+    failed_saying(&run(&["--state-in".as_ref(), two.path().as_os_str()]), &["holds state of links 0, 1"]);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ use common::{TestBroker, unique_topic};
 use plugin_sdk::{Record, Records, StreamDataView};
 use sluice::batch::BatchConfig;
 use sluice::breaker::BreakerConfig;
+use sluice::chain::Chain;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
@@ -24,6 +25,11 @@ use sluice::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 use sluice::symbols::Symbols;
 use sluice::transform::Transformer;
+
+/// Each source's chain of transforms, by source id.
+fn chains<const N: usize>(links: [(u32, Vec<Transformer>); N]) -> HashMap<u32, Chain> {
+    links.into_iter().map(|(id, links)| (id, Chain::new(id, links))).collect()
+}
 
 const POISON: u64 = 1_234;
 
@@ -83,8 +89,7 @@ fn process_until(
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers =
-        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -220,7 +225,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let mode = [("mode".to_owned(), "trap".to_owned())];
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &mode).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &mode).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
@@ -341,7 +346,7 @@ fn abandoned_poll_scenario(druid: bool) {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
     let config = |k: &str, v: &str| [(k.to_owned(), v.to_owned())];
-    let mut transformers = HashMap::from([
+    let mut transformers = chains([
         (
             1u32,
             vec![Transformer::new(
@@ -376,7 +381,7 @@ fn abandoned_poll_scenario(druid: bool) {
     };
     let stats = ProcessStats::default();
     let mut breakers = Breakers::default();
-    let mut run = |transformers: &mut HashMap<u32, Vec<Transformer>>, breakers: &mut Breakers| {
+    let mut run = |transformers: &mut HashMap<u32, Chain>, breakers: &mut Breakers| {
         let group = if druid { group.clone() } else { unique_topic("group") };
         let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &group, None).unwrap());
         let sink: &mut dyn sluice::sink::Sink = match druid_sink.as_mut() {
@@ -428,7 +433,7 @@ fn abandoned_poll_scenario(druid: bool) {
     assert_eq!(dead_ids(), (1001..=1050).collect::<Vec<_>>());
 
     // Source 2 fixed: the second poll goes through, and the poison record is dead-lettered once.
-    transformers.insert(2, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())]);
+    transformers.insert(2, Chain::new(2, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())]));
     let stop_after_the_poll = run(&mut transformers, &mut Breakers::default());
     assert!(stop_after_the_poll.is_ok(), "{stop_after_the_poll:?}");
     let mut want: Vec<u64> = (1001..=1050).collect();
@@ -499,8 +504,7 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers =
-        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -571,7 +575,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     let rt = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -643,7 +647,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -721,7 +725,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let rt_plugins = Runtime::new(RuntimeSettings::default(), symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt_plugins.compile("chaos", &wasm, Limits::default()).unwrap();
-    let mut transformers = HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &[]).unwrap())])]);
     let store_path = std::env::temp_dir().join(format!("sluice-new-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
@@ -813,8 +817,7 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
     let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let code = rt.compile("chaos", &wasm, Limits::default()).unwrap();
     let poison = [("trap_on_trade_id".to_owned(), POISON.to_string())];
-    let mut transformers =
-        HashMap::from([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
     let admin = rusqlite::Connection::open(&store_path).unwrap();
@@ -886,7 +889,7 @@ fn run_local(
     dir: &std::path::Path,
     batches: &[Records],
     symbols: &Arc<Symbols>,
-    transformers: &mut HashMap<u32, Vec<Transformer>>,
+    transformers: &mut HashMap<u32, Chain>,
     breakers: &mut Breakers,
     settings: ProcessSettings,
     want: u64,
@@ -956,7 +959,7 @@ fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
     let config = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
     // An even trade id with a volume of at least 0.03, so it reaches the second link.
     let poison = (1..=600u64).find(|&i| i % 2 == 0 && trade(i, &symbols).volume_e8 >= 3_000_000).unwrap();
-    let mut transformers = HashMap::from([
+    let mut transformers = chains([
         (
             1u32,
             vec![
@@ -1032,7 +1035,7 @@ fn a_failing_link_opens_its_own_breaker() {
         rt.compile(name, &wasm, Limits::default()).unwrap()
     };
     let trap = [("mode".to_owned(), "trap".to_owned())];
-    let mut transformers = HashMap::from([(
+    let mut transformers = chains([(
         1u32,
         vec![
             Transformer::new(PluginInstance::new(&load("rescale.wasm", "rescale"), &[]).unwrap()),
@@ -1083,7 +1086,7 @@ fn every_row_names_the_source_whose_chain_made_it() {
         let config = [("mode".to_owned(), "source".to_owned()), ("source_id".to_owned(), id.to_owned())];
         vec![Transformer::new(PluginInstance::new(&chaos, &config).unwrap())]
     };
-    let mut transformers = HashMap::from([(1u32, claiming("2")), (2u32, claiming("0"))]);
+    let mut transformers = chains([(1u32, claiming("2")), (2u32, claiming("0"))]);
     let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
     let (result, stats) =
         run_local(&dir, &[records], &symbols, &mut transformers, &mut Breakers::default(), settings, 300);

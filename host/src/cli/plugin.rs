@@ -7,12 +7,15 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Args;
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::chain::{Chain, Hooks};
 use crate::config::Config;
 use crate::pipeline::plugin_bytes;
-use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings};
+use crate::plugin::{Limits, PluginCode, PluginError, PluginInstance, Runtime, RuntimeSettings};
+use crate::source::config::SourceConfig;
 use crate::symbols::Symbols;
+use crate::transform::{LinkState, TransformedBatch, Transformer};
 
 /// Arguments of `sluice plugin new`.
 #[derive(Debug, Args)]
@@ -108,6 +111,20 @@ pub struct PluginTestArgs {
     /// that silently ignores a venue's frames (a warning is printed without this flag too).
     #[arg(long)]
     pub strict: bool,
+    /// After the records, print each stateful link's state entries on stdout, one JSON line each:
+    /// `{"link": I, "key": HEX, "value": HEX}` (I is the link's position: 0 for the first
+    /// transform). A line `state of NAME@FORMAT: N entries, B bytes` per stateful link goes to
+    /// stderr in any case.
+    #[arg(long)]
+    pub show_state: bool,
+    /// Write the same state lines to FILE (stdout then keeps only the records, unless
+    /// `--show-state` is given too).
+    #[arg(long, value_name = "FILE")]
+    pub state_out: Option<PathBuf>,
+    /// Start the last stateful link of the chain from FILE (lines as `--state-out` writes them, of
+    /// one link), as a restart starts it from the store: to reproduce a decision made after one.
+    #[arg(long, value_name = "FILE")]
+    pub state_in: Option<PathBuf>,
 }
 
 /// Exit status of `sluice plugin test --strict` when frames gave no records.
@@ -198,15 +215,16 @@ struct SummaryCounts {
     ms: u64,
 }
 
-/// Frames per `decode` call and records per `transform` call.
+/// Frames per `decode` call and records per chain run.
 const FRAMES_PER_CALL: usize = 256;
 const RECORDS_PER_CALL: usize = 1024;
 
-/// `sluice plugin test`: decode every line of the frames file, transform all records, print them.
+/// `sluice plugin test`: decode every line of the frames file, run all records through the chain,
+/// print them; then the state the chain's stateful links hold.
 ///
 /// # Errors
-/// When the plugin or the frames file cannot be read, the plugin cannot be loaded or is not a sluice
-/// plugin, or a call traps or hits a limit.
+/// When the plugin, the frames file or a state file cannot be read, the plugin cannot be loaded or is
+/// not a sluice plugin, or a call traps or hits a limit.
 pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<TestSummary> {
     let started = std::time::Instant::now();
     let expected = match &args.expect {
@@ -220,7 +238,6 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         ),
         None => None,
     };
-    let mut printed: Vec<String> = Vec::new();
     let source = match (&args.source, &args.from) {
         (Some(name), Some(path)) => {
             let config = Config::load(path).map_err(anyhow::Error::msg)?;
@@ -234,122 +251,22 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
         }
         _ => None,
     };
-    // The plugin, the decoder and each link, with room for each to be replaced once.
-    let links = source.as_ref().map_or(args.then.len(), |(c, s)| c.chain(s).len());
+    // The decoder and each link (the plugin itself among them), with room for each to be replaced once.
+    let links = 1 + source.as_ref().map_or(args.then.len(), |(c, s)| c.chain(s).len());
     let runtime = Runtime::new(
         RuntimeSettings { max_instances: 4 + 2 * links as u32, ..RuntimeSettings::default() },
         Arc::new(Symbols::new()),
     )?;
-    let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
-    let start = |name: &str, wasm: &[u8], config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
-        let code: Arc<PluginCode> =
-            runtime.compile(name, wasm, limits).with_context(|| format!("cannot load plugin {name}"))?;
-        PluginInstance::new(&code, config).with_context(|| format!("cannot start plugin {name}"))
-    };
-    let load = |path: &Path, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
-        let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
-        start(&path.display().to_string(), &wasm, config)
-    };
-    // (the decoding plugin, whether it transforms too, an extra decoder, the links after it)
-    let (mut plugin, plugin_transforms, mut decoder, mut thens, names) = match &source {
-        Some((config, s)) => {
-            let decoder = start(&s.decode, &plugin_bytes(config, &s.decode)?, &s.decode_pairs())?;
-            let chain = config.chain(s);
-            let links = chain
-                .iter()
-                .map(|l| start(&l.plugin, &plugin_bytes(config, &l.plugin)?, &l.config_pairs()))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            (decoder, false, None, links, chain.iter().map(|l| l.plugin.clone()).collect::<Vec<_>>())
-        }
-        None => {
-            let thens =
-                args.then.iter().map(|(path, config)| load(path, config)).collect::<anyhow::Result<Vec<_>>>()?;
-            let names = args.then.iter().map(|(p, _)| p.display().to_string()).collect();
-            match (&args.plugin, &args.decode_with) {
-                (Some(path), decode_with) => {
-                    let decoder = match decode_with {
-                        Some(path) => Some(load(path, &args.decoder_config)?),
-                        None => None,
-                    };
-                    (load(path, &args.config)?, true, decoder, thens, names)
-                }
-                // `--decode-with A --then B --then C`: the chain is the links alone.
-                (None, Some(path)) => (load(path, &args.decoder_config)?, false, None, thens, names),
-                (None, None) => bail!("a plugin, --decode-with, or --source with --from, is needed"),
-            }
-        }
-    };
-    let file =
-        std::fs::File::open(&args.frames).with_context(|| format!("cannot read frames {}", args.frames.display()))?;
-    let mut lines = Vec::new();
-    for (i, line) in io::BufReader::new(file).split(b'\n').enumerate() {
-        let mut line = line.with_context(|| format!("cannot read frames {}", args.frames.display()))?;
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        if !line.is_empty() {
-            lines.push((i + 1, line));
-        }
+    let Plugins { mut decoder, mut chain, names } = open_plugins(args, source.as_ref(), &runtime)?;
+    if let Some(path) = &args.state_in {
+        load_state(&mut chain, path)?;
     }
-    let symbols = runtime.symbols().clone();
+    let lines = read_frames(&args.frames)?;
     let mut summary = TestSummary { frames: lines.len(), ..TestSummary::default() };
-    let decoding = decoder.as_mut().unwrap_or(&mut plugin);
-
-    // Decode: frames in batches; stamp the source id as the host does.
-    let mut records = plugin_sdk::Records::new();
-    let mut frames = Vec::new();
-    for chunk in lines.chunks(FRAMES_PER_CALL) {
-        frames.clear();
-        for (_, line) in chunk {
-            push_delimited(&mut frames, line);
-        }
-        let first = chunk.first().map_or(0, |(n, _)| *n);
-        let last = chunk.last().map_or(0, |(n, _)| *n);
-        let decoded = decoding.decode(&frames).with_context(|| format!("decoding frames on lines {first}..={last}"))?;
-        for reject in &decoded.rejects {
-            let line = chunk.get(reject.index as usize).map(|(n, _)| *n);
-            write_json(err, &RejectLine { frame: line, index: None, link: None, reason: &reject.reason })?;
-            summary.rejects += 1;
-        }
-        let refused = |i: usize| decoded.rejects.iter().any(|r| r.index as usize == i);
-        summary.empty_frames +=
-            decoded.counts.iter().enumerate().filter(|&(i, &count)| count == 0 && !refused(i)).count();
-        for item in Delimited::new(&decoded.records) {
-            // The runtime validated every record before returning them.
-            let view = item.and_then(StreamDataView::parse).context("decoded record")?;
-            let mut record = view.record();
-            record.source_id = args.source_id;
-            records.push(&record);
-        }
-    }
-
-    // Transform: all decoded records through the plugin, then through each `--then` link in order.
-    if plugin_transforms {
-        records = transform_all(&mut plugin, records.as_bytes(), None, args.source_id, err, &mut summary)?;
-    }
-    for (link, name) in thens.iter_mut().zip(&names) {
-        records = transform_all(link, records.as_bytes(), Some(name), args.source_id, err, &mut summary)?;
-    }
-    for item in Delimited::new(records.as_bytes()) {
-        let r = item.and_then(StreamDataView::parse).context("transformed record")?;
-        let name = symbols.name(r.symbol_id);
-        let line = serde_json::to_string(&RecordLine {
-            source_id: r.source_id,
-            symbol: name.as_deref(),
-            symbol_id: r.symbol_id,
-            price_e8: r.price_e8,
-            volume_e8: r.volume_e8,
-            timestamp_ms: r.timestamp_ms,
-            is_buy: r.is_buy,
-            trade_id: r.trade_id,
-        })?;
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")?;
-        if expected.is_some() {
-            printed.push(line);
-        }
-        summary.records += 1;
-    }
+    let decoded = decode_all(&mut decoder, &lines, args.source_id, err, &mut summary)?;
+    let records = run_chain(&mut chain, &names, decoded.as_bytes(), err, &mut summary)?;
+    let printed = print_records(out, &records, runtime.symbols(), &mut summary)?;
+    write_state(&chain, args, out, err)?;
     out.flush()?;
     let counts = SummaryCounts {
         frames: summary.frames,
@@ -360,18 +277,8 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     };
     write_json(err, &SummaryLine { summary: counts })?;
     err.flush()?;
-    if let (Some(expected), Some(path)) = (&expected, &args.expect)
-        && let Some(i) = (0..expected.len().max(printed.len())).find(|&i| expected.get(i) != printed.get(i))
-    {
-        let show = |l: Option<&String>| l.map_or_else(|| "nothing (the output ends here)".to_owned(), Clone::clone);
-        anyhow::bail!(
-            "output differs from {} at record {} (line {}):\n  expected: {}\n  got:      {}",
-            path.display(),
-            i,
-            i + 1,
-            show(expected.get(i)),
-            show(printed.get(i))
-        );
+    if let (Some(expected), Some(path)) = (&expected, &args.expect) {
+        compare(expected, &printed, path)?;
     }
     if summary.empty_frames > 0 {
         let message = format!(
@@ -386,62 +293,329 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     Ok(summary)
 }
 
-/// One link of the chain over all `records`, in batches: rejects to `err` (naming the link when it
-/// is a `--then`), and the output records, each checked to be valid `StreamData` and stamped with
-/// `source_id` as the host stamps a chain's output with its source.
-fn transform_all(
-    plugin: &mut PluginInstance,
-    records: &[u8],
-    link: Option<&str>,
+/// The plugins of a run: the decoder, and the chain of transforms with the name each link's rejects
+/// carry (none for the plugin under test itself, as a transform).
+struct Plugins {
+    decoder: PluginInstance,
+    chain: Chain,
+    names: Vec<Option<String>>,
+}
+
+/// Compiles and starts the plugins the arguments name: a source's decoder and chain from its
+/// configuration file, or the plugin (decoding, unless `--decode-with` decodes, and transforming)
+/// followed by each `--then` link.
+fn open_plugins(
+    args: &PluginTestArgs,
+    source: Option<&(Config, SourceConfig)>,
+    runtime: &Runtime,
+) -> anyhow::Result<Plugins> {
+    let limits = Limits { deadline: std::time::Duration::from_millis(args.deadline_ms), ..Limits::default() };
+    let compile = |name: &str, wasm: &[u8]| -> anyhow::Result<Arc<PluginCode>> {
+        runtime.compile(name, wasm, limits).with_context(|| format!("cannot load plugin {name}"))
+    };
+    let start = |code: &Arc<PluginCode>, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
+        PluginInstance::new(code, config).with_context(|| format!("cannot start plugin {}", code.name()))
+    };
+    let read = |path: &Path| -> anyhow::Result<Arc<PluginCode>> {
+        let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
+        compile(&path.display().to_string(), &wasm)
+    };
+    let (mut links, mut names) = (Vec::new(), Vec::new());
+    let decoder = match (source, &args.plugin, &args.decode_with) {
+        (Some((config, s)), _, _) => {
+            let decoder = start(&compile(&s.decode, &plugin_bytes(config, &s.decode)?)?, &s.decode_pairs())?;
+            for l in config.chain(s) {
+                let code = compile(&l.plugin, &plugin_bytes(config, &l.plugin)?)?;
+                links.push(Transformer::new(start(&code, &l.config_pairs())?));
+                names.push(Some(l.plugin.clone()));
+            }
+            decoder
+        }
+        (None, Some(path), decode_with) => {
+            let decoder = match decode_with {
+                Some(decoder) => start(&read(decoder)?, &args.decoder_config)?,
+                None => start(&read(path)?, &args.config)?,
+            };
+            // The plugin decodes (without `--decode-with`) and transforms: an instance for each.
+            links.push(Transformer::new(start(&read(path)?, &args.config)?));
+            names.push(None);
+            decoder
+        }
+        // `--decode-with A --then B --then C`: the chain is the links alone.
+        (None, None, Some(path)) => start(&read(path)?, &args.decoder_config)?,
+        (None, None, None) => bail!("a plugin, --decode-with, or --source with --from, is needed"),
+    };
+    if source.is_none() {
+        for (path, config) in &args.then {
+            links.push(Transformer::new(start(&read(path)?, config)?));
+            names.push(Some(path.display().to_string()));
+        }
+    }
+    Ok(Plugins { decoder, chain: Chain::new(args.source_id, links), names })
+}
+
+/// The frames file's non-empty lines, with their 1-based line numbers.
+fn read_frames(path: &Path) -> anyhow::Result<Vec<(usize, Vec<u8>)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read frames {}", path.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in io::BufReader::new(file).split(b'\n').enumerate() {
+        let mut line = line.with_context(|| format!("cannot read frames {}", path.display()))?;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if !line.is_empty() {
+            lines.push((i + 1, line));
+        }
+    }
+    Ok(lines)
+}
+
+/// Decodes the frames in batches, reporting refused frames by line; stamps `source_id` on the
+/// records as the host does.
+fn decode_all(
+    decoder: &mut PluginInstance,
+    lines: &[(usize, Vec<u8>)],
     source_id: u32,
     err: &mut impl Write,
     summary: &mut TestSummary,
 ) -> anyhow::Result<plugin_sdk::Records> {
-    let mut output = plugin_sdk::Records::new();
-    let mut batch = Vec::new();
-    let mut index = 0usize;
-    let mut items = Delimited::new(records).peekable();
-    let at = |what: String| match link {
-        Some(l) => format!("{l}: {what}"),
-        None => what,
-    };
-    while items.peek().is_some() {
-        batch.clear();
-        let mut n = 0;
-        for item in items.by_ref().take(RECORDS_PER_CALL) {
-            push_delimited(&mut batch, item.context("record")?);
-            n += 1;
+    let mut records = plugin_sdk::Records::new();
+    let mut frames = Vec::new();
+    for chunk in lines.chunks(FRAMES_PER_CALL) {
+        frames.clear();
+        for (_, line) in chunk {
+            push_delimited(&mut frames, line);
         }
-        let done =
-            plugin.transform(&batch).with_context(|| at(format!("transforming records {index}..{}", index + n - 1)))?;
-        for reject in &done.rejects {
-            let line =
-                RejectLine { frame: None, index: Some(index + reject.index as usize), link, reason: &reject.reason };
-            write_json(err, &line)?;
+        let first = chunk.first().map_or(0, |(n, _)| *n);
+        let last = chunk.last().map_or(0, |(n, _)| *n);
+        let decoded = decoder.decode(&frames).with_context(|| format!("decoding frames on lines {first}..={last}"))?;
+        for reject in &decoded.rejects {
+            let line = chunk.get(reject.index as usize).map(|(n, _)| *n);
+            write_json(err, &RejectLine { frame: line, index: None, link: None, reason: &reject.reason })?;
             summary.rejects += 1;
         }
-        // The runtime checked the framing; the records' contents are checked here, all of the call's
-        // before any is kept.
-        for (i, item) in Delimited::new(&done.records).enumerate() {
-            let view = item.and_then(StreamDataView::parse).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}",
-                    at(format!(
-                        "transforming records {index}..{}: {}",
-                        index + n - 1,
-                        crate::plugin::PluginError::InvalidOutput(format!("output record {i}: {e}"))
-                    ))
-                )
-            })?;
-            if view.source_id == source_id {
-                output.push_view(&view);
-            } else {
-                output.push(&plugin_sdk::Record { source_id, ..view.record() });
-            }
+        let refused = |i: usize| decoded.rejects.iter().any(|r| r.index as usize == i);
+        summary.empty_frames +=
+            decoded.counts.iter().enumerate().filter(|&(i, &count)| count == 0 && !refused(i)).count();
+        for item in Delimited::new(&decoded.records) {
+            // The runtime validated every record before returning them.
+            let view = item.and_then(StreamDataView::parse).context("decoded record")?;
+            records.push(&plugin_sdk::Record { source_id, ..view.record() });
         }
-        index += n;
+    }
+    Ok(records)
+}
+
+/// All `records` through the chain, in batches, as the host runs it; each reject to `err` with its
+/// index among the records its link was given (naming the link, unless it is the plugin itself).
+///
+/// # Errors
+/// A failed call (a trap, a timeout, a limit, invalid output): an author sees it here rather than
+/// the records retry and bisection would dead-letter.
+fn run_chain(
+    chain: &mut Chain,
+    names: &[Option<String>],
+    records: &[u8],
+    err: &mut impl Write,
+    summary: &mut TestSummary,
+) -> anyhow::Result<Vec<u8>> {
+    let mut hooks = Strict { names, given: vec![0; names.len()], batch: 0 };
+    let items: Vec<&[u8]> = Delimited::new(records).collect::<Result<_, _>>().context("record")?;
+    let (mut batch, mut output) = (Vec::new(), Vec::new());
+    for chunk in items.chunks(RECORDS_PER_CALL) {
+        batch.clear();
+        for item in chunk {
+            push_delimited(&mut batch, item);
+        }
+        let bases = hooks.given.clone();
+        let done = chain.run(&batch, &mut hooks)?;
+        for r in &done.rejects {
+            let link = names.get(r.link).and_then(Option::as_deref);
+            let index = Some(bases.get(r.link).copied().unwrap_or(0) + r.index);
+            write_json(err, &RejectLine { frame: None, index, link, reason: &r.reason })?;
+            summary.rejects += 1;
+        }
+        output.extend_from_slice(&done.records);
     }
     Ok(output)
+}
+
+/// `plugin test` around each link: a failed call fails the run, naming the link and the records (by
+/// their index among all the link was given).
+struct Strict<'a> {
+    names: &'a [Option<String>],
+    /// Records each link was given so far.
+    given: Vec<usize>,
+    /// Records in the batch the link running now was given.
+    batch: usize,
+}
+
+impl Hooks for Strict<'_> {
+    type Error = anyhow::Error;
+
+    fn before(&mut self, _link: usize, _plugin: &PluginCode, input: &[u8]) -> anyhow::Result<()> {
+        self.batch = Delimited::new(input).count();
+        Ok(())
+    }
+
+    fn after(
+        &mut self,
+        link: usize,
+        _plugin: &PluginCode,
+        outcome: Result<&TransformedBatch, &PluginError>,
+    ) -> anyhow::Result<()> {
+        let base = self.given.get(link).copied().unwrap_or(0);
+        if let Some(given) = self.given.get_mut(link) {
+            *given += self.batch;
+        }
+        let failure = match outcome {
+            Err(e) => e,
+            Ok(done) => match &done.first_failure {
+                Some(e) => e,
+                None => return Ok(()),
+            },
+        };
+        let mut what = format!("transforming records {base}..{}: {failure}", (base + self.batch).saturating_sub(1));
+        let mut cause = std::error::Error::source(failure);
+        while let Some(e) = cause {
+            what = format!("{what}: {e}");
+            cause = e.source();
+        }
+        Err(match self.names.get(link).and_then(Option::as_deref) {
+            Some(name) => anyhow::anyhow!("{name}: {what}"),
+            None => anyhow::Error::msg(what),
+        })
+    }
+}
+
+/// Prints each record as a JSON line; returns the lines printed.
+fn print_records(
+    out: &mut impl Write,
+    records: &[u8],
+    symbols: &Symbols,
+    summary: &mut TestSummary,
+) -> anyhow::Result<Vec<String>> {
+    let mut printed = Vec::new();
+    for item in Delimited::new(records) {
+        let r = item.and_then(StreamDataView::parse).context("transformed record")?;
+        let name = symbols.name(r.symbol_id);
+        let line = serde_json::to_string(&RecordLine {
+            source_id: r.source_id,
+            symbol: name.as_deref(),
+            symbol_id: r.symbol_id,
+            price_e8: r.price_e8,
+            volume_e8: r.volume_e8,
+            timestamp_ms: r.timestamp_ms,
+            is_buy: r.is_buy,
+            trade_id: r.trade_id,
+        })?;
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        printed.push(line);
+        summary.records += 1;
+    }
+    Ok(printed)
+}
+
+/// Fails at the first line where `printed` differs from `expected` (read from `path`).
+fn compare(expected: &[String], printed: &[String], path: &Path) -> anyhow::Result<()> {
+    let Some(i) = (0..expected.len().max(printed.len())).find(|&i| expected.get(i) != printed.get(i)) else {
+        return Ok(());
+    };
+    let show = |l: Option<&String>| l.map_or_else(|| "nothing (the output ends here)".to_owned(), Clone::clone);
+    bail!(
+        "output differs from {} at record {} (line {}):\n  expected: {}\n  got:      {}",
+        path.display(),
+        i,
+        i + 1,
+        show(expected.get(i)),
+        show(printed.get(i))
+    )
+}
+
+/// One entry of a link's state, as `--show-state` and `--state-out` write it and `--state-in`
+/// reads it.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateLine {
+    /// The link's position in the chain (0: the first transform).
+    link: usize,
+    /// The key's bytes, in hex.
+    key: String,
+    /// The value's bytes, in hex.
+    value: String,
+}
+
+/// A line `state of NAME@FORMAT: N entries, B bytes` on `err` for each stateful link; its entries
+/// on `out` with `--show-state`, into the file `--state-out` names.
+fn write_state(chain: &Chain, args: &PluginTestArgs, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<()> {
+    let mut lines = Vec::new();
+    for (link, t) in chain.links().iter().enumerate() {
+        let Some(format) = t.state().format() else { continue };
+        let entries = t.state().entries();
+        let (name, bytes) = (t.plugin().name(), t.state().bytes());
+        writeln!(err, "state of {name}@{format}: {} entries, {bytes} bytes", entries.len())?;
+        for (key, value) in entries {
+            lines.push(serde_json::to_string(&StateLine { link, key: hex(&key), value: hex(&value) })?);
+        }
+    }
+    if args.show_state {
+        for line in &lines {
+            writeln!(out, "{line}")?;
+        }
+    }
+    if let Some(path) = &args.state_out {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).with_context(|| format!("cannot write state to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts the chain's last stateful link from a state file (JSON lines of link, key and value in
+/// hex, as `--state-out` writes them), as if the store had committed it.
+fn load_state(chain: &mut Chain, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read state {}", path.display()))?;
+    let mut entries = Vec::new();
+    let mut links = std::collections::BTreeSet::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let line: StateLine = serde_json::from_str(line).with_context(at)?;
+        entries.push((unhex(&line.key).with_context(at)?, unhex(&line.value).with_context(at)?));
+        links.insert(line.link);
+    }
+    if links.len() > 1 {
+        let links: Vec<String> = links.iter().map(usize::to_string).collect();
+        bail!(
+            "{} holds state of links {}: --state-in starts one link, keep one link's lines",
+            path.display(),
+            links.join(", ")
+        );
+    }
+    let link = chain
+        .links_mut()
+        .iter_mut()
+        .rev()
+        .find(|t| t.state().format().is_some())
+        .context("--state-in: no link of this run keeps state")?;
+    let format = link.state().format().unwrap_or_default().to_owned();
+    link.load_state(LinkState::committed(format, entries));
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> anyhow::Result<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        bail!("hex {text:?} has an odd number of digits");
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            let digits = text.get(i..i + 2).context("hex is not ASCII")?;
+            u8::from_str_radix(digits, 16).with_context(|| format!("{digits:?} is not hex"))
+        })
+        .collect()
 }
 
 fn write_json(w: &mut impl Write, value: &impl Serialize) -> anyhow::Result<()> {

@@ -491,38 +491,22 @@ struct Shared {
     metrics: Arc<crate::telemetry::Metrics>,
 }
 
-/// The process role on its own thread: each source's records through its plugin's transform, into
-/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
-/// committed offsets after a pause.
-async fn start_process(
+/// Each configured source's chain, by source id: its links bound to their registry slots, each
+/// starting from the state the store committed for it.
+fn live_chains(
     config: &Config,
     source_ids: &[u32],
-    handoff: &Handoff,
     plugins: &HashMap<String, Arc<Slot>>,
-    shared: Shared,
-    store_path: Option<PathBuf>,
-) -> anyhow::Result<ProcessRole> {
-    let Shared { symbols, health, metrics } = shared;
-    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
-    let stats = Arc::new(ProcessStats::default());
-    let mut transformers = HashMap::new();
+    store_path: Option<&Path>,
+    changelog: Option<&crate::sink::druid::state::StoredState>,
+    stats: &ProcessStats,
+) -> anyhow::Result<HashMap<u32, crate::chain::Chain>> {
+    let mut chains = HashMap::new();
     // The chains' state as the store committed it with its position, or as the Druid sink's
     // changelog holds it with the group's offsets.
-    let store = match &store_path {
+    let store = match store_path {
         Some(path) => Some(EmbeddedStore::open(path, Duration::from_secs(60))?),
         None => None,
-    };
-    let changelog = match (&config.sink.druid, handoff) {
-        (Some(druid), Handoff::Kafka(brokers)) => {
-            let (kafka, brokers, druid) = (config.kafka.clone(), brokers.clone(), druid.clone());
-            let id = transactional_id(&config.process.group, &config.process.instance);
-            let timeout = Duration::from_secs(30);
-            let read = tokio::task::spawn_blocking(move || {
-                crate::sink::druid::state::restore(&kafka, &brokers, &druid, &id, timeout)
-            });
-            Some(read.await?.context("restoring plugin state from the Druid sink's changelog")?)
-        }
-        _ => None,
     };
     for (&id, source) in source_ids.iter().zip(&config.sources) {
         let mut chain = Vec::new();
@@ -531,7 +515,7 @@ async fn start_process(
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance));
-            let stored = match (&store, &changelog) {
+            let stored = match (&store, changelog) {
                 (Some(store), _) => store.plugin_state(&source.name, i as u32)?,
                 (None, Some(changelog)) => changelog.plugin_state(&source.name, i as u32),
                 (None, None) => None,
@@ -551,8 +535,38 @@ async fn start_process(
             chain.push(transformer);
             stats.watch_breaker(&source.name, &link.plugin);
         }
-        transformers.insert(id, chain);
+        chains.insert(id, crate::chain::Chain::new(id, chain));
     }
+    Ok(chains)
+}
+
+/// The process role on its own thread: each source's records through its plugin's transform, into
+/// the configured sink. A failure (say, an aborted transaction) restarts the role from the last
+/// committed offsets after a pause.
+async fn start_process(
+    config: &Config,
+    source_ids: &[u32],
+    handoff: &Handoff,
+    plugins: &HashMap<String, Arc<Slot>>,
+    shared: Shared,
+    store_path: Option<PathBuf>,
+) -> anyhow::Result<ProcessRole> {
+    let Shared { symbols, health, metrics } = shared;
+    // Source ids as the ingest role stamps them (stable per name, from the dictionary).
+    let stats = Arc::new(ProcessStats::default());
+    let changelog = match (&config.sink.druid, handoff) {
+        (Some(druid), Handoff::Kafka(brokers)) => {
+            let (kafka, brokers, druid) = (config.kafka.clone(), brokers.clone(), druid.clone());
+            let id = transactional_id(&config.process.group, &config.process.instance);
+            let timeout = Duration::from_secs(30);
+            let read = tokio::task::spawn_blocking(move || {
+                crate::sink::druid::state::restore(&kafka, &brokers, &druid, &id, timeout)
+            });
+            Some(read.await?.context("restoring plugin state from the Druid sink's changelog")?)
+        }
+        _ => None,
+    };
+    let mut transformers = live_chains(config, source_ids, plugins, store_path.as_deref(), changelog.as_ref(), &stats)?;
     // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
     // dead-lettered: no plugin is bound to them).
     let mut sources: Vec<Arc<str>> = vec![Arc::from(""); source_ids.iter().copied().max().unwrap_or(0) as usize];

@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use crate::batch::{BatchConfig, Batcher, FlushReason};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use crate::chain::{Chain, Hooks};
 use crate::log::kafka::consumer::Polled;
 use crate::log::{Reader, Stage};
+use crate::plugin::{PluginCode, PluginError};
 use crate::sink::{Row, Sink};
 use crate::source::slot;
 use crate::telemetry::health::Health;
-use crate::transform::Transformer;
+use crate::transform::TransformedBatch;
 
 /// Settings of the process role.
 #[derive(Clone, Debug)]
@@ -237,14 +239,14 @@ pub struct Names {
     pub symbols: Arc<crate::symbols::Symbols>,
 }
 
-/// What the process role runs with: where it reads, each source's chain of transforms (by source id,
-/// links in order), the breakers (kept across restarts of the role), where it commits, the names
-/// rows carry, its settings and its counters.
+/// What the process role runs with: where it reads, each source's chain of transforms (by source id),
+/// the breakers (kept across restarts of the role), where it commits, the names rows carry, its
+/// settings and its counters.
 pub struct Process<'a> {
     /// The hand-off it reads (Kafka or the local log).
     pub reader: &'a Reader,
     /// Each source's chain, by source id.
-    pub chains: &'a mut HashMap<u32, Vec<Transformer>>,
+    pub chains: &'a mut HashMap<u32, Chain>,
     /// The links' circuit breakers.
     pub breakers: &'a mut Breakers,
     /// Where rows, offsets and dead letters are committed.
@@ -267,30 +269,27 @@ pub struct Process<'a> {
 /// nothing before it is redone, since offsets are only committed with the rows. Start again with a
 /// new consumer to resume.
 pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -> Result<(), anyhow::Error> {
-    let Process { reader: consumer, chains: transformers, breakers, sink, names, settings, stats } = process;
-    let env = Env { names, stats, settings };
+    let Process { reader: consumer, chains, breakers, sink, names, settings, stats } = process;
     let topic = consumer.topic().to_owned();
+    let env = Env { names, stats, settings, topic: &topic };
     // Reading resumes from the sink's committed position: the chains from their committed state.
-    abandon(transformers);
+    abandon(chains);
     sink.attach(consumer, settings.partitions)?;
     // Attached at its committed position: a sink with nothing to do yet is ready.
     if let Some(health) = &settings.health {
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
-    // Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
-    let mut symbol_names: HashMap<u32, Arc<str>> = HashMap::new();
+    let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
-    // Rows waiting for the store, and the next offset per partition they cover.
-    let mut pending: Vec<PendingRow> = Vec::new();
+    // Rows waiting for the store, the dead letters of the polls they came from (committed with them,
+    // so exactly once), and the next offset per partition they cover.
+    let (mut pending, mut dead) = (Vec::new(), Vec::new());
     let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
     // Per-source input buffers, reused.
     let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     // Records read since the last flush (their offsets are not stored yet).
     let mut unflushed = false;
-    let mut dead: Vec<DeadLetter> = Vec::new();
-    // Dead letters of the polls the pending rows came from: committed with them, so exactly once.
-    let mut pending_dead: Vec<DeadLetter> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         polled.clear();
         let wait = batcher
@@ -303,70 +302,123 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
             // Rows of the old assignment are not committed; their partitions' owners read them again.
             stats.rebalances.fetch_add(1, Ordering::Relaxed);
             pending.clear();
-            pending_dead.clear();
+            dead.clear();
             next_offsets.clear();
-            abandon(transformers);
+            abandon(live.chains);
             batcher.take();
             unflushed = false;
         }
         stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
         stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
-        for buf in by_source.values_mut() {
-            buf.clear();
+        route(&polled, &mut by_source, &mut next_offsets);
+        // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
+        // letters go with that reading, never twice.
+        let added = live.poll(&by_source, &mut pending, &mut dead)?;
+        let now = tokio::time::Instant::now();
+        let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
+        // More is already waiting behind a full poll: read it into this batch first (the next poll
+        // does not wait, the deadline having passed), up to the batch's cap.
+        let full = polled.positions.len() >= settings.max_poll_records;
+        if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) && full && batcher.rows() < batcher.max_rows()
+        {
+            due = None;
         }
-        for (item, &(partition, offset)) in plugin_sdk::wire::Delimited::new(&polled.records).zip(&polled.positions) {
-            next_offsets.insert(partition, offset + 1);
-            let Ok(bytes) = item else { continue };
-            let source = plugin_sdk::StreamDataView::parse(bytes).map(|v| v.source_id).unwrap_or(0);
-            plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
-        }
-        let mut added = 0;
-        // Dead letters of this poll, kept once every source's batch went through, and committed with
-        // the batch: a poll abandoned (an open breaker, a failed call or commit) is read again, and
-        // its dead letters go with that reading, never twice.
-        dead.clear();
-        for (source, input) in &by_source {
-            if input.is_empty() {
-                continue;
+        unflushed |= !polled.positions.is_empty();
+        // Offsets move even when a poll produced no rows (all refused), so commit them too.
+        let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !dead.is_empty());
+        if due.is_some() || offsets_only {
+            let reason = due.map_or("offsets", FlushReason::as_str);
+            let batch =
+                Batch { pending: &mut pending, dead: &mut dead, chains: live.chains, next_offsets: &next_offsets };
+            flush(sink, consumer, &mut batcher, batch, env, reason)?;
+            unflushed = false;
+            if let Some(health) = &settings.health {
+                health.set("sink", true, format!("{} sink committed", sink.name()));
+                health.set("breakers", true, "all closed");
             }
-            let Some(chain) = transformers.get_mut(source) else {
+        }
+    }
+    // A clean stop stores what was transformed, so a restart does not redo it.
+    if unflushed {
+        let batch = Batch { pending: &mut pending, dead: &mut dead, chains: live.chains, next_offsets: &next_offsets };
+        flush(sink, consumer, &mut batcher, batch, env, "stop")?;
+    }
+    Ok(())
+}
+
+/// Splits a poll's records by source into `by_source` (each buffer emptied first), and moves
+/// `next_offsets` past them.
+fn route(polled: &Polled, by_source: &mut BTreeMap<u32, Vec<u8>>, next_offsets: &mut BTreeMap<i32, i64>) {
+    for buf in by_source.values_mut() {
+        buf.clear();
+    }
+    for (item, &(partition, offset)) in plugin_sdk::wire::Delimited::new(&polled.records).zip(&polled.positions) {
+        next_offsets.insert(partition, offset + 1);
+        let Ok(bytes) = item else { continue };
+        let source = plugin_sdk::StreamDataView::parse(bytes).map(|v| v.source_id).unwrap_or(0);
+        plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
+    }
+}
+
+/// Drops every link's state changes since the last commit: their records will be read again.
+fn abandon(chains: &mut HashMap<u32, Chain>) {
+    for chain in chains.values_mut() {
+        chain.abandon();
+    }
+}
+
+/// What turns a poll's records into rows: each source's chain with its breakers, and the names
+/// rows carry.
+struct Transforming<'a> {
+    chains: &'a mut HashMap<u32, Chain>,
+    breakers: &'a mut Breakers,
+    names: &'a Names,
+    settings: &'a ProcessSettings,
+    stats: &'a ProcessStats,
+    /// Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
+    symbol_names: HashMap<u32, Arc<str>>,
+}
+
+impl Transforming<'_> {
+    /// Each source's records of a poll through its chain: rows to `pending`, and the records refused
+    /// (by a link, for an unknown source or symbol) to `dead`. Returns how many rows were added.
+    ///
+    /// # Errors
+    /// A link whose breaker is open, or that cannot run at all: nothing of the poll is committed then.
+    fn poll(
+        &mut self,
+        by_source: &BTreeMap<u32, Vec<u8>>,
+        pending: &mut Vec<PendingRow>,
+        dead: &mut Vec<DeadLetter>,
+    ) -> anyhow::Result<usize> {
+        let mut added = 0;
+        for (&source, input) in by_source.iter().filter(|(_, input)| !input.is_empty()) {
+            let Some(chain) = self.chains.get_mut(&source) else {
                 for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
-                    dead.push(DeadLetter {
-                        source: *source,
-                        plugin: String::new(),
-                        bytes: item.to_vec(),
-                        reason: "no configured source has this id".into(),
-                    });
+                    let reason = "no configured source has this id".into();
+                    dead.push(DeadLetter { source, plugin: String::new(), bytes: item.to_vec(), reason });
                 }
                 continue;
             };
+            let mut guard = Guard::new(source, self.breakers, self.names, self.settings, self.stats);
+            let out = chain.run(input, &mut guard)?;
+            for r in out.rejects {
+                dead.push(DeadLetter { source, plugin: r.plugin, bytes: r.bytes, reason: r.reason });
+            }
             // Every row names the source whose chain made it.
-            let source_name = names.sources.get(slot(*source)).cloned().unwrap_or_else(|| Arc::from(""));
-            let mut ctx = ChainContext { breakers, names, settings, stats, dead: &mut dead };
-            let (parsed, last) = run_chain(*source, chain, input, &mut ctx)?;
-            for v in &parsed {
-                // Names are cached once known; a miss is asked again next time, never remembered.
-                let symbol = match symbol_names.get(&v.symbol_id) {
-                    Some(name) => name.clone(),
-                    None => match names.symbols.name(v.symbol_id) {
-                        Some(name) => symbol_names.entry(v.symbol_id).or_insert(name).clone(),
-                        None => {
-                            let mut one = plugin_sdk::Records::new();
-                            one.push(v);
-                            let bytes = plugin_sdk::wire::Delimited::new(one.as_bytes())
-                                .next()
-                                .and_then(Result::ok)
-                                .unwrap_or_default()
-                                .to_vec();
-                            dead.push(DeadLetter {
-                                source: *source,
-                                plugin: last.clone(),
-                                bytes,
-                                reason: format!("symbol id {} is not in the symbol dictionary", v.symbol_id),
-                            });
-                            continue;
-                        }
-                    },
+            let source_name = self.names.sources.get(slot(source)).cloned().unwrap_or_else(|| Arc::from(""));
+            for v in &out.parsed {
+                let Some(symbol) = self.symbol(v.symbol_id) else {
+                    let mut one = plugin_sdk::Records::new();
+                    one.push(v);
+                    let bytes = plugin_sdk::wire::Delimited::new(one.as_bytes())
+                        .next()
+                        .and_then(Result::ok)
+                        .unwrap_or_default()
+                        .to_vec();
+                    let reason = format!("symbol id {} is not in the symbol dictionary", v.symbol_id);
+                    dead.push(DeadLetter { source, plugin: out.last.clone(), bytes, reason });
+                    continue;
                 };
                 pending.push(PendingRow {
                     source: source_name.clone(),
@@ -380,115 +432,76 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
                 added += 1;
             }
         }
-        pending_dead.append(&mut dead);
-        let now = tokio::time::Instant::now();
-        let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
-        // More is already waiting behind a full poll: read it into this batch first (the next poll
-        // does not wait, the deadline having passed), up to the batch's cap.
-        let full = polled.positions.len() >= settings.max_poll_records;
-        if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) && full && batcher.rows() < batcher.max_rows()
-        {
-            due = None;
+        Ok(added)
+    }
+
+    /// A symbol's name: cached once known; a miss is asked again next time, never remembered.
+    fn symbol(&mut self, id: u32) -> Option<Arc<str>> {
+        if let Some(name) = self.symbol_names.get(&id) {
+            return Some(name.clone());
         }
-        unflushed |= !polled.positions.is_empty();
-        // Offsets move even when a poll produced no rows (all refused), so commit them too.
-        let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !pending_dead.is_empty());
-        if due.is_some() || offsets_only {
-            let reason = due.map_or("offsets", FlushReason::as_str);
-            let batch = Batch {
-                pending: &mut pending,
-                dead: &mut pending_dead,
-                chains: &mut *transformers,
-                next_offsets: &next_offsets,
-                topic: &topic,
-            };
-            flush(sink, consumer, &mut batcher, batch, env, reason)?;
-            unflushed = false;
-            if let Some(health) = &settings.health {
-                health.set("sink", true, format!("{} sink committed", sink.name()));
-                health.set("breakers", true, "all closed");
-            }
-        }
-    }
-    // A clean stop stores what was transformed, so a restart does not redo it.
-    if unflushed {
-        let batch = Batch {
-            pending: &mut pending,
-            dead: &mut pending_dead,
-            chains: &mut *transformers,
-            next_offsets: &next_offsets,
-            topic: &topic,
-        };
-        flush(sink, consumer, &mut batcher, batch, env, "stop")?;
-    }
-    Ok(())
-}
-
-/// Drops every link's state changes since the last commit: their records will be read again.
-fn abandon(chains: &mut HashMap<u32, Vec<Transformer>>) {
-    for t in chains.values_mut().flatten() {
-        t.abandon();
+        let name = self.names.symbols.name(id)?;
+        Some(self.symbol_names.entry(id).or_insert(name).clone())
     }
 }
 
-fn breaker_open(source: u32, plugin: &str, ctx: &ChainContext<'_>) -> anyhow::Error {
-    let (names, settings) = (ctx.names, ctx.settings);
-    ctx.stats.breaker_changed(names, source, plugin, true);
-    let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
-    if let Some(health) = &settings.health {
-        health.set("breakers", false, format!("open for plugin {plugin} of source {source_name}"));
-    }
-    ProcessError::BreakerOpen { source_name, plugin: plugin.to_owned() }.into()
-}
-
-/// What a source's chain needs from the role around it.
-struct ChainContext<'a> {
+/// The live role around each link of a source's chain: its circuit breaker (a link that keeps
+/// failing stops the poll, its records wait in the log) and the role's counters.
+struct Guard<'a> {
+    source: u32,
     breakers: &'a mut Breakers,
     names: &'a Names,
     settings: &'a ProcessSettings,
     stats: &'a ProcessStats,
-    /// Where refused records go, each naming the link (`name@version`) that refused it.
-    dead: &'a mut Vec<DeadLetter>,
+    /// Whether the link's breaker was closed before the call, and when the call started.
+    was_closed: bool,
+    now: std::time::Instant,
 }
 
-/// One source's records of a poll through its chain, link by link on the whole batch: each link's
-/// output is the next link's input, and a record a link refuses is dead-lettered naming that link.
-/// Returns the last link's records, parsed, and the `name@version` of that link (empty for a source
-/// with no transforms, whose records pass as the ingest role wrote them).
-///
-/// # Errors
-/// A link whose breaker is open, or that cannot run at all: nothing of the poll is committed then.
-fn run_chain(
-    source: u32,
-    chain: &mut [Transformer],
-    input: &[u8],
-    ctx: &mut ChainContext<'_>,
-) -> Result<(Vec<plugin_sdk::Record>, String), anyhow::Error> {
-    if chain.is_empty() {
-        // Each record was parsed when it was routed to its source, so none is skipped here.
-        let records = plugin_sdk::wire::Delimited::new(input)
-            .filter_map(|item| item.and_then(plugin_sdk::StreamDataView::parse).ok())
-            .map(|view| view.record())
-            .collect();
-        return Ok((records, String::new()));
+impl<'a> Guard<'a> {
+    fn new(
+        source: u32,
+        breakers: &'a mut Breakers,
+        names: &'a Names,
+        settings: &'a ProcessSettings,
+        stats: &'a ProcessStats,
+    ) -> Self {
+        Guard { source, breakers, names, settings, stats, was_closed: true, now: std::time::Instant::now() }
     }
-    let mut carried: Option<Vec<u8>> = None;
-    let mut parsed = Vec::new();
-    let mut last = String::new();
-    for (link, t) in chain.iter_mut().enumerate() {
-        let batch = carried.as_deref().unwrap_or(input);
-        if batch.is_empty() {
-            // An earlier link filtered everything out: the rest has nothing to do.
-            parsed.clear();
-            break;
+
+    fn breaker_open(&self, plugin: &str) -> anyhow::Error {
+        let (names, source) = (self.names, self.source);
+        self.stats.breaker_changed(names, source, plugin, true);
+        let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
+        if let Some(health) = &self.settings.health {
+            health.set("breakers", false, format!("open for plugin {plugin} of source {source_name}"));
         }
-        let breaker = ctx.breakers.get((source, link), &ctx.settings.breaker);
-        let was_closed = breaker.state() == BreakerState::Closed;
-        let now = std::time::Instant::now();
-        if !breaker.allow(now) {
-            return Err(breaker_open(source, t.plugin().name(), ctx));
+        ProcessError::BreakerOpen { source_name, plugin: plugin.to_owned() }.into()
+    }
+}
+
+impl Hooks for Guard<'_> {
+    type Error = anyhow::Error;
+
+    fn before(&mut self, link: usize, plugin: &PluginCode, _input: &[u8]) -> anyhow::Result<()> {
+        let breaker = self.breakers.get((self.source, link), &self.settings.breaker);
+        self.was_closed = breaker.state() == BreakerState::Closed;
+        self.now = std::time::Instant::now();
+        if !breaker.allow(self.now) {
+            return Err(self.breaker_open(plugin.name()));
         }
-        let mut out = match t.transform(batch) {
+        Ok(())
+    }
+
+    fn after(
+        &mut self,
+        link: usize,
+        plugin: &PluginCode,
+        outcome: Result<&TransformedBatch, &PluginError>,
+    ) -> anyhow::Result<()> {
+        let (now, stats) = (self.now, self.stats);
+        let breaker = self.breakers.get((self.source, link), &self.settings.breaker);
+        let out = match outcome {
             // Isolated failures (retry and bisection found the records that fail) are the plugin
             // working: those records are dead-lettered and the poll is committed.
             Ok(out) if !out.failed_entirely() => {
@@ -499,39 +512,32 @@ fn run_chain(
                 breaker.record_failure(now);
                 if !breaker.allow(now) {
                     // Nothing of this poll is committed: its records wait in the log.
-                    ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-                    return Err(breaker_open(source, t.plugin().name(), ctx));
+                    stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+                    return Err(self.breaker_open(plugin.name()));
                 }
                 out
             }
-            Err(e) => {
+            Err(_) => {
                 breaker.record_failure(now);
-                return Err(e.into());
+                return Ok(());
             }
         };
-        ctx.stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
-        if was_closed != (breaker.state() == BreakerState::Closed) {
-            ctx.stats.breaker_changed(ctx.names, source, t.plugin().name(), !was_closed);
+        stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
+        if self.was_closed != (breaker.state() == BreakerState::Closed) {
+            stats.breaker_changed(self.names, self.source, plugin.name(), !self.was_closed);
         }
-        last = format!("{}@{}", t.plugin().name(), t.plugin().version());
-        for r in std::mem::take(&mut out.rejects) {
-            ctx.dead.push(DeadLetter { source, plugin: last.clone(), bytes: r.bytes, reason: r.reason });
-        }
-        // The link's records are this source's, whatever source id it wrote: the next link and the
-        // rows see this source.
-        out.stamp_source(source);
-        parsed = out.parsed;
-        carried = Some(out.records);
+        Ok(())
     }
-    Ok((parsed, last))
 }
 
-/// What a flush reads besides the batch: names, counters and settings.
+/// What a flush reads besides the batch: names, counters, settings and the offsets' topic.
 #[derive(Clone, Copy)]
 struct Env<'a> {
     names: &'a Names,
     stats: &'a ProcessStats,
     settings: &'a ProcessSettings,
+    /// The topic (or the local log's name) the offsets are of.
+    topic: &'a str,
 }
 
 /// Commits the pending rows and the offsets they cover in one transaction.
@@ -543,8 +549,8 @@ fn flush(
     env: Env<'_>,
     reason: &str,
 ) -> Result<(), anyhow::Error> {
-    let Env { names, stats, settings } = env;
-    let Batch { pending, dead, chains, next_offsets, topic } = batch;
+    let Env { names, stats, settings, topic } = env;
+    let Batch { pending, dead, chains, next_offsets } = batch;
     let taken = batcher.take();
     let rows: Vec<Row<'_>> = pending
         .iter()
@@ -571,36 +577,14 @@ fn flush(
         })
         .collect();
     // Each stateful link's changes since the last commit, in the same transaction.
-    let state: Vec<crate::sink::StateWrite<'_>> = chains
-        .iter()
-        .flat_map(|(id, chain)| {
-            let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
-            chain.iter().enumerate().filter(|(_, t)| t.state().is_dirty()).map(move |(link, t)| {
-                let (reset, changes) = t.state().pending();
-                crate::sink::StateWrite {
-                    source,
-                    link: link as u32,
-                    format: t.state().format().unwrap_or(""),
-                    reset,
-                    dropped: t.state().dropped(),
-                    changes,
-                }
-            })
-        })
-        .collect();
+    let state = state_writes(chains, names);
     let wrote_state = !state.is_empty();
     sink.commit(&rows, &offsets, &letters, &state, consumer)?;
     drop(state);
     if wrote_state {
-        for (id, chain) in chains.iter_mut() {
-            let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
-            for t in chain.iter_mut().filter(|t| t.state().is_dirty()) {
-                t.state_mut().commit();
-                if let Some(m) = &settings.metrics {
-                    let bytes = i64::try_from(t.state().bytes()).unwrap_or(i64::MAX);
-                    m.process.state_bytes.with_label_values(&[source, t.plugin().name()]).set(bytes);
-                }
-            }
+        chains.values_mut().for_each(Chain::commit_state);
+        if let Some(m) = &settings.metrics {
+            observe_state(m, chains, names);
         }
     }
     stats.rejected.fetch_add(letters.len() as u64, Ordering::Relaxed);
@@ -623,6 +607,32 @@ fn flush(
     drop(rows);
     pending.clear();
     Ok(())
+}
+
+/// Each stateful link's changes since the last commit, as the sink writes them.
+fn state_writes<'a>(chains: &'a HashMap<u32, Chain>, names: &'a Names) -> Vec<crate::sink::StateWrite<'a>> {
+    let mut writes = Vec::new();
+    for (id, chain) in chains {
+        let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+        for (link, t) in chain.links().iter().enumerate().filter(|(_, t)| t.state().is_dirty()) {
+            let (reset, changes) = t.state().pending();
+            let format = t.state().format().unwrap_or("");
+            let dropped = t.state().dropped();
+            writes.push(crate::sink::StateWrite { source, link: link as u32, format, reset, dropped, changes });
+        }
+    }
+    writes
+}
+
+/// Each stateful link's committed state size, after a commit that wrote state.
+fn observe_state(m: &crate::telemetry::Metrics, chains: &HashMap<u32, Chain>, names: &Names) {
+    for (id, chain) in chains {
+        let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+        for t in chain.links().iter().filter(|t| t.state().format().is_some()) {
+            let bytes = i64::try_from(t.state().bytes()).unwrap_or(i64::MAX);
+            m.process.state_bytes.with_label_values(&[source, t.plugin().name()]).set(bytes);
+        }
+    }
 }
 
 /// Once per batch: its size, why it closed, the commit's time, and each row's end-to-end latency
@@ -666,9 +676,8 @@ struct Batch<'a> {
     pending: &'a mut Vec<PendingRow>,
     dead: &'a mut Vec<DeadLetter>,
     /// The chains whose state changes commit with the rows.
-    chains: &'a mut HashMap<u32, Vec<Transformer>>,
+    chains: &'a mut HashMap<u32, Chain>,
     next_offsets: &'a BTreeMap<i32, i64>,
-    topic: &'a str,
 }
 
 /// A record the transform stage refused, waiting for its batch's commit to be dead-lettered.

@@ -22,6 +22,7 @@ use anyhow::{Context, bail};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 
 use super::{Role, open_plugins};
+use crate::chain::{Chain, Unguarded};
 use crate::config::Config;
 use crate::log::Positions;
 use crate::log::kafka::range::RangeReader;
@@ -71,22 +72,7 @@ pub async fn replay(
         let shared = move || Symbols::shared(&kafka, &b, &kafka.symbols_topic, Duration::from_secs(30));
         Arc::new(tokio::task::spawn_blocking(shared).await?.context("symbol dictionary")?)
     };
-    let target = match (&config.sink.druid, &spec.into) {
-        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
-        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
-        (Some(_), None) => {
-            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
-        }
-        (Some(druid), Some(name)) => {
-            let topic = crate::sink::druid::replay_topic(druid, name);
-            crate::log::kafka::ensure_topics(&config.kafka, &brokers, &[&topic], config.kafka.partitions).await?;
-            refuse_written(config, &brokers, &topic).await?;
-            let mut druid = druid.clone();
-            druid.topic = topic;
-            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
-            Target::Topic { druid: Box::new(druid), transactional_id }
-        }
-    };
+    let target = target(config, spec, &brokers).await?;
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     let (_registry, slots) = open_plugins(config, Role::Process, symbols.clone(), metrics).await?;
     let (chains, sources) = chains(config, &slots, &symbols)?;
@@ -137,12 +123,33 @@ pub async fn replay(
     outcome
 }
 
+/// Where the replay's rows go: the store (a table of its own, or `rollup`), or a replay topic of its
+/// own for the Druid sink (created, and refused when it already holds records).
+async fn target(config: &Config, spec: &ReplaySpec, brokers: &str) -> anyhow::Result<Target> {
+    Ok(match (&config.sink.druid, &spec.into) {
+        (None, into) => Target::Store { path: config.data_dir.join("store.sqlite"), into: into.clone() },
+        (Some(_), _) if brokers.is_empty() => bail!("sink.druid needs [kafka] brokers"),
+        (Some(_), None) => {
+            bail!("with the Druid sink a replay writes its rows to a topic of its own: name it with --into NAME")
+        }
+        (Some(druid), Some(name)) => {
+            let topic = crate::sink::druid::replay_topic(druid, name);
+            crate::log::kafka::ensure_topics(&config.kafka, brokers, &[&topic], config.kafka.partitions).await?;
+            refuse_written(config, brokers, &topic).await?;
+            let mut druid = druid.clone();
+            druid.topic = topic;
+            let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
+            Target::Topic { druid: Box::new(druid), transactional_id }
+        }
+    })
+}
+
 /// Each configured source's chain, instantiated from the versions the registry has active, and its
 /// name, by source id.
-type Chains = (HashMap<u32, Vec<Transformer>>, HashMap<u32, Arc<str>>);
+type Chains = (HashMap<u32, Chain>, HashMap<u32, Arc<str>>);
 
 fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols) -> anyhow::Result<Chains> {
-    let mut chains: HashMap<u32, Vec<Transformer>> = HashMap::new();
+    let mut chains: HashMap<u32, Chain> = HashMap::new();
     let mut sources: HashMap<u32, Arc<str>> = HashMap::new();
     for source in &config.sources {
         let id = symbols.source_id(&source.name).context("source ids")?;
@@ -153,7 +160,7 @@ fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             chain.push(Transformer::new(instance));
         }
-        chains.insert(id, chain);
+        chains.insert(id, Chain::new(id, chain));
         sources.insert(id, Arc::from(source.name.as_str()));
     }
     Ok((chains, sources))
@@ -463,7 +470,7 @@ fn buckets_in(store: &std::path::Path, table: &str, range: (i64, Option<i64>)) -
 /// What each batch of records read goes through, whatever it was read from: the range's records,
 /// per source, through the source's chain, and the rows with their names.
 struct Replayer {
-    chains: HashMap<u32, Vec<Transformer>>,
+    chains: HashMap<u32, Chain>,
     sources: HashMap<u32, Arc<str>>,
     symbols: Arc<Symbols>,
     progress: Arc<ReplayProgress>,
@@ -555,7 +562,7 @@ type NamedRecord = (Arc<str>, Arc<str>, plugin_sdk::Record);
 /// One batch's in-range records, per source, through its chain; the rows with their names.
 fn replay_batch(
     by_source: &BTreeMap<u32, Vec<u8>>,
-    chains: &mut HashMap<u32, Vec<Transformer>>,
+    chains: &mut HashMap<u32, Chain>,
     sources: &HashMap<u32, Arc<str>>,
     symbols: &Symbols,
     names: &mut HashMap<u32, Arc<str>>,
@@ -565,20 +572,9 @@ fn replay_batch(
     for (source, input) in by_source.iter().filter(|(_, b)| !b.is_empty()) {
         // Records of a source the configuration no longer has are left out, as the live run does.
         let (Some(chain), Some(source_name)) = (chains.get_mut(source), sources.get(source)) else { continue };
-        let mut batch = input.clone();
-        let mut parsed: Vec<plugin_sdk::Record> = Delimited::new(input)
-            .filter_map(|item| item.and_then(StreamDataView::parse).ok())
-            .map(|v| v.record())
-            .collect();
-        for link in chain.iter_mut() {
-            let mut out = link.transform(&batch).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
-            progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
-            // As live: the link's records are this source's, whatever source id it wrote.
-            out.stamp_source(*source);
-            parsed = out.parsed;
-            batch = out.records;
-        }
-        for record in parsed {
+        let out = chain.run(input, &mut Unguarded).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
+        progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
+        for record in out.parsed {
             let symbol = match names.get(&record.symbol_id) {
                 Some(name) => name.clone(),
                 None => match symbols.name(record.symbol_id) {

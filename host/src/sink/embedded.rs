@@ -827,7 +827,15 @@ mod tests {
         let changes = |v: u8| std::collections::BTreeMap::from([(vec![1], Some(vec![v]))]);
         for (position, value) in [(10, 1u8), (20, 2), (30, 3)] {
             let c = changes(value);
-            let write = crate::sink::StateWrite { source: "s", link: 0, format: "f@1", reset: false, changes: &c };
+            let none = Default::default();
+            let write = crate::sink::StateWrite {
+                source: "s",
+                link: 0,
+                format: "f@1",
+                reset: false,
+                dropped: &none,
+                changes: &c,
+            };
             store.apply_state(&[], &[("t", 0, position)], &[], &[write]).unwrap();
         }
         // A commit that changes no state takes no checkpoint.
