@@ -85,6 +85,12 @@ pub async fn replay(
         Some(druid) => crate::sink::druid::replay_range(druid, spec.since_ms, spec.until_ms),
         None => (spec.since_ms.div_euclid(BUCKET_MS) * BUCKET_MS, spec.until_ms.map(&whole)),
     };
+    // A stateful chain decides each record on the state the records before it left: it reads from
+    // a checkpoint of the state at or before the range and runs everything from there.
+    let stateful = chains.values().any(|c| c.links().iter().any(|t| t.state().format().is_some()));
+    if stateful && !brokers.is_empty() {
+        tracing::warn!("a replay from Kafka starts the chains' stateful links empty at the range's first record");
+    }
     let input = if brokers.is_empty() {
         Input::Local(log)
     } else {
@@ -106,6 +112,7 @@ pub async fn replay(
                 range,
                 by_source: BTreeMap::new(),
                 left_out: BTreeMap::new(),
+                stateful,
             },
             stop,
         },
@@ -346,6 +353,87 @@ impl Reading {
     }
 }
 
+impl Reading {
+    /// Where a replay of stateful chains reads from on the local log: the newest checkpoint of the
+    /// chains' state at or before the range's first record (the chains start from its state), or
+    /// the log's first record when the log still holds everything (the state started empty
+    /// there). Kafka starts from `start`, the links empty.
+    ///
+    /// # Errors
+    /// No checkpoint is old enough and the log no longer starts at 0: refused, with the earliest
+    /// time a replay can start from.
+    fn start_from_checkpoint(
+        &mut self,
+        store: &std::path::Path,
+        start: Positions,
+        whole: &dyn Fn(i64) -> i64,
+    ) -> anyhow::Result<Positions> {
+        let Input::Local(log) = &self.input else { return Ok(start) };
+        let since = self.replayer.range.0;
+        // The log's first offset, and the first (offset, trade time) that `wanted` takes.
+        type Found = (Option<i64>, Option<(i64, i64)>);
+        let time_at = |wanted: &dyn Fn(i64, i64) -> bool| -> anyhow::Result<Found> {
+            let mut found = None;
+            let first = crate::log::local::read_batches(log, 0, |base, records| {
+                for (i, item) in Delimited::new(records).enumerate() {
+                    if let Ok(v) = item.and_then(StreamDataView::parse)
+                        && wanted(base + i as i64, v.timestamp_ms)
+                    {
+                        found = Some((base + i as i64, v.timestamp_ms));
+                        return false;
+                    }
+                }
+                true
+            })?;
+            Ok((first, found))
+        };
+        let (log_first, in_range) = time_at(&|_, t| t >= since)?;
+        let Some((first, _)) = in_range else { return Ok(start) };
+        let store = EmbeddedStore::open(store, Duration::from_secs(60))?;
+        let topic = crate::log::local::POSITION_TOPIC;
+        if let Some(checkpoint) = store.checkpoint_before(topic, 0, first)? {
+            for chain in self.replayer.chains.values_mut() {
+                let Some(source) = self.replayer.sources.get(&chain.source()).cloned() else { continue };
+                for (i, link) in chain.links_mut().iter_mut().enumerate() {
+                    let entries: Vec<(Vec<u8>, Vec<u8>)> = checkpoint
+                        .entries
+                        .iter()
+                        .filter(|e| *e.0 == *source && e.1 == i as u32)
+                        .map(|e| (e.3.clone(), e.4.clone()))
+                        .collect();
+                    let format =
+                        checkpoint.entries.iter().find(|e| *e.0 == *source && e.1 == i as u32).map(|e| e.2.clone());
+                    if let Some(format) = format {
+                        link.load_state(crate::transform::LinkState::committed(format, entries));
+                    }
+                }
+            }
+            let at = checkpoint.positions.get(&0).copied().unwrap_or(0);
+            tracing::info!(
+                position = at,
+                taken_at_ms = checkpoint.at_ms,
+                "replay starts the chains from a checkpoint of their state"
+            );
+            return Ok(Positions::from([(0, at)]));
+        }
+        if log_first.unwrap_or(0) == 0 {
+            return Ok(Positions::from([(0, 0)]));
+        }
+        let earliest = match store.oldest_checkpoint(topic, 0)? {
+            Some(position) => time_at(&|offset, _| offset >= position)?.1.map(|(_, t)| whole(t)),
+            None => None,
+        };
+        bail!(
+            "no checkpoint of the chains' state is at or before the range's first record (offset {first}), and the \
+             log no longer holds the records before it, so the stateful links cannot be replayed as they ran; {}",
+            earliest.map_or_else(
+                || "no range can be replayed until a checkpoint is taken ([process] checkpoint_interval_ms)".to_owned(),
+                |t| format!("the earliest replayable time is {}", crate::clock::rfc3339_ms(t))
+            )
+        )
+    }
+}
+
 /// A replay, ready to run on a blocking thread.
 struct Job {
     reading: Reading,
@@ -360,7 +448,10 @@ impl Job {
     fn run(self) -> anyhow::Result<ReplaySummary> {
         let Job { mut reading, target, kafka: (kafka, brokers), whole } = self;
         let range = reading.replayer.range;
-        let start = reading.input.start(range.0, &*whole)?;
+        let mut start = reading.input.start(range.0, &*whole)?;
+        if let (true, Target::Store { path, .. }) = (reading.replayer.stateful, &target) {
+            start = reading.start_from_checkpoint(path, start, &*whole)?;
+        }
         let (written, buckets) = match target {
             Target::Store { path, into } => {
                 let written = into_store(&mut reading, &path, into.as_deref(), start)?;
@@ -483,6 +574,9 @@ struct Replayer {
     /// Records in the range of sources the configuration does not name, by source id: left out,
     /// so a replay into `rollup` is refused (it would delete their buckets and rebuild nothing).
     left_out: BTreeMap<u32, u64>,
+    /// Some link keeps state: every record read goes through the chains (those before the range
+    /// only move the state), and the rows and refusals in the range are kept.
+    stateful: bool,
 }
 
 impl Replayer {
@@ -495,12 +589,15 @@ impl Replayer {
         let mut in_range = 0;
         for bytes in records {
             let Ok(view) = StreamDataView::parse(bytes) else { continue };
-            if view.timestamp_ms >= since && until.is_none_or(|u| view.timestamp_ms < u) {
+            let inside = view.timestamp_ms >= since && until.is_none_or(|u| view.timestamp_ms < u);
+            if inside {
                 in_range += 1;
                 if !self.chains.contains_key(&view.source_id) {
                     *self.left_out.entry(view.source_id).or_default() += 1;
                     continue;
                 }
+            }
+            if inside || (self.stateful && self.chains.contains_key(&view.source_id)) {
                 push_delimited(self.by_source.entry(view.source_id).or_default(), view.as_bytes());
             }
         }
@@ -512,7 +609,7 @@ impl Replayer {
             &self.sources,
             &self.symbols,
             &mut self.names,
-            &self.progress,
+            (&self.progress, self.stateful.then_some(self.range)),
         )?;
         Ok(named
             .into_iter()
@@ -559,22 +656,29 @@ impl Replayer {
 /// A record with its source's and its symbol's names.
 type NamedRecord = (Arc<str>, Arc<str>, plugin_sdk::Record);
 
-/// One batch's in-range records, per source, through its chain; the rows with their names.
+/// One batch's records, per source, through its chain; the rows with their names. With `keep`
+/// (stateful chains, given every record), only the rows and refusals of that time range count.
 fn replay_batch(
     by_source: &BTreeMap<u32, Vec<u8>>,
     chains: &mut HashMap<u32, Chain>,
     sources: &HashMap<u32, Arc<str>>,
     symbols: &Symbols,
     names: &mut HashMap<u32, Arc<str>>,
-    progress: &ReplayProgress,
+    (progress, keep): (&ReplayProgress, Option<(i64, Option<i64>)>),
 ) -> anyhow::Result<Vec<NamedRecord>> {
+    let inside = |t: i64| keep.is_none_or(|(since, until)| t >= since && until.is_none_or(|u| t < u));
     let mut rows = Vec::new();
     for (source, input) in by_source.iter().filter(|(_, b)| !b.is_empty()) {
         // Records of a source the configuration no longer has are left out, as the live run does.
         let (Some(chain), Some(source_name)) = (chains.get_mut(source), sources.get(source)) else { continue };
         let out = chain.run(input, &mut Unguarded).map_err(|e| anyhow::anyhow!("source {source_name}: {e}"))?;
-        progress.refused.fetch_add(out.rejects.len() as u64, Ordering::Relaxed);
-        for record in out.parsed {
+        let refused = out
+            .rejects
+            .iter()
+            .filter(|r| StreamDataView::parse(&r.bytes).map_or(true, |v| inside(v.timestamp_ms)))
+            .count();
+        progress.refused.fetch_add(refused as u64, Ordering::Relaxed);
+        for record in out.parsed.into_iter().filter(|r| inside(r.timestamp_ms)) {
             let symbol = match names.get(&record.symbol_id) {
                 Some(name) => name.clone(),
                 None => match symbols.name(record.symbol_id) {
