@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// The local log's `synchronous` setting (`[log] synchronous`), to measure what durability costs.
     #[arg(long, value_enum)]
     pub synchronous: Option<crate::log::Synchronous>,
+    /// The one transform every source's records go through: `rescale` (stateless, passes them
+    /// all) or, say, `outlier-filter` (keeps its last price per symbol as committed state).
+    #[arg(long, default_value = "rescale")]
+    pub transform: String,
 }
 
 /// The demo's API token: `SLUICE_API_TOKEN` if set, else a fresh random one (printed at start).
@@ -354,8 +358,8 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(synchronous) = args.synchronous {
         config.log.synchronous = synchronous;
     }
-    // Every source's records through one wasm transform call per batch, which passes them all.
-    config.process.transforms = vec![crate::config::Link::new("rescale")];
+    // Every source's records through one wasm transform call per batch (rescale passes them all).
+    config.process.transforms = vec![crate::config::Link::new(&args.transform)];
     if let Some(brokers) = &args.brokers {
         let run = format!("sluice.bench.{}", std::process::id());
         config.kafka.brokers = brokers.clone();
