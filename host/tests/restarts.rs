@@ -133,6 +133,16 @@ fn rollup(store: &Path) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// Waits until the store has rolled up at least `at_least` events (60 s at most).
+async fn wait_events(store: &Path, at_least: i64, log: &Path) {
+    let started = Instant::now();
+    while events(store) < at_least {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "fewer than {at_least} events rolled up:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn events(store: &Path) -> i64 {
     rollup(store).values().map(|v| v.split(' ').nth(1).unwrap().parse::<i64>().unwrap()).sum()
 }
@@ -246,14 +256,8 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
     let config = write_config(&killed, &file, 4000, &api);
     let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
     let mut run = SluiceProcess::run(&config, &log, &[], None);
-    for (kill, more) in [(1, 1_500), (2, 2_200), (3, 2_900)] {
-        let before = events(&store);
-        let started = Instant::now();
-        while events(&store) < before + more {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(started.elapsed() < Duration::from_secs(90), "no progress before kill {kill}:\n{text}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    for more in [1_500, 2_200, 2_900] {
+        wait_events(&store, events(&store) + more, &log).await;
         run.kill_9();
         run = SluiceProcess::run(&config, &log, &[], None);
     }
@@ -484,11 +488,7 @@ async fn a_hot_swap_of_the_same_state_format_loses_no_reference() {
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let token = "swap-token";
     let mut run = SluiceProcess::run(&config, &log, &[], Some(token));
-    let started = Instant::now();
-    while events(&store) < 1_000 {
-        assert!(started.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_events(&store, 1_000, &log).await;
     let chaos = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let rebuilt = common::with_custom_section(&chaos, "swap");
     let http = reqwest::Client::new();
@@ -533,11 +533,7 @@ async fn a_stateful_chain_through_a_store_failing_for_10_s_equals_a_run_straight
     let config = write_config(&dir, &file, 4000, &api);
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let mut run = SluiceProcess::run(&config, &log, &[], None);
-    let started = Instant::now();
-    while events(&store) < 1_500 {
-        assert!(started.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_events(&store, 1_500, &log).await;
     let admin = rusqlite::Connection::open(&store).unwrap();
     admin.busy_timeout(Duration::from_secs(10)).unwrap();
     admin
