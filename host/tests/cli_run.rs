@@ -375,3 +375,29 @@ fn logs_are_json_lines_when_the_config_asks_and_the_flag_wins() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
 }
+
+/// `sluice demo` run twice on one data directory: the second run's simulator is a new venue
+/// session (a fresh seed, so other trade ids), and the sluice that remembers the first run's ids
+/// rolls the new trades up rather than dropping them as repeats.
+#[test]
+fn a_demo_run_again_on_its_data_directory_rolls_up_the_new_trades() {
+    let dir = temp("demo-again");
+    let events = || -> i64 {
+        let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).unwrap();
+        q.query("SELECT sum(events) AS n FROM rollup", 1).unwrap()[0]["n"].as_i64().unwrap_or(0)
+    };
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["demo", "--seconds", "4", "--rate", "50", "--venues", "binance", "--api-addr", &api.to_string()])
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        counts.push(events());
+    }
+    assert!(counts[0] > 100, "the first run rolled up {} trades", counts[0]);
+    assert!(counts[1] > counts[0] + 100, "the second run added {} trades", counts[1] - counts[0]);
+}

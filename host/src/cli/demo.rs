@@ -187,7 +187,12 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             venues.push((*venue, demo_symbols(*venue)));
         }
     }
-    let sim = FeedSim::start(FeedSimConfig { trades_per_second: args.rate, ..FeedSimConfig::default() }).await?;
+    let sim = FeedSim::start(FeedSimConfig {
+        trades_per_second: args.rate,
+        seed: crate::feedsim::fresh_seed(),
+        ..FeedSimConfig::default()
+    })
+    .await?;
     let mut config = Config {
         data_dir: args.data_dir,
         api: crate::api::ApiConfig {

@@ -172,7 +172,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Feedsim(args) => runtime()?.block_on(async {
-            let config = FeedSimConfig { bind: args.bind, trades_per_second: args.rate, ..FeedSimConfig::default() };
+            let config = FeedSimConfig {
+                bind: args.bind,
+                trades_per_second: args.rate,
+                seed: crate::feedsim::fresh_seed(),
+                ..FeedSimConfig::default()
+            };
             let sim = FeedSim::start(config).await?;
             for venue in Venue::ALL {
                 println!("{venue}: {}", sim.url(venue));

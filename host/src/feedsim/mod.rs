@@ -191,6 +191,16 @@ impl fmt::Display for Venue {
     }
 }
 
+/// A seed of its own for each run of `sluice demo` and `sluice feedsim`: a restarted simulator
+/// numbers its trades from another random start, as a different venue session would, so a sluice
+/// that remembers the ids it delivered (its data directory) takes the new ones as a new sequence,
+/// never as repeats of the last run's. Tests keep the fixed default seed.
+pub fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // Each RandomState is seeded from the operating system's randomness.
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
 /// How the simulator runs. The defaults serve on a free loopback port at 10 trades per second.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
