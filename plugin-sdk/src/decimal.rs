@@ -56,6 +56,37 @@ pub fn parse_e8(s: &str) -> Result<i64, DecimalError> {
     parse_fixed(s.as_bytes(), 8)
 }
 
+/// A fixed-point value with eight decimals as a plain decimal, trailing zeros dropped: the inverse
+/// of [`parse_e8`] for messages (a reject's reason, say).
+///
+/// ```
+/// use plugin_sdk::decimal::format_e8;
+/// assert_eq!(format_e8(150_000_000), "1.5");
+/// assert_eq!(format_e8(-300_000_000), "-3");
+/// assert_eq!(format_e8(638), "0.00000638");
+/// ```
+pub fn format_e8(v: i64) -> String {
+    let digits = format_fixed(u128::from(v.unsigned_abs()), 8);
+    if v < 0 { format!("-{digits}") } else { digits }
+}
+
+/// `v / 10^decimals` as a plain decimal, trailing zeros dropped.
+///
+/// ```
+/// use plugin_sdk::decimal::format_fixed;
+/// assert_eq!(format_fixed(1_250, 2), "12.5");
+/// assert_eq!(format_fixed(700, 2), "7");
+/// ```
+pub fn format_fixed(v: u128, decimals: u32) -> String {
+    let unit = 10u128.pow(decimals);
+    let (int, frac) = (v / unit, v % unit);
+    if frac == 0 {
+        return int.to_string();
+    }
+    let frac = format!("{frac:0width$}", width = decimals as usize);
+    format!("{int}.{}", frac.trim_end_matches('0'))
+}
+
 /// `value * numerator / denominator`, exactly (rounded toward zero), or `None` when the result does
 /// not fit an `i64` or `denominator` is 0. For rescaling fixed-point values by a ratio.
 ///

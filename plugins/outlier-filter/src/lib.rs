@@ -24,6 +24,7 @@
 //! - `threshold_pct`: positive decimal percentage, e.g. `5` or `2.5`; optional, default `10`. Zero,
 //!   negative or non-decimal values fail `init`, as does any other key.
 
+use plugin_sdk::decimal::{format_e8, format_fixed};
 use plugin_sdk::{Config, Plugin, Reason, Records, State, StateStore, StreamDataView};
 
 /// Ten percent, with eight implied decimals.
@@ -53,7 +54,7 @@ impl Plugin for OutlierFilter {
     fn transform(&mut self, trade: StreamDataView<'_>, out: &mut Records) -> Result<(), Reason> {
         let price = trade.price_e8;
         if price <= 0 {
-            return Err(Reason::new(format!("price {} is not positive", e8_text(price))));
+            return Err(Reason::new(format!("price {} is not positive", format_e8(price))));
         }
         let key = (trade.source_id, trade.symbol_id);
         if let Some(&last) = self.last.get(&key) {
@@ -81,29 +82,12 @@ impl OutlierFilter {
         let pct_e2 = (u128::from(diff) * 10_000).div_ceil(u128::from(last_abs));
         Reason::new(format!(
             "price {} is {}% from last accepted {} (threshold {}%)",
-            e8_text(price),
-            fixed_text(pct_e2, 2),
-            e8_text(last),
-            fixed_text(self.threshold_e8, 8)
+            format_e8(price),
+            format_fixed(pct_e2, 2),
+            format_e8(last),
+            format_fixed(self.threshold_e8, 8)
         ))
     }
-}
-
-/// A fixed-point value with eight decimals as a plain decimal, trailing zeros dropped: `1.5`, `-3`.
-fn e8_text(v: i64) -> String {
-    let digits = fixed_text(u128::from(v.unsigned_abs()), 8);
-    if v < 0 { format!("-{digits}") } else { digits }
-}
-
-/// `v / 10^decimals` as a decimal, trailing zeros dropped.
-fn fixed_text(v: u128, decimals: u32) -> String {
-    let unit = 10u128.pow(decimals);
-    let (int, frac) = (v / unit, v % unit);
-    if frac == 0 {
-        return int.to_string();
-    }
-    let frac = format!("{frac:0width$}", width = decimals as usize);
-    format!("{int}.{}", frac.trim_end_matches('0'))
 }
 
 plugin_sdk::export!(OutlierFilter);

@@ -32,6 +32,7 @@
 
 use std::collections::VecDeque;
 
+use plugin_sdk::decimal::{format_e8, format_fixed};
 use plugin_sdk::state::{StateCodec, StateError};
 use plugin_sdk::{Config, Plugin, Reason, Records, State, StateStore, StreamDataView};
 
@@ -106,16 +107,16 @@ impl Plugin for VwapBand {
     fn transform(&mut self, trade: StreamDataView<'_>, out: &mut Records) -> Result<(), Reason> {
         let (price, volume) = (trade.price_e8, trade.volume_e8);
         if price <= 0 {
-            return Err(Reason::new(format!("price {} is not positive", e8_text(price))));
+            return Err(Reason::new(format!("price {} is not positive", format_e8(price))));
         }
         if volume <= 0 {
-            return Err(Reason::new(format!("volume {} is not positive", e8_text(volume))));
+            return Err(Reason::new(format!("volume {} is not positive", format_e8(volume))));
         }
         if u128::from(price.unsigned_abs()) * u128::from(volume.unsigned_abs()) > MAX_NOTIONAL_E16 {
             return Err(Reason::new(format!(
                 "price {} × volume {} is too large to average",
-                e8_text(price),
-                e8_text(volume)
+                format_e8(price),
+                format_e8(volume)
             )));
         }
         let key = (trade.source_id, trade.symbol_id);
@@ -151,30 +152,13 @@ impl VwapBand {
         let pct_e2 = (diff * 10_000).div_ceil(vwap);
         Reason::new(format!(
             "price {} is {}% from VWAP {} of the last {trades} trade{} (band {}%)",
-            e8_text(price),
-            fixed_text(pct_e2, 2),
-            fixed_text(vwap, 8),
+            format_e8(price),
+            format_fixed(pct_e2, 2),
+            format_fixed(vwap, 8),
             if trades == 1 { "" } else { "s" },
-            fixed_text(self.band_e8, 8)
+            format_fixed(self.band_e8, 8)
         ))
     }
-}
-
-/// A fixed-point value with eight decimals as a plain decimal, trailing zeros dropped: `1.5`, `-3`.
-fn e8_text(v: i64) -> String {
-    let digits = fixed_text(u128::from(v.unsigned_abs()), 8);
-    if v < 0 { format!("-{digits}") } else { digits }
-}
-
-/// `v / 10^decimals` as a decimal, trailing zeros dropped.
-fn fixed_text(v: u128, decimals: u32) -> String {
-    let unit = 10u128.pow(decimals);
-    let (int, frac) = (v / unit, v % unit);
-    if frac == 0 {
-        return int.to_string();
-    }
-    let frac = format!("{frac:0width$}", width = decimals as usize);
-    format!("{int}.{}", frac.trim_end_matches('0'))
 }
 
 plugin_sdk::export!(VwapBand);
