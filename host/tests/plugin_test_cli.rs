@@ -753,9 +753,34 @@ fn state_is_shown_written_and_read_back() {
     // A state file that does not parse, or names several links, is refused.
     let bad = TempFile::new("state", "bad.jsonl", b"{\"link\":0,\"key\":\"zz\",\"value\":\"00\"}\n");
     failed_saying(&run(&["--state-in".as_ref(), bad.path().as_os_str()]), &["bad.jsonl line 1", "not hex"]);
-    let two = format!("{}{}", far, far.replace("\"link\":0", "\"link\":1"));
+    let beyond = TempFile::new("state", "beyond.jsonl", far.replace("\"link\":0", "\"link\":1").as_bytes());
+    failed_saying(
+        &run(&["--state-in".as_ref(), beyond.path().as_os_str()]),
+        &["holds state of link 1, and the chain has 1 links"],
+    );
+
+    // A chain of two stateful links starts each from its own lines: the first link's reference is
+    // 100 (both trades pass it), the second's 200 (both are refused there).
+    let near = far.replace(&encoded(&|out| 200_00000000i64.encode(out)), &encoded(&|out| 100_00000000i64.encode(out)));
+    let two = format!("{near}{}", far.replace("\"link\":0", "\"link\":1"));
     let two = TempFile::new("state", "two.jsonl", two.as_bytes());
-    failed_saying(&run(&["--state-in".as_ref(), two.path().as_os_str()]), &["holds state of links 0, 1"]);
+    let second = format!("{},threshold_pct=1", outlier.display());
+    let out = run(&[
+        "--then".as_ref(),
+        second.as_ref(),
+        "--state-in".as_ref(),
+        two.path().as_os_str(),
+        "--show-state".as_ref(),
+    ]);
+    let (records_out, rejects) = succeeded(&out);
+    assert!(records_out.is_empty(), "{records_out:?}");
+    assert_eq!(rejects.len(), 2, "{rejects:?}");
+    let shown: Vec<serde_json::Value> = text(&out.stdout).lines().map(parse).collect();
+    let reference = |link: u64| {
+        shown.iter().find(|e| e["link"] == link).map(|e| e["value"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(reference(0), Some(encoded(&|out| 100_50000000i64.encode(out))), "{shown:?}");
+    assert_eq!(reference(1), Some(encoded(&|out| 200_00000000i64.encode(out))), "{shown:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -121,8 +121,9 @@ pub struct PluginTestArgs {
     /// `--show-state` is given too).
     #[arg(long, value_name = "FILE")]
     pub state_out: Option<PathBuf>,
-    /// Start the last stateful link of the chain from FILE (lines as `--state-out` writes them, of
-    /// one link), as a restart starts it from the store: to reproduce a decision made after one.
+    /// Start the chain's stateful links from FILE (lines as `--state-out` writes them; each line's
+    /// `link` says which), as a restart starts them from the store: to reproduce a decision made
+    /// after one.
     #[arg(long, value_name = "FILE")]
     pub state_in: Option<PathBuf>,
 }
@@ -570,34 +571,34 @@ fn write_state(chain: &Chain, args: &PluginTestArgs, out: &mut impl Write, err: 
     Ok(())
 }
 
-/// Starts the chain's last stateful link from a state file (JSON lines of link, key and value in
-/// hex, as `--state-out` writes them), as if the store had committed it.
+/// Starts each link the state file names from its lines (JSON lines of link, key and value in hex,
+/// as `--state-out` writes them), as if the store had committed them: the state of a whole chain
+/// after a run can be carried into the next. A line naming a link that is not in the chain, or
+/// that keeps no state, is refused.
 fn load_state(chain: &mut Chain, path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read state {}", path.display()))?;
-    let mut entries = Vec::new();
-    let mut links = std::collections::BTreeSet::new();
+    let mut by_link: std::collections::BTreeMap<usize, crate::sink::embedded::StateEntries> = Default::default();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{} line {}", path.display(), i + 1);
         let line: StateLine = serde_json::from_str(line).with_context(at)?;
-        entries.push((unhex(&line.key).with_context(at)?, unhex(&line.value).with_context(at)?));
-        links.insert(line.link);
+        let entry = (unhex(&line.key).with_context(at)?, unhex(&line.value).with_context(at)?);
+        by_link.entry(line.link).or_default().push(entry);
     }
-    if links.len() > 1 {
-        let links: Vec<String> = links.iter().map(usize::to_string).collect();
-        bail!(
-            "{} holds state of links {}: --state-in starts one link, keep one link's lines",
-            path.display(),
-            links.join(", ")
-        );
+    let links = chain.links_mut();
+    let count = links.len();
+    for (index, entries) in by_link {
+        let Some(link) = links.get_mut(index) else {
+            bail!(
+                "{} holds state of link {index}, and the chain has {count} links (0 to {})",
+                path.display(),
+                count.saturating_sub(1)
+            );
+        };
+        let Some(format) = link.state().format().map(str::to_owned) else {
+            bail!("{} holds state of link {index} ({}), which keeps no state", path.display(), link.plugin().name());
+        };
+        link.load_state(LinkState::committed(format, entries));
     }
-    let link = chain
-        .links_mut()
-        .iter_mut()
-        .rev()
-        .find(|t| t.state().format().is_some())
-        .context("--state-in: no link of this run keeps state")?;
-    let format = link.state().format().unwrap_or_default().to_owned();
-    link.load_state(LinkState::committed(format, entries));
     Ok(())
 }
 
