@@ -588,6 +588,9 @@ async fn start_process(
     let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
         let mut pause = Duration::from_millis(200);
         let mut breakers = Breakers::default();
+        // After a failure other than an open breaker a commit may have taken effect unreported: the
+        // chains then start again from the sink's committed state, not from memory's.
+        let mut unsure = false;
         loop {
             let result = (|| -> anyhow::Result<()> {
                 let consumer = match &handoff {
@@ -619,6 +622,11 @@ async fn start_process(
                         bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")
                     }
                 };
+                if unsure {
+                    restore_committed(&mut transformers, sink.as_mut(), &names)
+                        .context("reading the chains' committed state back")?;
+                    unsure = false;
+                }
                 tracing::info!(sink = sink.name(), group = %config.process.group, "process role started");
                 run_process(
                     Process {
@@ -645,6 +653,7 @@ async fn start_process(
                             wait
                         }
                         None => {
+                            unsure = true;
                             if let Some(health) = &settings.health {
                                 health.set("sink", false, format!("{e:#}"));
                             }

@@ -360,6 +360,26 @@ fn route(polled: &Polled, by_source: &mut BTreeMap<u32, Vec<u8>>, next_offsets: 
     }
 }
 
+/// Starts every stateful link from the state `sink` committed with its position (see
+/// [`Sink::committed_state`]), not from what memory holds: after a commit that failed without
+/// saying whether it took effect (a Druid transaction whose commit timed out while the coordinator
+/// committed it), memory may be a batch behind the position reading resumes from. A link whose
+/// stored state is of another format starts empty, as at a start.
+///
+/// # Errors
+/// When the sink's state cannot be read.
+pub fn restore_committed(chains: &mut HashMap<u32, Chain>, sink: &mut dyn Sink, names: &Names) -> anyhow::Result<()> {
+    for chain in chains.values_mut() {
+        let Some(source) = names.sources.get(slot(chain.source())).cloned() else { continue };
+        for (i, link) in chain.links_mut().iter_mut().enumerate() {
+            let Some(running) = link.state().format().map(str::to_owned) else { continue };
+            let (format, entries) = sink.committed_state(&source, i as u32)?.unwrap_or((running, Vec::new()));
+            link.load_state(crate::transform::LinkState::committed(format, entries));
+        }
+    }
+    Ok(())
+}
+
 /// Drops every link's state changes since the last commit: their records will be read again.
 fn abandon(chains: &mut HashMap<u32, Chain>) {
     for chain in chains.values_mut() {

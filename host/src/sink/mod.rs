@@ -57,6 +57,15 @@ pub trait Sink: Send {
         reader: &Reader,
     ) -> anyhow::Result<()>;
 
+    /// The state of link `link` of `source`'s chain as this sink committed it with its position: its
+    /// format and entries, `None` when it holds none. After a commit whose outcome the sink could not
+    /// report (a timeout while the broker committed), the state in memory may be behind the
+    /// committed position: this is what the records after it start from.
+    ///
+    /// # Errors
+    /// When the stored state cannot be read.
+    fn committed_state(&mut self, source: &str, link: u32) -> anyhow::Result<Option<(String, embedded::StateEntries)>>;
+
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;
 }
@@ -77,6 +86,10 @@ impl Sink for embedded::EmbeddedStore {
     ) -> anyhow::Result<()> {
         self.apply_state(rows, offsets, dead, state)?;
         Ok(())
+    }
+
+    fn committed_state(&mut self, source: &str, link: u32) -> anyhow::Result<Option<(String, embedded::StateEntries)>> {
+        Ok(self.plugin_state(source, link)?)
     }
 
     fn name(&self) -> &'static str {

@@ -38,6 +38,11 @@ pub struct DruidSink {
     timeout: Duration,
     /// Where the transactions' time went since the last report.
     phases: Phases,
+    /// The Kafka settings and brokers, to read the changelog back.
+    kafka: (KafkaConfig, String),
+    /// The changelog as committed, read when first asked for (see [`Sink::committed_state`]) and
+    /// forgotten at the next commit.
+    changelog: Option<super::state::StoredState>,
 }
 
 /// Time spent in each phase of the transactions since the last report (logged every 10 s): handing
@@ -126,6 +131,8 @@ impl DruidSink {
             buf: Vec::with_capacity(128),
             timeout,
             phases: Phases::new(),
+            kafka: (kafka.clone(), brokers.to_owned()),
+            changelog: None,
         })
     }
 
@@ -230,7 +237,7 @@ impl DruidSink {
         let group = consumer.group_metadata()?;
         self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| tx("send offsets", e))?;
         let offsets_sent = std::time::Instant::now();
-        self.producer.commit_transaction(self.timeout).map_err(|e| tx("commit", e))?;
+        self.commit_retrying()?;
         let p = &mut self.phases;
         p.transactions += 1;
         p.rows += rows.len();
@@ -239,6 +246,25 @@ impl DruidSink {
         p.commit += offsets_sent.elapsed();
         p.report_if_due();
         Ok(())
+    }
+}
+
+impl DruidSink {
+    /// Commits the open transaction. A commit that timed out may have reached the coordinator: as
+    /// librdkafka documents, such a (retriable) error is answered by committing again, which
+    /// returns once the outcome is known, up to three times.
+    fn commit_retrying(&mut self) -> Result<(), KafkaError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.producer.commit_transaction(self.timeout) {
+                Ok(()) => return Ok(()),
+                Err(rdkafka::error::KafkaError::Transaction(e)) if e.is_retriable() && attempts < 3 => {
+                    tracing::warn!(error = %e, attempts, "the Druid transaction's commit did not answer; committing again");
+                }
+                Err(e) => return Err(KafkaError::Transaction(format!("commit: {e}"))),
+            }
+        }
     }
 }
 
@@ -261,6 +287,7 @@ impl Sink for DruidSink {
         state: &[StateWrite<'_>],
         reader: &Reader,
     ) -> anyhow::Result<()> {
+        self.changelog = None;
         if let Err(e) = self.transact(rows, offsets, dead, state, kafka_reader(reader)?) {
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
@@ -269,6 +296,18 @@ impl Sink for DruidSink {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    fn committed_state(
+        &mut self,
+        source: &str,
+        link: u32,
+    ) -> anyhow::Result<Option<(String, crate::sink::embedded::StateEntries)>> {
+        if self.changelog.is_none() {
+            let (kafka, brokers) = &self.kafka;
+            self.changelog = Some(super::state::read(kafka, brokers, &self.state_topic)?);
+        }
+        Ok(self.changelog.as_ref().and_then(|c| c.plugin_state(source, link)))
     }
 
     fn name(&self) -> &'static str {

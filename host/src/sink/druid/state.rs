@@ -148,7 +148,17 @@ pub fn restore(
     timeout: Duration,
 ) -> Result<StoredState, KafkaError> {
     drop(DruidSink::new(kafka, brokers, druid, transactional_id, timeout)?);
-    let reader = RangeReader::new(kafka, brokers, &druid.state_topic())?;
+    read(kafka, brokers, &druid.state_topic())
+}
+
+/// Reads the changelog `topic` whole (`read_committed`, up to its end as of the call) and folds it,
+/// without fencing anyone: for the instance's own producer, once `init_transactions` has settled
+/// what its previous incarnation left open.
+///
+/// # Errors
+/// [`KafkaError`] when the topic cannot be read.
+pub fn read(kafka: &KafkaConfig, brokers: &str, topic: &str) -> Result<StoredState, KafkaError> {
+    let reader = RangeReader::new(kafka, brokers, topic)?;
     let mut state = StoredState::default();
     reader.read_keyed(|key, payload| state.apply(key, payload))?;
     if state.malformed > 0 {
