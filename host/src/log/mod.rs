@@ -189,17 +189,13 @@ impl Writer {
     }
 
     /// Hands over one pass of a decode worker. On the local log its records, dead letters and marks
-    /// commit in one transaction, so the marks always say what the log holds. Kafka keeps no marks
-    /// (they are read back from the events topic at start): records and dead letters go as they
-    /// would one by one. Returns how many records were handed over.
+    /// commit in one transaction, so the marks always say what the log holds. On Kafka a file
+    /// source's share commits in a transaction of its own with its position (see
+    /// [`kafka::files`]); the rest goes as it would one by one (trade ids are read back from the
+    /// events topic at start). Returns how many records were handed over.
     pub fn send_handover(&self, handover: Handover<'_>) -> usize {
         match self {
-            Writer::Kafka(p) => {
-                for letter in handover.dead {
-                    p.send_dead_letter(letter);
-                }
-                p.send_records(handover.records)
-            }
+            Writer::Kafka(p) => p.send_handover(handover),
             Writer::Local(w) => w.send_handover(handover),
         }
     }
@@ -223,10 +219,12 @@ impl Writer {
         }
     }
 
-    /// The local log's writer: commits what is queued and stops its thread. Nothing for Kafka.
+    /// Commits what is queued and stops the writing threads: the local log's appender, or the
+    /// file sources' appenders on Kafka.
     pub fn close(&self) {
-        if let Writer::Local(w) = self {
-            w.close();
+        match self {
+            Writer::Local(w) => w.close(),
+            Writer::Kafka(p) => p.close(),
         }
     }
 }

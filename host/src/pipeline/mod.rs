@@ -243,7 +243,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }
     let ingest = if role != Role::Process {
         let settings = IngestSettings::from(&config.ingest);
-        let marks = restore_marks(config, &handoff).await?;
+        let marks = restore_marks(config, &handoff, &source_ids, &producer).await?;
         let ingest =
             Ingest::start_with_ids(config.sources.clone(), &source_ids, &plugins, producer.clone(), settings, &marks)?;
         directory.set(
@@ -314,17 +314,55 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
 const TAIL_RECORDS: i64 = 65_536;
 
 /// What ingest kept with the batches it delivered: from the local log's tables, or, on Kafka, the
-/// trade ids at the tail of the events topic (file positions are not kept on Kafka: a recording is
-/// read again from its start, and its records with trade ids are recognised as delivered).
-async fn restore_marks(config: &Config, handoff: &Handoff) -> anyhow::Result<crate::log::Marks> {
+/// trade ids at the tail of the events topic and the file sources' positions in the files topic.
+/// On Kafka each file source's appender is opened first (settling what a previous run left open)
+/// and attached to `producer`, so its records and position commit together from here on.
+async fn restore_marks(
+    config: &Config,
+    handoff: &Handoff,
+    source_ids: &[u32],
+    producer: &Arc<Writer>,
+) -> anyhow::Result<crate::log::Marks> {
     let (handoff, kafka) = (handoff.clone(), config.kafka.clone());
-    let topic = kafka.events_topic.clone();
+    let files: Vec<(u32, String)> = source_ids
+        .iter()
+        .zip(&config.sources)
+        .filter(|(_, s)| s.kind == crate::config::SourceKind::File)
+        .map(|(id, s)| (*id, s.name.clone()))
+        .collect();
+    if let (Handoff::Kafka(brokers), false) = (&handoff, files.is_empty()) {
+        crate::log::kafka::ensure_changelog_topic(&kafka, brokers, &kafka.files_topic).await?;
+    }
+    let (producer, data_dir) = (producer.clone(), config.data_dir.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let marks = match &handoff {
             Handoff::Local(log) => log.marks()?,
-            Handoff::Kafka(brokers) => crate::log::kafka::range::RangeReader::new(&kafka, brokers, &topic)?
-                .trade_marks(TAIL_RECORDS)
-                .with_context(|| format!("reading the tail of {topic} for the trade ids already delivered"))?,
+            Handoff::Kafka(brokers) => {
+                // The appenders first: opening them settles a transaction a killed run left open,
+                // which read_committed readers of the topics would otherwise wait behind.
+                let mut files_marks = Vec::new();
+                if let (false, Writer::Kafka(p)) = (files.is_empty(), &*producer) {
+                    use crate::log::kafka::files::{FileAppenders, next_generation, read_marks};
+                    let timeout = Duration::from_secs(30);
+                    let generation = next_generation(&kafka, brokers, &files, &data_dir, timeout)
+                        .context("settling what the file sources' last transactions left open")?;
+                    let ids = files.iter().map(|(id, name)| (name.clone(), *id)).collect();
+                    files_marks = read_marks(&kafka, brokers, &ids)
+                        .with_context(|| format!("reading the file sources' positions from {}", kafka.files_topic))?;
+                    let appenders =
+                        FileAppenders::open(&kafka, brokers, &files, generation, p.stats().clone(), timeout)
+                            .context("opening the file sources' transactional producers")?;
+                    if p.attach_files(appenders).is_err() {
+                        bail!("the file sources' appenders were attached twice");
+                    }
+                }
+                let topic = &kafka.events_topic;
+                let mut marks = crate::log::kafka::range::RangeReader::new(&kafka, brokers, topic)?
+                    .trade_marks(TAIL_RECORDS)
+                    .with_context(|| format!("reading the tail of {topic} for the trade ids already delivered"))?;
+                marks.files = files_marks;
+                marks
+            }
         };
         tracing::info!(
             symbols = marks.trades.len(),

@@ -2,6 +2,7 @@
 //! (the hand-off when `[kafka] brokers` is set; see [`crate::log`]).
 
 pub mod consumer;
+pub mod files;
 pub mod producer;
 pub mod range;
 
@@ -64,6 +65,10 @@ pub struct KafkaConfig {
     /// The symbol dictionary: one partition, kept forever (see [`crate::symbols`]).
     #[serde(default = "defaults::symbols_topic")]
     pub symbols_topic: String,
+    /// Each file source's position in its recording, committed with its records (compacted; see
+    /// [`files`]).
+    #[serde(default = "defaults::files_topic")]
+    pub files_topic: String,
     /// Partitions for topics sluice creates.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
@@ -89,6 +94,7 @@ impl Default for KafkaConfig {
             events_topic: defaults::events_topic(),
             dlq_topic: defaults::dlq_topic(),
             symbols_topic: defaults::symbols_topic(),
+            files_topic: defaults::files_topic(),
             partitions: defaults::partitions(),
             compression: defaults::compression(),
             linger_ms: defaults::linger_ms(),
@@ -108,6 +114,17 @@ impl KafkaConfig {
         }
         c
     }
+}
+
+/// The headers every dead letter carries on the dead-letter topic: its source, plugin, stage and
+/// reason.
+pub fn dead_letter_headers(d: &crate::log::DeadLetter<'_>) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    OwnedHeaders::new()
+        .insert(Header { key: "sluice.source", value: Some(d.source) })
+        .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
+        .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
+        .insert(Header { key: "sluice.reason", value: Some(d.reason) })
 }
 
 /// Hands `record` to librdkafka; while its queue is full, calls `on_full`, waits `pause` and tries
@@ -151,6 +168,9 @@ mod defaults {
     }
     pub fn symbols_topic() -> String {
         super::SYMBOLS_TOPIC.into()
+    }
+    pub fn files_topic() -> String {
+        "sluice.files".into()
     }
     pub fn partitions() -> i32 {
         6

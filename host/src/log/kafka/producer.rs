@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use plugin_sdk::wire::{Delimited, StreamDataView};
 use rdkafka::ClientContext;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use super::{KafkaConfig, KafkaError};
+use super::files::{FileAppenders, Piece};
+use super::{KafkaConfig, KafkaError, dead_letter_headers};
+use crate::log::Handover;
 use crate::log::stage::{DeadLetter, Stage};
 
 /// Delivery counters, updated from librdkafka's delivery reports.
@@ -77,6 +78,8 @@ pub struct EventProducer {
     events_topic: String,
     dlq_topic: String,
     stats: Arc<ProducerStats>,
+    /// The file sources' transactional appenders, once attached (see [`super::files`]).
+    files: std::sync::OnceLock<FileAppenders>,
 }
 
 /// The message key of a record: source id and symbol id, big-endian.
@@ -112,6 +115,7 @@ impl EventProducer {
             events_topic: config.events_topic.clone(),
             dlq_topic: config.dlq_topic.clone(),
             stats,
+            files: std::sync::OnceLock::new(),
         })
     }
 
@@ -145,20 +149,70 @@ impl EventProducer {
         n
     }
 
-    /// Dead-letters a refused frame with its source, plugin and reason as headers.
-    /// Dead-letters refused input of `stage` (`decode` or `transform`).
+    /// Dead-letters refused input of `stage` (`decode` or `transform`) with its source, plugin,
+    /// stage and reason as headers.
     pub fn send_dead_letter(&self, d: &DeadLetter<'_>) {
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "sluice.source", value: Some(d.source) })
-            .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
-            .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
-            .insert(Header { key: "sluice.reason", value: Some(d.reason) });
         let key = d.source_id.to_be_bytes();
-        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(d.bytes).headers(headers));
+        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(d.bytes).headers(dead_letter_headers(d)));
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         if d.stage == Stage::Transform {
             self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// From now on the records, dead letters and positions of the file sources `files` has go
+    /// through their transactional appenders. Set once, before the sources start; a second call
+    /// is refused.
+    ///
+    /// # Errors
+    /// The appenders given back when some were attached already.
+    pub fn attach_files(&self, files: FileAppenders) -> Result<(), FileAppenders> {
+        self.files.set(files)
+    }
+
+    /// Hands over one pass of a decode worker: a file source's records, dead letters and position
+    /// to its appender, in one transaction; the rest as they would go one by one (Kafka keeps no
+    /// trade-id marks: they are read back from the events topic at start). Returns how many
+    /// records were handed over.
+    pub fn send_handover(&self, handover: Handover<'_>) -> usize {
+        let Handover { records, dead, marks } = handover;
+        let Some(files) = self.files.get() else {
+            for letter in dead {
+                self.send_dead_letter(letter);
+            }
+            return self.send_records(records);
+        };
+        // A file source's share of the pass, kept apart (few passes hold any).
+        let mut pieces: Vec<(u32, Piece)> = Vec::new();
+        let mut n = 0;
+        for item in Delimited::new(records) {
+            let Ok(bytes) = item else { break };
+            let Ok(view) = StreamDataView::parse(bytes) else { continue };
+            if files.has(view.source_id) {
+                piece(&mut pieces, view.source_id).push_record(bytes);
+            } else {
+                let key = record_key(view.source_id, view.symbol_id);
+                self.send(BaseRecord::to(&self.events_topic).key(&key[..]).payload(bytes));
+                n += 1;
+            }
+        }
+        self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+        for letter in dead {
+            if files.has(letter.source_id) {
+                piece(&mut pieces, letter.source_id).push_dead(letter);
+            } else {
+                self.send_dead_letter(letter);
+            }
+        }
+        for mark in marks.files {
+            if files.has(mark.source) {
+                piece(&mut pieces, mark.source).set_mark(mark);
+            }
+        }
+        for (source, piece) in pieces {
+            n += files.send(source, piece) as usize;
+        }
+        n
     }
 
     fn send(&self, record: BaseRecord<'_, [u8], [u8]>) {
@@ -174,6 +228,28 @@ impl EventProducer {
     /// # Errors
     /// [`KafkaError::FlushTimeout`] with the count still in flight.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        if let Some(files) = self.files.get() {
+            files.flush(timeout)?;
+        }
         self.inner.flush(timeout).map_err(|_| KafkaError::FlushTimeout(self.inner.in_flight_count()))
     }
+
+    /// Commits what the file sources' appenders hold and stops them.
+    pub fn close(&self) {
+        if let Some(files) = self.files.get() {
+            files.close();
+        }
+    }
+}
+
+/// The piece of `source` in `pieces`, added when it is not there yet.
+fn piece(pieces: &mut Vec<(u32, Piece)>, source: u32) -> &mut Piece {
+    let at = match pieces.iter().position(|(s, _)| *s == source) {
+        Some(at) => at,
+        None => {
+            pieces.push((source, Piece::default()));
+            pieces.len() - 1
+        }
+    };
+    &mut pieces[at].1
 }

@@ -139,13 +139,8 @@ impl DruidSink {
     /// The dead letters of the batch's polls, to the dead-letter topic in the same transaction (so
     /// exactly once, like the rows), with the same headers as every dead letter.
     fn dead_letter_all(&mut self, dead: &[DeadLetter<'_>]) -> Result<(), KafkaError> {
-        use rdkafka::message::{Header, OwnedHeaders};
         for d in dead {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "sluice.source", value: Some(d.source) })
-                .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
-                .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
-                .insert(Header { key: "sluice.reason", value: Some(d.reason) });
+            let headers = crate::log::kafka::dead_letter_headers(d);
             let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.bytes).headers(headers);
             send_waiting(&self.producer, record, Duration::from_millis(1), || {})
                 .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)))?;
