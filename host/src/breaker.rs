@@ -145,6 +145,30 @@ impl CircuitBreaker {
         }
     }
 
+    /// A batch failed at `now` after `calls` failed calls (traps, timeouts, limits, its retry and
+    /// bisection included): a closed breaker counts every call and opens at the threshold, so a
+    /// link that fails call after call opens it within one batch; a failed trial re-opens it.
+    pub fn record_failed_calls(&mut self, now: Instant, calls: u64) {
+        match self.state {
+            BreakerState::Closed => {
+                let calls = u32::try_from(calls.max(1)).unwrap_or(u32::MAX);
+                self.failures = self.failures.saturating_add(calls);
+                if self.failures >= self.threshold {
+                    self.trip(now);
+                }
+            }
+            BreakerState::HalfOpen => self.trip(now),
+            BreakerState::Open { .. } => {}
+        }
+    }
+
+    /// Opens the breaker at `now`, whatever it counted: a batch that ran past its time budget.
+    pub fn trip_now(&mut self, now: Instant) {
+        if !matches!(self.state, BreakerState::Open { .. }) {
+            self.trip(now);
+        }
+    }
+
     /// The current state. An open breaker stays `Open` past its `until` until [`CircuitBreaker::allow`]
     /// is next called.
     pub fn state(&self) -> BreakerState {
@@ -180,6 +204,22 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_calls_count_one_by_one_and_a_budget_trips_at_once() {
+        let t0 = Instant::now();
+        let mut b = breaker(5);
+        b.record_failed_calls(t0, 3);
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record_failed_calls(t0, 2);
+        assert!(matches!(b.state(), BreakerState::Open { .. }), "five failed calls in one batch open it");
+        let mut b = breaker(5);
+        b.trip_now(t0);
+        assert!(matches!(b.state(), BreakerState::Open { .. }));
+        assert_eq!(b.trips(), 1);
+        b.trip_now(t0);
+        assert_eq!(b.trips(), 1, "an open breaker is not tripped again");
+    }
 
     const SEC: Duration = Duration::from_secs(1);
 

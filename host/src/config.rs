@@ -138,6 +138,11 @@ pub struct ProcessConfig {
     /// most; only when state changed): where `sluice replay` of a stateful chain starts from.
     #[serde(default = "defaults::checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
+    /// How long the retry and bisection of one failed batch may take per link before the batch is
+    /// given up and the link's breaker opens (its source's records then wait in the log while the
+    /// other sources go on).
+    #[serde(default = "defaults::link_budget_ms")]
+    pub link_budget_ms: u64,
 }
 
 impl Default for ProcessConfig {
@@ -150,6 +155,7 @@ impl Default for ProcessConfig {
             linger_us: defaults::linger_us(),
             transforms: Vec::new(),
             checkpoint_interval_ms: defaults::checkpoint_interval_ms(),
+            link_budget_ms: defaults::link_budget_ms(),
         }
     }
 }
@@ -321,6 +327,9 @@ pub(crate) mod defaults {
     }
     pub fn checkpoint_interval_ms() -> u64 {
         60_000
+    }
+    pub fn link_budget_ms() -> u64 {
+        2_000
     }
     pub fn plugin_state_bytes() -> usize {
         16 << 20

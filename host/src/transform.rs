@@ -48,13 +48,16 @@ pub struct TransformedBatch {
     /// The first failed call's error: for a caller that stops at a failure rather than dead-letter
     /// the records retry and bisection isolated (`sluice plugin test`).
     pub first_failure: Option<PluginError>,
+    /// Retry and bisection ran past the link's time budget and were given up: the batch counts as
+    /// failed entirely, whatever was isolated before.
+    pub over_budget: bool,
 }
 
 impl TransformedBatch {
     /// The plugin failed as a whole: calls failed and no record got through a working call. A batch
     /// in which retry and bisection isolated the records that fail is the plugin working.
     pub fn failed_entirely(&self) -> bool {
-        self.failed_calls > 0 && self.failed_records >= self.records_in
+        self.over_budget || (self.failed_calls > 0 && self.failed_records >= self.records_in)
     }
 
     /// Writes `source_id` into every output record, as decode stamps the records it makes: a link
@@ -196,9 +199,14 @@ impl LinkState {
     }
 }
 
+/// How long the retry and bisection of one failed batch may take by default.
+pub const DEFAULT_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs batches through one plugin, switching to a newly activated version between batches.
 pub struct Transformer {
     plugin: BoundPlugin,
+    /// How long the retry and bisection of one failed batch may take before the batch is given up.
+    budget: std::time::Duration,
     state: LinkState,
     /// The slot's state epoch this link's state belongs to (an operator's empty start bumps it).
     epoch: u64,
@@ -215,7 +223,15 @@ impl Transformer {
     pub fn bound(plugin: BoundPlugin) -> Self {
         let format = plugin.code_format();
         let epoch = plugin.state_epoch();
-        Transformer { plugin, state: LinkState { format, ..LinkState::default() }, epoch }
+        Transformer { plugin, budget: DEFAULT_BUDGET, state: LinkState { format, ..LinkState::default() }, epoch }
+    }
+
+    /// Gives up retrying and bisecting a failed batch after `budget` (the default is
+    /// [`DEFAULT_BUDGET`]): a link whose every call times out costs its source that long per
+    /// batch, not a call per record.
+    pub fn with_budget(mut self, budget: std::time::Duration) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Starts from the state a store committed for this link: kept when its format is the running
@@ -313,7 +329,8 @@ impl Transformer {
                 let items: Vec<&[u8]> = Delimited::new(batch).filter_map(Result::ok).collect();
                 self.plugin.code().transform_metrics().records_in.inc_by(items.len() as u64);
                 out.records_in = items.len();
-                self.run(&items, 0, false, &mut out)?;
+                let deadline = std::time::Instant::now() + self.budget;
+                self.run(&items, 0, false, deadline, &mut out)?;
             }
             Err(e) => return Err(e),
         }
@@ -389,9 +406,19 @@ impl Transformer {
         items: &[&[u8]],
         base: usize,
         retry: bool,
+        deadline: std::time::Instant,
         out: &mut TransformedBatch,
     ) -> Result<(), PluginError> {
-        if items.is_empty() {
+        if items.is_empty() || out.over_budget {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                plugin = self.plugin.code().name(),
+                failed_calls = out.failed_calls,
+                "retry and bisection ran past the link's time budget; the batch is given up"
+            );
+            out.over_budget = true;
             return Ok(());
         }
         let mut buf = Vec::new();
@@ -415,7 +442,7 @@ impl Transformer {
             Err(e) if e.is_call_failure() => {
                 out.failed_calls += 1;
                 if retry {
-                    return self.run(items, base, false, out);
+                    return self.run(items, base, false, deadline, out);
                 }
                 if items.len() == 1 {
                     out.failed_records += 1;
@@ -425,8 +452,8 @@ impl Transformer {
                 }
                 out.first_failure.get_or_insert(e);
                 let mid = items.len() / 2;
-                self.run(&items[..mid], base, false, out)?;
-                self.run(&items[mid..], base + mid, false, out)
+                self.run(&items[..mid], base, false, deadline, out)?;
+                self.run(&items[mid..], base + mid, false, deadline, out)
             }
             Err(e) => Err(e),
         }

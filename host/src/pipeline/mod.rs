@@ -309,6 +309,9 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task, _data_dir: data_dir })
 }
 
+/// How long a stop waits for the process role.
+const STOP_PROCESS_WITHIN: Duration = Duration::from_secs(8);
+
 /// How many records at the end of each partition of the events topic a start on Kafka reads to
 /// recover each symbol's recent trade ids.
 const TAIL_RECORDS: i64 = 65_536;
@@ -552,7 +555,8 @@ fn live_chains(
             let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
-            let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance));
+            let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance))
+                .with_budget(Duration::from_millis(config.process.link_budget_ms.max(1)));
             let stored = match (&store, changelog) {
                 (Some(store), _) => store.plugin_state(&source.name, i as u32)?,
                 (None, Some(changelog)) => changelog.plugin_state(&source.name, i as u32),
@@ -630,7 +634,9 @@ async fn start_process(
         // chains then start again from the sink's committed state, not from memory's.
         let mut unsure = false;
         loop {
-            let result = (|| -> anyhow::Result<()> {
+            // A panic in the role is a failure like any other: logged, shown on /health/ready, and
+            // the role starts again from the last commit (never a thread that is gone for good).
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
                 let consumer = match &handoff {
                     Handoff::Kafka(brokers) => Reader::Kafka(EventConsumer::new(
                         &config.kafka,
@@ -678,18 +684,30 @@ async fn start_process(
                     },
                     &stop_flag,
                 )
-            })();
+            }));
+            let result = attempt.unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                counters.panics.fetch_add(1, Ordering::Relaxed);
+                Err(anyhow::anyhow!("the process role panicked: {message}"))
+            });
             let stopping = || stop_flag.load(Ordering::Relaxed);
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if stopping() => return Err(e),
                 Err(e) => {
                     let wait = match e.downcast_ref::<ProcessError>() {
+                        // The source is held from now on (see `run_process`): read again from the
+                        // last commit at once, so the other sources lose no more than that.
                         Some(ProcessError::BreakerOpen { .. }) => {
                             let wait = breakers.wait(std::time::Instant::now());
-                            tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "records wait in Kafka");
-                            wait
+                            tracing::warn!(error = %e, cool_down_ms = wait.as_millis() as u64, "the source's records wait in the log; the other sources go on");
+                            Duration::from_millis(50)
                         }
+                        Some(ProcessError::TrialDue) => Duration::ZERO,
                         None => {
                             unsure = true;
                             if let Some(health) = &settings.health {
@@ -749,19 +767,28 @@ impl Running {
             // Give the process role a moment to deliver what was just handed over, then stop it: on
             // the local log until it has committed the log's end (at most 10 s), on Kafka 500 ms.
             match &self.handoff {
-                Handoff::Local(log) => {
+                // A held source's records stay in the log: nothing to wait for then.
+                Handoff::Local(log) if process.stats.held_sources.load(Ordering::Relaxed) == 0 => {
                     let until = std::time::Instant::now() + Duration::from_secs(10);
                     while log.status().lag > 0 && std::time::Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
+                Handoff::Local(_) => {}
                 Handoff::Kafka(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
             process.stop.store(true, Ordering::Relaxed);
             let thread = process.thread;
-            tokio::task::spawn_blocking(move || thread.join())
-                .await?
-                .map_err(|_| anyhow::anyhow!("the process role panicked"))??;
+            // A call is bounded by its deadline and a failed batch by the link's budget, so the role
+            // stops within seconds; should it not, the stop goes on without it (what it did not
+            // commit is read again at the next start).
+            match tokio::time::timeout(STOP_PROCESS_WITHIN, tokio::task::spawn_blocking(move || thread.join())).await {
+                Ok(joined) => joined?.map_err(|_| anyhow::anyhow!("the process role panicked"))??,
+                Err(_) => tracing::error!(
+                    within_s = STOP_PROCESS_WITHIN.as_secs(),
+                    "the process role did not stop in time; what it did not commit is read again at the next start"
+                ),
+            }
         }
         let _ = self.api_stop.send(true);
         if let Err(e) = self.api_task.await? {

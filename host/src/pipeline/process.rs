@@ -61,6 +61,10 @@ pub enum ProcessError {
         /// The plugin of the link that failed.
         plugin: String,
     },
+    /// A held source's breaker has cooled down: read again from the last commit, the source's
+    /// records included, as its trial.
+    #[error("the circuit breaker of a source's link lets a trial through; reading again from the last commit")]
+    TrialDue,
 }
 
 /// The circuit breakers of the links of the sources' chains, one per (source, link), kept across
@@ -87,6 +91,23 @@ impl Breakers {
             .unwrap_or(Duration::ZERO)
     }
 
+    /// Sources held at `now`: a link of theirs has an open breaker still cooling down. Their
+    /// records are left in the log (the commits stop short of them) while the other sources go on.
+    pub fn held_sources(&self, now: std::time::Instant) -> std::collections::BTreeSet<u32> {
+        self.by_link
+            .iter()
+            .filter(|(_, b)| matches!(b.state(), BreakerState::Open { until } if until > now))
+            .map(|(l, _)| l.0)
+            .collect()
+    }
+
+    /// True when a source of `held` has a link whose cool-down is over: its trial is due.
+    pub fn trial_due(&self, held: &std::collections::BTreeSet<u32>, now: std::time::Instant) -> bool {
+        self.by_link
+            .iter()
+            .any(|(l, b)| held.contains(&l.0) && matches!(b.state(), BreakerState::Open { until } if until <= now))
+    }
+
     /// Sources with a link whose breaker is not closed.
     pub fn open_sources(&self) -> Vec<u32> {
         let mut open: Vec<u32> =
@@ -110,6 +131,10 @@ impl Breakers {
 pub struct ProcessStats {
     /// Records read from the hand-off (Kafka or the local log).
     pub consumed: AtomicU64,
+    /// Times the role panicked (and was started again from the last commit).
+    pub panics: AtomicU64,
+    /// Sources held now (a link's breaker open): their records wait in the log.
+    pub held_sources: AtomicU64,
     /// Rows written to the store.
     pub stored: AtomicU64,
     /// Records the transform refused (dead-lettered).
@@ -259,6 +284,91 @@ pub struct Process<'a> {
     pub stats: &'a ProcessStats,
 }
 
+/// The link index under which a source's progress past a held source's records is committed with
+/// the chains' state (see [`Holding`]).
+pub const PROGRESS_LINK: u32 = u32::MAX;
+/// The state format of those progress entries: key the partition (i32, big-endian), value the
+/// offset (i64, big-endian) below which the source's records are done.
+const PROGRESS_FORMAT: &str = "sluice.progress@1";
+
+/// Sources held while a link of theirs has an open breaker: their records stay in the log (each
+/// commit's position stops at the first of them in its partition) while the other sources go on.
+/// How far the others got past that position is committed with the batch as progress entries; a
+/// later reading from the position skips their records below it, so nothing is counted twice and
+/// nothing of the held source is lost or dead-lettered. When the breaker's cool-down ends, the role
+/// reads again from the last commit with the source's records as the trial
+/// ([`ProcessError::TrialDue`]).
+#[derive(Debug, Default)]
+struct Holding {
+    /// Sources whose records are left in the log for now.
+    held: std::collections::BTreeSet<u32>,
+    /// Per partition, the first offset of a held source's record read in this run.
+    from: BTreeMap<i32, i64>,
+    /// (source, partition): the offset below which the source's records were done by an earlier run.
+    done: HashMap<(u32, i32), i64>,
+}
+
+impl Holding {
+    /// Whether the record of `source` at (`partition`, `offset`) goes through its chain now.
+    #[inline]
+    fn takes(&mut self, source: u32, partition: i32, offset: i64) -> bool {
+        if !self.held.is_empty() && self.held.contains(&source) {
+            let from = self.from.entry(partition).or_insert(offset);
+            *from = (*from).min(offset);
+            return false;
+        }
+        self.done.is_empty() || self.done.get(&(source, partition)).is_none_or(|&done| offset >= done)
+    }
+
+    /// The position to commit for `partition` when reading got to `next`.
+    fn position(&self, partition: i32, next: i64) -> i64 {
+        self.from.get(&partition).map_or(next, |&from| from.min(next))
+    }
+
+    /// The progress entries of each source not held, for the partitions where reading is past a
+    /// held source's first record.
+    fn progress(&self, chains: &HashMap<u32, Chain>, next: &BTreeMap<i32, i64>) -> Vec<(u32, StateChanges)> {
+        if self.from.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for &source in chains.keys().filter(|s| !self.held.contains(s)) {
+            let changes: StateChanges = self
+                .from
+                .iter()
+                .filter_map(|(p, &from)| next.get(p).filter(|&&n| n > from).map(|n| (*p, *n)))
+                .map(|(p, n)| (p.to_be_bytes().to_vec(), Some(n.to_be_bytes().to_vec())))
+                .collect();
+            if !changes.is_empty() {
+                out.push((source, changes));
+            }
+        }
+        out
+    }
+}
+
+/// Changed keys with their value now, as a [`crate::sink::StateWrite`] carries them.
+type StateChanges = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Each source's progress entries as `sink` committed them (see [`Holding`]).
+fn committed_progress(
+    sink: &mut dyn Sink,
+    chains: &HashMap<u32, Chain>,
+    names: &Names,
+) -> anyhow::Result<HashMap<(u32, i32), i64>> {
+    let mut done = HashMap::new();
+    for &source in chains.keys() {
+        let Some(name) = names.sources.get(slot(source)) else { continue };
+        let Some((_, entries)) = sink.committed_state(name, PROGRESS_LINK)? else { continue };
+        for (key, value) in entries {
+            if let (Ok(p), Ok(o)) = (<[u8; 4]>::try_from(key.as_slice()), <[u8; 8]>::try_from(value.as_slice())) {
+                done.insert((source, i32::from_be_bytes(p)), i64::from_be_bytes(o));
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// The process role, run on the calling thread until `stop` is set: consume, run each source's records
 /// through its chain, batch, and commit rows together with the offsets they cover to the sink (the
 /// embedded store in one SQLite transaction, the Druid topic in one Kafka transaction). Refused
@@ -279,6 +389,24 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     if let Some(health) = &settings.health {
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
+    // Sources whose breaker is still cooling down are held; the others skip what an earlier run
+    // did past a held source's records.
+    let mut holding = Holding {
+        held: breakers.held_sources(std::time::Instant::now()),
+        done: committed_progress(sink, chains, names)?,
+        ..Holding::default()
+    };
+    stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
+    if !holding.held.is_empty() {
+        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(slot(*s)).map(|n| &**n)).collect();
+        tracing::warn!(
+            sources = %held.join(", "),
+            "a link's breaker is open: these sources' records wait in the log while the others go on"
+        );
+        if let Some(health) = &settings.health {
+            health.set("breakers", false, format!("open: the records of {} wait in the log", held.join(", ")));
+        }
+    }
     let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
@@ -291,6 +419,20 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     // Records read since the last flush (their offsets are not stored yet).
     let mut unflushed = false;
     while !stop.load(Ordering::Relaxed) {
+        if !holding.held.is_empty() && live.breakers.trial_due(&holding.held, std::time::Instant::now()) {
+            // Commit what the others did, then read again from there with the held records.
+            if unflushed {
+                let batch = Batch {
+                    pending: &mut pending,
+                    dead: &mut dead,
+                    chains: live.chains,
+                    next_offsets: &next_offsets,
+                    holding: &holding,
+                };
+                flush(sink, consumer, &mut batcher, batch, env, "trial")?;
+            }
+            return Err(ProcessError::TrialDue.into());
+        }
         polled.clear();
         let wait = batcher
             .deadline()
@@ -310,7 +452,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
         }
         stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
         stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
-        route(&polled, &mut by_source, &mut next_offsets);
+        route(&polled, &mut by_source, &mut next_offsets, &mut holding);
         // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
         // letters go with that reading, never twice.
         let added = live.poll(&by_source, &mut pending, &mut dead)?;
@@ -328,27 +470,45 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
         let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !dead.is_empty());
         if due.is_some() || offsets_only {
             let reason = due.map_or("offsets", FlushReason::as_str);
-            let batch =
-                Batch { pending: &mut pending, dead: &mut dead, chains: live.chains, next_offsets: &next_offsets };
+            let batch = Batch {
+                pending: &mut pending,
+                dead: &mut dead,
+                chains: live.chains,
+                next_offsets: &next_offsets,
+                holding: &holding,
+            };
             flush(sink, consumer, &mut batcher, batch, env, reason)?;
             unflushed = false;
             if let Some(health) = &settings.health {
                 health.set("sink", true, format!("{} sink committed", sink.name()));
-                health.set("breakers", true, "all closed");
+                if holding.held.is_empty() {
+                    health.set("breakers", true, "all closed");
+                }
             }
         }
     }
     // A clean stop stores what was transformed, so a restart does not redo it.
     if unflushed {
-        let batch = Batch { pending: &mut pending, dead: &mut dead, chains: live.chains, next_offsets: &next_offsets };
+        let batch = Batch {
+            pending: &mut pending,
+            dead: &mut dead,
+            chains: live.chains,
+            next_offsets: &next_offsets,
+            holding: &holding,
+        };
         flush(sink, consumer, &mut batcher, batch, env, "stop")?;
     }
     Ok(())
 }
 
 /// Splits a poll's records by source into `by_source` (each buffer emptied first), and moves
-/// `next_offsets` past them.
-fn route(polled: &Polled, by_source: &mut BTreeMap<u32, Vec<u8>>, next_offsets: &mut BTreeMap<i32, i64>) {
+/// `next_offsets` past them; the records `holding` does not take now are left out.
+fn route(
+    polled: &Polled,
+    by_source: &mut BTreeMap<u32, Vec<u8>>,
+    next_offsets: &mut BTreeMap<i32, i64>,
+    holding: &mut Holding,
+) {
     for buf in by_source.values_mut() {
         buf.clear();
     }
@@ -356,6 +516,9 @@ fn route(polled: &Polled, by_source: &mut BTreeMap<u32, Vec<u8>>, next_offsets: 
         next_offsets.insert(partition, offset + 1);
         let Ok(bytes) = item else { continue };
         let source = plugin_sdk::StreamDataView::parse(bytes).map(|v| v.source_id).unwrap_or(0);
+        if !holding.takes(source, partition, offset) {
+            continue;
+        }
         plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
     }
 }
@@ -529,7 +692,13 @@ impl Hooks for Guard<'_> {
                 out
             }
             Ok(out) => {
-                breaker.record_failure(now);
+                // Every failed call counts (a link that fails call after call opens its breaker
+                // within one batch); a batch that ran past its time budget opens it at once.
+                if out.over_budget {
+                    breaker.trip_now(now);
+                } else {
+                    breaker.record_failed_calls(now, out.failed_calls);
+                }
                 if !breaker.allow(now) {
                     // Nothing of this poll is committed: its records wait in the log.
                     stats.failed_calls.fetch_add(out.failed_calls, Ordering::Relaxed);
@@ -570,7 +739,7 @@ fn flush(
     reason: &str,
 ) -> Result<(), anyhow::Error> {
     let Env { names, stats, settings, topic } = env;
-    let Batch { pending, dead, chains, next_offsets } = batch;
+    let Batch { pending, dead, chains, next_offsets, holding } = batch;
     let taken = batcher.take();
     let rows: Vec<Row<'_>> = pending
         .iter()
@@ -583,7 +752,9 @@ fn flush(
             volume_e8: p.volume_e8,
         })
         .collect();
-    let offsets: Vec<(&str, i32, i64)> = next_offsets.iter().map(|(p, o)| (topic, *p, *o)).collect();
+    // Past a held source's first record, a partition's position stops there (see `Holding`).
+    let offsets: Vec<(&str, i32, i64)> =
+        next_offsets.iter().map(|(p, o)| (topic, *p, holding.position(*p, *o))).collect();
     let started = std::time::Instant::now();
     let letters: Vec<crate::sink::DeadLetter<'_>> = dead
         .iter()
@@ -597,8 +768,21 @@ fn flush(
         })
         .collect();
     // Each stateful link's changes since the last commit, in the same transaction.
-    let state = state_writes(chains, names);
+    let mut state = state_writes(chains, names);
     let wrote_state = !state.is_empty();
+    // How far the sources not held got past a held one's records, with the same commit.
+    let progress = holding.progress(chains, next_offsets);
+    static NONE_DROPPED: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+    for (source, changes) in &progress {
+        state.push(crate::sink::StateWrite {
+            source: names.sources.get(slot(*source)).map(|s| &**s).unwrap_or(""),
+            link: PROGRESS_LINK,
+            format: PROGRESS_FORMAT,
+            reset: false,
+            dropped: &NONE_DROPPED,
+            changes,
+        });
+    }
     sink.commit(&rows, &offsets, &letters, &state, consumer)?;
     drop(state);
     if wrote_state {
@@ -698,6 +882,8 @@ struct Batch<'a> {
     /// The chains whose state changes commit with the rows.
     chains: &'a mut HashMap<u32, Chain>,
     next_offsets: &'a BTreeMap<i32, i64>,
+    /// Where commits stop for held sources, and the others' progress past them.
+    holding: &'a Holding,
 }
 
 /// A record the transform stage refused, waiting for its batch's commit to be dead-lettered.
