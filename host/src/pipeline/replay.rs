@@ -391,7 +391,8 @@ impl Reading {
         let Some((first, _)) = in_range else { return Ok(start) };
         let store = EmbeddedStore::open(store, Duration::from_secs(60))?;
         let topic = crate::log::local::POSITION_TOPIC;
-        if let Some(checkpoint) = store.checkpoint_before(topic, 0, first)? {
+        let held = Positions::from([(0, log_first.unwrap_or(0))]);
+        if let Some(checkpoint) = store.checkpoint_before(topic, &Positions::from([(0, first)]), &held)? {
             for chain in self.replayer.chains.values_mut() {
                 let Some(source) = self.replayer.sources.get(&chain.source()).cloned() else { continue };
                 for (i, link) in chain.links_mut().iter_mut().enumerate() {
@@ -419,18 +420,14 @@ impl Reading {
         if log_first.unwrap_or(0) == 0 {
             return Ok(Positions::from([(0, 0)]));
         }
-        let earliest = match store.oldest_checkpoint(topic, 0)? {
-            Some(position) => time_at(&|offset, _| offset >= position)?.1.map(|(_, t)| whole(t)),
+        let earliest = match store.oldest_checkpoint(topic, &held)? {
+            Some(positions) => {
+                let position = positions.get(&0).copied().unwrap_or(0);
+                time_at(&|offset, _| offset >= position)?.1.map(|(_, t)| whole(t))
+            }
             None => None,
         };
-        bail!(
-            "no checkpoint of the chains' state is at or before the range's first record (offset {first}), and the \
-             log no longer holds the records before it, so the stateful links cannot be replayed as they ran; {}",
-            earliest.map_or_else(
-                || "no range can be replayed until a checkpoint is taken ([process] checkpoint_interval_ms)".to_owned(),
-                |t| format!("the earliest replayable time is {}", crate::clock::rfc3339_ms(t))
-            )
-        )
+        bail!(crate::sink::replay::no_checkpoint(&format!("offset {first}"), earliest))
     }
 }
 
