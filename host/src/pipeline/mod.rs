@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::datadir::{DataDirLock, Hold};
 use crate::log::kafka::consumer::EventConsumer;
 use crate::log::kafka::producer::{EventProducer, ProducerStats};
-use crate::log::kafka::{ensure_changelog_topic, ensure_symbols_topic, ensure_topics};
+use crate::log::kafka::{ensure_changelog_topic, ensure_checkpoint_topic, ensure_symbols_topic, ensure_topics};
 use crate::log::local::{LocalLog, POSITION_TOPIC};
 use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
@@ -205,6 +205,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         if let Some(druid) = &config.sink.druid {
             ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
             ensure_changelog_topic(kafka, &brokers, &druid.state_topic()).await?;
+            ensure_checkpoint_topic(kafka, &brokers, &druid.checkpoint_topic(), &kafka.events_topic).await?;
         }
         let (k, b) = (kafka.clone(), brokers.clone());
         let symbols = Arc::new(
@@ -603,13 +604,19 @@ async fn start_process(
                     Handoff::Local(log) => Reader::Local(log.reader()?, log.clone()),
                 };
                 let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path, &handoff) {
-                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(DruidSink::new(
-                        &config.kafka,
-                        brokers,
-                        druid,
-                        &transactional_id(&config.process.group, &config.process.instance),
-                        Duration::from_secs(30),
-                    )?),
+                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(
+                        DruidSink::new(
+                            &config.kafka,
+                            brokers,
+                            druid,
+                            &transactional_id(&config.process.group, &config.process.instance),
+                            Duration::from_secs(30),
+                        )?
+                        .with_checkpoints(
+                            druid.checkpoint_topic(),
+                            Duration::from_millis(config.process.checkpoint_interval_ms),
+                        ),
+                    ),
                     (None, Some(path), _) => {
                         Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
                             crate::sink::embedded::CheckpointPolicy {
