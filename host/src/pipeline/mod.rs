@@ -584,6 +584,21 @@ async fn start_process(
         metrics: Some(metrics),
         ..ProcessSettings::default()
     };
+    // The store keeps its state checkpoints as long as the hand-off keeps the records after them:
+    // the local log's retention, or the events topic's.
+    let checkpoints_kept = match (handoff, &store_path) {
+        (Handoff::Kafka(brokers), Some(_)) => {
+            let events = &config.kafka.events_topic;
+            match crate::log::kafka::topic_retention_ms(&config.kafka, brokers, events).await {
+                Ok(ms) => u64::try_from(ms).map_or(Duration::MAX, Duration::from_millis),
+                Err(e) => {
+                    tracing::warn!(topic = %events, error = %e, "the events topic's retention is unknown; state checkpoints are kept for [log] retention_ms");
+                    Duration::from_millis(config.log.retention_ms)
+                }
+            }
+        }
+        _ => Duration::from_millis(config.log.retention_ms),
+    };
     let (config, handoff, path) = (config.clone(), handoff.clone(), store_path.clone());
     let (stop_flag, counters) = (stop.clone(), stats.clone());
     let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
@@ -621,7 +636,7 @@ async fn start_process(
                         Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
                             crate::sink::embedded::CheckpointPolicy {
                                 every: Duration::from_millis(config.process.checkpoint_interval_ms),
-                                keep: Duration::from_millis(config.log.retention_ms),
+                                keep: checkpoints_kept,
                             },
                         ))
                     }
