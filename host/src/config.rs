@@ -134,8 +134,9 @@ pub struct ProcessConfig {
     /// The default chain: the transforms applied to the records of every source that names none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transforms: Vec<Link>,
-    /// How often the embedded store keeps a checkpoint of the chains' state with its position (at
-    /// most; only when state changed): where `sluice replay` of a stateful chain starts from.
+    /// How often the sink keeps a checkpoint of the chains' state with its position (at most; only
+    /// when state changed), in the embedded store or the Druid sink's checkpoint topic: where
+    /// `sluice replay` of a stateful chain starts from.
     #[serde(default = "defaults::checkpoint_interval_ms")]
     pub checkpoint_interval_ms: u64,
     /// How long the retry and bisection of one failed batch may take per link before the batch is

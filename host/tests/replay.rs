@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use plugin_sdk::StreamDataView;
-use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -844,4 +844,371 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
     })
     .await
     .unwrap();
+}
+
+/// Trades of three symbols, one per partition of the events topic, written straight to the topic
+/// as the ingest role writes them but with message times of their own: a trade every 200 ms over
+/// 20 minutes (6 000 of them), produced with its trade time. So a range from minute 12 is found
+/// mid-stream in every partition (its first record by message time, less the five minutes' clock
+/// skew margin, is that of minute 7: offset 700 of each partition).
+struct Trades {
+    /// The first trade's time: a whole minute, 40 minutes ago.
+    base: i64,
+    /// The source's and the symbols' ids in the dictionary topic.
+    source: u32,
+    symbols: [u32; 3],
+}
+
+const TRADES: i64 = 6_000;
+const EVENTS_RETENTION_MS: &str = "172800000";
+const TRADE_EVERY_MS: i64 = 200;
+
+impl Trades {
+    async fn new(topics: &Topics) -> Self {
+        let kafka = sluice::log::kafka::KafkaConfig { symbols_topic: topics.symbols.clone(), ..Default::default() };
+        // Kept for two days: the Druid sink's checkpoint topic takes the same retention.
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
+        let events = NewTopic::new(&topics.events, PARTITIONS, TopicReplication::Fixed(1))
+            .set("retention.ms", EVENTS_RETENTION_MS);
+        for created in admin.create_topics(&[events], &AdminOptions::new()).await.unwrap() {
+            created.unwrap();
+        }
+        sluice::log::kafka::ensure_symbols_topic(&kafka, &topics.bootstrap).await.unwrap();
+        let (bootstrap, dictionary) = (topics.bootstrap.clone(), topics.symbols.clone());
+        let (source, symbols) = tokio::task::spawn_blocking(move || {
+            let names =
+                sluice::symbols::Symbols::shared(&kafka, &bootstrap, &dictionary, Duration::from_secs(30)).unwrap();
+            let symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"].map(|s| names.intern(s));
+            (names.source_id("recorded").unwrap(), symbols)
+        })
+        .await
+        .unwrap();
+        let now = sluice::clock::now_ms() - 40 * 60_000;
+        Trades { base: now - now.rem_euclid(60_000), source, symbols }
+    }
+
+    /// Trade `i`'s time.
+    fn time(&self, i: i64) -> i64 {
+        self.base + i * TRADE_EVERY_MS
+    }
+
+    /// Produces trades `from..to`, trade `i` to partition `i % 3` with message time `time(i)`.
+    fn produce(&self, bootstrap: &str, topic: &str, from: i64, to: i64) {
+        use prost::Message as _;
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            ClientConfig::new().set("bootstrap.servers", bootstrap).set("acks", "all").create().unwrap();
+        for i in from..to {
+            let t = self.time(i);
+            let record = sluice::proto::StreamData {
+                source_id: self.source,
+                symbol_id: self.symbols[(i % 3) as usize],
+                // Prices that now and then jump by more than 1%: outlier-filter's decisions depend
+                // on the last price it accepted.
+                price_e8: (30_000 + (i * 7_919) % 2_000) * 100_000_000,
+                volume_e8: 1_000_000,
+                timestamp_ms: t,
+                is_buy: i % 2 == 0,
+                trade_id: i as u64 + 1,
+                received_at_us: t * 1_000,
+            };
+            let payload = record.encode_to_vec();
+            let key = format!("{}/{}", record.source_id, record.symbol_id);
+            let message = BaseRecord::to(topic).partition((i % 3) as i32).key(&key).payload(&payload).timestamp(t);
+            producer.send(message).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+}
+
+/// A Druid topic's rows as a `read_committed` reader sees them (decoded as `sluice.v1.SinkRow`):
+/// (time, symbol, side, price e8, quantity e8), sorted.
+fn sink_rows(bootstrap: &str, topic: &str) -> Vec<(i64, String, String, i64, i64)> {
+    use prost::Message as _;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_topic("druid-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut rows, mut ended, start) = (Vec::new(), std::collections::BTreeSet::new(), Instant::now());
+    while ended.len() < PARTITIONS as usize {
+        assert!(start.elapsed() < Duration::from_secs(30), "{topic} was not read to its end");
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let row = sluice::proto::SinkRow::decode(m.payload().unwrap_or_default()).unwrap();
+                let e8 = |v: f64| (v * 1e8).round() as i64;
+                rows.push((row.timestamp_ms, row.symbol, row.side, e8(row.price), e8(row.qty)));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            _ => {}
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// What a replay of stateful chains is compared on: the store's buckets, or the Druid topic's rows.
+#[derive(Debug, PartialEq)]
+enum Output {
+    Buckets(Buckets),
+    Rows(Vec<(i64, String, String, i64, i64)>),
+}
+
+impl Output {
+    /// What of it is at or after `since`.
+    fn since(&self, since: i64) -> Output {
+        match self {
+            Output::Buckets(b) => Output::Buckets(only(b, |t| t >= since)),
+            Output::Rows(rows) => Output::Rows(rows.iter().filter(|r| r.0 >= since).cloned().collect()),
+        }
+    }
+
+    /// The trades in it.
+    fn trades(&self) -> i64 {
+        match self {
+            Output::Buckets(b) => events(b),
+            Output::Rows(rows) => rows.len() as i64,
+        }
+    }
+}
+
+/// A process role running a stateful chain over [`Trades`] on Kafka, into the embedded store or
+/// (`druid`) the Druid sink, then replays of ranges that start mid-stream, with the real binary.
+///
+/// The chain is `chaos` in `count` mode (each symbol's records numbered 1, 2, 3, ... as their
+/// quantity, state format `chaos.count@1`) and `outlier-filter` (each price judged against the last
+/// one it accepted). The trades are produced in ten parts, each read and committed by the live
+/// role before the next, so the sink keeps checkpoints of the chains' state all along the stream.
+/// A replay from minute 12 starts from the newest checkpoint at or before its first records: its
+/// output equals the live output of the range exactly (chains started empty there would count
+/// from 1 again, and judge the first price against nothing). Then retention deletes the first
+/// records of every partition, up to just below the range's first ones, so that no checkpoint
+/// left fits the range: the replay is refused with the earliest replayable time, and a replay
+/// from that time equals the live output from there.
+async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: bool) {
+    let broker = TestBroker::start(name);
+    let topics = Topics::new(&broker);
+    let trades = Trades::new(&topics).await;
+    let dir = std::env::temp_dir().join(format!("sluice-replay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let druid_topic = unique_topic("druid");
+    let sink = if druid {
+        // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
+        format!(
+            "\n[sink.druid]\noverlord_url = \"http://{}\"\ntopic = \"{druid_topic}\"\nsegment_granularity = \"MINUTE\"\n",
+            free_addr()
+        )
+    } else {
+        String::new()
+    };
+    let group = unique_topic("replay-group");
+    let config = dir.join("sluice.toml");
+    std::fs::write(dir.join("none.jsonl"), "").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[process]
+max_wait_ms = 50
+group = "{group}"
+checkpoint_interval_ms = 100
+
+[plugins.chaos]
+path = "{plugins}/chaos.wasm"
+
+[[source]]
+name = "recorded"
+kind = "file"
+path = "{dir}/none.jsonl"
+decode = "binance"
+transforms = [
+    {{ plugin = "chaos", config = {{ mode = "count" }} }},
+    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
+]
+{kafka}{sink}"#,
+            dir = dir.display(),
+            plugins = env!("SLUICE_PLUGIN_DIR"),
+            kafka = topics.toml(),
+        ),
+    )
+    .unwrap();
+    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
+    let mut live = SluiceProcess::run(&config, &log, &["--role", "process", "--api-addr", &free_addr()], None);
+    // Where the live role stands: the store's committed positions, or the group's with Druid.
+    let committed = || -> i64 {
+        if druid {
+            topics.committed(&group).values().sum()
+        } else if store.exists() {
+            sluice::sink::embedded::stored_offsets(&store, &topics.events).unwrap_or_default().iter().map(|p| p.2).sum()
+        } else {
+            0
+        }
+    };
+    for part in 0..10 {
+        let (from, to) = (part * TRADES / 10, (part + 1) * TRADES / 10);
+        let (t, bootstrap, events) = (&trades, topics.bootstrap.clone(), topics.events.clone());
+        t.produce(&bootstrap, &events, from, to);
+        let start = Instant::now();
+        while committed() < to {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(start.elapsed() < Duration::from_secs(90), "{} of {to} committed:\n{text}", committed());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The next part's first commit is past the checkpoint interval: it takes a checkpoint.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    live.interrupt();
+    let output = |into: Option<&str>| match (druid, into) {
+        (false, into) => Output::Buckets(table(&store, &into.map_or("rollup".into(), |n| format!("replay_{n}")))),
+        (true, None) => Output::Rows(sink_rows(&topics.bootstrap, &druid_topic)),
+        (true, Some(n)) => Output::Rows(sink_rows(&topics.bootstrap, &format!("{druid_topic}.replay.{n}"))),
+    };
+    let live_output = output(None);
+    let replay = |since: i64, into: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["replay", "--config"])
+            .arg(&config)
+            .args(["--since", &since.to_string(), "--into", into])
+            .env("RUST_LOG", "sluice=info")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // From minute 12: a checkpoint at or before offset 700 of every partition.
+    let since = trades.base + 12 * 60_000;
+    let (ok, stderr) = replay(since, "mid");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("replay starts the chains from a checkpoint"), "{stderr}");
+    let want = live_output.since(since);
+    // outlier-filter refused some of the range's 2 400 trades.
+    assert!((100..2_400).contains(&want.trades()), "{want:?}");
+    assert_eq!(output(Some("mid")), want, "the replayed range vs the live output\n{stderr}");
+
+    if druid {
+        // The checkpoint topic keeps its records as long as the events topic does, whatever their size.
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
+        let topic = format!("{druid_topic}.checkpoints");
+        let described = admin.describe_configs(&[ResourceSpecifier::Topic(&topic)], &AdminOptions::new()).await;
+        let described = described.unwrap().remove(0).unwrap();
+        let value = |key: &str| described.get(key).and_then(|e| e.value.clone()).unwrap_or_default();
+        assert_eq!(value("retention.ms"), EVENTS_RETENTION_MS);
+        assert_eq!((value("retention.bytes").as_str(), value("cleanup.policy").as_str()), ("-1", "delete"));
+    }
+    // The checkpoints the sink kept: the events topic's positions, and the counting link's state
+    // (symbol id -> records counted).
+    type Kept = Vec<(BTreeMap<i32, i64>, BTreeMap<u32, i64>)>;
+    let counts = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> BTreeMap<u32, i64> {
+        let number = |b: &[u8], n: usize| b.iter().take(n).rev().fold(0i64, |v, d| v << 8 | i64::from(*d));
+        entries.iter().map(|(k, v)| (number(k, 4) as u32, number(v, 8))).collect()
+    };
+    let kept: Kept = if druid {
+        let kafka = sluice::log::kafka::KafkaConfig::default();
+        let (bootstrap, events) = (topics.bootstrap.clone(), topics.events.clone());
+        let topic = format!("{druid_topic}.checkpoints");
+        tokio::task::spawn_blocking(move || {
+            use sluice::sink::druid::checkpoint;
+            let reader = sluice::log::kafka::range::RangeReader::new(&kafka, &bootstrap, &topic).unwrap();
+            let listed = checkpoint::list(&reader).unwrap();
+            let ours = listed.iter().filter(|c| c.topic == events);
+            ours.map(|c| {
+                let entries = checkpoint::load(&reader, c).unwrap().entries;
+                let link0 = entries.into_iter().filter(|e| e.0 == "recorded" && e.1 == 0).map(|e| (e.3, e.4));
+                (c.positions.clone(), counts(link0.collect()))
+            })
+            .collect()
+        })
+        .await
+        .unwrap()
+    } else {
+        let conn = rusqlite::Connection::open(&store).unwrap();
+        let mut stmt = conn.prepare("SELECT id, positions FROM state_checkpoints ORDER BY id").unwrap();
+        let rows: Vec<(i64, String)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+        let mut entries = conn
+            .prepare(
+                "SELECT key, value FROM checkpoint_state WHERE checkpoint = ?1 AND source = 'recorded' AND link = 0",
+            )
+            .unwrap();
+        rows.into_iter()
+            .map(|(id, positions)| {
+                let link0 = entries.query_map([id], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap);
+                (serde_json::from_str(&positions).unwrap(), counts(link0.collect()))
+            })
+            .collect()
+    };
+    // Each holds the state its positions imply: partition p holds symbol p's records only, so the
+    // link has counted as many of them as the position says.
+    for (positions, counted) in &kept {
+        for (p, symbol) in trades.symbols.iter().enumerate() {
+            let at = positions.get(&(p as i32)).copied().unwrap_or(0);
+            assert_eq!(counted.get(symbol).copied().unwrap_or(0), at, "{positions:?} {counted:?}");
+        }
+    }
+    let kept: Vec<BTreeMap<i32, i64>> = kept.into_iter().map(|(positions, _)| positions).collect();
+    assert!(kept.len() >= 10, "{kept:?}");
+    // Retention deletes every partition below `700 - k`, k the smallest that leaves no checkpoint
+    // between there and the range's first record (700): none fits the range any more, while the
+    // records held still start before it (the retention check alone lets the range through).
+    let first = 700;
+    let k = (1..100)
+        .find(|k| {
+            !kept
+                .iter()
+                .any(|c| (0..PARTITIONS).all(|p| (first - k..=first).contains(&c.get(&p).copied().unwrap_or(0))))
+        })
+        .unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
+    let mut cut = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        cut.add_partition_offset(&topics.events, p, Offset::Offset(first - k)).unwrap();
+    }
+    admin.delete_records(&cut, &AdminOptions::new()).await.unwrap();
+    let (ok, stderr) = replay(since, "gone");
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("no checkpoint of the chains' state is at or before the range's first record"), "{stderr}");
+    let earliest: i64 = stderr
+        .split("the earliest replayable time is ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(earliest > since && earliest % 60_000 == 0, "{earliest}: {stderr}");
+    assert!(earliest < trades.time(TRADES), "{earliest}: {stderr}");
+    let (ok, stderr) = replay(earliest, "late");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("replay starts the chains from a checkpoint"), "{stderr}");
+    assert_eq!(output(Some("late")), live_output.since(earliest), "the replay from the earliest time\n{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kafka hand-off, embedded store: see [`a_stateful_replay_from_kafka_equals_the_live_output`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_replay_from_kafka_into_the_store_starts_from_a_checkpoint() {
+    a_stateful_replay_from_kafka_equals_the_live_output("stateful-kafka", false).await;
+}
+
+/// Kafka hand-off, Druid sink: see [`a_stateful_replay_from_kafka_equals_the_live_output`]. The
+/// checkpoints are the sink's checkpoint topic's, written in its transactions; the live output is
+/// the Druid topic's rows as a `read_committed` reader sees them, the replay's its replay topic's.
+/// Druid itself cannot run here: the contract ends at the Druid topic, which is what Druid reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_replay_from_kafka_into_a_druid_topic_starts_from_a_checkpoint() {
+    a_stateful_replay_from_kafka_equals_the_live_output("stateful-druid", true).await;
 }

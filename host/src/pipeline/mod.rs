@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::datadir::{DataDirLock, Hold};
 use crate::log::kafka::consumer::EventConsumer;
 use crate::log::kafka::producer::{EventProducer, ProducerStats};
-use crate::log::kafka::{ensure_changelog_topic, ensure_symbols_topic, ensure_topics};
+use crate::log::kafka::{ensure_changelog_topic, ensure_checkpoint_topic, ensure_symbols_topic, ensure_topics};
 use crate::log::local::{LocalLog, POSITION_TOPIC};
 use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
@@ -205,6 +205,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         if let Some(druid) = &config.sink.druid {
             ensure_topics(kafka, &brokers, &[&druid.topic], kafka.partitions).await?;
             ensure_changelog_topic(kafka, &brokers, &druid.state_topic()).await?;
+            ensure_checkpoint_topic(kafka, &brokers, &druid.checkpoint_topic(), &kafka.events_topic).await?;
         }
         let (k, b) = (kafka.clone(), brokers.clone());
         let symbols = Arc::new(
@@ -625,6 +626,21 @@ async fn start_process(
         metrics: Some(metrics),
         ..ProcessSettings::default()
     };
+    // The store keeps its state checkpoints as long as the hand-off keeps the records after them:
+    // the local log's retention, or the events topic's.
+    let checkpoints_kept = match (handoff, &store_path) {
+        (Handoff::Kafka(brokers), Some(_)) => {
+            let events = &config.kafka.events_topic;
+            match crate::log::kafka::topic_retention_ms(&config.kafka, brokers, events).await {
+                Ok(ms) => u64::try_from(ms).map_or(Duration::MAX, Duration::from_millis),
+                Err(e) => {
+                    tracing::warn!(topic = %events, error = %e, "the events topic's retention is unknown; state checkpoints are kept for [log] retention_ms");
+                    Duration::from_millis(config.log.retention_ms)
+                }
+            }
+        }
+        _ => Duration::from_millis(config.log.retention_ms),
+    };
     let (config, handoff, path) = (config.clone(), handoff.clone(), store_path.clone());
     let (stop_flag, counters) = (stop.clone(), stats.clone());
     let thread = std::thread::Builder::new().name("sluice-process".into()).spawn(move || -> anyhow::Result<()> {
@@ -647,18 +663,24 @@ async fn start_process(
                     Handoff::Local(log) => Reader::Local(log.reader()?, log.clone()),
                 };
                 let mut sink: Box<dyn Sink> = match (&config.sink.druid, &path, &handoff) {
-                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(DruidSink::new(
-                        &config.kafka,
-                        brokers,
-                        druid,
-                        &transactional_id(&config.process.group, &config.process.instance),
-                        Duration::from_secs(30),
-                    )?),
+                    (Some(druid), _, Handoff::Kafka(brokers)) => Box::new(
+                        DruidSink::new(
+                            &config.kafka,
+                            brokers,
+                            druid,
+                            &transactional_id(&config.process.group, &config.process.instance),
+                            Duration::from_secs(30),
+                        )?
+                        .with_checkpoints(
+                            druid.checkpoint_topic(),
+                            Duration::from_millis(config.process.checkpoint_interval_ms),
+                        ),
+                    ),
                     (None, Some(path), _) => {
                         Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
                             crate::sink::embedded::CheckpointPolicy {
                                 every: Duration::from_millis(config.process.checkpoint_interval_ms),
-                                keep: Duration::from_millis(config.log.retention_ms),
+                                keep: checkpoints_kept,
                             },
                         ))
                     }

@@ -11,6 +11,12 @@
 //!
 //! The reading is the hand-off's ([`crate::log::local::read_batches`],
 //! [`RangeReader`]); what is done with each batch of records is the same whatever was read.
+//!
+//! A stateful chain decides each record on the state the records before it left, so its replay
+//! starts from a checkpoint of the chains' state (the store's `state_checkpoints`, or the Druid
+//! sink's checkpoint topic, [`crate::sink::druid::checkpoint`]) at or before the range's first record
+//! in every partition: it runs the records from there through the chains and writes the rows of the
+//! range only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -88,9 +94,6 @@ pub async fn replay(
     // A stateful chain decides each record on the state the records before it left: it reads from
     // a checkpoint of the state at or before the range and runs everything from there.
     let stateful = chains.values().any(|c| c.links().iter().any(|t| t.state().format().is_some()));
-    if stateful && !brokers.is_empty() {
-        tracing::warn!("a replay from Kafka starts the chains' stateful links empty at the range's first record");
-    }
     let input = if brokers.is_empty() {
         Input::Local(log)
     } else {
@@ -143,10 +146,11 @@ async fn target(config: &Config, spec: &ReplaySpec, brokers: &str) -> anyhow::Re
             let topic = crate::sink::druid::replay_topic(druid, name);
             crate::log::kafka::ensure_topics(&config.kafka, brokers, &[&topic], config.kafka.partitions).await?;
             refuse_written(config, brokers, &topic).await?;
+            let checkpoints = druid.checkpoint_topic();
             let mut druid = druid.clone();
             druid.topic = topic;
             let transactional_id = format!("sluice-druid-replay-{}-{name}", config.process.group);
-            Target::Topic { druid: Box::new(druid), transactional_id }
+            Target::Topic { druid: Box::new(druid), transactional_id, checkpoints }
         }
     })
 }
@@ -316,8 +320,27 @@ impl Input {
 enum Target {
     /// The embedded store at `path`: into `replay_<into>`, or into `rollup` when `None`.
     Store { path: PathBuf, into: Option<String> },
-    /// A Druid replay topic (`druid.topic`), written by a transactional producer of this id.
-    Topic { druid: Box<DruidSinkConfig>, transactional_id: String },
+    /// A Druid replay topic (`druid.topic`), written by a transactional producer of this id; the
+    /// live sink's checkpoints of the chains' state are in the topic `checkpoints`.
+    Topic { druid: Box<DruidSinkConfig>, transactional_id: String, checkpoints: String },
+}
+
+impl Target {
+    /// Where the live sink keeps its checkpoints of the chains' state.
+    fn checkpoints(&self) -> Checkpoints {
+        match self {
+            Target::Store { path, .. } => Checkpoints::Store(path.clone()),
+            Target::Topic { checkpoints, .. } => Checkpoints::Topic(checkpoints.clone()),
+        }
+    }
+}
+
+/// Where the live sink keeps its checkpoints of the chains' state.
+enum Checkpoints {
+    /// The embedded store at this path (`state_checkpoints`).
+    Store(PathBuf),
+    /// The Druid sink's checkpoint topic.
+    Topic(String),
 }
 
 /// The reading side of a replay: the hand-off, what each batch goes through, and the stop flag.
@@ -354,15 +377,33 @@ impl Reading {
 }
 
 impl Reading {
-    /// Where a replay of stateful chains reads from on the local log: the newest checkpoint of the
-    /// chains' state at or before the range's first record (the chains start from its state), or
-    /// the log's first record when the log still holds everything (the state started empty
-    /// there). Kafka starts from `start`, the links empty.
+    /// Where a replay of stateful chains reads from: the newest checkpoint of the chains' state at
+    /// or before the range's first record in every partition that the hand-off still holds the
+    /// records after (the chains start from its state, see
+    /// [`checkpoint_fits`](crate::sink::replay::checkpoint_fits)), or the hand-off's first records
+    /// when it still holds every partition from offset 0 (the state started empty there). `start`
+    /// is where [`Input::start`] found the range.
     ///
     /// # Errors
-    /// No checkpoint is old enough and the log no longer starts at 0: refused, with the earliest
-    /// time a replay can start from.
+    /// No checkpoint is old enough and the hand-off no longer starts at 0: refused, with the
+    /// earliest time a replay can start from.
     fn start_from_checkpoint(
+        &mut self,
+        checkpoints: &Checkpoints,
+        kafka: (&crate::log::kafka::KafkaConfig, &str),
+        start: Positions,
+        whole: &dyn Fn(i64) -> i64,
+    ) -> anyhow::Result<Positions> {
+        match (&self.input, checkpoints) {
+            (Input::Local(_), Checkpoints::Store(store)) => self.start_on_the_local_log(store, start, whole),
+            (Input::Kafka(_), _) => self.start_on_kafka(checkpoints, kafka, start, whole),
+            (Input::Local(_), Checkpoints::Topic(_)) => bail!("the Druid sink needs [kafka] brokers"),
+        }
+    }
+
+    /// [`start_from_checkpoint`](Self::start_from_checkpoint) on the local log: the range's first
+    /// record is the first whose trade time is in it.
+    fn start_on_the_local_log(
         &mut self,
         store: &std::path::Path,
         start: Positions,
@@ -391,46 +432,101 @@ impl Reading {
         let Some((first, _)) = in_range else { return Ok(start) };
         let store = EmbeddedStore::open(store, Duration::from_secs(60))?;
         let topic = crate::log::local::POSITION_TOPIC;
-        if let Some(checkpoint) = store.checkpoint_before(topic, 0, first)? {
-            for chain in self.replayer.chains.values_mut() {
-                let Some(source) = self.replayer.sources.get(&chain.source()).cloned() else { continue };
-                for (i, link) in chain.links_mut().iter_mut().enumerate() {
-                    let entries: Vec<(Vec<u8>, Vec<u8>)> = checkpoint
-                        .entries
-                        .iter()
-                        .filter(|e| *e.0 == *source && e.1 == i as u32)
-                        .map(|e| (e.3.clone(), e.4.clone()))
-                        .collect();
-                    let format =
-                        checkpoint.entries.iter().find(|e| *e.0 == *source && e.1 == i as u32).map(|e| e.2.clone());
-                    if let Some(format) = format {
-                        link.load_state(crate::transform::LinkState::committed(format, entries));
-                    }
-                }
-            }
-            let at = checkpoint.positions.get(&0).copied().unwrap_or(0);
-            tracing::info!(
-                position = at,
-                taken_at_ms = checkpoint.at_ms,
-                "replay starts the chains from a checkpoint of their state"
-            );
-            return Ok(Positions::from([(0, at)]));
+        let held = Positions::from([(0, log_first.unwrap_or(0))]);
+        if let Some(checkpoint) = store.checkpoint_before(topic, &Positions::from([(0, first)]), &held)? {
+            return Ok(self.load_checkpoint(&checkpoint, &start));
         }
         if log_first.unwrap_or(0) == 0 {
             return Ok(Positions::from([(0, 0)]));
         }
-        let earliest = match store.oldest_checkpoint(topic, 0)? {
-            Some(position) => time_at(&|offset, _| offset >= position)?.1.map(|(_, t)| whole(t)),
+        let earliest = match store.oldest_checkpoint(topic, &held)? {
+            Some(positions) => {
+                let position = positions.get(&0).copied().unwrap_or(0);
+                time_at(&|offset, _| offset >= position)?.1.map(|(_, t)| whole(t))
+            }
             None => None,
         };
-        bail!(
-            "no checkpoint of the chains' state is at or before the range's first record (offset {first}), and the \
-             log no longer holds the records before it, so the stateful links cannot be replayed as they ran; {}",
-            earliest.map_or_else(
-                || "no range can be replayed until a checkpoint is taken ([process] checkpoint_interval_ms)".to_owned(),
-                |t| format!("the earliest replayable time is {}", crate::clock::rfc3339_ms(t))
-            )
-        )
+        bail!(crate::sink::replay::no_checkpoint(&format!("offset {first}"), earliest))
+    }
+
+    /// [`start_from_checkpoint`](Self::start_from_checkpoint) on Kafka: the range's first record in
+    /// each partition is where `start` is (found by the time the records were produced).
+    fn start_on_kafka(
+        &mut self,
+        checkpoints: &Checkpoints,
+        (kafka, brokers): (&crate::log::kafka::KafkaConfig, &str),
+        start: Positions,
+        whole: &dyn Fn(i64) -> i64,
+    ) -> anyhow::Result<Positions> {
+        let Input::Kafka(reader) = &self.input else { return Ok(start) };
+        let marks = reader.watermarks()?;
+        if start.iter().all(|(p, at)| marks.get(p).is_none_or(|(_, high)| at >= high)) {
+            // Nothing in the range: every partition starts at its end.
+            return Ok(start);
+        }
+        let held: Positions = marks.iter().map(|(p, (low, _))| (*p, *low)).collect();
+        let topic = reader.topic();
+        // The newest checkpoint that fits, and the positions of the oldest still held.
+        let (found, oldest) = match checkpoints {
+            Checkpoints::Store(path) => {
+                let store = EmbeddedStore::open(path, Duration::from_secs(60))?;
+                (store.checkpoint_before(topic, &start, &held)?, store.oldest_checkpoint(topic, &held)?)
+            }
+            Checkpoints::Topic(name) => {
+                use crate::sink::druid::checkpoint;
+                let kept = RangeReader::new(kafka, brokers, name)?;
+                let listed: Vec<checkpoint::Listed> =
+                    checkpoint::list(&kept)?.into_iter().filter(|c| c.topic == topic).collect();
+                let fits =
+                    listed.iter().rev().find(|c| crate::sink::replay::checkpoint_fits(&c.positions, &start, &held));
+                let oldest = listed.iter().find(|c| crate::sink::replay::checkpoint_held(&c.positions, &held));
+                (fits.map(|c| checkpoint::load(&kept, c)).transpose()?, oldest.map(|c| c.positions.clone()))
+            }
+        };
+        if let Some(checkpoint) = found {
+            return Ok(self.load_checkpoint(&checkpoint, &start));
+        }
+        if held.values().all(|low| *low == 0) {
+            return Ok(held);
+        }
+        // A replay from the oldest checkpoint held needs a range whose first records (by the time
+        // they were produced, less the clock skew margin) come after every record before it.
+        let earliest = match oldest {
+            Some(positions) => {
+                let before: Positions = positions
+                    .iter()
+                    .filter(|(p, at)| held.get(p).is_some_and(|low| *at > low))
+                    .map(|(p, at)| (*p, at - 1))
+                    .collect();
+                let times = reader.message_times(&before)?;
+                times.values().max().map(|t| whole(t.saturating_add(1 + CLOCK_SKEW_MS)))
+            }
+            None => None,
+        };
+        let first: Vec<String> = start.iter().map(|(p, at)| format!("partition {p} offset {at}")).collect();
+        bail!(crate::sink::replay::no_checkpoint(&format!("topic {topic}: {}", first.join(", ")), earliest))
+    }
+
+    /// Starts every chain's stateful links from `checkpoint` and answers where reading starts: at
+    /// its positions, in every partition of `start` (0 in those it does not name).
+    fn load_checkpoint(&mut self, checkpoint: &crate::sink::embedded::Checkpoint, start: &Positions) -> Positions {
+        for chain in self.replayer.chains.values_mut() {
+            let Some(source) = self.replayer.sources.get(&chain.source()).cloned() else { continue };
+            for (i, link) in chain.links_mut().iter_mut().enumerate() {
+                let of_link = || checkpoint.entries.iter().filter(|e| *e.0 == *source && e.1 == i as u32);
+                let entries: Vec<(Vec<u8>, Vec<u8>)> = of_link().map(|e| (e.3.clone(), e.4.clone())).collect();
+                if let Some(format) = of_link().next().map(|e| e.2.clone()) {
+                    link.load_state(crate::transform::LinkState::committed(format, entries));
+                }
+            }
+        }
+        let from: Positions = start.keys().map(|p| (*p, checkpoint.positions.get(p).copied().unwrap_or(0))).collect();
+        tracing::info!(
+            positions = ?from,
+            taken_at_ms = checkpoint.at_ms,
+            "replay starts the chains from a checkpoint of their state"
+        );
+        from
     }
 }
 
@@ -449,8 +545,8 @@ impl Job {
         let Job { mut reading, target, kafka: (kafka, brokers), whole } = self;
         let range = reading.replayer.range;
         let mut start = reading.input.start(range.0, &*whole)?;
-        if let (true, Target::Store { path, .. }) = (reading.replayer.stateful, &target) {
-            start = reading.start_from_checkpoint(path, start, &*whole)?;
+        if reading.replayer.stateful {
+            start = reading.start_from_checkpoint(&target.checkpoints(), (&kafka, &brokers), start, &*whole)?;
         }
         let (written, buckets) = match target {
             Target::Store { path, into } => {
@@ -458,7 +554,7 @@ impl Job {
                 let buckets = buckets_in(&path, &written, range)?;
                 (Written::Table(written), buckets)
             }
-            Target::Topic { druid, transactional_id } => {
+            Target::Topic { druid, transactional_id, .. } => {
                 let mut sink = DruidSink::new(&kafka, &brokers, &druid, &transactional_id, Duration::from_secs(30))?;
                 let (mut next, end) = (start, reading.input.end()?);
                 reading.pass(&mut next, &end, &mut |rows| Ok(sink.commit_rows(&as_rows(&rows))?))?;

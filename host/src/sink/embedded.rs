@@ -206,7 +206,7 @@ pub struct Checkpoint {
     /// When it was taken, milliseconds since the Unix epoch.
     pub at_ms: i64,
     /// The next offset of each partition, as committed with the state.
-    pub positions: std::collections::BTreeMap<i32, i64>,
+    pub positions: Positions,
     /// Every stateful link's entries.
     pub entries: Vec<CheckpointEntry>,
 }
@@ -262,15 +262,17 @@ impl EmbeddedStore {
         self
     }
 
-    /// The newest checkpoint of `topic` whose position in `partition` is at or before `position`.
+    /// The newest checkpoint of `topic` that can start a replay whose first records are at `first`
+    /// on a hand-off holding each partition from `held` (see
+    /// [`checkpoint_fits`](crate::sink::replay::checkpoint_fits)).
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn checkpoint_before(
         &self,
         topic: &str,
-        partition: i32,
-        position: i64,
+        first: &Positions,
+        held: &Positions,
     ) -> Result<Option<Checkpoint>, StoreError> {
         let mut stmt = self
             .conn
@@ -278,9 +280,8 @@ impl EmbeddedStore {
         let mut rows = stmt.query([topic])?;
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;
-            let positions: std::collections::BTreeMap<i32, i64> =
-                serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or_default();
-            if positions.get(&partition).is_some_and(|p| *p <= position) {
+            let positions: Positions = serde_json::from_str(&row.get::<_, String>(2)?).unwrap_or_default();
+            if crate::sink::replay::checkpoint_fits(&positions, first, held) {
                 let mut entries = self.conn.prepare(
                     "SELECT source, link, format, key, value FROM checkpoint_state WHERE checkpoint = ?1 \
                      ORDER BY source, link, key",
@@ -294,21 +295,22 @@ impl EmbeddedStore {
         Ok(None)
     }
 
-    /// The oldest checkpoint's position in `partition` of `topic`, if any.
+    /// The positions of the oldest checkpoint of `topic` the hand-off, holding each partition from
+    /// `held`, can still replay from (see [`checkpoint_held`](crate::sink::replay::checkpoint_held)),
+    /// if any.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn oldest_checkpoint(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let positions: Option<String> = self
-            .conn
-            .query_row("SELECT positions FROM state_checkpoints WHERE topic = ?1 ORDER BY id LIMIT 1", [topic], |r| {
-                r.get(0)
-            })
-            .map(Some)
-            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
-        Ok(positions
-            .and_then(|p| serde_json::from_str::<std::collections::BTreeMap<i32, i64>>(&p).ok())
-            .and_then(|p| p.get(&partition).copied()))
+    pub fn oldest_checkpoint(&self, topic: &str, held: &Positions) -> Result<Option<Positions>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT positions FROM state_checkpoints WHERE topic = ?1 ORDER BY id")?;
+        let mut rows = stmt.query([topic])?;
+        while let Some(row) = rows.next()? {
+            let positions: Positions = serde_json::from_str(&row.get::<_, String>(0)?).unwrap_or_default();
+            if crate::sink::replay::checkpoint_held(&positions, held) {
+                return Ok(Some(positions));
+            }
+        }
+        Ok(None)
     }
 
     /// Opens the store at `path` to write rollups into the replay table `replay_<name>` (the
@@ -543,7 +545,7 @@ impl EmbeddedStore {
 }
 
 /// Copies every link's committed state (inside `tx`, after this commit's changes) as a checkpoint
-/// at `offsets`, and deletes the checkpoints older than `policy.keep` but for the newest of them
+/// at the committed positions of `offsets`' topic (after this commit's), and deletes the checkpoints older than `policy.keep` but for the newest of them
 /// (a replay of the oldest range the log still holds starts from it).
 fn take_checkpoint(
     tx: &rusqlite::Transaction<'_>,
@@ -551,10 +553,12 @@ fn take_checkpoint(
     policy: CheckpointPolicy,
 ) -> Result<(), StoreError> {
     let now = crate::clock::now_ms();
-    let positions: std::collections::BTreeMap<i32, i64> = offsets.iter().map(|(_, p, o)| (*p, *o)).collect();
-    let positions = serde_json::to_string(&positions).unwrap_or_default();
+    // Every partition's committed position, not only those this commit moved: the state holds the
+    // records of all of them up to there (a partition read before a restart, say).
+    let topic = offsets[0].0;
+    let positions = serde_json::to_string(&positions_of(tx, topic)?).unwrap_or_default();
     tx.prepare_cached("INSERT INTO state_checkpoints (at_ms, topic, positions) VALUES (?1, ?2, ?3)")?
-        .execute(params![now, offsets[0].0, positions])?;
+        .execute(params![now, topic, positions])?;
     let id = tx.last_insert_rowid();
     tx.prepare_cached("INSERT INTO checkpoint_state SELECT ?1, source, link, format, key, value FROM plugin_state")?
         .execute([id])?;
@@ -840,11 +844,29 @@ mod tests {
         }
         // A commit that changes no state takes no checkpoint.
         store.apply_state(&[], &[("t", 0, 40)], &[], &[]).unwrap();
-        let at = |p| store.checkpoint_before("t", 0, p).unwrap().map(|c| (c.positions[&0], c.entries[0].4.clone()));
+        let held = |p| Positions::from([(0, p)]);
+        let at = |p| {
+            let found = store.checkpoint_before("t", &Positions::from([(0, p)]), &held(0)).unwrap();
+            found.map(|c| (c.positions[&0], c.entries[0].4.clone()))
+        };
         assert_eq!(at(25), Some((20, vec![2])));
         assert_eq!(at(45), Some((30, vec![3])));
         assert_eq!(at(9), None);
-        assert_eq!(store.oldest_checkpoint("t", 0).unwrap(), Some(10));
+        // One the log no longer holds the records after is passed over.
+        let found = store.checkpoint_before("t", &Positions::from([(0, 25)]), &held(15)).unwrap();
+        assert_eq!(found.map(|c| c.positions[&0]), Some(20));
+        assert_eq!(store.checkpoint_before("t", &Positions::from([(0, 15)]), &held(15)).unwrap(), None);
+        assert_eq!(store.oldest_checkpoint("t", &held(0)).unwrap(), Some(held(10)));
+        assert_eq!(store.oldest_checkpoint("t", &held(15)).unwrap(), Some(held(20)));
+        assert_eq!(store.oldest_checkpoint("t", &held(31)).unwrap(), None);
+        // A commit that moves partition 1 alone: the checkpoint names partition 0's committed
+        // position too, which the state holds the records up to.
+        let (c, none) = (changes(4), Default::default());
+        let write =
+            crate::sink::StateWrite { source: "s", link: 0, format: "f@1", reset: false, dropped: &none, changes: &c };
+        store.apply_state(&[], &[("t", 1, 5)], &[], &[write]).unwrap();
+        let found = store.checkpoint_before("t", &Positions::from([(0, 50), (1, 5)]), &held(0)).unwrap().unwrap();
+        assert_eq!((found.positions, found.entries[0].4.clone()), (Positions::from([(0, 40), (1, 5)]), vec![4]));
         let _ = std::fs::remove_file(&path);
     }
 

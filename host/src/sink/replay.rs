@@ -6,6 +6,8 @@ use std::sync::atomic::AtomicU64;
 
 use plugin_sdk::wire::StreamDataView;
 
+use crate::log::Positions;
+
 /// How much later than the host received a trade its venue may have stamped it (a venue whose
 /// clock runs ahead of the host's). The events topic is read this much earlier than a range (Kafka
 /// finds records by the time ingest produced them), and the hand-off's retention is judged with it.
@@ -146,11 +148,50 @@ pub fn check_topic_range(topic: &str, partitions: &[HeldFrom], since_ms: i64) ->
     ))
 }
 
+/// Whether a checkpoint of the chains' state taken at `positions` (the next offset of each
+/// partition, as committed with that state) can start a replay whose first records are at `first`,
+/// on a hand-off that still holds each partition from `held`: in every partition of `first` it is
+/// at or before the first record, and not before the first record still held (reading from there
+/// must run every record the state has not seen). A partition the checkpoint does not name is at
+/// 0: its state holds none of that partition's records.
+pub fn checkpoint_fits(positions: &Positions, first: &Positions, held: &Positions) -> bool {
+    first.iter().all(|(p, first)| {
+        let at = positions.get(p).copied().unwrap_or(0);
+        at <= *first && at >= held.get(p).copied().unwrap_or(0)
+    })
+}
+
+/// Whether the hand-off, holding each partition from `held`, still holds every record after a
+/// checkpoint taken at `positions` (see [`checkpoint_fits`]): a replay of a later range can start
+/// from it.
+pub fn checkpoint_held(positions: &Positions, held: &Positions) -> bool {
+    held.iter().all(|(p, from)| positions.get(p).copied().unwrap_or(0) >= *from)
+}
+
+/// Why a replay of stateful chains is refused: no checkpoint of their state is at or before the
+/// range's first records (`first`, described) and the hand-off no longer holds every record before
+/// them, so the state cannot be rebuilt. `earliest` is the earliest time a replay can start from
+/// (given the oldest checkpoint still held), `None` when there is no such checkpoint.
+pub fn no_checkpoint(first: &str, earliest: Option<i64>) -> String {
+    format!(
+        "no checkpoint of the chains' state is at or before the range's first record ({first}), and the hand-off \
+         no longer holds the records before it, so the stateful links cannot be replayed as they ran; {}",
+        earliest.map_or_else(
+            || "no range can be replayed until a checkpoint is taken ([process] checkpoint_interval_ms)".to_owned(),
+            |t| format!("the earliest replayable time is {t} ({})", crate::clock::rfc3339_ms(t))
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use plugin_sdk::{Record, Records};
 
-    use super::{CLOCK_SKEW_MS, HeldFrom, check_range, check_topic_range, deleted_until};
+    use super::{
+        CLOCK_SKEW_MS, HeldFrom, check_range, check_topic_range, checkpoint_fits, checkpoint_held, deleted_until,
+        no_checkpoint,
+    };
+    use crate::log::Positions;
 
     fn record(timestamp_ms: i64, received_at_us: i64) -> Vec<u8> {
         let mut one = Records::new();
@@ -192,6 +233,36 @@ mod tests {
         assert!(err.contains("partition 1 below offset 40, partition 2 below offset 9"), "{err}");
         let err = check_topic_range("t", &partitions, 2_500).unwrap_err();
         assert!(err.contains("is 3000") && !err.contains("partition 1"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_fits_a_range_when_it_is_at_or_before_its_first_record_in_every_partition_still_held() {
+        let at = |a: i64, b: i64| Positions::from([(0, a), (1, b)]);
+        let (first, all_held) = (at(100, 50), at(0, 0));
+        assert!(checkpoint_fits(&at(100, 50), &first, &all_held));
+        assert!(checkpoint_fits(&at(10, 0), &first, &all_held));
+        // Past the first record in one partition: its state has seen records of the range.
+        assert!(!checkpoint_fits(&at(10, 51), &first, &all_held));
+        // Retention deleted records after it in one partition: they cannot be run again.
+        assert!(!checkpoint_fits(&at(10, 20), &first, &at(0, 21)));
+        assert!(checkpoint_fits(&at(10, 21), &first, &at(0, 21)));
+        // A partition it does not name is at 0: its state holds none of it.
+        let one = Positions::from([(0, 10)]);
+        assert!(checkpoint_fits(&one, &first, &all_held));
+        assert!(!checkpoint_fits(&one, &first, &at(0, 5)));
+        // Held: a later range can start from it.
+        assert!(checkpoint_held(&at(10, 21), &at(10, 21)));
+        assert!(!checkpoint_held(&at(10, 21), &at(11, 0)));
+        assert!(!checkpoint_held(&one, &at(0, 5)));
+    }
+
+    #[test]
+    fn a_refusal_for_want_of_a_checkpoint_names_the_earliest_replayable_time() {
+        let err = no_checkpoint("offset 7", Some(60_000));
+        assert!(err.contains("(offset 7)"), "{err}");
+        assert!(err.contains("the earliest replayable time is 60000 (1970-01-01T00:01:00.000Z)"), "{err}");
+        let err = no_checkpoint("offset 7", None);
+        assert!(err.contains("until a checkpoint is taken ([process] checkpoint_interval_ms)"), "{err}");
     }
 
     #[test]

@@ -230,6 +230,28 @@ impl EventConsumer {
         Ok(())
     }
 
+    /// The next offset the group has committed for each partition of the topic (those with none
+    /// are left out).
+    ///
+    /// # Errors
+    /// [`KafkaError::Read`] when the broker does not answer within `timeout`.
+    pub fn committed_positions(&self, timeout: Duration) -> Result<crate::log::Positions, KafkaError> {
+        let failed = |e: rdkafka::error::KafkaError| KafkaError::Read {
+            topic: self.topic.clone(),
+            reason: format!("the group's committed offsets: {e}"),
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partition_count()? {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = self.inner.committed_offsets(tpl, timeout).map_err(failed)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+            .collect())
+    }
+
     /// The number of partitions the topic has, from the cluster's metadata.
     fn partition_count(&self) -> Result<i32, KafkaError> {
         let metadata = self

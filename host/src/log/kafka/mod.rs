@@ -226,6 +226,58 @@ pub async fn ensure_changelog_topic(config: &KafkaConfig, brokers: &str, topic: 
     create_topics(config, brokers, &[topic], 1).await
 }
 
+/// Creates a checkpoint topic (see [`crate::sink::druid::checkpoint`]) when it does not exist: one
+/// partition (checkpoints in the order they were taken), `cleanup.policy=delete`, and the time
+/// retention of the events topic `events` as the broker reports it (Kafka's default of a week when
+/// it reports none) with no size limit, so a checkpoint is kept as long as the records after it are.
+///
+/// # Errors
+/// [`KafkaError::CreateTopic`] when the broker refuses.
+pub async fn ensure_checkpoint_topic(
+    config: &KafkaConfig,
+    brokers: &str,
+    topic: &str,
+    events: &str,
+) -> Result<(), KafkaError> {
+    let retention_ms = topic_retention_ms(config, brokers, events).await.unwrap_or_else(|e| {
+        tracing::warn!(topic = %events, error = %e, "the events topic's retention is unknown; checkpoints keep Kafka's default of a week");
+        DEFAULT_RETENTION_MS
+    });
+    let retention = retention_ms.to_string();
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &retention)
+        .set("retention.bytes", "-1");
+    create_topics(config, brokers, &[new], 1).await
+}
+
+/// Kafka's default `retention.ms`: a week.
+const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
+
+/// The `retention.ms` of `topic` as the broker reports it (-1: kept forever).
+///
+/// # Errors
+/// [`KafkaError::Config`] when the admin client cannot be created, [`KafkaError::Read`] when the
+/// broker does not describe the topic or reports no `retention.ms`.
+pub async fn topic_retention_ms(config: &KafkaConfig, brokers: &str, topic: &str) -> Result<i64, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(brokers).create().map_err(|e| KafkaError::Config(e.to_string()))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let unknown = |reason: String| KafkaError::Read { topic: topic.to_owned(), reason };
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(|e| unknown(format!("describing its configuration: {e}")))?;
+    let resource = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| unknown("no configuration".into()))?
+        .map_err(|code| unknown(format!("describing its configuration: {code}")))?;
+    let value = resource.get("retention.ms").and_then(|e| e.value.clone());
+    value.and_then(|v| v.parse().ok()).ok_or_else(|| unknown("no retention.ms".into()))
+}
+
 /// Deletes `topic` (a replay's partial topic, say); one that does not exist is fine.
 ///
 /// # Errors

@@ -131,6 +131,25 @@ impl RangeReader {
     /// # Errors
     /// [`KafkaError::Read`] when the records cannot be read.
     pub fn first_records(&self, at: &Positions) -> Result<BTreeMap<i32, Vec<u8>>, KafkaError> {
+        self.first_at(at, |m| m.payload().unwrap_or_default().to_vec())
+    }
+
+    /// The message time (when it was produced, ms since the epoch) of the first record at or after
+    /// each of `at`'s offsets; a partition that ends there, or whose record has no time, has none.
+    ///
+    /// # Errors
+    /// [`KafkaError::Read`] when the records cannot be read.
+    pub fn message_times(&self, at: &Positions) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let times = self.first_at(at, |m| m.timestamp().to_millis())?;
+        Ok(times.into_iter().filter_map(|(p, t)| Some((p, t?))).collect())
+    }
+
+    /// What `take` makes of the first record at or after each of `at`'s offsets.
+    fn first_at<T>(
+        &self,
+        at: &Positions,
+        take: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+    ) -> Result<BTreeMap<i32, T>, KafkaError> {
         let mut out = BTreeMap::new();
         let mut active: BTreeSet<i32> = at.keys().copied().collect();
         self.assign(at, &active)?;
@@ -148,7 +167,7 @@ impl RangeReader {
                 Some(Err(e)) => self.check(&e)?,
                 Some(Ok(m)) => {
                     if active.remove(&m.partition()) {
-                        out.insert(m.partition(), m.payload().unwrap_or_default().to_vec());
+                        out.insert(m.partition(), take(&m));
                     }
                     last = Instant::now();
                 }
@@ -218,6 +237,22 @@ impl RangeReader {
             each(m.key().unwrap_or_default(), m.payload());
             Ok(())
         })?;
+        Ok(())
+    }
+
+    /// Hands `each` every record (with its partition, offset, key and headers) of every partition
+    /// `p` of `to` from `from[p]` up to `to[p]` (exclusive; a partition `from` lacks is not read),
+    /// or to its end if that comes first.
+    ///
+    /// # Errors
+    /// [`KafkaError::Read`] when the records cannot be read (see [`read`](Self::read)), or `each`'s.
+    pub fn read_messages(
+        &self,
+        from: &Positions,
+        to: &Positions,
+        each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), KafkaError>,
+    ) -> Result<(), KafkaError> {
+        self.scan::<KafkaError>(from, to, &AtomicBool::new(false), each)?;
         Ok(())
     }
 

@@ -30,6 +30,11 @@ pub struct DruidSinkConfig {
     /// that carry the rows; `<topic>.state` by default (see [`crate::sink::druid::state`]).
     #[serde(default)]
     pub state_topic: Option<String>,
+    /// The topic checkpoints of the chains' whole state are kept in, with the events topic's
+    /// positions they belong to: where a replay of a stateful chain starts from;
+    /// `<topic>.checkpoints` by default (see [`crate::sink::druid::checkpoint`]).
+    #[serde(default)]
+    pub checkpoint_topic: Option<String>,
     /// The Druid datasource (and supervisor id).
     #[serde(default = "defaults::datasource")]
     pub datasource: String,
@@ -99,6 +104,7 @@ impl Default for DruidSinkConfig {
             password: None,
             topic: defaults::topic(),
             state_topic: None,
+            checkpoint_topic: None,
             datasource: defaults::datasource(),
             timestamp_column: defaults::timestamp_column(),
             segment_granularity: defaults::segment_granularity(),
@@ -131,6 +137,11 @@ impl DruidSinkConfig {
     /// The plugin state's changelog topic: `state_topic`, else `<topic>.state`.
     pub fn state_topic(&self) -> String {
         self.state_topic.clone().unwrap_or_else(|| format!("{}.state", self.topic))
+    }
+
+    /// The state checkpoints' topic: `checkpoint_topic`, else `<topic>.checkpoints`.
+    pub fn checkpoint_topic(&self) -> String {
+        self.checkpoint_topic.clone().unwrap_or_else(|| format!("{}.checkpoints", self.topic))
     }
 
     /// `request_timeout_ms` as a duration.
@@ -433,6 +444,10 @@ mod tests {
         assert_eq!(cfg.query_granularity, Granularity::Minute);
         assert!(cfg.rollup);
         assert_eq!(cfg.dimensions, ["source", "symbol", "side"]);
+        assert_eq!(
+            (cfg.state_topic(), cfg.checkpoint_topic()),
+            ("sluice.druid.state".into(), "sluice.druid.checkpoints".into())
+        );
         let kinds: Vec<_> = cfg.metrics.iter().map(|m| (m.name.as_str(), m.kind.as_druid())).collect();
         assert_eq!(
             kinds,
@@ -470,6 +485,8 @@ mod tests {
         assert_eq!(cfg.query_granularity.as_druid(), "FIVE_MINUTE");
         assert_eq!(cfg.metrics[1], MetricConfig::new("v", MetricKind::LongSum, "qty"));
         assert_eq!(cfg.password, Some(Password("hunter2".into())));
+        let named: DruidSinkConfig = toml::from_str("checkpoint_topic = \"ticks.cp\"").unwrap();
+        assert_eq!(named.checkpoint_topic(), "ticks.cp");
 
         let err = toml::from_str::<DruidSinkConfig>("datasorce = \"x\"").unwrap_err().to_string();
         assert!(err.contains("datasorce"), "{err}");

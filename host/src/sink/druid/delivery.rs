@@ -11,7 +11,7 @@
 //! - Any error aborts the transaction; the caller then reads again from the last committed offsets.
 //!
 //! The chains' plugin state changes go to the changelog topic in the same transaction (see
-//! [`super::state`]).
+//! [`super::state`]), and so do the checkpoints of their whole state (see [`super::checkpoint`]).
 
 use std::time::Duration;
 
@@ -40,9 +40,32 @@ pub struct DruidSink {
     phases: Phases,
     /// The Kafka settings and brokers, to read the changelog back.
     kafka: (KafkaConfig, String),
-    /// The changelog as committed, read when first asked for (see [`Sink::committed_state`]) and
-    /// forgotten at the next commit.
+    /// The chains' whole state as committed: the changelog read back when first needed (see
+    /// [`Sink::committed_state`], and the first checkpoint). With checkpoints it is kept up to date
+    /// with each commit's changes; without, forgotten at the next commit. Forgotten too when a
+    /// commit fails, whose outcome is then unknown.
     changelog: Option<super::state::StoredState>,
+    /// Checkpoints of the state, when the process role asks for them.
+    checkpoints: Option<Checkpoints>,
+    /// The producer's transactional id: each checkpoint's id starts with it, so two instances'
+    /// checkpoints never share one.
+    transactional_id: String,
+}
+
+/// When and where the sink keeps checkpoints of the chains' state (see [`super::checkpoint`]).
+#[derive(Debug)]
+struct Checkpoints {
+    /// The checkpoint topic.
+    topic: String,
+    /// At most one checkpoint per this long, taken with a commit that changed state.
+    every: Duration,
+    /// When the last was committed.
+    last: Option<std::time::Instant>,
+    /// The events topic's committed position of every partition, as [`DruidSink::changelog`]'s
+    /// state goes with it: read with it, moved by each commit after.
+    positions: Option<crate::log::Positions>,
+    /// Checkpoints taken by this sink, for their ids.
+    taken: u64,
 }
 
 /// Time spent in each phase of the transactions since the last report (logged every 10 s): handing
@@ -133,6 +156,71 @@ impl DruidSink {
             phases: Phases::new(),
             kafka: (kafka.clone(), brokers.to_owned()),
             changelog: None,
+            checkpoints: None,
+            transactional_id: transactional_id.to_owned(),
+        })
+    }
+
+    /// Keeps a checkpoint of the chains' whole state in `topic` with the commits that change state,
+    /// at most once per `every` (see [`super::checkpoint`]).
+    pub fn with_checkpoints(mut self, topic: String, every: Duration) -> Self {
+        self.checkpoints = Some(Checkpoints { topic, every, last: None, positions: None, taken: 0 });
+        self
+    }
+
+    /// Whether this commit takes a checkpoint: it changes state, moves offsets, and the last one is
+    /// old enough.
+    fn checkpoint_due(&self, offsets: &[(&str, i32, i64)], state: &[StateWrite<'_>]) -> bool {
+        self.checkpoints.as_ref().is_some_and(|c| {
+            !state.is_empty() && !offsets.is_empty() && c.last.is_none_or(|at| at.elapsed() >= c.every)
+        })
+    }
+
+    /// Brings the copy of the committed state and positions up to this commit, before it runs: read
+    /// back first when a checkpoint is due and there is none (no transaction of this sink is open
+    /// then, so the changelog and the group's offsets are those of its last commit), and moved by
+    /// this commit's changes and offsets.
+    fn follow(
+        &mut self,
+        offsets: &[(&str, i32, i64)],
+        state: &[StateWrite<'_>],
+        consumer: &EventConsumer,
+        due: bool,
+    ) -> Result<(), KafkaError> {
+        let Some(checkpoints) = &mut self.checkpoints else {
+            self.changelog = None;
+            return Ok(());
+        };
+        if due && (self.changelog.is_none() || checkpoints.positions.is_none()) {
+            let (kafka, brokers) = &self.kafka;
+            self.changelog = Some(super::state::read(kafka, brokers, &self.state_topic)?);
+            checkpoints.positions = Some(consumer.committed_positions(self.timeout)?);
+        }
+        if let (Some(changelog), Some(positions)) = (&mut self.changelog, &mut checkpoints.positions) {
+            state.iter().for_each(|w| changelog.apply_write(w));
+            positions.extend(offsets.iter().map(|(_, p, next)| (*p, *next)));
+        } else {
+            // Not both read back yet: a state without its positions is not followed.
+            self.changelog = None;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of the state after this commit, to the checkpoint topic in the open transaction.
+    fn produce_checkpoint(&mut self, events_topic: &str) -> Result<(), KafkaError> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let (Some(c), Some(state)) = (&mut self.checkpoints, &self.changelog) else { return Ok(()) };
+        let Some(positions) = &c.positions else { return Ok(()) };
+        let at_ms = crate::clock::now_ms();
+        c.taken += 1;
+        let id = format!("{}/{at_ms}/{}", self.transactional_id, c.taken);
+        let (producer, topic) = (&self.producer, &c.topic);
+        super::checkpoint::encode(state, (at_ms, events_topic, positions), |part, payload| {
+            let headers =
+                OwnedHeaders::new().insert(Header { key: super::checkpoint::PART_HEADER, value: Some(part.as_str()) });
+            let record = BaseRecord::<str, [u8]>::to(topic).key(&id).payload(payload).headers(headers);
+            send_waiting(producer, record, Duration::from_millis(1), || {})
+                .map_err(|e| KafkaError::Transaction(format!("produce to {topic}: {e}")))
         })
     }
 
@@ -219,10 +307,15 @@ impl DruidSink {
     ) -> Result<(), KafkaError> {
         let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
         let started = std::time::Instant::now();
+        let due = self.checkpoint_due(offsets, state);
+        self.follow(offsets, state, consumer, due)?;
         self.producer.begin_transaction().map_err(|e| tx("begin", e))?;
         self.produce_all(rows)?;
         self.dead_letter_all(dead)?;
         self.produce_state(state)?;
+        if due {
+            self.produce_checkpoint(offsets[0].0)?;
+        }
         let produced = std::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         for &(topic, partition, next) in offsets {
@@ -233,6 +326,9 @@ impl DruidSink {
         self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| tx("send offsets", e))?;
         let offsets_sent = std::time::Instant::now();
         self.commit_retrying()?;
+        if let (true, Some(c)) = (due, &mut self.checkpoints) {
+            c.last = Some(std::time::Instant::now());
+        }
         let p = &mut self.phases;
         p.transactions += 1;
         p.rows += rows.len();
@@ -282,8 +378,12 @@ impl Sink for DruidSink {
         state: &[StateWrite<'_>],
         reader: &Reader,
     ) -> anyhow::Result<()> {
-        self.changelog = None;
         if let Err(e) = self.transact(rows, offsets, dead, state, kafka_reader(reader)?) {
+            // The commit may have taken effect unreported: the copy of the state is read again.
+            self.changelog = None;
+            if let Some(c) = &mut self.checkpoints {
+                c.positions = None;
+            }
             // Nothing of an aborted transaction is visible to read_committed readers.
             if let Err(abort) = self.producer.abort_transaction(self.timeout) {
                 tracing::warn!(error = %abort, "aborting the Druid transaction failed");

@@ -4,8 +4,10 @@
 //! rows up. The spec is generated from `[sink.druid]` ([`config`]) and checked offline first ([`spec`]); it
 //! carries the protobuf descriptor inline, so Druid decodes rows with exactly the schema sluice writes.
 //! The chains' plugin state goes to a compacted changelog topic in the transactions that carry the rows
-//! ([`state`]).
+//! ([`state`]), and checkpoints of the whole state, where a replay of a stateful chain starts from, to a
+//! topic of their own in the same transactions ([`checkpoint`]).
 
+pub mod checkpoint;
 pub mod config;
 pub mod delivery;
 pub mod overlord;

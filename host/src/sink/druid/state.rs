@@ -13,7 +13,8 @@
 //!   each key it had ([`StateWrite::dropped`](crate::sink::StateWrite::dropped)).
 //!
 //! A restore ([`restore`]) reads the whole topic up to its end as of the start and keeps each key's
-//! last record.
+//! last record. Being compacted, the changelog holds only the state as it is now: checkpoints of
+//! earlier states, for replays, are kept apart ([`super::checkpoint`]).
 //!
 //! **One process instance per group.** State is kept per (source, link), not per partition of the
 //! events topic, while a source's records are spread over partitions by symbol. With several
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use crate::log::kafka::range::RangeReader;
 use crate::log::kafka::{KafkaConfig, KafkaError};
+use crate::sink::StateWrite;
 use crate::sink::druid::{DruidSink, DruidSinkConfig};
 use crate::sink::embedded::StateEntries;
 
@@ -105,6 +107,32 @@ impl StoredState {
                 self.links.entry(id).or_default().insert(entry.to_vec(), (format.to_owned(), value.to_vec()));
             }
         }
+    }
+
+    /// Applies one link's committed changes as the changelog records them: a reset drops the
+    /// link's entries, then each change replaces or removes its key.
+    pub fn apply_write(&mut self, write: &StateWrite<'_>) {
+        let id = (write.source.to_owned(), write.link);
+        if write.reset {
+            self.links.remove(&id);
+        }
+        let entries = self.links.entry(id).or_default();
+        for (key, value) in write.changes {
+            match value {
+                Some(v) => entries.insert(key.clone(), (write.format.to_owned(), v.clone())),
+                None => entries.remove(key),
+            };
+        }
+        self.links.retain(|_, entries| !entries.is_empty());
+    }
+
+    /// Every entry of every link: (source, link, entry key, format, value), by source, link and key.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u32, &[u8], &str, &[u8])> {
+        self.links.iter().flat_map(|((source, link), entries)| {
+            entries.iter().map(move |(key, (format, value))| {
+                (source.as_str(), *link, key.as_slice(), format.as_str(), value.as_slice())
+            })
+        })
     }
 
     /// Records skipped because they are not in the changelog's encoding.
@@ -223,5 +251,31 @@ mod tests {
         assert_eq!(s.plugin_state("other", 0), Some(("f@1".to_owned(), vec![(b"a".to_vec(), b"5".to_vec())])));
         assert_eq!(s.plugin_state("nowhere", 0), None);
         assert_eq!(s.malformed(), 2);
+    }
+
+    #[test]
+    fn committed_writes_fold_as_their_changelog_records_do() {
+        let (mut by_writes, mut by_records) = (StoredState::default(), StoredState::default());
+        let none = Default::default();
+        let write = |link, reset, changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>, s: &mut StoredState| {
+            s.apply_write(&StateWrite { source: "src", link, format: "f@1", reset, dropped: &none, changes });
+        };
+        let first = BTreeMap::from([(b"a".to_vec(), Some(b"1".to_vec())), (b"b".to_vec(), Some(b"2".to_vec()))]);
+        write(0, false, &first, &mut by_writes);
+        write(1, false, &first, &mut by_writes);
+        let second = BTreeMap::from([(b"a".to_vec(), None), (b"c".to_vec(), Some(b"3".to_vec()))]);
+        write(0, false, &second, &mut by_writes);
+        // A reset keeps only what it writes; one writing nothing leaves the link without state.
+        write(1, true, &BTreeMap::new(), &mut by_writes);
+        for (k, v) in [("a", Some("1")), ("b", Some("2")), ("a", None), ("c", Some("3"))] {
+            by_records.apply(&key("src", 0, k.as_bytes()), v.map(|v| value("f@1", v.as_bytes())).as_deref());
+        }
+        assert_eq!(by_writes.plugin_state("src", 0), by_records.plugin_state("src", 0));
+        assert_eq!(by_writes.plugin_state("src", 1), None);
+        let all: Vec<_> = by_writes.entries().map(|(s, l, k, f, v)| (s, l, k.to_vec(), f, v.to_vec())).collect();
+        assert_eq!(
+            all,
+            [("src", 0, b"b".to_vec(), "f@1", b"2".to_vec()), ("src", 0, b"c".to_vec(), "f@1", b"3".to_vec())]
+        );
     }
 }
