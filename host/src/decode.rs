@@ -372,6 +372,7 @@ impl Decoder {
         if let Some((shadow, instance)) = self.plugin.shadow() {
             let result = instance.and_then(|i| i.decode(&self.frames).ok());
             shadow.compare(crate::log::Stage::Decode, &decoded.records, result.as_ref().map(|d| d.records.as_slice()));
+            self.plugin.shadow_outcome(result.is_some());
         }
         // Names past the instance's cap are answered 0 as well: say which it was.
         let (capped, cap) = self.plugin.instance().take_refused_symbols();

@@ -350,6 +350,8 @@ impl Transformer {
                 t
             });
             shadow.compare(crate::log::Stage::Transform, &out.records, result.as_ref().map(|t| t.records.as_slice()));
+            let worked = result.is_some();
+            self.plugin.shadow_outcome(worked);
         }
         Ok(out)
     }

@@ -183,6 +183,9 @@ pub struct ShadowView {
     pub records_different: u64,
     /// Shadow calls that failed.
     pub failed_calls: u64,
+    /// Batches the shadow was not run on: its own breaker was open after a failed call, so it
+    /// could not slow the live path.
+    pub batches_skipped: u64,
     /// The same, per stage (a plugin may both decode and transform).
     pub stages: ShadowStages,
 }
@@ -699,6 +702,7 @@ impl Registry {
             records_equal: s.equal.get(),
             records_different: s.different.get(),
             failed_calls: s.failed_calls.load(Ordering::Relaxed),
+            batches_skipped: s.skipped.load(Ordering::Relaxed),
             stages: ShadowStages { decode: s.stages[0].view(), transform: s.stages[1].view() },
         });
         let versions = entry
@@ -875,6 +879,38 @@ mod tests {
         let slot = registry.deploy("feed", bundled::COINBASE).unwrap();
         assert_eq!(slot.active().version(), version_of(bundled::COINBASE));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A shadow whose calls fail is run once, then skipped while its own breaker cools down, so it
+    /// cannot slow the live path batch after batch (a hanging shadow costs one deadline per
+    /// cool-down, not one per batch). The shadow here is `chaos` compiled with 64 KiB of memory, too
+    /// little to start: every batch it is given fails. Of twenty decode batches, the shadow's one
+    /// failed call is counted and the other nineteen are skipped; the active version decodes every
+    /// one.
+    #[test]
+    fn a_failing_shadow_is_skipped_after_its_first_failed_call() {
+        let rt = runtime();
+        let chaos = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+        let code = rt.compile("chaos", &chaos, Limits::default()).unwrap();
+        let slot = Slot::new(code.clone());
+        let mut decoder =
+            crate::decode::Decoder::bound(BoundPlugin::new(slot.clone(), PluginInstance::new(&code, &[]).unwrap()));
+        let starved = Limits { memory_bytes: 64 << 10, ..Limits::default() };
+        let shadow = Arc::new(Shadow::new(rt.compile("chaos", &chaos, starved).unwrap(), &rt));
+        slot.shadow.store(Some(shadow.clone()));
+        let frame = crate::source::Frame {
+            source: 1,
+            received_at_us: 0,
+            bytes: bytes::Bytes::from_static(b"{}"),
+            oversized: None,
+            overlap: false,
+            file_offset: 0,
+        };
+        for _ in 0..20 {
+            decoder.decode(std::slice::from_ref(&frame)).unwrap();
+        }
+        assert_eq!(shadow.failed_calls.load(Ordering::Relaxed), 1);
+        assert_eq!(shadow.skipped.load(Ordering::Relaxed), 19);
     }
 
     /// A version activated with the same state format goes on from the state the one it replaces

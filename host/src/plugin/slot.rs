@@ -47,9 +47,18 @@ pub struct Shadow {
     pub(super) different: IntCounter,
     pub(super) batches: AtomicU64,
     pub(super) failed_calls: AtomicU64,
+    /// Batches the shadow was not run on because its breaker was open.
+    pub(super) skipped: AtomicU64,
     /// The same counts per stage: decode, then transform.
     pub(super) stages: [StageCounts; 2],
 }
+
+/// A shadow's own circuit breaker in each worker: one failed call (a trap, a timeout, a limit)
+/// opens it, and the live path stops running the shadow until the cool-down ends (5 s, doubling
+/// up to 60 s), so a shadow that hangs costs the live path one deadline per cool-down, not one per
+/// batch.
+const SHADOW_BREAKER: crate::breaker::BreakerConfig =
+    crate::breaker::BreakerConfig { failure_threshold: 1, cool_down_ms: 5_000, max_cool_down_ms: 60_000 };
 
 /// A shadow's comparison in one stage.
 #[derive(Default)]
@@ -86,6 +95,7 @@ impl Shadow {
             different,
             batches: AtomicU64::new(0),
             failed_calls: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             stages: Default::default(),
         }
     }
@@ -173,7 +183,7 @@ impl Slot {
 pub struct BoundPlugin {
     pub(super) slot: Arc<Slot>,
     pub(super) instance: PluginInstance,
-    pub(super) shadow: Option<(Arc<Shadow>, Option<PluginInstance>)>,
+    pub(super) shadow: Option<(Arc<Shadow>, Option<PluginInstance>, crate::breaker::CircuitBreaker)>,
     /// A version whose instance could not start with this configuration, and when to try it again
     /// (not on every batch: the wait doubles from 1 s to 60 s).
     pub(super) refused: Option<(Arc<PluginCode>, std::time::Instant, std::time::Duration)>,
@@ -237,10 +247,10 @@ impl BoundPlugin {
         match (&*shadow, &self.shadow) {
             (None, None) => {}
             (None, Some(_)) => self.shadow = None,
-            (Some(s), Some((mine, _))) if Arc::ptr_eq(s, mine) => {}
+            (Some(s), Some((mine, ..))) if Arc::ptr_eq(s, mine) => {}
             (Some(s), _) => {
                 let instance = PluginInstance::new(&s.code, self.instance.config()).ok();
-                self.shadow = Some((s.clone(), instance));
+                self.shadow = Some((s.clone(), instance, crate::breaker::CircuitBreaker::new(&SHADOW_BREAKER)));
             }
         }
     }
@@ -250,9 +260,35 @@ impl BoundPlugin {
         &mut self.instance
     }
 
-    /// The shadow version and its instance (`None` when it could not start here), if one runs.
+    /// The shadow version and its instance (`None` when it could not start here), if one runs and
+    /// its breaker lets this batch through (see [`SHADOW_BREAKER`]); report the call's outcome
+    /// with [`shadow_outcome`](Self::shadow_outcome).
     pub fn shadow(&mut self) -> Option<(&Shadow, Option<&mut PluginInstance>)> {
-        self.shadow.as_mut().map(|(s, i)| (&**s, i.as_mut()))
+        let (shadow, instance, breaker) = self.shadow.as_mut()?;
+        if !breaker.allow(std::time::Instant::now()) {
+            shadow.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some((&**shadow, instance.as_mut()))
+    }
+
+    /// Whether the shadow's call on the batch [`shadow`](Self::shadow) gave worked.
+    pub fn shadow_outcome(&mut self, worked: bool) {
+        if let Some((shadow, _, breaker)) = self.shadow.as_mut() {
+            if worked {
+                breaker.record_success();
+            } else {
+                breaker.record_failure(std::time::Instant::now());
+                if !matches!(breaker.state(), crate::breaker::BreakerState::Closed) {
+                    tracing::warn!(
+                        plugin = shadow.code.name(),
+                        version = shadow.code.version(),
+                        cool_down_ms = breaker.next_cool_down().as_millis() as u64,
+                        "a shadow call failed; the shadow is not run for a while, so it cannot slow the live path"
+                    );
+                }
+            }
+        }
     }
 
     /// The code of the active instance.
