@@ -164,8 +164,25 @@ pub(super) async fn start(
     let started = std::time::Instant::now();
     let run = starter(spec.clone(), progress.clone(), stop.clone());
     let done = outcome.clone();
+    // The job runs in a task of its own, so a panic in it fails the job visibly (and lets the next
+    // replay start) instead of leaving it "running" for good.
+    let job = tokio::spawn(run);
     tokio::spawn(async move {
-        let result = run.await;
+        let result = match job.await {
+            Ok(result) => result,
+            Err(e) => {
+                let message = match e.try_into_panic() {
+                    Ok(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(panic = %message, "a replay job panicked; it is failed");
+                Err(format!("the replay panicked: {message}"))
+            }
+        };
         *done.lock().unwrap_or_else(|p| p.into_inner()) = Some((result, started.elapsed()));
     });
     all.insert(id, Job { spec, progress, stop, started, outcome });
@@ -222,4 +239,49 @@ pub(super) async fn cancel(
     let job = jobs.get(&id).ok_or_else(|| ApiError::NotFound(format!("no replay job {id}")))?;
     job.stop.store(true, Ordering::Relaxed);
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "state": "cancelling" }))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replay that panics is failed, with the panic's message, and the next replay is accepted
+    /// (not refused with 409 because the first stays "running").
+    #[tokio::test]
+    async fn a_replay_that_panics_fails_and_the_next_one_starts() {
+        let state =
+            ApiState::new(&crate::api::ApiConfig::default(), None, Arc::new(crate::telemetry::health::Health::new()));
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        state.replays().set_starter(Arc::new(move |_, _, _| {
+            let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
+            Box::pin(async move {
+                if first {
+                    panic!("the range held a surprise");
+                }
+                Err("the second one ends normally".to_owned())
+            })
+        }));
+        let body = || axum::body::Bytes::from_static(br#"{"since": 0}"#);
+        let (status, Json(first)) = start(State(state.clone()), body()).await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let id = first["id"].as_u64().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let job = loop {
+            let Json(job) = status_of(&state, id).await;
+            if job["state"] != "running" || std::time::Instant::now() > deadline {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(job["state"], "failed", "{job}");
+        assert!(job.to_string().contains("the range held a surprise"), "{job}");
+        let (status, _) = start(State(state.clone()), body()).await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
+
+    async fn status_of(state: &ApiState, id: u64) -> Json<serde_json::Value> {
+        status(State(state.clone()), axum::extract::Path(id)).await.unwrap()
+    }
 }

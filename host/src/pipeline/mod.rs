@@ -310,6 +310,23 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     Ok(Running { ingest, producer, process, handoff, api_addr, api_stop, api_task, _data_dir: data_dir })
 }
 
+/// A panic of the process role, as the error its supervisor handles like any other failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the process role panicked: {0}")]
+pub struct Panicked(String);
+
+/// Runs `attempt`, turning a panic into a [`Panicked`] error.
+fn caught(attempt: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(attempt)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Panicked(message).into())
+    })
+}
+
 /// How long a stop waits for the process role.
 const STOP_PROCESS_WITHIN: Duration = Duration::from_secs(8);
 
@@ -652,7 +669,7 @@ async fn start_process(
         loop {
             // A panic in the role is a failure like any other: logged, shown on /health/ready, and
             // the role starts again from the last commit (never a thread that is gone for good).
-            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
+            let result = caught(|| -> anyhow::Result<()> {
                 let consumer = match &handoff {
                     Handoff::Kafka(brokers) => Reader::Kafka(EventConsumer::new(
                         &config.kafka,
@@ -706,16 +723,10 @@ async fn start_process(
                     },
                     &stop_flag,
                 )
-            }));
-            let result = attempt.unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                counters.panics.fetch_add(1, Ordering::Relaxed);
-                Err(anyhow::anyhow!("the process role panicked: {message}"))
             });
+            if result.as_ref().is_err_and(|e| e.is::<Panicked>()) {
+                counters.panics.fetch_add(1, Ordering::Relaxed);
+            }
             let stopping = || stop_flag.load(Ordering::Relaxed);
             match result {
                 Ok(()) => return Ok(()),
@@ -850,4 +861,21 @@ pub async fn run(config: &Config, role: Role, shutdown: impl std::future::Future
         }
     }
     running.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic of an attempt is an error like any other, with its message: the process role's
+    /// supervisor then logs it, shows it on `/health/ready` and starts the role again.
+    #[test]
+    fn a_panicking_attempt_is_an_error_not_a_lost_thread() {
+        let e = caught(|| panic!("an index out of range")).unwrap_err();
+        assert!(e.is::<Panicked>(), "{e:#}");
+        assert!(e.to_string().contains("an index out of range"), "{e:#}");
+        assert!(caught(|| Ok(())).is_ok());
+        let plain = caught(|| Err(anyhow::anyhow!("a commit failed"))).unwrap_err();
+        assert!(!plain.is::<Panicked>());
+    }
 }
