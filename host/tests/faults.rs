@@ -138,3 +138,49 @@ subscribe = ['{{"type":"subscribe","product_ids":["ETH-USD"],"channels":["matche
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The plugin instance pool is sized from the configuration: 150 sources, each with a chain of
+/// two links, need more instances than a fixed pool of 256 held (300 links in the process role
+/// alone), and the run starts and delivers every source's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sources_with_chains_start_and_deliver() {
+    let dir = temp_dir("many");
+    let recording = dir.join("trades.jsonl");
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{i:03},"s":"BTCUSDT","a":{id},"p":"100.0","q":"1.0","f":{id},"l":{id},"T":1700000000{i:03},"m":false,"M":true}}}}"#,
+                id = 1000 + i
+            )
+        })
+        .collect();
+    std::fs::write(&recording, format!("{}\n", lines.join("\n"))).unwrap();
+    let api = common::free_addr();
+    let mut text =
+        format!("data_dir = \"{}\"\n\n[api]\nbind = \"{api}\"\n\n[process]\nmax_wait_ms = 50\n", dir.display());
+    const SOURCES: usize = 150;
+    for i in 0..SOURCES {
+        text.push_str(&format!(
+            "\n[[source]]\nname = \"recording-{i}\"\nkind = \"file\"\npath = \"{}\"\ndecode = \"binance\"\n\
+             transforms = [\"outlier-filter\", {{ plugin = \"min-volume\", config = {{ min_volume = \"0.5\" }} }}]\n",
+            recording.display()
+        ));
+    }
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.join("sluice.log");
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    let started = Instant::now();
+    loop {
+        let (rolled, _) = stored(&dir.join("store.sqlite"));
+        if rolled.len() == SOURCES && rolled.values().all(|n| *n == 3) {
+            break;
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!text.contains("ERROR"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(90), "{} sources rolled up:\n{text}", rolled.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    run.interrupt();
+    let _ = std::fs::remove_dir_all(dir);
+}

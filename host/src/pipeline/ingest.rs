@@ -179,11 +179,13 @@ impl Ingest {
                 SourceKind::Websocket => None,
             });
         }
-        // Every worker gets its own instance of each binding; check each starts before anything runs.
+        // Each worker gets its own instance of each binding its sources use (a worker owns the
+        // sources whose id modulo the workers is its index); check each starts before anything runs.
         let mut decoders: Vec<HashMap<usize, Decoder>> = Vec::new();
         for w in 0..workers {
             let mut mine = HashMap::new();
-            for (b, binding) in bindings.iter().enumerate() {
+            let used = |b: usize| ids.iter().zip(&binding_of).any(|(id, &x)| x == b && *id as usize % workers == w);
+            for (b, binding) in bindings.iter().enumerate().filter(|(b, _)| used(*b)) {
                 let code = binding.plugin.active();
                 let instance = PluginInstance::new(&code, &binding.config).map_err(|error| {
                     let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());

@@ -99,8 +99,15 @@ async fn open_plugins(
 ) -> anyhow::Result<(Arc<Registry>, HashMap<String, Arc<Slot>>)> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Arc::new(Runtime::new(RuntimeSettings::default(), symbols)?.with_metrics(metrics));
-        let limits = config.plugins.iter().map(|(name, p)| (name.clone(), Limits::from(p))).collect();
+        let limits: HashMap<String, Limits> =
+            config.plugins.iter().map(|(name, p)| (name.clone(), Limits::from(p))).collect();
+        let settings = runtime_settings(&config, role, &limits);
+        tracing::debug!(
+            instances = settings.max_instances,
+            memory_bytes = settings.max_memory_bytes,
+            "plugin instance pool"
+        );
+        let runtime = Arc::new(Runtime::new(settings, symbols)?.with_metrics(metrics));
         // What this instance runs: each source's decoder in the ingest role, each link of its chain
         // in the process role; an upload is checked against every configuration it is bound with.
         let mut bindings: HashMap<String, Vec<Binding>> = HashMap::new();
@@ -133,6 +140,29 @@ async fn open_plugins(
         Ok((registry, slots))
     })
     .await?
+}
+
+/// The plugin instance pool this configuration needs in `role`: an instance per source's decoder
+/// (a worker instantiates only the bindings of the sources it owns) and per link of each chain,
+/// each of them with room for a shadow beside it and for the next version while a swap starts it,
+/// plus a margin; each slot sized for the largest memory limit configured. A fixed pool would
+/// refuse a start with many sources or links, or reserve far more than a small one needs.
+fn runtime_settings(config: &Config, role: Role, limits: &HashMap<String, Limits>) -> RuntimeSettings {
+    let mut instances: u32 = 0;
+    for s in &config.sources {
+        if role != Role::Process {
+            instances = instances.saturating_add(1);
+        }
+        if role != Role::Ingest {
+            instances = instances.saturating_add(config.chain(s).len() as u32);
+        }
+    }
+    let memory = limits.values().map(|l| l.memory_bytes).chain([Limits::default().memory_bytes]).max();
+    RuntimeSettings {
+        max_instances: instances.saturating_mul(3).saturating_add(16),
+        max_memory_bytes: memory.unwrap_or(Limits::default().memory_bytes),
+        ..RuntimeSettings::default()
+    }
 }
 
 /// The component of plugin `name`: the file `[plugins.<name>] path` names, or the bundled one.

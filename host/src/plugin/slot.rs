@@ -249,7 +249,14 @@ impl BoundPlugin {
             (None, Some(_)) => self.shadow = None,
             (Some(s), Some((mine, ..))) if Arc::ptr_eq(s, mine) => {}
             (Some(s), _) => {
-                let instance = PluginInstance::new(&s.code, self.instance.config()).ok();
+                let instance = match PluginInstance::new(&s.code, self.instance.config()) {
+                    Ok(instance) => Some(instance),
+                    Err(error) => {
+                        // Its batches count as failed calls (never a silent comparison of nothing).
+                        tracing::warn!(plugin = s.code.name(), version = s.code.version(), %error, "the shadow version cannot start here");
+                        None
+                    }
+                };
                 self.shadow = Some((s.clone(), instance, crate::breaker::CircuitBreaker::new(&SHADOW_BREAKER)));
             }
         }
