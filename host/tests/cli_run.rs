@@ -401,3 +401,32 @@ fn a_demo_run_again_on_its_data_directory_rolls_up_the_new_trades() {
     assert!(counts[0] > 100, "the first run rolled up {} trades", counts[0]);
     assert!(counts[1] > counts[0] + 100, "the second run added {} trades", counts[1] - counts[0]);
 }
+
+/// `sluice bench --apart` runs the simulator as a process of its own and reports its CPU beside
+/// sluice's, with sluice's microseconds of CPU per trade: the summary line has a number in each.
+#[test]
+fn bench_apart_reports_the_simulators_cpu_beside_sluices() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["bench", "--apart", "--feeds", "3", "--rate", "600", "--seconds", "4", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("the simulator runs in a process of its own"), "{stdout}");
+    let header = stdout.lines().find(|l| l.contains("offered/s")).unwrap();
+    assert!(header.split_whitespace().rev().take(4).eq(["µs/trade", "sim%", "MB", "rss"]), "{header}");
+    // The summary line's last four columns: cpu%, rss MB, sim%, µs/trade.
+    let all: Vec<f64> = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("all "))
+        .unwrap()
+        .split_whitespace()
+        .rev()
+        .take(4)
+        .map(|v| v.parse().unwrap_or(f64::NAN))
+        .collect();
+    let (per_trade, sim, cpu) = (all[0], all[1], all[3]);
+    assert!(sim > 0.0, "the simulator's CPU: {stdout}");
+    assert!(per_trade > 0.0 && per_trade.is_finite(), "µs per trade: {stdout}");
+    assert!(cpu > 0.0, "{stdout}");
+}

@@ -87,6 +87,80 @@ pub struct BenchArgs {
     /// all) or, say, `outlier-filter` (keeps its last price per symbol as committed state).
     #[arg(long, default_value = "rescale")]
     pub transform: String,
+    /// Run the feed simulator in a process of its own (`sluice feedsim`), so the CPU reported is
+    /// sluice's alone; the simulator's is reported beside it.
+    #[arg(long)]
+    pub apart: bool,
+}
+
+/// The feed simulator of a bench: in this process, or `sluice feedsim` in a child process.
+enum Simulator {
+    Here(FeedSim),
+    Apart { child: tokio::process::Child, addr: String },
+}
+
+impl Simulator {
+    /// Starts one at `per_feed` trades/s per subscribed symbol.
+    async fn start(apart: bool, per_feed: f64) -> anyhow::Result<Self> {
+        if !apart {
+            let config = FeedSimConfig { trades_per_second: per_feed, ..FeedSimConfig::default() };
+            return Ok(Simulator::Here(FeedSim::start(config).await?));
+        }
+        use tokio::io::AsyncBufReadExt;
+        let exe = std::env::current_exe().context("cannot find this program to start the simulator")?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(["feedsim", "--bind", "127.0.0.1:0", "--rate", &per_feed.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `sluice feedsim`")?;
+        let stdout = child.stdout.take().context("the simulator's output")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        // Its first line names the Binance endpoint: `binance: ws://ADDR/binance`.
+        let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("the simulator did not say where it listens within 10 s")??
+            .context("the simulator ended before saying where it listens")?;
+        let addr = first
+            .split("ws://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .with_context(|| format!("unexpected first line from the simulator: {first:?}"))?
+            .to_owned();
+        // The rest of its output is read and dropped, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Simulator::Apart { child, addr })
+    }
+
+    fn url(&self, venue: Venue) -> String {
+        match self {
+            Simulator::Here(sim) => sim.url(venue),
+            Simulator::Apart { addr, .. } => format!("ws://{addr}/{}", venue.name()),
+        }
+    }
+
+    /// The simulator's CPU time so far, when it runs apart.
+    fn cpu(&self) -> Option<Duration> {
+        match self {
+            Simulator::Here(_) => None,
+            Simulator::Apart { child, .. } => child.id().map(|pid| usage_of(&format!("/proc/{pid}")).0),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Simulator::Here(sim) => _ = sim.shutdown().await,
+            Simulator::Apart { mut child, .. } => {
+                if let Some(pid) = child.id() {
+                    // SIGINT, as Ctrl-C: it stops its connections and prints its counts.
+                    let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+                }
+                if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
 }
 
 /// The demo's API token: `SLUICE_API_TOKEN` if set, else a fresh random one (printed at start).
@@ -102,7 +176,7 @@ fn demo_token() -> crate::api::Secret {
 /// One source per venue, named after it, subscribed to `symbols` on the simulator in the venue's own
 /// subscribe message, decoded by the bundled plugin of the same name, and kept alive the way the
 /// venue asks (OKX wants a text `ping` at least every 30 s, Bybit `{"op":"ping"}` every 20 s, ...).
-fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig> {
+fn venue_sources(sim: &dyn Fn(Venue) -> String, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig> {
     let list = |items: Vec<String>| items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
     venues
         .iter()
@@ -110,7 +184,7 @@ fn venue_sources(sim: &FeedSim, venues: &[(Venue, &[&str])]) -> Vec<SourceConfig
         .map(|(venue, symbols)| {
             let symbols: Vec<String> = symbols.iter().map(|s| s.to_string()).collect();
             let name = venue.to_string();
-            let mut s = SourceConfig::new(&name, &sim.url(*venue), &name);
+            let mut s = SourceConfig::new(&name, &sim(*venue), &name);
             let keepalive = |s: &mut SourceConfig, text: &str, every_ms: u64| {
                 s.keepalive_text = Some(text.into());
                 s.ping_interval_ms = every_ms;
@@ -200,7 +274,7 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             token: Some(demo_token()),
             ..crate::api::ApiConfig::default()
         },
-        sources: venue_sources(&sim, &venues),
+        sources: venue_sources(&|v| sim.url(v), &venues),
         ..Config::default()
     };
     // The Binance feed's rules as a chain: dust trades dropped, then bad prints refused.
@@ -279,7 +353,12 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 /// CPU time (user and system) this process has used, and its resident memory, from `/proc/self`.
 fn own_usage() -> (Duration, u64) {
-    let cpu = std::fs::read_to_string("/proc/self/stat")
+    usage_of("/proc/self")
+}
+
+/// The CPU time and resident memory of the process whose `/proc` directory is `proc`.
+fn usage_of(proc: &str) -> (Duration, u64) {
+    let cpu = std::fs::read_to_string(format!("{proc}/stat"))
         .ok()
         .and_then(|stat| {
             // Fields after the command name, which may hold spaces: utime and stime are the 12th and
@@ -288,7 +367,7 @@ fn own_usage() -> (Duration, u64) {
             Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
         })
         .map_or(Duration::ZERO, |ticks| Duration::from_millis(ticks * 10));
-    let rss = std::fs::read_to_string("/proc/self/statm")
+    let rss = std::fs::read_to_string(format!("{proc}/statm"))
         .ok()
         .and_then(|statm| statm.split(' ').nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096);
@@ -306,6 +385,8 @@ struct BenchLine<'a> {
     latency: &'a hdrhistogram::Histogram<u64>,
     cpu: f64,
     rss: u64,
+    /// The simulator's CPU (cores) when it runs apart.
+    sim_cpu: Option<f64>,
 }
 
 impl std::fmt::Display for BenchLine<'_> {
@@ -316,7 +397,7 @@ impl std::fmt::Display for BenchLine<'_> {
         let max = if self.latency.is_empty() { f64::NAN } else { self.latency.max() as f64 / 1000.0 };
         write!(
             f,
-            "{:>5} {:>9.0} {:>9.0} {:>8} {:>8} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5.0} {:>6}",
+            "{:>5} {:>9.0} {:>9.0} {:>8} {:>8} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5.0} {:>6} {:>5} {:>7.2}",
             self.label,
             self.offered,
             self.achieved,
@@ -328,7 +409,10 @@ impl std::fmt::Display for BenchLine<'_> {
             ms(0.999),
             max,
             self.cpu * 100.0,
-            self.rss >> 20
+            self.rss >> 20,
+            self.sim_cpu.map_or("-".to_owned(), |c| format!("{:.0}", c * 100.0)),
+            // Microseconds of CPU per trade committed: sluice's alone when the simulator runs apart.
+            if self.achieved > 0.0 { self.cpu * 1e6 / self.achieved } else { f64::NAN }
         )
     }
 }
@@ -339,7 +423,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--feeds and --rate must be positive and --seconds longer than --warmup");
     }
     let per_feed = args.rate / args.feeds as f64;
-    let sim = FeedSim::start(FeedSimConfig { trades_per_second: per_feed, ..FeedSimConfig::default() }).await?;
+    let sim = Simulator::start(args.apart, per_feed).await?;
     let names: Vec<(Venue, String)> = (0..args.feeds)
         .map(|i| match i % 3 {
             0 => (Venue::Binance, format!("S{i}USDT")),
@@ -355,7 +439,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         data_dir: data_dir.clone(),
         api: crate::api::ApiConfig { bind: ([127, 0, 0, 1], 0).into(), ..crate::api::ApiConfig::default() },
         sources: venue_sources(
-            &sim,
+            &|v| sim.url(v),
             &[(Venue::Binance, &binance), (Venue::Coinbase, &coinbase), (Venue::Kraken, &kraken)],
         ),
         ..Config::default()
@@ -383,12 +467,17 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let running = start(&config, Role::All).await?;
     let stats = running.process.as_ref().context("no process role")?.stats.clone();
     let sink = if args.druid { "the Druid topic" } else { "the embedded store" };
+    let where_sim = if args.apart {
+        "the simulator runs in a process of its own: cpu% is sluice's alone, sim% the simulator's"
+    } else {
+        "the simulator runs in this process; cpu% counts it"
+    };
     println!(
-        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} into {sink} (the simulator runs in this process; CPU counts it)",
+        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} into {sink} ({where_sim})",
         args.feeds, args.rate, args.seconds, running.handoff
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>6}",
+        "{:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>6} {:>5} {:>7}",
         "s",
         "offered/s",
         "achieved",
@@ -400,7 +489,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "p99.9",
         "max ms",
         "cpu%",
-        "rss MB"
+        "rss MB",
+        "sim%",
+        "µs/trade"
     );
     let mut total = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -409,6 +500,8 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let _ = stats.sink_commit.take();
     let mut commits = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
     let (mut last_cpu, _) = own_usage();
+    let mut last_sim = sim.cpu();
+    let mut window_sim = Duration::ZERO;
     let mut last_committed = running.stored();
     let (mut window_cpu, mut window_start_committed) = (Duration::ZERO, 0);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -427,10 +520,13 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             window_start_committed = committed;
         }
         let committing = stats.sink_commit.take();
+        let sim_now = sim.cpu();
+        let sim_cpu = sim_now.zip(last_sim).map(|(now, last)| now.saturating_sub(last));
         if second > args.warmup {
             total.add(&latency)?;
             commits.add(&committing)?;
             window_cpu += cpu.saturating_sub(last_cpu);
+            window_sim += sim_cpu.unwrap_or_default();
             measured += 1;
         }
         let line = BenchLine {
@@ -443,9 +539,10 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             latency: &latency,
             cpu: cpu.saturating_sub(last_cpu).as_secs_f64(),
             rss,
+            sim_cpu: sim_cpu.map(|d| d.as_secs_f64()),
         };
         println!("{line}");
-        (last_cpu, last_committed) = (cpu, committed);
+        (last_cpu, last_committed, last_sim) = (cpu, committed, sim_now);
     }
     let [_, dropped, _, _, _, gaps, _] = running.counts();
     let committed = running.stored();
@@ -461,6 +558,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         latency: &total,
         cpu: window_cpu.as_secs_f64() / seconds,
         rss,
+        sim_cpu: args.apart.then(|| window_sim.as_secs_f64() / seconds),
     };
     println!("{line}");
     println!("(\"all\": the {measured} s after the warm-up; latency is receive to commit, per row)");
@@ -477,7 +575,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     running.stop().await?;
-    sim.shutdown().await;
+    sim.stop().await;
     if args.data_dir.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
