@@ -946,3 +946,47 @@ fn plugin_new_writes_a_crate_in_a_checkout_or_outside_and_refuses_what_it_cannot
     refused(&["x".as_ref(), "--decode".as_ref()], &outside, "pass --sdk");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `RUST_LOG=debug` makes the engine's compile threads write log lines to stderr while the command
+/// runs: they must not wait for a lock the command holds. The bundled decoder on its recorded
+/// frames finishes (well within a minute) and prints its records.
+#[test]
+fn debug_logging_does_not_hang_a_plugin_test() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "test"])
+        .arg(plugin("binance"))
+        .arg("--frames")
+        .arg(fixture("binance_combined_aggtrade.jsonl"))
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain both pipes so neither fills while we wait.
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).unwrap();
+        s
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).unwrap();
+        s
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`RUST_LOG=debug sluice plugin test` still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.lines().count() > 0, "no records printed");
+    assert!(stderr.contains("DEBUG"), "debug log lines were written: {}", &stderr[..stderr.len().min(500)]);
+}

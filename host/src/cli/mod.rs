@@ -149,8 +149,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin(PluginCommand::Test(args)) => {
             let stdout = io::stdout();
-            let stderr = io::stderr();
-            plugin_test(&args, &mut io::BufWriter::new(stdout.lock()), &mut stderr.lock())?;
+            // Stderr is not locked for the whole command: the log lines the engine's compile
+            // threads write there (with RUST_LOG=debug, say) would wait for it forever.
+            plugin_test(&args, &mut io::BufWriter::new(stdout.lock()), &mut io::stderr())?;
             Ok(())
         }
         Command::Demo(args) => runtime()?.block_on(demo::demo(args)),
