@@ -3,13 +3,16 @@
 //!
 //! A source connects (at most so often per host), sends its subscribe messages, and then reads. It
 //! answers pings, sends its own and treats a missing pong as a dead connection, reconnects when
-//! nothing arrives for too long, reconnects at once on a venue's shutdown notice, and otherwise backs
+//! nothing arrives for too long or a write waits too long (a venue that stops reading), reconnects at once on a venue's shutdown notice, and otherwise backs
 //! off exponentially with full jitter, never giving up. Before a connection gets too old it opens the
 //! next one first and closes the old one only when the new one delivers, so rotation loses nothing;
 //! the overlap's duplicates are dropped downstream by trade id.
 //!
 //! The read loop never waits for the rest of the pipeline: frames go into a bounded queue with
-//! `try_send`, and what a full queue refuses is counted per source.
+//! `try_send`, and what a full queue refuses is counted per source. Nor does it wait for the venue:
+//! pongs are queued for the socket (one at a time, sent as it takes them) and never awaited, and each
+//! of our own writes is bounded by `write_timeout_ms`, so a venue that floods pings and never reads
+//! cannot stop the timers or a shutdown.
 
 pub mod backoff;
 pub mod config;
@@ -98,6 +101,9 @@ pub struct SourceStats {
     pub pong_timeouts: AtomicU64,
     /// Connections dropped for being idle.
     pub idle_timeouts: AtomicU64,
+    /// Connections given up because a write waited longer than `write_timeout_ms` (the venue
+    /// stopped reading).
+    pub write_timeouts: AtomicU64,
     /// Shutdown notices from the venue.
     pub shutdown_notices: AtomicU64,
     /// When the last message arrived, microseconds since the Unix epoch (0: never).
@@ -203,7 +209,7 @@ pub async fn run(
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 first = false;
-                match connect(&config, &host, &limiter, &mut shutdown).await {
+                match connect(&config, &host, &limiter, &stats, &mut shutdown).await {
                     Ok(Some(ws)) => ws,
                     Ok(None) => break,
                     Err(e) => {
@@ -288,6 +294,7 @@ async fn connect(
     config: &SourceConfig,
     host: &str,
     limiter: &ConnectLimiter,
+    stats: &SourceStats,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Ws>, String> {
     let attempt = async {
@@ -299,15 +306,18 @@ async fn connect(
             .max_frame_size(Some(hard))
             .max_message_size(Some(hard))
             .read_buffer_size(config.read_buffer_bytes)
-            // We write little (subscriptions, pings): straight to the socket, no buffer to keep.
-            .write_buffer_size(0);
+            // We write little (subscriptions, pings): straight to the socket, no buffer to keep,
+            // and what a venue that does not read leaves unsent (pongs above all) cannot pile up.
+            .write_buffer_size(0)
+            .max_write_buffer_size(max_write_buffer(config));
         let connect = tokio_tungstenite::connect_async_with_config(config.url.as_str(), Some(ws_config), true);
         let (mut ws, _) = timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         for message in &config.subscribe {
-            ws.send(Message::text(message.as_str())).await.map_err(|e| format!("subscribe: {e}"))?;
+            let subscribe = Message::text(message.as_str());
+            write(config, stats, &mut ws, subscribe).await.map_err(|e| format!("subscribe: {e}"))?;
         }
         tracing::debug!(source = %config.name, "connected and subscribed");
         Ok::<_, String>(ws)
@@ -337,11 +347,13 @@ enum Read {
     End(End),
 }
 
-/// Handles one message from the venue: forwards data, answers pings, notes pongs.
-async fn on_message(
+/// Handles one message from the venue: forwards data, notes pongs. Pings need nothing here:
+/// tungstenite queues the pong as it reads the ping and sends it at the next read, as far as the
+/// socket takes it, so a venue that floods pings and never reads costs one queued pong, not a
+/// read loop stuck in a write.
+fn on_message(
     config: &SourceConfig,
     from: Origin,
-    ws: &mut Ws,
     msg: Option<Result<Message, tungstenite::Error>>,
     out: &mpsc::Sender<Frame>,
     stats: &SourceStats,
@@ -365,13 +377,7 @@ async fn on_message(
     let bytes = match msg {
         Message::Text(text) => Bytes::from(text),
         Message::Binary(bytes) => bytes,
-        Message::Ping(payload) => {
-            // Answered right away: a queued automatic pong would wait for our next write.
-            if ws.send(Message::Pong(payload)).await.is_err() {
-                return Read::End(End::Lost("could not answer a ping".into()));
-            }
-            return Read::Continue;
-        }
+        Message::Ping(_) => return Read::Continue,
         Message::Pong(_) => {
             *awaiting_pong = None;
             return Read::Continue;
@@ -433,7 +439,7 @@ async fn read_loop(
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                match on_message(config, Origin { id, overlap: false }, ws, msg, out, stats, &mut awaiting_pong).await {
+                match on_message(config, Origin { id, overlap: false }, msg, out, stats, &mut awaiting_pong) {
                     Read::Continue | Read::Data => {}
                     Read::Notice => return End::Replace(Replace::ShutdownNotice),
                     Read::End(end) => return end,
@@ -447,8 +453,8 @@ async fn read_loop(
                     Some(text) => Message::text(text.as_str()),
                     None => Message::Ping(Bytes::from_static(b"sluice")),
                 };
-                if ws.send(ping).await.is_err() {
-                    return End::Lost("could not send a ping".into());
+                if let Err(e) = write(config, stats, ws, ping).await {
+                    return End::Lost(format!("could not send a ping: {e}"));
                 }
             }
             _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
@@ -487,7 +493,7 @@ async fn replace(
     let mut old_open = true;
     let mut new = {
         let mut stop = shutdown.clone();
-        let connecting = connect(config, host, limiter, &mut stop);
+        let connecting = connect(config, host, limiter, stats, &mut stop);
         tokio::pin!(connecting);
         loop {
             tokio::select! {
@@ -501,7 +507,7 @@ async fn replace(
                     }
                 },
                 msg = old.next(), if old_open => {
-                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
+                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                         old_open = false;
                     }
                 }
@@ -518,7 +524,7 @@ async fn replace(
     let mut new_open = true;
     while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
-            msg = new.next() => match on_message(config, Origin { id, overlap: true }, &mut new, msg, out, stats, &mut no_pong).await {
+            msg = new.next() => match on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                 Read::Data | Read::Notice => {
                     switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
                 }
@@ -529,7 +535,7 @@ async fn replace(
                 }
             },
             msg = old.next(), if old_open => {
-                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
+                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                     old_open = false;
                 }
             }
@@ -547,6 +553,26 @@ async fn replace(
         (false, true) => Some(old),
         (false, false) => None,
     }
+}
+
+/// Sends one message of ours, waiting at most `write_timeout_ms` for the socket to take it: a venue
+/// that stops reading fills the socket's buffers, and a write waiting on it for good would hold the
+/// read loop, its timers and a shutdown. A write that times out (counted) ends the connection.
+async fn write(config: &SourceConfig, stats: &SourceStats, ws: &mut Ws, message: Message) -> Result<(), String> {
+    let limit = Duration::from_millis(config.write_timeout_ms);
+    match timeout(limit, ws.send(message)).await {
+        Ok(sent) => sent.map_err(|e| e.to_string()),
+        Err(_) => {
+            stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+            Err(format!("the socket took nothing for {limit:?}: the venue is not reading"))
+        }
+    }
+}
+
+/// What tungstenite may hold unsent for one connection: our largest message (a subscription) and
+/// room for pings and pongs. Past it a write fails at once instead of buffering without end.
+fn max_write_buffer(config: &SourceConfig) -> usize {
+    config.subscribe.iter().map(String::len).max().unwrap_or(0) + (64 << 10)
 }
 
 /// The largest frame read at all: 16 MiB, or four times `max_frame_bytes` if that is more.
@@ -593,10 +619,72 @@ mod tests {
         config.connect_timeout_ms = 2_000;
         let limiter = ConnectLimiter::new(Duration::ZERO);
         let (_tx, mut rx) = watch::channel(false);
-        match connect(&config, &addr.to_string(), &limiter, &mut rx).await {
+        let stats = SourceStats::default();
+        match connect(&config, &addr.to_string(), &limiter, &stats, &mut rx).await {
             Err(e) => assert!(!e.is_empty()),
             Ok(_) => panic!("connected to a server that does not speak TLS"),
         }
+    }
+
+    /// A venue that floods pings and reads nothing fills the socket with our pongs. The read loop
+    /// goes on regardless (pongs are queued, never awaited), our next ping cannot be written, and the
+    /// source connects again, and again; a stop ends it within a second the whole time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_venue_that_floods_pings_and_never_reads_is_left_and_a_stop_is_honoured() {
+        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
+        sim.handle().set_flood_pings(true);
+        let mut config = SourceConfig::new("flood", &sim.url(Venue::Binance), "binance");
+        config.subscribe = vec![r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#.into()];
+        config.ping_interval_ms = 200;
+        config.write_timeout_ms = 300;
+        config.reconnect_min_ms = 50;
+        config.reconnect_max_ms = 100;
+        let (tx, mut rx) = mpsc::channel(1024);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let stats = Arc::new(SourceStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, stats.clone(), limiter, stop_rx));
+        let started = Instant::now();
+        while stats.reconnects.load(Ordering::Relaxed) < 2 {
+            assert!(started.elapsed() < Duration::from_secs(20), "stuck on a venue that does not read: {stats:?}");
+            sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(true).unwrap();
+        timeout(Duration::from_secs(2), task).await.expect("a stop is honoured while the venue floods").unwrap();
+        assert_eq!(stats.state(), State::Stopped);
+        sim.shutdown().await;
+    }
+
+    /// Pings are answered without a write of ours: tungstenite's queued pong goes out at the next
+    /// read, which the read loop makes at once.
+    #[tokio::test]
+    async fn pings_are_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (pong_tx, pong_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(socket).await.unwrap();
+            ws.send(Message::Ping(Bytes::from_static(b"are you there"))).await.unwrap();
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Pong(payload) = message {
+                    let _ = pong_tx.send(payload);
+                    break;
+                }
+            }
+        });
+        let mut config = SourceConfig::new("pong", &format!("ws://{addr}/"), "binance");
+        config.ping_interval_ms = 0;
+        let (tx, _rx) = mpsc::channel(16);
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, Arc::new(SourceStats::default()), limiter, stop_rx));
+        let payload = timeout(Duration::from_secs(5), pong_rx).await.expect("no pong").unwrap();
+        assert_eq!(&payload[..], b"are you there");
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
