@@ -59,7 +59,8 @@ pub struct SourceConfig {
     /// cut connections at 24 h.
     #[serde(default = "defaults::max_connection_age_ms")]
     pub max_connection_age_ms: u64,
-    /// Largest frame accepted; larger ones close the connection and are counted.
+    /// Largest frame (or recording line) decoded: a larger one is cut to this size, counted and
+    /// dead-lettered; a WebSocket frame past four times this (at least 16 MiB) closes the connection.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
     /// Socket read buffer per connection: larger reads fewer times under load, smaller keeps

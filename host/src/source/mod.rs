@@ -17,6 +17,7 @@
 pub mod backoff;
 pub mod config;
 pub mod file;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -34,6 +35,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::source::config::SourceConfig;
 use backoff::Backoff;
+use queue::{FrameSender, Refused};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -44,7 +46,8 @@ pub struct Frame {
     pub source: u32,
     /// When it was read, microseconds since the Unix epoch.
     pub received_at_us: i64,
-    /// The frame's payload (text frames as their UTF-8 bytes), cut to `max_frame_bytes`.
+    /// The frame's payload (text frames as their UTF-8 bytes), cut to `max_frame_bytes` (a copy of
+    /// its start, so the frame read is not kept whole).
     pub bytes: Bytes,
     /// The original length when the frame was larger than `max_frame_bytes` and was cut; such a
     /// frame is dead-lettered, not decoded.
@@ -184,7 +187,7 @@ enum Replace {
 pub async fn run(
     config: Arc<SourceConfig>,
     id: u32,
-    out: mpsc::Sender<Frame>,
+    out: FrameSender,
     stats: Arc<SourceStats>,
     limiter: Arc<ConnectLimiter>,
     mut shutdown: watch::Receiver<bool>,
@@ -355,7 +358,7 @@ fn on_message(
     config: &SourceConfig,
     from: Origin,
     msg: Option<Result<Message, tungstenite::Error>>,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     awaiting_pong: &mut Option<Instant>,
 ) -> Read {
@@ -389,12 +392,10 @@ fn on_message(
     };
     stats.frames.fetch_add(1, Ordering::Relaxed);
     stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    let (bytes, oversized) = if bytes.len() > config.max_frame_bytes {
+    let (bytes, oversized) = cut(bytes, config.max_frame_bytes);
+    if oversized.is_some() {
         stats.oversized.fetch_add(1, Ordering::Relaxed);
-        (bytes.slice(..config.max_frame_bytes), Some(bytes.len()))
-    } else {
-        (bytes, None)
-    };
+    }
     let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
     match out.try_send(Frame {
         source: from.id,
@@ -405,12 +406,19 @@ fn on_message(
         file_offset: 0,
     }) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(Refused::Full) => {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Read::End(End::Stop),
+        Err(Refused::Closed) => return Read::End(End::Stop),
     }
     if notice { Read::Notice } else { Read::Data }
+}
+
+/// A frame over `max` bytes cut to its first `max` (and its original length): a copy, since a slice
+/// would keep the whole frame read (up to the hard limit) alive while it waits in the queue and in
+/// the dead letters.
+fn cut(bytes: Bytes, max: usize) -> (Bytes, Option<usize>) {
+    if bytes.len() > max { (Bytes::copy_from_slice(&bytes[..max]), Some(bytes.len())) } else { (bytes, None) }
 }
 
 /// Substring search for shutdown notices, run on every frame: memchr's SIMD search, not a byte loop.
@@ -423,7 +431,7 @@ async fn read_loop(
     config: &SourceConfig,
     id: u32,
     ws: &mut Ws,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     shutdown: &mut watch::Receiver<bool>,
     up_since: Instant,
@@ -483,7 +491,7 @@ async fn replace(
     id: u32,
     host: &str,
     mut old: Ws,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     limiter: &ConnectLimiter,
     shutdown: &mut watch::Receiver<bool>,
@@ -596,6 +604,18 @@ mod tests {
         assert_eq!(host_of("ws://127.0.0.1:80"), "127.0.0.1:80");
     }
 
+    /// A frame over `max_frame_bytes` keeps a copy of its start: the large buffer it was read into
+    /// is freed, not held by the queue and the dead letter for as long as they keep the frame.
+    #[test]
+    fn a_cut_frame_does_not_keep_the_frame_read() {
+        let (kept, len) = cut(Bytes::from(vec![b'x'; 4 << 20]), 1024);
+        assert_eq!((kept.len(), len), (1024, Some(4 << 20)));
+        let buffer = kept.try_into_mut().expect("the only reference");
+        assert!(buffer.capacity() < 4096, "the cut frame holds {} bytes", buffer.capacity());
+        let small = Bytes::from_static(b"small");
+        assert_eq!(cut(small.clone(), 1024), (small, None));
+    }
+
     #[test]
     fn contains_finds_notices() {
         assert!(contains(br#"{"e":"serverShutdown"}"#, b"serverShutdown"));
@@ -640,7 +660,7 @@ mod tests {
         config.write_timeout_ms = 300;
         config.reconnect_min_ms = 50;
         config.reconnect_max_ms = 100;
-        let (tx, mut rx) = mpsc::channel(1024);
+        let (tx, mut rx) = queue::channel(1024, 1 << 20);
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let stats = Arc::new(SourceStats::default());
         let (stop, stop_rx) = watch::channel(false);
@@ -677,7 +697,7 @@ mod tests {
         });
         let mut config = SourceConfig::new("pong", &format!("ws://{addr}/"), "binance");
         config.ping_interval_ms = 0;
-        let (tx, _rx) = mpsc::channel(16);
+        let (tx, _rx) = queue::channel(16, 1 << 20);
         let (stop, stop_rx) = watch::channel(false);
         let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
         let task = tokio::spawn(run(Arc::new(config), 1, tx, Arc::new(SourceStats::default()), limiter, stop_rx));
