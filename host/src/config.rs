@@ -189,6 +189,7 @@ impl From<&PluginConfig> for crate::plugin::Limits {
             deadline: std::time::Duration::from_millis(p.deadline_ms),
             output_bytes: p.output_bytes,
             max_symbols: p.max_symbols,
+            max_symbol_bytes: p.max_symbol_bytes,
             state_bytes: p.state_bytes,
         }
     }
@@ -219,10 +220,15 @@ pub struct PluginConfig {
     /// Largest output per call.
     #[serde(default = "defaults::plugin_output_bytes")]
     pub output_bytes: usize,
-    /// Most symbols one instance of the plugin may name (frames are untrusted, and every name named
-    /// is kept in the dictionary for good); a frame past it is dead-lettered with the reason.
+    /// Most symbols the plugin may name in this process, all its instances together (frames are
+    /// untrusted, and every name named is kept in the dictionary for good); a frame past it is
+    /// dead-lettered with the reason.
     #[serde(default = "defaults::plugin_max_symbols")]
     pub max_symbols: u32,
+    /// Longest symbol name the plugin may name, in bytes; a frame naming a longer one is
+    /// dead-lettered with the reason.
+    #[serde(default = "defaults::plugin_max_symbol_bytes")]
+    pub max_symbol_bytes: usize,
     /// Most bytes of state (keys and values) one link of the plugin may keep; past it the link's
     /// calls fail with a typed error and its breaker opens.
     #[serde(default = "defaults::plugin_state_bytes")]
@@ -360,6 +366,9 @@ pub(crate) mod defaults {
     }
     pub fn plugin_max_symbols() -> u32 {
         10_000
+    }
+    pub fn plugin_max_symbol_bytes() -> usize {
+        64
     }
     pub fn plugin_output_bytes() -> usize {
         16 << 20

@@ -216,6 +216,11 @@ impl Symbols {
         })
     }
 
+    /// The id `name` has, if this dictionary knows it already; never adds it.
+    pub fn id(&self, name: &str) -> Option<u32> {
+        self.read().ids.get(name).copied()
+    }
+
     /// The stable id of source `name`: kept in the same dictionary as the symbols (under a name no
     /// venue symbol can have), so records in the log keep meaning the same source whatever the order
     /// of the configuration, and every instance agrees on it.

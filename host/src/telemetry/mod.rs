@@ -99,6 +99,16 @@ struct PluginVecs {
     limit_errors: IntCounterVec,
     duration: HistogramVec,
     shadow_records: IntCounterVec,
+    symbols_refused: IntCounterVec,
+}
+
+/// Why a plugin's symbol name was refused, as the `reason` label spells it: longer than
+/// `max_symbol_bytes`, or new past `max_symbols`.
+pub const SYMBOL_REFUSALS: [&str; 2] = ["too_long", "over_quota"];
+
+/// Counters that count but are exported nowhere, one per [`SYMBOL_REFUSALS`] reason.
+pub fn detached_counters() -> [IntCounter; 2] {
+    SYMBOL_REFUSALS.map(|_| IntCounter::new("detached", "not exported").expect("a valid metric name"))
 }
 
 /// The stages a plugin's exports run in, as the `stage` label spells them.
@@ -308,6 +318,14 @@ impl Metrics {
                 &["plugin", "version", "result"],
             )
             .expect("valid"),
+            symbols_refused: IntCounterVec::new(
+                Opts::new(
+                    "sluice_plugin_symbols_refused_total",
+                    "Symbol names a plugin version asked the dictionary for and was refused, by reason",
+                ),
+                &["plugin", "version", "reason"],
+            )
+            .expect("valid"),
         };
         let route_labels = ["route", "method", "status"];
         let http_requests_total = IntCounterVec::new(
@@ -495,6 +513,7 @@ impl Metrics {
             Box::new(plugin.limit_errors.clone()),
             Box::new(plugin.duration.clone()),
             Box::new(plugin.shadow_records.clone()),
+            Box::new(plugin.symbols_refused.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -600,6 +619,11 @@ impl Metrics {
         (v.with_label_values(&[plugin, version, "equal"]), v.with_label_values(&[plugin, version, "different"]))
     }
 
+    /// The symbol refusal counters of a plugin version, one per [`SYMBOL_REFUSALS`] reason.
+    pub fn symbols_refused(&self, plugin: &str, version: &str) -> [IntCounter; 2] {
+        SYMBOL_REFUSALS.map(|reason| self.plugin.symbols_refused.with_label_values(&[plugin, version, reason]))
+    }
+
     /// Drops a deleted plugin version's series, so versions come and go without labels piling up.
     pub fn forget_plugin_version(&self, plugin: &str, version: &str) {
         let v = &self.plugin;
@@ -612,6 +636,9 @@ impl Metrics {
         }
         for result in ["equal", "different"] {
             let _ = v.shadow_records.remove_label_values(&[plugin, version, result]);
+        }
+        for reason in SYMBOL_REFUSALS {
+            let _ = v.symbols_refused.remove_label_values(&[plugin, version, reason]);
         }
     }
 
