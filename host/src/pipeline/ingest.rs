@@ -26,7 +26,7 @@ use crate::log::{DeadLetter, Handover, Stage, Writer};
 use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::queue::{self, FrameReceiver};
-use crate::source::{self, ConnectLimiter, Frame, SourceStats, slot};
+use crate::source::{self, ConnectLimiter, Frame, SourceStats};
 
 /// Tuning of the ingest role.
 #[derive(Clone, Debug)]
@@ -236,23 +236,24 @@ impl Ingest {
         for (w, decoders) in decoders.into_iter().enumerate() {
             let (tx, rx) = queue::channel(settings.queue_frames, settings.queue_bytes);
             senders.push(tx);
-            // Tables indexed by `slot(id)`; ids of sources not configured here are holes.
-            let size = ids.iter().copied().max().unwrap_or(0) as usize;
-            let mut by_id_binding = vec![None; size];
-            let mut by_id_names = vec![(String::new(), String::new()); size];
-            let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
-            let mut by_id_file = vec![None; size];
-            for (i, h) in handles.iter().enumerate() {
-                by_id_binding[slot(h.id)] = Some(binding_of[i]);
-                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.decode.clone());
-                by_id_stats[slot(h.id)] = h.decode.clone();
-                by_id_file[slot(h.id)] = file_starts[i].as_ref().map(|f| f.identity.clone());
-            }
+            // The sources this worker decodes, by id.
+            let sources = handles
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.id as usize % workers == w)
+                .map(|(i, h)| {
+                    let known = Known {
+                        binding: binding_of[i],
+                        name: h.config.name.clone(),
+                        plugin: h.config.decode.clone(),
+                        stats: h.decode.clone(),
+                        file: file_starts[i].as_ref().map(|f| f.identity.clone()),
+                    };
+                    (h.id, known)
+                })
+                .collect();
             let ctx = WorkerContext {
-                binding_of: by_id_binding,
-                names: by_id_names,
-                decode_stats: by_id_stats,
-                files: by_id_file,
+                sources,
                 producer: producer.clone(),
                 max_frames: settings.max_frames_per_call.max(1),
                 max_bytes: settings.max_bytes_per_call.max(1),
@@ -314,16 +315,34 @@ impl Ingest {
 }
 
 struct WorkerContext {
-    /// Binding index of source `id` at `slot(id)` (`None` for ids no source here has).
-    binding_of: Vec<Option<usize>>,
-    /// (source name, plugin name) of source `id - 1`.
-    names: Vec<(String, String)>,
-    decode_stats: Vec<Arc<DecodeStats>>,
-    /// The recording of file source `id` at `slot(id)`, named in its position marks.
-    files: Vec<Option<FileIdentity>>,
+    /// The sources this worker decodes, by id: a map, since ids come from the symbol dictionary and
+    /// can be large (a table sized by the largest id could take gigabytes).
+    sources: HashMap<u32, Known>,
     producer: Arc<Writer>,
     max_frames: usize,
     max_bytes: usize,
+}
+
+/// What a decode worker knows of one of its sources.
+struct Known {
+    /// The decoder binding that decodes it.
+    binding: usize,
+    /// Its name and its decode plugin's, for dead letters.
+    name: String,
+    plugin: String,
+    stats: Arc<DecodeStats>,
+    /// A file source's recording, named in its position marks.
+    file: Option<FileIdentity>,
+}
+
+impl WorkerContext {
+    fn stats(&self, source: u32) -> Option<&DecodeStats> {
+        self.sources.get(&source).map(|k| &*k.stats)
+    }
+
+    fn binding(&self, source: u32) -> Option<usize> {
+        self.sources.get(&source).map(|k| k.binding)
+    }
 }
 
 /// What one drained queue hands over: records, refused frames and the marks they move.
@@ -338,7 +357,7 @@ impl Outgoing {
     /// Refuses a frame, counted for its source.
     fn reject(&mut self, frame: &Frame, reason: String, ctx: &WorkerContext) {
         self.rejects.push(RejectedFrame { source: frame.source, bytes: frame.bytes.clone(), reason });
-        if let Some(s) = ctx.decode_stats.get(slot(frame.source)) {
+        if let Some(s) = ctx.stats(frame.source) {
             s.rejects.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -350,7 +369,7 @@ impl Outgoing {
             .iter()
             .map(|r| {
                 let (source, plugin) =
-                    ctx.names.get(slot(r.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
+                    ctx.sources.get(&r.source).map_or(("", ""), |k| (k.name.as_str(), k.plugin.as_str()));
                 DeadLetter {
                     stage: Stage::Decode,
                     source_id: r.source,
@@ -404,7 +423,7 @@ fn decode_worker(mut rx: FrameReceiver, mut decoders: HashMap<usize, Decoder>, c
     while next_batch(&mut rx, &mut carry, &mut queued, ctx.max_frames, ctx.max_bytes) {
         // The furthest line of each file source this pass delivers (as records or dead letters).
         for f in queued.iter().filter(|f| f.file_offset > 0) {
-            let Some(Some(identity)) = ctx.files.get(slot(f.source)) else { continue };
+            let Some(identity) = ctx.sources.get(&f.source).and_then(|k| k.file.as_ref()) else { continue };
             match out.marks.files.iter_mut().find(|m| m.source == f.source) {
                 Some(m) => m.offset = m.offset.max(f.file_offset),
                 None => out.marks.files.push(FileMark {
@@ -425,13 +444,12 @@ fn decode_worker(mut rx: FrameReceiver, mut decoders: HashMap<usize, Decoder>, c
             }
         });
         // One call per binding, frames in arrival order within it.
-        let mut bindings: Vec<usize> =
-            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied().flatten()).collect();
+        let mut bindings: Vec<usize> = queued.iter().filter_map(|f| ctx.binding(f.source)).collect();
         bindings.sort_unstable();
         bindings.dedup();
         for b in bindings {
             group.clear();
-            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&Some(b))).cloned());
+            group.extend(queued.iter().filter(|f| ctx.binding(f.source) == Some(b)).cloned());
             if let Some(decoder) = decoders.get_mut(&b) {
                 // A panic here must not end the worker silently (its sources would stop for good):
                 // the group's frames are dead-lettered with the panic's message, logged at ERROR,
@@ -465,7 +483,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
             out.records.extend_from_slice(decoded.records.as_bytes());
             out.rejects.extend(decoded.rejects);
             for &(source, symbol) in &decoded.gap_changes {
-                if let Some(s) = ctx.decode_stats.get(slot(source))
+                if let Some(s) = ctx.stats(source)
                     && let Ok(mut by_symbol) = s.gaps_by_symbol.lock()
                 {
                     by_symbol.insert(symbol, decoder.trade_ids().gaps(source, symbol));
@@ -473,7 +491,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
             }
             // One update per source present in the batch, not per record.
             for (source, c) in &decoded.per_source {
-                if let Some(s) = ctx.decode_stats.get(slot(*source)) {
+                if let Some(s) = ctx.stats(*source) {
                     s.records.fetch_add(c.records, Ordering::Relaxed);
                     s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
                     s.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);

@@ -333,11 +333,6 @@ async fn connect(
 
 use crate::clock::now_us;
 
-/// Index of source `id` in per-source tables (ids start at 1; 0 maps past the end).
-pub fn slot(id: u32) -> usize {
-    (id as usize).wrapping_sub(1)
-}
-
 /// What one message meant for the read loop.
 enum Read {
     /// A control message (ping, pong): nothing forwarded.
