@@ -40,6 +40,7 @@ impl DecodeStats {
             frames: connection.frames.load(Relaxed),
             dropped: connection.dropped.load(Relaxed),
             reconnects: connection.reconnects.load(Relaxed),
+            write_timeouts: connection.write_timeouts.load(Relaxed),
             up: connection.state() == crate::source::State::Up,
             finished: connection.state() == crate::source::State::Finished,
             last_message_us: connection.last_message_us.load(Relaxed),

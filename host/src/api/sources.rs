@@ -54,7 +54,7 @@ struct SourceView<'a> {
     /// Times a worker could not start the plugin's active version (it stays on the one it runs).
     plugin_start_failures: u64,
     reconnects: u64,
-    /// Connections given up because a write waited past `write_timeout_ms` (the venue stopped reading).
+    /// Connections given up because the venue stopped taking our writes (see `SourceStats`).
     write_timeouts: u64,
     frames: u64,
     records: u64,

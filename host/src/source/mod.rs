@@ -104,8 +104,8 @@ pub struct SourceStats {
     pub pong_timeouts: AtomicU64,
     /// Connections dropped for being idle.
     pub idle_timeouts: AtomicU64,
-    /// Connections given up because a write waited longer than `write_timeout_ms` (the venue
-    /// stopped reading).
+    /// Connections given up because the venue stopped taking our writes: one waited longer than
+    /// `write_timeout_ms`, or found the unsent buffer full.
     pub write_timeouts: AtomicU64,
     /// Shutdown notices from the venue.
     pub shutdown_notices: AtomicU64,
@@ -560,16 +560,18 @@ async fn replace(
 
 /// Sends one message of ours, waiting at most `write_timeout_ms` for the socket to take it: a venue
 /// that stops reading fills the socket's buffers, and a write waiting on it for good would hold the
-/// read loop, its timers and a shutdown. A write that times out (counted) ends the connection.
+/// read loop, its timers and a shutdown. A write that times out, or finds the unsent buffer full
+/// (both counted), ends the connection.
 async fn write(config: &SourceConfig, stats: &SourceStats, ws: &mut Ws, message: Message) -> Result<(), String> {
     let limit = Duration::from_millis(config.write_timeout_ms);
-    match timeout(limit, ws.send(message)).await {
-        Ok(sent) => sent.map_err(|e| e.to_string()),
-        Err(_) => {
-            stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
-            Err(format!("the socket took nothing for {limit:?}: the venue is not reading"))
-        }
-    }
+    let stalled = match timeout(limit, ws.send(message)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(tungstenite::Error::WriteBufferFull(_))) => "the unsent buffer is full".to_owned(),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => format!("the socket took nothing for {limit:?}"),
+    };
+    stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+    Err(format!("{stalled}: the venue is not reading"))
 }
 
 /// What tungstenite may hold unsent for one connection: our largest message (a subscription) and

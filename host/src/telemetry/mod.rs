@@ -56,6 +56,7 @@ pub(crate) struct Mirrored {
     pub(crate) source_frames: IntCounterVec,
     pub(crate) source_dropped: IntCounterVec,
     pub(crate) source_reconnects: IntCounterVec,
+    pub(crate) source_write_timeouts: IntCounterVec,
     pub(crate) source_up: IntGaugeVec,
     pub(crate) source_finished: IntGaugeVec,
     pub(crate) source_last_message_age: prometheus::GaugeVec,
@@ -203,6 +204,8 @@ pub struct SourceSample {
     pub dropped: u64,
     /// Reconnects.
     pub reconnects: u64,
+    /// Connections given up because the venue stopped taking our writes.
+    pub write_timeouts: u64,
     /// Whether a connection is up.
     pub up: bool,
     /// Whether a file source has delivered its whole recording.
@@ -391,6 +394,10 @@ impl Metrics {
                 "Frames dropped because the decode queue was full",
             ),
             source_reconnects: by_source("sluice_source_reconnects_total", "Reconnections of a source"),
+            source_write_timeouts: by_source(
+                "sluice_source_write_timeouts_total",
+                "Connections given up because the venue stopped taking our writes (it does not read)",
+            ),
             source_up: gauge_by_source("sluice_source_up", "1 while the source's connection is up, else 0"),
             source_finished: gauge_by_source(
                 "sluice_source_finished",
@@ -472,6 +479,7 @@ impl Metrics {
             Box::new(mirrored.source_frames.clone()),
             Box::new(mirrored.source_dropped.clone()),
             Box::new(mirrored.source_reconnects.clone()),
+            Box::new(mirrored.source_write_timeouts.clone()),
             Box::new(mirrored.source_up.clone()),
             Box::new(mirrored.source_finished.clone()),
             Box::new(mirrored.source_last_message_age.clone()),
@@ -538,6 +546,7 @@ impl Metrics {
         mirror(&m.source_frames.with_label_values(&labels), s.frames);
         mirror(&m.source_dropped.with_label_values(&labels), s.dropped);
         mirror(&m.source_reconnects.with_label_values(&labels), s.reconnects);
+        mirror(&m.source_write_timeouts.with_label_values(&labels), s.write_timeouts);
         m.source_up.with_label_values(&labels).set(i64::from(s.up));
         m.source_finished.with_label_values(&labels).set(i64::from(s.finished));
         if s.last_message_us > 0 {
