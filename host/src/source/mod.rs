@@ -456,8 +456,12 @@ async fn read_loop(
                     Some(text) => Message::text(text.as_str()),
                     None => Message::Ping(Bytes::from_static(b"sluice")),
                 };
-                if let Err(e) = write(config, stats, ws, ping).await {
-                    return End::Lost(format!("could not send a ping: {e}"));
+                // A stop does not wait for the write (up to `write_timeout_ms`).
+                tokio::select! {
+                    sent = write(config, stats, ws, ping) => if let Err(e) = sent {
+                        return End::Lost(format!("could not send a ping: {e}"));
+                    },
+                    _ = stopped(shutdown) => return End::Stop,
                 }
             }
             _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
@@ -671,6 +675,31 @@ mod tests {
         stop.send(true).unwrap();
         timeout(Duration::from_secs(2), task).await.expect("a stop is honoured while the venue floods").unwrap();
         assert_eq!(stats.state(), State::Stopped);
+        sim.shutdown().await;
+    }
+
+    /// A stop does not wait for a write the venue is not taking, however long `write_timeout_ms`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_does_not_wait_for_a_stalled_write() {
+        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        let sim = FeedSim::start(FeedSimConfig::default()).await.unwrap();
+        sim.handle().set_flood_pings(true);
+        let mut config = SourceConfig::new("stalled", &sim.url(Venue::Binance), "binance");
+        config.ping_interval_ms = 100;
+        config.write_timeout_ms = 600_000;
+        let (tx, mut rx) = queue::channel(1024, 1 << 20);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let stats = Arc::new(SourceStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, stats.clone(), limiter, stop_rx));
+        // Long enough for the socket's buffers to fill and a ping to wait on them.
+        sleep(Duration::from_secs(3)).await;
+        assert_eq!(stats.state(), State::Up);
+        let asked = Instant::now();
+        stop.send(true).unwrap();
+        timeout(Duration::from_secs(3), task).await.expect("the stop waited for the write").unwrap();
+        assert!(asked.elapsed() < Duration::from_millis(1_500), "stopped after {:?}", asked.elapsed());
         sim.shutdown().await;
     }
 
