@@ -91,7 +91,10 @@ impl Bench {
             EventConsumer::new(kafka, &self.bootstrap, &format!("group.{}", kafka.events_topic), Some("0"))
                 .expect("consumer"),
         );
-        let names = Names { sources: vec![Arc::from("bench")], symbols: self.symbols.clone() };
+        let names = Names {
+            sources: std::collections::HashMap::from([(1, Arc::from("bench"))]),
+            symbols: self.symbols.clone(),
+        };
         let settings = ProcessSettings { partitions: PARTITIONS, ..ProcessSettings::default() };
         let stats = ProcessStats::default();
         let stop = AtomicBool::new(false);

@@ -90,9 +90,17 @@ pub struct IngestConfig {
     /// Frames each worker's queue holds before sources drop (and count) them.
     #[serde(default = "defaults::queue_frames")]
     pub queue_frames: usize,
+    /// Bytes of frames each worker's queue holds before sources drop (and count) them: the bound
+    /// that holds when frames are large.
+    #[serde(default = "defaults::queue_bytes")]
+    pub queue_bytes: usize,
     /// Most frames decoded in one plugin call.
     #[serde(default = "defaults::max_frames_per_call")]
     pub max_frames_per_call: usize,
+    /// Most bytes of frames decoded in one plugin call (a larger frame goes alone): keep it well
+    /// under the decoders' `memory_bytes`, which must hold the frames, their records and the rest.
+    #[serde(default = "defaults::max_bytes_per_call")]
+    pub max_bytes_per_call: usize,
     /// Minimum spacing of connection attempts to one host.
     #[serde(default = "defaults::connect_interval_ms")]
     pub connect_interval_ms: u64,
@@ -103,7 +111,9 @@ impl Default for IngestConfig {
         IngestConfig {
             workers: defaults::workers(),
             queue_frames: defaults::queue_frames(),
+            queue_bytes: defaults::queue_bytes(),
             max_frames_per_call: defaults::max_frames_per_call(),
+            max_bytes_per_call: defaults::max_bytes_per_call(),
             connect_interval_ms: defaults::connect_interval_ms(),
         }
     }
@@ -179,6 +189,7 @@ impl From<&PluginConfig> for crate::plugin::Limits {
             deadline: std::time::Duration::from_millis(p.deadline_ms),
             output_bytes: p.output_bytes,
             max_symbols: p.max_symbols,
+            max_symbol_bytes: p.max_symbol_bytes,
             state_bytes: p.state_bytes,
         }
     }
@@ -209,10 +220,15 @@ pub struct PluginConfig {
     /// Largest output per call.
     #[serde(default = "defaults::plugin_output_bytes")]
     pub output_bytes: usize,
-    /// Most symbols one instance of the plugin may name (frames are untrusted, and every name named
-    /// is kept in the dictionary for good); a frame past it is dead-lettered with the reason.
+    /// Most symbols the plugin may name in this process, all its instances together (frames are
+    /// untrusted, and every name named is kept in the dictionary for good); a frame past it is
+    /// dead-lettered with the reason.
     #[serde(default = "defaults::plugin_max_symbols")]
     pub max_symbols: u32,
+    /// Longest symbol name the plugin may name, in bytes; a frame naming a longer one is
+    /// dead-lettered with the reason.
+    #[serde(default = "defaults::plugin_max_symbol_bytes")]
+    pub max_symbol_bytes: usize,
     /// Most bytes of state (keys and values) one link of the plugin may keep; past it the link's
     /// calls fail with a typed error and its breaker opens.
     #[serde(default = "defaults::plugin_state_bytes")]
@@ -264,8 +280,15 @@ impl Config {
         for (i, link) in self.process.transforms.iter().enumerate() {
             self.check_plugin(&link.plugin).map_err(|e| format!("process: transforms[{i}] {e}"))?;
         }
-        if self.ingest.workers == 0 || self.ingest.queue_frames == 0 || self.ingest.max_frames_per_call == 0 {
-            return Err("ingest: workers, queue_frames and max_frames_per_call must be positive".into());
+        let i = &self.ingest;
+        if [i.workers, i.queue_frames, i.queue_bytes, i.max_frames_per_call, i.max_bytes_per_call].contains(&0) {
+            return Err(
+                "ingest: workers, queue_frames, queue_bytes, max_frames_per_call and max_bytes_per_call must be positive"
+                    .into(),
+            );
+        }
+        if i.queue_bytes > u32::MAX as usize {
+            return Err("ingest: queue_bytes must be at most 4 GiB".into());
         }
         if self.kafka.partitions <= 0 {
             return Err("kafka.partitions must be positive".into());
@@ -317,6 +340,12 @@ pub(crate) mod defaults {
     pub fn max_frames_per_call() -> usize {
         256
     }
+    pub fn queue_bytes() -> usize {
+        64 << 20
+    }
+    pub fn max_bytes_per_call() -> usize {
+        4 << 20
+    }
     pub fn connect_interval_ms() -> u64 {
         20
     }
@@ -337,6 +366,9 @@ pub(crate) mod defaults {
     }
     pub fn plugin_max_symbols() -> u32 {
         10_000
+    }
+    pub fn plugin_max_symbol_bytes() -> usize {
+        64
     }
     pub fn plugin_output_bytes() -> usize {
         16 << 20

@@ -40,6 +40,7 @@ impl DecodeStats {
             frames: connection.frames.load(Relaxed),
             dropped: connection.dropped.load(Relaxed),
             reconnects: connection.reconnects.load(Relaxed),
+            write_timeouts: connection.write_timeouts.load(Relaxed),
             up: connection.state() == crate::source::State::Up,
             finished: connection.state() == crate::source::State::Finished,
             last_message_us: connection.last_message_us.load(Relaxed),
@@ -374,17 +375,10 @@ impl Decoder {
             shadow.compare(crate::log::Stage::Decode, &decoded.records, result.as_ref().map(|d| d.records.as_slice()));
             self.plugin.shadow_outcome(result.is_some());
         }
-        // Names past the instance's cap are answered 0 as well: say which it was.
-        let (capped, cap) = self.plugin.instance().take_refused_symbols();
-        let unnamed_reason = if capped > 0 {
-            format!(
-                "a record names a new symbol past the plugin instance's cap of {cap} symbols \
-                 ([plugins.{}] max_symbols)",
-                self.plugin.code().name()
-            )
-        } else {
-            "a record names no symbol: the symbol dictionary could not be reached".to_owned()
-        };
+        // Names the host refused are answered 0 as well: say why (per call; a call's refusals
+        // cannot be told apart by frame).
+        let refused = self.plugin.instance().take_refused_symbols();
+        let unnamed_reason = unnamed_reason(refused, self.plugin.code());
         let mut out = DecodedBatch::default();
         let mut records = Delimited::new(&decoded.records);
         for (frame, &count) in frames.iter().zip(&decoded.counts) {
@@ -447,6 +441,26 @@ impl Decoder {
             }
         }
         Ok(out)
+    }
+}
+
+/// Why a frame whose record carries no symbol id was refused, given the names the host refused in
+/// the call.
+fn unnamed_reason(refused: crate::plugin::RefusedSymbols, code: &crate::plugin::PluginCode) -> String {
+    let (name, limits) = (code.name(), code.limits());
+    let too_long = format!(
+        "a record names a symbol longer than {} bytes ([plugins.{name}] max_symbol_bytes)",
+        limits.max_symbol_bytes
+    );
+    let over_quota = format!(
+        "a record names a new symbol past the plugin's quota of {} symbols ([plugins.{name}] max_symbols)",
+        limits.max_symbols
+    );
+    match (refused.too_long > 0, refused.over_quota > 0) {
+        (true, false) => too_long,
+        (false, true) => over_quota,
+        (true, true) => format!("{too_long}, or {}", over_quota.trim_start_matches("a record names ")),
+        (false, false) => "a record names no symbol: the symbol dictionary could not be reached".to_owned(),
     }
 }
 

@@ -105,10 +105,12 @@ impl Symbols {
 
     /// The dictionary kept in `topic` (one partition, created beforehand; see
     /// [`kafka::ensure_symbols_topic`](crate::log::kafka::ensure_symbols_topic)): reads every name already
-    /// there, so ids given out by any instance are known before the first record is handled.
+    /// there, so ids given out by any instance are known before the first record is handled. Reading
+    /// takes as long as the topic's size needs; `timeout` bounds each wait for the broker (a read
+    /// that makes no progress for that long fails), not the whole read.
     ///
     /// # Errors
-    /// When a client cannot be created or the topic cannot be read within `timeout`.
+    /// When a client cannot be created, or reading the topic makes no progress for `timeout`.
     pub fn shared(config: &KafkaConfig, brokers: &str, topic: &str, timeout: Duration) -> Result<Self, KafkaError> {
         let mut p = config.client_config(brokers);
         p.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "0");
@@ -216,6 +218,11 @@ impl Symbols {
         })
     }
 
+    /// The id `name` has, if this dictionary knows it already; never adds it.
+    pub fn id(&self, name: &str) -> Option<u32> {
+        self.read().ids.get(name).copied()
+    }
+
     /// The stable id of source `name`: kept in the same dictionary as the symbols (under a name no
     /// venue symbol can have), so records in the log keep meaning the same source whatever the order
     /// of the configuration, and every instance agrees on it.
@@ -281,22 +288,28 @@ impl Symbols {
         }
     }
 
-    /// Reads the topic up to its current end, learning every name.
+    /// Reads the topic up to its current end, learning every name. However long the topic, it
+    /// fails only when no record arrives for `log.timeout`: a dictionary that grew large is read to
+    /// its end rather than refused for taking longer than a fixed time.
     fn read_to_end(&self, log: &mut TopicLog) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + log.timeout;
         let (_, high) = log
             .consumer
             .fetch_watermarks(&log.topic, 0, log.timeout)
             .map_err(|e| KafkaError::Symbols(format!("cannot read the end of {}: {e}", log.topic)))?;
+        let mut progress_at = Instant::now();
         while log.next < high {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = (progress_at + log.timeout).saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(KafkaError::Symbols(format!("timed out reading {} at offset {}", log.topic, log.next)));
+                return Err(KafkaError::Symbols(format!(
+                    "reading {} made no progress for {:?} at offset {} of {high}",
+                    log.topic, log.timeout, log.next
+                )));
             }
             match log.consumer.poll(left.min(Duration::from_millis(200))) {
                 None => {}
                 Some(Err(e)) => return Err(KafkaError::Symbols(format!("reading {}: {e}", log.topic))),
                 Some(Ok(m)) => {
+                    progress_at = Instant::now();
                     let offset = m.offset();
                     log.next = offset + 1;
                     let Some(name) = m.payload().and_then(|p| std::str::from_utf8(p).ok()) else {
@@ -377,6 +390,40 @@ mod tests {
         assert_eq!(s.source_name(binance).as_deref(), Some("binance"));
         assert_eq!(s.source_name(btc), None);
         assert_eq!(s.source_name(binance + 1), None);
+    }
+
+    /// A dictionary that takes longer to read than the timeout still opens while the read makes
+    /// progress: the timeout is for a broker that stops answering, not for a topic that grew (a
+    /// start that had to read the whole topic within it failed for good once the topic was large
+    /// enough, and no instance could start). Against librdkafka's mock cluster, with a round trip
+    /// of 100 ms and one batch of ten names per fetch, reading 300 names takes three seconds.
+    #[test]
+    fn a_large_dictionary_is_read_to_its_end_however_long_it_takes() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{DefaultProducerContext, ThreadedProducer};
+        let cluster = MockCluster::new(1).unwrap();
+        let topic = "sluice.symbols";
+        cluster.create_topic(topic, 1, 1).unwrap();
+        let kafka = KafkaConfig::default();
+        let bootstrap = cluster.bootstrap_servers();
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            kafka.client_config(&bootstrap).set("batch.num.messages", "10").set("linger.ms", "50").create().unwrap();
+        let names = 300;
+        for i in 0..names {
+            let name = format!("SYMBOL{i:03}/USD");
+            producer.send(BaseRecord::<(), str>::to(topic).payload(&name)).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        cluster.broker_round_trip_time(-1, Duration::from_millis(100)).unwrap();
+        let mut slow = kafka.clone();
+        slow.options.insert("fetch.message.max.bytes".into(), "1".into());
+        let timeout = Duration::from_secs(1);
+        let started = Instant::now();
+        let symbols = Symbols::shared(&slow, &bootstrap, topic, timeout).unwrap();
+        let took = started.elapsed();
+        assert_eq!(symbols.len(), names);
+        assert_eq!(symbols.id("SYMBOL000/USD"), Some(1));
+        assert!(took > 2 * timeout, "the read took only {took:?}: nothing shows it may outlast the timeout");
     }
 
     #[test]

@@ -101,7 +101,7 @@ fn a_frame_whose_symbol_cannot_be_named_is_refused_and_the_next_one_asks_again()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Symbol names come from untrusted frames: a plugin instance names at most `max_symbols` of them.
+/// Symbol names come from untrusted frames: a plugin version names at most `max_symbols` of them.
 /// A frame that would pass the cap is refused with the reason (and counted), and the dictionary does
 /// not grow with it; symbols named before keep decoding.
 #[test]
@@ -129,4 +129,70 @@ fn a_frame_past_the_symbol_cap_is_refused_and_the_dictionary_does_not_grow() {
     );
     assert_eq!(out.total().rejects, 2);
     assert_eq!(symbols.len(), 2, "the dictionary grew past the cap");
+}
+
+/// The quota is the plugin version's, not an instance's: an instance rebuilt after a failure (which
+/// a hostile feed can cause at will) and another worker's instance go on counting against the same
+/// quota, while every name named before keeps its id on any of them.
+#[test]
+fn the_symbol_quota_survives_a_rebuilt_instance_and_is_shared_by_every_instance() {
+    let symbols = Arc::new(Symbols::new());
+    let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits { max_symbols: 2, ..Limits::default() }).unwrap();
+    let decode = |plugin: &mut PluginInstance, names: &[&str]| -> Vec<u32> {
+        let mut frames = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            plugin_sdk::wire::push_delimited(&mut frames, aggtrade(name, i as u64 + 1).as_bytes());
+        }
+        let out = plugin.decode(&frames).unwrap();
+        Delimited::new(&out.records).map(|r| StreamDataView::parse(r.unwrap()).unwrap().symbol_id).collect()
+    };
+    let mut first = PluginInstance::new(&code, &[]).unwrap();
+    let named = decode(&mut first, &["AAAUSDT", "BBBUSDT"]);
+    assert!(named.iter().all(|&id| id != 0), "{named:?}");
+    // What a failed call does: the instance is thrown away, the next call gets a fresh one.
+    first.discard();
+    assert_eq!(decode(&mut first, &["CCCUSDT", "AAAUSDT", "BBBUSDT"]), [0, named[0], named[1]]);
+    assert_eq!(first.take_refused_symbols().over_quota, 1);
+    // Another worker's instance of the same version: the same quota.
+    let mut second = PluginInstance::new(&code, &[]).unwrap();
+    assert_eq!(decode(&mut second, &["DDDUSDT", "BBBUSDT"]), [0, named[1]]);
+    assert_eq!(symbols.len(), 2, "the dictionary grew past the quota");
+}
+
+/// A name longer than `max_symbol_bytes` is refused whatever the quota (a feed that names a fresh
+/// 900 KB symbol in every frame would otherwise fill the guest's heap and the dictionary): its frame
+/// is dead-lettered with the reason, the refusal counted per plugin version, and the dictionary does
+/// not grow; other frames of the batch decode.
+#[test]
+fn a_symbol_name_over_the_length_cap_is_refused_and_counted() {
+    let symbols = Arc::new(Symbols::new());
+    let metrics = Arc::new(sluice::telemetry::Metrics::new());
+    let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone())
+        .unwrap()
+        .with_metrics(metrics.clone());
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits::default()).unwrap();
+    let mut decoder = Decoder::new(PluginInstance::new(&code, &[]).unwrap());
+    let huge = "X".repeat(900_000);
+    let frames: Vec<Frame> = (0..3)
+        .map(|i| frame(1, i, &aggtrade(&format!("{huge}{i}"), i as u64 + 1)))
+        .chain([frame(1, 3, &aggtrade("BTCUSDT", 10)), frame(1, 4, &aggtrade(&"Y".repeat(65), 11))])
+        .collect();
+    let out = decoder.decode(&frames).unwrap();
+    assert_eq!(out.total().records, 1);
+    assert_eq!(out.rejects.len(), 4);
+    assert!(
+        out.rejects.iter().all(|r| r.reason.contains("longer than 64 bytes") && r.reason.contains("max_symbol_bytes")),
+        "{:?}",
+        out.rejects.iter().map(|r| &r.reason).collect::<Vec<_>>()
+    );
+    assert_eq!(symbols.len(), 1, "only BTCUSDT is named");
+    let text = metrics.render();
+    let series = format!(
+        "sluice_plugin_symbols_refused_total{{plugin=\"binance\",reason=\"too_long\",version=\"{}\"}} 4",
+        code.version()
+    );
+    assert!(text.contains(&series), "{series} not in:\n{text}");
 }

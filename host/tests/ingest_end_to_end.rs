@@ -261,3 +261,100 @@ async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
     assert_eq!(decoded, sent, "{decoded} records decoded from {sent} trades over {rotations} rotations");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A local log in a fresh directory `name`, and its writer.
+fn local_log(name: &str) -> (std::path::PathBuf, Arc<sluice::log::Writer>) {
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
+    let writer = Arc::new(sluice::log::Writer::Local(
+        log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap(),
+    ));
+    (dir, writer)
+}
+
+/// A Binance aggTrade frame of trade `id`, with `pad` as a field the decoder skips.
+fn aggtrade_line(id: u64, pad: &str) -> String {
+    format!(
+        r#"{{"e":"aggTrade","E":1,"s":"BTCUSDT","a":{id},"p":"1.5","q":"2","f":1,"l":1,"T":1700000000000,"m":false,"M":true,"pad":"{pad}"}}"#
+    ) + "\n"
+}
+
+/// A file source named `name` replaying `path` through the Binance decoder.
+fn recording(name: &str, path: std::path::PathBuf) -> SourceConfig {
+    let mut source = SourceConfig::new(name, "", "binance");
+    source.kind = sluice::config::SourceKind::File;
+    source.path = Some(path);
+    source
+}
+
+/// Waits until `decode` counts `frames` frames decoded or refused.
+async fn decoded(decode: &sluice::pipeline::DecodeStats, frames: u64) {
+    let started = std::time::Instant::now();
+    while decode.records.load(Ordering::Relaxed) + decode.rejects.load(Ordering::Relaxed) < frames {
+        assert!(started.elapsed() < Duration::from_secs(60), "only {decode:?} after a minute");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A backlog of large frames (a recording read as fast as decode takes it) is decoded in calls that
+/// fit the decoder's memory: `max_bytes_per_call` bounds a call, not only `max_frames_per_call`, so
+/// no call hits the memory cap (to be retried frame by frame on fresh instances) and every frame
+/// decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_frames_is_decoded_in_calls_that_fit_the_plugin() {
+    let (dir, writer) = local_log("large-frames");
+    // 300 trades of 100 KB each: 30 MB, where the decoder has 8 MiB.
+    let pad = "x".repeat(100_000);
+    let path = dir.join("large.jsonl");
+    std::fs::write(&path, (1..=300).map(|id| aggtrade_line(id, &pad)).collect::<String>()).unwrap();
+    let rt = Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))
+        .unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = rt.compile("binance", &wasm, Limits { memory_bytes: 8 << 20, ..Limits::default() }).unwrap();
+    let plugins = HashMap::from([("binance".to_owned(), Slot::new(code.clone()))]);
+    let settings = IngestSettings { workers: 1, max_bytes_per_call: 1 << 20, ..IngestSettings::default() };
+    let ingest = Ingest::start(vec![recording("large", path)], &plugins, writer.clone(), settings).unwrap();
+    let decode = ingest.sources()[0].decode.clone();
+    decoded(&decode, 300).await;
+    ingest.stop().await;
+    let metrics = code.decode_metrics();
+    assert_eq!((decode.records.load(Ordering::Relaxed), decode.rejects.load(Ordering::Relaxed)), (300, 0));
+    assert_eq!(metrics.errors(), 0, "{} calls hit a limit", metrics.limit_errors.get());
+    assert!(metrics.calls.get() >= 30, "{} calls for 30 MB", metrics.calls.get());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Source ids come from the symbol dictionary, so a source added after a flood of names has a large
+/// one. The decode workers keep their per-source tables by id, so a source with id 4,000,000,000
+/// costs what any other does (tables sized by the largest id would need tens of gigabytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_a_huge_id_costs_what_any_other_does() {
+    let (dir, writer) = local_log("huge-id");
+    let path = dir.join("trades.jsonl");
+    std::fs::write(&path, (1..=3).map(|id| aggtrade_line(id, "")).collect::<String>()).unwrap();
+    let rt = Runtime::new(RuntimeSettings { max_instances: 8, ..RuntimeSettings::default() }, Arc::new(Symbols::new()))
+        .unwrap();
+    let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let plugins =
+        HashMap::from([("binance".to_owned(), Slot::new(rt.compile("binance", &wasm, Limits::default()).unwrap()))]);
+    let id = 4_000_000_000;
+    let marks = sluice::log::marks::Marks::default();
+    let ingest = Ingest::start_with_ids(
+        vec![recording("late", path)],
+        &[id],
+        &plugins,
+        writer.clone(),
+        IngestSettings { workers: 2, ..IngestSettings::default() },
+        &marks,
+    )
+    .unwrap();
+    decoded(&ingest.sources()[0].decode.clone(), 3).await;
+    ingest.stop().await;
+    writer.flush(Duration::from_secs(10)).unwrap();
+    let records = sluice::log::local::read_all(&dir.join("log.sqlite")).unwrap();
+    let sources: Vec<u32> = records.iter().map(|(_, r)| StreamDataView::parse(r).unwrap().source_id).collect();
+    assert_eq!(sources, [id; 3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

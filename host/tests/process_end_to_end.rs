@@ -92,7 +92,7 @@ fn process_until(
     let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &poison).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(kafka, bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 3, batch: BatchConfig::default(), ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
@@ -228,7 +228,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &mode).unwrap())])]);
     let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings {
         partitions: 1,
         max_poll_records: 100,
@@ -371,7 +371,8 @@ fn abandoned_poll_scenario(druid: bool) {
     });
     // The Druid sink keeps its position in the consumer group: every run joins the same one.
     let group = unique_topic("group");
-    let names = Names { sources: vec![Arc::from("one"), Arc::from("two")], symbols: symbols.clone() };
+    let names =
+        Names { sources: HashMap::from([(1, Arc::from("one")), (2, Arc::from("two"))]), symbols: symbols.clone() };
     let settings = ProcessSettings {
         partitions: 1,
         max_poll_records: 100,
@@ -509,7 +510,8 @@ fn held_source_scenario(druid: bool) {
         .unwrap()
     });
     let group = unique_topic("group");
-    let names = Names { sources: vec![Arc::from("one"), Arc::from("two")], symbols: symbols.clone() };
+    let names =
+        Names { sources: HashMap::from([(1, Arc::from("one")), (2, Arc::from("two"))]), symbols: symbols.clone() };
     let settings = ProcessSettings {
         partitions: 1,
         max_poll_records: 100,
@@ -665,7 +667,7 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings {
         partitions: 1,
         breaker: BreakerConfig { failure_threshold: 1, ..BreakerConfig::default() },
@@ -736,7 +738,7 @@ fn a_record_of_an_unknown_symbol_is_dead_lettered_not_rolled_up_nameless() {
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let store_path = dir.join("store.sqlite");
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
@@ -808,7 +810,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let store_path = std::env::temp_dir().join(format!("sluice-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 2, ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
@@ -886,7 +888,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let store_path = std::env::temp_dir().join(format!("sluice-new-partitions-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&store_path);
     let mut store = EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 2, ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
@@ -983,7 +985,7 @@ fn a_failed_commit_does_not_dead_letter_a_record_twice() {
             "CREATE TRIGGER refuse BEFORE INSERT ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
         )
         .unwrap();
-    let names = Names { sources: vec![Arc::from("binance")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("binance"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
@@ -1059,7 +1061,10 @@ fn run_local(
     }
     let reader = Reader::Local(log.reader().unwrap(), log.clone());
     let mut store = EmbeddedStore::open(&dir.join("store.sqlite"), Duration::from_secs(60)).unwrap();
-    let names = Names { sources: vec![Arc::from("chained"), Arc::from("plain")], symbols: symbols.clone() };
+    let names = Names {
+        sources: HashMap::from([(1, Arc::from("chained")), (2, Arc::from("plain"))]),
+        symbols: symbols.clone(),
+    };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
@@ -1366,7 +1371,7 @@ fn unsure_commit_scenario(druid: bool) {
         None => Box::new(EmbeddedStore::open(&store_path, Duration::from_secs(60)).unwrap()),
     };
     let mut sink = CommitsThenSaysFailed { inner, fail_once: true };
-    let names = Names { sources: vec![Arc::from("counted")], symbols: symbols.clone() };
+    let names = Names { sources: HashMap::from([(1, Arc::from("counted"))]), symbols: symbols.clone() };
     let settings = ProcessSettings { partitions: 1, ..ProcessSettings::default() };
     let stats = ProcessStats::default();
     let stop = AtomicBool::new(false);

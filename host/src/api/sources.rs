@@ -54,6 +54,8 @@ struct SourceView<'a> {
     /// Times a worker could not start the plugin's active version (it stays on the one it runs).
     plugin_start_failures: u64,
     reconnects: u64,
+    /// Connections given up because the venue stopped taking our writes (see `SourceStats`).
+    write_timeouts: u64,
     frames: u64,
     records: u64,
     rejects: u64,
@@ -105,6 +107,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     .collect(),
                 plugin_start_failures: e.slot.start_failures(),
                 reconnects: e.stats.reconnects.load(Relaxed),
+                write_timeouts: e.stats.write_timeouts.load(Relaxed),
                 frames: e.stats.frames.load(Relaxed),
                 records: e.decode.records.load(Relaxed),
                 rejects: e.decode.rejects.load(Relaxed),

@@ -206,6 +206,11 @@ impl Connection {
             tokio::time::interval_at(Instant::now() + period, period)
         });
         loop {
+            if self.shared.flood_pings.load(Ordering::Relaxed)
+                && let Err(stop) = self.flood_pings().await
+            {
+                return stop;
+            }
             let close = tokio::time::sleep_until(self.closing_at.unwrap_or_else(Instant::now));
             let closing = self.closing_at.is_some();
             let event = tokio::select! {
@@ -268,6 +273,8 @@ impl Connection {
             }
             Control::Malformed => venue::malformed_frame(self.venue).to_owned(),
             Control::Oversized => venue::oversized_frame(self.venue, self.shared.config.oversized_frame_bytes),
+            // Taken up at the top of the serving loop.
+            Control::FloodPings => return Ok(()),
         };
         self.send(text.into()).await
     }
@@ -378,6 +385,23 @@ impl Connection {
 
     /// Sends one text frame; gives up if the connection is dropped or the simulator stops meanwhile
     /// (a client that does not read must not keep the fault injections from working).
+    /// While the flood is on: pings back to back and nothing read, not even the client's pongs, so
+    /// they fill the socket buffers until the client's writes block (a server that stopped reading).
+    async fn flood_pings(&mut self) -> Result<(), Stop> {
+        let ping = bytes::Bytes::from_static(&[b'p'; 125]);
+        while self.shared.flood_pings.load(Ordering::Relaxed) {
+            tokio::select! {
+                sent = self.ws.send(Message::Ping(ping.clone())) => if let Err(e) = sent {
+                    debug!(error = %e, "feedsim connection write failed");
+                    return Err(Stop("write failed"));
+                },
+                _ = self.drops.changed() => return Err(Stop(DROPPED)),
+                _ = stopped(&mut self.shutdown) => return Err(Stop(SHUT_DOWN)),
+            }
+        }
+        Ok(())
+    }
+
     async fn send(&mut self, text: Utf8Bytes) -> Result<(), Stop> {
         tokio::select! {
             sent = self.ws.send(Message::Text(text)) => match sent {

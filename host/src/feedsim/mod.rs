@@ -84,8 +84,8 @@
 //! [`FeedSimHandle`] reports, per (venue, symbol), which trade ids reached at least one socket
 //! ([`FeedSimHandle::sent_ids`]) and which were skipped on purpose ([`FeedSimHandle::skipped_ids`]),
 //! counts connections and frames, and injects faults: dropping every connection without a close frame,
-//! ignoring pings, a venue shutdown notice followed by a close, a gap in the trade ids, a malformed
-//! and an oversized frame.
+//! ignoring pings, flooding pings while reading nothing, a venue shutdown notice followed by a close,
+//! a gap in the trade ids, a malformed and an oversized frame.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sluice::feedsim::FeedSimError> {
@@ -300,6 +300,7 @@ impl FeedSim {
         let shared = Arc::new(Shared {
             config,
             ignore_pings: Arc::new(AtomicBool::new(false)),
+            flood_pings: AtomicBool::new(false),
             controls: broadcast::channel(16).0,
             drops: watch::channel(0).0,
             shutdown: shutdown_rx,
@@ -405,6 +406,16 @@ impl FeedSimHandle {
         self.shared.ignore_pings.store(ignore, Ordering::Relaxed);
     }
 
+    /// While `flood` is true, every connection (open now or accepted later) sends WebSocket pings
+    /// back to back and reads nothing, not even the pongs: a server that stopped reading, whose
+    /// client's writes block once the socket buffers are full. `false` lets the connections still
+    /// open serve again. Answers how many connections were open.
+    pub fn set_flood_pings(&self, flood: bool) -> usize {
+        self.shared.flood_pings.store(flood, Ordering::Relaxed);
+        // Wakes the connections waiting for something to do.
+        self.control(Control::FloodPings)
+    }
+
     /// Sends the venue's shutdown notice on every connection, then closes each (with a close frame)
     /// [`FeedSimConfig::shutdown_notice_close_ms`] later. New connections are still accepted.
     pub fn send_shutdown_notice(&self) -> usize {
@@ -459,6 +470,8 @@ enum Control {
     ShutdownNotice,
     Malformed,
     Oversized,
+    /// [`FeedSimHandle::set_flood_pings`] changed.
+    FloodPings,
 }
 
 /// State shared by the accept loop, the connections, the generators and the handles.
@@ -467,6 +480,8 @@ struct Shared {
     config: FeedSimConfig,
     /// Read by every connection's [`conn::PingFilter`].
     ignore_pings: Arc<AtomicBool>,
+    /// Every connection floods pings and reads nothing while set.
+    flood_pings: AtomicBool,
     /// Frame-sending fault injections, to every connection.
     controls: broadcast::Sender<Control>,
     /// Bumped to drop every connection; the receiver count is the number of open connections.

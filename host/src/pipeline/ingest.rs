@@ -1,8 +1,9 @@
-//! The ingest role: each source task reads its feed and `try_send`s frames into the bounded queue of
-//! the decode worker that owns the source (`source id % workers`, so one worker sees all of a
-//! source's frames and its trade-id state). A worker drains what is queued (up to
-//! `max_frames_per_call`), decodes it with one plugin call per plugin binding, and hands the records
-//! to the hand-off writer (Kafka, or the local log); refused frames are dead-lettered.
+//! The ingest role: each source task reads its feed and `try_send`s frames into the queue of the
+//! decode worker that owns the source (`source id % workers`, so one worker sees all of a source's
+//! frames and its trade-id state), bounded in frames and in bytes. A worker drains what is queued
+//! (up to `max_frames_per_call` frames and `max_bytes_per_call` bytes), decodes it with one plugin
+//! call per plugin binding, and hands the records to the hand-off writer (Kafka, or the local log);
+//! refused frames are dead-lettered.
 //!
 //! What a worker hands over for one drained queue goes as one [`Handover`]: the records, the dead
 //! letters of the same frames, and the marks they move (each symbol's recent trade ids, each file
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::{SourceConfig, SourceKind};
 pub use crate::decode::DecodeStats;
@@ -24,7 +25,8 @@ use crate::log::marks::{FileIdentity, FileMark, Marks};
 use crate::log::{DeadLetter, Handover, Stage, Writer};
 use crate::plugin::registry::{BoundPlugin, Slot};
 use crate::plugin::{PluginError, PluginInstance};
-use crate::source::{self, ConnectLimiter, Frame, SourceStats, slot};
+use crate::source::queue::{self, FrameReceiver};
+use crate::source::{self, ConnectLimiter, Frame, SourceStats};
 
 /// Tuning of the ingest role.
 #[derive(Clone, Debug)]
@@ -33,8 +35,12 @@ pub struct IngestSettings {
     pub workers: usize,
     /// Frames each worker's queue holds before sources start dropping (and counting) them.
     pub queue_frames: usize,
+    /// Bytes of frames each worker's queue holds before sources start dropping them.
+    pub queue_bytes: usize,
     /// Most frames decoded in one plugin call.
     pub max_frames_per_call: usize,
+    /// Most bytes of frames decoded in one plugin call (a larger frame goes alone).
+    pub max_bytes_per_call: usize,
     /// Minimum spacing of connection attempts to one host.
     pub connect_interval: Duration,
 }
@@ -44,7 +50,9 @@ impl From<&crate::config::IngestConfig> for IngestSettings {
         IngestSettings {
             workers: c.workers,
             queue_frames: c.queue_frames,
+            queue_bytes: c.queue_bytes,
             max_frames_per_call: c.max_frames_per_call,
+            max_bytes_per_call: c.max_bytes_per_call,
             connect_interval: Duration::from_millis(c.connect_interval_ms),
         }
     }
@@ -228,27 +236,29 @@ impl Ingest {
         let mut senders = Vec::new();
         let mut worker_threads = Vec::new();
         for (w, decoders) in decoders.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel::<Frame>(settings.queue_frames);
+            let (tx, rx) = queue::channel(settings.queue_frames, settings.queue_bytes);
             senders.push(tx);
-            // Tables indexed by `slot(id)`; ids of sources not configured here are holes.
-            let size = ids.iter().copied().max().unwrap_or(0) as usize;
-            let mut by_id_binding = vec![None; size];
-            let mut by_id_names = vec![(String::new(), String::new()); size];
-            let mut by_id_stats: Vec<Arc<DecodeStats>> = (0..size).map(|_| Arc::default()).collect();
-            let mut by_id_file = vec![None; size];
-            for (i, h) in handles.iter().enumerate() {
-                by_id_binding[slot(h.id)] = Some(binding_of[i]);
-                by_id_names[slot(h.id)] = (h.config.name.clone(), h.config.decode.clone());
-                by_id_stats[slot(h.id)] = h.decode.clone();
-                by_id_file[slot(h.id)] = file_starts[i].as_ref().map(|f| f.identity.clone());
-            }
+            // The sources this worker decodes, by id.
+            let sources = handles
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.id as usize % workers == w)
+                .map(|(i, h)| {
+                    let known = Known {
+                        binding: binding_of[i],
+                        name: h.config.name.clone(),
+                        plugin: h.config.decode.clone(),
+                        stats: h.decode.clone(),
+                        file: file_starts[i].as_ref().map(|f| f.identity.clone()),
+                    };
+                    (h.id, known)
+                })
+                .collect();
             let ctx = WorkerContext {
-                binding_of: by_id_binding,
-                names: by_id_names,
-                decode_stats: by_id_stats,
-                files: by_id_file,
+                sources,
                 producer: producer.clone(),
                 max_frames: settings.max_frames_per_call.max(1),
+                max_bytes: settings.max_bytes_per_call.max(1),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-decode-{w}"))
@@ -307,15 +317,34 @@ impl Ingest {
 }
 
 struct WorkerContext {
-    /// Binding index of source `id` at `slot(id)` (`None` for ids no source here has).
-    binding_of: Vec<Option<usize>>,
-    /// (source name, plugin name) of source `id - 1`.
-    names: Vec<(String, String)>,
-    decode_stats: Vec<Arc<DecodeStats>>,
-    /// The recording of file source `id` at `slot(id)`, named in its position marks.
-    files: Vec<Option<FileIdentity>>,
+    /// The sources this worker decodes, by id: a map, since ids come from the symbol dictionary and
+    /// can be large (a table sized by the largest id could take gigabytes).
+    sources: HashMap<u32, Known>,
     producer: Arc<Writer>,
     max_frames: usize,
+    max_bytes: usize,
+}
+
+/// What a decode worker knows of one of its sources.
+struct Known {
+    /// The decoder binding that decodes it.
+    binding: usize,
+    /// Its name and its decode plugin's, for dead letters.
+    name: String,
+    plugin: String,
+    stats: Arc<DecodeStats>,
+    /// A file source's recording, named in its position marks.
+    file: Option<FileIdentity>,
+}
+
+impl WorkerContext {
+    fn stats(&self, source: u32) -> Option<&DecodeStats> {
+        self.sources.get(&source).map(|k| &*k.stats)
+    }
+
+    fn binding(&self, source: u32) -> Option<usize> {
+        self.sources.get(&source).map(|k| k.binding)
+    }
 }
 
 /// What one drained queue hands over: records, refused frames and the marks they move.
@@ -330,7 +359,7 @@ impl Outgoing {
     /// Refuses a frame, counted for its source.
     fn reject(&mut self, frame: &Frame, reason: String, ctx: &WorkerContext) {
         self.rejects.push(RejectedFrame { source: frame.source, bytes: frame.bytes.clone(), reason });
-        if let Some(s) = ctx.decode_stats.get(slot(frame.source)) {
+        if let Some(s) = ctx.stats(frame.source) {
             s.rejects.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -342,7 +371,7 @@ impl Outgoing {
             .iter()
             .map(|r| {
                 let (source, plugin) =
-                    ctx.names.get(slot(r.source)).map(|(s, p)| (s.as_str(), p.as_str())).unwrap_or(("", ""));
+                    ctx.sources.get(&r.source).map_or(("", ""), |k| (k.name.as_str(), k.plugin.as_str()));
                 DeadLetter {
                     stage: Stage::Decode,
                     source_id: r.source,
@@ -361,22 +390,42 @@ impl Outgoing {
     }
 }
 
-fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Decoder>, ctx: WorkerContext) {
+/// Takes the next batch off the queue into `batch`: the frame `carry` kept (or the next one, waiting
+/// for it), then what is queued, up to `max_frames` frames and `max_bytes` bytes (at least one
+/// frame). A frame that would pass `max_bytes` is kept in `carry` for the next batch. False once the
+/// queue is closed and empty.
+fn next_batch(
+    rx: &mut FrameReceiver,
+    carry: &mut Option<Frame>,
+    batch: &mut Vec<Frame>,
+    max_frames: usize,
+    max_bytes: usize,
+) -> bool {
+    batch.clear();
+    let Some(first) = carry.take().or_else(|| rx.blocking_recv()) else { return false };
+    let mut bytes = first.bytes.len();
+    batch.push(first);
+    while batch.len() < max_frames {
+        let Some(next) = rx.try_recv() else { break };
+        bytes += next.bytes.len();
+        if bytes > max_bytes {
+            *carry = Some(next);
+            break;
+        }
+        batch.push(next);
+    }
+    true
+}
+
+fn decode_worker(mut rx: FrameReceiver, mut decoders: HashMap<usize, Decoder>, ctx: WorkerContext) {
     let mut queued: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
     let mut group: Vec<Frame> = Vec::with_capacity(ctx.max_frames);
+    let mut carry = None;
     let mut out = Outgoing::default();
-    while let Some(first) = rx.blocking_recv() {
-        queued.clear();
-        queued.push(first);
-        while queued.len() < ctx.max_frames {
-            match rx.try_recv() {
-                Ok(f) => queued.push(f),
-                Err(_) => break,
-            }
-        }
+    while next_batch(&mut rx, &mut carry, &mut queued, ctx.max_frames, ctx.max_bytes) {
         // The furthest line of each file source this pass delivers (as records or dead letters).
         for f in queued.iter().filter(|f| f.file_offset > 0) {
-            let Some(Some(identity)) = ctx.files.get(slot(f.source)) else { continue };
+            let Some(identity) = ctx.sources.get(&f.source).and_then(|k| k.file.as_ref()) else { continue };
             match out.marks.files.iter_mut().find(|m| m.source == f.source) {
                 Some(m) => m.offset = m.offset.max(f.file_offset),
                 None => out.marks.files.push(FileMark {
@@ -397,13 +446,12 @@ fn decode_worker(mut rx: mpsc::Receiver<Frame>, mut decoders: HashMap<usize, Dec
             }
         });
         // One call per binding, frames in arrival order within it.
-        let mut bindings: Vec<usize> =
-            queued.iter().filter_map(|f| ctx.binding_of.get(slot(f.source)).copied().flatten()).collect();
+        let mut bindings: Vec<usize> = queued.iter().filter_map(|f| ctx.binding(f.source)).collect();
         bindings.sort_unstable();
         bindings.dedup();
         for b in bindings {
             group.clear();
-            group.extend(queued.iter().filter(|f| ctx.binding_of.get(slot(f.source)) == Some(&Some(b))).cloned());
+            group.extend(queued.iter().filter(|f| ctx.binding(f.source) == Some(b)).cloned());
             if let Some(decoder) = decoders.get_mut(&b) {
                 // A panic here must not end the worker silently (its sources would stop for good):
                 // the group's frames are dead-lettered with the panic's message, logged at ERROR,
@@ -437,7 +485,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
             out.records.extend_from_slice(decoded.records.as_bytes());
             out.rejects.extend(decoded.rejects);
             for &(source, symbol) in &decoded.gap_changes {
-                if let Some(s) = ctx.decode_stats.get(slot(source))
+                if let Some(s) = ctx.stats(source)
                     && let Ok(mut by_symbol) = s.gaps_by_symbol.lock()
                 {
                     by_symbol.insert(symbol, decoder.trade_ids().gaps(source, symbol));
@@ -445,7 +493,7 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
             }
             // One update per source present in the batch, not per record.
             for (source, c) in &decoded.per_source {
-                if let Some(s) = ctx.decode_stats.get(slot(*source)) {
+                if let Some(s) = ctx.stats(*source) {
                     s.records.fetch_add(c.records, Ordering::Relaxed);
                     s.rejects.fetch_add(c.rejects, Ordering::Relaxed);
                     s.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
@@ -469,5 +517,42 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
                 out.reject(f, e.to_string(), ctx);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn frame(len: usize) -> Frame {
+        Frame {
+            source: 1,
+            received_at_us: 0,
+            bytes: Bytes::from(vec![b'x'; len]),
+            oversized: None,
+            overlap: false,
+            file_offset: 0,
+        }
+    }
+
+    /// A backlog of large frames is decoded in calls of at most `max_bytes_per_call` (one frame
+    /// when a single frame is larger), not `max_frames_per_call` frames whatever their size: 256
+    /// frames of 1 MiB exceed a plugin's 64 MiB.
+    #[test]
+    fn a_batch_is_bounded_in_bytes_as_well_as_frames() {
+        let (tx, mut rx) = queue::channel(1024, 1 << 30);
+        for len in [1 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20, 6 << 20, 100, 100, 100] {
+            tx.try_send(frame(len)).unwrap();
+        }
+        drop(tx);
+        let (mut carry, mut batch, mut sizes) = (None, Vec::new(), Vec::new());
+        while next_batch(&mut rx, &mut carry, &mut batch, 2, 4 << 20) {
+            sizes.push(batch.iter().map(|f| f.bytes.len() >> 10).collect::<Vec<_>>());
+        }
+        let mib = 1 << 10;
+        let want: [&[usize]; 6] = [&[mib, mib], &[mib, mib], &[mib], &[6 * mib], &[0, 0], &[0]];
+        assert_eq!(sizes, want.map(<[usize]>::to_vec));
     }
 }

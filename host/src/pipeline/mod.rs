@@ -657,12 +657,9 @@ async fn start_process(
         _ => None,
     };
     let mut transformers = live_chains(config, source_ids, plugins, store_path.as_deref(), changelog.as_ref(), &stats)?;
-    // `sources[id - 1]` names source `id`; ids no configured source has are holes (their records are
-    // dead-lettered: no plugin is bound to them).
-    let mut sources: Vec<Arc<str>> = vec![Arc::from(""); source_ids.iter().copied().max().unwrap_or(0) as usize];
-    for (&id, source) in source_ids.iter().zip(&config.sources) {
-        sources[id as usize - 1] = Arc::from(source.name.as_str());
-    }
+    // The configured sources' names by id; records of other ids are dead-lettered (no plugin is
+    // bound to them).
+    let sources = source_ids.iter().zip(&config.sources).map(|(&id, s)| (id, Arc::from(s.name.as_str()))).collect();
     let names = Names { sources, symbols };
     health.set("breakers", true, "all closed");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -14,7 +14,6 @@ use crate::log::kafka::consumer::Polled;
 use crate::log::{Reader, Stage};
 use crate::plugin::{PluginCode, PluginError};
 use crate::sink::{Row, Sink};
-use crate::source::slot;
 use crate::telemetry::health::Health;
 use crate::transform::TransformedBatch;
 
@@ -167,7 +166,7 @@ impl ProcessStats {
     }
 
     fn breaker_changed(&self, names: &Names, source: u32, plugin: &str, open: bool) {
-        let source = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
+        let source = names.sources.get(&source).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
         self.breakers_open.lock().unwrap_or_else(|p| p.into_inner()).insert((source, plugin.to_owned()), open);
     }
 
@@ -258,8 +257,8 @@ impl LatencyWindow {
 
 /// What the process role needs to name things: source names by id and the symbol dictionary.
 pub struct Names {
-    /// `sources[id - 1]` is the name of source `id`.
-    pub sources: Vec<Arc<str>>,
+    /// The name of each source, by id (a map: ids come from the dictionary and can be large).
+    pub sources: HashMap<u32, Arc<str>>,
     /// The dictionary the ingest role interned into.
     pub symbols: Arc<crate::symbols::Symbols>,
 }
@@ -358,7 +357,7 @@ fn committed_progress(
 ) -> anyhow::Result<HashMap<(u32, i32), i64>> {
     let mut done = HashMap::new();
     for &source in chains.keys() {
-        let Some(name) = names.sources.get(slot(source)) else { continue };
+        let Some(name) = names.sources.get(&source) else { continue };
         let Some((_, entries)) = sink.committed_state(name, PROGRESS_LINK)? else { continue };
         for (key, value) in entries {
             if let (Ok(p), Ok(o)) = (<[u8; 4]>::try_from(key.as_slice()), <[u8; 8]>::try_from(value.as_slice())) {
@@ -398,7 +397,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     };
     stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
     if !holding.held.is_empty() {
-        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(slot(*s)).map(|n| &**n)).collect();
+        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(s).map(|n| &**n)).collect();
         tracing::warn!(
             sources = %held.join(", "),
             "a link's breaker is open: these sources' records wait in the log while the others go on"
@@ -533,7 +532,7 @@ fn route(
 /// When the sink's state cannot be read.
 pub fn restore_committed(chains: &mut HashMap<u32, Chain>, sink: &mut dyn Sink, names: &Names) -> anyhow::Result<()> {
     for chain in chains.values_mut() {
-        let Some(source) = names.sources.get(slot(chain.source())).cloned() else { continue };
+        let Some(source) = names.sources.get(&chain.source()).cloned() else { continue };
         for (i, link) in chain.links_mut().iter_mut().enumerate() {
             let Some(running) = link.state().format().map(str::to_owned) else { continue };
             let (format, entries) = sink.committed_state(&source, i as u32)?.unwrap_or((running, Vec::new()));
@@ -589,7 +588,7 @@ impl Transforming<'_> {
                 dead.push(DeadLetter { source, plugin: r.plugin, bytes: r.bytes, reason: r.reason });
             }
             // Every row names the source whose chain made it.
-            let source_name = self.names.sources.get(slot(source)).cloned().unwrap_or_else(|| Arc::from(""));
+            let source_name = self.names.sources.get(&source).cloned().unwrap_or_else(|| Arc::from(""));
             for v in &out.parsed {
                 let Some(symbol) = self.symbol(v.symbol_id) else {
                     let mut one = plugin_sdk::Records::new();
@@ -655,7 +654,7 @@ impl<'a> Guard<'a> {
     fn breaker_open(&self, plugin: &str) -> anyhow::Error {
         let (names, source) = (self.names, self.source);
         self.stats.breaker_changed(names, source, plugin, true);
-        let source_name = names.sources.get(slot(source)).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
+        let source_name = names.sources.get(&source).map(|s| s.to_string()).unwrap_or_else(|| source.to_string());
         if let Some(health) = &self.settings.health {
             health.set("breakers", false, format!("open for plugin {plugin} of source {source_name}"));
         }
@@ -761,7 +760,7 @@ fn flush(
         .map(|d| crate::sink::DeadLetter {
             stage: Stage::Transform,
             source_id: d.source,
-            source: names.sources.get(slot(d.source)).map(|s| &**s).unwrap_or(""),
+            source: names.sources.get(&d.source).map(|s| &**s).unwrap_or(""),
             plugin: &d.plugin,
             reason: &d.reason,
             bytes: &d.bytes,
@@ -775,7 +774,7 @@ fn flush(
     static NONE_DROPPED: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
     for (source, changes) in &progress {
         state.push(crate::sink::StateWrite {
-            source: names.sources.get(slot(*source)).map(|s| &**s).unwrap_or(""),
+            source: names.sources.get(source).map(|s| &**s).unwrap_or(""),
             link: PROGRESS_LINK,
             format: PROGRESS_FORMAT,
             reset: false,
@@ -817,7 +816,7 @@ fn flush(
 fn state_writes<'a>(chains: &'a HashMap<u32, Chain>, names: &'a Names) -> Vec<crate::sink::StateWrite<'a>> {
     let mut writes = Vec::new();
     for (id, chain) in chains {
-        let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+        let source = names.sources.get(id).map(|s| &**s).unwrap_or("");
         for (link, t) in chain.links().iter().enumerate().filter(|(_, t)| t.state().is_dirty()) {
             let (reset, changes) = t.state().pending();
             let format = t.state().format().unwrap_or("");
@@ -831,7 +830,7 @@ fn state_writes<'a>(chains: &'a HashMap<u32, Chain>, names: &'a Names) -> Vec<cr
 /// Each stateful link's committed state size, after a commit that wrote state.
 fn observe_state(m: &crate::telemetry::Metrics, chains: &HashMap<u32, Chain>, names: &Names) {
     for (id, chain) in chains {
-        let source = names.sources.get(slot(*id)).map(|s| &**s).unwrap_or("");
+        let source = names.sources.get(id).map(|s| &**s).unwrap_or("");
         for t in chain.links().iter().filter(|t| t.state().format().is_some()) {
             let bytes = i64::try_from(t.state().bytes()).unwrap_or(i64::MAX);
             m.process.state_bytes.with_label_values(&[source, t.plugin().name()]).set(bytes);

@@ -129,11 +129,10 @@ impl PluginInstance {
         &self.config
     }
 
-    /// Symbol names refused for [`Limits::max_symbols`](super::runtime::Limits::max_symbols) since the
-    /// last call of this, and the cap.
-    pub fn take_refused_symbols(&mut self) -> (u32, u32) {
-        let refused = self.live.as_mut().map_or(0, |l| l.store.data_mut().take_refused_symbols());
-        (refused, self.code.limits().max_symbols)
+    /// Symbol names refused since the last call of this, by why (too long, past the quota of
+    /// [`Limits`](super::runtime::Limits)).
+    pub fn take_refused_symbols(&mut self) -> super::RefusedSymbols {
+        self.live.as_mut().map_or_else(Default::default, |l| l.store.data_mut().take_refused_symbols())
     }
 
     /// Decodes length-delimited raw frames (see [`plugin_sdk::wire::push_delimited`]).

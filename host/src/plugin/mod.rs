@@ -15,4 +15,4 @@ mod world;
 pub use error::PluginError;
 pub use instance::{DecodeOutput, PluginInstance, PluginReject, TransformOutput};
 pub use runtime::{Limits, PluginCode, Runtime, RuntimeSettings, version_of};
-pub use world::{StateChanges, WORLD, WORLD_V1};
+pub use world::{RefusedSymbols, StateChanges, WORLD, WORLD_V1};

@@ -13,7 +13,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::error::PluginError;
-use super::world::{Guest, HostState, PluginPre, bindings, bindings_v1};
+use super::world::{Guest, HostState, PluginPre, SymbolQuota, bindings, bindings_v1};
 use crate::symbols::Symbols;
 use crate::telemetry::CallMetrics;
 
@@ -26,9 +26,13 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest output (records bytes) a single call may return.
     pub output_bytes: usize,
-    /// Most symbols one instance may name: names come from untrusted frames, and each one named is
-    /// kept in the dictionary for good. Past it the host answers 0 and the frame is refused.
+    /// Most symbols the plugin's version may name in this process, all its instances together (a
+    /// rebuilt instance does not start afresh): names come from untrusted frames, and each one named
+    /// is kept in the dictionary for good. Past it the host answers 0 and the frame is refused.
     pub max_symbols: u32,
+    /// Longest symbol name the host names, in bytes; a longer one is answered 0 and its frame
+    /// refused.
+    pub max_symbol_bytes: usize,
     /// Most bytes of state (keys and values) one link may keep committed and pending.
     pub state_bytes: usize,
 }
@@ -40,6 +44,7 @@ impl Default for Limits {
             deadline: Duration::from_millis(200),
             output_bytes: 16 << 20,
             max_symbols: 10_000,
+            max_symbol_bytes: 64,
             state_bytes: 16 << 20,
         }
     }
@@ -167,6 +172,10 @@ impl Runtime {
             Some(m) => m.plugin_calls(name, version, stage),
             None => CallMetrics::detached(),
         });
+        let refused = match &self.metrics {
+            Some(m) => m.symbols_refused(name, version),
+            None => crate::telemetry::detached_counters(),
+        };
         Ok(Arc::new(PluginCode {
             name: name.into(),
             version: version.into(),
@@ -176,6 +185,7 @@ impl Runtime {
             deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX),
             epoch_tick: self.settings.epoch_tick,
             symbols: self.symbols.clone(),
+            quota: Arc::new(SymbolQuota::new(limits.max_symbols, limits.max_symbol_bytes, refused)),
             engine: self.engine.clone(),
             _ticker: self.ticker.handle.clone(),
             state_format: std::sync::OnceLock::new(),
@@ -204,6 +214,8 @@ pub struct PluginCode {
     deadline_ticks: u64,
     epoch_tick: Duration,
     symbols: Arc<Symbols>,
+    /// The symbols this version may name, across all its instances and their rebuilds.
+    quota: Arc<SymbolQuota>,
     engine: Engine,
     /// Keeps the epoch ticker running while any plugin is alive.
     _ticker: Arc<TickerHandle>,
@@ -261,7 +273,7 @@ impl PluginCode {
     /// [`PluginError::Instantiate`].
     pub(super) fn fresh_instance(&self) -> Result<(Store<HostState>, Guest), PluginError> {
         let state =
-            HostState::new(self.name.clone(), self.symbols.clone(), self.limits.memory_bytes, self.limits.max_symbols);
+            HostState::new(self.name.clone(), self.symbols.clone(), self.limits.memory_bytes, self.quota.clone());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s.limiter());
         store.set_epoch_deadline(self.deadline_ticks);

@@ -49,11 +49,75 @@ pub(super) struct HostState {
     /// Time this call spent in the host's imports, and how much of it the deadline was moved back.
     import_time: Duration,
     extended: Duration,
-    /// Symbol ids this instance has named, up to its limit.
-    named: std::collections::HashSet<u32>,
+    /// What the plugin's version may name: shared by all its instances, so a rebuilt instance
+    /// does not start a new quota.
+    quota: Arc<SymbolQuota>,
+    /// Names refused since [`HostState::take_refused_symbols`] was last called.
+    refused_symbols: RefusedSymbols,
+}
+
+/// Symbol names a plugin asked for and the host answered 0, by why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusedSymbols {
+    /// Names longer than [`Limits::max_symbol_bytes`](super::Limits::max_symbol_bytes).
+    pub too_long: u32,
+    /// New names past [`Limits::max_symbols`](super::Limits::max_symbols).
+    pub over_quota: u32,
+}
+
+/// The symbols one plugin version may name, shared by all its instances (every worker's, and each
+/// one that replaces an instance that failed): names come from untrusted frames, every name named
+/// stays in the dictionary for good, and a quota per instance would start afresh at each rebuild,
+/// which a hostile feed can cause at will.
+#[derive(Debug)]
+pub(super) struct SymbolQuota {
+    /// Most distinct symbols the version may name.
     max_symbols: u32,
-    /// Names refused for the cap since [`HostState::take_refused_symbols`] was last called.
-    refused_symbols: u32,
+    /// Longest name, in bytes.
+    max_symbol_bytes: usize,
+    /// The ids named so far (at most `max_symbols`).
+    named: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Refusals for a name over `max_symbol_bytes`, and for a new name past `max_symbols`.
+    refused: [prometheus::IntCounter; 2],
+}
+
+impl SymbolQuota {
+    /// A quota of `max_symbols` names of at most `max_symbol_bytes` each, its refusals counted in
+    /// `refused` (too long, over the quota).
+    pub(super) fn new(max_symbols: u32, max_symbol_bytes: usize, refused: [prometheus::IntCounter; 2]) -> Self {
+        SymbolQuota { max_symbols, max_symbol_bytes, named: Default::default(), refused }
+    }
+
+    /// The id of `name` from `symbols`, or why it is refused. A name named before is answered even
+    /// when the quota is spent (a rebuilt instance asks again for the names it had).
+    fn intern(&self, symbols: &Symbols, name: &str) -> Result<u32, Refusal> {
+        if name.len() > self.max_symbol_bytes {
+            self.refused[0].inc();
+            return Err(Refusal::TooLong);
+        }
+        // Held while naming, so concurrent workers cannot pass the quota together.
+        let mut named = self.named.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if named.len() >= self.max_symbols as usize {
+            return match symbols.id(name).filter(|id| named.contains(id)) {
+                Some(id) => Ok(id),
+                None => {
+                    self.refused[1].inc();
+                    Err(Refusal::OverQuota)
+                }
+            };
+        }
+        let id = symbols.intern(name);
+        if id != 0 {
+            named.insert(id);
+        }
+        Ok(id)
+    }
+}
+
+/// Why [`SymbolQuota::intern`] answered no id.
+enum Refusal {
+    TooLong,
+    OverQuota,
 }
 
 const LOG_LINES_PER_CALL: u32 = 32;
@@ -62,9 +126,9 @@ const LOG_LINES_PER_CALL: u32 = 32;
 const MAX_IMPORT_EXTENSION: Duration = Duration::from_secs(5);
 
 impl HostState {
-    /// The state of a new instance of `plugin`: its memory capped at `memory_bytes`, at most
-    /// `max_symbols` symbols named into `symbols`.
-    pub(super) fn new(plugin: Arc<str>, symbols: Arc<Symbols>, memory_bytes: usize, max_symbols: u32) -> Self {
+    /// The state of a new instance of `plugin`: its memory capped at `memory_bytes`, the symbols it
+    /// names into `symbols` counted against its version's `quota`.
+    pub(super) fn new(plugin: Arc<str>, symbols: Arc<Symbols>, memory_bytes: usize, quota: Arc<SymbolQuota>) -> Self {
         let wasi = WasiCtx::builder()
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
@@ -85,9 +149,8 @@ impl HostState {
             last_error: None,
             import_time: Duration::ZERO,
             extended: Duration::ZERO,
-            named: std::collections::HashSet::new(),
-            max_symbols,
-            refused_symbols: 0,
+            quota,
+            refused_symbols: RefusedSymbols::default(),
         }
     }
 
@@ -115,8 +178,8 @@ impl HostState {
         self.last_error.as_deref()
     }
 
-    /// Symbol names refused for the cap since the last call of this.
-    pub(super) fn take_refused_symbols(&mut self) -> u32 {
+    /// Symbol names refused since the last call of this.
+    pub(super) fn take_refused_symbols(&mut self) -> RefusedSymbols {
         std::mem::take(&mut self.refused_symbols)
     }
 
@@ -182,18 +245,23 @@ impl host::Host for HostState {
     fn intern_symbol(&mut self, name: String) -> u32 {
         // The guest caches ids, so this runs once per new symbol per instance; a new name may wait
         // on the shared dictionary's topic, which must not count against the plugin's deadline.
-        if self.named.len() >= self.max_symbols as usize {
-            // Not named, so the dictionary does not grow; the plugin does not cache the 0 either.
-            self.refused_symbols = self.refused_symbols.saturating_add(1);
-            return 0;
-        }
         let started = std::time::Instant::now();
-        let id = self.symbols.intern(&name);
+        let id = self.quota.intern(&self.symbols, &name);
         self.import_time += started.elapsed();
-        if id != 0 {
-            self.named.insert(id);
+        // A refused name is not named, so the dictionary does not grow; the plugin does not cache
+        // the 0 either (nor keep the name).
+        let refused = &mut self.refused_symbols;
+        match id {
+            Ok(id) => id,
+            Err(Refusal::TooLong) => {
+                refused.too_long = refused.too_long.saturating_add(1);
+                0
+            }
+            Err(Refusal::OverQuota) => {
+                refused.over_quota = refused.over_quota.saturating_add(1);
+                0
+            }
         }
-        id
     }
 }
 

@@ -59,7 +59,8 @@ pub struct SourceConfig {
     /// cut connections at 24 h.
     #[serde(default = "defaults::max_connection_age_ms")]
     pub max_connection_age_ms: u64,
-    /// Largest frame accepted; larger ones close the connection and are counted.
+    /// Largest frame (or recording line) decoded: a larger one is cut to this size, counted and
+    /// dead-lettered; a WebSocket frame past four times this (at least 16 MiB) closes the connection.
     #[serde(default = "defaults::max_frame_bytes")]
     pub max_frame_bytes: usize,
     /// Socket read buffer per connection: larger reads fewer times under load, smaller keeps
@@ -81,6 +82,10 @@ pub struct SourceConfig {
     /// How long a connection attempt (TCP, TLS, handshake) may take.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long one write (a subscribe message, a ping) may wait for the socket: a venue that stops
+    /// reading fills the buffers, and the connection is given up rather than waited on.
+    #[serde(default = "defaults::write_timeout_ms")]
+    pub write_timeout_ms: u64,
 }
 
 /// What a file source does with a recording that changed under its path.
@@ -131,6 +136,7 @@ impl SourceConfig {
             healthy_after_ms: defaults::healthy_after_ms(),
             shutdown_notices: defaults::shutdown_notices(),
             connect_timeout_ms: defaults::connect_timeout_ms(),
+            write_timeout_ms: defaults::write_timeout_ms(),
         }
     }
 
@@ -156,6 +162,9 @@ impl SourceConfig {
         }
         if self.idle_timeout_ms == 0 {
             return field("idle_timeout_ms", "must be positive");
+        }
+        if self.write_timeout_ms == 0 {
+            return field("write_timeout_ms", "must be positive");
         }
         if self.max_connection_age_ms < 1000 {
             return field("max_connection_age_ms", "must be at least 1000");
@@ -262,5 +271,8 @@ mod defaults {
     }
     pub fn connect_timeout_ms() -> u64 {
         10_000
+    }
+    pub fn write_timeout_ms() -> u64 {
+        5_000
     }
 }

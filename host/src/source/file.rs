@@ -3,7 +3,8 @@
 //!
 //! Unlike a venue, a file can wait: a full queue holds the replay back instead of dropping frames,
 //! so a replay delivers every line (blank lines are skipped; a line longer than `max_frame_bytes` is
-//! cut and dead-lettered, as a live frame would be).
+//! cut and dead-lettered, as a live frame would be: only its first `max_frame_bytes` are kept, the
+//! rest is read past up to the next newline, so a line without end costs no memory).
 //!
 //! Each frame carries the byte offset just past its line, and the log commits the furthest offset
 //! delivered with the batch that delivered it (a [`FileMark`]). A restart ([`resume`]) goes on from
@@ -19,10 +20,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncSeekExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::queue::FrameSender;
 use super::{Frame, SourceStats, State};
 use crate::clock::now_us;
 use crate::log::marks::{FileIdentity, FileMark};
@@ -127,7 +129,7 @@ pub async fn replay(
     config: Arc<SourceConfig>,
     id: u32,
     start: u64,
-    out: mpsc::Sender<Frame>,
+    out: FrameSender,
     stats: Arc<SourceStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -155,27 +157,28 @@ pub async fn replay(
     let started = Instant::now();
     let (mut sent, mut offset) = (0u64, start);
     let mut finished = false;
+    // What is kept of the current line: at most `max_frame_bytes`, reused line after line.
+    let mut line = Vec::new();
     loop {
-        let mut line = Vec::new();
         let read = tokio::select! {
-            read = lines.read_until(b'\n', &mut line) => read,
+            read = read_line(&mut lines, &mut line, config.max_frame_bytes) => read,
             _ = shutdown.changed() => break,
         };
-        match read {
-            Ok(0) => {
+        let len = match read {
+            Ok((0, _)) => {
                 finished = true;
                 break;
             }
-            Ok(n) => offset += n as u64,
+            Ok((n, len)) => {
+                offset += n as u64;
+                len
+            }
             Err(e) => {
                 tracing::error!(source = %config.name, offset, error = %e, "reading the recording failed");
                 break;
             }
-        }
-        while matches!(line.last(), Some(b'\n' | b'\r')) {
-            line.pop();
-        }
-        if line.is_empty() {
+        };
+        if len == 0 {
             continue;
         }
         // Paced: frame n goes out at n / rate seconds after the start.
@@ -188,17 +191,16 @@ pub async fn replay(
         }
         let received_at_us = now_us();
         stats.frames.fetch_add(1, Ordering::Relaxed);
-        stats.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
         stats.last_message_us.store(received_at_us, Ordering::Relaxed);
-        let oversized = (line.len() > config.max_frame_bytes).then_some(line.len());
+        let oversized = (len > config.max_frame_bytes).then_some(len);
         if oversized.is_some() {
             stats.oversized.fetch_add(1, Ordering::Relaxed);
-            line.truncate(config.max_frame_bytes);
         }
         let frame = Frame {
             source: id,
             received_at_us,
-            bytes: Bytes::from(line),
+            bytes: Bytes::copy_from_slice(&line),
             oversized,
             overlap: false,
             file_offset: offset,
@@ -213,6 +215,44 @@ pub async fn replay(
     stats.set_state(if finished { State::Finished } else { State::Stopped });
 }
 
+/// Reads the next line into `kept`, keeping at most `max` bytes of it; the rest is read and
+/// dropped, so a line without end costs no memory. Answers the bytes read (0 at the end of the file)
+/// and the line's length without its ending (the `\n` and any `\r` before it); `kept` holds the
+/// whole line when that length is at most `max`.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    kept: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<(usize, usize)> {
+    kept.clear();
+    let (mut read, mut len, mut trailing_cr) = (0, 0, 0);
+    loop {
+        let (used, done) = {
+            let available = reader.fill_buf().await?;
+            if available.is_empty() {
+                break;
+            }
+            let (chunk, done) = match memchr::memchr(b'\n', available) {
+                Some(end) => (&available[..end], true),
+                None => (available, false),
+            };
+            kept.extend_from_slice(&chunk[..chunk.len().min(max.saturating_sub(kept.len()))]);
+            let crs = chunk.iter().rev().take_while(|&&b| b == b'\r').count();
+            trailing_cr = if crs == chunk.len() { trailing_cr + crs } else { crs };
+            len += chunk.len();
+            (chunk.len() + usize::from(done), done)
+        };
+        reader.consume(used);
+        read += used;
+        if done {
+            break;
+        }
+    }
+    let len = len - trailing_cr;
+    kept.truncate(len);
+    Ok((read, len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +263,53 @@ mod tests {
         c.path = Some(path.to_owned());
         c.if_changed = if_changed;
         c
+    }
+
+    /// A line longer than `max_frame_bytes` is cut and marked oversized, and what the frame keeps is
+    /// `max_frame_bytes`, not a buffer the size of the line; reading goes on at the next line.
+    #[tokio::test]
+    async fn an_over_long_line_is_cut_without_keeping_the_line() {
+        let dir = std::env::temp_dir().join(format!("sluice-file-long-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rec.jsonl");
+        let long = vec![b'x'; 3 << 20];
+        std::fs::write(&path, [&b"first\n"[..], &long, b"\r\n\r\nlast\r\n"].concat()).unwrap();
+        let mut config = source(&path, IfChanged::Refuse);
+        config.max_frame_bytes = 1024;
+        let (tx, mut rx) = crate::source::queue::channel(16, 1 << 20);
+        let stats = Arc::new(SourceStats::default());
+        let (_stop, stop_rx) = watch::channel(false);
+        replay(Arc::new(config), 1, 0, tx, stats.clone(), stop_rx).await;
+        let mut frames = Vec::new();
+        while let Some(f) = rx.try_recv() {
+            frames.push(f);
+        }
+        let seen: Vec<(usize, Option<usize>, u64)> =
+            frames.iter().map(|f| (f.bytes.len(), f.oversized, f.file_offset)).collect();
+        let long_end = 6 + (3 << 20) + 2;
+        assert_eq!(seen, [(5, None, 6), (1024, Some(3 << 20), long_end as u64), (4, None, long_end as u64 + 8)]);
+        assert_eq!(&frames[2].bytes[..], b"last");
+        assert_eq!(stats.oversized.load(Ordering::Relaxed), 1);
+        let cut = frames.swap_remove(1).bytes.try_into_mut().expect("the only reference");
+        assert!(cut.capacity() < 4096, "the cut line holds {} bytes", cut.capacity());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn lines_are_read_to_their_end_and_kept_up_to_the_cap() {
+        let text = b"ab\r\n\r\r\nabcdef\nabc\r\r\ntail";
+        let mut reader = tokio::io::BufReader::with_capacity(2, &text[..]);
+        let mut kept = Vec::new();
+        let mut lines = Vec::new();
+        loop {
+            let (read, len) = read_line(&mut reader, &mut kept, 3).await.unwrap();
+            if read == 0 {
+                break;
+            }
+            lines.push((read, len, String::from_utf8(kept.clone()).unwrap()));
+        }
+        let want = [(4, 2, "ab"), (3, 0, ""), (7, 6, "abc"), (6, 3, "abc"), (4, 4, "tai")];
+        assert_eq!(lines, want.map(|(r, l, k)| (r, l, k.to_owned())));
     }
 
     #[test]

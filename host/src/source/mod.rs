@@ -3,17 +3,21 @@
 //!
 //! A source connects (at most so often per host), sends its subscribe messages, and then reads. It
 //! answers pings, sends its own and treats a missing pong as a dead connection, reconnects when
-//! nothing arrives for too long, reconnects at once on a venue's shutdown notice, and otherwise backs
+//! nothing arrives for too long or a write waits too long (a venue that stops reading), reconnects at once on a venue's shutdown notice, and otherwise backs
 //! off exponentially with full jitter, never giving up. Before a connection gets too old it opens the
 //! next one first and closes the old one only when the new one delivers, so rotation loses nothing;
 //! the overlap's duplicates are dropped downstream by trade id.
 //!
 //! The read loop never waits for the rest of the pipeline: frames go into a bounded queue with
-//! `try_send`, and what a full queue refuses is counted per source.
+//! `try_send`, and what a full queue refuses is counted per source. Nor does it wait for the venue:
+//! pongs are queued for the socket (one at a time, sent as it takes them) and never awaited, and each
+//! of our own writes is bounded by `write_timeout_ms`, so a venue that floods pings and never reads
+//! cannot stop the timers or a shutdown.
 
 pub mod backoff;
 pub mod config;
 pub mod file;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -31,6 +35,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::source::config::SourceConfig;
 use backoff::Backoff;
+use queue::{FrameSender, Refused};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -41,7 +46,8 @@ pub struct Frame {
     pub source: u32,
     /// When it was read, microseconds since the Unix epoch.
     pub received_at_us: i64,
-    /// The frame's payload (text frames as their UTF-8 bytes), cut to `max_frame_bytes`.
+    /// The frame's payload (text frames as their UTF-8 bytes), cut to `max_frame_bytes` (a copy of
+    /// its start, so the frame read is not kept whole).
     pub bytes: Bytes,
     /// The original length when the frame was larger than `max_frame_bytes` and was cut; such a
     /// frame is dead-lettered, not decoded.
@@ -98,6 +104,9 @@ pub struct SourceStats {
     pub pong_timeouts: AtomicU64,
     /// Connections dropped for being idle.
     pub idle_timeouts: AtomicU64,
+    /// Connections given up because the venue stopped taking our writes: one waited longer than
+    /// `write_timeout_ms`, or found the unsent buffer full.
+    pub write_timeouts: AtomicU64,
     /// Shutdown notices from the venue.
     pub shutdown_notices: AtomicU64,
     /// When the last message arrived, microseconds since the Unix epoch (0: never).
@@ -178,7 +187,7 @@ enum Replace {
 pub async fn run(
     config: Arc<SourceConfig>,
     id: u32,
-    out: mpsc::Sender<Frame>,
+    out: FrameSender,
     stats: Arc<SourceStats>,
     limiter: Arc<ConnectLimiter>,
     mut shutdown: watch::Receiver<bool>,
@@ -203,7 +212,7 @@ pub async fn run(
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 first = false;
-                match connect(&config, &host, &limiter, &mut shutdown).await {
+                match connect(&config, &host, &limiter, &stats, &mut shutdown).await {
                     Ok(Some(ws)) => ws,
                     Ok(None) => break,
                     Err(e) => {
@@ -288,6 +297,7 @@ async fn connect(
     config: &SourceConfig,
     host: &str,
     limiter: &ConnectLimiter,
+    stats: &SourceStats,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Ws>, String> {
     let attempt = async {
@@ -299,15 +309,18 @@ async fn connect(
             .max_frame_size(Some(hard))
             .max_message_size(Some(hard))
             .read_buffer_size(config.read_buffer_bytes)
-            // We write little (subscriptions, pings): straight to the socket, no buffer to keep.
-            .write_buffer_size(0);
+            // We write little (subscriptions, pings): straight to the socket, no buffer to keep,
+            // and what a venue that does not read leaves unsent (pongs above all) cannot pile up.
+            .write_buffer_size(0)
+            .max_write_buffer_size(max_write_buffer(config));
         let connect = tokio_tungstenite::connect_async_with_config(config.url.as_str(), Some(ws_config), true);
         let (mut ws, _) = timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         for message in &config.subscribe {
-            ws.send(Message::text(message.as_str())).await.map_err(|e| format!("subscribe: {e}"))?;
+            let subscribe = Message::text(message.as_str());
+            write(config, stats, &mut ws, subscribe).await.map_err(|e| format!("subscribe: {e}"))?;
         }
         tracing::debug!(source = %config.name, "connected and subscribed");
         Ok::<_, String>(ws)
@@ -319,11 +332,6 @@ async fn connect(
 }
 
 use crate::clock::now_us;
-
-/// Index of source `id` in per-source tables (ids start at 1; 0 maps past the end).
-pub fn slot(id: u32) -> usize {
-    (id as usize).wrapping_sub(1)
-}
 
 /// What one message meant for the read loop.
 enum Read {
@@ -337,13 +345,15 @@ enum Read {
     End(End),
 }
 
-/// Handles one message from the venue: forwards data, answers pings, notes pongs.
-async fn on_message(
+/// Handles one message from the venue: forwards data, notes pongs. Pings need nothing here:
+/// tungstenite queues the pong as it reads the ping and sends it at the next read, as far as the
+/// socket takes it, so a venue that floods pings and never reads costs one queued pong, not a
+/// read loop stuck in a write.
+fn on_message(
     config: &SourceConfig,
     from: Origin,
-    ws: &mut Ws,
     msg: Option<Result<Message, tungstenite::Error>>,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     awaiting_pong: &mut Option<Instant>,
 ) -> Read {
@@ -365,13 +375,7 @@ async fn on_message(
     let bytes = match msg {
         Message::Text(text) => Bytes::from(text),
         Message::Binary(bytes) => bytes,
-        Message::Ping(payload) => {
-            // Answered right away: a queued automatic pong would wait for our next write.
-            if ws.send(Message::Pong(payload)).await.is_err() {
-                return Read::End(End::Lost("could not answer a ping".into()));
-            }
-            return Read::Continue;
-        }
+        Message::Ping(_) => return Read::Continue,
         Message::Pong(_) => {
             *awaiting_pong = None;
             return Read::Continue;
@@ -383,12 +387,10 @@ async fn on_message(
     };
     stats.frames.fetch_add(1, Ordering::Relaxed);
     stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    let (bytes, oversized) = if bytes.len() > config.max_frame_bytes {
+    let (bytes, oversized) = cut(bytes, config.max_frame_bytes);
+    if oversized.is_some() {
         stats.oversized.fetch_add(1, Ordering::Relaxed);
-        (bytes.slice(..config.max_frame_bytes), Some(bytes.len()))
-    } else {
-        (bytes, None)
-    };
+    }
     let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
     match out.try_send(Frame {
         source: from.id,
@@ -399,12 +401,19 @@ async fn on_message(
         file_offset: 0,
     }) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(Refused::Full) => {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return Read::End(End::Stop),
+        Err(Refused::Closed) => return Read::End(End::Stop),
     }
     if notice { Read::Notice } else { Read::Data }
+}
+
+/// A frame over `max` bytes cut to its first `max` (and its original length): a copy, since a slice
+/// would keep the whole frame read (up to the hard limit) alive while it waits in the queue and in
+/// the dead letters.
+fn cut(bytes: Bytes, max: usize) -> (Bytes, Option<usize>) {
+    if bytes.len() > max { (Bytes::copy_from_slice(&bytes[..max]), Some(bytes.len())) } else { (bytes, None) }
 }
 
 /// Substring search for shutdown notices, run on every frame: memchr's SIMD search, not a byte loop.
@@ -417,7 +426,7 @@ async fn read_loop(
     config: &SourceConfig,
     id: u32,
     ws: &mut Ws,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     shutdown: &mut watch::Receiver<bool>,
     up_since: Instant,
@@ -433,7 +442,7 @@ async fn read_loop(
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                match on_message(config, Origin { id, overlap: false }, ws, msg, out, stats, &mut awaiting_pong).await {
+                match on_message(config, Origin { id, overlap: false }, msg, out, stats, &mut awaiting_pong) {
                     Read::Continue | Read::Data => {}
                     Read::Notice => return End::Replace(Replace::ShutdownNotice),
                     Read::End(end) => return end,
@@ -447,8 +456,12 @@ async fn read_loop(
                     Some(text) => Message::text(text.as_str()),
                     None => Message::Ping(Bytes::from_static(b"sluice")),
                 };
-                if ws.send(ping).await.is_err() {
-                    return End::Lost("could not send a ping".into());
+                // A stop does not wait for the write (up to `write_timeout_ms`).
+                tokio::select! {
+                    sent = write(config, stats, ws, ping) => if let Err(e) = sent {
+                        return End::Lost(format!("could not send a ping: {e}"));
+                    },
+                    _ = stopped(shutdown) => return End::Stop,
                 }
             }
             _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
@@ -477,7 +490,7 @@ async fn replace(
     id: u32,
     host: &str,
     mut old: Ws,
-    out: &mpsc::Sender<Frame>,
+    out: &FrameSender,
     stats: &SourceStats,
     limiter: &ConnectLimiter,
     shutdown: &mut watch::Receiver<bool>,
@@ -487,7 +500,7 @@ async fn replace(
     let mut old_open = true;
     let mut new = {
         let mut stop = shutdown.clone();
-        let connecting = connect(config, host, limiter, &mut stop);
+        let connecting = connect(config, host, limiter, stats, &mut stop);
         tokio::pin!(connecting);
         loop {
             tokio::select! {
@@ -501,7 +514,7 @@ async fn replace(
                     }
                 },
                 msg = old.next(), if old_open => {
-                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
+                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                         old_open = false;
                     }
                 }
@@ -518,7 +531,7 @@ async fn replace(
     let mut new_open = true;
     while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
-            msg = new.next() => match on_message(config, Origin { id, overlap: true }, &mut new, msg, out, stats, &mut no_pong).await {
+            msg = new.next() => match on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                 Read::Data | Read::Notice => {
                     switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
                 }
@@ -529,7 +542,7 @@ async fn replace(
                 }
             },
             msg = old.next(), if old_open => {
-                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, &mut old, msg, out, stats, &mut no_pong).await {
+                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                     old_open = false;
                 }
             }
@@ -547,6 +560,28 @@ async fn replace(
         (false, true) => Some(old),
         (false, false) => None,
     }
+}
+
+/// Sends one message of ours, waiting at most `write_timeout_ms` for the socket to take it: a venue
+/// that stops reading fills the socket's buffers, and a write waiting on it for good would hold the
+/// read loop, its timers and a shutdown. A write that times out, or finds the unsent buffer full
+/// (both counted), ends the connection.
+async fn write(config: &SourceConfig, stats: &SourceStats, ws: &mut Ws, message: Message) -> Result<(), String> {
+    let limit = Duration::from_millis(config.write_timeout_ms);
+    let stalled = match timeout(limit, ws.send(message)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(tungstenite::Error::WriteBufferFull(_))) => "the unsent buffer is full".to_owned(),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => format!("the socket took nothing for {limit:?}"),
+    };
+    stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+    Err(format!("{stalled}: the venue is not reading"))
+}
+
+/// What tungstenite may hold unsent for one connection: our largest message (a subscription) and
+/// room for pings and pongs. Past it a write fails at once instead of buffering without end.
+fn max_write_buffer(config: &SourceConfig) -> usize {
+    config.subscribe.iter().map(String::len).max().unwrap_or(0) + (64 << 10)
 }
 
 /// The largest frame read at all: 16 MiB, or four times `max_frame_bytes` if that is more.
@@ -568,6 +603,18 @@ mod tests {
     fn host_of_urls() {
         assert_eq!(host_of("wss://stream.binance.com:9443/stream?streams=a"), "stream.binance.com:9443");
         assert_eq!(host_of("ws://127.0.0.1:80"), "127.0.0.1:80");
+    }
+
+    /// A frame over `max_frame_bytes` keeps a copy of its start: the large buffer it was read into
+    /// is freed, not held by the queue and the dead letter for as long as they keep the frame.
+    #[test]
+    fn a_cut_frame_does_not_keep_the_frame_read() {
+        let (kept, len) = cut(Bytes::from(vec![b'x'; 4 << 20]), 1024);
+        assert_eq!((kept.len(), len), (1024, Some(4 << 20)));
+        let buffer = kept.try_into_mut().expect("the only reference");
+        assert!(buffer.capacity() < 4096, "the cut frame holds {} bytes", buffer.capacity());
+        let small = Bytes::from_static(b"small");
+        assert_eq!(cut(small.clone(), 1024), (small, None));
     }
 
     #[test]
@@ -593,10 +640,97 @@ mod tests {
         config.connect_timeout_ms = 2_000;
         let limiter = ConnectLimiter::new(Duration::ZERO);
         let (_tx, mut rx) = watch::channel(false);
-        match connect(&config, &addr.to_string(), &limiter, &mut rx).await {
+        let stats = SourceStats::default();
+        match connect(&config, &addr.to_string(), &limiter, &stats, &mut rx).await {
             Err(e) => assert!(!e.is_empty()),
             Ok(_) => panic!("connected to a server that does not speak TLS"),
         }
+    }
+
+    /// A venue that floods pings and reads nothing fills the socket with our pongs. The read loop
+    /// goes on regardless (pongs are queued, never awaited), our next ping cannot be written, and the
+    /// source connects again, and again; a stop ends it within a second the whole time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_venue_that_floods_pings_and_never_reads_is_left_and_a_stop_is_honoured() {
+        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
+        sim.handle().set_flood_pings(true);
+        let mut config = SourceConfig::new("flood", &sim.url(Venue::Binance), "binance");
+        config.subscribe = vec![r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#.into()];
+        config.ping_interval_ms = 200;
+        config.write_timeout_ms = 300;
+        config.reconnect_min_ms = 50;
+        config.reconnect_max_ms = 100;
+        let (tx, mut rx) = queue::channel(1024, 1 << 20);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let stats = Arc::new(SourceStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, stats.clone(), limiter, stop_rx));
+        let started = Instant::now();
+        while stats.reconnects.load(Ordering::Relaxed) < 2 {
+            assert!(started.elapsed() < Duration::from_secs(20), "stuck on a venue that does not read: {stats:?}");
+            sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(true).unwrap();
+        timeout(Duration::from_secs(2), task).await.expect("a stop is honoured while the venue floods").unwrap();
+        assert_eq!(stats.state(), State::Stopped);
+        sim.shutdown().await;
+    }
+
+    /// A stop does not wait for a write the venue is not taking, however long `write_timeout_ms`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_does_not_wait_for_a_stalled_write() {
+        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        let sim = FeedSim::start(FeedSimConfig::default()).await.unwrap();
+        sim.handle().set_flood_pings(true);
+        let mut config = SourceConfig::new("stalled", &sim.url(Venue::Binance), "binance");
+        config.ping_interval_ms = 100;
+        config.write_timeout_ms = 600_000;
+        let (tx, mut rx) = queue::channel(1024, 1 << 20);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let stats = Arc::new(SourceStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, stats.clone(), limiter, stop_rx));
+        // Long enough for the socket's buffers to fill and a ping to wait on them.
+        sleep(Duration::from_secs(3)).await;
+        assert_eq!(stats.state(), State::Up);
+        let asked = Instant::now();
+        stop.send(true).unwrap();
+        timeout(Duration::from_secs(3), task).await.expect("the stop waited for the write").unwrap();
+        assert!(asked.elapsed() < Duration::from_millis(1_500), "stopped after {:?}", asked.elapsed());
+        sim.shutdown().await;
+    }
+
+    /// Pings are answered without a write of ours: tungstenite's queued pong goes out at the next
+    /// read, which the read loop makes at once.
+    #[tokio::test]
+    async fn pings_are_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (pong_tx, pong_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(socket).await.unwrap();
+            ws.send(Message::Ping(Bytes::from_static(b"are you there"))).await.unwrap();
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Pong(payload) = message {
+                    let _ = pong_tx.send(payload);
+                    break;
+                }
+            }
+        });
+        let mut config = SourceConfig::new("pong", &format!("ws://{addr}/"), "binance");
+        config.ping_interval_ms = 0;
+        let (tx, _rx) = queue::channel(16, 1 << 20);
+        let (stop, stop_rx) = watch::channel(false);
+        let limiter = Arc::new(ConnectLimiter::new(Duration::ZERO));
+        let task = tokio::spawn(run(Arc::new(config), 1, tx, Arc::new(SourceStats::default()), limiter, stop_rx));
+        let payload = timeout(Duration::from_secs(5), pong_rx).await.expect("no pong").unwrap();
+        assert_eq!(&payload[..], b"are you there");
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

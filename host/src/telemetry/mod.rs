@@ -56,6 +56,7 @@ pub(crate) struct Mirrored {
     pub(crate) source_frames: IntCounterVec,
     pub(crate) source_dropped: IntCounterVec,
     pub(crate) source_reconnects: IntCounterVec,
+    pub(crate) source_write_timeouts: IntCounterVec,
     pub(crate) source_up: IntGaugeVec,
     pub(crate) source_finished: IntGaugeVec,
     pub(crate) source_last_message_age: prometheus::GaugeVec,
@@ -99,6 +100,16 @@ struct PluginVecs {
     limit_errors: IntCounterVec,
     duration: HistogramVec,
     shadow_records: IntCounterVec,
+    symbols_refused: IntCounterVec,
+}
+
+/// Why a plugin's symbol name was refused, as the `reason` label spells it: longer than
+/// `max_symbol_bytes`, or new past `max_symbols`.
+pub const SYMBOL_REFUSALS: [&str; 2] = ["too_long", "over_quota"];
+
+/// Counters that count but are exported nowhere, one per [`SYMBOL_REFUSALS`] reason.
+pub fn detached_counters() -> [IntCounter; 2] {
+    SYMBOL_REFUSALS.map(|_| IntCounter::new("detached", "not exported").expect("a valid metric name"))
 }
 
 /// The stages a plugin's exports run in, as the `stage` label spells them.
@@ -193,6 +204,8 @@ pub struct SourceSample {
     pub dropped: u64,
     /// Reconnects.
     pub reconnects: u64,
+    /// Connections given up because the venue stopped taking our writes.
+    pub write_timeouts: u64,
     /// Whether a connection is up.
     pub up: bool,
     /// Whether a file source has delivered its whole recording.
@@ -308,6 +321,14 @@ impl Metrics {
                 &["plugin", "version", "result"],
             )
             .expect("valid"),
+            symbols_refused: IntCounterVec::new(
+                Opts::new(
+                    "sluice_plugin_symbols_refused_total",
+                    "Symbol names a plugin version asked the dictionary for and was refused, by reason",
+                ),
+                &["plugin", "version", "reason"],
+            )
+            .expect("valid"),
         };
         let route_labels = ["route", "method", "status"];
         let http_requests_total = IntCounterVec::new(
@@ -373,6 +394,10 @@ impl Metrics {
                 "Frames dropped because the decode queue was full",
             ),
             source_reconnects: by_source("sluice_source_reconnects_total", "Reconnections of a source"),
+            source_write_timeouts: by_source(
+                "sluice_source_write_timeouts_total",
+                "Connections given up because the venue stopped taking our writes (it does not read)",
+            ),
             source_up: gauge_by_source("sluice_source_up", "1 while the source's connection is up, else 0"),
             source_finished: gauge_by_source(
                 "sluice_source_finished",
@@ -454,6 +479,7 @@ impl Metrics {
             Box::new(mirrored.source_frames.clone()),
             Box::new(mirrored.source_dropped.clone()),
             Box::new(mirrored.source_reconnects.clone()),
+            Box::new(mirrored.source_write_timeouts.clone()),
             Box::new(mirrored.source_up.clone()),
             Box::new(mirrored.source_finished.clone()),
             Box::new(mirrored.source_last_message_age.clone()),
@@ -495,6 +521,7 @@ impl Metrics {
             Box::new(plugin.limit_errors.clone()),
             Box::new(plugin.duration.clone()),
             Box::new(plugin.shadow_records.clone()),
+            Box::new(plugin.symbols_refused.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -519,6 +546,7 @@ impl Metrics {
         mirror(&m.source_frames.with_label_values(&labels), s.frames);
         mirror(&m.source_dropped.with_label_values(&labels), s.dropped);
         mirror(&m.source_reconnects.with_label_values(&labels), s.reconnects);
+        mirror(&m.source_write_timeouts.with_label_values(&labels), s.write_timeouts);
         m.source_up.with_label_values(&labels).set(i64::from(s.up));
         m.source_finished.with_label_values(&labels).set(i64::from(s.finished));
         if s.last_message_us > 0 {
@@ -600,6 +628,11 @@ impl Metrics {
         (v.with_label_values(&[plugin, version, "equal"]), v.with_label_values(&[plugin, version, "different"]))
     }
 
+    /// The symbol refusal counters of a plugin version, one per [`SYMBOL_REFUSALS`] reason.
+    pub fn symbols_refused(&self, plugin: &str, version: &str) -> [IntCounter; 2] {
+        SYMBOL_REFUSALS.map(|reason| self.plugin.symbols_refused.with_label_values(&[plugin, version, reason]))
+    }
+
     /// Drops a deleted plugin version's series, so versions come and go without labels piling up.
     pub fn forget_plugin_version(&self, plugin: &str, version: &str) {
         let v = &self.plugin;
@@ -612,6 +645,9 @@ impl Metrics {
         }
         for result in ["equal", "different"] {
             let _ = v.shadow_records.remove_label_values(&[plugin, version, result]);
+        }
+        for reason in SYMBOL_REFUSALS {
+            let _ = v.symbols_refused.remove_label_values(&[plugin, version, reason]);
         }
     }
 
