@@ -67,6 +67,9 @@ struct Live {
     restored: bool,
 }
 
+/// How many times a call's deadline an instance's `init` may take.
+const INIT_DEADLINE_FACTOR: u64 = 10;
+
 impl PluginInstance {
     /// Creates an instance of `code` and runs `init` with `config`.
     ///
@@ -231,7 +234,10 @@ impl PluginInstance {
             let (store, plugin) = code.fresh_instance()?;
             let mut live = Live { store, plugin, restored: false };
             let config = self.config.clone();
-            match Self::invoke(code, &mut live, |p, s| p.init(s, &config)) {
+            // `init` runs once per instance and may build tables: ten times a call's deadline, so a
+            // start on a busy machine is not refused for an init that ran a little long.
+            let ticks = code.deadline_ticks().saturating_mul(INIT_DEADLINE_FACTOR);
+            match Self::invoke(code, &mut live, ticks, |p, s| p.init(s, &config)) {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => return Err(PluginError::Init(reason)),
                 Err(e) => return Err(e),
@@ -248,7 +254,7 @@ impl PluginInstance {
     ) -> Result<R, PluginError> {
         let code = self.code.clone();
         let live = self.live()?;
-        let result = Self::invoke(&code, live, f);
+        let result = Self::invoke(&code, live, code.deadline_ticks(), f);
         if result.is_err() {
             self.live = None;
         }
@@ -259,9 +265,10 @@ impl PluginInstance {
     fn invoke<R>(
         code: &PluginCode,
         live: &mut Live,
+        ticks: u64,
         f: impl FnOnce(&Guest, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
-        live.store.set_epoch_deadline(code.deadline_ticks());
+        live.store.set_epoch_deadline(ticks);
         live.store.data_mut().begin_call();
         f(&live.plugin, &mut live.store).map_err(|e| classify(code, live.store.data(), e))
     }

@@ -306,7 +306,10 @@ impl Registry {
         let code = self.runtime.compile(name, wasm, self.limits_of(name)).map_err(RegistryError::Invalid)?;
         let unbound = [Binding { source: String::new(), config: Vec::new() }];
         let bindings = self.bindings.get(name).map(Vec::as_slice).filter(|b| !b.is_empty()).unwrap_or(&unbound);
-        for binding in bindings {
+        // Each distinct configuration once: many sources often share one, and every check is an
+        // instance and an `init` call.
+        let mut checked: std::collections::HashSet<&[(String, String)]> = std::collections::HashSet::new();
+        for binding in bindings.iter().filter(|b| checked.insert(&b.config)) {
             PluginInstance::new(&code, &binding.config)
                 .map_err(|error| RegistryError::InitFailed { source_name: binding.source.clone(), error })?;
         }
