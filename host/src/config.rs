@@ -212,6 +212,25 @@ pub struct PluginConfig {
     pub state_bytes: usize,
 }
 
+impl PluginConfig {
+    /// Checks the limits: each must leave room for a call to succeed.
+    ///
+    /// # Errors
+    /// The field and why, e.g. `output_bytes must be positive: ...`.
+    pub fn validate(&self) -> Result<(), String> {
+        let zero = [
+            ("memory_bytes", self.memory_bytes == 0, "no instance could start"),
+            ("deadline_ms", self.deadline_ms == 0, "every call would time out"),
+            ("output_bytes", self.output_bytes == 0, "every call that returns a record would fail"),
+            ("max_symbols", self.max_symbols == 0, "every frame naming a symbol would be dead-lettered"),
+        ];
+        match zero.into_iter().find(|(_, is_zero, _)| *is_zero) {
+            Some((key, _, why)) => Err(format!("{key} must be positive: {why}")),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Config {
     /// The transforms `source`'s records go through, in order: its own chain, or the `[process]`
     /// default when it names none.
@@ -256,6 +275,9 @@ impl Config {
         }
         for (i, link) in self.process.transforms.iter().enumerate() {
             self.check_plugin(&link.plugin).map_err(|e| format!("process: transforms[{i}] {e}"))?;
+        }
+        for (name, plugin) in &self.plugins {
+            plugin.validate().map_err(|e| format!("plugins.{name}.{e}"))?;
         }
         if self.ingest.workers == 0 || self.ingest.queue_frames == 0 || self.ingest.max_frames_per_call == 0 {
             return Err("ingest: workers, queue_frames and max_frames_per_call must be positive".into());
@@ -409,6 +431,30 @@ mod tests {
         s.url = "ws://x".into();
         s.reconnect_max_ms = 1;
         assert!(s.validate().unwrap_err().contains("reconnect_min_ms"));
+    }
+
+    #[test]
+    fn zeros_that_cannot_work_are_refused_by_name() {
+        let base = "[[source]]\nname = 'a'\nurl = 'ws://x'\nplugin = 'mine'\n";
+        let plugin = "[plugins.mine]\npath = 'my.wasm'\n";
+        let load = |source_extra: &str, rest: &str| {
+            let config: Config = toml::from_str(&format!("{rest}\n{base}{source_extra}\n{plugin}")).unwrap();
+            config.validate()
+        };
+        load("", "").unwrap();
+        for (source_extra, rest, key) in [
+            ("connect_timeout_ms = 0", "", "source \"a\": connect_timeout_ms"),
+            ("pong_timeout_ms = 0", "", "source \"a\": pong_timeout_ms"),
+            ("", "[log]\nmax_bytes = 0\nretention_bytes = 0", "log.max_bytes"),
+        ] {
+            let err = load(source_extra, rest).unwrap_err();
+            assert!(err.starts_with(key) && err.contains("must be positive"), "{key}: {err}");
+        }
+        for key in ["max_symbols", "output_bytes", "deadline_ms", "memory_bytes"] {
+            let config: Config = toml::from_str(&format!("{base}{plugin}{key} = 0\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.starts_with(&format!("plugins.mine.{key} must be positive")), "{err}");
+        }
     }
 
     #[test]

@@ -90,6 +90,11 @@ impl LogConfig {
     /// # Errors
     /// A message naming the field.
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes == 0 {
+            return Err(
+                "log.max_bytes must be positive: a log capped at 0 bytes would delete every record unread".into()
+            );
+        }
         if self.max_bytes < self.retention_bytes {
             return Err(format!(
                 "log.max_bytes ({}) must be at least log.retention_bytes ({})",
