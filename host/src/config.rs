@@ -119,8 +119,10 @@ pub struct ProcessConfig {
     pub group: String,
     /// This instance's name, stable across restarts: the Druid sink's transactional id is derived from
     /// it, so a restarted instance fences its previous incarnation and aborts what it left open.
-    #[serde(default = "defaults::instance")]
-    pub instance: String,
+    /// Unset it is `"0"` ([`ProcessConfig::instance`]); with the Druid sink it must be set, one name
+    /// per instance of the group (see [`Config::check_druid_instance`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// Most rows in one batch to the sink.
     #[serde(default = "defaults::max_batch_rows")]
     pub max_batch_rows: usize,
@@ -144,13 +146,20 @@ impl Default for ProcessConfig {
     fn default() -> Self {
         ProcessConfig {
             group: defaults::group(),
-            instance: defaults::instance(),
+            instance: None,
             max_batch_rows: defaults::max_batch_rows(),
             max_wait_ms: defaults::max_wait_ms(),
             linger_us: defaults::linger_us(),
             transforms: Vec::new(),
             checkpoint_interval_ms: defaults::checkpoint_interval_ms(),
         }
+    }
+}
+
+impl ProcessConfig {
+    /// [`ProcessConfig::instance`] as set, or `"0"`.
+    pub fn instance(&self) -> &str {
+        self.instance.as_deref().unwrap_or("0")
     }
 }
 
@@ -246,6 +255,26 @@ impl Config {
         }
     }
 
+    /// Checks, before a process role with the Druid sink starts, that `[process] instance` was set:
+    /// two instances left on the default name would share one transactional id and fence each
+    /// other's transactions in a loop, each start aborting the other's work.
+    ///
+    /// # Errors
+    /// A message naming the key and the group, when the Druid sink is configured and the instance is
+    /// not named.
+    pub fn check_druid_instance(&self) -> Result<(), String> {
+        if self.sink.druid.is_some() && self.process.instance.is_none() {
+            return Err(format!(
+                "[sink.druid] needs [process] instance: name each process instance of group {:?} (e.g. \
+                 instance = \"a\"), stable across its restarts and different from the others'; its Kafka \
+                 transactional id is derived from it, and two instances on one name fence each other's \
+                 transactions in a loop",
+                self.process.group
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and checks a configuration file.
     ///
     /// # Errors
@@ -282,9 +311,7 @@ impl Config {
         if self.ingest.workers == 0 || self.ingest.queue_frames == 0 || self.ingest.max_frames_per_call == 0 {
             return Err("ingest: workers, queue_frames and max_frames_per_call must be positive".into());
         }
-        if self.kafka.partitions <= 0 {
-            return Err("kafka.partitions must be positive".into());
-        }
+        self.kafka.validate()?;
         self.api.validate()?;
         self.log.validate()?;
         if self.sink.druid.is_some() && self.kafka.brokers.trim().is_empty() {
@@ -294,7 +321,7 @@ impl Config {
             crate::sink::druid::validate(druid, crate::proto::DESCRIPTOR_SET, &self.kafka.brokers)
                 .map_err(|e| format!("sink.druid: {e}"))?;
         }
-        if self.process.group.is_empty() || self.process.instance.is_empty() {
+        if self.process.group.is_empty() || self.process.instance().is_empty() {
             return Err("process: group and instance must not be empty".into());
         }
         if self.process.max_batch_rows == 0 || self.process.max_wait_ms == 0 {
@@ -307,9 +334,6 @@ impl Config {
 pub(crate) mod defaults {
     pub fn group() -> String {
         "sluice-process".into()
-    }
-    pub fn instance() -> String {
-        "0".into()
     }
     pub fn max_batch_rows() -> usize {
         100_000
@@ -455,6 +479,24 @@ mod tests {
             let err = config.validate().unwrap_err();
             assert!(err.starts_with(&format!("plugins.mine.{key} must be positive")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_druid_sink_needs_each_instance_named() {
+        let text = "[kafka]\nbrokers = 'k:9092'\n[sink.druid]\n";
+        let config: Config = toml::from_str(text).unwrap();
+        // A valid configuration (check-config and `druid spec` take it) ...
+        config.validate().unwrap();
+        // ... that a process role does not start with.
+        let err = config.check_druid_instance().unwrap_err();
+        assert!(err.starts_with("[sink.druid] needs [process] instance"), "{err}");
+        let named: Config = toml::from_str(&format!("{text}[process]\ninstance = 'a'\n")).unwrap();
+        named.check_druid_instance().unwrap();
+        assert_eq!(named.process.instance(), "a");
+        // Without the Druid sink the default name is fine.
+        let config: Config = toml::from_str("[kafka]\nbrokers = 'k:9092'\n").unwrap();
+        config.check_druid_instance().unwrap();
+        assert_eq!(config.process.instance(), "0");
     }
 
     #[test]

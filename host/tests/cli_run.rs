@@ -108,7 +108,53 @@ fn check_config_prints_the_effective_config_and_names_bad_fields() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("timestamp_column = \"timestampMs\""));
+
+    // Secrets among the client options print as `***`, as the Druid password does.
+    let secrets = "[kafka]\nbrokers = \"k:9092\"\noptions = { \"sasl.password\" = \"hunter2\", \
+                   \"ssl.key.password\" = \"hunter3\", \"security.protocol\" = \"sasl_ssl\" }\n[sink.druid]\n\
+                   password = \"hunter4\"\nconsumer_options = { \"sasl.jaas.config\" = \"password='hunter5';\" }\n";
+    std::fs::write(&path, secrets).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter"), "a secret printed:\n{text}");
+    for line in
+        ["\"sasl.password\" = \"***\"", "\"ssl.key.password\" = \"***\"", "\"security.protocol\" = \"sasl_ssl\""]
+    {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Two process instances left on the default `[process] instance` with the Druid sink would share
+/// one transactional id and fence each other in a loop: `sluice run` refuses to start the process
+/// role without a name, before it touches Kafka.
+#[test]
+fn run_refuses_the_druid_sink_without_a_named_instance() {
+    let (path, dir) = (temp("druid-instance.toml"), temp("druid-instance-data"));
+    let text = format!(
+        "data_dir = \"{}\"\n[api]\nbind = \"127.0.0.1:0\"\n[kafka]\nbrokers = \"127.0.0.1:9\"\n[sink.druid]\n",
+        dir.display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("[sink.druid] needs [process] instance"), "{stderr}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,11 +80,12 @@ events_topic = "{events}"
 dlq_topic = "{dlq}"
 symbols_topic = "{symbols}"
 partitions = {PARTITIONS}
-
+{single_broker}
 {debug}
 
 [process]
 group = "{group}"
+instance = "a"
 max_wait_ms = 200
 
 [[source]]
@@ -107,6 +108,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
                 .map(|d| format!("options = {{ debug = \"{d}\" }}"))
                 .unwrap_or_default(),
             params = params.join(","),
+            single_broker = common::SINGLE_BROKER,
         ),
     )
     .unwrap();
@@ -450,7 +452,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     let (mut s, druid_topic, _posted) = druid_setup("group-druid").await;
     let second = s.dir.join("second.toml");
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&second, text.replacen("[process]\n", "[process]\ninstance = \"1\"\n", 1)).unwrap();
+    std::fs::write(&second, text.replacen("instance = \"a\"", "instance = \"b\"", 1)).unwrap();
     let (_, message) = generated_spec(&s);
     let assignments = |log: &std::path::Path| -> Vec<String> {
         let text = std::fs::read_to_string(log).unwrap_or_default();

@@ -104,6 +104,7 @@ data_dir = "{dir}"
 [process]
 max_wait_ms = 100
 group = "{group}"
+instance = "a"
 
 [plugins.prices]
 path = "{plugins}/double_price.wasm"
@@ -389,8 +390,12 @@ impl Topics {
     /// The `[kafka]` table for them.
     fn toml(&self) -> String {
         format!(
-            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n",
-            self.bootstrap, self.events, self.symbols, self.dlq
+            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n{}",
+            self.bootstrap,
+            self.events,
+            self.symbols,
+            self.dlq,
+            common::SINGLE_BROKER
         )
     }
 
@@ -778,7 +783,7 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
     use sluice::log::Positions;
     use sluice::log::kafka::range::RangeReader;
     let broker = TestBroker::start("replay-range");
-    let kafka = sluice::log::kafka::KafkaConfig::default();
+    let kafka = common::kafka_config();
     let topic = unique_topic("range");
     sluice::log::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> =

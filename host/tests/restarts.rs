@@ -326,11 +326,12 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let dlq = common::unique_topic("dlq");
     let kafka = format!(
         "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\ndlq_topic = \"{dlq}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 2\n",
+         files_topic = \"{}\"\npartitions = 2\n{}",
         broker.bootstrap,
         common::unique_topic("events"),
         common::unique_topic("symbols"),
         common::unique_topic("files"),
+        common::SINGLE_BROKER,
     );
     let config = write_config_with(&killed, &file, 4000, &api, &kafka);
     let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
@@ -725,7 +726,7 @@ events_topic = "{events}"
 dlq_topic = "{dlq}"
 symbols_topic = "{symbols}"
 partitions = 2
-
+{single_broker}
 [process]
 group = "{group}"
 max_wait_ms = 50
@@ -742,6 +743,7 @@ subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC
             symbols = common::unique_topic("symbols"),
             group = common::unique_topic("group"),
             url = sim.url(Venue::KrakenV2),
+            single_broker = common::SINGLE_BROKER,
         ),
     )
     .unwrap();

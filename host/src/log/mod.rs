@@ -254,10 +254,11 @@ impl Reader {
     /// Reads up to about `max` records into `out`, waiting at most `timeout` for the first.
     ///
     /// # Errors
-    /// When the local log cannot be read (Kafka's errors are logged and counted in the outcome).
+    /// When the local log cannot be read, or a Kafka partition no longer holds the records to read
+    /// next (other Kafka errors are logged and counted in the outcome).
     pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> Result<PollOutcome, LogError> {
         match self {
-            Reader::Kafka(c) => Ok(c.poll_into(out, max, timeout)),
+            Reader::Kafka(c) => c.poll_into(out, max, timeout),
             Reader::Local(r, _) => r.poll_into(out, max, timeout),
         }
     }

@@ -74,6 +74,7 @@ pub(crate) struct Mirrored {
     pub(crate) process_committed: IntCounter,
     pub(crate) process_rebalances: IntCounter,
     pub(crate) process_lag: IntGauge,
+    pub(crate) process_deleted_unread: IntGauge,
     pub(crate) process_breaker_open: IntGaugeVec,
     pub(crate) log_start: IntGauge,
     pub(crate) log_end: IntGauge,
@@ -239,6 +240,8 @@ pub struct ProcessSample {
     pub stored: u64,
     /// Consumer group rebalances.
     pub rebalances: u64,
+    /// Records retention deleted before the role read them, while it is stopped on them.
+    pub deleted_unread: u64,
     /// Records not read yet.
     pub lag: i64,
     /// Records dead-lettered by the transform stage.
@@ -424,6 +427,11 @@ impl Metrics {
                 "Records in the events topic's assigned partitions not read yet",
             )
             .expect("valid"),
+            process_deleted_unread: gauge(
+                "sluice_process_deleted_unread_records",
+                "Records of the events topic retention deleted before the process role read them; the role \
+                 stops on them (0 once it commits again)",
+            ),
             process_breaker_open: IntGaugeVec::new(
                 Opts::new(
                     "sluice_process_breaker_open",
@@ -472,6 +480,7 @@ impl Metrics {
             Box::new(mirrored.process_committed.clone()),
             Box::new(mirrored.process_rebalances.clone()),
             Box::new(mirrored.process_lag.clone()),
+            Box::new(mirrored.process_deleted_unread.clone()),
             Box::new(mirrored.process_breaker_open.clone()),
             Box::new(mirrored.log_start.clone()),
             Box::new(mirrored.log_end.clone()),
@@ -566,6 +575,7 @@ impl Metrics {
         mirror(&m.process_committed, s.stored);
         mirror(&m.process_rebalances, s.rebalances);
         m.process_lag.set(s.lag);
+        m.process_deleted_unread.set(i64::try_from(s.deleted_unread).unwrap_or(i64::MAX));
         for (source, plugin, open) in &s.breakers {
             m.process_breaker_open.with_label_values(&[source, plugin]).set(i64::from(*open));
         }
