@@ -152,6 +152,9 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     if role != Role::Ingest {
         config.check_druid_instance().map_err(anyhow::Error::msg)?;
     }
+    if config.api.read_token && config.api.token.is_none() {
+        bail!("[api] read_token needs the token: set SLUICE_API_TOKEN");
+    }
     // The data directory first: a second process on it is refused before it touches anything (or
     // takes the first one's API address). Roles run apart share it with each other.
     let hold = if role == Role::All { Hold::Alone } else { Hold::Shared };
@@ -188,7 +191,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }
     let router = crate::api::router(api_state.clone());
     let mut api_stopped = api_stop.subscribe();
-    let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
+    let connections = crate::api::Connections::new(&config.api, metrics.clone());
+    let api_task = tokio::spawn(crate::api::serve(listener, router, connections, async move {
         let _ = api_stopped.wait_for(|s| *s).await;
     }));
     tracing::info!(addr = %api_addr, "HTTP API listening");

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     /// How long HTTP requests took, by matched route, method and status.
     pub http_request_duration_seconds: HistogramVec,
+    /// HTTP connections open (at most `[api] max_connections`).
+    pub http_open_connections: IntGauge,
+    /// HTTP connections closed because a request's header did not arrive in time (or an idle
+    /// keep-alive connection sent none).
+    pub http_header_timeouts_total: IntCounter,
     /// The process role's batches, commits and end-to-end latency.
     pub process: ProcessMetrics,
     /// Counters kept as atomics by their owners (sources, decode, producer, process role), copied in
@@ -324,6 +329,14 @@ impl Metrics {
             &route_labels,
         )
         .expect("valid");
+        let http_open_connections =
+            IntGauge::new("sluice_http_open_connections", "HTTP connections open (at most [api] max_connections)")
+                .expect("valid");
+        let http_header_timeouts_total = IntCounter::new(
+            "sluice_http_header_timeouts_total",
+            "HTTP connections closed because a request's header did not arrive within [api] header_read_timeout_ms",
+        )
+        .expect("valid");
         let latency = |name: &str, help: &str| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_SECONDS.into())).expect("valid")
         };
@@ -453,6 +466,8 @@ impl Metrics {
         for m in [
             Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_request_duration_seconds.clone()),
+            Box::new(http_open_connections.clone()),
+            Box::new(http_header_timeouts_total.clone()),
             Box::new(process.batch_rows.clone()),
             Box::new(process.flushes_total.clone()),
             Box::new(process.sink_commit_duration_seconds.clone()),
@@ -515,6 +530,8 @@ impl Metrics {
             plugin,
             http_requests_total,
             http_request_duration_seconds,
+            http_open_connections,
+            http_header_timeouts_total,
             process,
             mirrored,
             refreshers: std::sync::Mutex::new(Vec::new()),
