@@ -918,7 +918,11 @@ async fn druid_transactions_failing_for_30_s_lose_nothing_and_repeat_nothing() {
     let config = std::fs::read_to_string(&s.config).unwrap();
     let group =
         config.lines().find_map(|l| l.strip_prefix("group = \"").map(|l| l.trim_end_matches('"').to_owned())).unwrap();
-    let transactional_id = sluice::sink::druid::transactional_id(&group, "0");
+    let instance = config
+        .lines()
+        .find_map(|l| l.strip_prefix("instance = \"").map(|l| l.trim_end_matches('"').to_owned()))
+        .unwrap();
+    let transactional_id = sluice::sink::druid::transactional_id(&group, &instance);
     let mut ingest = start_role(&s.config, "ingest", &s.log);
     let mut process = start_role(&s.config, "process", &s.log);
     let mut counter = CommittedCount::new(&bootstrap, &druid_topic);

@@ -98,8 +98,9 @@ pub struct ApiConfig {
     /// page's HTML): for an API bound beyond loopback. Needs `SLUICE_API_TOKEN`.
     #[serde(default)]
     pub read_token: bool,
-    /// The bearer token mutating calls need, from the environment variable `SLUICE_API_TOKEN`
-    /// (never from the file, never printed). Without one, mutating calls are refused.
+    /// The bearer token mutating calls (and with `read_token`, reads) need, from the environment
+    /// variable `SLUICE_API_TOKEN` (never from the file, never printed). Without one, mutating calls
+    /// are refused.
     #[serde(skip)]
     pub token: Option<Secret>,
 }

@@ -367,7 +367,8 @@ impl EventConsumer {
     /// assigned at or the group's committed ones) and the partitions' watermarks.
     fn out_of_range(&self, e: &rdkafka::error::KafkaError) -> LogError {
         let timeout = Duration::from_secs(10);
-        let manual = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        // Assigned by hand (the embedded store's positions), or a member of the group.
+        let manual = self.inner.subscription().map_or(true, |s| s.count() == 0);
         let found = (|| -> rdkafka::error::KafkaResult<Outside> {
             let assignment = self.inner.assignment()?;
             let positions = self.inner.position()?;
