@@ -43,7 +43,8 @@ fn binance_source(name: &str, url: String, symbols: &[String]) -> SourceConfig {
 async fn throughput(rate_per_symbol: f64, sources: usize, symbols_per_source: usize, seconds: u64) {
     let dir = std::env::temp_dir().join(format!("sluice-bench-ingest-{}", std::process::id()));
     let broker = EmbeddedBroker::start("127.0.0.1:0", &dir, Duration::from_secs(3600)).expect("broker");
-    let kafka = KafkaConfig::default();
+    // The embedded broker is one broker: one replica per partition.
+    let kafka = KafkaConfig { replication_factor: 1, min_insync_replicas: 1, ..KafkaConfig::default() };
     ensure_topics(&kafka, &broker.bootstrap(), &[&kafka.events_topic, &kafka.dlq_topic], 6).await.expect("topics");
     let producer =
         Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));

@@ -62,6 +62,9 @@ impl Bench {
             events_topic: format!("events.{name}"),
             dlq_topic: format!("dlq.{name}"),
             partitions: PARTITIONS,
+            // The embedded broker is one broker: one replica per partition.
+            replication_factor: 1,
+            min_insync_replicas: 1,
             ..KafkaConfig::default()
         }
     }

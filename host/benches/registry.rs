@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::{runtime, trades, wasm};
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::api::{ApiConfig, ApiState, Health, PluginDirectory, Secret, router, serve};
+use sluice::api::{ApiConfig, ApiState, Connections, Health, PluginDirectory, Secret, router, serve};
 use sluice::plugin::PluginInstance;
 use sluice::plugin::registry::{Binding, BoundPlugin, Mode, Registry};
 use sluice::transform::Transformer;
@@ -43,7 +43,7 @@ async fn server(dir: &std::path::Path, name: &str) -> (String, tokio::sync::ones
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, app, async {
+    tokio::spawn(serve(listener, app, Connections::new(&config, Arc::default()), async {
         let _ = stopped.await;
     }));
     (base, stop)

@@ -129,8 +129,10 @@ pub struct ProcessConfig {
     pub group: String,
     /// This instance's name, stable across restarts: the Druid sink's transactional id is derived from
     /// it, so a restarted instance fences its previous incarnation and aborts what it left open.
-    #[serde(default = "defaults::instance")]
-    pub instance: String,
+    /// Unset it is `"0"` ([`ProcessConfig::instance`]); with the Druid sink it must be set, one name
+    /// per instance of the group (see [`Config::check_druid_instance`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// Most rows in one batch to the sink.
     #[serde(default = "defaults::max_batch_rows")]
     pub max_batch_rows: usize,
@@ -160,7 +162,7 @@ impl Default for ProcessConfig {
     fn default() -> Self {
         ProcessConfig {
             group: defaults::group(),
-            instance: defaults::instance(),
+            instance: None,
             max_batch_rows: defaults::max_batch_rows(),
             max_wait_ms: defaults::max_wait_ms(),
             linger_us: defaults::linger_us(),
@@ -168,6 +170,13 @@ impl Default for ProcessConfig {
             checkpoint_interval_ms: defaults::checkpoint_interval_ms(),
             link_budget_ms: defaults::link_budget_ms(),
         }
+    }
+}
+
+impl ProcessConfig {
+    /// [`ProcessConfig::instance`] as set, or `"0"`.
+    pub fn instance(&self) -> &str {
+        self.instance.as_deref().unwrap_or("0")
     }
 }
 
@@ -235,6 +244,25 @@ pub struct PluginConfig {
     pub state_bytes: usize,
 }
 
+impl PluginConfig {
+    /// Checks the limits: each must leave room for a call to succeed.
+    ///
+    /// # Errors
+    /// The field and why, e.g. `output_bytes must be positive: ...`.
+    pub fn validate(&self) -> Result<(), String> {
+        let zero = [
+            ("memory_bytes", self.memory_bytes == 0, "no instance could start"),
+            ("deadline_ms", self.deadline_ms == 0, "every call would time out"),
+            ("output_bytes", self.output_bytes == 0, "every call that returns a record would fail"),
+            ("max_symbols", self.max_symbols == 0, "every frame naming a symbol would be dead-lettered"),
+        ];
+        match zero.into_iter().find(|(_, is_zero, _)| *is_zero) {
+            Some((key, _, why)) => Err(format!("{key} must be positive: {why}")),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Config {
     /// The transforms `source`'s records go through, in order: its own chain, or the `[process]`
     /// default when it names none.
@@ -248,6 +276,26 @@ impl Config {
         } else {
             Err(format!("plugin {name:?} is neither configured under [plugins] nor bundled"))
         }
+    }
+
+    /// Checks, before a process role with the Druid sink starts, that `[process] instance` was set:
+    /// two instances left on the default name would share one transactional id and fence each
+    /// other's transactions in a loop, each start aborting the other's work.
+    ///
+    /// # Errors
+    /// A message naming the key and the group, when the Druid sink is configured and the instance is
+    /// not named.
+    pub fn check_druid_instance(&self) -> Result<(), String> {
+        if self.sink.druid.is_some() && self.process.instance.is_none() {
+            return Err(format!(
+                "[sink.druid] needs [process] instance: name each process instance of group {:?} (e.g. \
+                 instance = \"a\"), stable across its restarts and different from the others'; its Kafka \
+                 transactional id is derived from it, and two instances on one name fence each other's \
+                 transactions in a loop",
+                self.process.group
+            ));
+        }
+        Ok(())
     }
 
     /// Reads and checks a configuration file.
@@ -280,6 +328,9 @@ impl Config {
         for (i, link) in self.process.transforms.iter().enumerate() {
             self.check_plugin(&link.plugin).map_err(|e| format!("process: transforms[{i}] {e}"))?;
         }
+        for (name, plugin) in &self.plugins {
+            plugin.validate().map_err(|e| format!("plugins.{name}.{e}"))?;
+        }
         let i = &self.ingest;
         if [i.workers, i.queue_frames, i.queue_bytes, i.max_frames_per_call, i.max_bytes_per_call].contains(&0) {
             return Err(
@@ -290,9 +341,7 @@ impl Config {
         if i.queue_bytes > u32::MAX as usize {
             return Err("ingest: queue_bytes must be at most 4 GiB".into());
         }
-        if self.kafka.partitions <= 0 {
-            return Err("kafka.partitions must be positive".into());
-        }
+        self.kafka.validate()?;
         self.api.validate()?;
         self.log.validate()?;
         if self.sink.druid.is_some() && self.kafka.brokers.trim().is_empty() {
@@ -302,7 +351,7 @@ impl Config {
             crate::sink::druid::validate(druid, crate::proto::DESCRIPTOR_SET, &self.kafka.brokers)
                 .map_err(|e| format!("sink.druid: {e}"))?;
         }
-        if self.process.group.is_empty() || self.process.instance.is_empty() {
+        if self.process.group.is_empty() || self.process.instance().is_empty() {
             return Err("process: group and instance must not be empty".into());
         }
         if self.process.max_batch_rows == 0 || self.process.max_wait_ms == 0 {
@@ -315,9 +364,6 @@ impl Config {
 pub(crate) mod defaults {
     pub fn group() -> String {
         "sluice-process".into()
-    }
-    pub fn instance() -> String {
-        "0".into()
     }
     pub fn max_batch_rows() -> usize {
         100_000
@@ -451,6 +497,48 @@ mod tests {
         s.url = "ws://x".into();
         s.reconnect_max_ms = 1;
         assert!(s.validate().unwrap_err().contains("reconnect_min_ms"));
+    }
+
+    #[test]
+    fn zeros_that_cannot_work_are_refused_by_name() {
+        let base = "[[source]]\nname = 'a'\nurl = 'ws://x'\nplugin = 'mine'\n";
+        let plugin = "[plugins.mine]\npath = 'my.wasm'\n";
+        let load = |source_extra: &str, rest: &str| {
+            let config: Config = toml::from_str(&format!("{rest}\n{base}{source_extra}\n{plugin}")).unwrap();
+            config.validate()
+        };
+        load("", "").unwrap();
+        for (source_extra, rest, key) in [
+            ("connect_timeout_ms = 0", "", "source \"a\": connect_timeout_ms"),
+            ("pong_timeout_ms = 0", "", "source \"a\": pong_timeout_ms"),
+            ("", "[log]\nmax_bytes = 0\nretention_bytes = 0", "log.max_bytes"),
+        ] {
+            let err = load(source_extra, rest).unwrap_err();
+            assert!(err.starts_with(key) && err.contains("must be positive"), "{key}: {err}");
+        }
+        for key in ["max_symbols", "output_bytes", "deadline_ms", "memory_bytes"] {
+            let config: Config = toml::from_str(&format!("{base}{plugin}{key} = 0\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.starts_with(&format!("plugins.mine.{key} must be positive")), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_druid_sink_needs_each_instance_named() {
+        let text = "[kafka]\nbrokers = 'k:9092'\n[sink.druid]\n";
+        let config: Config = toml::from_str(text).unwrap();
+        // A valid configuration (check-config and `druid spec` take it) ...
+        config.validate().unwrap();
+        // ... that a process role does not start with.
+        let err = config.check_druid_instance().unwrap_err();
+        assert!(err.starts_with("[sink.druid] needs [process] instance"), "{err}");
+        let named: Config = toml::from_str(&format!("{text}[process]\ninstance = 'a'\n")).unwrap();
+        named.check_druid_instance().unwrap();
+        assert_eq!(named.process.instance(), "a");
+        // Without the Druid sink the default name is fine.
+        let config: Config = toml::from_str("[kafka]\nbrokers = 'k:9092'\n").unwrap();
+        config.check_druid_instance().unwrap();
+        assert_eq!(config.process.instance(), "0");
     }
 
     #[test]

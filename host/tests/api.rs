@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
-use sluice::api::{ApiConfig, ApiState, Health, PluginDirectory, Secret, router, serve};
+use sluice::api::{ApiConfig, ApiState, Connections, Health, PluginDirectory, Secret, router, serve};
 use sluice::plugin::registry::{Binding, BoundPlugin, Registry};
 use sluice::plugin::{PluginInstance, Runtime, RuntimeSettings, bundled, version_of};
 use sluice::sink::embedded::{EmbeddedStore, Row};
@@ -31,11 +31,15 @@ impl Server {
     }
 
     async fn serve(state: ApiState) -> Self {
+        Server::serve_with(state, Connections::new(&ApiConfig::default(), Arc::default())).await
+    }
+
+    async fn serve_with(state: ApiState, limits: Connections) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(state);
-        let task = tokio::spawn(serve(listener, app, async {
+        let task = tokio::spawn(serve(listener, app, limits, async {
             let _ = stopped.await;
         }));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
@@ -717,5 +721,119 @@ async fn a_chunked_body_over_the_limit_is_refused_with_json() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(error_code(&body), "payload_too_large");
+    server.stop().await;
+}
+
+/// A raw connection to `server` that has sent `bytes` and sends nothing more.
+async fn stalled(server: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// Reads until the server closes `stream` (an error counts as closed); false if it is still open
+/// after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A header that does not arrive whole within `header_read_timeout_ms` closes its connection, and so
+/// does a connection that sends nothing; both are counted.
+#[tokio::test]
+async fn a_header_that_does_not_arrive_in_time_closes_the_connection() {
+    let config = ApiConfig { header_read_timeout_ms: 300, ..ApiConfig::default() };
+    let metrics = Arc::new(Metrics::new());
+    let state = ApiState::new(&config, None, Arc::new(Health::new())).with_metrics(metrics.clone());
+    let server = Server::serve_with(state, Connections::new(&config, metrics.clone())).await;
+    let mut partial = stalled(&server, b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-slow: ").await;
+    let mut silent = stalled(&server, b"").await;
+    assert!(closed_within(&mut partial, Duration::from_secs(5)).await, "a partial header kept its connection");
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await, "a silent connection stayed open");
+    assert_eq!(metrics.http_header_timeouts_total.get(), 2);
+    // A whole request is answered as ever.
+    assert_eq!(server.get("/health/live").await.0, StatusCode::OK);
+    server.stop().await;
+}
+
+/// A request whose body does not arrive within `request_timeout_ms` is answered 408.
+#[tokio::test]
+async fn a_request_not_answered_in_time_is_408() {
+    use tokio::io::AsyncReadExt;
+    let config = ApiConfig { request_timeout_ms: 300, token: Some(Secret(TOKEN.into())), ..ApiConfig::default() };
+    let server = Server::start(&config, None, Arc::new(Health::new())).await;
+    let head = format!(
+        "PUT /v1/plugins/binance HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 1000\r\n\
+         connection: close\r\n\r\nonly the start of the body"
+    );
+    let mut stream = stalled(&server, head.as_bytes()).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(error_code(&body), "request_timeout");
+    server.stop().await;
+}
+
+/// At `max_connections` nothing more is served until a connection closes: a client waits in the
+/// backlog, and is answered as soon as a slot frees.
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_slot() {
+    let config = ApiConfig { max_connections: 2, ..ApiConfig::default() };
+    let server = Server::serve_with(
+        ApiState::new(&config, None, Arc::new(Health::new())),
+        Connections::new(&config, Arc::default()),
+    )
+    .await;
+    let first = stalled(&server, b"GET /health/live HTTP/1.1\r\n").await;
+    let _second = stalled(&server, b"GET /health/live HTTP/1.1\r\n").await;
+    let url = format!("{}/health/live", server.base);
+    let waiting = tokio::spawn(reqwest::Client::new().get(url.clone()).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third connection was served over the cap of 2");
+    drop(first);
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("served once a slot freed");
+    assert_eq!(answered.unwrap().unwrap().status(), StatusCode::OK);
+    server.stop().await;
+}
+
+/// With `read_token`, reads need the token too, but for the health checks and the page's HTML.
+#[tokio::test]
+async fn with_read_token_reads_need_the_token() {
+    let config = ApiConfig { read_token: true, token: Some(Secret(TOKEN.into())), ..ApiConfig::default() };
+    let (store, _) = filled_store("read-token");
+    let server = Server::start(&config, Some(store), Arc::new(Health::new())).await;
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = server.client.get(format!("{}{path}", server.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    for path in ["/v1/query?sql=SELECT%201", "/v1/sources", "/v1/plugins", "/v1/log", "/metrics", "/v1/replay/tables"] {
+        assert_eq!(get(path, None).await, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(get(path, Some("wrong")).await, StatusCode::UNAUTHORIZED, "{path}");
+        assert_ne!(get(path, Some(TOKEN)).await, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    assert_eq!(get("/v1/query?sql=SELECT%201", Some(TOKEN)).await, StatusCode::OK);
+    for path in ["/health/live", "/health/ready", "/"] {
+        assert_ne!(get(path, None).await, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    // Without it (the default), reads are open as before.
+    let open = Server::start(&ApiConfig::default(), None, Arc::new(Health::new())).await;
+    assert_eq!(open.client.get(format!("{}/v1/sources", open.base)).send().await.unwrap().status(), StatusCode::OK);
+    open.stop().await;
     server.stop().await;
 }

@@ -108,7 +108,53 @@ fn check_config_prints_the_effective_config_and_names_bad_fields() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("timestamp_column = \"timestampMs\""));
+
+    // Secrets among the client options print as `***`, as the Druid password does.
+    let secrets = "[kafka]\nbrokers = \"k:9092\"\noptions = { \"sasl.password\" = \"hunter2\", \
+                   \"ssl.key.password\" = \"hunter3\", \"security.protocol\" = \"sasl_ssl\" }\n[sink.druid]\n\
+                   password = \"hunter4\"\nconsumer_options = { \"sasl.jaas.config\" = \"password='hunter5';\" }\n";
+    std::fs::write(&path, secrets).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter"), "a secret printed:\n{text}");
+    for line in
+        ["\"sasl.password\" = \"***\"", "\"ssl.key.password\" = \"***\"", "\"security.protocol\" = \"sasl_ssl\""]
+    {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Two process instances left on the default `[process] instance` with the Druid sink would share
+/// one transactional id and fence each other in a loop: `sluice run` refuses to start the process
+/// role without a name, before it touches Kafka.
+#[test]
+fn run_refuses_the_druid_sink_without_a_named_instance() {
+    let (path, dir) = (temp("druid-instance.toml"), temp("druid-instance-data"));
+    let text = format!(
+        "data_dir = \"{}\"\n[api]\nbind = \"127.0.0.1:0\"\n[kafka]\nbrokers = \"127.0.0.1:9\"\n[sink.druid]\n",
+        dir.display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("[sink.druid] needs [process] instance"), "{stderr}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,4 +475,77 @@ fn bench_apart_reports_the_simulators_cpu_beside_sluices() {
     assert!(sim > 0.0, "the simulator's CPU: {stdout}");
     assert!(per_trade > 0.0 && per_trade.is_finite(), "µs per trade: {stdout}");
     assert!(cpu > 0.0, "{stdout}");
+}
+
+/// Slowloris against the real binary: with its open files limited to 128, 150 connections each
+/// sending a header byte by byte would take every descriptor (and keep them, with no header
+/// timeout); with `[api] max_connections` under the limit and a header-read timeout, they are cut
+/// and `/metrics` still answers within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_keep_metrics_from_answering() {
+    use tokio::io::AsyncWriteExt;
+    let (path, dir) = (temp("slowloris.toml"), temp("slowloris-data"));
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[api]\nbind = \"{api}\"\nmax_connections = 64\nheader_read_timeout_ms = 1000\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // `exec` keeps the pid: the child is sluice itself, with the lower limit.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 128 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No pooled connection: each request below is a new connection, as a scrape after the attack is.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(6)).pool_max_idle_per_host(0).build().unwrap();
+    let metrics = format!("http://{api}/metrics");
+    // Started: every file it opens at start is open.
+    let start = Instant::now();
+    while !http.get(format!("http://{api}/health/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(start.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut slow = Vec::new();
+    for _ in 0..150 {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(api).await else { continue };
+        slow.push(tokio::spawn(async move {
+            let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n").await;
+            for byte in b"x-slow: ".iter().cycle() {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    assert!(slow.len() > 128, "only {} connections", slow.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let answer = http.get(&metrics).send().await;
+    let took = asked.elapsed();
+    for task in &slow {
+        task.abort();
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let text = answer.unwrap_or_else(|e| panic!("/metrics did not answer: {e}\n{log}")).text().await.unwrap();
+    assert!(took < Duration::from_secs(6), "/metrics took {took:?}");
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("sluice_http_header_timeouts_total") >= 64.0, "{text}");
+    assert!(value("sluice_http_open_connections") <= 64.0, "{text}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
 }

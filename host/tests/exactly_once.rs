@@ -80,11 +80,12 @@ events_topic = "{events}"
 dlq_topic = "{dlq}"
 symbols_topic = "{symbols}"
 partitions = {PARTITIONS}
-
+{single_broker}
 {debug}
 
 [process]
 group = "{group}"
+instance = "a"
 max_wait_ms = 200
 
 [[source]]
@@ -107,6 +108,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
                 .map(|d| format!("options = {{ debug = \"{d}\" }}"))
                 .unwrap_or_default(),
             params = params.join(","),
+            single_broker = common::SINGLE_BROKER,
         ),
     )
     .unwrap();
@@ -450,7 +452,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     let (mut s, druid_topic, _posted) = druid_setup("group-druid").await;
     let second = s.dir.join("second.toml");
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&second, text.replacen("[process]\n", "[process]\ninstance = \"1\"\n", 1)).unwrap();
+    std::fs::write(&second, text.replacen("instance = \"a\"", "instance = \"b\"", 1)).unwrap();
     let (_, message) = generated_spec(&s);
     let assignments = |log: &std::path::Path| -> Vec<String> {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -916,7 +918,11 @@ async fn druid_transactions_failing_for_30_s_lose_nothing_and_repeat_nothing() {
     let config = std::fs::read_to_string(&s.config).unwrap();
     let group =
         config.lines().find_map(|l| l.strip_prefix("group = \"").map(|l| l.trim_end_matches('"').to_owned())).unwrap();
-    let transactional_id = sluice::sink::druid::transactional_id(&group, "0");
+    let instance = config
+        .lines()
+        .find_map(|l| l.strip_prefix("instance = \"").map(|l| l.trim_end_matches('"').to_owned()))
+        .unwrap();
+    let transactional_id = sluice::sink::druid::transactional_id(&group, &instance);
     let mut ingest = start_role(&s.config, "ingest", &s.log);
     let mut process = start_role(&s.config, "process", &s.log);
     let mut counter = CommittedCount::new(&bootstrap, &druid_topic);

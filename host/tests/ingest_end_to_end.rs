@@ -58,7 +58,7 @@ async fn every_sent_trade_arrives_once_through_faults() {
         .try_init();
     let broker = TestBroker::start("ingest");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3).await.unwrap();
     let producer = Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap()));
 

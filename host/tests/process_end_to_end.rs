@@ -131,7 +131,7 @@ fn rollups_equal_the_records_sent_and_the_poison_record_is_dead_lettered_alone()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("process");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
@@ -205,7 +205,7 @@ fn a_plugin_that_keeps_failing_opens_its_breaker_and_its_records_wait() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("breaker");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
@@ -324,7 +324,7 @@ fn abandoned_poll_scenario(druid: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("breaker-dlq");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
@@ -464,7 +464,7 @@ fn held_source_scenario(druid: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("held-source");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
@@ -609,7 +609,7 @@ fn a_store_ahead_of_its_topic_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("ahead");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic], 2)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
@@ -791,7 +791,7 @@ fn the_store_reads_every_partition_of_the_topic_whatever_the_config_says() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("partitions");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     // Created with 4 partitions; the process role is told 2.
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 4)).unwrap();
     let symbols = Arc::new(Symbols::new());
@@ -862,7 +862,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("new-partitions");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 2)).unwrap();
     let symbols = Arc::new(Symbols::new());
     // Each record to the partition named.
@@ -1329,7 +1329,7 @@ fn unsure_commit_scenario(druid: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = druid.then(|| TestBroker::start("unsure-commit"));
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     let druid_config = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
     let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
     let writer = match &broker {

@@ -104,6 +104,7 @@ data_dir = "{dir}"
 [process]
 max_wait_ms = 100
 group = "{group}"
+instance = "a"
 
 [plugins.prices]
 path = "{plugins}/double_price.wasm"
@@ -389,8 +390,12 @@ impl Topics {
     /// The `[kafka]` table for them.
     fn toml(&self) -> String {
         format!(
-            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n",
-            self.bootstrap, self.events, self.symbols, self.dlq
+            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n{}",
+            self.bootstrap,
+            self.events,
+            self.symbols,
+            self.dlq,
+            common::SINGLE_BROKER
         )
     }
 
@@ -778,7 +783,7 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
     use sluice::log::Positions;
     use sluice::log::kafka::range::RangeReader;
     let broker = TestBroker::start("replay-range");
-    let kafka = sluice::log::kafka::KafkaConfig::default();
+    let kafka = common::kafka_config();
     let topic = unique_topic("range");
     sluice::log::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> =
@@ -865,7 +870,7 @@ const TRADE_EVERY_MS: i64 = 200;
 
 impl Trades {
     async fn new(topics: &Topics) -> Self {
-        let kafka = sluice::log::kafka::KafkaConfig { symbols_topic: topics.symbols.clone(), ..Default::default() };
+        let kafka = sluice::log::kafka::KafkaConfig { symbols_topic: topics.symbols.clone(), ..common::kafka_config() };
         // Kept for two days: the Druid sink's checkpoint topic takes the same retention.
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
@@ -1118,7 +1123,7 @@ transforms = [
         entries.iter().map(|(k, v)| (number(k, 4) as u32, number(v, 8))).collect()
     };
     let kept: Kept = if druid {
-        let kafka = sluice::log::kafka::KafkaConfig::default();
+        let kafka = common::kafka_config();
         let (bootstrap, events) = (topics.bootstrap.clone(), topics.events.clone());
         let topic = format!("{druid_topic}.checkpoints");
         tokio::task::spawn_blocking(move || {

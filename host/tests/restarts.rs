@@ -326,11 +326,12 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let dlq = common::unique_topic("dlq");
     let kafka = format!(
         "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\ndlq_topic = \"{dlq}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 2\n",
+         files_topic = \"{}\"\npartitions = 2\n{}",
         broker.bootstrap,
         common::unique_topic("events"),
         common::unique_topic("symbols"),
         common::unique_topic("files"),
+        common::SINGLE_BROKER,
     );
     let config = write_config_with(&killed, &file, 4000, &api, &kafka);
     let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
@@ -725,7 +726,7 @@ events_topic = "{events}"
 dlq_topic = "{dlq}"
 symbols_topic = "{symbols}"
 partitions = 2
-
+{single_broker}
 [process]
 group = "{group}"
 max_wait_ms = 50
@@ -742,6 +743,7 @@ subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC
             symbols = common::unique_topic("symbols"),
             group = common::unique_topic("group"),
             url = sim.url(Venue::KrakenV2),
+            single_broker = common::SINGLE_BROKER,
         ),
     )
     .unwrap();
@@ -787,5 +789,96 @@ subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC
     let downtime = source(&sources, "downtime_gaps");
     assert!(holes > 0, "nothing was missed while down: the test proves nothing");
     assert_eq!(downtime, holes, "downtime gaps vs ids missing from the topic: {sources}\n{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// On Kafka, records the topic's retention deleted before the process role read them (here while
+/// it was stopped) stop the role rather than being jumped over: it keeps running, tries again,
+/// and says why in `/health/ready` and `/metrics`; `--skip-deleted-records` goes on from the
+/// partition's start and says what was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let broker = common::TestBroker::start("restart-deleted");
+    let dir = temp_dir("kafka-deleted");
+    let file = dir.join("trades.jsonl");
+    recording(&file, 1_000);
+    let api = common::free_addr();
+    let events_topic = common::unique_topic("events");
+    let kafka = format!(
+        "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{events_topic}\"\ndlq_topic = \"{}\"\nsymbols_topic = \"{}\"\n\
+         files_topic = \"{}\"\npartitions = 1\n{}",
+        broker.bootstrap,
+        common::unique_topic("dlq"),
+        common::unique_topic("symbols"),
+        common::unique_topic("files"),
+        common::SINGLE_BROKER,
+    );
+    let config = write_config_with(&dir, &file, 0, &api, &kafka);
+    let log = dir.join("sluice.log");
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    // Every record of the recording in the topic (999: one line is cut short) and in the store.
+    let started = Instant::now();
+    let committed = loop {
+        let partition = get(&api, "/v1/log").await["partitions"][0].clone();
+        let (end, committed) = (partition["end"].as_i64().unwrap_or(0), partition["committed"].as_i64().unwrap_or(0));
+        if end >= 999 && committed >= end - 1 {
+            break committed;
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "{partition}\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    run.interrupt();
+
+    // While it is stopped, ten more records arrive and retention deletes the first five of them.
+    let kafka_config = sluice::config::Config::load(&config).unwrap().kafka;
+    let producer = sluice::kafka::producer::EventProducer::new(&kafka_config, &broker.bootstrap).unwrap();
+    let mut records = plugin_sdk::Records::new();
+    for i in 1..=10u64 {
+        records.push(&plugin_sdk::Record { source_id: 1, symbol_id: 1, trade_id: 9_000_000 + i, ..Default::default() });
+    }
+    producer.send_records(records.as_bytes());
+    producer.flush(Duration::from_secs(20)).unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    let mut cut = rdkafka::TopicPartitionList::new();
+    cut.add_partition_offset(&events_topic, 0, rdkafka::Offset::Offset(committed + 5)).unwrap();
+    admin.delete_records(&cut, &AdminOptions::new()).await.unwrap();
+
+    // The role stops on them, and keeps saying why.
+    let mut run = SluiceProcess::run(&config, &log, &[], None);
+    let started = Instant::now();
+    let sink = loop {
+        let ready = get(&api, "/health/ready").await;
+        let sink = ready["checks"]["sink"]["detail"].as_str().unwrap_or_default().to_owned();
+        if sink.contains("deleted 5 records") {
+            break sink;
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "{ready}\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(sink.contains("--skip-deleted-records"), "{sink}");
+    let metrics = reqwest::get(format!("http://{api}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "sluice_process_deleted_unread_records 5"), "{metrics}");
+    // It tries again (with its backoff), and stays stopped.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get(&api, "/v1/log").await["partitions"][0]["committed"].as_i64(), Some(committed));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.matches("retention deleted records it had not read").count() >= 2, "{text}");
+    run.interrupt();
+
+    // Told to, it goes on from the partition's start.
+    let mut run = SluiceProcess::run(&config, &log, &["--skip-deleted-records"], None);
+    wait_finished_but(&api, &log, 1).await;
+    let status = get(&api, "/v1/log").await;
+    let metrics = reqwest::get(format!("http://{api}/metrics")).await.unwrap().text().await.unwrap();
+    run.interrupt();
+    assert!(status["partitions"][0]["committed"].as_i64().unwrap() >= committed + 10, "{status}");
+    assert!(metrics.lines().any(|l| l == "sluice_process_deleted_unread_records 0"), "{metrics}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("as --skip-deleted-records asks"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -13,7 +13,7 @@ use sluice::symbols::Symbols;
 #[test]
 fn instances_agree_on_every_id_without_coordinating() {
     let broker = TestBroker::start("symbols");
-    let kafka = KafkaConfig { symbols_topic: unique_topic("symbols"), ..KafkaConfig::default() };
+    let kafka = KafkaConfig { symbols_topic: unique_topic("symbols"), ..common::kafka_config() };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(ensure_symbols_topic(&kafka, &broker.bootstrap)).unwrap();
     let open =
@@ -77,7 +77,7 @@ fn instances_agree_on_every_id_without_coordinating() {
 #[test]
 fn a_new_name_costs_a_round_trip_not_a_polling_interval() {
     let broker = TestBroker::start("symbols-fast");
-    let kafka = KafkaConfig { symbols_topic: unique_topic("symbols-fast"), ..KafkaConfig::default() };
+    let kafka = KafkaConfig { symbols_topic: unique_topic("symbols-fast"), ..common::kafka_config() };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(ensure_symbols_topic(&kafka, &broker.bootstrap)).unwrap();
     let symbols = Symbols::shared(&kafka, &broker.bootstrap, &kafka.symbols_topic, Duration::from_secs(20)).unwrap();

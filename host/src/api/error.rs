@@ -43,6 +43,10 @@ pub enum ApiError {
     /// The answer would be over the byte budget of one query (422 `result_too_large`).
     #[error("{0}")]
     ResultTooLarge(String),
+    /// The request (its body included) was not answered within `[api] request_timeout_ms` (408
+    /// `request_timeout`).
+    #[error("the request was not answered within {} ms", .0.as_millis())]
+    RequestTimeout(Duration),
     /// The query ran past its deadline and was interrupted (504 `query_timeout`).
     #[error("the query did not finish within {} ms and was stopped", .0.as_millis())]
     QueryTimeout(Duration),
@@ -53,7 +57,8 @@ pub enum ApiError {
     /// Something failed on our side (500 `internal`).
     #[error("{0}")]
     Internal(String),
-    /// A mutating call without the right bearer token (401 `unauthorized`, with `WWW-Authenticate`).
+    /// A mutating call, or a read with `[api] read_token`, without the right bearer token (401
+    /// `unauthorized`, with `WWW-Authenticate`).
     #[error("{0}")]
     Unauthorized(String),
     /// The uploaded bytes are not a plugin of our world version (422 `invalid_plugin`).
@@ -93,6 +98,7 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::ReadOnly | ApiError::BadSql(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -115,6 +121,7 @@ impl ApiError {
             ApiError::ReadOnly => "read_only",
             ApiError::BadSql(_) => "bad_sql",
             ApiError::QueryTimeout(_) => "query_timeout",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::ResultTooLarge(_) => "result_too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",

@@ -16,7 +16,14 @@
 //! | `DELETE /v1/plugins/{name}/versions/{version}` | 204; 409 for the active or shadow version |
 //! | `GET /metrics` | Prometheus text format |
 //!
-//! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise).
+//! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise); with
+//! `[api] read_token` reads do too, but for `/health/*` and the page's HTML.
+//!
+//! Connections are bounded: a request's header must arrive whole within `header_read_timeout_ms`
+//! (an idle keep-alive connection is closed after it too), a request must be answered within
+//! `request_timeout_ms` (408 otherwise), and at most `max_connections` are served at once (more wait
+//! in the listen backlog), so slow or idle clients cannot take the API, `/metrics` included, away
+//! from the rest.
 //!
 //! Every failure answers `{"error": {"code", "message"}}` with its status ([`ApiError`]), unknown
 //! routes, wrong methods, malformed query strings and oversized bodies included.
@@ -24,6 +31,7 @@
 //! [`router`] builds the routes over an [`ApiState`]; [`serve`] runs them on a listener until a
 //! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
 
+mod auth;
 mod error;
 mod health;
 mod log;
@@ -76,8 +84,23 @@ pub struct ApiConfig {
     /// Queries run at once; more wait for a slot (each runs on a blocking thread).
     #[serde(default = "defaults::query_concurrency")]
     pub query_concurrency: usize,
-    /// The bearer token mutating calls need, from the environment variable `SLUICE_API_TOKEN`
-    /// (never from the file, never printed). Without one, mutating calls are refused.
+    /// How long a client may take to send a request's header, and how long an idle keep-alive
+    /// connection stays open; then the connection is closed.
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// How long a request may take, its body included, before it is answered 408.
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog until one closes.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Whether reads need the token too (every route but `/health/live`, `/health/ready` and the
+    /// page's HTML): for an API bound beyond loopback. Needs `SLUICE_API_TOKEN`.
+    #[serde(default)]
+    pub read_token: bool,
+    /// The bearer token mutating calls (and with `read_token`, reads) need, from the environment
+    /// variable `SLUICE_API_TOKEN` (never from the file, never printed). Without one, mutating calls
+    /// are refused.
     #[serde(skip)]
     pub token: Option<Secret>,
 }
@@ -108,6 +131,10 @@ impl Default for ApiConfig {
             query_max_limit: defaults::query_max_limit(),
             query_timeout_ms: defaults::query_timeout_ms(),
             query_concurrency: defaults::query_concurrency(),
+            header_read_timeout_ms: defaults::header_read_timeout_ms(),
+            request_timeout_ms: defaults::request_timeout_ms(),
+            max_connections: defaults::max_connections(),
+            read_token: false,
             token: None,
         }
     }
@@ -130,6 +157,18 @@ impl ApiConfig {
         }
         if self.query_timeout_ms == 0 || self.query_concurrency == 0 || self.max_body_bytes == 0 {
             return Err("api: query_timeout_ms, query_concurrency and max_body_bytes must be positive".into());
+        }
+        for (key, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("api.{key} must be positive"));
+            }
+        }
+        if self.max_connections > MAX_CONNECTIONS {
+            return Err(format!("api.max_connections must be at most {MAX_CONNECTIONS}"));
         }
         Ok(())
     }
@@ -160,7 +199,20 @@ mod defaults {
     pub fn query_concurrency() -> usize {
         4
     }
+    pub fn header_read_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn request_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn max_connections() -> usize {
+        // Well under the usual 1,024 open files a process may have, which sources and stores share.
+        256
+    }
 }
+
+/// The most `[api] max_connections` may be.
+const MAX_CONNECTIONS: usize = 100_000;
 
 /// What the handlers share. Cheap to clone: axum clones it for every request.
 #[derive(Clone)]
@@ -182,6 +234,10 @@ pub struct ApiState {
     plugins: Arc<PluginDirectory>,
     /// The bearer token mutating calls need.
     token: Option<Arc<str>>,
+    /// Whether reads need it too.
+    read_token: bool,
+    /// How long a request may take.
+    request_timeout: Duration,
     /// Reads the hand-off's positions for `/v1/log`; set once the log is open.
     log: Arc<std::sync::OnceLock<LogProbe>>,
     /// The replay jobs of `/v1/replay`.
@@ -206,6 +262,8 @@ impl ApiState {
             metrics: Arc::default(),
             plugins: Arc::default(),
             token: config.token.as_ref().map(|t| Arc::from(t.0.as_str())),
+            read_token: config.read_token,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
             log: Arc::default(),
             replays: Arc::default(),
         }
@@ -256,7 +314,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/replay/tables", get(replay::list))
         .route("/v1/replay/tables/{name}", delete(replay::drop))
         // Checked before a body is read; GET passes.
-        .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(plugin_routes)
         .route("/", get(page))
@@ -266,12 +324,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/sources", get(sources::list))
         .route("/v1/log", get(log::status))
         .route("/metrics", get(metrics))
+        // Reads with `[api] read_token`; on the routes above, so it comes after them.
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_read_token))
         // Applies to the routes above, so it comes after them.
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         // Bodies read by extractors stop at the limit; a declared length over it is refused up front.
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(max_body_bytes, refuse_large_bodies))
+        // A request answered within its time, a slow body included (inside the count, so it counts
+        // the 408s).
+        .layer(middleware::from_fn_with_state(state.request_timeout, limit_time))
         // Outermost, so every answer is counted, refusals included.
         .layer(middleware::from_fn_with_state(state.metrics.clone(), count_requests))
         .with_state(state)
@@ -319,6 +382,16 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
+/// Answers 408 to a request not answered within `timeout`, its body included. (Work a handler moved
+/// to a blocking thread goes on: a plugin upload may still be stored, a query still runs to its own
+/// deadline.)
+async fn limit_time(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout(timeout).into_response(),
+    }
+}
+
 /// Answers 413 to a request whose `Content-Length` is over the limit, before any handler runs.
 async fn refuse_large_bodies(State(limit): State<usize>, request: Request, next: Next) -> Response {
     let declared =
@@ -329,17 +402,154 @@ async fn refuse_large_bodies(State(limit): State<usize>, request: Request, next:
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets requests in
-/// flight finish, and returns.
+/// How [`serve`] bounds its connections.
+#[derive(Clone, Debug)]
+pub struct Connections {
+    /// How long a request's header may take to arrive, and an idle keep-alive connection may stay.
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max: usize,
+    /// Where the open connections and header timeouts are counted (a registry of their own when
+    /// none is given).
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Connections {
+    /// The limits `config` sets, counted in `metrics`.
+    pub fn new(config: &ApiConfig, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        Connections {
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            max: config.max_connections.clamp(1, MAX_CONNECTIONS),
+            metrics,
+        }
+    }
+}
+
+/// How long [`serve`] waits, once stopped, for the requests still in flight to finish.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// The router as one connection's service, knowing whether a request of the connection is in
+/// flight: at a stop, a connection with none (idle, or a client still sending its header) is closed
+/// at once, and one with a request lets it finish.
+struct Tracked {
+    inner: hyper_util::service::TowerToHyperService<Router>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One request in flight, for as long as its future lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Tracked {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let guard = InFlight(self.in_flight.clone());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(guard);
+            answer
+        })
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, closes the
+/// connections that serve no request, lets requests in flight finish (at most [`DRAIN`]), and
+/// returns.
+///
+/// HTTP/1.1, one task per connection. At most `limits.max` connections are served at once: at the
+/// cap nothing more is accepted until one closes, so new clients wait in the listen backlog rather
+/// than the process running out of file descriptors. A header that has not arrived whole within
+/// `limits.header_read_timeout` closes its connection (counted in
+/// `sluice_http_header_timeouts_total`), which is what frees a slot a slow client holds.
 ///
 /// # Errors
-/// The listener's I/O error.
+/// None yet: an accept that fails (out of file descriptors, say) is logged and retried after a
+/// second.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: Connections,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(Semaphore::new(limits.max));
+    let (closing, _) = tokio::sync::watch::channel(false);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let metrics = limits.metrics;
+    tokio::pin!(shutdown);
+    loop {
+        // A slot first: at the cap, clients wait in the backlog until a connection closes.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the HTTP API cannot accept a connection; retrying in 1 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = &mut shutdown => break,
+                    }
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = Tracked { inner: TowerToHyperService::new(router.clone()), in_flight: in_flight.clone() };
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let (mut closing, metrics) = (closing.subscribe(), metrics.clone());
+        tokio::spawn(async move {
+            let _slot = permit;
+            metrics.http_open_connections.inc();
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                    connection.as_mut().graceful_shutdown();
+                    if in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                        // Idle, or a header still arriving: nothing to finish.
+                        Ok(())
+                    } else {
+                        connection.await
+                    }
+                }
+            };
+            if let Err(e) = served {
+                if e.is_timeout() {
+                    metrics.http_header_timeouts_total.inc();
+                }
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            metrics.http_open_connections.dec();
+        });
+    }
+    // Stop: connections finish what they serve; each gives its slot back when it ends.
+    let _ = closing.send(true);
+    let all = u32::try_from(limits.max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN, slots.acquire_many(all)).await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -368,6 +578,16 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("query_default_limit"));
         let c = ApiConfig { query_concurrency: 0, ..ApiConfig::default() };
         assert!(c.validate().unwrap_err().contains("query_concurrency"));
+        for (c, key) in [
+            (ApiConfig { header_read_timeout_ms: 0, ..ApiConfig::default() }, "api.header_read_timeout_ms"),
+            (ApiConfig { request_timeout_ms: 0, ..ApiConfig::default() }, "api.request_timeout_ms"),
+            (ApiConfig { max_connections: 0, ..ApiConfig::default() }, "api.max_connections"),
+            (ApiConfig { max_connections: usize::MAX, ..ApiConfig::default() }, "api.max_connections"),
+        ] {
+            assert!(c.validate().unwrap_err().starts_with(key), "{key}");
+        }
+        let c: ApiConfig = toml::from_str("read_token = true\nmax_connections = 16").unwrap();
+        assert_eq!((c.read_token, c.max_connections, c.header_read_timeout_ms), (true, 16, 10_000));
     }
 
     #[tokio::test]
@@ -394,6 +614,7 @@ mod tests {
             (ApiError::ReadOnly, StatusCode::BAD_REQUEST, "read_only"),
             (ApiError::BadSql("x".into()), StatusCode::BAD_REQUEST, "bad_sql"),
             (ApiError::QueryTimeout(Duration::from_secs(1)), StatusCode::GATEWAY_TIMEOUT, "query_timeout"),
+            (ApiError::RequestTimeout(Duration::from_secs(1)), StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             (ApiError::Unavailable("x".into()), StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             (ApiError::Internal("x".into()), StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         ];

@@ -9,9 +9,8 @@ use std::sync::{Arc, OnceLock};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -38,39 +37,6 @@ impl std::fmt::Debug for PluginDirectory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginDirectory").field("loaded", &self.0.get().is_some()).finish()
     }
-}
-
-/// Refuses a mutating request (any method but GET and HEAD) without the right bearer token.
-pub(super) async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return next.run(request).await;
-    }
-    let Some(expected) = state.token.as_deref() else {
-        return ApiError::Unauthorized(
-            "no API token is configured: set SLUICE_API_TOKEN to allow plugin changes".into(),
-        )
-        .into_response();
-    };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if same_secret(token, expected) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("the bearer token is not valid".into()).into_response(),
-        None => {
-            ApiError::Unauthorized("this call needs an Authorization: Bearer <token> header".into()).into_response()
-        }
-    }
-}
-
-/// Compares the digests, so the time taken says nothing about where the strings differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    use sha2::Digest;
-    let (x, y) = (sha2::Sha256::digest(a.as_bytes()), sha2::Sha256::digest(b.as_bytes()));
-    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
 /// The body, or the JSON error for one that could not be read: over the limit (a body sent without a
@@ -225,17 +191,4 @@ pub(super) async fn delete(
     let registry = state.plugins.get()?;
     blocking(move || registry.delete(&name, &version)).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secrets_compare_by_content() {
-        assert!(same_secret("s3cret", "s3cret"));
-        assert!(!same_secret("s3cret", "s3creT"));
-        assert!(!same_secret("s3cret", "s3cret "));
-        assert!(!same_secret("", "x"));
-    }
 }

@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// store (no Overlord is needed: the spec is generated, its POST fails and is retried).
     #[arg(long, requires = "brokers")]
     pub druid: bool,
+    /// With --brokers, the replicas of each partition of the topics this run creates
+    /// (`[kafka] replication_factor`; `min_insync_replicas` is 2 when it is 2 or more): 1 for the
+    /// single-broker clusters a load test usually runs against.
+    #[arg(long, default_value_t = 1, requires = "brokers")]
+    pub replication_factor: i16,
     /// The local log's `synchronous` setting (`[log] synchronous`), to measure what durability costs.
     #[arg(long, value_enum)]
     pub synchronous: Option<crate::log::Synchronous>,
@@ -455,7 +460,11 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         config.kafka.events_topic = format!("{run}.events");
         config.kafka.dlq_topic = format!("{run}.dlq");
         config.kafka.symbols_topic = format!("{run}.symbols");
+        config.kafka.replication_factor = args.replication_factor;
+        config.kafka.min_insync_replicas = args.replication_factor.min(2);
+        config.kafka.validate().map_err(anyhow::Error::msg)?;
         config.process.group = run.clone();
+        config.process.instance = Some("bench".into());
         if args.druid {
             config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
                 overlord_url: "http://127.0.0.1:9".into(),

@@ -108,6 +108,12 @@ pub struct RunArgs {
     /// counted them), go on appending from the store's position instead of refusing to start.
     #[arg(long)]
     pub resume_past_lost_log_tail: bool,
+    /// For this run: where the topic's retention deleted records of the events topic the embedded
+    /// store had not read yet, go on from the partition's start (the records lost are logged at
+    /// ERROR) instead of stopping the process role. (With the Druid sink the positions are the
+    /// consumer group's: move them with Kafka's `kafka-consumer-groups.sh --reset-offsets`.)
+    #[arg(long)]
+    pub skip_deleted_records: bool,
 }
 
 /// Arguments of `sluice check-config`.
@@ -163,6 +169,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             config.api.token = crate::api::Secret::from_env();
             config.log.resume_past_lost_tail = args.resume_past_lost_log_tail;
+            config.kafka.skip_deleted_records = args.skip_deleted_records;
             runtime()?.block_on(serve(config, args.role))
         }
         Command::Replay(args) => runtime()?.block_on(replay::run(args)),

@@ -53,6 +53,22 @@ pub enum LogError {
         /// The partition's high watermark.
         high: i64,
     },
+    /// The topic's retention deleted records before the process role read them: its position in a
+    /// partition is before the partition's start. The role stops rather than jump over them.
+    #[error(
+        "the process role's position in {topic} is before the start of {}: the topic's retention deleted \
+         {} records before they were read. sluice stops rather than skip them; {way_out}, and raise the \
+         topic's retention.ms so it does not happen again",
+        deleted_ranges(deleted), deleted.iter().map(|d| d.start - d.position).sum::<i64>()
+    )]
+    RecordsDeleted {
+        /// The topic.
+        topic: String,
+        /// Each partition the role stands before the start of.
+        deleted: Vec<Deleted>,
+        /// What an operator does to go on from the partitions' start, accepting the loss.
+        way_out: String,
+    },
     /// The topic has fewer partitions than configured.
     #[error(
         "{topic} has {actual} partitions but [kafka] partitions is {configured}: create the topic with \
@@ -72,6 +88,26 @@ pub enum LogError {
     /// Kafka refused.
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+}
+
+/// Records of one partition deleted before they were read: from the reader's `position` up to the
+/// partition's `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// The partition.
+    pub partition: i32,
+    /// The next offset the reader was to read.
+    pub position: i64,
+    /// The first offset the partition still holds.
+    pub start: i64,
+}
+
+fn deleted_ranges(deleted: &[Deleted]) -> String {
+    let ranges: Vec<String> = deleted
+        .iter()
+        .map(|d| format!("partition {} (position {}, start {})", d.partition, d.position, d.start))
+        .collect();
+    ranges.join(", ")
 }
 
 impl LogError {

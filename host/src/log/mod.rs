@@ -90,6 +90,11 @@ impl LogConfig {
     /// # Errors
     /// A message naming the field.
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes == 0 {
+            return Err(
+                "log.max_bytes must be positive: a log capped at 0 bytes would delete every record unread".into()
+            );
+        }
         if self.max_bytes < self.retention_bytes {
             return Err(format!(
                 "log.max_bytes ({}) must be at least log.retention_bytes ({})",
@@ -249,10 +254,11 @@ impl Reader {
     /// Reads up to about `max` records into `out`, waiting at most `timeout` for the first.
     ///
     /// # Errors
-    /// When the local log cannot be read (Kafka's errors are logged and counted in the outcome).
+    /// When the local log cannot be read, or a Kafka partition no longer holds the records to read
+    /// next (other Kafka errors are logged and counted in the outcome).
     pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> Result<PollOutcome, LogError> {
         match self {
-            Reader::Kafka(c) => Ok(c.poll_into(out, max, timeout)),
+            Reader::Kafka(c) => c.poll_into(out, max, timeout),
             Reader::Local(r, _) => r.poll_into(out, max, timeout),
         }
     }

@@ -179,6 +179,12 @@ pub(crate) fn plugin_bytes(config: &Config, name: &str) -> anyhow::Result<Vec<u8
 /// dictionary, the plugins, the sources (ingest), and the consumer that transforms each source's
 /// records with its plugin and delivers them to the sink (process).
 pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
+    if role != Role::Ingest {
+        config.check_druid_instance().map_err(anyhow::Error::msg)?;
+    }
+    if config.api.read_token && config.api.token.is_none() {
+        bail!("[api] read_token needs the token: set SLUICE_API_TOKEN");
+    }
     // The data directory first: a second process on it is refused before it touches anything (or
     // takes the first one's API address). Roles run apart share it with each other.
     let hold = if role == Role::All { Hold::Alone } else { Hold::Shared };
@@ -215,7 +221,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     }
     let router = crate::api::router(api_state.clone());
     let mut api_stopped = api_stop.subscribe();
-    let api_task = tokio::spawn(crate::api::serve(listener, router, async move {
+    let connections = crate::api::Connections::new(&config.api, metrics.clone());
+    let api_task = tokio::spawn(crate::api::serve(listener, router, connections, async move {
         let _ = api_stopped.wait_for(|s| *s).await;
     }));
     tracing::info!(addr = %api_addr, "HTTP API listening");
@@ -647,7 +654,7 @@ async fn start_process(
     let changelog = match (&config.sink.druid, handoff) {
         (Some(druid), Handoff::Kafka(brokers)) => {
             let (kafka, brokers, druid) = (config.kafka.clone(), brokers.clone(), druid.clone());
-            let id = transactional_id(&config.process.group, &config.process.instance);
+            let id = transactional_id(&config.process.group, config.process.instance());
             let timeout = Duration::from_secs(30);
             let read = tokio::task::spawn_blocking(move || {
                 crate::sink::druid::state::restore(&kafka, &brokers, &druid, &id, timeout)
@@ -702,7 +709,7 @@ async fn start_process(
                         &config.kafka,
                         brokers,
                         &config.process.group,
-                        Some(&config.process.instance),
+                        Some(config.process.instance()),
                     )?),
                     Handoff::Local(log) => Reader::Local(log.reader()?, log.clone()),
                 };
@@ -712,7 +719,7 @@ async fn start_process(
                             &config.kafka,
                             brokers,
                             druid,
-                            &transactional_id(&config.process.group, &config.process.instance),
+                            &transactional_id(&config.process.group, config.process.instance()),
                             Duration::from_secs(30),
                         )?
                         .with_checkpoints(
@@ -773,10 +780,21 @@ async fn start_process(
                             if let Some(health) = &settings.health {
                                 health.set("sink", false, format!("{e:#}"));
                             }
-                            tracing::error!(
-                                error = format!("{e:#}"),
-                                "process role failed; resuming from the last commit"
-                            );
+                            if let Some(crate::log::LogError::RecordsDeleted { deleted, .. }) = e.downcast_ref() {
+                                // Not resumed by trying again: an operator must act. Tried again (with
+                                // the backoff) so that the role goes on once they have.
+                                let records = deleted.iter().map(|d| (d.start - d.position).max(0) as u64).sum();
+                                counters.deleted_unread.store(records, Ordering::Relaxed);
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "the process role stopped: retention deleted records it had not read"
+                                );
+                            } else {
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "process role failed; resuming from the last commit"
+                                );
+                            }
                             pause = (pause * 2).min(Duration::from_secs(10));
                             pause
                         }

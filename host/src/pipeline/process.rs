@@ -144,6 +144,10 @@ pub struct ProcessStats {
     pub flushes: AtomicU64,
     /// Consumer group rebalances seen.
     pub rebalances: AtomicU64,
+    /// Records between the role's position and the start of partitions that no longer hold them
+    /// (retention deleted them unread), as last found when the role stopped on them; 0 once it
+    /// commits again.
+    pub deleted_unread: AtomicU64,
     /// Records in the assigned partitions not read yet (from the consumer's statistics).
     pub consumer_lag: std::sync::atomic::AtomicI64,
     /// Latency of recent batches: first row batched to the sink's commit finished.
@@ -176,6 +180,7 @@ impl ProcessStats {
             consumed: self.consumed.load(Ordering::Relaxed),
             stored: self.stored.load(Ordering::Relaxed),
             rebalances: self.rebalances.load(Ordering::Relaxed),
+            deleted_unread: self.deleted_unread.load(Ordering::Relaxed),
             lag: self.consumer_lag.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             breakers: self
@@ -806,6 +811,7 @@ fn flush(
         observe_commit(&m.process, sink.name(), commit_time, reason, pending, now_us);
     }
     stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    stats.deleted_unread.store(0, Ordering::Relaxed);
     stats.flushes.fetch_add(1, Ordering::Relaxed);
     drop(rows);
     pending.clear();

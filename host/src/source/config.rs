@@ -166,6 +166,15 @@ impl SourceConfig {
         if self.write_timeout_ms == 0 {
             return field("write_timeout_ms", "must be positive");
         }
+        if self.connect_timeout_ms == 0 {
+            return field("connect_timeout_ms", "must be positive: every connection attempt would time out at once");
+        }
+        if self.pong_timeout_ms == 0 {
+            return field(
+                "pong_timeout_ms",
+                "must be positive: every connection would be declared dead at its first ping",
+            );
+        }
         if self.max_connection_age_ms < 1000 {
             return field("max_connection_age_ms", "must be at least 1000");
         }

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub http_requests_total: IntCounterVec,
     /// How long HTTP requests took, by matched route, method and status.
     pub http_request_duration_seconds: HistogramVec,
+    /// HTTP connections open (at most `[api] max_connections`).
+    pub http_open_connections: IntGauge,
+    /// HTTP connections closed because a request's header did not arrive in time (or an idle
+    /// keep-alive connection sent none).
+    pub http_header_timeouts_total: IntCounter,
     /// The process role's batches, commits and end-to-end latency.
     pub process: ProcessMetrics,
     /// Counters kept as atomics by their owners (sources, decode, producer, process role), copied in
@@ -75,6 +80,7 @@ pub(crate) struct Mirrored {
     pub(crate) process_committed: IntCounter,
     pub(crate) process_rebalances: IntCounter,
     pub(crate) process_lag: IntGauge,
+    pub(crate) process_deleted_unread: IntGauge,
     pub(crate) process_breaker_open: IntGaugeVec,
     pub(crate) log_start: IntGauge,
     pub(crate) log_end: IntGauge,
@@ -252,6 +258,8 @@ pub struct ProcessSample {
     pub stored: u64,
     /// Consumer group rebalances.
     pub rebalances: u64,
+    /// Records retention deleted before the role read them, while it is stopped on them.
+    pub deleted_unread: u64,
     /// Records not read yet.
     pub lag: i64,
     /// Records dead-lettered by the transform stage.
@@ -340,6 +348,14 @@ impl Metrics {
             HistogramOpts::new("sluice_http_request_duration_seconds", "How long HTTP requests took to answer")
                 .buckets(LATENCY_SECONDS.into()),
             &route_labels,
+        )
+        .expect("valid");
+        let http_open_connections =
+            IntGauge::new("sluice_http_open_connections", "HTTP connections open (at most [api] max_connections)")
+                .expect("valid");
+        let http_header_timeouts_total = IntCounter::new(
+            "sluice_http_header_timeouts_total",
+            "HTTP connections closed because a request's header did not arrive within [api] header_read_timeout_ms",
         )
         .expect("valid");
         let latency = |name: &str, help: &str| {
@@ -449,6 +465,11 @@ impl Metrics {
                 "Records in the events topic's assigned partitions not read yet",
             )
             .expect("valid"),
+            process_deleted_unread: gauge(
+                "sluice_process_deleted_unread_records",
+                "Records of the events topic retention deleted before the process role read them; the role \
+                 stops on them (0 once it commits again)",
+            ),
             process_breaker_open: IntGaugeVec::new(
                 Opts::new(
                     "sluice_process_breaker_open",
@@ -470,6 +491,8 @@ impl Metrics {
         for m in [
             Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_request_duration_seconds.clone()),
+            Box::new(http_open_connections.clone()),
+            Box::new(http_header_timeouts_total.clone()),
             Box::new(process.batch_rows.clone()),
             Box::new(process.flushes_total.clone()),
             Box::new(process.sink_commit_duration_seconds.clone()),
@@ -498,6 +521,7 @@ impl Metrics {
             Box::new(mirrored.process_committed.clone()),
             Box::new(mirrored.process_rebalances.clone()),
             Box::new(mirrored.process_lag.clone()),
+            Box::new(mirrored.process_deleted_unread.clone()),
             Box::new(mirrored.process_breaker_open.clone()),
             Box::new(mirrored.log_start.clone()),
             Box::new(mirrored.log_end.clone()),
@@ -533,6 +557,8 @@ impl Metrics {
             plugin,
             http_requests_total,
             http_request_duration_seconds,
+            http_open_connections,
+            http_header_timeouts_total,
             process,
             mirrored,
             refreshers: std::sync::Mutex::new(Vec::new()),
@@ -594,6 +620,7 @@ impl Metrics {
         mirror(&m.process_committed, s.stored);
         mirror(&m.process_rebalances, s.rebalances);
         m.process_lag.set(s.lag);
+        m.process_deleted_unread.set(i64::try_from(s.deleted_unread).unwrap_or(i64::MAX));
         for (source, plugin, open) in &s.breakers {
             m.process_breaker_open.with_label_values(&[source, plugin]).set(i64::from(*open));
         }

@@ -44,6 +44,19 @@ impl Drop for TestBroker {
     }
 }
 
+/// `[kafka]` settings for the test broker, which is a single broker: one replica per partition
+/// (the defaults, 3 and 2, are a real cluster's).
+pub fn kafka_config() -> sluice::kafka::KafkaConfig {
+    sluice::kafka::KafkaConfig {
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        ..sluice::kafka::KafkaConfig::default()
+    }
+}
+
+/// The same lines for a `[kafka]` table of a configuration file.
+pub const SINGLE_BROKER: &str = "replication_factor = 1\nmin_insync_replicas = 1\n";
+
 /// A unique topic name per test run, so tests sharing an external broker do not see each other.
 pub fn unique_topic(base: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();

@@ -6,6 +6,11 @@
 //! them in the same Kafka transaction as the rows, and the consumer joins the group
 //! ([`EventConsumer::subscribe`]), so several instances split the partitions; after a rebalance the
 //! new owner starts at the last committed transaction.
+//!
+//! A position the topic no longer holds is never jumped over (`auto.offset.reset = error`): a
+//! partition whose records retention deleted before they were read stops the read with
+//! [`LogError::RecordsDeleted`], which names the partitions, the records lost and the way on. A
+//! partition the group has committed nothing for yet is read from its start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -15,9 +20,11 @@ use plugin_sdk::wire::push_delimited;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
 use rdkafka::message::Message;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{KafkaConfig, KafkaError};
+use crate::log::error::{Deleted, LogError};
 
 /// A batch of consumed records: payloads length-delimited in one buffer, and where each came from.
 #[derive(Debug, Default)]
@@ -68,6 +75,36 @@ impl ClientContext for RebalanceFlag {
 }
 
 impl ConsumerContext for RebalanceFlag {
+    /// librdkafka's eager rebalance, with one change: a partition the group has committed no offset
+    /// for is assigned at its start. (`auto.offset.reset` is `error`, so that a committed position
+    /// retention deleted stops the read; without this, a new group would stop on every partition.)
+    fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                    Ok(committed) => {
+                        for e in committed.elements().iter().filter(|e| e.offset() == Offset::Invalid) {
+                            let _ = tpl.set_partition_offset(e.topic(), e.partition(), Offset::Beginning);
+                        }
+                    }
+                    // The read then stops on the partitions without an offset and starts again.
+                    Err(e) => tracing::warn!(error = %e, "cannot read the group's committed offsets"),
+                }
+                Rebalance::Assign(tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(other.into())),
+        };
+        let done = match &rebalance {
+            Rebalance::Assign(tpl) => base.assign(tpl),
+            _ => base.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "applying the group's assignment failed");
+        }
+        self.post_rebalance(base, &rebalance);
+    }
+
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -92,6 +129,21 @@ pub struct EventConsumer {
     assigned: std::sync::Mutex<Option<(i32, std::time::Instant)>>,
     /// How often that is ([`PARTITION_CHECK`] unless changed).
     partition_check: Duration,
+    /// The consumer group, for the way on an error names.
+    group: String,
+    /// With a manual assignment: the offset each partition was assigned at, which is where the
+    /// consumer stands in a partition it has handed nothing of yet.
+    assigned_at: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
+    /// `[kafka] skip_deleted_records`: with a manual assignment, a stored position retention
+    /// deleted moves to the partition's start (logged with the records lost) instead of stopping.
+    skip_deleted: bool,
+}
+
+/// The assigned partitions a consumer stands outside of: before their start, or (the first one
+/// found) past their end as (partition, position, end).
+struct Outside {
+    deleted: Vec<Deleted>,
+    ahead: Option<(i32, i64, i64)>,
 }
 
 /// How often a manually assigned consumer looks for partitions added to its topic.
@@ -105,7 +157,24 @@ impl EventConsumer {
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses a setting.
     pub fn new(config: &KafkaConfig, brokers: &str, group: &str, instance: Option<&str>) -> Result<Self, KafkaError> {
-        let mut c = config.client_config(brokers);
+        // Defaults `[kafka] options` may change.
+        let mut c = config.client_config_with(
+            brokers,
+            &[
+                // A fetch returns as soon as any record is there; with none it is held at the broker
+                // for up to 100 ms (not polled again at once), so an idle consumer is cheap and a busy
+                // one waits for nothing.
+                ("fetch.min.bytes", "1"),
+                ("fetch.wait.max.ms", "100"),
+                // A killed instance's partitions move to the others after this long without heartbeats.
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "2000"),
+                // For the lag only; parsed every five seconds, off the record path.
+                ("statistics.interval.ms", "5000"),
+            ],
+        );
+        // The safety settings, after the options so none of them is undone (and the options may not
+        // name them: see `SAFETY_KEYS`).
         if let Some(instance) = instance {
             // Static membership: a restarted instance takes its partitions back at once, instead of
             // the group waiting for the old member's session to expire.
@@ -114,26 +183,13 @@ impl EventConsumer {
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // A position the topic no longer holds (retention deleted the records) is an error the
+            // process role stops on, never a silent jump (see `poll_into`).
+            .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
             // Eager assignors: a rebalance revokes every partition and assigns them again at their
             // committed offsets, which is what dropping uncommitted rows on a rebalance relies on.
-            .set("partition.assignment.strategy", "range,roundrobin")
-            // A killed instance's partitions move to the others after this long without heartbeats.
-            // A fetch returns as soon as any record is there; with none it is held at the broker for up
-            // to 100 ms (not polled again at once), so an idle consumer is cheap and a busy one waits
-            // for nothing.
-            .set("fetch.min.bytes", "1")
-            .set("fetch.wait.max.ms", "100")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "2000");
-        for (k, v) in &config.options {
-            c.set(k, v);
-        }
-        if !config.options.contains_key("statistics.interval.ms") {
-            // For the lag only; parsed every five seconds, off the record path.
-            c.set("statistics.interval.ms", "5000");
-        }
+            .set("partition.assignment.strategy", "range,roundrobin");
         let flag = RebalanceFlag::default();
         let (rebalanced, lag) = (flag.0.clone(), flag.1.clone());
         let inner = c.create_with_context(flag).map_err(|e| KafkaError::Config(e.to_string()))?;
@@ -144,6 +200,9 @@ impl EventConsumer {
             topic: config.events_topic.clone(),
             assigned: std::sync::Mutex::new(None),
             partition_check: PARTITION_CHECK,
+            group: group.to_owned(),
+            assigned_at: std::sync::Mutex::default(),
+            skip_deleted: config.skip_deleted_records,
         })
     }
 
@@ -177,29 +236,31 @@ impl EventConsumer {
     /// [`KafkaError::Config`] when the assignment is refused.
     pub fn assign(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
+        let mut at = std::collections::BTreeMap::new();
         for p in 0..partitions {
             let offset = stored
                 .iter()
                 .find(|(t, part, _)| *t == self.topic && *part == p)
                 .map_or(Offset::Beginning, |(_, _, next)| Offset::Offset(*next));
+            if let Offset::Offset(next) = offset {
+                at.insert(p, next);
+            }
             tpl.add_partition_offset(&self.topic, p, offset).map_err(|e| KafkaError::Config(e.to_string()))?;
         }
-        self.inner.assign(&tpl).map_err(|e| KafkaError::Config(e.to_string()))
+        self.inner.assign(&tpl).map_err(|e| KafkaError::Config(e.to_string()))?;
+        *self.assigned_at.lock().unwrap_or_else(|p| p.into_inner()) = at;
+        Ok(())
     }
 
     /// [`EventConsumer::assign`] after checking each stored offset against its partition's
     /// watermarks: an offset past the partition's end is refused (the topic was recreated, and
-    /// starting over would count records twice); one before the partition's start reads from the
-    /// start, with an ERROR naming the records retention deleted unread.
+    /// starting over would count records twice), and so is one before the partition's start
+    /// (retention deleted records the store had not read), unless `[kafka] skip_deleted_records`
+    /// says to go on from the start: then an ERROR names the records lost.
     ///
     /// # Errors
-    /// [`LogError::OffsetAhead`](crate::log::error::LogError::OffsetAhead), or the broker's refusal.
-    pub fn assign_checked(
-        &self,
-        partitions: i32,
-        stored: &[(String, i32, i64)],
-    ) -> Result<(), crate::log::error::LogError> {
-        use crate::log::error::LogError;
+    /// [`LogError::OffsetAhead`], [`LogError::RecordsDeleted`], or the broker's refusal.
+    pub fn assign_checked(&self, partitions: i32, stored: &[(String, i32, i64)]) -> Result<(), LogError> {
         // Every partition the topic has, not the configured count: records in the others would
         // never be read.
         let actual = self.partition_count()?;
@@ -207,25 +268,34 @@ impl EventConsumer {
             return Err(LogError::FewerPartitions { topic: self.topic.clone(), configured: partitions, actual });
         }
         let partitions = actual;
-        for (topic, partition, next) in stored.iter().filter(|(t, p, _)| *t == self.topic && *p < partitions) {
+        let mut stored = stored.to_vec();
+        let mut deleted = Vec::new();
+        for (topic, partition, next) in stored.iter_mut().filter(|(t, p, _)| *t == self.topic && *p < partitions) {
             let (low, high) = self.inner.fetch_watermarks(topic, *partition, Duration::from_secs(10)).map_err(|e| {
                 KafkaError::Config(format!("cannot read the range of {topic} partition {partition}: {e}"))
             })?;
             if *next > high {
                 return Err(LogError::OffsetAhead { topic: topic.clone(), partition: *partition, store: *next, high });
             }
-            if *next < low {
+            if *next < low && self.skip_deleted {
                 tracing::error!(
                     topic = %topic,
                     partition,
                     store = *next,
                     low,
                     records = low - *next,
-                    "the topic no longer holds records the store has not read (deleted by its retention)"
+                    "the topic no longer holds records the store has not read (deleted by its retention): going \
+                     on from the partition's start, as --skip-deleted-records asks"
                 );
+                *next = low;
+            } else if *next < low {
+                deleted.push(Deleted { partition: *partition, position: *next, start: low });
             }
         }
-        self.assign(partitions, stored)?;
+        if !deleted.is_empty() {
+            return Err(self.records_deleted(deleted, true));
+        }
+        self.assign(partitions, &stored)?;
         *self.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some((partitions, std::time::Instant::now()));
         Ok(())
     }
@@ -296,8 +366,82 @@ impl EventConsumer {
         }
     }
 
+    /// The error for partitions whose records retention deleted before they were read, with the way
+    /// on for how positions are kept: the store's (`manual`), or the consumer group's.
+    fn records_deleted(&self, deleted: Vec<Deleted>, manual: bool) -> LogError {
+        let way_out = if manual {
+            "to go on from the partitions' start, accepting the loss, start once with `sluice run \
+             --skip-deleted-records`"
+                .to_owned()
+        } else {
+            format!(
+                "to go on from the partitions' start, accepting the loss, stop the group's instances and move \
+                 its offsets there (`kafka-consumer-groups.sh --bootstrap-server ... --group {} --topic {} \
+                 --reset-offsets --to-earliest --execute`)",
+                self.group, self.topic
+            )
+        };
+        LogError::RecordsDeleted { topic: self.topic.clone(), deleted, way_out }
+    }
+
+    /// After an offset-out-of-range error (`e`): which assigned partitions the consumer stands
+    /// outside of, from its positions (or, where it has handed nothing yet, the offsets it was
+    /// assigned at or the group's committed ones) and the partitions' watermarks.
+    fn out_of_range(&self, e: &rdkafka::error::KafkaError) -> LogError {
+        let timeout = Duration::from_secs(10);
+        // Assigned by hand (the embedded store's positions), or a member of the group.
+        let manual = self.inner.subscription().map_or(true, |s| s.count() == 0);
+        let found = (|| -> rdkafka::error::KafkaResult<Outside> {
+            let assignment = self.inner.assignment()?;
+            let positions = self.inner.position()?;
+            let committed = if manual { None } else { Some(self.inner.committed(timeout)?) };
+            let assigned_at = self.assigned_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let offset_in = |tpl: &TopicPartitionList, p: i32| match tpl.find_partition(&self.topic, p)?.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            let (mut deleted, mut ahead) = (Vec::new(), None);
+            for e in assignment.elements_for_topic(&self.topic) {
+                let p = e.partition();
+                let position = offset_in(&positions, p)
+                    .or_else(|| assigned_at.get(&p).copied())
+                    .or_else(|| committed.as_ref().and_then(|c| offset_in(c, p)));
+                let Some(position) = position else { continue };
+                let (low, high) = self.inner.fetch_watermarks(&self.topic, p, timeout)?;
+                if position < low {
+                    deleted.push(Deleted { partition: p, position, start: low });
+                } else if position > high {
+                    ahead = Some((p, position, high));
+                }
+            }
+            Ok(Outside { deleted, ahead })
+        })();
+        match found {
+            Ok(Outside { deleted, .. }) if !deleted.is_empty() => self.records_deleted(deleted, manual),
+            Ok(Outside { ahead: Some((partition, store, high)), .. }) => {
+                LogError::OffsetAhead { topic: self.topic.clone(), partition, store, high }
+            }
+            other => {
+                let detail = match other {
+                    Err(lookup) => format!(" (the positions could not be read: {lookup})"),
+                    Ok(_) => String::new(),
+                };
+                LogError::Kafka(KafkaError::Read {
+                    topic: self.topic.clone(),
+                    reason: format!("{e}: a position outside a partition's range{detail}"),
+                })
+            }
+        }
+    }
+
     /// Polls up to `max` records into `out`, waiting at most `timeout` for the first one.
-    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> PollOutcome {
+    ///
+    /// # Errors
+    /// [`LogError::RecordsDeleted`] when a partition no longer holds the records the consumer was
+    /// to read next (retention deleted them), [`LogError::OffsetAhead`] when its position is past the
+    /// partition's end. Other consumer errors are logged and counted in the outcome; librdkafka
+    /// retries them.
+    pub fn poll_into(&self, out: &mut Polled, max: usize, timeout: Duration) -> Result<PollOutcome, LogError> {
         self.follow_new_partitions();
         let mut outcome = PollOutcome::default();
         let mut wait = timeout;
@@ -314,6 +458,14 @@ impl EventConsumer {
                     push_delimited(&mut out.records, m.payload().unwrap_or_default());
                     out.positions.push((m.partition(), m.offset()));
                 }
+                Some(Err(e))
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
+                    ) =>
+                {
+                    return Err(self.out_of_range(&e));
+                }
                 Some(Err(e)) => {
                     outcome.errors += 1;
                     tracing::warn!(error = %e, "consumer error");
@@ -322,7 +474,7 @@ impl EventConsumer {
             // Only the first poll waits; the rest take what is already fetched.
             wait = Duration::ZERO;
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Records in the assigned partitions not read yet, as of the last statistics (every five

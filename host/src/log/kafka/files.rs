@@ -66,16 +66,13 @@ fn transactional_producer(
     transactional_id: &str,
     timeout: Duration,
 ) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
-    let mut c = config.client_config(brokers);
-    c.set("transactional.id", transactional_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", &config.compression)
-        .set("linger.ms", config.linger_ms.to_string())
-        .set("transaction.timeout.ms", "15000");
-    for (k, v) in &config.options {
-        c.set(k, v);
-    }
+    let linger = config.linger_ms.to_string();
+    let mut c = config.client_config_with(
+        brokers,
+        &[("compression.type", &config.compression), ("linger.ms", &linger), ("transaction.timeout.ms", "15000")],
+    );
+    // After the pass-through options, so none of them undoes exactly-once.
+    c.set("transactional.id", transactional_id).set("enable.idempotence", "true").set("acks", "all");
     let producer: ThreadedProducer<DefaultProducerContext> =
         c.create().map_err(|e| KafkaError::Config(e.to_string()))?;
     producer

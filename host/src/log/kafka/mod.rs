@@ -72,6 +72,15 @@ pub struct KafkaConfig {
     /// Partitions for topics sluice creates.
     #[serde(default = "defaults::partitions")]
     pub partitions: i32,
+    /// Replicas of each partition of the topics sluice creates (the symbol dictionary included):
+    /// 3 by default, for a real cluster; a cluster with fewer brokers is refused when a topic is
+    /// created. A single broker (a test or development one) needs 1.
+    #[serde(default = "defaults::replication_factor")]
+    pub replication_factor: i16,
+    /// `min.insync.replicas` of the topics sluice creates: with `acks=all`, a write is acknowledged
+    /// once this many replicas have it (2 by default; at most `replication_factor`).
+    #[serde(default = "defaults::min_insync_replicas")]
+    pub min_insync_replicas: i16,
     /// `lz4`, `zstd`, `snappy`, `gzip` or `none`.
     #[serde(default = "defaults::compression")]
     pub compression: String,
@@ -82,9 +91,15 @@ pub struct KafkaConfig {
     /// Largest producer batch in bytes.
     #[serde(default = "defaults::batch_bytes")]
     pub batch_bytes: u64,
-    /// Any other librdkafka property, passed through as is (e.g. `security.protocol`).
-    #[serde(default)]
+    /// Any other librdkafka property, passed through as is (e.g. `security.protocol`). Secrets among
+    /// them (see [`is_secret`]) print as `***`.
+    #[serde(default, serialize_with = "serialize_options")]
     pub options: BTreeMap<String, String>,
+    /// For this run (`sluice run --skip-deleted-records`, never from the file): where the embedded
+    /// store's position in the events topic is before a partition's start (retention deleted records
+    /// it had not read), go on from the start, logging the records lost, instead of refusing.
+    #[serde(skip)]
+    pub skip_deleted_records: bool,
 }
 
 impl Default for KafkaConfig {
@@ -96,24 +111,100 @@ impl Default for KafkaConfig {
             symbols_topic: defaults::symbols_topic(),
             files_topic: defaults::files_topic(),
             partitions: defaults::partitions(),
+            replication_factor: defaults::replication_factor(),
+            min_insync_replicas: defaults::min_insync_replicas(),
             compression: defaults::compression(),
             linger_ms: defaults::linger_ms(),
             batch_bytes: defaults::batch_bytes(),
             options: BTreeMap::new(),
+            skip_deleted_records: false,
         }
     }
 }
 
+/// The client properties the delivery contract rests on, with why: sluice sets them on the clients
+/// that need them, after `[kafka] options`, and [`KafkaConfig::validate`] refuses options that name
+/// them (aliases included), so no option can undo exactly-once or make a skip silent.
+pub const SAFETY_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set [kafka] brokers instead"),
+    ("metadata.broker.list", "set [kafka] brokers instead"),
+    ("group.id", "the process role's group is [process] group"),
+    ("group.instance.id", "derived from [process] group and instance"),
+    ("enable.auto.commit", "offsets are committed only with the rows they produced"),
+    ("auto.commit.enable", "offsets are committed only with the rows they produced"),
+    ("enable.auto.offset.store", "offsets are committed only with the rows they produced"),
+    ("auto.offset.reset", "a position the topic no longer holds stops the process role instead of a silent jump"),
+    ("isolation.level", "only committed transactions are read"),
+    ("partition.assignment.strategy", "eager assignors: a rebalance drops the rows of revoked partitions"),
+    ("enable.idempotence", "records are written idempotently"),
+    ("acks", "records are acknowledged by all in-sync replicas (acks=all)"),
+    ("request.required.acks", "records are acknowledged by all in-sync replicas (acks=all)"),
+    ("transactional.id", "derived from [process] group and instance, or from the file source"),
+];
+
 impl KafkaConfig {
     /// A librdkafka client config with the brokers and the pass-through options.
     pub fn client_config(&self, brokers: &str) -> ClientConfig {
+        self.client_config_with(brokers, &[])
+    }
+
+    /// A librdkafka client config with the brokers, then `defaults`, then the pass-through options
+    /// (which may change the defaults). The caller sets its safety settings after this, so they win.
+    pub fn client_config_with(&self, brokers: &str, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", brokers);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.options {
             c.set(k, v);
         }
         c
     }
+
+    /// Checks what types cannot: positive partitions, a replication the topics can have, and no
+    /// pass-through option that would override a safety setting ([`SAFETY_KEYS`]).
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.partitions <= 0 {
+            return Err("kafka.partitions must be positive".into());
+        }
+        if self.replication_factor < 1 {
+            return Err("kafka.replication_factor must be at least 1".into());
+        }
+        if self.min_insync_replicas < 1 || i32::from(self.min_insync_replicas) > i32::from(self.replication_factor) {
+            return Err(format!(
+                "kafka.min_insync_replicas ({}) must be between 1 and kafka.replication_factor ({})",
+                self.min_insync_replicas, self.replication_factor
+            ));
+        }
+        for key in self.options.keys() {
+            if let Some((_, why)) = SAFETY_KEYS.iter().find(|(k, _)| k.eq_ignore_ascii_case(key.trim())) {
+                return Err(format!(
+                    "kafka.options: {key:?} is set by sluice ({why}) and may not be overridden; remove it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a client property holds a secret (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, a JAAS line with its password, a private key): such values
+/// print as `***` wherever a configuration is printed (`sluice check-config`).
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "sasl.oauthbearer.config", "ssl.key.pem"].iter().any(|s| key.contains(s))
+}
+
+/// Serializes client properties with the values of secrets (see [`is_secret`]) as `***`.
+pub(crate) fn serialize_options<S: serde::Serializer>(
+    options: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(options.iter().map(|(k, v)| (k, if is_secret(k) { "***" } else { v.as_str() })))
 }
 
 /// The headers every dead letter carries on the dead-letter topic: its source, plugin, stage and
@@ -175,6 +266,12 @@ mod defaults {
     pub fn partitions() -> i32 {
         6
     }
+    pub fn replication_factor() -> i16 {
+        3
+    }
+    pub fn min_insync_replicas() -> i16 {
+        2
+    }
     pub fn compression() -> String {
         "lz4".into()
     }
@@ -186,18 +283,27 @@ mod defaults {
     }
 }
 
-/// Creates `topics` with `partitions` each; topics that already exist are fine.
+/// Creates `topics` with `partitions` each, `[kafka] replication_factor` replicas and
+/// `min_insync_replicas`; topics that already exist are fine.
 ///
 /// # Errors
-/// [`KafkaError`] when the admin client cannot be created or the broker refuses.
+/// [`KafkaError`] when the admin client cannot be created or the broker refuses (a cluster with
+/// fewer brokers than the replication factor, say).
 pub async fn ensure_topics(
     config: &KafkaConfig,
     brokers: &str,
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
-    let new: Vec<_> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let min_insync = config.min_insync_replicas.to_string();
+    let new: Vec<_> = topics.iter().map(|t| new_topic(config, t, partitions, &min_insync)).collect();
     create_topics(config, brokers, &new, partitions).await
+}
+
+/// A topic to create with the configured replication.
+fn new_topic<'a>(config: &KafkaConfig, name: &'a str, partitions: i32, min_insync: &'a str) -> NewTopic<'a> {
+    NewTopic::new(name, partitions, TopicReplication::Fixed(i32::from(config.replication_factor)))
+        .set("min.insync.replicas", min_insync)
 }
 
 /// Creates the symbol dictionary topic when it does not exist: one partition (ids are offsets, so
@@ -207,7 +313,8 @@ pub async fn ensure_topics(
 /// # Errors
 /// [`KafkaError::CreateTopic`] when the broker refuses.
 pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result<(), KafkaError> {
-    let topic = NewTopic::new(&config.symbols_topic, 1, TopicReplication::Fixed(1))
+    let min_insync = config.min_insync_replicas.to_string();
+    let topic = new_topic(config, &config.symbols_topic, 1, &min_insync)
         .set("cleanup.policy", "delete")
         .set("retention.ms", "-1")
         .set("retention.bytes", "-1");
@@ -222,7 +329,8 @@ pub async fn ensure_symbols_topic(config: &KafkaConfig, brokers: &str) -> Result
 /// # Errors
 /// [`KafkaError::CreateTopic`] when the broker refuses.
 pub async fn ensure_changelog_topic(config: &KafkaConfig, brokers: &str, topic: &str) -> Result<(), KafkaError> {
-    let topic = NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    let min_insync = config.min_insync_replicas.to_string();
+    let topic = new_topic(config, topic, 1, &min_insync).set("cleanup.policy", "compact");
     create_topics(config, brokers, &[topic], 1).await
 }
 
@@ -334,8 +442,78 @@ async fn create_topics(
                     });
                 }
             }
+            Err((topic, RDKafkaErrorCode::InvalidReplicationFactor)) => {
+                let count = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map(|m| m.brokers().len());
+                let cluster = count.map_or_else(|_| "fewer brokers".to_owned(), |n| format!("{n} broker(s)"));
+                return Err(KafkaError::CreateTopic {
+                    reason: format!(
+                        "the cluster has {cluster} but [kafka] replication_factor is {}: set replication_factor \
+                         (and min_insync_replicas) to what the cluster can hold; a single broker needs 1 for both",
+                        config.replication_factor
+                    ),
+                    topic,
+                });
+            }
             Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, reason: code.to_string() }),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_option(key: &str, value: &str) -> KafkaConfig {
+        let mut config = KafkaConfig::default();
+        config.options.insert(key.into(), value.into());
+        config
+    }
+
+    #[test]
+    fn options_may_not_undo_the_safety_settings() {
+        for (key, value) in [
+            ("enable.auto.commit", "true"),
+            ("isolation.level", "read_uncommitted"),
+            ("auto.offset.reset", "earliest"),
+            ("acks", "1"),
+            ("Request.Required.Acks", "1"),
+            ("enable.idempotence", "false"),
+            ("transactional.id", "mine"),
+            ("group.id", "other"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+        ] {
+            let err = with_option(key, value).validate().unwrap_err();
+            assert!(err.starts_with(&format!("kafka.options: {key:?} is set by sluice")), "{err}");
+        }
+        // Anything else passes through.
+        with_option("security.protocol", "sasl_ssl").validate().unwrap();
+        with_option("message.timeout.ms", "60000").validate().unwrap();
+        // Defaults are what the options may change: they come before them.
+        let c = with_option("linger.ms", "5").client_config_with("b:9092", &[("linger.ms", "1")]);
+        assert_eq!(c.get("linger.ms"), Some("5"));
+    }
+
+    #[test]
+    fn replication_defaults_to_a_real_clusters_and_is_checked() {
+        let c: KafkaConfig = toml::from_str("brokers = 'b:9092'").unwrap();
+        assert_eq!((c.replication_factor, c.min_insync_replicas), (3, 2));
+        c.validate().unwrap();
+        let one: KafkaConfig = toml::from_str("replication_factor = 1\nmin_insync_replicas = 1").unwrap();
+        one.validate().unwrap();
+        let err = KafkaConfig { replication_factor: 1, ..KafkaConfig::default() }.validate().unwrap_err();
+        assert_eq!(err, "kafka.min_insync_replicas (2) must be between 1 and kafka.replication_factor (1)");
+        let err = KafkaConfig { replication_factor: 0, ..KafkaConfig::default() }.validate().unwrap_err();
+        assert!(err.starts_with("kafka.replication_factor"), "{err}");
+    }
+
+    #[test]
+    fn secrets_among_the_options_never_print() {
+        let mut config = with_option("sasl.password", "hunter2");
+        config.options.insert("sasl.oauthbearer.client.secret".into(), "hunter3".into());
+        config.options.insert("security.protocol".into(), "sasl_ssl".into());
+        let printed = toml::to_string(&config).unwrap();
+        assert!(!printed.contains("hunter"), "{printed}");
+        assert!(printed.contains("\"sasl.password\" = \"***\"") && printed.contains("sasl_ssl"), "{printed}");
+    }
 }

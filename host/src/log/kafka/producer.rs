@@ -97,16 +97,13 @@ impl EventProducer {
     /// [`KafkaError::Config`] when librdkafka rejects a setting (the message names it).
     pub fn new(config: &KafkaConfig, brokers: &str) -> Result<Self, KafkaError> {
         let stats = Arc::new(ProducerStats::default());
-        let mut c = config.client_config(brokers);
-        c.set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("compression.type", &config.compression)
-            .set("linger.ms", config.linger_ms.to_string())
-            .set("batch.size", config.batch_bytes.to_string());
-        // Pass-through options win over our defaults.
-        for (k, v) in &config.options {
-            c.set(k, v);
-        }
+        let (linger, batch) = (config.linger_ms.to_string(), config.batch_bytes.to_string());
+        // Pass-through options win over these defaults, not over the safety settings set after them.
+        let mut c = config.client_config_with(
+            brokers,
+            &[("compression.type", &config.compression), ("linger.ms", &linger), ("batch.size", &batch)],
+        );
+        c.set("acks", "all").set("enable.idempotence", "true");
         let inner = c
             .create_with_context(DeliveryCounter { stats: stats.clone() })
             .map_err(|e| KafkaError::Config(e.to_string()))?;

@@ -73,8 +73,9 @@ pub struct DruidSinkConfig {
     #[serde(default)]
     pub bootstrap_servers: Option<String>,
     /// Further Kafka consumer properties for Druid's tasks (e.g. `security.protocol`). `bootstrap.servers`
-    /// and `isolation.level` are set by sluice and may not appear here.
-    #[serde(default)]
+    /// and `isolation.level` are set by sluice and may not appear here. Secrets among them print as
+    /// `***` (see [`crate::log::kafka::is_secret`]).
+    #[serde(default, serialize_with = "crate::log::kafka::serialize_options")]
     pub consumer_options: BTreeMap<String, String>,
     /// The string dimensions, by sink-row field JSON name; each becomes a Druid column of the same name.
     #[serde(default = "defaults::dimensions")]
@@ -527,8 +528,15 @@ mod tests {
 
     #[test]
     fn the_password_never_prints() {
-        let cfg = DruidSinkConfig { password: Some(Password("hunter2".into())), ..Default::default() };
+        let mut cfg = DruidSinkConfig { password: Some(Password("hunter2".into())), ..Default::default() };
         assert!(!format!("{cfg:?}").contains("hunter2"));
         assert!(!toml::to_string(&cfg).unwrap().contains("hunter2"));
+        // Nor does a secret among the options handed to Druid's consumers.
+        cfg.consumer_options
+            .insert("sasl.jaas.config".into(), "PlainLoginModule required password=\"hunter2\";".into());
+        cfg.consumer_options.insert("security.protocol".into(), "SASL_SSL".into());
+        let printed = toml::to_string(&cfg).unwrap();
+        assert!(!printed.contains("hunter2") && printed.contains("\"sasl.jaas.config\" = \"***\""), "{printed}");
+        assert!(printed.contains("SASL_SSL"), "{printed}");
     }
 }

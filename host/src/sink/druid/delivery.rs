@@ -129,18 +129,20 @@ impl DruidSink {
         transactional_id: &str,
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let mut c = kafka.client_config(brokers);
-        c.set("transactional.id", transactional_id)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", &kafka.compression)
-            .set("linger.ms", kafka.linger_ms.to_string())
-            // An instance that dies mid-transaction holds back read_committed readers until its
-            // transaction times out (or it restarts), so keep the timeout short; batches commit in ~1 s.
-            .set("transaction.timeout.ms", "15000");
-        for (k, v) in &kafka.options {
-            c.set(k, v);
-        }
+        let linger = kafka.linger_ms.to_string();
+        let mut c = kafka.client_config_with(
+            brokers,
+            &[
+                ("compression.type", &kafka.compression),
+                ("linger.ms", &linger),
+                // An instance that dies mid-transaction holds back read_committed readers until its
+                // transaction times out (or it restarts), so keep the timeout short; batches commit in
+                // ~1 s.
+                ("transaction.timeout.ms", "15000"),
+            ],
+        );
+        // After the pass-through options, so none of them undoes exactly-once.
+        c.set("transactional.id", transactional_id).set("enable.idempotence", "true").set("acks", "all");
         let producer: ThreadedProducer<DefaultProducerContext> =
             c.create().map_err(|e| KafkaError::Config(e.to_string()))?;
         producer
