@@ -40,6 +40,12 @@ pub struct LogConfig {
     /// `sluice_log_dropped_records_total` and logged at ERROR).
     #[serde(default = "defaults::max_bytes")]
     pub max_bytes: u64,
+    /// Disk space the log holds back in a file beside it (`log.sqlite-reserve`) for a full disk:
+    /// given up when a commit finds the disk full, so retention has room to delete the batches the
+    /// store has read (SQLite writes to delete) and the log can commit again; taken back once the
+    /// disk has twice this free. 0: no reserve.
+    #[serde(default = "defaults::reserve_bytes")]
+    pub reserve_bytes: u64,
     /// SQLite's `synchronous` for the log: `full` (the default) syncs every commit, so a record
     /// counted delivered survives a power cut; `normal` survives a crash of the process only.
     #[serde(default)]
@@ -78,6 +84,7 @@ impl Default for LogConfig {
             retention_ms: defaults::retention_ms(),
             retention_bytes: defaults::retention_bytes(),
             max_bytes: defaults::max_bytes(),
+            reserve_bytes: defaults::reserve_bytes(),
             synchronous: Synchronous::default(),
             resume_past_lost_tail: false,
         }
@@ -109,6 +116,9 @@ mod defaults {
     }
     pub fn max_bytes() -> u64 {
         4 << 30
+    }
+    pub fn reserve_bytes() -> u64 {
+        16 << 20
     }
 }
 
