@@ -615,3 +615,76 @@ fn a_full_disk_refuses_and_counts_records_and_the_log_recovers_by_itself() {
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the local log wedged on a full disk"),
     }
 }
+
+/// The log's dead letters and its symbol dictionary count in `[log] max_bytes` with the records
+/// (before, neither did, and dead letters grew without bound): past it the oldest dead letters go,
+/// and a dead letter keeps at most 512 KiB of its payload, with the original length.
+#[test]
+fn dead_letters_and_symbols_count_in_the_logs_cap() {
+    use std::sync::Arc;
+
+    use sluice::kafka::producer::ProducerStats;
+    use sluice::log::local::LocalLog;
+    use sluice::log::{DeadLetter, LogConfig, Stage};
+    use sluice::symbols::Symbols;
+
+    let dir = temp_dir("dead-cap");
+    let path = dir.join("log.sqlite");
+    let config = LogConfig { max_bytes: 1 << 20, retention_bytes: 0, ..LogConfig::default() };
+    let log = LocalLog::open(&path, &config).unwrap();
+    // 200 KB of symbol names.
+    let symbols = Symbols::local(&path).unwrap();
+    for i in 0..2000 {
+        symbols.intern(&format!("{i:0>100}"));
+    }
+    let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+    let frame = vec![b'{'; 50_000];
+    let reasons: Vec<String> = (0..40).map(|i| format!("letter {i}")).collect();
+    for reason in &reasons {
+        let letter = DeadLetter { stage: Stage::Decode, source_id: 1, source: "s", plugin: "p", reason, bytes: &frame };
+        writer.send_dead_letter(&letter);
+    }
+    let cut = vec![b'x'; 1 << 20];
+    let big = DeadLetter { stage: Stage::Decode, source_id: 1, source: "s", plugin: "p", reason: "cut", bytes: &cut };
+    writer.send_dead_letter(&big);
+    writer.flush(Duration::from_secs(5)).unwrap();
+    // Retention runs at least once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let dead: i64 = conn
+        .query_row("SELECT coalesce(sum(length(bytes) + length(reason) + length(source) + length(plugin)), 0) FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    let names: i64 = conn.query_row("SELECT sum(length(name)) FROM symbols", [], |r| r.get(0)).unwrap();
+    assert!(names >= 200_000, "{names}");
+    assert!(
+        (dead + names) as u64 <= config.max_bytes,
+        "dead letters {dead} and symbols {names} over {}",
+        config.max_bytes
+    );
+    // The newest stay, the oldest went.
+    let kept: Vec<String> = conn
+        .prepare("SELECT reason FROM dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept.last().map(String::as_str), Some("cut"));
+    assert!(!kept.contains(&reasons[0]), "{kept:?}");
+    // The large one keeps 512 KiB and says how long it was.
+    let (length, bytes): (i64, i64) = conn
+        .query_row("SELECT length, length(bytes) FROM dead_letters WHERE reason = 'cut'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((length, bytes), (1 << 20, 512 << 10));
+    // What GET /v1/log shows of them.
+    let sizes = log.sizes();
+    let (rows, size): (i64, i64) =
+        conn.query_row("SELECT count(*), sum(size) FROM dead_letters", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((sizes.dead_letters.rows, sizes.dead_letters.bytes), (rows as u64, size as u64));
+    assert_eq!((sizes.symbols.rows, sizes.symbols.bytes), (2000, 200_000));
+    assert_eq!(sizes.max_bytes, 1 << 20);
+    drop((writer, log));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,9 @@
 //! - **Retention.** Rows older than `retention_ms` or beyond `retention_bytes` are deleted once the
 //!   store has committed past them. Only when the log reaches `max_bytes` are uncommitted rows deleted,
 //!   oldest first; their records are counted as dropped and logged at ERROR.
-//! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`).
+//! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`) and count in
+//!   `max_bytes` with the records. Dead letters are deleted past `dead_letter_retention_ms` and
+//!   beyond `dead_letter_max_bytes`, oldest first; symbols never are (an id, once given, stays).
 //! - **A full disk.** A commit SQLite refuses (`SQLITE_FULL`, an I/O error) is held in memory and
 //!   tried again, at most a second apart; before each try the log gives up its disk reserve (see
 //!   [`LogConfig::reserve_bytes`]) and deletes every batch the store has read. Meanwhile new records
@@ -40,8 +42,9 @@ use std::time::{Duration, Instant};
 use plugin_sdk::wire::Delimited;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::dead_letters::{self, TableSize};
 use super::marks::{FileIdentity, FileMark, Marks, TradeMark};
-use super::{Handover, LogConfig, LogError, PartitionStatus, Stage};
+use super::{DeadLetter, Handover, LocalSizes, LogConfig, LogError, PartitionStatus, Stage};
 use crate::log::kafka::consumer::{PollOutcome, Polled};
 use crate::log::kafka::producer::ProducerStats;
 
@@ -118,6 +121,17 @@ struct Shared {
     refused_records: [AtomicU64; 2],
     /// Dead letters refused, by [`Refusal`] index.
     refused_dead_letters: [AtomicU64; 2],
+    /// The dead letters and symbols the file holds: they count in `max_bytes` with the records.
+    tables: Mutex<Tables>,
+}
+
+/// The tables beside the batches that count in `max_bytes`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tables {
+    dead_letters: TableSize,
+    symbols: TableSize,
+    /// The highest symbol id counted in `symbols` (names are added by the dictionary, not here).
+    symbols_to: i64,
 }
 
 /// Why the local log refuses new records: its last commit failed.
@@ -156,6 +170,11 @@ impl Refusal {
 impl Shared {
     fn end(&self) -> i64 {
         *self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // Each update writes whole values, so a poisoned lock still holds consistent counts.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn refusing(&self) -> Option<Refusal> {
@@ -206,7 +225,12 @@ impl LocalLog {
         }
         let conn = connect(path, config)?;
         conn.execute_batch(SCHEMA).map_err(|e| LogError::open(path, e))?;
-        conn.execute_batch(super::DEAD_LETTERS_SCHEMA).map_err(|e| LogError::open(path, e))?;
+        dead_letters::create(&conn).map_err(|e| LogError::open(path, e))?;
+        let mut tables = Tables {
+            dead_letters: dead_letters::size(&conn).map_err(|e| LogError::open(path, e))?,
+            ..Tables::default()
+        };
+        count_symbols(&conn, &mut tables).map_err(|e| LogError::open(path, e))?;
         let (start, end, bytes) = conn
             .query_row(
                 "SELECT (SELECT min(base) FROM batches), (SELECT max(base + count) FROM batches), \
@@ -232,6 +256,7 @@ impl LocalLog {
             refusing: AtomicU8::new(0),
             refused_records: Default::default(),
             refused_dead_letters: Default::default(),
+            tables: Mutex::new(tables),
         });
         Ok(LocalLog { path: path.to_owned(), config: config.clone(), shared })
     }
@@ -341,6 +366,18 @@ impl LocalLog {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
+    /// What the log holds against `max_bytes`, and whether it refuses, as `GET /v1/log` shows it.
+    pub fn sizes(&self) -> LocalSizes {
+        let tables = *self.shared.tables();
+        LocalSizes {
+            records_bytes: self.bytes(),
+            dead_letters: tables.dead_letters,
+            symbols: tables.symbols,
+            max_bytes: self.config.max_bytes,
+            refusing: self.refusing().map(Refusal::as_str),
+        }
+    }
+
     /// Records deleted before the store committed them, since this process started.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -356,11 +393,14 @@ impl LocalLog {
     /// 0 included, so the series exist before the first refusal).
     pub fn sample(&self) -> crate::telemetry::LogSample {
         let s = self.status();
+        let tables = *self.shared.tables();
         crate::telemetry::LogSample {
             start: s.start,
             end: s.end,
             committed: s.committed,
             bytes: self.bytes(),
+            dead_letter_bytes: tables.dead_letters.bytes,
+            symbol_bytes: tables.symbols.bytes,
             dropped: self.dropped(),
             refused: Refusal::ALL.iter().map(|&why| (why.as_str(), self.refused(why).0, self.refused(why).1)).collect(),
         }
@@ -421,14 +461,45 @@ impl LocalLog {
     }
 }
 
-/// A dead letter on its way to the `dead_letters` table.
+/// Adds the symbols named since `tables` last counted them.
+fn count_symbols(conn: &Connection, tables: &mut Tables) -> rusqlite::Result<()> {
+    let (rows, bytes, to): (i64, i64, i64) = conn
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(length(CAST(name AS BLOB))), 0), coalesce(max(id), ?1) FROM symbols \
+             WHERE id > ?1",
+        )?
+        .query_row([tables.symbols_to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    tables.symbols.rows += rows.max(0) as u64;
+    tables.symbols.bytes += bytes.max(0) as u64;
+    tables.symbols_to = to;
+    Ok(())
+}
+
+/// A dead letter on its way to the `dead_letters` table, already capped (see
+/// [`DeadLetter::kept_bytes`]).
 struct DeadRow {
     at_ms: i64,
     stage: Stage,
+    source_id: u32,
     source: String,
     plugin: String,
     reason: String,
     bytes: Vec<u8>,
+    /// The payload's length before the cap.
+    length: usize,
+}
+
+impl DeadRow {
+    fn letter(&self) -> DeadLetter<'_> {
+        DeadLetter {
+            stage: self.stage,
+            source_id: self.source_id,
+            source: &self.source,
+            plugin: &self.plugin,
+            reason: &self.reason,
+            bytes: &self.bytes,
+        }
+    }
 }
 
 enum Message {
@@ -544,16 +615,17 @@ impl Drop for LocalWriter {
     }
 }
 
-/// A dead letter as the table keeps it.
-fn dead_row(d: &crate::log::DeadLetter<'_>) -> DeadRow {
-    let crate::log::DeadLetter { stage, source, plugin, reason, bytes, .. } = *d;
+/// A dead letter as the table keeps it: capped.
+fn dead_row(d: &DeadLetter<'_>) -> DeadRow {
     DeadRow {
         at_ms: crate::clock::now_ms(),
-        stage,
-        source: source.to_owned(),
-        plugin: plugin.to_owned(),
-        reason: reason.to_owned(),
-        bytes: bytes.to_vec(),
+        stage: d.stage,
+        source_id: d.source_id,
+        source: d.source.to_owned(),
+        plugin: d.plugin.to_owned(),
+        reason: d.kept_reason().to_owned(),
+        bytes: d.kept_bytes().to_vec(),
+        length: d.bytes.len(),
     }
 }
 
@@ -632,6 +704,17 @@ impl Pending {
         self.marks.clear();
         self.bytes = 0;
     }
+}
+
+/// What a commit added.
+struct Committed {
+    /// The log's new end.
+    end: i64,
+    records: u64,
+    /// Bytes of records.
+    bytes: u64,
+    /// Bytes of dead letters.
+    dead_bytes: u64,
 }
 
 /// A commit that failed, and when to try it again.
@@ -736,8 +819,12 @@ impl Appender {
             return true;
         }
         match self.try_commit(pending) {
-            Ok((end, records, bytes)) => {
+            Ok(Committed { end, records, bytes, dead_bytes }) => {
                 self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
+                let mut tables = self.shared.tables();
+                tables.dead_letters.rows += pending.dead.len() as u64;
+                tables.dead_letters.bytes += dead_bytes;
+                drop(tables);
                 *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
                 self.shared.appended.notify_all();
                 self.stats.delivered.fetch_add(records, Ordering::Relaxed);
@@ -817,12 +904,12 @@ impl Appender {
         }
     }
 
-    /// Commits `pending` in one transaction: returns the new end, and the records and bytes added.
-    fn try_commit(&mut self, pending: &Pending) -> rusqlite::Result<(i64, u64, u64)> {
+    /// Commits `pending` in one transaction.
+    fn try_commit(&mut self, pending: &Pending) -> rusqlite::Result<Committed> {
         let Pending { rows, dead, marks, .. } = pending;
         let mut end = self.shared.end();
         let now_ms = crate::clock::now_ms();
-        let (mut records, mut bytes) = (0u64, 0u64);
+        let (mut records, mut bytes, mut dead_bytes) = (0u64, 0u64, 0u64);
         let tx = self.conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
@@ -841,11 +928,8 @@ impl Appender {
                 "INSERT INTO log_meta (key, value) VALUES ('end', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             )?
             .execute([end])?;
-            let mut letter = tx.prepare_cached(
-                "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for d in dead {
-                letter.execute(params![d.at_ms, d.stage.as_str(), d.source, d.plugin, d.reason, d.bytes])?;
+                dead_bytes += dead_letters::insert(&tx, d.at_ms, &d.letter(), d.length)?;
             }
             let mut trade = tx.prepare_cached(
                 "INSERT INTO trade_marks (source, symbol, last, seen) VALUES (?1, ?2, ?3, ?4) \
@@ -865,7 +949,7 @@ impl Appender {
             }
         }
         tx.commit()?;
-        Ok((end, records, bytes))
+        Ok(Committed { end, records, bytes, dead_bytes })
     }
 
     fn maybe_prune(&mut self) {
@@ -925,11 +1009,24 @@ impl Appender {
                 .execute(params![below, committed])?;
         }
         let mut bytes = self.shared.bytes.load(Ordering::Relaxed).saturating_sub(aged_bytes as u64);
+        // Dead letters by their own age and bytes, and never past what max_bytes leaves them; then
+        // the batches get what the dead letters and symbols leave of max_bytes.
+        let mut tables = *self.shared.tables();
+        count_symbols(&tx, &mut tables)?;
+        let dead_cutoff_ms =
+            crate::clock::now_ms() - i64::try_from(self.config.dead_letter_retention_ms).unwrap_or(i64::MAX);
+        let dead_max =
+            self.config.dead_letter_max_bytes.min(self.config.max_bytes.saturating_sub(tables.symbols.bytes));
+        let dead_gone = dead_letters::prune(&tx, dead_cutoff_ms, tables.dead_letters, dead_max)?;
+        tables.dead_letters.rows = tables.dead_letters.rows.saturating_sub(dead_gone.rows);
+        tables.dead_letters.bytes = tables.dead_letters.bytes.saturating_sub(dead_gone.bytes);
+        let max_bytes =
+            self.config.max_bytes.saturating_sub(tables.dead_letters.bytes).saturating_sub(tables.symbols.bytes);
         // Oldest first while over the size: committed rows down to retention_bytes, any row down to
-        // max_bytes.
+        // what max_bytes leaves them.
         let mut dropped = 0i64;
         let mut dropped_rows = 0i64;
-        while bytes > self.config.retention_bytes {
+        while bytes > self.config.retention_bytes.min(max_bytes) {
             let Some((base, count, size)) = tx
                 .prepare_cached("SELECT base, count, size FROM batches ORDER BY base LIMIT 1")?
                 .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
@@ -938,7 +1035,7 @@ impl Appender {
                 break;
             };
             let uncommitted = (base + count - committed.max(base)).clamp(0, count);
-            if uncommitted > 0 && bytes <= self.config.max_bytes {
+            if uncommitted > 0 && bytes <= max_bytes {
                 break;
             }
             tx.prepare_cached("DELETE FROM batches WHERE base = ?1")?.execute([base])?;
@@ -946,9 +1043,9 @@ impl Appender {
             dropped += uncommitted;
             dropped_rows += i64::from(uncommitted > 0);
         }
-        let dead_cutoff = tx.prepare_cached("DELETE FROM dead_letters WHERE at_ms < ?1")?.execute([cutoff_ms])?;
         let start: Option<i64> = tx.prepare_cached("SELECT min(base) FROM batches")?.query_row([], |r| r.get(0))?;
         tx.commit()?;
+        *self.shared.tables() = tables;
         self.shared.bytes.store(bytes, Ordering::Relaxed);
         self.shared.start.store(start.unwrap_or_else(|| self.shared.end()), Ordering::SeqCst);
         if dropped > 0 {
@@ -961,8 +1058,8 @@ impl Appender {
                 "the local log is full: deleted records the store has not read yet"
             );
         }
-        if aged > 0 || dead_cutoff > 0 {
-            tracing::debug!(batches = aged, dead_letters = dead_cutoff, "local log retention");
+        if aged > 0 || dead_gone.rows > 0 {
+            tracing::debug!(batches = aged, dead_letters = dead_gone.rows, "local log retention");
         }
         Ok(())
     }

@@ -401,10 +401,21 @@ async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result
 /// sink's committed offsets (the store's, or the consumer group's for Druid) on Kafka.
 fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyhow::Result<crate::api::LogProbe> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    // The store's dead letters, when there is a store to read.
+    let store_dead_letters = |store: &Option<PathBuf>| {
+        store.as_deref().filter(|p| p.exists()).and_then(|p| crate::sink::embedded::stored_dead_letters(p).ok())
+    };
     let brokers = match handoff {
         Handoff::Local(log) => {
             let log = log.clone();
-            return Ok(Arc::new(move || Ok(LogStatus { mode: "local", partitions: vec![log.status()] })));
+            return Ok(Arc::new(move || {
+                Ok(LogStatus {
+                    mode: "local",
+                    partitions: vec![log.status()],
+                    local: Some(log.sizes()),
+                    store_dead_letters: store_dead_letters(&store),
+                })
+            }));
         }
         Handoff::Kafka(brokers) => brokers,
     };
@@ -441,7 +452,7 @@ fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyh
             let committed = committed.get(&p).copied().unwrap_or(start);
             partitions.push(PartitionStatus { partition: p, start, end, committed, lag: (end - committed).max(0) });
         }
-        Ok(LogStatus { mode: "kafka", partitions })
+        Ok(LogStatus { mode: "kafka", partitions, local: None, store_dead_letters: store_dead_letters(&store) })
     }))
 }
 
@@ -677,12 +688,16 @@ async fn start_process(
                         Duration::from_secs(30),
                     )?),
                     (None, Some(path), _) => {
-                        Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
-                            crate::sink::embedded::CheckpointPolicy {
+                        let store = EmbeddedStore::open(path, Duration::from_secs(60))?
+                            .with_checkpoints(crate::sink::embedded::CheckpointPolicy {
                                 every: Duration::from_millis(config.process.checkpoint_interval_ms),
                                 keep: Duration::from_millis(config.log.retention_ms),
-                            },
-                        ))
+                            })
+                            .with_dead_letter_retention(crate::sink::embedded::DeadLetterPolicy {
+                                keep: Duration::from_millis(config.log.dead_letter_retention_ms),
+                                max_bytes: config.log.dead_letter_max_bytes,
+                            });
+                        Box::new(store)
                     }
                     _ => {
                         bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")

@@ -80,6 +80,8 @@ pub(crate) struct Mirrored {
     pub(crate) log_committed: IntGauge,
     pub(crate) log_lag: IntGauge,
     pub(crate) log_size: IntGauge,
+    pub(crate) log_dead_letter_bytes: IntGauge,
+    pub(crate) log_symbol_bytes: IntGauge,
     pub(crate) log_dropped: IntCounter,
     pub(crate) log_refused_records: IntCounterVec,
     pub(crate) log_refused_dead_letters: IntCounterVec,
@@ -243,6 +245,10 @@ pub struct LogSample {
     pub committed: i64,
     /// Bytes of records it holds.
     pub bytes: u64,
+    /// Bytes of the dead letters it holds.
+    pub dead_letter_bytes: u64,
+    /// Bytes of the symbol names it holds.
+    pub symbol_bytes: u64,
     /// Records deleted before the store read them.
     pub dropped: u64,
     /// Records and dead letters refused while it could not commit, by the `reason` label value.
@@ -456,6 +462,14 @@ impl Metrics {
             log_committed: gauge("sluice_log_committed_offset", "The store's committed position in the local log"),
             log_lag: gauge("sluice_log_lag_records", "Records in the local log the store has not committed yet"),
             log_size: gauge("sluice_log_size_bytes", "Bytes of records the local log holds"),
+            log_dead_letter_bytes: gauge(
+                "sluice_log_dead_letter_bytes",
+                "Bytes of the dead letters the local log holds (counted in [log] max_bytes)",
+            ),
+            log_symbol_bytes: gauge(
+                "sluice_log_symbol_bytes",
+                "Bytes of the symbol names the local log holds (counted in [log] max_bytes)",
+            ),
             log_dropped: counter(
                 "sluice_log_dropped_records_total",
                 "Records the local log deleted before the store read them (the log reached max_bytes)",
@@ -513,6 +527,8 @@ impl Metrics {
             Box::new(mirrored.log_committed.clone()),
             Box::new(mirrored.log_lag.clone()),
             Box::new(mirrored.log_size.clone()),
+            Box::new(mirrored.log_dead_letter_bytes.clone()),
+            Box::new(mirrored.log_symbol_bytes.clone()),
             Box::new(mirrored.log_dropped.clone()),
             Box::new(mirrored.log_refused_records.clone()),
             Box::new(mirrored.log_refused_dead_letters.clone()),
@@ -570,7 +586,7 @@ impl Metrics {
     }
 
     /// Copies the local log's state in: its start and end offsets, the store's committed offset,
-    /// its size in bytes, the records it deleted unread and what it refused.
+    /// its sizes in bytes, the records it deleted unread and what it refused.
     pub fn mirror_log(&self, s: &LogSample) {
         let m = &self.mirrored;
         m.log_start.set(s.start);
@@ -578,6 +594,8 @@ impl Metrics {
         m.log_committed.set(s.committed);
         m.log_lag.set((s.end - s.committed).max(0));
         m.log_size.set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
+        m.log_dead_letter_bytes.set(i64::try_from(s.dead_letter_bytes).unwrap_or(i64::MAX));
+        m.log_symbol_bytes.set(i64::try_from(s.symbol_bytes).unwrap_or(i64::MAX));
         mirror(&m.log_dropped, s.dropped);
         for &(reason, records, dead_letters) in &s.refused {
             mirror(&m.log_refused_records.with_label_values(&[reason]), records);

@@ -20,8 +20,10 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
+/// GET `url` (a status of 0 with the error when it does not answer within 10 s).
 async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    match client.get(url).send().await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(e) => (0, e.to_string()),
     }
@@ -117,6 +119,15 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTr
     })
     .await;
     wait_until("/health/ready saying the log refuses for a full disk", Duration::from_secs(10), &log, refusing).await;
+    // GET /v1/log says so too, with what the log holds against its cap.
+    let status: serde_json::Value = serde_json::from_str(&get(&format!("http://{api}/v1/log")).await.1).unwrap();
+    let local = &status["local"];
+    assert_eq!(local["refusing"], "disk_full", "{status}");
+    assert_eq!(local["max_bytes"], 4u64 << 30, "{status}");
+    assert!(local["records_bytes"].as_u64().unwrap() > 0, "{status}");
+    // The source's name and two symbols.
+    assert!(local["symbols"]["rows"].as_u64().unwrap() >= 3, "{status}");
+    assert!(status["store_dead_letters"]["rows"].is_u64(), "{status}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(run.0.as_mut().unwrap().try_wait().unwrap().is_none(), "sluice ended while the disk was full");
 
