@@ -506,9 +506,9 @@ enum Message {
     /// Records, the dead letters of the same frames, and the marks they move: one transaction.
     Batch(Vec<u8>, Vec<DeadRow>, Marks),
     Dead(DeadRow),
-    /// Answered `true` once everything sent before it has committed, `false` at once while the
-    /// log refuses.
-    Flush(std::sync::mpsc::Sender<bool>),
+    /// Answered once everything sent before it has committed, or at once with why while the log
+    /// refuses.
+    Flush(std::sync::mpsc::Sender<Result<(), Refusal>>),
 }
 
 /// Hands records and dead letters to the appender thread. Cheap to share between decode workers.
@@ -594,8 +594,8 @@ impl LocalWriter {
         let (ack, done) = std::sync::mpsc::channel();
         self.send(Message::Flush(ack));
         match done.recv_timeout(timeout) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(LogError::Refusing(self.shared.refusing().unwrap_or(Refusal::WriteError).as_str())),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(LogError::Refusing(why.as_str())),
             Err(_) => Err(LogError::FlushTimeout(timeout)),
         }
     }
@@ -788,8 +788,12 @@ impl Appender {
             }
             // A failed commit is tried once more at once, after making room, before a flush hears of it.
             let committed = self.commit(&mut pending) || self.retry(&mut pending);
+            let answer = match self.failing.as_ref().map(|f| f.why) {
+                Some(why) if !committed => Err(why),
+                _ => Ok(()),
+            };
             for ack in acks.drain(..) {
-                let _ = ack.send(committed);
+                let _ = ack.send(answer);
             }
             self.maybe_prune();
         }
@@ -807,7 +811,7 @@ impl Appender {
             }
             Message::Dead(_) => self.shared.refuse(why, 0, 1),
             Message::Flush(ack) => {
-                let _ = ack.send(false);
+                let _ = ack.send(Err(why));
             }
         }
     }
