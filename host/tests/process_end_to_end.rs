@@ -1337,7 +1337,7 @@ fn with_the_druid_sink_a_reject_reason_too_long_for_a_message_is_cut_and_committ
         s.spawn(|| {
             let start = Instant::now();
             while !done.load(Ordering::Relaxed)
-                && stats.rejected.load(Ordering::Relaxed) == 0
+                && stats.rejected.load(Ordering::Relaxed) + stats.stored.load(Ordering::Relaxed) < 20
                 && start.elapsed() < Duration::from_secs(20)
             {
                 std::thread::sleep(Duration::from_millis(20));
@@ -1360,8 +1360,10 @@ fn with_the_druid_sink_a_reject_reason_too_long_for_a_message_is_cut_and_committ
         result
     });
     result.expect("the batch's transaction commits");
-    assert_eq!((stats.rejected.load(Ordering::Relaxed), stats.stored.load(Ordering::Relaxed)), (1, 19));
-    // The dead letter, committed, with its reason cut and saying how long it was.
+    // The first record of each poll is refused (one poll, or a few).
+    let rejected = stats.rejected.load(Ordering::Relaxed);
+    assert!(rejected >= 1 && rejected + stats.stored.load(Ordering::Relaxed) == 20, "{stats:?}");
+    // The first dead letter, committed, with its reason cut and saying how long it was.
     let reader: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
         .set("group.id", unique_topic("reader"))
