@@ -1,11 +1,17 @@
 //! Faults stay small, with the real binary: one bad part of the pipeline costs the rest at most a
-//! few seconds, loses nothing, and never keeps a stop from completing.
+//! few seconds, loses nothing, and never keeps a stop from completing. Each test plays one fault
+//! against `sluice run` and checks what the README's Operations section says sluice does about it,
+//! and what shows it.
+//!
+//! - [`disk`]: the data directory's filesystem fills up.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "faults/disk.rs"]
+mod disk;
 
 use common::SluiceProcess;
 use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};

@@ -72,6 +72,38 @@ async fn records_and_dead_letters_reach_the_broker() {
     assert_eq!(header("sluice.reason").as_deref(), Some("frame: invalid JSON"));
 }
 
+/// A dead letter larger than a Kafka message may be (a frame cut to `max_frame_bytes`, 1 MiB, with a
+/// reason of 1.5 MiB) still reaches the dead-letter topic (before, the client refused it and the very
+/// frames an operator needs to see were missing): its payload cut to 512 KiB with the original length
+/// in `sluice.length`, its reason to 4 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_a_message_is_cut_and_keeps_its_length() {
+    let broker = TestBroker::start("producer-large-dead");
+    let config = KafkaConfig { dlq_topic: unique_topic("dlq"), partitions: 1, ..KafkaConfig::default() };
+    ensure_topics(&config, &broker.bootstrap, &[&config.dlq_topic], 1).await.unwrap();
+    let producer = EventProducer::new(&config, &broker.bootstrap).unwrap();
+    let frame: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    let reason = "frame of 3000000 bytes exceeds max_frame_bytes; ".repeat(32_000);
+    producer.send_dead_letter(&DeadLetter {
+        stage: Stage::Decode,
+        source_id: 7,
+        source: "binance-main",
+        plugin: "binance",
+        reason: &reason,
+        bytes: &frame,
+    });
+    producer.flush(Duration::from_secs(20)).unwrap();
+    let stats = producer.stats();
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 0, "the dead letter was refused");
+    let dlq = read_topic(&broker.bootstrap, &config.dlq_topic, 1, 1, Duration::from_secs(20));
+    assert_eq!(dlq.len(), 1, "the dead letter is missing from the topic");
+    assert_eq!(dlq[0].payload, frame[..512 << 10]);
+    let header = |k: &str| dlq[0].headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert_eq!(header("sluice.length"), (1 << 20).to_string());
+    let kept = header("sluice.reason");
+    assert!(kept.len() <= 4096 && reason.starts_with(&kept), "a reason of {} bytes", kept.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_codecs_work_and_bad_options_are_refused_by_name() {
     let broker = TestBroker::start("producer-options");

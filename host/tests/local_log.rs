@@ -478,3 +478,213 @@ async fn a_second_process_on_a_data_directory_is_refused_and_the_owner_goes_on()
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn bulky_records(seed: u64, records: usize, bytes: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for _ in 0..records {
+        let record: Vec<u8> = (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        plugin_sdk::wire::push_delimited(&mut out, &record);
+    }
+    out
+}
+
+/// A full disk never wedges the local log (a tmpfs of its own, filled by another file). Before, its
+/// appender retried a commit forever: retention never ran, decode workers waited on it, and a stop
+/// never finished. Now:
+/// - with batches the store has read, the log makes room by itself (its reserve, then those batches)
+///   and commits;
+/// - with none, it holds its batch and refuses what comes next at once, counted by reason, and a
+///   flush says so instead of waiting;
+/// - it commits again by itself when space returns;
+/// - a close while the disk is full finishes within seconds, counting the batch it held as refused;
+/// - every record handed over is delivered or counted refused, and the log holds exactly those
+///   delivered.
+#[test]
+fn a_full_disk_refuses_and_counts_records_and_the_log_recovers_by_itself() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use sluice::kafka::producer::ProducerStats;
+    use sluice::log::local::{LocalLog, Refusal};
+    use sluice::log::{DeadLetter, Handover, LogConfig, LogError, Stage};
+
+    let Some(disk) = common::SmallDisk::mount("full-log", 24 << 20) else { return };
+    let (done, outcome) = std::sync::mpsc::channel::<()>();
+    // In a thread of its own, so a wedged log fails the test instead of hanging it.
+    let disk = Arc::new(disk);
+    let scenario = std::thread::spawn({
+        let disk = disk.clone();
+        move || {
+            let path = disk.dir.join("log.sqlite");
+            let config = LogConfig { reserve_bytes: 2 << 20, ..LogConfig::default() };
+            let log = LocalLog::open(&path, &config).unwrap();
+            let stats = Arc::new(ProducerStats::default());
+            let writer = log.writer(stats.clone()).unwrap();
+            let batch = bulky_records(1, 10, 10_000);
+            for _ in 0..20 {
+                writer.send_records(&batch);
+            }
+            writer.flush(Duration::from_secs(5)).unwrap();
+            // The store has read all of it.
+            let read = log.status().end;
+            log.check_position(Some(read)).unwrap();
+
+            let filler = disk.fill("filler");
+            writer.send_records(&batch);
+            writer.flush(Duration::from_secs(10)).expect("room made from the batches the store has read");
+            assert_eq!(log.status().start, read, "the batches the store has read were deleted to make room");
+            assert_eq!(log.refusing(), None);
+
+            // Nothing more to delete: what comes is refused at once, and counted.
+            let started = Instant::now();
+            for _ in 0..300 {
+                writer.send_records(&batch);
+            }
+            let letter = DeadLetter {
+                stage: Stage::Decode,
+                source_id: 1,
+                source: "s",
+                plugin: "p",
+                reason: "bad frame",
+                bytes: b"{",
+            };
+            assert!(started.elapsed() < Duration::from_secs(20), "handing over took {:?}", started.elapsed());
+            // The flush is answered as soon as the commits before it have failed.
+            let asked = Instant::now();
+            assert!(matches!(writer.flush(Duration::from_secs(30)), Err(LogError::Refusing("disk_full"))));
+            assert!(asked.elapsed() < Duration::from_secs(5), "a flush waited {:?}", asked.elapsed());
+            assert_eq!(log.refusing(), Some(Refusal::DiskFull));
+            writer.send_handover(Handover { records: &batch, dead: &[letter], ..Handover::default() });
+            // What the log holds while it fails is bounded (8 MiB); the rest was refused.
+            let (records, dead_letters) = log.refused(Refusal::DiskFull);
+            assert!(
+                records >= 100 * 10 && dead_letters == 1,
+                "refused: {records} records, {dead_letters} dead letters"
+            );
+
+            // Space returns: the log commits again by itself.
+            std::fs::remove_file(&filler).unwrap();
+            let until = Instant::now() + Duration::from_secs(15);
+            while log.refusing().is_some() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(log.refusing(), None, "the log did not recover when space returned");
+            let delivered = stats.delivered.load(Relaxed);
+            writer.send_records(&batch);
+            writer.flush(Duration::from_secs(10)).unwrap();
+            assert_eq!(stats.delivered.load(Relaxed), delivered + 10);
+
+            // Full again, then closed: the close does not wait on the disk.
+            let filler = disk.fill("filler");
+            for _ in 0..100 {
+                if log.refusing().is_some() {
+                    break;
+                }
+                writer.send_records(&batch);
+                let _ = writer.flush(Duration::from_secs(10));
+            }
+            assert_eq!(log.refusing(), Some(Refusal::DiskFull));
+            writer.send_records(&batch);
+            let closing = Instant::now();
+            writer.close();
+            assert!(closing.elapsed() < Duration::from_secs(10), "the close took {:?}", closing.elapsed());
+
+            // Every record handed over was delivered or refused; the log holds the delivered ones.
+            let refused: u64 = Refusal::ALL.iter().map(|&why| log.refused(why).0).sum();
+            let (sent, delivered) = (stats.sent.load(Relaxed), stats.delivered.load(Relaxed));
+            assert_eq!(sent, delivered + refused, "sent {sent}, delivered {delivered}, refused {refused}");
+            std::fs::remove_file(&filler).unwrap();
+            drop((writer, log));
+            let log = LocalLog::open(&path, &config).unwrap();
+            assert_eq!(log.status().end as u64, delivered);
+            let _ = done.send(());
+        }
+    });
+    match outcome.recv_timeout(Duration::from_secs(120)) {
+        Ok(()) => scenario.join().unwrap(),
+        // The scenario panicked: its message.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(scenario.join().unwrap_err()),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the local log wedged on a full disk"),
+    }
+}
+
+/// The log's dead letters and its symbol dictionary count in `[log] max_bytes` with the records
+/// (before, neither did, and dead letters grew without bound): past it the oldest dead letters go,
+/// and a dead letter keeps at most 512 KiB of its payload, with the original length.
+#[test]
+fn dead_letters_and_symbols_count_in_the_logs_cap() {
+    use std::sync::Arc;
+
+    use sluice::kafka::producer::ProducerStats;
+    use sluice::log::local::LocalLog;
+    use sluice::log::{DeadLetter, LogConfig, Stage};
+    use sluice::symbols::Symbols;
+
+    let dir = temp_dir("dead-cap");
+    let path = dir.join("log.sqlite");
+    let config = LogConfig { max_bytes: 1 << 20, retention_bytes: 0, ..LogConfig::default() };
+    let log = LocalLog::open(&path, &config).unwrap();
+    // 200 KB of symbol names.
+    let symbols = Symbols::local(&path).unwrap();
+    for i in 0..2000 {
+        symbols.intern(&format!("{i:0>100}"));
+    }
+    let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
+    let frame = vec![b'{'; 50_000];
+    let reasons: Vec<String> = (0..40).map(|i| format!("letter {i}")).collect();
+    for reason in &reasons {
+        let letter = DeadLetter { stage: Stage::Decode, source_id: 1, source: "s", plugin: "p", reason, bytes: &frame };
+        writer.send_dead_letter(&letter);
+    }
+    let cut = vec![b'x'; 1 << 20];
+    let big = DeadLetter { stage: Stage::Decode, source_id: 1, source: "s", plugin: "p", reason: "cut", bytes: &cut };
+    writer.send_dead_letter(&big);
+    writer.flush(Duration::from_secs(5)).unwrap();
+    // Retention runs at least once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let dead: i64 = conn
+        .query_row("SELECT coalesce(sum(length(bytes) + length(reason) + length(source) + length(plugin)), 0) FROM dead_letters", [], |r| r.get(0))
+        .unwrap();
+    let names: i64 = conn.query_row("SELECT sum(length(name)) FROM symbols", [], |r| r.get(0)).unwrap();
+    assert!(names >= 200_000, "{names}");
+    assert!(
+        (dead + names) as u64 <= config.max_bytes,
+        "dead letters {dead} and symbols {names} over {}",
+        config.max_bytes
+    );
+    // The newest stay, the oldest went.
+    let kept: Vec<String> = conn
+        .prepare("SELECT reason FROM dead_letters ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept.last().map(String::as_str), Some("cut"));
+    assert!(!kept.contains(&reasons[0]), "{kept:?}");
+    // The large one keeps 512 KiB and says how long it was.
+    let (length, bytes): (i64, i64) = conn
+        .query_row("SELECT length, length(bytes) FROM dead_letters WHERE reason = 'cut'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((length, bytes), (1 << 20, 512 << 10));
+    // What GET /v1/log shows of them.
+    let sizes = log.sizes();
+    let (rows, size): (i64, i64) =
+        conn.query_row("SELECT count(*), sum(size) FROM dead_letters", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert_eq!((sizes.dead_letters.rows, sizes.dead_letters.bytes), (rows as u64, size as u64));
+    assert_eq!((sizes.symbols.rows, sizes.symbols.bytes), (2000, 200_000));
+    assert_eq!(sizes.max_bytes, 1 << 20);
+    drop((writer, log));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -161,6 +161,9 @@ fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
         ("bad-counts", true, "counts add up to 2, but 0 records were returned"),
         ("bad-reject", true, "reject index 2 out of 2 inputs"),
         ("bad-reject", false, "reject index 2 out of 2 inputs"),
+        // One input refused twice would be dead-lettered twice.
+        ("dup-reject", true, "reject index 0 given twice"),
+        ("dup-reject", false, "reject index 0 given twice"),
     ] {
         let mut p = PluginInstance::new(&code, &config(&[("mode", mode)])).unwrap();
         let err = if call_decode {
@@ -172,6 +175,26 @@ fn invalid_output_bytes_and_inconsistent_counts_are_refused() {
             PluginError::InvalidOutput(msg) => assert_eq!(msg, expect, "{mode}"),
             other => panic!("{mode}: expected invalid output, got {other}"),
         }
+    }
+}
+
+/// A reason of 2 MiB (over what a Kafka message or transaction takes) is cut where it leaves the
+/// plugin, to at most 4 KiB that say how long it was; the reject itself stands.
+#[test]
+fn a_reason_too_long_is_cut_where_it_leaves_the_plugin() {
+    let rt = runtime();
+    let code = chaos(&rt, limits());
+    let mut p = PluginInstance::new(&code, &config(&[("mode", "long-reason")])).unwrap();
+    let decoded = p.decode(&[1, b'a', 1, b'b']).unwrap();
+    let transformed = p.transform(&batch(&trades(3))).unwrap();
+    assert_eq!(read(&transformed.records), trades(3)[1..]);
+    for rejects in [decoded.rejects, transformed.rejects] {
+        assert_eq!(rejects.len(), 1);
+        let reject = &rejects[0];
+        assert_eq!(reject.index, 0);
+        assert!(reject.reason.len() <= sluice::log::stage::REASON_MAX_BYTES, "{} bytes", reject.reason.len());
+        assert!(reject.reason.starts_with("rrrr"), "{}", &reject.reason[..16]);
+        assert!(reject.reason.ends_with(&format!("[reason cut: {} bytes]", 2 << 20)), "{}", &reject.reason[4000..]);
     }
 }
 

@@ -1452,3 +1452,99 @@ fn unsure_commit_scenario(druid: bool) {
     assert_eq!(sums, want, "each symbol counted 1 to 20, none lost and none twice");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A transform's reject whose reason (2 MiB) is larger than a Kafka message may be fails no Druid
+/// transaction (before, every retry of the batch failed the same way, forever): the reason is cut
+/// where it leaves the plugin, and the dead letter is committed with its batch.
+#[test]
+fn with_the_druid_sink_a_reject_reason_too_long_for_a_message_is_cut_and_committed() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = TestBroker::start("druid-long-reason");
+    let kafka =
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+    let druid = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
+    let topics = [kafka.events_topic.as_str(), kafka.dlq_topic.as_str(), druid.topic.as_str()];
+    rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &topics, 1)).unwrap();
+    let symbols = Arc::new(Symbols::new());
+    let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());
+    let mut records = Records::new();
+    for i in 1..=20 {
+        records.push(&trade(i, &symbols));
+    }
+    producer.send_records(records.as_bytes());
+    producer.flush(Duration::from_secs(20)).unwrap();
+    let runtime =
+        Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
+    let wasm = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let code = runtime.compile("chaos", &wasm, Limits::default()).unwrap();
+    let long = [("mode".to_owned(), "long-reason".to_owned())];
+    let mut transformers = chains([(1u32, vec![Transformer::new(PluginInstance::new(&code, &long).unwrap())])]);
+    let mut sink = sluice::sink::druid::DruidSink::new(
+        &kafka,
+        &broker.bootstrap,
+        &druid,
+        &unique_topic("tx"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let consumer = Reader::Kafka(EventConsumer::new(&kafka, &broker.bootstrap, &unique_topic("group"), None).unwrap());
+    let names = Names { sources: HashMap::from([(1, Arc::from("one"))]), symbols: symbols.clone() };
+    let settings = ProcessSettings { partitions: 1, max_poll_records: 100, ..ProcessSettings::default() };
+    let stats = ProcessStats::default();
+    let (stop, done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let start = Instant::now();
+            while !done.load(Ordering::Relaxed)
+                && stats.rejected.load(Ordering::Relaxed) + stats.stored.load(Ordering::Relaxed) < 20
+                && start.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let result = run_process(
+            Process {
+                reader: &consumer,
+                chains: &mut transformers,
+                breakers: &mut Breakers::default(),
+                sink: &mut sink,
+                names: &names,
+                settings: &settings,
+                stats: &stats,
+            },
+            &stop,
+        );
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    result.expect("the batch's transaction commits");
+    // The first record of each poll is refused (one poll, or a few).
+    let rejected = stats.rejected.load(Ordering::Relaxed);
+    assert!(rejected >= 1 && rejected + stats.stored.load(Ordering::Relaxed) == 20, "{stats:?}");
+    // The first dead letter, committed, with its reason cut and saying how long it was.
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", unique_topic("reader"))
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&kafka.dlq_topic, 0, Offset::Beginning).unwrap();
+    reader.assign(&tpl).unwrap();
+    let start = Instant::now();
+    let reason = loop {
+        assert!(start.elapsed() < Duration::from_secs(20), "no dead letter in {}", kafka.dlq_topic);
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            assert_eq!(StreamDataView::parse(m.payload().unwrap()).unwrap().trade_id, 1);
+            let headers = m.headers().unwrap();
+            let header = headers.iter().find(|h| h.key == "sluice.reason").unwrap();
+            break String::from_utf8(header.value.unwrap().to_vec()).unwrap();
+        }
+    };
+    assert!(reason.len() <= 4096, "a reason of {} bytes", reason.len());
+    assert!(reason.ends_with(&format!("[reason cut: {} bytes]", 2 << 20)), "{}", &reason[reason.len() - 40..]);
+}

@@ -383,6 +383,11 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     // The local log's lag is a number, and the log line names the mode and the committed offset.
     assert!(later["lag"].as_str().unwrap().parse::<u64>().is_ok(), "{later}");
     assert!(later["log"].as_str().unwrap().starts_with("local log: 1 partition(s)"), "{later}");
+    // And what the log holds against its cap: records, dead letters and symbols, and the store's
+    // dead letters.
+    for part in [" of records, ", " dead letters (", " symbols (", " of max 4.0 GiB", "the store's dead letters: "] {
+        assert!(later["log"].as_str().unwrap().contains(part), "no {part:?} in {later}");
+    }
     let (p50, p99): (f64, f64) =
         (later["p50"].as_str().unwrap().parse().unwrap(), later["p99"].as_str().unwrap().parse().unwrap());
     assert!(0.0 < p50 && p50 <= p99 && p99 < 10_000.0, "{later}");

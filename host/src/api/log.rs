@@ -12,8 +12,10 @@ use crate::log::LogStatus;
 /// Reads the hand-off's status; blocking (it may ask Kafka), so the handler runs it off the runtime.
 pub type LogProbe = Arc<dyn Fn() -> Result<LogStatus, String> + Send + Sync>;
 
-/// `GET /v1/log`: 200 `{"mode", "partitions": [{"partition", "start", "end", "committed", "lag"}]}`;
-/// 503 `unavailable` while the roles start or when Kafka does not answer.
+/// `GET /v1/log`: 200 `{"mode", "partitions": [{"partition", "start", "end", "committed", "lag"}]}`,
+/// with `local` (the local log's sizes against its cap, and whether it refuses records) and
+/// `store_dead_letters` where they apply; 503 `unavailable` while the roles start or when Kafka
+/// does not answer.
 pub async fn status(State(state): State<ApiState>) -> Result<Json<LogStatus>, ApiError> {
     let probe = state.log.get().cloned().ok_or_else(|| ApiError::Unavailable("the log is not open yet".into()))?;
     tokio::task::spawn_blocking(move || probe())

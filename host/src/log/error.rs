@@ -82,6 +82,10 @@ pub enum LogError {
         /// What the cluster says.
         actual: i32,
     },
+    /// The local log cannot commit (a full disk, say): it holds its last batch and refuses new
+    /// records, counted, until it can.
+    #[error("the local log cannot commit ({0}): it refuses new records until it can")]
+    Refusing(&'static str),
     /// Appends had not committed in time.
     #[error("the local log had not committed everything within {0:?}")]
     FlushTimeout(Duration),

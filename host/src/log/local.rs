@@ -15,7 +15,15 @@
 //! - **Retention.** Rows older than `retention_ms` or beyond `retention_bytes` are deleted once the
 //!   store has committed past them. Only when the log reaches `max_bytes` are uncommitted rows deleted,
 //!   oldest first; their records are counted as dropped and logged at ERROR.
-//! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`).
+//! - **Dead letters and symbols** live in the same file (`dead_letters`, `symbols`) and count in
+//!   `max_bytes` with the records. Dead letters are deleted past `dead_letter_retention_ms` and
+//!   beyond `dead_letter_max_bytes`, oldest first; symbols never are (an id, once given, stays).
+//! - **A full disk.** A commit SQLite refuses (`SQLITE_FULL`, an I/O error) is held in memory and
+//!   tried again, at most a second apart; before each try the log gives up its disk reserve (see
+//!   [`LogConfig::reserve_bytes`]) and deletes every batch the store has read. Meanwhile new records
+//!   and dead letters are refused at once, counted by reason ([`LocalLog::refused`]), so decode
+//!   workers never wait on the disk; [`LocalLog::refusing`] says why while it lasts. The first commit
+//!   that goes through ends it. A close gives the held batch a few seconds, then counts it refused.
 //! - **Marks** (see [`marks`](super::marks)): each source's recent trade ids per symbol
 //!   (`trade_marks`) and each file source's position (`file_marks`), written in the transaction of
 //!   the batch that moved them, so after any crash they describe exactly what the log holds.
@@ -26,7 +34,7 @@
 //! but a power cut can lose the last commits.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -34,8 +42,9 @@ use std::time::{Duration, Instant};
 use plugin_sdk::wire::Delimited;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::dead_letters::{self, TableSize};
 use super::marks::{FileIdentity, FileMark, Marks, TradeMark};
-use super::{Handover, LogConfig, LogError, PartitionStatus, Stage};
+use super::{DeadLetter, Handover, LocalSizes, LogConfig, LogError, PartitionStatus, Stage};
 use crate::log::kafka::consumer::{PollOutcome, Polled};
 use crate::log::kafka::producer::ProducerStats;
 
@@ -47,8 +56,15 @@ pub const POSITION_TOPIC: &str = "sluice.local-log";
 const MAX_ROW_BYTES: usize = 1 << 20;
 /// Messages the appender's queue holds before decode workers wait.
 const QUEUE_MESSAGES: usize = 1024;
+/// Most bytes (records and dead letters) the appender takes into one transaction: what it holds in
+/// memory while a commit fails, and what must fit on the disk for it to go through.
+const MAX_COMMIT_BYTES: usize = 8 * MAX_ROW_BYTES;
 /// How often the appender applies retention.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a commit that failed.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long a close keeps trying to commit the batch it holds before counting it refused.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batches (
@@ -98,11 +114,84 @@ struct Shared {
     bytes: AtomicU64,
     /// Records deleted before the store committed them (the log reached `max_bytes`).
     dropped: AtomicU64,
+    /// Why new records are refused while the last commit failed: a [`Refusal`] as its index + 1,
+    /// 0 while commits go through.
+    refusing: AtomicU8,
+    /// Records refused, by [`Refusal`] index.
+    refused_records: [AtomicU64; 2],
+    /// Dead letters refused, by [`Refusal`] index.
+    refused_dead_letters: [AtomicU64; 2],
+    /// The dead letters and symbols the file holds: they count in `max_bytes` with the records.
+    tables: Mutex<Tables>,
+}
+
+/// The tables beside the batches that count in `max_bytes`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tables {
+    dead_letters: TableSize,
+    symbols: TableSize,
+    /// The highest symbol id counted in `symbols` (names are added by the dictionary, not here).
+    symbols_to: i64,
+}
+
+/// Why the local log refuses new records: its last commit failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// SQLite said the disk is full (`SQLITE_FULL`).
+    DiskFull,
+    /// Any other refusal of a write: an I/O error, permissions, a lock held too long.
+    WriteError,
+}
+
+impl Refusal {
+    /// Both, in index order.
+    pub const ALL: [Refusal; 2] = [Refusal::DiskFull, Refusal::WriteError];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::DiskFull => "disk_full",
+            Refusal::WriteError => "write_error",
+        }
+    }
+
+    fn of(e: &rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Refusal::DiskFull,
+            _ => Refusal::WriteError,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl Shared {
     fn end(&self) -> i64 {
         *self.end.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // Each update writes whole values, so a poisoned lock still holds consistent counts.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refusing(&self) -> Option<Refusal> {
+        match self.refusing.load(Ordering::Relaxed) {
+            0 => None,
+            n => Refusal::ALL.get(usize::from(n) - 1).copied(),
+        }
+    }
+
+    fn set_refusing(&self, refusal: Option<Refusal>) {
+        self.refusing.store(refusal.map_or(0, |r| r.index() as u8 + 1), Ordering::Relaxed);
+    }
+
+    /// Counts `records` records and `dead_letters` dead letters refused for `why`.
+    fn refuse(&self, why: Refusal, records: u64, dead_letters: u64) {
+        self.refused_records[why.index()].fetch_add(records, Ordering::Relaxed);
+        self.refused_dead_letters[why.index()].fetch_add(dead_letters, Ordering::Relaxed);
     }
 }
 
@@ -136,7 +225,12 @@ impl LocalLog {
         }
         let conn = connect(path, config)?;
         conn.execute_batch(SCHEMA).map_err(|e| LogError::open(path, e))?;
-        conn.execute_batch(super::DEAD_LETTERS_SCHEMA).map_err(|e| LogError::open(path, e))?;
+        dead_letters::create(&conn).map_err(|e| LogError::open(path, e))?;
+        let mut tables = Tables {
+            dead_letters: dead_letters::size(&conn).map_err(|e| LogError::open(path, e))?,
+            ..Tables::default()
+        };
+        count_symbols(&conn, &mut tables).map_err(|e| LogError::open(path, e))?;
         let (start, end, bytes) = conn
             .query_row(
                 "SELECT (SELECT min(base) FROM batches), (SELECT max(base + count) FROM batches), \
@@ -159,6 +253,10 @@ impl LocalLog {
             committed: AtomicI64::new(0),
             bytes: AtomicU64::new(bytes.max(0) as u64),
             dropped: AtomicU64::new(0),
+            refusing: AtomicU8::new(0),
+            refused_records: Default::default(),
+            refused_dead_letters: Default::default(),
+            tables: Mutex::new(tables),
         });
         Ok(LocalLog { path: path.to_owned(), config: config.clone(), shared })
     }
@@ -225,12 +323,19 @@ impl LocalLog {
             stats: stats.clone(),
             last_prune: Instant::now(),
             path: self.path.clone(),
+            failing: None,
+            reserve: Reserve::new(&self.path, self.config.reserve_bytes),
         };
         let thread = std::thread::Builder::new()
             .name("sluice-log-append".into())
             .spawn(move || appender.run(rx))
             .map_err(|e| LogError::Io(format!("cannot start the log appender: {e}")))?;
-        Ok(LocalWriter { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), stats })
+        Ok(LocalWriter {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            stats,
+            shared: self.shared.clone(),
+        })
     }
 
     /// A reader positioned at the start of the log; [`LocalReader::seek`] moves it.
@@ -261,9 +366,53 @@ impl LocalLog {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
+    /// What the log holds against `max_bytes`, and whether it refuses, as `GET /v1/log` shows it.
+    pub fn sizes(&self) -> LocalSizes {
+        let tables = *self.shared.tables();
+        LocalSizes {
+            records_bytes: self.bytes(),
+            dead_letters: tables.dead_letters,
+            symbols: tables.symbols,
+            max_bytes: self.config.max_bytes,
+            refusing: self.refusing().map(Refusal::as_str),
+        }
+    }
+
     /// Records deleted before the store committed them, since this process started.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Why the log refuses new records, while its last commit failed (`None` while commits go
+    /// through).
+    pub fn refusing(&self) -> Option<Refusal> {
+        self.shared.refusing()
+    }
+
+    /// What `/metrics` shows of the log: its positions, size, losses and refusals (every reason,
+    /// 0 included, so the series exist before the first refusal).
+    pub fn sample(&self) -> crate::telemetry::LogSample {
+        let s = self.status();
+        let tables = *self.shared.tables();
+        crate::telemetry::LogSample {
+            start: s.start,
+            end: s.end,
+            committed: s.committed,
+            bytes: self.bytes(),
+            dead_letter_bytes: tables.dead_letters.bytes,
+            symbol_bytes: tables.symbols.bytes,
+            dropped: self.dropped(),
+            refused: Refusal::ALL.iter().map(|&why| (why.as_str(), self.refused(why).0, self.refused(why).1)).collect(),
+        }
+    }
+
+    /// Records and dead letters refused for `why` since this process started.
+    pub fn refused(&self, why: Refusal) -> (u64, u64) {
+        let i = why.index();
+        (
+            self.shared.refused_records[i].load(Ordering::Relaxed),
+            self.shared.refused_dead_letters[i].load(Ordering::Relaxed),
+        )
     }
 
     /// What ingest kept with the batches committed so far: every (source, symbol)'s recent trade
@@ -312,22 +461,54 @@ impl LocalLog {
     }
 }
 
-/// A dead letter on its way to the `dead_letters` table.
+/// Adds the symbols named since `tables` last counted them.
+fn count_symbols(conn: &Connection, tables: &mut Tables) -> rusqlite::Result<()> {
+    let (rows, bytes, to): (i64, i64, i64) = conn
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(length(CAST(name AS BLOB))), 0), coalesce(max(id), ?1) FROM symbols \
+             WHERE id > ?1",
+        )?
+        .query_row([tables.symbols_to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    tables.symbols.rows += rows.max(0) as u64;
+    tables.symbols.bytes += bytes.max(0) as u64;
+    tables.symbols_to = to;
+    Ok(())
+}
+
+/// A dead letter on its way to the `dead_letters` table, already capped (see
+/// [`DeadLetter::kept_bytes`]).
 struct DeadRow {
     at_ms: i64,
     stage: Stage,
+    source_id: u32,
     source: String,
     plugin: String,
     reason: String,
     bytes: Vec<u8>,
+    /// The payload's length before the cap.
+    length: usize,
+}
+
+impl DeadRow {
+    fn letter(&self) -> DeadLetter<'_> {
+        DeadLetter {
+            stage: self.stage,
+            source_id: self.source_id,
+            source: &self.source,
+            plugin: &self.plugin,
+            reason: &self.reason,
+            bytes: &self.bytes,
+        }
+    }
 }
 
 enum Message {
     /// Records, the dead letters of the same frames, and the marks they move: one transaction.
     Batch(Vec<u8>, Vec<DeadRow>, Marks),
     Dead(DeadRow),
-    /// Answered once everything sent before it has committed.
-    Flush(std::sync::mpsc::Sender<()>),
+    /// Answered once everything sent before it has committed, or at once with why while the log
+    /// refuses.
+    Flush(std::sync::mpsc::Sender<Result<(), Refusal>>),
 }
 
 /// Hands records and dead letters to the appender thread. Cheap to share between decode workers.
@@ -336,6 +517,8 @@ pub struct LocalWriter {
     tx: Mutex<Option<SyncSender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<ProducerStats>,
+    /// Whether the log refuses, and where refusals are counted.
+    shared: Arc<Shared>,
 }
 
 impl LocalWriter {
@@ -375,7 +558,8 @@ impl LocalWriter {
     }
 
     /// Appends records, dead letters and marks, to be committed in one transaction. Returns how many
-    /// records.
+    /// records. While the log refuses (see [`LocalLog::refusing`]) they are counted refused at once,
+    /// and their marks dropped.
     pub fn send_handover(&self, handover: Handover<'_>) -> usize {
         let Handover { records, dead, marks } = handover;
         let n = Delimited::new(records).take_while(Result::is_ok).count();
@@ -383,42 +567,37 @@ impl LocalWriter {
             return 0;
         }
         self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
-        let dead = dead.iter().map(|d| self.dead_row(d)).collect();
+        if let Some(why) = self.shared.refusing() {
+            self.shared.refuse(why, n as u64, dead.len() as u64);
+            return n;
+        }
+        let dead = dead.iter().map(dead_row).collect();
         self.send(Message::Batch(records.to_vec(), dead, marks));
         n
     }
 
-    /// Appends a dead letter of `stage`.
+    /// Appends a dead letter of `stage` (refused, counted, while the log refuses).
     pub fn send_dead_letter(&self, d: &crate::log::DeadLetter<'_>) {
-        let row = self.dead_row(d);
-        self.send(Message::Dead(row));
-    }
-
-    /// A dead letter as the table keeps it, counted.
-    fn dead_row(&self, d: &crate::log::DeadLetter<'_>) -> DeadRow {
-        let crate::log::DeadLetter { stage, source, plugin, reason, bytes, .. } = *d;
-        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        if stage == Stage::Transform {
-            self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);
+        if let Some(why) = self.shared.refusing() {
+            self.shared.refuse(why, 0, 1);
+            return;
         }
-        DeadRow {
-            at_ms: crate::clock::now_ms(),
-            stage,
-            source: source.to_owned(),
-            plugin: plugin.to_owned(),
-            reason: reason.to_owned(),
-            bytes: bytes.to_vec(),
-        }
+        self.send(Message::Dead(dead_row(d)));
     }
 
     /// Waits until everything sent so far has committed.
     ///
     /// # Errors
-    /// [`LogError::FlushTimeout`] when it has not within `timeout`.
+    /// [`LogError::FlushTimeout`] when it has not within `timeout`; [`LogError::Refusing`] at once
+    /// while the log cannot commit.
     pub fn flush(&self, timeout: Duration) -> Result<(), LogError> {
         let (ack, done) = std::sync::mpsc::channel();
         self.send(Message::Flush(ack));
-        done.recv_timeout(timeout).map_err(|_| LogError::FlushTimeout(timeout))
+        match done.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(LogError::Refusing(why.as_str())),
+            Err(_) => Err(LogError::FlushTimeout(timeout)),
+        }
     }
 
     /// Commits what is queued and stops the appender.
@@ -433,6 +612,20 @@ impl LocalWriter {
 impl Drop for LocalWriter {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// A dead letter as the table keeps it: capped.
+fn dead_row(d: &DeadLetter<'_>) -> DeadRow {
+    DeadRow {
+        at_ms: crate::clock::now_ms(),
+        stage: d.stage,
+        source_id: d.source_id,
+        source: d.source.to_owned(),
+        plugin: d.plugin.to_owned(),
+        reason: d.kept_reason().to_owned(),
+        bytes: d.kept_bytes().to_vec(),
+        length: d.bytes.len(),
     }
 }
 
@@ -463,6 +656,76 @@ impl PendingMarks {
     }
 }
 
+/// What the appender commits next, in one transaction.
+#[derive(Default)]
+struct Pending {
+    /// Rows of length-delimited records, each with its record count.
+    rows: Vec<(Vec<u8>, i64)>,
+    dead: Vec<DeadRow>,
+    marks: PendingMarks,
+    /// Bytes of the records and the dead letters' payloads.
+    bytes: usize,
+}
+
+impl Pending {
+    /// Adds a decode worker's batch: its records to the last row while it stays under
+    /// [`MAX_ROW_BYTES`], else to a new one.
+    fn add(&mut self, records: Vec<u8>, mut dead: Vec<DeadRow>, marks: Marks) {
+        let n = Delimited::new(&records).take_while(Result::is_ok).count() as i64;
+        self.bytes += records.len();
+        match self.rows.last_mut() {
+            Some((row, count)) if row.len() + records.len() <= MAX_ROW_BYTES => {
+                row.extend_from_slice(&records);
+                *count += n;
+            }
+            _ => self.rows.push((records, n)),
+        }
+        self.bytes += dead.iter().map(|d| d.bytes.len()).sum::<usize>();
+        self.dead.append(&mut dead);
+        self.marks.add(marks);
+    }
+
+    fn add_dead(&mut self, dead: DeadRow) {
+        self.bytes += dead.bytes.len();
+        self.dead.push(dead);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.dead.is_empty() && self.marks.is_empty()
+    }
+
+    fn records(&self) -> u64 {
+        self.rows.iter().map(|(_, n)| *n as u64).sum()
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.dead.clear();
+        self.marks.clear();
+        self.bytes = 0;
+    }
+}
+
+/// What a commit added.
+struct Committed {
+    /// The log's new end.
+    end: i64,
+    records: u64,
+    /// Bytes of records.
+    bytes: u64,
+    /// Bytes of dead letters.
+    dead_bytes: u64,
+}
+
+/// A commit that failed, and when to try it again.
+struct Failing {
+    why: Refusal,
+    since: Instant,
+    /// The wait after the next failure: doubled each time, up to [`RETRY_MAX`].
+    pause: Duration,
+    next_try: Instant,
+}
+
 struct Appender {
     conn: Connection,
     shared: Arc<Shared>,
@@ -470,99 +733,187 @@ struct Appender {
     stats: Arc<ProducerStats>,
     last_prune: Instant,
     path: PathBuf,
+    /// Set while the last commit failed: its batch is held and new records are refused.
+    failing: Option<Failing>,
+    /// The disk space held back for a full disk.
+    reserve: Reserve,
 }
 
 impl Appender {
     fn run(mut self, rx: Receiver<Message>) {
-        let mut rows: Vec<(Vec<u8>, i64)> = Vec::new();
-        let mut dead: Vec<DeadRow> = Vec::new();
-        let mut marks = PendingMarks::default();
+        self.reserve.take();
+        let mut pending = Pending::default();
         let mut acks = Vec::new();
         loop {
-            // Wakes at least once per prune interval so retention runs on an idle log too.
-            let first = match rx.recv_timeout(PRUNE_INTERVAL) {
+            let next_try = self.failing.as_ref().map(|f| f.next_try);
+            if next_try.is_some_and(|at| Instant::now() >= at) {
+                let _ = self.retry(&mut pending);
+                continue;
+            }
+            // Wakes at least once per prune interval so retention runs on an idle log too, and in
+            // time for the next try of a failed commit.
+            let wait = next_try.map_or(PRUNE_INTERVAL, |at| at.saturating_duration_since(Instant::now()));
+            let first = match rx.recv_timeout(wait) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.maybe_prune();
+                    if self.failing.is_none() {
+                        self.maybe_prune();
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            if let Some(why) = self.failing.as_ref().map(|f| f.why) {
+                self.refuse(first, why);
+                continue;
+            }
             let mut next = Some(first);
             // Everything that arrived while the last commit ran goes into this one.
             let mut queued = 0usize;
             while let Some(message) = next.take() {
                 match message {
-                    Message::Batch(records, mut letters, moved) => {
-                        let n = Delimited::new(&records).take_while(Result::is_ok).count() as i64;
-                        match rows.last_mut() {
-                            Some((row, count)) if row.len() + records.len() <= MAX_ROW_BYTES => {
-                                row.extend_from_slice(&records);
-                                *count += n;
-                            }
-                            _ => rows.push((records, n)),
-                        }
-                        dead.append(&mut letters);
-                        marks.add(moved);
+                    Message::Batch(records, letters, moved) => {
+                        pending.add(records, letters, moved);
                         queued += 1;
                     }
                     Message::Dead(d) => {
-                        dead.push(d);
+                        pending.add_dead(d);
                         queued += 1;
                     }
                     Message::Flush(ack) => acks.push(ack),
                 }
-                if queued < QUEUE_MESSAGES {
+                if queued < QUEUE_MESSAGES && pending.bytes < MAX_COMMIT_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit(&mut rows, &mut dead, &mut marks);
+            // A failed commit is tried once more at once, after making room, before a flush hears of it.
+            let committed = self.commit(&mut pending) || self.retry(&mut pending);
+            let answer = match self.failing.as_ref().map(|f| f.why) {
+                Some(why) if !committed => Err(why),
+                _ => Ok(()),
+            };
             for ack in acks.drain(..) {
-                let _ = ack.send(());
+                let _ = ack.send(answer);
             }
             self.maybe_prune();
         }
-        // Closed: what was handed over has been committed above.
+        // Closed: what was handed over has been committed above, unless a commit is failing.
+        self.close(&mut pending);
         self.prune();
     }
 
-    /// Commits the rows and dead letters, retrying until the disk takes them: decode workers wait
-    /// meanwhile (the queue is bounded), and sources count what their own queues then drop.
-    fn commit(&mut self, rows: &mut Vec<(Vec<u8>, i64)>, dead: &mut Vec<DeadRow>, marks: &mut PendingMarks) {
-        if rows.is_empty() && dead.is_empty() && marks.is_empty() {
-            return;
-        }
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match self.try_commit(rows, dead, marks) {
-                Ok((end, records, bytes)) => {
-                    self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
-                    *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
-                    self.shared.appended.notify_all();
-                    self.stats.delivered.fetch_add(records, Ordering::Relaxed);
-                    rows.clear();
-                    dead.clear();
-                    marks.clear();
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, log = %self.path.display(), "cannot append to the local log; retrying");
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
+    /// What arrives while a commit fails is refused and counted; a flush is answered at once.
+    fn refuse(&self, message: Message, why: Refusal) {
+        match message {
+            Message::Batch(records, dead, _) => {
+                let n = Delimited::new(&records).take_while(Result::is_ok).count() as u64;
+                self.shared.refuse(why, n, dead.len() as u64);
+            }
+            Message::Dead(_) => self.shared.refuse(why, 0, 1),
+            Message::Flush(ack) => {
+                let _ = ack.send(Err(why));
             }
         }
     }
 
-    fn try_commit(
-        &mut self,
-        rows: &[(Vec<u8>, i64)],
-        dead: &[DeadRow],
-        marks: &PendingMarks,
-    ) -> rusqlite::Result<(i64, u64, u64)> {
+    /// Commits `pending`; true when it went through. When it does not, the batch stays pending, the
+    /// log refuses new records, and [`Appender::retry`] tries again.
+    fn commit(&mut self, pending: &mut Pending) -> bool {
+        if pending.is_empty() {
+            return true;
+        }
+        match self.try_commit(pending) {
+            Ok(Committed { end, records, bytes, dead_bytes }) => {
+                self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
+                let mut tables = self.shared.tables();
+                tables.dead_letters.rows += pending.dead.len() as u64;
+                tables.dead_letters.bytes += dead_bytes;
+                drop(tables);
+                *self.shared.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
+                self.shared.appended.notify_all();
+                self.stats.delivered.fetch_add(records, Ordering::Relaxed);
+                let transform = pending.dead.iter().filter(|d| d.stage == Stage::Transform).count();
+                self.stats.dead_lettered.fetch_add(pending.dead.len() as u64, Ordering::Relaxed);
+                self.stats.dead_lettered_transform.fetch_add(transform as u64, Ordering::Relaxed);
+                pending.clear();
+                if let Some(failed) = self.failing.take() {
+                    self.shared.set_refusing(None);
+                    tracing::info!(
+                        after_ms = failed.since.elapsed().as_millis() as u64,
+                        log = %self.path.display(),
+                        "the local log commits again; what was handed over meanwhile was refused (sluice_log_refused_records_total)"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                let why = Refusal::of(&e);
+                let now = Instant::now();
+                match &mut self.failing {
+                    Some(f) => {
+                        f.why = why;
+                        f.next_try = now + f.pause;
+                        f.pause = (f.pause * 2).min(RETRY_MAX);
+                        tracing::debug!(error = %e, "the local log still cannot commit");
+                    }
+                    None => {
+                        tracing::error!(
+                            error = %e,
+                            reason = why.as_str(),
+                            records = pending.records(),
+                            log = %self.path.display(),
+                            "cannot append to the local log; holding the batch and refusing new records until it commits"
+                        );
+                        let pause = Duration::from_millis(50);
+                        self.failing = Some(Failing { why, since: now, pause, next_try: now + pause });
+                    }
+                }
+                self.shared.set_refusing(Some(why));
+                false
+            }
+        }
+    }
+
+    /// Tries a failed commit again, after making room: the reserve goes first, then every batch the
+    /// store has read. True when it went through.
+    fn retry(&mut self, pending: &mut Pending) -> bool {
+        if self.reserve.release() {
+            tracing::warn!(bytes = self.config.reserve_bytes, log = %self.path.display(), "the local log gave up its disk reserve to make room");
+        }
+        self.prune_with(true);
+        self.commit(pending)
+    }
+
+    /// At a close while a commit fails: more tries for up to [`CLOSE_GRACE`], then the batch held
+    /// is counted refused (lost).
+    fn close(&mut self, pending: &mut Pending) {
+        let until = Instant::now() + CLOSE_GRACE;
+        while let Some((next_try, why)) = self.failing.as_ref().map(|f| (f.next_try, f.why)) {
+            if next_try > until {
+                let (records, dead_letters) = (pending.records(), pending.dead.len());
+                self.shared.refuse(why, records, dead_letters as u64);
+                tracing::error!(
+                    records,
+                    dead_letters,
+                    reason = why.as_str(),
+                    log = %self.path.display(),
+                    "the local log could not commit its last batch before stopping: it is lost (counted refused)"
+                );
+                pending.clear();
+                self.failing = None;
+                break;
+            }
+            std::thread::sleep(next_try.saturating_duration_since(Instant::now()));
+            let _ = self.retry(pending);
+        }
+    }
+
+    /// Commits `pending` in one transaction.
+    fn try_commit(&mut self, pending: &Pending) -> rusqlite::Result<Committed> {
+        let Pending { rows, dead, marks, .. } = pending;
         let mut end = self.shared.end();
         let now_ms = crate::clock::now_ms();
-        let (mut records, mut bytes) = (0u64, 0u64);
+        let (mut records, mut bytes, mut dead_bytes) = (0u64, 0u64, 0u64);
         let tx = self.conn.transaction()?;
         {
             let mut insert = tx.prepare_cached(
@@ -581,11 +932,8 @@ impl Appender {
                 "INSERT INTO log_meta (key, value) VALUES ('end', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             )?
             .execute([end])?;
-            let mut letter = tx.prepare_cached(
-                "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for d in dead {
-                letter.execute(params![d.at_ms, d.stage.as_str(), d.source, d.plugin, d.reason, d.bytes])?;
+                dead_bytes += dead_letters::insert(&tx, d.at_ms, &d.letter(), d.length)?;
             }
             let mut trade = tx.prepare_cached(
                 "INSERT INTO trade_marks (source, symbol, last, seen) VALUES (?1, ?2, ?3, ?4) \
@@ -605,35 +953,55 @@ impl Appender {
             }
         }
         tx.commit()?;
-        Ok((end, records, bytes))
+        Ok(Committed { end, records, bytes, dead_bytes })
     }
 
     fn maybe_prune(&mut self) {
         if self.last_prune.elapsed() >= PRUNE_INTERVAL {
             self.prune();
+            self.reserve.take();
         }
     }
 
     /// Applies retention; failures are logged and tried again at the next interval.
     fn prune(&mut self) {
+        self.prune_with(false);
+    }
+
+    /// Applies retention; under `pressure` (a commit failed) every batch the store has read goes,
+    /// whatever its age, and the WAL is checkpointed so the next commit can reuse its space.
+    fn prune_with(&mut self, pressure: bool) {
         self.last_prune = Instant::now();
-        if let Err(e) = self.try_prune() {
-            tracing::warn!(error = %e, log = %self.path.display(), "local log retention failed; will retry");
+        match self.try_prune(pressure) {
+            Ok(()) if pressure => {
+                // A checkpoint the disk refuses leaves the WAL as it was; the next try tries again.
+                let _ = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+            Ok(()) => {}
+            Err(e) if pressure => {
+                tracing::debug!(error = %e, "the local log could not delete read batches to make room")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, log = %self.path.display(), "local log retention failed; will retry")
+            }
         }
     }
 
     /// Every query here walks the primary key from the log's start and touches only the rows it
     /// deletes (plus one), so its cost does not grow with the log.
-    fn try_prune(&mut self) -> rusqlite::Result<()> {
+    fn try_prune(&mut self, pressure: bool) -> rusqlite::Result<()> {
         let committed = self.shared.committed.load(Ordering::SeqCst);
         let cutoff_ms = crate::clock::now_ms() - i64::try_from(self.config.retention_ms).unwrap_or(i64::MAX);
         let tx = self.conn.transaction()?;
         // Rows are appended in offset order with rising times: the first row young enough to keep
         // bounds the aged ones, and the store's position bounds the committed ones.
-        let young: Option<i64> = tx
-            .prepare_cached("SELECT base FROM batches WHERE appended_ms >= ?1 ORDER BY base LIMIT 1")?
-            .query_row([cutoff_ms], |r| r.get(0))
-            .optional()?;
+        let young: Option<i64> = if pressure {
+            None
+        } else {
+            tx.prepare_cached("SELECT base FROM batches WHERE appended_ms >= ?1 ORDER BY base LIMIT 1")?
+                .query_row([cutoff_ms], |r| r.get(0))
+                .optional()?
+        };
         let below = young.unwrap_or(i64::MAX).min(committed);
         let (aged, aged_bytes): (i64, i64) = tx
             .prepare_cached(
@@ -645,11 +1013,24 @@ impl Appender {
                 .execute(params![below, committed])?;
         }
         let mut bytes = self.shared.bytes.load(Ordering::Relaxed).saturating_sub(aged_bytes as u64);
+        // Dead letters by their own age and bytes, and never past what max_bytes leaves them; then
+        // the batches get what the dead letters and symbols leave of max_bytes.
+        let mut tables = *self.shared.tables();
+        count_symbols(&tx, &mut tables)?;
+        let dead_cutoff_ms =
+            crate::clock::now_ms() - i64::try_from(self.config.dead_letter_retention_ms).unwrap_or(i64::MAX);
+        let dead_max =
+            self.config.dead_letter_max_bytes.min(self.config.max_bytes.saturating_sub(tables.symbols.bytes));
+        let dead_gone = dead_letters::prune(&tx, dead_cutoff_ms, tables.dead_letters, dead_max)?;
+        tables.dead_letters.rows = tables.dead_letters.rows.saturating_sub(dead_gone.rows);
+        tables.dead_letters.bytes = tables.dead_letters.bytes.saturating_sub(dead_gone.bytes);
+        let max_bytes =
+            self.config.max_bytes.saturating_sub(tables.dead_letters.bytes).saturating_sub(tables.symbols.bytes);
         // Oldest first while over the size: committed rows down to retention_bytes, any row down to
-        // max_bytes.
+        // what max_bytes leaves them.
         let mut dropped = 0i64;
         let mut dropped_rows = 0i64;
-        while bytes > self.config.retention_bytes {
+        while bytes > self.config.retention_bytes.min(max_bytes) {
             let Some((base, count, size)) = tx
                 .prepare_cached("SELECT base, count, size FROM batches ORDER BY base LIMIT 1")?
                 .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
@@ -658,7 +1039,7 @@ impl Appender {
                 break;
             };
             let uncommitted = (base + count - committed.max(base)).clamp(0, count);
-            if uncommitted > 0 && bytes <= self.config.max_bytes {
+            if uncommitted > 0 && bytes <= max_bytes {
                 break;
             }
             tx.prepare_cached("DELETE FROM batches WHERE base = ?1")?.execute([base])?;
@@ -666,9 +1047,9 @@ impl Appender {
             dropped += uncommitted;
             dropped_rows += i64::from(uncommitted > 0);
         }
-        let dead_cutoff = tx.prepare_cached("DELETE FROM dead_letters WHERE at_ms < ?1")?.execute([cutoff_ms])?;
         let start: Option<i64> = tx.prepare_cached("SELECT min(base) FROM batches")?.query_row([], |r| r.get(0))?;
         tx.commit()?;
+        *self.shared.tables() = tables;
         self.shared.bytes.store(bytes, Ordering::Relaxed);
         self.shared.start.store(start.unwrap_or_else(|| self.shared.end()), Ordering::SeqCst);
         if dropped > 0 {
@@ -681,10 +1062,71 @@ impl Appender {
                 "the local log is full: deleted records the store has not read yet"
             );
         }
-        if aged > 0 || dead_cutoff > 0 {
-            tracing::debug!(batches = aged, dead_letters = dead_cutoff, "local log retention");
+        if aged > 0 || dead_gone.rows > 0 {
+            tracing::debug!(batches = aged, dead_letters = dead_gone.rows, "local log retention");
         }
         Ok(())
+    }
+}
+
+/// Disk space held back for a full disk (see [`LogConfig::reserve_bytes`]): a file of that many
+/// bytes beside the log (`log.sqlite-reserve`), deleted when a commit fails so that the deletes and
+/// the checkpoint that make room can be written, and written again once the disk has twice as much
+/// free.
+struct Reserve {
+    path: PathBuf,
+    bytes: u64,
+    /// Whether the file is there, whole.
+    held: bool,
+}
+
+impl Reserve {
+    fn new(log: &Path, bytes: u64) -> Self {
+        let mut path = log.as_os_str().to_owned();
+        path.push("-reserve");
+        let path = PathBuf::from(path);
+        let held = bytes > 0 && std::fs::metadata(&path).is_ok_and(|m| m.len() >= bytes);
+        if bytes == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        Reserve { path, bytes, held }
+    }
+
+    /// Writes the file when it is not there and the disk has twice its size free (so taking it back
+    /// never fills the disk).
+    fn take(&mut self) {
+        if self.held || self.bytes == 0 {
+            return;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let Ok(fs) = rustix::fs::statvfs(dir) else { return };
+        if fs.f_bavail.saturating_mul(fs.f_frsize) < self.bytes.saturating_mul(2) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&self.path)?;
+            let chunk = vec![0u8; 1 << 20];
+            let mut left = self.bytes;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                file.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        };
+        match write() {
+            Ok(()) => self.held = true,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.path);
+                tracing::debug!(error = %e, "cannot write the local log's disk reserve");
+            }
+        }
+    }
+
+    /// Deletes the file; true when it was there.
+    fn release(&mut self) -> bool {
+        std::mem::take(&mut self.held) && std::fs::remove_file(&self.path).is_ok()
     }
 }
 
@@ -987,6 +1429,8 @@ mod tests {
             stats: Arc::new(ProducerStats::default()),
             last_prune: Instant::now(),
             path: path.clone(),
+            failing: None,
+            reserve: Reserve::new(&path, 0),
         };
         appender.prune();
         let left: Vec<i64> = read_all(&path).unwrap().into_iter().map(|(o, _)| o).collect();

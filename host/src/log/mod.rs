@@ -5,6 +5,7 @@
 //! role reads with. Both count and report in the same terms whichever is behind them: a record is
 //! *sent* when handed over and *delivered* when Kafka acknowledged it or its local batch committed.
 
+pub mod dead_letters;
 pub mod error;
 pub mod kafka;
 pub mod local;
@@ -36,10 +37,23 @@ pub struct LogConfig {
     /// Committed batches beyond this many bytes are deleted, oldest first.
     #[serde(default = "defaults::retention_bytes")]
     pub retention_bytes: u64,
-    /// The hard cap: past it the oldest batches go even when the store has not read them (counted in
+    /// The hard cap on the whole file: batches, dead letters and symbols together. Past it the
+    /// oldest batches go even when the store has not read them (counted in
     /// `sluice_log_dropped_records_total` and logged at ERROR).
     #[serde(default = "defaults::max_bytes")]
     pub max_bytes: u64,
+    /// Dead letters older than this are deleted: the log's (decode) and the store's (transform).
+    #[serde(default = "defaults::dead_letter_retention_ms")]
+    pub dead_letter_retention_ms: u64,
+    /// The most bytes of dead letters kept, oldest deleted first: in the log, and in the store.
+    #[serde(default = "defaults::dead_letter_max_bytes")]
+    pub dead_letter_max_bytes: u64,
+    /// Disk space the log holds back in a file beside it (`log.sqlite-reserve`) for a full disk:
+    /// given up when a commit finds the disk full, so retention has room to delete the batches the
+    /// store has read (SQLite writes to delete) and the log can commit again; taken back once the
+    /// disk has twice this free. 0: no reserve.
+    #[serde(default = "defaults::reserve_bytes")]
+    pub reserve_bytes: u64,
     /// SQLite's `synchronous` for the log: `full` (the default) syncs every commit, so a record
     /// counted delivered survives a power cut; `normal` survives a crash of the process only.
     #[serde(default)]
@@ -78,6 +92,9 @@ impl Default for LogConfig {
             retention_ms: defaults::retention_ms(),
             retention_bytes: defaults::retention_bytes(),
             max_bytes: defaults::max_bytes(),
+            dead_letter_retention_ms: defaults::dead_letter_retention_ms(),
+            dead_letter_max_bytes: defaults::dead_letter_max_bytes(),
+            reserve_bytes: defaults::reserve_bytes(),
             synchronous: Synchronous::default(),
             resume_past_lost_tail: false,
         }
@@ -95,10 +112,10 @@ impl LogConfig {
                 "log.max_bytes must be positive: a log capped at 0 bytes would delete every record unread".into()
             );
         }
-        if self.max_bytes < self.retention_bytes {
+        if self.max_bytes < self.retention_bytes.saturating_add(self.dead_letter_max_bytes) {
             return Err(format!(
-                "log.max_bytes ({}) must be at least log.retention_bytes ({})",
-                self.max_bytes, self.retention_bytes
+                "log.max_bytes ({}) must be at least log.retention_bytes ({}) and log.dead_letter_max_bytes ({}) together",
+                self.max_bytes, self.retention_bytes, self.dead_letter_max_bytes
             ));
         }
         Ok(())
@@ -115,22 +132,16 @@ mod defaults {
     pub fn max_bytes() -> u64 {
         4 << 30
     }
+    pub fn dead_letter_retention_ms() -> u64 {
+        7 * 24 * 3600 * 1000
+    }
+    pub fn dead_letter_max_bytes() -> u64 {
+        256 << 20
+    }
+    pub fn reserve_bytes() -> u64 {
+        16 << 20
+    }
 }
-
-/// The table of dead letters, the same wherever it is kept: decode dead letters in the local log,
-/// transform dead letters in the embedded store (committed with their batch).
-pub(crate) const DEAD_LETTERS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms     INTEGER NOT NULL,
-    stage     TEXT    NOT NULL,
-    source    TEXT    NOT NULL,
-    plugin    TEXT    NOT NULL,
-    reason    TEXT    NOT NULL,
-    bytes     BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
-";
 
 /// One partition of the hand-off, as `GET /v1/log` shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -154,6 +165,27 @@ pub struct LogStatus {
     pub mode: &'static str,
     /// Every partition.
     pub partitions: Vec<PartitionStatus>,
+    /// The local log's size against its cap, and whether it refuses (absent on Kafka).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSizes>,
+    /// The embedded store's dead letters (absent without a store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_dead_letters: Option<dead_letters::TableSize>,
+}
+
+/// What the local log holds, against `[log] max_bytes`, which bounds the three together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LocalSizes {
+    /// Bytes of records.
+    pub records_bytes: u64,
+    /// The decode dead letters it keeps.
+    pub dead_letters: dead_letters::TableSize,
+    /// The symbol dictionary (bytes of the names).
+    pub symbols: dead_letters::TableSize,
+    /// `[log] max_bytes`.
+    pub max_bytes: u64,
+    /// Why it refuses new records (`disk_full`, `write_error`), while it does.
+    pub refusing: Option<&'static str>,
 }
 
 /// What one pass of a decode worker hands over: records, the dead letters of the same frames, and

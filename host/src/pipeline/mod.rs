@@ -233,7 +233,9 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             bail!("running one role on its own needs [kafka] brokers, which the other role shares");
         }
         let (handoff, symbols, producer) = open_local_log(config, store_path.as_deref()).await?;
-        health.set("log", true, format!("local log at {}", config.data_dir.join("log.sqlite").display()));
+        if let Handoff::Local(log) = &handoff {
+            tokio::spawn(watch_local_log(log.clone(), health.clone(), api_stop.subscribe()));
+        }
         (handoff, symbols, producer)
     } else {
         let brokers = kafka.brokers.clone();
@@ -274,10 +276,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     metrics.on_scrape(move |m| m.mirror_producer(&producer_stats.sample()));
     if let Handoff::Local(log) = &handoff {
         let log = log.clone();
-        metrics.on_scrape(move |m| {
-            let s = log.status();
-            m.mirror_log(s.start, s.end, s.committed, log.bytes(), log.dropped());
-        });
+        metrics.on_scrape(move |m| m.mirror_log(&log.sample()));
     }
     let ingest = if role != Role::Process {
         let settings = IngestSettings::from(&config.ingest);
@@ -460,10 +459,21 @@ async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result
 /// sink's committed offsets (the store's, or the consumer group's for Druid) on Kafka.
 fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyhow::Result<crate::api::LogProbe> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    // The store's dead letters, when there is a store to read.
+    let store_dead_letters = |store: &Option<PathBuf>| {
+        store.as_deref().filter(|p| p.exists()).and_then(|p| crate::sink::embedded::stored_dead_letters(p).ok())
+    };
     let brokers = match handoff {
         Handoff::Local(log) => {
             let log = log.clone();
-            return Ok(Arc::new(move || Ok(LogStatus { mode: "local", partitions: vec![log.status()] })));
+            return Ok(Arc::new(move || {
+                Ok(LogStatus {
+                    mode: "local",
+                    partitions: vec![log.status()],
+                    local: Some(log.sizes()),
+                    store_dead_letters: store_dead_letters(&store),
+                })
+            }));
         }
         Handoff::Kafka(brokers) => brokers,
     };
@@ -500,7 +510,7 @@ fn log_probe(config: &Config, handoff: &Handoff, store: Option<PathBuf>) -> anyh
             let committed = committed.get(&p).copied().unwrap_or(start);
             partitions.push(PartitionStatus { partition: p, start, end, committed, lag: (end - committed).max(0) });
         }
-        Ok(LogStatus { mode: "kafka", partitions })
+        Ok(LogStatus { mode: "kafka", partitions, local: None, store_dead_letters: store_dead_letters(&store) })
     }))
 }
 
@@ -575,6 +585,35 @@ async fn watch_kafka(producer: Arc<Writer>, health: Arc<Health>, mut stop: tokio
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Keeps `/health/ready`'s `log` check: not ready while the local log refuses new records (its
+/// commits fail: a full disk, say), ready again once it commits.
+async fn watch_local_log(log: LocalLog, health: Arc<Health>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last = None;
+    loop {
+        let refusing = log.refusing();
+        if last != Some(refusing) {
+            match refusing {
+                None => health.set("log", true, format!("local log at {}", log.path().display())),
+                Some(why) => health.set(
+                    "log",
+                    false,
+                    format!(
+                        "the local log at {} cannot commit ({}): new records are refused and counted in \
+                         sluice_log_refused_records_total until it can",
+                        log.path().display(),
+                        why.as_str()
+                    ),
+                ),
+            }
+            last = Some(refusing);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -728,12 +767,16 @@ async fn start_process(
                         ),
                     ),
                     (None, Some(path), _) => {
-                        Box::new(EmbeddedStore::open(path, Duration::from_secs(60))?.with_checkpoints(
-                            crate::sink::embedded::CheckpointPolicy {
+                        let store = EmbeddedStore::open(path, Duration::from_secs(60))?
+                            .with_checkpoints(crate::sink::embedded::CheckpointPolicy {
                                 every: Duration::from_millis(config.process.checkpoint_interval_ms),
                                 keep: checkpoints_kept,
-                            },
-                        ))
+                            })
+                            .with_dead_letter_retention(crate::sink::embedded::DeadLetterPolicy {
+                                keep: Duration::from_millis(config.log.dead_letter_retention_ms),
+                                max_bytes: config.log.dead_letter_max_bytes,
+                            });
+                        Box::new(store)
                     }
                     _ => {
                         bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory")
@@ -840,15 +883,23 @@ impl Running {
         if let Some(ingest) = self.ingest {
             ingest.stop().await;
         }
-        self.producer.flush(Duration::from_secs(30))?;
+        match self.producer.flush(Duration::from_secs(30)) {
+            // Counted and logged where it was refused; the stop goes on.
+            Err(crate::log::LogError::Refusing(why)) => {
+                tracing::error!(reason = why, "stopping while the local log refuses records")
+            }
+            flushed => flushed?,
+        }
         if let Some(process) = self.process {
             // Give the process role a moment to deliver what was just handed over, then stop it: on
-            // the local log until it has committed the log's end (at most 10 s), on Kafka 500 ms.
+            // the local log until it has committed the log's end (at most 10 s; not at all while the
+            // log refuses: its disk is likely the store's too, and what the log holds waits for the
+            // next start), on Kafka 500 ms.
             match &self.handoff {
                 // A held source's records stay in the log: nothing to wait for then.
                 Handoff::Local(log) if process.stats.held_sources.load(Ordering::Relaxed) == 0 => {
                     let until = std::time::Instant::now() + Duration::from_secs(10);
-                    while log.status().lag > 0 && std::time::Instant::now() < until {
+                    while log.status().lag > 0 && log.refusing().is_none() && std::time::Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }

@@ -54,7 +54,8 @@ pub enum PluginError {
         /// The cap, in bytes.
         limit: usize,
     },
-    /// The plugin returned bytes that are not valid records, or inconsistent counts.
+    /// The plugin returned bytes that are not valid records, inconsistent counts, or rejects that
+    /// name an input past the batch or one input twice.
     #[error("plugin returned invalid output: {0}")]
     InvalidOutput(String),
     /// The plugin's state grew past its cap (`[plugins.<name>] state_bytes`).

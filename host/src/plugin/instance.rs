@@ -46,7 +46,8 @@ pub struct TransformOutput {
 pub struct PluginReject {
     /// Index of the frame or record in the batch.
     pub index: u32,
-    /// The plugin's reason.
+    /// The plugin's reason, cut to [`REASON_MAX_BYTES`](crate::log::stage::REASON_MAX_BYTES) (saying
+    /// how long it was) when longer.
     pub reason: String,
 }
 
@@ -316,15 +317,25 @@ impl std::fmt::Debug for PluginInstance {
     }
 }
 
+/// Each reject must name an input of the call, once: an index past the inputs, or one named twice
+/// (which would dead-letter one input many times), is invalid output.
 fn check_rejects(list: &[(u32, String)], inputs: usize) -> Result<(), PluginError> {
-    match list.iter().find(|r| r.0 as usize >= inputs) {
-        Some(r) => Err(PluginError::InvalidOutput(format!("reject index {} out of {inputs} inputs", r.0))),
-        None => Ok(()),
+    let mut named = vec![false; inputs];
+    for &(index, _) in list {
+        match named.get_mut(index as usize) {
+            None => return Err(PluginError::InvalidOutput(format!("reject index {index} out of {inputs} inputs"))),
+            Some(true) => return Err(PluginError::InvalidOutput(format!("reject index {index} given twice"))),
+            Some(seen) => *seen = true,
+        }
     }
+    Ok(())
 }
 
+/// The rejects, each reason cut to [`REASON_MAX_BYTES`](crate::log::stage::REASON_MAX_BYTES).
 fn rejects(list: Vec<(u32, String)>) -> Vec<PluginReject> {
-    list.into_iter().map(|(index, reason)| PluginReject { index, reason }).collect()
+    list.into_iter()
+        .map(|(index, reason)| PluginReject { index, reason: crate::log::stage::cap_reason(reason) })
+        .collect()
 }
 
 fn classify(code: &PluginCode, state: &HostState, e: wasmtime::Error) -> PluginError {

@@ -2,6 +2,9 @@
 //! written in the same transaction as the rows they produced, so a restart resumes exactly where the
 //! store stands: nothing lost, nothing counted twice.
 //!
+//! The transform stage's dead letters go to the table `dead_letters` with their batch, and are kept
+//! for their age and under their bytes ([`DeadLetterPolicy`]), checked at most once a minute.
+//!
 //! Rollup semantics follow the Druid spec sluice generates: rows are grouped per query-granularity
 //! bucket and dimensions (source, symbol, side), with `events` (count), `qty_sum` and `notional_sum`
 //! (double sums), `price_min`/`price_max`, and `price_first`/`price_last` by trade time. `qty_sum_e8`
@@ -112,7 +115,21 @@ pub struct EmbeddedStore {
     upsert: String,
     /// State checkpoints, when the process role asked for them, and when the last was taken.
     checkpoints: Option<(CheckpointPolicy, Option<std::time::Instant>)>,
+    /// How long and how many bytes of dead letters are kept, and when they were last pruned.
+    dead_letters: Option<(DeadLetterPolicy, Option<std::time::Instant>)>,
 }
+
+/// How the store keeps its dead letters: at most `max_bytes`, none older than `keep`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeadLetterPolicy {
+    /// Dead letters older than this are deleted.
+    pub keep: Duration,
+    /// The most bytes of dead letters kept, oldest deleted first.
+    pub max_bytes: u64,
+}
+
+/// How often the store applies its [`DeadLetterPolicy`].
+const DEAD_LETTER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The prefix of the tables a replay writes (`sluice replay --into NAME` writes `replay_NAME`).
 pub const REPLAY_PREFIX: &str = "replay_";
@@ -250,9 +267,16 @@ impl EmbeddedStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::log::DEAD_LETTERS_SCHEMA)?;
+        crate::log::dead_letters::create(&conn)?;
         let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
-        Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned(), checkpoints: None })
+        Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned(), checkpoints: None, dead_letters: None })
+    }
+
+    /// Keeps the dead letters by `policy`: applied with the first commit, then at most once a
+    /// minute, in the commit's transaction.
+    pub fn with_dead_letter_retention(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letters = Some((policy, None));
+        self
     }
 
     /// Takes a checkpoint of every link's state with the commits that change state, at most once
@@ -489,21 +513,29 @@ impl EmbeddedStore {
             for (topic, partition, next) in offsets {
                 offset.execute(params![topic, partition, next])?;
             }
-            if !dead.is_empty() {
-                let at_ms = crate::clock::now_ms();
-                let mut letter = tx.prepare_cached(
-                    "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) \
-                     VALUES (?1, 'transform', ?2, ?3, ?4, ?5)",
-                )?;
-                for d in dead {
-                    letter.execute(params![at_ms, d.source, d.plugin, d.reason, d.bytes])?;
-                }
+            let at_ms = crate::clock::now_ms();
+            for d in dead {
+                crate::log::dead_letters::insert(&tx, at_ms, d, d.bytes.len())?;
             }
         }
         if let Some(policy) = checkpoint {
             take_checkpoint(&tx, offsets, policy)?;
         }
+        let prune_dead = match &self.dead_letters {
+            Some((policy, last)) => last.is_none_or(|at| at.elapsed() >= DEAD_LETTER_PRUNE_INTERVAL).then_some(*policy),
+            None => None,
+        };
+        if let Some(policy) = prune_dead {
+            let cutoff_ms = crate::clock::now_ms() - i64::try_from(policy.keep.as_millis()).unwrap_or(i64::MAX);
+            let now = crate::log::dead_letters::size(&tx)?;
+            crate::log::dead_letters::prune(&tx, cutoff_ms, now, policy.max_bytes)?;
+        }
         tx.commit()?;
+        if prune_dead.is_some()
+            && let Some((_, last)) = &mut self.dead_letters
+        {
+            *last = Some(std::time::Instant::now());
+        }
         if checkpoint.is_some()
             && let Some((_, last)) = &mut self.checkpoints
         {
@@ -641,6 +673,16 @@ pub fn stored_offsets(path: &Path, topic: &str) -> Result<Offsets, StoreError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The rows and bytes of the dead letters in the store at `path`, read without writing (for
+/// `/v1/log`).
+///
+/// # Errors
+/// [`StoreError::Sqlite`] when the file cannot be read.
+pub fn stored_dead_letters(path: &Path) -> Result<crate::log::dead_letters::TableSize, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    Ok(crate::log::dead_letters::size(&conn)?)
+}
+
 /// Answers read-only SQL over the store as JSON rows, through its own read-only connection.
 pub struct QueryConnection {
     conn: Connection,
@@ -758,6 +800,58 @@ mod tests {
 
     fn trade(ts: i64, symbol: &str, is_buy: bool, price: i64, qty: i64) -> Row<'_> {
         Row { timestamp_ms: ts, source: "binance", symbol, is_buy, price_e8: price, volume_e8: qty }
+    }
+
+    /// The store's dead letters are kept under their bytes and for their age (before, never
+    /// pruned); a store written before the caps gets the columns they need.
+    #[test]
+    fn dead_letters_are_kept_under_their_bytes_and_for_their_age() {
+        use crate::log::{DeadLetter, Stage};
+        let path = temp("dead-letters");
+        // A table as it was before the caps, with a row in it.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, \
+             stage TEXT NOT NULL, source TEXT NOT NULL, plugin TEXT NOT NULL, reason TEXT NOT NULL, bytes BLOB NOT NULL); \
+             INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, bytes) VALUES (1, 'transform', 's', 'p', 'old', x'0102');",
+        )
+        .unwrap();
+        drop(old);
+        let keep_all = DeadLetterPolicy { keep: Duration::from_secs(3600), max_bytes: 20_000 };
+        let mut store =
+            EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap().with_dead_letter_retention(keep_all);
+        let old = crate::log::dead_letters::size(&store.conn).unwrap();
+        assert_eq!((old.rows, old.bytes), (1, 2 + 3 + 1 + 1));
+        let payload = vec![7u8; 990];
+        let reasons: Vec<String> = (0..50).map(|i| format!("r{i:08}")).collect();
+        let dead: Vec<DeadLetter<'_>> = reasons
+            .iter()
+            .map(|reason| DeadLetter {
+                stage: Stage::Transform,
+                source_id: 1,
+                source: "s",
+                plugin: "",
+                reason,
+                bytes: &payload,
+            })
+            .collect();
+        store.apply_with(&[], &[("t", 0, 1)], &dead).unwrap();
+        // 50 of 1,000 bytes, and the old row (older than an hour): what is left fits in 20,000,
+        // newest kept.
+        let size = crate::log::dead_letters::size(&store.conn).unwrap();
+        assert_eq!((size.rows, size.bytes), (20, 20_000));
+        let first: String = store.conn.query_row("SELECT min(reason) FROM dead_letters", [], |r| r.get(0)).unwrap();
+        assert_eq!(first, "r00000030");
+        // Kept for no time at all: the next pass (a new store, so it runs at its first commit) deletes
+        // every older one.
+        drop(store);
+        std::thread::sleep(Duration::from_millis(5));
+        let keep_none = DeadLetterPolicy { keep: Duration::ZERO, max_bytes: 20_000 };
+        let mut store =
+            EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap().with_dead_letter_retention(keep_none);
+        store.apply_with(&[], &[("t", 0, 2)], &[]).unwrap();
+        assert_eq!(crate::log::dead_letters::size(&store.conn).unwrap().rows, 0);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -87,7 +87,11 @@ pub(crate) struct Mirrored {
     pub(crate) log_committed: IntGauge,
     pub(crate) log_lag: IntGauge,
     pub(crate) log_size: IntGauge,
+    pub(crate) log_dead_letter_bytes: IntGauge,
+    pub(crate) log_symbol_bytes: IntGauge,
     pub(crate) log_dropped: IntCounter,
+    pub(crate) log_refused_records: IntCounterVec,
+    pub(crate) log_refused_dead_letters: IntCounterVec,
 }
 
 /// Sets a mirrored counter to `value` (counters only move up; a smaller value is ignored).
@@ -247,6 +251,27 @@ pub struct ProducerSample {
     pub dead_lettered: u64,
     /// Of those, the transform stage's.
     pub dead_lettered_transform: u64,
+}
+
+/// The local log at a scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogSample {
+    /// The first offset it holds.
+    pub start: i64,
+    /// The next offset it will append.
+    pub end: i64,
+    /// The store's committed position.
+    pub committed: i64,
+    /// Bytes of records it holds.
+    pub bytes: u64,
+    /// Bytes of the dead letters it holds.
+    pub dead_letter_bytes: u64,
+    /// Bytes of the symbol names it holds.
+    pub symbol_bytes: u64,
+    /// Records deleted before the store read them.
+    pub dropped: u64,
+    /// Records and dead letters refused while it could not commit, by the `reason` label value.
+    pub refused: Vec<(&'static str, u64, u64)>,
 }
 
 /// The process role's counters at a scrape.
@@ -483,10 +508,34 @@ impl Metrics {
             log_committed: gauge("sluice_log_committed_offset", "The store's committed position in the local log"),
             log_lag: gauge("sluice_log_lag_records", "Records in the local log the store has not committed yet"),
             log_size: gauge("sluice_log_size_bytes", "Bytes of records the local log holds"),
+            log_dead_letter_bytes: gauge(
+                "sluice_log_dead_letter_bytes",
+                "Bytes of the dead letters the local log holds (counted in [log] max_bytes)",
+            ),
+            log_symbol_bytes: gauge(
+                "sluice_log_symbol_bytes",
+                "Bytes of the symbol names the local log holds (counted in [log] max_bytes)",
+            ),
             log_dropped: counter(
                 "sluice_log_dropped_records_total",
                 "Records the local log deleted before the store read them (the log reached max_bytes)",
             ),
+            log_refused_records: IntCounterVec::new(
+                Opts::new(
+                    "sluice_log_refused_records_total",
+                    "Records the local log refused because it could not commit, by reason (disk_full, write_error)",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+            log_refused_dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "sluice_log_refused_dead_letters_total",
+                    "Decode dead letters the local log refused because it could not commit, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
         };
         for m in [
             Box::new(http_requests_total.clone()) as Box<dyn prometheus::core::Collector>,
@@ -528,7 +577,11 @@ impl Metrics {
             Box::new(mirrored.log_committed.clone()),
             Box::new(mirrored.log_lag.clone()),
             Box::new(mirrored.log_size.clone()),
+            Box::new(mirrored.log_dead_letter_bytes.clone()),
+            Box::new(mirrored.log_symbol_bytes.clone()),
             Box::new(mirrored.log_dropped.clone()),
+            Box::new(mirrored.log_refused_records.clone()),
+            Box::new(mirrored.log_refused_dead_letters.clone()),
         ] {
             registry.register(m).expect("each metric is registered once");
         }
@@ -586,16 +639,22 @@ impl Metrics {
         m.decode_downtime_gaps.with_label_values(&labels).set(i64::try_from(s.downtime_gaps).unwrap_or(i64::MAX));
     }
 
-    /// Copies the local log's positions in: its start and end offsets, the store's committed offset,
-    /// its size in bytes and the records it deleted unread.
-    pub fn mirror_log(&self, start: i64, end: i64, committed: i64, bytes: u64, dropped: u64) {
+    /// Copies the local log's state in: its start and end offsets, the store's committed offset,
+    /// its sizes in bytes, the records it deleted unread and what it refused.
+    pub fn mirror_log(&self, s: &LogSample) {
         let m = &self.mirrored;
-        m.log_start.set(start);
-        m.log_end.set(end);
-        m.log_committed.set(committed);
-        m.log_lag.set((end - committed).max(0));
-        m.log_size.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        mirror(&m.log_dropped, dropped);
+        m.log_start.set(s.start);
+        m.log_end.set(s.end);
+        m.log_committed.set(s.committed);
+        m.log_lag.set((s.end - s.committed).max(0));
+        m.log_size.set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
+        m.log_dead_letter_bytes.set(i64::try_from(s.dead_letter_bytes).unwrap_or(i64::MAX));
+        m.log_symbol_bytes.set(i64::try_from(s.symbol_bytes).unwrap_or(i64::MAX));
+        mirror(&m.log_dropped, s.dropped);
+        for &(reason, records, dead_letters) in &s.refused {
+            mirror(&m.log_refused_records.with_label_values(&[reason]), records);
+            mirror(&m.log_refused_dead_letters.with_label_values(&[reason]), dead_letters);
+        }
     }
 
     /// Copies the hand-off's delivery counters in (dead letters included): the Kafka producer's, or

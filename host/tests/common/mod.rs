@@ -182,3 +182,67 @@ pub fn with_custom_section(wasm: &[u8], note: &str) -> Vec<u8> {
     out.extend_from_slice(&payload);
     out
 }
+
+/// A small filesystem of its own for one test: a tmpfs of `bytes` mounted on a new directory, so
+/// the test can fill it without touching the machine's disk. Unmounted when dropped.
+pub struct SmallDisk {
+    pub dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts it (root only). `None`, saying the test is skipped and why, where mounting is
+    /// impossible (CI runs as root, so there it always runs).
+    pub fn mount(name: &str, bytes: u64) -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!("sluice-small-disk-{name}-{}", std::process::id()));
+        let _ = Command::new("umount").arg("-l").arg(&dir).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(Stdio::piped())
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(SmallDisk { dir }),
+            Ok(out) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs of {bytes} bytes at {} (this test needs root): {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount (this test needs root and mount): {e}");
+                None
+            }
+        }
+    }
+
+    /// Writes the file `name` until the filesystem refuses more, and returns its path: the disk is
+    /// full until it is removed.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        for chunk in [1 << 16, 1 << 12] {
+            while file.write_all(&vec![0x5a; chunk]).is_ok() {}
+        }
+        let _ = file.sync_all();
+        path
+    }
+
+    /// Bytes free on the filesystem, as `df` reports them.
+    pub fn free_bytes(&self) -> u64 {
+        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.dir).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: a process of the test may still hold a file open there.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

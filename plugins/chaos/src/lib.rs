@@ -9,8 +9,9 @@
 //!   `memory` (allocate until memory runs out), `trap` (panic), `oversize` (return `oversize_bytes`
 //!   of empty records, default 32 MiB), `garbage` (return bytes that are not records),
 //!   `bad-counts` (decode claims more records than it returns), `bad-reject` (reject an index past the
-//!   end of the batch), `bad-record` (well-framed output records that are not `StreamData`: field
-//!   number 0).
+//!   end of the batch), `dup-reject` (reject the first input twice), `long-reason` (reject the first
+//!   input with a reason of `reason_bytes` bytes, default 2 MiB, and pass the rest through),
+//!   `bad-record` (well-framed output records that are not `StreamData`: field number 0).
 //!   `clock` (transform writes what the guest reads of the world into each record: the wall clock in
 //!   ms as `timestamp_ms`, the monotonic clock's nanoseconds since the instance started as
 //!   `price_e8`, and a hash under the standard library's fresh random keys as `volume_e8`).
@@ -36,6 +37,7 @@ mod guest {
         mode: String,
         trap_on_trade_id: Option<u64>,
         oversize_bytes: usize,
+        reason_bytes: usize,
         source_id: u32,
     }
 
@@ -63,6 +65,23 @@ mod guest {
     }
 
     struct Chaos;
+
+    /// The rejects of the modes that refuse inputs wrongly or at length: `bad-reject` (an index past
+    /// the `n` inputs), `dup-reject` (the first input twice), `long-reason` (the first input, with a
+    /// reason of `reason_bytes`).
+    fn odd_rejects(mode: &str, n: u32) -> Vec<Reject> {
+        match mode {
+            "bad-reject" => vec![Reject { index: n, reason: "past the end".into() }],
+            "dup-reject" if n > 0 => {
+                vec![Reject { index: 0, reason: "once".into() }, Reject { index: 0, reason: "twice".into() }]
+            }
+            "long-reason" if n > 0 => {
+                let len = SETTINGS.with(|s| s.borrow().reason_bytes);
+                vec![Reject { index: 0, reason: "r".repeat(len) }]
+            }
+            _ => vec![],
+        }
+    }
 
     fn misbehave(mode: &str, input_len: usize) -> Option<Vec<u8>> {
         match mode {
@@ -128,7 +147,12 @@ mod guest {
     impl Guest for Chaos {
         fn init(config: Vec<(String, String)>) -> Result<(), String> {
             plugin_sdk::__private::install_panic_hook();
-            let mut s = Settings { mode: "pass".into(), oversize_bytes: 32 << 20, ..Settings::default() };
+            let mut s = Settings {
+                mode: "pass".into(),
+                oversize_bytes: 32 << 20,
+                reason_bytes: 2 << 20,
+                ..Settings::default()
+            };
             for (k, v) in config {
                 match k.as_str() {
                     "mode" => s.mode = v,
@@ -136,6 +160,7 @@ mod guest {
                         s.trap_on_trade_id = Some(v.parse().map_err(|e| format!("trap_on_trade_id: {e}"))?)
                     }
                     "oversize_bytes" => s.oversize_bytes = v.parse().map_err(|e| format!("oversize_bytes: {e}"))?,
+                    "reason_bytes" => s.reason_bytes = v.parse().map_err(|e| format!("reason_bytes: {e}"))?,
                     "source_id" => s.source_id = v.parse().map_err(|e| format!("source_id: {e}"))?,
                     "init_error" => return Err(v),
                     other => return Err(format!("unknown config key {other:?}")),
@@ -153,12 +178,7 @@ mod guest {
             }
             match mode.as_str() {
                 "bad-counts" => Decoded { records: vec![], counts: vec![1; n as usize], rejects: vec![] },
-                "bad-reject" => Decoded {
-                    records: vec![],
-                    counts: vec![0; n as usize],
-                    rejects: vec![Reject { index: n, reason: "past the end".into() }],
-                },
-                _ => Decoded { records: vec![], counts: vec![0; n as usize], rejects: vec![] },
+                _ => Decoded { records: vec![], counts: vec![0; n as usize], rejects: odd_rejects(&mode, n) },
             }
         }
 
@@ -190,8 +210,17 @@ mod guest {
             if mode == "bad-record" {
                 return Transformed { records: [2u8, 0, 0].repeat(n as usize), rejects: vec![] };
             }
-            let rejects =
-                if mode == "bad-reject" { vec![Reject { index: n, reason: "past the end".into() }] } else { vec![] };
+            let rejects = odd_rejects(&mode, n);
+            if mode == "long-reason" && n > 0 {
+                // The first record is refused; the rest pass.
+                let mut rest = Delimited::new(&batch);
+                rest.next();
+                let mut records = Vec::new();
+                for item in rest.flatten() {
+                    plugin_sdk::wire::push_delimited(&mut records, item);
+                }
+                return Transformed { records, rejects };
+            }
             Transformed { records: batch, rejects }
         }
     }

@@ -459,7 +459,12 @@ impl Appender {
             for d in &piece.dead {
                 let d = d.borrow();
                 let key = d.source_id.to_be_bytes();
-                send(BaseRecord::to(&self.topics.dlq).key(&key[..]).payload(d.bytes).headers(dead_letter_headers(&d)))?;
+                send(
+                    BaseRecord::to(&self.topics.dlq)
+                        .key(&key[..])
+                        .payload(d.kept_bytes())
+                        .headers(dead_letter_headers(&d)),
+                )?;
             }
             if let Some(m) = &piece.mark
                 && mark.is_none_or(|old| old.identity != m.identity || old.offset <= m.offset)

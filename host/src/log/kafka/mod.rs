@@ -207,15 +207,19 @@ pub(crate) fn serialize_options<S: serde::Serializer>(
     s.collect_map(options.iter().map(|(k, v)| (k, if is_secret(k) { "***" } else { v.as_str() })))
 }
 
-/// The headers every dead letter carries on the dead-letter topic: its source, plugin, stage and
-/// reason.
+/// The headers every dead letter carries on the dead-letter topic: its source, plugin, stage,
+/// reason (as kept: see [`DeadLetter::kept_reason`](crate::log::DeadLetter::kept_reason)) and the
+/// payload's original length in bytes (`sluice.length`: the payload itself is cut to
+/// [`DEAD_LETTER_MAX_BYTES`](crate::log::stage::DEAD_LETTER_MAX_BYTES)).
 pub fn dead_letter_headers(d: &crate::log::DeadLetter<'_>) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
+    let length = d.bytes.len().to_string();
     OwnedHeaders::new()
         .insert(Header { key: "sluice.source", value: Some(d.source) })
         .insert(Header { key: "sluice.plugin", value: Some(d.plugin) })
         .insert(Header { key: "sluice.stage", value: Some(d.stage.as_str()) })
-        .insert(Header { key: "sluice.reason", value: Some(d.reason) })
+        .insert(Header { key: "sluice.reason", value: Some(d.kept_reason()) })
+        .insert(Header { key: "sluice.length", value: Some(length.as_str()) })
 }
 
 /// Hands `record` to librdkafka; while its queue is full, calls `on_full`, waits `pause` and tries

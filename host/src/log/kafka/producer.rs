@@ -147,10 +147,13 @@ impl EventProducer {
     }
 
     /// Dead-letters refused input of `stage` (`decode` or `transform`) with its source, plugin,
-    /// stage and reason as headers.
+    /// stage, reason and original length as headers, its payload cut to
+    /// [`DEAD_LETTER_MAX_BYTES`](crate::log::stage::DEAD_LETTER_MAX_BYTES).
     pub fn send_dead_letter(&self, d: &DeadLetter<'_>) {
         let key = d.source_id.to_be_bytes();
-        self.send(BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(d.bytes).headers(dead_letter_headers(d)));
+        let record =
+            BaseRecord::to(&self.dlq_topic).key(&key[..]).payload(d.kept_bytes()).headers(dead_letter_headers(d));
+        self.send(record);
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         if d.stage == Stage::Transform {
             self.stats.dead_lettered_transform.fetch_add(1, Ordering::Relaxed);

@@ -227,11 +227,13 @@ impl DruidSink {
     }
 
     /// The dead letters of the batch's polls, to the dead-letter topic in the same transaction (so
-    /// exactly once, like the rows), with the same headers as every dead letter.
+    /// exactly once, like the rows), with the same headers as every dead letter and the same caps
+    /// (a reason or payload too large for a message would fail every retry of the transaction).
     fn dead_letter_all(&mut self, dead: &[DeadLetter<'_>]) -> Result<(), KafkaError> {
         for d in dead {
             let headers = crate::log::kafka::dead_letter_headers(d);
-            let record = BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.bytes).headers(headers);
+            let record =
+                BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.kept_bytes()).headers(headers);
             send_waiting(&self.producer, record, Duration::from_millis(1), || {})
                 .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.dlq_topic)))?;
         }
