@@ -79,7 +79,7 @@ async fn records_and_dead_letters_reach_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_too_large_for_a_message_is_cut_and_keeps_its_length() {
     let broker = TestBroker::start("producer-large-dead");
-    let config = KafkaConfig { dlq_topic: unique_topic("dlq"), partitions: 1, ..KafkaConfig::default() };
+    let config = KafkaConfig { dlq_topic: unique_topic("dlq"), partitions: 1, ..common::kafka_config() };
     ensure_topics(&config, &broker.bootstrap, &[&config.dlq_topic], 1).await.unwrap();
     let producer = EventProducer::new(&config, &broker.bootstrap).unwrap();
     let frame: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();

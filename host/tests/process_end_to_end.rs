@@ -1464,9 +1464,10 @@ fn with_the_druid_sink_a_reject_reason_too_long_for_a_message_is_cut_and_committ
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = TestBroker::start("druid-long-reason");
     let kafka =
-        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..KafkaConfig::default() };
+        KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     let druid = sluice::sink::druid::DruidSinkConfig { topic: unique_topic("druid"), ..Default::default() };
-    let topics = [kafka.events_topic.as_str(), kafka.dlq_topic.as_str(), druid.topic.as_str()];
+    let state_topic = druid.state_topic();
+    let topics = [kafka.events_topic.as_str(), kafka.dlq_topic.as_str(), druid.topic.as_str(), state_topic.as_str()];
     rt.block_on(ensure_topics(&kafka, &broker.bootstrap, &topics, 1)).unwrap();
     let symbols = Arc::new(Symbols::new());
     let producer = Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap());

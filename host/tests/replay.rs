@@ -1030,6 +1030,7 @@ data_dir = "{dir}"
 [process]
 max_wait_ms = 50
 group = "{group}"
+instance = "a"
 checkpoint_interval_ms = 100
 
 [plugins.chaos]
