@@ -3,6 +3,10 @@
 
 use std::collections::HashMap;
 
+/// Maps keyed by (source, symbol) ids, looked up for every record: a fast non-cryptographic hash
+/// (the ids come from the dictionary, not from the venue, so nothing here can be flooded).
+type IdMap<V> = HashMap<(u32, u32), V, rustc_hash::FxBuildHasher>;
+
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
 
@@ -120,11 +124,11 @@ impl Recent {
 /// ([`restore`](Self::restore)), it also recognises what an earlier run delivered.
 #[derive(Debug, Default)]
 pub struct TradeIds {
-    recent: HashMap<(u32, u32), Recent>,
+    recent: IdMap<Recent>,
     /// Ids currently missing per (source, symbol), for the API (symbols never become metric labels).
-    gaps: HashMap<(u32, u32), u64>,
+    gaps: IdMap<u64>,
     /// Ids found missing at the first new id after a restart, per (source, symbol).
-    downtime: HashMap<(u32, u32), u64>,
+    downtime: IdMap<u64>,
     /// Keys whose window changed since the last [`take_marks`](Self::take_marks).
     dirty: Vec<(u32, u32)>,
 }
@@ -292,7 +296,7 @@ const OVERLAP_MEMORY_US: i64 = 10_000_000;
 /// genuinely identical trades on one connection both count.
 #[derive(Debug, Default)]
 struct OverlapContents {
-    recent: HashMap<(u32, u32), std::collections::VecDeque<(u64, i64)>>,
+    recent: IdMap<std::collections::VecDeque<(u64, i64)>>,
 }
 
 impl OverlapContents {

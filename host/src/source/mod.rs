@@ -351,6 +351,7 @@ enum Read {
 /// read loop stuck in a write.
 fn on_message(
     config: &SourceConfig,
+    notices: &Notices,
     from: Origin,
     msg: Option<Result<Message, tungstenite::Error>>,
     out: &FrameSender,
@@ -391,7 +392,7 @@ fn on_message(
     if oversized.is_some() {
         stats.oversized.fetch_add(1, Ordering::Relaxed);
     }
-    let notice = oversized.is_none() && config.shutdown_notices.iter().any(|n| contains(&bytes, n.as_bytes()));
+    let notice = oversized.is_none() && notices.any_in(&bytes);
     match out.try_send(Frame {
         source: from.id,
         received_at_us,
@@ -416,9 +417,26 @@ fn cut(bytes: Bytes, max: usize) -> (Bytes, Option<usize>) {
     if bytes.len() > max { (Bytes::copy_from_slice(&bytes[..max]), Some(bytes.len())) } else { (bytes, None) }
 }
 
-/// Substring search for shutdown notices, run on every frame: memchr's SIMD search, not a byte loop.
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
+/// A source's shutdown notices as searchers built once per connection, not once per frame (a
+/// searcher's set-up cost more than the search on a trade's frame): memchr's SIMD search.
+struct Notices(Vec<memchr::memmem::Finder<'static>>);
+
+impl Notices {
+    fn of(config: &SourceConfig) -> Self {
+        Notices(
+            config
+                .shutdown_notices
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned())
+                .collect(),
+        )
+    }
+
+    /// True when `frame` holds one of the notices.
+    fn any_in(&self, frame: &[u8]) -> bool {
+        self.0.iter().any(|f| f.find(frame).is_some())
+    }
 }
 
 /// Reads one connection until it ends.
@@ -437,12 +455,18 @@ async fn read_loop(
     let mut pings = config.ping_interval().map(|p| tokio::time::interval_at(Instant::now() + p, p));
     let mut awaiting_pong: Option<Instant> = None;
     let mut last_message = Instant::now();
+    let notices = Notices::of(config);
+    // The idle and age timers are set once and moved only when they fire, not made again for every
+    // message (a timer made and dropped per frame costs more than reading the frame).
+    let idle_timer = sleep_until(last_message + idle);
+    let age_timer = sleep_until(rotate_at);
+    tokio::pin!(idle_timer, age_timer);
     loop {
         let pong_deadline = awaiting_pong.map(|sent| sent + pong_timeout);
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                match on_message(config, Origin { id, overlap: false }, msg, out, stats, &mut awaiting_pong) {
+                match on_message(config, &notices, Origin { id, overlap: false }, msg, out, stats, &mut awaiting_pong) {
                     Read::Continue | Read::Data => {}
                     Read::Notice => return End::Replace(Replace::ShutdownNotice),
                     Read::End(end) => return end,
@@ -468,11 +492,17 @@ async fn read_loop(
                 stats.pong_timeouts.fetch_add(1, Ordering::Relaxed);
                 return End::Replace(Replace::PongTimeout);
             }
-            _ = sleep_until(last_message + idle) => {
+            _ = &mut idle_timer => {
+                // Messages came since it was set: it moves to the last one's deadline.
+                let due = last_message + idle;
+                if Instant::now() < due {
+                    idle_timer.as_mut().reset(due);
+                    continue;
+                }
                 stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
                 return End::Replace(Replace::Idle);
             }
-            _ = sleep_until(rotate_at) => return End::Replace(Replace::Age),
+            _ = &mut age_timer => return End::Replace(Replace::Age),
             _ = stopped(shutdown) => return End::Stop,
         }
     }
@@ -497,6 +527,7 @@ async fn replace(
 ) -> Option<Ws> {
     // Keep reading the old connection while the new one connects and subscribes.
     let mut no_pong = None;
+    let notices = Notices::of(config);
     let mut old_open = true;
     let mut new = {
         let mut stop = shutdown.clone();
@@ -514,7 +545,7 @@ async fn replace(
                     }
                 },
                 msg = old.next(), if old_open => {
-                    if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+                    if let Read::End(_) = on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                         old_open = false;
                     }
                 }
@@ -531,7 +562,7 @@ async fn replace(
     let mut new_open = true;
     while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
-            msg = new.next() => match on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+            msg = new.next() => match on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                 Read::Data | Read::Notice => {
                     switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
                 }
@@ -542,7 +573,7 @@ async fn replace(
                 }
             },
             msg = old.next(), if old_open => {
-                if let Read::End(_) = on_message(config, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+                if let Read::End(_) = on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
                     old_open = false;
                 }
             }
@@ -618,10 +649,16 @@ mod tests {
     }
 
     #[test]
-    fn contains_finds_notices() {
-        assert!(contains(br#"{"e":"serverShutdown"}"#, b"serverShutdown"));
-        assert!(!contains(b"abc", b""));
-        assert!(!contains(b"ab", b"abc"));
+    fn notices_are_found_in_frames() {
+        let config = |notices: &[&str]| SourceConfig {
+            shutdown_notices: notices.iter().map(|n| n.to_string()).collect(),
+            ..SourceConfig::new("s", "ws://127.0.0.1:1", "binance")
+        };
+        let notices = Notices::of(&config(&["serverShutdown"]));
+        assert!(notices.any_in(br#"{"e":"serverShutdown"}"#));
+        assert!(!notices.any_in(b"abc"));
+        assert!(!Notices::of(&config(&[""])).any_in(b"abc"), "an empty notice matches nothing");
+        assert!(!Notices::of(&config(&["abc"])).any_in(b"ab"));
     }
 
     /// A `wss://` feed goes through TLS: against a server that is not one, the attempt fails with an
