@@ -294,20 +294,18 @@ pub fn log(level: Level, message: &str) {
     eprintln!("[plugin {level:?}] {message}");
 }
 
-/// The glue between the WIT world and a [`Plugin`], generated for `wasm32` only. The WIT is the
-/// crate's own copy (`plugin-sdk/wit/`), so the packaged crate builds anywhere; the repository's
-/// top-level `wit/` is the source, and a test fails when the two differ.
+/// The glue between the WIT world and a [`Plugin`], for `wasm32` only: generated from the crate's
+/// own copy of the WIT (`plugin-sdk/wit/`, so the packaged crate builds anywhere) and kept in the
+/// source, so a plugin's build runs no proc macro and fetches no crate. `tests/bindings.rs` fails
+/// when the file differs from what the WIT generates, and rewrites it with `SLUICE_BLESS=1`; a
+/// unit test below fails when `plugin-sdk/wit/` differs from the top-level `wit/`.
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
-pub mod bindings {
-    wit_bindgen::generate!({
-        path: "wit",
-        world: "sluice:plugin/plugin@0.2.0",
-        pub_export_macro: true,
-        export_macro_name: "__export_sluice_plugin",
-        default_bindings_module: "plugin_sdk::bindings",
-    });
-}
+#[rustfmt::skip]
+pub mod bindings;
+
+#[cfg(target_arch = "wasm32")]
+mod rt;
 
 #[doc(hidden)]
 pub mod __private {
