@@ -9,11 +9,11 @@ use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 
 const TOKEN: &str = "cli-run-token";
 
-/// Every metric the README's table lists is exported with exactly the listed labels and type, and
+/// Every metric the book's table (`docs/src/operating/metrics.md`) lists is exported with exactly the listed labels and type, and
 /// nothing is exported that the table does not list; no series is labelled by symbol.
 fn assert_metrics_match_the_readme(metrics: &str) {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let table = readme.split("### Metrics").nth(1).expect("a Metrics section in the README");
+    let table =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/src/operating/metrics.md")).unwrap();
     let mut listed = std::collections::BTreeMap::new();
     for row in table.lines().skip_while(|l| !l.starts_with("| `sluice_")).take_while(|l| l.starts_with('|')) {
         let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
@@ -28,7 +28,7 @@ fn assert_metrics_match_the_readme(metrics: &str) {
             .collect();
         listed.insert(name, (cells[1].to_owned(), labels));
     }
-    assert!(listed.len() >= 30, "the README lists only {} metrics", listed.len());
+    assert!(listed.len() >= 30, "the book lists only {} metrics", listed.len());
     // name -> (type, label sets seen)
     let mut exported: std::collections::BTreeMap<String, (String, Vec<std::collections::BTreeSet<String>>)> =
         std::collections::BTreeMap::new();
@@ -65,10 +65,10 @@ fn assert_metrics_match_the_readme(metrics: &str) {
         let (got_kind, sets) = exported.get(name).unwrap_or_else(|| panic!("{name} is not exported:\n{metrics}"));
         assert_eq!(got_kind, kind, "{name}");
         assert!(!sets.is_empty(), "{name} has no series:\n{metrics}");
-        assert!(sets.iter().all(|s| s == labels), "{name}: labels {sets:?}, the README says {labels:?}");
+        assert!(sets.iter().all(|s| s == labels), "{name}: labels {sets:?}, the book says {labels:?}");
     }
     for name in exported.keys().filter(|n| n.starts_with("sluice_")) {
-        assert!(listed.contains_key(name), "{name} is exported but not listed in the README");
+        assert!(listed.contains_key(name), "{name} is exported but not listed in the book");
     }
 }
 

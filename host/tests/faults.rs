@@ -1,6 +1,6 @@
 //! Faults stay small, with the real binary: one bad part of the pipeline costs the rest at most a
 //! few seconds, loses nothing, and never keeps a stop from completing. Each test plays one fault
-//! against `sluice run` and checks what the README's Operations section says sluice does about it,
+//! against `sluice run` and checks what the book's Faults chapter (docs/src/operating/faults.md) says sluice does about it,
 //! and what shows it.
 //!
 //! - [`disk`]: the data directory's filesystem fills up.

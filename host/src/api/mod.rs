@@ -1,20 +1,9 @@
 //! The HTTP API (axum): health for orchestrators, read-only SQL over the embedded store, and a page
 //! for operators.
 //!
-//! | route | answer |
-//! | --- | --- |
-//! | `GET /` | the operator page (HTML): readiness, sources, throughput, plugins, latest rollups; refreshes itself |
-//! | `GET /health/live` | 200 `{"status": "live"}` while the process serves requests |
-//! | `GET /health/ready` | 200, or 503 when a check fails: `{"ready", "checks": {name: {"ok", "detail"}}}` |
-//! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters, last message age |
-//! | `GET /v1/log` | 200 `{"mode", "partitions": [...]}` (`mode`: `local` or `kafka`; per partition "partition", "start", "end", "committed", "lag") |
-//! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
-//! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
-//! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
-//! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it; 409 when no source uses it |
-//! | `POST /v1/plugins/{name}/promote`, `.../rollback` | 200, the plugin as `GET` shows it |
-//! | `DELETE /v1/plugins/{name}/versions/{version}` | 204; 409 for the active or shadow version |
-//! | `GET /metrics` | Prometheus text format |
+//! Every route, with what it answers, is in the book's route tables (`docs/src/operating/api.md`
+//! and `docs/src/plugins/upload-and-swap.md`); `host/tests/docs.rs` checks them against the
+//! `.route(...)` calls of [`router`]'s table below, so neither can drift.
 //!
 //! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise); with
 //! `[api] read_token` reads do too, but for `/health/*` and the page's HTML.

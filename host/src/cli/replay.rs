@@ -100,7 +100,7 @@ pub(super) async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         (Written::Topic(_), Some(name)) => {
             let config = args.config.display();
             println!(
-                "on the Druid side (README, Replay):\n  a datasource of its own: sluice druid spec --config {config} \
+                "on the Druid side (the book, Operating sluice, Replay):\n  a datasource of its own: sluice druid spec --config {config} \
                  separate --name {name}\n  then to overwrite the live datasource with it: sluice druid spec --config \
                  {config} reindex --name {name} --since {from}{}",
                 to.map(|t| format!(" --until {t}")).unwrap_or_else(|| " --until <end>".into())

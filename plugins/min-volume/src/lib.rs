@@ -1,5 +1,5 @@
 //! Drops trades smaller than a configured volume; the rest pass through byte for byte. Transform
-//! only (it decodes nothing): the README's plugin tutorial, and a link of the demo's Binance chain.
+//! only (it decodes nothing): the book's plugin tutorial, and a link of the demo's Binance chain.
 //!
 //! # Config
 //! - `min_volume`: decimal, in the symbol's base unit; trades with a smaller `volume_e8` are
