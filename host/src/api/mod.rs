@@ -9,6 +9,7 @@
 //! | `GET /v1/sources` | 200 `{"sources": [...]}`: state, plugin and its live version, counters, last message age |
 //! | `GET /v1/log` | 200 `{"mode", "partitions": [...]}` (`mode`: `local` or `kafka`; per partition "partition", "start", "end", "committed", "lag") |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
+//! | `GET /v1/dead-letters?source=&link=&limit=&before=` | 200 `{"dead_letters": [...], "next_before"}`: newest first, each record decoded |
 //! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
 //! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
 //! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it; 409 when no source uses it |
@@ -32,6 +33,7 @@
 //! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
 
 mod auth;
+mod dead_letters;
 mod error;
 mod health;
 mod log;
@@ -40,6 +42,7 @@ mod query;
 pub mod replay;
 mod sources;
 
+pub use dead_letters::DeadLetterSource;
 pub use log::LogProbe;
 pub use plugins::PluginDirectory;
 pub use sources::{SourceDirectory, SourceEntry};
@@ -242,6 +245,8 @@ pub struct ApiState {
     log: Arc<std::sync::OnceLock<LogProbe>>,
     /// The replay jobs of `/v1/replay`.
     replays: Arc<replay::ReplayJobs>,
+    /// What `/v1/dead-letters` needs beside the store: the symbol dictionary, or the topic.
+    dead_letters: Arc<DeadLetterSource>,
 }
 
 impl ApiState {
@@ -266,7 +271,13 @@ impl ApiState {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             log: Arc::default(),
             replays: Arc::default(),
+            dead_letters: Arc::default(),
         }
+    }
+
+    /// Where `/v1/dead-letters` finds symbol names (or, without a store, which topic to point to).
+    pub fn dead_letter_source(&self) -> &Arc<DeadLetterSource> {
+        &self.dead_letters
     }
 
     /// Where `/v1/replay` starts and tracks its jobs.
@@ -321,6 +332,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
+        .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/sources", get(sources::list))
         .route("/v1/log", get(log::status))
         .route("/metrics", get(metrics))
