@@ -582,14 +582,15 @@ transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "sluice=warn")
+        .env("RUST_LOG", "sluice=info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id().to_string();
     let http = reqwest::Client::new();
     let get = |route: &str| {
         let (http, url) = (http.clone(), format!("http://{api}{route}"));
@@ -644,8 +645,13 @@ transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_
     }
     // Newest first: the recording's trade ids rise, so the dead letters' fall.
     assert!(trade_ids.windows(2).all(|w| w[0] > w[1]), "{trade_ids:?}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // The `counts` line a stop logs has them too, apart from the frames the decoder refused.
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let counts = log.lines().rfind(|l| l.contains(" counts ")).unwrap_or_else(|| panic!("no counts line:\n{log}"));
+    assert!(counts.contains(&format!("transform_rejects={dead} ")), "{counts}");
+    assert!(counts.contains(" rejects=0 "), "{counts}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
 }

@@ -959,18 +959,31 @@ pub async fn run(config: &Config, role: Role, shutdown: impl std::future::Future
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
-                let (stored, transform_rejects) = (running.stored(), running.transform_rejects());
-                tracing::info!(
-                    frames, dropped, records, delivered, rejects, transform_rejects, gaps, sources_up = up, stored,
-                    "counts"
-                );
-            }
+            _ = tick.tick() => log_counts(&running),
             _ = &mut shutdown => break,
         }
     }
+    // The counts once more, as the stop begins: what the run did since the last line.
+    log_counts(&running);
     running.stop().await
+}
+
+/// The `counts` line: totals since the process started.
+fn log_counts(running: &Running) {
+    let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
+    let (stored, transform_rejects) = (running.stored(), running.transform_rejects());
+    tracing::info!(
+        frames,
+        dropped,
+        records,
+        delivered,
+        rejects,
+        transform_rejects,
+        gaps,
+        sources_up = up,
+        stored,
+        "counts"
+    );
 }
 
 #[cfg(test)]
