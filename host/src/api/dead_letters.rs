@@ -121,7 +121,12 @@ pub(super) async fn list(
         let more = rows.len() > limit;
         rows.truncate(limit);
         let next_before = if more { rows.last().map(|r| r.id) } else { None };
-        let dead_letters = rows.into_iter().map(|r| letter(r, symbols.as_deref())).collect();
+        // Each symbol asked once a page: a name the dictionary lacks may cost it a read of its topic.
+        let mut names = std::collections::HashMap::new();
+        let mut name = |id: u32| -> Option<String> {
+            names.entry(id).or_insert_with(|| symbols.as_ref().and_then(|s| s.name(id)).map(|n| n.to_string())).clone()
+        };
+        let dead_letters = rows.into_iter().map(|r| letter(r, &mut name)).collect();
         Ok::<_, ApiError>(Page { dead_letters, next_before })
     })
     .await
@@ -130,7 +135,7 @@ pub(super) async fn list(
 }
 
 /// A stored dead letter as the route shows it: its payload decoded when it is a record.
-fn letter(r: StoredDeadLetter, symbols: Option<&Symbols>) -> Letter {
+fn letter(r: StoredDeadLetter, name: &mut impl FnMut(u32) -> Option<String>) -> Letter {
     let (link, version) = match r.plugin.split_once('@') {
         Some((name, version)) => (name.to_owned(), Some(version.to_owned())),
         None => (r.plugin.clone(), None),
@@ -140,7 +145,7 @@ fn letter(r: StoredDeadLetter, symbols: Option<&Symbols>) -> Letter {
         plugin_sdk::StreamDataView::parse(&r.bytes).ok().filter(|_| r.stage == "transform" && whole).map(|v| {
             RecordView {
                 source_id: v.source_id,
-                symbol: symbols.and_then(|s| s.name(v.symbol_id)).map(|n| n.to_string()),
+                symbol: name(v.symbol_id),
                 symbol_id: v.symbol_id,
                 price: plugin_sdk::decimal::format_e8(v.price_e8),
                 volume: plugin_sdk::decimal::format_e8(v.volume_e8),
