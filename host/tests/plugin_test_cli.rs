@@ -1072,6 +1072,8 @@ fn plugin_sdk_writes_an_sdk_a_new_plugin_builds_against_outside_a_checkout() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let crate_dir = base.join("rule");
+    let readme = std::fs::read_to_string(crate_dir.join("README.md")).unwrap();
+    assert!(readme.contains("--decode-with binance"), "the bundled decoder by name:\n{readme}");
     let cargo = |args: &[&str]| {
         let out = Command::new(env!("CARGO"))
             .args(args)

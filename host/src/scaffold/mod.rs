@@ -137,9 +137,7 @@ fn readme(name: &str, lib: &str, kind: Kind, member: bool) -> String {
     };
     let decode_with = match kind {
         Kind::Decode => String::new(),
-        Kind::Transform => {
-            " \\\n    --decode-with <the sluice checkout>/target/plugins/wasm32-wasip2/plugin/binance.wasm".to_owned()
-        }
+        Kind::Transform => " \\\n    --decode-with binance".to_owned(),
     };
     format!(
         "# {name}\n\nA sluice plugin made with `sluice plugin new`. `src/lib.rs` is the plugin; `frames.jsonl` holds sample \
