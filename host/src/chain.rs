@@ -189,6 +189,48 @@ impl Chain {
     }
 }
 
+/// Records each link of each source's chain refused (dead-lettered) since this process started, by
+/// source name and link (the plugin's name), counted when the batch that carries them commits: the
+/// live role's per-source and per-link reject counts (`/v1/sources`, the `counts` log line,
+/// `sluice_process_rejects_total`). Like the other counts there it starts at 0 with the process;
+/// the dead letters themselves are in the store for good.
+#[derive(Debug, Default)]
+pub struct LinkRejects(std::sync::Mutex<Vec<(String, String, u64)>>);
+
+impl LinkRejects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, String, u64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lists a link at 0, so its series exists from the start.
+    pub fn watch(&self, source: &str, link: &str) {
+        self.add(source, link, 0);
+    }
+
+    /// Counts `n` more refused by `link` (a plugin's name, or its `name@version`) of `source`.
+    pub fn add(&self, source: &str, link: &str, n: u64) {
+        let link = link.split_once('@').map_or(link, |(name, _)| name);
+        let mut counts = self.lock();
+        match counts.iter_mut().find(|(s, l, _)| s == source && l == link) {
+            Some((_, _, count)) => *count += n,
+            None => counts.push((source.to_owned(), link.to_owned(), n)),
+        }
+    }
+
+    /// Every (source, link, count), in the order they were first seen.
+    pub fn counts(&self) -> Vec<(String, String, u64)> {
+        self.lock().clone()
+    }
+
+    /// What `link` of `source` refused, and all links of `source` together.
+    pub fn of(&self, source: &str, link: &str) -> (u64, u64) {
+        self.lock()
+            .iter()
+            .filter(|(s, _, _)| s == source)
+            .fold((0, 0), |(one, all), (_, l, n)| (if l == link { one + n } else { one }, all + n))
+    }
+}
+
 /// A link's plugin as rejects and dead letters name it: `name@version`.
 pub fn label(plugin: &PluginCode) -> String {
     format!("{}@{}", plugin.name(), plugin.version())

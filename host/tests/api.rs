@@ -837,3 +837,110 @@ async fn with_read_token_reads_need_the_token() {
     open.stop().await;
     server.stop().await;
 }
+
+/// `/v1/dead-letters` reads the store's dead letters newest first, each record decoded with its
+/// symbol's name and the link and version that refused it; it filters by source and link, pages
+/// with `before`, shows a payload that is not a whole record as hex, and refuses a bad `limit`.
+#[tokio::test]
+async fn dead_letters_are_read_decoded_newest_first_and_paged() {
+    let (path, store) = filled_store("dead-letters");
+    drop(store);
+    let symbols = Arc::new(Symbols::new());
+    let btc = symbols.intern("BTCUSDT");
+    let record = |trade_id: u64, price_e8: i64| {
+        let mut one = plugin_sdk::Records::new();
+        one.push(&plugin_sdk::Record {
+            source_id: 7,
+            symbol_id: btc,
+            price_e8,
+            volume_e8: 25_000_000,
+            timestamp_ms: 1_700_000_000_000 + trade_id as i64,
+            is_buy: trade_id.is_multiple_of(2),
+            trade_id,
+            received_at_us: 5,
+        });
+        plugin_sdk::wire::Delimited::new(one.as_bytes()).next().unwrap().unwrap().to_vec()
+    };
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        // `length` 0: the payload is whole.
+        let insert = |source: &str, plugin: &str, reason: &str, bytes: &[u8], length: usize| {
+            let length = if length == 0 { bytes.len() } else { length };
+            conn.execute(
+                "INSERT INTO dead_letters (at_ms, stage, source, plugin, reason, length, size, bytes) \
+                 VALUES (1000, 'transform', ?1, ?2, ?3, ?4, 0, ?5)",
+                rusqlite::params![source, plugin, reason, length as i64, bytes],
+            )
+            .unwrap();
+        };
+        insert("binance", "outlier-filter@sha256:aaaa", "too far", &record(1, 100_00000000), 0);
+        insert("binance", "vwap-band@sha256:bbbb", "off the band", &record(2, 101_50000000), 0);
+        insert("kraken", "outlier-filter@sha256:aaaa", "too far", &record(3, 99_00000000), 0);
+        // A payload kept cut: not shown as a record.
+        insert("binance", "outlier-filter@sha256:aaaa", "cut", &[0x08, 0x07, 0x10], 600_000);
+    }
+    let state = ApiState::new(&ApiConfig::default(), Some(path.clone()), Arc::new(Health::new()));
+    let _ = state.dead_letter_source().symbols.set(symbols.clone());
+    let server = Server::serve(state).await;
+
+    let (status, body) = server.get("/v1/dead-letters").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let letters = body["dead_letters"].as_array().unwrap();
+    let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["cut", "too far", "off the band", "too far"], "newest first: {body}");
+    assert_eq!(letters[0]["record"], Value::Null, "{body}");
+    assert_eq!(letters[0]["bytes_hex"], "080710", "{body}");
+    assert_eq!(letters[0]["length"], 600_000, "{body}");
+    let vwap = &letters[2];
+    assert_eq!(
+        (&vwap["source"], &vwap["link"], &vwap["version"]),
+        (&json!("binance"), &json!("vwap-band"), &json!("sha256:bbbb"))
+    );
+    let r = &vwap["record"];
+    assert_eq!(r["symbol"], "BTCUSDT", "{body}");
+    assert_eq!((r["symbol_id"].as_u64(), r["trade_id"].as_u64()), (Some(u64::from(btc)), Some(2)), "{body}");
+    assert_eq!((r["price"].as_str(), r["volume"].as_str()), (Some("101.5"), Some("0.25")), "{body}");
+    assert_eq!((r["price_e8"].as_i64(), r["timestamp_ms"].as_i64()), (Some(101_50000000), Some(1_700_000_000_002)));
+    assert_eq!((r["is_buy"].as_bool(), r["source_id"].as_u64()), (Some(true), Some(7)), "{body}");
+    assert!(vwap.get("bytes_hex").is_none(), "{body}");
+    assert_eq!(body["next_before"], Value::Null, "one page holds them all: {body}");
+
+    // Filters: a source, a link (any version of it), both.
+    let trade_ids = |body: &Value| -> Vec<u64> {
+        body["dead_letters"].as_array().unwrap().iter().filter_map(|l| l["record"]["trade_id"].as_u64()).collect()
+    };
+    let (_, body) = server.get("/v1/dead-letters?source=kraken").await;
+    assert_eq!(trade_ids(&body), [3], "{body}");
+    let (_, body) = server.get("/v1/dead-letters?link=outlier-filter").await;
+    assert_eq!(body["dead_letters"].as_array().unwrap().len(), 3, "{body}");
+    assert_eq!(trade_ids(&body), [3, 1], "{body}");
+    let (_, body) = server.get("/v1/dead-letters?link=outlier&source=binance").await;
+    assert_eq!(body["dead_letters"].as_array().unwrap().len(), 0, "a link is matched by its whole name: {body}");
+
+    // Pages: two, then the rest from `next_before`, nothing twice.
+    let (_, first) = server.get("/v1/dead-letters?limit=2").await;
+    assert_eq!(first["dead_letters"].as_array().unwrap().len(), 2, "{first}");
+    let before = first["next_before"].as_i64().unwrap_or_else(|| panic!("a next page: {first}"));
+    let (_, second) = server.get(&format!("/v1/dead-letters?limit=2&before={before}")).await;
+    assert_eq!(trade_ids(&second), [2, 1], "{second}");
+    assert_eq!(second["next_before"], Value::Null, "{second}");
+
+    for bad in ["limit=0", "limit=100000", "before=yesterday"] {
+        let (status, body) = server.get(&format!("/v1/dead-letters?{bad}")).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "{bad}: {body}");
+    }
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Without a store here (the Druid sink), `/v1/dead-letters` says where the dead letters are.
+#[tokio::test]
+async fn dead_letters_without_a_store_name_the_topic_they_are_in() {
+    let state = ApiState::new(&ApiConfig::default(), None, Arc::new(Health::new()));
+    let _ = state.dead_letter_source().topic.set("sluice.dlq".to_owned());
+    let server = Server::serve(state).await;
+    let (status, body) = server.get("/v1/dead-letters").await;
+    assert_eq!((status, error_code(&body)), (StatusCode::NOT_FOUND, "dead_letters_elsewhere"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("Kafka topic sluice.dlq"), "{body}");
+    server.stop().await;
+}

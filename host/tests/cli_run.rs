@@ -351,7 +351,8 @@ fn demo_with_every_venue_rolls_up_every_venues_symbols() {
     let last = stdout.lines().rev().find(|l| l.trim_start().starts_with(char::is_numeric)).unwrap_or_default();
     let cells: Vec<&str> = last.split_whitespace().collect();
     assert_eq!(cells.get(5), Some(&"0"), "rejects in: {last}\n{stdout}");
-    assert_eq!(cells.get(7), Some(&"8/8"), "sources up in: {last}\n{stdout}");
+    assert_eq!(cells.get(6), Some(&"0"), "rule rejects in: {last}\n{stdout}");
+    assert_eq!(cells.get(8), Some(&"8/8"), "sources up in: {last}\n{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -548,4 +549,109 @@ async fn slow_clients_do_not_keep_metrics_from_answering() {
     assert!(value("sluice_http_open_connections") <= 64.0, "{text}");
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rule's rejects where an operator looks: `sluice run` on a recording whose chain refuses most
+/// trades (`outlier-filter` with a tiny threshold). `/v1/sources` counts them for the source and
+/// for the link, `/metrics` has them by source and link, and they equal the dead letters the store
+/// committed; `/v1/dead-letters` shows each of them decoded, with the symbol's name from the local
+/// log's dictionary and the link's name and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transform_rejects_are_counted_per_source_and_link_and_read_decoded() {
+    let dir = temp("rejects-data");
+    let path = temp("rejects.toml");
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let recording = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/feeds/binance_us_combined_aggtrade.jsonl");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+data_dir = "{}"
+
+[api]
+bind = "{api}"
+
+[[source]]
+name = "recorded"
+kind = "file"
+path = "{recording}"
+decode = "binance"
+transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_pct = "0.001" }} }}]
+"#,
+            dir.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "sluice=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let http = reqwest::Client::new();
+    let get = |route: &str| {
+        let (http, url) = (http.clone(), format!("http://{api}{route}"));
+        async move { http.get(url).send().await.ok()?.json::<serde_json::Value>().await.ok() }
+    };
+    // The recording is read once; wait until the store has committed all of it.
+    let stored = || -> Option<(u64, u64)> {
+        let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).ok()?;
+        let rows = q.query("SELECT sum(events) AS n FROM rollup", 1).ok()?[0]["n"].as_u64().unwrap_or(0);
+        let dead = q.query("SELECT count(*) AS n FROM dead_letters", 1).ok()?[0]["n"].as_u64()?;
+        Some((rows, dead))
+    };
+    let start = Instant::now();
+    let sources = loop {
+        let listed = get("/v1/sources").await;
+        let done = listed.as_ref().is_some_and(|l| l["sources"][0]["state"] == "finished");
+        if let (true, Some((rows, dead))) = (done, stored())
+            && rows + dead == listed.as_ref().unwrap()["sources"][0]["records"].as_u64().unwrap()
+        {
+            break listed.unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "not all stored: {listed:?} {:?}", stored());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (_, dead) = stored().unwrap();
+    assert!(dead >= 5, "the rule refused only {dead} trades");
+    let source = &sources["sources"][0];
+    assert_eq!(source["rejects"], 0, "the decoder refused nothing: {sources}");
+    assert_eq!(source["transform_rejects"], dead, "{sources}");
+    assert_eq!(source["transforms"][0]["rejects"], 0, "min-volume refuses nothing: {sources}");
+    assert_eq!(source["transforms"][1]["rejects"], dead, "{sources}");
+    let metrics = http.get(format!("http://{api}/metrics")).send().await.unwrap().text().await.unwrap();
+    for (link, n) in [("min-volume", 0), ("outlier-filter", dead)] {
+        let series = format!(r#"sluice_process_rejects_total{{link="{link}",source="recorded"}} {n}"#);
+        assert!(metrics.lines().any(|l| l == series), "no {series} in:\n{metrics}");
+    }
+
+    let page = get(&format!("/v1/dead-letters?source=recorded&link=outlier-filter&limit={dead}")).await.unwrap();
+    let letters = page["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len() as u64, dead, "{page}");
+    let version = sluice::plugin::version_of(sluice::plugin::bundled::OUTLIER_FILTER);
+    let mut trade_ids = Vec::new();
+    for l in letters {
+        assert_eq!(
+            (&l["source"], &l["link"], &l["version"]),
+            (&"recorded".into(), &"outlier-filter".into(), &version.clone().into()),
+            "{l}"
+        );
+        assert!(l["reason"].as_str().unwrap().contains("from last accepted"), "{l}");
+        assert_eq!(l["record"]["symbol"], "OMGBUSD", "{l}");
+        trade_ids.push(l["record"]["trade_id"].as_u64().unwrap());
+    }
+    // Newest first: the recording's trade ids rise, so the dead letters' fall.
+    assert!(trade_ids.windows(2).all(|w| w[0] > w[1]), "{trade_ids:?}");
+    // The `counts` line a stop logs has them too, apart from the frames the decoder refused.
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let counts = log.lines().rfind(|l| l.contains(" counts ")).unwrap_or_else(|| panic!("no counts line:\n{log}"));
+    assert!(counts.contains(&format!("transform_rejects={dead} ")), "{counts}");
+    assert!(counts.contains(" rejects=0 "), "{counts}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&path);
 }

@@ -187,12 +187,14 @@ fn records(lines: &[&str], source_id: u64) -> Vec<Trade> {
     trades
 }
 
-/// One printed reject line: `(key, number, reason)` where key is `frame` or `index`.
+/// One printed reject line: `(key, number, reason)` where key is `frame` or `index`. A record's
+/// reject (`index`) carries the record too, as records are printed; a frame's does not.
 fn reject_line(line: &str) -> (String, u64, String) {
     let keys = key_order(line);
-    assert_eq!(keys.len(), 2, "a reject has one position and a reason: {line}");
     assert!(keys[0] == "frame" || keys[0] == "index", "reject position key in {line}");
-    assert_eq!(keys[1], "reason", "{line}");
+    let rest: Vec<&str> = keys[1..].iter().map(String::as_str).filter(|k| *k != "link").collect();
+    let want: &[&str] = if keys[0] == "index" { &["reason", "record"] } else { &["reason"] };
+    assert_eq!(rest, want, "{line}");
     let v = parse(line);
     let at = v[&keys[0]].as_u64().unwrap_or_else(|| panic!("{} is not a number in {line}", keys[0]));
     let reason = v["reason"].as_str().unwrap_or_else(|| panic!("reason is not a string in {line}")).to_owned();
@@ -509,6 +511,12 @@ fn transform_only_plugin_runs_on_frames_decoded_by_another() {
     let (key, at, _) = reject_line(stderr[0]);
     assert_eq!((key.as_str(), at), ("index", 1), "{}", stderr[0]);
     assert!(stderr[0].contains(r#""index":1"#), "{}", stderr[0]);
+    // The refused record itself, printed as records are: the trade at 150.
+    // As printed (key order included): the reject's last member.
+    let refused = stderr[0].split_once(r#""record":"#).and_then(|(_, r)| r.strip_suffix('}')).unwrap();
+    assert_eq!(key_order(refused), RECORD_KEYS, "{refused}");
+    let (_, _, trade) = record_line(refused);
+    assert_eq!(trade, binance_expected(&lines[1])[0], "{refused}");
 }
 
 /// As the host does, the records a transform returns are its source's: a link that writes another
@@ -796,6 +804,53 @@ fn failed_saying(out: &Output, needles: &[&str]) {
     }
 }
 
+/// Outside a checkout (a temp dir as the working directory, no `.wasm` paths), the bundled plugins
+/// are named: `outlier-filter` transforming what `binance` decodes, then `--then min-volume`, give
+/// what the same components by path give. A file of that name wins over the bundled plugin; a name
+/// that is neither a file nor bundled fails, listing the bundled ones.
+#[test]
+fn bundled_plugins_are_addressable_by_name_outside_a_checkout() {
+    let cwd = std::env::temp_dir().join(format!("sluice-plugin-by-name-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cwd);
+    std::fs::create_dir_all(&cwd).unwrap();
+    let frames = fixture("binance_us_combined_aggtrade.jsonl");
+    let run = |plugin: &OsStr, decode_with: &OsStr, then: &OsStr| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["plugin", "test"])
+            .arg(plugin)
+            .arg("--frames")
+            .arg(&frames)
+            .arg("--decode-with")
+            .arg(decode_with)
+            .args(["--config", "threshold_pct=0.05", "--then"])
+            .arg(then)
+            .env_remove("RUST_LOG")
+            .current_dir(&cwd)
+            .output()
+            .unwrap()
+    };
+    let by_path = run(
+        plugin("outlier_filter").as_os_str(),
+        plugin("binance").as_os_str(),
+        format!("{},min_volume=50", plugin("min_volume").display()).as_ref(),
+    );
+    let by_name = run("outlier-filter".as_ref(), "binance".as_ref(), "min-volume,min_volume=50".as_ref());
+    let (want, _) = succeeded(&by_path);
+    let (got, rejects) = succeeded(&by_name);
+    assert!(!want.is_empty() && !rejects.is_empty(), "records and rejects both: {want:?} {rejects:?}");
+    assert_eq!(got, want);
+
+    // A file named like a bundled plugin wins: here, not a component.
+    std::fs::write(cwd.join("binance"), b"not wasm").unwrap();
+    let out = run("outlier-filter".as_ref(), "binance".as_ref(), "min-volume".as_ref());
+    failed_saying(&out, &["cannot load plugin binance"]);
+    let out = run("outlier-filter".as_ref(), "no-such-plugin".as_ref(), "min-volume".as_ref());
+    failed_saying(&out, &["cannot read plugin no-such-plugin", "no bundled plugin has that name", "vwap-band"]);
+    let help = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["plugin", "test", "--help"]).output().unwrap();
+    assert!(text(&help.stdout).contains("a file of that name wins"), "{}", text(&help.stdout));
+    let _ = std::fs::remove_dir_all(&cwd);
+}
+
 #[test]
 fn missing_plugin_file_fails() {
     let frames = TempFile::new("missing_plugin", "frames.jsonl", b"{}\n");
@@ -989,4 +1044,59 @@ fn debug_logging_does_not_hang_a_plugin_test() {
     assert!(status.success(), "{stderr}");
     assert!(stdout.lines().count() > 0, "no records printed");
     assert!(stderr.contains("DEBUG"), "debug log lines were written: {}", &stderr[..stderr.len().min(500)]);
+}
+
+/// A plugin's author's first day with only the binary: in a folder outside any checkout, `plugin
+/// new` without `--sdk` says how to get the SDK; `plugin sdk --out` writes it; the crate `plugin
+/// new --sdk` makes passes its own `cargo test` and builds to wasm (offline, from cargo's cache);
+/// and the component, run with the bundled decoder by name, matches its expected output.
+#[test]
+fn plugin_sdk_writes_an_sdk_a_new_plugin_builds_against_outside_a_checkout() {
+    let base = std::env::temp_dir().join(format!("sluice-plugin-sdk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let out = plugin_new(&["rule".as_ref(), "--transform".as_ref()], &base);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("sluice plugin sdk --out DIR"), "{}", text(&out.stderr));
+
+    let sdk = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "sdk", "--out", "sdk"])
+        .current_dir(&base)
+        .output()
+        .unwrap();
+    assert!(sdk.status.success(), "{}", text(&sdk.stderr));
+    assert!(text(&sdk.stdout).contains("--sdk"), "{}", text(&sdk.stdout));
+    let wit = std::fs::read(base.join("sdk/wit/sluice.wit")).unwrap();
+    assert_eq!(wit, std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit/sluice.wit")).unwrap());
+    let out = plugin_new(&["rule".as_ref(), "--transform".as_ref(), "--sdk".as_ref(), "sdk".as_ref()], &base);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let crate_dir = base.join("rule");
+    let readme = std::fs::read_to_string(crate_dir.join("README.md")).unwrap();
+    assert!(readme.contains("--decode-with binance"), "the bundled decoder by name:\n{readme}");
+    let cargo = |args: &[&str]| {
+        let out = Command::new(env!("CARGO"))
+            .args(args)
+            .arg("--offline")
+            .current_dir(&crate_dir)
+            .env("CARGO_TARGET_DIR", crate_dir.join("target"))
+            .env_remove("RUSTFLAGS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cargo {args:?}:\n{}", text(&out.stderr));
+    };
+    cargo(&["test", "--quiet"]);
+    cargo(&["build", "--release", "--target", "wasm32-wasip2", "--quiet"]);
+    let wasm = crate_dir.join("target/wasm32-wasip2/release/rule.wasm");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "test"])
+        .arg(&wasm)
+        .args(["--frames", "frames.jsonl", "--expect", "expected.jsonl", "--strict", "--decode-with", "binance"])
+        .env_remove("RUST_LOG")
+        .current_dir(&crate_dir)
+        .output()
+        .unwrap();
+    let (records, _) = succeeded(&out);
+    assert!(!records.is_empty());
+    let _ = std::fs::remove_dir_all(&base);
 }

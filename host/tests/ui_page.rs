@@ -478,3 +478,74 @@ async fn the_page_summarises_and_pages_many_sources() {
     assert_eq!(later["sourceRows"], 10, "{later}");
     assert_eq!(later["error"], "", "{later}");
 }
+
+/// The page's dead letters and the sources' transform rejects: a recording whose chain refuses most
+/// trades shows, in the browser, each refused trade decoded (symbol name, price, the link and its
+/// version, the reason), newest first, 20 a page with an "older" page behind it, and the sources
+/// table counts the rule's rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_dead_letters_decoded_and_the_rules_rejects() {
+    let Some(chromium) = browser_or_skip() else { return };
+    let deadline = Instant::now() + BUDGET;
+    let mut cleanup = test_dir("dead-letters");
+    let recording = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/feeds/binance_us_combined_aggtrade.jsonl");
+    let api = start_sluice(
+        &mut cleanup,
+        &format!(
+            r#"
+[[source]]
+name = "recorded"
+kind = "file"
+path = "{recording}"
+decode = "binance"
+transforms = [{{ plugin = "outlier-filter", config = {{ threshold_pct = "0.001" }} }}]
+"#
+        ),
+    );
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let refused = loop {
+        let listed = get_json(&http, &format!("http://{api}/v1/sources")).await;
+        let source = listed.as_ref().map(|l| l["sources"][0].clone()).unwrap_or_default();
+        let page = get_json(&http, &format!("http://{api}/v1/dead-letters?limit=1000")).await;
+        let letters = page.as_ref().and_then(|p| p["dead_letters"].as_array().map(Vec::len)).unwrap_or(0) as u64;
+        if source["state"] == "finished" && letters > 0 && source["transform_rejects"] == letters {
+            break letters;
+        }
+        check_deadline(deadline, "the rule's rejects in /v1/sources and /v1/dead-letters", &format!("{listed:?}"));
+        tokio::time::sleep(POLL).await;
+    };
+    let mut page = open_page(&mut cleanup, &chromium, &http, api, deadline).await;
+    const DEAD: &str = r##"JSON.stringify({
+        rows: [...document.querySelectorAll("#dead-letters tbody tr")].map((tr) => [...tr.cells].map((c) => c.textContent)),
+        headers: [...document.querySelectorAll("#sources thead th")].map((th) => th.textContent),
+        source: [...(document.querySelector("#sources tbody tr")?.cells || [])].map((c) => c.textContent),
+        older: document.getElementById("dead-older")?.disabled,
+        error: document.getElementById("error")?.textContent,
+    })"##;
+    let seen = loop {
+        let seen: Value = serde_json::from_str(page.evaluate(DEAD).await.as_str().unwrap_or("{}")).unwrap_or_default();
+        if seen["rows"].as_array().is_some_and(|r| !r.is_empty())
+            && seen["source"].as_array().is_some_and(|c| !c.is_empty())
+        {
+            break seen;
+        }
+        check_deadline(deadline, "the dead letters on the page", &seen);
+        tokio::time::sleep(POLL).await;
+    };
+    let rows = seen["rows"].as_array().unwrap();
+    assert_eq!(rows.len() as u64, refused.min(20), "{seen}");
+    let version = sluice::plugin::version_of(sluice::plugin::bundled::OUTLIER_FILTER);
+    for row in rows {
+        let cells: Vec<&str> = row.as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        assert_eq!(cells[1..4], ["recorded", &format!("outlier-filter@{version}"), "OMGBUSD"], "{seen}");
+        assert!(cells[4].parse::<f64>().is_ok_and(|p| p > 10.0 && p < 20.0), "a price: {seen}");
+        assert!(cells[9].contains("from last accepted"), "{seen}");
+    }
+    let trade_ids: Vec<u64> = rows.iter().map(|r| r[7].as_str().unwrap().parse().unwrap()).collect();
+    assert!(trade_ids.windows(2).all(|w| w[0] > w[1]), "newest first: {trade_ids:?}");
+    assert_eq!(seen["older"], refused <= 20, "an older page exactly when there are more: {seen}");
+    let headers: Vec<&str> = seen["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+    let at = headers.iter().position(|h| *h == "transform rejects").unwrap_or_else(|| panic!("{seen}"));
+    assert_eq!(seen["source"][at], refused.to_string(), "{seen}");
+    assert_eq!(seen["error"], "", "{seen}");
+}

@@ -34,6 +34,10 @@ pub enum ApiError {
     /// `/v1/query` without an embedded store: the sink is Druid, query it there (404 `no_store`).
     #[error("no embedded store is configured; query the sink instead")]
     NoStore,
+    /// `/v1/dead-letters` where this instance keeps none: they are in the Kafka topic the message
+    /// names (404 `dead_letters_elsewhere`).
+    #[error("{0}")]
+    DeadLettersElsewhere(String),
     /// The statement would write (400 `read_only`).
     #[error("only read-only statements are allowed")]
     ReadOnly,
@@ -93,7 +97,7 @@ impl ApiError {
     /// The HTTP status the error answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::NotFound(_) | ApiError::NoStore => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoStore | ApiError::DeadLettersElsewhere(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) | ApiError::ReadOnly | ApiError::BadSql(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,6 +122,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::NoStore => "no_store",
+            ApiError::DeadLettersElsewhere(_) => "dead_letters_elsewhere",
             ApiError::ReadOnly => "read_only",
             ApiError::BadSql(_) => "bad_sql",
             ApiError::QueryTimeout(_) => "query_timeout",

@@ -21,6 +21,7 @@
 //! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
 
 mod auth;
+mod dead_letters;
 mod error;
 mod health;
 mod log;
@@ -29,6 +30,7 @@ mod query;
 pub mod replay;
 mod sources;
 
+pub use dead_letters::DeadLetterSource;
 pub use log::LogProbe;
 pub use plugins::PluginDirectory;
 pub use sources::{SourceDirectory, SourceEntry};
@@ -231,6 +233,8 @@ pub struct ApiState {
     log: Arc<std::sync::OnceLock<LogProbe>>,
     /// The replay jobs of `/v1/replay`.
     replays: Arc<replay::ReplayJobs>,
+    /// What `/v1/dead-letters` needs beside the store: the symbol dictionary, or the topic.
+    dead_letters: Arc<DeadLetterSource>,
 }
 
 impl ApiState {
@@ -255,7 +259,13 @@ impl ApiState {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             log: Arc::default(),
             replays: Arc::default(),
+            dead_letters: Arc::default(),
         }
+    }
+
+    /// Where `/v1/dead-letters` finds symbol names (or, without a store, which topic to point to).
+    pub fn dead_letter_source(&self) -> &Arc<DeadLetterSource> {
+        &self.dead_letters
     }
 
     /// Where `/v1/replay` starts and tracks its jobs.
@@ -310,6 +320,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/query", get(query::query))
+        .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/sources", get(sources::list))
         .route("/v1/log", get(log::status))
         .route("/metrics", get(metrics))

@@ -7,6 +7,7 @@ use axum::extract::State;
 use serde::Serialize;
 
 use super::ApiState;
+use crate::chain::LinkRejects;
 use crate::decode::DecodeStats;
 use crate::source::{SourceStats, State as Connection};
 
@@ -34,12 +35,17 @@ pub struct SourceEntry {
 /// The sources, filled in once the ingest role has started them (empty before, and in a process-only
 /// instance).
 #[derive(Debug, Default)]
-pub struct SourceDirectory(OnceLock<Vec<SourceEntry>>);
+pub struct SourceDirectory(OnceLock<Vec<SourceEntry>>, OnceLock<Arc<LinkRejects>>);
 
 impl SourceDirectory {
     /// Publishes the sources; only the first call counts.
     pub fn set(&self, entries: Vec<SourceEntry>) {
         let _ = self.0.set(entries);
+    }
+
+    /// Publishes what the process role's links refused, once it runs; only the first call counts.
+    pub fn set_link_rejects(&self, rejects: Arc<LinkRejects>) {
+        let _ = self.1.set(rejects);
     }
 }
 
@@ -58,7 +64,10 @@ struct SourceView<'a> {
     write_timeouts: u64,
     frames: u64,
     records: u64,
+    /// Frames its decoder refused.
     rejects: u64,
+    /// Records the links of its chain refused (`null` where this instance runs no process role).
+    transform_rejects: Option<u64>,
     duplicates: u64,
     gaps: u64,
     /// Trade ids the venue sent while sluice was down (found at the first trade after a start).
@@ -72,6 +81,8 @@ struct SourceView<'a> {
 struct LinkView<'a> {
     plugin: &'a str,
     version: Option<String>,
+    /// Records this link refused (`null` where this instance runs no process role).
+    rejects: Option<u64>,
 }
 
 /// `GET /v1/sources`.
@@ -79,6 +90,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
     use std::sync::atomic::Ordering::Relaxed;
     let now_us = crate::clock::now_us();
     let entries = state.sources.0.get().map(Vec::as_slice).unwrap_or_default();
+    let refused = state.sources.1.get();
     let views: Vec<SourceView<'_>> = entries
         .iter()
         .map(|e| {
@@ -103,6 +115,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     .map(|(plugin, slot)| LinkView {
                         plugin,
                         version: slot.as_ref().map(|s| s.active().version().to_owned()),
+                        rejects: refused.map(|r| r.of(&e.name, plugin).0),
                     })
                     .collect(),
                 plugin_start_failures: e.slot.start_failures(),
@@ -111,6 +124,7 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                 frames: e.stats.frames.load(Relaxed),
                 records: e.decode.records.load(Relaxed),
                 rejects: e.decode.rejects.load(Relaxed),
+                transform_rejects: refused.map(|r| r.of(&e.name, "").1),
                 duplicates: e.decode.duplicates.load(Relaxed),
                 gaps: e.decode.gaps.load(Relaxed),
                 downtime_gaps: e.decode.downtime_gaps.load(Relaxed),

@@ -309,8 +309,8 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         None => println!("running until Ctrl-C"),
     }
     println!(
-        "{:>5}  {:>9} {:>7} {:>9} {:>9} {:>7} {:>7} {:>5} {:>9}",
-        "s", "frames", "dropped", "records", "delivered", "rejects", "gaps", "up", "stored"
+        "{:>5}  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>9}",
+        "s", "frames", "dropped", "records", "delivered", "rejects", "rule-rej", "gaps", "up", "stored"
     );
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -324,9 +324,9 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         }
         second += 1;
         let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
-        let stored = running.stored();
+        let (stored, refused) = (running.stored(), running.transform_rejects());
         println!(
-            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {gaps:>7} {up:>3}/{n} {stored:>9}",
+            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {refused:>9} {gaps:>7} {up:>3}/{n} {stored:>9}",
             n = venues.len()
         );
     }

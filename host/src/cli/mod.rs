@@ -11,7 +11,8 @@ pub use druid::{DruidSpecArgs, SpecKind};
 pub use crate::pipeline::Role;
 pub use demo::{BenchArgs, DemoArgs, demo_chain};
 pub use plugin::{
-    EXIT_FRAMES_WITHOUT_RECORDS, ExitWith, PluginNewArgs, PluginTestArgs, TestSummary, plugin_new, plugin_test,
+    EXIT_FRAMES_WITHOUT_RECORDS, ExitWith, PluginNewArgs, PluginSdkArgs, PluginTestArgs, TestSummary, plugin_new,
+    plugin_sdk, plugin_test,
 };
 
 use std::io;
@@ -141,6 +142,8 @@ pub enum PluginCommand {
     Test(PluginTestArgs),
     /// Write a new plugin crate (source, native tests, sample frames and their expected output).
     New(PluginNewArgs),
+    /// Write the plugin SDK crate (with its WIT) from this binary, for `plugin new --sdk` outside a checkout.
+    Sdk(PluginSdkArgs),
 }
 
 /// Runs the command line.
@@ -151,6 +154,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Plugin(PluginCommand::New(args)) => {
             plugin_new(&args, &mut io::stdout())?;
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Sdk(args)) => {
+            plugin_sdk(&args, &mut io::stdout())?;
             Ok(())
         }
         Command::Plugin(PluginCommand::Test(args)) => {

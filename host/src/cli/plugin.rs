@@ -33,6 +33,7 @@ pub struct PluginNewArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// The plugin-sdk crate to depend on [default: the checkout's plugin-sdk/, found from here up].
+    /// Outside a checkout, `sluice plugin sdk --out DIR` writes it from this binary.
     #[arg(long)]
     pub sdk: Option<PathBuf>,
 }
@@ -48,7 +49,8 @@ pub fn plugin_new(args: &PluginNewArgs, out: &mut impl Write) -> anyhow::Result<
         (Some(sdk), _) => sdk.clone(),
         (None, Some(root)) => root.join("plugin-sdk"),
         (None, None) => anyhow::bail!(
-            "no sluice checkout here or above: pass --sdk <path to plugin-sdk> (an unpacked `cargo package -p plugin-sdk`)"
+            "no sluice checkout here or above: pass --sdk DIR, the plugin SDK, which \
+             `sluice plugin sdk --out DIR` writes from this binary"
         ),
     };
     let dir = match (&args.dir, checkout) {
@@ -67,10 +69,35 @@ pub fn plugin_new(args: &PluginNewArgs, out: &mut impl Write) -> anyhow::Result<
     Ok(dir)
 }
 
+/// Arguments of `sluice plugin sdk`.
+#[derive(Debug, Args)]
+pub struct PluginSdkArgs {
+    /// The folder to write the `plugin-sdk` crate into (created; an SDK written before is replaced).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// `sluice plugin sdk`: writes the SDK crate this binary was built with and says how to use it.
+///
+/// # Errors
+/// As [`crate::scaffold::sdk::write_sdk`].
+pub fn plugin_sdk(args: &PluginSdkArgs, out: &mut impl Write) -> anyhow::Result<PathBuf> {
+    let dir = crate::scaffold::sdk::write_sdk(&args.out)?;
+    writeln!(
+        out,
+        "wrote the plugin SDK {} to {}; next: `sluice plugin new NAME --decode|--transform --sdk {}`",
+        env!("CARGO_PKG_VERSION"),
+        dir.display(),
+        dir.display()
+    )?;
+    Ok(dir)
+}
+
 /// Arguments of `sluice plugin test`.
 #[derive(Debug, Args)]
 pub struct PluginTestArgs {
-    /// The plugin component (`.wasm`, built for wasm32-wasip2); omit it with `--source`.
+    /// The plugin component (`.wasm`, built for wasm32-wasip2), or a bundled plugin's name
+    /// (`binance`, `outlier-filter`, ...; a file of that name wins); omit it with `--source`.
     #[arg(required_unless_present_any = ["source", "decode_with"])]
     pub plugin: Option<PathBuf>,
     /// Run this source's whole chain as the configuration file given with `--from` names it: its
@@ -87,7 +114,8 @@ pub struct PluginTestArgs {
     /// A config entry for the plugin's `init`, as key=value; repeat for several.
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub config: Vec<(String, String)>,
-    /// Decode the frames with this plugin instead (for plugins that only transform).
+    /// Decode the frames with this plugin instead (for plugins that only transform): a `.wasm`
+    /// file or a bundled plugin's name (`binance`; a file of that name wins).
     #[arg(long, value_name = "DECODER.wasm")]
     pub decode_with: Option<PathBuf>,
     /// Config entries for the decoder given with --decode-with.
@@ -100,7 +128,8 @@ pub struct PluginTestArgs {
     #[arg(long, default_value_t = 1000)]
     pub deadline_ms: u64,
     /// After the plugin, transform with this one too, in order (repeat for a chain); its config
-    /// follows the path after commas: `--then filter.wasm,min_volume=0.5`.
+    /// follows the path after commas: `--then filter.wasm,min_volume=0.5`. A bundled plugin's
+    /// name works as the path (`--then outlier-filter`; a file of that name wins).
     #[arg(long, value_name = "PLUGIN.wasm[,KEY=VALUE...]", value_parser = parse_link)]
     pub then: Vec<(PathBuf, Vec<(String, String)>)>,
     /// Compare the records with this file (JSON lines, as this command prints them); the first
@@ -186,6 +215,9 @@ struct RejectLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     link: Option<&'a str>,
     reason: &'a str,
+    /// The refused record itself (a transform's reject), as records are printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<RecordLine<'a>>,
 }
 
 /// Counts from a `plugin test` run.
@@ -265,7 +297,7 @@ pub fn plugin_test(args: &PluginTestArgs, out: &mut impl Write, err: &mut impl W
     let lines = read_frames(&args.frames)?;
     let mut summary = TestSummary { frames: lines.len(), ..TestSummary::default() };
     let decoded = decode_all(&mut decoder, &lines, args.source_id, err, &mut summary)?;
-    let records = run_chain(&mut chain, &names, decoded.as_bytes(), err, &mut summary)?;
+    let records = run_chain(&mut chain, &names, decoded.as_bytes(), runtime.symbols(), err, &mut summary)?;
     let printed = print_records(out, &records, runtime.symbols(), &mut summary)?;
     write_state(&chain, args, out, err)?;
     out.flush()?;
@@ -317,10 +349,8 @@ fn open_plugins(
     let start = |code: &Arc<PluginCode>, config: &[(String, String)]| -> anyhow::Result<PluginInstance> {
         PluginInstance::new(code, config).with_context(|| format!("cannot start plugin {}", code.name()))
     };
-    let read = |path: &Path| -> anyhow::Result<Arc<PluginCode>> {
-        let wasm = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
-        compile(&path.display().to_string(), &wasm)
-    };
+    let read =
+        |path: &Path| -> anyhow::Result<Arc<PluginCode>> { compile(&path.display().to_string(), &read_plugin(path)?) };
     let (mut links, mut names) = (Vec::new(), Vec::new());
     let decoder = match (source, &args.plugin, &args.decode_with) {
         (Some((config, s)), _, _) => {
@@ -353,6 +383,29 @@ fn open_plugins(
         }
     }
     Ok(Plugins { decoder, chain: Chain::new(args.source_id, links), names })
+}
+
+/// The component a `plugin` argument names: the file at `path` when there is one, else the bundled
+/// plugin of that name (`binance`, `outlier-filter`, ...), so the bundled plugins work outside a
+/// checkout too.
+///
+/// # Errors
+/// Neither a readable file nor a bundled plugin's name.
+pub fn read_plugin(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(wasm) => Ok(wasm),
+        Err(e) if path.exists() => Err(e).with_context(|| format!("cannot read plugin {}", path.display())),
+        Err(e) => match path.to_str().and_then(crate::plugin::bundled::by_name) {
+            Some(wasm) => Ok(wasm.to_vec()),
+            None => Err(e).with_context(|| {
+                format!(
+                    "cannot read plugin {}: no such file, and no bundled plugin has that name (bundled: {})",
+                    path.display(),
+                    crate::plugin::bundled::names().join(", ")
+                )
+            }),
+        },
+    }
 }
 
 /// The frames file's non-empty lines, with their 1-based line numbers.
@@ -392,7 +445,10 @@ fn decode_all(
         let decoded = decoder.decode(&frames).with_context(|| format!("decoding frames on lines {first}..={last}"))?;
         for reject in &decoded.rejects {
             let line = chunk.get(reject.index as usize).map(|(n, _)| *n);
-            write_json(err, &RejectLine { frame: line, index: None, link: None, reason: &reject.reason })?;
+            write_json(
+                err,
+                &RejectLine { frame: line, index: None, link: None, reason: &reject.reason, record: None },
+            )?;
             summary.rejects += 1;
         }
         let refused = |i: usize| decoded.rejects.iter().any(|r| r.index as usize == i);
@@ -408,7 +464,8 @@ fn decode_all(
 }
 
 /// All `records` through the chain, in batches, as the host runs it; each reject to `err` with its
-/// index among the records its link was given (naming the link, unless it is the plugin itself).
+/// index among the records its link was given (naming the link, unless it is the plugin itself)
+/// and the record itself.
 ///
 /// # Errors
 /// A failed call (a trap, a timeout, a limit, invalid output): an author sees it here rather than
@@ -417,6 +474,7 @@ fn run_chain(
     chain: &mut Chain,
     names: &[Option<String>],
     records: &[u8],
+    symbols: &Symbols,
     err: &mut impl Write,
     summary: &mut TestSummary,
 ) -> anyhow::Result<Vec<u8>> {
@@ -433,7 +491,11 @@ fn run_chain(
         for r in &done.rejects {
             let link = names.get(r.link).and_then(Option::as_deref);
             let index = Some(bases.get(r.link).copied().unwrap_or(0) + r.index);
-            write_json(err, &RejectLine { frame: None, index, link, reason: &r.reason })?;
+            // The runtime checked the records a link was given: each parses.
+            let view = StreamDataView::parse(&r.bytes).ok();
+            let name = view.as_ref().and_then(|v| symbols.name(v.symbol_id));
+            let record = view.as_ref().map(|v| record_line(v, name.as_deref()));
+            write_json(err, &RejectLine { frame: None, index, link, reason: &r.reason, record })?;
             summary.rejects += 1;
         }
         output.extend_from_slice(&done.records);
@@ -500,22 +562,27 @@ fn print_records(
     for item in Delimited::new(records) {
         let r = item.and_then(StreamDataView::parse).context("transformed record")?;
         let name = symbols.name(r.symbol_id);
-        let line = serde_json::to_string(&RecordLine {
-            source_id: r.source_id,
-            symbol: name.as_deref(),
-            symbol_id: r.symbol_id,
-            price_e8: r.price_e8,
-            volume_e8: r.volume_e8,
-            timestamp_ms: r.timestamp_ms,
-            is_buy: r.is_buy,
-            trade_id: r.trade_id,
-        })?;
+        let line = serde_json::to_string(&record_line(&r, name.as_deref()))?;
         out.write_all(line.as_bytes())?;
         out.write_all(b"\n")?;
         printed.push(line);
         summary.records += 1;
     }
     Ok(printed)
+}
+
+/// A record as `plugin test` prints it, with its symbol's name.
+fn record_line<'a>(r: &StreamDataView<'_>, symbol: Option<&'a str>) -> RecordLine<'a> {
+    RecordLine {
+        source_id: r.source_id,
+        symbol,
+        symbol_id: r.symbol_id,
+        price_e8: r.price_e8,
+        volume_e8: r.volume_e8,
+        timestamp_ms: r.timestamp_ms,
+        is_buy: r.is_buy,
+        trade_id: r.trade_id,
+    }
 }
 
 /// Fails at the first line where `printed` differs from `expected` (read from `path`).

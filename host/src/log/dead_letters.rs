@@ -135,3 +135,66 @@ pub(crate) fn prune(conn: &Connection, cutoff_ms: i64, now: TableSize, max_bytes
     }
     Ok(gone)
 }
+
+/// A dead letter as the table keeps it, for the dead-letter view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDeadLetter {
+    /// The row's id: larger is newer.
+    pub id: i64,
+    /// When it was committed, in Unix milliseconds.
+    pub at_ms: i64,
+    /// The stage that refused it (`decode`, `transform`).
+    pub stage: String,
+    /// The source's name.
+    pub source: String,
+    /// The plugin that refused it, `name@version` (empty when none is bound).
+    pub plugin: String,
+    /// Why.
+    pub reason: String,
+    /// The payload's original length (it may be cut).
+    pub length: u64,
+    /// The payload as kept.
+    pub bytes: Vec<u8>,
+}
+
+/// Which dead letters [`page`] reads: newest first, of one source and one link (a plugin's name, any
+/// version) if given, with ids below `before` if given, at most `limit`.
+#[derive(Clone, Copy, Debug)]
+pub struct PageOf<'a> {
+    /// Only this source's.
+    pub source: Option<&'a str>,
+    /// Only those this plugin refused, whichever its version.
+    pub link: Option<&'a str>,
+    /// Only rows older than this id (the `next_before` of the page before).
+    pub before: Option<i64>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// One page of dead letters, newest first (along the primary key: no sort).
+///
+/// # Errors
+/// SQLite's.
+pub fn page(conn: &Connection, of: PageOf<'_>) -> rusqlite::Result<Vec<StoredDeadLetter>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, at_ms, stage, source, plugin, reason, length, bytes FROM dead_letters \
+         WHERE (?1 IS NULL OR source = ?1) \
+           AND (?2 IS NULL OR plugin = ?2 OR substr(plugin, 1, length(?2) + 1) = ?2 || '@') \
+           AND id < coalesce(?3, 9223372036854775807) \
+         ORDER BY id DESC LIMIT ?4",
+    )?;
+    let limit = i64::try_from(of.limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![of.source, of.link, of.before, limit], |r| {
+        Ok(StoredDeadLetter {
+            id: r.get(0)?,
+            at_ms: r.get(1)?,
+            stage: r.get(2)?,
+            source: r.get(3)?,
+            plugin: r.get(4)?,
+            reason: r.get(5)?,
+            length: r.get::<_, i64>(6)?.max(0) as u64,
+            bytes: r.get(7)?,
+        })
+    })?;
+    rows.collect()
+}

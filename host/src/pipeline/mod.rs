@@ -257,6 +257,10 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         (Handoff::Kafka(brokers), symbols, producer)
     };
     api_state.set_log(log_probe(config, &handoff, store_path.clone())?);
+    let _ = api_state.dead_letter_source().symbols.set(symbols.clone());
+    if matches!(handoff, Handoff::Kafka(_)) {
+        let _ = api_state.dead_letter_source().topic.set(kafka.dlq_topic.clone());
+    }
     // Source ids, stable per name (kept in the symbol dictionary): records in the log keep meaning
     // the same source across restarts and config edits.
     let source_ids: Vec<u32> = {
@@ -338,6 +342,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         )
         .await?;
         let stats = process.stats.clone();
+        directory.set_link_rejects(stats.link_rejects.clone());
         metrics.on_scrape(move |m| m.mirror_process(&stats.sample()));
         Some(process)
     } else {
@@ -874,6 +879,12 @@ impl Running {
         ]
     }
 
+    /// Records the process role's transforms refused (dead-lettered) since the start, counted when
+    /// their batch committed.
+    pub fn transform_rejects(&self) -> u64 {
+        self.process.as_ref().map_or(0, |p| p.stats.rejected.load(Ordering::Relaxed))
+    }
+
     /// Rows the process role has committed to its sink.
     pub fn stored(&self) -> u64 {
         self.process.as_ref().map_or(0, |p| p.stats.stored.load(Ordering::Relaxed))
@@ -948,15 +959,31 @@ pub async fn run(config: &Config, role: Role, shutdown: impl std::future::Future
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
-                let stored = running.stored();
-                tracing::info!(frames, dropped, records, delivered, rejects, gaps, sources_up = up, stored, "counts");
-            }
+            _ = tick.tick() => log_counts(&running),
             _ = &mut shutdown => break,
         }
     }
+    // The counts once more, as the stop begins: what the run did since the last line.
+    log_counts(&running);
     running.stop().await
+}
+
+/// The `counts` line: totals since the process started.
+fn log_counts(running: &Running) {
+    let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
+    let (stored, transform_rejects) = (running.stored(), running.transform_rejects());
+    tracing::info!(
+        frames,
+        dropped,
+        records,
+        delivered,
+        rejects,
+        transform_rejects,
+        gaps,
+        sources_up = up,
+        stored,
+        "counts"
+    );
 }
 
 #[cfg(test)]

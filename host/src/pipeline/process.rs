@@ -160,11 +160,14 @@ pub struct ProcessStats {
     /// Each link's breaker, by (source name, plugin): whether it is not closed. Written when a
     /// breaker changes state (rarely), read at a scrape.
     pub breakers_open: std::sync::Mutex<BTreeMap<(String, String), bool>>,
+    /// Records each link of each source refused, counted when their batch commits.
+    pub link_rejects: Arc<crate::chain::LinkRejects>,
 }
 
 impl ProcessStats {
     /// Lists a link's breaker as closed, so its gauge has a series from the start.
     pub fn watch_breaker(&self, source: &str, plugin: &str) {
+        self.link_rejects.watch(source, plugin);
         let mut open = self.breakers_open.lock().unwrap_or_else(|p| p.into_inner());
         open.entry((source.to_owned(), plugin.to_owned())).or_insert(false);
     }
@@ -190,6 +193,7 @@ impl ProcessStats {
                 .iter()
                 .map(|((source, plugin), open)| (source.clone(), plugin.clone(), *open))
                 .collect(),
+            link_rejects: self.link_rejects.counts(),
         }
     }
 }
@@ -796,6 +800,7 @@ fn flush(
         }
     }
     stats.rejected.fetch_add(letters.len() as u64, Ordering::Relaxed);
+    count_rejects(&stats.link_rejects, &letters);
     drop(letters);
     dead.clear();
     consumer.committed(&offsets);
@@ -889,6 +894,17 @@ struct Batch<'a> {
     next_offsets: &'a BTreeMap<i32, i64>,
     /// Where commits stop for held sources, and the others' progress past them.
     holding: &'a Holding,
+}
+
+/// Counts committed dead letters per source and link: once per run of letters of the same source
+/// and link (a batch's letters come source by source, link by link), not per letter.
+fn count_rejects(counts: &crate::chain::LinkRejects, letters: &[crate::sink::DeadLetter<'_>]) {
+    let mut rest = letters;
+    while let Some(first) = rest.first() {
+        let run = rest.iter().take_while(|l| l.source == first.source && l.plugin == first.plugin).count();
+        counts.add(first.source, first.plugin, run as u64);
+        rest = &rest[run..];
+    }
 }
 
 /// A record the transform stage refused, waiting for its batch's commit to be dead-lettered.

@@ -1,6 +1,8 @@
 //! `sluice plugin new`: a plugin crate to start from, which builds, passes its own tests and matches
 //! its own golden output from the first minute, inside this workspace (`plugins/<name>`) or outside.
 
+pub mod sdk;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -34,9 +36,14 @@ pub fn new_plugin(name: &str, kind: Kind, dir: &Path, sdk: &Path) -> anyhow::Res
     if dir.exists() {
         bail!("{} already exists: choose another --dir or remove it", dir.display());
     }
-    let sdk = sdk.canonicalize().with_context(|| format!("the SDK at {} is not there (--sdk)", sdk.display()))?;
+    let sdk = sdk.canonicalize().with_context(|| {
+        format!("the SDK at {} is not there (--sdk; `sluice plugin sdk --out DIR` writes one)", sdk.display())
+    })?;
     if !sdk.join("Cargo.toml").is_file() {
-        bail!("{} is not the plugin-sdk crate (no Cargo.toml): pass --sdk", sdk.display());
+        bail!(
+            "{} is not the plugin-sdk crate (no Cargo.toml): pass --sdk DIR (`sluice plugin sdk --out DIR` writes one)",
+            sdk.display()
+        );
     }
     std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -130,9 +137,7 @@ fn readme(name: &str, lib: &str, kind: Kind, member: bool) -> String {
     };
     let decode_with = match kind {
         Kind::Decode => String::new(),
-        Kind::Transform => {
-            " \\\n    --decode-with <the sluice checkout>/target/plugins/wasm32-wasip2/plugin/binance.wasm".to_owned()
-        }
+        Kind::Transform => " \\\n    --decode-with binance".to_owned(),
     };
     format!(
         "# {name}\n\nA sluice plugin made with `sluice plugin new`. `src/lib.rs` is the plugin; `frames.jsonl` holds sample \

@@ -683,6 +683,20 @@ pub fn stored_dead_letters(path: &Path) -> Result<crate::log::dead_letters::Tabl
     Ok(crate::log::dead_letters::size(&conn)?)
 }
 
+/// A page of the dead letters in the store at `path`, newest first, read without writing (for
+/// `/v1/dead-letters`).
+///
+/// # Errors
+/// [`StoreError::Sqlite`] when the file cannot be read.
+pub fn read_dead_letters(
+    path: &Path,
+    of: crate::log::dead_letters::PageOf<'_>,
+) -> Result<Vec<crate::log::dead_letters::StoredDeadLetter>, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(crate::log::dead_letters::page(&conn, of)?)
+}
+
 /// Answers read-only SQL over the store as JSON rows, through its own read-only connection.
 pub struct QueryConnection {
     conn: Connection,

@@ -82,6 +82,7 @@ pub(crate) struct Mirrored {
     pub(crate) process_lag: IntGauge,
     pub(crate) process_deleted_unread: IntGauge,
     pub(crate) process_breaker_open: IntGaugeVec,
+    pub(crate) process_link_rejects: IntCounterVec,
     pub(crate) log_start: IntGauge,
     pub(crate) log_end: IntGauge,
     pub(crate) log_committed: IntGauge,
@@ -291,6 +292,9 @@ pub struct ProcessSample {
     pub rejected: u64,
     /// Each link's breaker: (source, plugin, not closed).
     pub breakers: Vec<(String, String, bool)>,
+    /// Records each link refused: (source, link's plugin, count; the link is empty for records
+    /// refused before any link, say of an unknown source).
+    pub link_rejects: Vec<(String, String, u64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -503,6 +507,14 @@ impl Metrics {
                 &["source", "plugin"],
             )
             .expect("valid"),
+            process_link_rejects: IntCounterVec::new(
+                Opts::new(
+                    "sluice_process_rejects_total",
+                    "Records a link of a source's chain refused (dead-lettered), counted when their batch commits",
+                ),
+                &["source", "link"],
+            )
+            .expect("valid"),
             log_start: gauge("sluice_log_start_offset", "The first offset the local log holds"),
             log_end: gauge("sluice_log_end_offset", "The next offset the local log will append"),
             log_committed: gauge("sluice_log_committed_offset", "The store's committed position in the local log"),
@@ -572,6 +584,7 @@ impl Metrics {
             Box::new(mirrored.process_lag.clone()),
             Box::new(mirrored.process_deleted_unread.clone()),
             Box::new(mirrored.process_breaker_open.clone()),
+            Box::new(mirrored.process_link_rejects.clone()),
             Box::new(mirrored.log_start.clone()),
             Box::new(mirrored.log_end.clone()),
             Box::new(mirrored.log_committed.clone()),
@@ -682,6 +695,10 @@ impl Metrics {
         m.process_deleted_unread.set(i64::try_from(s.deleted_unread).unwrap_or(i64::MAX));
         for (source, plugin, open) in &s.breakers {
             m.process_breaker_open.with_label_values(&[source, plugin]).set(i64::from(*open));
+        }
+        for (source, link, count) in &s.link_rejects {
+            let link = if link.is_empty() { "none" } else { link };
+            mirror(&m.process_link_rejects.with_label_values(&[source, link]), *count);
         }
         // Dead letters of the transform stage, counted when the batch that carries them commits.
         mirror(&m.dlq_records.with_label_values(&["transform"]), s.rejected);
