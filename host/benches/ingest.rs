@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::config::SourceConfig;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::pipeline::{Ingest, IngestSettings};

@@ -22,7 +22,8 @@
 //!   [`pipeline::run`]), with the ingest and process roles and [`pipeline::replay`].
 //! - [`cli`]: the command line, including `sluice plugin new|test`, `demo`, `bench`, `replay` and
 //!   `druid spec`;
-//!   [`feedsim`] is the venue simulator they run, [`scaffold`] what `plugin new` writes.
+//!   [`scaffold`] is what `plugin new` writes. The venue simulator they run is a crate of its own
+//!   (`host/feedsim`, `feedsim`).
 
 pub mod api;
 pub mod batch;
@@ -32,7 +33,6 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod decode;
-pub mod feedsim;
 pub mod log;
 /// The Kafka hand-off; it lives in [`log`] (re-exported here).
 pub use log::kafka;

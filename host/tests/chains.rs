@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::plugin::bundled;
 use sluice::sink::embedded::QueryConnection;
 
@@ -145,7 +145,7 @@ transforms = [
     // The venue stops; everything it sent is read, transformed and committed.
     let handle = sim.handle();
     sim.shutdown().await;
-    let sent: BTreeMap<&str, Vec<sluice::feedsim::SentTrade>> =
+    let sent: BTreeMap<&str, Vec<feedsim::SentTrade>> =
         SYMBOLS.iter().map(|s| (*s, handle.sent_trades(Venue::Binance, s))).collect();
     let mut want = PerSymbol::new();
     for (symbol, trades) in &sent {

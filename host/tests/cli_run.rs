@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 const TOKEN: &str = "cli-run-token";
 

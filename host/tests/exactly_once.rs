@@ -22,12 +22,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::{TestBroker, free_addr, unique_topic, with_custom_section};
+use feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sluice::feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
 use sluice::sink::embedded::QueryConnection;
 
 const SYMBOLS: [&str; 2] = ["BTCUSDT", "ETHUSDT"];

@@ -14,7 +14,7 @@ mod common;
 mod disk;
 
 use common::SluiceProcess;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-faults-{name}-{}", std::process::id()));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::SluiceProcess;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-faults-ingest-{name}-{}", std::process::id()));

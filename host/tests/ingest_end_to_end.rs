@@ -12,9 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{TestBroker, read_topic, unique_topic};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
 use sluice::config::SourceConfig;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
 use sluice::pipeline::{Ingest, IngestSettings};

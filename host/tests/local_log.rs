@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::sink::embedded::QueryConnection;
 
 mod common;
@@ -139,7 +139,7 @@ async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let handle = sim.handle();
     sim.shutdown().await;
-    let sent: BTreeMap<String, sluice::feedsim::IdSet> =
+    let sent: BTreeMap<String, feedsim::IdSet> =
         [(Venue::Binance, "BTCUSDT"), (Venue::Binance, "ETHUSDT"), (Venue::Coinbase, "BTC-USD")]
             .iter()
             .map(|(venue, symbol)| (symbol.to_string(), handle.sent_ids(*venue, symbol)))

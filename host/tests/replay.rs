@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 
 mod common;

@@ -374,8 +374,8 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
 /// A config of four venues on the simulator, each with one symbol: three that send trade ids and a
 /// snapshot on subscribing (Kraken v2 its last 50 trades, Coinbase Advanced a `market_trades`
 /// snapshot, Coinbase Exchange a `last_match`), and Kraken v1, which sends neither.
-fn venues_config(dir: &Path, sim: &sluice::feedsim::FeedSim, api: &str) -> PathBuf {
-    use sluice::feedsim::Venue;
+fn venues_config(dir: &Path, sim: &feedsim::FeedSim, api: &str) -> PathBuf {
+    use feedsim::Venue;
     let config = dir.join("sluice.toml");
     std::fs::write(
         &config,
@@ -448,7 +448,7 @@ async fn wait_records(api: &str, log: &Path, records: u64) -> BTreeMap<String, u
 /// no snapshot brought back are exactly the ones counted as downtime gaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downtime() {
-    use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+    use feedsim::{FeedSim, FeedSimConfig, Venue};
     let sim =
         FeedSim::start(FeedSimConfig { trades_per_second: 80.0, record_trades: true, ..FeedSimConfig::default() })
             .await
@@ -701,7 +701,7 @@ async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
 /// trade id once, and the ids it lacks are exactly the ones counted as sent while sluice was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_a_restart_knows_from_the_topics_tail_what_was_delivered() {
-    use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+    use feedsim::{FeedSim, FeedSimConfig, Venue};
     let broker = common::TestBroker::start("restart-tail");
     let sim =
         FeedSim::start(FeedSimConfig { trades_per_second: 80.0, record_trades: true, ..FeedSimConfig::default() })

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 

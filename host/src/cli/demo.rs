@@ -7,9 +7,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::config::{Config, SourceConfig};
-use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
 use crate::pipeline::{Role, start};
 use crate::sink::embedded::QueryConnection;
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 /// Arguments of `sluice demo`.
 #[derive(Debug, Args)]
@@ -268,7 +268,7 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     let sim = FeedSim::start(FeedSimConfig {
         trades_per_second: args.rate,
-        seed: crate::feedsim::fresh_seed(),
+        seed: feedsim::fresh_seed(),
         ..FeedSimConfig::default()
     })
     .await?;

@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 /// sluice: WebSocket market data to Kafka, through sandboxed wasm plugins, to Druid.
 #[derive(Debug, Parser)]
@@ -190,7 +190,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = FeedSimConfig {
                 bind: args.bind,
                 trades_per_second: args.rate,
-                seed: crate::feedsim::fresh_seed(),
+                seed: feedsim::fresh_seed(),
                 ..FeedSimConfig::default()
             };
             let sim = FeedSim::start(config).await?;

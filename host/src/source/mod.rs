@@ -689,7 +689,7 @@ mod tests {
     /// source connects again, and again; a stop ends it within a second the whole time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_venue_that_floods_pings_and_never_reads_is_left_and_a_stop_is_honoured() {
-        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        use feedsim::{FeedSim, FeedSimConfig, Venue};
         let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
         sim.handle().set_flood_pings(true);
         let mut config = SourceConfig::new("flood", &sim.url(Venue::Binance), "binance");
@@ -718,7 +718,7 @@ mod tests {
     /// A stop does not wait for a write the venue is not taking, however long `write_timeout_ms`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_does_not_wait_for_a_stalled_write() {
-        use crate::feedsim::{FeedSim, FeedSimConfig, Venue};
+        use feedsim::{FeedSim, FeedSimConfig, Venue};
         let sim = FeedSim::start(FeedSimConfig::default()).await.unwrap();
         sim.handle().set_flood_pings(true);
         let mut config = SourceConfig::new("stalled", &sim.url(Venue::Binance), "binance");

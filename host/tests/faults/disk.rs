@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 use crate::common::{SluiceProcess, SmallDisk, free_addr};
 

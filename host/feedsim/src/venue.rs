@@ -756,7 +756,7 @@ fn uuid(v: u128) -> String {
 pub(super) fn rfc3339_micros(time_us: u64) -> String {
     let secs = time_us / 1_000_000;
     let (days, day_secs) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = crate::clock::civil_from_days(days as i64);
+    let (year, month, day) = civil_from_days(days as i64);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
         day_secs / 3_600,
@@ -764,6 +764,22 @@ pub(super) fn rfc3339_micros(time_us: u64) -> String {
         day_secs % 60,
         time_us % 1_000_000
     )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar (Howard
+/// Hinnant's `civil_from_days`, as the host's `clock` has it; the simulator depends on no part of
+/// the host).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]

@@ -88,8 +88,8 @@
 //! a gap in the trade ids, a malformed and an oversized frame.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), sluice::feedsim::FeedSimError> {
-//! use sluice::feedsim::{FeedSim, FeedSimConfig, Venue};
+//! # async fn demo() -> Result<(), feedsim::FeedSimError> {
+//! use feedsim::{FeedSim, FeedSimConfig, Venue};
 //!
 //! let sim = FeedSim::start(FeedSimConfig { trades_per_second: 200.0, ..FeedSimConfig::default() }).await?;
 //! let url = sim.url(Venue::Binance); // ws://127.0.0.1:PORT/binance
