@@ -1,24 +1,27 @@
 //! Build steps the host needs before it compiles:
 //! 1. `proto/` compiled to Rust by prost (through protox, a pure-Rust protobuf compiler, so no
 //!    `protoc` binary is needed), plus the encoded descriptor set the Druid spec carries.
-//! 2. Every crate in `plugins/` built to a `wasm32-wasip2` component, so `sluice demo`, the tests and
-//!    the benchmarks run real `.wasm` files. The wasm target is installed with rustup when missing.
+//! 2. Every crate in `plugins/` and `host/tests/plugins/` (the plugins only the tests use) built to a
+//!    `wasm32-wasip2` component, so `sluice demo`, the tests and the benchmarks run real `.wasm` files. The wasm target is installed with rustup when missing.
 //!    Set `SLUICE_PLUGIN_DIR` to a folder of prebuilt `.wasm` files to skip this step.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The package names of the crates in `plugins/` (each folder with a `Cargo.toml`): every one is
-/// built to wasm, so a new plugin needs no list kept here.
+/// The package names of the crates in `plugins/` and `host/tests/plugins/` (each
+/// folder with a `Cargo.toml`): every one is built to wasm, so a new plugin needs no list kept here.
 fn plugin_packages(root: &Path) -> Vec<String> {
-    let dir = root.join("plugins");
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| std::fs::read_to_string(entry.path().join("Cargo.toml")).ok())
-        .filter_map(|manifest| package_name(&manifest))
-        .collect();
+    let mut names = Vec::new();
+    for dir in [root.join("plugins"), root.join("host/tests/plugins")] {
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+        names.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| std::fs::read_to_string(entry.path().join("Cargo.toml")).ok())
+                .filter_map(|manifest| package_name(&manifest)),
+        );
+    }
     names.sort();
     names
 }
@@ -61,7 +64,7 @@ fn compile_protos(root: &Path) {
 }
 
 fn build_plugins(root: &Path) -> PathBuf {
-    for dir in ["plugins", "plugin-sdk/src", "plugin-sdk/wit", "wit"] {
+    for dir in ["plugins", "host/tests/plugins", "plugin-sdk/src", "plugin-sdk/wit", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());

@@ -453,7 +453,7 @@ impl PluginServer {
 
 const TOKEN: &str = "s3cret-token";
 
-/// A `wasi:cli/command` component (plugins/other-world), built by build.rs with the plugins.
+/// A `wasi:cli/command` component (host/tests/plugins/other-world), built by build.rs with the plugins.
 fn other_world() -> Vec<u8> {
     std::fs::read(format!("{}/other_world.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap()
 }
