@@ -137,21 +137,10 @@ pub async fn replay(
         stats.set_state(State::Stopped);
         return;
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!(source = %config.name, path = %path.display(), error = %e, "cannot read the recording");
-            stats.set_state(State::Stopped);
-            return;
-        }
-    };
-    if start > 0
-        && let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await
-    {
-        tracing::error!(source = %config.name, path = %path.display(), error = %e, "cannot seek in the recording");
+    let Some(file) = open_at(&config.name, &path, start).await else {
         stats.set_state(State::Stopped);
         return;
-    }
+    };
     stats.set_state(State::Up);
     let mut lines = tokio::io::BufReader::with_capacity(1 << 16, file);
     let started = Instant::now();
@@ -189,22 +178,7 @@ pub async fn replay(
                 _ = shutdown.changed() => break,
             }
         }
-        let received_at_us = now_us();
-        stats.frames.fetch_add(1, Ordering::Relaxed);
-        stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        stats.last_message_us.store(received_at_us, Ordering::Relaxed);
-        let oversized = (len > config.max_frame_bytes).then_some(len);
-        if oversized.is_some() {
-            stats.oversized.fetch_add(1, Ordering::Relaxed);
-        }
-        let frame = Frame {
-            source: id,
-            received_at_us,
-            bytes: Bytes::copy_from_slice(&line),
-            oversized,
-            overlap: false,
-            file_offset: offset,
-        };
+        let frame = counted_frame(&stats, id, &line, len, offset, config.max_frame_bytes);
         tokio::select! {
             sent_ok = out.send(frame) => if sent_ok.is_err() { break },
             _ = shutdown.changed() => break,
@@ -213,6 +187,45 @@ pub async fn replay(
     }
     tracing::info!(source = %config.name, path = %path.display(), frames = sent, from = start, to = offset, finished, "replay finished");
     stats.set_state(if finished { State::Finished } else { State::Stopped });
+}
+
+/// Opens the recording and moves to `start`; a file that cannot be opened or sought is logged.
+async fn open_at(source: &str, path: &std::path::Path, start: u64) -> Option<tokio::fs::File> {
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(source, path = %path.display(), error = %e, "cannot read the recording");
+            return None;
+        }
+    };
+    if start > 0
+        && let Err(e) = file.seek(std::io::SeekFrom::Start(start)).await
+    {
+        tracing::error!(source, path = %path.display(), error = %e, "cannot seek in the recording");
+        return None;
+    }
+    Some(file)
+}
+
+/// Counts a line of `len` bytes (`kept` holds at most `max` of them) in the source's stats and
+/// makes it a frame ending at `offset` in the file.
+fn counted_frame(stats: &SourceStats, id: u32, kept: &[u8], len: usize, offset: u64, max: usize) -> Frame {
+    let received_at_us = now_us();
+    stats.frames.fetch_add(1, Ordering::Relaxed);
+    stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    stats.last_message_us.store(received_at_us, Ordering::Relaxed);
+    let oversized = (len > max).then_some(len);
+    if oversized.is_some() {
+        stats.oversized.fetch_add(1, Ordering::Relaxed);
+    }
+    Frame {
+        source: id,
+        received_at_us,
+        bytes: Bytes::copy_from_slice(kept),
+        oversized,
+        overlap: false,
+        file_offset: offset,
+    }
 }
 
 /// Reads the next line into `kept`, keeping at most `max` bytes of it; the rest is read and

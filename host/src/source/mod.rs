@@ -237,14 +237,7 @@ pub async fn run(
                 break;
             }
             End::Replace(why) => {
-                let counter = match why {
-                    Replace::Age => &stats.rotations,
-                    Replace::ShutdownNotice => {
-                        stats.shutdown_notices.fetch_add(1, Ordering::Relaxed);
-                        &stats.reconnects
-                    }
-                    Replace::PongTimeout | Replace::Idle => &stats.reconnects,
-                };
+                let counter = replacement_counter(&stats, why);
                 tracing::info!(source = %config.name, reason = ?why, "replacing the connection");
                 match replace(&config, id, &host, ws, &out, &stats, &limiter, &mut shutdown).await {
                     Some(next) => {
@@ -269,6 +262,19 @@ pub async fn run(
         }
     }
     stats.set_state(State::Stopped);
+}
+
+/// The counter a replacement for `why` adds to once the next connection is up: a rotation for age,
+/// a reconnect otherwise (a shutdown notice is also counted as such at once).
+fn replacement_counter(stats: &SourceStats, why: Replace) -> &std::sync::atomic::AtomicU64 {
+    match why {
+        Replace::Age => &stats.rotations,
+        Replace::ShutdownNotice => {
+            stats.shutdown_notices.fetch_add(1, Ordering::Relaxed);
+            &stats.reconnects
+        }
+        Replace::PongTimeout | Replace::Idle => &stats.reconnects,
+    }
 }
 
 /// Starts a closing handshake, waiting at most a second: a venue that never answers it (or a dead

@@ -248,8 +248,38 @@ pub fn supervisor_spec(
     validate(cfg, descriptor_set, brokers)?;
     let bootstrap = bootstrap_servers(cfg, brokers).unwrap_or_default();
 
-    let metrics: Vec<Value> = cfg
-        .metrics
+    let metrics = metrics_spec(cfg);
+    let io = io_config(cfg, descriptor_set, bootstrap);
+    let json = json!({
+        "type": "kafka",
+        "spec": {
+            "dataSchema": {
+                "dataSource": cfg.datasource,
+                "timestampSpec": { "column": cfg.timestamp_column, "format": "millis" },
+                "dimensionsSpec": { "dimensions": cfg.dimensions },
+                "metricsSpec": metrics,
+                "granularitySpec": {
+                    "type": "uniform",
+                    "segmentGranularity": cfg.segment_granularity.as_druid(),
+                    "queryGranularity": cfg.query_granularity.as_druid(),
+                    "rollup": cfg.rollup,
+                },
+            },
+            "ioConfig": io,
+            "tuningConfig": {
+                "type": "kafka",
+                "logParseExceptions": true,
+                "maxSavedParseExceptions": 100,
+            },
+        },
+        "suspended": false,
+    });
+    Ok(SupervisorSpec { id: SupervisorId(cfg.datasource.clone()), json })
+}
+
+/// The spec's `metricsSpec`: one aggregator per configured metric.
+fn metrics_spec(cfg: &DruidSinkConfig) -> Vec<Value> {
+    cfg.metrics
         .iter()
         .map(|m| {
             let mut o = Map::new();
@@ -260,8 +290,12 @@ pub fn supervisor_spec(
             }
             Value::Object(o)
         })
-        .collect();
+        .collect()
+}
 
+/// The spec's `ioConfig`: the topic, the rows' protobuf format with the descriptor inline, and a
+/// consumer that reads only committed transactions.
+fn io_config(cfg: &DruidSinkConfig, descriptor_set: &[u8], bootstrap: &str) -> Value {
     let mut consumer = Map::new();
     consumer.insert("bootstrap.servers".into(), bootstrap.into());
     consumer.insert("isolation.level".into(), "read_committed".into());
@@ -294,32 +328,7 @@ pub fn supervisor_spec(
             io.insert("earlyMessageRejectionPeriod".into(), p.clone().into());
         }
     }
-
-    let json = json!({
-        "type": "kafka",
-        "spec": {
-            "dataSchema": {
-                "dataSource": cfg.datasource,
-                "timestampSpec": { "column": cfg.timestamp_column, "format": "millis" },
-                "dimensionsSpec": { "dimensions": cfg.dimensions },
-                "metricsSpec": metrics,
-                "granularitySpec": {
-                    "type": "uniform",
-                    "segmentGranularity": cfg.segment_granularity.as_druid(),
-                    "queryGranularity": cfg.query_granularity.as_druid(),
-                    "rollup": cfg.rollup,
-                },
-            },
-            "ioConfig": io,
-            "tuningConfig": {
-                "type": "kafka",
-                "logParseExceptions": true,
-                "maxSavedParseExceptions": 100,
-            },
-        },
-        "suspended": false,
-    });
-    Ok(SupervisorSpec { id: SupervisorId(cfg.datasource.clone()), json })
+    io
 }
 
 /// The topic a replay named `name` writes its rows to: `<topic>.replay.<name>`.
