@@ -244,7 +244,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert_eq!(source["gaps"], 0, "{listed}");
     // A version in shadow beside the decoder, so every plugin metric has a series.
     let uploaded: serde_json::Value = http
-        .put(format!("http://{api}/v1/plugins/binance"))
+        .put(format!("http://{api}/v1/plugins/binance?replace=true"))
         .bearer_auth(TOKEN)
         .body(sluice::plugin::bundled::KRAKEN)
         .send()

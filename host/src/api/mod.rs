@@ -10,7 +10,7 @@
 //! | `GET /v1/log` | 200 `{"mode", "partitions": [...]}` (`mode`: `local` or `kafka`; per partition "partition", "start", "end", "committed", "lag") |
 //! | `GET /v1/query?sql=...&limit=N` | 200 `{"columns", "rows", "truncated"}` |
 //! | `GET /v1/plugins`, `GET /v1/plugins/{name}` | versions, the active one, shadow comparison, counts |
-//! | `PUT /v1/plugins/{name}` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known) |
+//! | `PUT /v1/plugins/{name}[?replace=true]` (body: `.wasm`) | 201 `{"name", "version", "digest", "size_bytes", "created"}` (200 if known; 409 `not_same_rule` for another declared name or state format) |
 //! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it; 409 when no source uses it |
 //! | `POST /v1/plugins/{name}/promote`, `.../rollback` | 200, the plugin as `GET` shows it |
 //! | `DELETE /v1/plugins/{name}/versions/{version}` | 204; 409 for the active or shadow version |
