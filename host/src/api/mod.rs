@@ -14,6 +14,10 @@
 //! | `POST /v1/plugins/{name}/activate[?mode=shadow]` `{"version"}` | 200, the plugin as `GET` shows it; 409 when no source uses it |
 //! | `POST /v1/plugins/{name}/promote`, `.../rollback` | 200, the plugin as `GET` shows it |
 //! | `DELETE /v1/plugins/{name}/versions/{version}` | 204; 409 for the active or shadow version |
+//! | `GET /v1/sources/{name}/chain` | 200 `{"source", "edited", "links": [{"plugin", "config", "version", "state_key"}]}` |
+//! | `POST /v1/sources/{name}/chain/links` `{"plugin", "config"?, "at"?, "version"?}` | 200, the chain with the link added (empty state) |
+//! | `PUT /v1/sources/{name}/chain/links/{at}[?state=empty]` `{"config"}` | 200, the chain with the link's configuration changed (state kept) |
+//! | `DELETE /v1/sources/{name}/chain/links/{at}`, `DELETE /v1/sources/{name}/chain` | 200, the chain without the link, or the configuration's again |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise); with
@@ -32,6 +36,7 @@
 //! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
 
 mod auth;
+mod chains;
 mod error;
 mod health;
 mod log;
@@ -55,7 +60,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -242,6 +247,8 @@ pub struct ApiState {
     log: Arc<std::sync::OnceLock<LogProbe>>,
     /// The replay jobs of `/v1/replay`.
     replays: Arc<replay::ReplayJobs>,
+    /// The chains `/v1/sources/{name}/chain` shows and edits, where this instance runs them.
+    chains: Option<Arc<crate::chains::ChainBook>>,
 }
 
 impl ApiState {
@@ -266,6 +273,7 @@ impl ApiState {
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             log: Arc::default(),
             replays: Arc::default(),
+            chains: None,
         }
     }
 
@@ -291,6 +299,13 @@ impl ApiState {
         self
     }
 
+    /// Shows and edits the chains of `book` on `/v1/sources/{name}/chain` (and `/v1/sources` lists
+    /// them as they run).
+    pub fn with_chains(mut self, book: Arc<crate::chains::ChainBook>) -> Self {
+        self.chains = Some(book);
+        self
+    }
+
     /// Lists the sources of `directory` on `/v1/sources`.
     pub fn with_sources(mut self, directory: Arc<SourceDirectory>) -> Self {
         self.sources = directory;
@@ -309,6 +324,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/plugins/{name}/promote", post(plugins::promote))
         .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/plugins/{name}/versions/{version}", delete(plugins::delete))
+        .route("/v1/sources/{name}/chain", get(chains::get_chain).delete(chains::reset_chain))
+        .route("/v1/sources/{name}/chain/links", post(chains::add_link))
+        .route("/v1/sources/{name}/chain/links/{at}", put(chains::configure_link).delete(chains::remove_link))
         .route("/v1/replay", post(replay::start))
         .route("/v1/replay/{id}", get(replay::status).delete(replay::cancel))
         .route("/v1/replay/tables", get(replay::list))

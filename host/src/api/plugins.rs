@@ -28,7 +28,7 @@ impl PluginDirectory {
         let _ = self.0.set(registry);
     }
 
-    fn get(&self) -> Result<Arc<Registry>, ApiError> {
+    pub(super) fn get(&self) -> Result<Arc<Registry>, ApiError> {
         self.0.get().cloned().ok_or_else(|| ApiError::Unavailable("the plugins are still loading".into()))
     }
 }

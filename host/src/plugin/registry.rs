@@ -146,7 +146,8 @@ pub struct Registry {
     runtime: Arc<Runtime>,
     dir: PathBuf,
     limits: HashMap<String, Limits>,
-    bindings: HashMap<String, Vec<Binding>>,
+    /// The sources bound to each plugin; chain edits change them.
+    bindings: Mutex<HashMap<String, Vec<Binding>>>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -230,7 +231,7 @@ fn check_name(name: &str) -> Result<(), RegistryError> {
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one: a temporary file in the
 /// same directory, synced, renamed over `path`, and the directory synced.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -272,6 +273,7 @@ impl Registry {
             .into_iter()
             .map(|(name, meta)| (name, Entry { meta, compiled: HashMap::new(), slot: None }))
             .collect();
+        let bindings = Mutex::new(bindings);
         Ok(Registry { runtime, dir: dir.to_owned(), limits, bindings, entries: Mutex::new(entries) })
     }
 
@@ -313,7 +315,8 @@ impl Registry {
     fn compile_checked(&self, name: &str, wasm: &[u8]) -> Result<Arc<PluginCode>, RegistryError> {
         let code = self.runtime.compile(name, wasm, self.limits_of(name)).map_err(RegistryError::Invalid)?;
         let unbound = [Binding { source: String::new(), config: Vec::new() }];
-        let bindings = self.bindings.get(name).map(Vec::as_slice).filter(|b| !b.is_empty()).unwrap_or(&unbound);
+        let bound = self.bindings_of(name);
+        let bindings = Some(bound.as_slice()).filter(|b| !b.is_empty()).unwrap_or(&unbound);
         // Each distinct configuration once: many sources often share one, and every check is an
         // instance and an `init` call.
         let mut checked: std::collections::HashSet<&[(String, String)]> = std::collections::HashSet::new();
@@ -427,7 +430,7 @@ impl Registry {
         let code = self.code_of(name, &version)?;
         if code.state_format().is_none() {
             // No instance has started yet: one does, and records the format.
-            let config = self.bindings.get(name).and_then(|b| b.first()).map(|b| b.config.clone());
+            let config = self.bindings_of(name).into_iter().next().map(|b| b.config);
             let _ = PluginInstance::new(&code, &config.unwrap_or_default());
         }
         let declared = std::fs::read(self.blob_path(&digest)).ok().and_then(|wasm| declared_name(&wasm));
@@ -514,7 +517,61 @@ impl Registry {
 
     /// Whether any source of this process runs plugin `name`.
     pub fn is_bound(&self, name: &str) -> bool {
-        self.bindings.get(name).is_some_and(|b| !b.is_empty())
+        !self.bindings_of(name).is_empty()
+    }
+
+    fn bindings_of(&self, name: &str) -> Vec<Binding> {
+        let bindings = self.bindings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        bindings.get(name).cloned().unwrap_or_default()
+    }
+
+    /// A chain edit of `source`: its links were `before` and are `after` (plugin, configuration),
+    /// so uploads are checked against the configurations that run and activation knows the plugin
+    /// runs somewhere.
+    pub fn rebind(
+        &self,
+        source: &str,
+        before: &[(String, Vec<(String, String)>)],
+        after: &[(String, Vec<(String, String)>)],
+    ) {
+        let mut bindings = self.bindings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (plugin, config) in before {
+            if let Some(list) = bindings.get_mut(plugin)
+                && let Some(i) = list.iter().position(|b| b.source == source && &b.config == config)
+            {
+                list.remove(i);
+            }
+        }
+        for (plugin, config) in after {
+            bindings
+                .entry(plugin.clone())
+                .or_default()
+                .push(Binding { source: source.to_owned(), config: config.clone() });
+        }
+    }
+
+    /// Makes sure plugin `name` has an active version: `version` is activated when given, else the
+    /// active one stays, else the newest uploaded is activated. Returns its slot.
+    ///
+    /// # Errors
+    /// Unknown plugin or version, or a version that does not compile or start.
+    pub fn ensure_active(&self, name: &str, version: Option<&str>) -> Result<Arc<Slot>, RegistryError> {
+        let (active, newest) = {
+            let entries = self.lock();
+            let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+            (entry.meta.active.clone(), entry.meta.versions.last().map(|v| v.version.clone()))
+        };
+        match (version, active, newest) {
+            (Some(v), _, _) => {
+                self.activate(name, v, Mode::Active)?;
+            }
+            (None, Some(_), _) => return self.load(name),
+            (None, None, Some(v)) => {
+                self.activate(name, &v, Mode::Active)?;
+            }
+            (None, None, None) => return Err(RegistryError::UnknownPlugin(name.to_owned())),
+        }
+        self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))
     }
 
     /// The part of [`activate`](Self::activate) under the lock: `version` must still be stored (a
@@ -673,12 +730,27 @@ impl Registry {
         let has_active = self.lock().get(name).is_some_and(|e| e.meta.active.is_some());
         if uploaded.created || !has_active {
             self.activate(name, &uploaded.version, Mode::Active)?;
-        } else {
-            // Compile what the index says is active (and in shadow), and publish it.
+            return self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()));
+        }
+        self.load(name)
+    }
+
+    /// The slot of plugin `name` running the version the index says is active (and in shadow),
+    /// compiled from its stored blob: how a plugin uploaded over the API, with no file or bundled
+    /// bytes, starts again after a restart.
+    ///
+    /// # Errors
+    /// The plugin has no active version, or neither it nor an earlier one loads.
+    pub fn load(&self, name: &str) -> Result<Arc<Slot>, RegistryError> {
+        if let Some(slot) = self.slot(name) {
+            return Ok(slot);
+        }
+        {
             let (active, shadow) = {
                 let entries = self.lock();
-                let e = entries.get(name).expect("uploaded above");
-                (e.meta.active.clone().expect("checked above"), e.meta.shadow.clone())
+                let e = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+                let active = e.meta.active.clone().ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+                (active, e.meta.shadow.clone())
             };
             let code = match self.code_of(name, &active) {
                 Ok(code) => code,
@@ -693,7 +765,7 @@ impl Registry {
                 }
             });
             let mut entries = self.lock();
-            let entry = entries.get_mut(name).expect("uploaded above");
+            let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
             if let Some(s) = shadow_code {
                 entry.compiled.insert(s.version().to_owned(), s);
             }
