@@ -352,8 +352,8 @@ impl Registry {
             && let Some(ours) = declared_name(wasm).filter(|ours| ours != theirs)
         {
             return Err(RegistryError::NotSameRule(format!(
-                "the upload declares plugin {ours:?}, but {name:?} runs {theirs:?}: a name holds versions of one \
-                 rule. Upload it under its own name (PUT /v1/plugins/{ours}), or add ?replace=true to make it \
+                "the upload declares plugin {ours:?}, but the active version of {name:?} declares {theirs:?}: a \
+                 name holds versions of one rule. Upload it under its own name (PUT /v1/plugins/{ours}), or add ?replace=true to make it \
                  the next version of {name:?}"
             )));
         }
