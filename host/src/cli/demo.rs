@@ -394,6 +394,11 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             "plugin uploads: curl -X PUT -H 'Authorization: Bearer {}' --data-binary @plugin.wasm http://{}/v1/plugins/<name>",
             token.0, running.api_addr
         );
+        println!(
+            "into a chain:   curl -X POST -H 'Authorization: Bearer {}' -d '{{\"plugin\": \"<name>\", \"at\": 0}}' \
+             http://{}/v1/sources/<source>/chain/links",
+            token.0, running.api_addr
+        );
     }
     match args.seconds {
         Some(n) => println!("running for {n} s (Ctrl-C stops earlier)"),

@@ -124,3 +124,73 @@ impl LiveChains {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use plugin_sdk::{Record, Records};
+
+    use super::LiveChains;
+    use crate::chain::{Chain, Unguarded};
+    use crate::chains::{BookLink, ChainBook, Edit};
+    use crate::config::{Config, Link, SourceConfig};
+    use crate::plugin::registry::Registry;
+    use crate::plugin::{Runtime, RuntimeSettings, bundled};
+
+    /// Between two batches an edit rebuilds the chain from the links it runs: a configuration
+    /// change keeps the link's state, a link added in front starts empty while the one behind
+    /// keeps its state, and a removed stateful link's state is reset for the next commit.
+    #[test]
+    fn edits_carry_state_to_the_links_that_stay() {
+        let dir = std::env::temp_dir().join(format!("sluice-edits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = RuntimeSettings { max_instances: 16, max_memory_bytes: 64 << 20, ..RuntimeSettings::default() };
+        let runtime = Arc::new(Runtime::new(settings, Arc::new(crate::symbols::Symbols::new())).unwrap());
+        let registry = Arc::new(Registry::open(runtime, &dir.join("plugins"), HashMap::new(), HashMap::new()).unwrap());
+        registry.deploy("vwap-band", bundled::VWAP_BAND).unwrap();
+        registry.deploy("min-volume", bundled::MIN_VOLUME).unwrap();
+        let mut source = SourceConfig::new("a", "ws://x", "binance");
+        source.transforms = Some(vec![Link::new("vwap-band")]);
+        let book = Arc::new(ChainBook::open(&dir, &Config { sources: vec![source], ..Config::default() }).unwrap());
+        let live = LiveChains::new(book.clone(), registry, std::time::Duration::from_secs(2));
+        let first = BookLink { plugin: "vwap-band".into(), config: Default::default(), state_key: 0 };
+        let mut chains = HashMap::from([(7, Chain::keyed(7, vec![(0, live.link(&first).unwrap())]))]);
+        let names = HashMap::from([(7, Arc::from("a"))]);
+        let mut records = Records::new();
+        for i in 0..5 {
+            records.push(&Record { symbol_id: 1, trade_id: i, price_e8: 100, volume_e8: 1, ..Record::default() });
+        }
+        let run = |chains: &mut HashMap<u32, Chain>| {
+            let chain = chains.get_mut(&7).unwrap();
+            chain.run(records.as_bytes(), &mut Unguarded).unwrap();
+            chain.commit_state();
+        };
+        run(&mut chains);
+        let state = chains[&7].links()[0].state().entries();
+        assert!(!state.is_empty(), "vwap-band keeps its window");
+
+        let band = [("band_pct".to_owned(), "7".to_owned())].into_iter().collect();
+        book.edit("a", Edit::Configure { at: 0, config: band, empty_state: false }).unwrap();
+        live.apply(&mut chains, &names, &|_, _| {}).unwrap();
+        let link = &chains[&7].links()[0];
+        assert_eq!((link.config(), link.state().entries()), (&[("band_pct".into(), "7".into())][..], state.clone()));
+
+        let insert = Edit::Insert { plugin: "min-volume".into(), config: Default::default(), at: Some(0) };
+        book.edit("a", insert).unwrap();
+        live.apply(&mut chains, &names, &|_, _| {}).unwrap();
+        assert_eq!(chains[&7].keys(), [1, 0]);
+        assert_eq!(chains[&7].links()[1].state().entries(), state, "the link behind keeps its state");
+        run(&mut chains);
+
+        book.edit("a", Edit::Remove(1)).unwrap();
+        live.apply(&mut chains, &names, &|_, _| {}).unwrap();
+        assert_eq!(chains[&7].keys(), [1]);
+        let (key, retired) = &chains[&7].retired()[0];
+        assert_eq!((*key, retired.pending().0), (0, true), "the removed link's stored state is deleted");
+        chains.get_mut(&7).unwrap().commit_state();
+        assert!(chains[&7].retired().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
