@@ -19,6 +19,11 @@ pub struct Chain {
     /// The source whose records run here: every link's output carries its id.
     source: u32,
     links: Vec<Transformer>,
+    /// Each link's state key, where the store keeps its state (see [`crate::chains`]).
+    keys: Vec<u32>,
+    /// The state of links an edit removed, reset, with their keys: the next commit deletes their
+    /// stored entries.
+    retired: Vec<(u32, crate::transform::LinkState)>,
 }
 
 /// A record a link refused, waiting to be dead-lettered or reported.
@@ -101,9 +106,51 @@ impl Hooks for Unguarded {
 }
 
 impl Chain {
-    /// The chain of `links` of source `source`.
+    /// The chain of `links` of source `source`, their state keys their positions.
     pub fn new(source: u32, links: Vec<Transformer>) -> Self {
-        Chain { source, links }
+        let keys = (0..links.len() as u32).collect();
+        Chain { source, links, keys, retired: Vec::new() }
+    }
+
+    /// The chain of `links` of source `source`, each with its state key.
+    pub fn keyed(source: u32, links: Vec<(u32, Transformer)>) -> Self {
+        let (keys, links) = links.into_iter().unzip();
+        Chain { source, links, keys, retired: Vec::new() }
+    }
+
+    /// The state key of link `link` (its position in a chain never edited).
+    pub fn key(&self, link: usize) -> u32 {
+        self.keys.get(link).copied().unwrap_or(link as u32)
+    }
+
+    /// Each link's state key, in order.
+    pub fn keys(&self) -> &[u32] {
+        &self.keys
+    }
+
+    /// Takes the links out, each with its state key, to rebuild the chain after an edit.
+    pub fn take_links(&mut self) -> Vec<(u32, Transformer)> {
+        let keys = std::mem::take(&mut self.keys);
+        keys.into_iter().zip(std::mem::take(&mut self.links)).collect()
+    }
+
+    /// Runs `links` from the next batch on.
+    pub fn set_links(&mut self, links: Vec<(u32, Transformer)>) {
+        (self.keys, self.links) = links.into_iter().unzip();
+    }
+
+    /// `link`, removed by an edit: its stored state is deleted with the next commit.
+    pub fn retire(&mut self, key: u32, link: Transformer) {
+        let mut state = link.state().clone();
+        if let Some(format) = state.format().map(str::to_owned) {
+            state.reset(Some(format));
+            self.retired.push((key, state));
+        }
+    }
+
+    /// The states of removed links the next commit deletes.
+    pub fn retired(&self) -> &[(u32, crate::transform::LinkState)] {
+        &self.retired
     }
 
     /// The source whose chain this is.
@@ -126,6 +173,7 @@ impl Chain {
         for link in self.links.iter_mut().filter(|t| t.state().is_dirty()) {
             link.state_mut().commit();
         }
+        self.retired.clear();
     }
 
     /// Drops every link's state changes since the last commit: their records will be read again.

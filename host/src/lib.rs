@@ -13,7 +13,8 @@
 //! - [`decode`] and [`transform`]: frames through a source's decoder; records through one link,
 //!   with retry, bisection and the link's state.
 //! - [`chain`]: a source's links in order, the one runner the process role, replay and
-//!   `sluice plugin test` share (rejects naming their link, source stamping).
+//!   `sluice plugin test` share (rejects naming their link, source stamping); [`chains`]: the
+//!   chain each source runs, as configured or as edited over the API (kept in the data directory).
 //! - [`sink`]: where rows land: the embedded SQLite store, or Druid through a Kafka topic.
 //! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
 //! - [`config`]: the TOML configuration, one table per stage; [`datadir`]: the lock that makes one
@@ -48,3 +49,4 @@ pub mod transform;
 
 /// After [`transform`]: it runs a source's links, each a [`transform::Transformer`].
 pub mod chain;
+pub mod chains;

@@ -270,6 +270,11 @@ impl Transformer {
         }
     }
 
+    /// The configuration the link's plugin runs with.
+    pub fn config(&self) -> &[(String, String)] {
+        self.plugin.config()
+    }
+
     /// The plugin version the last batch ran on (the one the next batch starts from).
     pub fn plugin(&self) -> &crate::plugin::PluginCode {
         self.plugin.code()

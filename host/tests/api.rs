@@ -623,14 +623,26 @@ async fn versions_are_uploaded_activated_shadowed_rolled_back_and_deleted() {
     use reqwest::Method;
     let mut p = PluginServer::start("lifecycle", Some(TOKEN)).await;
     let v1 = version_of(bundled::BINANCE);
-    let (status, up) = p.send(Method::PUT, "/v1/plugins/binance", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    // Kraken's decoder is another rule than binance: taken under its name only when told to.
+    let (status, body) = p.send(Method::PUT, "/v1/plugins/binance", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::CONFLICT, "not_same_rule"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"kraken\"") && message.contains("?replace=true"), "{message}");
+    let (status, listed) = p.send(Method::GET, "/v1/plugins/binance", None, vec![]).await;
+    assert_eq!((status, listed["versions"].as_array().unwrap().len()), (StatusCode::OK, 1), "nothing stored: {listed}");
+    let (status, body) =
+        p.send(Method::PUT, "/v1/plugins/binance?replace=maybe", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "{body}");
+    let (status, up) =
+        p.send(Method::PUT, "/v1/plugins/binance?replace=true", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
     assert_eq!(status, StatusCode::CREATED, "{up}");
     let v2 = up["version"].as_str().unwrap().to_owned();
     assert_eq!(v2, version_of(bundled::KRAKEN));
     assert_eq!(up["size_bytes"], bundled::KRAKEN.len());
     assert_eq!(up["digest"].as_str().unwrap().len(), 64);
     assert_eq!(up["created"], true);
-    let (status, again) = p.send(Method::PUT, "/v1/plugins/binance", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
+    let (status, again) =
+        p.send(Method::PUT, "/v1/plugins/binance?replace=true", Some(TOKEN), bundled::KRAKEN.to_vec()).await;
     assert_eq!((status, again["version"].clone(), again["created"].clone()), (StatusCode::OK, json!(v2), json!(false)));
 
     let activate = |version: &str| serde_json::to_vec(&json!({ "version": version })).unwrap();

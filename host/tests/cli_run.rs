@@ -244,7 +244,7 @@ subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
     assert_eq!(source["gaps"], 0, "{listed}");
     // A version in shadow beside the decoder, so every plugin metric has a series.
     let uploaded: serde_json::Value = http
-        .put(format!("http://{api}/v1/plugins/binance"))
+        .put(format!("http://{api}/v1/plugins/binance?replace=true"))
         .bearer_auth(TOKEN)
         .body(sluice::plugin::bundled::KRAKEN)
         .send()
@@ -314,6 +314,7 @@ fn demo_with_every_venue_rolls_up_every_venues_symbols() {
     let venues = "binance,coinbase,kraken,okx,bybit,bitstamp,kraken-v2,coinbase-advanced";
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["demo", "--seconds", "6", "--rate", "20", "--venues", venues, "--api-addr", &api.to_string()])
+        .args(["--feed-addr", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&dir)
         .output()
@@ -438,6 +439,7 @@ fn a_demo_run_again_on_its_data_directory_rolls_up_the_new_trades() {
         let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["demo", "--seconds", "4", "--rate", "50", "--venues", "binance", "--api-addr", &api.to_string()])
+            .args(["--feed-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&dir)
             .output()
@@ -654,4 +656,47 @@ transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_
     assert!(counts.contains(" rejects=0 "), "{counts}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
+}
+
+/// `sluice demo --print-config` writes a file from which `sluice demo --config` runs the same demo:
+/// the file read back prints the same configuration (the one the demo runs, sources, subscribe
+/// messages and the Binance chain included), and the demo run from it starts its simulator where
+/// the sources look for it, so every venue's trades are rolled up.
+#[test]
+fn the_demo_runs_from_its_printed_configuration() {
+    let dir = temp("demo-config");
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let (feed, api) = (free(), free());
+    let data = dir.join("data");
+    let print = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["demo", "--print-config", "--feed-addr", &feed, "--api-addr", &api, "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = print(&[]);
+    assert!(printed.contains("[[source.transforms]]") && printed.contains("\"outlier-filter\""), "{printed}");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("demo.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let file_arg = file.to_str().unwrap();
+    assert_eq!(print(&["--config", file_arg]), printed, "the demo from the file is the default demo");
+    let check = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config", file_arg]).output().unwrap();
+    assert!(check.status.success(), "a valid `sluice run` configuration: {}", String::from_utf8_lossy(&check.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--config", file_arg, "--seconds", "5", "--rate", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("3 simulated venues (binance, coinbase, kraken)"), "{stdout}");
+    let q = sluice::sink::embedded::QueryConnection::open(&data.join("store.sqlite")).unwrap();
+    let rows = q.query("SELECT DISTINCT source FROM rollup ORDER BY source", 10).unwrap();
+    let sources: Vec<&str> = rows.iter().map(|r| r["source"].as_str().unwrap()).collect();
+    assert_eq!(sources, ["binance", "coinbase", "kraken"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -591,9 +591,13 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
 
     // Process: double-price in shadow first.
     let doubled = std::fs::read(format!("{}/double_price.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
-    let (status, uploaded) =
-        call(&http, reqwest::Method::PUT, format!("http://{process_api}/v1/plugins/rescale"), Some(doubled.into()))
-            .await;
+    let (status, uploaded) = call(
+        &http,
+        reqwest::Method::PUT,
+        format!("http://{process_api}/v1/plugins/rescale?replace=true"),
+        Some(doubled.into()),
+    )
+    .await;
     assert_eq!(status, 201, "{uploaded}");
     let v2 = uploaded["version"].as_str().unwrap().to_owned();
     let (status, view) = activate(&process_api, "rescale", &v2, "?mode=shadow").await;

@@ -194,7 +194,7 @@ fn the_idle_demo_costs_under_a_tenth_of_a_core() {
     let dir = temp_dir("idle");
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--rate", "0", "--api-addr", &api.to_string(), "--data-dir"])
+        .args(["demo", "--rate", "0", "--feed-addr", "127.0.0.1:0", "--api-addr", &api.to_string(), "--data-dir"])
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -447,7 +447,7 @@ async fn a_second_process_on_a_data_directory_is_refused_and_the_owner_goes_on()
     assert!(!status.success(), "{err}");
     assert!(err.contains(&format!("PID {pid}")), "{err}");
     let demo = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--seconds", "5", "--api-addr", "127.0.0.1:0", "--data-dir"])
+        .args(["demo", "--seconds", "5", "--feed-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("demo.log")).unwrap())

@@ -161,7 +161,8 @@ impl Live {
 async fn activate_the_fix(http: &reqwest::Client, api: &str) {
     let url = format!("http://{api}/v1/plugins/prices");
     let fixed = std::fs::read(format!("{}/rescale.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
-    let (status, uploaded) = api_call(http, reqwest::Method::PUT, url.clone(), TOKEN, Some(fixed.into())).await;
+    let put = format!("{url}?replace=true");
+    let (status, uploaded) = api_call(http, reqwest::Method::PUT, put, TOKEN, Some(fixed.into())).await;
     assert_eq!(status, 201, "{uploaded}");
     let body = serde_json::json!({ "version": uploaded["version"] }).to_string();
     let (status, view) =

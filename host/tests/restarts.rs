@@ -882,3 +882,125 @@ async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
     assert!(text.contains("as --skip-deleted-records asks"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A chain edited over the API while a recording runs, then `sluice run` killed with SIGKILL and
+/// started again on the same configuration. The chain is `chaos` counting each symbol's records
+/// (1, 2, 3, ... as their volume, kept as committed state); a doubling plugin, uploaded under a
+/// name of its own (which no source uses yet, so activating it is a conflict), is put in front of
+/// it over the API mid-stream:
+/// - every trade is rolled up once: the events equal the trades, and the counting link's volumes
+///   add up to n(n+1)/2 per symbol, so it kept its state through the edit and the kill;
+/// - the edit took effect mid-stream (prices before it are the recording's, after it doubled);
+/// - the restart runs the edited chain from `<data-dir>/chains.json`, over the file's, and says so;
+/// - a link whose `init` refuses a configuration is refused with 422, removing a link and
+///   returning to the file's chain answer the chain as it then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_added_over_the_api_runs_from_the_next_poll_and_survives_a_kill() {
+    let dir = temp_dir("chain-edit");
+    let file = dir.join("trades.jsonl");
+    let lines = 9_000;
+    recording(&file, lines);
+    let api = common::free_addr();
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+data_dir = "{dir}"
+
+[api]
+bind = "{api}"
+
+[process]
+max_wait_ms = 50
+
+[plugins.chaos]
+path = "{plugins}/chaos.wasm"
+
+[[source]]
+name = "recorded"
+kind = "file"
+path = "{recording}"
+rate = 1500
+decode = "binance"
+transforms = [{{ plugin = "chaos", config = {{ mode = "count" }} }}]
+"#,
+            dir = dir.display(),
+            plugins = env!("SLUICE_PLUGIN_DIR"),
+            recording = file.display(),
+        ),
+    )
+    .unwrap();
+    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
+    let token = "chain-token";
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: Option<String>| {
+        common::api_call(&http, method, format!("http://{api}{path}"), token, body.map(Into::into))
+    };
+    let mut run = SluiceProcess::run(&config, &log, &[], Some(token));
+    wait_events(&store, 1_500, &log).await;
+
+    let doubler = std::fs::read(format!("{}/double_price.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
+    let (status, up) = common::api_call(
+        &http,
+        reqwest::Method::PUT,
+        format!("http://{api}/v1/plugins/doubler"),
+        token,
+        Some(doubler.into()),
+    )
+    .await;
+    assert_eq!(status, 201, "{up}");
+    let activate = serde_json::json!({ "version": up["version"] }).to_string();
+    let (status, body) = call(reqwest::Method::POST, "/v1/plugins/doubler/activate", Some(activate)).await;
+    assert_eq!(status, 409, "no source uses it yet: {body}");
+    let bad = r#"{"plugin": "doubler", "config": {"factor": "3"}, "at": 0}"#.to_owned();
+    let (status, body) = call(reqwest::Method::POST, "/v1/sources/recorded/chain/links", Some(bad)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("plugin_init_failed")), "{body}");
+    let unknown = r#"{"plugin": "doubler"}"#.to_owned();
+    let (status, body) = call(reqwest::Method::POST, "/v1/sources/nobody/chain/links", Some(unknown)).await;
+    assert_eq!(status, 404, "{body}");
+    let add = r#"{"plugin": "doubler", "at": 0}"#.to_owned();
+    let (status, chain) = call(reqwest::Method::POST, "/v1/sources/recorded/chain/links", Some(add)).await;
+    assert_eq!(status, 200, "{chain}");
+    let links = |chain: &serde_json::Value| -> Vec<(String, u64)> {
+        let links = chain["links"].as_array().cloned().unwrap_or_default();
+        links.iter().map(|l| (l["plugin"].as_str().unwrap().to_owned(), l["state_key"].as_u64().unwrap())).collect()
+    };
+    let edited = vec![("doubler".to_owned(), 1), ("chaos".to_owned(), 0)];
+    assert_eq!((links(&chain), chain["edited"].as_bool()), (edited.clone(), Some(true)), "{chain}");
+    let at_edit = events(&store);
+    wait_events(&store, at_edit + 1_500, &log).await;
+    run.kill_9();
+
+    let mut run = SluiceProcess::run(&config, &log, &[], Some(token));
+    wait_finished(&api, &log).await;
+    let (_, chain) = call(reqwest::Method::GET, "/v1/sources/recorded/chain", None).await;
+    assert_eq!(links(&chain), edited, "the restart runs the edited chain: {chain}");
+    let listed = get(&api, "/v1/sources").await;
+    assert_eq!(listed["sources"][0]["transforms"][0]["plugin"], "doubler", "{listed}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the chain edited over the API overrides the configuration's"), "{text}");
+
+    // Every trade once, counted by a link that kept its state through the edit and the kill.
+    let traded = || (0..lines).filter(|i| i % 997 != 996 && i % 1500 != 1499);
+    let (trades, eth) = (traded().count() as i64, traded().filter(|i| i % 3 == 0).count() as i64);
+    let btc = trades - eth;
+    let rows = rollup(&store);
+    let field = |v: &String, i: usize| v.split(' ').nth(i).unwrap().parse::<f64>().unwrap();
+    assert_eq!(events(&store), trades, "each trade rolled up once");
+    let counted: f64 = rows.values().map(|v| field(v, 3)).sum();
+    assert_eq!(counted as i64, eth * (eth + 1) / 2 + btc * (btc + 1) / 2, "the counting link's state");
+    let min = rows.values().map(|v| field(v, 5)).fold(f64::MAX, f64::min);
+    let max = rows.values().map(|v| field(v, 7)).fold(0.0, f64::max);
+    assert!(min < 31_000.0 && max > 59_000.0, "recorded prices before the edit, doubled after: {min} .. {max}");
+
+    let (status, chain) = call(reqwest::Method::DELETE, "/v1/sources/recorded/chain/links/0", None).await;
+    assert_eq!((status, links(&chain)), (200, vec![("chaos".to_owned(), 0)]), "{chain}");
+    let (status, chain) = call(reqwest::Method::DELETE, "/v1/sources/recorded/chain/links/5", None).await;
+    assert_eq!(status, 400, "{chain}");
+    let (status, chain) = call(reqwest::Method::DELETE, "/v1/sources/recorded/chain", None).await;
+    assert_eq!((status, chain["edited"].as_bool()), (200, Some(false)), "{chain}");
+    assert_eq!(links(&chain), vec![("chaos".to_owned(), 2)], "the file's chain, its state started afresh");
+    run.interrupt();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -319,12 +319,28 @@ pub mod __private {
     pub fn install_panic_hook() {
         std::panic::set_hook(Box::new(|info| crate::log(crate::Level::Error, &format!("panic: {info}"))));
     }
+
+    /// `name`'s bytes as an array, for the custom section [`export!`](crate::export) writes.
+    pub const fn name_bytes<const N: usize>(name: &str) -> [u8; N] {
+        let (bytes, mut out, mut i) = (name.as_bytes(), [0u8; N], 0);
+        while i < N {
+            out[i] = bytes[i];
+            i += 1;
+        }
+        out
+    }
 }
+
+/// The name of the wasm custom section in which [`export!`] declares the plugin's name (the crate's
+/// package name): the host reads it from an upload's bytes before compiling them, and refuses a
+/// different plugin uploaded under another's name unless told to replace it.
+pub const NAME_SECTION: &str = "sluice:plugin-name";
 
 /// Makes a [`Plugin`] type the plugin this crate exports. Use it once, at the crate root.
 ///
-/// On `wasm32` it generates the component's exports; natively it expands to nothing, so the crate
-/// still builds and tests as a normal library.
+/// On `wasm32` it generates the component's exports and declares the plugin's name, the crate's
+/// package name, in the custom section [`NAME_SECTION`]; natively it expands to nothing, so the
+/// crate still builds and tests as a normal library.
 ///
 /// ```
 /// struct Passthrough;
@@ -339,6 +355,12 @@ macro_rules! export {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::__private::{Decoded, Guest, Reject, StateGuest, Transformed};
+            // The plugin's name (its package's), in a custom section the host reads before compiling:
+            // see `NAME_SECTION`.
+            #[unsafe(link_section = "sluice:plugin-name")]
+            #[used]
+            static PLUGIN_NAME: [u8; env!("CARGO_PKG_NAME").len()] =
+                $crate::__private::name_bytes(env!("CARGO_PKG_NAME"));
             struct SluiceGuest;
             ::std::thread_local! {
                 static RUNNER: ::std::cell::RefCell<$crate::Runner<$plugin>> =

@@ -77,6 +77,10 @@ pub enum ApiError {
     /// The call conflicts with the plugin's state, e.g. deleting the active version (409 `conflict`).
     #[error("{0}")]
     Conflict(String),
+    /// An upload declares another plugin name, or keeps another state format, than the version it
+    /// would follow, and `?replace=true` was not given (409 `not_same_rule`).
+    #[error("{0}")]
+    NotSameRule(String),
 }
 
 impl From<crate::plugin::registry::RegistryError> for ApiError {
@@ -88,6 +92,7 @@ impl From<crate::plugin::registry::RegistryError> for ApiError {
             R::Invalid(_) => ApiError::InvalidPlugin(e.to_string()),
             R::InitFailed { .. } => ApiError::PluginInitFailed(e.to_string()),
             R::Conflict(_) => ApiError::Conflict(e.to_string()),
+            R::NotSameRule(_) => ApiError::NotSameRule(e.to_string()),
             R::Io(_) => ApiError::Internal(e.to_string()),
         }
     }
@@ -110,7 +115,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::UnknownPlugin(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::NotSameRule(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -135,6 +140,7 @@ impl ApiError {
             ApiError::PluginInitFailed(_) => "plugin_init_failed",
             ApiError::UnknownPlugin(_) => "unknown_plugin",
             ApiError::Conflict(_) => "conflict",
+            ApiError::NotSameRule(_) => "not_same_rule",
         }
     }
 }

@@ -21,6 +21,7 @@
 //! shutdown future resolves, so tests bind port 0 and stop the server when they are done.
 
 mod auth;
+mod chains;
 mod dead_letters;
 mod error;
 mod health;
@@ -46,7 +47,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
@@ -235,6 +236,8 @@ pub struct ApiState {
     replays: Arc<replay::ReplayJobs>,
     /// What `/v1/dead-letters` needs beside the store: the symbol dictionary, or the topic.
     dead_letters: Arc<DeadLetterSource>,
+    /// The chains `/v1/sources/{name}/chain` shows and edits, where this instance runs them.
+    chains: Option<Arc<crate::chains::ChainBook>>,
 }
 
 impl ApiState {
@@ -260,6 +263,7 @@ impl ApiState {
             log: Arc::default(),
             replays: Arc::default(),
             dead_letters: Arc::default(),
+            chains: None,
         }
     }
 
@@ -290,6 +294,13 @@ impl ApiState {
         self
     }
 
+    /// Shows and edits the chains of `book` on `/v1/sources/{name}/chain` (and `/v1/sources` lists
+    /// them as they run).
+    pub fn with_chains(mut self, book: Arc<crate::chains::ChainBook>) -> Self {
+        self.chains = Some(book);
+        self
+    }
+
     /// Lists the sources of `directory` on `/v1/sources`.
     pub fn with_sources(mut self, directory: Arc<SourceDirectory>) -> Self {
         self.sources = directory;
@@ -308,6 +319,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/plugins/{name}/promote", post(plugins::promote))
         .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/plugins/{name}/versions/{version}", delete(plugins::delete))
+        .route("/v1/sources/{name}/chain", get(chains::get_chain).delete(chains::reset_chain))
+        .route("/v1/sources/{name}/chain/links", post(chains::add_link))
+        .route("/v1/sources/{name}/chain/links/{at}", put(chains::configure_link).delete(chains::remove_link))
         .route("/v1/replay", post(replay::start))
         .route("/v1/replay/{id}", get(replay::status).delete(replay::cancel))
         .route("/v1/replay/tables", get(replay::list))

@@ -28,7 +28,7 @@ impl PluginDirectory {
         let _ = self.0.set(registry);
     }
 
-    fn get(&self) -> Result<Arc<Registry>, ApiError> {
+    pub(super) fn get(&self) -> Result<Arc<Registry>, ApiError> {
         self.0.get().cloned().ok_or_else(|| ApiError::Unavailable("the plugins are still loading".into()))
     }
 }
@@ -58,19 +58,32 @@ async fn blocking<T: Send + 'static>(
         .map_err(Into::into)
 }
 
-/// `PUT /v1/plugins/{name}`: the body is the `.wasm`. 201 with the new version, 200 when these bytes
-/// were already a version of the plugin.
+/// The query of `upload`: `?replace=true` takes another rule under the name (see
+/// [`Registry::upload_as`](crate::plugin::registry::Registry::upload_as)).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UploadQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
+/// `PUT /v1/plugins/{name}[?replace=true]`: the body is the `.wasm`. 201 with the new version, 200
+/// when these bytes were already a version of the plugin, 409 `not_same_rule` when it declares
+/// another name or state format than the active version and `replace` is not set.
 pub(super) async fn upload(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(UploadQuery { replace }) =
+        query.map_err(|e| ApiError::BadRequest(format!("the only query is replace=true or false: {e}")))?;
     let body = read_body(body, state.max_body_bytes)?;
     let registry = state.plugins.get()?;
     if body.is_empty() {
         return Err(ApiError::InvalidPlugin("the body is empty: send the plugin's .wasm".into()));
     }
-    let uploaded = blocking(move || registry.upload(&name, &body)).await?;
+    let uploaded = blocking(move || registry.upload_as(&name, &body, replace)).await?;
     let status = if uploaded.created { StatusCode::CREATED } else { StatusCode::OK };
     tracing::info!(plugin = %uploaded.name, version = %uploaded.version, created = uploaded.created, "plugin uploaded");
     Ok((status, Json(uploaded)).into_response())

@@ -56,7 +56,7 @@ struct SourceView<'a> {
     plugin: &'a str,
     plugin_version: String,
     /// The transforms, in order, and the version active for each (`null` in an ingest-only instance).
-    transforms: Vec<LinkView<'a>>,
+    transforms: Vec<LinkView>,
     /// Times a worker could not start the plugin's active version (it stays on the one it runs).
     plugin_start_failures: u64,
     reconnects: u64,
@@ -78,8 +78,8 @@ struct SourceView<'a> {
 }
 
 #[derive(Serialize)]
-struct LinkView<'a> {
-    plugin: &'a str,
+struct LinkView {
+    plugin: String,
     version: Option<String>,
     /// Records this link refused (`null` where this instance runs no process role).
     rejects: Option<u64>,
@@ -109,15 +109,28 @@ pub(super) async fn list(State(state): State<ApiState>) -> Json<serde_json::Valu
                     .running
                     .get()
                     .map_or_else(|| e.slot.active().version().to_owned(), |v| v.as_str().to_owned()),
-                transforms: e
-                    .transforms
-                    .iter()
-                    .map(|(plugin, slot)| LinkView {
-                        plugin,
-                        version: slot.as_ref().map(|s| s.active().version().to_owned()),
-                        rejects: refused.map(|r| r.of(&e.name, plugin).0),
-                    })
-                    .collect(),
+                transforms: match (&state.chains, state.plugins.get()) {
+                    // The chain as it runs now, edits included.
+                    (Some(book), Ok(registry)) => book
+                        .chain(&e.name)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|l| LinkView {
+                            version: registry.slot(&l.plugin).map(|s| s.active().version().to_owned()),
+                            rejects: refused.map(|r| r.of(&e.name, &l.plugin).0),
+                            plugin: l.plugin,
+                        })
+                        .collect(),
+                    _ => e
+                        .transforms
+                        .iter()
+                        .map(|(plugin, slot)| LinkView {
+                            plugin: plugin.clone(),
+                            version: slot.as_ref().map(|s| s.active().version().to_owned()),
+                            rejects: refused.map(|r| r.of(&e.name, plugin).0),
+                        })
+                        .collect(),
+                },
                 plugin_start_failures: e.slot.start_failures(),
                 reconnects: e.stats.reconnects.load(Relaxed),
                 write_timeouts: e.stats.write_timeouts.load(Relaxed),

@@ -20,16 +20,29 @@ pub struct DemoArgs {
     /// Simulated trades per second per symbol.
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
-    /// Where the local log, the store and the plugins are kept.
-    #[arg(long, default_value = "./sluice-data")]
-    pub data_dir: PathBuf,
-    /// Where the HTTP API listens.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub api_addr: std::net::SocketAddr,
+    /// Where the local log, the store and the plugins are kept [default: ./sluice-data, or the
+    /// configuration's `data_dir` with --config].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Where the HTTP API listens [default: 127.0.0.1:8080, or the configuration's `[api] bind`].
+    #[arg(long)]
+    pub api_addr: Option<std::net::SocketAddr>,
+    /// Where the demo's feed simulator listens; the sources connect there (port 0: any free port,
+    /// not with --print-config).
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub feed_addr: std::net::SocketAddr,
     /// The simulated venues to run, comma-separated: binance, coinbase, kraken, okx, bybit,
     /// bitstamp, kraken-v2, coinbase-advanced.
-    #[arg(long, value_delimiter = ',', default_value = "binance,coinbase,kraken", value_parser = parse_venue)]
+    #[arg(long, value_delimiter = ',', default_value = "binance,coinbase,kraken", value_parser = parse_venue, conflicts_with = "config")]
     pub venues: Vec<Venue>,
+    /// Print the demo's configuration (a complete `sluice` configuration file) and exit:
+    /// `sluice demo --config FILE` runs the same demo from it.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Run the demo from this configuration file (as `--print-config` writes it, edited at will):
+    /// the demo still starts its feed simulator, at the address its sources' `ws://` URLs name.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// A venue by its name, or an error listing the names there are.
@@ -258,39 +271,117 @@ pub fn demo_chain() -> Vec<crate::config::Link> {
     vec![min_volume, crate::config::Link::new("outlier-filter")]
 }
 
-/// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
-pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+/// The configuration `sluice demo` runs without `--config`: one source per venue on the simulator at
+/// `sim` (see [`venue_sources`]), the Binance chain of [`demo_chain`], the local log and the store
+/// under `--data-dir`, the API on `--api-addr`.
+pub fn demo_config(args: &DemoArgs, sim: std::net::SocketAddr) -> Config {
     let mut venues: Vec<(Venue, &[&str])> = Vec::new();
     for venue in &args.venues {
         if !venues.iter().any(|(v, _)| v == venue) {
             venues.push((*venue, demo_symbols(*venue)));
         }
     }
-    let sim = FeedSim::start(FeedSimConfig {
-        trades_per_second: args.rate,
-        seed: feedsim::fresh_seed(),
-        ..FeedSimConfig::default()
-    })
-    .await?;
     let mut config = Config {
-        data_dir: args.data_dir,
+        data_dir: args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./sluice-data")),
         api: crate::api::ApiConfig {
-            bind: args.api_addr,
-            token: Some(demo_token()),
+            bind: args.api_addr.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into()),
             ..crate::api::ApiConfig::default()
         },
-        sources: venue_sources(&|v| sim.url(v), &venues),
+        sources: venue_sources(&|v| format!("ws://{sim}/{}", v.name()), &venues),
         ..Config::default()
     };
     // The Binance feed's rules as a chain: dust trades dropped, then bad prints refused.
     for source in config.sources.iter_mut().filter(|s| s.name == "binance") {
         source.transforms = Some(demo_chain());
     }
+    config
+}
+
+/// The demo's configuration as a file: a comment on how to run it, then every field.
+///
+/// # Errors
+/// When the feed address is port 0 (a file must name the port the simulator will listen on).
+pub fn print_config(config: &Config, sim: std::net::SocketAddr) -> anyhow::Result<String> {
+    if sim.port() == 0 {
+        bail!("--print-config needs a fixed --feed-addr (port 0 is any free port, which a file cannot name)");
+    }
+    Ok(format!(
+        "# The configuration of `sluice demo`. `sluice demo --config THIS_FILE` runs the same demo from it\n\
+         # (starting the feed simulator at {sim}, the address its sources name); `sluice run --config\n\
+         # THIS_FILE` runs it with `sluice feedsim --bind {sim}` started beside it.\n\n{}",
+        toml::to_string_pretty(config)?
+    ))
+}
+
+/// The configuration `sluice demo --config FILE` runs: the file, with `--data-dir` and `--api-addr`
+/// over it when given, and where the simulator must listen: the one address of every source whose
+/// URL is `ws://ADDR/<venue>` (`None` when no source reads the simulator).
+///
+/// # Errors
+/// A file that does not load, or sources naming the simulator at two addresses.
+pub fn file_config(args: &DemoArgs, path: &std::path::Path) -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
+    let mut config = Config::load(path).map_err(anyhow::Error::msg)?;
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(addr) = args.api_addr {
+        config.api.bind = addr;
+    }
+    let mut sim: Option<std::net::SocketAddr> = None;
+    for source in &config.sources {
+        let Some(rest) = source.url.strip_prefix("ws://") else { continue };
+        let Some((addr, path)) = rest.split_once('/') else { continue };
+        let (Ok(addr), Some(_)) = (addr.parse::<std::net::SocketAddr>(), Venue::from_name(path)) else { continue };
+        match sim {
+            Some(known) if known != addr => {
+                bail!("source {:?} reads the simulator at {addr}, another at {known}: the demo runs one", source.name)
+            }
+            _ => sim = Some(addr),
+        }
+    }
+    Ok((config, sim))
+}
+
+/// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
+pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let (config, sim_addr) = match &args.config {
+        Some(path) => file_config(&args, path)?,
+        None => (demo_config(&args, args.feed_addr), Some(args.feed_addr)),
+    };
+    if args.print_config {
+        print!("{}", print_config(&config, sim_addr.unwrap_or(args.feed_addr))?);
+        return Ok(());
+    }
+    let sim = match sim_addr {
+        Some(bind) => Some(
+            FeedSim::start(FeedSimConfig {
+                bind,
+                trades_per_second: args.rate,
+                seed: feedsim::fresh_seed(),
+                ..FeedSimConfig::default()
+            })
+            .await
+            .with_context(|| format!("cannot start the feed simulator at {bind} (--feed-addr)"))?,
+        ),
+        None => None,
+    };
+    let mut config = config;
+    // Port 0 asked for any free port: the sources read the one the simulator got.
+    if let Some(sim) = sim.as_ref().filter(|s| sim_addr != Some(s.addr())) {
+        let (asked, got) = (format!("ws://{}/", sim_addr.unwrap_or(args.feed_addr)), format!("ws://{}/", sim.addr()));
+        for source in &mut config.sources {
+            if source.url.starts_with(&asked) {
+                source.url = source.url.replacen(&asked, &got, 1);
+            }
+        }
+    }
+    config.api.token = Some(demo_token());
+    let venues: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
     let running = start(&config, Role::All).await?;
     println!(
         "sluice demo: {} simulated venues ({}) -> wasm decoders -> {} -> transforms -> the embedded store",
         venues.len(),
-        venues.iter().map(|(v, _)| v.name()).collect::<Vec<_>>().join(", "),
+        venues.join(", "),
         running.handoff
     );
     println!(
@@ -301,6 +392,11 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(token) = &config.api.token {
         println!(
             "plugin uploads: curl -X PUT -H 'Authorization: Bearer {}' --data-binary @plugin.wasm http://{}/v1/plugins/<name>",
+            token.0, running.api_addr
+        );
+        println!(
+            "into a chain:   curl -X POST -H 'Authorization: Bearer {}' -d '{{\"plugin\": \"<name>\", \"at\": 0}}' \
+             http://{}/v1/sources/<source>/chain/links",
             token.0, running.api_addr
         );
     }
@@ -333,7 +429,9 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
     let handoff = running.handoff.to_string();
     let delivered = running.stop().await?;
-    sim.shutdown().await;
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
     println!("stopped: {delivered} records delivered to {handoff}");
     if delivered == 0 {
         if args.rate > 0.0 {
@@ -592,4 +690,41 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bail!("{dropped} frames were dropped and {gaps} trade ids are missing");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{DemoArgs, demo_config, file_config, print_config};
+
+    fn args(extra: &[&str]) -> DemoArgs {
+        match crate::cli::Cli::try_parse_from(["sluice", "demo"].iter().chain(extra)).unwrap().command {
+            crate::cli::Command::Demo(args) => args,
+            other => panic!("not the demo: {other:?}"),
+        }
+    }
+
+    /// The printed file, loaded as `sluice demo --config` loads it, is the very configuration the
+    /// demo runs without it: every venue, the Binance chain, the data directory and the API address.
+    #[test]
+    fn the_printed_configuration_is_the_demos() {
+        let dir = std::env::temp_dir().join(format!("sluice-demo-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for extra in [
+            &[][..],
+            &["--venues", "binance,coinbase,kraken,okx,bybit,bitstamp,kraken-v2,coinbase-advanced"],
+            &["--feed-addr", "127.0.0.1:9555", "--api-addr", "127.0.0.1:9556", "--data-dir", "/tmp/d"],
+        ] {
+            let args = args(extra);
+            let demo = demo_config(&args, args.feed_addr);
+            let file = dir.join("demo.toml");
+            std::fs::write(&file, print_config(&demo, args.feed_addr).unwrap()).unwrap();
+            let (loaded, sim) = file_config(&self::args(&[]), &file).unwrap();
+            assert_eq!(loaded, demo, "{extra:?}");
+            assert_eq!(sim, Some(args.feed_addr), "the simulator where the sources look for it");
+            assert!(loaded.sources.iter().any(|s| s.transforms.as_ref().is_some_and(|t| t.len() == 2)));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -3,6 +3,7 @@
 //! sources and decode workers, the process role's chains and sink, and the metrics that mirror
 //! them; [`run`] keeps them running until its shutdown signal.
 
+pub mod edits;
 mod ingest;
 mod process;
 pub mod replay;
@@ -18,6 +19,7 @@ pub use ingest::*;
 pub use process::*;
 
 use crate::api::{ApiState, Health};
+use crate::chains::ChainBook;
 use crate::config::Config;
 use crate::datadir::{DataDirLock, Hold};
 use crate::log::kafka::consumer::EventConsumer;
@@ -32,6 +34,7 @@ use crate::sink::druid::{DruidSink, transactional_id};
 use crate::sink::embedded::EmbeddedStore;
 use crate::symbols::Symbols;
 use crate::transform::Transformer;
+use edits::LiveChains;
 
 /// Which roles `sluice run` plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -94,6 +97,7 @@ pub(crate) struct ProcessRole {
 async fn open_plugins(
     config: &Config,
     role: Role,
+    book: Arc<ChainBook>,
     symbols: Arc<Symbols>,
     metrics: Arc<crate::telemetry::Metrics>,
 ) -> anyhow::Result<(Arc<Registry>, HashMap<String, Arc<Slot>>)> {
@@ -101,7 +105,7 @@ async fn open_plugins(
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let limits: HashMap<String, Limits> =
             config.plugins.iter().map(|(name, p)| (name.clone(), Limits::from(p))).collect();
-        let settings = runtime_settings(&config, role, &limits);
+        let settings = runtime_settings(&config, role, &book, &limits);
         tracing::debug!(
             instances = settings.max_instances,
             memory_bytes = settings.max_memory_bytes,
@@ -119,11 +123,9 @@ async fn open_plugins(
                     .push(Binding { source: s.name.clone(), config: s.decode_pairs() });
             }
             if role != Role::Ingest {
-                for link in config.chain(s) {
-                    bindings
-                        .entry(link.plugin.clone())
-                        .or_default()
-                        .push(Binding { source: s.name.clone(), config: link.config_pairs() });
+                for link in book.chain(&s.name).unwrap_or_default() {
+                    let binding = Binding { source: s.name.clone(), config: link.config_pairs() };
+                    bindings.entry(link.plugin.clone()).or_default().push(binding);
                 }
             }
         }
@@ -133,8 +135,11 @@ async fn open_plugins(
         let mut slots = HashMap::new();
         for name in &wanted {
             let name = name.as_str();
-            let wasm = plugin_bytes(&config, name)?;
-            let slot = registry.deploy(name, &wasm).with_context(|| format!("plugin {name}"))?;
+            let slot = match plugin_bytes(&config, name) {
+                Ok(wasm) => registry.deploy(name, &wasm).with_context(|| format!("plugin {name}"))?,
+                // Uploaded over the API and put in a chain there: the version the registry keeps.
+                Err(e) => registry.load(name).map_err(|_| e)?,
+            };
             slots.insert(name.to_owned(), slot);
         }
         Ok((registry, slots))
@@ -147,14 +152,19 @@ async fn open_plugins(
 /// each of them with room for a shadow beside it and for the next version while a swap starts it,
 /// plus a margin; each slot sized for the largest memory limit configured. A fixed pool would
 /// refuse a start with many sources or links, or reserve far more than a small one needs.
-fn runtime_settings(config: &Config, role: Role, limits: &HashMap<String, Limits>) -> RuntimeSettings {
+fn runtime_settings(
+    config: &Config,
+    role: Role,
+    book: &ChainBook,
+    limits: &HashMap<String, Limits>,
+) -> RuntimeSettings {
     let mut instances: u32 = 0;
     for s in &config.sources {
         if role != Role::Process {
             instances = instances.saturating_add(1);
         }
         if role != Role::Ingest {
-            instances = instances.saturating_add(config.chain(s).len() as u32);
+            instances = instances.saturating_add(book.chain(&s.name).map_or(0, |c| c.len()) as u32);
         }
     }
     let memory = limits.values().map(|l| l.memory_bytes).chain([Limits::default().memory_bytes]).max();
@@ -189,6 +199,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     // takes the first one's API address). Roles run apart share it with each other.
     let hold = if role == Role::All { Hold::Alone } else { Hold::Shared };
     let data_dir = DataDirLock::acquire(&config.data_dir, hold)?;
+    // The chains each source runs: the configuration's, or as the API edited them.
+    let book = Arc::new(ChainBook::open(&config.data_dir, config)?);
     // Then the API, so an operator can watch readiness while the rest starts.
     let health = Arc::new(Health::new());
     health.expect(if config.kafka.brokers.trim().is_empty() { "log" } else { "kafka" });
@@ -211,6 +223,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .with_sources(directory.clone())
         .with_plugins(plugin_api.clone())
         .with_metrics(metrics.clone());
+    // Chain edits where this instance runs the chains.
+    let api_state = if role != Role::Ingest { api_state.with_chains(book.clone()) } else { api_state };
     // Replays over HTTP wherever this instance delivers to a sink: the store, or the Druid topic.
     if role != Role::Ingest {
         let config = Arc::new(config.clone());
@@ -271,8 +285,8 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
         .await?
         .context("source ids")?
     };
-    let (registry, plugins) = open_plugins(config, role, symbols.clone(), metrics.clone()).await?;
-    plugin_api.set(registry);
+    let (registry, plugins) = open_plugins(config, role, book.clone(), symbols.clone(), metrics.clone()).await?;
+    plugin_api.set(registry.clone());
     let mut names: Vec<&str> = plugins.keys().map(String::as_str).collect();
     names.sort_unstable();
     health.set("plugins", true, format!("loaded: {}", names.join(", ")));
@@ -295,8 +309,9 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
                     name: h.config.name.clone(),
                     plugin: h.config.decode.clone(),
                     slot: plugins[&h.config.decode].clone(),
-                    transforms: config
-                        .chain(&h.config)
+                    transforms: book
+                        .chain(&h.config.name)
+                        .unwrap_or_default()
                         .iter()
                         .map(|l| (l.plugin.clone(), plugins.get(&l.plugin).cloned()))
                         .collect(),
@@ -339,6 +354,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
             &plugins,
             Shared { symbols, health, metrics: metrics.clone() },
             store_path,
+            Arc::new(LiveChains::new(book, registry, Duration::from_millis(config.process.link_budget_ms.max(1)))),
         )
         .await?;
         let stats = process.stats.clone();
@@ -636,6 +652,7 @@ struct Shared {
 fn live_chains(
     config: &Config,
     source_ids: &[u32],
+    book: &ChainBook,
     plugins: &HashMap<String, Arc<Slot>>,
     store_path: Option<&Path>,
     changelog: Option<&crate::sink::druid::state::StoredState>,
@@ -650,15 +667,16 @@ fn live_chains(
     };
     for (&id, source) in source_ids.iter().zip(&config.sources) {
         let mut chain = Vec::new();
-        for (i, link) in config.chain(source).iter().enumerate() {
+        for link in book.chain(&source.name).unwrap_or_default() {
+            let i = link.state_key;
             let slot = plugins.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
             let mut transformer = Transformer::bound(BoundPlugin::new(slot.clone(), instance))
                 .with_budget(Duration::from_millis(config.process.link_budget_ms.max(1)));
             let stored = match (&store, changelog) {
-                (Some(store), _) => store.plugin_state(&source.name, i as u32)?,
-                (None, Some(changelog)) => changelog.plugin_state(&source.name, i as u32),
+                (Some(store), _) => store.plugin_state(&source.name, i)?,
+                (None, Some(changelog)) => changelog.plugin_state(&source.name, i),
                 (None, None) => None,
             };
             if let Some((format, entries)) = stored {
@@ -673,10 +691,10 @@ fn live_chains(
                      per link, not per partition)"
                 );
             }
-            chain.push(transformer);
+            chain.push((i, transformer));
             stats.watch_breaker(&source.name, &link.plugin);
         }
-        chains.insert(id, crate::chain::Chain::new(id, chain));
+        chains.insert(id, crate::chain::Chain::keyed(id, chain));
     }
     Ok(chains)
 }
@@ -691,6 +709,7 @@ async fn start_process(
     plugins: &HashMap<String, Arc<Slot>>,
     shared: Shared,
     store_path: Option<PathBuf>,
+    edits: Arc<LiveChains>,
 ) -> anyhow::Result<ProcessRole> {
     let Shared { symbols, health, metrics } = shared;
     // Source ids as the ingest role stamps them (stable per name, from the dictionary).
@@ -707,7 +726,8 @@ async fn start_process(
         }
         _ => None,
     };
-    let mut transformers = live_chains(config, source_ids, plugins, store_path.as_deref(), changelog.as_ref(), &stats)?;
+    let mut transformers =
+        live_chains(config, source_ids, &edits.book, plugins, store_path.as_deref(), changelog.as_ref(), &stats)?;
     // The configured sources' names by id; records of other ids are dead-lettered (no plugin is
     // bound to them).
     let sources = source_ids.iter().zip(&config.sources).map(|(&id, s)| (id, Arc::from(s.name.as_str()))).collect();
@@ -719,6 +739,7 @@ async fn start_process(
         batch: crate::batch::BatchConfig::from(&config.process),
         health: Some(health),
         metrics: Some(metrics),
+        edits: Some(edits),
         ..ProcessSettings::default()
     };
     // The store keeps its state checkpoints as long as the hand-off keeps the records after them:

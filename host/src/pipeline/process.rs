@@ -32,6 +32,8 @@ pub struct ProcessSettings {
     pub health: Option<Arc<Health>>,
     /// Where batch sizes, flush reasons, commit times and end-to-end latency go.
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// The API's chain edits, applied between polls (none: the chains stay as built).
+    pub edits: Option<Arc<super::edits::LiveChains>>,
 }
 
 impl Default for ProcessSettings {
@@ -43,6 +45,7 @@ impl Default for ProcessSettings {
             breaker: BreakerConfig::default(),
             health: None,
             metrics: None,
+            edits: None,
         }
     }
 }
@@ -441,6 +444,10 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
             }
             return Err(ProcessError::TrialDue.into());
         }
+        if let Some(edits) = &settings.edits {
+            // Between polls: the rows so far came from the old chains, this poll's meet the new.
+            edits.apply(live.chains, &names.sources, &|source, plugin| stats.watch_breaker(source, plugin))?;
+        }
         polled.clear();
         let wait = batcher
             .deadline()
@@ -542,9 +549,10 @@ fn route(
 pub fn restore_committed(chains: &mut HashMap<u32, Chain>, sink: &mut dyn Sink, names: &Names) -> anyhow::Result<()> {
     for chain in chains.values_mut() {
         let Some(source) = names.sources.get(&chain.source()).cloned() else { continue };
-        for (i, link) in chain.links_mut().iter_mut().enumerate() {
+        let keys = chain.keys().to_vec();
+        for (&key, link) in keys.iter().zip(chain.links_mut()) {
             let Some(running) = link.state().format().map(str::to_owned) else { continue };
-            let (format, entries) = sink.committed_state(&source, i as u32)?.unwrap_or((running, Vec::new()));
+            let (format, entries) = sink.committed_state(&source, key)?.unwrap_or((running, Vec::new()));
             link.load_state(crate::transform::LinkState::committed(format, entries));
         }
     }
@@ -828,11 +836,13 @@ fn state_writes<'a>(chains: &'a HashMap<u32, Chain>, names: &'a Names) -> Vec<cr
     let mut writes = Vec::new();
     for (id, chain) in chains {
         let source = names.sources.get(id).map(|s| &**s).unwrap_or("");
-        for (link, t) in chain.links().iter().enumerate().filter(|(_, t)| t.state().is_dirty()) {
-            let (reset, changes) = t.state().pending();
-            let format = t.state().format().unwrap_or("");
-            let dropped = t.state().dropped();
-            writes.push(crate::sink::StateWrite { source, link: link as u32, format, reset, dropped, changes });
+        let links = chain.keys().iter().zip(chain.links().iter().map(|t| t.state()));
+        let retired = chain.retired().iter().map(|(key, state)| (key, state));
+        for (&link, state) in links.chain(retired).filter(|(_, state)| state.is_dirty()) {
+            let (reset, changes) = state.pending();
+            let format = state.format().unwrap_or("");
+            let dropped = state.dropped();
+            writes.push(crate::sink::StateWrite { source, link, format, reset, dropped, changes });
         }
     }
     writes

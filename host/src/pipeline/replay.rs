@@ -80,8 +80,10 @@ pub async fn replay(
     };
     let target = target(config, spec, &brokers).await?;
     let metrics = Arc::new(crate::telemetry::Metrics::new());
-    let (_registry, slots) = open_plugins(config, Role::Process, symbols.clone(), metrics).await?;
-    let (chains, sources) = chains(config, &slots, &symbols)?;
+    // The chains as the live role runs them: the configuration's, or as the API edited them.
+    let book = Arc::new(crate::chains::ChainBook::open(&config.data_dir, config)?);
+    let (_registry, slots) = open_plugins(config, Role::Process, book.clone(), symbols.clone(), metrics).await?;
+    let (chains, sources) = chains(config, &book, &slots, &symbols)?;
     // The range in whole buckets: the store's minutes, or Druid's segments.
     let whole: Box<dyn Fn(i64) -> i64 + Send> = match config.sink.druid.clone() {
         Some(druid) => Box::new(move |t| crate::sink::druid::replay_range(&druid, t, Some(t)).1.unwrap_or(t)),
@@ -159,19 +161,24 @@ async fn target(config: &Config, spec: &ReplaySpec, brokers: &str) -> anyhow::Re
 /// name, by source id.
 type Chains = (HashMap<u32, Chain>, HashMap<u32, Arc<str>>);
 
-fn chains(config: &Config, slots: &HashMap<String, Arc<Slot>>, symbols: &Symbols) -> anyhow::Result<Chains> {
+fn chains(
+    config: &Config,
+    book: &crate::chains::ChainBook,
+    slots: &HashMap<String, Arc<Slot>>,
+    symbols: &Symbols,
+) -> anyhow::Result<Chains> {
     let mut chains: HashMap<u32, Chain> = HashMap::new();
     let mut sources: HashMap<u32, Arc<str>> = HashMap::new();
     for source in &config.sources {
         let id = symbols.source_id(&source.name).context("source ids")?;
         let mut chain = Vec::new();
-        for link in config.chain(source) {
+        for link in book.chain(&source.name).unwrap_or_default() {
             let slot = slots.get(&link.plugin).with_context(|| format!("plugin {} is not loaded", link.plugin))?;
             let instance = PluginInstance::new(&slot.active(), &link.config_pairs())
                 .with_context(|| format!("source {}: plugin {}", source.name, link.plugin))?;
-            chain.push(Transformer::new(instance));
+            chain.push((link.state_key, Transformer::new(instance)));
         }
-        chains.insert(id, Chain::new(id, chain));
+        chains.insert(id, Chain::keyed(id, chain));
         sources.insert(id, Arc::from(source.name.as_str()));
     }
     Ok((chains, sources))
@@ -512,8 +519,9 @@ impl Reading {
     fn load_checkpoint(&mut self, checkpoint: &crate::sink::embedded::Checkpoint, start: &Positions) -> Positions {
         for chain in self.replayer.chains.values_mut() {
             let Some(source) = self.replayer.sources.get(&chain.source()).cloned() else { continue };
-            for (i, link) in chain.links_mut().iter_mut().enumerate() {
-                let of_link = || checkpoint.entries.iter().filter(|e| *e.0 == *source && e.1 == i as u32);
+            let keys = chain.keys().to_vec();
+            for (&key, link) in keys.iter().zip(chain.links_mut()) {
+                let of_link = || checkpoint.entries.iter().filter(|e| *e.0 == *source && e.1 == key);
                 let entries: Vec<(Vec<u8>, Vec<u8>)> = of_link().map(|e| (e.3.clone(), e.4.clone())).collect();
                 if let Some(format) = of_link().next().map(|e| e.2.clone()) {
                     link.load_state(crate::transform::LinkState::committed(format, entries));

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::declared::declared_name;
 pub use super::slot::{BoundPlugin, Running, Shadow, ShadowStageView, ShadowStages, Slot};
 use super::{Limits, PluginCode, PluginError, PluginInstance, Runtime, version_of};
 
@@ -53,6 +54,10 @@ pub enum RegistryError {
         /// What `init` said.
         error: PluginError,
     },
+    /// The upload is another rule than the plugin's active version: it declares another name, or
+    /// keeps another state format (refused unless replacing is asked for).
+    #[error("{0}")]
+    NotSameRule(String),
     /// The operation conflicts with the plugin's state (deleting the active version, promoting
     /// without a shadow, rolling back past the first version).
     #[error("{0}")]
@@ -133,12 +138,16 @@ pub struct Binding {
     pub config: Vec<(String, String)>,
 }
 
+/// A plugin's active version, compiled, and the name it declares.
+type ActiveRule = (Arc<PluginCode>, Option<String>);
+
 /// The registry.
 pub struct Registry {
     runtime: Arc<Runtime>,
     dir: PathBuf,
     limits: HashMap<String, Limits>,
-    bindings: HashMap<String, Vec<Binding>>,
+    /// The sources bound to each plugin; chain edits change them.
+    bindings: Mutex<HashMap<String, Vec<Binding>>>,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -222,7 +231,7 @@ fn check_name(name: &str) -> Result<(), RegistryError> {
 
 /// Writes `bytes` to `path` so that readers see the old file or the new one: a temporary file in the
 /// same directory, synced, renamed over `path`, and the directory synced.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -264,6 +273,7 @@ impl Registry {
             .into_iter()
             .map(|(name, meta)| (name, Entry { meta, compiled: HashMap::new(), slot: None }))
             .collect();
+        let bindings = Mutex::new(bindings);
         Ok(Registry { runtime, dir: dir.to_owned(), limits, bindings, entries: Mutex::new(entries) })
     }
 
@@ -305,7 +315,8 @@ impl Registry {
     fn compile_checked(&self, name: &str, wasm: &[u8]) -> Result<Arc<PluginCode>, RegistryError> {
         let code = self.runtime.compile(name, wasm, self.limits_of(name)).map_err(RegistryError::Invalid)?;
         let unbound = [Binding { source: String::new(), config: Vec::new() }];
-        let bindings = self.bindings.get(name).map(Vec::as_slice).filter(|b| !b.is_empty()).unwrap_or(&unbound);
+        let bound = self.bindings_of(name);
+        let bindings = Some(bound.as_slice()).filter(|b| !b.is_empty()).unwrap_or(&unbound);
         // Each distinct configuration once: many sources often share one, and every check is an
         // instance and an `init` call.
         let mut checked: std::collections::HashSet<&[(String, String)]> = std::collections::HashSet::new();
@@ -324,7 +335,28 @@ impl Registry {
     /// [`RegistryError::BadName`], [`RegistryError::Invalid`], [`RegistryError::InitFailed`] or
     /// [`RegistryError::Io`]; nothing is stored then.
     pub fn upload(&self, name: &str, wasm: &[u8]) -> Result<Uploaded, RegistryError> {
+        self.upload_as(name, wasm, true)
+    }
+
+    /// [`upload`](Self::upload), checking first that `wasm` is a version of the same rule as the
+    /// plugin's active version: the name it declares (see [`declared_name`]) and, once compiled,
+    /// its state format must be the active version's, unless `replace`. A plugin with no active
+    /// version takes whatever comes first.
+    ///
+    /// # Errors
+    /// As [`upload`](Self::upload), and [`RegistryError::NotSameRule`] for another rule.
+    pub fn upload_as(&self, name: &str, wasm: &[u8], replace: bool) -> Result<Uploaded, RegistryError> {
         check_name(name)?;
+        let active = if replace { None } else { self.active_code_and_name(name)? };
+        if let Some((_, Some(theirs))) = &active
+            && let Some(ours) = declared_name(wasm).filter(|ours| ours != theirs)
+        {
+            return Err(RegistryError::NotSameRule(format!(
+                "the upload declares plugin {ours:?}, but the active version of {name:?} declares {theirs:?}: a \
+                 name holds versions of one rule. Upload it under its own name (PUT /v1/plugins/{ours}), or add ?replace=true to make it \
+                 the next version of {name:?}"
+            )));
+        }
         let digest = hex(&sha2::Sha256::digest(wasm));
         let version = version_of(wasm);
         let answer = |created| Uploaded {
@@ -338,6 +370,21 @@ impl Registry {
             return Ok(answer(false));
         }
         let code = self.compile_checked(name, wasm)?;
+        if let Some((running, _)) = &active
+            && let Some(theirs) = running.state_format()
+        {
+            let ours = code.state_format().flatten();
+            if ours != theirs {
+                let show = |f: Option<&str>| f.map_or("no state".to_owned(), |f| format!("state format {f:?}"));
+                return Err(RegistryError::NotSameRule(format!(
+                    "the upload keeps {}, but {name:?} runs {} ({}): its links' state would start empty. \
+                     Add ?replace=true if that is meant (a new state format), or upload it under its own name",
+                    show(ours),
+                    show(theirs),
+                    running.version()
+                )));
+            }
+        }
         let blob = self.blob_path(&digest);
         if !blob.exists() {
             write_atomically(&blob, wasm)
@@ -367,6 +414,27 @@ impl Registry {
             return Err(e);
         }
         Ok(answer(true))
+    }
+
+    /// The active version of plugin `name` (compiled, so its state format is known) and the name it
+    /// declares, when the plugin has one.
+    fn active_code_and_name(&self, name: &str) -> Result<Option<ActiveRule>, RegistryError> {
+        let active = {
+            let entries = self.lock();
+            let Some(entry) = entries.get(name) else { return Ok(None) };
+            let Some(version) = entry.meta.active.clone() else { return Ok(None) };
+            let digest = entry.meta.versions.iter().find(|v| v.version == version).map(|v| v.digest.clone());
+            (version, digest)
+        };
+        let (version, Some(digest)) = active else { return Ok(None) };
+        let code = self.code_of(name, &version)?;
+        if code.state_format().is_none() {
+            // No instance has started yet: one does, and records the format.
+            let config = self.bindings_of(name).into_iter().next().map(|b| b.config);
+            let _ = PluginInstance::new(&code, &config.unwrap_or_default());
+        }
+        let declared = std::fs::read(self.blob_path(&digest)).ok().and_then(|wasm| declared_name(&wasm));
+        Ok(Some((code, declared)))
     }
 
     /// The compiled code of a stored version, compiling it from its blob if needed (without the lock).
@@ -449,7 +517,61 @@ impl Registry {
 
     /// Whether any source of this process runs plugin `name`.
     pub fn is_bound(&self, name: &str) -> bool {
-        self.bindings.get(name).is_some_and(|b| !b.is_empty())
+        !self.bindings_of(name).is_empty()
+    }
+
+    fn bindings_of(&self, name: &str) -> Vec<Binding> {
+        let bindings = self.bindings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        bindings.get(name).cloned().unwrap_or_default()
+    }
+
+    /// A chain edit of `source`: its links were `before` and are `after` (plugin, configuration),
+    /// so uploads are checked against the configurations that run and activation knows the plugin
+    /// runs somewhere.
+    pub fn rebind(
+        &self,
+        source: &str,
+        before: &[(String, Vec<(String, String)>)],
+        after: &[(String, Vec<(String, String)>)],
+    ) {
+        let mut bindings = self.bindings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (plugin, config) in before {
+            if let Some(list) = bindings.get_mut(plugin)
+                && let Some(i) = list.iter().position(|b| b.source == source && &b.config == config)
+            {
+                list.remove(i);
+            }
+        }
+        for (plugin, config) in after {
+            bindings
+                .entry(plugin.clone())
+                .or_default()
+                .push(Binding { source: source.to_owned(), config: config.clone() });
+        }
+    }
+
+    /// Makes sure plugin `name` has an active version: `version` is activated when given, else the
+    /// active one stays, else the newest uploaded is activated. Returns its slot.
+    ///
+    /// # Errors
+    /// Unknown plugin or version, or a version that does not compile or start.
+    pub fn ensure_active(&self, name: &str, version: Option<&str>) -> Result<Arc<Slot>, RegistryError> {
+        let (active, newest) = {
+            let entries = self.lock();
+            let entry = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+            (entry.meta.active.clone(), entry.meta.versions.last().map(|v| v.version.clone()))
+        };
+        match (version, active, newest) {
+            (Some(v), _, _) => {
+                self.activate(name, v, Mode::Active)?;
+            }
+            (None, Some(_), _) => return self.load(name),
+            (None, None, Some(v)) => {
+                self.activate(name, &v, Mode::Active)?;
+            }
+            (None, None, None) => return Err(RegistryError::UnknownPlugin(name.to_owned())),
+        }
+        self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))
     }
 
     /// The part of [`activate`](Self::activate) under the lock: `version` must still be stored (a
@@ -608,12 +730,27 @@ impl Registry {
         let has_active = self.lock().get(name).is_some_and(|e| e.meta.active.is_some());
         if uploaded.created || !has_active {
             self.activate(name, &uploaded.version, Mode::Active)?;
-        } else {
-            // Compile what the index says is active (and in shadow), and publish it.
+            return self.slot(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()));
+        }
+        self.load(name)
+    }
+
+    /// The slot of plugin `name` running the version the index says is active (and in shadow),
+    /// compiled from its stored blob: how a plugin uploaded over the API, with no file or bundled
+    /// bytes, starts again after a restart.
+    ///
+    /// # Errors
+    /// The plugin has no active version, or neither it nor an earlier one loads.
+    pub fn load(&self, name: &str) -> Result<Arc<Slot>, RegistryError> {
+        if let Some(slot) = self.slot(name) {
+            return Ok(slot);
+        }
+        {
             let (active, shadow) = {
                 let entries = self.lock();
-                let e = entries.get(name).expect("uploaded above");
-                (e.meta.active.clone().expect("checked above"), e.meta.shadow.clone())
+                let e = entries.get(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+                let active = e.meta.active.clone().ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
+                (active, e.meta.shadow.clone())
             };
             let code = match self.code_of(name, &active) {
                 Ok(code) => code,
@@ -628,7 +765,7 @@ impl Registry {
                 }
             });
             let mut entries = self.lock();
-            let entry = entries.get_mut(name).expect("uploaded above");
+            let entry = entries.get_mut(name).ok_or_else(|| RegistryError::UnknownPlugin(name.to_owned()))?;
             if let Some(s) = shadow_code {
                 entry.compiled.insert(s.version().to_owned(), s);
             }
@@ -764,6 +901,48 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-registry-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// `wasm` with a custom section declaring `name` right after its header, ahead of the one its
+    /// build wrote (the first one found counts).
+    fn declaring(wasm: &[u8], name: &str) -> Vec<u8> {
+        let section = plugin_sdk::NAME_SECTION.as_bytes();
+        let mut body = vec![section.len() as u8];
+        body.extend_from_slice(section);
+        body.extend_from_slice(name.as_bytes());
+        let mut out = wasm[..8].to_vec();
+        out.push(0);
+        out.push(body.len() as u8);
+        out.extend(body);
+        out.extend_from_slice(&wasm[8..]);
+        out
+    }
+
+    /// An upload of another rule under a plugin's name is refused unless replacing is asked for:
+    /// another declared name, or (under the same declared name) another state format. A version of
+    /// the same rule, or a name with no active version yet, is taken.
+    #[test]
+    fn another_rule_under_a_plugins_name_needs_replace() {
+        let dir = temp_dir("same-rule");
+        let registry = Registry::open(runtime(), &dir, HashMap::new(), HashMap::new()).unwrap();
+        registry.deploy("outlier-filter", bundled::OUTLIER_FILTER).unwrap();
+        let err = registry.upload_as("outlier-filter", bundled::VWAP_BAND, false).unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::NotSameRule(m) if m.contains("\"vwap-band\"") && m.contains("replace=true")),
+            "{err}"
+        );
+        // Declaring the slot's name is not enough: vwap-band keeps another state format.
+        let disguised = declaring(bundled::VWAP_BAND, "outlier-filter");
+        assert_eq!(declared_name(&disguised).as_deref(), Some("outlier-filter"));
+        let err = registry.upload_as("outlier-filter", &disguised, false).unwrap_err();
+        assert!(matches!(&err, RegistryError::NotSameRule(m) if m.contains("state format")), "{err}");
+        assert_eq!(registry.get("outlier-filter").unwrap().versions.len(), 1, "nothing stored");
+        // The same rule rebuilt is a version; replace takes the other rule; a new name takes any.
+        let rebuilt = declaring(bundled::OUTLIER_FILTER, "outlier-filter");
+        assert!(registry.upload_as("outlier-filter", &rebuilt, false).unwrap().created);
+        assert!(registry.upload_as("outlier-filter", bundled::VWAP_BAND, true).unwrap().created);
+        assert!(registry.upload_as("vwap-dev", bundled::VWAP_BAND, false).unwrap().created);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn open(dir: &Path, bindings: HashMap<String, Vec<Binding>>) -> Registry {

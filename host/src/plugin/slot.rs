@@ -298,6 +298,11 @@ impl BoundPlugin {
         }
     }
 
+    /// The configuration the instances start with.
+    pub fn config(&self) -> &[(String, String)] {
+        self.instance.config()
+    }
+
     /// The code of the active instance.
     pub fn code(&self) -> &Arc<PluginCode> {
         self.instance.code()
