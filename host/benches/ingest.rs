@@ -5,7 +5,7 @@
 //! simulator, sluice's ingest, the embedded broker), so the machine's cores are shared among them:
 //! the numbers are a floor for ingest alone.
 
-#[path = "../tests/common/broker.rs"]
+#[path = "../tests/it/common/broker.rs"]
 mod broker;
 
 use broker::EmbeddedBroker;

@@ -8,7 +8,7 @@
 //!
 //! Run: `cargo bench -p sluice --bench process`.
 
-#[path = "../tests/common/broker.rs"]
+#[path = "../tests/it/common/broker.rs"]
 mod broker;
 mod common;
 

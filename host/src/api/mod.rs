@@ -2,7 +2,7 @@
 //! for operators.
 //!
 //! Every route, with what it answers, is in the book's route tables (`docs/src/operating/api.md`
-//! and `docs/src/plugins/upload-and-swap.md`); `host/tests/docs.rs` checks them against the
+//! and `docs/src/plugins/upload-and-swap.md`); `host/tests/it/docs.rs` checks them against the
 //! `.route(...)` calls of [`router`]'s table below, so neither can drift.
 //!
 //! Mutating calls need `Authorization: Bearer <SLUICE_API_TOKEN>` (401 otherwise); with

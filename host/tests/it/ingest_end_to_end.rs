@@ -4,7 +4,7 @@
 //! Kafka-protocol broker. Reading the topic back, every trade id the simulator sent is there exactly
 //! once, and the ids it skipped (and those sent while a source was away) are counted as gaps.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -264,9 +264,7 @@ async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
 
 /// A local log in a fresh directory `name`, and its writer.
 fn local_log(name: &str) -> (std::path::PathBuf, Arc<sluice::log::Writer>) {
-    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(name);
     let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
     let writer = Arc::new(sluice::log::Writer::Local(
         log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap(),

@@ -14,6 +14,7 @@
 //! but the descriptor a generated spec carries (as Druid's inline protobuf decoder does), to JSON by the
 //! fields' JSON names, and the keys must be exactly the columns the spec reads.
 
+use crate::common;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -628,9 +629,7 @@ fn the_reindex_task_reads_exactly_the_replay_datasources_columns() {
 /// says where it goes, and refuses what cannot be generated with a message naming why.
 #[test]
 fn sluice_druid_spec_writes_each_kind_and_refuses_what_it_cannot_generate() {
-    let dir = std::env::temp_dir().join(format!("sluice-druid-spec-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("druid-spec");
     let config = dir.join("sluice.toml");
     let toml = "[kafka]\nbrokers = \"kafka-1:9092\"\n\n[sink.druid]\noverlord_url = \"http://overlord:8081\"\ndatasource = \"trades\"\n";
     std::fs::write(&config, toml).unwrap();

@@ -13,7 +13,7 @@
 //!   carries into the columns Druid would see. Druid itself cannot run here; the topic is what it
 //!   reads, under the isolation level its spec sets.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -60,9 +60,7 @@ async fn setup(name: &str, sink: &str) -> Setup {
         FeedSim::start(FeedSimConfig { trades_per_second: 150.0, record_trades: true, ..FeedSimConfig::default() })
             .await
             .unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(name);
     let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
     std::fs::write(

@@ -4,7 +4,7 @@
 //! poison record alone lands in the dead-letter topic, and a restarted process resumes from the
 //! offsets stored with the rows without counting anything twice.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -1103,9 +1103,7 @@ fn run_local(
 /// chain stores its records as they were written, and no link runs for it.
 #[test]
 fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
-    let dir = std::env::temp_dir().join(format!("sluice-chain-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("chain");
     let symbols = Arc::new(Symbols::new());
     let mut records = Records::new();
     for i in 1..=600u64 {
@@ -1178,9 +1176,7 @@ fn each_link_of_a_chain_runs_in_order_and_a_reject_names_its_link() {
 /// stops with the link's plugin named, and only that (source, link) is open.
 #[test]
 fn a_failing_link_opens_its_own_breaker() {
-    let dir = std::env::temp_dir().join(format!("sluice-chain-breaker-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("chain-breaker");
     let symbols = Arc::new(Symbols::new());
     let batches: Vec<Records> = (0..5u64)
         .map(|b| {
@@ -1232,9 +1228,7 @@ fn a_failing_link_opens_its_own_breaker() {
 /// own source, none under the other or under an empty name.
 #[test]
 fn every_row_names_the_source_whose_chain_made_it() {
-    let dir = std::env::temp_dir().join(format!("sluice-chain-source-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("chain-source");
     let symbols = Arc::new(Symbols::new());
     let mut records = Records::new();
     // 200 records of source 1, 100 of source 2.
@@ -1323,9 +1317,7 @@ fn after_a_commit_reported_failed_that_took_effect_state_resumes_from_the_change
 }
 
 fn unsure_commit_scenario(druid: bool) {
-    let dir = std::env::temp_dir().join(format!("sluice-unsure-commit-{druid}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("unsure-commit-{druid}"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let broker = druid.then(|| TestBroker::start("unsure-commit"));
     let kafka =

@@ -1,6 +1,7 @@
 //! The HTTP API over a real listener: the router served by `serve` on loopback port 0, spoken to with
 //! an HTTP client, queries answered from a real embedded store file.
 
+use crate::common;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,9 +82,7 @@ fn error_code(body: &Value) -> &str {
 }
 
 fn temp_store(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-api-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("api-{name}"));
     dir.join("store.db")
 }
 

@@ -15,6 +15,35 @@ pub mod broker;
 
 use broker::EmbeddedBroker;
 
+/// A fresh, empty directory for one test, `sluice-<name>-<pid>-<n>` under the system's temporary
+/// directory: unique within the test binary (whose tests share a process id) and across runs.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// Polls `check` every `every` until it answers `Some`, for at most `limit`; panics naming `what`
+/// when it never does.
+pub async fn wait_until<T>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(start.elapsed() < limit, "waited {limit:?} for {what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// A broker for one test: external (from the environment) or embedded.
 pub struct TestBroker {
     pub bootstrap: String,
@@ -29,8 +58,7 @@ impl TestBroker {
         {
             return TestBroker { bootstrap: b, _embedded: None, dir: None };
         }
-        let dir = std::env::temp_dir().join(format!("sluice-test-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir(&format!("test-{test}"));
         let broker = EmbeddedBroker::start("127.0.0.1:0", &dir, Duration::from_secs(3600)).expect("embedded broker");
         TestBroker { bootstrap: broker.bootstrap(), _embedded: Some(broker), dir: Some(dir) }
     }

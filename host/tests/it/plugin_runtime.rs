@@ -57,7 +57,7 @@ fn decodes_binance_frames_with_the_host_dictionary() {
     let code = rt.compile("binance", &plugin_wasm("binance"), limits()).unwrap();
     let mut instance = PluginInstance::new(&code, &[]).unwrap();
     let mut frames = Vec::new();
-    for line in include_str!("../fixtures/feeds/binance_combined_aggtrade.jsonl").lines() {
+    for line in include_str!("../../fixtures/feeds/binance_combined_aggtrade.jsonl").lines() {
         push_delimited(&mut frames, line.as_bytes());
     }
     push_delimited(&mut frames, br#"{"result":null,"id":1}"#);

@@ -1,7 +1,7 @@
 //! The shared symbol dictionary on a real Kafka-protocol broker: instances that never talk to each
 //! other give every name the same id, whoever wrote it first, including names they race to add.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,6 +13,7 @@
 //! - A plugin or frames file that cannot be read, bytes that are not a plugin component, a failing
 //!   `init` and a malformed `--config` make the command fail with a message naming the problem.
 
+use crate::common;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt;
@@ -810,9 +811,7 @@ fn failed_saying(out: &Output, needles: &[&str]) {
 /// that is neither a file nor bundled fails, listing the bundled ones.
 #[test]
 fn bundled_plugins_are_addressable_by_name_outside_a_checkout() {
-    let cwd = std::env::temp_dir().join(format!("sluice-plugin-by-name-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&cwd);
-    std::fs::create_dir_all(&cwd).unwrap();
+    let cwd = common::fresh_dir("plugin-by-name");
     let frames = fixture("binance_us_combined_aggtrade.jsonl");
     let run = |plugin: &OsStr, decode_with: &OsStr, then: &OsStr| {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -1052,9 +1051,7 @@ fn debug_logging_does_not_hang_a_plugin_test() {
 /// and the component, run with the bundled decoder by name, matches its expected output.
 #[test]
 fn plugin_sdk_writes_an_sdk_a_new_plugin_builds_against_outside_a_checkout() {
-    let base = std::env::temp_dir().join(format!("sluice-plugin-sdk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = common::fresh_dir("plugin-sdk");
     let out = plugin_new(&["rule".as_ref(), "--transform".as_ref()], &base);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("sluice plugin sdk --out DIR"), "{}", text(&out.stderr));

@@ -7,7 +7,9 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::common::{fresh_dir, wait_until};
 
 const TOKEN: &str = "tutorial-token";
 
@@ -48,18 +50,6 @@ fn demo(config: &Path, cwd: &Path) -> Child {
         .unwrap()
 }
 
-/// Polls `check` every 200 ms until it answers, for at most `limit`.
-async fn wait_for<T>(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(start.elapsed() < limit, "waited {limit:?} for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn get(http: &reqwest::Client, url: String) -> Option<serde_json::Value> {
     http.get(url).send().await.ok()?.json().await.ok()
 }
@@ -78,9 +68,7 @@ fn write_the_rule(crate_dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
-    let base = std::env::temp_dir().join(format!("sluice-tutorial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = fresh_dir("tutorial");
 
     // The SDK and a new transform, outside any checkout; the author's rule; its tests; the wasm.
     sluice(&["plugin", "sdk", "--out", "sdk"], &base);
@@ -106,7 +94,7 @@ async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
     let mut running = demo(&config, &base);
     let http = reqwest::Client::new();
     let sources = format!("http://{api}/v1/sources");
-    wait_for(Duration::from_secs(120), "the demo's sources", async || {
+    wait_until(Duration::from_secs(120), Duration::from_millis(200), "the demo's sources", async || {
         let listed = get(&http, sources.clone()).await?;
         (listed["sources"].as_array()?.iter().filter(|s| s["state"] == "up").count() == 3).then_some(())
     })
@@ -133,7 +121,7 @@ async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
         let first = &binance["transforms"][0];
         (first["plugin"] == "big-trades" && first["rejects"].as_u64()? > 0).then_some(binance)
     };
-    let binance = wait_for(Duration::from_secs(60), "the rule's rejects", counted).await;
+    let binance = wait_until(Duration::from_secs(60), Duration::from_millis(200), "the rule's rejects", counted).await;
     assert!(binance["transform_rejects"].as_u64().unwrap() >= binance["transforms"][0]["rejects"].as_u64().unwrap());
     let letters = get(&http, format!("http://{api}/v1/dead-letters?source=binance&link=big-trades&limit=20")).await;
     let letters = letters.unwrap();
@@ -150,13 +138,15 @@ async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
     running.kill().unwrap();
     running.wait().unwrap();
     let mut running = demo(&config, &base);
-    let chain = wait_for(Duration::from_secs(120), "the chain after the restart", async || {
-        get(&http, format!("http://{api}/v1/sources/binance/chain")).await.filter(|c| c["edited"].is_boolean())
-    })
-    .await;
+    let chain =
+        wait_until(Duration::from_secs(120), Duration::from_millis(200), "the chain after the restart", async || {
+            get(&http, format!("http://{api}/v1/sources/binance/chain")).await.filter(|c| c["edited"].is_boolean())
+        })
+        .await;
     assert_eq!(chain["edited"], true, "{chain}");
     assert_eq!(chain["links"][0]["plugin"], "big-trades", "{chain}");
-    wait_for(Duration::from_secs(60), "the rule's rejects after the restart", counted).await;
+    wait_until(Duration::from_secs(60), Duration::from_millis(200), "the rule's rejects after the restart", counted)
+        .await;
     running.kill().unwrap();
     running.wait().unwrap();
     let _ = std::fs::remove_dir_all(&base);

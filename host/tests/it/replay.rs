@@ -15,7 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 
-mod common;
+use crate::common;
 
 use common::{SluiceProcess, TestBroker, api_call, free_addr, read_topic, unique_topic};
 
@@ -91,9 +91,7 @@ async fn run_live(name: &str, rate: f64, events_first: i64) -> Live {
 
 async fn start_live(name: &str, rate: f64, handoff: &str) -> Live {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate, ..FeedSimConfig::default() }).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-replay-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("replay-{name}"));
     let config = dir.join("sluice.toml");
     std::fs::write(
         &config,
@@ -1006,9 +1004,7 @@ async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: 
     let broker = TestBroker::start(name);
     let topics = Topics::new(&broker);
     let trades = Trades::new(&topics).await;
-    let dir = std::env::temp_dir().join(format!("sluice-replay-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("replay-{name}"));
     let druid_topic = unique_topic("druid");
     let sink = if druid {
         // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.

@@ -54,9 +54,7 @@ async fn wait_until<F: std::future::Future<Output = bool>>(
 async fn a_full_disk_is_refused_counted_and_survived_and_a_stop_works() {
     let Some(disk) = SmallDisk::mount("faults-full", 48 << 20) else { return };
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 2000.0, ..FeedSimConfig::default() }).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-faults-disk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::fresh_dir("faults-disk");
     let api = free_addr();
     let config = dir.join("sluice.toml");
     std::fs::write(

@@ -8,6 +8,7 @@
 //! Without Chromium (Debian's `chromium` package) the test says it skipped, unless
 //! `SLUICE_REQUIRE_BROWSER` is set, as CI does; then it fails.
 
+use crate::common;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -267,9 +268,7 @@ async fn open_page(
 
 /// A fresh directory for one test's files, removed with its processes when `Cleanup` drops.
 fn test_dir(name: &str) -> Cleanup {
-    let dir = std::env::temp_dir().join(format!("sluice-ui-page-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(&format!("ui-page-{name}"));
     Cleanup { dir, children: Vec::new() }
 }
 

@@ -14,15 +14,12 @@ use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
 use sluice::sink::embedded::QueryConnection;
 
-mod common;
+use crate::common;
 
 use common::SluiceProcess;
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-local-log-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::fresh_dir(&format!("local-log-{name}"))
 }
 
 fn write_config(dir: &std::path::Path, sim: &FeedSim) -> std::path::PathBuf {

@@ -4,7 +4,7 @@
 //! bytes), the topics sluice creates, and the process role's consumer (its lag, and records
 //! retention deleted before it read them).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

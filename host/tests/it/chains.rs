@@ -10,7 +10,7 @@ use plugin_sdk::StreamDataView;
 use sluice::plugin::bundled;
 use sluice::sink::embedded::QueryConnection;
 
-mod common;
+use crate::common;
 
 use common::{SluiceProcess, api_call, free_addr, with_custom_section};
 
@@ -87,9 +87,7 @@ async fn swapping_one_link_under_load_changes_only_that_link_and_loses_and_repea
         FeedSim::start(FeedSimConfig { trades_per_second: 300.0, record_trades: true, ..FeedSimConfig::default() })
             .await
             .unwrap();
-    let dir = std::env::temp_dir().join(format!("sluice-chains-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("chains");
     let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
     std::fs::write(
