@@ -3,8 +3,8 @@
 //! reading with `isolation.level=read_committed` sees every row once.
 //!
 //! As Kafka documents transactional consume-transform-produce:
-//! - Transactional ids per process instance (`sluice-druid-<group>-<instance>`, then `…-<instance>.1`
-//!   and on for the further producers, see [`transactional_ids`]), stable across restarts:
+//! - Transactional ids per process instance (`sluice-druid-<group>-<instance>`, then `…-<instance>#1`
+//!   and on for the further producers, see [`nth_transactional_id`]), stable across restarts:
 //!   `init_transactions` at start fences the previous incarnation of the instance and aborts
 //!   whatever transaction it left open (say, after a `kill -9`).
 //! - The offsets go with the consumer group's metadata, so the group coordinator refuses a commit
@@ -166,11 +166,11 @@ pub fn transactional_id(group: &str, instance: &str) -> String {
     format!("sluice-druid-{group}-{instance}")
 }
 
-/// The transactional ids of the producers of process instance `instance` in `group`: the first is
-/// [`transactional_id`], the others add `.1`, `.2`, ... up to [`MAX_TRANSACTIONS_IN_FLIGHT`].
-pub fn transactional_ids(group: &str, instance: &str) -> Vec<String> {
-    let first = transactional_id(group, instance);
-    (0..MAX_TRANSACTIONS_IN_FLIGHT).map(|i| if i == 0 { first.clone() } else { format!("{first}.{i}") }).collect()
+/// The transactional id of producer `i` of the instance whose first producer's id is `first`:
+/// `first` itself, then `first#1`, `first#2`, ... (an instance name holds no `#`, so no other
+/// instance's id is one of these).
+pub fn nth_transactional_id(first: &str, i: usize) -> String {
+    if i == 0 { first.to_owned() } else { format!("{first}#{i}") }
 }
 
 /// A transactional producer for `transactional_id`, initialised: fencing any earlier producer with
@@ -219,7 +219,7 @@ pub fn fence_unused(
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     for i in in_use.max(1)..MAX_TRANSACTIONS_IN_FLIGHT {
-        drop(transactional_producer(kafka, brokers, &format!("{first_id}.{i}"), timeout)?);
+        drop(transactional_producer(kafka, brokers, &nth_transactional_id(first_id, i), timeout)?);
     }
     Ok(())
 }
@@ -351,7 +351,7 @@ fn commit_retrying(producer: &TxProducer, timeout: Duration) -> Result<(), Kafka
 
 impl DruidSink {
     /// `druid.transactions_in_flight` transactional producers for `druid.topic`, initialised (fencing
-    /// any earlier producer with the same transactional ids: `transactional_id`, then `.1`, `.2`, ...).
+    /// any earlier producer with the same transactional ids: `transactional_id`, then `#1`, `#2`, ...).
     ///
     /// # Errors
     /// [`KafkaError::Config`] for a refused setting, [`KafkaError::Transaction`] when the transaction
@@ -365,10 +365,7 @@ impl DruidSink {
     ) -> Result<Self, KafkaError> {
         let count = (druid.transactions_in_flight as usize).clamp(1, MAX_TRANSACTIONS_IN_FLIGHT);
         let producers = (0..count)
-            .map(|i| {
-                let id = if i == 0 { transactional_id.to_owned() } else { format!("{transactional_id}.{i}") };
-                transactional_producer(kafka, brokers, &id, timeout)
-            })
+            .map(|i| transactional_producer(kafka, brokers, &nth_transactional_id(transactional_id, i), timeout))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(DruidSink {
             producers,
