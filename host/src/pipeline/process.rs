@@ -373,6 +373,35 @@ fn committed_progress(
     Ok(done)
 }
 
+/// Sources whose breaker is still cooling down are held; the others skip what an earlier run did
+/// past a held source's records (their progress as the sink committed it).
+fn holding_at_start(
+    breakers: &Breakers,
+    sink: &mut dyn Sink,
+    chains: &HashMap<u32, Chain>,
+    names: &Names,
+    settings: &ProcessSettings,
+    stats: &ProcessStats,
+) -> anyhow::Result<Holding> {
+    let holding = Holding {
+        held: breakers.held_sources(std::time::Instant::now()),
+        done: committed_progress(sink, chains, names)?,
+        ..Holding::default()
+    };
+    stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
+    if !holding.held.is_empty() {
+        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(s).map(|n| &**n)).collect();
+        tracing::warn!(
+            sources = %held.join(", "),
+            "a link's breaker is open: these sources' records wait in the log while the others go on"
+        );
+        if let Some(health) = &settings.health {
+            health.set("breakers", false, format!("open: the records of {} wait in the log", held.join(", ")));
+        }
+    }
+    Ok(holding)
+}
+
 /// The process role, run on the calling thread until `stop` is set: consume, run each source's records
 /// through its chain, batch, and commit rows together with the offsets they cover to the sink (the
 /// embedded store in one SQLite transaction, the Druid topic in one Kafka transaction). Refused
@@ -393,24 +422,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     if let Some(health) = &settings.health {
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
-    // Sources whose breaker is still cooling down are held; the others skip what an earlier run
-    // did past a held source's records.
-    let mut holding = Holding {
-        held: breakers.held_sources(std::time::Instant::now()),
-        done: committed_progress(sink, chains, names)?,
-        ..Holding::default()
-    };
-    stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
-    if !holding.held.is_empty() {
-        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(s).map(|n| &**n)).collect();
-        tracing::warn!(
-            sources = %held.join(", "),
-            "a link's breaker is open: these sources' records wait in the log while the others go on"
-        );
-        if let Some(health) = &settings.health {
-            health.set("breakers", false, format!("open: the records of {} wait in the log", held.join(", ")));
-        }
-    }
+    let mut holding = holding_at_start(breakers, sink, chains, names, settings, stats)?;
     let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
