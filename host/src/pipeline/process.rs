@@ -462,7 +462,11 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
                 .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
+            // A commit in flight is counted within a couple of milliseconds of its end.
+            let wait = if in_flight.batches.is_empty() { wait } else { wait.min(Duration::from_millis(2)) };
             let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait)?;
+            // Batches the sink committed meanwhile count now (their latency), not at the next flush.
+            settle(sink, consumer, &mut batcher, env, &mut in_flight, usize::MAX)?;
             if outcome.rebalanced {
                 // Rows of the old assignment are not committed; their partitions' owners read them again.
                 stats.rebalances.fetch_add(1, Ordering::Relaxed);

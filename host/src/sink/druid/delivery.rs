@@ -127,6 +127,8 @@ struct Phases {
     produce: Duration,
     offsets: Duration,
     commit: Duration,
+    /// Of `commit`: waiting for the commits before, the rows' acknowledgements, the request.
+    commit_parts: [Duration; 3],
 }
 
 impl Phases {
@@ -140,6 +142,7 @@ impl Phases {
             produce: Duration::ZERO,
             offsets: Duration::ZERO,
             commit: Duration::ZERO,
+            commit_parts: [Duration::ZERO; 3],
         }
     }
 
@@ -155,6 +158,9 @@ impl Phases {
             produce_ms = format!("{:.1}", avg(self.produce, self.transactions)),
             send_offsets_ms = format!("{:.1}", avg(self.offsets, self.transactions)),
             commit_ms = format!("{:.1}", avg(self.commit, self.commits)),
+            commit_queued_ms = format!("{:.1}", avg(self.commit_parts[0], self.commits)),
+            commit_acks_ms = format!("{:.1}", avg(self.commit_parts[1], self.commits)),
+            commit_request_ms = format!("{:.1}", avg(self.commit_parts[2], self.commits)),
             "Druid transactions (average per transaction)"
         );
         *self = Phases::new();
@@ -236,6 +242,9 @@ struct Done {
     result: Result<(), String>,
     /// From the hand-over to the answer.
     took: Duration,
+    /// Of that: waiting for the commits before it, the rows' acknowledgements, and the commit
+    /// request itself (`EndTxn` and its markers).
+    parts: [Duration; 3],
 }
 
 /// The committer thread and the transactions handed to it and not yet settled.
@@ -258,18 +267,25 @@ impl Committer {
             .spawn(move || {
                 let mut failed = false;
                 for job in rx {
+                    let begun = std::time::Instant::now();
+                    let mut acked = begun;
                     let result = if failed {
                         Err("an earlier transaction failed to commit".to_owned())
                     } else {
+                        // The rows' acknowledgements apart from the commit request, for the phase
+                        // report (a flush that fails leaves the commit to report why).
+                        let _ = job.producer.flush(timeout);
+                        acked = std::time::Instant::now();
                         commit_retrying(&job.producer, timeout).map_err(|e| e.to_string())
                     };
+                    let parts = [begun - job.handed_at, acked - begun, acked.elapsed()];
                     if result.is_err() {
                         failed = true;
                         if let Err(abort) = job.producer.abort_transaction(timeout) {
                             tracing::warn!(error = %abort, "aborting the Druid transaction failed");
                         }
                     }
-                    if tx.send(Done { result, took: job.handed_at.elapsed() }).is_err() {
+                    if tx.send(Done { result, took: job.handed_at.elapsed(), parts }).is_err() {
                         return;
                     }
                 }
@@ -303,12 +319,15 @@ impl Committer {
                     Err(mpsc::TryRecvError::Disconnected) => Err("the committer thread is gone".to_owned()),
                 }
             };
-            match done.and_then(|d| d.result.map(|()| d.took)) {
-                Ok(took) => {
+            match done.and_then(|d| d.result.map(|()| (d.took, d.parts))) {
+                Ok((took, parts)) => {
                     self.queue.pop_front();
                     settled += 1;
                     phases.commits += 1;
                     phases.commit += took;
+                    for (sum, part) in phases.commit_parts.iter_mut().zip(parts) {
+                        *sum += part;
+                    }
                 }
                 Err(e) => self.failed = Some(e),
             }
