@@ -295,6 +295,14 @@ impl Config {
                 self.process.group
             ));
         }
+        if let (Some(_), Some(instance)) = (&self.sink.druid, &self.process.instance)
+            && instance.contains('#')
+        {
+            return Err(format!(
+                "[process] instance {instance:?} may not contain '#': the Druid sink's further producers' \
+                 transactional ids add #1, #2, ... to the instance's, which must not be another instance's"
+            ));
+        }
         Ok(())
     }
 
@@ -535,6 +543,9 @@ mod tests {
         let named: Config = toml::from_str(&format!("{text}[process]\ninstance = 'a'\n")).unwrap();
         named.check_druid_instance().unwrap();
         assert_eq!(named.process.instance(), "a");
+        // "a#1" would be the transactional id of instance "a"'s second producer.
+        let clash: Config = toml::from_str(&format!("{text}[process]\ninstance = 'a#1'\n")).unwrap();
+        assert!(clash.check_druid_instance().unwrap_err().contains("may not contain '#'"));
         // Without the Druid sink the default name is fine.
         let config: Config = toml::from_str("[kafka]\nbrokers = 'k:9092'\n").unwrap();
         config.check_druid_instance().unwrap();

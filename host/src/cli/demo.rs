@@ -93,6 +93,14 @@ pub struct BenchArgs {
     /// store (no Overlord is needed: the spec is generated, its POST fails and is retried).
     #[arg(long, requires = "brokers")]
     pub druid: bool,
+    /// With --druid, the transactions the Druid sink keeps in flight
+    /// (`[sink.druid] transactions_in_flight`).
+    #[arg(long, requires = "druid")]
+    pub transactions_in_flight: Option<u32>,
+    /// With --brokers, a librdkafka property for sluice's Kafka clients (`[kafka] options`), as
+    /// `key=value`; repeatable. To try fetch and linger settings against a cluster.
+    #[arg(long = "kafka-option", requires = "brokers", value_parser = parse_option)]
+    pub kafka_options: Vec<(String, String)>,
     /// With --brokers, the replicas of each partition of the topics this run creates
     /// (`[kafka] replication_factor`; `min_insync_replicas` is 2 when it is 2 or more): 1 for the
     /// single-broker clusters a load test usually runs against.
@@ -109,6 +117,12 @@ pub struct BenchArgs {
     /// sluice's alone; the simulator's is reported beside it.
     #[arg(long)]
     pub apart: bool,
+}
+
+/// A `key=value` pair.
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// The feed simulator of a bench: in this process, or `sluice feedsim` in a child process.
@@ -560,6 +574,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         config.kafka.symbols_topic = format!("{run}.symbols");
         config.kafka.replication_factor = args.replication_factor;
         config.kafka.min_insync_replicas = args.replication_factor.min(2);
+        config.kafka.options.extend(args.kafka_options.iter().cloned());
         config.kafka.validate().map_err(anyhow::Error::msg)?;
         config.process.group = run.clone();
         config.process.instance = Some("bench".into());
@@ -567,6 +582,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
                 overlord_url: "http://127.0.0.1:9".into(),
                 topic: format!("{run}.druid"),
+                transactions_in_flight: args
+                    .transactions_in_flight
+                    .unwrap_or(crate::sink::druid::DruidSinkConfig::default().transactions_in_flight),
                 ..crate::sink::druid::DruidSinkConfig::default()
             });
         }

@@ -720,6 +720,10 @@ async fn start_process(
             let id = transactional_id(&config.process.group, config.process.instance());
             let timeout = Duration::from_secs(30);
             let read = tokio::task::spawn_blocking(move || {
+                // A previous incarnation may have run with more producers: their transactions are
+                // settled before the changelog and the offsets are read.
+                let in_use = druid.transactions_in_flight as usize;
+                crate::sink::druid::delivery::fence_unused(&kafka, &brokers, &id, in_use, timeout)?;
                 crate::sink::druid::state::restore(&kafka, &brokers, &druid, &id, timeout)
             });
             Some(read.await?.context("restoring plugin state from the Druid sink's changelog")?)
@@ -734,6 +738,7 @@ async fn start_process(
     let names = Names { sources, symbols };
     health.set("breakers", true, "all closed");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let overlapped = metrics.druid_transactions_overlapped_total.clone();
     let settings = ProcessSettings {
         partitions: config.kafka.partitions,
         batch: crate::batch::BatchConfig::from(&config.process),
@@ -790,7 +795,8 @@ async fn start_process(
                         .with_checkpoints(
                             druid.checkpoint_topic(),
                             Duration::from_millis(config.process.checkpoint_interval_ms),
-                        ),
+                        )
+                        .with_overlap_counter(overlapped.clone()),
                     ),
                     (None, Some(path), _) => {
                         let store = EmbeddedStore::open(path, Duration::from_secs(60))?

@@ -380,6 +380,35 @@ fn committed_progress(
     Ok(done)
 }
 
+/// Sources whose breaker is still cooling down are held; the others skip what an earlier run did
+/// past a held source's records (their progress as the sink committed it).
+fn holding_at_start(
+    breakers: &Breakers,
+    sink: &mut dyn Sink,
+    chains: &HashMap<u32, Chain>,
+    names: &Names,
+    settings: &ProcessSettings,
+    stats: &ProcessStats,
+) -> anyhow::Result<Holding> {
+    let holding = Holding {
+        held: breakers.held_sources(std::time::Instant::now()),
+        done: committed_progress(sink, chains, names)?,
+        ..Holding::default()
+    };
+    stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
+    if !holding.held.is_empty() {
+        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(s).map(|n| &**n)).collect();
+        tracing::warn!(
+            sources = %held.join(", "),
+            "a link's breaker is open: these sources' records wait in the log while the others go on"
+        );
+        if let Some(health) = &settings.health {
+            health.set("breakers", false, format!("open: the records of {} wait in the log", held.join(", ")));
+        }
+    }
+    Ok(holding)
+}
+
 /// The process role, run on the calling thread until `stop` is set: consume, run each source's records
 /// through its chain, batch, and commit rows together with the offsets they cover to the sink (the
 /// embedded store in one SQLite transaction, the Druid topic in one Kafka transaction). Refused
@@ -400,24 +429,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     if let Some(health) = &settings.health {
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
-    // Sources whose breaker is still cooling down are held; the others skip what an earlier run
-    // did past a held source's records.
-    let mut holding = Holding {
-        held: breakers.held_sources(std::time::Instant::now()),
-        done: committed_progress(sink, chains, names)?,
-        ..Holding::default()
-    };
-    stats.held_sources.store(holding.held.len() as u64, Ordering::Relaxed);
-    if !holding.held.is_empty() {
-        let held: Vec<&str> = holding.held.iter().filter_map(|s| names.sources.get(s).map(|n| &**n)).collect();
-        tracing::warn!(
-            sources = %held.join(", "),
-            "a link's breaker is open: these sources' records wait in the log while the others go on"
-        );
-        if let Some(health) = &settings.health {
-            health.set("breakers", false, format!("open: the records of {} wait in the log", held.join(", ")));
-        }
-    }
+    let mut holding = holding_at_start(breakers, sink, chains, names, settings, stats)?;
     let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
@@ -429,91 +441,121 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     // Records read since the last flush (their offsets are not stored yet).
     let mut unflushed = false;
-    while !stop.load(Ordering::Relaxed) {
-        if !holding.held.is_empty() && live.breakers.trial_due(&holding.held, std::time::Instant::now()) {
-            // Commit what the others did, then read again from there with the held records.
-            if unflushed {
+    // Batches handed to the sink and not committed yet, and the most the sink takes.
+    let mut in_flight = InFlight::default();
+    let most_in_flight = sink.max_in_flight().max(1);
+    // Every way out (a stop, a trial, an error) waits for the batches in flight, so a role that
+    // starts again after it reads from a position no commit moves any more.
+    let mut run = || -> anyhow::Result<()> {
+        while !stop.load(Ordering::Relaxed) {
+            if !holding.held.is_empty() && live.breakers.trial_due(&holding.held, std::time::Instant::now()) {
+                // Commit what the others did, then read again from there with the held records.
+                if unflushed {
+                    let batch = Batch {
+                        pending: &mut pending,
+                        dead: &mut dead,
+                        chains: live.chains,
+                        next_offsets: &next_offsets,
+                        holding: &holding,
+                        in_flight: &mut in_flight,
+                    };
+                    flush(sink, consumer, &mut batcher, batch, env, "trial")?;
+                }
+                return Err(ProcessError::TrialDue.into());
+            }
+            if let Some(edits) = &settings.edits {
+                // Between polls: the rows so far came from the old chains, this poll's meet the new.
+                edits.apply(live.chains, &names.sources, &|source, plugin| stats.watch_breaker(source, plugin))?;
+            }
+            polled.clear();
+            let wait = batcher
+                .deadline()
+                .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            // A commit in flight is counted within a couple of milliseconds of its end.
+            let wait = if in_flight.batches.is_empty() { wait } else { wait.min(Duration::from_millis(2)) };
+            let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait)?;
+            // Batches the sink committed meanwhile count now (their latency), not at the next flush.
+            settle(sink, consumer, &mut batcher, env, &mut in_flight, usize::MAX)?;
+            if outcome.rebalanced {
+                // Rows of the old assignment are not committed; their partitions' owners read them again.
+                stats.rebalances.fetch_add(1, Ordering::Relaxed);
+                pending.clear();
+                dead.clear();
+                next_offsets.clear();
+                abandon(live.chains);
+                batcher.take();
+                unflushed = false;
+            }
+            stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
+            stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
+            route(&polled, &mut by_source, &mut next_offsets, &mut holding);
+            // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
+            // letters go with that reading, never twice.
+            let added = live.poll(&by_source, &mut pending, &mut dead)?;
+            let now = tokio::time::Instant::now();
+            let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
+            // More is already waiting behind a full poll: read it into this batch first (the next poll
+            // does not wait, the deadline having passed), up to the batch's cap.
+            let full = polled.positions.len() >= settings.max_poll_records;
+            if matches!(due, Some(FlushReason::Ready | FlushReason::Linger))
+                && full
+                && batcher.rows() < batcher.max_rows()
+            {
+                due = None;
+            }
+            unflushed |= !polled.positions.is_empty();
+            // Offsets move even when a poll produced no rows (all refused), so commit them too.
+            let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !dead.is_empty());
+            if (due.is_some() || offsets_only) && in_flight.batches.len() >= most_in_flight {
+                // Every transaction is taken: wait for the oldest to commit; then, once a deadline
+                // has passed, read what came meanwhile into this batch before it goes.
+                settle(sink, consumer, &mut batcher, env, &mut in_flight, most_in_flight - 1)?;
+                if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) {
+                    continue;
+                }
+            }
+            if due.is_some() || offsets_only {
+                let reason = due.map_or("offsets", FlushReason::as_str);
                 let batch = Batch {
                     pending: &mut pending,
                     dead: &mut dead,
                     chains: live.chains,
                     next_offsets: &next_offsets,
                     holding: &holding,
+                    in_flight: &mut in_flight,
                 };
-                flush(sink, consumer, &mut batcher, batch, env, "trial")?;
+                flush(sink, consumer, &mut batcher, batch, env, reason)?;
+                unflushed = false;
+                if let Some(health) = &settings.health {
+                    health.set("sink", true, format!("{} sink committed", sink.name()));
+                    if holding.held.is_empty() {
+                        health.set("breakers", true, "all closed");
+                    }
+                }
             }
-            return Err(ProcessError::TrialDue.into());
         }
-        if let Some(edits) = &settings.edits {
-            // Between polls: the rows so far came from the old chains, this poll's meet the new.
-            edits.apply(live.chains, &names.sources, &|source, plugin| stats.watch_breaker(source, plugin))?;
-        }
-        polled.clear();
-        let wait = batcher
-            .deadline()
-            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
-            .unwrap_or(Duration::from_millis(100))
-            .min(Duration::from_millis(100));
-        let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait)?;
-        if outcome.rebalanced {
-            // Rows of the old assignment are not committed; their partitions' owners read them again.
-            stats.rebalances.fetch_add(1, Ordering::Relaxed);
-            pending.clear();
-            dead.clear();
-            next_offsets.clear();
-            abandon(live.chains);
-            batcher.take();
-            unflushed = false;
-        }
-        stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
-        stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
-        route(&polled, &mut by_source, &mut next_offsets, &mut holding);
-        // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
-        // letters go with that reading, never twice.
-        let added = live.poll(&by_source, &mut pending, &mut dead)?;
-        let now = tokio::time::Instant::now();
-        let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
-        // More is already waiting behind a full poll: read it into this batch first (the next poll
-        // does not wait, the deadline having passed), up to the batch's cap.
-        let full = polled.positions.len() >= settings.max_poll_records;
-        if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) && full && batcher.rows() < batcher.max_rows()
-        {
-            due = None;
-        }
-        unflushed |= !polled.positions.is_empty();
-        // Offsets move even when a poll produced no rows (all refused), so commit them too.
-        let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !dead.is_empty());
-        if due.is_some() || offsets_only {
-            let reason = due.map_or("offsets", FlushReason::as_str);
+        // A clean stop stores what was transformed, so a restart does not redo it.
+        if unflushed {
             let batch = Batch {
                 pending: &mut pending,
                 dead: &mut dead,
                 chains: live.chains,
                 next_offsets: &next_offsets,
                 holding: &holding,
+                in_flight: &mut in_flight,
             };
-            flush(sink, consumer, &mut batcher, batch, env, reason)?;
-            unflushed = false;
-            if let Some(health) = &settings.health {
-                health.set("sink", true, format!("{} sink committed", sink.name()));
-                if holding.held.is_empty() {
-                    health.set("breakers", true, "all closed");
-                }
-            }
+            flush(sink, consumer, &mut batcher, batch, env, "stop")?;
         }
+        Ok(())
+    };
+    let result = run();
+    // A failure to commit comes first: the role must then start from the sink's committed state.
+    match settle(sink, consumer, &mut batcher, env, &mut in_flight, 0) {
+        Err(e) => Err(e),
+        Ok(()) => result,
     }
-    // A clean stop stores what was transformed, so a restart does not redo it.
-    if unflushed {
-        let batch = Batch {
-            pending: &mut pending,
-            dead: &mut dead,
-            chains: live.chains,
-            next_offsets: &next_offsets,
-            holding: &holding,
-        };
-        flush(sink, consumer, &mut batcher, batch, env, "stop")?;
-    }
-    Ok(())
 }
 
 /// Splits a poll's records by source into `by_source` (each buffer emptied first), and moves
@@ -745,17 +787,18 @@ struct Env<'a> {
     topic: &'a str,
 }
 
-/// Commits the pending rows and the offsets they cover in one transaction.
+/// Hands the pending rows and the offsets they cover to the sink in one transaction, then settles
+/// what the sink has committed meanwhile (see [`settle`]).
 fn flush(
     sink: &mut dyn Sink,
     consumer: &Reader,
     batcher: &mut Batcher,
     batch: Batch<'_>,
     env: Env<'_>,
-    reason: &str,
+    reason: &'static str,
 ) -> Result<(), anyhow::Error> {
     let Env { names, stats, settings, topic } = env;
-    let Batch { pending, dead, chains, next_offsets, holding } = batch;
+    let Batch { pending, dead, chains, next_offsets, holding, in_flight } = batch;
     let taken = batcher.take();
     let rows: Vec<Row<'_>> = pending
         .iter()
@@ -801,6 +844,8 @@ fn flush(
     }
     sink.commit(&rows, &offsets, &letters, &state, consumer)?;
     drop(state);
+    // Handed over: the next commit carries only later changes. Should this one fail, the role reads
+    // again from the sink's committed state, not from memory's.
     if wrote_state {
         chains.values_mut().for_each(Chain::commit_state);
         if let Some(m) = &settings.metrics {
@@ -811,23 +856,75 @@ fn flush(
     count_rejects(&stats.link_rejects, &letters);
     drop(letters);
     dead.clear();
-    consumer.committed(&offsets);
-    let commit_time = started.elapsed();
-    batcher.flushed(tokio::time::Instant::now());
-    if let Some(taken) = taken {
-        stats.batch_latency.record(taken.opened_at.elapsed());
-    }
-    let now_us = crate::clock::now_us();
-    stats.receive_to_commit.record_rows(now_us, pending);
-    stats.sink_commit.record(commit_time);
-    if let Some(m) = &settings.metrics {
-        observe_commit(&m.process, sink.name(), commit_time, reason, pending, now_us);
-    }
-    stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
-    stats.deleted_unread.store(0, Ordering::Relaxed);
-    stats.flushes.fetch_add(1, Ordering::Relaxed);
+    let offsets = offsets.iter().map(|&(_, p, o)| (p, o)).collect();
     drop(rows);
-    pending.clear();
+    let rows = std::mem::replace(pending, in_flight.spare.pop().unwrap_or_default());
+    let opened_at = taken.map(|t| t.opened_at);
+    in_flight.batches.push_back(Committing { rows, offsets, started, opened_at, reason });
+    settle(sink, consumer, batcher, env, in_flight, usize::MAX)
+}
+
+/// A batch handed to the sink and not known to be committed yet.
+struct Committing {
+    rows: Vec<PendingRow>,
+    /// (partition, next offset) it commits.
+    offsets: Vec<(i32, i64)>,
+    /// When it was handed over.
+    started: std::time::Instant,
+    /// When its first row was batched.
+    opened_at: Option<tokio::time::Instant>,
+    /// Why it was closed.
+    reason: &'static str,
+}
+
+/// The batches handed to the sink, oldest first, and row buffers to reuse.
+#[derive(Default)]
+struct InFlight {
+    batches: std::collections::VecDeque<Committing>,
+    spare: Vec<Vec<PendingRow>>,
+}
+
+/// Waits until at most `keep` batches are in flight, and counts those the sink has committed since
+/// the last call: their rows stored, their latency, their offsets moved.
+///
+/// # Errors
+/// A handed-over batch failed to commit: it and those after it are not committed.
+fn settle(
+    sink: &mut dyn Sink,
+    consumer: &Reader,
+    batcher: &mut Batcher,
+    env: Env<'_>,
+    in_flight: &mut InFlight,
+    keep: usize,
+) -> anyhow::Result<()> {
+    if in_flight.batches.is_empty() {
+        return Ok(());
+    }
+    let left = sink.settle(keep)?;
+    let Env { stats, settings, topic, .. } = env;
+    while in_flight.batches.len() > left {
+        let Some(Committing { mut rows, offsets, started, opened_at, reason }) = in_flight.batches.pop_front() else {
+            break;
+        };
+        let offsets: Vec<(&str, i32, i64)> = offsets.iter().map(|&(p, o)| (topic, p, o)).collect();
+        consumer.committed(&offsets);
+        let commit_time = started.elapsed();
+        batcher.flushed(tokio::time::Instant::now());
+        if let Some(opened_at) = opened_at {
+            stats.batch_latency.record(opened_at.elapsed());
+        }
+        let now_us = crate::clock::now_us();
+        stats.receive_to_commit.record_rows(now_us, &rows);
+        stats.sink_commit.record(commit_time);
+        if let Some(m) = &settings.metrics {
+            observe_commit(&m.process, sink.name(), commit_time, reason, &rows, now_us);
+        }
+        stats.stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        stats.deleted_unread.store(0, Ordering::Relaxed);
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        rows.clear();
+        in_flight.spare.push(rows);
+    }
     Ok(())
 }
 
@@ -904,6 +1001,8 @@ struct Batch<'a> {
     next_offsets: &'a BTreeMap<i32, i64>,
     /// Where commits stop for held sources, and the others' progress past them.
     holding: &'a Holding,
+    /// The batches handed over before it.
+    in_flight: &'a mut InFlight,
 }
 
 /// Counts committed dead letters per source and link: once per run of letters of the same source

@@ -43,7 +43,9 @@ pub trait Sink: Send {
     fn attach(&mut self, reader: &Reader, partitions: i32) -> anyhow::Result<()>;
 
     /// Writes `rows`, the dead letters of the same polls, the chains' state changes and the offsets
-    /// they cover (`(topic, partition, next offset)`) all or nothing.
+    /// they cover (`(topic, partition, next offset)`) all or nothing. A sink that keeps transactions
+    /// in flight ([`Sink::max_in_flight`] above 1) may return once the write is handed over: it is
+    /// committed when [`Sink::settle`] says so, after every write handed over before it.
     ///
     /// # Errors
     /// When the write fails; nothing of it is visible then, and the caller must read the rows again
@@ -65,6 +67,24 @@ pub trait Sink: Send {
     /// # Errors
     /// When the stored state cannot be read.
     fn committed_state(&mut self, source: &str, link: u32) -> anyhow::Result<Option<(String, embedded::StateEntries)>>;
+
+    /// How many writes handed over by [`Sink::commit`] are not committed yet, after waiting until at
+    /// most `keep` are. Writes commit in the order they were handed over.
+    ///
+    /// # Errors
+    /// When a handed-over write failed: neither it nor any after it is committed, and the caller must
+    /// read again from the last committed offsets (the writes before it are committed, and were
+    /// reported as such by an earlier call).
+    fn settle(&mut self, keep: usize) -> anyhow::Result<usize> {
+        let _ = keep;
+        Ok(0)
+    }
+
+    /// The most writes this sink has in flight at once: a further [`Sink::commit`] waits for the
+    /// oldest to commit.
+    fn max_in_flight(&self) -> usize {
+        1
+    }
 
     /// A short name for logs and metrics.
     fn name(&self) -> &'static str;

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub druid_supervisor_lag_messages: IntGauge,
     /// Failed Overlord calls (apply or poll) since start.
     pub druid_overlord_errors_total: prometheus::IntCounter,
+    /// Druid transactions begun while an earlier one of the instance was still committing.
+    pub druid_transactions_overlapped_total: IntCounter,
     /// Per plugin, version and stage (`decode`, `transform`).
     plugin: PluginVecs,
     /// HTTP requests by matched route, method and status.
@@ -328,6 +330,11 @@ impl Metrics {
             "Overlord calls (applying the spec, polling the supervisor) that failed",
         )
         .expect("a valid metric name");
+        let overlapped = IntCounter::new(
+            "sluice_druid_transactions_overlapped_total",
+            "Druid sink transactions begun while an earlier one was still committing",
+        )
+        .expect("a valid metric name");
         let labels = ["plugin", "version", "stage"];
         let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &labels).expect("valid");
         let plugin = PluginVecs {
@@ -602,6 +609,7 @@ impl Metrics {
             Box::new(healthy.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(lag.clone()),
             Box::new(errors.clone()),
+            Box::new(overlapped.clone()),
             Box::new(plugin.calls.clone()),
             Box::new(plugin.records_in.clone()),
             Box::new(plugin.records_out.clone()),
@@ -620,6 +628,7 @@ impl Metrics {
             druid_supervisor_healthy: healthy,
             druid_supervisor_lag_messages: lag,
             druid_overlord_errors_total: errors,
+            druid_transactions_overlapped_total: overlapped,
             plugin,
             http_requests_total,
             http_request_duration_seconds,

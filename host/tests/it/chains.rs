@@ -187,7 +187,10 @@ transforms = [
     let (_, sources) = get("/v1/sources").await;
     assert_eq!(
         sources["sources"][0]["transforms"],
-        serde_json::json!([{ "plugin": "min-volume", "version": new }, { "plugin": "outlier-filter", "version": outlier }]),
+        serde_json::json!([
+            { "plugin": "min-volume", "version": new, "rejects": 0 },
+            { "plugin": "outlier-filter", "version": outlier, "rejects": 0 }
+        ]),
         "{sources}"
     );
     run.interrupt();

@@ -332,6 +332,48 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
     let _ = std::fs::remove_dir_all(&s.dir);
 }
 
+/// Two Druid transactions in flight at once (`transactions_in_flight = 2`): the process role begins
+/// a transaction while the one before it is still committing (the role's own counter of such
+/// transactions, read from `/metrics`, moves), is killed with SIGKILL mid-stream with transactions
+/// in flight, and started again: the Druid topic still holds every trade exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_druid_transactions_stay_exactly_once_across_a_kill_9() {
+    let (mut s, druid_topic, _posted) = druid_setup("overlap-druid").await;
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, config.replace("[sink.druid]\n", "[sink.druid]\ntransactions_in_flight = 2\n")).unwrap();
+    let bootstrap = s.broker.bootstrap.clone();
+    let mut counter = CommittedCount::new(&bootstrap, &druid_topic);
+    let mut ingest = start_role(&s.config, "ingest", &s.log);
+    let api = common::free_addr();
+    let mut process = start_role_with(&s.config, "process", &s.log, &["--api-addr", &api]);
+    let http = reqwest::Client::new();
+    let (mut overlapped, start) = (0.0, Instant::now());
+    while (overlapped < 3.0 || counter.update() < 200) && start.elapsed() < Duration::from_secs(90) {
+        if let Ok(r) = http.get(format!("http://{api}/metrics")).send().await {
+            overlapped = metric(&r.text().await.unwrap_or_default(), "sluice_druid_transactions_overlapped_total");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    assert!(overlapped >= 3.0, "{overlapped} transactions began while another was committing:\n{log}");
+    process.kill_9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut process = start_role(&s.config, "process", &s.log);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let sent = stop_feed(&mut s, &mut ingest).await;
+    let total: usize = sent.values().map(Vec::len).sum();
+    let start = Instant::now();
+    while (counter.update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    process.interrupt();
+    let (_, message) = generated_spec(&s);
+    assert_exactly_once(&druid_rows(&bootstrap, &druid_topic, &message), &sent);
+    drop(s.broker);
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
 /// A stateful chain with the Druid sink, the process role killed with SIGKILL mid-stream and started
 /// again: the `chaos` link in `count` mode numbers each symbol's records 1, 2, 3, ... as its state
 /// (written into each row's quantity). Its state goes to the changelog topic in the transactions

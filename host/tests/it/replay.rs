@@ -129,11 +129,12 @@ transforms = ["prices"]
 }
 
 impl Live {
-    /// Waits until the store has rolled up `n` trades.
+    /// Waits until the store has rolled up `n` trades (a start compiles every plugin, which a busy
+    /// machine can take a minute over).
     async fn wait_for_rollup(&self, n: i64) {
         let start = Instant::now();
         while events(&table(&self.store, "rollup")) < n {
-            assert!(start.elapsed() < Duration::from_secs(60), "{}", self.log_text());
+            assert!(start.elapsed() < Duration::from_secs(180), "{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

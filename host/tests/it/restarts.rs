@@ -918,7 +918,7 @@ path = "{plugins}/chaos.wasm"
 name = "recorded"
 kind = "file"
 path = "{recording}"
-rate = 1500
+rate = 500
 decode = "binance"
 transforms = [{{ plugin = "chaos", config = {{ mode = "count" }} }}]
 "#,

@@ -95,6 +95,12 @@ pub struct DruidSinkConfig {
     /// How often the supervisor's status and health are polled.
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Transactions the sink keeps in flight at once, from 1 to
+    /// [`MAX_TRANSACTIONS_IN_FLIGHT`](crate::sink::druid::delivery::MAX_TRANSACTIONS_IN_FLIGHT):
+    /// the next batch is produced while the previous one commits (see
+    /// [`crate::sink::druid::delivery`]).
+    #[serde(default = "defaults::transactions_in_flight")]
+    pub transactions_in_flight: u32,
 }
 
 impl Default for DruidSinkConfig {
@@ -125,6 +131,7 @@ impl Default for DruidSinkConfig {
             max_attempts: defaults::max_attempts(),
             retry_backoff_ms: defaults::retry_backoff_ms(),
             poll_interval_ms: defaults::poll_interval_ms(),
+            transactions_in_flight: defaults::transactions_in_flight(),
         }
     }
 }
@@ -397,6 +404,9 @@ mod defaults {
     }
     pub fn one() -> u32 {
         1
+    }
+    pub fn transactions_in_flight() -> u32 {
+        2
     }
     pub fn task_duration() -> String {
         "PT1H".into()

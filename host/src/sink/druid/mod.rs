@@ -16,7 +16,7 @@ pub mod spec;
 pub mod state;
 
 pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
-pub use delivery::{DruidSink, transactional_id};
+pub use delivery::{DruidSink, MAX_TRANSACTIONS_IN_FLIGHT, nth_transactional_id, transactional_id};
 pub use overlord::{BasicAuth, OverlordClient, OverlordError, SupervisorHealth, SupervisorStatus};
 pub use row::encode_row;
 pub use spec::{

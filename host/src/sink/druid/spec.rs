@@ -130,6 +130,14 @@ pub enum SpecError {
         /// The setting.
         setting: &'static str,
     },
+    /// A count is above the most it may be.
+    #[error("{setting} may be at most {max}")]
+    TooMany {
+        /// The setting.
+        setting: &'static str,
+        /// The most it may be.
+        max: u32,
+    },
     /// `consumer_options` tries to set a property sluice owns.
     #[error("consumer_options may not set {key:?}: sluice sets it")]
     ReservedConsumerProperty {
@@ -557,6 +565,13 @@ pub fn validate(cfg: &DruidSinkConfig, descriptor_set: &[u8], brokers: &str) -> 
     if cfg.replicas == 0 {
         return Err(SpecError::Zero { setting: "replicas" });
     }
+    if cfg.transactions_in_flight == 0 {
+        return Err(SpecError::Zero { setting: "transactions_in_flight" });
+    }
+    let max = super::delivery::MAX_TRANSACTIONS_IN_FLIGHT as u32;
+    if cfg.transactions_in_flight > max {
+        return Err(SpecError::TooMany { setting: "transactions_in_flight", max });
+    }
     if let Some(key) = cfg.consumer_options.keys().find(|k| RESERVED_CONSUMER_PROPERTIES.contains(&k.as_str())) {
         return Err(SpecError::ReservedConsumerProperty { key: key.clone() });
     }
@@ -927,6 +942,11 @@ mod tests {
             SpecError::Period { setting: "task_duration", value: "1h".into() }
         );
         assert_eq!(refused(|c| c.task_count = 0), SpecError::Zero { setting: "task_count" });
+        assert_eq!(refused(|c| c.transactions_in_flight = 0), SpecError::Zero { setting: "transactions_in_flight" });
+        assert_eq!(
+            refused(|c| c.transactions_in_flight = 5),
+            SpecError::TooMany { setting: "transactions_in_flight", max: 4 }
+        );
         assert_eq!(refused(|c| c.replicas = 0), SpecError::Zero { setting: "replicas" });
         assert_eq!(
             refused(|c| {

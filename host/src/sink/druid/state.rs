@@ -12,6 +12,13 @@
 //!   stored entries no longer count (a version of another format took over) writes a tombstone for
 //!   each key it had ([`StateWrite::dropped`](crate::sink::StateWrite::dropped)).
 //!
+//! With several transactions in flight (see [`super::delivery`]), one that carries state changes
+//! waits for every earlier one to commit before it writes them: the records of a key stand in the
+//! changelog in the order they were made, and a `read_committed` reader folds them into the state
+//! of the committed transactions, which are always a prefix of those produced. (The records of a
+//! source are keyed by source and symbol, so they spread over the events topic's partitions:
+//! producers split by partition would split a source's state between them.)
+//!
 //! A restore ([`restore`]) reads the whole topic up to its end as of the start and keeps each key's
 //! last record. Being compacted, the changelog holds only the state as it is now: checkpoints of
 //! earlier states, for replays, are kept apart ([`super::checkpoint`]).
