@@ -36,8 +36,24 @@ fn free_addr() -> String {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
 }
 
-fn demo(config: &Path, cwd: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+/// A running demo, killed (`kill -9`) when dropped, so a failing assertion leaves no demo behind.
+struct Demo(Child);
+
+impl Demo {
+    fn kill_9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+fn demo(config: &Path, cwd: &Path) -> Demo {
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["demo", "--config"])
         .arg(config)
         .args(["--rate", "400"])
@@ -47,7 +63,8 @@ fn demo(config: &Path, cwd: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Demo(child)
 }
 
 async fn get(http: &reqwest::Client, url: String) -> Option<serde_json::Value> {
@@ -135,8 +152,7 @@ async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
     }
 
     // `kill -9`, and the demo started again on its data directory still runs the rule.
-    running.kill().unwrap();
-    running.wait().unwrap();
+    running.kill_9();
     let mut running = demo(&config, &base);
     let chain =
         wait_until(Duration::from_secs(120), Duration::from_millis(200), "the chain after the restart", async || {
@@ -147,7 +163,6 @@ async fn the_tutorial_runs_from_plugin_new_to_a_rule_in_the_running_demo() {
     assert_eq!(chain["links"][0]["plugin"], "big-trades", "{chain}");
     wait_until(Duration::from_secs(60), Duration::from_millis(200), "the rule's rejects after the restart", counted)
         .await;
-    running.kill().unwrap();
-    running.wait().unwrap();
+    running.kill_9();
     let _ = std::fs::remove_dir_all(&base);
 }
