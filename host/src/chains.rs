@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Link};
+use crate::source::config::Link;
 
 /// One link of a running chain.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,12 +121,13 @@ pub struct ChainBook {
 }
 
 impl ChainBook {
-    /// The book of `config`'s sources, with the edits kept under `data_dir`. Logs each source whose
-    /// edited chain overrides the configuration's.
+    /// The book of the configured sources (`configured`: each source's chain as the configuration
+    /// gives it, see `Config::chains`), with the edits kept under
+    /// `data_dir`. Logs each source whose edited chain overrides the configuration's.
     ///
     /// # Errors
     /// [`ChainError::Io`] when `chains.json` exists and cannot be read.
-    pub fn open(data_dir: &Path, config: &Config) -> Result<Self, ChainError> {
+    pub fn open(data_dir: &Path, configured: BTreeMap<String, Vec<Link>>) -> Result<Self, ChainError> {
         let path = data_dir.join("chains.json");
         let file: BookFile = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -134,8 +135,6 @@ impl ChainBook {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BookFile::default(),
             Err(e) => return Err(ChainError::Io(format!("cannot read {}: {e}", path.display()))),
         };
-        let configured: BTreeMap<String, Vec<Link>> =
-            config.sources.iter().map(|s| (s.name.clone(), config.chain(s).to_vec())).collect();
         for (name, kept) in &file.sources {
             let (Some(links), Some(file_chain)) = (&kept.links, configured.get(name)) else { continue };
             let same = links.len() == file_chain.len()
@@ -265,8 +264,8 @@ fn effective(configured: &[Link], kept: Option<&Kept>) -> Vec<BookLink> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ChainBook, Edit};
-    use crate::config::{Config, Link, SourceConfig};
+    use super::{BTreeMap, ChainBook, Edit};
+    use crate::source::config::Link;
 
     fn keys(book: &ChainBook) -> Vec<(String, u32)> {
         book.chain("a").unwrap().into_iter().map(|l| (l.plugin, l.state_key)).collect()
@@ -281,10 +280,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-chains-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut source = SourceConfig::new("a", "ws://x", "binance");
-        source.transforms = Some(vec![Link::new("min-volume"), Link::new("outlier-filter")]);
-        let config = Config { sources: vec![source], ..Config::default() };
-        let book = ChainBook::open(&dir, &config).unwrap();
+        let config = || BTreeMap::from([("a".to_owned(), vec![Link::new("min-volume"), Link::new("outlier-filter")])]);
+        let book = ChainBook::open(&dir, config()).unwrap();
         let key = |p: &str, k: u32| (p.to_owned(), k);
         assert_eq!(keys(&book), [key("min-volume", 0), key("outlier-filter", 1)]);
         assert!(!book.is_edited("a"));
@@ -299,7 +296,7 @@ mod tests {
         assert!(book.edit("a", Edit::Remove(3)).is_err() && book.edit("b", Edit::Remove(0)).is_err());
         let generation = book.generation();
 
-        let reopened = ChainBook::open(&dir, &config).unwrap();
+        let reopened = ChainBook::open(&dir, config()).unwrap();
         let chain = reopened.chain("a").unwrap();
         assert_eq!(keys(&reopened), [key("vwap-band", 2), key("outlier-filter", 1), key("vwap-band", 4)]);
         assert_eq!(
@@ -311,7 +308,7 @@ mod tests {
         assert!(reopened.generation() > 0 && generation > 0);
         assert_eq!(keys(&reopened), [key("min-volume", 5), key("outlier-filter", 6)]);
         assert!(!reopened.is_edited("a"));
-        assert_eq!(keys(&ChainBook::open(&dir, &config).unwrap()), keys(&reopened), "the reset is kept too");
+        assert_eq!(keys(&ChainBook::open(&dir, config()).unwrap()), keys(&reopened), "the reset is kept too");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,8 +4,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::log::kafka::KafkaConfig;
+use crate::handoff::kafka::KafkaConfig;
 pub use crate::source::config::{Link, SourceConfig, SourceKind};
+
+/// Tables renamed since an earlier release: (former name, name now). The former name is still read,
+/// with a warning. `[log]` became `[local_log]`, so it cannot be taken for `[logging]`.
+pub const RENAMED: &[(&str, &str)] = &[("log", "local_log")];
 
 /// The whole configuration file (`sluice run --config sluice.toml`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -17,9 +21,10 @@ pub struct Config {
     /// The Kafka cluster and topics.
     #[serde(default)]
     pub kafka: KafkaConfig,
-    /// The local log between the roles, used when no Kafka brokers are configured.
+    /// `[local_log]`: the local log between the roles, used when no Kafka brokers are configured
+    /// (read from `[log]` too, its name before, with a warning).
     #[serde(default)]
-    pub log: crate::log::LogConfig,
+    pub local_log: crate::handoff::LocalLogConfig,
     /// The ingest role's tuning.
     #[serde(default)]
     pub ingest: IngestConfig,
@@ -38,7 +43,7 @@ pub struct Config {
     /// The feeds.
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
-    /// How sluice writes its own log lines (not the local log: that is `[log]`).
+    /// How sluice writes its own log lines (not the local log: that is `[local_log]`).
     #[serde(default)]
     pub logging: LoggingConfig,
 }
@@ -68,7 +73,7 @@ impl Default for Config {
         Config {
             data_dir: defaults::data_dir(),
             kafka: KafkaConfig::default(),
-            log: crate::log::LogConfig::default(),
+            local_log: crate::handoff::LocalLogConfig::default(),
             ingest: IngestConfig::default(),
             api: crate::api::ApiConfig::default(),
             process: ProcessConfig::default(),
@@ -270,6 +275,12 @@ impl Config {
         source.transforms.as_deref().unwrap_or(&self.process.transforms)
     }
 
+    /// Each source's chain as configured ([`chain`](Self::chain)), by source name: what the
+    /// [`ChainBook`](crate::chains::ChainBook) starts from.
+    pub fn chains(&self) -> std::collections::BTreeMap<String, Vec<Link>> {
+        self.sources.iter().map(|s| (s.name.clone(), self.chain(s).to_vec())).collect()
+    }
+
     fn check_plugin(&self, name: &str) -> Result<(), String> {
         if self.plugins.contains_key(name) || crate::plugin::bundled::names().contains(&name) {
             Ok(())
@@ -312,9 +323,31 @@ impl Config {
     /// A message naming the file and the field (TOML errors carry the line and column).
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         config.validate().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// Parses a configuration's text, reading a table under its former name (see [`RENAMED`]) as
+    /// the new one, with a warning.
+    ///
+    /// # Errors
+    /// The TOML error (with line and column), or a table given under both names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (old, new) in RENAMED {
+            let Some(value) = table.remove(*old) else { continue };
+            if table.contains_key(*new) {
+                return Err(format!(
+                    "[{old}] and [{new}] are the same table (its former and its new name): keep [{new}]"
+                ));
+            }
+            tracing::warn!(
+                "the configuration's [{old}] table is now called [{new}]; [{old}] is read as [{new}] for now"
+            );
+            table.insert((*new).to_owned(), value);
+        }
+        Config::deserialize(table).map_err(|e| e.to_string())
     }
 
     /// Checks what types cannot: unique source names, known plugins, sane values.
@@ -351,7 +384,7 @@ impl Config {
         }
         self.kafka.validate()?;
         self.api.validate()?;
-        self.log.validate()?;
+        self.local_log.validate()?;
         if self.sink.druid.is_some() && self.kafka.brokers.trim().is_empty() {
             return Err("sink.druid needs [kafka] brokers: Druid reads its rows from a Kafka topic".into());
         }
@@ -507,6 +540,20 @@ mod tests {
         assert!(s.validate().unwrap_err().contains("reconnect_min_ms"));
     }
 
+    /// `[log]`, the local log's table before it was renamed `[local_log]`, is still read, as the
+    /// same table; given under both names it is refused rather than one silently winning.
+    #[test]
+    fn a_table_under_its_former_name_is_read_as_the_new_one() {
+        let old = Config::parse("[log]\nretention_bytes = 123\n").unwrap();
+        assert_eq!(old.local_log.retention_bytes, 123);
+        assert_eq!(old, Config::parse("[local_log]\nretention_bytes = 123\n").unwrap());
+        let both = Config::parse("[log]\nretention_bytes = 1\n[local_log]\nretention_bytes = 2\n").unwrap_err();
+        assert!(both.contains("[log] and [local_log]"), "{both}");
+        // A field the table does not have is still refused under the former name.
+        assert!(Config::parse("[log]\nretention = 1\n").unwrap_err().contains("unknown field"));
+    }
+
+    /// A field set to zero where zero cannot work is refused, naming the field.
     #[test]
     fn zeros_that_cannot_work_are_refused_by_name() {
         let base = "[[source]]\nname = 'a'\nurl = 'ws://x'\nplugin = 'mine'\n";
@@ -519,7 +566,7 @@ mod tests {
         for (source_extra, rest, key) in [
             ("connect_timeout_ms = 0", "", "source \"a\": connect_timeout_ms"),
             ("pong_timeout_ms = 0", "", "source \"a\": pong_timeout_ms"),
-            ("", "[log]\nmax_bytes = 0\nretention_bytes = 0", "log.max_bytes"),
+            ("", "[local_log]\nmax_bytes = 0\nretention_bytes = 0", "local_log.max_bytes"),
         ] {
             let err = load(source_extra, rest).unwrap_err();
             assert!(err.starts_with(key) && err.contains("must be positive"), "{key}: {err}");

@@ -10,7 +10,7 @@ type IdMap<V> = HashMap<(u32, u32), V, rustc_hash::FxBuildHasher>;
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
 
-use crate::log::marks::{TRADE_WINDOW, TradeMark, WINDOW_WORDS};
+use crate::handoff::marks::{TRADE_WINDOW, TradeMark, WINDOW_WORDS};
 use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance};
 use crate::source::Frame;
@@ -376,7 +376,11 @@ impl Decoder {
         let decoded = self.plugin.instance().decode(&self.frames)?;
         if let Some((shadow, instance)) = self.plugin.shadow() {
             let result = instance.and_then(|i| i.decode(&self.frames).ok());
-            shadow.compare(crate::log::Stage::Decode, &decoded.records, result.as_ref().map(|d| d.records.as_slice()));
+            shadow.compare(
+                crate::handoff::Stage::Decode,
+                &decoded.records,
+                result.as_ref().map(|d| d.records.as_slice()),
+            );
             self.plugin.shadow_outcome(result.is_some());
         }
         // Names the host refused are answered 0 as well: say why (per call; a call's refusals

@@ -4,8 +4,8 @@
 //! The modules follow the data flow, and imports run one way, from the bottom of this list up:
 //! - [`clock`], [`telemetry`] (every metric, and the health checks), [`batch`], [`breaker`],
 //!   [`proto`] (the `StreamData` record and the Druid row, generated from `proto/` by prost).
-//! - [`log`]: the hand-off between the roles: the local log on one machine, or Kafka
-//!   ([`log::kafka`], also at [`kafka`]); dead letters and the stage that refused them.
+//! - [`handoff`]: the hand-off between the roles: the local log on one machine, or Kafka
+//!   ([`handoff::kafka`], also at [`kafka`]); dead letters and the stage that refused them.
 //! - [`symbols`]: symbol names to the ids records carry, shared through the log.
 //! - [`source`]: the feeds (WebSocket, or a recorded file), one task each, and their `[[source]]`
 //!   table.
@@ -34,9 +34,11 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod decode;
-pub mod log;
-/// The Kafka hand-off; it lives in [`log`] (re-exported here).
-pub use log::kafka;
+pub mod handoff;
+#[doc(hidden)]
+pub use handoff as log;
+/// The Kafka hand-off; it lives in [`handoff`] (re-exported here).
+pub use handoff::kafka;
 pub mod pipeline;
 pub mod plugin;
 pub mod proto;

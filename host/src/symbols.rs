@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::log::kafka::{KafkaConfig, KafkaError};
+use crate::handoff::kafka::{KafkaConfig, KafkaError};
 
 /// What a source's name is kept under in the dictionary: no venue symbol starts with it.
 const SOURCE_PREFIX: &str = "\u{1}source:";
@@ -90,7 +90,7 @@ struct TopicLog {
     timeout: Duration,
 }
 
-pub use crate::log::kafka::SYMBOLS_TOPIC;
+pub use crate::handoff::kafka::SYMBOLS_TOPIC;
 
 impl Symbols {
     /// An empty dictionary kept in memory only; ids are assigned in order of first use from 1.
@@ -104,7 +104,7 @@ impl Symbols {
     }
 
     /// The dictionary kept in `topic` (one partition, created beforehand; see
-    /// [`kafka::ensure_symbols_topic`](crate::log::kafka::ensure_symbols_topic)): reads every name already
+    /// [`kafka::ensure_symbols_topic`](crate::handoff::kafka::ensure_symbols_topic)): reads every name already
     /// there, so ids given out by any instance are known before the first record is handled. Reading
     /// takes as long as the topic's size needs; `timeout` bounds each wait for the broker (a read
     /// that makes no progress for that long fails), not the whole read.
@@ -136,7 +136,7 @@ impl Symbols {
     }
 
     /// The dictionary kept in the `symbols` table of the local log at `path` (created by
-    /// [`LocalLog::open`](crate::log::local::LocalLog::open)): reads every name already there.
+    /// [`LocalLog::open`](crate::handoff::local::LocalLog::open)): reads every name already there.
     ///
     /// # Errors
     /// When the file cannot be opened or read.
@@ -431,7 +431,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-symbols-local-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("log.sqlite");
-        drop(crate::log::local::LocalLog::open(&path, &crate::log::LogConfig::default()).unwrap());
+        drop(crate::handoff::local::LocalLog::open(&path, &crate::handoff::LocalLogConfig::default()).unwrap());
         let first = Symbols::local(&path).unwrap();
         let other = Symbols::local(&path).unwrap();
         let btc = first.intern("BTCUSDT");

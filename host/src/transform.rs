@@ -354,7 +354,11 @@ impl Transformer {
                 let _ = i.take_state_changes();
                 t
             });
-            shadow.compare(crate::log::Stage::Transform, &out.records, result.as_ref().map(|t| t.records.as_slice()));
+            shadow.compare(
+                crate::handoff::Stage::Transform,
+                &out.records,
+                result.as_ref().map(|t| t.records.as_slice()),
+            );
             let worked = result.is_some();
             self.plugin.shadow_outcome(worked);
         }

@@ -15,7 +15,7 @@ use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
-use crate::log::dead_letters::{PageOf, StoredDeadLetter};
+use crate::handoff::dead_letters::{PageOf, StoredDeadLetter};
 use crate::symbols::Symbols;
 
 /// Dead letters a page holds when the request names no `limit`, and the most it may ask for.

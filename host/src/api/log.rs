@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 
 use super::{ApiError, ApiState};
-use crate::log::LogStatus;
+use crate::handoff::LogStatus;
 
 /// Reads the hand-off's status; blocking (it may ask Kafka), so the handler runs it off the runtime.
 pub type LogProbe = Arc<dyn Fn() -> Result<LogStatus, String> + Send + Sync>;

@@ -106,9 +106,9 @@ pub struct BenchArgs {
     /// single-broker clusters a load test usually runs against.
     #[arg(long, default_value_t = 1, requires = "brokers")]
     pub replication_factor: i16,
-    /// The local log's `synchronous` setting (`[log] synchronous`), to measure what durability costs.
+    /// The local log's `synchronous` setting (`[local_log] synchronous`), to measure what durability costs.
     #[arg(long, value_enum)]
-    pub synchronous: Option<crate::log::Synchronous>,
+    pub synchronous: Option<crate::handoff::Synchronous>,
     /// The one transform every source's records go through: `rescale` (stateless, passes them
     /// all) or, say, `outlier-filter` (keeps its last price per symbol as committed state).
     #[arg(long, default_value = "rescale")]
@@ -562,7 +562,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     if let Some(synchronous) = args.synchronous {
-        config.log.synchronous = synchronous;
+        config.local_log.synchronous = synchronous;
     }
     // Every source's records through one wasm transform call per batch (rescale passes them all).
     config.process.transforms = vec![crate::config::Link::new(&args.transform)];

@@ -105,7 +105,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub api_addr: Option<std::net::SocketAddr>,
     /// For this start only: when the embedded store is ahead of the local log (the log lost its
-    /// last commits in a power cut with `[log] synchronous = "normal"`, and the store had already
+    /// last commits in a power cut with `[local_log] synchronous = "normal"`, and the store had already
     /// counted them), go on appending from the store's position instead of refusing to start.
     #[arg(long)]
     pub resume_past_lost_log_tail: bool,
@@ -175,7 +175,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 config.api.bind = addr;
             }
             config.api.token = crate::api::Secret::from_env();
-            config.log.resume_past_lost_tail = args.resume_past_lost_log_tail;
+            config.local_log.resume_past_lost_tail = args.resume_past_lost_log_tail;
             config.kafka.skip_deleted_records = args.skip_deleted_records;
             runtime()?.block_on(serve(config, args.role))
         }

@@ -153,7 +153,8 @@ mod tests {
         registry.deploy("min-volume", bundled::MIN_VOLUME).unwrap();
         let mut source = SourceConfig::new("a", "ws://x", "binance");
         source.transforms = Some(vec![Link::new("vwap-band")]);
-        let book = Arc::new(ChainBook::open(&dir, &Config { sources: vec![source], ..Config::default() }).unwrap());
+        let book =
+            Arc::new(ChainBook::open(&dir, Config { sources: vec![source], ..Config::default() }.chains()).unwrap());
         let live = LiveChains::new(book.clone(), registry, std::time::Duration::from_secs(2));
         let first = BookLink { plugin: "vwap-band".into(), config: Default::default(), state_key: 0 };
         let mut chains = HashMap::from([(7, Chain::keyed(7, vec![(0, live.link(&first).unwrap())]))]);

@@ -22,11 +22,12 @@ use crate::api::{ApiState, Health};
 use crate::chains::ChainBook;
 use crate::config::Config;
 use crate::datadir::{DataDirLock, Hold};
-use crate::log::kafka::consumer::EventConsumer;
-use crate::log::kafka::producer::{EventProducer, ProducerStats};
-use crate::log::kafka::{ensure_changelog_topic, ensure_checkpoint_topic, ensure_symbols_topic, ensure_topics};
-use crate::log::local::{LocalLog, POSITION_TOPIC};
-use crate::log::{LogStatus, PartitionStatus, Reader, Writer};
+use crate::handoff::ProducerStats;
+use crate::handoff::kafka::consumer::EventConsumer;
+use crate::handoff::kafka::producer::EventProducer;
+use crate::handoff::kafka::{ensure_changelog_topic, ensure_checkpoint_topic, ensure_symbols_topic, ensure_topics};
+use crate::handoff::local::{LocalLog, POSITION_TOPIC};
+use crate::handoff::{LogStatus, PartitionStatus, Reader, Writer};
 use crate::plugin::registry::{Binding, BoundPlugin, Registry, Slot};
 use crate::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings, bundled};
 use crate::sink::Sink;
@@ -200,7 +201,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     let hold = if role == Role::All { Hold::Alone } else { Hold::Shared };
     let data_dir = DataDirLock::acquire(&config.data_dir, hold)?;
     // The chains each source runs: the configuration's, or as the API edited them.
-    let book = Arc::new(ChainBook::open(&config.data_dir, config)?);
+    let book = Arc::new(ChainBook::open(&config.data_dir, config.chains())?);
     // Then the API, so an operator can watch readiness while the rest starts.
     let health = Arc::new(Health::new());
     health.expect(if config.kafka.brokers.trim().is_empty() { "log" } else { "kafka" });
@@ -400,7 +401,7 @@ async fn restore_marks(
     handoff: &Handoff,
     source_ids: &[u32],
     producer: &Arc<Writer>,
-) -> anyhow::Result<crate::log::Marks> {
+) -> anyhow::Result<crate::handoff::Marks> {
     let (handoff, kafka) = (handoff.clone(), config.kafka.clone());
     let files: Vec<(u32, String)> = source_ids
         .iter()
@@ -409,7 +410,7 @@ async fn restore_marks(
         .map(|(id, s)| (*id, s.name.clone()))
         .collect();
     if let (Handoff::Kafka(brokers), false) = (&handoff, files.is_empty()) {
-        crate::log::kafka::ensure_changelog_topic(&kafka, brokers, &kafka.files_topic).await?;
+        crate::handoff::kafka::ensure_changelog_topic(&kafka, brokers, &kafka.files_topic).await?;
     }
     let (producer, data_dir) = (producer.clone(), config.data_dir.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -420,7 +421,7 @@ async fn restore_marks(
                 // which read_committed readers of the topics would otherwise wait behind.
                 let mut files_marks = Vec::new();
                 if let (false, Writer::Kafka(p)) = (files.is_empty(), &*producer) {
-                    use crate::log::kafka::files::{FileAppenders, next_generation, read_marks};
+                    use crate::handoff::kafka::files::{FileAppenders, next_generation, read_marks};
                     let timeout = Duration::from_secs(30);
                     let generation = next_generation(&kafka, brokers, &files, &data_dir, timeout)
                         .context("settling what the file sources' last transactions left open")?;
@@ -435,7 +436,7 @@ async fn restore_marks(
                     }
                 }
                 let topic = &kafka.events_topic;
-                let mut marks = crate::log::kafka::range::RangeReader::new(&kafka, brokers, topic)?
+                let mut marks = crate::handoff::kafka::range::RangeReader::new(&kafka, brokers, topic)?
                     .trade_marks(TAIL_RECORDS)
                     .with_context(|| format!("reading the tail of {topic} for the trade ids already delivered"))?;
                 marks.files = files_marks;
@@ -455,14 +456,15 @@ async fn restore_marks(
 /// Opens the local log in the data directory, checks the store's position against it (a store
 /// ahead of its log stops the start), and opens the symbol dictionary and the appender on it.
 async fn open_local_log(config: &Config, store: Option<&Path>) -> anyhow::Result<(Handoff, Arc<Symbols>, Arc<Writer>)> {
-    let (path, log_config, store) = (config.data_dir.join("log.sqlite"), config.log.clone(), store.map(Path::to_owned));
+    let (path, log_config, store) =
+        (config.data_dir.join("log.sqlite"), config.local_log.clone(), store.map(Path::to_owned));
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let log = LocalLog::open(&path, &log_config)?;
         if let Some(store) = store {
             let offsets = EmbeddedStore::open(&store, Duration::from_secs(60))?.offsets(POSITION_TOPIC)?;
             let position = offsets.iter().find(|o| o.1 == 0).map(|o| o.2);
             match log.check_position(position) {
-                Err(crate::log::LogError::StoreAhead { store, .. }) if log_config.resume_past_lost_tail => {
+                Err(crate::handoff::LogError::StoreAhead { store, .. }) if log_config.resume_past_lost_tail => {
                     log.resume_at(store)?;
                     log.check_position(position)?;
                 }
@@ -752,15 +754,15 @@ async fn start_process(
     let checkpoints_kept = match (handoff, &store_path) {
         (Handoff::Kafka(brokers), Some(_)) => {
             let events = &config.kafka.events_topic;
-            match crate::log::kafka::topic_retention_ms(&config.kafka, brokers, events).await {
+            match crate::handoff::kafka::topic_retention_ms(&config.kafka, brokers, events).await {
                 Ok(ms) => u64::try_from(ms).map_or(Duration::MAX, Duration::from_millis),
                 Err(e) => {
-                    tracing::warn!(topic = %events, error = %e, "the events topic's retention is unknown; state checkpoints are kept for [log] retention_ms");
-                    Duration::from_millis(config.log.retention_ms)
+                    tracing::warn!(topic = %events, error = %e, "the events topic's retention is unknown; state checkpoints are kept for [local_log] retention_ms");
+                    Duration::from_millis(config.local_log.retention_ms)
                 }
             }
         }
-        _ => Duration::from_millis(config.log.retention_ms),
+        _ => Duration::from_millis(config.local_log.retention_ms),
     };
     let (config, handoff, path) = (config.clone(), handoff.clone(), store_path.clone());
     let (stop_flag, counters) = (stop.clone(), stats.clone());
@@ -805,8 +807,8 @@ async fn start_process(
                                 keep: checkpoints_kept,
                             })
                             .with_dead_letter_retention(crate::sink::embedded::DeadLetterPolicy {
-                                keep: Duration::from_millis(config.log.dead_letter_retention_ms),
-                                max_bytes: config.log.dead_letter_max_bytes,
+                                keep: Duration::from_millis(config.local_log.dead_letter_retention_ms),
+                                max_bytes: config.local_log.dead_letter_max_bytes,
                             });
                         Box::new(store)
                     }
@@ -855,7 +857,7 @@ async fn start_process(
                             if let Some(health) = &settings.health {
                                 health.set("sink", false, format!("{e:#}"));
                             }
-                            if let Some(crate::log::LogError::RecordsDeleted { deleted, .. }) = e.downcast_ref() {
+                            if let Some(crate::handoff::LogError::RecordsDeleted { deleted, .. }) = e.downcast_ref() {
                                 // Not resumed by trying again: an operator must act. Tried again (with
                                 // the backoff) so that the role goes on once they have.
                                 let records = deleted.iter().map(|d| (d.start - d.position).max(0) as u64).sum();
@@ -923,7 +925,7 @@ impl Running {
         }
         match self.producer.flush(Duration::from_secs(30)) {
             // Counted and logged where it was refused; the stop goes on.
-            Err(crate::log::LogError::Refusing(why)) => {
+            Err(crate::handoff::LogError::Refusing(why)) => {
                 tracing::error!(reason = why, "stopping while the local log refuses records")
             }
             flushed => flushed?,

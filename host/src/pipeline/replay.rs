@@ -9,7 +9,7 @@
 //!   writes its topic, for a Druid datasource of its own or a reindex of the live one (the specs
 //!   are [`crate::sink::druid::spec`]'s).
 //!
-//! The reading is the hand-off's ([`crate::log::local::read_batches`],
+//! The reading is the hand-off's ([`crate::handoff::local::read_batches`],
 //! [`RangeReader`]); what is done with each batch of records is the same whatever was read.
 //!
 //! A stateful chain decides each record on the state the records before it left, so its replay
@@ -30,8 +30,8 @@ use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use super::{Role, open_plugins};
 use crate::chain::{Chain, Unguarded};
 use crate::config::Config;
-use crate::log::Positions;
-use crate::log::kafka::range::RangeReader;
+use crate::handoff::Positions;
+use crate::handoff::kafka::range::RangeReader;
 use crate::plugin::PluginInstance;
 use crate::plugin::registry::Slot;
 use crate::sink::Row;
@@ -81,7 +81,7 @@ pub async fn replay(
     let target = target(config, spec, &brokers).await?;
     let metrics = Arc::new(crate::telemetry::Metrics::new());
     // The chains as the live role runs them: the configuration's, or as the API edited them.
-    let book = Arc::new(crate::chains::ChainBook::open(&config.data_dir, config)?);
+    let book = Arc::new(crate::chains::ChainBook::open(&config.data_dir, config.chains())?);
     let (_registry, slots) = open_plugins(config, Role::Process, book.clone(), symbols.clone(), metrics).await?;
     let (chains, sources) = chains(config, &book, &slots, &symbols)?;
     // The range in whole buckets: the store's minutes, or Druid's segments.
@@ -128,7 +128,7 @@ pub async fn replay(
     let outcome = tokio::task::spawn_blocking(move || job.run()).await?;
     if let (Err(_), Some(topic)) = (&outcome, replayed_topic) {
         // A partial replay topic would be ingested as if it were whole: it goes, as a partial table does.
-        if let Err(e) = crate::log::kafka::delete_topic(&config.kafka, &brokers, &topic).await {
+        if let Err(e) = crate::handoff::kafka::delete_topic(&config.kafka, &brokers, &topic).await {
             tracing::warn!(topic = %topic, error = %e, "the partial replay topic could not be deleted; delete it by hand");
         }
     }
@@ -146,7 +146,7 @@ async fn target(config: &Config, spec: &ReplaySpec, brokers: &str) -> anyhow::Re
         }
         (Some(druid), Some(name)) => {
             let topic = crate::sink::druid::replay_topic(druid, name);
-            crate::log::kafka::ensure_topics(&config.kafka, brokers, &[&topic], config.kafka.partitions).await?;
+            crate::handoff::kafka::ensure_topics(&config.kafka, brokers, &[&topic], config.kafka.partitions).await?;
             refuse_written(config, brokers, &topic).await?;
             let checkpoints = druid.checkpoint_topic();
             let mut druid = druid.clone();
@@ -221,7 +221,7 @@ impl Input {
                 // The first batch the log holds, for the retention check: what was deleted was
                 // received before it.
                 let mut until = None;
-                let first_offset = crate::log::local::read_batches(log, 0, |_, records| {
+                let first_offset = crate::handoff::local::read_batches(log, 0, |_, records| {
                     until = deleted_until(Delimited::new(records).filter_map(Result::ok));
                     false
                 })?;
@@ -265,7 +265,7 @@ impl Input {
     /// The name the store keeps the live position of this hand-off under.
     fn position_topic(&self) -> &str {
         match self {
-            Input::Local(_) => crate::log::local::POSITION_TOPIC,
+            Input::Local(_) => crate::handoff::local::POSITION_TOPIC,
             Input::Kafka(reader) => reader.topic(),
         }
     }
@@ -288,7 +288,7 @@ impl Input {
             return Ok(true);
         }
         let (mut next, mut failure, mut stopped) = (start, None, false);
-        crate::log::local::read_batches(log, start, |base, records| {
+        crate::handoff::local::read_batches(log, start, |base, records| {
             if stop.load(Ordering::Relaxed) {
                 stopped = true;
                 return false;
@@ -397,7 +397,7 @@ impl Reading {
     fn start_from_checkpoint(
         &mut self,
         checkpoints: &Checkpoints,
-        kafka: (&crate::log::kafka::KafkaConfig, &str),
+        kafka: (&crate::handoff::kafka::KafkaConfig, &str),
         start: Positions,
         whole: &dyn Fn(i64) -> i64,
     ) -> anyhow::Result<Positions> {
@@ -422,7 +422,7 @@ impl Reading {
         type Found = (Option<i64>, Option<(i64, i64)>);
         let time_at = |wanted: &dyn Fn(i64, i64) -> bool| -> anyhow::Result<Found> {
             let mut found = None;
-            let first = crate::log::local::read_batches(log, 0, |base, records| {
+            let first = crate::handoff::local::read_batches(log, 0, |base, records| {
                 for (i, item) in Delimited::new(records).enumerate() {
                     if let Ok(v) = item.and_then(StreamDataView::parse)
                         && wanted(base + i as i64, v.timestamp_ms)
@@ -438,7 +438,7 @@ impl Reading {
         let (log_first, in_range) = time_at(&|_, t| t >= since)?;
         let Some((first, _)) = in_range else { return Ok(start) };
         let store = EmbeddedStore::open(store, Duration::from_secs(60))?;
-        let topic = crate::log::local::POSITION_TOPIC;
+        let topic = crate::handoff::local::POSITION_TOPIC;
         let held = Positions::from([(0, log_first.unwrap_or(0))]);
         if let Some(checkpoint) = store.checkpoint_before(topic, &Positions::from([(0, first)]), &held)? {
             return Ok(self.load_checkpoint(&checkpoint, &start));
@@ -461,7 +461,7 @@ impl Reading {
     fn start_on_kafka(
         &mut self,
         checkpoints: &Checkpoints,
-        (kafka, brokers): (&crate::log::kafka::KafkaConfig, &str),
+        (kafka, brokers): (&crate::handoff::kafka::KafkaConfig, &str),
         start: Positions,
         whole: &dyn Fn(i64) -> i64,
     ) -> anyhow::Result<Positions> {
@@ -543,7 +543,7 @@ struct Job {
     reading: Reading,
     target: Target,
     /// The Kafka settings and brokers (for the Druid replay topic's producer).
-    kafka: (crate::log::kafka::KafkaConfig, String),
+    kafka: (crate::handoff::kafka::KafkaConfig, String),
     /// A time rounded up to the start of the range's next whole bucket (unless it starts one).
     whole: Box<dyn Fn(i64) -> i64 + Send>,
 }
@@ -807,9 +807,9 @@ mod tests {
     use plugin_sdk::{Record, Records};
 
     use super::{BUCKET_MS, Input};
-    use crate::log::LogConfig;
-    use crate::log::kafka::producer::ProducerStats;
-    use crate::log::local::LocalLog;
+    use crate::handoff::LocalLogConfig;
+    use crate::handoff::ProducerStats;
+    use crate::handoff::local::LocalLog;
 
     fn whole(t: i64) -> i64 {
         t.div_euclid(BUCKET_MS) * BUCKET_MS + if t % BUCKET_MS == 0 { 0 } else { BUCKET_MS }
@@ -826,7 +826,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("log.sqlite");
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
         let now = crate::clock::now_ms();
         let (live, backfill) = (now - 600_000, now - 86_400_000);

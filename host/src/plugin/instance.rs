@@ -46,7 +46,7 @@ pub struct TransformOutput {
 pub struct PluginReject {
     /// Index of the frame or record in the batch.
     pub index: u32,
-    /// The plugin's reason, cut to [`REASON_MAX_BYTES`](crate::log::stage::REASON_MAX_BYTES) (saying
+    /// The plugin's reason, cut to [`REASON_MAX_BYTES`](crate::handoff::stage::REASON_MAX_BYTES) (saying
     /// how long it was) when longer.
     pub reason: String,
 }
@@ -331,10 +331,10 @@ fn check_rejects(list: &[(u32, String)], inputs: usize) -> Result<(), PluginErro
     Ok(())
 }
 
-/// The rejects, each reason cut to [`REASON_MAX_BYTES`](crate::log::stage::REASON_MAX_BYTES).
+/// The rejects, each reason cut to [`REASON_MAX_BYTES`](crate::handoff::stage::REASON_MAX_BYTES).
 fn rejects(list: Vec<(u32, String)>) -> Vec<PluginReject> {
     list.into_iter()
-        .map(|(index, reason)| PluginReject { index, reason: crate::log::stage::cap_reason(reason) })
+        .map(|(index, reason)| PluginReject { index, reason: crate::handoff::stage::cap_reason(reason) })
         .collect()
 }
 

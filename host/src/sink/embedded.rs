@@ -98,7 +98,7 @@ impl OwnedRow {
 /// The next offset to read, per topic partition.
 pub type Offsets = Vec<(String, i32, i64)>;
 
-pub use crate::log::Positions;
+pub use crate::handoff::Positions;
 
 /// The committed positions of `topic`'s partitions.
 fn positions_of(conn: &Connection, topic: &str) -> Result<Positions, StoreError> {
@@ -267,7 +267,7 @@ impl EmbeddedStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        crate::log::dead_letters::create(&conn)?;
+        crate::handoff::dead_letters::create(&conn)?;
         let granularity_ms = i64::try_from(granularity.as_millis()).unwrap_or(i64::MAX).max(1);
         Ok(EmbeddedStore { conn, granularity_ms, upsert: UPSERT.to_owned(), checkpoints: None, dead_letters: None })
     }
@@ -515,7 +515,7 @@ impl EmbeddedStore {
             }
             let at_ms = crate::clock::now_ms();
             for d in dead {
-                crate::log::dead_letters::insert(&tx, at_ms, d, d.bytes.len())?;
+                crate::handoff::dead_letters::insert(&tx, at_ms, d, d.bytes.len())?;
             }
         }
         if let Some(policy) = checkpoint {
@@ -527,8 +527,8 @@ impl EmbeddedStore {
         };
         if let Some(policy) = prune_dead {
             let cutoff_ms = crate::clock::now_ms() - i64::try_from(policy.keep.as_millis()).unwrap_or(i64::MAX);
-            let now = crate::log::dead_letters::size(&tx)?;
-            crate::log::dead_letters::prune(&tx, cutoff_ms, now, policy.max_bytes)?;
+            let now = crate::handoff::dead_letters::size(&tx)?;
+            crate::handoff::dead_letters::prune(&tx, cutoff_ms, now, policy.max_bytes)?;
         }
         tx.commit()?;
         if prune_dead.is_some()
@@ -678,9 +678,9 @@ pub fn stored_offsets(path: &Path, topic: &str) -> Result<Offsets, StoreError> {
 ///
 /// # Errors
 /// [`StoreError::Sqlite`] when the file cannot be read.
-pub fn stored_dead_letters(path: &Path) -> Result<crate::log::dead_letters::TableSize, StoreError> {
+pub fn stored_dead_letters(path: &Path) -> Result<crate::handoff::dead_letters::TableSize, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-    Ok(crate::log::dead_letters::size(&conn)?)
+    Ok(crate::handoff::dead_letters::size(&conn)?)
 }
 
 /// A page of the dead letters in the store at `path`, newest first, read without writing (for
@@ -690,11 +690,11 @@ pub fn stored_dead_letters(path: &Path) -> Result<crate::log::dead_letters::Tabl
 /// [`StoreError::Sqlite`] when the file cannot be read.
 pub fn read_dead_letters(
     path: &Path,
-    of: crate::log::dead_letters::PageOf<'_>,
-) -> Result<Vec<crate::log::dead_letters::StoredDeadLetter>, StoreError> {
+    of: crate::handoff::dead_letters::PageOf<'_>,
+) -> Result<Vec<crate::handoff::dead_letters::StoredDeadLetter>, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(crate::log::dead_letters::page(&conn, of)?)
+    Ok(crate::handoff::dead_letters::page(&conn, of)?)
 }
 
 /// Answers read-only SQL over the store as JSON rows, through its own read-only connection.
@@ -820,7 +820,7 @@ mod tests {
     /// pruned); a store written before the caps gets the columns they need.
     #[test]
     fn dead_letters_are_kept_under_their_bytes_and_for_their_age() {
-        use crate::log::{DeadLetter, Stage};
+        use crate::handoff::{DeadLetter, Stage};
         let path = temp("dead-letters");
         // A table as it was before the caps, with a row in it.
         let old = Connection::open(&path).unwrap();
@@ -834,7 +834,7 @@ mod tests {
         let keep_all = DeadLetterPolicy { keep: Duration::from_secs(3600), max_bytes: 20_000 };
         let mut store =
             EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap().with_dead_letter_retention(keep_all);
-        let old = crate::log::dead_letters::size(&store.conn).unwrap();
+        let old = crate::handoff::dead_letters::size(&store.conn).unwrap();
         assert_eq!((old.rows, old.bytes), (1, 2 + 3 + 1 + 1));
         let payload = vec![7u8; 990];
         let reasons: Vec<String> = (0..50).map(|i| format!("r{i:08}")).collect();
@@ -852,7 +852,7 @@ mod tests {
         store.apply_with(&[], &[("t", 0, 1)], &dead).unwrap();
         // 50 of 1,000 bytes, and the old row (older than an hour): what is left fits in 20,000,
         // newest kept.
-        let size = crate::log::dead_letters::size(&store.conn).unwrap();
+        let size = crate::handoff::dead_letters::size(&store.conn).unwrap();
         assert_eq!((size.rows, size.bytes), (20, 20_000));
         let first: String = store.conn.query_row("SELECT min(reason) FROM dead_letters", [], |r| r.get(0)).unwrap();
         assert_eq!(first, "r00000030");
@@ -864,7 +864,7 @@ mod tests {
         let mut store =
             EmbeddedStore::open(&path, Duration::from_secs(60)).unwrap().with_dead_letter_retention(keep_none);
         store.apply_with(&[], &[("t", 0, 2)], &[]).unwrap();
-        assert_eq!(crate::log::dead_letters::size(&store.conn).unwrap().rows, 0);
+        assert_eq!(crate::handoff::dead_letters::size(&store.conn).unwrap().rows, 0);
         let _ = std::fs::remove_file(&path);
     }
 

@@ -12,9 +12,9 @@ pub use embedded::Row;
 
 /// A record a transform refused (or that no plugin could take), committed with the batch its poll
 /// belongs to: so it is dead-lettered exactly once, however often a failed batch is read again.
-pub use crate::log::DeadLetter;
+pub use crate::handoff::DeadLetter;
 
-use crate::log::Reader;
+use crate::handoff::Reader;
 
 /// One link's state changes, committed with the rows of the same polls (see
 /// [`crate::transform::LinkState`]).

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 
 use plugin_sdk::wire::StreamDataView;
 
-use crate::log::Positions;
+use crate::handoff::Positions;
 
 /// How much later than the host received a trade its venue may have stamped it (a venue whose
 /// clock runs ahead of the host's). The events topic is read this much earlier than a range (Kafka
@@ -191,7 +191,7 @@ mod tests {
         CLOCK_SKEW_MS, HeldFrom, check_range, check_topic_range, checkpoint_fits, checkpoint_held, deleted_until,
         no_checkpoint,
     };
-    use crate::log::Positions;
+    use crate::handoff::Positions;
 
     fn record(timestamp_ms: i64, received_at_us: i64) -> Vec<u8> {
         let mut one = Records::new();

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::queue::FrameSender;
 use super::{Frame, SourceStats, State};
 use crate::clock::now_us;
-use crate::log::marks::{FileIdentity, FileMark};
+use crate::handoff::marks::{FileIdentity, FileMark};
 use crate::source::config::{IfChanged, SourceConfig};
 
 /// How many bytes from a recording's start identify it.

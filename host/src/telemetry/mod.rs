@@ -529,11 +529,11 @@ impl Metrics {
             log_size: gauge("sluice_log_size_bytes", "Bytes of records the local log holds"),
             log_dead_letter_bytes: gauge(
                 "sluice_log_dead_letter_bytes",
-                "Bytes of the dead letters the local log holds (counted in [log] max_bytes)",
+                "Bytes of the dead letters the local log holds (counted in [local_log] max_bytes)",
             ),
             log_symbol_bytes: gauge(
                 "sluice_log_symbol_bytes",
-                "Bytes of the symbol names the local log holds (counted in [log] max_bytes)",
+                "Bytes of the symbol names the local log holds (counted in [local_log] max_bytes)",
             ),
             log_dropped: counter(
                 "sluice_log_dropped_records_total",

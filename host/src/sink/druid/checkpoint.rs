@@ -42,9 +42,9 @@ use rdkafka::message::{Headers, Message};
 use serde::{Deserialize, Serialize};
 
 use super::state::StoredState;
-use crate::log::Positions;
-use crate::log::kafka::KafkaError;
-use crate::log::kafka::range::RangeReader;
+use crate::handoff::Positions;
+use crate::handoff::kafka::KafkaError;
+use crate::handoff::kafka::range::RangeReader;
 use crate::sink::embedded::{Checkpoint, CheckpointEntry};
 
 /// The header naming a record's part of its checkpoint: [`Part::Entries`] or [`Part::End`].

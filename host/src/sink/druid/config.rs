@@ -74,8 +74,8 @@ pub struct DruidSinkConfig {
     pub bootstrap_servers: Option<String>,
     /// Further Kafka consumer properties for Druid's tasks (e.g. `security.protocol`). `bootstrap.servers`
     /// and `isolation.level` are set by sluice and may not appear here. Secrets among them print as
-    /// `***` (see [`crate::log::kafka::is_secret`]).
-    #[serde(default, serialize_with = "crate::log::kafka::serialize_options")]
+    /// `***` (see [`crate::handoff::kafka::is_secret`]).
+    #[serde(default, serialize_with = "crate::handoff::kafka::serialize_options")]
     pub consumer_options: BTreeMap<String, String>,
     /// The string dimensions, by sink-row field JSON name; each becomes a Druid column of the same name.
     #[serde(default = "defaults::dimensions")]

@@ -49,9 +49,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{DruidSinkConfig, encode_row};
-use crate::log::Reader;
-use crate::log::kafka::consumer::EventConsumer;
-use crate::log::kafka::{KafkaConfig, KafkaError, send_waiting};
+use crate::handoff::Reader;
+use crate::handoff::kafka::consumer::EventConsumer;
+use crate::handoff::kafka::{KafkaConfig, KafkaError, send_waiting};
 use crate::proto::StreamData;
 use crate::sink::{DeadLetter, Row, Sink, StateWrite};
 
@@ -106,7 +106,7 @@ struct Checkpoints {
     last: Option<std::time::Instant>,
     /// The events topic's committed position of every partition, as [`DruidSink::changelog`]'s
     /// state goes with it: read with it, moved by each commit after.
-    positions: Option<crate::log::Positions>,
+    positions: Option<crate::handoff::Positions>,
     /// Checkpoints taken by this sink, for their ids.
     taken: u64,
 }
@@ -478,7 +478,7 @@ impl DruidSink {
     /// (a reason or payload too large for a message would fail every retry of the transaction).
     fn dead_letter_all(&mut self, dead: &[DeadLetter<'_>]) -> Result<(), KafkaError> {
         for d in dead {
-            let headers = crate::log::kafka::dead_letter_headers(d);
+            let headers = crate::handoff::kafka::dead_letter_headers(d);
             let record =
                 BaseRecord::<str, [u8]>::to(&self.dlq_topic).key(d.source).payload(d.kept_bytes()).headers(headers);
             send_waiting(&self.producers[self.next], record, Duration::from_millis(1), || {})

@@ -33,8 +33,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::log::kafka::range::RangeReader;
-use crate::log::kafka::{KafkaConfig, KafkaError};
+use crate::handoff::kafka::range::RangeReader;
+use crate::handoff::kafka::{KafkaConfig, KafkaError};
 use crate::sink::StateWrite;
 use crate::sink::druid::{DruidSink, DruidSinkConfig};
 use crate::sink::embedded::StateEntries;

@@ -1,5 +1,5 @@
 //! Kafka: the producer ingest writes with, the consumer process reads with, and the topics they share
-//! (the hand-off when `[kafka] brokers` is set; see [`crate::log`]).
+//! (the hand-off when `[kafka] brokers` is set; see [`crate::handoff`]).
 
 pub mod consumer;
 pub mod files;
@@ -53,7 +53,7 @@ pub enum KafkaError {
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers (`host:port,...`); empty hands records over through the local log instead
-    /// (see [`crate::log`]).
+    /// (see [`crate::handoff`]).
     #[serde(default)]
     pub brokers: String,
     /// The topic decoded records go to.
@@ -208,10 +208,10 @@ pub(crate) fn serialize_options<S: serde::Serializer>(
 }
 
 /// The headers every dead letter carries on the dead-letter topic: its source, plugin, stage,
-/// reason (as kept: see [`DeadLetter::kept_reason`](crate::log::DeadLetter::kept_reason)) and the
+/// reason (as kept: see [`DeadLetter::kept_reason`](crate::handoff::DeadLetter::kept_reason)) and the
 /// payload's original length in bytes (`sluice.length`: the payload itself is cut to
-/// [`DEAD_LETTER_MAX_BYTES`](crate::log::stage::DEAD_LETTER_MAX_BYTES)).
-pub fn dead_letter_headers(d: &crate::log::DeadLetter<'_>) -> rdkafka::message::OwnedHeaders {
+/// [`DEAD_LETTER_MAX_BYTES`](crate::handoff::stage::DEAD_LETTER_MAX_BYTES)).
+pub fn dead_letter_headers(d: &crate::handoff::DeadLetter<'_>) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
     let length = d.bytes.len().to_string();
     OwnedHeaders::new()
@@ -462,6 +462,14 @@ async fn create_topics(
         }
     }
     Ok(())
+}
+
+/// The message key of a record: source id and symbol id, big-endian.
+pub fn record_key(source_id: u32, symbol_id: u32) -> [u8; 8] {
+    let mut key = [0u8; 8];
+    key[..4].copy_from_slice(&source_id.to_be_bytes());
+    key[4..].copy_from_slice(&symbol_id.to_be_bytes());
+    key
 }
 
 #[cfg(test)]

@@ -40,11 +40,11 @@ use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
-use super::producer::{ProducerStats, record_key};
 use super::range::RangeReader;
-use super::{KafkaConfig, KafkaError, dead_letter_headers, send_waiting};
-use crate::log::marks::{FileIdentity, FileMark};
-use crate::log::stage::{DeadLetter, Stage};
+use super::{KafkaConfig, KafkaError, dead_letter_headers, record_key, send_waiting};
+use crate::handoff::ProducerStats;
+use crate::handoff::marks::{FileIdentity, FileMark};
+use crate::handoff::stage::{DeadLetter, Stage};
 
 /// Pieces an appender holds while a transaction fails before it takes no more.
 const MAX_PENDING: usize = 64;

@@ -20,7 +20,7 @@
 //!   beyond `dead_letter_max_bytes`, oldest first; symbols never are (an id, once given, stays).
 //! - **A full disk.** A commit SQLite refuses (`SQLITE_FULL`, an I/O error) is held in memory and
 //!   tried again, at most a second apart; before each try the log gives up its disk reserve (see
-//!   [`LogConfig::reserve_bytes`]) and deletes every batch the store has read. Meanwhile new records
+//!   [`LocalLogConfig::reserve_bytes`]) and deletes every batch the store has read. Meanwhile new records
 //!   and dead letters are refused at once, counted by reason ([`LocalLog::refused`]), so decode
 //!   workers never wait on the disk; [`LocalLog::refusing`] says why while it lasts. The first commit
 //!   that goes through ends it. A close gives the held batch a few seconds, then counts it refused.
@@ -44,9 +44,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::dead_letters::{self, TableSize};
 use super::marks::{FileIdentity, FileMark, Marks, TradeMark};
-use super::{DeadLetter, Handover, LocalSizes, LogConfig, LogError, PartitionStatus, Stage};
-use crate::log::kafka::consumer::{PollOutcome, Polled};
-use crate::log::kafka::producer::ProducerStats;
+use super::{DeadLetter, Handover, LocalLogConfig, LocalSizes, LogError, PartitionStatus, Stage};
+use crate::handoff::{PollOutcome, Polled, ProducerStats};
 
 /// The name the store keeps the local log's position under (never a Kafka topic's name, so a store
 /// moved between modes cannot mistake one position for the other).
@@ -199,12 +198,12 @@ impl Shared {
 #[derive(Clone, Debug)]
 pub struct LocalLog {
     path: PathBuf,
-    config: LogConfig,
+    config: LocalLogConfig,
     shared: Arc<Shared>,
 }
 
 /// Opens a connection to the log file with the settings every connection uses.
-fn connect(path: &Path, config: &LogConfig) -> Result<Connection, LogError> {
+fn connect(path: &Path, config: &LocalLogConfig) -> Result<Connection, LogError> {
     let conn = Connection::open(path).map_err(|e| LogError::open(path, e))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(|e| LogError::open(path, e))?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| LogError::open(path, e))?;
@@ -219,7 +218,7 @@ impl LocalLog {
     ///
     /// # Errors
     /// [`LogError::Sqlite`] when the file cannot be opened or is not a sluice log.
-    pub fn open(path: &Path, config: &LogConfig) -> Result<Self, LogError> {
+    pub fn open(path: &Path, config: &LocalLogConfig) -> Result<Self, LogError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| LogError::Io(format!("cannot create {}: {e}", dir.display())))?;
         }
@@ -577,7 +576,7 @@ impl LocalWriter {
     }
 
     /// Appends a dead letter of `stage` (refused, counted, while the log refuses).
-    pub fn send_dead_letter(&self, d: &crate::log::DeadLetter<'_>) {
+    pub fn send_dead_letter(&self, d: &crate::handoff::DeadLetter<'_>) {
         if let Some(why) = self.shared.refusing() {
             self.shared.refuse(why, 0, 1);
             return;
@@ -729,7 +728,7 @@ struct Failing {
 struct Appender {
     conn: Connection,
     shared: Arc<Shared>,
-    config: LogConfig,
+    config: LocalLogConfig,
     stats: Arc<ProducerStats>,
     last_prune: Instant,
     path: PathBuf,
@@ -1069,7 +1068,7 @@ impl Appender {
     }
 }
 
-/// Disk space held back for a full disk (see [`LogConfig::reserve_bytes`]): a file of that many
+/// Disk space held back for a full disk (see [`LocalLogConfig::reserve_bytes`]): a file of that many
 /// bytes beside the log (`log.sqlite-reserve`), deleted when a commit fails so that the deletes and
 /// the checkpoint that make room can be written, and written again once the disk has twice as much
 /// free.
@@ -1312,7 +1311,7 @@ mod tests {
     #[test]
     fn records_read_back_in_order_across_a_reopen() {
         let path = temp("order");
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let stats = Arc::new(ProducerStats::default());
         let writer = log.writer(stats.clone()).unwrap();
         assert_eq!(writer.send_records(&batch(0, 3)), 3);
@@ -1328,7 +1327,7 @@ mod tests {
         assert_eq!(firsts, [1, 2, 3, 4]);
         writer.close();
         drop((writer, reader, log));
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         assert_eq!(log.status().end, 5);
         assert_eq!(read_all(&path).unwrap().len(), 5);
     }
@@ -1336,14 +1335,14 @@ mod tests {
     #[test]
     fn marks_commit_with_their_batch_and_read_back_after_a_reopen() {
         let path = temp("marks");
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
         let file = |offset| FileMark {
             source: 3,
             identity: FileIdentity { path: "/rec.jsonl".into(), head_len: 10, head_sha256: [7; 32] },
             offset,
         };
-        let letter = crate::log::DeadLetter {
+        let letter = crate::handoff::DeadLetter {
             stage: Stage::Decode,
             source_id: 3,
             source: "rec",
@@ -1359,7 +1358,7 @@ mod tests {
         writer.flush(Duration::from_secs(5)).unwrap();
         writer.close();
         drop((writer, log));
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let marks = log.marks().unwrap();
         let lasts: Vec<(u32, u32, u64)> = marks.trades.iter().map(|m| (m.source, m.symbol, m.last)).collect();
         assert_eq!(lasts, [(3, 1, 10), (3, 2, 25)]);
@@ -1374,7 +1373,7 @@ mod tests {
     #[test]
     fn a_reader_wakes_on_a_commit_without_polling() {
         let path = temp("wake");
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
         let reader = log.reader().unwrap();
         reader.seek(None, log.path()).unwrap();
@@ -1396,7 +1395,7 @@ mod tests {
     #[test]
     fn a_store_ahead_of_its_log_is_refused_with_both_positions() {
         let path = temp("ahead");
-        let log = LocalLog::open(&path, &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&path, &LocalLogConfig::default()).unwrap();
         let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
         writer.send_records(&batch(0, 3));
         writer.flush(Duration::from_secs(5)).unwrap();
@@ -1413,7 +1412,7 @@ mod tests {
     fn retention_deletes_committed_batches_and_keeps_uncommitted_ones() {
         let path = temp("retention");
         // Every batch is past its age at once; only the store's position holds them.
-        let config = LogConfig { retention_ms: 0, ..LogConfig::default() };
+        let config = LocalLogConfig { retention_ms: 0, ..LocalLogConfig::default() };
         let log = LocalLog::open(&path, &config).unwrap();
         let writer = log.writer(Arc::new(ProducerStats::default())).unwrap();
         for i in 0..4 {
@@ -1438,7 +1437,8 @@ mod tests {
         assert_eq!(log.status().start, 20);
         assert_eq!(log.dropped(), 0);
         // Over max_bytes, the oldest uncommitted batch goes too, counted.
-        appender.config = LogConfig { retention_ms: 0, retention_bytes: 0, max_bytes: 500, ..LogConfig::default() };
+        appender.config =
+            LocalLogConfig { retention_ms: 0, retention_bytes: 0, max_bytes: 500, ..LocalLogConfig::default() };
         appender.prune();
         let left: Vec<i64> = read_all(&path).unwrap().into_iter().map(|(o, _)| o).collect();
         assert_eq!(left, (30..40).collect::<Vec<_>>());

@@ -24,35 +24,9 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{KafkaConfig, KafkaError};
-use crate::log::error::{Deleted, LogError};
-
-/// A batch of consumed records: payloads length-delimited in one buffer, and where each came from.
-#[derive(Debug, Default)]
-pub struct Polled {
-    /// The payloads, length-delimited (one allocation per batch, not per record).
-    pub records: Vec<u8>,
-    /// (partition, offset) of each record, in order.
-    pub positions: Vec<(i32, i64)>,
-}
-
-impl Polled {
-    /// Empties the batch, keeping its buffers.
-    pub fn clear(&mut self) {
-        self.records.clear();
-        self.positions.clear();
-    }
-}
-
-/// What one [`EventConsumer::poll_into`] saw besides records.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PollOutcome {
-    /// Consumer errors (logged).
-    pub errors: usize,
-    /// The group's assignment changed during the poll. The records polled before the change were
-    /// dropped from the batch; rows the caller holds for the old assignment must be dropped too
-    /// (their offsets were not committed, so their partitions' new owner reads them again).
-    pub rebalanced: bool,
-}
+use crate::handoff::error::{Deleted, LogError};
+#[doc(hidden)]
+pub use crate::handoff::{PollOutcome, Polled};
 
 /// Notes rebalances, which librdkafka reports from inside `poll`, and the consumer's lag from its
 /// periodic statistics.
@@ -305,7 +279,7 @@ impl EventConsumer {
     ///
     /// # Errors
     /// [`KafkaError::Read`] when the broker does not answer within `timeout`.
-    pub fn committed_positions(&self, timeout: Duration) -> Result<crate::log::Positions, KafkaError> {
+    pub fn committed_positions(&self, timeout: Duration) -> Result<crate::handoff::Positions, KafkaError> {
         let failed = |e: rdkafka::error::KafkaError| KafkaError::Read {
             topic: self.topic.clone(),
             reason: format!("the group's committed offsets: {e}"),

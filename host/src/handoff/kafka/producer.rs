@@ -5,7 +5,7 @@
 //! fails is counted and logged, never dropped silently.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use plugin_sdk::wire::{Delimited, StreamDataView};
@@ -13,41 +13,13 @@ use rdkafka::ClientContext;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use super::files::{FileAppenders, Piece};
+#[doc(hidden)]
+pub use super::record_key;
 use super::{KafkaConfig, KafkaError, dead_letter_headers};
-use crate::log::Handover;
-use crate::log::stage::{DeadLetter, Stage};
-
-/// Delivery counters, updated from librdkafka's delivery reports.
-#[derive(Debug, Default)]
-pub struct ProducerStats {
-    /// Records handed to librdkafka.
-    pub sent: AtomicU64,
-    /// Records the broker acknowledged.
-    pub delivered: AtomicU64,
-    /// Records that finally failed after librdkafka's retries.
-    pub failed: AtomicU64,
-    /// Dead-lettered frames handed to librdkafka.
-    pub dead_lettered: AtomicU64,
-    /// Of those, records refused by a transform (the rest were refused in decode).
-    pub dead_lettered_transform: AtomicU64,
-    /// Times a send waited because librdkafka's queue was full.
-    pub queue_full_waits: AtomicU64,
-}
-
-impl ProducerStats {
-    /// The counters for a scrape.
-    pub fn sample(&self) -> crate::telemetry::ProducerSample {
-        use std::sync::atomic::Ordering::Relaxed;
-        crate::telemetry::ProducerSample {
-            sent: self.sent.load(Relaxed),
-            delivered: self.delivered.load(Relaxed),
-            failed: self.failed.load(Relaxed),
-            queue_full_waits: self.queue_full_waits.load(Relaxed),
-            dead_lettered: self.dead_lettered.load(Relaxed),
-            dead_lettered_transform: self.dead_lettered_transform.load(Relaxed),
-        }
-    }
-}
+use crate::handoff::Handover;
+#[doc(hidden)]
+pub use crate::handoff::ProducerStats;
+use crate::handoff::stage::{DeadLetter, Stage};
 
 /// Routes delivery reports to [`ProducerStats`].
 pub struct DeliveryCounter {
@@ -80,14 +52,6 @@ pub struct EventProducer {
     stats: Arc<ProducerStats>,
     /// The file sources' transactional appenders, once attached (see [`super::files`]).
     files: std::sync::OnceLock<FileAppenders>,
-}
-
-/// The message key of a record: source id and symbol id, big-endian.
-pub fn record_key(source_id: u32, symbol_id: u32) -> [u8; 8] {
-    let mut key = [0u8; 8];
-    key[..4].copy_from_slice(&source_id.to_be_bytes());
-    key[4..].copy_from_slice(&symbol_id.to_be_bytes());
-    key
 }
 
 impl EventProducer {
@@ -148,7 +112,7 @@ impl EventProducer {
 
     /// Dead-letters refused input of `stage` (`decode` or `transform`) with its source, plugin,
     /// stage, reason and original length as headers, its payload cut to
-    /// [`DEAD_LETTER_MAX_BYTES`](crate::log::stage::DEAD_LETTER_MAX_BYTES).
+    /// [`DEAD_LETTER_MAX_BYTES`](crate::handoff::stage::DEAD_LETTER_MAX_BYTES).
     pub fn send_dead_letter(&self, d: &DeadLetter<'_>) {
         let key = d.source_id.to_be_bytes();
         let record =

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::log::kafka::KafkaError;
+use crate::handoff::kafka::KafkaError;
 
 /// Why the hand-off failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum LogError {
     /// The store has read past the end of the log it is attached to.
     #[error(
         "the store's position {store} is ahead of the end {log_end} of the local log {log}: the log was deleted \
-         or restored from an older copy, or lost its last commits in a power cut with [log] synchronous = \
+         or restored from an older copy, or lost its last commits in a power cut with [local_log] synchronous = \
          \"normal\"; reading it from the start would count records twice. Restore the matching log, or, when \
          the log only lost its tail (the store already counted those records), start once with \
          `sluice run --resume-past-lost-log-tail` to go on appending from the store's position"

@@ -7,7 +7,7 @@
 //! trades the venue sent while sluice was down are found missing. On Kafka the trade ids are read
 //! back from the tail of the events topic at start ([`Marks::from_records`]), and each file
 //! source's position commits in a Kafka transaction with its records
-//! ([`crate::log::kafka::files`]).
+//! ([`crate::handoff::kafka::files`]).
 
 /// How many ids below the newest one a (source, symbol) remembers one by one: older ids are taken as
 /// seen. A late arrival within it fills a hole; one beyond it is a duplicate.

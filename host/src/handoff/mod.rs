@@ -16,6 +16,7 @@ pub use error::LogError;
 pub use marks::Marks;
 pub use stage::{DeadLetter, Stage};
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,13 +25,14 @@ use serde::{Deserialize, Serialize};
 /// [`local::POSITION_TOPIC`]), by partition.
 pub type Positions = std::collections::BTreeMap<i32, i64>;
 
-use crate::log::kafka::consumer::{EventConsumer, PollOutcome, Polled};
-use crate::log::kafka::producer::{EventProducer, ProducerStats};
+use crate::handoff::kafka::consumer::EventConsumer;
+use crate::handoff::kafka::producer::EventProducer;
 
-/// `[log]`: the local log's durability and retention (used when no Kafka brokers are configured).
+/// `[local_log]`: the local log's durability and retention (used when no Kafka brokers are
+/// configured).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct LogConfig {
+pub struct LocalLogConfig {
     /// Batches older than this are deleted once the store has committed past them.
     #[serde(default = "defaults::retention_ms")]
     pub retention_ms: u64,
@@ -64,6 +66,9 @@ pub struct LogConfig {
     pub resume_past_lost_tail: bool,
 }
 
+#[doc(hidden)]
+pub type LogConfig = LocalLogConfig;
+
 /// SQLite's `synchronous` setting.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -86,9 +91,9 @@ impl Synchronous {
     }
 }
 
-impl Default for LogConfig {
+impl Default for LocalLogConfig {
     fn default() -> Self {
-        LogConfig {
+        LocalLogConfig {
             retention_ms: defaults::retention_ms(),
             retention_bytes: defaults::retention_bytes(),
             max_bytes: defaults::max_bytes(),
@@ -101,7 +106,7 @@ impl Default for LogConfig {
     }
 }
 
-impl LogConfig {
+impl LocalLogConfig {
     /// Checks what types cannot.
     ///
     /// # Errors
@@ -109,12 +114,12 @@ impl LogConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_bytes == 0 {
             return Err(
-                "log.max_bytes must be positive: a log capped at 0 bytes would delete every record unread".into()
+                "local_log.max_bytes must be positive: a log capped at 0 bytes would delete every record unread".into(),
             );
         }
         if self.max_bytes < self.retention_bytes.saturating_add(self.dead_letter_max_bytes) {
             return Err(format!(
-                "log.max_bytes ({}) must be at least log.retention_bytes ({}) and log.dead_letter_max_bytes ({}) together",
+                "local_log.max_bytes ({}) must be at least local_log.retention_bytes ({}) and local_log.dead_letter_max_bytes ({}) together",
                 self.max_bytes, self.retention_bytes, self.dead_letter_max_bytes
             ));
         }
@@ -173,7 +178,7 @@ pub struct LogStatus {
     pub store_dead_letters: Option<dead_letters::TableSize>,
 }
 
-/// What the local log holds, against `[log] max_bytes`, which bounds the three together.
+/// What the local log holds, against `[local_log] max_bytes`, which bounds the three together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LocalSizes {
     /// Bytes of records.
@@ -182,7 +187,7 @@ pub struct LocalSizes {
     pub dead_letters: dead_letters::TableSize,
     /// The symbol dictionary (bytes of the names).
     pub symbols: dead_letters::TableSize,
-    /// `[log] max_bytes`.
+    /// `[local_log] max_bytes`.
     pub max_bytes: u64,
     /// Why it refuses new records (`disk_full`, `write_error`), while it does.
     pub refusing: Option<&'static str>,
@@ -198,6 +203,66 @@ pub struct Handover<'a> {
     pub dead: &'a [DeadLetter<'a>],
     /// What the records and dead letters move: committed with them.
     pub marks: Marks,
+}
+
+/// Delivery counters of a [`Writer`]: from Kafka's delivery reports, or the local log's commits.
+#[derive(Debug, Default)]
+pub struct ProducerStats {
+    /// Records handed over.
+    pub sent: AtomicU64,
+    /// Records delivered: acknowledged by the broker, or committed to the local log.
+    pub delivered: AtomicU64,
+    /// Records that finally failed (after Kafka's retries, or a refused local commit).
+    pub failed: AtomicU64,
+    /// Dead-lettered frames handed over.
+    pub dead_lettered: AtomicU64,
+    /// Of those, records refused by a transform (the rest were refused in decode).
+    pub dead_lettered_transform: AtomicU64,
+    /// Times a send waited because the producer's queue was full.
+    pub queue_full_waits: AtomicU64,
+}
+
+impl ProducerStats {
+    /// The counters for a scrape.
+    pub fn sample(&self) -> crate::telemetry::ProducerSample {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::telemetry::ProducerSample {
+            sent: self.sent.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            queue_full_waits: self.queue_full_waits.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            dead_lettered_transform: self.dead_lettered_transform.load(Relaxed),
+        }
+    }
+}
+
+/// A batch of consumed records: payloads length-delimited in one buffer, and where each came from.
+#[derive(Debug, Default)]
+pub struct Polled {
+    /// The payloads, length-delimited (one allocation per batch, not per record).
+    pub records: Vec<u8>,
+    /// (partition, offset) of each record, in order.
+    pub positions: Vec<(i32, i64)>,
+}
+
+impl Polled {
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.positions.clear();
+    }
+}
+
+/// What one [`Reader::poll_into`] saw besides records.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PollOutcome {
+    /// Consumer errors (logged).
+    pub errors: usize,
+    /// The group's assignment changed during the poll. The records polled before the change were
+    /// dropped from the batch; rows the caller holds for the old assignment must be dropped too
+    /// (their offsets were not committed, so their partitions' new owner reads them again).
+    pub rebalanced: bool,
 }
 
 /// Where ingest appends.

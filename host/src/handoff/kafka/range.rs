@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{KafkaConfig, KafkaError};
-use crate::log::Positions;
+use crate::handoff::Positions;
 
 /// A reader of some partitions of one topic between given offsets.
 pub struct RangeReader {
@@ -322,7 +322,7 @@ impl RangeReader {
     ///
     /// # Errors
     /// [`KafkaError::Read`] when the topic cannot be read.
-    pub fn trade_marks(&self, per_partition: i64) -> Result<crate::log::Marks, KafkaError> {
+    pub fn trade_marks(&self, per_partition: i64) -> Result<crate::handoff::Marks, KafkaError> {
         let mut from = Positions::new();
         let mut to = Positions::new();
         for (p, (low, high)) in self.watermarks()? {
@@ -338,7 +338,7 @@ impl RangeReader {
             }
             Ok(())
         })?;
-        Ok(crate::log::Marks::from_records(seen))
+        Ok(crate::handoff::Marks::from_records(seen))
     }
 
     /// Assigns `partitions`, each at its offset in `at`.
