@@ -19,8 +19,13 @@
 //! - [`api`]: the HTTP API: health, sources, plugins, queries, metrics, the page.
 //! - [`config`]: the TOML configuration, one table per stage; [`datadir`]: the lock that makes one
 //!   process the owner of a data directory.
+//! - [`deploy`]: the plugins a configuration runs, deployed into the registry.
+//! - [`ingest`] and [`process`]: the two roles, each owning its loop with a handle that starts it
+//!   alone ([`ingest::Ingest::start`], [`process::ProcessRole::spawn`]).
+//! - [`replay`]: a time range read again from the hand-off through the chains into the sink, as a
+//!   job beside the live roles.
 //! - [`pipeline`]: the only place that wires the stages together ([`pipeline::start`],
-//!   [`pipeline::run`]), with the ingest and process roles and [`pipeline::replay`].
+//!   [`pipeline::run`]).
 //! - [`cli`]: the command line, including `sluice plugin new|test`, `demo`, `bench`, `replay` and
 //!   `druid spec`;
 //!   [`scaffold`] is what `plugin new` writes. The venue simulator they run is a crate of its own
@@ -34,14 +39,18 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod decode;
+pub mod deploy;
 pub mod handoff;
+pub mod ingest;
 #[doc(hidden)]
 pub use handoff as log;
 /// The Kafka hand-off; it lives in [`handoff`] (re-exported here).
 pub use handoff::kafka;
 pub mod pipeline;
 pub mod plugin;
+pub mod process;
 pub mod proto;
+pub mod replay;
 pub mod scaffold;
 pub mod sink;
 pub mod source;

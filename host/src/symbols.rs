@@ -135,6 +135,23 @@ impl Symbols {
         Ok(symbols)
     }
 
+    /// The dictionary `handoff` keeps: the local log's `symbols` table, or the shared symbols topic
+    /// on Kafka ([`shared`](Self::shared), with a 30 s wait per read). Reads off the async runtime.
+    ///
+    /// # Errors
+    /// As [`shared`](Self::shared) and [`local`](Self::local).
+    pub async fn open(handoff: &crate::handoff::Handoff) -> Result<Self, KafkaError> {
+        let handoff = handoff.clone();
+        let read = tokio::task::spawn_blocking(move || match (handoff.kafka(), handoff.local_log()) {
+            (Some((config, brokers)), _) => {
+                Symbols::shared(config, brokers, &config.symbols_topic, Duration::from_secs(30))
+            }
+            (None, Some(log)) => Symbols::local(log.path()),
+            (None, None) => Err(KafkaError::Symbols("the hand-off is neither Kafka nor the local log".into())),
+        });
+        read.await.map_err(|e| KafkaError::Symbols(e.to_string()))?
+    }
+
     /// The dictionary kept in the `symbols` table of the local log at `path` (created by
     /// [`LocalLog::open`](crate::handoff::local::LocalLog::open)): reads every name already there.
     ///

@@ -440,7 +440,7 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             n = venues.len()
         );
     }
-    let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
+    let store_path = running.store_path.clone().context("no embedded store")?;
     let handoff = running.handoff.to_string();
     let delivered = running.stop().await?;
     if let Some(sim) = sim {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chain::{Chain, Hooks};
 use crate::config::Config;
-use crate::pipeline::plugin_bytes;
+use crate::deploy::plugin_bytes;
 use crate::plugin::{Limits, PluginCode, PluginError, PluginInstance, Runtime, RuntimeSettings};
 use crate::source::config::SourceConfig;
 use crate::symbols::Symbols;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::Config;
-use crate::pipeline::replay::{ReplayProgress, ReplaySpec, Written, replay};
+use crate::replay::{ReplayProgress, ReplaySpec, Written, replay};
 
 /// Arguments of `sluice replay`.
 #[derive(Debug, Args)]

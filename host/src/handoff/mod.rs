@@ -10,10 +10,12 @@ pub mod error;
 pub mod kafka;
 pub mod local;
 pub mod marks;
+mod open;
 pub mod stage;
 
 pub use error::LogError;
 pub use marks::Marks;
+pub use open::{Handoff, HandoffSettings, Probe, StoreOffsets, open};
 pub use stage::{DeadLetter, Stage};
 
 use std::sync::atomic::AtomicU64;

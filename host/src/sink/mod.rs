@@ -6,7 +6,10 @@
 
 pub mod druid;
 pub mod embedded;
+mod open;
 pub mod replay;
+
+pub use open::{Committed, SinkSettings, open, prepare};
 
 pub use embedded::Row;
 

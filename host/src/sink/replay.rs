@@ -1,5 +1,5 @@
 //! What a replay is asked for, how far it got and how it ended: plain values shared by the replay
-//! (in [`crate::pipeline::replay`]), the command line and the API's replay jobs; and the check that
+//! (in [`crate::replay`]), the command line and the API's replay jobs; and the check that
 //! the hand-off still holds the range.
 
 use std::sync::atomic::AtomicU64;

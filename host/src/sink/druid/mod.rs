@@ -14,6 +14,7 @@ pub mod overlord;
 pub mod row;
 pub mod spec;
 pub mod state;
+pub mod supervisor;
 
 pub use config::{DruidSinkConfig, Granularity, MetricConfig, MetricKind};
 pub use delivery::{DruidSink, MAX_TRANSACTIONS_IN_FLIGHT, nth_transactional_id, transactional_id};
@@ -23,6 +24,7 @@ pub use spec::{
     ReindexTask, SpecError, SupervisorId, SupervisorSpec, reindex_task, replay_datasource, replay_range,
     replay_supervisor_spec, replay_topic, supervisor_spec, validate,
 };
+pub use supervisor::keep_supervisor;
 
 /// The protobuf message Druid decodes from the topic, by its full name.
 pub const SINK_ROW_MESSAGE: &str = "sluice.v1.SinkRow";

@@ -1,6 +1,12 @@
 //! The process role: [`run_process`] reads the hand-off from the position the sink holds, runs each
 //! source's records through its chain of transforms, batches the rows and commits them to the sink
-//! together with the positions they came from.
+//! together with the positions they came from; [`ProcessRole`] runs it on its own thread and starts
+//! it again after a failure; [`edits`] applies the API's chain edits between polls.
+
+pub mod edits;
+mod role;
+
+pub use role::{Panicked, ProcessRole, ProcessSetup};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -33,7 +39,7 @@ pub struct ProcessSettings {
     /// Where batch sizes, flush reasons, commit times and end-to-end latency go.
     pub metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// The API's chain edits, applied between polls (none: the chains stay as built).
-    pub edits: Option<Arc<super::edits::LiveChains>>,
+    pub edits: Option<Arc<edits::LiveChains>>,
 }
 
 impl Default for ProcessSettings {
@@ -429,132 +435,182 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
     if let Some(health) = &settings.health {
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
-    let mut holding = holding_at_start(breakers, sink, chains, names, settings, stats)?;
-    let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
-    let mut batcher = Batcher::new(settings.batch);
-    let mut polled = Polled::default();
-    // Rows waiting for the store, the dead letters of the polls they came from (committed with them,
-    // so exactly once), and the next offset per partition they cover.
-    let (mut pending, mut dead) = (Vec::new(), Vec::new());
-    let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
-    // Per-source input buffers, reused.
-    let mut by_source: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    // Records read since the last flush (their offsets are not stored yet).
-    let mut unflushed = false;
-    // Batches handed to the sink and not committed yet, and the most the sink takes.
-    let mut in_flight = InFlight::default();
+    let holding = holding_at_start(breakers, sink, chains, names, settings, stats)?;
     let most_in_flight = sink.max_in_flight().max(1);
+    let mut round = Round {
+        sink,
+        consumer,
+        env,
+        live: Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() },
+        holding,
+        batcher: Batcher::new(settings.batch),
+        polled: Polled::default(),
+        pending: Vec::new(),
+        dead: Vec::new(),
+        next_offsets: BTreeMap::new(),
+        by_source: BTreeMap::new(),
+        unflushed: false,
+        in_flight: InFlight::default(),
+        most_in_flight,
+    };
     // Every way out (a stop, a trial, an error) waits for the batches in flight, so a role that
     // starts again after it reads from a position no commit moves any more.
-    let mut run = || -> anyhow::Result<()> {
-        while !stop.load(Ordering::Relaxed) {
-            if !holding.held.is_empty() && live.breakers.trial_due(&holding.held, std::time::Instant::now()) {
-                // Commit what the others did, then read again from there with the held records.
-                if unflushed {
-                    let batch = Batch {
-                        pending: &mut pending,
-                        dead: &mut dead,
-                        chains: live.chains,
-                        next_offsets: &next_offsets,
-                        holding: &holding,
-                        in_flight: &mut in_flight,
-                    };
-                    flush(sink, consumer, &mut batcher, batch, env, "trial")?;
-                }
-                return Err(ProcessError::TrialDue.into());
-            }
-            if let Some(edits) = &settings.edits {
-                // Between polls: the rows so far came from the old chains, this poll's meet the new.
-                edits.apply(live.chains, &names.sources, &|source, plugin| stats.watch_breaker(source, plugin))?;
-            }
-            polled.clear();
-            let wait = batcher
-                .deadline()
-                .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
-                .unwrap_or(Duration::from_millis(100))
-                .min(Duration::from_millis(100));
-            // A commit in flight is counted within a couple of milliseconds of its end.
-            let wait = if in_flight.batches.is_empty() { wait } else { wait.min(Duration::from_millis(2)) };
-            let outcome = consumer.poll_into(&mut polled, settings.max_poll_records, wait)?;
-            // Batches the sink committed meanwhile count now (their latency), not at the next flush.
-            settle(sink, consumer, &mut batcher, env, &mut in_flight, usize::MAX)?;
-            if outcome.rebalanced {
-                // Rows of the old assignment are not committed; their partitions' owners read them again.
-                stats.rebalances.fetch_add(1, Ordering::Relaxed);
-                pending.clear();
-                dead.clear();
-                next_offsets.clear();
-                abandon(live.chains);
-                batcher.take();
-                unflushed = false;
-            }
-            stats.consumed.fetch_add(polled.positions.len() as u64, Ordering::Relaxed);
-            stats.consumer_lag.store(consumer.lag(), Ordering::Relaxed);
-            route(&polled, &mut by_source, &mut next_offsets, &mut holding);
-            // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
-            // letters go with that reading, never twice.
-            let added = live.poll(&by_source, &mut pending, &mut dead)?;
-            let now = tokio::time::Instant::now();
-            let mut due = batcher.add(added, added * 48, now).or(batcher.due(now));
-            // More is already waiting behind a full poll: read it into this batch first (the next poll
-            // does not wait, the deadline having passed), up to the batch's cap.
-            let full = polled.positions.len() >= settings.max_poll_records;
-            if matches!(due, Some(FlushReason::Ready | FlushReason::Linger))
-                && full
-                && batcher.rows() < batcher.max_rows()
-            {
-                due = None;
-            }
-            unflushed |= !polled.positions.is_empty();
-            // Offsets move even when a poll produced no rows (all refused), so commit them too.
-            let offsets_only = pending.is_empty() && (!polled.positions.is_empty() || !dead.is_empty());
-            if (due.is_some() || offsets_only) && in_flight.batches.len() >= most_in_flight {
-                // Every transaction is taken: wait for the oldest to commit; then, once a deadline
-                // has passed, read what came meanwhile into this batch before it goes.
-                settle(sink, consumer, &mut batcher, env, &mut in_flight, most_in_flight - 1)?;
-                if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) {
-                    continue;
-                }
-            }
-            if due.is_some() || offsets_only {
-                let reason = due.map_or("offsets", FlushReason::as_str);
-                let batch = Batch {
-                    pending: &mut pending,
-                    dead: &mut dead,
-                    chains: live.chains,
-                    next_offsets: &next_offsets,
-                    holding: &holding,
-                    in_flight: &mut in_flight,
-                };
-                flush(sink, consumer, &mut batcher, batch, env, reason)?;
-                unflushed = false;
-                if let Some(health) = &settings.health {
-                    health.set("sink", true, format!("{} sink committed", sink.name()));
-                    if holding.held.is_empty() {
-                        health.set("breakers", true, "all closed");
-                    }
-                }
-            }
-        }
-        // A clean stop stores what was transformed, so a restart does not redo it.
-        if unflushed {
-            let batch = Batch {
-                pending: &mut pending,
-                dead: &mut dead,
-                chains: live.chains,
-                next_offsets: &next_offsets,
-                holding: &holding,
-                in_flight: &mut in_flight,
-            };
-            flush(sink, consumer, &mut batcher, batch, env, "stop")?;
-        }
-        Ok(())
-    };
-    let result = run();
+    let result = round.run(stop);
     // A failure to commit comes first: the role must then start from the sink's committed state.
-    match settle(sink, consumer, &mut batcher, env, &mut in_flight, 0) {
+    match round.settle(0) {
         Err(e) => Err(e),
         Ok(()) => result,
+    }
+}
+
+/// One attempt of the role's loop: what it reads with and commits to, and what it holds between
+/// polls.
+struct Round<'a> {
+    sink: &'a mut dyn Sink,
+    consumer: &'a Reader,
+    env: Env<'a>,
+    live: Transforming<'a>,
+    /// Sources held by an open breaker, and the others' progress past them.
+    holding: Holding,
+    batcher: Batcher,
+    polled: Polled,
+    /// Rows waiting for the store, and the dead letters of the polls they came from (committed with
+    /// them, so exactly once).
+    pending: Vec<PendingRow>,
+    dead: Vec<DeadLetter>,
+    /// The next offset per partition the pending rows cover.
+    next_offsets: BTreeMap<i32, i64>,
+    /// Per-source input buffers, reused.
+    by_source: BTreeMap<u32, Vec<u8>>,
+    /// Records read since the last flush (their offsets are not stored yet).
+    unflushed: bool,
+    /// Batches handed to the sink and not committed yet.
+    in_flight: InFlight,
+    /// The most batches the sink takes in flight.
+    most_in_flight: usize,
+}
+
+impl Round<'_> {
+    /// Polls until `stop` is set; a clean stop stores what was transformed, so a restart does not
+    /// redo it.
+    fn run(&mut self, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<()> {
+        while !stop.load(Ordering::Relaxed) {
+            self.step()?;
+        }
+        if self.unflushed {
+            self.flush("stop")?;
+        }
+        Ok(())
+    }
+
+    /// One poll: a held source's trial when due, the API's chain edits, the records through the
+    /// chains, and a flush when the batch is due.
+    ///
+    /// # Errors
+    /// [`ProcessError::TrialDue`] (after committing what the other sources did), or a failure.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let (names, settings, stats) = (self.env.names, self.env.settings, self.env.stats);
+        if !self.holding.held.is_empty() && self.live.breakers.trial_due(&self.holding.held, std::time::Instant::now())
+        {
+            // Commit what the others did, then read again from there with the held records.
+            if self.unflushed {
+                self.flush("trial")?;
+            }
+            return Err(ProcessError::TrialDue.into());
+        }
+        if let Some(edits) = &settings.edits {
+            // Between polls: the rows so far came from the old chains, this poll's meet the new.
+            edits.apply(self.live.chains, &names.sources, &|source, plugin| stats.watch_breaker(source, plugin))?;
+        }
+        let added = self.read()?;
+        let now = tokio::time::Instant::now();
+        let mut due = self.batcher.add(added, added * 48, now).or(self.batcher.due(now));
+        // More is already waiting behind a full poll: read it into this batch first (the next poll
+        // does not wait, the deadline having passed), up to the batch's cap.
+        let full = self.polled.positions.len() >= settings.max_poll_records;
+        if matches!(due, Some(FlushReason::Ready | FlushReason::Linger))
+            && full
+            && self.batcher.rows() < self.batcher.max_rows()
+        {
+            due = None;
+        }
+        self.unflushed |= !self.polled.positions.is_empty();
+        // Offsets move even when a poll produced no rows (all refused), so commit them too.
+        let offsets_only = self.pending.is_empty() && (!self.polled.positions.is_empty() || !self.dead.is_empty());
+        if (due.is_some() || offsets_only) && self.in_flight.batches.len() >= self.most_in_flight {
+            // Every transaction is taken: wait for the oldest to commit; then, once a deadline has
+            // passed, read what came meanwhile into this batch before it goes.
+            self.settle(self.most_in_flight - 1)?;
+            if matches!(due, Some(FlushReason::Ready | FlushReason::Linger)) {
+                return Ok(());
+            }
+        }
+        if due.is_some() || offsets_only {
+            self.flush(due.map_or("offsets", FlushReason::as_str))?;
+            if let Some(health) = &settings.health {
+                health.set("sink", true, format!("{} sink committed", self.sink.name()));
+                if self.holding.held.is_empty() {
+                    health.set("breakers", true, "all closed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the reader (waiting no longer than the batch's deadline, and briefly while a commit is
+    /// in flight), settles what the sink committed meanwhile, and runs the records through the
+    /// chains. Returns how many rows were added.
+    fn read(&mut self) -> anyhow::Result<usize> {
+        let (settings, stats) = (self.env.settings, self.env.stats);
+        self.polled.clear();
+        let wait = self
+            .batcher
+            .deadline()
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+            .unwrap_or(Duration::from_millis(100))
+            .min(Duration::from_millis(100));
+        // A commit in flight is counted within a couple of milliseconds of its end.
+        let wait = if self.in_flight.batches.is_empty() { wait } else { wait.min(Duration::from_millis(2)) };
+        let outcome = self.consumer.poll_into(&mut self.polled, settings.max_poll_records, wait)?;
+        // Batches the sink committed meanwhile count now (their latency), not at the next flush.
+        self.settle(usize::MAX)?;
+        if outcome.rebalanced {
+            // Rows of the old assignment are not committed; their partitions' owners read them again.
+            stats.rebalances.fetch_add(1, Ordering::Relaxed);
+            self.pending.clear();
+            self.dead.clear();
+            self.next_offsets.clear();
+            abandon(self.live.chains);
+            self.batcher.take();
+            self.unflushed = false;
+        }
+        stats.consumed.fetch_add(self.polled.positions.len() as u64, Ordering::Relaxed);
+        stats.consumer_lag.store(self.consumer.lag(), Ordering::Relaxed);
+        route(&self.polled, &mut self.by_source, &mut self.next_offsets, &mut self.holding);
+        // A poll abandoned (an open breaker, a failed call or commit) is read again, and its dead
+        // letters go with that reading, never twice.
+        self.live.poll(&self.by_source, &mut self.pending, &mut self.dead)
+    }
+
+    /// Hands the pending rows, their dead letters, the chains' state changes and the offsets to the
+    /// sink (see [`flush`]).
+    fn flush(&mut self, reason: &'static str) -> anyhow::Result<()> {
+        let batch = Batch {
+            pending: &mut self.pending,
+            dead: &mut self.dead,
+            chains: self.live.chains,
+            next_offsets: &self.next_offsets,
+            holding: &self.holding,
+            in_flight: &mut self.in_flight,
+        };
+        flush(self.sink, self.consumer, &mut self.batcher, batch, self.env, reason)?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    /// Waits until at most `keep` batches are in flight (see [`settle`]).
+    fn settle(&mut self, keep: usize) -> anyhow::Result<()> {
+        settle(self.sink, self.consumer, &mut self.batcher, self.env, &mut self.in_flight, keep)
     }
 }
 

@@ -27,9 +27,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 
-use super::{Role, open_plugins};
 use crate::chain::{Chain, Unguarded};
 use crate::config::Config;
+use crate::deploy::{Role, open_plugins};
 use crate::handoff::Positions;
 use crate::handoff::kafka::range::RangeReader;
 use crate::plugin::PluginInstance;
