@@ -36,7 +36,7 @@ use crate::plugin::PluginInstance;
 use crate::plugin::registry::Slot;
 use crate::sink::Row;
 use crate::sink::druid::{DruidSink, DruidSinkConfig};
-use crate::sink::embedded::{EmbeddedStore, OwnedRow, REPLAY_PREFIX};
+use crate::sink::embedded::{EmbeddedStore, REPLAY_PREFIX};
 pub use crate::sink::replay::{CLOCK_SKEW_MS, ReplayProgress, ReplaySpec, ReplaySummary, Written, check_range};
 use crate::sink::replay::{HeldFrom, check_topic_range, deleted_until};
 use crate::symbols::Symbols;
@@ -366,7 +366,7 @@ impl Reading {
         &mut self,
         from: &mut Positions,
         to: &Positions,
-        out: &mut dyn FnMut(Vec<OwnedRow>) -> anyhow::Result<()>,
+        out: &mut dyn FnMut(Vec<Row>) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let replayer = &mut self.replayer;
         let finished = self.input.pass(from, to, &self.stop, &mut |records| {
@@ -565,7 +565,7 @@ impl Job {
             Target::Topic { druid, transactional_id, .. } => {
                 let mut sink = DruidSink::new(&kafka, &brokers, &druid, &transactional_id, Duration::from_secs(30))?;
                 let (mut next, end) = (start, reading.input.end()?);
-                reading.pass(&mut next, &end, &mut |rows| Ok(sink.commit_rows(&as_rows(&rows))?))?;
+                reading.pass(&mut next, &end, &mut |rows| Ok(sink.commit_rows(&rows)?))?;
                 (Written::Topic(druid.topic), 0)
             }
         };
@@ -606,7 +606,7 @@ fn into_store(
         let mut next = start;
         if into.is_some() {
             let end = reading.input.end()?;
-            reading.pass(&mut next, &end, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+            reading.pass(&mut next, &end, &mut |rows| Ok(store.roll_up(&rows)?))?;
             return Ok(table.clone());
         }
         // Catch up with the live position, then swap under the store's write lock with the last
@@ -622,7 +622,7 @@ fn into_store(
             if behind < SWAP_BEHIND {
                 break;
             }
-            reading.pass(&mut next, &target, &mut |rows| Ok(store.roll_up(&as_rows(&rows))?))?;
+            reading.pass(&mut next, &target, &mut |rows| Ok(store.roll_up(&rows)?))?;
         }
         // The swap deletes the range's buckets of every source: refused, before and inside it (the
         // last stretch read there), when records of a source this replay cannot rebuild were read.
@@ -645,10 +645,6 @@ fn into_store(
     outcome.inspect_err(|_| {
         let _ = EmbeddedStore::drop_replay(path, &staging);
     })
-}
-
-fn as_rows(rows: &[OwnedRow]) -> Vec<Row<'_>> {
-    rows.iter().map(OwnedRow::as_row).collect()
 }
 
 /// Buckets of `table` in the replayed range.
@@ -685,7 +681,7 @@ struct Replayer {
 
 impl Replayer {
     /// The rows of one batch of records (those in the range, through their source's chain).
-    fn rows(&mut self, records: &[&[u8]]) -> anyhow::Result<Vec<OwnedRow>> {
+    fn rows(&mut self, records: &[&[u8]]) -> anyhow::Result<Vec<Row>> {
         for buf in self.by_source.values_mut() {
             buf.clear();
         }
@@ -707,25 +703,14 @@ impl Replayer {
         }
         self.progress.read.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.progress.in_range.fetch_add(in_range, Ordering::Relaxed);
-        let named = replay_batch(
+        replay_batch(
             &self.by_source,
             &mut self.chains,
             &self.sources,
             &self.symbols,
             &mut self.names,
             (&self.progress, self.stateful.then_some(self.range)),
-        )?;
-        Ok(named
-            .into_iter()
-            .map(|(source, symbol, v)| OwnedRow {
-                timestamp_ms: v.timestamp_ms,
-                source,
-                symbol,
-                is_buy: v.is_buy,
-                price_e8: v.price_e8,
-                volume_e8: v.volume_e8,
-            })
-            .collect())
+        )
     }
 
     /// The sources the configuration does not name whose records were in the range so far, each
@@ -757,9 +742,6 @@ impl Replayer {
     }
 }
 
-/// A record with its source's and its symbol's names.
-type NamedRecord = (Arc<str>, Arc<str>, plugin_sdk::Record);
-
 /// One batch's records, per source, through its chain; the rows with their names. With `keep`
 /// (stateful chains, given every record), only the rows and refusals of that time range count.
 fn replay_batch(
@@ -769,7 +751,7 @@ fn replay_batch(
     symbols: &Symbols,
     names: &mut HashMap<u32, Arc<str>>,
     (progress, keep): (&ReplayProgress, Option<(i64, Option<i64>)>),
-) -> anyhow::Result<Vec<NamedRecord>> {
+) -> anyhow::Result<Vec<Row>> {
     let inside = |t: i64| keep.is_none_or(|(since, until)| t >= since && until.is_none_or(|u| t < u));
     let mut rows = Vec::new();
     for (source, input) in by_source.iter().filter(|(_, b)| !b.is_empty()) {
@@ -793,7 +775,16 @@ fn replay_batch(
                     }
                 },
             };
-            rows.push((source_name.clone(), symbol, record));
+            rows.push(Row {
+                timestamp_ms: record.timestamp_ms,
+                source: source_name.clone(),
+                symbol,
+                is_buy: record.is_buy,
+                price_e8: record.price_e8,
+                volume_e8: record.volume_e8,
+                // A replayed row's latency is not the live path's: it is not recorded.
+                received_at_us: 0,
+            });
         }
     }
     Ok(rows)

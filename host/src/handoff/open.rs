@@ -94,6 +94,11 @@ impl Handoff {
         }
     }
 
+    /// The local log's sizes and counters for a scrape; `None` on Kafka (whose producer counts).
+    pub fn sample(&self) -> Option<crate::telemetry::LogSample> {
+        self.local_log().map(LocalLog::sample)
+    }
+
     /// The name of its `/health/ready` check: `kafka` or `log`.
     pub fn health_check(&self) -> &'static str {
         match &self.0 {

@@ -164,7 +164,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     };
     let process = match (sink, committed) {
         (Some(sink), Some(committed)) => {
-            keep_druid_supervisor(&sink, &handoff, &api)?;
+            crate::sink::supervise(&sink, &handoff, api.health.clone(), api.metrics.clone(), api.stop.subscribe())?;
             let budget = Duration::from_millis(config.process.link_budget_ms.max(1));
             let edits = Arc::new(crate::process::edits::LiveChains::new(book, registry, budget));
             let setup = ProcessSetup {
@@ -269,9 +269,12 @@ fn show_handoff(
     }
     let producer_stats = producer.stats().clone();
     api.metrics.on_scrape(move |m| m.mirror_producer(&producer_stats.sample()));
-    if let Some(log) = handoff.local_log().cloned() {
-        api.metrics.on_scrape(move |m| m.mirror_log(&log.sample()));
-    }
+    let handoff = handoff.clone();
+    api.metrics.on_scrape(move |m| {
+        if let Some(sample) = handoff.sample() {
+            m.mirror_log(&sample);
+        }
+    });
     Ok(())
 }
 
@@ -329,24 +332,6 @@ async fn start_ingest(
         }
     });
     Ok(ingest)
-}
-
-/// With the Druid sink: checks its supervisor spec offline (one that does not pass stops the start;
-/// it is never posted) and keeps it applied through the Overlord, for `/health/ready`.
-fn keep_druid_supervisor(sink: &SinkSettings, handoff: &Handoff, api: &Api) -> anyhow::Result<()> {
-    let (Some(druid), Some((_, brokers))) = (&sink.druid, handoff.kafka()) else { return Ok(()) };
-    crate::sink::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, brokers)
-        .context("[sink.druid] does not make a valid supervisor spec")?;
-    api.health.expect("druid");
-    let keep = crate::sink::druid::keep_supervisor(
-        druid.clone(),
-        brokers.to_owned(),
-        api.health.clone(),
-        api.metrics.clone(),
-        api.stop.subscribe(),
-    );
-    tokio::spawn(keep);
-    Ok(())
 }
 
 impl Running {

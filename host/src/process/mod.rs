@@ -223,7 +223,7 @@ impl Default for LatencyRecorder {
 
 impl LatencyRecorder {
     /// Records `now_us - received_at_us` for each row that has a receive time.
-    fn record_rows(&self, now_us: i64, rows: &[PendingRow]) {
+    fn record_rows(&self, now_us: i64, rows: &[Row]) {
         let mut h = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for row in rows.iter().filter(|r| r.received_at_us > 0) {
             h.saturating_record((now_us - row.received_at_us).max(1) as u64);
@@ -476,7 +476,7 @@ struct Round<'a> {
     polled: Polled,
     /// Rows waiting for the store, and the dead letters of the polls they came from (committed with
     /// them, so exactly once).
-    pending: Vec<PendingRow>,
+    pending: Vec<Row>,
     dead: Vec<DeadLetter>,
     /// The next offset per partition the pending rows cover.
     next_offsets: BTreeMap<i32, i64>,
@@ -685,7 +685,7 @@ impl Transforming<'_> {
     fn poll(
         &mut self,
         by_source: &BTreeMap<u32, Vec<u8>>,
-        pending: &mut Vec<PendingRow>,
+        pending: &mut Vec<Row>,
         dead: &mut Vec<DeadLetter>,
     ) -> anyhow::Result<usize> {
         let mut added = 0;
@@ -717,7 +717,7 @@ impl Transforming<'_> {
                     dead.push(DeadLetter { source, plugin: out.last.clone(), bytes, reason });
                     continue;
                 };
-                pending.push(PendingRow {
+                pending.push(Row {
                     source: source_name.clone(),
                     symbol,
                     timestamp_ms: v.timestamp_ms,
@@ -856,17 +856,6 @@ fn flush(
     let Env { names, stats, settings, topic } = env;
     let Batch { pending, dead, chains, next_offsets, holding, in_flight } = batch;
     let taken = batcher.take();
-    let rows: Vec<Row<'_>> = pending
-        .iter()
-        .map(|p| Row {
-            timestamp_ms: p.timestamp_ms,
-            source: &p.source,
-            symbol: &p.symbol,
-            is_buy: p.is_buy,
-            price_e8: p.price_e8,
-            volume_e8: p.volume_e8,
-        })
-        .collect();
     // Past a held source's first record, a partition's position stops there (see `Holding`).
     let offsets: Vec<(&str, i32, i64)> =
         next_offsets.iter().map(|(p, o)| (topic, *p, holding.position(*p, *o))).collect();
@@ -898,7 +887,7 @@ fn flush(
             changes,
         });
     }
-    sink.commit(&rows, &offsets, &letters, &state, consumer)?;
+    sink.commit(pending, &offsets, &letters, &state, consumer)?;
     drop(state);
     // Handed over: the next commit carries only later changes. Should this one fail, the role reads
     // again from the sink's committed state, not from memory's.
@@ -913,7 +902,6 @@ fn flush(
     drop(letters);
     dead.clear();
     let offsets = offsets.iter().map(|&(_, p, o)| (p, o)).collect();
-    drop(rows);
     let rows = std::mem::replace(pending, in_flight.spare.pop().unwrap_or_default());
     let opened_at = taken.map(|t| t.opened_at);
     in_flight.batches.push_back(Committing { rows, offsets, started, opened_at, reason });
@@ -922,7 +910,7 @@ fn flush(
 
 /// A batch handed to the sink and not known to be committed yet.
 struct Committing {
-    rows: Vec<PendingRow>,
+    rows: Vec<Row>,
     /// (partition, next offset) it commits.
     offsets: Vec<(i32, i64)>,
     /// When it was handed over.
@@ -937,7 +925,7 @@ struct Committing {
 #[derive(Default)]
 struct InFlight {
     batches: std::collections::VecDeque<Committing>,
-    spare: Vec<Vec<PendingRow>>,
+    spare: Vec<Vec<Row>>,
 }
 
 /// Waits until at most `keep` batches are in flight, and counts those the sink has committed since
@@ -1019,7 +1007,7 @@ fn observe_commit(
     sink: &str,
     commit_time: Duration,
     reason: &str,
-    rows: &[PendingRow],
+    rows: &[Row],
     now_us: i64,
 ) {
     m.batch_rows.observe(rows.len() as f64);
@@ -1036,21 +1024,9 @@ fn observe_commit(
     receive.flush();
 }
 
-/// A transformed row waiting for the store.
-struct PendingRow {
-    /// When the host read the frame it came from, microseconds since the Unix epoch.
-    received_at_us: i64,
-    source: Arc<str>,
-    symbol: Arc<str>,
-    timestamp_ms: i64,
-    is_buy: bool,
-    price_e8: i64,
-    volume_e8: i64,
-}
-
 /// What one flush commits: the pending rows, the dead letters of their polls, and the offsets.
 struct Batch<'a> {
-    pending: &'a mut Vec<PendingRow>,
+    pending: &'a mut Vec<Row>,
     dead: &'a mut Vec<DeadLetter>,
     /// The chains whose state changes commit with the rows.
     chains: &'a mut HashMap<u32, Chain>,

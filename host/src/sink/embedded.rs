@@ -47,26 +47,10 @@ pub const ANSWER_BYTES: usize = 8 << 20;
 /// before it is allocated.
 pub const VALUE_BYTES: usize = 1 << 20;
 
-/// One trade as the sink sees it: names resolved, values in fixed point.
+/// One trade as the sinks see it: names resolved, values in fixed point. The one row type of the
+/// process role, the sinks and replay: names are shared (`Arc<str>`), so a row costs no allocation.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Row<'a> {
-    /// Trade time, ms since the epoch.
-    pub timestamp_ms: i64,
-    /// The source's name.
-    pub source: &'a str,
-    /// The symbol as the venue writes it.
-    pub symbol: &'a str,
-    /// True when the taker bought.
-    pub is_buy: bool,
-    /// Price, e8.
-    pub price_e8: i64,
-    /// Quantity, e8.
-    pub volume_e8: i64,
-}
-
-/// A [`Row`] that owns its names.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OwnedRow {
+pub struct Row {
     /// Trade time, ms since the epoch.
     pub timestamp_ms: i64,
     /// The source's name.
@@ -79,20 +63,9 @@ pub struct OwnedRow {
     pub price_e8: i64,
     /// Quantity, e8.
     pub volume_e8: i64,
-}
-
-impl OwnedRow {
-    /// The row, borrowing its names.
-    pub fn as_row(&self) -> Row<'_> {
-        Row {
-            timestamp_ms: self.timestamp_ms,
-            source: &self.source,
-            symbol: &self.symbol,
-            is_buy: self.is_buy,
-            price_e8: self.price_e8,
-            volume_e8: self.volume_e8,
-        }
-    }
+    /// When the host read the frame it came from, microseconds since the Unix epoch (0: unknown,
+    /// as for a replayed record), for the receive-to-commit latency.
+    pub received_at_us: i64,
 }
 
 /// The next offset to read, per topic partition.
@@ -360,7 +333,7 @@ impl EmbeddedStore {
     ///
     /// # Errors
     /// [`StoreError::Sqlite`]; the transaction is rolled back.
-    pub fn roll_up(&mut self, rows: &[Row<'_>]) -> Result<(), StoreError> {
+    pub fn roll_up(&mut self, rows: &[Row]) -> Result<(), StoreError> {
         self.apply_with(rows, &[], &[])
     }
 
@@ -380,13 +353,12 @@ impl EmbeddedStore {
         table: &str,
         range: (i64, Option<i64>),
         topic: &str,
-        tail: impl FnOnce(&Positions) -> Result<Vec<OwnedRow>, E>,
+        tail: impl FnOnce(&Positions) -> Result<Vec<Row>, E>,
     ) -> Result<Positions, E> {
         let tx =
             self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(StoreError::from)?;
         let positions = positions_of(&tx, topic)?;
         let rows = tail(&positions)?;
-        let rows: Vec<Row<'_>> = rows.iter().map(OwnedRow::as_row).collect();
         upsert_rows(&tx, &self.upsert, self.granularity_ms, &rows)?;
         let (since_ms, until_ms) = range;
         let until = until_ms.unwrap_or(i64::MAX);
@@ -450,7 +422,7 @@ impl EmbeddedStore {
     ///
     /// # Errors
     /// [`StoreError::Sqlite`]; the transaction is rolled back.
-    pub fn apply(&mut self, rows: &[Row<'_>], offsets: &[(&str, i32, i64)]) -> Result<(), StoreError> {
+    pub fn apply(&mut self, rows: &[Row], offsets: &[(&str, i32, i64)]) -> Result<(), StoreError> {
         self.apply_with(rows, offsets, &[])
     }
 
@@ -461,7 +433,7 @@ impl EmbeddedStore {
     /// [`StoreError::Sqlite`]; the transaction is rolled back.
     pub fn apply_with(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[super::DeadLetter<'_>],
     ) -> Result<(), StoreError> {
@@ -474,7 +446,7 @@ impl EmbeddedStore {
     /// [`StoreError::Sqlite`]; the transaction is rolled back.
     pub fn apply_state(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[super::DeadLetter<'_>],
         state: &[super::StateWrite<'_>],
@@ -606,14 +578,14 @@ fn upsert_rows(
     tx: &rusqlite::Transaction<'_>,
     upsert: &str,
     granularity_ms: i64,
-    rows: &[Row<'_>],
+    rows: &[Row],
 ) -> Result<(), StoreError> {
     let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
     for r in rows {
         let bucket = r.timestamp_ms.div_euclid(granularity_ms) * granularity_ms;
         let price = r.price_e8 as f64 / 1e8;
         let qty = r.volume_e8 as f64 / 1e8;
-        let agg = groups.entry((bucket, r.source, r.symbol, r.is_buy)).or_insert(Agg {
+        let agg = groups.entry((bucket, &*r.source, &*r.symbol, r.is_buy)).or_insert(Agg {
             events: 0,
             qty_sum: 0.0,
             qty_sum_e8: 0,
@@ -812,8 +784,9 @@ mod tests {
         p
     }
 
-    fn trade(ts: i64, symbol: &str, is_buy: bool, price: i64, qty: i64) -> Row<'_> {
-        Row { timestamp_ms: ts, source: "binance", symbol, is_buy, price_e8: price, volume_e8: qty }
+    fn trade(ts: i64, symbol: &str, is_buy: bool, price: i64, qty: i64) -> Row {
+        let (source, symbol) = ("binance".into(), symbol.into());
+        Row { timestamp_ms: ts, source, symbol, is_buy, price_e8: price, volume_e8: qty, received_at_us: 0 }
     }
 
     /// The store's dead letters are kept under their bytes and for their age (before, never

@@ -9,7 +9,7 @@ pub mod embedded;
 mod open;
 pub mod replay;
 
-pub use open::{Committed, SinkSettings, open, prepare};
+pub use open::{Committed, SinkSettings, open, prepare, supervise};
 
 pub use embedded::Row;
 
@@ -55,7 +55,7 @@ pub trait Sink: Send {
     /// from the last committed offsets.
     fn commit(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
         state: &[StateWrite<'_>],
@@ -101,7 +101,7 @@ impl Sink for embedded::EmbeddedStore {
 
     fn commit(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
         state: &[StateWrite<'_>],

@@ -153,3 +153,24 @@ pub fn open(settings: &SinkSettings, handoff: &Handoff, committed: &Committed) -
         _ => bail!("no sink: the Druid sink needs [kafka] brokers, and the embedded store a data directory"),
     }
 }
+
+/// With the Druid sink: checks its supervisor spec offline (one that does not pass stops the start;
+/// it is never posted) and keeps it applied through the Overlord until `stop`, with a `druid`
+/// check on `/health/ready`. Nothing to do for the embedded store.
+///
+/// # Errors
+/// The spec does not pass the offline checks.
+pub fn supervise(
+    settings: &SinkSettings,
+    handoff: &Handoff,
+    health: std::sync::Arc<crate::telemetry::health::Health>,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (Some(druid), Some((_, brokers))) = (&settings.druid, handoff.kafka()) else { return Ok(()) };
+    super::druid::supervisor_spec(druid, crate::proto::DESCRIPTOR_SET, brokers)
+        .context("[sink.druid] does not make a valid supervisor spec")?;
+    health.expect("druid");
+    tokio::spawn(super::druid::keep_supervisor(druid.clone(), brokers.to_owned(), health, metrics, stop));
+    Ok(())
+}

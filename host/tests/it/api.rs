@@ -86,8 +86,9 @@ fn temp_store(name: &str) -> PathBuf {
     dir.join("store.db")
 }
 
-fn trade<'a>(ts: i64, symbol: &'a str, is_buy: bool, price_e8: i64, volume_e8: i64) -> Row<'a> {
-    Row { timestamp_ms: ts, source: "binance", symbol, is_buy, price_e8, volume_e8 }
+fn trade(ts: i64, symbol: &str, is_buy: bool, price_e8: i64, volume_e8: i64) -> Row {
+    let (source, symbol) = ("binance".into(), symbol.into());
+    Row { timestamp_ms: ts, source, symbol, is_buy, price_e8, volume_e8, received_at_us: 0 }
 }
 
 /// A store with one minute of three symbols: BTCUSDT (two buys), ETHUSDT (a sell), SOLUSDT (a buy).

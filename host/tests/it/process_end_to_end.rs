@@ -1271,7 +1271,7 @@ impl sluice::sink::Sink for CommitsThenSaysFailed {
 
     fn commit(
         &mut self,
-        rows: &[sluice::sink::Row<'_>],
+        rows: &[sluice::sink::Row],
         offsets: &[(&str, i32, i64)],
         dead: &[sluice::sink::DeadLetter<'_>],
         state: &[sluice::sink::StateWrite<'_>],

@@ -509,7 +509,7 @@ impl DruidSink {
         Ok(())
     }
 
-    fn produce_all(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
+    fn produce_all(&mut self, rows: &[Row]) -> Result<(), KafkaError> {
         for row in rows {
             let record = StreamData {
                 timestamp_ms: row.timestamp_ms,
@@ -519,9 +519,9 @@ impl DruidSink {
                 ..StreamData::default()
             };
             self.buf.clear();
-            encode_row(&record, row.source, row.symbol, &mut self.buf);
+            encode_row(&record, &row.source, &row.symbol, &mut self.buf);
             // Keyed by symbol: one symbol's rows stay in one partition, which keeps Druid's rollup tight.
-            let record = BaseRecord::<str, [u8]>::to(&self.topic).key(row.symbol).payload(&self.buf);
+            let record = BaseRecord::<str, [u8]>::to(&self.topic).key(&*row.symbol).payload(&self.buf);
             send_waiting(&self.producers[self.next], record, Duration::from_millis(1), || {})
                 .map_err(|e| KafkaError::Transaction(format!("produce to {}: {e}", self.topic)))?;
         }
@@ -534,7 +534,7 @@ impl DruidSink {
     ///
     /// # Errors
     /// [`KafkaError::Transaction`]; the transaction is aborted.
-    pub fn commit_rows(&mut self, rows: &[Row<'_>]) -> Result<(), KafkaError> {
+    pub fn commit_rows(&mut self, rows: &[Row]) -> Result<(), KafkaError> {
         let tx = |what: &str, e: rdkafka::error::KafkaError| KafkaError::Transaction(format!("{what}: {e}"));
         self.committer.settle(0, &mut self.phases)?;
         let producer = self.producers[self.next].clone();
@@ -555,7 +555,7 @@ impl DruidSink {
     /// state and checkpoint, then the offsets.
     fn transact(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
         state: &[StateWrite<'_>],
@@ -623,7 +623,7 @@ impl Sink for DruidSink {
 
     fn commit(
         &mut self,
-        rows: &[Row<'_>],
+        rows: &[Row],
         offsets: &[(&str, i32, i64)],
         dead: &[DeadLetter<'_>],
         state: &[StateWrite<'_>],
