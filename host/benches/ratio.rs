@@ -85,7 +85,7 @@ fn main() {
         || {
             native.transform(black_box(&batch));
             parsed.clear();
-            for item in plugin_sdk::wire::Delimited::new(native.output().as_bytes()) {
+            for item in sluice_wire::Delimited::new(native.output().as_bytes()) {
                 parsed.push(plugin_sdk::StreamDataView::parse(item.expect("framed")).expect("valid").record());
             }
             black_box(parsed.len());

@@ -8,8 +8,8 @@
 //! (`name@version`) with the bytes that link was given. What surrounds a link (the live role's
 //! circuit breaker, `plugin test`'s refusal of failed calls) is the caller's, through [`Hooks`].
 
-use plugin_sdk::wire::Delimited;
 use plugin_sdk::{Record, StreamDataView};
+use sluice_wire::Delimited;
 
 use crate::plugin::{PluginCode, PluginError};
 use crate::transform::{TransformedBatch, Transformer};
@@ -288,8 +288,8 @@ pub fn label(plugin: &PluginCode) -> String {
 mod tests {
     use std::sync::Arc;
 
-    use plugin_sdk::wire::Delimited;
     use plugin_sdk::{Record, Records};
+    use sluice_wire::Delimited;
 
     use super::{Chain, Hooks, LinkError, Unguarded};
     use crate::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings, bundled};

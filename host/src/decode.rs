@@ -7,8 +7,8 @@ use std::collections::HashMap;
 /// (the ids come from the dictionary, not from the venue, so nothing here can be flooded).
 type IdMap<V> = HashMap<(u32, u32), V, rustc_hash::FxBuildHasher>;
 
-use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
+use sluice_wire::{Delimited, StreamDataView, push_delimited};
 
 use crate::handoff::marks::{TRADE_WINDOW, TradeMark, WINDOW_WORDS};
 use crate::plugin::registry::BoundPlugin;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
+use sluice_wire::{Delimited, StreamDataView, push_delimited};
 
 use crate::chain::{Chain, Unguarded};
 use crate::config::Config;

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use plugin_sdk::wire::{Delimited, push_delimited};
 use plugin_sdk::{Record, StreamDataView};
+use sluice_wire::{Delimited, push_delimited};
 
 use crate::plugin::registry::BoundPlugin;
 use crate::plugin::{PluginError, PluginInstance, TransformOutput};
@@ -473,8 +473,8 @@ impl Transformer {
 
 #[cfg(test)]
 mod tests {
-    use plugin_sdk::wire::Delimited;
     use plugin_sdk::{Record, Records, StreamDataView};
+    use sluice_wire::Delimited;
 
     use super::{LinkState, TransformedBatch};
 

@@ -4,8 +4,8 @@
 //! so a plugin's native tests exercise exactly what the host will run.
 
 use crate::state::{Changes, Entries};
-use crate::wire::{Delimited, Records, StreamDataView};
 use crate::{Config, Plugin, Reason};
+use sluice_wire::{Delimited, Records, StreamDataView};
 
 /// Runs a plugin over batches. Exported for [`export!`](crate::export) and benchmarks; plugin authors
 /// use [`testing::Harness`](crate::testing::Harness) instead.

@@ -47,7 +47,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::wire::{read_varint, write_varint};
+use sluice_wire::{read_varint, write_varint};
 
 /// Entries as they cross to the host: key and value bytes.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;

@@ -27,8 +27,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::wire::{Records, push_delimited};
 use crate::{Plugin, Reason, Record, Runner};
+use sluice_wire::{Records, push_delimited};
 
 /// An input the plugin refused, by its index in the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use plugin_sdk::wire::push_delimited;
 use plugin_sdk::{Record, Records};
 use sluice::plugin::{Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
+use sluice_wire::push_delimited;
 
 pub const BATCH: usize = 1024;
 pub const FRAMES: usize = 64;

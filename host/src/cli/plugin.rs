@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use serde::{Deserialize, Serialize};
+use sluice_wire::{Delimited, StreamDataView, push_delimited};
 
 use crate::chain::{Chain, Hooks};
 use crate::config::Config;

@@ -39,8 +39,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use plugin_sdk::wire::Delimited;
 use rusqlite::{Connection, OptionalExtension, params};
+use sluice_wire::Delimited;
 
 use super::dead_letters::{self, TableSize};
 use super::marks::{FileIdentity, FileMark, Marks, TradeMark};
@@ -1215,7 +1215,7 @@ impl LocalReader {
             } else {
                 for (i, item) in Delimited::new(records).enumerate().skip(skip) {
                     let Ok(bytes) = item else { break };
-                    plugin_sdk::wire::push_delimited(&mut out.records, bytes);
+                    sluice_wire::push_delimited(&mut out.records, bytes);
                     out.positions.push((0, base + i as i64));
                 }
             }
@@ -1292,7 +1292,7 @@ pub fn read_all(path: &Path) -> Result<Vec<(i64, Vec<u8>)>, LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plugin_sdk::wire::push_delimited;
+    use sluice_wire::push_delimited;
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sluice-log-{}-{name}", std::process::id()));

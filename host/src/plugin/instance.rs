@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use plugin_sdk::wire::{Delimited, validate_batch};
+use sluice_wire::{Delimited, validate_batch};
 use wasmtime::{Store, Trap};
 
 use super::error::PluginError;
@@ -139,7 +139,7 @@ impl PluginInstance {
         self.live.as_mut().map_or_else(Default::default, |l| l.store.data_mut().take_refused_symbols())
     }
 
-    /// Decodes length-delimited raw frames (see [`plugin_sdk::wire::push_delimited`]).
+    /// Decodes length-delimited raw frames (see [`sluice_wire::push_delimited`]).
     ///
     /// # Errors
     /// A [`PluginError`] when the call traps, times out, hits a limit or returns invalid output; the
@@ -374,7 +374,7 @@ mod tests {
         let mut frames = Vec::new();
         for (id, symbol) in [(1, "BTCUSDT"), (2, "ETHUSDT")] {
             let frame = format!(r#"{{"e":"trade","E":1,"s":"{symbol}","t":{id},"p":"1.5","q":"2","T":1,"m":false}}"#);
-            plugin_sdk::wire::push_delimited(&mut frames, frame.as_bytes());
+            sluice_wire::push_delimited(&mut frames, frame.as_bytes());
         }
         let started = std::time::Instant::now();
         let out = plugin.decode(&frames).unwrap();

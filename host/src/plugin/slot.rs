@@ -108,7 +108,7 @@ impl Shadow {
     /// Compares the shadow's output records with the active version's in `stage`, position by
     /// position, and counts the result. `shadow` is `None` when the shadow's call failed.
     pub fn compare(&self, stage: crate::handoff::Stage, active: &[u8], shadow: Option<&[u8]>) {
-        use plugin_sdk::wire::Delimited;
+        use sluice_wire::Delimited;
         let per_stage = &self.stages[stage as usize];
         self.batches.fetch_add(1, Ordering::Relaxed);
         per_stage.batches.fetch_add(1, Ordering::Relaxed);

@@ -625,14 +625,14 @@ fn route(
     for buf in by_source.values_mut() {
         buf.clear();
     }
-    for (item, &(partition, offset)) in plugin_sdk::wire::Delimited::new(&polled.records).zip(&polled.positions) {
+    for (item, &(partition, offset)) in sluice_wire::Delimited::new(&polled.records).zip(&polled.positions) {
         next_offsets.insert(partition, offset + 1);
         let Ok(bytes) = item else { continue };
         let source = plugin_sdk::StreamDataView::parse(bytes).map(|v| v.source_id).unwrap_or(0);
         if !holding.takes(source, partition, offset) {
             continue;
         }
-        plugin_sdk::wire::push_delimited(by_source.entry(source).or_default(), bytes);
+        sluice_wire::push_delimited(by_source.entry(source).or_default(), bytes);
     }
 }
 
@@ -691,7 +691,7 @@ impl Transforming<'_> {
         let mut added = 0;
         for (&source, input) in by_source.iter().filter(|(_, input)| !input.is_empty()) {
             let Some(chain) = self.chains.get_mut(&source) else {
-                for item in plugin_sdk::wire::Delimited::new(input).filter_map(Result::ok) {
+                for item in sluice_wire::Delimited::new(input).filter_map(Result::ok) {
                     let reason = "no configured source has this id".into();
                     dead.push(DeadLetter { source, plugin: String::new(), bytes: item.to_vec(), reason });
                 }
@@ -708,7 +708,7 @@ impl Transforming<'_> {
                 let Some(symbol) = self.symbol(v.symbol_id) else {
                     let mut one = plugin_sdk::Records::new();
                     one.push(v);
-                    let bytes = plugin_sdk::wire::Delimited::new(one.as_bytes())
+                    let bytes = sluice_wire::Delimited::new(one.as_bytes())
                         .next()
                         .and_then(Result::ok)
                         .unwrap_or_default()

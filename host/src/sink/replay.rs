@@ -4,7 +4,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use plugin_sdk::wire::StreamDataView;
+use sluice_wire::StreamDataView;
 
 use crate::handoff::Positions;
 

@@ -36,9 +36,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde::{Deserialize, Serialize};
+use sluice_wire::{Delimited, StreamDataView, push_delimited};
 
 use super::range::RangeReader;
 use super::{KafkaConfig, KafkaError, dead_letter_headers, record_key, send_waiting};

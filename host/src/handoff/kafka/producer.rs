@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use plugin_sdk::wire::{Delimited, StreamDataView};
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use sluice_wire::{Delimited, StreamDataView};
 
 use super::files::{FileAppenders, Piece};
 #[doc(hidden)]

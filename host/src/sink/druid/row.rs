@@ -5,7 +5,7 @@
 //! allocate twice per record; [`encode_row`] writes the same bytes from borrowed names instead (a test holds
 //! it to prost's encoding of the generated message).
 
-use plugin_sdk::wire::write_varint;
+use sluice_wire::write_varint;
 
 use crate::proto::StreamData;
 

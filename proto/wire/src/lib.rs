@@ -1,17 +1,20 @@
-//! The protobuf wire format of `sluice.v1.StreamData`, read in place and written without allocation.
+//! The protobuf wire format of `sluice.v1.StreamData` (`proto/sluice.proto`), read in place and
+//! written without allocation: the one definition the plugin SDK (which re-exports [`Record`],
+//! [`Records`], [`StreamDataView`] and [`WireError`] to plugin authors) and the host share.
 //!
 //! Batches are length-delimited: every record is preceded by its byte length as a varint. The readers
-//! here never panic, whatever the bytes: a malformed record is a [`WireError`].
+//! here never panic, whatever the bytes: a malformed record is a [`WireError`]. Like the SDK, this
+//! crate depends on no other, so a plugin builds offline.
 
 use core::fmt;
 
 /// A `sluice.v1.StreamData` record as plain values.
 ///
 /// Prices and volumes are fixed-point with eight decimals: `1.5` is `150_000_000`. Use
-/// [`parse_e8`](crate::parse_e8) to get them from a venue's decimal strings.
+/// the SDK's `parse_e8` to get them from a venue's decimal strings.
 ///
 /// ```
-/// use plugin_sdk::Record;
+/// use sluice_wire::Record;
 /// let trade = Record { symbol_id: 7, price_e8: 150_000_000, is_buy: true, ..Record::default() };
 /// assert_eq!(trade.volume_e8, 0);
 /// ```
@@ -19,7 +22,7 @@ use core::fmt;
 pub struct Record {
     /// The source the trade came from; the host sets it after `decode`.
     pub source_id: u32,
-    /// The symbol's id from [`symbol_id`](crate::symbol_id).
+    /// The symbol's id from the SDK's `symbol_id`.
     pub symbol_id: u32,
     /// Trade price times 10^8.
     pub price_e8: i64,
@@ -81,7 +84,6 @@ impl std::error::Error for WireError {}
 /// # Errors
 /// [`WireError::Truncated`] or [`WireError::VarintOverflow`].
 #[inline(always)]
-#[doc(hidden)]
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     let (value, next) = varint_at(buf, *pos)?;
     *pos = next;
@@ -155,7 +157,6 @@ fn varint_slow(buf: &[u8], pos: usize) -> Result<(u64, usize), WireError> {
 
 /// The number of bytes `value` takes as a varint.
 #[inline(always)]
-#[doc(hidden)]
 pub fn varint_len(value: u64) -> usize {
     // 1 + floor(bits / 7), with 0 taking one byte.
     let bits = 64 - (value | 1).leading_zeros() as usize;
@@ -164,7 +165,6 @@ pub fn varint_len(value: u64) -> usize {
 
 /// Appends `value` as a varint.
 #[inline(always)]
-#[doc(hidden)]
 pub fn write_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -200,7 +200,7 @@ fn skip_field(buf: &[u8], pos: &mut usize, wire_type: u8) -> Result<(), WireErro
 /// Unknown fields are skipped, so records from a newer schema still read.
 ///
 /// ```
-/// use plugin_sdk::{Record, Records, StreamDataView};
+/// use sluice_wire::{Record, Records, StreamDataView};
 /// let mut out = Records::new();
 /// out.push(&Record { symbol_id: 3, price_e8: 42, ..Record::default() });
 /// let view = out.iter().next().unwrap().unwrap();
@@ -298,12 +298,11 @@ fn u32_field(v: u64, field: u32) -> Result<u32, WireError> {
 /// `transform`. Stops after the first framing error.
 ///
 /// ```
-/// use plugin_sdk::wire::Delimited;
+/// use sluice_wire::Delimited;
 /// let items: Vec<_> = Delimited::new(&[2, b'h', b'i', 0]).collect();
 /// assert_eq!(items, vec![Ok(&b"hi"[..]), Ok(&b""[..])]);
 /// ```
 #[derive(Clone, Debug)]
-#[doc(hidden)]
 pub struct Delimited<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -345,10 +344,9 @@ impl<'a> Iterator for Delimited<'a> {
 ///
 /// ```
 /// let mut buf = Vec::new();
-/// plugin_sdk::wire::push_delimited(&mut buf, b"hi");
+/// sluice_wire::push_delimited(&mut buf, b"hi");
 /// assert_eq!(buf, [2, b'h', b'i']);
 /// ```
-#[doc(hidden)]
 pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
     write_varint(out, item.len() as u64);
     out.extend_from_slice(item);
@@ -361,7 +359,6 @@ pub fn push_delimited(out: &mut Vec<u8>, item: &[u8]) {
 ///
 /// # Errors
 /// The index of the first invalid record and why.
-#[doc(hidden)]
 pub fn validate_batch(batch: &[u8]) -> Result<usize, (usize, WireError)> {
     let mut n = 0;
     for item in Delimited::new(batch) {
@@ -419,7 +416,7 @@ fn skip_varint(buf: &[u8], pos: &mut usize) -> Result<(), WireError> {
 /// what `prost` writes for the same record.
 ///
 /// ```
-/// use plugin_sdk::{Record, Records};
+/// use sluice_wire::{Record, Records};
 /// let mut out = Records::new();
 /// out.push(&Record { trade_id: 9, ..Record::default() });
 /// assert_eq!(out.len(), 1);
@@ -526,13 +523,16 @@ impl Records {
         self.room(additional.saturating_add(SCRATCH));
     }
 
-    /// Where the output stands now, to [`rollback`](Self::rollback) to.
-    pub(crate) fn mark(&self) -> (usize, usize) {
+    /// Where the output stands now, to [`rollback`](Self::rollback) to (the SDK's runner drops the
+    /// output of a call that failed half-way).
+    #[doc(hidden)]
+    pub fn mark(&self) -> (usize, usize) {
         (self.used, self.len)
     }
 
     /// Drops everything written since `mark`.
-    pub(crate) fn rollback(&mut self, mark: (usize, usize)) {
+    #[doc(hidden)]
+    pub fn rollback(&mut self, mark: (usize, usize)) {
         self.used = mark.0.min(self.used);
         self.len = mark.1;
     }
@@ -546,7 +546,6 @@ impl Records {
 
 /// The encoded length of a record's fields (without the length prefix).
 #[inline(always)]
-#[doc(hidden)]
 pub fn encoded_len(r: &Record) -> usize {
     #[inline(always)]
     fn f(v: u64) -> usize {
