@@ -9,8 +9,9 @@ use clap::Args;
 
 use super::demo::venue_sources;
 use crate::config::Config;
-use crate::pipeline::{Role, start};
+use crate::pipeline::{ProcessStats, Role, Running, start};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
+use hdrhistogram::Histogram;
 
 /// Arguments of `sluice bench`.
 #[derive(Debug, Args)]
@@ -171,7 +172,7 @@ struct BenchLine<'a> {
     dropped: u64,
     gaps: u64,
     committed: u64,
-    latency: &'a hdrhistogram::Histogram<u64>,
+    latency: &'a Histogram<u64>,
     cpu: f64,
     rss: u64,
     /// The simulator's CPU (cores) when it runs apart.
@@ -213,19 +214,37 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let per_feed = args.rate / args.feeds as f64;
     let sim = Simulator::start(args.apart, per_feed).await?;
-    let names: Vec<(Venue, String)> = (0..args.feeds)
-        .map(|i| match i % 3 {
-            0 => (Venue::Binance, format!("S{i}USDT")),
-            1 => (Venue::Coinbase, format!("S{i}-USD")),
-            _ => (Venue::Kraken, format!("S{i}/USD")),
-        })
-        .collect();
-    let of = |venue: Venue| names.iter().filter(|(v, _)| *v == venue).map(|(_, s)| s.as_str()).collect::<Vec<_>>();
-    let (binance, coinbase, kraken) = (of(Venue::Binance), of(Venue::Coinbase), of(Venue::Kraken));
     let temp = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
+    let config = bench_config(&args, &sim, data_dir)?;
+    let running = start(&config, Role::All).await?;
+    let stats = running.process.as_ref().context("no process role")?.stats.clone();
+    print_header(&args, &running.handoff);
+    let meter = measure(&args, Measured { running: &running, stats: &stats, sim: &sim }).await?;
+    let all = meter.all(&args, &running);
+    println!("{all}");
+    meter.print_notes();
+    let (dropped, gaps) = (all.dropped, all.gaps);
+    running.stop().await?;
+    sim.stop().await;
+    if args.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    if dropped > 0 || gaps > 0 {
+        bail!("{dropped} frames were dropped and {gaps} trade ids are missing");
+    }
+    Ok(())
+}
+
+/// The bench's configuration: `--feeds` symbols on the simulator (see [`bench_symbols`]), the store
+/// and the local log under `data_dir`, the API on any free port, every record through the one
+/// `--transform`, and with `--brokers` the hand-off through Kafka (see [`through_kafka`]).
+fn bench_config(args: &BenchArgs, sim: &Simulator, data_dir: PathBuf) -> anyhow::Result<Config> {
+    let names = bench_symbols(args.feeds);
+    let of = |venue: Venue| names.iter().filter(|(v, _)| *v == venue).map(|(_, s)| s.as_str()).collect::<Vec<_>>();
+    let (binance, coinbase, kraken) = (of(Venue::Binance), of(Venue::Coinbase), of(Venue::Kraken));
     let mut config = Config {
-        data_dir: data_dir.clone(),
+        data_dir,
         api: crate::api::ApiConfig { bind: ([127, 0, 0, 1], 0).into(), ..crate::api::ApiConfig::default() },
         sources: venue_sources(
             &|v| sim.url(v),
@@ -239,30 +258,56 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // Every source's records through one wasm transform call per batch (rescale passes them all).
     config.process.transforms = vec![crate::config::Link::new(&args.transform)];
     if let Some(brokers) = &args.brokers {
-        let run = format!("sluice.bench.{}", std::process::id());
-        config.kafka.brokers = brokers.clone();
-        config.kafka.events_topic = format!("{run}.events");
-        config.kafka.dlq_topic = format!("{run}.dlq");
-        config.kafka.symbols_topic = format!("{run}.symbols");
-        config.kafka.replication_factor = args.replication_factor;
-        config.kafka.min_insync_replicas = args.replication_factor.min(2);
-        config.kafka.options.extend(args.kafka_options.iter().cloned());
-        config.kafka.validate().map_err(anyhow::Error::msg)?;
-        config.process.group = run.clone();
-        config.process.instance = Some("bench".into());
-        if args.druid {
-            config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
-                overlord_url: "http://127.0.0.1:9".into(),
-                topic: format!("{run}.druid"),
-                transactions_in_flight: args
-                    .transactions_in_flight
-                    .unwrap_or(crate::sink::druid::DruidSinkConfig::default().transactions_in_flight),
-                ..crate::sink::druid::DruidSinkConfig::default()
-            });
-        }
+        through_kafka(&mut config, args, brokers)?;
     }
-    let running = start(&config, Role::All).await?;
-    let stats = running.process.as_ref().context("no process role")?.stats.clone();
+    Ok(config)
+}
+
+/// `feeds` symbols named for their number, spread over Binance, Coinbase and Kraken in turn, each
+/// spelled the way its venue spells pairs.
+fn bench_symbols(feeds: usize) -> Vec<(Venue, String)> {
+    (0..feeds)
+        .map(|i| match i % 3 {
+            0 => (Venue::Binance, format!("S{i}USDT")),
+            1 => (Venue::Coinbase, format!("S{i}-USD")),
+            _ => (Venue::Kraken, format!("S{i}/USD")),
+        })
+        .collect()
+}
+
+/// Hands records over through the Kafka cluster at `brokers`, on topics and in a consumer group named
+/// for this run, and with `--druid` delivers to a Druid topic of the run's instead of the store.
+///
+/// # Errors
+/// Kafka settings that do not validate (a `--kafka-option` sluice sets itself, say).
+fn through_kafka(config: &mut Config, args: &BenchArgs, brokers: &str) -> anyhow::Result<()> {
+    let run = format!("sluice.bench.{}", std::process::id());
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.events_topic = format!("{run}.events");
+    config.kafka.dlq_topic = format!("{run}.dlq");
+    config.kafka.symbols_topic = format!("{run}.symbols");
+    config.kafka.replication_factor = args.replication_factor;
+    config.kafka.min_insync_replicas = args.replication_factor.min(2);
+    config.kafka.options.extend(args.kafka_options.iter().cloned());
+    config.kafka.validate().map_err(anyhow::Error::msg)?;
+    config.process.group = run.clone();
+    config.process.instance = Some("bench".into());
+    if args.druid {
+        config.sink.druid = Some(crate::sink::druid::DruidSinkConfig {
+            overlord_url: "http://127.0.0.1:9".into(),
+            topic: format!("{run}.druid"),
+            transactions_in_flight: args
+                .transactions_in_flight
+                .unwrap_or(crate::sink::druid::DruidSinkConfig::default().transactions_in_flight),
+            ..crate::sink::druid::DruidSinkConfig::default()
+        });
+    }
+    Ok(())
+}
+
+/// The report's first line (what runs, through what, into what, and whose CPU it counts) and its
+/// column heads.
+fn print_header(args: &BenchArgs, handoff: &impl std::fmt::Display) {
     let sink = if args.druid { "the Druid topic" } else { "the embedded store" };
     let where_sim = if args.apart {
         "the simulator runs in a process of its own: cpu% is sluice's alone, sim% the simulator's"
@@ -270,8 +315,8 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "the simulator runs in this process; cpu% counts it"
     };
     println!(
-        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {} into {sink} ({where_sim})",
-        args.feeds, args.rate, args.seconds, running.handoff
+        "sluice bench: {} feeds at {:.0} trades/s in total for {} s through {handoff} into {sink} ({where_sim})",
+        args.feeds, args.rate, args.seconds
     );
     println!(
         "{:>5} {:>9} {:>9} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>6} {:>5} {:>7}",
@@ -290,94 +335,180 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "sim%",
         "µs/trade"
     );
-    let mut total = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
+}
+
+/// What a bench reads each second: sluice's roles, the process role's counters and the simulator.
+struct Measured<'a> {
+    running: &'a Running,
+    stats: &'a ProcessStats,
+    sim: &'a Simulator,
+}
+
+/// One look at what a bench measures.
+struct Reading {
+    /// Receive-to-commit latency of each row committed since the last look.
+    latency: Histogram<u64>,
+    /// sluice's CPU time so far.
+    cpu: Duration,
+    /// sluice's resident memory, in bytes.
+    rss: u64,
+    /// Frames dropped so far.
+    dropped: u64,
+    /// Trade ids missing so far.
+    gaps: u64,
+    /// Rows committed so far.
+    committed: u64,
+    /// How long each sink commit since the last look took.
+    commits: Histogram<u64>,
+    /// The simulator's CPU time so far, when it runs apart.
+    sim_cpu: Option<Duration>,
+}
+
+impl Measured<'_> {
+    /// Takes a reading (and with it the latencies recorded since the last one).
+    fn read(&self) -> Reading {
+        let latency = self.stats.receive_to_commit.take();
+        let (cpu, rss) = own_usage();
+        let [_, dropped, _, _, _, gaps, _] = self.running.counts();
+        let committed = self.running.stored();
+        let commits = self.stats.sink_commit.take();
+        let sim_cpu = self.sim.cpu();
+        Reading { latency, cpu, rss, dropped, gaps, committed, commits, sim_cpu }
+    }
+}
+
+/// Prints a line a second for `--seconds` (or until Ctrl-C) and returns what the seconds after the
+/// warm-up add up to.
+async fn measure(args: &BenchArgs, measured: Measured<'_>) -> anyhow::Result<Meter> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
-    let _ = stats.receive_to_commit.take();
-    let _ = stats.sink_commit.take();
-    let mut commits = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2)?;
-    let (mut last_cpu, _) = own_usage();
-    let mut last_sim = sim.cpu();
-    let mut window_sim = Duration::ZERO;
-    let mut last_committed = running.stored();
-    let (mut window_cpu, mut window_start_committed) = (Duration::ZERO, 0);
+    // What was recorded while the roles started belongs to no second of the report.
+    let _ = measured.stats.receive_to_commit.take();
+    let _ = measured.stats.sink_commit.take();
+    let mut meter = Meter::new(&measured)?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let mut measured = 0u64;
     for second in 1..=args.seconds {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut ctrl_c => break,
         }
-        let latency = stats.receive_to_commit.take();
-        let (cpu, rss) = own_usage();
-        let [_, dropped, _, _, _, gaps, _] = running.counts();
-        let committed = running.stored();
+        meter.add_second(args, second, measured.read())?;
+    }
+    Ok(meter)
+}
+
+/// The bench's sums: the previous second's reading, which each second's line is the difference
+/// from, and the totals of the seconds after the warm-up, which the "all" line reports.
+struct Meter {
+    /// Receive-to-commit latency of the rows committed after the warm-up.
+    latency: Histogram<u64>,
+    /// How long each sink commit after the warm-up took.
+    commits: Histogram<u64>,
+    /// sluice's CPU time at the end of the previous second.
+    last_cpu: Duration,
+    /// The simulator's CPU time at the end of the previous second, when it runs apart.
+    last_sim: Option<Duration>,
+    /// Rows committed at the end of the previous second.
+    last_committed: u64,
+    /// sluice's CPU time after the warm-up.
+    cpu: Duration,
+    /// The simulator's CPU time after the warm-up.
+    sim_cpu: Duration,
+    /// Rows committed when the warm-up ended.
+    committed_at_warmup: u64,
+    /// Seconds measured after the warm-up.
+    measured: u64,
+}
+
+impl Meter {
+    /// Starts from a first reading of CPU time and rows committed.
+    fn new(measured: &Measured<'_>) -> anyhow::Result<Self> {
+        let (last_cpu, _) = own_usage();
+        Ok(Meter {
+            latency: Histogram::new_with_bounds(1, 3_600_000_000, 2)?,
+            commits: Histogram::new_with_bounds(1, 3_600_000_000, 2)?,
+            last_cpu,
+            last_sim: measured.sim.cpu(),
+            last_committed: measured.running.stored(),
+            cpu: Duration::ZERO,
+            sim_cpu: Duration::ZERO,
+            committed_at_warmup: 0,
+            measured: 0,
+        })
+    }
+
+    /// Prints the line of `second`, read in `now`, and adds it to the totals when it is after the
+    /// warm-up.
+    fn add_second(&mut self, args: &BenchArgs, second: u64, now: Reading) -> anyhow::Result<()> {
         if second == args.warmup {
-            window_start_committed = committed;
+            self.committed_at_warmup = now.committed;
         }
-        let committing = stats.sink_commit.take();
-        let sim_now = sim.cpu();
-        let sim_cpu = sim_now.zip(last_sim).map(|(now, last)| now.saturating_sub(last));
+        let sim_cpu = now.sim_cpu.zip(self.last_sim).map(|(now, last)| now.saturating_sub(last));
         if second > args.warmup {
-            total.add(&latency)?;
-            commits.add(&committing)?;
-            window_cpu += cpu.saturating_sub(last_cpu);
-            window_sim += sim_cpu.unwrap_or_default();
-            measured += 1;
+            self.latency.add(&now.latency)?;
+            self.commits.add(&now.commits)?;
+            self.cpu += now.cpu.saturating_sub(self.last_cpu);
+            self.sim_cpu += sim_cpu.unwrap_or_default();
+            self.measured += 1;
         }
         let line = BenchLine {
             label: &second.to_string(),
             offered: args.rate,
-            achieved: committed.saturating_sub(last_committed) as f64,
-            dropped,
-            gaps,
-            committed,
-            latency: &latency,
-            cpu: cpu.saturating_sub(last_cpu).as_secs_f64(),
-            rss,
+            achieved: now.committed.saturating_sub(self.last_committed) as f64,
+            dropped: now.dropped,
+            gaps: now.gaps,
+            committed: now.committed,
+            latency: &now.latency,
+            cpu: now.cpu.saturating_sub(self.last_cpu).as_secs_f64(),
+            rss: now.rss,
             sim_cpu: sim_cpu.map(|d| d.as_secs_f64()),
         };
         println!("{line}");
-        (last_cpu, last_committed, last_sim) = (cpu, committed, sim_now);
+        (self.last_cpu, self.last_committed, self.last_sim) = (now.cpu, now.committed, now.sim_cpu);
+        Ok(())
     }
-    let [_, dropped, _, _, _, gaps, _] = running.counts();
-    let committed = running.stored();
-    let (_, rss) = own_usage();
-    let seconds = measured.max(1) as f64;
-    let line = BenchLine {
-        label: "all",
-        offered: args.rate,
-        achieved: committed.saturating_sub(window_start_committed) as f64 / seconds,
-        dropped,
-        gaps,
-        committed,
-        latency: &total,
-        cpu: window_cpu.as_secs_f64() / seconds,
-        rss,
-        sim_cpu: args.apart.then(|| window_sim.as_secs_f64() / seconds),
-    };
-    println!("{line}");
-    println!("(\"all\": the {measured} s after the warm-up; latency is receive to commit, per row)");
-    if !commits.is_empty() {
+
+    /// The seconds measured after the warm-up, at least one (the totals are divided by it).
+    fn seconds(&self) -> f64 {
+        self.measured.max(1) as f64
+    }
+
+    /// The "all" line: the seconds after the warm-up, as rates per second, with the counts of now.
+    fn all(&self, args: &BenchArgs, running: &Running) -> BenchLine<'_> {
+        let [_, dropped, _, _, _, gaps, _] = running.counts();
+        let committed = running.stored();
+        let (_, rss) = own_usage();
+        let seconds = self.seconds();
+        BenchLine {
+            label: "all",
+            offered: args.rate,
+            achieved: committed.saturating_sub(self.committed_at_warmup) as f64 / seconds,
+            dropped,
+            gaps,
+            committed,
+            latency: &self.latency,
+            cpu: self.cpu.as_secs_f64() / seconds,
+            rss,
+            sim_cpu: args.apart.then(|| self.sim_cpu.as_secs_f64() / seconds),
+        }
+    }
+
+    /// The lines under the "all" line: what it covers, and the sink's commits when there were any.
+    fn print_notes(&self) {
+        println!("(\"all\": the {} s after the warm-up; latency is receive to commit, per row)", self.measured);
+        if self.commits.is_empty() {
+            return;
+        }
         let ms = |v: u64| v as f64 / 1000.0;
         println!(
             "sink commits: {} ({:.0}/s), p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, mean {:.2} ms",
-            commits.len(),
-            commits.len() as f64 / seconds,
-            ms(commits.value_at_quantile(0.5)),
-            ms(commits.value_at_quantile(0.99)),
-            ms(commits.max()),
-            commits.mean() / 1000.0
+            self.commits.len(),
+            self.commits.len() as f64 / self.seconds(),
+            ms(self.commits.value_at_quantile(0.5)),
+            ms(self.commits.value_at_quantile(0.99)),
+            ms(self.commits.max()),
+            self.commits.mean() / 1000.0
         );
     }
-    running.stop().await?;
-    sim.stop().await;
-    if args.data_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&temp);
-    }
-    if dropped > 0 || gaps > 0 {
-        bail!("{dropped} frames were dropped and {gaps} trade ids are missing");
-    }
-    Ok(())
 }
