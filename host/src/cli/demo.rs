@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::config::{Config, SourceConfig};
-use crate::pipeline::{Role, start};
+use crate::pipeline::{Role, Running, start};
 use crate::sink::embedded::QueryConnection;
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
@@ -231,7 +231,7 @@ pub fn file_config(args: &DemoArgs, path: &std::path::Path) -> anyhow::Result<(C
 
 /// `sluice demo`: simulator → sources → wasm decode → local log → transforms → store, with counts as it runs.
 pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let (config, sim_addr) = match &args.config {
+    let (mut config, sim_addr) = match &args.config {
         Some(path) => file_config(&args, path)?,
         None => (demo_config(&args, args.feed_addr), Some(args.feed_addr)),
     };
@@ -240,31 +240,65 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let sim = match sim_addr {
-        Some(bind) => Some(
-            FeedSim::start(FeedSimConfig {
-                bind,
-                trades_per_second: args.rate,
-                seed: feedsim::fresh_seed(),
-                ..FeedSimConfig::default()
-            })
-            .await
-            .with_context(|| format!("cannot start the feed simulator at {bind} (--feed-addr)"))?,
-        ),
+        Some(bind) => Some(start_simulator(bind, args.rate).await?),
         None => None,
     };
-    let mut config = config;
-    // Port 0 asked for any free port: the sources read the one the simulator got.
-    if let Some(sim) = sim.as_ref().filter(|s| sim_addr != Some(s.addr())) {
-        let (asked, got) = (format!("ws://{}/", sim_addr.unwrap_or(args.feed_addr)), format!("ws://{}/", sim.addr()));
-        for source in &mut config.sources {
-            if source.url.starts_with(&asked) {
-                source.url = source.url.replacen(&asked, &got, 1);
-            }
-        }
+    if let (Some(sim), Some(asked)) = (&sim, sim_addr) {
+        read_simulator_at(&mut config, asked, sim.addr());
     }
     config.api.token = Some(demo_token());
-    let venues: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
     let running = start(&config, Role::All).await?;
+    print_banner(&config, &running, args.seconds);
+    print_counts(&running, args.seconds, config.sources.len()).await;
+    let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
+    let handoff = running.handoff.to_string();
+    let delivered = running.stop().await?;
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
+    println!("stopped: {delivered} records delivered to {handoff}");
+    if delivered == 0 {
+        if args.rate > 0.0 {
+            bail!("no records were delivered");
+        }
+        return Ok(());
+    }
+    print_rollup(&store_path)
+}
+
+/// The demo's feed simulator, listening at `bind` and sending `rate` trades/s per symbol.
+///
+/// # Errors
+/// When it cannot listen there.
+async fn start_simulator(bind: std::net::SocketAddr, rate: f64) -> anyhow::Result<FeedSim> {
+    FeedSim::start(FeedSimConfig {
+        bind,
+        trades_per_second: rate,
+        seed: feedsim::fresh_seed(),
+        ..FeedSimConfig::default()
+    })
+    .await
+    .with_context(|| format!("cannot start the feed simulator at {bind} (--feed-addr)"))
+}
+
+/// Points the sources that read the simulator at `asked` to where it listens, `got`: they differ when
+/// port 0 asked for any free port.
+fn read_simulator_at(config: &mut Config, asked: std::net::SocketAddr, got: std::net::SocketAddr) {
+    if asked == got {
+        return;
+    }
+    let (asked, got) = (format!("ws://{asked}/"), format!("ws://{got}/"));
+    for source in &mut config.sources {
+        if source.url.starts_with(&asked) {
+            source.url = source.url.replacen(&asked, &got, 1);
+        }
+    }
+}
+
+/// What runs, where the API is, how to add a plugin, for how long, and the heads of the counts'
+/// columns.
+fn print_banner(config: &Config, running: &Running, seconds: Option<u64>) {
+    let venues: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
     println!(
         "sluice demo: {} simulated venues ({}) -> wasm decoders -> {} -> transforms -> the embedded store",
         venues.len(),
@@ -287,7 +321,7 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             token.0, running.api_addr
         );
     }
-    match args.seconds {
+    match seconds {
         Some(n) => println!("running for {n} s (Ctrl-C stops earlier)"),
         None => println!("running until Ctrl-C"),
     }
@@ -295,12 +329,16 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "{:>5}  {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>9}",
         "s", "frames", "dropped", "records", "delivered", "rejects", "rule-rej", "gaps", "up", "stored"
     );
+}
+
+/// A line of counts a second, for `seconds` or until Ctrl-C; `sources` is how many could be up.
+async fn print_counts(running: &Running, seconds: Option<u64>, sources: usize) {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut second = 0u64;
-    while args.seconds.is_none_or(|n| second < n) {
+    while seconds.is_none_or(|n| second < n) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut ctrl_c => break,
@@ -309,28 +347,21 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let [frames, dropped, records, delivered, rejects, gaps, up] = running.counts();
         let (stored, refused) = (running.stored(), running.transform_rejects());
         println!(
-            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {refused:>9} {gaps:>7} {up:>3}/{n} {stored:>9}",
-            n = venues.len()
+            "{second:>5}  {frames:>9} {dropped:>7} {records:>9} {delivered:>9} {rejects:>9} {refused:>9} {gaps:>7} {up:>3}/{sources} {stored:>9}"
         );
     }
-    let store_path = running.process.as_ref().and_then(|p| p.store_path.clone()).context("no embedded store")?;
-    let handoff = running.handoff.to_string();
-    let delivered = running.stop().await?;
-    if let Some(sim) = sim {
-        sim.shutdown().await;
-    }
-    println!("stopped: {delivered} records delivered to {handoff}");
-    if delivered == 0 {
-        if args.rate > 0.0 {
-            bail!("no records were delivered");
-        }
-        return Ok(());
-    }
+}
+
+/// The latest rows of the store's per-minute rollup, and the query that reads them.
+///
+/// # Errors
+/// A store that cannot be read, or one with nothing rolled up.
+fn print_rollup(store_path: &std::path::Path) -> anyhow::Result<()> {
     let sql = "SELECT strftime('%H:%M', bucket_ms / 1000, 'unixepoch') AS minute, source, symbol, side, events, \
                round(qty_sum, 4) AS qty, price_min, price_max, price_last \
                FROM rollup ORDER BY bucket_ms DESC, source, symbol, side LIMIT 12";
     println!("\nrolled up in {} (per minute, source, symbol, side):\n{sql}", store_path.display());
-    let rows = QueryConnection::open(&store_path)?.query(sql, 12)?;
+    let rows = QueryConnection::open(store_path)?.query(sql, 12)?;
     if rows.is_empty() {
         bail!("nothing was rolled up");
     }
