@@ -177,100 +177,125 @@ fn parse_fixed_any(s: &[u8], scale: u32) -> Result<i64, DecimalError> {
         Some(b'+') => (false, 1),
         _ => (false, 0),
     };
-    // Mantissa digits accumulated as an unsigned magnitude, with the position of the point.
-    let mut small: u64 = 0;
-    let mut wide = false;
-    let mut magnitude: u128 = 0;
-    let mut frac_digits: i64 = 0;
-    let mut seen_digit = false;
-    let mut seen_point = false;
-    let mut i = digits_start;
-    let mut exponent: i64 = 0;
-    while i < s.len() {
-        let c = s[i];
-        match c {
-            b'0'..=b'9' => {
-                seen_digit = true;
-                // The first 18 digits in 64-bit arithmetic (128-bit multiplies are library calls in
-                // wasm); `magnitude` takes over from `small` only for longer mantissas.
-                if !wide {
-                    if small < 100_000_000_000_000_000 {
-                        small = small * 10 + u64::from(c - b'0');
-                        if seen_point {
-                            frac_digits += 1;
-                        }
-                        i += 1;
-                        continue;
-                    }
-                    wide = true;
-                    magnitude = u128::from(small);
+    let mantissa = Mantissa::read(s, digits_start, scale)?;
+    mantissa.to_fixed(negative, scale)
+}
+
+/// A decimal's digits as an unsigned magnitude, with how many of them follow the point and the
+/// exponent after them: the value is `magnitude * 10^(exponent - frac_digits)`.
+struct Mantissa {
+    /// The first 18 digits in 64-bit arithmetic (128-bit multiplies are library calls in wasm).
+    small: u64,
+    /// Whether there were more digits than `small` takes, so `magnitude` holds them instead.
+    wide: bool,
+    /// Every digit, once `wide`.
+    magnitude: u128,
+    /// Digits read after the point.
+    frac_digits: i64,
+    /// The number after an `e`, or 0.
+    exponent: i64,
+}
+
+impl Mantissa {
+    /// Reads `s` from `start` (after any sign): digits with at most one point, then an optional
+    /// exponent. `scale` only names the error of a mantissa too long to hold.
+    fn read(s: &[u8], start: usize, scale: u32) -> Result<Self, DecimalError> {
+        let mut m = Mantissa { small: 0, wide: false, magnitude: 0, frac_digits: 0, exponent: 0 };
+        let mut seen_digit = false;
+        let mut seen_point = false;
+        let mut i = start;
+        while i < s.len() {
+            let c = s[i];
+            match c {
+                b'0'..=b'9' => {
+                    seen_digit = true;
+                    m.push(c - b'0', seen_point, scale)?;
                 }
-                if magnitude < (1u128 << 100) {
-                    magnitude = magnitude * 10 + u128::from(c - b'0');
-                    if seen_point {
-                        frac_digits += 1;
-                    }
-                } else if seen_point {
-                    // Too many digits to hold: only zeros may follow without loss.
-                    if c != b'0' {
-                        return Err(DecimalError::TooPrecise { scale });
-                    }
-                } else {
-                    return Err(DecimalError::Overflow);
+                b'.' if !seen_point => seen_point = true,
+                b'e' | b'E' if seen_digit => {
+                    m.exponent = parse_exponent(&s[i + 1..]).map_err(|at| DecimalError::InvalidChar(i + 1 + at))?;
+                    break;
                 }
+                _ => return Err(DecimalError::InvalidChar(i)),
             }
-            b'.' if !seen_point => seen_point = true,
-            b'e' | b'E' if seen_digit => {
-                exponent = parse_exponent(&s[i + 1..]).map_err(|at| DecimalError::InvalidChar(i + 1 + at))?;
-                break;
+            i += 1;
+        }
+        if !seen_digit {
+            return Err(if s.len() <= start { DecimalError::Empty } else { DecimalError::InvalidChar(start) });
+        }
+        Ok(m)
+    }
+
+    /// Appends one digit, `after_point` or before it.
+    fn push(&mut self, digit: u8, after_point: bool, scale: u32) -> Result<(), DecimalError> {
+        // `magnitude` takes over from `small` only for longer mantissas.
+        if !self.wide {
+            if self.small < 100_000_000_000_000_000 {
+                self.small = self.small * 10 + u64::from(digit);
+                if after_point {
+                    self.frac_digits += 1;
+                }
+                return Ok(());
             }
-            _ => return Err(DecimalError::InvalidChar(i)),
+            self.wide = true;
+            self.magnitude = u128::from(self.small);
         }
-        i += 1;
-    }
-    if !seen_digit {
-        return Err(if s.len() <= digits_start {
-            DecimalError::Empty
+        if self.magnitude < (1u128 << 100) {
+            self.magnitude = self.magnitude * 10 + u128::from(digit);
+            if after_point {
+                self.frac_digits += 1;
+            }
+        } else if after_point {
+            // Too many digits to hold: only zeros may follow without loss.
+            if digit != 0 {
+                return Err(DecimalError::TooPrecise { scale });
+            }
         } else {
-            DecimalError::InvalidChar(digits_start)
-        });
-    }
-    // value = magnitude * 10^(scale - frac_digits + exponent)
-    let shift = i64::from(scale) - frac_digits + exponent;
-    if !wide {
-        // The common case, in 64 bits: a short mantissa scaled up by at most 10^18.
-        let scaled = u32::try_from(shift).ok().and_then(|s| 10u64.checked_pow(s)).and_then(|f| small.checked_mul(f));
-        if let Some(scaled) = scaled {
-            return match negative {
-                true if scaled <= i64::MAX as u64 + 1 => Ok((scaled as i64).wrapping_neg()),
-                false if scaled <= i64::MAX as u64 => Ok(scaled as i64),
-                _ => Err(DecimalError::Overflow),
-            };
-        }
-        magnitude = u128::from(small);
-    }
-    let scaled = if shift >= 0 {
-        if magnitude == 0 {
-            0
-        } else {
-            let factor = u32::try_from(shift).ok().and_then(|s| 10u128.checked_pow(s)).ok_or(DecimalError::Overflow)?;
-            magnitude.checked_mul(factor).ok_or(DecimalError::Overflow)?
-        }
-    } else {
-        let divisor = u32::try_from(-shift).ok().and_then(|s| 10u128.checked_pow(s));
-        match divisor {
-            Some(d) if magnitude.is_multiple_of(d) => magnitude / d,
-            None if magnitude == 0 => 0,
-            _ => return Err(DecimalError::TooPrecise { scale }),
-        }
-    };
-    if negative {
-        if scaled > i64::MAX as u128 + 1 {
             return Err(DecimalError::Overflow);
         }
-        Ok((scaled as i128).wrapping_neg() as i64)
-    } else {
-        i64::try_from(scaled).map_err(|_| DecimalError::Overflow)
+        Ok(())
+    }
+
+    /// The value with `scale` implied decimals, negated when `negative`, exactly or not at all.
+    fn to_fixed(&self, negative: bool, scale: u32) -> Result<i64, DecimalError> {
+        // value = magnitude * 10^(scale - frac_digits + exponent)
+        let shift = i64::from(scale) - self.frac_digits + self.exponent;
+        if !self.wide {
+            // The common case, in 64 bits: a short mantissa scaled up by at most 10^18.
+            let factor = u32::try_from(shift).ok().and_then(|s| 10u64.checked_pow(s));
+            if let Some(scaled) = factor.and_then(|f| self.small.checked_mul(f)) {
+                return match negative {
+                    true if scaled <= i64::MAX as u64 + 1 => Ok((scaled as i64).wrapping_neg()),
+                    false if scaled <= i64::MAX as u64 => Ok(scaled as i64),
+                    _ => Err(DecimalError::Overflow),
+                };
+            }
+        }
+        let magnitude = if self.wide { self.magnitude } else { u128::from(self.small) };
+        let scaled = if shift >= 0 {
+            if magnitude == 0 {
+                0
+            } else {
+                let factor =
+                    u32::try_from(shift).ok().and_then(|s| 10u128.checked_pow(s)).ok_or(DecimalError::Overflow)?;
+                magnitude.checked_mul(factor).ok_or(DecimalError::Overflow)?
+            }
+        } else {
+            let divisor = u32::try_from(-shift).ok().and_then(|s| 10u128.checked_pow(s));
+            match divisor {
+                Some(d) if magnitude.is_multiple_of(d) => magnitude / d,
+                None if magnitude == 0 => 0,
+                _ => return Err(DecimalError::TooPrecise { scale }),
+            }
+        };
+        if negative {
+            if scaled > i64::MAX as u128 + 1 {
+                return Err(DecimalError::Overflow);
+            }
+            Ok((scaled as i128).wrapping_neg() as i64)
+        } else {
+            i64::try_from(scaled).map_err(|_| DecimalError::Overflow)
+        }
     }
 }
 

@@ -618,79 +618,93 @@ async fn newer_venues_ack_send_trades_and_answer_their_keepalives() {
     for (venue, symbol, ping) in cases {
         let mut ws = connect(&sim, venue).await;
         let ack = subscribe(&mut ws, venue, symbol).await;
-        match venue {
-            Venue::Okx => {
-                assert_eq!(ack["event"], "subscribe", "{ack}");
-                assert_eq!(ack["arg"], json!({"channel": "trades", "instId": symbol}));
-                assert!(ack["connId"].is_string(), "{ack}");
-            }
-            Venue::Bybit => {
-                assert_eq!(
-                    (&ack["success"], &ack["op"], &ack["req_id"]),
-                    (&json!(true), &json!("subscribe"), &json!("r1"))
-                )
-            }
-            Venue::Bitstamp => assert_eq!(
-                ack,
-                json!({"event": "bts:subscription_succeeded", "channel": "live_trades_btcusd", "data": {}})
-            ),
-            _ => {
-                assert_eq!(
-                    (&ack["method"], &ack["success"], &ack["req_id"]),
-                    (&json!("subscribe"), &json!(true), &json!(3))
-                );
-                assert_eq!(ack["result"]["symbol"], symbol);
-            }
-        }
-        let ids = |frame: &Value| -> Vec<u64> {
-            let trades = match venue {
-                Venue::Bitstamp => vec![frame["data"].clone()],
-                _ => frame["data"].as_array().unwrap().clone(),
-            };
-            let id = |t: &Value| match venue {
-                Venue::Okx => t["tradeId"].as_str().unwrap().parse().unwrap(),
-                Venue::Bybit => t["i"].as_str().unwrap().parse().unwrap(),
-                Venue::Bitstamp => t["id"].as_u64().unwrap(),
-                _ => t["trade_id"].as_u64().unwrap(),
-            };
-            trades.iter().map(id).collect()
-        };
+        assert_newer_ack(venue, symbol, &ack);
         if venue == Venue::KrakenV2 {
             // The symbol's first subscription: nothing traded yet, an empty snapshot.
             let snapshot = next_trade(&mut ws, venue).await;
             assert_eq!(snapshot, json!({"channel": "trade", "type": "snapshot", "data": []}));
             assert_eq!(ack["result"]["snapshot"], true, "{ack}");
         }
-        let first = ids(&next_trade(&mut ws, venue).await);
-        let second = ids(&next_trade(&mut ws, venue).await);
+        let first = newer_trade_ids(venue, &next_trade(&mut ws, venue).await);
+        let second = newer_trade_ids(venue, &next_trade(&mut ws, venue).await);
         assert_eq!(second[0], first.last().unwrap() + 1, "{venue}");
         ws.send(Message::text(ping)).await.unwrap();
-        let pong = loop {
-            let text = next_text(&mut ws).await;
-            if venue == Venue::Okx && text == "pong" {
-                break Value::Null;
-            }
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            if !is_trade(venue, &frame) {
-                break frame;
-            }
-        };
-        match venue {
-            Venue::Okx => assert_eq!(pong, Value::Null),
-            Venue::Bybit => {
-                assert_eq!(
-                    (&pong["success"], &pong["ret_msg"], &pong["op"]),
-                    (&json!(true), &json!("pong"), &json!("ping"))
-                );
-                assert_eq!(pong["req_id"], "p1");
-            }
-            Venue::Bitstamp => {
-                assert_eq!(pong, json!({"event": "bts:heartbeat", "channel": "", "data": {"status": "success"}}))
-            }
-            _ => assert_eq!((&pong["method"], &pong["req_id"]), (&json!("pong"), &json!(42)), "{pong}"),
-        }
+        assert_newer_pong(venue, &next_answer(&mut ws, venue).await);
     }
     sim.shutdown().await;
+}
+
+/// The subscribe answer of OKX, Bybit, Bitstamp or Kraken v2 to the request of [`subscribe`].
+fn assert_newer_ack(venue: Venue, symbol: &str, ack: &Value) {
+    match venue {
+        Venue::Okx => {
+            assert_eq!(ack["event"], "subscribe", "{ack}");
+            assert_eq!(ack["arg"], json!({"channel": "trades", "instId": symbol}));
+            assert!(ack["connId"].is_string(), "{ack}");
+        }
+        Venue::Bybit => {
+            assert_eq!((&ack["success"], &ack["op"], &ack["req_id"]), (&json!(true), &json!("subscribe"), &json!("r1")))
+        }
+        Venue::Bitstamp => assert_eq!(
+            ack,
+            &json!({"event": "bts:subscription_succeeded", "channel": "live_trades_btcusd", "data": {}})
+        ),
+        _ => {
+            assert_eq!(
+                (&ack["method"], &ack["success"], &ack["req_id"]),
+                (&json!("subscribe"), &json!(true), &json!(3))
+            );
+            assert_eq!(ack["result"]["symbol"], symbol);
+        }
+    }
+}
+
+/// The trade ids of an OKX, Bybit, Bitstamp or Kraken v2 trade frame, in frame order.
+fn newer_trade_ids(venue: Venue, frame: &Value) -> Vec<u64> {
+    let trades = match venue {
+        Venue::Bitstamp => vec![frame["data"].clone()],
+        _ => frame["data"].as_array().unwrap().clone(),
+    };
+    let id = |t: &Value| match venue {
+        Venue::Okx => t["tradeId"].as_str().unwrap().parse().unwrap(),
+        Venue::Bybit => t["i"].as_str().unwrap().parse().unwrap(),
+        Venue::Bitstamp => t["id"].as_u64().unwrap(),
+        _ => t["trade_id"].as_u64().unwrap(),
+    };
+    trades.iter().map(id).collect()
+}
+
+/// The next frame that is not a trade: OKX's plain `pong` as `null`, any other as JSON.
+async fn next_answer(ws: &mut Client, venue: Venue) -> Value {
+    loop {
+        let text = next_text(ws).await;
+        if venue == Venue::Okx && text == "pong" {
+            return Value::Null;
+        }
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        if !is_trade(venue, &frame) {
+            return frame;
+        }
+    }
+}
+
+/// The keep-alive answer of OKX, Bybit, Bitstamp or Kraken v2 to the pings of
+/// [`newer_venues_ack_send_trades_and_answer_their_keepalives`].
+fn assert_newer_pong(venue: Venue, pong: &Value) {
+    match venue {
+        Venue::Okx => assert_eq!(pong, &Value::Null),
+        Venue::Bybit => {
+            assert_eq!(
+                (&pong["success"], &pong["ret_msg"], &pong["op"]),
+                (&json!(true), &json!("pong"), &json!("ping"))
+            );
+            assert_eq!(pong["req_id"], "p1");
+        }
+        Venue::Bitstamp => {
+            assert_eq!(pong, &json!({"event": "bts:heartbeat", "channel": "", "data": {"status": "success"}}))
+        }
+        _ => assert_eq!((&pong["method"], &pong["req_id"]), (&json!("pong"), &json!(42)), "{pong}"),
+    }
 }
 
 /// Coinbase Advanced: `market_trades` envelopes with the maker's side, and `heartbeats` only once

@@ -805,21 +805,24 @@ mod tests {
         assert_eq!(uuid(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef), "01234567-89ab-cdef-0123-456789abcdef");
     }
 
+    /// `text` as a request from connection 7 on `venue`.
+    fn request(venue: Venue, text: &str) -> Request {
+        parse_request(venue, &Peer { connection_id: 7, heartbeats: false }, text)
+    }
+
+    /// A subscription to `symbols` with the request id `id` and a snapshot.
+    fn subscribe(symbols: &[&str], id: Value) -> Request {
+        Request::Subscribe { symbols: symbols.iter().map(|s| s.to_string()).collect(), id, snapshot: true }
+    }
+
     #[test]
-    fn requests_of_each_venue() {
-        let peer = Peer { connection_id: 7, heartbeats: false };
-        let sub = |venue, text: &str| parse_request(venue, &peer, text);
-        let subscribe = |symbols: &[&str], id: Value| Request::Subscribe {
-            symbols: symbols.iter().map(|s| s.to_string()).collect(),
-            id,
-            snapshot: true,
-        };
+    fn subscriptions_of_each_venue() {
         assert_eq!(
-            sub(Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethbtc@aggTrade"],"id":7}"#),
+            request(Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethbtc@aggTrade"],"id":7}"#),
             subscribe(&["BTCUSDT", "ETHBTC"], json!(7))
         );
         assert_eq!(
-            sub(
+            request(
                 Venue::Coinbase,
                 r#"{"type":"subscribe","product_ids":["BTC-USD"],
                     "channels":["heartbeat",{"name":"matches","product_ids":["ETH-USD"]}]}"#
@@ -827,51 +830,68 @@ mod tests {
             subscribe(&["BTC-USD", "ETH-USD"], Value::Null)
         );
         assert_eq!(
-            sub(Venue::Kraken, r#"{"event":"subscribe","reqid":3,"pair":["XBT/USD"],"subscription":{"name":"trade"}}"#),
+            request(
+                Venue::Kraken,
+                r#"{"event":"subscribe","reqid":3,"pair":["XBT/USD"],"subscription":{"name":"trade"}}"#
+            ),
             subscribe(&["XBT/USD"], json!(3))
         );
-        assert_eq!(sub(Venue::Kraken, r#"{"event":"ping","reqid":9}"#), Request::Ping { reqid: json!(9) });
         assert_eq!(
-            sub(
+            request(
                 Venue::Okx,
                 r#"{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"},{"channel":"trades","instId":"ETH-USDT"}]}"#
             ),
             subscribe(&["BTC-USDT", "ETH-USDT"], Value::Null)
         );
-        assert_eq!(sub(Venue::Okx, "ping"), Request::Ping { reqid: Value::Null });
         assert_eq!(
-            sub(Venue::Bybit, r#"{"req_id":"a1","op":"subscribe","args":["publicTrade.BTCUSDT"]}"#),
+            request(Venue::Bybit, r#"{"req_id":"a1","op":"subscribe","args":["publicTrade.BTCUSDT"]}"#),
             subscribe(&["BTCUSDT"], json!("a1"))
         );
-        assert_eq!(sub(Venue::Bybit, r#"{"op":"ping"}"#), Request::Ping { reqid: Value::Null });
         assert_eq!(
-            sub(Venue::Bitstamp, r#"{"event":"bts:subscribe","data":{"channel":"live_trades_btcusd"}}"#),
+            request(Venue::Bitstamp, r#"{"event":"bts:subscribe","data":{"channel":"live_trades_btcusd"}}"#),
             subscribe(&["btcusd"], Value::Null)
         );
-        assert_eq!(sub(Venue::Bitstamp, r#"{"event":"bts:heartbeat"}"#), Request::Ping { reqid: Value::Null });
         assert_eq!(
-            sub(
+            request(
                 Venue::KrakenV2,
                 r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD","ETH/USD"]},"req_id":4}"#
             ),
             subscribe(&["BTC/USD", "ETH/USD"], json!(4))
         );
         assert_eq!(
-            sub(
+            request(
                 Venue::KrakenV2,
                 r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"],"snapshot":false}}"#
             ),
             Request::Subscribe { symbols: vec!["BTC/USD".into()], id: Value::Null, snapshot: false }
         );
-        assert_eq!(sub(Venue::KrakenV2, r#"{"method":"ping","req_id":5}"#), Request::Ping { reqid: json!(5) });
         assert_eq!(
-            sub(Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}"#),
+            request(
+                Venue::CoinbaseAdvanced,
+                r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}"#
+            ),
             subscribe(&["BTC-USD"], Value::Null)
         );
         assert_eq!(
-            sub(Venue::CoinbaseAdvanced, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"heartbeats"}"#),
+            request(
+                Venue::CoinbaseAdvanced,
+                r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"heartbeats"}"#
+            ),
             Request::Heartbeats
         );
+    }
+
+    #[test]
+    fn keepalives_of_each_venue() {
+        assert_eq!(request(Venue::Kraken, r#"{"event":"ping","reqid":9}"#), Request::Ping { reqid: json!(9) });
+        assert_eq!(request(Venue::Okx, "ping"), Request::Ping { reqid: Value::Null });
+        assert_eq!(request(Venue::Bybit, r#"{"op":"ping"}"#), Request::Ping { reqid: Value::Null });
+        assert_eq!(request(Venue::Bitstamp, r#"{"event":"bts:heartbeat"}"#), Request::Ping { reqid: Value::Null });
+        assert_eq!(request(Venue::KrakenV2, r#"{"method":"ping","req_id":5}"#), Request::Ping { reqid: json!(5) });
+    }
+
+    #[test]
+    fn other_requests_are_answered_with_each_venues_error() {
         let invalid = [
             (Venue::Binance, "not json"),
             (Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@depth"],"id":1}"#),
@@ -898,7 +918,7 @@ mod tests {
             (Venue::CoinbaseAdvanced, r#"{"type":"subscribe","channel":"market_trades"}"#),
         ];
         for (venue, text) in invalid {
-            let Request::Invalid(answer) = sub(venue, text) else { panic!("{venue:?} accepted {text}") };
+            let Request::Invalid(answer) = request(venue, text) else { panic!("{venue:?} accepted {text}") };
             let answer: Value = serde_json::from_str(&answer).unwrap();
             let is_error = answer.get("error").is_some()
                 || answer["type"] == "error"

@@ -1,6 +1,7 @@
 //! The command line: `sluice run`, `demo`, `bench`, `feedsim`, `check-config`, `replay`,
 //! `plugin new|test` and `druid spec`.
 
+mod bench;
 mod demo;
 mod druid;
 mod plugin;
@@ -9,7 +10,8 @@ mod replay;
 pub use druid::{DruidSpecArgs, SpecKind};
 
 pub use crate::pipeline::Role;
-pub use demo::{BenchArgs, DemoArgs, demo_chain};
+pub use bench::BenchArgs;
+pub use demo::{DemoArgs, demo_chain};
 pub use plugin::{
     EXIT_FRAMES_WITHOUT_RECORDS, ExitWith, PluginNewArgs, PluginSdkArgs, PluginTestArgs, TestSummary, plugin_new,
     plugin_sdk, plugin_test,
@@ -168,7 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => runtime()?.block_on(demo::demo(args)),
-        Command::Bench(args) => runtime()?.block_on(demo::bench(args)),
+        Command::Bench(args) => runtime()?.block_on(bench::bench(args)),
         Command::Run(args) => {
             let mut config = Config::load(&args.config).map_err(anyhow::Error::msg)?;
             if let Some(addr) = args.api_addr {

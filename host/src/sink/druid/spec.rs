@@ -502,7 +502,14 @@ pub fn validate(cfg: &DruidSinkConfig, descriptor_set: &[u8], brokers: &str) -> 
         return Err(SpecError::Datasource { name: cfg.datasource.clone(), rule });
     }
     check_topic(&cfg.topic)?;
+    check_columns(cfg)?;
+    check_row_fields(cfg, descriptor_set)?;
+    check_settings(cfg, brokers)
+}
 
+/// The dimension and metric names (valid, each once, no metric named like a dimension) and whether
+/// each metric has a field exactly when its kind reads one.
+fn check_columns(cfg: &DruidSinkConfig) -> Result<(), SpecError> {
     let mut dimensions = BTreeSet::new();
     for d in &cfg.dimensions {
         check_column_name(d, "dimension")?;
@@ -527,7 +534,12 @@ pub fn validate(cfg: &DruidSinkConfig, descriptor_set: &[u8], brokers: &str) -> 
             _ => {}
         }
     }
+    Ok(())
+}
 
+/// The timestamp, dimension and metric columns against the sink row's fields in `descriptor_set`:
+/// each one there, the timestamp an integer and every metric's field a number.
+fn check_row_fields(cfg: &DruidSinkConfig, descriptor_set: &[u8]) -> Result<(), SpecError> {
     let row = sink_row_fields(descriptor_set)?;
     let timestamp = row.lookup("timestamp", &cfg.timestamp_column)?;
     if !is_integer(timestamp) {
@@ -548,7 +560,12 @@ pub fn validate(cfg: &DruidSinkConfig, descriptor_set: &[u8], brokers: &str) -> 
             }
         }
     }
+    Ok(())
+}
 
+/// The other settings: ISO periods, counts above zero (and transactions in flight within the
+/// delivery's bound), no consumer property sluice sets itself, and some bootstrap servers.
+fn check_settings(cfg: &DruidSinkConfig, brokers: &str) -> Result<(), SpecError> {
     let periods = [
         ("task_duration", Some(&cfg.task_duration)),
         ("late_message_rejection_period", cfg.late_message_rejection_period.as_ref()),

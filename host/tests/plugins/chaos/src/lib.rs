@@ -30,7 +30,7 @@ mod guest {
     use std::cell::RefCell;
 
     use plugin_sdk::__private::{Decoded, Guest, Reject, StateGuest, Transformed};
-    use plugin_sdk::wire::{Delimited, StreamDataView};
+    use sluice_wire::{Delimited, StreamDataView};
 
     #[derive(Default)]
     struct Settings {
@@ -217,7 +217,7 @@ mod guest {
                 rest.next();
                 let mut records = Vec::new();
                 for item in rest.flatten() {
-                    plugin_sdk::wire::push_delimited(&mut records, item);
+                    sluice_wire::push_delimited(&mut records, item);
                 }
                 return Transformed { records, rejects };
             }
