@@ -123,6 +123,139 @@ struct DecoderBinding {
     config: Vec<(String, String)>,
 }
 
+/// What [`Ingest::start_with_ids`] settles before anything runs: the decoder bindings, which one
+/// each source uses, and where each file source starts.
+struct Plan {
+    /// Distinct (plugin, plugin config) pairs.
+    bindings: Vec<DecoderBinding>,
+    /// The binding of each source, by its index.
+    binding_of: Vec<usize>,
+    /// Where each file source resumes (`None` for a WebSocket source), by its index.
+    file_starts: Vec<Option<source::file::FileStart>>,
+    /// Decode worker threads.
+    workers: usize,
+}
+
+impl Plan {
+    /// Checks every source, binds each to its decoder's (plugin, config) pair, and finds where each
+    /// file source resumes from what the hand-off kept.
+    fn new(
+        sources: &[SourceConfig],
+        ids: &[u32],
+        plugins: &HashMap<String, Arc<Slot>>,
+        marks: &Marks,
+        workers: usize,
+    ) -> Result<Self, IngestError> {
+        let mut bindings: Vec<DecoderBinding> = Vec::new();
+        let mut binding_of: Vec<usize> = Vec::new();
+        let mut index: BTreeMap<(String, Vec<(String, String)>), usize> = BTreeMap::new();
+        for s in sources {
+            s.validate().map_err(IngestError::Source)?;
+            let plugin = plugins
+                .get(&s.decode)
+                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.decode.clone() })?;
+            let config = s.decode_pairs();
+            let next = bindings.len();
+            let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
+            if b == next {
+                bindings.push(DecoderBinding { plugin: plugin.clone(), config });
+            }
+            binding_of.push(b);
+        }
+        let mut file_starts = Vec::with_capacity(sources.len());
+        for (s, id) in sources.iter().zip(ids) {
+            file_starts.push(match s.kind {
+                SourceKind::File => Some(source::file::resume(s, marks.files.iter().find(|m| m.source == *id))?),
+                SourceKind::Websocket => None,
+            });
+        }
+        Ok(Plan { bindings, binding_of, file_starts, workers })
+    }
+
+    /// Each worker's own instance of each binding its sources use (a worker owns the sources whose
+    /// id modulo the workers is its index), each starting from its sources' recent trade ids; every
+    /// one is checked to start before anything runs.
+    fn decoders(
+        &self,
+        sources: &[SourceConfig],
+        ids: &[u32],
+        marks: &Marks,
+    ) -> Result<Vec<HashMap<usize, Decoder>>, IngestError> {
+        let (workers, binding_of) = (self.workers, &self.binding_of);
+        let mut decoders = Vec::new();
+        for w in 0..workers {
+            let mut mine = HashMap::new();
+            let used = |b: usize| ids.iter().zip(binding_of).any(|(id, &x)| x == b && *id as usize % workers == w);
+            for (b, binding) in self.bindings.iter().enumerate().filter(|(b, _)| used(*b)) {
+                let code = binding.plugin.active();
+                let instance = PluginInstance::new(&code, &binding.config).map_err(|error| {
+                    let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
+                    IngestError::Plugin {
+                        source_name: source.unwrap_or_default(),
+                        plugin: code.name().to_owned(),
+                        error,
+                    }
+                })?;
+                let mut decoder = Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance));
+                // The trade ids of the sources this binding decodes on this worker.
+                decoder.restore(marks.trades.iter().filter(|m| {
+                    ids.iter()
+                        .position(|id| *id == m.source)
+                        .is_some_and(|i| binding_of[i] == b && m.source as usize % workers == w)
+                }));
+                mine.insert(b, decoder);
+            }
+            decoders.push(mine);
+        }
+        Ok(decoders)
+    }
+
+    /// Starts a decode thread per worker with its queue; returns the queues' senders (by worker)
+    /// and the threads.
+    fn spawn_workers(
+        &self,
+        decoders: Vec<HashMap<usize, Decoder>>,
+        handles: &[SourceHandle],
+        producer: &Arc<Writer>,
+        settings: &IngestSettings,
+    ) -> Result<(Vec<queue::FrameSender>, Vec<JoinHandle<()>>), IngestError> {
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for (w, decoders) in decoders.into_iter().enumerate() {
+            let (tx, rx) = queue::channel(settings.queue_frames, settings.queue_bytes);
+            senders.push(tx);
+            // The sources this worker decodes, by id.
+            let sources = handles
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.id as usize % self.workers == w)
+                .map(|(i, h)| {
+                    let known = Known {
+                        binding: self.binding_of[i],
+                        name: h.config.name.clone(),
+                        plugin: h.config.decode.clone(),
+                        stats: h.decode.clone(),
+                        file: self.file_starts[i].as_ref().map(|f| f.identity.clone()),
+                    };
+                    (h.id, known)
+                })
+                .collect();
+            let ctx = WorkerContext {
+                sources,
+                producer: producer.clone(),
+                max_frames: settings.max_frames_per_call.max(1),
+                max_bytes: settings.max_bytes_per_call.max(1),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-decode-{w}"))
+                .spawn(move || decode_worker(rx, decoders, ctx))
+                .map_err(|e| IngestError::Source(format!("cannot start a decode thread: {e}")))?;
+            threads.push(thread);
+        }
+        Ok((senders, threads))
+    }
+}
+
 impl Ingest {
     /// Starts every source and the decode workers. Must be called inside a tokio runtime.
     ///
@@ -162,59 +295,8 @@ impl Ingest {
         if ids.len() != sources.len() || distinct.len() != ids.len() || distinct.contains(&0) {
             return Err(IngestError::Source(format!("source ids {ids:?} are not one distinct non-zero id per source")));
         }
-        // Bindings, and which binding each source uses.
-        let mut bindings: Vec<DecoderBinding> = Vec::new();
-        let mut binding_of: Vec<usize> = Vec::new();
-        let mut index: BTreeMap<(String, Vec<(String, String)>), usize> = BTreeMap::new();
-        for s in &sources {
-            s.validate().map_err(IngestError::Source)?;
-            let plugin = plugins
-                .get(&s.decode)
-                .ok_or_else(|| IngestError::UnknownPlugin { source_name: s.name.clone(), plugin: s.decode.clone() })?;
-            let config = s.decode_pairs();
-            let next = bindings.len();
-            let b = *index.entry((s.decode.clone(), config.clone())).or_insert(next);
-            if b == next {
-                bindings.push(DecoderBinding { plugin: plugin.clone(), config });
-            }
-            binding_of.push(b);
-        }
-        // Where each file source starts, checked before anything runs.
-        let mut file_starts: Vec<Option<source::file::FileStart>> = Vec::with_capacity(sources.len());
-        for (s, id) in sources.iter().zip(ids) {
-            file_starts.push(match s.kind {
-                SourceKind::File => Some(source::file::resume(s, marks.files.iter().find(|m| m.source == *id))?),
-                SourceKind::Websocket => None,
-            });
-        }
-        // Each worker gets its own instance of each binding its sources use (a worker owns the
-        // sources whose id modulo the workers is its index); check each starts before anything runs.
-        let mut decoders: Vec<HashMap<usize, Decoder>> = Vec::new();
-        for w in 0..workers {
-            let mut mine = HashMap::new();
-            let used = |b: usize| ids.iter().zip(&binding_of).any(|(id, &x)| x == b && *id as usize % workers == w);
-            for (b, binding) in bindings.iter().enumerate().filter(|(b, _)| used(*b)) {
-                let code = binding.plugin.active();
-                let instance = PluginInstance::new(&code, &binding.config).map_err(|error| {
-                    let source = binding_of.iter().position(|&x| x == b).map(|i| sources[i].name.clone());
-                    IngestError::Plugin {
-                        source_name: source.unwrap_or_default(),
-                        plugin: code.name().to_owned(),
-                        error,
-                    }
-                })?;
-                let mut decoder = Decoder::bound(BoundPlugin::new(binding.plugin.clone(), instance));
-                // The trade ids of the sources this binding decodes on this worker.
-                decoder.restore(marks.trades.iter().filter(|m| {
-                    ids.iter()
-                        .position(|id| *id == m.source)
-                        .is_some_and(|i| binding_of[i] == b && m.source as usize % workers == w)
-                }));
-                mine.insert(b, decoder);
-            }
-            decoders.push(mine);
-        }
-
+        let plan = Plan::new(&sources, ids, plugins, marks, workers)?;
+        let decoders = plan.decoders(&sources, ids, marks)?;
         let (stop, stop_rx) = watch::channel(false);
         let handles: Vec<SourceHandle> = sources
             .into_iter()
@@ -222,7 +304,7 @@ impl Ingest {
             .map(|(i, config)| {
                 let id = ids[i];
                 // The worker that owns this source, and its decoder of the source's binding.
-                let running = decoders[id as usize % workers][&binding_of[i]].running();
+                let running = decoders[id as usize % workers][&plan.binding_of[i]].running();
                 SourceHandle {
                     config: Arc::new(config),
                     id,
@@ -232,66 +314,28 @@ impl Ingest {
                 }
             })
             .collect();
+        let (senders, workers) = plan.spawn_workers(decoders, &handles, &producer, &settings)?;
         let limiter = Arc::new(ConnectLimiter::new(settings.connect_interval));
-        let mut senders = Vec::new();
-        let mut worker_threads = Vec::new();
-        for (w, decoders) in decoders.into_iter().enumerate() {
-            let (tx, rx) = queue::channel(settings.queue_frames, settings.queue_bytes);
-            senders.push(tx);
-            // The sources this worker decodes, by id.
-            let sources = handles
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| h.id as usize % workers == w)
-                .map(|(i, h)| {
-                    let known = Known {
-                        binding: binding_of[i],
-                        name: h.config.name.clone(),
-                        plugin: h.config.decode.clone(),
-                        stats: h.decode.clone(),
-                        file: file_starts[i].as_ref().map(|f| f.identity.clone()),
-                    };
-                    (h.id, known)
-                })
-                .collect();
-            let ctx = WorkerContext {
-                sources,
-                producer: producer.clone(),
-                max_frames: settings.max_frames_per_call.max(1),
-                max_bytes: settings.max_bytes_per_call.max(1),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("sluice-decode-{w}"))
-                .spawn(move || decode_worker(rx, decoders, ctx))
-                .map_err(|e| IngestError::Source(format!("cannot start a decode thread: {e}")))?;
-            worker_threads.push(thread);
-        }
         let tasks = handles
             .iter()
-            .zip(&file_starts)
+            .zip(&plan.file_starts)
             .map(|(h, file)| {
-                let out = senders[h.id as usize % workers].clone();
+                let out = senders[h.id as usize % senders.len()].clone();
+                let (config, stats, stop) = (h.config.clone(), h.stats.clone(), stop_rx.clone());
                 match h.config.kind {
                     SourceKind::File => tokio::spawn(source::file::replay(
-                        h.config.clone(),
+                        config,
                         h.id,
                         file.as_ref().map_or(0, |f| f.offset),
                         out,
-                        h.stats.clone(),
-                        stop_rx.clone(),
+                        stats,
+                        stop,
                     )),
-                    SourceKind::Websocket => tokio::spawn(source::run(
-                        h.config.clone(),
-                        h.id,
-                        out,
-                        h.stats.clone(),
-                        limiter.clone(),
-                        stop_rx.clone(),
-                    )),
+                    SourceKind::Websocket => tokio::spawn(source::run(config, h.id, out, stats, limiter.clone(), stop)),
                 }
             })
             .collect();
-        Ok(Ingest { sources: handles, stop, tasks, workers: worker_threads })
+        Ok(Ingest { sources: handles, stop, tasks, workers })
     }
 
     /// The running sources.
