@@ -430,7 +430,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
         health.set("sink", true, format!("{} sink attached", sink.name()));
     }
     let mut holding = holding_at_start(breakers, sink, chains, names, settings, stats)?;
-    let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() };
+    let mut live = Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::default() };
     let mut batcher = Batcher::new(settings.batch);
     let mut polled = Polled::default();
     // Rows waiting for the store, the dead letters of the polls they came from (committed with them,
@@ -616,8 +616,10 @@ struct Transforming<'a> {
     names: &'a Names,
     settings: &'a ProcessSettings,
     stats: &'a ProcessStats,
-    /// Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
-    symbol_names: HashMap<u32, Arc<str>>,
+    /// Symbol names by id, so the shared dictionary is consulted once per symbol, not per record;
+    /// looked up for every record, so with a fast hash (ids come from the dictionary: nothing to
+    /// flood).
+    symbol_names: HashMap<u32, Arc<str>, rustc_hash::FxBuildHasher>,
 }
 
 impl Transforming<'_> {
