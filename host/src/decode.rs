@@ -327,6 +327,8 @@ pub struct Decoder {
     overlaps: OverlapContents,
     /// Reused to frame the inputs.
     frames: Vec<u8>,
+    /// Reused for one frame's records.
+    parsed: Vec<Record>,
 }
 
 impl Decoder {
@@ -338,7 +340,13 @@ impl Decoder {
     /// A decoder over a registry slot: each batch runs on the slot's active version (and its shadow
     /// version beside it, compared and never delivered).
     pub fn bound(plugin: BoundPlugin) -> Self {
-        Decoder { plugin, ids: TradeIds::default(), overlaps: OverlapContents::default(), frames: Vec::new() }
+        Decoder {
+            plugin,
+            ids: TradeIds::default(),
+            overlaps: OverlapContents::default(),
+            frames: Vec::new(),
+            parsed: Vec::new(),
+        }
     }
 
     /// The version this decoder's instance runs, for the API.
@@ -386,31 +394,33 @@ impl Decoder {
         // Names the host refused are answered 0 as well: say why (per call; a call's refusals
         // cannot be told apart by frame).
         let refused = self.plugin.instance().take_refused_symbols();
-        let unnamed_reason = unnamed_reason(refused, self.plugin.code());
+        // Worded only when a frame needs it: most calls refuse nothing.
+        let mut reason: Option<String> = None;
         let mut out = DecodedBatch::default();
         let mut records = Delimited::new(&decoded.records);
         for (frame, &count) in frames.iter().zip(&decoded.counts) {
+            // The frame's records, parsed once.
+            self.parsed.clear();
+            let mut unnamed = false;
+            for item in records.by_ref().take(count as usize) {
+                // The runtime validated the plugin's output before returning it.
+                let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
+                unnamed |= view.symbol_id == 0;
+                self.parsed.push(view.record());
+            }
             // A record without a symbol id: the dictionary could not name its symbol (the plugin
             // does not cache that, so the next frame asks again). Refused, never decoded under 0.
-            let unnamed = records
-                .clone()
-                .take(count as usize)
-                .any(|item| item.and_then(StreamDataView::parse).is_ok_and(|v| v.symbol_id == 0));
-            let mine = records.by_ref().take(count as usize);
             if unnamed {
                 out.counts(frame.source).rejects += 1;
                 out.rejects.push(RejectedFrame {
                     source: frame.source,
                     bytes: frame.bytes.clone(),
-                    reason: unnamed_reason.clone(),
+                    reason: reason.get_or_insert_with(|| unnamed_reason(refused, self.plugin.code())).clone(),
                 });
-                mine.for_each(drop);
                 continue;
             }
-            for item in mine {
-                // The runtime validated the plugin's output before returning it.
-                let Ok(view) = item.and_then(StreamDataView::parse) else { continue };
-                let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..view.record() };
+            for parsed in &self.parsed {
+                let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..*parsed };
                 let mut seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
                 // No venue id: during an overlap, the other connection's copy is known by content.
                 if seen == Seen::Untracked && frame.overlap && self.overlaps.seen(&record) {

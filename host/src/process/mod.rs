@@ -441,7 +441,7 @@ pub fn run_process(process: Process<'_>, stop: &std::sync::atomic::AtomicBool) -
         sink,
         consumer,
         env,
-        live: Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::new() },
+        live: Transforming { chains, breakers, names, settings, stats, symbol_names: HashMap::default() },
         holding,
         batcher: Batcher::new(settings.batch),
         polled: Polled::default(),
@@ -672,8 +672,10 @@ struct Transforming<'a> {
     names: &'a Names,
     settings: &'a ProcessSettings,
     stats: &'a ProcessStats,
-    /// Symbol names by id, so the shared dictionary is consulted once per symbol, not per record.
-    symbol_names: HashMap<u32, Arc<str>>,
+    /// Symbol names by id, so the shared dictionary is consulted once per symbol, not per record;
+    /// looked up for every record, so with a fast hash (ids come from the dictionary: nothing to
+    /// flood).
+    symbol_names: HashMap<u32, Arc<str>, rustc_hash::FxBuildHasher>,
 }
 
 impl Transforming<'_> {

@@ -580,7 +580,9 @@ fn upsert_rows(
     granularity_ms: i64,
     rows: &[Row],
 ) -> Result<(), StoreError> {
-    let mut groups: HashMap<(i64, &str, &str, bool), Agg> = HashMap::new();
+    // Every row is hashed here: a fast hash, not SipHash. Its keys are symbol names the dictionary
+    // admitted (at most `max_symbols` per plugin), so a batch has few groups whatever the names.
+    let mut groups: HashMap<(i64, &str, &str, bool), Agg, rustc_hash::FxBuildHasher> = HashMap::default();
     for r in rows {
         let bucket = r.timestamp_ms.div_euclid(granularity_ms) * granularity_ms;
         let price = r.price_e8 as f64 / 1e8;

@@ -351,7 +351,8 @@ enum Read {
     End(End),
 }
 
-/// Handles one message from the venue: forwards data, notes pongs. Pings need nothing here:
+/// Handles one message from the venue: adds data to `batch` (handed on by [`hand_off`]), notes
+/// pongs. Pings need nothing here:
 /// tungstenite queues the pong as it reads the ping and sends it at the next read, as far as the
 /// socket takes it, so a venue that floods pings and never reads costs one queued pong, not a
 /// read loop stuck in a write.
@@ -360,7 +361,7 @@ fn on_message(
     notices: &Notices,
     from: Origin,
     msg: Option<Result<Message, tungstenite::Error>>,
-    out: &FrameSender,
+    batch: &mut Vec<Frame>,
     stats: &SourceStats,
     awaiting_pong: &mut Option<Instant>,
 ) -> Read {
@@ -399,21 +400,54 @@ fn on_message(
         stats.oversized.fetch_add(1, Ordering::Relaxed);
     }
     let notice = oversized.is_none() && notices.any_in(&bytes);
-    match out.try_send(Frame {
-        source: from.id,
-        received_at_us,
-        bytes,
-        oversized,
-        overlap: from.overlap,
-        file_offset: 0,
-    }) {
-        Ok(()) => {}
-        Err(Refused::Full) => {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(Refused::Closed) => return Read::End(End::Stop),
-    }
+    batch.push(Frame { source: from.id, received_at_us, bytes, oversized, overlap: from.overlap, file_offset: 0 });
     if notice { Read::Notice } else { Read::Data }
+}
+
+/// Queues the frames of `batch` as one unit (never waiting), counting what a full queue refuses;
+/// false when the worker is gone (the pipeline is stopping).
+fn hand_off(out: &FrameSender, stats: &SourceStats, batch: &mut Vec<Frame>) -> bool {
+    match out.try_send_all(batch) {
+        Ok(0) => true,
+        Ok(refused) => {
+            stats.dropped.fetch_add(refused, Ordering::Relaxed);
+            true
+        }
+        Err(Refused::Closed) => false,
+        Err(Refused::Full) => true,
+    }
+}
+
+/// [`on_message`] for one message, handed on at once: for the overlap of a replacement, where two
+/// connections are read and frames are rare enough.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    config: &SourceConfig,
+    notices: &Notices,
+    from: Origin,
+    msg: Option<Result<Message, tungstenite::Error>>,
+    out: &FrameSender,
+    stats: &SourceStats,
+    awaiting_pong: &mut Option<Instant>,
+    batch: &mut Vec<Frame>,
+) -> Read {
+    let read = on_message(config, notices, from, msg, batch, stats, awaiting_pong);
+    if hand_off(out, stats, batch) { read } else { Read::End(End::Stop) }
+}
+
+/// Most messages taken from one connection per wake-up before the timers and a stop are looked at.
+const READ_BURST: usize = 256;
+
+/// The next message if the connection has one ready now (buffered, or on the socket), without
+/// waiting: `None` when it has not (the task is then woken when it has).
+async fn ready(ws: &mut Ws) -> Option<Option<Result<Message, tungstenite::Error>>> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match ws.poll_next_unpin(cx) {
+            std::task::Poll::Ready(msg) => Some(msg),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// A frame over `max` bytes cut to its first `max` (and its original length): a copy, since a slice
@@ -467,15 +501,38 @@ async fn read_loop(
     let idle_timer = sleep_until(last_message + idle);
     let age_timer = sleep_until(rotate_at);
     tokio::pin!(idle_timer, age_timer);
+    let from = Origin { id, overlap: false };
+    let mut batch = Vec::new();
     loop {
         let pong_deadline = awaiting_pong.map(|sent| sent + pong_timeout);
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                match on_message(config, &notices, Origin { id, overlap: false }, msg, out, stats, &mut awaiting_pong) {
-                    Read::Continue | Read::Data => {}
-                    Read::Notice => return End::Replace(Replace::ShutdownNotice),
-                    Read::End(end) => return end,
+                // Every message the connection has ready now is taken in this wake-up (a busy feed
+                // delivers dozens per read of the socket) and its frames are queued as one unit:
+                // one pass through this loop's timers and one hand-off per read, not per frame.
+                let mut msg = msg;
+                let mut taken = 1;
+                let end = loop {
+                    match on_message(config, &notices, from, msg, &mut batch, stats, &mut awaiting_pong) {
+                        Read::Continue | Read::Data => {}
+                        Read::Notice => break Some(End::Replace(Replace::ShutdownNotice)),
+                        Read::End(end) => break Some(end),
+                    }
+                    if taken == READ_BURST {
+                        break None;
+                    }
+                    match ready(ws).await {
+                        Some(next) => (msg, taken) = (next, taken + 1),
+                        None => break None,
+                    }
+                };
+                // What was read before an end is delivered all the same.
+                if !hand_off(out, stats, &mut batch) {
+                    return End::Stop;
+                }
+                if let Some(end) = end {
+                    return end;
                 }
             }
             _ = async { pings.as_mut().expect("guarded by the condition").tick().await }, if pings.is_some() => {
@@ -534,6 +591,7 @@ async fn replace(
     // Keep reading the old connection while the new one connects and subscribes.
     let mut no_pong = None;
     let notices = Notices::of(config);
+    let mut batch = Vec::new();
     let mut old_open = true;
     let mut new = {
         let mut stop = shutdown.clone();
@@ -551,7 +609,7 @@ async fn replace(
                     }
                 },
                 msg = old.next(), if old_open => {
-                    if let Read::End(_) = on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+                    if let Read::End(_) = forward(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong, &mut batch) {
                         old_open = false;
                     }
                 }
@@ -568,7 +626,7 @@ async fn replace(
     let mut new_open = true;
     while new_open && (old_open || switch_at.is_none()) {
         tokio::select! {
-            msg = new.next() => match on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+            msg = new.next() => match forward(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong, &mut batch) {
                 Read::Data | Read::Notice => {
                     switch_at.get_or_insert_with(|| Instant::now() + OVERLAP);
                 }
@@ -579,7 +637,7 @@ async fn replace(
                 }
             },
             msg = old.next(), if old_open => {
-                if let Read::End(_) = on_message(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong) {
+                if let Read::End(_) = forward(config, &notices, Origin { id, overlap: true }, msg, out, stats, &mut no_pong, &mut batch) {
                     old_open = false;
                 }
             }
