@@ -419,34 +419,7 @@ impl Decoder {
                 });
                 continue;
             }
-            for parsed in &self.parsed {
-                let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..*parsed };
-                let mut seen = self.ids.observe(record.source_id, record.symbol_id, record.trade_id);
-                // No venue id: during an overlap, the other connection's copy is known by content.
-                if seen == Seen::Untracked && frame.overlap && self.overlaps.seen(&record) {
-                    seen = Seen::Duplicate;
-                }
-                if matches!(seen, Seen::New { gap: 1.. } | Seen::Resumed { gap: 1.. } | Seen::Late { .. }) {
-                    let key = (record.source_id, record.symbol_id);
-                    if !out.gap_changes.contains(&key) {
-                        out.gap_changes.push(key);
-                    }
-                }
-                let counts = out.counts(frame.source);
-                match seen {
-                    Seen::Duplicate => counts.duplicates += 1,
-                    Seen::New { gap } => counts.gaps = counts.gaps.saturating_add(gap),
-                    Seen::Reset => counts.resets += 1,
-                    Seen::Resumed { gap } => counts.downtime_gaps = counts.downtime_gaps.saturating_add(gap),
-                    Seen::Late { downtime: false } => counts.late += 1,
-                    Seen::Late { downtime: true } => counts.downtime_late += 1,
-                    Seen::Untracked => {}
-                }
-                if seen != Seen::Duplicate {
-                    counts.records += 1;
-                    out.records.push(&record);
-                }
-            }
+            track(&mut self.ids, &mut self.overlaps, &self.parsed, frame, &mut out);
         }
         for reject in decoded.rejects {
             if let Some(frame) = frames.get(reject.index as usize) {
@@ -459,6 +432,40 @@ impl Decoder {
             }
         }
         Ok(out)
+    }
+}
+
+/// Counts each of a frame's `parsed` records against its symbol's trade-id window (a duplicate,
+/// a gap, a reset, a late record) and keeps those that are not duplicates in `out`. During an
+/// overlap of two connections a record without a venue id is known by its content.
+fn track(ids: &mut TradeIds, overlaps: &mut OverlapContents, parsed: &[Record], frame: &Frame, out: &mut DecodedBatch) {
+    for parsed in parsed {
+        let record = Record { source_id: frame.source, received_at_us: frame.received_at_us, ..*parsed };
+        let mut seen = ids.observe(record.source_id, record.symbol_id, record.trade_id);
+        // No venue id: during an overlap, the other connection's copy is known by content.
+        if seen == Seen::Untracked && frame.overlap && overlaps.seen(&record) {
+            seen = Seen::Duplicate;
+        }
+        if matches!(seen, Seen::New { gap: 1.. } | Seen::Resumed { gap: 1.. } | Seen::Late { .. }) {
+            let key = (record.source_id, record.symbol_id);
+            if !out.gap_changes.contains(&key) {
+                out.gap_changes.push(key);
+            }
+        }
+        let counts = out.counts(frame.source);
+        match seen {
+            Seen::Duplicate => counts.duplicates += 1,
+            Seen::New { gap } => counts.gaps = counts.gaps.saturating_add(gap),
+            Seen::Reset => counts.resets += 1,
+            Seen::Resumed { gap } => counts.downtime_gaps = counts.downtime_gaps.saturating_add(gap),
+            Seen::Late { downtime: false } => counts.late += 1,
+            Seen::Late { downtime: true } => counts.downtime_late += 1,
+            Seen::Untracked => {}
+        }
+        if seen != Seen::Duplicate {
+            counts.records += 1;
+            out.records.push(&record);
+        }
     }
 }
 

@@ -479,6 +479,52 @@ impl Notices {
     }
 }
 
+/// Every message the connection has ready now, from `first`, taken in one wake-up (a busy feed
+/// delivers dozens per read of the socket, up to [`READ_BURST`]) into `batch`, to be queued as one
+/// unit: one pass through the read loop's timers and one hand-off per read, not per frame. The end
+/// of the connection when one of them ends it.
+async fn read_burst(
+    ws: &mut Ws,
+    first: Option<Result<Message, tungstenite::Error>>,
+    (config, notices, from, stats): (&SourceConfig, &Notices, Origin, &SourceStats),
+    batch: &mut Vec<Frame>,
+    awaiting_pong: &mut Option<Instant>,
+) -> Option<End> {
+    let (mut msg, mut taken) = (first, 1);
+    loop {
+        match on_message(config, notices, from, msg, batch, stats, awaiting_pong) {
+            Read::Continue | Read::Data => {}
+            Read::Notice => return Some(End::Replace(Replace::ShutdownNotice)),
+            Read::End(end) => return Some(end),
+        }
+        if taken == READ_BURST {
+            return None;
+        }
+        match ready(ws).await {
+            Some(next) => (msg, taken) = (next, taken + 1),
+            None => return None,
+        }
+    }
+}
+
+/// Sends a keepalive (the source's `keepalive_text`, or a WebSocket ping); a stop does not wait for
+/// the write (up to `write_timeout_ms`). The end of the connection when it cannot be sent.
+async fn ping(
+    config: &SourceConfig,
+    stats: &SourceStats,
+    ws: &mut Ws,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<End> {
+    let ping = match &config.keepalive_text {
+        Some(text) => Message::text(text.as_str()),
+        None => Message::Ping(Bytes::from_static(b"sluice")),
+    };
+    tokio::select! {
+        sent = write(config, stats, ws, ping) => sent.err().map(|e| End::Lost(format!("could not send a ping: {e}"))),
+        _ = stopped(shutdown) => Some(End::Stop),
+    }
+}
+
 /// Reads one connection until it ends.
 async fn read_loop(
     config: &SourceConfig,
@@ -508,25 +554,7 @@ async fn read_loop(
         tokio::select! {
             msg = ws.next() => {
                 last_message = Instant::now();
-                // Every message the connection has ready now is taken in this wake-up (a busy feed
-                // delivers dozens per read of the socket) and its frames are queued as one unit:
-                // one pass through this loop's timers and one hand-off per read, not per frame.
-                let mut msg = msg;
-                let mut taken = 1;
-                let end = loop {
-                    match on_message(config, &notices, from, msg, &mut batch, stats, &mut awaiting_pong) {
-                        Read::Continue | Read::Data => {}
-                        Read::Notice => break Some(End::Replace(Replace::ShutdownNotice)),
-                        Read::End(end) => break Some(end),
-                    }
-                    if taken == READ_BURST {
-                        break None;
-                    }
-                    match ready(ws).await {
-                        Some(next) => (msg, taken) = (next, taken + 1),
-                        None => break None,
-                    }
-                };
+                let end = read_burst(ws, msg, (config, &notices, from, stats), &mut batch, &mut awaiting_pong).await;
                 // What was read before an end is delivered all the same.
                 if !hand_off(out, stats, &mut batch) {
                     return End::Stop;
@@ -539,16 +567,8 @@ async fn read_loop(
                 if awaiting_pong.is_none() {
                     awaiting_pong = Some(Instant::now());
                 }
-                let ping = match &config.keepalive_text {
-                    Some(text) => Message::text(text.as_str()),
-                    None => Message::Ping(Bytes::from_static(b"sluice")),
-                };
-                // A stop does not wait for the write (up to `write_timeout_ms`).
-                tokio::select! {
-                    sent = write(config, stats, ws, ping) => if let Err(e) = sent {
-                        return End::Lost(format!("could not send a ping: {e}"));
-                    },
-                    _ = stopped(shutdown) => return End::Stop,
+                if let Some(end) = ping(config, stats, ws, shutdown).await {
+                    return end;
                 }
             }
             _ = async { sleep_until(pong_deadline.expect("guarded by the condition")).await }, if pong_deadline.is_some() => {
