@@ -24,10 +24,10 @@ use base64::Engine;
 use common::{TestBroker, free_addr, unique_topic, with_custom_section};
 use feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
 use prost_reflect::{DescriptorPool, DynamicMessage};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::sink::embedded::QueryConnection;
 
 const SYMBOLS: [&str; 2] = ["BTCUSDT", "ETHUSDT"];
@@ -554,19 +554,7 @@ fn generated_spec(s: &Setup) -> (serde_json::Value, prost_reflect::MessageDescri
 /// A reader of every partition of `topic` from the start, seeing committed data only (as Druid's
 /// supervisor reads with the generated spec).
 fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    consumer
+    common::committed_reader(bootstrap, topic, PARTITIONS)
 }
 
 /// A JSON call to a child's API with the token; answers (status, body).

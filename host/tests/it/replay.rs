@@ -625,19 +625,7 @@ fn druid_rows(bootstrap: &str, topic: &str, spec: &serde_json::Value) -> Vec<ser
         base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
     let pool = prost_reflect::DescriptorPool::decode(descriptor.as_slice()).unwrap();
     let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = common::committed_reader_to_end(bootstrap, topic, PARTITIONS);
     let mut rows = Vec::new();
     let mut ended = std::collections::BTreeSet::new();
     let start = Instant::now();
@@ -931,19 +919,7 @@ impl Trades {
 /// (time, symbol, side, price e8, quantity e8), sorted.
 fn sink_rows(bootstrap: &str, topic: &str) -> Vec<(i64, String, String, i64, i64)> {
     use prost::Message as _;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = common::committed_reader_to_end(bootstrap, topic, PARTITIONS);
     let (mut rows, mut ended, start) = (Vec::new(), std::collections::BTreeSet::new(), Instant::now());
     while ended.len() < PARTITIONS as usize {
         assert!(start.elapsed() < Duration::from_secs(30), "{topic} was not read to its end");

@@ -1,4 +1,6 @@
-//! Helpers shared by the integration tests: a Kafka-protocol broker and a topic reader.
+//! Helpers shared by the integration tests: a Kafka-protocol broker and a topic reader, a live
+//! `sluice` process, a configuration builder ([`config`]) and the process role run in the test
+//! ([`role`]).
 //!
 //! Tests use the broker named by `SLUICE_TEST_BROKERS` (CI starts a real noida-db server and sets
 //! it); without it they start noida-db's broker in process (a dev-dependency), on a free loopback port.
@@ -12,6 +14,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub mod broker;
+pub mod config;
+pub mod role;
 
 use broker::EmbeddedBroker;
 
@@ -100,20 +104,40 @@ pub struct ReadMessage {
     pub headers: Vec<(String, String)>,
 }
 
-/// Reads every partition of `topic` from the beginning until `want` messages arrived or `deadline`
-/// passed, and returns what it read.
-pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, want: usize, deadline: Duration) -> Vec<ReadMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A reader of `topic`'s partitions `0..partitions` from their start, in a consumer group of its own,
+/// that sees committed records only (as Druid's supervisor reads them).
+pub fn committed_reader(bootstrap: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    reader_with(bootstrap, topic, partitions, &[])
+}
+
+/// [`committed_reader`], which also reports each partition's end as `KafkaError::PartitionEOF`.
+pub fn committed_reader_to_end(bootstrap: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    reader_with(bootstrap, topic, partitions, &[("enable.partition.eof", "true")])
+}
+
+fn reader_with(bootstrap: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reader-{}", unique_topic("g")))
+        .set("group.id", unique_topic("reader"))
         .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        .set("isolation.level", "read_committed");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Reads every partition of `topic` from the beginning until `want` messages arrived or `deadline`
+/// passed, and returns what it read.
+pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, want: usize, deadline: Duration) -> Vec<ReadMessage> {
+    let consumer = committed_reader(bootstrap, topic, partitions);
     let mut out = Vec::new();
     let start = Instant::now();
     while out.len() < want && start.elapsed() < deadline {
