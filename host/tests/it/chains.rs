@@ -12,6 +12,7 @@ use sluice::sink::embedded::QueryConnection;
 
 use crate::common;
 
+use common::config::{ConfigToml, Source};
 use common::{SluiceProcess, api_call, free_addr, with_custom_section};
 
 const TOKEN: &str = "chain-test-token";
@@ -88,33 +89,13 @@ async fn swapping_one_link_under_load_changes_only_that_link_and_loses_and_repea
             .await
             .unwrap();
     let dir = common::fresh_dir("chains");
-    let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 100
-
-[[source]]
-name = "binance"
-url = "{url}"
-subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
-decode = "binance"
-transforms = [
-    {{ plugin = "min-volume", config = {{ min_volume = "{MIN_VOLUME}" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "5" }} }},
-]
-"#,
-            dir = dir.display(),
-            url = sim.url(Venue::Binance),
-            params = params.join(","),
-        ),
-    )
-    .unwrap();
+    let subscribe = format!(r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#, params.join(","));
+    let source = Source::ws("binance", &sim.url(Venue::Binance), &subscribe)
+        .decode("binance")
+        .link("min-volume", &[("min_volume", MIN_VOLUME)])
+        .link("outlier-filter", &[("threshold_pct", "5")]);
+    let config = ConfigToml::new(&dir).process("max_wait_ms", 100).source(source).save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
     let mut run = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));

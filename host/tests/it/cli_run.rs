@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
+use crate::common::config::{BINANCE_BTC, ConfigToml, Source};
+
 const TOKEN: &str = "cli-run-token";
 
 /// Every metric the book's table (`docs/src/operating/metrics.md`) lists is exported with exactly the listed labels and type, and
@@ -164,27 +166,10 @@ async fn run_ingests_from_a_config_file_until_interrupted() {
     let path = temp("run.toml");
     // A free loopback port for the API (taken and released; nothing else here binds ports by number).
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-data_dir = "{}"
-
-[api]
-bind = "{api}"
-
-[[source]]
-name = "binance"
-url = "{}"
-plugin = "binance"
-transforms = ["outlier-filter"]
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
-"#,
-            dir.display(),
-            sim.url(Venue::Binance)
-        ),
-    )
-    .unwrap();
+    let source = Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC)
+        .set("plugin", "binance")
+        .link("outlier-filter", &[]);
+    ConfigToml::new(&dir).api_bind(&api.to_string()).source(source).save_as(&path);
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(&path)
@@ -564,26 +549,11 @@ async fn transform_rejects_are_counted_per_source_and_link_and_read_decoded() {
     let path = temp("rejects.toml");
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let recording = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/feeds/binance_us_combined_aggtrade.jsonl");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-data_dir = "{}"
-
-[api]
-bind = "{api}"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-decode = "binance"
-transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_pct = "0.001" }} }}]
-"#,
-            dir.display(),
-        ),
-    )
-    .unwrap();
+    let source = Source::file("recorded", std::path::Path::new(recording))
+        .decode("binance")
+        .link("min-volume", &[])
+        .link("outlier-filter", &[("threshold_pct", "0.001")]);
+    ConfigToml::new(&dir).api_bind(&api.to_string()).source(source).save_as(&path);
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(&path)

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::config::{ConfigToml, Source, Topics};
 use common::{TestBroker, free_addr, unique_topic, with_custom_section};
 use feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
 use prost_reflect::{DescriptorPool, DynamicMessage};
@@ -54,62 +55,27 @@ struct Setup {
     log: std::path::PathBuf,
 }
 
-async fn setup(name: &str, sink: &str) -> Setup {
+async fn setup(name: &str, sink: impl FnOnce(ConfigToml) -> ConfigToml) -> Setup {
     let broker = TestBroker::start(name);
     let sim =
         FeedSim::start(FeedSimConfig { trades_per_second: 150.0, record_trades: true, ..FeedSimConfig::default() })
             .await
             .unwrap();
     let dir = common::fresh_dir(name);
-    let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "127.0.0.1:0"
-
-[kafka]
-brokers = "{brokers}"
-events_topic = "{events}"
-dlq_topic = "{dlq}"
-symbols_topic = "{symbols}"
-partitions = {PARTITIONS}
-{single_broker}
-{debug}
-
-[process]
-group = "{group}"
-instance = "a"
-max_wait_ms = 200
-
-[[source]]
-name = "binance"
-url = "{url}"
-decode = "binance"
-transforms = ["rescale"]
-subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
-{sink}
-"#,
-            dir = dir.display(),
-            brokers = broker.bootstrap,
-            events = unique_topic("events"),
-            dlq = unique_topic("dlq"),
-            symbols = unique_topic("symbols"),
-            group = unique_topic("group"),
-            url = sim.url(Venue::Binance),
-            // librdkafka's own debug contexts (e.g. `cgrp,eos`) in the children's log, when asked for.
-            debug = std::env::var("SLUICE_TEST_KAFKA_DEBUG")
-                .map(|d| format!("options = {{ debug = \"{d}\" }}"))
-                .unwrap_or_default(),
-            params = params.join(","),
-            single_broker = common::SINGLE_BROKER,
-        ),
-    )
-    .unwrap();
+    let subscribe = format!(r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#, params.join(","));
+    let mut config = ConfigToml::new(&dir)
+        .api_bind("127.0.0.1:0")
+        .kafka(&broker.bootstrap, &Topics::unique(), PARTITIONS.into())
+        .process("group", unique_topic("group"))
+        .process("instance", "a")
+        .process("max_wait_ms", 200)
+        .source(Source::ws("binance", &sim.url(Venue::Binance), &subscribe).decode("binance").link("rescale", &[]));
+    // librdkafka's own debug contexts (e.g. `cgrp,eos`) in the children's log, when asked for.
+    if let Ok(debug) = std::env::var("SLUICE_TEST_KAFKA_DEBUG") {
+        config = config.set("kafka.options", "debug", debug);
+    }
+    let config = sink(config).save();
     let log = dir.join("sluice.log");
     Setup { broker, sim: Some(sim), dir, config, log }
 }
@@ -162,7 +128,7 @@ fn want_rollup(sent: &BTreeMap<&'static str, Vec<SentTrade>>) -> BTreeMap<(Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_counts_every_trade_once_across_a_kill_9() {
-    let mut s = setup("kill-embedded", "").await;
+    let mut s = setup("kill-embedded", |config| config).await;
     let store = s.dir.join("store.sqlite");
     let rolled_up = |store: &std::path::Path| -> BTreeMap<(String, String), (i64, i64)> {
         let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
@@ -257,10 +223,14 @@ type Posted = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
 async fn druid_setup(name: &str) -> (Setup, String, Posted) {
     let druid_topic = unique_topic("druid");
     let (overlord_url, posted) = overlord().await;
-    let sink = format!(
-        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
-    );
-    (setup(name, &sink).await, druid_topic, posted)
+    let sink = |config: ConfigToml| {
+        config.set("sink.druid", "overlord_url", overlord_url).set("sink.druid", "datasource", "trades").set(
+            "sink.druid",
+            "topic",
+            druid_topic.as_str(),
+        )
+    };
+    (setup(name, sink).await, druid_topic, posted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,7 +728,7 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
 /// what was lost while it was down is the venue's trades nobody read (counted as gaps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplicates_nothing() {
-    let mut s = setup("kill-ingest", "").await;
+    let mut s = setup("kill-ingest", |config| config).await;
     let store = s.dir.join("store.sqlite");
     let text = std::fs::read_to_string(&s.config).unwrap();
     let events = text
@@ -848,7 +818,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// a noida-db server of the test's own (`noida-db` on the PATH, as CI installs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_stopped_for_30_s_loses_nothing_counted() {
-    let mut s = setup("broker-stop", "").await;
+    let mut s = setup("broker-stop", |config| config).await;
     let broker_dir = s.dir.join("broker");
     std::fs::create_dir_all(&broker_dir).unwrap();
     let port = free_addr().rsplit(':').next().unwrap().to_owned();

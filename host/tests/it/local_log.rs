@@ -17,44 +17,20 @@ use sluice::sink::embedded::QueryConnection;
 use crate::common;
 
 use common::SluiceProcess;
+use common::config::{BINANCE_BTC, BINANCE_BTC_ETH, COINBASE_BTC, ConfigToml, KRAKEN_XBT, Source};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     common::fresh_dir(&format!("local-log-{name}"))
 }
 
 fn write_config(dir: &std::path::Path, sim: &FeedSim) -> std::path::PathBuf {
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "127.0.0.1:0"
-
-[process]
-max_wait_ms = 100
-
-[[source]]
-name = "binance"
-url = "{binance}"
-plugin = "binance"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-
-[[source]]
-name = "coinbase"
-url = "{coinbase}"
-plugin = "coinbase"
-subscribe = ['{{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}}']
-"#,
-            dir = dir.display(),
-            binance = sim.url(Venue::Binance),
-            coinbase = sim.url(Venue::Coinbase),
-        ),
-    )
-    .unwrap();
-    config
+    // `plugin` names the decoder (the key `decode` replaced; both are read).
+    ConfigToml::new(dir)
+        .api_bind("127.0.0.1:0")
+        .process("max_wait_ms", 100)
+        .source(Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC_ETH).set("plugin", "binance"))
+        .source(Source::ws("coinbase", &sim.url(Venue::Coinbase), COINBASE_BTC).set("plugin", "coinbase"))
+        .save()
 }
 
 /// Rolled-up events and exact quantity sums per (source, symbol).
@@ -289,21 +265,15 @@ async fn source_ids_survive_a_reordered_config() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = temp_dir("source-ids");
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
-    let source = |name: &str, venue: Venue, subscribe: &str| {
-        format!(
-            "[[source]]\nname = \"{name}\"\nurl = \"{}\"\nplugin = \"{name}\"\nsubscribe = ['{subscribe}']\n",
-            sim.url(venue)
-        )
-    };
-    let binance = source("binance", Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#);
-    let coinbase =
-        source("coinbase", Venue::Coinbase, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}"#);
-    let kraken =
-        source("kraken", Venue::Kraken, r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}"#);
-    let head = format!("data_dir = \"{}\"\n[api]\nbind = \"127.0.0.1:0\"\n", dir.display());
-    let config = dir.join("sluice.toml");
+    let source =
+        |name: &str, venue: Venue, subscribe: &str| Source::ws(name, &sim.url(venue), subscribe).set("plugin", name);
+    let binance = source("binance", Venue::Binance, BINANCE_BTC);
+    let coinbase = source("coinbase", Venue::Coinbase, COINBASE_BTC);
+    let kraken = source("kraken", Venue::Kraken, KRAKEN_XBT);
     for (run, sources) in [(1, vec![&binance, &coinbase]), (2, vec![&kraken, &coinbase, &binance])] {
-        std::fs::write(&config, format!("{head}{}", sources.iter().map(|s| s.as_str()).collect::<String>())).unwrap();
+        let config =
+            sources.into_iter().fold(ConfigToml::new(&dir).api_bind("127.0.0.1:0"), |c, s| c.source(s.clone()));
+        let config = config.save();
         let before = total(&rolled_up(&store));
         let mut child = SluiceProcess::run(&config, &log, &[], None);
         let start = Instant::now();
@@ -364,18 +334,12 @@ async fn a_recorded_file_replays_through_decode_into_the_store() {
         }
     }
     let dir = temp_dir("replay");
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{dir}\"\n[api]\nbind = \"127.0.0.1:0\"\n[process]\nmax_wait_ms = 100\n\n\
-             [[source]]\nname = \"fast\"\nkind = \"file\"\npath = \"{path}\"\nplugin = \"binance\"\n\n\
-             [[source]]\nname = \"paced\"\nkind = \"file\"\npath = \"{path}\"\nrate = 20\nplugin = \"binance\"\n",
-            dir = dir.display(),
-            path = fixture.display()
-        ),
-    )
-    .unwrap();
+    let config = ConfigToml::new(&dir)
+        .api_bind("127.0.0.1:0")
+        .process("max_wait_ms", 100)
+        .source(Source::file("fast", &fixture).set("plugin", "binance"))
+        .source(Source::file("paced", &fixture).set("rate", 20).set("plugin", "binance"))
+        .save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let started = Instant::now();
     let mut run = SluiceProcess::run(&config, &log, &[], None);

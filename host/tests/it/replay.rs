@@ -17,6 +17,7 @@ use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 
 use crate::common;
 
+use common::config::{self, BINANCE_BTC_ETH, ConfigToml, Source};
 use common::{SluiceProcess, TestBroker, api_call, free_addr, read_topic, unique_topic};
 
 const TOKEN: &str = "replay-test-token";
@@ -84,44 +85,23 @@ fn events(t: &Buckets) -> i64 {
 /// A running `sluice run` on the local log, returned once the store has rolled up `events_first`
 /// trades.
 async fn run_live(name: &str, rate: f64, events_first: i64) -> Live {
-    let live = start_live(name, rate, "").await;
+    let live = start_live(name, rate, |config| config).await;
     live.wait_for_rollup(events_first).await;
     live
 }
 
-async fn start_live(name: &str, rate: f64, handoff: &str) -> Live {
+/// The live instance: Binance on the simulator at `rate` trades a second through `prices` (the
+/// doubling plugin), its configuration finished by `handoff` (a `[kafka]` table, a sink).
+async fn start_live(name: &str, rate: f64, handoff: impl FnOnce(ConfigToml) -> ConfigToml) -> Live {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate, ..FeedSimConfig::default() }).await.unwrap();
     let dir = common::fresh_dir(&format!("replay-{name}"));
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 100
-group = "{group}"
-instance = "a"
-
-[plugins.prices]
-path = "{plugins}/double_price.wasm"
-
-[[source]]
-name = "binance"
-url = "{url}"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-decode = "binance"
-transforms = ["prices"]
-{handoff}
-"#,
-            dir = dir.display(),
-            group = unique_topic("replay-group"),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            url = sim.url(Venue::Binance),
-        ),
-    )
-    .unwrap();
+    let config = ConfigToml::new(&dir)
+        .process("max_wait_ms", 100)
+        .process("group", unique_topic("replay-group"))
+        .process("instance", "a")
+        .plugin("prices", "double_price.wasm")
+        .source(Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC_ETH).decode("binance").link("prices", &[]));
+    let config = handoff(config).save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
     let process = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
@@ -372,31 +352,25 @@ const PARTITIONS: i32 = 3;
 /// The test's topics on the broker, named for this run.
 struct Topics {
     bootstrap: String,
-    events: String,
-    symbols: String,
-    dlq: String,
+    names: config::Topics,
+}
+
+impl std::ops::Deref for Topics {
+    type Target = config::Topics;
+
+    fn deref(&self) -> &config::Topics {
+        &self.names
+    }
 }
 
 impl Topics {
     fn new(broker: &TestBroker) -> Self {
-        Topics {
-            bootstrap: broker.bootstrap.clone(),
-            events: unique_topic("events"),
-            symbols: unique_topic("symbols"),
-            dlq: unique_topic("dlq"),
-        }
+        Topics { bootstrap: broker.bootstrap.clone(), names: config::Topics::unique() }
     }
 
-    /// The `[kafka]` table for them.
-    fn toml(&self) -> String {
-        format!(
-            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n{}",
-            self.bootstrap,
-            self.events,
-            self.symbols,
-            self.dlq,
-            common::SINGLE_BROKER
-        )
+    /// `config` with the `[kafka]` table for them.
+    fn kafka(&self, config: ConfigToml) -> ConfigToml {
+        config.kafka(&self.bootstrap, &self.names, PARTITIONS.into())
     }
 
     fn consumer(&self) -> BaseConsumer {
@@ -506,7 +480,7 @@ fn only(t: &Buckets, keep: impl Fn(i64) -> bool) -> Buckets {
 async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes_on() {
     let broker = TestBroker::start("replay-kafka");
     let topics = Topics::new(&broker);
-    let mut live = start_live("kafka", 500.0, &topics.toml()).await;
+    let mut live = start_live("kafka", 500.0, |config| topics.kafka(config)).await;
     live.wait_for_rollup(500).await;
     let (config, store) = (live.config.clone(), live.store.clone());
     let group = group_of(&config);
@@ -678,12 +652,14 @@ async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generate
     let topics = Topics::new(&broker);
     let druid_topic = unique_topic("druid");
     // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
-    let handoff = format!(
-        "{}\n[sink.druid]\noverlord_url = \"http://{}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n",
-        topics.toml(),
-        free_addr()
-    );
-    let mut live = start_live("druid", 300.0, &handoff).await;
+    let handoff = |config: ConfigToml| {
+        topics
+            .kafka(config)
+            .set("sink.druid", "overlord_url", format!("http://{}", free_addr()))
+            .set("sink.druid", "datasource", "trades")
+            .set("sink.druid", "topic", druid_topic.as_str())
+    };
+    let mut live = start_live("druid", 300.0, handoff).await;
     let group = group_of(&live.config);
     let live_spec = {
         let cfg = sluice::config::Config::load(&live.config).unwrap();
@@ -983,49 +959,28 @@ async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: 
     let trades = Trades::new(&topics).await;
     let dir = common::fresh_dir(&format!("replay-{name}"));
     let druid_topic = unique_topic("druid");
-    let sink = if druid {
-        // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
-        format!(
-            "\n[sink.druid]\noverlord_url = \"http://{}\"\ntopic = \"{druid_topic}\"\nsegment_granularity = \"MINUTE\"\n",
-            free_addr()
-        )
-    } else {
-        String::new()
-    };
     let group = unique_topic("replay-group");
-    let config = dir.join("sluice.toml");
     std::fs::write(dir.join("none.jsonl"), "").unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 50
-group = "{group}"
-instance = "a"
-checkpoint_interval_ms = 100
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{dir}/none.jsonl"
-decode = "binance"
-transforms = [
-    {{ plugin = "chaos", config = {{ mode = "count" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
-]
-{kafka}{sink}"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            kafka = topics.toml(),
-        ),
-    )
-    .unwrap();
+    let source = Source::file("recorded", &dir.join("none.jsonl"))
+        .decode("binance")
+        .link("chaos", &[("mode", "count")])
+        .link("outlier-filter", &[("threshold_pct", "1")]);
+    let mut config = ConfigToml::new(&dir)
+        .process("max_wait_ms", 50)
+        .process("group", group.as_str())
+        .process("instance", "a")
+        .process("checkpoint_interval_ms", 100)
+        .plugin("chaos", "chaos.wasm")
+        .source(source);
+    config = topics.kafka(config);
+    if druid {
+        // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
+        config = config
+            .set("sink.druid", "overlord_url", format!("http://{}", free_addr()))
+            .set("sink.druid", "topic", druid_topic.as_str())
+            .set("sink.druid", "segment_granularity", "MINUTE");
+    }
+    let config = config.save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let mut live = SluiceProcess::run(&config, &log, &["--role", "process", "--api-addr", &free_addr()], None);
     // Where the live role stands: the store's committed positions, or the group's with Druid.

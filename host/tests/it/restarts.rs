@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::common;
 
 use common::SluiceProcess;
+use common::config::{COINBASE_ADVANCED_BTC, COINBASE_ETH, ConfigToml, KRAKEN_V2_BTC, KRAKEN_XBT, Source, Topics};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("restarts-{name}"))
@@ -55,48 +56,24 @@ fn recording(path: &Path, n: u64) {
     std::fs::write(path, text).unwrap();
 }
 
-fn write_config(dir: &Path, recording: &Path, rate: u32, api: &str) -> PathBuf {
-    write_config_with(dir, recording, rate, api, "")
+/// The recording at `recording` replayed at `rate` lines a second (0: as fast as it goes) through
+/// the stateful chain, with the API on `api`.
+fn config(dir: &Path, recording: &Path, rate: u32, api: &str) -> ConfigToml {
+    let source = Source::file("recorded", recording)
+        .set("rate", rate)
+        .decode("binance")
+        .link("chaos", &[("mode", "count"), ("trap_on_trade_id", &POISON.to_string())])
+        .link("outlier-filter", &[("threshold_pct", "1")]);
+    ConfigToml::new(dir)
+        .api_bind(api)
+        .process("max_wait_ms", 50)
+        .process("checkpoint_interval_ms", 100)
+        .plugin("chaos", "chaos.wasm")
+        .source(source)
 }
 
-/// [`write_config`] with `extra` (say, a `[kafka]` table) at its end.
-fn write_config_with(dir: &Path, recording: &Path, rate: u32, api: &str, extra: &str) -> PathBuf {
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-checkpoint_interval_ms = 100
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-rate = {rate}
-decode = "binance"
-transforms = [
-    {{ plugin = "chaos", config = {{ mode = "count", trap_on_trade_id = "{POISON}" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
-]
-{extra}
-"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            recording = recording.display(),
-        ),
-    )
-    .unwrap();
-    config
+fn write_config(dir: &Path, recording: &Path, rate: u32, api: &str) -> PathBuf {
+    config(dir, recording, rate, api).save()
 }
 
 /// The store's rollup, bucket by bucket, in its exact columns (events, the e8 quantity sum, the
@@ -320,17 +297,9 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let file = killed.join("trades.jsonl");
     recording(&file, lines);
     let api = common::free_addr();
-    let dlq = common::unique_topic("dlq");
-    let kafka = format!(
-        "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\ndlq_topic = \"{dlq}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 2\n{}",
-        broker.bootstrap,
-        common::unique_topic("events"),
-        common::unique_topic("symbols"),
-        common::unique_topic("files"),
-        common::SINGLE_BROKER,
-    );
-    let config = write_config_with(&killed, &file, 4000, &api, &kafka);
+    let topics = Topics::unique();
+    let dlq = &topics.dlq;
+    let config = config(&killed, &file, 4000, &api).kafka(&broker.bootstrap, &topics, 2).save();
     let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     for more in [1_500, 2_200, 2_900] {
@@ -347,7 +316,7 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let header = |m: &common::ReadMessage, key: &str| {
         m.headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
     };
-    let letters = common::read_topic(&broker.bootstrap, &dlq, 2, want_decode.len() + 1, Duration::from_secs(5));
+    let letters = common::read_topic(&broker.bootstrap, dlq, 2, want_decode.len() + 1, Duration::from_secs(5));
     let mut decode: Vec<_> = letters
         .iter()
         .map(|m| {
@@ -373,52 +342,17 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
 /// snapshot, Coinbase Exchange a `last_match`), and Kraken v1, which sends neither.
 fn venues_config(dir: &Path, sim: &feedsim::FeedSim, api: &str) -> PathBuf {
     use feedsim::Venue;
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[[source]]
-name = "kraken-v2"
-url = "{kraken_v2}"
-decode = "kraken-v2"
-subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC/USD"]}}}}']
-
-[[source]]
-name = "coinbase-advanced"
-url = "{advanced}"
-decode = "coinbase-advanced"
-subscribe = ['{{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}}']
-
-[[source]]
-name = "coinbase"
-url = "{coinbase}"
-decode = "coinbase"
-subscribe = ['{{"type":"subscribe","product_ids":["ETH-USD"],"channels":["matches"]}}']
-
-[[source]]
-name = "kraken"
-url = "{kraken}"
-decode = "kraken"
-subscribe = ['{{"event":"subscribe","pair":["XBT/USD"],"subscription":{{"name":"trade"}}}}']
-"#,
-            dir = dir.display(),
-            kraken_v2 = sim.url(Venue::KrakenV2),
-            advanced = sim.url(Venue::CoinbaseAdvanced),
-            coinbase = sim.url(Venue::Coinbase),
-            kraken = sim.url(Venue::Kraken),
-        ),
-    )
-    .unwrap();
-    config
+    ConfigToml::new(dir)
+        .api_bind(api)
+        .process("max_wait_ms", 50)
+        .source(Source::ws("kraken-v2", &sim.url(Venue::KrakenV2), KRAKEN_V2_BTC).decode("kraken-v2"))
+        .source(
+            Source::ws("coinbase-advanced", &sim.url(Venue::CoinbaseAdvanced), COINBASE_ADVANCED_BTC)
+                .decode("coinbase-advanced"),
+        )
+        .source(Source::ws("coinbase", &sim.url(Venue::Coinbase), COINBASE_ETH).decode("coinbase"))
+        .source(Source::ws("kraken", &sim.url(Venue::Kraken), KRAKEN_XBT).decode("kraken"))
+        .save()
 }
 
 /// Waits until every source of this incarnation has decoded more than `records` records, and returns
@@ -706,44 +640,15 @@ async fn on_kafka_a_restart_knows_from_the_topics_tail_what_was_delivered() {
             .unwrap();
     let dir = temp_dir("kafka-tail");
     let api = common::free_addr();
-    let events = common::unique_topic("events");
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[kafka]
-brokers = "{brokers}"
-events_topic = "{events}"
-dlq_topic = "{dlq}"
-symbols_topic = "{symbols}"
-partitions = 2
-{single_broker}
-[process]
-group = "{group}"
-max_wait_ms = 50
-
-[[source]]
-name = "kraken-v2"
-url = "{url}"
-decode = "kraken-v2"
-subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC/USD"]}}}}']
-"#,
-            dir = dir.display(),
-            brokers = broker.bootstrap,
-            dlq = common::unique_topic("dlq"),
-            symbols = common::unique_topic("symbols"),
-            group = common::unique_topic("group"),
-            url = sim.url(Venue::KrakenV2),
-            single_broker = common::SINGLE_BROKER,
-        ),
-    )
-    .unwrap();
+    let topics = Topics::unique();
+    let events = &topics.events;
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .kafka(&broker.bootstrap, &topics, 2)
+        .process("group", common::unique_topic("group"))
+        .process("max_wait_ms", 50)
+        .source(Source::ws("kraken-v2", &sim.url(Venue::KrakenV2), KRAKEN_V2_BTC).decode("kraken-v2"))
+        .save();
     let log = dir.join("sluice.log");
     let source = |sources: &serde_json::Value, key: &str| sources["sources"][0][key].as_u64().unwrap_or(0);
     let mut run = SluiceProcess::run(&config, &log, &[], None);
@@ -771,7 +676,7 @@ subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC
     run.interrupt();
     sim.shutdown().await;
     let text = std::fs::read_to_string(&log).unwrap();
-    let messages = common::read_topic(&broker.bootstrap, &events, 2, usize::MAX, Duration::from_secs(10));
+    let messages = common::read_topic(&broker.bootstrap, events, 2, usize::MAX, Duration::from_secs(10));
     let mut ids: Vec<u64> =
         messages.iter().map(|m| plugin_sdk::StreamDataView::parse(&m.payload).unwrap().trade_id).collect();
     let count = ids.len();
@@ -802,17 +707,9 @@ async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
     let file = dir.join("trades.jsonl");
     recording(&file, 1_000);
     let api = common::free_addr();
-    let events_topic = common::unique_topic("events");
-    let kafka = format!(
-        "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{events_topic}\"\ndlq_topic = \"{}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 1\n{}",
-        broker.bootstrap,
-        common::unique_topic("dlq"),
-        common::unique_topic("symbols"),
-        common::unique_topic("files"),
-        common::SINGLE_BROKER,
-    );
-    let config = write_config_with(&dir, &file, 0, &api, &kafka);
+    let topics = Topics::unique();
+    let events_topic = &topics.events;
+    let config = config(&dir, &file, 0, &api).kafka(&broker.bootstrap, &topics, 1).save();
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     // Every record of the recording in the topic (999: one line is cut short) and in the store.
@@ -841,7 +738,7 @@ async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
     let mut cut = rdkafka::TopicPartitionList::new();
-    cut.add_partition_offset(&events_topic, 0, rdkafka::Offset::Offset(committed + 5)).unwrap();
+    cut.add_partition_offset(events_topic, 0, rdkafka::Offset::Offset(committed + 5)).unwrap();
     admin.delete_records(&cut, &AdminOptions::new()).await.unwrap();
 
     // The role stops on them, and keeps saying why.
@@ -898,36 +795,13 @@ async fn a_link_added_over_the_api_runs_from_the_next_poll_and_survives_a_kill()
     let lines = 9_000;
     recording(&file, lines);
     let api = common::free_addr();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-rate = 500
-decode = "binance"
-transforms = [{{ plugin = "chaos", config = {{ mode = "count" }} }}]
-"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            recording = file.display(),
-        ),
-    )
-    .unwrap();
+    let source = Source::file("recorded", &file).set("rate", 500).decode("binance").link("chaos", &[("mode", "count")]);
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .process("max_wait_ms", 50)
+        .plugin("chaos", "chaos.wasm")
+        .source(source)
+        .save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let token = "chain-token";
     let http = reqwest::Client::new();

@@ -12,6 +12,15 @@ use toml::{Table, Value};
 
 use super::unique_topic;
 
+/// Subscriptions the simulator's venues answer, as a `[[source]]`'s `subscribe` message.
+pub const BINANCE_BTC: &str = r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#;
+pub const BINANCE_BTC_ETH: &str = r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}"#;
+pub const COINBASE_BTC: &str = r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}"#;
+pub const COINBASE_ETH: &str = r#"{"type":"subscribe","product_ids":["ETH-USD"],"channels":["matches"]}"#;
+pub const COINBASE_ADVANCED_BTC: &str = r#"{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}"#;
+pub const KRAKEN_XBT: &str = r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}"#;
+pub const KRAKEN_V2_BTC: &str = r#"{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"]}}"#;
+
 /// A configuration file being built; [`ConfigToml::save`] writes it.
 #[derive(Clone, Debug)]
 pub struct ConfigToml {
