@@ -5,10 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::Venue;
 use plugin_sdk::StreamDataView;
 use sluice::plugin::bundled;
-use sluice::sink::embedded::QueryConnection;
 
 use crate::common;
 
@@ -25,15 +24,7 @@ const MIN_VOLUME_E8: i64 = 100_000_000;
 type PerSymbol = BTreeMap<String, (i64, i64)>;
 
 fn stored(store: &std::path::Path) -> PerSymbol {
-    let Ok(q) = QueryConnection::open(store) else { return PerSymbol::new() };
-    let sql = "SELECT symbol, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY symbol";
-    q.query(sql, 100)
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            (r["symbol"].as_str().unwrap_or_default().to_owned(), (r["n"].as_i64().unwrap(), r["q"].as_i64().unwrap()))
-        })
-        .collect()
+    common::rollup_sums(store, &["symbol"]).into_iter().map(|(mut key, sums)| (key.remove(0), sums)).collect()
 }
 
 /// The store's dead letters as (plugin, symbol, volume e8), symbols named with the log's dictionary.
@@ -84,10 +75,7 @@ async fn wait_rows(store: &std::path::Path, log: &std::path::Path, more: i64) {
 ///   independently here; smaller trades were dropped by the first link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_one_link_under_load_changes_only_that_link_and_loses_and_repeats_nothing() {
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 300.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(300.0).await;
     let dir = common::fresh_dir("chains");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
     let subscribe = format!(r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#, params.join(","));

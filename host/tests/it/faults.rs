@@ -13,18 +13,12 @@ use crate::common;
 mod disk;
 
 use common::SluiceProcess;
+use common::api_get as get;
 use common::config::{BINANCE_BTC, COINBASE_ETH, ConfigToml, Source};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("faults-{name}"))
-}
-
-async fn get(api: &str, path: &str) -> serde_json::Value {
-    match reqwest::get(format!("http://{api}{path}")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
 }
 
 /// The events the store rolled up per source, and its dead letters per source.

@@ -9,18 +9,12 @@ use std::time::{Duration, Instant};
 use crate::common;
 
 use common::SluiceProcess;
+use common::api_get as get;
 use common::config::{BINANCE_BTC, ConfigToml, Source};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("faults-ingest-{name}"))
-}
-
-async fn get(api: &str, path: &str) -> serde_json::Value {
-    match reqwest::get(format!("http://{api}{path}")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
 }
 
 async fn metrics(api: &str) -> String {

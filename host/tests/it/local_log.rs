@@ -35,16 +35,8 @@ fn write_config(dir: &std::path::Path, sim: &FeedSim) -> std::path::PathBuf {
 
 /// Rolled-up events and exact quantity sums per (source, symbol).
 fn rolled_up(store: &std::path::Path) -> BTreeMap<(String, String), (i64, i64)> {
-    let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
-    let sql = "SELECT source, symbol, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY source, symbol";
-    q.query(sql, 1000)
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            ((text("source"), text("symbol")), (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
-        })
-        .collect()
+    let sums = common::rollup_sums(store, &["source", "symbol"]).into_iter();
+    sums.map(|(key, sums)| ((key[0].clone(), key[1].clone()), sums)).collect()
 }
 
 fn total(m: &BTreeMap<(String, String), (i64, i64)>) -> i64 {
@@ -86,10 +78,7 @@ fn store_position(store: &std::path::Path) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 120.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(120.0).await;
     let dir = temp_dir("kill");
     let config = write_config(&dir, &sim);
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
@@ -219,17 +208,11 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress:\n{}", std::fs::read_to_string(&log).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let admin = rusqlite::Connection::open(&store).unwrap();
-    admin.busy_timeout(Duration::from_secs(10)).unwrap();
-    admin
-        .execute_batch(
-            "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'the disk is gone'); END;",
-        )
-        .unwrap();
+    let down = common::StoreDown::start(&store, "the disk is gone");
     let stuck = store_position(&store);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(store_position(&store), stuck, "a commit went through while the sink was down");
-    admin.execute_batch("DROP TRIGGER down").unwrap();
+    down.restore();
     // Caught up: the position reaches the log's end while the stream goes on.
     let start = Instant::now();
     loop {

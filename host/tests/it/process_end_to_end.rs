@@ -275,6 +275,18 @@ impl TwoSources {
         (TwoSources { rig, chaos, store, druid, group: unique_topic("group"), names, stats }, transformers)
     }
 
+    /// Polls of 100 records, every poll committed as soon as it went through; a link's breaker opens
+    /// on its second failing call and cools down for `cool_down_ms`.
+    fn settings(cool_down_ms: u64) -> ProcessSettings {
+        ProcessSettings {
+            partitions: 1,
+            max_poll_records: 100,
+            batch: BatchConfig { max_rows: 10, ..BatchConfig::default() },
+            breaker: BreakerConfig { failure_threshold: 2, cool_down_ms, max_cool_down_ms: cool_down_ms },
+            ..ProcessSettings::default()
+        }
+    }
+
     /// Source 2's link fixed: it passes every record.
     fn fix_source_2(&self, transformers: &mut HashMap<u32, Chain>) {
         transformers.insert(2, Chain::new(2, vec![RoleRig::link_of(&self.chaos, &[])]));
@@ -335,14 +347,7 @@ impl TwoSources {
 
 fn abandoned_poll_scenario(druid: bool) {
     let (mut two, mut transformers) = TwoSources::new("breaker-dlq", druid);
-    let settings = ProcessSettings {
-        partitions: 1,
-        max_poll_records: 100,
-        // Every poll is committed as soon as it went through.
-        batch: BatchConfig { max_rows: 10, ..BatchConfig::default() },
-        breaker: BreakerConfig { failure_threshold: 2, cool_down_ms: 50, max_cool_down_ms: 50 },
-        ..ProcessSettings::default()
-    };
+    let settings = TwoSources::settings(50);
     let mut breakers = Breakers::default();
     let at_most = Duration::from_secs(10);
     for _ in 0..3 {
@@ -383,13 +388,7 @@ fn with_the_druid_sink_a_held_source_waits_while_the_others_go_on() {
 
 fn held_source_scenario(druid: bool) {
     let (mut two, mut transformers) = TwoSources::new("held-source", druid);
-    let settings = ProcessSettings {
-        partitions: 1,
-        max_poll_records: 100,
-        batch: BatchConfig { max_rows: 10, ..BatchConfig::default() },
-        breaker: BreakerConfig { failure_threshold: 2, cool_down_ms: 1500, max_cool_down_ms: 1500 },
-        ..ProcessSettings::default()
-    };
+    let settings = TwoSources::settings(1500);
     let mut breakers = Breakers::default();
     let at_most = Duration::from_secs(10);
 

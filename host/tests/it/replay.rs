@@ -53,15 +53,20 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
     let mut out = Buckets::new();
     for (_, bytes) in sluice::log::local::read_all(&log).unwrap() {
-        let v = StreamDataView::parse(&bytes).unwrap();
-        let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
-        let side = if v.is_buy { "buy" } else { "sell" };
-        let e = out.entry((bucket, symbols[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
-        e.0 += 1;
-        e.1 += v.volume_e8;
-        e.2 = e.2.max(v.price_e8);
+        roll_up(&mut out, &bytes, &symbols);
     }
     out
+}
+
+/// The record `bytes` rolled up into `buckets` by minute, symbol (named by `symbols`) and side.
+fn roll_up(buckets: &mut Buckets, bytes: &[u8], symbols: &BTreeMap<u32, String>) {
+    let v = StreamDataView::parse(bytes).unwrap();
+    let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
+    let side = if v.is_buy { "buy" } else { "sell" };
+    let e = buckets.entry((bucket, symbols[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
+    e.0 += 1;
+    e.1 += v.volume_e8;
+    e.2 = e.2.max(v.price_e8);
 }
 
 /// A running `sluice run` whose Binance source's chain is one link, `prices`, doubling prices
@@ -266,29 +271,11 @@ async fn a_replay_into_its_own_table_uses_the_current_versions_and_leaves_live_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_into_rollup_counts_live_records_arriving_during_it_once() {
     let mut live = run_live("rollup", 500.0, 500).await;
-    let (dir, config, store) = (live.dir.clone(), live.config.clone(), live.store.clone());
+    let (dir, store) = (live.dir.clone(), live.store.clone());
     let http = reqwest::Client::new();
     activate_the_fix(&http, &live.api).await;
     // The replay, while trades keep flowing into the live role.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["replay", "--config"])
-                .arg(&config)
-                .args(["--since", "0"])
-                .env_remove("RUST_LOG")
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("replayed into rollup"), "{stdout}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    live.sim.take().unwrap().shutdown().await;
+    let stdout = replay_into_rollup(&mut live).await;
     let start = Instant::now();
     while events(&table(&store, "rollup")) < events(&expected_from_log(&dir))
         && start.elapsed() < Duration::from_secs(30)
@@ -404,13 +391,7 @@ impl Topics {
         assert_eq!(records.len(), want, "the events topic was not read whole");
         let mut out = Buckets::new();
         for m in &records {
-            let v = StreamDataView::parse(&m.payload).unwrap();
-            let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
-            let side = if v.is_buy { "buy" } else { "sell" };
-            let e = out.entry((bucket, names[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
-            e.0 += 1;
-            e.1 += v.volume_e8;
-            e.2 = e.2.max(v.price_e8);
+            roll_up(&mut out, &m.payload, &names);
         }
         out
     }
@@ -457,6 +438,28 @@ async fn cancelled_job(http: &reqwest::Client, api: &str, into: &str) -> serde_j
     }
 }
 
+/// `sluice replay --since 0` on `live`'s configuration into `rollup` while trades flow, which must
+/// succeed and say so; then the venue stops, 1.5 s later. What the replay printed.
+async fn replay_into_rollup(live: &mut Live) -> String {
+    let config = live.config.clone();
+    let replay = move || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["replay", "--config"])
+            .arg(&config)
+            .args(["--since", "0"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::spawn_blocking(replay).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("replayed into rollup"), "{stdout}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    live.sim.take().unwrap().shutdown().await;
+    stdout.into_owned()
+}
+
 fn group_of(config: &std::path::Path) -> String {
     sluice::config::Config::load(config).unwrap().process.group
 }
@@ -487,25 +490,7 @@ async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes
     let http = reqwest::Client::new();
     activate_the_fix(&http, &live.api).await;
     // Into `rollup`, while trades keep flowing into the live role.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["replay", "--config"])
-                .arg(&config)
-                .args(["--since", "0"])
-                .env_remove("RUST_LOG")
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("replayed into rollup"), "{stdout}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    live.sim.take().unwrap().shutdown().await;
+    let stdout = replay_into_rollup(&mut live).await;
     let start = Instant::now();
     while events(&table(&store, "rollup")) < topics.len(&topics.events, PARTITIONS) as i64
         && start.elapsed() < Duration::from_secs(30)
@@ -653,11 +638,11 @@ async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generate
     let druid_topic = unique_topic("druid");
     // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
     let handoff = |config: ConfigToml| {
-        topics
-            .kafka(config)
-            .set("sink.druid", "overlord_url", format!("http://{}", free_addr()))
-            .set("sink.druid", "datasource", "trades")
-            .set("sink.druid", "topic", druid_topic.as_str())
+        topics.kafka(config).druid(&format!("http://{}", free_addr()), &druid_topic).set(
+            "sink.druid",
+            "datasource",
+            "trades",
+        )
     };
     let mut live = start_live("druid", 300.0, handoff).await;
     let group = group_of(&live.config);
@@ -975,10 +960,11 @@ async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: 
     config = topics.kafka(config);
     if druid {
         // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
-        config = config
-            .set("sink.druid", "overlord_url", format!("http://{}", free_addr()))
-            .set("sink.druid", "topic", druid_topic.as_str())
-            .set("sink.druid", "segment_granularity", "MINUTE");
+        config = config.druid(&format!("http://{}", free_addr()), &druid_topic).set(
+            "sink.druid",
+            "segment_granularity",
+            "MINUTE",
+        );
     }
     let config = config.save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));

@@ -79,6 +79,12 @@ impl ConfigToml {
             .set("kafka", "min_insync_replicas", 1)
     }
 
+    /// `[sink.druid]`: rows to the Druid topic `topic`, the supervisor spec to the Overlord at
+    /// `overlord_url`.
+    pub fn druid(self, overlord_url: &str, topic: &str) -> Self {
+        self.set("sink.druid", "overlord_url", overlord_url).set("sink.druid", "topic", topic)
+    }
+
     /// One more `[[source]]`.
     pub fn source(mut self, source: Source) -> Self {
         let sources = self.table.entry("source").or_insert_with(|| Value::Array(Vec::new()));

@@ -201,9 +201,62 @@ impl Drop for SluiceProcess {
     }
 }
 
+/// Makes the embedded store at `store` refuse every commit (a trigger on its positions, raising
+/// `message`) until [`StoreDown::restore`]: a sink that is down.
+pub struct StoreDown(rusqlite::Connection);
+
+impl StoreDown {
+    pub fn start(store: &Path, message: &str) -> Self {
+        let admin = rusqlite::Connection::open(store).unwrap();
+        admin.busy_timeout(Duration::from_secs(10)).unwrap();
+        admin
+            .execute_batch(&format!(
+                "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, '{message}'); END;"
+            ))
+            .unwrap();
+        StoreDown(admin)
+    }
+
+    pub fn restore(self) {
+        self.0.execute_batch("DROP TRIGGER down").unwrap();
+    }
+}
+
+/// The feed simulator at `rate` trades a second per feed, keeping every trade it sent (for tests
+/// that compare what arrived with what was sent).
+pub async fn recording_sim(rate: f64) -> feedsim::FeedSim {
+    let config = feedsim::FeedSimConfig { trades_per_second: rate, record_trades: true, ..Default::default() };
+    feedsim::FeedSim::start(config).await.unwrap()
+}
+
+/// Events and exact quantity sums (`qty_sum_e8`) of the embedded store's rollup per value of the
+/// columns `by` (nothing while the store is not there yet).
+pub fn rollup_sums(store: &Path, by: &[&str]) -> std::collections::BTreeMap<Vec<String>, (i64, i64)> {
+    let Ok(q) = sluice::sink::embedded::QueryConnection::open(store) else { return Default::default() };
+    let columns = by.join(", ");
+    let sql = format!("SELECT {columns}, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY {columns}");
+    q.query(&sql, 10_000)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let key = by.iter().map(|c| r[*c].as_str().unwrap_or_default().to_owned()).collect();
+            (key, (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
+        })
+        .collect()
+}
+
 /// A loopback address nothing listens on yet.
 pub fn free_addr() -> String {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// `GET http://<api><path>` as JSON: `null` while nothing answers there (an instance starting or
+/// stopped) or when the body is not JSON.
+pub async fn api_get(api: &str, path: &str) -> serde_json::Value {
+    match reqwest::get(format!("http://{api}{path}")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// A JSON call to a child's API with `token`; answers (status, body).
