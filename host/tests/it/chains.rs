@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use feedsim::{FeedSim, FeedSimConfig, Venue};
+use feedsim::Venue;
 use plugin_sdk::StreamDataView;
 use sluice::plugin::bundled;
-use sluice::sink::embedded::QueryConnection;
 
 use crate::common;
 
+use common::config::{ConfigToml, Source};
 use common::{SluiceProcess, api_call, free_addr, with_custom_section};
 
 const TOKEN: &str = "chain-test-token";
@@ -24,15 +24,7 @@ const MIN_VOLUME_E8: i64 = 100_000_000;
 type PerSymbol = BTreeMap<String, (i64, i64)>;
 
 fn stored(store: &std::path::Path) -> PerSymbol {
-    let Ok(q) = QueryConnection::open(store) else { return PerSymbol::new() };
-    let sql = "SELECT symbol, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY symbol";
-    q.query(sql, 100)
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            (r["symbol"].as_str().unwrap_or_default().to_owned(), (r["n"].as_i64().unwrap(), r["q"].as_i64().unwrap()))
-        })
-        .collect()
+    common::rollup_sums(store, &["symbol"]).into_iter().map(|(mut key, sums)| (key.remove(0), sums)).collect()
 }
 
 /// The store's dead letters as (plugin, symbol, volume e8), symbols named with the log's dictionary.
@@ -83,38 +75,15 @@ async fn wait_rows(store: &std::path::Path, log: &std::path::Path, more: i64) {
 ///   independently here; smaller trades were dropped by the first link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_one_link_under_load_changes_only_that_link_and_loses_and_repeats_nothing() {
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 300.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(300.0).await;
     let dir = common::fresh_dir("chains");
-    let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 100
-
-[[source]]
-name = "binance"
-url = "{url}"
-subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
-decode = "binance"
-transforms = [
-    {{ plugin = "min-volume", config = {{ min_volume = "{MIN_VOLUME}" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "5" }} }},
-]
-"#,
-            dir = dir.display(),
-            url = sim.url(Venue::Binance),
-            params = params.join(","),
-        ),
-    )
-    .unwrap();
+    let subscribe = format!(r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#, params.join(","));
+    let source = Source::ws("binance", &sim.url(Venue::Binance), &subscribe)
+        .decode("binance")
+        .link("min-volume", &[("min_volume", MIN_VOLUME)])
+        .link("outlier-filter", &[("threshold_pct", "5")]);
+    let config = ConfigToml::new(&dir).process("max_wait_ms", 100).source(source).save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
     let mut run = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));

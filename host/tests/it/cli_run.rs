@@ -7,7 +7,24 @@ use std::time::{Duration, Instant};
 
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
+use crate::common::config::{BINANCE_BTC, ConfigToml, Source};
+
 const TOKEN: &str = "cli-run-token";
+
+/// `command` (sluice itself, or a shell that execs it) given `run --config <path>`, its stdout
+/// dropped and its stderr piped to the test.
+fn spawn_run(command: &mut Command, path: &std::path::Path) -> std::process::Child {
+    command.args(["run", "--config"]).arg(path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Runs `sluice <args>`, which must succeed and say `says` on stdout; what it printed there.
+fn succeeds_saying(args: &[&str], says: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(says), "{stdout}");
+    stdout
+}
 
 /// Every metric the book's table (`docs/src/operating/metrics.md`) lists is exported with exactly the listed labels and type, and
 /// nothing is exported that the table does not list; no series is labelled by symbol.
@@ -137,13 +154,7 @@ fn run_refuses_the_druid_sink_without_a_named_instance() {
         dir.display()
     );
     std::fs::write(&path, &text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&mut Command::new(env!("CARGO_BIN_EXE_sluice")), &path);
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(50));
@@ -164,27 +175,10 @@ async fn run_ingests_from_a_config_file_until_interrupted() {
     let path = temp("run.toml");
     // A free loopback port for the API (taken and released; nothing else here binds ports by number).
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-data_dir = "{}"
-
-[api]
-bind = "{api}"
-
-[[source]]
-name = "binance"
-url = "{}"
-plugin = "binance"
-transforms = ["outlier-filter"]
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
-"#,
-            dir.display(),
-            sim.url(Venue::Binance)
-        ),
-    )
-    .unwrap();
+    let source = Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC)
+        .set("plugin", "binance")
+        .link("outlier-filter", &[]);
+    ConfigToml::new(&dir).api_bind(&api.to_string()).source(source).save_as(&path);
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--config"])
         .arg(&path)
@@ -312,16 +306,10 @@ fn demo_with_every_venue_rolls_up_every_venues_symbols() {
     let dir = temp("demo-venues");
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let venues = "binance,coinbase,kraken,okx,bybit,bitstamp,kraken-v2,coinbase-advanced";
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--seconds", "6", "--rate", "20", "--venues", venues, "--api-addr", &api.to_string()])
-        .args(["--feed-addr", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("8 simulated venues"), "{stdout}");
+    let api = api.to_string();
+    let demo = ["demo", "--seconds", "6", "--rate", "20", "--venues", venues, "--api-addr", &api];
+    let data_dir = ["--feed-addr", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
+    let stdout = succeeds_saying(&[&demo[..], &data_dir[..]].concat(), "8 simulated venues");
     let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).unwrap();
     let rows = q.query("SELECT source, symbol, sum(events) AS n FROM rollup GROUP BY source, symbol", 100).unwrap();
     let rolled: std::collections::BTreeMap<(String, String), u64> = rows
@@ -455,13 +443,8 @@ fn a_demo_run_again_on_its_data_directory_rolls_up_the_new_trades() {
 /// sluice's, with sluice's microseconds of CPU per trade: the summary line has a number in each.
 #[test]
 fn bench_apart_reports_the_simulators_cpu_beside_sluices() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["bench", "--apart", "--feeds", "3", "--rate", "600", "--seconds", "4", "--warmup", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("the simulator runs in a process of its own"), "{stdout}");
+    let bench = ["bench", "--apart", "--feeds", "3", "--rate", "600", "--seconds", "4", "--warmup", "1"];
+    let stdout = succeeds_saying(&bench, "the simulator runs in a process of its own");
     let header = stdout.lines().find(|l| l.contains("offered/s")).unwrap();
     assert!(header.split_whitespace().rev().take(4).eq(["µs/trade", "sim%", "MB", "rss"]), "{header}");
     // The summary line's last four columns: cpu%, rss MB, sim%, µs/trade.
@@ -498,16 +481,9 @@ async fn slow_clients_do_not_keep_metrics_from_answering() {
     )
     .unwrap();
     // `exec` keeps the pid: the child is sluice itself, with the lower limit.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 128 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut shell = Command::new("sh");
+    shell.arg("-c").arg("ulimit -n 128 && exec \"$0\" \"$@\"").arg(env!("CARGO_BIN_EXE_sluice"));
+    let mut child = spawn_run(&mut shell, &path);
     // No pooled connection: each request below is a new connection, as a scrape after the attack is.
     let http = reqwest::Client::builder().timeout(Duration::from_secs(6)).pool_max_idle_per_host(0).build().unwrap();
     let metrics = format!("http://{api}/metrics");
@@ -564,34 +540,12 @@ async fn transform_rejects_are_counted_per_source_and_link_and_read_decoded() {
     let path = temp("rejects.toml");
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let recording = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/feeds/binance_us_combined_aggtrade.jsonl");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-data_dir = "{}"
-
-[api]
-bind = "{api}"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-decode = "binance"
-transforms = ["min-volume", {{ plugin = "outlier-filter", config = {{ threshold_pct = "0.001" }} }}]
-"#,
-            dir.display(),
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "sluice=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let source = Source::file("recorded", std::path::Path::new(recording))
+        .decode("binance")
+        .link("min-volume", &[])
+        .link("outlier-filter", &[("threshold_pct", "0.001")]);
+    ConfigToml::new(&dir).api_bind(&api.to_string()).source(source).save_as(&path);
+    let child = spawn_run(Command::new(env!("CARGO_BIN_EXE_sluice")).env("RUST_LOG", "sluice=info"), &path);
     let pid = child.id().to_string();
     let http = reqwest::Client::new();
     let get = |route: &str| {
@@ -687,13 +641,8 @@ fn the_demo_runs_from_its_printed_configuration() {
     assert_eq!(print(&["--config", file_arg]), printed, "the demo from the file is the default demo");
     let check = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config", file_arg]).output().unwrap();
     assert!(check.status.success(), "a valid `sluice run` configuration: {}", String::from_utf8_lossy(&check.stderr));
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["demo", "--config", file_arg, "--seconds", "5", "--rate", "20"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("3 simulated venues (binance, coinbase, kraken)"), "{stdout}");
+    let demo = ["demo", "--config", file_arg, "--seconds", "5", "--rate", "20"];
+    succeeds_saying(&demo, "3 simulated venues (binance, coinbase, kraken)");
     let q = sluice::sink::embedded::QueryConnection::open(&data.join("store.sqlite")).unwrap();
     let rows = q.query("SELECT DISTINCT source FROM rollup ORDER BY source", 10).unwrap();
     let sources: Vec<&str> = rows.iter().map(|r| r["source"].as_str().unwrap()).collect();

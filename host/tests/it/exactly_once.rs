@@ -21,13 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::config::{ConfigToml, Source, Topics};
 use common::{TestBroker, free_addr, unique_topic, with_custom_section};
-use feedsim::{FeedSim, FeedSimConfig, SentTrade, Venue};
+use feedsim::{FeedSim, SentTrade, Venue};
 use prost_reflect::{DescriptorPool, DynamicMessage};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice::sink::embedded::QueryConnection;
 
 const SYMBOLS: [&str; 2] = ["BTCUSDT", "ETHUSDT"];
@@ -54,64 +55,57 @@ struct Setup {
     log: std::path::PathBuf,
 }
 
-async fn setup(name: &str, sink: &str) -> Setup {
+/// The source's chain as most tests run it: `rescale`, passing everything.
+fn rescale(source: Source) -> Source {
+    source.link("rescale", &[])
+}
+
+/// A broker, the simulator and a configuration of Binance through `chain`, finished by `more` (a
+/// sink, plugins).
+async fn setup(name: &str, chain: impl FnOnce(Source) -> Source, more: impl FnOnce(ConfigToml) -> ConfigToml) -> Setup {
     let broker = TestBroker::start(name);
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 150.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(150.0).await;
     let dir = common::fresh_dir(name);
-    let config = dir.join("sluice.toml");
     let params: Vec<String> = SYMBOLS.iter().map(|s| format!("\"{}@aggTrade\"", s.to_lowercase())).collect();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "127.0.0.1:0"
-
-[kafka]
-brokers = "{brokers}"
-events_topic = "{events}"
-dlq_topic = "{dlq}"
-symbols_topic = "{symbols}"
-partitions = {PARTITIONS}
-{single_broker}
-{debug}
-
-[process]
-group = "{group}"
-instance = "a"
-max_wait_ms = 200
-
-[[source]]
-name = "binance"
-url = "{url}"
-decode = "binance"
-transforms = ["rescale"]
-subscribe = ['{{"method":"SUBSCRIBE","params":[{params}],"id":1}}']
-{sink}
-"#,
-            dir = dir.display(),
-            brokers = broker.bootstrap,
-            events = unique_topic("events"),
-            dlq = unique_topic("dlq"),
-            symbols = unique_topic("symbols"),
-            group = unique_topic("group"),
-            url = sim.url(Venue::Binance),
-            // librdkafka's own debug contexts (e.g. `cgrp,eos`) in the children's log, when asked for.
-            debug = std::env::var("SLUICE_TEST_KAFKA_DEBUG")
-                .map(|d| format!("options = {{ debug = \"{d}\" }}"))
-                .unwrap_or_default(),
-            params = params.join(","),
-            single_broker = common::SINGLE_BROKER,
-        ),
-    )
-    .unwrap();
+    let subscribe = format!(r#"{{"method":"SUBSCRIBE","params":[{}],"id":1}}"#, params.join(","));
+    let mut config = ConfigToml::new(&dir)
+        .api_bind("127.0.0.1:0")
+        .kafka(&broker.bootstrap, &Topics::unique(), PARTITIONS.into())
+        .process("group", unique_topic("group"))
+        .process("instance", "a")
+        .process("max_wait_ms", 200)
+        .source(chain(Source::ws("binance", &sim.url(Venue::Binance), &subscribe).decode("binance")));
+    // librdkafka's own debug contexts (e.g. `cgrp,eos`) in the children's log, when asked for.
+    if let Ok(debug) = std::env::var("SLUICE_TEST_KAFKA_DEBUG") {
+        config = config.set("kafka.options", "debug", debug);
+    }
+    let config = more(config).save();
     let log = dir.join("sluice.log");
     Setup { broker, sim: Some(sim), dir, config, log }
+}
+
+/// [`run_with_kill`] with the committed rows of `druid_topic` as the progress; then waits until the
+/// topic holds a row for every trade sent (90 s at most) and a second more, and stops the process
+/// role cleanly. The trades sent per symbol.
+async fn run_with_kill_into_druid(s: &mut Setup, druid_topic: &str) -> BTreeMap<&'static str, Vec<SentTrade>> {
+    let counter = std::sync::Mutex::new(CommittedCount::new(&s.broker.bootstrap, druid_topic));
+    let (mut process, sent) = run_with_kill(s, || counter.lock().unwrap().update()).await;
+    let total: usize = sent.values().map(Vec::len).sum();
+    assert!(total > 500, "only {total} trades sent");
+    wait_committed(|| counter.lock().unwrap().update(), &sent).await;
+    process.interrupt();
+    sent
+}
+
+/// Waits until `committed` counts a row for every trade `sent` (90 s at most), then a second more:
+/// time for a row delivered twice to show.
+async fn wait_committed(mut committed: impl FnMut() -> u64, sent: &BTreeMap<&'static str, Vec<SentTrade>>) {
+    let total: usize = sent.values().map(Vec::len).sum();
+    let start = Instant::now();
+    while (committed() as usize) < total && start.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 }
 
 /// Runs ingest and process, kills the process role with SIGKILL once `progress` reports some output,
@@ -162,19 +156,11 @@ fn want_rollup(sent: &BTreeMap<&'static str, Vec<SentTrade>>) -> BTreeMap<(Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_counts_every_trade_once_across_a_kill_9() {
-    let mut s = setup("kill-embedded", "").await;
+    let mut s = setup("kill-embedded", rescale, |config| config).await;
     let store = s.dir.join("store.sqlite");
     let rolled_up = |store: &std::path::Path| -> BTreeMap<(String, String), (i64, i64)> {
-        let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
-        let sql = "SELECT symbol, side, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY symbol, side";
-        q.query(sql, 100)
-            .unwrap_or_default()
-            .iter()
-            .map(|r| {
-                let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-                ((text("symbol"), text("side")), (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
-            })
-            .collect()
+        let sums = common::rollup_sums(store, &["symbol", "side"]).into_iter();
+        sums.map(|(key, sums)| ((key[0].clone(), key[1].clone()), sums)).collect()
     };
     let count = |m: &BTreeMap<(String, String), (i64, i64)>| m.values().map(|v| v.0 as u64).sum::<u64>();
     let (mut process, sent) = run_with_kill(&mut s, || count(&rolled_up(&store))).await;
@@ -255,12 +241,20 @@ type Posted = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
 
 /// A setup whose sink is Druid: a fresh Druid topic and a loopback Overlord.
 async fn druid_setup(name: &str) -> (Setup, String, Posted) {
+    druid_setup_with(name, rescale, |config| config).await
+}
+
+/// [`druid_setup`] with the source's `chain`, the configuration finished by `more`.
+async fn druid_setup_with(
+    name: &str,
+    chain: impl FnOnce(Source) -> Source,
+    more: impl FnOnce(ConfigToml) -> ConfigToml,
+) -> (Setup, String, Posted) {
     let druid_topic = unique_topic("druid");
     let (overlord_url, posted) = overlord().await;
-    let sink = format!(
-        "\n[sink.druid]\noverlord_url = \"{overlord_url}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n"
-    );
-    (setup(name, &sink).await, druid_topic, posted)
+    let sink =
+        |config: ConfigToml| more(config).druid(&overlord_url, &druid_topic).set("sink.druid", "datasource", "trades");
+    (setup(name, chain, sink).await, druid_topic, posted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,17 +268,7 @@ async fn druid_topic_holds_every_trade_exactly_once_across_a_kill_9() {
         .collect();
 
     let bootstrap = s.broker.bootstrap.clone();
-    let counter = std::sync::Mutex::new(CommittedCount::new(&bootstrap, &druid_topic));
-    let (mut process, sent) = run_with_kill(&mut s, || counter.lock().unwrap().update()).await;
-
-    let total: usize = sent.values().map(Vec::len).sum();
-    assert!(total > 500, "only {total} trades sent");
-    let start = Instant::now();
-    while (counter.lock().unwrap().update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    process.interrupt();
+    let sent = run_with_kill_into_druid(&mut s, &druid_topic).await;
     // A process role with its API on a known port: the supervisor's health reaches /metrics and
     // /health/ready.
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -361,12 +345,7 @@ async fn overlapping_druid_transactions_stay_exactly_once_across_a_kill_9() {
     let mut process = start_role(&s.config, "process", &s.log);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let sent = stop_feed(&mut s, &mut ingest).await;
-    let total: usize = sent.values().map(Vec::len).sum();
-    let start = Instant::now();
-    while (counter.update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_committed(|| counter.update(), &sent).await;
     process.interrupt();
     let (_, message) = generated_spec(&s);
     assert_exactly_once(&druid_rows(&bootstrap, &druid_topic, &message), &sent);
@@ -382,23 +361,12 @@ async fn overlapping_druid_transactions_stay_exactly_once_across_a_kill_9() {
 /// 1 after the kill, or a count applied twice, would show as a repeated number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn druid_sink_commits_a_stateful_links_state_across_a_kill_9() {
-    let (mut s, druid_topic, _posted) = druid_setup("state-druid").await;
-    let text = std::fs::read_to_string(&s.config).unwrap();
-    let chain = r#"transforms = [{ plugin = "chaos", config = { mode = "count" } }]"#;
-    let plugin = format!("\n[plugins.chaos]\npath = \"{}/chaos.wasm\"\n", env!("SLUICE_PLUGIN_DIR"));
-    std::fs::write(&s.config, text.replacen(r#"transforms = ["rescale"]"#, chain, 1) + &plugin).unwrap();
+    let counting = |source: Source| source.link("chaos", &[("mode", "count")]);
+    let (mut s, druid_topic, _posted) =
+        druid_setup_with("state-druid", counting, |config| config.plugin("chaos", "chaos.wasm")).await;
     let (_, message) = generated_spec(&s);
     let bootstrap = s.broker.bootstrap.clone();
-    let counter = std::sync::Mutex::new(CommittedCount::new(&bootstrap, &druid_topic));
-    let (mut process, sent) = run_with_kill(&mut s, || counter.lock().unwrap().update()).await;
-    let total: usize = sent.values().map(Vec::len).sum();
-    assert!(total > 500, "only {total} trades sent");
-    let start = Instant::now();
-    while (counter.lock().unwrap().update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    process.interrupt();
+    let sent = run_with_kill_into_druid(&mut s, &druid_topic).await;
     let log = std::fs::read_to_string(&s.log).unwrap();
     assert!(log.matches("role=Process").count() >= 2, "the process role did not restart:\n{log}");
 
@@ -521,12 +489,7 @@ async fn two_process_instances_share_partitions_through_rebalances() {
     let mut second_role = start_role(&second, "process", &s.log);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = stop_feed(&mut s, &mut ingest).await;
-    let total: usize = sent.values().map(Vec::len).sum();
-    let start = Instant::now();
-    while (counter.update() as usize) < total && start.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_committed(|| counter.update(), &sent).await;
     second_role.interrupt();
     first.interrupt();
     let rows = druid_rows(&bootstrap, &druid_topic, &message);
@@ -554,19 +517,7 @@ fn generated_spec(s: &Setup) -> (serde_json::Value, prost_reflect::MessageDescri
 /// A reader of every partition of `topic` from the start, seeing committed data only (as Druid's
 /// supervisor reads with the generated spec).
 fn read_committed(bootstrap: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    consumer
+    common::committed_reader(bootstrap, topic, PARTITIONS)
 }
 
 /// A JSON call to a child's API with the token; answers (status, body).
@@ -770,7 +721,7 @@ async fn plugin_versions_swap_under_load_with_every_trade_delivered_once() {
 /// what was lost while it was down is the venue's trades nobody read (counted as gaps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_of_the_ingest_role_loses_nothing_that_reached_kafka_and_duplicates_nothing() {
-    let mut s = setup("kill-ingest", "").await;
+    let mut s = setup("kill-ingest", rescale, |config| config).await;
     let store = s.dir.join("store.sqlite");
     let text = std::fs::read_to_string(&s.config).unwrap();
     let events = text
@@ -860,7 +811,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// a noida-db server of the test's own (`noida-db` on the PATH, as CI installs it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_stopped_for_30_s_loses_nothing_counted() {
-    let mut s = setup("broker-stop", "").await;
+    let mut s = setup("broker-stop", rescale, |config| config).await;
     let broker_dir = s.dir.join("broker");
     std::fs::create_dir_all(&broker_dir).unwrap();
     let port = free_addr().rsplit(':').next().unwrap().to_owned();

@@ -13,17 +13,12 @@ use crate::common;
 mod disk;
 
 use common::SluiceProcess;
+use common::api_get as get;
+use common::config::{BINANCE_BTC, COINBASE_ETH, ConfigToml, Source};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("faults-{name}"))
-}
-
-async fn get(api: &str, path: &str) -> serde_json::Value {
-    match reqwest::get(format!("http://{api}{path}")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
 }
 
 /// The events the store rolled up per source, and its dead letters per source.
@@ -49,42 +44,15 @@ async fn a_hanging_link_holds_its_source_and_the_others_go_on() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 200.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = temp_dir("hanging");
     let api = common::free_addr();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "binance"
-url = "{binance}"
-decode = "binance"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
-transforms = [{{ plugin = "chaos", config = {{ mode = "loop" }} }}]
-
-[[source]]
-name = "coinbase"
-url = "{coinbase}"
-decode = "coinbase"
-subscribe = ['{{"type":"subscribe","product_ids":["ETH-USD"],"channels":["matches"]}}']
-"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            binance = sim.url(Venue::Binance),
-            coinbase = sim.url(Venue::Coinbase),
-        ),
-    )
-    .unwrap();
+    let binance = Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC).decode("binance");
+    let coinbase = Source::ws("coinbase", &sim.url(Venue::Coinbase), COINBASE_ETH).decode("coinbase");
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .process("max_wait_ms", 50)
+        .plugin("chaos", "chaos.wasm")
+        .source(binance.link("chaos", &[("mode", "loop")]))
+        .source(coinbase)
+        .save();
     let log = dir.join("sluice.log");
     let store = dir.join("store.sqlite");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
@@ -158,18 +126,16 @@ async fn many_sources_with_chains_start_and_deliver() {
         .collect();
     std::fs::write(&recording, format!("{}\n", lines.join("\n"))).unwrap();
     let api = common::free_addr();
-    let mut text =
-        format!("data_dir = \"{}\"\n\n[api]\nbind = \"{api}\"\n\n[process]\nmax_wait_ms = 50\n", dir.display());
+    let mut config = ConfigToml::new(&dir).api_bind(&api).process("max_wait_ms", 50);
     const SOURCES: usize = 150;
     for i in 0..SOURCES {
-        text.push_str(&format!(
-            "\n[[source]]\nname = \"recording-{i}\"\nkind = \"file\"\npath = \"{}\"\ndecode = \"binance\"\n\
-             transforms = [\"outlier-filter\", {{ plugin = \"min-volume\", config = {{ min_volume = \"0.5\" }} }}]\n",
-            recording.display()
-        ));
+        let source = Source::file(&format!("recording-{i}"), &recording)
+            .decode("binance")
+            .link("outlier-filter", &[])
+            .link("min-volume", &[("min_volume", "0.5")]);
+        config = config.source(source);
     }
-    let config = dir.join("sluice.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = config.save();
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     let started = Instant::now();

@@ -9,17 +9,12 @@ use std::time::{Duration, Instant};
 use crate::common;
 
 use common::SluiceProcess;
+use common::api_get as get;
+use common::config::{BINANCE_BTC, ConfigToml, Source};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("faults-ingest-{name}"))
-}
-
-async fn get(api: &str, path: &str) -> serde_json::Value {
-    match reqwest::get(format!("http://{api}{path}")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
 }
 
 async fn metrics(api: &str) -> String {
@@ -79,31 +74,13 @@ async fn a_venue_that_floods_pings_and_never_reads_is_reconnected_and_a_stop_wor
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = temp_dir("ping-flood");
     let api = common::free_addr();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[[source]]
-name = "binance"
-url = "{binance}"
-decode = "binance"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}}']
-ping_interval_ms = 500
-write_timeout_ms = 1000
-reconnect_min_ms = 100
-reconnect_max_ms = 500
-"#,
-            dir = dir.display(),
-            binance = sim.url(Venue::Binance),
-        ),
-    )
-    .unwrap();
+    let source = Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC)
+        .decode("binance")
+        .set("ping_interval_ms", 500)
+        .set("write_timeout_ms", 1000)
+        .set("reconnect_min_ms", 100)
+        .set("reconnect_max_ms", 500);
+    let config = ConfigToml::new(&dir).api_bind(&api).source(source).save();
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     let api = api.as_str();
@@ -160,33 +137,12 @@ async fn a_flood_of_fresh_symbol_names_leaves_memory_and_the_dictionary_bounded(
     }
     let path = dir.join("flood.jsonl");
     std::fs::write(&path, recording).unwrap();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[plugins.binance]
-max_symbols = 100
-
-[[source]]
-name = "flood"
-kind = "file"
-path = "{path}"
-decode = "binance"
-"#,
-            dir = dir.display(),
-            path = path.display(),
-        ),
-    )
-    .unwrap();
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .process("max_wait_ms", 50)
+        .set("plugins.binance", "max_symbols", 100)
+        .source(Source::file("flood", &path).decode("binance"))
+        .save();
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     let api = api.as_str();

@@ -229,10 +229,7 @@ async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
     let writer = Arc::new(sluice::log::Writer::Local(
         log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap(),
     ));
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 100.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(100.0).await;
     let symbols = Arc::new(Symbols::new());
     let rt =
         Runtime::new(RuntimeSettings { max_instances: 16, ..RuntimeSettings::default() }, symbols.clone()).unwrap();

@@ -17,58 +17,26 @@ use sluice::sink::embedded::QueryConnection;
 use crate::common;
 
 use common::SluiceProcess;
+use common::config::{BINANCE_BTC, BINANCE_BTC_ETH, COINBASE_BTC, ConfigToml, KRAKEN_XBT, Source};
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     common::fresh_dir(&format!("local-log-{name}"))
 }
 
 fn write_config(dir: &std::path::Path, sim: &FeedSim) -> std::path::PathBuf {
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "127.0.0.1:0"
-
-[process]
-max_wait_ms = 100
-
-[[source]]
-name = "binance"
-url = "{binance}"
-plugin = "binance"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-
-[[source]]
-name = "coinbase"
-url = "{coinbase}"
-plugin = "coinbase"
-subscribe = ['{{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}}']
-"#,
-            dir = dir.display(),
-            binance = sim.url(Venue::Binance),
-            coinbase = sim.url(Venue::Coinbase),
-        ),
-    )
-    .unwrap();
-    config
+    // `plugin` names the decoder (the key `decode` replaced; both are read).
+    ConfigToml::new(dir)
+        .api_bind("127.0.0.1:0")
+        .process("max_wait_ms", 100)
+        .source(Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC_ETH).set("plugin", "binance"))
+        .source(Source::ws("coinbase", &sim.url(Venue::Coinbase), COINBASE_BTC).set("plugin", "coinbase"))
+        .save()
 }
 
 /// Rolled-up events and exact quantity sums per (source, symbol).
 fn rolled_up(store: &std::path::Path) -> BTreeMap<(String, String), (i64, i64)> {
-    let Ok(q) = QueryConnection::open(store) else { return BTreeMap::new() };
-    let sql = "SELECT source, symbol, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY source, symbol";
-    q.query(sql, 1000)
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            ((text("source"), text("symbol")), (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
-        })
-        .collect()
+    let sums = common::rollup_sums(store, &["source", "symbol"]).into_iter();
+    sums.map(|(key, sums)| ((key[0].clone(), key[1].clone()), sums)).collect()
 }
 
 fn total(m: &BTreeMap<(String, String), (i64, i64)>) -> i64 {
@@ -110,10 +78,7 @@ fn store_position(store: &std::path::Path) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_holds_every_logged_record_once_across_three_kill_9s() {
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 120.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(120.0).await;
     let dir = temp_dir("kill");
     let config = write_config(&dir, &sim);
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
@@ -243,17 +208,11 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
         assert!(start.elapsed() < Duration::from_secs(60), "no progress:\n{}", std::fs::read_to_string(&log).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let admin = rusqlite::Connection::open(&store).unwrap();
-    admin.busy_timeout(Duration::from_secs(10)).unwrap();
-    admin
-        .execute_batch(
-            "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'the disk is gone'); END;",
-        )
-        .unwrap();
+    let down = common::StoreDown::start(&store, "the disk is gone");
     let stuck = store_position(&store);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(store_position(&store), stuck, "a commit went through while the sink was down");
-    admin.execute_batch("DROP TRIGGER down").unwrap();
+    down.restore();
     // Caught up: the position reaches the log's end while the stream goes on.
     let start = Instant::now();
     loop {
@@ -289,21 +248,15 @@ async fn source_ids_survive_a_reordered_config() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 50.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = temp_dir("source-ids");
     let (store, log_file, log) = (dir.join("store.sqlite"), dir.join("log.sqlite"), dir.join("sluice.log"));
-    let source = |name: &str, venue: Venue, subscribe: &str| {
-        format!(
-            "[[source]]\nname = \"{name}\"\nurl = \"{}\"\nplugin = \"{name}\"\nsubscribe = ['{subscribe}']\n",
-            sim.url(venue)
-        )
-    };
-    let binance = source("binance", Venue::Binance, r#"{"method":"SUBSCRIBE","params":["btcusdt@aggTrade"],"id":1}"#);
-    let coinbase =
-        source("coinbase", Venue::Coinbase, r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["matches"]}"#);
-    let kraken =
-        source("kraken", Venue::Kraken, r#"{"event":"subscribe","pair":["XBT/USD"],"subscription":{"name":"trade"}}"#);
-    let head = format!("data_dir = \"{}\"\n[api]\nbind = \"127.0.0.1:0\"\n", dir.display());
-    let config = dir.join("sluice.toml");
+    let source =
+        |name: &str, venue: Venue, subscribe: &str| Source::ws(name, &sim.url(venue), subscribe).set("plugin", name);
+    let binance = source("binance", Venue::Binance, BINANCE_BTC);
+    let coinbase = source("coinbase", Venue::Coinbase, COINBASE_BTC);
+    let kraken = source("kraken", Venue::Kraken, KRAKEN_XBT);
     for (run, sources) in [(1, vec![&binance, &coinbase]), (2, vec![&kraken, &coinbase, &binance])] {
-        std::fs::write(&config, format!("{head}{}", sources.iter().map(|s| s.as_str()).collect::<String>())).unwrap();
+        let config =
+            sources.into_iter().fold(ConfigToml::new(&dir).api_bind("127.0.0.1:0"), |c, s| c.source(s.clone()));
+        let config = config.save();
         let before = total(&rolled_up(&store));
         let mut child = SluiceProcess::run(&config, &log, &[], None);
         let start = Instant::now();
@@ -364,18 +317,12 @@ async fn a_recorded_file_replays_through_decode_into_the_store() {
         }
     }
     let dir = temp_dir("replay");
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{dir}\"\n[api]\nbind = \"127.0.0.1:0\"\n[process]\nmax_wait_ms = 100\n\n\
-             [[source]]\nname = \"fast\"\nkind = \"file\"\npath = \"{path}\"\nplugin = \"binance\"\n\n\
-             [[source]]\nname = \"paced\"\nkind = \"file\"\npath = \"{path}\"\nrate = 20\nplugin = \"binance\"\n",
-            dir = dir.display(),
-            path = fixture.display()
-        ),
-    )
-    .unwrap();
+    let config = ConfigToml::new(&dir)
+        .api_bind("127.0.0.1:0")
+        .process("max_wait_ms", 100)
+        .source(Source::file("fast", &fixture).set("plugin", "binance"))
+        .source(Source::file("paced", &fixture).set("rate", 20).set("plugin", "binance"))
+        .save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let started = Instant::now();
     let mut run = SluiceProcess::run(&config, &log, &[], None);

@@ -15,7 +15,7 @@
 
 use crate::common;
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -38,6 +38,13 @@ fn plugin(name: &str) -> PathBuf {
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("feeds").join(name)
+}
+
+/// The arguments of a command, each anything that reads as an OS string (`&str`, a path).
+macro_rules! args {
+    ($($arg:expr),* $(,)?) => {
+        [$(std::ffi::OsString::from(AsRef::<OsStr>::as_ref(&$arg))),*]
+    };
 }
 
 /// Runs `sluice plugin test <args>`.
@@ -82,6 +89,26 @@ fn summary(stderr: &[&str]) -> serde_json::Value {
     let line = stderr.iter().find(|l| l.starts_with(r#"{"summary""#)).expect("a summary line on stderr");
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     v["summary"].clone()
+}
+
+/// A Binance combined-stream aggTrade frame of BTCUSDT: trade `trade_id` at `price` for `qty`.
+fn btc_frame(trade_id: u64, price: &str, qty: &str) -> String {
+    format!(
+        r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"{qty}","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
+    )
+}
+
+/// `lines` as the frames file of `test`, a frame a line.
+fn frames_file(test: &str, lines: &[impl AsRef<str>]) -> TempFile {
+    let lines: Vec<&str> = lines.iter().map(AsRef::as_ref).collect();
+    TempFile::new(test, "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes())
+}
+
+/// `sluice plugin test` of the test plugin `name` on `frames` decoded by `binance`, with `more`
+/// arguments.
+fn on_binance_frames(name: &str, frames: &TempFile, more: &[&str]) -> Output {
+    let decoded = args![plugin(name), "--frames", frames.path(), "--decode-with", plugin("binance")];
+    plugin_test(decoded.into_iter().chain(more.iter().map(OsString::from)))
 }
 
 /// A file under the temp folder, unique to this process and test, removed when dropped.
@@ -339,13 +366,7 @@ fn check_fixture(plugin_name: &str, fixture_name: &str, expected: fn(&str) -> Ve
     assert!(!want.is_empty(), "{fixture_name} has no trades");
 
     let plugin_path = plugin(plugin_name);
-    let out = plugin_test([
-        plugin_path.as_os_str(),
-        "--frames".as_ref(),
-        path.as_os_str(),
-        "--source-id".as_ref(),
-        "7".as_ref(),
-    ]);
+    let out = plugin_test(args![plugin_path, "--frames", path, "--source-id", "7"]);
     let (stdout, stderr) = succeeded(&out);
     assert!(stderr.is_empty(), "{fixture_name}: unexpected stderr:\n{}", stderr.join("\n"));
     let got = records(&stdout, 7);
@@ -403,9 +424,9 @@ fn rejected_frames_are_reported_with_their_line_and_the_rest_still_decodes() {
     let bad_price = good.replace(r#""p":"0.35280000""#, r#""p":"1.2.3""#);
     assert_ne!(bad_price, good);
     let lines = [good, "", "not json", r#"{"result":null,"id":1}"#, &bad_price];
-    let frames = TempFile::new("rejects", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let frames = frames_file("rejects", &lines);
 
-    let out = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    let out = plugin_test(args![plugin("binance"), "--frames", frames.path()]);
     let (stdout, stderr) = succeeded(&out);
     assert_eq!(records(&stdout, 0), binance_expected(good), "stdout:\n{}", stdout.join("\n"));
 
@@ -422,16 +443,9 @@ fn rejected_frames_are_reported_with_their_line_and_the_rest_still_decodes() {
 #[test]
 fn expect_compares_with_a_golden_file_and_shows_the_first_difference() {
     let frames_path = fixture("binance_combined_aggtrade.jsonl");
-    let run = |expect: &std::path::Path| {
-        plugin_test([
-            plugin("binance").as_os_str(),
-            "--frames".as_ref(),
-            frames_path.as_os_str(),
-            "--expect".as_ref(),
-            expect.as_os_str(),
-        ])
-    };
-    let first = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), frames_path.as_os_str()]);
+    let run =
+        |expect: &std::path::Path| plugin_test(args![plugin("binance"), "--frames", frames_path, "--expect", expect]);
+    let first = plugin_test(args![plugin("binance"), "--frames", frames_path]);
     let (stdout, _) = succeeded(&first);
     assert!(stdout.len() >= 2);
     let golden = TempFile::new("expect", "expected.jsonl", format!("{}\n", stdout.join("\n")).as_bytes());
@@ -485,23 +499,14 @@ fn frames_that_give_no_record_are_warned_about_and_fail_with_strict() {
 
 #[test]
 fn transform_only_plugin_runs_on_frames_decoded_by_another() {
-    let frame = |trade_id: u64, price: &str| {
-        format!(
-            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
-        )
-    };
-    let lines = [frame(101, "100.00000000"), frame(102, "150.00000000"), frame(103, "100.50000000")];
-    let frames = TempFile::new("transform", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let lines = [
+        btc_frame(101, "100.00000000", "1.00000000"),
+        btc_frame(102, "150.00000000", "1.00000000"),
+        btc_frame(103, "100.50000000", "1.00000000"),
+    ];
+    let frames = frames_file("transform", &lines);
 
-    let out = plugin_test([
-        plugin("outlier_filter").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--config".as_ref(),
-        "threshold_pct=1".as_ref(),
-    ]);
+    let out = on_binance_frames("outlier_filter", &frames, &["--config", "threshold_pct=1"]);
     let (stdout, stderr) = succeeded(&out);
     let want: Vec<Trade> = [&lines[0], &lines[2]].into_iter().flat_map(|l| binance_expected(l)).collect();
     let got = records(&stdout, 0);
@@ -524,26 +529,10 @@ fn transform_only_plugin_runs_on_frames_decoded_by_another() {
 /// source id (`chaos` in mode `source`) is printed with the `--source-id` the decoder's records got.
 #[test]
 fn a_transforms_records_keep_the_source_id_the_host_stamps() {
-    let frame = |trade_id: u64| {
-        format!(
-            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"100.00000000","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
-        )
-    };
-    let lines = [frame(201), frame(202)];
-    let frames = TempFile::new("stamp", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
-    let out = plugin_test([
-        plugin("chaos").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--source-id".as_ref(),
-        "3".as_ref(),
-        "--config".as_ref(),
-        "mode=source".as_ref(),
-        "--config".as_ref(),
-        "source_id=9".as_ref(),
-    ]);
+    let lines = [btc_frame(201, "100.00000000", "1.00000000"), btc_frame(202, "100.00000000", "1.00000000")];
+    let frames = frames_file("stamp", &lines);
+    let stamped = ["--source-id", "3", "--config", "mode=source", "--config", "source_id=9"];
+    let out = on_binance_frames("chaos", &frames, &stamped);
     let (stdout, _) = succeeded(&out);
     let want: Vec<Trade> = lines.iter().flat_map(|l| binance_expected(l)).collect();
     assert_eq!(records(&stdout, 3), want, "stdout:\n{}", stdout.join("\n"));
@@ -553,27 +542,15 @@ fn a_transforms_records_keep_the_source_id_the_host_stamps() {
 /// link's rejects name it.
 #[test]
 fn then_runs_a_chain_of_transforms_in_order() {
-    let frame = |trade_id: u64, price: &str, qty: &str| {
-        format!(
-            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"{qty}","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
-        )
-    };
     // 102 is an outlier (refused by the first link), 103 is small (dropped by rescale's min_volume).
-    let lines =
-        [frame(101, "100.00000000", "2.0"), frame(102, "150.00000000", "2.0"), frame(103, "100.50000000", "0.5")];
-    let frames = TempFile::new("chain", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let lines = [
+        btc_frame(101, "100.00000000", "2.0"),
+        btc_frame(102, "150.00000000", "2.0"),
+        btc_frame(103, "100.50000000", "0.5"),
+    ];
+    let frames = frames_file("chain", &lines);
     let rescale = format!("{},min_volume=1,scale=2", plugin("rescale").display());
-    let out = plugin_test([
-        plugin("outlier_filter").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--config".as_ref(),
-        "threshold_pct=1".as_ref(),
-        "--then".as_ref(),
-        rescale.as_ref(),
-    ]);
+    let out = on_binance_frames("outlier_filter", &frames, &["--config", "threshold_pct=1", "--then", &rescale]);
     let (stdout, stderr) = succeeded(&out);
     let got = records(&stdout, 0);
     // Only 101 is left, its price doubled by the second link.
@@ -583,15 +560,15 @@ fn then_runs_a_chain_of_transforms_in_order() {
     // The same chain written as links alone, `--decode-with A --then B --then C`: the same records;
     // the outlier's reject now names its link.
     let outlier = format!("{},threshold_pct=1", plugin("outlier_filter").display());
-    let out = plugin_test([
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--then".as_ref(),
-        outlier.as_ref(),
-        "--then".as_ref(),
-        rescale.as_ref(),
+    let out = plugin_test(args![
+        "--frames",
+        frames.path(),
+        "--decode-with",
+        plugin("binance"),
+        "--then",
+        outlier,
+        "--then",
+        rescale
     ]);
     let (links_stdout, links_stderr) = succeeded(&out);
     assert_eq!(links_stdout, stdout);
@@ -599,15 +576,7 @@ fn then_runs_a_chain_of_transforms_in_order() {
     assert!(links_stderr[0].contains("outlier_filter"), "{}", links_stderr[0]);
     // A link that refuses names itself.
     let strict = format!("{},min_volume=1,scale=-1", plugin("rescale").display());
-    let out = plugin_test([
-        plugin("outlier_filter").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--then".as_ref(),
-        strict.as_ref(),
-    ]);
+    let out = on_binance_frames("outlier_filter", &frames, &["--then", &strict]);
     assert!(!out.status.success(), "a negative scale must not start");
     assert!(text(&out.stderr).contains("rescale"), "{}", text(&out.stderr));
 }
@@ -618,15 +587,13 @@ fn then_runs_a_chain_of_transforms_in_order() {
 /// rejects name it.
 #[test]
 fn a_sources_chain_runs_from_the_config_file() {
-    let frame = |trade_id: u64, price: &str, qty: &str| {
-        format!(
-            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"{qty}","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
-        )
-    };
     // 102 is small (dropped by min-volume), 103 an outlier (refused by outlier-filter).
-    let lines =
-        [frame(101, "100.00000000", "2.0"), frame(102, "100.10000000", "0.5"), frame(103, "150.00000000", "2.0")];
-    let frames = TempFile::new("from-config", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let lines = [
+        btc_frame(101, "100.00000000", "2.0"),
+        btc_frame(102, "100.10000000", "0.5"),
+        btc_frame(103, "150.00000000", "2.0"),
+    ];
+    let frames = frames_file("from-config", &lines);
     let config = format!(
         r#"
 [plugins.doubling]
@@ -649,16 +616,7 @@ decode = "binance"
         rescale = plugin("rescale").display()
     );
     let config = TempFile::new("from-config", "sluice.toml", config.as_bytes());
-    let run = |source: &str| {
-        plugin_test([
-            "--from".as_ref(),
-            config.path().as_os_str(),
-            "--source".as_ref(),
-            source.as_ref(),
-            "--frames".as_ref(),
-            frames.path().as_os_str(),
-        ])
-    };
+    let run = |source: &str| plugin_test(args!["--from", config.path(), "--source", source, "--frames", frames.path()]);
     let out = run("chained");
     let (stdout, stderr) = succeeded(&out);
     let got = records(&stdout, 0);
@@ -673,14 +631,14 @@ decode = "binance"
     assert_eq!(prices, [(101, 200_00000000), (102, 200_20000000), (103, 300_00000000)]);
     // An unknown source is a clear error; a positional plugin cannot be given with it.
     failed_saying(&run("nope"), &["no source named \"nope\""]);
-    let out = plugin_test([
-        plugin("binance").as_os_str(),
-        "--from".as_ref(),
-        config.path().as_os_str(),
-        "--source".as_ref(),
-        "chained".as_ref(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
+    let out = plugin_test(args![
+        plugin("binance"),
+        "--from",
+        config.path(),
+        "--source",
+        "chained",
+        "--frames",
+        frames.path()
     ]);
     assert!(!out.status.success() && text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
 }
@@ -693,13 +651,8 @@ decode = "binance"
 #[test]
 fn state_is_shown_written_and_read_back() {
     use plugin_sdk::state::StateCodec;
-    let frame = |trade_id: u64, price: &str| {
-        format!(
-            r#"{{"stream":"btcusdt@aggTrade","data":{{"e":"aggTrade","E":1700000000{trade_id:03},"s":"BTCUSDT","a":{trade_id},"p":"{price}","q":"1.00000000","f":{trade_id},"l":{trade_id},"T":1700000000{trade_id:03},"m":false,"M":true}}}}"#
-        )
-    };
-    let lines = [frame(101, "100.00000000"), frame(102, "100.50000000")];
-    let frames = TempFile::new("state", "frames.jsonl", format!("{}\n", lines.join("\n")).as_bytes());
+    let lines = [btc_frame(101, "100.00000000", "1.00000000"), btc_frame(102, "100.50000000", "1.00000000")];
+    let frames = frames_file("state", &lines);
     let state_out = TempFile::new("state", "state-out.jsonl", b"");
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let encoded = |v: &dyn Fn(&mut Vec<u8>)| {
@@ -707,19 +660,10 @@ fn state_is_shown_written_and_read_back() {
         v(&mut out);
         hex(&out)
     };
-    let (outlier, binance) = (plugin("outlier_filter"), plugin("binance"));
+    let outlier = plugin("outlier_filter");
     let run = |extra: &[&OsStr]| {
-        let mut args: Vec<&OsStr> = vec![
-            outlier.as_os_str(),
-            "--frames".as_ref(),
-            frames.path().as_os_str(),
-            "--decode-with".as_ref(),
-            binance.as_os_str(),
-            "--config".as_ref(),
-            "threshold_pct=1".as_ref(),
-        ];
-        args.extend_from_slice(extra);
-        plugin_test(args)
+        let more: Vec<&str> = extra.iter().map(|a| a.to_str().unwrap()).collect();
+        on_binance_frames("outlier_filter", &frames, &[&["--config", "threshold_pct=1"], &more[..]].concat())
     };
 
     // A fresh run accepts both trades and ends with 100.5 as the reference of the one symbol.
@@ -855,7 +799,7 @@ fn missing_plugin_file_fails() {
     let frames = TempFile::new("missing_plugin", "frames.jsonl", b"{}\n");
     let missing =
         std::env::temp_dir().join(format!("sluice-plugin-test-cli-{}-no-such-plugin.wasm", std::process::id()));
-    let out = plugin_test([missing.as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    let out = plugin_test(args![missing, "--frames", frames.path()]);
     failed_saying(&out, &["cannot read plugin", &missing.display().to_string()]);
 }
 
@@ -863,7 +807,7 @@ fn missing_plugin_file_fails() {
 fn missing_frames_file_fails() {
     let missing =
         std::env::temp_dir().join(format!("sluice-plugin-test-cli-{}-no-such-frames.jsonl", std::process::id()));
-    let out = plugin_test([plugin("binance").as_os_str(), "--frames".as_ref(), missing.as_os_str()]);
+    let out = plugin_test(args![plugin("binance"), "--frames", missing]);
     failed_saying(&out, &["cannot read frames", &missing.display().to_string()]);
 }
 
@@ -871,7 +815,7 @@ fn missing_frames_file_fails() {
 fn text_file_as_plugin_fails() {
     let frames = TempFile::new("text_plugin", "frames.jsonl", b"{}\n");
     let not_wasm = TempFile::new("text_plugin", "plugin.wasm", b"this is not a wasm file, just some text\n");
-    let out = plugin_test([not_wasm.path().as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    let out = plugin_test(args![not_wasm.path(), "--frames", frames.path()]);
     failed_saying(&out, &["cannot load plugin", &not_wasm.path().display().to_string(), "not a WebAssembly binary"]);
 }
 
@@ -879,46 +823,28 @@ fn text_file_as_plugin_fails() {
 fn core_module_as_plugin_fails() {
     let frames = TempFile::new("core_module", "frames.jsonl", b"{}\n");
     let core = TempFile::new("core_module", "plugin.wasm", b"\0asm\x01\0\0\0");
-    let out = plugin_test([core.path().as_os_str(), "--frames".as_ref(), frames.path().as_os_str()]);
+    let out = plugin_test(args![core.path(), "--frames", frames.path()]);
     failed_saying(&out, &["cannot load plugin", "core wasm module, not a component"]);
 }
 
 #[test]
 fn failing_init_fails_with_the_plugins_message() {
     let frames = TempFile::new("init_error", "frames.jsonl", b"{}\n");
-    let out = plugin_test([
-        plugin("chaos").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--config".as_ref(),
-        "init_error=boom".as_ref(),
-    ]);
+    let out = plugin_test(args![plugin("chaos"), "--frames", frames.path(), "--config", "init_error=boom"]);
     failed_saying(&out, &["init failed", "boom"]);
 }
 
 #[test]
 fn unknown_config_key_fails() {
     let frames = TempFile::new("unknown_key", "frames.jsonl", b"{}\n");
-    let out = plugin_test([
-        plugin("binance").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--config".as_ref(),
-        "nope=1".as_ref(),
-    ]);
+    let out = plugin_test(args![plugin("binance"), "--frames", frames.path(), "--config", "nope=1"]);
     failed_saying(&out, &["init failed", "nope"]);
 }
 
 #[test]
 fn config_argument_without_equals_fails() {
     let frames = TempFile::new("bad_config_arg", "frames.jsonl", b"{}\n");
-    let out = plugin_test([
-        plugin("binance").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--config".as_ref(),
-        "nope".as_ref(),
-    ]);
+    let out = plugin_test(args![plugin("binance"), "--frames", frames.path(), "--config", "nope"]);
     failed_saying(&out, &["--config", "KEY=VALUE", "nope"]);
 }
 
@@ -926,15 +852,7 @@ fn config_argument_without_equals_fails() {
 fn output_records_that_are_not_stream_data_fail_the_run() {
     let line = r#"{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.5","q":"2","T":1,"m":false}"#;
     let frames = TempFile::new("bad_record", "frames.jsonl", format!("{line}\n").as_bytes());
-    let out = plugin_test([
-        plugin("chaos").as_os_str(),
-        "--frames".as_ref(),
-        frames.path().as_os_str(),
-        "--decode-with".as_ref(),
-        plugin("binance").as_os_str(),
-        "--config".as_ref(),
-        "mode=bad-record".as_ref(),
-    ]);
+    let out = on_binance_frames("chaos", &frames, &["--config", "mode=bad-record"]);
     failed_saying(&out, &["transforming records 0..0", "plugin returned invalid output: output record 0"]);
 }
 

@@ -17,6 +17,7 @@ use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
 
 use crate::common;
 
+use common::config::{self, BINANCE_BTC_ETH, ConfigToml, Source};
 use common::{SluiceProcess, TestBroker, api_call, free_addr, read_topic, unique_topic};
 
 const TOKEN: &str = "replay-test-token";
@@ -52,15 +53,20 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
     let mut out = Buckets::new();
     for (_, bytes) in sluice::log::local::read_all(&log).unwrap() {
-        let v = StreamDataView::parse(&bytes).unwrap();
-        let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
-        let side = if v.is_buy { "buy" } else { "sell" };
-        let e = out.entry((bucket, symbols[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
-        e.0 += 1;
-        e.1 += v.volume_e8;
-        e.2 = e.2.max(v.price_e8);
+        roll_up(&mut out, &bytes, &symbols);
     }
     out
+}
+
+/// The record `bytes` rolled up into `buckets` by minute, symbol (named by `symbols`) and side.
+fn roll_up(buckets: &mut Buckets, bytes: &[u8], symbols: &BTreeMap<u32, String>) {
+    let v = StreamDataView::parse(bytes).unwrap();
+    let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
+    let side = if v.is_buy { "buy" } else { "sell" };
+    let e = buckets.entry((bucket, symbols[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
+    e.0 += 1;
+    e.1 += v.volume_e8;
+    e.2 = e.2.max(v.price_e8);
 }
 
 /// A running `sluice run` whose Binance source's chain is one link, `prices`, doubling prices
@@ -84,44 +90,23 @@ fn events(t: &Buckets) -> i64 {
 /// A running `sluice run` on the local log, returned once the store has rolled up `events_first`
 /// trades.
 async fn run_live(name: &str, rate: f64, events_first: i64) -> Live {
-    let live = start_live(name, rate, "").await;
+    let live = start_live(name, rate, |config| config).await;
     live.wait_for_rollup(events_first).await;
     live
 }
 
-async fn start_live(name: &str, rate: f64, handoff: &str) -> Live {
+/// The live instance: Binance on the simulator at `rate` trades a second through `prices` (the
+/// doubling plugin), its configuration finished by `handoff` (a `[kafka]` table, a sink).
+async fn start_live(name: &str, rate: f64, handoff: impl FnOnce(ConfigToml) -> ConfigToml) -> Live {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate, ..FeedSimConfig::default() }).await.unwrap();
     let dir = common::fresh_dir(&format!("replay-{name}"));
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 100
-group = "{group}"
-instance = "a"
-
-[plugins.prices]
-path = "{plugins}/double_price.wasm"
-
-[[source]]
-name = "binance"
-url = "{url}"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-decode = "binance"
-transforms = ["prices"]
-{handoff}
-"#,
-            dir = dir.display(),
-            group = unique_topic("replay-group"),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            url = sim.url(Venue::Binance),
-        ),
-    )
-    .unwrap();
+    let config = ConfigToml::new(&dir)
+        .process("max_wait_ms", 100)
+        .process("group", unique_topic("replay-group"))
+        .process("instance", "a")
+        .plugin("prices", "double_price.wasm")
+        .source(Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC_ETH).decode("binance").link("prices", &[]));
+    let config = handoff(config).save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let api = free_addr();
     let process = SluiceProcess::run(&config, &log, &["--api-addr", &api], Some(TOKEN));
@@ -286,29 +271,11 @@ async fn a_replay_into_its_own_table_uses_the_current_versions_and_leaves_live_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_into_rollup_counts_live_records_arriving_during_it_once() {
     let mut live = run_live("rollup", 500.0, 500).await;
-    let (dir, config, store) = (live.dir.clone(), live.config.clone(), live.store.clone());
+    let (dir, store) = (live.dir.clone(), live.store.clone());
     let http = reqwest::Client::new();
     activate_the_fix(&http, &live.api).await;
     // The replay, while trades keep flowing into the live role.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["replay", "--config"])
-                .arg(&config)
-                .args(["--since", "0"])
-                .env_remove("RUST_LOG")
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("replayed into rollup"), "{stdout}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    live.sim.take().unwrap().shutdown().await;
+    let stdout = replay_into_rollup(&mut live).await;
     let start = Instant::now();
     while events(&table(&store, "rollup")) < events(&expected_from_log(&dir))
         && start.elapsed() < Duration::from_secs(30)
@@ -372,31 +339,25 @@ const PARTITIONS: i32 = 3;
 /// The test's topics on the broker, named for this run.
 struct Topics {
     bootstrap: String,
-    events: String,
-    symbols: String,
-    dlq: String,
+    names: config::Topics,
+}
+
+impl std::ops::Deref for Topics {
+    type Target = config::Topics;
+
+    fn deref(&self) -> &config::Topics {
+        &self.names
+    }
 }
 
 impl Topics {
     fn new(broker: &TestBroker) -> Self {
-        Topics {
-            bootstrap: broker.bootstrap.clone(),
-            events: unique_topic("events"),
-            symbols: unique_topic("symbols"),
-            dlq: unique_topic("dlq"),
-        }
+        Topics { bootstrap: broker.bootstrap.clone(), names: config::Topics::unique() }
     }
 
-    /// The `[kafka]` table for them.
-    fn toml(&self) -> String {
-        format!(
-            "\n[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\nsymbols_topic = \"{}\"\ndlq_topic = \"{}\"\npartitions = {PARTITIONS}\n{}",
-            self.bootstrap,
-            self.events,
-            self.symbols,
-            self.dlq,
-            common::SINGLE_BROKER
-        )
+    /// `config` with the `[kafka]` table for them.
+    fn kafka(&self, config: ConfigToml) -> ConfigToml {
+        config.kafka(&self.bootstrap, &self.names, PARTITIONS.into())
     }
 
     fn consumer(&self) -> BaseConsumer {
@@ -430,13 +391,7 @@ impl Topics {
         assert_eq!(records.len(), want, "the events topic was not read whole");
         let mut out = Buckets::new();
         for m in &records {
-            let v = StreamDataView::parse(&m.payload).unwrap();
-            let bucket = v.timestamp_ms.div_euclid(60_000) * 60_000;
-            let side = if v.is_buy { "buy" } else { "sell" };
-            let e = out.entry((bucket, names[&v.symbol_id].clone(), side.to_owned())).or_insert((0, 0, i64::MIN));
-            e.0 += 1;
-            e.1 += v.volume_e8;
-            e.2 = e.2.max(v.price_e8);
+            roll_up(&mut out, &m.payload, &names);
         }
         out
     }
@@ -483,6 +438,28 @@ async fn cancelled_job(http: &reqwest::Client, api: &str, into: &str) -> serde_j
     }
 }
 
+/// `sluice replay --since 0` on `live`'s configuration into `rollup` while trades flow, which must
+/// succeed and say so; then the venue stops, 1.5 s later. What the replay printed.
+async fn replay_into_rollup(live: &mut Live) -> String {
+    let config = live.config.clone();
+    let replay = move || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["replay", "--config"])
+            .arg(&config)
+            .args(["--since", "0"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::spawn_blocking(replay).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("replayed into rollup"), "{stdout}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    live.sim.take().unwrap().shutdown().await;
+    stdout.into_owned()
+}
+
 fn group_of(config: &std::path::Path) -> String {
     sluice::config::Config::load(config).unwrap().process.group
 }
@@ -506,32 +483,14 @@ fn only(t: &Buckets, keep: impl Fn(i64) -> bool) -> Buckets {
 async fn a_replay_from_kafka_rebuilds_the_range_exactly_while_the_live_role_goes_on() {
     let broker = TestBroker::start("replay-kafka");
     let topics = Topics::new(&broker);
-    let mut live = start_live("kafka", 500.0, &topics.toml()).await;
+    let mut live = start_live("kafka", 500.0, |config| topics.kafka(config)).await;
     live.wait_for_rollup(500).await;
     let (config, store) = (live.config.clone(), live.store.clone());
     let group = group_of(&config);
     let http = reqwest::Client::new();
     activate_the_fix(&http, &live.api).await;
     // Into `rollup`, while trades keep flowing into the live role.
-    let out = tokio::task::spawn_blocking({
-        let config = config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["replay", "--config"])
-                .arg(&config)
-                .args(["--since", "0"])
-                .env_remove("RUST_LOG")
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("replayed into rollup"), "{stdout}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    live.sim.take().unwrap().shutdown().await;
+    let stdout = replay_into_rollup(&mut live).await;
     let start = Instant::now();
     while events(&table(&store, "rollup")) < topics.len(&topics.events, PARTITIONS) as i64
         && start.elapsed() < Duration::from_secs(30)
@@ -625,19 +584,7 @@ fn druid_rows(bootstrap: &str, topic: &str, spec: &serde_json::Value) -> Vec<ser
         base64::engine::general_purpose::STANDARD.decode(decoder["descriptorString"].as_str().unwrap()).unwrap();
     let pool = prost_reflect::DescriptorPool::decode(descriptor.as_slice()).unwrap();
     let message = pool.get_message_by_name(decoder["protoMessageType"].as_str().unwrap()).unwrap();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = common::committed_reader_to_end(bootstrap, topic, PARTITIONS);
     let mut rows = Vec::new();
     let mut ended = std::collections::BTreeSet::new();
     let start = Instant::now();
@@ -690,12 +637,14 @@ async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generate
     let topics = Topics::new(&broker);
     let druid_topic = unique_topic("druid");
     // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
-    let handoff = format!(
-        "{}\n[sink.druid]\noverlord_url = \"http://{}\"\ndatasource = \"trades\"\ntopic = \"{druid_topic}\"\n",
-        topics.toml(),
-        free_addr()
-    );
-    let mut live = start_live("druid", 300.0, &handoff).await;
+    let handoff = |config: ConfigToml| {
+        topics.kafka(config).druid(&format!("http://{}", free_addr()), &druid_topic).set(
+            "sink.druid",
+            "datasource",
+            "trades",
+        )
+    };
+    let mut live = start_live("druid", 300.0, handoff).await;
     let group = group_of(&live.config);
     let live_spec = {
         let cfg = sluice::config::Config::load(&live.config).unwrap();
@@ -931,19 +880,7 @@ impl Trades {
 /// (time, symbol, side, price e8, quantity e8), sorted.
 fn sink_rows(bootstrap: &str, topic: &str) -> Vec<(i64, String, String, i64, i64)> {
     use prost::Message as _;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", unique_topic("druid-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let consumer = common::committed_reader_to_end(bootstrap, topic, PARTITIONS);
     let (mut rows, mut ended, start) = (Vec::new(), std::collections::BTreeSet::new(), Instant::now());
     while ended.len() < PARTITIONS as usize {
         assert!(start.elapsed() < Duration::from_secs(30), "{topic} was not read to its end");
@@ -1007,49 +944,29 @@ async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: 
     let trades = Trades::new(&topics).await;
     let dir = common::fresh_dir(&format!("replay-{name}"));
     let druid_topic = unique_topic("druid");
-    let sink = if druid {
-        // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
-        format!(
-            "\n[sink.druid]\noverlord_url = \"http://{}\"\ntopic = \"{druid_topic}\"\nsegment_granularity = \"MINUTE\"\n",
-            free_addr()
-        )
-    } else {
-        String::new()
-    };
     let group = unique_topic("replay-group");
-    let config = dir.join("sluice.toml");
     std::fs::write(dir.join("none.jsonl"), "").unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[process]
-max_wait_ms = 50
-group = "{group}"
-instance = "a"
-checkpoint_interval_ms = 100
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{dir}/none.jsonl"
-decode = "binance"
-transforms = [
-    {{ plugin = "chaos", config = {{ mode = "count" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
-]
-{kafka}{sink}"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            kafka = topics.toml(),
-        ),
-    )
-    .unwrap();
+    let source = Source::file("recorded", &dir.join("none.jsonl"))
+        .decode("binance")
+        .link("chaos", &[("mode", "count")])
+        .link("outlier-filter", &[("threshold_pct", "1")]);
+    let mut config = ConfigToml::new(&dir)
+        .process("max_wait_ms", 50)
+        .process("group", group.as_str())
+        .process("instance", "a")
+        .process("checkpoint_interval_ms", 100)
+        .plugin("chaos", "chaos.wasm")
+        .source(source);
+    config = topics.kafka(config);
+    if druid {
+        // An Overlord nobody answers at: the sink keeps trying to apply its spec; rows flow regardless.
+        config = config.druid(&format!("http://{}", free_addr()), &druid_topic).set(
+            "sink.druid",
+            "segment_granularity",
+            "MINUTE",
+        );
+    }
+    let config = config.save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let mut live = SluiceProcess::run(&config, &log, &["--role", "process", "--api-addr", &free_addr()], None);
     // Where the live role stands: the store's committed positions, or the group's with Druid.

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use crate::common;
 
 use common::SluiceProcess;
+use common::api_get as get;
+use common::config::{COINBASE_ADVANCED_BTC, COINBASE_ETH, ConfigToml, KRAKEN_V2_BTC, KRAKEN_XBT, Source, Topics};
 
 fn temp_dir(name: &str) -> PathBuf {
     common::fresh_dir(&format!("restarts-{name}"))
@@ -55,48 +57,61 @@ fn recording(path: &Path, n: u64) {
     std::fs::write(path, text).unwrap();
 }
 
-fn write_config(dir: &Path, recording: &Path, rate: u32, api: &str) -> PathBuf {
-    write_config_with(dir, recording, rate, api, "")
+/// The recording at `recording` replayed at `rate` lines a second (0: as fast as it goes) through
+/// the stateful chain, with the API on `api`.
+fn config(dir: &Path, recording: &Path, rate: u32, api: &str) -> ConfigToml {
+    let source = Source::file("recorded", recording)
+        .set("rate", rate)
+        .decode("binance")
+        .link("chaos", &[("mode", "count"), ("trap_on_trade_id", &POISON.to_string())])
+        .link("outlier-filter", &[("threshold_pct", "1")]);
+    ConfigToml::new(dir)
+        .api_bind(api)
+        .process("max_wait_ms", 50)
+        .process("checkpoint_interval_ms", 100)
+        .plugin("chaos", "chaos.wasm")
+        .source(source)
 }
 
-/// [`write_config`] with `extra` (say, a `[kafka]` table) at its end.
-fn write_config_with(dir: &Path, recording: &Path, rate: u32, api: &str, extra: &str) -> PathBuf {
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
+/// A fresh data directory `dir` holding a recording of `lines` lines, `file`, and the configuration
+/// `config` replaying it at `rate` through the stateful chain (`more` adds to it: a `[kafka]`
+/// table), the API on `api`; the instance's `store` and `log` (its log lines) there.
+struct Recorded {
+    dir: PathBuf,
+    file: PathBuf,
+    api: String,
+    config: PathBuf,
+    store: PathBuf,
+    log: PathBuf,
+}
 
-[api]
-bind = "{api}"
+fn recorded(name: &str, lines: u64, rate: u32, more: impl FnOnce(ConfigToml) -> ConfigToml) -> Recorded {
+    let dir = temp_dir(name);
+    let file = dir.join("trades.jsonl");
+    recording(&file, lines);
+    let api = common::free_addr();
+    let config = more(config(&dir, &file, rate, &api)).save();
+    Recorded { store: dir.join("store.sqlite"), log: dir.join("sluice.log"), dir, file, api, config }
+}
 
-[process]
-max_wait_ms = 50
-checkpoint_interval_ms = 100
+/// `sluice run` on `config`, which must refuse to start; what it said.
+fn refused_start(config: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    err
+}
 
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-rate = {rate}
-decode = "binance"
-transforms = [
-    {{ plugin = "chaos", config = {{ mode = "count", trap_on_trade_id = "{POISON}" }} }},
-    {{ plugin = "outlier-filter", config = {{ threshold_pct = "1" }} }},
-]
-{extra}
-"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            recording = recording.display(),
-        ),
-    )
-    .unwrap();
-    config
+/// Runs `sluice run <extra...>` on `config` until the recording is finished and read, then stops
+/// it cleanly.
+async fn run_to_the_end(config: &Path, api: &str, log: &Path, extra: &[&str]) {
+    let mut run = SluiceProcess::run(config, log, extra, None);
+    wait_finished(api, log).await;
+    run.interrupt();
 }
 
 /// The store's rollup, bucket by bucket, in its exact columns (events, the e8 quantity sum, the
@@ -176,13 +191,6 @@ fn dead_letters(file: &Path) -> Vec<(String, String, String, String, String)> {
     out
 }
 
-async fn get(api: &str, path: &str) -> serde_json::Value {
-    match reqwest::get(format!("http://{api}{path}")).await {
-        Ok(r) => r.json().await.unwrap_or_default(),
-        Err(_) => serde_json::Value::Null,
-    }
-}
-
 /// Waits until the source shows as finished and the store has read the whole log.
 async fn wait_finished(api: &str, log: &Path) {
     wait_finished_but(api, log, 0).await
@@ -221,14 +229,8 @@ struct Straight {
 /// The recording of `lines` lines run straight through on a fresh data directory, checked against
 /// what the recording alone implies.
 async fn straight_through(name: &str, lines: u64) -> Straight {
-    let straight = temp_dir(name);
-    let file = straight.join("trades.jsonl");
-    recording(&file, lines);
-    let api = common::free_addr();
-    let config = write_config(&straight, &file, 0, &api);
-    let mut run = SluiceProcess::run(&config, &straight.join("sluice.log"), &[], None);
-    wait_finished(&api, &straight.join("sluice.log")).await;
-    run.interrupt();
+    let Recorded { dir: straight, api, config, .. } = recorded(name, lines, 0, |c| c);
+    run_to_the_end(&config, &api, &straight.join("sluice.log"), &[]).await;
     let want = Straight {
         rollup: rollup(&straight.join("store.sqlite")),
         decode: dead_letters(&straight.join("log.sqlite")),
@@ -255,6 +257,22 @@ async fn straight_through(name: &str, lines: u64) -> Straight {
     want
 }
 
+/// The recording of `lines` lines run straight through (see [`straight_through`]), then the same
+/// recording as `name` at `rate`, started with `token` and running until `events` are rolled up.
+async fn straight_then_running(
+    name: &str,
+    lines: u64,
+    rate: u32,
+    token: Option<&str>,
+    events: i64,
+) -> (Straight, Recorded, SluiceProcess) {
+    let want = straight_through(&format!("straight-{name}"), lines).await;
+    let recorded = recorded(name, lines, rate, |c| c);
+    let run = SluiceProcess::run(&recorded.config, &recorded.log, &[], token);
+    wait_events(&recorded.store, events, &recorded.log).await;
+    (want, recorded, run)
+}
+
 /// The contract of a restart, end to end: a recording killed three times mid-run equals a run
 /// straight through, bucket by bucket and dead letter by dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,12 +282,7 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
         straight_through("straight", lines).await;
 
     // Paced at 4,000 lines/s (3 s), killed with SIGKILL three times at different points.
-    let killed = temp_dir("killed");
-    let file = killed.join("trades.jsonl");
-    recording(&file, lines);
-    let api = common::free_addr();
-    let config = write_config(&killed, &file, 4000, &api);
-    let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
+    let Recorded { dir: killed, file, api, config, store, log } = recorded("killed", lines, 4000, |c| c);
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     for more in [1_500, 2_200, 2_900] {
         wait_events(&store, events(&store) + more, &log).await;
@@ -293,13 +306,7 @@ async fn a_file_source_killed_three_times_equals_a_run_straight_through() {
 
     // Another recording under the same path is refused, naming the source, and changes nothing.
     recording(&file, 100);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_start(&config);
     assert!(err.contains("source \"recorded\"") && err.contains("changed since it was read"), "{err}");
     assert_eq!(rollup(&store), want);
     let _ = std::fs::remove_dir_all(killed);
@@ -316,22 +323,10 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let Straight { rollup: want, decode: want_decode, transform: want_transform } =
         straight_through("kafka-straight", lines).await;
     let broker = common::TestBroker::start("restart-files");
-    let killed = temp_dir("kafka-killed");
-    let file = killed.join("trades.jsonl");
-    recording(&file, lines);
-    let api = common::free_addr();
-    let dlq = common::unique_topic("dlq");
-    let kafka = format!(
-        "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{}\"\ndlq_topic = \"{dlq}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 2\n{}",
-        broker.bootstrap,
-        common::unique_topic("events"),
-        common::unique_topic("symbols"),
-        common::unique_topic("files"),
-        common::SINGLE_BROKER,
-    );
-    let config = write_config_with(&killed, &file, 4000, &api, &kafka);
-    let (store, log) = (killed.join("store.sqlite"), killed.join("sluice.log"));
+    let topics = Topics::unique();
+    let dlq = &topics.dlq;
+    let Recorded { dir: killed, api, config, store, log, .. } =
+        recorded("kafka-killed", lines, 4000, |c| c.kafka(&broker.bootstrap, &topics, 2));
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     for more in [1_500, 2_200, 2_900] {
         wait_events(&store, events(&store) + more, &log).await;
@@ -347,7 +342,7 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
     let header = |m: &common::ReadMessage, key: &str| {
         m.headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
     };
-    let letters = common::read_topic(&broker.bootstrap, &dlq, 2, want_decode.len() + 1, Duration::from_secs(5));
+    let letters = common::read_topic(&broker.bootstrap, dlq, 2, want_decode.len() + 1, Duration::from_secs(5));
     let mut decode: Vec<_> = letters
         .iter()
         .map(|m| {
@@ -373,52 +368,17 @@ async fn on_kafka_a_file_source_killed_three_times_equals_a_run_straight_through
 /// snapshot, Coinbase Exchange a `last_match`), and Kraken v1, which sends neither.
 fn venues_config(dir: &Path, sim: &feedsim::FeedSim, api: &str) -> PathBuf {
     use feedsim::Venue;
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[[source]]
-name = "kraken-v2"
-url = "{kraken_v2}"
-decode = "kraken-v2"
-subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC/USD"]}}}}']
-
-[[source]]
-name = "coinbase-advanced"
-url = "{advanced}"
-decode = "coinbase-advanced"
-subscribe = ['{{"type":"subscribe","product_ids":["BTC-USD"],"channel":"market_trades"}}']
-
-[[source]]
-name = "coinbase"
-url = "{coinbase}"
-decode = "coinbase"
-subscribe = ['{{"type":"subscribe","product_ids":["ETH-USD"],"channels":["matches"]}}']
-
-[[source]]
-name = "kraken"
-url = "{kraken}"
-decode = "kraken"
-subscribe = ['{{"event":"subscribe","pair":["XBT/USD"],"subscription":{{"name":"trade"}}}}']
-"#,
-            dir = dir.display(),
-            kraken_v2 = sim.url(Venue::KrakenV2),
-            advanced = sim.url(Venue::CoinbaseAdvanced),
-            coinbase = sim.url(Venue::Coinbase),
-            kraken = sim.url(Venue::Kraken),
-        ),
-    )
-    .unwrap();
-    config
+    ConfigToml::new(dir)
+        .api_bind(api)
+        .process("max_wait_ms", 50)
+        .source(Source::ws("kraken-v2", &sim.url(Venue::KrakenV2), KRAKEN_V2_BTC).decode("kraken-v2"))
+        .source(
+            Source::ws("coinbase-advanced", &sim.url(Venue::CoinbaseAdvanced), COINBASE_ADVANCED_BTC)
+                .decode("coinbase-advanced"),
+        )
+        .source(Source::ws("coinbase", &sim.url(Venue::Coinbase), COINBASE_ETH).decode("coinbase"))
+        .source(Source::ws("kraken", &sim.url(Venue::Kraken), KRAKEN_XBT).decode("kraken"))
+        .save()
 }
 
 /// Waits until every source of this incarnation has decoded more than `records` records, and returns
@@ -445,11 +405,8 @@ async fn wait_records(api: &str, log: &Path, records: u64) -> BTreeMap<String, u
 /// no snapshot brought back are exactly the ones counted as downtime gaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downtime() {
-    use feedsim::{FeedSim, FeedSimConfig, Venue};
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 80.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    use feedsim::Venue;
+    let sim = common::recording_sim(80.0).await;
     let dir = temp_dir("venues");
     let api = common::free_addr();
     let config = venues_config(&dir, &sim, &api);
@@ -515,15 +472,8 @@ async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downti
 /// range and runs the records from there without writing them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_mid_stream_with_the_stateful_chain_equals_the_live_buckets() {
-    let dir = temp_dir("replay-state");
-    let file = dir.join("trades.jsonl");
-    recording(&file, 12_000);
-    let api = common::free_addr();
-    let config = write_config(&dir, &file, 4000, &api);
-    let log = dir.join("sluice.log");
-    let mut run = SluiceProcess::run(&config, &log, &[], None);
-    wait_finished(&api, &log).await;
-    run.interrupt();
+    let Recorded { dir, api, config, .. } = recorded("replay-state", 12_000, 4000, |c| c);
+    run_to_the_end(&config, &api, &dir.join("sluice.log"), &[]).await;
     let store = dir.join("store.sqlite");
     let live = rollup(&store);
     // The recording's trades span eight minutes from this time: start the range in the middle.
@@ -556,18 +506,10 @@ async fn a_replay_from_mid_stream_with_the_stateful_chain_equals_the_live_bucket
 /// at the swap (a count restarted at 1 would change every later volume and outlier decision).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_swap_of_the_same_state_format_loses_no_reference() {
-    let lines = 12_000;
-    let want = straight_through("straight-swap", lines).await;
-    let dir = temp_dir("swap");
-    let file = dir.join("trades.jsonl");
-    recording(&file, lines);
-    let api = common::free_addr();
+    let (lines, token) = (12_000, "swap-token");
     // Paced so the upload and activation (a compile, slow on a loaded machine) land in the first half.
-    let config = write_config(&dir, &file, 500, &api);
-    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
-    let token = "swap-token";
-    let mut run = SluiceProcess::run(&config, &log, &[], Some(token));
-    wait_events(&store, 1_000, &log).await;
+    let (want, Recorded { dir, api, store, log, .. }, mut run) =
+        straight_then_running("swap", lines, 500, Some(token), 1_000).await;
     let chaos = std::fs::read(format!("{}/chaos.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
     let rebuilt = common::with_custom_section(&chaos, "swap");
     let http = reqwest::Client::new();
@@ -603,27 +545,13 @@ async fn a_hot_swap_of_the_same_state_format_loses_no_reference() {
 /// the result equals a run straight through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_chain_through_a_store_failing_for_10_s_equals_a_run_straight_through() {
-    let lines = 12_000;
-    let want = straight_through("straight-sink", lines).await;
-    let dir = temp_dir("sink-down");
-    let file = dir.join("trades.jsonl");
-    recording(&file, lines);
-    let api = common::free_addr();
-    let config = write_config(&dir, &file, 4000, &api);
-    let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
-    let mut run = SluiceProcess::run(&config, &log, &[], None);
-    wait_events(&store, 1_500, &log).await;
-    let admin = rusqlite::Connection::open(&store).unwrap();
-    admin.busy_timeout(Duration::from_secs(10)).unwrap();
-    admin
-        .execute_batch(
-            "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, 'the disk is gone'); END;",
-        )
-        .unwrap();
+    let (want, Recorded { dir, api, store, log, .. }, mut run) =
+        straight_then_running("sink-down", 12_000, 4000, None, 1_500).await;
+    let down = common::StoreDown::start(&store, "the disk is gone");
     let stuck = events(&store);
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(events(&store), stuck, "a commit went through while the store was down");
-    admin.execute_batch("DROP TRIGGER down").unwrap();
+    down.restore();
     wait_finished(&api, &log).await;
     run.interrupt();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -640,15 +568,8 @@ async fn a_stateful_chain_through_a_store_failing_for_10_s_equals_a_run_straight
 /// row the store counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
-    let dir = temp_dir("lost-tail");
-    let file = dir.join("trades.jsonl");
-    recording(&file, 2_000);
-    let api = common::free_addr();
-    let config = write_config(&dir, &file, 0, &api);
-    let log = dir.join("sluice.log");
-    let mut run = SluiceProcess::run(&config, &log, &[], None);
-    wait_finished(&api, &log).await;
-    run.interrupt();
+    let Recorded { dir, file, api, config, log, .. } = recorded("lost-tail", 2_000, 0, |c| c);
+    run_to_the_end(&config, &api, &log, &[]).await;
     let saved = dir.join("saved");
     std::fs::create_dir_all(&saved).unwrap();
     for f in ["log.sqlite", "log.sqlite-wal", "log.sqlite-shm"] {
@@ -660,22 +581,15 @@ async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
     let longer = std::fs::read_to_string(dir.join("more.jsonl")).unwrap();
     more.push_str(&longer[more.len()..]);
     std::fs::write(&file, more).unwrap();
-    let mut run = SluiceProcess::run(&config, &log, &[], None);
-    wait_finished(&api, &log).await;
-    run.interrupt();
+    run_to_the_end(&config, &api, &log, &[]).await;
     let counted = rollup(&dir.join("store.sqlite"));
     // The log loses what it committed since the copy.
     for f in ["log.sqlite", "log.sqlite-wal", "log.sqlite-shm"] {
         let _ = std::fs::remove_file(dir.join(f));
         let _ = std::fs::copy(saved.join(f), dir.join(f));
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--resume-past-lost-log-tail"), "{err}");
+    let err = refused_start(&config);
+    assert!(err.contains("--resume-past-lost-log-tail"), "{err}");
     let mut run = SluiceProcess::run(&config, &log, &["--resume-past-lost-log-tail"], None);
     wait_finished(&api, &log).await;
     let status = get(&api, "/v1/log").await;
@@ -698,52 +612,20 @@ async fn a_log_that_lost_its_tail_is_refused_then_resumed_past_it_on_request() {
 /// trade id once, and the ids it lacks are exactly the ones counted as sent while sluice was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka_a_restart_knows_from_the_topics_tail_what_was_delivered() {
-    use feedsim::{FeedSim, FeedSimConfig, Venue};
+    use feedsim::Venue;
     let broker = common::TestBroker::start("restart-tail");
-    let sim =
-        FeedSim::start(FeedSimConfig { trades_per_second: 80.0, record_trades: true, ..FeedSimConfig::default() })
-            .await
-            .unwrap();
+    let sim = common::recording_sim(80.0).await;
     let dir = temp_dir("kafka-tail");
     let api = common::free_addr();
-    let events = common::unique_topic("events");
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[kafka]
-brokers = "{brokers}"
-events_topic = "{events}"
-dlq_topic = "{dlq}"
-symbols_topic = "{symbols}"
-partitions = 2
-{single_broker}
-[process]
-group = "{group}"
-max_wait_ms = 50
-
-[[source]]
-name = "kraken-v2"
-url = "{url}"
-decode = "kraken-v2"
-subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC/USD"]}}}}']
-"#,
-            dir = dir.display(),
-            brokers = broker.bootstrap,
-            dlq = common::unique_topic("dlq"),
-            symbols = common::unique_topic("symbols"),
-            group = common::unique_topic("group"),
-            url = sim.url(Venue::KrakenV2),
-            single_broker = common::SINGLE_BROKER,
-        ),
-    )
-    .unwrap();
+    let topics = Topics::unique();
+    let events = &topics.events;
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .kafka(&broker.bootstrap, &topics, 2)
+        .process("group", common::unique_topic("group"))
+        .process("max_wait_ms", 50)
+        .source(Source::ws("kraken-v2", &sim.url(Venue::KrakenV2), KRAKEN_V2_BTC).decode("kraken-v2"))
+        .save();
     let log = dir.join("sluice.log");
     let source = |sources: &serde_json::Value, key: &str| sources["sources"][0][key].as_u64().unwrap_or(0);
     let mut run = SluiceProcess::run(&config, &log, &[], None);
@@ -771,7 +653,7 @@ subscribe = ['{{"method":"subscribe","params":{{"channel":"trade","symbol":["BTC
     run.interrupt();
     sim.shutdown().await;
     let text = std::fs::read_to_string(&log).unwrap();
-    let messages = common::read_topic(&broker.bootstrap, &events, 2, usize::MAX, Duration::from_secs(10));
+    let messages = common::read_topic(&broker.bootstrap, events, 2, usize::MAX, Duration::from_secs(10));
     let mut ids: Vec<u64> =
         messages.iter().map(|m| plugin_sdk::StreamDataView::parse(&m.payload).unwrap().trade_id).collect();
     let count = ids.len();
@@ -798,21 +680,10 @@ async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
     let broker = common::TestBroker::start("restart-deleted");
-    let dir = temp_dir("kafka-deleted");
-    let file = dir.join("trades.jsonl");
-    recording(&file, 1_000);
-    let api = common::free_addr();
-    let events_topic = common::unique_topic("events");
-    let kafka = format!(
-        "[kafka]\nbrokers = \"{}\"\nevents_topic = \"{events_topic}\"\ndlq_topic = \"{}\"\nsymbols_topic = \"{}\"\n\
-         files_topic = \"{}\"\npartitions = 1\n{}",
-        broker.bootstrap,
-        common::unique_topic("dlq"),
-        common::unique_topic("symbols"),
-        common::unique_topic("files"),
-        common::SINGLE_BROKER,
-    );
-    let config = write_config_with(&dir, &file, 0, &api, &kafka);
+    let topics = Topics::unique();
+    let events_topic = &topics.events;
+    let Recorded { dir, api, config, .. } =
+        recorded("kafka-deleted", 1_000, 0, |c| c.kafka(&broker.bootstrap, &topics, 1));
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     // Every record of the recording in the topic (999: one line is cut short) and in the store.
@@ -841,7 +712,7 @@ async fn on_kafka_records_deleted_unread_stop_the_process_role_until_skipped() {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
     let mut cut = rdkafka::TopicPartitionList::new();
-    cut.add_partition_offset(&events_topic, 0, rdkafka::Offset::Offset(committed + 5)).unwrap();
+    cut.add_partition_offset(events_topic, 0, rdkafka::Offset::Offset(committed + 5)).unwrap();
     admin.delete_records(&cut, &AdminOptions::new()).await.unwrap();
 
     // The role stops on them, and keeps saying why.
@@ -898,36 +769,13 @@ async fn a_link_added_over_the_api_runs_from_the_next_poll_and_survives_a_kill()
     let lines = 9_000;
     recording(&file, lines);
     let api = common::free_addr();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{dir}"
-
-[api]
-bind = "{api}"
-
-[process]
-max_wait_ms = 50
-
-[plugins.chaos]
-path = "{plugins}/chaos.wasm"
-
-[[source]]
-name = "recorded"
-kind = "file"
-path = "{recording}"
-rate = 500
-decode = "binance"
-transforms = [{{ plugin = "chaos", config = {{ mode = "count" }} }}]
-"#,
-            dir = dir.display(),
-            plugins = env!("SLUICE_PLUGIN_DIR"),
-            recording = file.display(),
-        ),
-    )
-    .unwrap();
+    let source = Source::file("recorded", &file).set("rate", 500).decode("binance").link("chaos", &[("mode", "count")]);
+    let config = ConfigToml::new(&dir)
+        .api_bind(&api)
+        .process("max_wait_ms", 50)
+        .plugin("chaos", "chaos.wasm")
+        .source(source)
+        .save();
     let (store, log) = (dir.join("store.sqlite"), dir.join("sluice.log"));
     let token = "chain-token";
     let http = reqwest::Client::new();

@@ -1,4 +1,6 @@
-//! Helpers shared by the integration tests: a Kafka-protocol broker and a topic reader.
+//! Helpers shared by the integration tests: a Kafka-protocol broker and a topic reader, a live
+//! `sluice` process, a configuration builder ([`config`]) and the process role run in the test
+//! ([`role`]).
 //!
 //! Tests use the broker named by `SLUICE_TEST_BROKERS` (CI starts a real noida-db server and sets
 //! it); without it they start noida-db's broker in process (a dev-dependency), on a free loopback port.
@@ -12,6 +14,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub mod broker;
+pub mod config;
+pub mod role;
 
 use broker::EmbeddedBroker;
 
@@ -100,20 +104,40 @@ pub struct ReadMessage {
     pub headers: Vec<(String, String)>,
 }
 
-/// Reads every partition of `topic` from the beginning until `want` messages arrived or `deadline`
-/// passed, and returns what it read.
-pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, want: usize, deadline: Duration) -> Vec<ReadMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A reader of `topic`'s partitions `0..partitions` from their start, in a consumer group of its own,
+/// that sees committed records only (as Druid's supervisor reads them).
+pub fn committed_reader(bootstrap: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    reader_with(bootstrap, topic, partitions, &[])
+}
+
+/// [`committed_reader`], which also reports each partition's end as `KafkaError::PartitionEOF`.
+pub fn committed_reader_to_end(bootstrap: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    reader_with(bootstrap, topic, partitions, &[("enable.partition.eof", "true")])
+}
+
+fn reader_with(bootstrap: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reader-{}", unique_topic("g")))
+        .set("group.id", unique_topic("reader"))
         .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        .set("isolation.level", "read_committed");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Reads every partition of `topic` from the beginning until `want` messages arrived or `deadline`
+/// passed, and returns what it read.
+pub fn read_topic(bootstrap: &str, topic: &str, partitions: i32, want: usize, deadline: Duration) -> Vec<ReadMessage> {
+    let consumer = committed_reader(bootstrap, topic, partitions);
     let mut out = Vec::new();
     let start = Instant::now();
     while out.len() < want && start.elapsed() < deadline {
@@ -177,9 +201,62 @@ impl Drop for SluiceProcess {
     }
 }
 
+/// Makes the embedded store at `store` refuse every commit (a trigger on its positions, raising
+/// `message`) until [`StoreDown::restore`]: a sink that is down.
+pub struct StoreDown(rusqlite::Connection);
+
+impl StoreDown {
+    pub fn start(store: &Path, message: &str) -> Self {
+        let admin = rusqlite::Connection::open(store).unwrap();
+        admin.busy_timeout(Duration::from_secs(10)).unwrap();
+        admin
+            .execute_batch(&format!(
+                "CREATE TRIGGER down BEFORE UPDATE ON consumer_offsets BEGIN SELECT RAISE(ABORT, '{message}'); END;"
+            ))
+            .unwrap();
+        StoreDown(admin)
+    }
+
+    pub fn restore(self) {
+        self.0.execute_batch("DROP TRIGGER down").unwrap();
+    }
+}
+
+/// The feed simulator at `rate` trades a second per feed, keeping every trade it sent (for tests
+/// that compare what arrived with what was sent).
+pub async fn recording_sim(rate: f64) -> feedsim::FeedSim {
+    let config = feedsim::FeedSimConfig { trades_per_second: rate, record_trades: true, ..Default::default() };
+    feedsim::FeedSim::start(config).await.unwrap()
+}
+
+/// Events and exact quantity sums (`qty_sum_e8`) of the embedded store's rollup per value of the
+/// columns `by` (nothing while the store is not there yet).
+pub fn rollup_sums(store: &Path, by: &[&str]) -> std::collections::BTreeMap<Vec<String>, (i64, i64)> {
+    let Ok(q) = sluice::sink::embedded::QueryConnection::open(store) else { return Default::default() };
+    let columns = by.join(", ");
+    let sql = format!("SELECT {columns}, sum(events) AS n, sum(qty_sum_e8) AS q FROM rollup GROUP BY {columns}");
+    q.query(&sql, 10_000)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let key = by.iter().map(|c| r[*c].as_str().unwrap_or_default().to_owned()).collect();
+            (key, (r["n"].as_i64().unwrap_or(0), r["q"].as_i64().unwrap_or(0)))
+        })
+        .collect()
+}
+
 /// A loopback address nothing listens on yet.
 pub fn free_addr() -> String {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// `GET http://<api><path>` as JSON: `null` while nothing answers there (an instance starting or
+/// stopped) or when the body is not JSON.
+pub async fn api_get(api: &str, path: &str) -> serde_json::Value {
+    match reqwest::get(format!("http://{api}{path}")).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// A JSON call to a child's API with `token`; answers (status, body).

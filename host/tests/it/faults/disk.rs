@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 
+use crate::common::config::{BINANCE_BTC_ETH, ConfigToml, Source};
 use crate::common::{SluiceProcess, SmallDisk, free_addr};
 
 /// A series' value in a `/metrics` answer (0 when absent).
@@ -56,33 +57,13 @@ async fn a_full_disk_is_refused_counted_and_survived_and_a_stop_works() {
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 2000.0, ..FeedSimConfig::default() }).await.unwrap();
     let dir = crate::common::fresh_dir("faults-disk");
     let api = free_addr();
-    let config = dir.join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-data_dir = "{data}"
-
-[api]
-bind = "{api}"
-
-[log]
-reserve_bytes = 1048576
-
-[process]
-max_wait_ms = 50
-
-[[source]]
-name = "binance"
-url = "{binance}"
-plugin = "binance"
-subscribe = ['{{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","ethusdt@aggTrade"],"id":1}}']
-"#,
-            data = disk.dir.display(),
-            binance = sim.url(Venue::Binance),
-        ),
-    )
-    .unwrap();
+    // The configuration beside the test's log; the data directory on the small disk.
+    let config = ConfigToml::new(&disk.dir)
+        .api_bind(&api)
+        .set("log", "reserve_bytes", 1048576)
+        .process("max_wait_ms", 50)
+        .source(Source::ws("binance", &sim.url(Venue::Binance), BINANCE_BTC_ETH).set("plugin", "binance"))
+        .save_as(&dir.join("sluice.toml"));
     let log = dir.join("sluice.log");
     let mut run = SluiceProcess::run(&config, &log, &[], None);
     let (metrics_url, ready_url) = (format!("http://{api}/metrics"), format!("http://{api}/health/ready"));
