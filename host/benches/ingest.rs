@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 use sluice::config::SourceConfig;
+use sluice::ingest::{Ingest, IngestSettings};
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::pipeline::{Ingest, IngestSettings};
 use sluice::plugin::registry::Slot;
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
@@ -47,7 +47,7 @@ async fn throughput(rate_per_symbol: f64, sources: usize, symbols_per_source: us
     let kafka = KafkaConfig { replication_factor: 1, min_insync_replicas: 1, ..KafkaConfig::default() };
     ensure_topics(&kafka, &broker.bootstrap(), &[&kafka.events_topic, &kafka.dlq_topic], 6).await.expect("topics");
     let producer =
-        Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
+        Arc::new(sluice::handoff::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: rate_per_symbol, ..FeedSimConfig::default() })
         .await
         .expect("simulator");
@@ -92,7 +92,7 @@ async fn idle_memory(connections: usize) {
     let broker = EmbeddedBroker::start("127.0.0.1:0", &dir, Duration::from_secs(3600)).expect("broker");
     let kafka = KafkaConfig::default();
     let producer =
-        Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
+        Arc::new(sluice::handoff::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap()).expect("producer")));
     let rt = Runtime::new(RuntimeSettings::default(), Arc::new(Symbols::new())).expect("runtime");
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).expect("plugin");
     let plugins =

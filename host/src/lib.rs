@@ -42,8 +42,6 @@ pub mod decode;
 pub mod deploy;
 pub mod handoff;
 pub mod ingest;
-#[doc(hidden)]
-pub use handoff as log;
 /// The Kafka hand-off; it lives in [`handoff`] (re-exported here).
 pub use handoff::kafka;
 pub mod pipeline;

@@ -55,10 +55,6 @@ pub mod testing;
 pub mod time;
 /// The `StreamData` wire format: the [`sluice_wire`] crate, which the host shares.
 pub mod wire {
-    #[doc(hidden)]
-    pub use sluice_wire::{
-        Delimited, encoded_len, push_delimited, read_varint, validate_batch, varint_len, write_varint,
-    };
     pub use sluice_wire::{Record, Records, StreamDataView, WireError};
 }
 

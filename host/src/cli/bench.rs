@@ -9,7 +9,8 @@ use clap::Args;
 
 use super::demo::venue_sources;
 use crate::config::Config;
-use crate::pipeline::{ProcessStats, Role, Running, start};
+use crate::pipeline::{Role, Running, start};
+use crate::process::ProcessStats;
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 use hdrhistogram::Histogram;
 
@@ -54,7 +55,7 @@ pub struct BenchArgs {
     pub replication_factor: i16,
     /// The local log's `synchronous` setting (`[local_log] synchronous`), to measure what durability costs.
     #[arg(long, value_enum)]
-    pub synchronous: Option<crate::log::Synchronous>,
+    pub synchronous: Option<crate::handoff::Synchronous>,
     /// The one transform every source's records go through: `rescale` (stateless, passes them
     /// all) or, say, `outlier-filter` (keeps its last price per symbol as committed state).
     #[arg(long, default_value = "rescale")]

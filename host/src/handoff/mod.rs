@@ -68,9 +68,6 @@ pub struct LocalLogConfig {
     pub resume_past_lost_tail: bool,
 }
 
-#[doc(hidden)]
-pub type LogConfig = LocalLogConfig;
-
 /// SQLite's `synchronous` setting.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -19,11 +19,9 @@ use crate::datadir::{DataDirLock, Hold};
 pub use crate::deploy::Role;
 use crate::deploy::open_plugins;
 use crate::handoff::{Handoff, HandoffSettings, Writer};
-#[doc(hidden)]
-pub use crate::ingest::*;
+use crate::ingest::{Ingest, IngestSettings, SourceHandle};
 use crate::plugin::registry::Slot;
-#[doc(hidden)]
-pub use crate::process::*;
+use crate::process::{ProcessRole, ProcessSettings, ProcessSetup};
 use crate::sink::SinkSettings;
 use crate::symbols::Symbols;
 use crate::telemetry::Metrics;

@@ -871,7 +871,7 @@ async fn dead_letters_are_read_decoded_newest_first_and_paged() {
             trade_id,
             received_at_us: 5,
         });
-        plugin_sdk::wire::Delimited::new(one.as_bytes()).next().unwrap().unwrap().to_vec()
+        sluice_wire::Delimited::new(one.as_bytes()).next().unwrap().unwrap().to_vec()
     };
     {
         let conn = rusqlite::Connection::open(&path).unwrap();

@@ -288,7 +288,7 @@ async fn run_ingests_from_a_config_file_until_interrupted() {
         .unwrap_or_else(|| panic!("no delivered count in:\n{log}"));
     assert!(delivered >= 50, "{delivered} delivered\n{log}");
     // Every record delivered to the local log was rolled up before the clean stop ended, once.
-    assert_eq!(sluice::log::local::read_all(&dir.join("log.sqlite")).unwrap().len() as u64, delivered);
+    assert_eq!(sluice::handoff::local::read_all(&dir.join("log.sqlite")).unwrap().len() as u64, delivered);
     let q = sluice::sink::embedded::QueryConnection::open(&dir.join("store.sqlite")).unwrap();
     let rolled =
         q.query("SELECT sum(events) AS n FROM rollup WHERE symbol = 'BTCUSDT'", 1).unwrap()[0]["n"].as_u64().unwrap();

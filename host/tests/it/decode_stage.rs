@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use plugin_sdk::wire::{Delimited, StreamDataView};
 use sluice::decode::Decoder;
 use sluice::plugin::{Limits, PluginInstance, Runtime, RuntimeSettings};
 use sluice::source::Frame;
 use sluice::symbols::Symbols;
+use sluice_wire::{Delimited, StreamDataView};
 
 fn aggtrade(symbol: &str, id: u64) -> String {
     format!(
@@ -76,7 +76,7 @@ fn a_frame_whose_symbol_cannot_be_named_is_refused_and_the_next_one_asks_again()
     let dir = std::env::temp_dir().join(format!("sluice-decode-symbols-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let path = dir.join("log.sqlite");
-    drop(sluice::log::local::LocalLog::open(&path, &sluice::log::LogConfig::default()).unwrap());
+    drop(sluice::handoff::local::LocalLog::open(&path, &sluice::handoff::LocalLogConfig::default()).unwrap());
     let symbols = Arc::new(Symbols::local(&path).unwrap());
     let rt = Runtime::new(RuntimeSettings { max_instances: 4, ..RuntimeSettings::default() }, symbols.clone()).unwrap();
     let wasm = std::fs::read(format!("{}/binance.wasm", env!("SLUICE_PLUGIN_DIR"))).unwrap();
@@ -143,7 +143,7 @@ fn the_symbol_quota_survives_a_rebuilt_instance_and_is_shared_by_every_instance(
     let decode = |plugin: &mut PluginInstance, names: &[&str]| -> Vec<u32> {
         let mut frames = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            plugin_sdk::wire::push_delimited(&mut frames, aggtrade(name, i as u64 + 1).as_bytes());
+            sluice_wire::push_delimited(&mut frames, aggtrade(name, i as u64 + 1).as_bytes());
         }
         let out = plugin.decode(&frames).unwrap();
         Delimited::new(&out.records).map(|r| StreamDataView::parse(r.unwrap()).unwrap().symbol_id).collect()

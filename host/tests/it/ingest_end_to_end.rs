@@ -15,9 +15,9 @@ use common::{TestBroker, read_topic, unique_topic};
 use feedsim::{FeedSim, FeedSimConfig, Venue};
 use plugin_sdk::StreamDataView;
 use sluice::config::SourceConfig;
+use sluice::ingest::{Ingest, IngestSettings};
 use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::pipeline::{Ingest, IngestSettings};
 use sluice::plugin::registry::Slot;
 use sluice::plugin::{Limits, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
@@ -32,9 +32,7 @@ fn tracked() -> [(&'static str, Venue, &'static str); 4] {
     ]
 }
 
-fn dead_lettered(
-    handles: &[(String, u32, Arc<sluice::source::SourceStats>, Arc<sluice::pipeline::DecodeStats>)],
-) -> u64 {
+fn dead_lettered(handles: &[(String, u32, Arc<sluice::source::SourceStats>, Arc<sluice::ingest::DecodeStats>)]) -> u64 {
     handles.iter().map(|h| h.3.rejects.load(Ordering::Relaxed)).sum()
 }
 
@@ -60,7 +58,7 @@ async fn every_sent_trade_arrives_once_through_faults() {
     let kafka =
         KafkaConfig { events_topic: unique_topic("events"), dlq_topic: unique_topic("dlq"), ..common::kafka_config() };
     ensure_topics(&kafka, &broker.bootstrap, &[&kafka.events_topic, &kafka.dlq_topic], 3).await.unwrap();
-    let producer = Arc::new(sluice::log::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap()));
+    let producer = Arc::new(sluice::handoff::Writer::Kafka(EventProducer::new(&kafka, &broker.bootstrap).unwrap()));
 
     let sim = FeedSim::start(FeedSimConfig { trades_per_second: 100.0, ..FeedSimConfig::default() }).await.unwrap();
     let control = sim.handle();
@@ -225,9 +223,11 @@ async fn every_sent_trade_arrives_once_through_faults() {
 async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
     let dir = std::env::temp_dir().join(format!("sluice-kraken-rotation-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
-    let writer = Arc::new(sluice::log::Writer::Local(
-        log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap(),
+    let log =
+        sluice::handoff::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::handoff::LocalLogConfig::default())
+            .unwrap();
+    let writer = Arc::new(sluice::handoff::Writer::Local(
+        log.writer(Arc::new(sluice::handoff::ProducerStats::default())).unwrap(),
     ));
     let sim = common::recording_sim(100.0).await;
     let symbols = Arc::new(Symbols::new());
@@ -252,7 +252,7 @@ async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
     ingest.stop().await;
     writer.flush(Duration::from_secs(10)).unwrap();
     let sent = handle.sent_trades(Venue::Kraken, "XBT/USD").len();
-    let decoded = sluice::log::local::read_all(&dir.join("log.sqlite")).unwrap().len();
+    let decoded = sluice::handoff::local::read_all(&dir.join("log.sqlite")).unwrap().len();
     assert!(rotations >= 2, "only {rotations} rotations");
     assert!(sent > 300, "only {sent} trades sent");
     assert_eq!(decoded, sent, "{decoded} records decoded from {sent} trades over {rotations} rotations");
@@ -260,11 +260,13 @@ async fn kraken_trades_without_ids_are_not_duplicated_by_rotations() {
 }
 
 /// A local log in a fresh directory `name`, and its writer.
-fn local_log(name: &str) -> (std::path::PathBuf, Arc<sluice::log::Writer>) {
+fn local_log(name: &str) -> (std::path::PathBuf, Arc<sluice::handoff::Writer>) {
     let dir = common::fresh_dir(name);
-    let log = sluice::log::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::log::LogConfig::default()).unwrap();
-    let writer = Arc::new(sluice::log::Writer::Local(
-        log.writer(Arc::new(sluice::kafka::producer::ProducerStats::default())).unwrap(),
+    let log =
+        sluice::handoff::local::LocalLog::open(&dir.join("log.sqlite"), &sluice::handoff::LocalLogConfig::default())
+            .unwrap();
+    let writer = Arc::new(sluice::handoff::Writer::Local(
+        log.writer(Arc::new(sluice::handoff::ProducerStats::default())).unwrap(),
     ));
     (dir, writer)
 }
@@ -285,7 +287,7 @@ fn recording(name: &str, path: std::path::PathBuf) -> SourceConfig {
 }
 
 /// Waits until `decode` counts `frames` frames decoded or refused.
-async fn decoded(decode: &sluice::pipeline::DecodeStats, frames: u64) {
+async fn decoded(decode: &sluice::ingest::DecodeStats, frames: u64) {
     let started = std::time::Instant::now();
     while decode.records.load(Ordering::Relaxed) + decode.rejects.load(Ordering::Relaxed) < frames {
         assert!(started.elapsed() < Duration::from_secs(60), "only {decode:?} after a minute");
@@ -335,7 +337,7 @@ async fn a_source_with_a_huge_id_costs_what_any_other_does() {
     let plugins =
         HashMap::from([("binance".to_owned(), Slot::new(rt.compile("binance", &wasm, Limits::default()).unwrap()))]);
     let id = 4_000_000_000;
-    let marks = sluice::log::marks::Marks::default();
+    let marks = sluice::handoff::marks::Marks::default();
     let ingest = Ingest::start_with_ids(
         vec![recording("late", path)],
         &[id],
@@ -348,7 +350,7 @@ async fn a_source_with_a_huge_id_costs_what_any_other_does() {
     decoded(&ingest.sources()[0].decode.clone(), 3).await;
     ingest.stop().await;
     writer.flush(Duration::from_secs(10)).unwrap();
-    let records = sluice::log::local::read_all(&dir.join("log.sqlite")).unwrap();
+    let records = sluice::handoff::local::read_all(&dir.join("log.sqlite")).unwrap();
     let sources: Vec<u32> = records.iter().map(|(_, r)| StreamDataView::parse(r).unwrap().source_id).collect();
     assert_eq!(sources, [id; 3]);
     let _ = std::fs::remove_dir_all(&dir);

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use common::{TestBroker, read_topic, unique_topic};
 use plugin_sdk::{Record, Records, StreamDataView};
-use sluice::kafka::producer::{EventProducer, record_key};
+use sluice::handoff::{DeadLetter, Stage};
+use sluice::kafka::producer::EventProducer;
+use sluice::kafka::record_key;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::log::{DeadLetter, Stage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_and_dead_letters_reach_the_broker() {
@@ -143,7 +144,7 @@ async fn the_consumer_reports_how_many_records_it_has_not_read() {
 
     let consumer = sluice::kafka::consumer::EventConsumer::new(&config, &broker.bootstrap, "lag", None).unwrap();
     consumer.assign(1, &[]).unwrap();
-    let mut polled = sluice::kafka::consumer::Polled::default();
+    let mut polled = sluice::handoff::Polled::default();
     let start = std::time::Instant::now();
     while polled.positions.len() < 50 && start.elapsed() < Duration::from_secs(20) {
         // `max` bounds the batch's total size: the batch grows to 50.
@@ -198,8 +199,9 @@ async fn records_deleted_before_they_were_read_stop_the_consumer() {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    use sluice::kafka::consumer::{EventConsumer, Polled};
-    use sluice::log::LogError;
+    use sluice::handoff::LogError;
+    use sluice::handoff::Polled;
+    use sluice::kafka::consumer::EventConsumer;
 
     let broker = TestBroker::start("deleted");
     let config = KafkaConfig { events_topic: unique_topic("events"), partitions: 1, ..common::kafka_config() };

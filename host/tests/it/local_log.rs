@@ -56,7 +56,7 @@ fn log_symbols(log: &std::path::Path) -> BTreeMap<u32, String> {
 /// Every record the log holds, and their count and exact quantity sum per (source, symbol), named
 /// with the log's own dictionary (source ids are positions in the config).
 fn logged(log: &std::path::Path) -> (Vec<(i64, Vec<u8>)>, PerSymbol) {
-    let records = sluice::log::local::read_all(log).unwrap();
+    let records = sluice::handoff::local::read_all(log).unwrap();
     let symbols = log_symbols(log);
     let sources = ["binance", "coinbase"];
     let mut per = PerSymbol::new();
@@ -216,7 +216,7 @@ async fn a_sink_failing_for_30_s_loses_nothing_and_catches_up() {
     // Caught up: the position reaches the log's end while the stream goes on.
     let start = Instant::now();
     loop {
-        let end = sluice::log::local::read_all(&log_file).unwrap().len() as i64;
+        let end = sluice::handoff::local::read_all(&log_file).unwrap().len() as i64;
         if store_position(&store).is_some_and(|p| p + 200 >= end) && store_position(&store) > stuck {
             break;
         }
@@ -276,7 +276,7 @@ async fn source_ids_survive_a_reordered_config() {
     // Each source id in the log carries one venue's symbols.
     let symbols = log_symbols(&log_file);
     let mut by_id: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for (_, bytes) in sluice::log::local::read_all(&log_file).unwrap() {
+    for (_, bytes) in sluice::handoff::local::read_all(&log_file).unwrap() {
         let v = StreamDataView::parse(&bytes).unwrap();
         by_id.entry(v.source_id).or_default().insert(symbols[&v.symbol_id].clone());
     }
@@ -435,7 +435,7 @@ fn bulky_records(seed: u64, records: usize, bytes: usize) -> Vec<u8> {
                 x as u8
             })
             .collect();
-        plugin_sdk::wire::push_delimited(&mut out, &record);
+        sluice_wire::push_delimited(&mut out, &record);
     }
     out
 }
@@ -456,9 +456,9 @@ fn a_full_disk_refuses_and_counts_records_and_the_log_recovers_by_itself() {
     use std::sync::Arc;
     use std::sync::atomic::Ordering::Relaxed;
 
-    use sluice::kafka::producer::ProducerStats;
-    use sluice::log::local::{LocalLog, Refusal};
-    use sluice::log::{DeadLetter, Handover, LogConfig, LogError, Stage};
+    use sluice::handoff::ProducerStats;
+    use sluice::handoff::local::{LocalLog, Refusal};
+    use sluice::handoff::{DeadLetter, Handover, LocalLogConfig, LogError, Stage};
 
     let Some(disk) = common::SmallDisk::mount("full-log", 24 << 20) else { return };
     let (done, outcome) = std::sync::mpsc::channel::<()>();
@@ -468,7 +468,7 @@ fn a_full_disk_refuses_and_counts_records_and_the_log_recovers_by_itself() {
         let disk = disk.clone();
         move || {
             let path = disk.dir.join("log.sqlite");
-            let config = LogConfig { reserve_bytes: 2 << 20, ..LogConfig::default() };
+            let config = LocalLogConfig { reserve_bytes: 2 << 20, ..LocalLogConfig::default() };
             let log = LocalLog::open(&path, &config).unwrap();
             let stats = Arc::new(ProducerStats::default());
             let writer = log.writer(stats.clone()).unwrap();
@@ -567,14 +567,14 @@ fn a_full_disk_refuses_and_counts_records_and_the_log_recovers_by_itself() {
 fn dead_letters_and_symbols_count_in_the_logs_cap() {
     use std::sync::Arc;
 
-    use sluice::kafka::producer::ProducerStats;
-    use sluice::log::local::LocalLog;
-    use sluice::log::{DeadLetter, LogConfig, Stage};
+    use sluice::handoff::ProducerStats;
+    use sluice::handoff::local::LocalLog;
+    use sluice::handoff::{DeadLetter, LocalLogConfig, Stage};
     use sluice::symbols::Symbols;
 
     let dir = temp_dir("dead-cap");
     let path = dir.join("log.sqlite");
-    let config = LogConfig { max_bytes: 1 << 20, retention_bytes: 0, ..LogConfig::default() };
+    let config = LocalLogConfig { max_bytes: 1 << 20, retention_bytes: 0, ..LocalLogConfig::default() };
     let log = LocalLog::open(&path, &config).unwrap();
     // 200 KB of symbol names.
     let symbols = Symbols::local(&path).unwrap();

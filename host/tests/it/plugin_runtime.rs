@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugin_sdk::wire::{Delimited, StreamDataView, push_delimited};
 use plugin_sdk::{Record, Records};
 use sluice::plugin::{Limits, PluginCode, PluginError, PluginInstance, Runtime, RuntimeSettings};
 use sluice::symbols::Symbols;
+use sluice_wire::{Delimited, StreamDataView, push_delimited};
 
 fn plugin_wasm(name: &str) -> Vec<u8> {
     let path = format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_DIR"));
@@ -192,7 +192,7 @@ fn a_reason_too_long_is_cut_where_it_leaves_the_plugin() {
         assert_eq!(rejects.len(), 1);
         let reject = &rejects[0];
         assert_eq!(reject.index, 0);
-        assert!(reject.reason.len() <= sluice::log::stage::REASON_MAX_BYTES, "{} bytes", reject.reason.len());
+        assert!(reject.reason.len() <= sluice::handoff::stage::REASON_MAX_BYTES, "{} bytes", reject.reason.len());
         assert!(reject.reason.starts_with("rrrr"), "{}", &reject.reason[..16]);
         assert!(reject.reason.ends_with(&format!("[reason cut: {} bytes]", 2 << 20)), "{}", &reject.reason[4000..]);
     }

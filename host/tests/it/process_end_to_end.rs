@@ -20,11 +20,11 @@ use plugin_sdk::{Record, Records, StreamDataView};
 use sluice::batch::BatchConfig;
 use sluice::breaker::BreakerConfig;
 use sluice::chain::Chain;
+use sluice::handoff::Reader;
 use sluice::kafka::consumer::EventConsumer;
 use sluice::kafka::ensure_topics;
-use sluice::log::Reader;
-use sluice::pipeline::{Breakers, Names, ProcessError, ProcessSettings, ProcessStats};
 use sluice::plugin::PluginCode;
+use sluice::process::{Breakers, Names, ProcessError, ProcessSettings, ProcessStats};
 use sluice::sink::Sink;
 use sluice::sink::druid::{DruidSink, DruidSinkConfig};
 use sluice::sink::embedded::{EmbeddedStore, QueryConnection};
@@ -428,8 +428,8 @@ fn a_store_ahead_of_its_topic_is_refused() {
     let text = err.to_string();
     assert!(
         matches!(
-            err.downcast_ref::<sluice::log::LogError>(),
-            Some(sluice::log::LogError::OffsetAhead { partition: 1, store: 500, .. })
+            err.downcast_ref::<sluice::handoff::LogError>(),
+            Some(sluice::handoff::LogError::OffsetAhead { partition: 1, store: 500, .. })
         ),
         "{text}"
     );
@@ -458,8 +458,8 @@ fn an_isolated_poison_record_is_dead_lettered_and_never_opens_the_breaker() {
     assert!(result.is_ok(), "the process role stopped: {:?}", result.err());
     assert_eq!(role.stats.stored.load(Ordering::Relaxed), 99);
     assert_eq!(
-        role.sink.offsets(sluice::log::local::POSITION_TOPIC).unwrap(),
-        vec![(sluice::log::local::POSITION_TOPIC.to_owned(), 0, 100)]
+        role.sink.offsets(sluice::handoff::local::POSITION_TOPIC).unwrap(),
+        vec![(sluice::handoff::local::POSITION_TOPIC.to_owned(), 0, 100)]
     );
     let dead = store_dead_letters(&rig.store_path());
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -541,7 +541,7 @@ fn partitions_added_while_running_are_read_from_their_start() {
         for i in from..to {
             let records = trades([i], &rig.symbols);
             // One record per Kafka message, unframed, as the ingest role sends them.
-            let record = plugin_sdk::wire::Delimited::new(records.as_bytes()).next().unwrap().unwrap();
+            let record = sluice_wire::Delimited::new(records.as_bytes()).next().unwrap().unwrap();
             let partition = (i % partitions as u64) as i32;
             producer.send(BaseRecord::<(), [u8]>::to(events).partition(partition).payload(record)).unwrap();
         }
@@ -805,7 +805,7 @@ impl Sink for CommitsThenSaysFailed {
 
 /// A commit reported as failed that took effect leaves memory a batch behind the position reading
 /// resumes from; the role starts again from the state the sink committed
-/// ([`sluice::pipeline::restore_committed`]), so a stateful link decides as in an uninterrupted
+/// ([`sluice::process::restore_committed`]), so a stateful link decides as in an uninterrupted
 /// run. `chaos` in `mode = "count"` writes each symbol's running count into the volume: over 20
 /// records of a symbol its quantities sum to 1 + 2 + ... + 20 only if no count is lost. Into the
 /// embedded store, from the local log.
@@ -845,7 +845,7 @@ fn unsure_commit_scenario(druid: bool) {
 
     // Started again as the role does after a failure: from the sink's state, then the next 30.
     write(30..60);
-    sluice::pipeline::restore_committed(&mut role.chains, &mut role.sink, &role.names).unwrap();
+    sluice::process::restore_committed(&mut role.chains, &mut role.sink, &role.names).unwrap();
     let second = rig.reader_in(&group);
     // The first 30 were stored by the commit reported failed, so not counted here.
     let stored_30 = |stats: &ProcessStats| stats.stored.load(Ordering::Relaxed) >= 30;

@@ -52,7 +52,7 @@ fn expected_from_log(dir: &std::path::Path) -> Buckets {
     let symbols: BTreeMap<u32, String> =
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
     let mut out = Buckets::new();
-    for (_, bytes) in sluice::log::local::read_all(&log).unwrap() {
+    for (_, bytes) in sluice::handoff::local::read_all(&log).unwrap() {
         roll_up(&mut out, &bytes, &symbols);
     }
     out
@@ -729,12 +729,12 @@ async fn a_replay_with_the_druid_sink_writes_a_topic_of_its_own_for_the_generate
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use sluice::log::Positions;
-    use sluice::log::kafka::range::RangeReader;
+    use sluice::handoff::Positions;
+    use sluice::handoff::kafka::range::RangeReader;
     let broker = TestBroker::start("replay-range");
     let kafka = common::kafka_config();
     let topic = unique_topic("range");
-    sluice::log::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
+    sluice::handoff::kafka::ensure_topics(&kafka, &broker.bootstrap, &[&topic], 2).await.unwrap();
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
     // Partition p gets records "p:i" produced at times base + 1_000 * i, i = 0..10. The base is
@@ -771,7 +771,7 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
             .read(&mut from, &Positions::from([(0, 6), (1, 50)]), 3, &stop, |records| {
                 sizes.push(records.len());
                 got.extend(text(records));
-                Ok::<_, sluice::log::kafka::KafkaError>(())
+                Ok::<_, sluice::handoff::kafka::KafkaError>(())
             })
             .unwrap();
         assert!(done);
@@ -784,15 +784,16 @@ async fn the_range_reader_finds_records_by_time_and_reads_between_offsets() {
         reader
             .read(&mut from, &Positions::from([(0, 8)]), 100, &stop, |records| {
                 got.extend(text(records));
-                Ok::<_, sluice::log::kafka::KafkaError>(())
+                Ok::<_, sluice::handoff::kafka::KafkaError>(())
             })
             .unwrap();
         assert_eq!(got, ["0:6", "0:7"]);
         assert_eq!(from, Positions::from([(0, 8), (1, 10)]));
         // Stopped: false, and the positions stay.
         stop.store(true, Ordering::Relaxed);
-        let stopped = reader
-            .read(&mut from, &Positions::from([(0, 10)]), 100, &stop, |_| Ok::<_, sluice::log::kafka::KafkaError>(()));
+        let stopped = reader.read(&mut from, &Positions::from([(0, 10)]), 100, &stop, |_| {
+            Ok::<_, sluice::handoff::kafka::KafkaError>(())
+        });
         assert!(!stopped.unwrap());
         assert_eq!(from[&0], 8);
     })
@@ -819,7 +820,8 @@ const TRADE_EVERY_MS: i64 = 200;
 
 impl Trades {
     async fn new(topics: &Topics) -> Self {
-        let kafka = sluice::log::kafka::KafkaConfig { symbols_topic: topics.symbols.clone(), ..common::kafka_config() };
+        let kafka =
+            sluice::handoff::kafka::KafkaConfig { symbols_topic: topics.symbols.clone(), ..common::kafka_config() };
         // Kept for two days: the Druid sink's checkpoint topic takes the same retention.
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &topics.bootstrap).create().unwrap();
@@ -828,7 +830,7 @@ impl Trades {
         for created in admin.create_topics(&[events], &AdminOptions::new()).await.unwrap() {
             created.unwrap();
         }
-        sluice::log::kafka::ensure_symbols_topic(&kafka, &topics.bootstrap).await.unwrap();
+        sluice::handoff::kafka::ensure_symbols_topic(&kafka, &topics.bootstrap).await.unwrap();
         let (bootstrap, dictionary) = (topics.bootstrap.clone(), topics.symbols.clone());
         let (source, symbols) = tokio::task::spawn_blocking(move || {
             let names =
@@ -1044,7 +1046,7 @@ async fn a_stateful_replay_from_kafka_equals_the_live_output(name: &str, druid: 
         let topic = format!("{druid_topic}.checkpoints");
         tokio::task::spawn_blocking(move || {
             use sluice::sink::druid::checkpoint;
-            let reader = sluice::log::kafka::range::RangeReader::new(&kafka, &bootstrap, &topic).unwrap();
+            let reader = sluice::handoff::kafka::range::RangeReader::new(&kafka, &bootstrap, &topic).unwrap();
             let listed = checkpoint::list(&reader).unwrap();
             let ours = listed.iter().filter(|c| c.topic == events);
             ours.map(|c| {

@@ -435,7 +435,7 @@ async fn venue_snapshots_after_restarts_log_each_trade_once_and_count_the_downti
     run.interrupt();
     let text = std::fs::read_to_string(&log).unwrap();
 
-    let records = sluice::log::local::read_all(&dir.join("log.sqlite")).unwrap();
+    let records = sluice::handoff::local::read_all(&dir.join("log.sqlite")).unwrap();
     let mut ids: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for (_, bytes) in &records {
         let v = plugin_sdk::StreamDataView::parse(bytes).unwrap();

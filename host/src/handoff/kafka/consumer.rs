@@ -25,8 +25,7 @@ use sluice_wire::push_delimited;
 
 use super::{KafkaConfig, KafkaError};
 use crate::handoff::error::{Deleted, LogError};
-#[doc(hidden)]
-pub use crate::handoff::{PollOutcome, Polled};
+use crate::handoff::{PollOutcome, Polled};
 
 /// Notes rebalances, which librdkafka reports from inside `poll`, and the consumer's lag from its
 /// periodic statistics.

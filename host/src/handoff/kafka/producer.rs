@@ -13,12 +13,10 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use sluice_wire::{Delimited, StreamDataView};
 
 use super::files::{FileAppenders, Piece};
-#[doc(hidden)]
-pub use super::record_key;
+use super::record_key;
 use super::{KafkaConfig, KafkaError, dead_letter_headers};
 use crate::handoff::Handover;
-#[doc(hidden)]
-pub use crate::handoff::ProducerStats;
+use crate::handoff::ProducerStats;
 use crate::handoff::stage::{DeadLetter, Stage};
 
 /// Routes delivery reports to [`ProducerStats`].

@@ -3,7 +3,7 @@
 //!
 //! It holds its log in memory and snapshots it to `kafka.json` in `data_dir` every
 //! `snapshot_interval` and when dropped. It is a test broker, not a hand-off for real data: the
-//! local log is that (see `sluice::log`).
+//! local log is that (see `sluice::handoff`).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use plugin_sdk::Records;
 use sluice::chain::Chain;
+use sluice::handoff::ProducerStats;
+use sluice::handoff::local::LocalLog;
+use sluice::handoff::{LocalLogConfig, Reader, Writer};
 use sluice::kafka::consumer::EventConsumer;
-use sluice::kafka::producer::{EventProducer, ProducerStats};
+use sluice::kafka::producer::EventProducer;
 use sluice::kafka::{KafkaConfig, ensure_topics};
-use sluice::log::local::LocalLog;
-use sluice::log::{LogConfig, Reader, Writer};
-use sluice::pipeline::{Breakers, Names, Process, ProcessSettings, ProcessStats, run_process};
 use sluice::plugin::{Limits, PluginCode, PluginInstance, Runtime, RuntimeSettings};
+use sluice::process::{Breakers, Names, Process, ProcessSettings, ProcessStats, run_process};
 use sluice::sink::Sink;
 use sluice::sink::druid::{DruidSink, DruidSinkConfig};
 use sluice::sink::embedded::EmbeddedStore;
@@ -48,7 +49,7 @@ impl RoleRig {
     /// On a new local log, `<dir>/log.sqlite`.
     pub fn local(name: &str) -> Self {
         let dir = fresh_dir(&format!("role-{name}"));
-        let log = LocalLog::open(&dir.join("log.sqlite"), &LogConfig::default()).unwrap();
+        let log = LocalLog::open(&dir.join("log.sqlite"), &LocalLogConfig::default()).unwrap();
         let writer = Writer::Local(log.writer(Arc::new(ProducerStats::default())).unwrap());
         Self::with(dir, test_kafka(), None, Some(log), writer)
     }
