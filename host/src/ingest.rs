@@ -566,19 +566,10 @@ fn decode_group(decoder: &mut Decoder, frames: &[Frame], out: &mut Outgoing, ctx
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     fn frame(len: usize) -> Frame {
-        Frame {
-            source: 1,
-            received_at_us: 0,
-            bytes: Bytes::from(vec![b'x'; len]),
-            oversized: None,
-            overlap: false,
-            file_offset: 0,
-        }
+        Frame::filler(len)
     }
 
     /// A backlog of large frames is decoded in calls of at most `max_bytes_per_call` (one frame

@@ -60,6 +60,21 @@ pub struct Frame {
     pub file_offset: u64,
 }
 
+#[cfg(test)]
+impl Frame {
+    /// A frame of `len` bytes of source 1, for the queue's and the workers' unit tests.
+    pub(crate) fn filler(len: usize) -> Frame {
+        Frame {
+            source: 1,
+            received_at_us: 0,
+            bytes: bytes::Bytes::from(vec![b'x'; len]),
+            oversized: None,
+            overlap: false,
+            file_offset: 0,
+        }
+    }
+}
+
 /// Which source a message came from, and whether its connection overlaps with another.
 #[derive(Clone, Copy, Debug)]
 struct Origin {

@@ -232,19 +232,10 @@ fn cost(frame: &Frame, capacity: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     fn frame(len: usize) -> Frame {
-        Frame {
-            source: 1,
-            received_at_us: 0,
-            bytes: Bytes::from(vec![b'x'; len]),
-            oversized: None,
-            overlap: false,
-            file_offset: 0,
-        }
+        Frame::filler(len)
     }
 
     #[tokio::test]
