@@ -61,7 +61,15 @@ impl Api {
     /// Listens on `[api] bind` and serves; chain edits and replays wherever this instance runs the
     /// chains and delivers to a sink.
     async fn start(config: &Config, role: Role, book: &Arc<ChainBook>, store: Option<PathBuf>) -> anyhow::Result<Api> {
+        // What must report before the instance is ready, declared before the API answers: an empty
+        // registry would read as ready while the rest starts. The hand-off's own check is declared
+        // once it is open.
         let health = Arc::new(Health::new());
+        health.expect("plugins");
+        if role != Role::Ingest {
+            health.expect("sink");
+            health.expect("breakers");
+        }
         let listener = tokio::net::TcpListener::bind(config.api.bind)
             .await
             .with_context(|| format!("cannot listen on {} for the HTTP API ([api] bind)", config.api.bind))?;
@@ -136,11 +144,10 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<Running> {
     })
     .await?;
     api.health.expect(handoff.health_check());
-    api.health.expect("plugins");
     // What the sink committed, before anything is appended: a store ahead of its local log stops
     // the start here.
     let committed = match &sink {
-        Some(sink) => Some(prepare_sink(config, &api, sink, &handoff).await?),
+        Some(sink) => Some(prepare_sink(config, sink, &handoff).await?),
         None => None,
     };
     let producer = {
@@ -197,16 +204,12 @@ fn check(config: &Config, role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gets the sink ready and reads what it committed (see [`crate::sink::prepare`]); its checks on
-/// `/health/ready` from now on.
+/// Gets the sink ready and reads what it committed (see [`crate::sink::prepare`]).
 async fn prepare_sink(
     config: &Config,
-    api: &Api,
     sink: &SinkSettings,
     handoff: &Handoff,
 ) -> anyhow::Result<crate::sink::Committed> {
-    api.health.expect("sink");
-    api.health.expect("breakers");
     let kept = handoff.records_kept_for(&config.local_log).await;
     crate::sink::prepare(sink, handoff, config.local_log.resume_past_lost_tail, kept).await
 }
