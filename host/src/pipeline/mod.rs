@@ -440,3 +440,30 @@ fn log_counts(running: &Running) {
         "counts"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While the rest starts (the hand-off, the plugins, the sink), `/health/ready` is not ready:
+    /// the checks that must report are declared before the API answers, so its registry is never
+    /// empty (an empty one reads as ready).
+    #[tokio::test]
+    async fn the_api_is_not_ready_before_the_roles_have_reported() {
+        let dir = std::env::temp_dir().join(format!("sluice-pipeline-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = Config { data_dir: dir.clone(), ..Config::default() };
+        config.api.bind = "127.0.0.1:0".parse().unwrap();
+        let book = Arc::new(ChainBook::open(&dir, config.chains()).unwrap());
+        for (role, checks) in [(Role::All, 3), (Role::Ingest, 1)] {
+            let api = Api::start(&config, role, &book, None).await.unwrap();
+            let readiness = api.health.snapshot();
+            assert!(!readiness.ready, "{role:?}: {readiness:?}");
+            assert_eq!(readiness.checks.len(), checks, "{role:?}: {readiness:?}");
+            let _ = api.stop.send(true);
+            api.task.await.unwrap().unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
